@@ -1,0 +1,34 @@
+//! What the listener, the agents and `backupctl` share: identities and mutual TLS, the tower
+//! layers that authorize and trace every RPC, the mock SAN array, and the few Linux syscalls we
+//! wrap. No protocol logic lives here: that is the listener's coordinator and the agent's lease.
+
+pub mod certs;
+pub mod error;
+pub mod identity;
+pub mod layers;
+pub mod san;
+pub mod sys;
+pub mod tls;
+
+pub use error::{Error, Result};
+
+/// Milliseconds since the Unix epoch on this host's wall clock, for timestamps shown to people.
+pub fn unix_ms() -> i64 {
+    let since =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    i64::try_from(since.as_millis()).unwrap_or(i64::MAX)
+}
+
+/// Checks a backup id, server or volume name before it becomes part of a path or a key: 1 to
+/// 128 characters of `[A-Za-z0-9._-]`, not starting with a dot.
+pub fn validate_name(what: &str, name: &str) -> Result<()> {
+    let ok = !name.is_empty()
+        && name.len() <= 128
+        && !name.starts_with('.')
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-');
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::InvalidName { what: what.to_string(), name: name.escape_debug().to_string() })
+    }
+}

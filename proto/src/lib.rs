@@ -1,0 +1,17 @@
+//! The stillpoint wire contract: generated tonic/prost types for the `Listener` and `Agent`
+//! services. Domain types live in the daemons; convert at their edges.
+#![allow(clippy::all, missing_docs)]
+
+/// Generated from `proto/stillpoint.proto`.
+pub mod v1 {
+    tonic::include_proto!("stillpoint.v1");
+}
+
+pub use v1::*;
+
+impl BackupState {
+    /// Terminal states never change again.
+    pub fn is_terminal(self) -> bool {
+        matches!(self, BackupState::Succeeded | BackupState::Failed | BackupState::Aborted)
+    }
+}
