@@ -1,0 +1,1 @@
+//! The stillpoint agent library.

@@ -1,0 +1,2 @@
+//! The stillpoint agent binary.
+fn main() {}

@@ -1,0 +1,2 @@
+//! backupctl binary.
+fn main() {}

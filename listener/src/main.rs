@@ -1,0 +1,2 @@
+//! The stillpoint listener binary.
+fn main() {}
