@@ -1,1 +1,52 @@
-//! The stillpoint listener library.
+//! The backup listener: inventory of servers and groups, the two-phase coordinator, the copy and
+//! cleanup phases, and the catalog of backups with their event logs.
+//!
+//! `coordinator` is the protocol as a pure state machine; `runtime` drives it (persist, then act);
+//! `service` is the gRPC face; `store` the catalog.
+
+pub mod config;
+pub mod convert;
+pub mod coordinator;
+pub mod copier;
+pub mod error;
+pub mod model;
+pub mod runtime;
+pub mod service;
+pub mod store;
+
+use std::future::Future;
+use std::time::Duration;
+
+use stillpoint_core::layers::{AuthorizeLayer, TraceLayer};
+use stillpoint_proto::listener_server::ListenerServer;
+use tokio::net::TcpListener;
+
+pub use config::Config;
+pub use error::{Error, Result};
+
+/// Serves the listener on an already-bound socket until `shutdown` resolves. Backups a previous
+/// run left in flight are failed and aborted on their agents first.
+pub async fn run(
+    config: Config,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()>,
+) -> Result<()> {
+    let tls = stillpoint_core::tls::server_config(&config.tls)?;
+    let store = store::Store::open(&config.data_dir)?;
+    let rpc_timeout = Duration::from_millis(config.timeouts.rpc_ms.max(config.timeouts.lease_ms));
+    let runtime = runtime::Runtime::new(config, store)?;
+    let recovered = runtime.recover()?;
+    if recovered > 0 {
+        tracing::warn!(recovered, "failed and aborted backups left in flight by the previous run");
+    }
+    tracing::info!(addr = %listener.local_addr()?, "listener serving");
+    let layers =
+        tower::ServiceBuilder::new().layer(AuthorizeLayer::new(service::policy)).layer(TraceLayer);
+    tonic::transport::Server::builder()
+        .timeout(rpc_timeout)
+        .layer(layers)
+        .add_service(ListenerServer::new(service::ListenerService::new(runtime)))
+        .serve_with_incoming_shutdown(stillpoint_core::tls::incoming(listener, tls), shutdown)
+        .await?;
+    Ok(())
+}

@@ -1,0 +1,201 @@
+//! The listener's TOML config: data directory, bind address, TLS files, the inventory of servers
+//! and groups, the protocol's timeouts and the copy step. `validate()` reports every problem at
+//! once, each naming its field.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use stillpoint_core::tls::TlsFiles;
+
+use crate::coordinator::Timeouts;
+use crate::error::{Error, Result};
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Where the catalog (an embedded redb store) lives.
+    pub data_dir: PathBuf,
+    pub listen: SocketAddr,
+    pub tls: TlsFiles,
+    #[serde(default)]
+    pub timeouts: TimeoutConfig,
+    #[serde(rename = "server", default)]
+    pub servers: Vec<ServerConfig>,
+    #[serde(rename = "group", default)]
+    pub groups: Vec<GroupConfig>,
+    pub copy: CopyConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    /// The agent's name; its certificate must carry it as a DNS name.
+    pub name: String,
+    /// `host:port` of the agent.
+    pub address: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GroupConfig {
+    pub name: String,
+    pub servers: Vec<String>,
+}
+
+/// Milliseconds unless the name says otherwise. See FAULTS.md for where the defaults come from.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TimeoutConfig {
+    /// `L`: how long an agent may stay frozen waiting for Commit.
+    pub lease_ms: u64,
+    /// `S`: what a snapshot may take inside the lease.
+    pub snapshot_budget_ms: u64,
+    /// `M`: margin for the network and scheduling.
+    pub margin_ms: u64,
+    /// Deadline for Abort, Cleanup and Status calls.
+    pub rpc_ms: u64,
+    /// How long all copies of one backup may take.
+    pub copy_timeout_s: u64,
+    pub cleanup_timeout_ms: u64,
+}
+
+impl Default for TimeoutConfig {
+    fn default() -> Self {
+        TimeoutConfig {
+            lease_ms: 10_000,
+            snapshot_budget_ms: 3_000,
+            margin_ms: 1_000,
+            rpc_ms: 5_000,
+            copy_timeout_s: 6 * 3600,
+            cleanup_timeout_ms: 60_000,
+        }
+    }
+}
+
+impl TimeoutConfig {
+    /// `C = L - S - M`, measured from when Prepare was sent.
+    pub fn commit_cutoff_ms(&self) -> u64 {
+        self.lease_ms.saturating_sub(self.snapshot_budget_ms + self.margin_ms)
+    }
+
+    pub fn protocol(&self) -> Timeouts {
+        Timeouts {
+            lease_ms: self.lease_ms,
+            commit_cutoff_ms: self.commit_cutoff_ms(),
+            // An agent answers Commit within its snapshot budget; past the lease it refuses anyway.
+            commit_timeout_ms: self.lease_ms,
+            copy_timeout_ms: self.copy_timeout_s.saturating_mul(1000),
+            cleanup_timeout_ms: self.cleanup_timeout_ms,
+        }
+    }
+}
+
+/// How snapshots are copied. The built-in block-level copier will be a third mode.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(tag = "mode", rename_all = "kebab-case", deny_unknown_fields)]
+pub enum CopyConfig {
+    /// Run `command` once per snapshot, with the snapshot's locator in its environment
+    /// (`STILLPOINT_SNAPSHOT`); exit 0 means copied.
+    Command { command: Vec<String> },
+    /// Wait for the backup software to say `backupctl copied ID --server S`.
+    Report,
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Config> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::Config {
+            path: path.display().to_string(),
+            problems: e.to_string(),
+        })?;
+        let config: Config = toml::from_str(&text).map_err(|e| Error::Config {
+            path: path.display().to_string(),
+            problems: e.to_string(),
+        })?;
+        let problems = config.problems();
+        if problems.is_empty() {
+            Ok(config)
+        } else {
+            Err(Error::Config { path: path.display().to_string(), problems: problems.join("; ") })
+        }
+    }
+
+    /// Every problem in the config, one line each.
+    pub fn problems(&self) -> Vec<String> {
+        let mut out = self.tls.problems("tls");
+        let mut names = HashSet::new();
+        for s in &self.servers {
+            if let Err(e) = stillpoint_core::validate_name("server", &s.name) {
+                out.push(format!("server.name: {e}"));
+            }
+            if s.name == "listener" {
+                out.push(
+                    "server.name: \"listener\" is reserved for the listener's own certificate"
+                        .into(),
+                );
+            }
+            if !names.insert(s.name.as_str()) {
+                out.push(format!("server.name: {:?} is listed twice", s.name));
+            }
+            if !s.address.contains(':') {
+                out.push(format!("server {}: address {:?} must be host:port", s.name, s.address));
+            }
+        }
+        let mut groups = HashSet::new();
+        for g in &self.groups {
+            if let Err(e) = stillpoint_core::validate_name("group", &g.name) {
+                out.push(format!("group.name: {e}"));
+            }
+            if !groups.insert(g.name.as_str()) {
+                out.push(format!("group.name: {:?} is listed twice", g.name));
+            }
+            if g.servers.is_empty() {
+                out.push(format!("group {}: has no servers", g.name));
+            }
+            for s in &g.servers {
+                if !names.contains(s.as_str()) {
+                    out.push(format!(
+                        "group {}: server {s:?} is not in the inventory ([[server]])",
+                        g.name
+                    ));
+                }
+            }
+            let unique: HashSet<_> = g.servers.iter().collect();
+            if unique.len() != g.servers.len() {
+                out.push(format!("group {}: a server is listed twice", g.name));
+            }
+        }
+        if self.groups.is_empty() {
+            out.push("group: no groups configured; add a [[group]] with name and servers".into());
+        }
+        let t = &self.timeouts;
+        if !(2_000..=60_000).contains(&t.lease_ms) {
+            out.push(format!("timeouts.lease_ms: {} is outside 2000..=60000", t.lease_ms));
+        }
+        if t.commit_cutoff_ms() < 500 {
+            out.push(format!(
+                "timeouts: lease_ms ({}) - snapshot_budget_ms ({}) - margin_ms ({}) leaves {}ms to gather prepares; it must leave at least 500ms",
+                t.lease_ms, t.snapshot_budget_ms, t.margin_ms, t.commit_cutoff_ms() as i64
+            ));
+        }
+        if t.rpc_ms == 0 || t.copy_timeout_s == 0 || t.cleanup_timeout_ms == 0 {
+            out.push(
+                "timeouts: rpc_ms, copy_timeout_s and cleanup_timeout_ms must be above 0".into(),
+            );
+        }
+        if let CopyConfig::Command { command } = &self.copy {
+            if command.is_empty() {
+                out.push("copy.command: empty; give the program and its arguments".into());
+            }
+        }
+        out
+    }
+
+    pub fn group(&self, name: &str) -> Result<&GroupConfig> {
+        self.groups.iter().find(|g| g.name == name).ok_or_else(|| Error::UnknownGroup {
+            group: name.to_string(),
+            known: self.groups.iter().map(|g| g.name.as_str()).collect::<Vec<_>>().join(", "),
+        })
+    }
+}

@@ -1,0 +1,571 @@
+//! Drives coordinators: one task per in-flight backup feeds it events (RPC replies, copy results,
+//! deadlines, operators' requests) and executes the commands it returns. Every decision is saved
+//! to the store *before* it is acted on; if saving fails, only Aborts go out (aborting never hurts
+//! consistency) and the agents' leases do the rest.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use stillpoint_core::layers::{BACKUP_HEADER, SERVER_HEADER};
+use stillpoint_proto as pb;
+use stillpoint_proto::agent_client::AgentClient;
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
+use tonic::transport::Channel;
+use tracing::Instrument;
+
+use crate::config::{Config, CopyConfig};
+use crate::convert;
+use crate::coordinator::{Command, Coordinator, Event};
+use crate::error::{Error, Result};
+use crate::model::{BackupRecord, LogEntry, Millis};
+use crate::store::Store;
+
+/// The listener's clock: Unix time read once, advanced by the monotonic clock.
+#[derive(Clone, Copy)]
+pub struct Clock {
+    unix_at_start: Millis,
+    start: Instant,
+}
+
+impl Clock {
+    pub fn start() -> Clock {
+        Clock { unix_at_start: stillpoint_core::unix_ms(), start: Instant::now() }
+    }
+
+    pub fn now(&self) -> Millis {
+        self.unix_at_start + Millis::try_from(self.start.elapsed().as_millis()).unwrap_or(0)
+    }
+
+    fn instant_of(&self, at: Millis) -> tokio::time::Instant {
+        let offset = u64::try_from(at - self.unix_at_start).unwrap_or(0);
+        tokio::time::Instant::from_std(self.start + Duration::from_millis(offset))
+    }
+}
+
+/// A change to a backup, as watchers see it.
+#[derive(Debug, Clone)]
+pub struct Update {
+    pub backup_id: String,
+    /// The log entry's sequence number and the entry, when the change added one.
+    pub entry: Option<(u64, LogEntry)>,
+    pub record: BackupRecord,
+}
+
+type Envelope = (Event, Option<oneshot::Sender<BackupRecord>>);
+
+struct Run {
+    group: String,
+    events: mpsc::UnboundedSender<Envelope>,
+}
+
+pub struct Runtime {
+    config: Config,
+    store: Store,
+    clock: Clock,
+    agents: HashMap<String, AgentClient<Channel>>,
+    runs: Mutex<HashMap<String, Run>>,
+    updates: broadcast::Sender<Arc<Update>>,
+}
+
+impl Runtime {
+    pub fn new(config: Config, store: Store) -> Result<Arc<Runtime>> {
+        let t = &config.timeouts;
+        let channel_timeout = Duration::from_millis(t.lease_ms.max(t.rpc_ms));
+        let mut agents = HashMap::new();
+        for s in &config.servers {
+            let url = format!("https://{}", s.address);
+            let channel =
+                stillpoint_core::tls::channel(&url, &s.name, &config.tls, channel_timeout)?;
+            agents.insert(s.name.clone(), AgentClient::new(channel));
+        }
+        let (updates, _) = broadcast::channel(1024);
+        Ok(Arc::new(Runtime {
+            config,
+            store,
+            clock: Clock::start(),
+            agents,
+            runs: Mutex::new(HashMap::new()),
+            updates,
+        }))
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    pub fn subscribe(&self) -> broadcast::Receiver<Arc<Update>> {
+        self.updates.subscribe()
+    }
+
+    /// Fails every backup a previous listener left in flight and aborts it on its agents.
+    pub fn recover(self: &Arc<Self>) -> Result<usize> {
+        let mut n = 0;
+        for record in self.store.list()? {
+            if !record.state.is_terminal() {
+                tracing::warn!(backup = %record.id, state = %record.state.name(), "recovering backup left in flight");
+                self.spawn_run(record, Event::Restarted, None);
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+
+    /// Starts a backup of `group`; returns once Prepare has gone out.
+    pub async fn start(self: &Arc<Self>, group: &str, started_by: &str) -> Result<BackupRecord> {
+        let group_config = self.config.group(group)?;
+        let record = {
+            let runs = self.runs.lock().expect("runs lock poisoned");
+            if let Some((id, _)) = runs.iter().find(|(_, r)| r.group == group) {
+                return Err(Error::Busy { group: group.into(), backup: id.clone() });
+            }
+            let now = self.clock.now();
+            let record = BackupRecord::new(
+                &new_backup_id(now),
+                group,
+                &group_config.servers,
+                started_by,
+                now,
+            );
+            self.store.save(&record, &[])?;
+            record
+        };
+        let (tx, rx) = oneshot::channel();
+        self.spawn_run(record, Event::Start, Some(tx));
+        rx.await.map_err(|_| Error::Store {
+            path: "runtime".into(),
+            reason: "backup task ended early".into(),
+        })
+    }
+
+    /// Sends an event to an in-flight backup and returns the record once it was handled.
+    pub async fn send(&self, backup_id: &str, event: Event) -> Result<BackupRecord> {
+        let (tx, rx) = oneshot::channel();
+        let sent = {
+            let runs = self.runs.lock().expect("runs lock poisoned");
+            runs.get(backup_id)
+                .map(|run| run.events.send((event, Some(tx))).is_ok())
+                .unwrap_or(false)
+        };
+        if !sent {
+            return self.store.get(backup_id);
+        }
+        match rx.await {
+            Ok(record) => Ok(record),
+            Err(_) => self.store.get(backup_id),
+        }
+    }
+
+    fn spawn_run(
+        self: &Arc<Self>,
+        record: BackupRecord,
+        first: Event,
+        reply: Option<oneshot::Sender<BackupRecord>>,
+    ) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let id = record.id.clone();
+        self.runs
+            .lock()
+            .expect("runs lock poisoned")
+            .insert(id.clone(), Run { group: record.group.clone(), events: tx.clone() });
+        let weak = tx.downgrade();
+        let _ = tx.send((first, reply));
+        drop(tx);
+        let coordinator = Coordinator::new(record, self.config.timeouts.protocol());
+        let this = Arc::clone(self);
+        let span = tracing::info_span!("backup", backup = %id);
+        tokio::spawn(async move { this.drive(coordinator, rx, weak).await }.instrument(span));
+    }
+
+    async fn drive(
+        self: Arc<Self>,
+        mut coordinator: Coordinator,
+        mut rx: mpsc::UnboundedReceiver<Envelope>,
+        tx: mpsc::WeakUnboundedSender<Envelope>,
+    ) {
+        let (cancel_tx, cancel_rx) = watch::channel(false);
+        let id = coordinator.record.id.clone();
+        loop {
+            let deadline = coordinator.next_deadline().map(|d| self.clock.instant_of(d));
+            let (event, reply) = tokio::select! {
+                received = rx.recv() => match received {
+                    Some(envelope) => envelope,
+                    None => break,
+                },
+                () = sleep_until(deadline) => (Event::Tick, None),
+            };
+            let commands = coordinator.handle(self.clock.now(), event);
+            self.apply(&coordinator.record, commands, &tx, &cancel_rx);
+            if let Some(reply) = reply {
+                let _ = reply.send(coordinator.record.clone());
+            }
+            if coordinator.record.state.is_terminal() {
+                // Stop copies still running and stop taking new events; replies already on the
+                // way (abort results, late replies) are still handled until every sender is gone.
+                let _ = cancel_tx.send(true);
+                self.runs.lock().expect("runs lock poisoned").remove(&id);
+            }
+        }
+        tracing::debug!(state = %coordinator.record.state.name(), "backup task done");
+    }
+
+    fn apply(
+        self: &Arc<Self>,
+        record: &BackupRecord,
+        commands: Vec<Command>,
+        tx: &mpsc::WeakUnboundedSender<Envelope>,
+        cancel: &watch::Receiver<bool>,
+    ) {
+        let now = self.clock.now();
+        let entries: Vec<LogEntry> = commands
+            .iter()
+            .filter_map(|c| match c {
+                Command::Log { server, level, message } => Some(LogEntry {
+                    at: now,
+                    server: server.clone(),
+                    level: *level,
+                    message: message.clone(),
+                    state: record.state.name(),
+                }),
+                _ => None,
+            })
+            .collect();
+        let saved = match self.store.save(record, &entries) {
+            Ok(next) => {
+                let first = next - entries.len() as u64;
+                for (i, entry) in entries.iter().enumerate() {
+                    trace_entry(entry);
+                    let _ = self.updates.send(Arc::new(Update {
+                        backup_id: record.id.clone(),
+                        entry: Some((first + i as u64, entry.clone())),
+                        record: record.clone(),
+                    }));
+                }
+                if entries.is_empty() {
+                    let _ = self.updates.send(Arc::new(Update {
+                        backup_id: record.id.clone(),
+                        entry: None,
+                        record: record.clone(),
+                    }));
+                }
+                true
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "could not persist the backup's state; only aborts will be sent");
+                false
+            }
+        };
+        let Some(tx) = tx.upgrade() else { return };
+        for command in commands {
+            match command {
+                Command::Log { .. } => {}
+                Command::Abort { server, reason } => {
+                    self.spawn_abort(&record.id, server, reason, tx.clone())
+                }
+                _ if !saved => {}
+                Command::Prepare { server, lease_ms } => {
+                    self.spawn_prepare(&record.id, server, lease_ms, tx.clone())
+                }
+                Command::Commit { server } => self.spawn_commit(&record.id, server, tx.clone()),
+                Command::Copy { server, snapshots } => {
+                    self.spawn_copy(&record.id, server, snapshots, tx.clone(), cancel.clone())
+                }
+                Command::Cleanup { server } => self.spawn_cleanup(&record.id, server, tx.clone()),
+            }
+        }
+    }
+
+    fn client(&self, server: &str) -> std::result::Result<AgentClient<Channel>, String> {
+        self.agents
+            .get(server)
+            .cloned()
+            .ok_or_else(|| format!("server {server} is not in the inventory"))
+    }
+
+    fn request<T>(backup_id: &str, server: &str, message: T, timeout_ms: u64) -> tonic::Request<T> {
+        let mut request = tonic::Request::new(message);
+        request.set_timeout(Duration::from_millis(timeout_ms.max(1)));
+        if let Ok(v) = backup_id.parse() {
+            request.metadata_mut().insert(BACKUP_HEADER, v);
+        }
+        if let Ok(v) = server.parse() {
+            request.metadata_mut().insert(SERVER_HEADER, v);
+        }
+        request
+    }
+
+    fn spawn_prepare(
+        self: &Arc<Self>,
+        backup_id: &str,
+        server: String,
+        lease_ms: u64,
+        tx: mpsc::UnboundedSender<Envelope>,
+    ) {
+        // An answer after the cutoff is useless: the coordinator has failed the backup by then.
+        let timeout = self.config.timeouts.commit_cutoff_ms();
+        let client = self.client(&server);
+        let request = Self::request(
+            backup_id,
+            &server,
+            pb::PrepareRequest { backup_id: backup_id.into(), lease_ms },
+            timeout,
+        );
+        tokio::spawn(
+            async move {
+                let reply = match client {
+                    Ok(mut c) => c
+                        .prepare(request)
+                        .await
+                        .map(|r| convert::prepare_reply(r.into_inner()))
+                        .map_err(|s| explain(&s)),
+                    Err(e) => Err(e),
+                };
+                let _ = tx.send((Event::Prepared { server, reply }, None));
+            }
+            .in_current_span(),
+        );
+    }
+
+    fn spawn_commit(
+        self: &Arc<Self>,
+        backup_id: &str,
+        server: String,
+        tx: mpsc::UnboundedSender<Envelope>,
+    ) {
+        let timeout = self.config.timeouts.protocol().commit_timeout_ms;
+        let client = self.client(&server);
+        let request = Self::request(
+            backup_id,
+            &server,
+            pb::CommitRequest { backup_id: backup_id.into() },
+            timeout,
+        );
+        tokio::spawn(
+            async move {
+                let reply = match client {
+                    Ok(mut c) => c
+                        .commit(request)
+                        .await
+                        .map(|r| convert::commit_reply(r.into_inner()))
+                        .map_err(|s| explain(&s)),
+                    Err(e) => Err(e),
+                };
+                let _ = tx.send((Event::Committed { server, reply }, None));
+            }
+            .in_current_span(),
+        );
+    }
+
+    /// Abort is idempotent, so it is retried with backoff until it lands or we give up (the
+    /// agent's lease thaws it regardless).
+    fn spawn_abort(
+        self: &Arc<Self>,
+        backup_id: &str,
+        server: String,
+        reason: String,
+        tx: mpsc::UnboundedSender<Envelope>,
+    ) {
+        let rpc_ms = self.config.timeouts.rpc_ms;
+        let client = self.client(&server);
+        let backup_id = backup_id.to_string();
+        tokio::spawn(
+            async move {
+                let result = match client {
+                    Ok(c) => {
+                        retry(|| {
+                            let mut c = c.clone();
+                            let message = pb::AbortRequest {
+                                backup_id: backup_id.clone(),
+                                reason: reason.clone(),
+                            };
+                            let request = Self::request(&backup_id, &server, message, rpc_ms);
+                            async move { c.abort(request).await.map(|_| ()) }
+                        })
+                        .await
+                    }
+                    Err(e) => Err(e),
+                };
+                let _ = tx.send((Event::Aborted { server, result }, None));
+            }
+            .in_current_span(),
+        );
+    }
+
+    fn spawn_cleanup(
+        self: &Arc<Self>,
+        backup_id: &str,
+        server: String,
+        tx: mpsc::UnboundedSender<Envelope>,
+    ) {
+        let rpc_ms = self.config.timeouts.rpc_ms;
+        let client = self.client(&server);
+        let backup_id = backup_id.to_string();
+        tokio::spawn(
+            async move {
+                let result = match client {
+                    Ok(c) => {
+                        retry(|| {
+                            let mut c = c.clone();
+                            let request = Self::request(
+                                &backup_id,
+                                &server,
+                                pb::CleanupRequest { backup_id: backup_id.clone() },
+                                rpc_ms,
+                            );
+                            async move {
+                                c.cleanup(request).await.map(|r| r.into_inner().snapshots_deleted)
+                            }
+                        })
+                        .await
+                    }
+                    Err(e) => Err(e),
+                };
+                let _ = tx.send((Event::CleanedUp { server, result }, None));
+            }
+            .in_current_span(),
+        );
+    }
+
+    fn spawn_copy(
+        self: &Arc<Self>,
+        backup_id: &str,
+        server: String,
+        snapshots: Vec<crate::model::SnapshotRef>,
+        tx: mpsc::UnboundedSender<Envelope>,
+        mut cancel: watch::Receiver<bool>,
+    ) {
+        let CopyConfig::Command { command } = &self.config.copy else {
+            // Report mode: the backup software calls ReportCopy when it is done.
+            tracing::info!(server = %server, "waiting for the backup software to report this server's copy");
+            return;
+        };
+        let command = command.clone();
+        let backup_id = backup_id.to_string();
+        tokio::spawn(
+            async move {
+                let progress_tx = tx.clone();
+                let progress_server = server.clone();
+                let copy = crate::copier::run_command(
+                    &command,
+                    &backup_id,
+                    &server,
+                    &snapshots,
+                    move |done, total| {
+                        let event =
+                            Event::CopyProgress { server: progress_server.clone(), done, total };
+                        let _ = progress_tx.send((event, None));
+                    },
+                );
+                // Dropping the copy future kills its command when the backup ends.
+                let result = tokio::select! {
+                    result = copy => result,
+                    _ = cancel.wait_for(|stop| *stop) => return,
+                };
+                let _ = tx.send((Event::Copied { server, result }, None));
+            }
+            .in_current_span(),
+        );
+    }
+
+    /// Asks every agent in the inventory for its status, in parallel.
+    pub async fn agents(&self) -> Vec<pb::AgentInfo> {
+        let rpc_ms = self.config.timeouts.rpc_ms.min(3_000);
+        let calls = self.config.servers.iter().map(|s| {
+            let client = self.client(&s.name);
+            let groups: Vec<String> = self
+                .config
+                .groups
+                .iter()
+                .filter(|g| g.servers.contains(&s.name))
+                .map(|g| g.name.clone())
+                .collect();
+            let mut info = pb::AgentInfo {
+                server: s.name.clone(),
+                address: s.address.clone(),
+                groups,
+                ..Default::default()
+            };
+            async move {
+                let result = match client {
+                    Ok(mut c) => c
+                        .status(Self::request("", &info.server, pb::StatusRequest {}, rpc_ms))
+                        .await
+                        .map_err(|s| explain(&s)),
+                    Err(e) => Err(e),
+                };
+                match result {
+                    Ok(status) => {
+                        let status = status.into_inner();
+                        info.reachable = true;
+                        info.version = status.version;
+                        info.backups = status.backups;
+                    }
+                    Err(e) => info.error = e,
+                }
+                info
+            }
+        });
+        futures::future::join_all(calls).await
+    }
+}
+
+async fn sleep_until(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Three tries, 200 ms then 400 ms apart; only for idempotent calls.
+async fn retry<T, F, Fut>(mut call: F) -> std::result::Result<T, String>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = std::result::Result<T, tonic::Status>>,
+{
+    let mut delay = Duration::from_millis(200);
+    let mut last = String::new();
+    for attempt in 0..3 {
+        if attempt > 0 {
+            tokio::time::sleep(delay).await;
+            delay *= 2;
+        }
+        match call().await {
+            Ok(v) => return Ok(v),
+            Err(status) => last = explain(&status),
+        }
+    }
+    Err(last)
+}
+
+fn explain(status: &tonic::Status) -> String {
+    stillpoint_core::tls::explain(status)
+}
+
+fn trace_entry(entry: &LogEntry) {
+    let server = entry.server.as_deref().unwrap_or("");
+    match entry.level {
+        crate::model::Level::Info => {
+            tracing::info!(server, state = %entry.state, "{}", entry.message)
+        }
+        crate::model::Level::Warn => {
+            tracing::warn!(server, state = %entry.state, "{}", entry.message)
+        }
+        crate::model::Level::Error => {
+            tracing::error!(server, state = %entry.state, "{}", entry.message)
+        }
+    }
+}
+
+/// A sortable, readable id: UTC time of creation plus 6 random hex digits.
+fn new_backup_id(now: Millis) -> String {
+    let at = time::OffsetDateTime::from_unix_timestamp(now / 1000)
+        .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
+    let format = time::macros::format_description!("[year][month][day]T[hour][minute][second]Z");
+    let stamp = at.format(&format).unwrap_or_default();
+    let random = uuid::Uuid::new_v4().simple().to_string();
+    format!("{stamp}-{}", &random[..6])
+}

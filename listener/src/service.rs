@@ -1,0 +1,280 @@
+//! The `Listener` gRPC service: thin handlers over the runtime and the store. Who may call what
+//! is decided by `policy`, enforced by the authorize layer before any handler runs.
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use stillpoint_core::identity::{Identity, Role};
+use stillpoint_proto as pb;
+use stillpoint_proto::listener_server::Listener;
+use tokio::sync::broadcast::error::RecvError;
+use tokio_stream::Stream;
+use tonic::{Request, Response, Status};
+
+use crate::convert;
+use crate::coordinator::Event;
+use crate::model::ServerStep;
+use crate::runtime::Runtime;
+
+/// Which roles may call which Listener method.
+pub fn policy(path: &str, role: Role) -> bool {
+    let Some(method) = path.strip_prefix("/stillpoint.v1.Listener/") else { return false };
+    let read = matches!(
+        method,
+        "GetBackup" | "ListBackups" | "GetLog" | "WatchBackup" | "ListAgents" | "Health"
+    );
+    match role {
+        Role::Operator => true,
+        Role::Hook => read || matches!(method, "StartBackup" | "AbortBackup" | "ReportCopy"),
+        Role::Viewer => read,
+        Role::Listener | Role::Agent => method == "Health",
+    }
+}
+
+pub struct ListenerService {
+    runtime: Arc<Runtime>,
+}
+
+impl ListenerService {
+    pub fn new(runtime: Arc<Runtime>) -> Self {
+        ListenerService { runtime }
+    }
+}
+
+fn caller<T>(request: &Request<T>) -> String {
+    request
+        .extensions()
+        .get::<Identity>()
+        .map(ToString::to_string)
+        .unwrap_or_else(|| "unknown".into())
+}
+
+fn backup_id(id: &str) -> Result<(), Status> {
+    stillpoint_core::validate_name("backup_id", id)
+        .map_err(|e| Status::invalid_argument(e.to_string()))
+}
+
+type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::WatchEvent, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Listener for ListenerService {
+    async fn start_backup(
+        &self,
+        request: Request<pb::StartBackupRequest>,
+    ) -> Result<Response<pb::Backup>, Status> {
+        let by = caller(&request);
+        let group = request.into_inner().group;
+        let record = self.runtime.start(&group, &by).await?;
+        Ok(Response::new(convert::backup(&record)))
+    }
+
+    async fn get_backup(
+        &self,
+        request: Request<pb::GetBackupRequest>,
+    ) -> Result<Response<pb::Backup>, Status> {
+        let id = request.into_inner().backup_id;
+        backup_id(&id)?;
+        Ok(Response::new(convert::backup(&self.runtime.store().get(&id)?)))
+    }
+
+    async fn list_backups(
+        &self,
+        request: Request<pb::ListBackupsRequest>,
+    ) -> Result<Response<pb::ListBackupsResponse>, Status> {
+        let request = request.into_inner();
+        let limit = if request.limit == 0 { usize::MAX } else { request.limit as usize };
+        let backups = self
+            .runtime
+            .store()
+            .list()?
+            .iter()
+            .filter(|r| request.group.is_empty() || r.group == request.group)
+            .take(limit)
+            .map(convert::backup)
+            .collect();
+        Ok(Response::new(pb::ListBackupsResponse { backups }))
+    }
+
+    async fn get_log(
+        &self,
+        request: Request<pb::GetLogRequest>,
+    ) -> Result<Response<pb::GetLogResponse>, Status> {
+        let id = request.into_inner().backup_id;
+        backup_id(&id)?;
+        self.runtime.store().get(&id)?;
+        let entries =
+            self.runtime.store().log(&id, 0)?.iter().map(|(_, e)| convert::log_entry(e)).collect();
+        Ok(Response::new(pb::GetLogResponse { entries }))
+    }
+
+    type WatchBackupStream = WatchStream;
+
+    async fn watch_backup(
+        &self,
+        request: Request<pb::WatchBackupRequest>,
+    ) -> Result<Response<WatchStream>, Status> {
+        let id = request.into_inner().backup_id;
+        backup_id(&id)?;
+        // Subscribe before reading the store so nothing falls between history and live updates.
+        let mut updates = self.runtime.subscribe();
+        let store = self.runtime.store().clone();
+        let record = store.get(&id)?;
+        let history = store.log(&id, 0)?;
+        let (tx, rx) = tokio::sync::mpsc::channel(64);
+        tokio::spawn(async move {
+            let mut next = 0;
+            let last = history.len();
+            for (i, (seq, entry)) in history.into_iter().enumerate() {
+                next = seq + 1;
+                let backup = (i + 1 == last).then(|| convert::backup(&record));
+                let event = pb::WatchEvent { entry: Some(convert::log_entry(&entry)), backup };
+                if tx.send(Ok(event)).await.is_err() {
+                    return;
+                }
+            }
+            if last == 0 {
+                let event = pb::WatchEvent { entry: None, backup: Some(convert::backup(&record)) };
+                if tx.send(Ok(event)).await.is_err() {
+                    return;
+                }
+            }
+            if record.state.is_terminal() {
+                return;
+            }
+            loop {
+                let update = match updates.recv().await {
+                    Ok(update) => update,
+                    Err(RecvError::Lagged(_)) => {
+                        // Too slow to follow live: catch up from the store.
+                        let (Ok(record), Ok(missed)) = (store.get(&id), store.log(&id, next))
+                        else {
+                            return;
+                        };
+                        for (seq, entry) in missed {
+                            next = seq + 1;
+                            let event = pb::WatchEvent {
+                                entry: Some(convert::log_entry(&entry)),
+                                backup: Some(convert::backup(&record)),
+                            };
+                            if tx.send(Ok(event)).await.is_err() {
+                                return;
+                            }
+                        }
+                        if record.state.is_terminal() {
+                            return;
+                        }
+                        continue;
+                    }
+                    Err(RecvError::Closed) => return,
+                };
+                if update.backup_id != id {
+                    continue;
+                }
+                let entry = match &update.entry {
+                    Some((seq, _)) if *seq < next => continue,
+                    Some((seq, entry)) => {
+                        next = seq + 1;
+                        Some(convert::log_entry(entry))
+                    }
+                    None => None,
+                };
+                let event = pb::WatchEvent { entry, backup: Some(convert::backup(&update.record)) };
+                if tx.send(Ok(event)).await.is_err() {
+                    return;
+                }
+                if update.record.state.is_terminal() {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
+    }
+
+    async fn abort_backup(
+        &self,
+        request: Request<pb::AbortBackupRequest>,
+    ) -> Result<Response<pb::Backup>, Status> {
+        let by = caller(&request);
+        let request = request.into_inner();
+        backup_id(&request.backup_id)?;
+        let reason =
+            if request.reason.is_empty() { "no reason given".to_string() } else { request.reason };
+        let record =
+            self.runtime.send(&request.backup_id, Event::AbortRequested { by, reason }).await?;
+        Ok(Response::new(convert::backup(&record)))
+    }
+
+    async fn list_agents(
+        &self,
+        _: Request<pb::ListAgentsRequest>,
+    ) -> Result<Response<pb::ListAgentsResponse>, Status> {
+        Ok(Response::new(pb::ListAgentsResponse { agents: self.runtime.agents().await }))
+    }
+
+    async fn report_copy(
+        &self,
+        request: Request<pb::ReportCopyRequest>,
+    ) -> Result<Response<pb::Backup>, Status> {
+        let by = caller(&request);
+        let request = request.into_inner();
+        backup_id(&request.backup_id)?;
+        let record = self.runtime.store().get(&request.backup_id)?;
+        let Some(server) = record.servers.iter().find(|s| s.server == request.server) else {
+            return Err(Status::not_found(format!(
+                "backup {} has no server {:?}; its servers: {}",
+                record.id,
+                request.server,
+                record.servers.iter().map(|s| s.server.as_str()).collect::<Vec<_>>().join(", ")
+            )));
+        };
+        if server.step != ServerStep::Copying {
+            return Err(Status::failed_precondition(format!(
+                "backup {} server {} is {} (backup {}), not copying; nothing was changed",
+                record.id,
+                server.server,
+                server.step.as_str(),
+                record.state.name()
+            )));
+        }
+        let detail = format!(
+            "reported by {by}{}",
+            if request.detail.is_empty() { String::new() } else { format!(": {}", request.detail) }
+        );
+        let result = if request.ok { Ok(detail) } else { Err(detail) };
+        let record = self
+            .runtime
+            .send(&request.backup_id, Event::Copied { server: request.server, result })
+            .await?;
+        Ok(Response::new(convert::backup(&record)))
+    }
+
+    async fn health(
+        &self,
+        request: Request<pb::HealthRequest>,
+    ) -> Result<Response<pb::HealthResponse>, Status> {
+        Ok(Response::new(pb::HealthResponse {
+            version: env!("CARGO_PKG_VERSION").into(),
+            caller: caller(&request),
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn viewers_read_operators_act_agents_only_probe() {
+        let path = |m: &str| format!("/stillpoint.v1.Listener/{m}");
+        assert!(policy(&path("WatchBackup"), Role::Viewer));
+        assert!(!policy(&path("StartBackup"), Role::Viewer));
+        assert!(!policy(&path("AbortBackup"), Role::Viewer));
+        assert!(!policy(&path("ReportCopy"), Role::Viewer));
+        assert!(policy(&path("StartBackup"), Role::Hook));
+        assert!(policy(&path("ReportCopy"), Role::Hook));
+        assert!(policy(&path("AbortBackup"), Role::Operator));
+        assert!(!policy(&path("StartBackup"), Role::Agent));
+        assert!(policy(&path("Health"), Role::Agent));
+        assert!(!policy("/stillpoint.v1.Agent/Prepare", Role::Operator));
+    }
+}
