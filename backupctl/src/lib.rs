@@ -1,1 +1,104 @@
-//! backupctl library.
+//! `backupctl`, the operator and hook CLI of stillpoint: start, watch and inspect backups on the
+//! listener over mutual TLS, make the deployment's certificates, and drive the mock SAN.
+//!
+//! # Layout
+//! `client` builds the mTLS `ListenerClient` from the global options; `cmd/<verb>.rs` holds one
+//! verb's arguments and its `run`; `view` converts proto types into the stable `--json` shapes
+//! (see `JSON.md`) and renders the human tables; `error` maps every failure to an exit code.
+//! Verbs write their results to the `out` they are given (stdout in the binary) and progress and
+//! diagnostics to stderr, so stdout stays parseable.
+
+use std::io::Write;
+
+pub mod client;
+pub mod cmd;
+pub mod error;
+pub mod view;
+
+pub use client::Connection;
+pub use error::{Error, Result, EXIT_BACKUP_FAILED, EXIT_OK, EXIT_USAGE};
+
+const EXIT_CODES: &str = "\
+Exit codes:
+  0  the command did what was asked
+  1  the backup failed or was aborted (start --wait, watch)
+  2  bad usage, no identity, the listener unreachable or refusing, or a local error";
+
+/// The command line: global connection options and one verb.
+#[derive(Debug, clap::Parser)]
+#[command(
+    name = "backupctl",
+    version,
+    about = "Start, watch and inspect consistent multi-server backups on a stillpoint listener",
+    after_help = EXIT_CODES
+)]
+pub struct Cli {
+    #[command(flatten)]
+    pub connection: Connection,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// One variant per verb; each verb lives in `cmd/<verb>.rs`.
+#[derive(Debug, clap::Subcommand)]
+pub enum Command {
+    /// Start a backup of a group; optionally wait until it is snapshotted or complete
+    Start(cmd::start::Args),
+    /// Show one backup (default: the newest): servers and the consistent cut
+    Status(cmd::status::Args),
+    /// List backups, newest first
+    List(cmd::list::Args),
+    /// Follow a backup (default: the newest) live until it ends
+    Watch(cmd::watch::Args),
+    /// Print a backup's event log
+    Log(cmd::log::Args),
+    /// Abort a running backup: agents thaw and delete its snapshots
+    Abort(cmd::abort::Args),
+    /// List the agents the listener knows and whether they answer
+    Agents(cmd::agents::Args),
+    /// Report that external backup software copied (or failed to copy) a server's snapshots
+    Copied(cmd::copied::Args),
+    /// Make the deployment's CA and issue certificates (offline)
+    #[command(subcommand)]
+    Certs(cmd::certs::Certs),
+    /// Drive the mock SAN array in a directory (offline)
+    #[command(subcommand)]
+    San(cmd::san::San),
+}
+
+/// Runs one command, writing results to `out` and diagnostics to stderr; returns the exit code.
+pub async fn run(cli: Cli, out: &mut dyn Write) -> u8 {
+    let listener = cli.connection.listener.clone();
+    let result = dispatch(cli, out).await.and_then(|()| out.flush().map_err(Error::from));
+    match result {
+        Ok(()) => EXIT_OK,
+        // A reader that went away (`backupctl watch | head -1`) got what it wanted.
+        Err(Error::Output(e)) if e.kind() == std::io::ErrorKind::BrokenPipe => EXIT_OK,
+        Err(e) => {
+            let unreachable = matches!(&e, Error::Rpc { status, .. }
+                if matches!(status.code(), tonic::Code::Unavailable | tonic::Code::DeadlineExceeded));
+            let at = if unreachable { format!(" (listener {listener})") } else { String::new() };
+            let _ = writeln!(std::io::stderr(), "backupctl: {e}{at}");
+            e.exit_code()
+        }
+    }
+}
+
+async fn dispatch(cli: Cli, out: &mut dyn Write) -> Result<()> {
+    let conn = &cli.connection;
+    match cli.command {
+        Command::Start(args) => cmd::start::run(conn, args, out).await,
+        Command::Status(args) => cmd::status::run(conn, args, out).await,
+        Command::List(args) => cmd::list::run(conn, args, out).await,
+        Command::Watch(args) => cmd::watch::run(conn, args, out).await,
+        Command::Log(args) => cmd::log::run(conn, args, out).await,
+        Command::Abort(args) => cmd::abort::run(conn, args, out).await,
+        Command::Agents(args) => cmd::agents::run(conn, args, out).await,
+        Command::Copied(args) => cmd::copied::run(conn, args, out).await,
+        Command::Certs(certs) => cmd::certs::run(certs, out),
+        Command::San(san) => cmd::san::run(san, out),
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,2 +1,19 @@
-//! backupctl binary.
-fn main() {}
+//! The `backupctl` binary: parses the command line (clap exits 2 on bad usage) and runs the
+//! command on a single-threaded runtime. Everything else is in the library.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+fn main() -> ExitCode {
+    let cli = backupctl::Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("backupctl: start the async runtime: {e}");
+            return ExitCode::from(backupctl::EXIT_USAGE);
+        }
+    };
+    let mut stdout = std::io::stdout().lock();
+    ExitCode::from(runtime.block_on(backupctl::run(cli, &mut stdout)))
+}

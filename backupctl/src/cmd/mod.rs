@@ -1,0 +1,20 @@
+//! One module per verb: its clap `Args` and its `run`. Remote verbs get the global
+//! [`Connection`](crate::Connection); `certs` and `san` work on local directories only.
+
+pub mod abort;
+pub mod agents;
+pub mod certs;
+pub mod copied;
+pub mod list;
+pub mod log;
+pub mod san;
+pub mod start;
+pub mod status;
+pub mod watch;
+
+/// Progress and notes for people go to stderr so stdout stays parseable; a closed stderr is not
+/// worth failing a backup over.
+pub(crate) fn note(line: &str) {
+    use std::io::Write as _;
+    let _ = writeln!(std::io::stderr(), "{line}");
+}

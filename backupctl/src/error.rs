@@ -1,0 +1,54 @@
+//! The one error type of `backupctl` and the exit code each variant maps to. A backup that ended
+//! FAILED or ABORTED is reported through [`Error::BackupFailed`] so every verb returns `Result`.
+
+/// Exit code: the command did what was asked.
+pub const EXIT_OK: u8 = 0;
+/// Exit code: the backup failed or was aborted (or did not reach the state waited for).
+pub const EXIT_BACKUP_FAILED: u8 = 1;
+/// Exit code: bad usage, missing identity, or the listener could not be reached or refused.
+pub const EXIT_USAGE: u8 = 2;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The command line or environment is incomplete or contradictory.
+    #[error("{0}")]
+    Usage(String),
+    /// An RPC failed: transport, TLS, permission or a refusal by the listener.
+    #[error("{what}: {}", describe(.status))]
+    Rpc { what: String, status: tonic::Status },
+    /// Certificates or the mock SAN refused or failed.
+    #[error(transparent)]
+    Core(#[from] stillpoint_core::Error),
+    /// Writing to stdout failed.
+    #[error("write output: {0}")]
+    Output(#[from] std::io::Error),
+    /// The backup ended FAILED or ABORTED, or the watch ended before the state waited for.
+    #[error("backup {id} {state}{}", if .reason.is_empty() { String::new() } else { format!(": {}", .reason) })]
+    BackupFailed { id: String, state: String, reason: String },
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    /// The process exit code for this error.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            Error::BackupFailed { .. } => EXIT_BACKUP_FAILED,
+            Error::Usage(_) | Error::Rpc { .. } | Error::Core(_) | Error::Output(_) => EXIT_USAGE,
+        }
+    }
+
+    /// Wraps a failed RPC with what was being attempted, e.g. `get backup b-1`.
+    pub fn rpc(what: impl Into<String>, status: tonic::Status) -> Self {
+        Error::Rpc { what: what.into(), status }
+    }
+}
+
+/// A permission refusal carries the server's own words (which role lacks which right); every
+/// other failure goes through `tls::explain`, which digs out transport and TLS causes.
+fn describe(status: &tonic::Status) -> String {
+    match status.code() {
+        tonic::Code::PermissionDenied => format!("permission denied: {}", status.message()),
+        _ => stillpoint_core::tls::explain(status),
+    }
+}

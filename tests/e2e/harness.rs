@@ -1,0 +1,369 @@
+//! `Cluster`: a listener, agents and the causal writer as real processes from the target dir,
+//! over loopback mTLS, on a mock SAN array in a temp dir. Everything it starts is killed on
+//! drop. Readiness is a health RPC with a deadline, never a bare sleep.
+
+use std::fs;
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use stillpoint_core::certs;
+use stillpoint_core::identity::Role;
+use stillpoint_core::san::Array;
+use stillpoint_core::tls::TlsFiles;
+use stillpoint_proto as pb;
+
+/// A binary built by this workspace, next to the test executable's `deps/` directory.
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    let dir = exe.parent().and_then(Path::parent).expect("target dir");
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: run `cargo build --workspace` (or `cargo test --workspace`) first",
+        path.display()
+    );
+    path
+}
+
+fn free_port() -> SocketAddr {
+    let socket = TcpListener::bind("127.0.0.1:0").expect("bind a free port");
+    socket.local_addr().expect("local addr")
+}
+
+/// How a cluster's copy phase works.
+#[derive(Clone)]
+pub enum Copy {
+    /// `cp --sparse=always` every snapshot into `<root>/copies/<backup>/<server>-<volume>.img`.
+    Command,
+    /// Wait for `backupctl copied`.
+    Report,
+}
+
+#[derive(Clone)]
+pub struct Spec {
+    pub servers: Vec<String>,
+    pub lun_bytes: u64,
+    pub lease_ms: u64,
+    pub copy: Copy,
+    /// The `[[quiescer]]` TOML for a server, given the cluster root.
+    pub quiescers: fn(server: &str, root: &Path) -> String,
+}
+
+impl Spec {
+    pub fn three(quiescers: fn(&str, &Path) -> String) -> Spec {
+        Spec {
+            servers: ["srv-a", "srv-b", "srv-c"].map(String::from).into(),
+            lun_bytes: 8 << 20,
+            lease_ms: 10_000,
+            copy: Copy::Command,
+            quiescers,
+        }
+    }
+}
+
+/// The causal writer's pause/resume hooks as an exec quiescer.
+pub fn writer_quiescer(server: &str, root: &Path) -> String {
+    let writer = bin("causal-writer");
+    let control = root.join("control");
+    format!(
+        "[[quiescer]]\nkind = \"exec\"\nname = \"writer\"\ntimeout_ms = 10000\npre_freeze = [{w:?}, \"pause\", {c:?}, {server:?}]\npost_thaw = [{w:?}, \"resume\", {c:?}, {server:?}]\n",
+        w = writer.display().to_string(),
+        c = control.display().to_string(),
+    )
+}
+
+pub struct Proc {
+    pub child: Child,
+    pub log: PathBuf,
+}
+
+impl Proc {
+    fn spawn(mut command: Command, log: PathBuf) -> Proc {
+        let out = fs::OpenOptions::new().create(true).append(true).open(&log).expect("open log");
+        let err = out.try_clone().expect("clone log handle");
+        let child =
+            command.stdin(Stdio::null()).stdout(out).stderr(err).spawn().expect("spawn process");
+        Proc { child, log }
+    }
+
+    pub fn log_text(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Sends a signal (`STOP`, `CONT`, `KILL`...) to the process; it is our own child, whose
+    /// pid we still hold, so no other process can be hit.
+    pub fn signal(&self, signal: &str) {
+        let _ = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(self.child.id().to_string())
+            .status();
+    }
+
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.signal("CONT");
+        self.kill();
+    }
+}
+
+pub struct Agent {
+    pub name: String,
+    pub addr: SocketAddr,
+    pub proc: Proc,
+}
+
+pub struct Cluster {
+    pub root: tempfile::TempDir,
+    pub spec: Spec,
+    pub certs: PathBuf,
+    pub array: Array,
+    pub listener_addr: SocketAddr,
+    pub listener_config: PathBuf,
+    pub listener: Option<Proc>,
+    pub agents: Vec<Agent>,
+    pub writer: Option<Proc>,
+}
+
+impl Cluster {
+    pub async fn start(spec: Spec) -> Cluster {
+        let root = tempfile::tempdir().expect("temp dir");
+        let path = root.path().to_path_buf();
+        let certs = path.join("certs");
+        certs::create_ca(&certs, "stillpoint test CA", 30).expect("create CA");
+        let local = ["127.0.0.1".to_string(), "localhost".to_string()];
+        certs::issue(&certs, Role::Listener, "listener", &local, 30).expect("listener cert");
+        for (role, name) in
+            [(Role::Operator, "operator"), (Role::Viewer, "viewer"), (Role::Hook, "hook")]
+        {
+            certs::issue(&certs, role, name, &[], 30).expect("client cert");
+        }
+        fs::create_dir_all(path.join("control")).expect("control dir");
+        fs::create_dir_all(path.join("copies")).expect("copies dir");
+        let array = Array::init(&path.join("array")).expect("array");
+
+        let mut agents = Vec::new();
+        for server in &spec.servers {
+            certs::issue(&certs, Role::Agent, server, &local, 30).expect("agent cert");
+            array.create_lun(server, "data", spec.lun_bytes).expect("create LUN");
+            let addr = free_port();
+            let config = path.join(format!("agent-{server}.toml"));
+            let body = format!(
+                "server = {server:?}\nlisten = \"{addr}\"\nvolumes = [\"data\"]\n\n[tls]\n{tls}\n{quiescers}\n[snapshot]\nprovider = \"mock-san\"\narray = {array:?}\n",
+                tls = tls_toml(&certs, server),
+                quiescers = (spec.quiescers)(server, &path),
+                array = array.root().display().to_string(),
+            );
+            fs::write(&config, body).expect("write agent config");
+            let proc = spawn_agent(&config, &path.join(format!("agent-{server}.log")));
+            agents.push(Agent { name: server.clone(), addr, proc });
+        }
+
+        let listener_addr = free_port();
+        let listener_config = path.join("listener.toml");
+        let copy = match spec.copy {
+            Copy::Command => format!(
+                "[copy]\nmode = \"command\"\ncommand = [\"/bin/sh\", \"-c\", {script:?}]\n",
+                script = format!(
+                    "mkdir -p {d}/$STILLPOINT_BACKUP_ID && cp --sparse=always \"$STILLPOINT_SNAPSHOT\" {d}/$STILLPOINT_BACKUP_ID/$STILLPOINT_SERVER-$STILLPOINT_VOLUME.img",
+                    d = path.join("copies").display()
+                )
+            ),
+            Copy::Report => "[copy]\nmode = \"report\"\n".to_string(),
+        };
+        let servers: String = agents
+            .iter()
+            .map(|a| format!("[[server]]\nname = {:?}\naddress = \"{}\"\n", a.name, a.addr))
+            .collect();
+        let body = format!(
+            "data_dir = {data:?}\nlisten = \"{listener_addr}\"\n\n[tls]\n{tls}\n[timeouts]\nlease_ms = {lease}\nrpc_ms = 3000\n\n{servers}\n[[group]]\nname = \"g\"\nservers = {names:?}\n\n{copy}",
+            data = path.join("listener-data").display().to_string(),
+            tls = tls_toml(&certs, "listener"),
+            lease = spec.lease_ms,
+            names = spec.servers,
+        );
+        fs::write(&listener_config, body).expect("write listener config");
+
+        let mut cluster = Cluster {
+            root,
+            spec,
+            certs,
+            array,
+            listener_addr,
+            listener_config,
+            listener: None,
+            agents,
+            writer: None,
+        };
+        for agent in &cluster.agents {
+            cluster.wait_agent_ready(agent).await;
+        }
+        cluster.start_listener().await;
+        cluster
+    }
+
+    pub fn root(&self) -> &Path {
+        self.root.path()
+    }
+
+    pub async fn start_listener(&mut self) {
+        let mut command = Command::new(bin("stillpoint-listener"));
+        command.arg("--config").arg(&self.listener_config).env("RUST_LOG", "info");
+        self.listener = Some(Proc::spawn(command, self.root().join("listener.log")));
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let mut client =
+                pb::listener_client::ListenerClient::new(self.channel_to_listener("operator"));
+            if client.health(pb::HealthRequest {}).await.is_ok() {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "listener not ready in 30s:\n{}",
+                self.listener_log()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub fn listener_log(&self) -> String {
+        self.listener.as_ref().map(Proc::log_text).unwrap_or_default()
+    }
+
+    pub fn tls(&self, identity: &str) -> TlsFiles {
+        TlsFiles {
+            ca: self.certs.join("ca.pem"),
+            cert: self.certs.join(format!("{identity}.pem")),
+            key: self.certs.join(format!("{identity}.key")),
+        }
+    }
+
+    pub fn channel_to_listener(&self, identity: &str) -> tonic::transport::Channel {
+        let url = format!("https://{}", self.listener_addr);
+        stillpoint_core::tls::channel(
+            &url,
+            "listener",
+            &self.tls(identity),
+            Duration::from_secs(10),
+        )
+        .expect("channel")
+    }
+
+    pub fn channel_to_agent(&self, server: &str, identity: &str) -> tonic::transport::Channel {
+        let agent = self.agent(server);
+        let url = format!("https://{}", agent.addr);
+        stillpoint_core::tls::channel(&url, server, &self.tls(identity), Duration::from_secs(10))
+            .expect("channel")
+    }
+
+    pub fn agent(&self, server: &str) -> &Agent {
+        self.agents.iter().find(|a| a.name == server).expect("known agent")
+    }
+
+    async fn wait_agent_ready(&self, agent: &Agent) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let mut client =
+                pb::agent_client::AgentClient::new(self.channel_to_agent(&agent.name, "listener"));
+            if client.status(pb::StatusRequest {}).await.is_ok() {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "agent {} not ready in 30s:\n{}",
+                agent.name,
+                agent.proc.log_text()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Runs `backupctl` as `identity` and returns its output (blocking the test's thread is fine:
+    /// the cluster runs in other processes).
+    pub fn backupctl(&self, identity: &str, args: &[&str]) -> Output {
+        Command::new(bin("backupctl"))
+            .args(args)
+            .env("STILLPOINT_LISTENER", format!("https://{}", self.listener_addr))
+            .env("STILLPOINT_CERTS", &self.certs)
+            .env("STILLPOINT_IDENTITY", identity)
+            .env_remove("STILLPOINT_CA")
+            .env_remove("STILLPOINT_CERT")
+            .env_remove("STILLPOINT_KEY")
+            .output()
+            .expect("run backupctl")
+    }
+
+    /// `backupctl ... --json` as the operator; returns the exit code and the parsed JSON.
+    pub fn backupctl_json(&self, args: &[&str]) -> (i32, Value) {
+        let mut all = args.to_vec();
+        all.push("--json");
+        let out = self.backupctl("operator", &all);
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let json = serde_json::from_str(stdout.trim()).unwrap_or_else(|e| {
+            panic!(
+                "backupctl {args:?} printed no JSON ({e}):\nstdout: {stdout}\nstderr: {}\nlistener log:\n{}",
+                String::from_utf8_lossy(&out.stderr),
+                self.listener_log()
+            )
+        });
+        (out.status.code().unwrap_or(-1), json)
+    }
+
+    /// Starts the causal writer over every server's `data` LUN.
+    pub fn start_writer(&mut self) {
+        let mut command = Command::new(bin("causal-writer"));
+        command.arg("run").arg(self.root().join("control"));
+        for server in &self.spec.servers {
+            command.arg(self.array.lun_path(server, "data").expect("lun path"));
+        }
+        self.writer = Some(Proc::spawn(command, self.root().join("writer.log")));
+    }
+
+    pub fn copies_of(&self, backup: &str) -> PathBuf {
+        self.root().join("copies").join(backup)
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        // Stop the writer first so it is not left waiting on a pause.
+        self.writer.take();
+        self.listener.take();
+        self.agents.clear();
+    }
+}
+
+pub fn spawn_agent(config: &Path, log: &Path) -> Proc {
+    let mut command = Command::new(bin("stillpoint-agent"));
+    command.arg("--config").arg(config).env("RUST_LOG", "info");
+    Proc::spawn(command, log.to_path_buf())
+}
+
+fn tls_toml(certs: &Path, name: &str) -> String {
+    format!(
+        "ca = {:?}\ncert = {:?}\nkey = {:?}\n",
+        certs.join("ca.pem").display().to_string(),
+        certs.join(format!("{name}.pem")).display().to_string(),
+        certs.join(format!("{name}.key")).display().to_string()
+    )
+}
+
+/// Polls `check` every 50 ms until it returns `Some` or `timeout` passes.
+pub async fn wait_for<T>(what: &str, timeout: Duration, mut check: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = check() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

@@ -1,0 +1,9 @@
+//! End-to-end tests: a real listener and agents as separate processes over loopback mTLS, driven
+//! by the real `backupctl`. One binary, one module per area (STYLE 21).
+
+mod harness;
+
+mod consistency;
+mod failures;
+mod security;
+mod wait;
