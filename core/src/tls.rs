@@ -186,8 +186,15 @@ pub fn explain(status: &tonic::Status) -> String {
     };
     let mut line = if causes.is_empty() { base } else { format!("{base}: {}", causes.join(": ")) };
     let lower = line.to_lowercase();
-    if lower.contains("certificate") || lower.contains("handshake") || lower.contains("tls") {
+    let about_tls = ["certificate", "handshake", "tls", "unknownca", "alert"];
+    if about_tls.iter().any(|hint| lower.contains(hint)) {
         line.push_str(" (check that both sides use certificates from the same deployment CA and the right role)");
+    } else if ["connection closed", "connection reset", "broken pipe"]
+        .iter()
+        .any(|hint| lower.contains(hint))
+    {
+        // TLS 1.3 clients learn of a refused certificate only as a closed connection.
+        line.push_str(" (the server closed the connection: if it is running, it may have refused our certificate; check that both sides use certificates from the same deployment CA)");
     }
     line
 }

@@ -176,7 +176,7 @@ impl Config {
         if t.commit_cutoff_ms() < 500 {
             out.push(format!(
                 "timeouts: lease_ms ({}) - snapshot_budget_ms ({}) - margin_ms ({}) leaves {}ms to gather prepares; it must leave at least 500ms",
-                t.lease_ms, t.snapshot_budget_ms, t.margin_ms, t.commit_cutoff_ms() as i64
+                t.lease_ms, t.snapshot_budget_ms, t.margin_ms, i128::from(t.lease_ms) - i128::from(t.snapshot_budget_ms) - i128::from(t.margin_ms)
             ));
         }
         if t.rpc_ms == 0 || t.copy_timeout_s == 0 || t.cleanup_timeout_ms == 0 {

@@ -191,7 +191,10 @@ impl Runtime {
         let id = coordinator.record.id.clone();
         loop {
             let deadline = coordinator.next_deadline().map(|d| self.clock.instant_of(d));
+            // Events already queued go before a deadline that has passed (a recovered backup's
+            // first event is `Restarted`, even though its old deadlines are long gone).
             let (event, reply) = tokio::select! {
+                biased;
                 received = rx.recv() => match received {
                     Some(envelope) => envelope,
                     None => break,

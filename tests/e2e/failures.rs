@@ -104,8 +104,10 @@ async fn a_commit_that_never_comes_thaws_every_agent_within_its_lease() {
     let (_, list) = cluster.backupctl_json(&["list"]);
     let backup = &list.as_array().expect("array")[0];
     assert_eq!(backup["state"], "FAILED", "{backup:#}");
+    let reason = backup["reason"].as_str().unwrap_or_default();
     assert!(
-        backup["reason"].as_str().unwrap_or_default().contains("listener restarted"),
-        "{backup:#}"
+        reason.contains("listener restarted"),
+        "{reason}\nlistener log:\n{}",
+        cluster.listener_log()
     );
 }

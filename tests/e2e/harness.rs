@@ -184,10 +184,12 @@ impl Cluster {
             .map(|a| format!("[[server]]\nname = {:?}\naddress = \"{}\"\n", a.name, a.addr))
             .collect();
         let body = format!(
-            "data_dir = {data:?}\nlisten = \"{listener_addr}\"\n\n[tls]\n{tls}\n[timeouts]\nlease_ms = {lease}\nrpc_ms = 3000\n\n{servers}\n[[group]]\nname = \"g\"\nservers = {names:?}\n\n{copy}",
+            "data_dir = {data:?}\nlisten = \"{listener_addr}\"\n\n[tls]\n{tls}\n[timeouts]\nlease_ms = {lease}\nsnapshot_budget_ms = {budget}\nmargin_ms = {margin}\nrpc_ms = 3000\n\n{servers}\n[[group]]\nname = \"g\"\nservers = {names:?}\n\n{copy}",
             data = path.join("listener-data").display().to_string(),
             tls = tls_toml(&certs, "listener"),
             lease = spec.lease_ms,
+            budget = spec.lease_ms / 4,
+            margin = spec.lease_ms / 8,
             names = spec.servers,
         );
         fs::write(&listener_config, body).expect("write listener config");

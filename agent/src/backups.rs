@@ -1,0 +1,567 @@
+//! The agent's table of backups and the operations on it: Prepare, Commit, Abort, Cleanup,
+//! the lease timer and the thaw on shutdown. One tokio mutex serializes every operation, so an
+//! Abort racing a Commit has exactly one outcome; each operation runs in its own task, so a
+//! dropped RPC never leaves a freeze half done. No gRPC here: `service` maps requests to calls.
+
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use stillpoint_proto::{
+    AbortResponse, AgentBackup, CleanupResponse, CommitResponse, PrepareResponse, Snapshot,
+    StepReport,
+};
+use tokio::task::AbortHandle;
+use tracing::{error, info, warn, Instrument};
+
+use crate::lease::Lease;
+use crate::quiesce::Quiescer;
+use crate::snapshot::SnapshotProvider;
+use crate::{Error, Result};
+
+/// How many finished backups the table remembers, to answer late or duplicate requests.
+pub const KEEP_FINISHED: usize = 100;
+
+/// Where one backup stands on this agent; each variant holds only what is valid then.
+enum Phase {
+    /// Quiescers are running (only ever seen by Status: the operation holds the lock).
+    Preparing,
+    /// Every quiescer is frozen until Commit, Abort or the lease's end.
+    Frozen {
+        lease: Lease,
+        held_from: Option<Instant>,
+        timer: AbortHandle,
+    },
+    Snapshotted {
+        snapshots: Vec<Snapshot>,
+    },
+    /// The lease ran out without a Commit; everything was thawed and nothing snapshotted.
+    ThawedExpired {
+        lease_ms: u64,
+    },
+    Aborted,
+    Failed,
+    Cleaned,
+}
+
+impl Phase {
+    fn name(&self) -> &'static str {
+        match self {
+            Phase::Preparing => "preparing",
+            Phase::Frozen { .. } => "frozen",
+            Phase::Snapshotted { .. } => "snapshotted",
+            Phase::ThawedExpired { .. } => "thawed-expired",
+            Phase::Aborted => "aborted",
+            Phase::Failed => "failed",
+            Phase::Cleaned => "cleaned",
+        }
+    }
+
+    fn is_active(&self) -> bool {
+        matches!(self, Phase::Preparing | Phase::Frozen { .. })
+    }
+}
+
+struct Entry {
+    phase: Phase,
+    /// Why it failed, was aborted or expired; shown by Status.
+    detail: String,
+    prepared: Option<PrepareResponse>,
+    committed: Option<CommitResponse>,
+}
+
+impl Entry {
+    fn new(phase: Phase) -> Entry {
+        Entry { phase, detail: String::new(), prepared: None, committed: None }
+    }
+}
+
+/// Backups in the order they were first seen.
+#[derive(Default)]
+struct Table {
+    entries: Vec<(String, Entry)>,
+}
+
+impl Table {
+    fn get(&self, id: &str) -> Option<&Entry> {
+        self.entries.iter().find(|(b, _)| b == id).map(|(_, e)| e)
+    }
+
+    /// The entry for `id`, created in `phase` if it is not there.
+    fn entry(&mut self, id: &str, phase: impl FnOnce() -> Phase) -> &mut Entry {
+        let at = match self.entries.iter().position(|(b, _)| b == id) {
+            Some(at) => at,
+            None => {
+                self.entries.push((id.to_string(), Entry::new(phase())));
+                self.forget_old();
+                self.entries.len() - 1
+            }
+        };
+        &mut self.entries[at].1
+    }
+
+    fn set(&mut self, id: &str, phase: Phase, detail: String) -> &mut Entry {
+        let entry = self.entry(id, || Phase::Preparing);
+        entry.phase = phase;
+        entry.detail = detail;
+        entry
+    }
+
+    fn active(&self) -> Option<(&str, &Entry)> {
+        self.entries.iter().find(|(_, e)| e.phase.is_active()).map(|(b, e)| (b.as_str(), e))
+    }
+
+    fn forget_old(&mut self) {
+        while self.entries.len() > KEEP_FINISHED {
+            match self.entries.iter().position(|(_, e)| !e.phase.is_active()) {
+                Some(at) => drop(self.entries.remove(at)),
+                None => break,
+            }
+        }
+    }
+}
+
+/// The backups this agent knows about and the plug-ins that act on them. Cheap to clone.
+#[derive(Clone)]
+pub struct Backups {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    server: String,
+    volumes: Vec<String>,
+    quiescers: Vec<Arc<dyn Quiescer>>,
+    provider: Arc<dyn SnapshotProvider>,
+    /// Zero of the monotonic milliseconds that leases are measured in.
+    origin: Instant,
+    /// Held for the whole of every operation.
+    ops: tokio::sync::Mutex<()>,
+    /// Held only briefly, never across an await, so Status never waits on an operation.
+    table: Mutex<Table>,
+}
+
+fn ms(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+fn step(name: &str, action: &str, result: &anyhow::Result<String>, took: Duration) -> StepReport {
+    let (ok, detail) = match result {
+        Ok(detail) => (true, detail.clone()),
+        Err(e) => (false, format!("{e:#}")),
+    };
+    StepReport { name: name.into(), action: action.into(), ok, duration_ms: ms(took), detail }
+}
+
+/// Runs a blocking plug-in call off the async threads.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> anyhow::Result<T> + Send + 'static,
+) -> anyhow::Result<T> {
+    let span = tracing::Span::current();
+    tokio::task::spawn_blocking(move || span.in_scope(f))
+        .await
+        .unwrap_or_else(|e| Err(anyhow::anyhow!("plug-in call died: {e}")))
+}
+
+fn not_prepared(reason: String) -> PrepareResponse {
+    PrepareResponse { prepared: false, reason, ..PrepareResponse::default() }
+}
+
+fn not_committed(reason: String) -> CommitResponse {
+    CommitResponse { committed: false, reason, ..CommitResponse::default() }
+}
+
+impl Backups {
+    /// A table for `server` that freezes `quiescers` in order and snapshots `volumes`.
+    pub fn new(
+        server: &str,
+        volumes: Vec<String>,
+        quiescers: Vec<Arc<dyn Quiescer>>,
+        provider: Arc<dyn SnapshotProvider>,
+    ) -> Backups {
+        Backups {
+            inner: Arc::new(Inner {
+                server: server.to_string(),
+                volumes,
+                quiescers,
+                provider,
+                origin: Instant::now(),
+                ops: tokio::sync::Mutex::new(()),
+                table: Mutex::new(Table::default()),
+            }),
+        }
+    }
+
+    pub fn server(&self) -> &str {
+        &self.inner.server
+    }
+
+    /// Runs one operation in its own task under a span naming the backup and server, so that
+    /// a caller who stops waiting does not cut it short.
+    async fn run<T, F>(
+        &self,
+        op: &'static str,
+        id: &str,
+        f: impl FnOnce(Arc<Inner>) -> F,
+    ) -> Result<T>
+    where
+        T: Send + 'static,
+        F: std::future::Future<Output = Result<T>> + Send + 'static,
+    {
+        let span = tracing::info_span!("op", op, backup = %id, server = %self.inner.server);
+        tokio::spawn(f(self.inner.clone()).instrument(span))
+            .await
+            .map_err(|e| Error::Internal(format!("{op} {id}: {e}")))?
+    }
+
+    /// Quiesces and freezes for `id` under a lease of `lease_ms` counted from now. Idempotent:
+    /// a repeated Prepare gets the first one's reply.
+    pub async fn prepare(&self, id: &str, lease_ms: u64) -> Result<PrepareResponse> {
+        let arrived = self.inner.now_ms();
+        let id_owned = id.to_string();
+        self.run("prepare", id, move |inner| async move {
+            Ok(inner.prepare(&id_owned, Lease::new(arrived, lease_ms)).await)
+        })
+        .await
+    }
+
+    /// Snapshots and thaws `id` if its lease still runs. Idempotent.
+    pub async fn commit(&self, id: &str) -> Result<CommitResponse> {
+        let id_owned = id.to_string();
+        self.run("commit", id, move |inner| async move { Ok(inner.commit(&id_owned).await) }).await
+    }
+
+    /// Thaws and deletes whatever `id` holds. Idempotent; an unknown id is remembered as
+    /// aborted so a late Prepare for it is refused.
+    pub async fn abort(&self, id: &str, reason: &str) -> Result<AbortResponse> {
+        let (id_owned, reason) = (id.to_string(), reason.to_string());
+        self.run("abort", id, move |inner| async move { inner.abort(&id_owned, &reason).await })
+            .await
+    }
+
+    /// Deletes `id`'s snapshots. Idempotent.
+    pub async fn cleanup(&self, id: &str) -> Result<CleanupResponse> {
+        let id_owned = id.to_string();
+        self.run("cleanup", id, move |inner| async move { inner.cleanup(&id_owned).await }).await
+    }
+
+    /// Every backup the table remembers, oldest first. Never waits on an operation.
+    pub fn status(&self) -> Vec<AgentBackup> {
+        let now = self.inner.now_ms();
+        let table = self.inner.table();
+        table
+            .entries
+            .iter()
+            .map(|(id, e)| AgentBackup {
+                backup_id: id.clone(),
+                phase: e.phase.name().into(),
+                lease_remaining_ms: match &e.phase {
+                    Phase::Frozen { lease, .. } => lease.remaining(now),
+                    _ => 0,
+                },
+                snapshots: match &e.phase {
+                    Phase::Snapshotted { snapshots } => snapshots.clone(),
+                    _ => Vec::new(),
+                },
+                detail: e.detail.clone(),
+            })
+            .collect()
+    }
+
+    /// Thaws every frozen backup and marks it failed; for the daemon's shutdown.
+    pub async fn shutdown(&self) {
+        let inner = self.inner.clone();
+        let span = tracing::info_span!("shutdown", server = %inner.server);
+        let _ = tokio::spawn(async move { inner.thaw_everything().await }.instrument(span)).await;
+    }
+}
+
+impl Inner {
+    fn now_ms(&self) -> u64 {
+        ms(self.origin.elapsed())
+    }
+
+    fn table(&self) -> MutexGuard<'_, Table> {
+        self.table.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    async fn prepare(self: &Arc<Self>, id: &str, lease: Lease) -> PrepareResponse {
+        let _ops = self.ops.lock().await;
+        {
+            let mut table = self.table();
+            if let Some(e) = table.get(id) {
+                return match (&e.phase, &e.prepared) {
+                    (Phase::Frozen { .. } | Phase::Failed, Some(reply)) => reply.clone(),
+                    (phase, _) => not_prepared(format!("backup {id} is already {}", phase.name())),
+                };
+            }
+            if let Some((other, e)) = table.active() {
+                let reason = format!("busy with backup {other} ({})", e.phase.name());
+                warn!(%reason, "prepare refused");
+                return not_prepared(reason);
+            }
+            table.entry(id, || Phase::Preparing);
+        }
+        info!(lease_ms = lease.duration_ms, "preparing");
+
+        let mut reply = PrepareResponse::default();
+        let mut held_from = None;
+        for (k, q) in self.quiescers.iter().enumerate() {
+            let started = Instant::now();
+            held_from.get_or_insert(started);
+            let (q2, id2) = (q.clone(), id.to_string());
+            let result = blocking(move || q2.freeze(&id2)).await;
+            let took = started.elapsed();
+            reply.quiesce_ms += ms(took);
+            if q.freezes_filesystem() {
+                reply.freeze_ms += ms(took);
+            }
+            reply.steps.push(step(q.name(), "freeze", &result, took));
+            if let Err(e) = result {
+                let reason = format!("quiescer {}: {e:#}", q.name());
+                warn!(quiescer = q.name(), error = %format!("{e:#}"), "freeze failed; thawing the ones before it");
+                let (steps, _) = self.thaw(id, &self.quiescers[..k]).await;
+                reply.steps.extend(steps);
+                return self.fail_prepare(id, reply, reason);
+            }
+        }
+        let now = self.now_ms();
+        if lease.expired(now) {
+            let (steps, _) = self.thaw(id, &self.quiescers).await;
+            reply.steps.extend(steps);
+            let reason = format!(
+                "lease of {}ms ran out while quiescing ({}ms); thawed",
+                lease.duration_ms, reply.quiesce_ms
+            );
+            warn!(%reason, "prepare failed");
+            return self.fail_prepare(id, reply, reason);
+        }
+        reply.prepared = true;
+        let timer = self.start_lease_timer(id, lease);
+        self.table().set(id, Phase::Frozen { lease, held_from, timer }, String::new()).prepared =
+            Some(reply.clone());
+        info!(
+            quiesce_ms = reply.quiesce_ms,
+            freeze_ms = reply.freeze_ms,
+            lease_remaining_ms = lease.remaining(now),
+            "frozen"
+        );
+        reply
+    }
+
+    fn fail_prepare(
+        &self,
+        id: &str,
+        mut reply: PrepareResponse,
+        reason: String,
+    ) -> PrepareResponse {
+        reply.prepared = false;
+        reply.reason = reason.clone();
+        self.table().set(id, Phase::Failed, reason).prepared = Some(reply.clone());
+        reply
+    }
+
+    /// One task per frozen backup: when the lease runs out it thaws everything. It only waits
+    /// on the clock and the operations lock, never on the network.
+    fn start_lease_timer(self: &Arc<Self>, id: &str, lease: Lease) -> AbortHandle {
+        let inner = self.clone();
+        let id = id.to_string();
+        let task = async move {
+            let wait = lease.remaining(inner.now_ms());
+            tokio::time::sleep(Duration::from_millis(wait)).await;
+            let _ops = inner.ops.lock().await;
+            if !matches!(inner.table().get(&id).map(|e| &e.phase), Some(Phase::Frozen { .. })) {
+                return;
+            }
+            inner.expire(&id, lease).await;
+        };
+        tokio::spawn(task.instrument(tracing::Span::current())).abort_handle()
+    }
+
+    /// Thaws a frozen backup whose lease ran out. The caller holds the operations lock.
+    async fn expire(&self, id: &str, lease: Lease) {
+        let (steps, _) = self.thaw(id, &self.quiescers).await;
+        let detail = format!("lease expired after {}ms without Commit; thawed", lease.duration_ms);
+        warn!(lease_ms = lease.duration_ms, thaw_ok = steps.iter().all(|s| s.ok), "{detail}");
+        self.table().set(id, Phase::ThawedExpired { lease_ms: lease.duration_ms }, detail);
+    }
+
+    /// Thaws `quiescers` in reverse order, every one even when some fail; returns the steps
+    /// and the time it took.
+    async fn thaw(&self, id: &str, quiescers: &[Arc<dyn Quiescer>]) -> (Vec<StepReport>, u64) {
+        let all = Instant::now();
+        let mut steps = Vec::new();
+        for q in quiescers.iter().rev() {
+            let started = Instant::now();
+            let (q2, id2) = (q.clone(), id.to_string());
+            let result = blocking(move || q2.thaw(&id2).map(|()| String::new())).await;
+            if let Err(e) = &result {
+                error!(quiescer = q.name(), error = %format!("{e:#}"), "thaw failed");
+            }
+            steps.push(step(q.name(), "thaw", &result, started.elapsed()));
+        }
+        (steps, ms(all.elapsed()))
+    }
+
+    async fn commit(&self, id: &str) -> CommitResponse {
+        let _ops = self.ops.lock().await;
+        let now = self.now_ms();
+        let (lease, held_from) = {
+            let table = self.table();
+            let Some(e) = table.get(id) else {
+                return not_committed(format!("unknown backup {id}"));
+            };
+            match &e.phase {
+                Phase::Frozen { lease, held_from, timer } => {
+                    // From here this operation thaws, whatever happens.
+                    timer.abort();
+                    (*lease, *held_from)
+                }
+                Phase::ThawedExpired { lease_ms } => {
+                    return not_committed(format!(
+                        "lease expired after {lease_ms}ms; thawed without a snapshot"
+                    ))
+                }
+                phase => {
+                    if let Some(reply) = &e.committed {
+                        return reply.clone();
+                    }
+                    let why =
+                        if e.detail.is_empty() { String::new() } else { format!(": {}", e.detail) };
+                    return not_committed(format!("backup {id} is {}{why}", phase.name()));
+                }
+            }
+        };
+        // The clock first: the timer task may not have run yet.
+        if lease.expired(now) {
+            self.expire(id, lease).await;
+            return not_committed(format!(
+                "lease expired after {}ms; thawed without a snapshot",
+                lease.duration_ms
+            ));
+        }
+
+        let started = Instant::now();
+        let (provider, id2, volumes) =
+            (self.provider.clone(), id.to_string(), self.volumes.clone());
+        let created = blocking(move || provider.create(&id2, &volumes)).await;
+        let snapshot_took = started.elapsed();
+        let detail = created
+            .as_ref()
+            .map(|s| format!("{} snapshot(s)", s.len()))
+            .map_err(|e| anyhow::anyhow!("{e:#}"));
+        let mut reply = CommitResponse {
+            snapshot_ms: ms(snapshot_took),
+            steps: vec![step(self.provider.kind(), "snapshot", &detail, snapshot_took)],
+            ..CommitResponse::default()
+        };
+        let (steps, thaw_ms) = self.thaw(id, &self.quiescers).await;
+        reply.steps.extend(steps);
+        reply.thaw_ms = thaw_ms;
+        reply.held_ms = held_from.map_or(0, |h| ms(h.elapsed()));
+
+        match created {
+            Ok(snapshots) => {
+                reply.committed = true;
+                reply.snapshots = snapshots.clone();
+                info!(
+                    snapshot_ms = reply.snapshot_ms,
+                    thaw_ms,
+                    held_ms = reply.held_ms,
+                    "snapshotted and thawed"
+                );
+                self.table().set(id, Phase::Snapshotted { snapshots }, String::new()).committed =
+                    Some(reply.clone());
+            }
+            Err(e) => {
+                let started = Instant::now();
+                let (provider, id2) = (self.provider.clone(), id.to_string());
+                let deleted = blocking(move || provider.delete(&id2)).await;
+                let deleted = deleted.map(|n| format!("deleted {n} partial snapshot(s)"));
+                reply.steps.push(step(self.provider.kind(), "delete", &deleted, started.elapsed()));
+                reply.reason = match &deleted {
+                    Ok(_) => format!("snapshot failed: {e:#}; thawed and deleted partial snapshots"),
+                    Err(d) => format!("snapshot failed: {e:#}; thawed, but deleting partial snapshots failed too: {d:#}"),
+                };
+                warn!(reason = %reply.reason, "commit failed");
+                self.table().set(id, Phase::Failed, reply.reason.clone()).committed =
+                    Some(reply.clone());
+            }
+        }
+        reply
+    }
+
+    async fn abort(&self, id: &str, reason: &str) -> Result<AbortResponse> {
+        let _ops = self.ops.lock().await;
+        let frozen = self.stop_timer(id);
+        if frozen {
+            self.thaw(id, &self.quiescers).await;
+        }
+        let deleted = self.delete(id).await;
+        let mut table = self.table();
+        let entry = table.entry(id, || Phase::Aborted);
+        if !matches!(entry.phase, Phase::Cleaned) {
+            entry.phase = Phase::Aborted;
+            entry.detail = format!("aborted: {reason}");
+        }
+        let deleted = deleted?;
+        info!(thawed = frozen, snapshots_deleted = deleted, %reason, "aborted");
+        Ok(AbortResponse { thawed: frozen, snapshots_deleted: deleted })
+    }
+
+    async fn cleanup(&self, id: &str) -> Result<CleanupResponse> {
+        let _ops = self.ops.lock().await;
+        if self.stop_timer(id) {
+            // Cleanup is not meant for a frozen backup, but never leave one frozen.
+            warn!("cleanup of a frozen backup: thawing first");
+            self.thaw(id, &self.quiescers).await;
+        }
+        let deleted = self.delete(id).await?;
+        self.table().set(id, Phase::Cleaned, String::new());
+        info!(snapshots_deleted = deleted, "cleaned up");
+        Ok(CleanupResponse { snapshots_deleted: deleted })
+    }
+
+    /// Stops `id`'s lease timer if it is frozen; true when it was. The caller then thaws.
+    fn stop_timer(&self, id: &str) -> bool {
+        match self.table().get(id).map(|e| &e.phase) {
+            Some(Phase::Frozen { timer, .. }) => {
+                timer.abort();
+                true
+            }
+            _ => false,
+        }
+    }
+
+    async fn delete(&self, id: &str) -> Result<u32> {
+        let (provider, id2) = (self.provider.clone(), id.to_string());
+        blocking(move || provider.delete(&id2)).await.map_err(|e| {
+            error!(error = %format!("{e:#}"), "delete snapshots failed");
+            Error::Provider(format!("delete snapshots of backup {id}: {e:#}"))
+        })
+    }
+
+    async fn thaw_everything(&self) {
+        let _ops = self.ops.lock().await;
+        let frozen: Vec<String> = {
+            let table = self.table();
+            table
+                .entries
+                .iter()
+                .filter_map(|(id, e)| match &e.phase {
+                    Phase::Frozen { timer, .. } => {
+                        timer.abort();
+                        Some(id.clone())
+                    }
+                    _ => None,
+                })
+                .collect()
+        };
+        for id in frozen {
+            let (steps, _) = self.thaw(&id, &self.quiescers).await;
+            warn!(backup = %id, thaw_ok = steps.iter().all(|s| s.ok), "agent shutting down while frozen; thawed");
+            self.table().set(&id, Phase::Failed, "agent shut down while frozen; thawed".into());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,344 @@
+//! The safety rules of the backups table, each a named test, driven through the fakes.
+
+use std::time::Duration;
+
+use super::*;
+use crate::testing::{Calls, FakeProvider, FakeQuiescer};
+
+struct Fixture {
+    backups: Backups,
+    calls: Calls,
+    quiescers: Vec<Arc<FakeQuiescer>>,
+    provider: Arc<FakeProvider>,
+}
+
+/// A table over fake quiescers `q0..qn` (in that order) and a fake provider of two volumes.
+fn check(n: usize) -> Fixture {
+    let calls = Calls::default();
+    let quiescers: Vec<_> = (0..n).map(|i| FakeQuiescer::new(&format!("q{i}"), &calls)).collect();
+    let provider = FakeProvider::new(&calls);
+    let dyn_q = quiescers.iter().map(|q| q.clone() as Arc<dyn Quiescer>).collect();
+    let backups =
+        Backups::new("srv-a", vec!["data".into(), "logs".into()], dyn_q, provider.clone());
+    Fixture { backups, calls, quiescers, provider }
+}
+
+impl Fixture {
+    fn phase(&self, id: &str) -> String {
+        self.backups
+            .status()
+            .into_iter()
+            .find(|b| b.backup_id == id)
+            .map(|b| b.phase)
+            .unwrap_or_else(|| "absent".into())
+    }
+}
+
+const LEASE: u64 = 10_000;
+
+#[tokio::test]
+async fn prepare_freezes_in_order_and_commit_snapshots_then_thaws_in_reverse() {
+    let f = check(3);
+    let p = f.backups.prepare("b1", LEASE).await.unwrap();
+    assert!(p.prepared, "{p:?}");
+    assert_eq!(f.phase("b1"), "frozen");
+    let c = f.backups.commit("b1").await.unwrap();
+    assert!(c.committed, "{c:?}");
+    assert_eq!(c.snapshots.len(), 2);
+    assert_eq!(
+        f.calls.all(),
+        [
+            "freeze q0 b1",
+            "freeze q1 b1",
+            "freeze q2 b1",
+            "create b1",
+            "thaw q2 b1",
+            "thaw q1 b1",
+            "thaw q0 b1"
+        ]
+    );
+    let actions: Vec<_> = c.steps.iter().map(|s| format!("{} {}", s.action, s.name)).collect();
+    assert_eq!(actions, ["snapshot fake", "thaw q2", "thaw q1", "thaw q0"]);
+    assert_eq!(f.phase("b1"), "snapshotted");
+}
+
+#[tokio::test]
+async fn duplicate_prepare_returns_the_same_reply_without_a_second_freeze() {
+    let f = check(2);
+    let first = f.backups.prepare("b1", LEASE).await.unwrap();
+    let second = f.backups.prepare("b1", LEASE).await.unwrap();
+    assert!(first.prepared);
+    assert_eq!(first, second);
+    assert_eq!(f.calls.starting("freeze").len(), 2);
+}
+
+#[tokio::test]
+async fn prepare_of_another_backup_while_one_is_frozen_is_refused_as_busy() {
+    let f = check(1);
+    assert!(f.backups.prepare("b1", LEASE).await.unwrap().prepared);
+    let other = f.backups.prepare("b2", LEASE).await.unwrap();
+    assert!(!other.prepared);
+    assert!(other.reason.contains("busy with backup b1"), "{}", other.reason);
+    assert_eq!(f.calls.starting("freeze"), ["freeze q0 b1"]);
+}
+
+#[tokio::test]
+async fn prepare_of_another_backup_while_one_is_preparing_is_refused_as_busy() {
+    let f = check(1);
+    f.quiescers[0].freeze_delay(Duration::from_millis(200));
+    let slow = tokio::spawn({
+        let b = f.backups.clone();
+        async move { b.prepare("b1", LEASE).await.unwrap() }
+    });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(f.phase("b1"), "preparing");
+    let other = f.backups.prepare("b2", LEASE).await.unwrap();
+    assert!(other.reason.contains("busy with backup b1"), "{}", other.reason);
+    assert!(slow.await.unwrap().prepared);
+}
+
+#[tokio::test]
+async fn failing_quiescer_thaws_the_earlier_ones_in_reverse_and_fails_the_backup() {
+    let f = check(3);
+    f.quiescers[2].fail_freeze(Some("database said no"));
+    let p = f.backups.prepare("b1", LEASE).await.unwrap();
+    assert!(!p.prepared);
+    assert!(p.reason.contains("q2") && p.reason.contains("database said no"), "{}", p.reason);
+    assert_eq!(
+        f.calls.all(),
+        ["freeze q0 b1", "freeze q1 b1", "freeze q2 b1", "thaw q1 b1", "thaw q0 b1"]
+    );
+    assert_eq!(f.phase("b1"), "failed");
+    assert!(!p.steps[2].ok && p.steps[2].detail.contains("database said no"));
+    // Idempotent: the same failure again, nothing run twice.
+    assert_eq!(f.backups.prepare("b1", LEASE).await.unwrap(), p);
+    assert_eq!(f.calls.all().len(), 5);
+    // A failed backup does not block the next one.
+    f.quiescers[2].fail_freeze(None);
+    assert!(f.backups.prepare("b2", LEASE).await.unwrap().prepared);
+}
+
+#[tokio::test]
+async fn lease_expiry_thaws_in_reverse_and_marks_thawed_expired() {
+    let f = check(2);
+    assert!(f.backups.prepare("b1", 150).await.unwrap().prepared);
+    let remaining = f.backups.status()[0].lease_remaining_ms;
+    assert!(remaining > 0 && remaining <= 150, "{remaining}");
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(f.phase("b1"), "thawed-expired");
+    assert_eq!(f.calls.starting("thaw"), ["thaw q1 b1", "thaw q0 b1"]);
+    let c = f.backups.commit("b1").await.unwrap();
+    assert!(!c.committed);
+    assert!(c.reason.contains("lease expired after 150ms"), "{}", c.reason);
+    assert!(f.calls.starting("create").is_empty());
+    assert!(f.provider.held().is_empty());
+}
+
+#[tokio::test]
+async fn commit_checks_the_clock_before_the_timer_has_thawed() {
+    let f = check(1);
+    assert!(f.backups.prepare("b1", 100).await.unwrap().prepared);
+    // A slow cleanup of another backup holds the operations lock past the lease; the Commit
+    // queued before the timer must see the lease ran out by the clock alone.
+    f.provider.delete_delay(Duration::from_millis(300));
+    let cleanup = tokio::spawn({
+        let b = f.backups.clone();
+        async move { b.cleanup("b0").await.unwrap() }
+    });
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let c = f.backups.commit("b1").await.unwrap();
+    cleanup.await.unwrap();
+    assert!(!c.committed);
+    assert!(
+        c.reason.contains("lease expired after 100ms; thawed without a snapshot"),
+        "{}",
+        c.reason
+    );
+    assert!(f.calls.starting("create").is_empty());
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(f.calls.starting("thaw"), ["thaw q0 b1"], "thawed exactly once");
+    assert_eq!(f.phase("b1"), "thawed-expired");
+}
+
+#[tokio::test]
+async fn prepare_whose_lease_runs_out_while_quiescing_thaws_and_fails() {
+    let f = check(2);
+    f.quiescers[1].freeze_delay(Duration::from_millis(120));
+    let p = f.backups.prepare("b1", 50).await.unwrap();
+    assert!(!p.prepared);
+    assert!(p.reason.contains("ran out while quiescing"), "{}", p.reason);
+    assert_eq!(f.calls.starting("thaw"), ["thaw q1 b1", "thaw q0 b1"]);
+    assert_eq!(f.phase("b1"), "failed");
+}
+
+#[tokio::test]
+async fn commit_reports_held_snapshot_and_thaw_times() {
+    let f = check(1);
+    f.provider.create_delay(Duration::from_millis(60));
+    f.backups.prepare("b1", LEASE).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    let c = f.backups.commit("b1").await.unwrap();
+    assert!(c.snapshot_ms >= 60, "{c:?}");
+    assert!(c.held_ms >= 90 && c.held_ms >= c.snapshot_ms + c.thaw_ms, "{c:?}");
+}
+
+#[tokio::test]
+async fn prepare_reports_quiesce_and_freeze_time() {
+    let calls = Calls::default();
+    let app = FakeQuiescer::new("app", &calls);
+    let fs = FakeQuiescer::filesystem("fs", &calls);
+    app.freeze_delay(Duration::from_millis(40));
+    fs.freeze_delay(Duration::from_millis(20));
+    let quiescers: Vec<Arc<dyn Quiescer>> = vec![app, fs];
+    let backups = Backups::new("srv-a", vec!["data".into()], quiescers, FakeProvider::new(&calls));
+    let p = backups.prepare("b1", LEASE).await.unwrap();
+    assert!(p.freeze_ms >= 20 && p.freeze_ms < 40, "{p:?}");
+    assert!(p.quiesce_ms >= 60, "{p:?}");
+    let names: Vec<_> =
+        p.steps.iter().map(|s| (s.name.as_str(), s.action.as_str(), s.ok)).collect();
+    assert_eq!(names, [("app", "freeze", true), ("fs", "freeze", true)]);
+}
+
+#[tokio::test]
+async fn duplicate_commit_returns_the_same_snapshots_without_new_ones() {
+    let f = check(1);
+    f.backups.prepare("b1", LEASE).await.unwrap();
+    let first = f.backups.commit("b1").await.unwrap();
+    let second = f.backups.commit("b1").await.unwrap();
+    assert!(first.committed);
+    assert_eq!(first, second);
+    assert_eq!(f.calls.starting("create").len(), 1);
+    assert_eq!(f.calls.starting("thaw").len(), 1);
+}
+
+#[tokio::test]
+async fn commit_of_an_unknown_backup_is_refused() {
+    let f = check(1);
+    let c = f.backups.commit("nope").await.unwrap();
+    assert!(!c.committed);
+    assert!(c.reason.contains("unknown backup"), "{}", c.reason);
+    assert!(f.calls.all().is_empty());
+}
+
+#[tokio::test]
+async fn provider_failure_thaws_deletes_partial_snapshots_and_fails() {
+    let f = check(2);
+    f.provider.fail_create(Some("array offline"));
+    f.backups.prepare("b1", LEASE).await.unwrap();
+    let c = f.backups.commit("b1").await.unwrap();
+    assert!(!c.committed);
+    assert!(c.reason.contains("array offline"), "{}", c.reason);
+    assert_eq!(f.calls.all()[2..], ["create b1", "thaw q1 b1", "thaw q0 b1", "delete b1"]);
+    assert!(f.provider.held().is_empty(), "partial snapshot left: {:?}", f.provider.held());
+    assert_eq!(f.phase("b1"), "failed");
+    assert_eq!(f.backups.commit("b1").await.unwrap(), c);
+}
+
+#[tokio::test]
+async fn abort_thaws_a_frozen_backup_and_is_idempotent() {
+    let f = check(2);
+    f.backups.prepare("b1", LEASE).await.unwrap();
+    let a = f.backups.abort("b1", "operator").await.unwrap();
+    assert!(a.thawed);
+    assert_eq!(f.calls.starting("thaw"), ["thaw q1 b1", "thaw q0 b1"]);
+    assert_eq!(f.phase("b1"), "aborted");
+    let again = f.backups.abort("b1", "operator").await.unwrap();
+    assert!(!again.thawed);
+    assert_eq!(again.snapshots_deleted, 0);
+    assert_eq!(f.calls.starting("thaw").len(), 2);
+    let c = f.backups.commit("b1").await.unwrap();
+    assert!(!c.committed && c.reason.contains("aborted"), "{}", c.reason);
+}
+
+#[tokio::test]
+async fn abort_deletes_snapshots_of_a_committed_backup() {
+    let f = check(1);
+    f.backups.prepare("b1", LEASE).await.unwrap();
+    f.backups.commit("b1").await.unwrap();
+    let a = f.backups.abort("b1", "copy failed").await.unwrap();
+    assert!(!a.thawed);
+    assert_eq!(a.snapshots_deleted, 2);
+    assert!(f.provider.held().is_empty());
+    assert_eq!(f.phase("b1"), "aborted");
+}
+
+#[tokio::test]
+async fn abort_of_an_unknown_backup_is_ok_and_refuses_a_late_prepare() {
+    let f = check(1);
+    let a = f.backups.abort("b9", "listener gave up").await.unwrap();
+    assert!(!a.thawed);
+    assert_eq!(a.snapshots_deleted, 0);
+    let p = f.backups.prepare("b9", LEASE).await.unwrap();
+    assert!(!p.prepared && p.reason.contains("aborted"), "{}", p.reason);
+    assert!(f.calls.starting("freeze").is_empty());
+}
+
+#[tokio::test]
+async fn abort_racing_commit_has_exactly_one_outcome() {
+    for abort_first in [false, true] {
+        let f = check(2);
+        f.provider.create_delay(Duration::from_millis(50));
+        f.backups.prepare("b1", LEASE).await.unwrap();
+        let (b1, b2) = (f.backups.clone(), f.backups.clone());
+        let commit = tokio::spawn(async move { b1.commit("b1").await.unwrap() });
+        let abort = tokio::spawn(async move { b2.abort("b1", "race").await.unwrap() });
+        let (c, a) = if abort_first {
+            let a = abort.await.unwrap();
+            (commit.await.unwrap(), a)
+        } else {
+            (commit.await.unwrap(), abort.await.unwrap())
+        };
+        assert_eq!(f.calls.starting("thaw").len(), 2, "each quiescer thawed once");
+        assert!(f.provider.held().is_empty(), "nothing left snapshotted");
+        assert_eq!(f.phase("b1"), "aborted");
+        if c.committed {
+            assert_eq!(a.snapshots_deleted, 2);
+            assert!(!a.thawed);
+        } else {
+            assert!(a.thawed);
+            assert!(f.calls.starting("create").is_empty());
+        }
+    }
+}
+
+#[tokio::test]
+async fn cleanup_deletes_snapshots_and_is_idempotent() {
+    let f = check(1);
+    f.backups.prepare("b1", LEASE).await.unwrap();
+    f.backups.commit("b1").await.unwrap();
+    assert_eq!(f.backups.cleanup("b1").await.unwrap().snapshots_deleted, 2);
+    assert_eq!(f.phase("b1"), "cleaned");
+    assert_eq!(f.backups.cleanup("b1").await.unwrap().snapshots_deleted, 0);
+    assert_eq!(f.phase("b1"), "cleaned");
+    assert_eq!(f.backups.cleanup("b-unknown").await.unwrap().snapshots_deleted, 0);
+}
+
+#[tokio::test]
+async fn cleanup_that_cannot_delete_is_an_error_naming_the_backup() {
+    let f = check(1);
+    f.provider.fail_delete(Some("disk gone"));
+    let err = f.backups.cleanup("b1").await.unwrap_err().to_string();
+    assert!(err.contains("b1") && err.contains("disk gone"), "{err}");
+}
+
+#[tokio::test]
+async fn shutdown_thaws_every_frozen_backup() {
+    let f = check(2);
+    f.backups.prepare("b1", LEASE).await.unwrap();
+    f.backups.shutdown().await;
+    assert_eq!(f.calls.starting("thaw"), ["thaw q1 b1", "thaw q0 b1"]);
+    assert_eq!(f.phase("b1"), "failed");
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    assert_eq!(f.calls.starting("thaw").len(), 2);
+}
+
+#[tokio::test]
+async fn finished_backups_are_remembered_up_to_a_bound() {
+    let f = check(1);
+    for i in 0..KEEP_FINISHED + 20 {
+        f.backups.abort(&format!("b{i}"), "test").await.unwrap();
+    }
+    let status = f.backups.status();
+    assert_eq!(status.len(), KEEP_FINISHED);
+    assert_eq!(status[0].backup_id, "b20");
+}

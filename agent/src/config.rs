@@ -1,0 +1,246 @@
+//! The agent's TOML config: which server it is, where it listens, its certificates, the
+//! quiescers to run in order, and the snapshot provider. `validate()` reports every problem at
+//! once, one line each naming the field; nothing here acts on the system.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use stillpoint_core::tls::TlsFiles;
+use stillpoint_core::validate_name;
+
+use crate::{Error, Result};
+
+/// The shortest lease a Prepare may ask for, in milliseconds.
+pub const MIN_LEASE_MS: u64 = 1000;
+
+/// One agent's configuration, passed explicitly to [`crate::run`].
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// This server's name, as the listener and the certificates know it.
+    pub server: String,
+    /// Address to listen on, e.g. `0.0.0.0:7501`.
+    pub listen: String,
+    /// Prepare is refused when it asks for a lease outside `MIN_LEASE_MS..=max_lease_ms`.
+    #[serde(default = "default_max_lease_ms")]
+    pub max_lease_ms: u64,
+    /// What the provider snapshots: LUN names for mock-san, subvolume paths for btrfs.
+    pub volumes: Vec<String>,
+    pub tls: TlsFiles,
+    /// Quiescers, frozen in this order and thawed in reverse.
+    #[serde(default, rename = "quiescer")]
+    pub quiescers: Vec<QuiescerConfig>,
+    pub snapshot: SnapshotConfig,
+}
+
+fn default_max_lease_ms() -> u64 {
+    60_000
+}
+
+fn default_timeout_ms() -> u64 {
+    30_000
+}
+
+/// One `[[quiescer]]` table, by `kind`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case", deny_unknown_fields)]
+pub enum QuiescerConfig {
+    /// Runs a command before the freeze and another after the thaw.
+    Exec {
+        name: String,
+        #[serde(default)]
+        pre_freeze: Option<Vec<String>>,
+        #[serde(default)]
+        post_thaw: Option<Vec<String>>,
+        #[serde(default = "default_timeout_ms")]
+        timeout_ms: u64,
+    },
+    /// Freezes the filesystem mounted at `mount` (FIFREEZE).
+    Fsfreeze { mount: PathBuf },
+}
+
+impl QuiescerConfig {
+    /// The name steps and reasons use for this quiescer.
+    pub fn name(&self) -> String {
+        match self {
+            QuiescerConfig::Exec { name, .. } => name.clone(),
+            QuiescerConfig::Fsfreeze { mount } => format!("fsfreeze {}", mount.display()),
+        }
+    }
+}
+
+/// The `[snapshot]` table, by `provider`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(tag = "provider", rename_all = "kebab-case", deny_unknown_fields)]
+pub enum SnapshotConfig {
+    /// The mock SAN array in `array`; LUNs are `luns/<server>/<volume>.lun`.
+    MockSan { array: PathBuf },
+    /// btrfs read-only snapshots at `<snapshot_dir>/<backup_id>/<basename of volume>`.
+    Btrfs { snapshot_dir: PathBuf },
+}
+
+impl Config {
+    /// Reads and parses a config file; does not validate it.
+    pub fn load(path: &Path) -> Result<Config> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| Error::Config { path: path.into(), reason: e.to_string() })?;
+        Config::parse(&text).map_err(|reason| Error::Config { path: path.into(), reason })
+    }
+
+    /// Parses config text; the error is toml's message, which names the line and field.
+    pub fn parse(text: &str) -> Result<Config, String> {
+        toml::from_str(text).map_err(|e| e.to_string().trim_end().to_string())
+    }
+
+    /// Every problem with this config, one line each naming the field; empty when it is usable.
+    /// Checks files and directories exist, but changes nothing.
+    pub fn problems(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        if let Err(e) = validate_name("server", &self.server) {
+            out.push(format!("server: {e}"));
+        }
+        if let Err(e) = self.listen.parse::<SocketAddr>() {
+            out.push(format!("listen: {:?} is not an address like 0.0.0.0:7501: {e}", self.listen));
+        }
+        if self.max_lease_ms < MIN_LEASE_MS {
+            out.push(format!(
+                "max_lease_ms: {} is below the minimum {MIN_LEASE_MS}",
+                self.max_lease_ms
+            ));
+        }
+        if self.volumes.is_empty() {
+            out.push("volumes: list at least one volume to snapshot".into());
+        }
+        out.extend(self.tls.problems("tls"));
+        self.quiescer_problems(&mut out);
+        self.snapshot_problems(&mut out);
+        out
+    }
+
+    /// Like [`Config::problems`], as an error when there are any.
+    pub fn validate(&self) -> Result<()> {
+        let problems = self.problems();
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(Error::Invalid(problems))
+        }
+    }
+
+    fn quiescer_problems(&self, out: &mut Vec<String>) {
+        let mut names = HashSet::new();
+        for (i, q) in self.quiescers.iter().enumerate() {
+            let at = format!("quiescer[{i}]");
+            if !names.insert(q.name()) {
+                out.push(format!("{at}: {:?} appears twice", q.name()));
+            }
+            match q {
+                QuiescerConfig::Exec { name, pre_freeze, post_thaw, timeout_ms } => {
+                    if let Err(e) = validate_name("quiescer name", name) {
+                        out.push(format!("{at}.name: {e}"));
+                    }
+                    if pre_freeze.is_none() && post_thaw.is_none() {
+                        out.push(format!(
+                            "{at}: exec quiescer {name} has neither pre_freeze nor post_thaw"
+                        ));
+                    }
+                    for (field, argv) in [("pre_freeze", pre_freeze), ("post_thaw", post_thaw)] {
+                        if argv.as_ref().is_some_and(|a| a.is_empty() || a[0].is_empty()) {
+                            out.push(format!("{at}.{field}: give the program and its arguments, e.g. [\"/bin/sh\", \"-c\", \"...\"]"));
+                        }
+                    }
+                    if *timeout_ms == 0 {
+                        out.push(format!("{at}.timeout_ms: must be above 0"));
+                    }
+                }
+                QuiescerConfig::Fsfreeze { mount } => {
+                    if !mount.is_absolute() {
+                        out.push(format!(
+                            "{at}.mount: {} is not an absolute path",
+                            mount.display()
+                        ));
+                    } else if !mount.is_dir() {
+                        out.push(format!("{at}.mount: {} is not a directory", mount.display()));
+                    }
+                }
+            }
+        }
+    }
+
+    fn snapshot_problems(&self, out: &mut Vec<String>) {
+        match &self.snapshot {
+            SnapshotConfig::MockSan { array } => {
+                for (i, v) in self.volumes.iter().enumerate() {
+                    if let Err(e) = validate_name("volume", v) {
+                        out.push(format!("volumes[{i}]: {e}"));
+                    }
+                }
+                match stillpoint_core::san::Array::open(array) {
+                    Err(e) => out.push(format!("snapshot.array: {e}")),
+                    Ok(a) => {
+                        for v in &self.volumes {
+                            match a.lun_path(&self.server, v) {
+                                Ok(p) if !p.is_file() => out.push(format!(
+                                    "volumes: LUN {v} of server {} does not exist at {}",
+                                    self.server,
+                                    p.display()
+                                )),
+                                _ => {}
+                            }
+                        }
+                    }
+                }
+            }
+            SnapshotConfig::Btrfs { snapshot_dir } => {
+                if !snapshot_dir.is_absolute() || !snapshot_dir.is_dir() {
+                    out.push(format!(
+                        "snapshot.snapshot_dir: {} is not an existing absolute directory",
+                        snapshot_dir.display()
+                    ));
+                }
+                let mut bases = HashSet::new();
+                for (i, v) in self.volumes.iter().enumerate() {
+                    let path = Path::new(v);
+                    let base = path.file_name().and_then(|b| b.to_str()).unwrap_or_default();
+                    if !path.is_absolute() || !path.is_dir() {
+                        out.push(format!("volumes[{i}]: {v} is not an existing absolute directory (a btrfs subvolume)"));
+                    } else if let Err(e) = validate_name("volume basename", base) {
+                        out.push(format!("volumes[{i}]: {e}"));
+                    } else if !bases.insert(base.to_string()) {
+                        out.push(format!("volumes[{i}]: another volume is also named {base}; snapshots are named by basename"));
+                    }
+                }
+                // A btrfs snapshot of a frozen btrfs waits for the thaw that waits for it.
+                let frozen: Vec<(u64, &Path)> = self
+                    .quiescers
+                    .iter()
+                    .filter_map(|q| match q {
+                        QuiescerConfig::Fsfreeze { mount } => Some(mount.as_path()),
+                        QuiescerConfig::Exec { .. } => None,
+                    })
+                    .filter_map(|m| Some((std::fs::metadata(m).ok()?.dev(), m)))
+                    .collect();
+                let paths = std::iter::once(("snapshot.snapshot_dir", snapshot_dir.as_path()))
+                    .chain(self.volumes.iter().map(|v| ("volumes", Path::new(v.as_str()))));
+                for (field, path) in paths {
+                    let Ok(meta) = std::fs::metadata(path) else { continue };
+                    for (dev, mount) in &frozen {
+                        if meta.dev() == *dev {
+                            out.push(format!(
+                                "{field}: {} is on the filesystem that fsfreeze {} freezes; a btrfs snapshot there would deadlock (btrfs snapshots are consistent without fsfreeze)",
+                                path.display(),
+                                mount.display()
+                            ));
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,163 @@
+//! The exec quiescer: runs an application's own command before the freeze (flush and hold) and
+//! another after the thaw (resume), each under a timeout that kills it. Commands see
+//! STILLPOINT_BACKUP_ID, STILLPOINT_SERVER and STILLPOINT_PHASE in their environment.
+
+use std::io::Read;
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, Context};
+
+use super::Quiescer;
+
+/// How much of a failed command's stderr goes into the error.
+const STDERR_TAIL: usize = 400;
+
+/// Runs `pre_freeze` on freeze and `post_thaw` on thaw.
+pub struct Exec {
+    name: String,
+    server: String,
+    pre_freeze: Option<Vec<String>>,
+    post_thaw: Option<Vec<String>>,
+    timeout: Duration,
+    /// The backup whose freeze ran and whose thaw has not yet succeeded.
+    frozen_for: Mutex<Option<String>>,
+}
+
+impl Exec {
+    pub fn new(
+        name: String,
+        server: &str,
+        pre_freeze: Option<Vec<String>>,
+        post_thaw: Option<Vec<String>>,
+        timeout: Duration,
+    ) -> Exec {
+        Exec {
+            name,
+            server: server.to_string(),
+            pre_freeze,
+            post_thaw,
+            timeout,
+            frozen_for: Mutex::new(None),
+        }
+    }
+
+    /// Runs `argv` to completion or until the timeout kills it; returns the last stdout line.
+    fn run(&self, phase: &str, argv: &[String], backup_id: &str) -> anyhow::Result<String> {
+        let (program, args) =
+            argv.split_first().ok_or_else(|| anyhow!("{phase}: empty command"))?;
+        let mut child = Command::new(program)
+            .args(args)
+            .env("STILLPOINT_BACKUP_ID", backup_id)
+            .env("STILLPOINT_SERVER", &self.server)
+            .env("STILLPOINT_PHASE", phase)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("{phase}: start {program}"))?;
+        let stdout = tail_of(child.stdout.take());
+        let stderr = tail_of(child.stderr.take());
+        let started = Instant::now();
+        let mut nap = Duration::from_millis(1);
+        let status = loop {
+            if let Some(status) = child.try_wait().with_context(|| format!("{phase}: wait"))? {
+                break status;
+            }
+            if started.elapsed() >= self.timeout {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(anyhow!(
+                    "{phase}: {program} timed out after {}ms and was killed{}",
+                    self.timeout.as_millis(),
+                    stderr_suffix(&collect(&stderr))
+                ));
+            }
+            std::thread::sleep(nap);
+            nap = (nap * 2).min(Duration::from_millis(20));
+        };
+        if !status.success() {
+            return Err(anyhow!(
+                "{phase}: {program} failed with {status}{}",
+                stderr_suffix(&collect(&stderr))
+            ));
+        }
+        let out = collect(&stdout);
+        let last = out.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("").trim();
+        Ok(if last.is_empty() {
+            format!("{phase} ok in {}ms", started.elapsed().as_millis())
+        } else {
+            format!("{phase} ok in {}ms: {last}", started.elapsed().as_millis())
+        })
+    }
+}
+
+impl Quiescer for Exec {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn freeze(&self, backup_id: &str) -> anyhow::Result<String> {
+        let detail = match &self.pre_freeze {
+            Some(argv) => self.run("pre-freeze", argv, backup_id)?,
+            None => "no pre_freeze command".to_string(),
+        };
+        *self.frozen_for.lock().unwrap_or_else(|p| p.into_inner()) = Some(backup_id.to_string());
+        Ok(detail)
+    }
+
+    fn thaw(&self, backup_id: &str) -> anyhow::Result<()> {
+        let mut frozen_for = self.frozen_for.lock().unwrap_or_else(|p| p.into_inner());
+        if frozen_for.as_deref() != Some(backup_id) {
+            return Ok(());
+        }
+        if let Some(argv) = &self.post_thaw {
+            self.run("post-thaw", argv, backup_id)?;
+        }
+        *frozen_for = None;
+        Ok(())
+    }
+}
+
+/// Reads a pipe to its end on a thread, keeping only the last bytes.
+fn tail_of<R: Read + Send + 'static>(pipe: Option<R>) -> mpsc::Receiver<Vec<u8>> {
+    let (tx, rx) = mpsc::channel();
+    if let Some(mut pipe) = pipe {
+        std::thread::spawn(move || {
+            let mut tail = Vec::new();
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = pipe.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                tail.extend_from_slice(&buf[..n]);
+                if tail.len() > 2 * STDERR_TAIL {
+                    tail.drain(..tail.len() - STDERR_TAIL);
+                }
+            }
+            let _ = tx.send(tail);
+        });
+    }
+    rx
+}
+
+/// What a reader thread kept; a grandchild still holding the pipe open does not block us long.
+fn collect(rx: &mpsc::Receiver<Vec<u8>>) -> String {
+    let tail = rx.recv_timeout(Duration::from_millis(500)).unwrap_or_default();
+    let start = tail.len().saturating_sub(STDERR_TAIL);
+    String::from_utf8_lossy(&tail[start..]).into_owned()
+}
+
+fn stderr_suffix(stderr: &str) -> String {
+    let stderr = stderr.trim();
+    if stderr.is_empty() {
+        String::new()
+    } else {
+        format!("; stderr: {stderr}")
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,52 @@
+//! Quiescers: what makes one application (or filesystem) safe to snapshot and lets it go again.
+//! One file per kind; the operations in `backups` call them in config order and thaw in reverse.
+
+use std::sync::Arc;
+
+use crate::config::{Config, QuiescerConfig};
+
+pub mod exec;
+pub mod fsfreeze;
+
+/// Makes one application or filesystem hold still for a snapshot.
+///
+/// Contract: methods are synchronous and may block (the caller runs them on a blocking thread);
+/// `freeze` returns only once the thing is quiesced, with a one-line detail for the step report,
+/// or an error saying what failed (the caller adds which quiescer). `thaw` undoes this
+/// quiescer's own `freeze` for that backup and must be safe to call again, after a failed
+/// `freeze` or with nothing frozen: then it does nothing and returns `Ok`. A quiescer never thaws
+/// what another process froze, and never writes into a filesystem it has frozen.
+pub trait Quiescer: Send + Sync {
+    /// The name used in step reports and failure reasons, unique within one agent.
+    fn name(&self) -> &str;
+    /// True when `freeze` stops a filesystem's writes (its time counts as `freeze_ms`).
+    fn freezes_filesystem(&self) -> bool {
+        false
+    }
+    fn freeze(&self, backup_id: &str) -> anyhow::Result<String>;
+    fn thaw(&self, backup_id: &str) -> anyhow::Result<()>;
+}
+
+/// Builds the configured quiescers, in config order.
+pub fn build(config: &Config) -> Vec<Arc<dyn Quiescer>> {
+    config
+        .quiescers
+        .iter()
+        .map(|q| -> Arc<dyn Quiescer> {
+            match q {
+                QuiescerConfig::Exec { name, pre_freeze, post_thaw, timeout_ms } => {
+                    Arc::new(exec::Exec::new(
+                        name.clone(),
+                        &config.server,
+                        pre_freeze.clone(),
+                        post_thaw.clone(),
+                        std::time::Duration::from_millis(*timeout_ms),
+                    ))
+                }
+                QuiescerConfig::Fsfreeze { mount } => {
+                    Arc::new(fsfreeze::FsFreeze::new(q.name(), mount.clone()))
+                }
+            }
+        })
+        .collect()
+}

@@ -1,0 +1,71 @@
+//! The mock SAN provider: snapshots this server's LUNs in a `stillpoint_core::san::Array`. The
+//! volume is the LUN name and the locator is the snapshot file's path.
+
+use std::path::Path;
+
+use anyhow::Context;
+use stillpoint_core::san::Array;
+use stillpoint_proto::Snapshot;
+
+use super::SnapshotProvider;
+
+const KIND: &str = "mock-san";
+
+/// One server's view of a mock SAN array.
+pub struct MockSan {
+    array: Array,
+    server: String,
+}
+
+impl MockSan {
+    pub fn open(root: &Path, server: &str) -> crate::Result<MockSan> {
+        Ok(MockSan { array: Array::open(root)?, server: server.to_string() })
+    }
+}
+
+impl SnapshotProvider for MockSan {
+    fn kind(&self) -> &'static str {
+        KIND
+    }
+
+    fn create(&self, backup_id: &str, volumes: &[String]) -> anyhow::Result<Vec<Snapshot>> {
+        volumes
+            .iter()
+            .map(|lun| {
+                let (snap, _) = self
+                    .array
+                    .snapshot(backup_id, &self.server, lun)
+                    .with_context(|| format!("snapshot LUN {}/{lun}", self.server))?;
+                Ok(Snapshot {
+                    volume: lun.clone(),
+                    provider: KIND.into(),
+                    locator: snap.path.display().to_string(),
+                    size_bytes: snap.size_bytes,
+                })
+            })
+            .collect()
+    }
+
+    fn delete(&self, backup_id: &str) -> anyhow::Result<u32> {
+        self.array
+            .delete_snapshots(backup_id, &self.server)
+            .with_context(|| format!("delete snapshots of backup {backup_id}"))
+    }
+
+    fn list(&self) -> anyhow::Result<Vec<(String, Snapshot)>> {
+        let snaps = self.array.snapshots(None).context("list snapshots")?;
+        Ok(snaps
+            .into_iter()
+            .filter(|s| s.server == self.server)
+            .map(|s| {
+                let snap = Snapshot {
+                    volume: s.lun,
+                    provider: KIND.into(),
+                    locator: s.path.display().to_string(),
+                    size_bytes: s.size_bytes,
+                };
+                (s.backup_id, snap)
+            })
+            .collect())
+    }
+}

@@ -1,0 +1,91 @@
+//! The `stillpoint-agent` binary itself: a bad config exits 2 naming every problem; a good one
+//! serves until SIGTERM, thaws what it froze, and exits 0.
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use stillpoint_core::san::Array;
+use stillpoint_proto::{PrepareRequest, StatusRequest};
+
+use crate::support::{run, Certs};
+
+const BIN: &str = env!("CARGO_BIN_EXE_stillpoint-agent");
+
+#[test]
+fn a_bad_config_exits_2_naming_every_problem() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("agent.toml");
+    std::fs::write(
+        &path,
+        "server = \"../x\"\nlisten = \"nope\"\nvolumes = []\ntls = { ca = \"/a\", cert = \"/b\", key = \"/c\" }\n[snapshot]\nprovider = \"mock-san\"\narray = \"/nonexistent\"\n",
+    )
+    .unwrap();
+    let out = Command::new(BIN).arg("--config").arg(&path).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    for field in ["server:", "listen:", "volumes:", "tls.ca:", "snapshot.array:"] {
+        assert!(stderr.contains(field), "no {field} in {stderr}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_binary_serves_until_sigterm_and_thaws_on_the_way_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let certs = Certs::new("srv-a");
+    let array = Array::init(&dir.path().join("array")).unwrap();
+    array.create_lun("srv-a", "data", 1 << 20).unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let tls = certs.files("srv-a");
+    let marker = |suffix: &str| {
+        let script = format!(
+            "echo \"$STILLPOINT_BACKUP_ID $STILLPOINT_SERVER $STILLPOINT_PHASE\" > {}/app.{suffix}",
+            dir.path().display()
+        );
+        Some(vec!["/bin/sh".to_string(), "-c".to_string(), script])
+    };
+    let (pre_freeze, post_thaw) = (marker("pre"), marker("post"));
+    let quote = |argv: Option<Vec<String>>| format!("{:?}", argv.unwrap());
+    let config = format!(
+        "server = \"srv-a\"\nlisten = \"127.0.0.1:{port}\"\nvolumes = [\"data\"]\n\
+         [tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\n\
+         [[quiescer]]\nkind = \"exec\"\nname = \"app\"\npre_freeze = {}\npost_thaw = {}\n\
+         [snapshot]\nprovider = \"mock-san\"\narray = {:?}\n",
+        tls.ca,
+        tls.cert,
+        tls.key,
+        quote(pre_freeze),
+        quote(post_thaw),
+        array.root()
+    );
+    let path = dir.path().join("agent.toml");
+    std::fs::write(&path, config).unwrap();
+    let mut child = Command::new(BIN)
+        .arg("--config")
+        .arg(&path)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+
+    let channel = stillpoint_core::tls::channel(
+        &format!("https://127.0.0.1:{port}"),
+        "srv-a",
+        &certs.files("listener"),
+        Duration::from_secs(5),
+    )
+    .unwrap();
+    let mut client = stillpoint_proto::agent_client::AgentClient::new(channel);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while let Err(e) = client.status(StatusRequest {}).await {
+        assert!(Instant::now() < deadline, "agent never answered: {e}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let p = client.prepare(PrepareRequest { backup_id: "b1".into(), lease_ms: 60_000 }).await;
+    assert!(p.unwrap().into_inner().prepared);
+
+    run("kill", &["-TERM", &child.id().to_string()]);
+    let status = child.wait().unwrap();
+    assert!(status.success(), "{status}");
+    let post = std::fs::read_to_string(dir.path().join("app.post")).unwrap();
+    assert_eq!(post.trim(), "b1 srv-a post-thaw");
+}

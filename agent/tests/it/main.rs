@@ -1,0 +1,7 @@
+//! The agent's integration tests: the real gRPC service in-process over loopback mutual TLS,
+//! on the mock SAN and on real XFS and btrfs loop filesystems. One binary, a module per area.
+
+mod bin;
+mod fs;
+mod grpc;
+mod support;
