@@ -1,5 +1,5 @@
 //! The only unsafe code in stillpoint: thin wrappers over the Linux ioctls we need (FIFREEZE,
-//! FITHAW, FICLONE). Each wrapper returns the raw `io::Error` so callers can tell EBUSY (someone
+//! FITHAW, FICLONE) and the SEEK_DATA/SEEK_HOLE lseek. Each wrapper returns the raw `io::Error` so callers can tell EBUSY (someone
 //! else's freeze) and EINVAL (not frozen) apart.
 #![allow(unsafe_code)]
 
@@ -30,6 +30,34 @@ pub fn freeze(mount: &File) -> io::Result<()> {
 pub fn thaw(mount: &File) -> io::Result<()> {
     // SAFETY: as for `freeze`.
     check(unsafe { libc::ioctl(mount.as_raw_fd(), FITHAW as _, 0) })
+}
+
+/// The next offset at or after `from` that holds data (SEEK_DATA), or `None` past the last
+/// data. Filesystems without hole tracking report everything as data.
+pub fn next_data(file: &File, from: u64) -> io::Result<Option<u64>> {
+    seek(file, from, libc::SEEK_DATA)
+}
+
+/// The next hole at or after `from` (SEEK_HOLE); the end of the file counts as a hole.
+pub fn next_hole(file: &File, from: u64) -> io::Result<Option<u64>> {
+    seek(file, from, libc::SEEK_HOLE)
+}
+
+fn seek(file: &File, from: u64, whence: libc::c_int) -> io::Result<Option<u64>> {
+    let from =
+        libc::off_t::try_from(from).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    // SAFETY: lseek on a valid fd has no memory-safety preconditions; the fd's offset is not
+    // used by our readers, which read at explicit offsets.
+    let at = unsafe { libc::lseek(file.as_raw_fd(), from, whence) };
+    if at >= 0 {
+        return Ok(u64::try_from(at).ok());
+    }
+    let err = io::Error::last_os_error();
+    if err.raw_os_error() == Some(libc::ENXIO) {
+        Ok(None)
+    } else {
+        Err(err)
+    }
 }
 
 /// Makes `dst` share `src`'s extents (a reflink clone). EOPNOTSUPP/EXDEV/EINVAL: not possible here.

@@ -566,34 +566,28 @@ impl Coordinator {
 
 /// Every server was frozen at one common instant iff every *prepared* reply arrived before the
 /// first Commit was sent: then all were frozen throughout `[last prepared, first commit sent]`.
+/// Offsets in the text are from the first Prepare sent, on the listener's clock.
 pub fn judge_cut(record: &BackupRecord) -> CutVerdict {
     let prepared: Vec<Millis> = record.servers.iter().filter_map(|s| s.cut.prepared).collect();
     let commits: Vec<Millis> = record.servers.iter().filter_map(|s| s.cut.commit_sent).collect();
     if prepared.len() != record.servers.len() || commits.len() != record.servers.len() {
-        return CutVerdict {
-            consistent: false,
-            text: "incomplete: not every server prepared and was sent commit".into(),
-        };
+        let text = "incomplete: not every server prepared and was sent commit".to_string();
+        return CutVerdict { consistent: false, text };
     }
-    let last_prepared = prepared.iter().copied().max().unwrap_or_default();
-    let first_commit = commits.iter().copied().min().unwrap_or_default();
+    let origin = record.servers.iter().filter_map(|s| s.cut.prepare_sent).min().unwrap_or_default();
+    let last_prepared = prepared.iter().copied().max().unwrap_or_default() - origin;
+    let first_commit = commits.iter().copied().min().unwrap_or_default() - origin;
+    let n = record.servers.len();
     if last_prepared <= first_commit {
-        CutVerdict {
-            consistent: true,
-            text: format!(
-                "consistent: all {} servers were frozen together for at least {}ms (last prepared before first commit sent)",
-                record.servers.len(),
-                first_commit - last_prepared
-            ),
-        }
+        let text = format!(
+            "all {n} servers were frozen at one instant: the last prepared reply came at +{last_prepared}ms, before the first commit was sent at +{first_commit}ms"
+        );
+        CutVerdict { consistent: true, text }
     } else {
-        CutVerdict {
-            consistent: false,
-            text: format!(
-                "NOT consistent: a commit was sent {}ms before the last server prepared",
-                last_prepared - first_commit
-            ),
-        }
+        let text = format!(
+            "a commit was sent at +{first_commit}ms, before the last server prepared at +{last_prepared}ms"
+        );
+        CutVerdict { consistent: false, text }
     }
 }
 

@@ -6,7 +6,6 @@
 //! states, only about files.
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -267,23 +266,36 @@ impl Array {
     }
 }
 
-/// Copies `size` bytes, leaving holes where the source reads as zeros.
+/// Copies `size` bytes, leaving holes where the source has holes (found with SEEK_DATA, so a
+/// mostly empty LUN copies in milliseconds) or reads as zeros.
 fn sparse_copy(src: &File, dst: &File, size: u64) -> std::io::Result<()> {
-    const BLOCK: usize = 1 << 20;
-    let mut buf = vec![0u8; BLOCK];
-    let (mut src, mut dst) = (src, dst);
-    src.seek(SeekFrom::Start(0))?;
+    use std::os::unix::fs::FileExt;
+    const BLOCK: u64 = 1 << 20;
+    let mut buf = vec![0u8; BLOCK as usize];
     let mut offset = 0u64;
     while offset < size {
-        let want = usize::try_from((size - offset).min(BLOCK as u64)).expect("block fits in usize");
-        src.read_exact(&mut buf[..want])?;
-        if buf[..want].iter().any(|&b| b != 0) {
-            dst.seek(SeekFrom::Start(offset))?;
-            dst.write_all(&buf[..want])?;
+        let Some(data) = crate::sys::next_data(src, offset)? else { break };
+        let end = crate::sys::next_hole(src, data)?.unwrap_or(size).min(size);
+        let mut at = data;
+        while at < end {
+            let len = usize::try_from((end - at).min(BLOCK)).expect("block fits in usize");
+            src.read_exact_at(&mut buf[..len], at)?;
+            if !is_zero(&buf[..len]) {
+                dst.write_all_at(&buf[..len], at)?;
+            }
+            at += len as u64;
         }
-        offset += want as u64;
+        offset = end;
     }
     dst.set_len(size)
+}
+
+/// Sixteen bytes at a time: this loop is the copy's hot path for preallocated LUNs.
+fn is_zero(bytes: &[u8]) -> bool {
+    let words = bytes.chunks_exact(16);
+    let tail_is_zero = words.remainder().iter().all(|&b| b == 0);
+    tail_is_zero
+        && words.map(|w| u128::from_ne_bytes(w.try_into().expect("16-byte chunk"))).all(|w| w == 0)
 }
 
 fn sync_dir(dir: &Path) -> Result<()> {
