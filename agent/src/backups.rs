@@ -1,7 +1,9 @@
 //! The agent's table of backups and the operations on it: Prepare, Commit, Abort, Cleanup,
 //! the lease timer and the thaw on shutdown. One tokio mutex serializes every operation, so an
 //! Abort racing a Commit has exactly one outcome; each operation runs in its own task, so a
-//! dropped RPC never leaves a freeze half done. No gRPC here: `service` maps requests to calls.
+//! dropped RPC never leaves a freeze half done. Each quiescer's thaw action is armed (journal and
+//! guardian, see `armed`) before it freezes, and taken back before the agent thaws it itself.
+//! No gRPC here: `service` maps requests to calls.
 
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -13,6 +15,8 @@ use stillpoint_proto::{
 use tokio::task::AbortHandle;
 use tracing::{error, info, warn, Instrument};
 
+use crate::armed::Armed;
+use crate::guardian::Outcome;
 use crate::lease::Lease;
 use crate::quiesce::Quiescer;
 use crate::snapshot::SnapshotProvider;
@@ -131,6 +135,8 @@ struct Inner {
     volumes: Vec<String>,
     quiescers: Vec<Arc<dyn Quiescer>>,
     provider: Arc<dyn SnapshotProvider>,
+    /// The guardian and journal; behind a std mutex, used only on blocking threads.
+    armed: Arc<Mutex<Armed>>,
     /// Zero of the monotonic milliseconds that leases are measured in.
     origin: Instant,
     /// Held for the whole of every operation.
@@ -170,12 +176,14 @@ fn not_committed(reason: String) -> CommitResponse {
 }
 
 impl Backups {
-    /// A table for `server` that freezes `quiescers` in order and snapshots `volumes`.
+    /// A table for `server` that freezes `quiescers` in order and snapshots `volumes`, arming
+    /// every thaw with `armed` first.
     pub fn new(
         server: &str,
         volumes: Vec<String>,
         quiescers: Vec<Arc<dyn Quiescer>>,
         provider: Arc<dyn SnapshotProvider>,
+        armed: Armed,
     ) -> Backups {
         Backups {
             inner: Arc::new(Inner {
@@ -183,6 +191,7 @@ impl Backups {
                 volumes,
                 quiescers,
                 provider,
+                armed: Arc::new(Mutex::new(armed)),
                 origin: Instant::now(),
                 ops: tokio::sync::Mutex::new(()),
                 table: Mutex::new(Table::default()),
@@ -266,11 +275,68 @@ impl Backups {
             .collect()
     }
 
-    /// Thaws every frozen backup and marks it failed; for the daemon's shutdown.
+    /// Like [`Backups::status`], plus an "orphan" entry for every backup the provider holds
+    /// snapshots of but the table does not know (e.g. from before a restart), so the listener
+    /// can Abort them.
+    pub async fn report(&self) -> Vec<AgentBackup> {
+        let mut out = self.status();
+        let provider = self.inner.provider.clone();
+        let held = match blocking(move || provider.list()).await {
+            Ok(held) => held,
+            Err(e) => {
+                warn!(error = %format!("{e:#}"), "list snapshots for status");
+                return out;
+            }
+        };
+        for (backup, snapshot) in held {
+            if out.iter().any(|b| b.backup_id == backup && b.phase != "orphan") {
+                continue;
+            }
+            match out.iter_mut().find(|b| b.backup_id == backup) {
+                Some(b) => b.snapshots.push(snapshot),
+                None => out.push(AgentBackup {
+                    backup_id: backup,
+                    phase: "orphan".into(),
+                    lease_remaining_ms: 0,
+                    snapshots: vec![snapshot],
+                    detail: "snapshots of a backup this agent does not know (from before a restart?); Abort deletes them".into(),
+                }),
+            }
+        }
+        out
+    }
+
+    /// Makes sure a guardian runs, respawning it if it died. For a watch task in `run`.
+    pub async fn check_guardian(&self) {
+        let result = self.inner.with_armed(|a| a.ensure()).await;
+        if let Err(e) = result {
+            error!(error = %e, "no freeze guardian is running");
+        }
+    }
+
+    /// The guardian's pid, when it runs.
+    pub async fn guardian_pid(&self) -> Option<u32> {
+        self.inner.with_armed(|a| Ok(a.guardian_pid())).await.ok().flatten()
+    }
+
+    /// Thaws every frozen backup and marks it failed, then stops the guardian (each backup was
+    /// released first, so it runs nothing twice); for the daemon's shutdown.
     pub async fn shutdown(&self) {
         let inner = self.inner.clone();
         let span = tracing::info_span!("shutdown", server = %inner.server);
-        let _ = tokio::spawn(async move { inner.thaw_everything().await }.instrument(span)).await;
+        let _ = tokio::spawn(
+            async move {
+                inner.thaw_everything().await;
+                let _ = inner
+                    .with_armed(|a| {
+                        a.close();
+                        Ok(())
+                    })
+                    .await;
+            }
+            .instrument(span),
+        )
+        .await;
     }
 }
 
@@ -281,6 +347,35 @@ impl Inner {
 
     fn table(&self) -> MutexGuard<'_, Table> {
         self.table.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Runs `f` on the armed state off the async threads.
+    async fn with_armed<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Armed) -> Result<T, String> + Send + 'static,
+    ) -> Result<T, String> {
+        let armed = self.armed.clone();
+        let span = tracing::Span::current();
+        tokio::task::spawn_blocking(move || {
+            span.in_scope(|| f(&mut armed.lock().unwrap_or_else(|p| p.into_inner())))
+        })
+        .await
+        .unwrap_or_else(|e| Err(format!("guardian call died: {e}")))
+    }
+
+    /// Arms quiescer `q`'s thaw action for `id` (journal, then guardian) before it freezes.
+    async fn arm(&self, id: &str, lease: Lease, q: &Arc<dyn Quiescer>) -> anyhow::Result<String> {
+        let (q2, id2) = (q.clone(), id.to_string());
+        let Some(action) = blocking(move || q2.thaw_action(&id2)).await? else {
+            return Ok("nothing to arm".into());
+        };
+        let deadline = self.origin + Duration::from_millis(lease.expires_at());
+        let (id2, key) = (id.to_string(), q.name().to_string());
+        let what = action.done(&key);
+        self.with_armed(move |a| a.arm(&id2, deadline, &key, action))
+            .await
+            .map_err(|e| anyhow::anyhow!(e))?;
+        Ok(format!("armed: the guardian {what} if the agent cannot"))
     }
 
     async fn prepare(self: &Arc<Self>, id: &str, lease: Lease) -> PrepareResponse {
@@ -300,11 +395,31 @@ impl Inner {
             }
             table.entry(id, || Phase::Preparing);
         }
+        if let Err(e) = self.with_armed(|a| a.ensure()).await {
+            let reason = format!("no freeze guardian is running ({e}); refusing to freeze");
+            warn!(%reason, "prepare refused");
+            return self.fail_prepare(id, PrepareResponse::default(), reason);
+        }
         info!(lease_ms = lease.duration_ms, "preparing");
 
         let mut reply = PrepareResponse::default();
         let mut held_from = None;
         for (k, q) in self.quiescers.iter().enumerate() {
+            let started = Instant::now();
+            let armed = self.arm(id, lease, q).await;
+            if let Err(e) = armed {
+                reply.steps.push(step(
+                    q.name(),
+                    "arm",
+                    &Err(anyhow::anyhow!("{e:#}")),
+                    started.elapsed(),
+                ));
+                let reason = format!("quiescer {}: {e:#}", q.name());
+                warn!(quiescer = q.name(), %reason, "arming the thaw failed; not freezing");
+                let (steps, _) = self.thaw(id, &self.quiescers[..k]).await;
+                reply.steps.extend(steps);
+                return self.fail_prepare(id, reply, reason);
+            }
             let started = Instant::now();
             held_from.get_or_insert(started);
             let (q2, id2) = (q.clone(), id.to_string());
@@ -318,6 +433,14 @@ impl Inner {
             if let Err(e) = result {
                 let reason = format!("quiescer {}: {e:#}", q.name());
                 warn!(quiescer = q.name(), error = %format!("{e:#}"), "freeze failed; thawing the ones before it");
+                // Its freeze did not happen (EBUSY: someone else's): never undo it.
+                let (id2, key) = (id.to_string(), q.name().to_string());
+                let _ = self
+                    .with_armed(move |a| {
+                        a.disarm(&id2, &key);
+                        Ok(())
+                    })
+                    .await;
                 let (steps, _) = self.thaw(id, &self.quiescers[..k]).await;
                 reply.steps.extend(steps);
                 return self.fail_prepare(id, reply, reason);
@@ -389,7 +512,19 @@ impl Inner {
     async fn thaw(&self, id: &str, quiescers: &[Arc<dyn Quiescer>]) -> (Vec<StepReport>, u64) {
         let all = Instant::now();
         let mut steps = Vec::new();
-        for q in quiescers.iter().rev() {
+        // Take the actions back from the guardian first, so exactly one of us runs each.
+        let id2 = id.to_string();
+        let released = self.with_armed(move |a| Ok(a.release(&id2))).await;
+        if released == Ok(Outcome::AlreadyThawed) {
+            warn!("the guardian already thawed this backup when its lease ran out");
+            for q in quiescers.iter().rev() {
+                q.thawed_elsewhere(id);
+                let by: anyhow::Result<String> = Ok("thawed by the guardian".into());
+                steps.push(step(q.name(), "thaw", &by, Duration::ZERO));
+            }
+        }
+        let todo = if released == Ok(Outcome::AlreadyThawed) { &[][..] } else { quiescers };
+        for q in todo.iter().rev() {
             let started = Instant::now();
             let (q2, id2) = (q.clone(), id.to_string());
             let result = blocking(move || q2.thaw(&id2).map(|()| String::new())).await;
@@ -398,6 +533,13 @@ impl Inner {
             }
             steps.push(step(q.name(), "thaw", &result, started.elapsed()));
         }
+        let id2 = id.to_string();
+        let _ = self
+            .with_armed(move |a| {
+                a.done(&id2);
+                Ok(())
+            })
+            .await;
         (steps, ms(all.elapsed()))
     }
 
@@ -421,8 +563,12 @@ impl Inner {
                     ))
                 }
                 phase => {
+                    // A duplicate Commit gets the same answer, but snapshots only while they
+                    // exist: after Cleanup or Abort they are gone and the answer is no.
                     if let Some(reply) = &e.committed {
-                        return reply.clone();
+                        if !reply.committed || matches!(phase, Phase::Snapshotted { .. }) {
+                            return reply.clone();
+                        }
                     }
                     let why =
                         if e.detail.is_empty() { String::new() } else { format!(": {}", e.detail) };
@@ -444,6 +590,9 @@ impl Inner {
             (self.provider.clone(), id.to_string(), self.volumes.clone());
         let created = blocking(move || provider.create(&id2, &volumes)).await;
         let snapshot_took = started.elapsed();
+        // The guardian thaws no earlier than this lease's end: a snapshot that ended before it
+        // was taken wholly while frozen; one that did not may hold writes made after a thaw.
+        let outlived = lease.expired(self.now_ms());
         let detail = created
             .as_ref()
             .map(|s| format!("{} snapshot(s)", s.len()))
@@ -458,6 +607,25 @@ impl Inner {
         reply.thaw_ms = thaw_ms;
         reply.held_ms = held_from.map_or(0, |h| ms(h.elapsed()));
 
+        if outlived {
+            let reason = format!(
+                "snapshot took {}ms and outlived the lease of {}ms; deleted",
+                reply.snapshot_ms, lease.duration_ms
+            );
+            let started = Instant::now();
+            let (provider, id2) = (self.provider.clone(), id.to_string());
+            let deleted = blocking(move || provider.delete(&id2)).await;
+            let deleted = deleted.map(|n| format!("deleted {n} snapshot(s)"));
+            reply.steps.push(step(self.provider.kind(), "delete", &deleted, started.elapsed()));
+            reply.reason = match &deleted {
+                Ok(_) => reason,
+                Err(d) => format!("{reason}, but deleting failed: {d:#}"),
+            };
+            warn!(reason = %reply.reason, "commit refused");
+            self.table().set(id, Phase::Failed, reply.reason.clone()).committed =
+                Some(reply.clone());
+            return reply;
+        }
         match created {
             Ok(snapshots) => {
                 reply.committed = true;

@@ -34,6 +34,13 @@ pub struct Config {
     #[serde(default, rename = "quiescer")]
     pub quiescers: Vec<QuiescerConfig>,
     pub snapshot: SnapshotConfig,
+    /// Where the freeze journal and the guardian's pidfile live; created if missing.
+    #[serde(default = "default_state_dir")]
+    pub state_dir: PathBuf,
+}
+
+fn default_state_dir() -> PathBuf {
+    PathBuf::from("/var/lib/stillpoint-agent")
 }
 
 fn default_max_lease_ms() -> u64 {
@@ -60,13 +67,16 @@ pub enum QuiescerConfig {
     },
     /// Freezes the filesystem mounted at `mount` (FIFREEZE).
     Fsfreeze { mount: PathBuf },
+    /// For applications without hooks: SIGSTOPs the process whose pid is in `pidfile` (read at
+    /// freeze time) and SIGCONTs it on thaw.
+    Stop { name: String, pidfile: PathBuf },
 }
 
 impl QuiescerConfig {
     /// The name steps and reasons use for this quiescer.
     pub fn name(&self) -> String {
         match self {
-            QuiescerConfig::Exec { name, .. } => name.clone(),
+            QuiescerConfig::Exec { name, .. } | QuiescerConfig::Stop { name, .. } => name.clone(),
             QuiescerConfig::Fsfreeze { mount } => format!("fsfreeze {}", mount.display()),
         }
     }
@@ -77,7 +87,12 @@ impl QuiescerConfig {
 #[serde(tag = "provider", rename_all = "kebab-case", deny_unknown_fields)]
 pub enum SnapshotConfig {
     /// The mock SAN array in `array`; LUNs are `luns/<server>/<volume>.lun`.
-    MockSan { array: PathBuf },
+    MockSan {
+        array: PathBuf,
+        /// Test and demo knob: sleep this long before each snapshot, like a slow array.
+        #[serde(default)]
+        snapshot_delay_ms: u64,
+    },
     /// btrfs read-only snapshots at `<snapshot_dir>/<backup_id>/<basename of volume>`.
     Btrfs { snapshot_dir: PathBuf },
 }
@@ -113,6 +128,9 @@ impl Config {
         }
         if self.volumes.is_empty() {
             out.push("volumes: list at least one volume to snapshot".into());
+        }
+        if !self.state_dir.is_absolute() {
+            out.push(format!("state_dir: {} is not an absolute path", self.state_dir.display()));
         }
         out.extend(self.tls.problems("tls"));
         self.quiescer_problems(&mut out);
@@ -156,6 +174,17 @@ impl Config {
                         out.push(format!("{at}.timeout_ms: must be above 0"));
                     }
                 }
+                QuiescerConfig::Stop { name, pidfile } => {
+                    if let Err(e) = validate_name("quiescer name", name) {
+                        out.push(format!("{at}.name: {e}"));
+                    }
+                    if !pidfile.is_absolute() {
+                        out.push(format!(
+                            "{at}.pidfile: {} is not an absolute path",
+                            pidfile.display()
+                        ));
+                    }
+                }
                 QuiescerConfig::Fsfreeze { mount } => {
                     if !mount.is_absolute() {
                         out.push(format!(
@@ -172,7 +201,7 @@ impl Config {
 
     fn snapshot_problems(&self, out: &mut Vec<String>) {
         match &self.snapshot {
-            SnapshotConfig::MockSan { array } => {
+            SnapshotConfig::MockSan { array, .. } => {
                 for (i, v) in self.volumes.iter().enumerate() {
                     if let Err(e) = validate_name("volume", v) {
                         out.push(format!("volumes[{i}]: {e}"));
@@ -219,7 +248,7 @@ impl Config {
                     .iter()
                     .filter_map(|q| match q {
                         QuiescerConfig::Fsfreeze { mount } => Some(mount.as_path()),
-                        QuiescerConfig::Exec { .. } => None,
+                        QuiescerConfig::Exec { .. } | QuiescerConfig::Stop { .. } => None,
                     })
                     .filter_map(|m| Some((std::fs::metadata(m).ok()?.dev(), m)))
                     .collect();

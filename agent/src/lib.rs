@@ -3,19 +3,26 @@
 //!
 //! # Layout
 //! `config` (TOML), `lease` (pure lease math), `quiesce` and `snapshot` (plug-in traits, one
-//! file per kind), `backups` (the state table and operations), `service` (gRPC), `testing`
-//! (fakes). [`run`] wires them behind mutual TLS; `main.rs` only parses arguments.
+//! file per kind), `backups` (the state table and operations), `guardian` (the second process
+//! that thaws when the agent cannot) with `journal` and `armed`, `service` (gRPC), `sys` (the
+//! one unsafe call), `testing` (fakes). [`run`] wires them behind mutual TLS; `main.rs` only
+//! parses arguments.
 
+pub mod armed;
 pub mod backups;
 pub mod config;
 pub mod error;
+pub mod guardian;
+pub mod journal;
 pub mod lease;
 pub mod quiesce;
 pub mod service;
 pub mod snapshot;
+pub mod sys;
 pub mod testing;
 
 use std::future::Future;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use stillpoint_core::identity::Role;
@@ -31,18 +38,72 @@ fn policy(path: &str, role: Role) -> bool {
     path.starts_with("/stillpoint.v1.Agent/") && role == Role::Listener
 }
 
+/// Creates `state_dir` and runs every thaw action a previous agent left in its journal (the
+/// agent and its guardian were both killed while frozen). Call before listening; [`run`] calls
+/// it again, which then finds nothing.
+pub fn recover(config: &Config) -> Result<journal::Journal> {
+    std::fs::create_dir_all(&config.state_dir)
+        .map_err(|e| Error::Setup(format!("state_dir {}: {e}", config.state_dir.display())))?;
+    let path = journal::Journal::path(&config.state_dir, &config.server);
+    journal::recover(&path).map_err(|e| Error::Setup(format!("journal: {e}")))
+}
+
+fn pidfile(state_dir: &Path, server: &str) -> PathBuf {
+    state_dir.join(format!("{server}.guardian.pid"))
+}
+
 /// Serves the agent on `listener` (already bound) until `shutdown` completes, then thaws
-/// anything still frozen. The config should have passed `validate()`.
+/// anything still frozen and stops the guardian. The guardian is this same executable. The
+/// config should have passed `validate()`.
 pub async fn run(
     config: Config,
     listener: tokio::net::TcpListener,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<()> {
+    let exe = std::env::current_exe()
+        .map_err(|e| Error::Setup(format!("find the agent executable to run the guardian: {e}")))?;
+    run_with_guardian(config, listener, shutdown, exe).await
+}
+
+/// Like [`run`], with the guardian started as `<guardian_exe> guardian` (for tests, whose own
+/// executable is not the agent).
+pub async fn run_with_guardian(
+    config: Config,
+    listener: tokio::net::TcpListener,
+    shutdown: impl Future<Output = ()> + Send,
+    guardian_exe: PathBuf,
+) -> Result<()> {
+    let recovered = {
+        let config = config.clone();
+        tokio::task::spawn_blocking(move || recover(&config))
+            .await
+            .map_err(|e| Error::Internal(format!("recovery: {e}")))??
+    };
     let quiescers = quiesce::build(&config);
     let provider = snapshot::build(&config)?;
     let tls = stillpoint_core::tls::server_config(&config.tls)?;
+    let program = guardian::link::Program::Exe {
+        exe: guardian_exe,
+        journal: recovered.path_of().to_path_buf(),
+    };
+    let pidfile = pidfile(&config.state_dir, &config.server);
+    let armed =
+        tokio::task::spawn_blocking(move || armed::Armed::start(program, recovered, Some(pidfile)))
+            .await
+            .map_err(|e| Error::Internal(format!("start guardian: {e}")))?;
     let backups =
-        backups::Backups::new(&config.server, config.volumes.clone(), quiescers, provider);
+        backups::Backups::new(&config.server, config.volumes.clone(), quiescers, provider, armed);
+    let guardian_pid = backups.guardian_pid().await;
+    info!(?guardian_pid, "freeze guardian running");
+    let watch = tokio::spawn({
+        let backups = backups.clone();
+        async move {
+            loop {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                backups.check_guardian().await;
+            }
+        }
+    });
     let service = service::AgentService::new(backups.clone(), config.max_lease_ms);
     // Long enough for the slowest Prepare (every exec timeout) plus a Commit's snapshots.
     let exec_ms: u64 = config
@@ -50,7 +111,7 @@ pub async fn run(
         .iter()
         .map(|q| match q {
             config::QuiescerConfig::Exec { timeout_ms, .. } => timeout_ms.saturating_mul(2),
-            config::QuiescerConfig::Fsfreeze { .. } => 0,
+            config::QuiescerConfig::Fsfreeze { .. } | config::QuiescerConfig::Stop { .. } => 0,
         })
         .sum();
     let timeout =
@@ -63,6 +124,7 @@ pub async fn run(
         .add_service(AgentServer::new(service))
         .serve_with_incoming_shutdown(stillpoint_core::tls::incoming(listener, tls), shutdown)
         .await;
+    watch.abort();
     backups.shutdown().await;
     info!(server = %config.server, "agent stopped");
     Ok(served?)

@@ -1,5 +1,6 @@
 //! The `stillpoint-agent` binary: parses arguments, sets up logging, loads and validates the
-//! config, binds, and runs the agent until SIGINT or SIGTERM. Exit codes: 0 ok, 1 failed, 2 usage.
+//! config, replays the freeze journal, binds, and runs the agent until SIGINT or SIGTERM. The
+//! hidden `guardian` subcommand is the agent's own thaw guardian. Exit codes: 0 ok, 1 failed, 2 usage.
 
 use std::process::ExitCode;
 
@@ -10,27 +11,52 @@ use tokio::signal::unix::{signal, SignalKind};
 
 /// The stillpoint agent: quiesces, freezes, snapshots and thaws this server on the listener's orders.
 #[derive(Parser)]
-#[command(version)]
+#[command(version, subcommand_negates_reqs = true)]
 struct Args {
     /// The agent's TOML config file.
-    #[arg(long)]
-    config: std::path::PathBuf,
+    #[arg(long, required = true)]
+    config: Option<std::path::PathBuf>,
+    #[command(subcommand)]
+    guardian: Option<Guardian>,
 }
 
-#[tokio::main]
-async fn main() -> ExitCode {
+#[derive(clap::Subcommand)]
+enum Guardian {
+    /// Started by the agent itself: thaws what it froze if it dies or its lease runs out.
+    #[command(hide = true)]
+    Guardian {
+        #[arg(long)]
+        journal: Option<std::path::PathBuf>,
+    },
+}
+
+fn main() -> ExitCode {
     let args = Args::parse();
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
-    let config = match Config::load(&args.config).and_then(|c| c.validate().map(|()| c)) {
-        Ok(config) => config,
-        Err(e) => {
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(ansi)
+        .with_writer(std::io::stderr)
+        .init();
+    if let Some(Guardian::Guardian { journal }) = args.guardian {
+        stillpoint_agent::guardian::main(journal.as_deref());
+        return ExitCode::SUCCESS;
+    }
+    let config = match args.config.map(|p| Config::load(&p).and_then(|c| c.validate().map(|()| c)))
+    {
+        Some(Ok(config)) => config,
+        Some(Err(e)) => {
             eprintln!("stillpoint-agent: {e}");
             return ExitCode::from(2);
         }
+        None => return ExitCode::from(2),
     };
-    if let Err(e) = serve(config).await {
+    let served = tokio::runtime::Runtime::new()
+        .context("start tokio")
+        .and_then(|rt| rt.block_on(serve(config)));
+    if let Err(e) = served {
         eprintln!("stillpoint-agent: {e:#}");
         return ExitCode::FAILURE;
     }
@@ -38,6 +64,8 @@ async fn main() -> ExitCode {
 }
 
 async fn serve(config: Config) -> anyhow::Result<()> {
+    // Thaw what a killed agent and guardian left frozen before anyone can reach us.
+    stillpoint_agent::recover(&config)?;
     let listener = tokio::net::TcpListener::bind(&config.listen)
         .await
         .with_context(|| format!("listen on {}", config.listen))?;

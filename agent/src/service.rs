@@ -81,7 +81,7 @@ impl Agent for AgentService {
         Ok(Response::new(StatusResponse {
             server: self.backups.server().to_string(),
             version: env!("CARGO_PKG_VERSION").to_string(),
-            backups: self.backups.status(),
+            backups: self.backups.report().await,
         }))
     }
 }

@@ -9,6 +9,7 @@ use std::time::Duration;
 use anyhow::anyhow;
 use stillpoint_proto::Snapshot;
 
+use crate::guardian::Action;
 use crate::quiesce::Quiescer;
 use crate::snapshot::SnapshotProvider;
 
@@ -60,6 +61,7 @@ pub struct FakeQuiescer {
     filesystem: bool,
     freeze: Mutex<Behaviour>,
     thaw: Mutex<Behaviour>,
+    thaw_action: Mutex<Option<Action>>,
 }
 
 impl FakeQuiescer {
@@ -70,6 +72,7 @@ impl FakeQuiescer {
             filesystem: false,
             freeze: Mutex::default(),
             thaw: Mutex::default(),
+            thaw_action: Mutex::default(),
         })
     }
 
@@ -81,6 +84,7 @@ impl FakeQuiescer {
             filesystem: true,
             freeze: Mutex::default(),
             thaw: Mutex::default(),
+            thaw_action: Mutex::default(),
         })
     }
 
@@ -90,6 +94,11 @@ impl FakeQuiescer {
 
     pub fn fail_thaw(&self, msg: Option<&str>) {
         self.thaw.lock().unwrap_or_else(|p| p.into_inner()).fail = msg.map(Into::into);
+    }
+
+    /// What `thaw_action` hands the guardian (default none).
+    pub fn set_thaw_action(&self, action: Option<Action>) {
+        *self.thaw_action.lock().unwrap_or_else(|p| p.into_inner()) = action;
     }
 
     pub fn freeze_delay(&self, delay: Duration) {
@@ -115,6 +124,10 @@ impl Quiescer for FakeQuiescer {
     fn thaw(&self, backup_id: &str) -> anyhow::Result<()> {
         self.calls.push(format!("thaw {} {backup_id}", self.name));
         Behaviour::act(&self.thaw)
+    }
+
+    fn thaw_action(&self, _backup_id: &str) -> anyhow::Result<Option<Action>> {
+        Ok(self.thaw_action.lock().unwrap_or_else(|p| p.into_inner()).clone())
     }
 }
 

@@ -59,6 +59,9 @@ pub struct TimeoutConfig {
     /// How long all copies of one backup may take.
     pub copy_timeout_s: u64,
     pub cleanup_timeout_ms: u64,
+    /// How often every agent is asked for leftovers (frozen or snapshotted backups the listener
+    /// no longer runs) to abort. The first sweep runs at start.
+    pub sweep_interval_ms: u64,
 }
 
 impl Default for TimeoutConfig {
@@ -70,6 +73,7 @@ impl Default for TimeoutConfig {
             rpc_ms: 5_000,
             copy_timeout_s: 6 * 3600,
             cleanup_timeout_ms: 60_000,
+            sweep_interval_ms: 60_000,
         }
     }
 }
@@ -179,9 +183,13 @@ impl Config {
                 t.lease_ms, t.snapshot_budget_ms, t.margin_ms, i128::from(t.lease_ms) - i128::from(t.snapshot_budget_ms) - i128::from(t.margin_ms)
             ));
         }
-        if t.rpc_ms == 0 || t.copy_timeout_s == 0 || t.cleanup_timeout_ms == 0 {
+        if t.rpc_ms == 0
+            || t.copy_timeout_s == 0
+            || t.cleanup_timeout_ms == 0
+            || t.sweep_interval_ms == 0
+        {
             out.push(
-                "timeouts: rpc_ms, copy_timeout_s and cleanup_timeout_ms must be above 0".into(),
+                "timeouts: rpc_ms, copy_timeout_s, cleanup_timeout_ms and sweep_interval_ms must be above 0".into(),
             );
         }
         if let CopyConfig::Command { command } = &self.copy {

@@ -12,7 +12,7 @@ use crate::model::{
 };
 
 /// The protocol's time budget, all in milliseconds.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Timeouts {
     /// How long an agent may stay frozen without Commit (`L`).
     pub lease_ms: u64,
@@ -120,7 +120,7 @@ pub enum Command {
 }
 
 /// Drives one backup through the protocol.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Coordinator {
     pub record: BackupRecord,
     timeouts: Timeouts,

@@ -39,6 +39,7 @@ pub async fn run(
     if recovered > 0 {
         tracing::warn!(recovered, "failed and aborted backups left in flight by the previous run");
     }
+    runtime.spawn_sweeper();
     tracing::info!(addr = %listener.local_addr()?, "listener serving");
     let layers =
         tower::ServiceBuilder::new().layer(AuthorizeLayer::new(service::policy)).layer(TraceLayer);

@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 pub type Millis = i64;
 
 /// Where a backup is. Variants carry only what is valid in that state.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(tag = "state", rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum State {
     Pending,
@@ -42,7 +42,7 @@ pub enum State {
 }
 
 /// A state's name without its data, as shown to people and stored with log entries.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum StateName {
     Pending,
@@ -87,7 +87,7 @@ impl std::fmt::Display for StateName {
 }
 
 /// One server's step in the backup, at finer grain than the backup's state.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum ServerStep {
     Waiting,
@@ -117,7 +117,7 @@ impl ServerStep {
 }
 
 /// A snapshot as an agent reported it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct SnapshotRef {
     pub volume: String,
     pub provider: String,
@@ -126,7 +126,7 @@ pub struct SnapshotRef {
 }
 
 /// What one quiescer or provider step reported.
-#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
 pub struct Step {
     pub name: String,
     pub action: String,
@@ -136,7 +136,7 @@ pub struct Step {
 }
 
 /// One server's part of the cut: listener-clock instants and the agent's own durations.
-#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
 pub struct ServerCut {
     pub prepare_sent: Option<Millis>,
     pub prepared: Option<Millis>,
@@ -150,7 +150,7 @@ pub struct ServerCut {
     pub steps: Vec<Step>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct ServerRecord {
     pub server: String,
     pub step: ServerStep,
@@ -179,14 +179,14 @@ impl ServerRecord {
 }
 
 /// The stored verdict on whether every server was frozen at one common instant.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct CutVerdict {
     pub consistent: bool,
     pub text: String,
 }
 
 /// A backup as the catalog keeps it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct BackupRecord {
     pub id: String,
     pub group: String,
@@ -217,7 +217,7 @@ impl BackupRecord {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Level {
     Info,
@@ -226,7 +226,7 @@ pub enum Level {
 }
 
 /// One timestamped line of a backup's event log.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct LogEntry {
     pub at: Millis,
     pub server: Option<String>,

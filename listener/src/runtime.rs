@@ -115,6 +115,91 @@ impl Runtime {
         Ok(n)
     }
 
+    /// Asks every agent, every `sweep_interval_ms`, for backups it still holds (frozen or with
+    /// snapshots) that no backup in flight accounts for, and aborts them: snapshots orphaned by
+    /// a crash of either side, a lost Cleanup or a partition are deleted once the agent is
+    /// reachable again.
+    pub fn spawn_sweeper(self: &Arc<Self>) {
+        let this = Arc::clone(self);
+        let every = Duration::from_millis(self.config.timeouts.sweep_interval_ms);
+        tokio::spawn(async move {
+            loop {
+                this.sweep().await;
+                tokio::time::sleep(every).await;
+            }
+        });
+    }
+
+    /// One sweep over every agent; returns how many leftovers were aborted.
+    pub async fn sweep(self: &Arc<Self>) -> usize {
+        let mut swept = 0;
+        for agent in self.agents().await {
+            for held in agent.backups {
+                let in_flight =
+                    self.runs.lock().expect("runs lock poisoned").contains_key(&held.backup_id);
+                let holds =
+                    held.phase == "frozen" || held.phase == "orphan" || !held.snapshots.is_empty();
+                if in_flight || !holds {
+                    continue;
+                }
+                let message = format!(
+                    "swept leftover on {} (agent phase {}, {} snapshot(s)): abort sent",
+                    agent.server,
+                    held.phase,
+                    held.snapshots.len()
+                );
+                tracing::warn!(backup = %held.backup_id, server = %agent.server, "{message}");
+                self.note(&held.backup_id, &agent.server, message);
+                let client = self.client(&agent.server);
+                let rpc_ms = self.config.timeouts.rpc_ms;
+                let result = match client {
+                    Ok(c) => {
+                        retry(|| {
+                            let mut c = c.clone();
+                            let reason = "swept: no backup in flight holds this".to_string();
+                            let message =
+                                pb::AbortRequest { backup_id: held.backup_id.clone(), reason };
+                            let request =
+                                Self::request(&held.backup_id, &agent.server, message, rpc_ms);
+                            async move { c.abort(request).await.map(|r| r.into_inner()) }
+                        })
+                        .await
+                    }
+                    Err(e) => Err(e),
+                };
+                match result {
+                    Ok(r) => {
+                        swept += 1;
+                        let text = format!(
+                            "sweep on {}: thawed {}, {} snapshot(s) deleted",
+                            agent.server, r.thawed, r.snapshots_deleted
+                        );
+                        self.note(&held.backup_id, &agent.server, text);
+                    }
+                    Err(e) => {
+                        tracing::warn!(backup = %held.backup_id, server = %agent.server, error = %e, "sweep abort failed; will retry next sweep")
+                    }
+                }
+            }
+        }
+        swept
+    }
+
+    /// Appends a line to a finished backup's log without changing it (no-op for unknown ids).
+    fn note(&self, backup_id: &str, server: &str, message: String) {
+        let Ok(record) = self.store.get(backup_id) else { return };
+        let entry = LogEntry {
+            at: self.clock.now(),
+            server: Some(server.to_string()),
+            level: crate::model::Level::Warn,
+            message,
+            state: record.state.name(),
+        };
+        if let Err(e) = self.store.append(backup_id, &[entry]) {
+            tracing::error!(backup = %backup_id, error = %e, "could not log the sweep");
+        }
+    }
+
     /// Starts a backup of `group`; returns once Prepare has gone out.
     pub async fn start(self: &Arc<Self>, group: &str, started_by: &str) -> Result<BackupRecord> {
         let group_config = self.config.group(group)?;

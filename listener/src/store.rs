@@ -43,23 +43,31 @@ impl Store {
     /// Saves `record` and appends `entries` to its log, durably, in one transaction. Returns the
     /// sequence numbers the entries got.
     pub fn save(&self, record: &BackupRecord, entries: &[LogEntry]) -> Result<u64> {
-        let body = serde_json::to_vec(record).map_err(|e| self.err(e))?;
+        self.write(&record.id, Some(record), entries)
+    }
+
+    /// Appends `entries` to a backup's log and leaves its record as it is.
+    pub fn append(&self, id: &str, entries: &[LogEntry]) -> Result<u64> {
+        self.write(id, None, entries)
+    }
+
+    fn write(&self, id: &str, record: Option<&BackupRecord>, entries: &[LogEntry]) -> Result<u64> {
         let txn = self.db.begin_write().map_err(|e| self.err(e))?;
         let next = {
-            let mut backups = txn.open_table(BACKUPS).map_err(|e| self.err(e))?;
-            backups.insert(record.id.as_str(), body.as_slice()).map_err(|e| self.err(e))?;
+            if let Some(record) = record {
+                let body = serde_json::to_vec(record).map_err(|e| self.err(e))?;
+                let mut backups = txn.open_table(BACKUPS).map_err(|e| self.err(e))?;
+                backups.insert(id, body.as_slice()).map_err(|e| self.err(e))?;
+            }
             let mut log = txn.open_table(LOG).map_err(|e| self.err(e))?;
-            let mut next = match log
-                .range((record.id.as_str(), 0)..=(record.id.as_str(), u64::MAX))
-                .map_err(|e| self.err(e))?
-                .next_back()
-            {
-                Some(last) => last.map_err(|e| self.err(e))?.0.value().1 + 1,
-                None => 0,
-            };
+            let mut next =
+                match log.range((id, 0)..=(id, u64::MAX)).map_err(|e| self.err(e))?.next_back() {
+                    Some(last) => last.map_err(|e| self.err(e))?.0.value().1 + 1,
+                    None => 0,
+                };
             for entry in entries {
                 let line = serde_json::to_vec(entry).map_err(|e| self.err(e))?;
-                log.insert((record.id.as_str(), next), line.as_slice()).map_err(|e| self.err(e))?;
+                log.insert((id, next), line.as_slice()).map_err(|e| self.err(e))?;
                 next += 1;
             }
             next

@@ -86,8 +86,8 @@ async fn a_commit_that_never_comes_thaws_every_agent_within_its_lease() {
             thawed.exists().then_some(())
         })
         .await;
-        let log = cluster.agent(server).proc.log_text();
-        assert!(log.contains("lease expired"), "{server} says why it thawed:\n{log}");
+        let said = || cluster.agent(server).proc.log_text().contains("lease expired").then_some(());
+        wait_for(&format!("{server} to say why it thawed"), Duration::from_secs(3), said).await;
     }
     let waited = killed_at.elapsed();
     assert!(

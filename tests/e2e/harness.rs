@@ -36,8 +36,9 @@ fn free_port() -> SocketAddr {
 /// How a cluster's copy phase works.
 #[derive(Clone)]
 pub enum Copy {
-    /// `cp --sparse=always` every snapshot into `<root>/copies/<backup>/<server>-<volume>.img`.
-    Command,
+    /// Run `before` (shell, may be empty), then `cp --sparse=always` every snapshot into
+    /// `<dest or root/copies>/<backup>/<server>-<volume>.img`.
+    Command { before: String, dest: Option<PathBuf> },
     /// Wait for `backupctl copied`.
     Report,
 }
@@ -50,6 +51,27 @@ pub struct Spec {
     pub copy: Copy,
     /// The `[[quiescer]]` TOML for a server, given the cluster root.
     pub quiescers: fn(server: &str, root: &Path) -> String,
+    /// Extra lines for a server's `[snapshot]` table (e.g. the mock SAN's latency knob).
+    pub provider_extra: fn(server: &str) -> String,
+    /// LUN names per server; every one is created.
+    pub volumes: fn(server: &str) -> Vec<String>,
+    /// Route the listener's link to each agent through a chaos proxy.
+    pub proxied: bool,
+    pub sweep_interval_ms: u64,
+    /// Run some agents under a wrapper command (e.g. a time namespace).
+    pub agent_wrapper: fn(server: &str) -> Vec<String>,
+}
+
+fn nothing(_: &str) -> String {
+    String::new()
+}
+
+fn one_volume(_: &str) -> Vec<String> {
+    vec!["data".to_string()]
+}
+
+fn no_wrapper(_: &str) -> Vec<String> {
+    Vec::new()
 }
 
 impl Spec {
@@ -58,8 +80,13 @@ impl Spec {
             servers: ["srv-a", "srv-b", "srv-c"].map(String::from).into(),
             lun_bytes: 8 << 20,
             lease_ms: 10_000,
-            copy: Copy::Command,
+            copy: Copy::Command { before: String::new(), dest: None },
             quiescers,
+            provider_extra: nothing,
+            volumes: one_volume,
+            proxied: false,
+            sweep_interval_ms: 60_000,
+            agent_wrapper: no_wrapper,
         }
     }
 }
@@ -118,7 +145,10 @@ impl Drop for Proc {
 pub struct Agent {
     pub name: String,
     pub addr: SocketAddr,
+    pub config: PathBuf,
     pub proc: Proc,
+    /// The chaos proxy on the listener's link to this agent, when the spec asked for one.
+    pub proxy: Option<stillpoint_tests::proxy::Proxy>,
 }
 
 pub struct Cluster {
@@ -153,43 +183,61 @@ impl Cluster {
         let mut agents = Vec::new();
         for server in &spec.servers {
             certs::issue(&certs, Role::Agent, server, &local, 30).expect("agent cert");
-            array.create_lun(server, "data", spec.lun_bytes).expect("create LUN");
+            let volumes = (spec.volumes)(server);
+            for volume in &volumes {
+                array.create_lun(server, volume, spec.lun_bytes).expect("create LUN");
+            }
             let addr = free_port();
             let config = path.join(format!("agent-{server}.toml"));
             let body = format!(
-                "server = {server:?}\nlisten = \"{addr}\"\nvolumes = [\"data\"]\n\n[tls]\n{tls}\n{quiescers}\n[snapshot]\nprovider = \"mock-san\"\narray = {array:?}\n",
+                "server = {server:?}\nlisten = \"{addr}\"\nstate_dir = {state:?}\nvolumes = {volumes:?}\n\n[tls]\n{tls}\n{quiescers}\n[snapshot]\nprovider = \"mock-san\"\narray = {array:?}\n{extra}\n",
                 tls = tls_toml(&certs, server),
+                state = path.join(format!("state-{server}")).display().to_string(),
                 quiescers = (spec.quiescers)(server, &path),
                 array = array.root().display().to_string(),
+                extra = (spec.provider_extra)(server),
             );
             fs::write(&config, body).expect("write agent config");
-            let proc = spawn_agent(&config, &path.join(format!("agent-{server}.log")));
-            agents.push(Agent { name: server.clone(), addr, proc });
+            let proc = spawn_agent(
+                &(spec.agent_wrapper)(server),
+                &config,
+                &path.join(format!("agent-{server}.log")),
+            );
+            let proxy = if spec.proxied {
+                Some(stillpoint_tests::proxy::Proxy::start(addr).await.expect("start proxy"))
+            } else {
+                None
+            };
+            agents.push(Agent { name: server.clone(), addr, config, proc, proxy });
         }
 
         let listener_addr = free_port();
         let listener_config = path.join("listener.toml");
-        let copy = match spec.copy {
-            Copy::Command => format!(
+        let copy = match &spec.copy {
+            Copy::Command { before, dest } => format!(
                 "[copy]\nmode = \"command\"\ncommand = [\"/bin/sh\", \"-c\", {script:?}]\n",
                 script = format!(
-                    "mkdir -p {d}/$STILLPOINT_BACKUP_ID && cp --sparse=always \"$STILLPOINT_SNAPSHOT\" {d}/$STILLPOINT_BACKUP_ID/$STILLPOINT_SERVER-$STILLPOINT_VOLUME.img",
-                    d = path.join("copies").display()
+                    "{before}\nmkdir -p {d}/$STILLPOINT_BACKUP_ID && cp --sparse=always \"$STILLPOINT_SNAPSHOT\" {d}/$STILLPOINT_BACKUP_ID/$STILLPOINT_SERVER-$STILLPOINT_VOLUME.img",
+                    d = dest.clone().unwrap_or_else(|| path.join("copies")).display()
                 )
             ),
             Copy::Report => "[copy]\nmode = \"report\"\n".to_string(),
         };
         let servers: String = agents
             .iter()
-            .map(|a| format!("[[server]]\nname = {:?}\naddress = \"{}\"\n", a.name, a.addr))
+            .map(|a| {
+                let addr = a.proxy.as_ref().map_or(a.addr, |p| p.addr);
+                format!("[[server]]\nname = {:?}\naddress = \"{addr}\"\n", a.name)
+            })
             .collect();
         let body = format!(
-            "data_dir = {data:?}\nlisten = \"{listener_addr}\"\n\n[tls]\n{tls}\n[timeouts]\nlease_ms = {lease}\nsnapshot_budget_ms = {budget}\nmargin_ms = {margin}\nrpc_ms = 3000\n\n{servers}\n[[group]]\nname = \"g\"\nservers = {names:?}\n\n{copy}",
+            "data_dir = {data:?}\nlisten = \"{listener_addr}\"\n\n[tls]\n{tls}\n[timeouts]\nlease_ms = {lease}\nsnapshot_budget_ms = {budget}\nmargin_ms = {margin}\nrpc_ms = 2000\nsweep_interval_ms = {sweep}\n\n{servers}\n[[group]]\nname = \"g\"\nservers = {names:?}\n\n{copy}",
             data = path.join("listener-data").display().to_string(),
             tls = tls_toml(&certs, "listener"),
             lease = spec.lease_ms,
             budget = spec.lease_ms / 4,
             margin = spec.lease_ms / 8,
+            sweep = spec.sweep_interval_ms,
             names = spec.servers,
         );
         fs::write(&listener_config, body).expect("write listener config");
@@ -264,6 +312,26 @@ impl Cluster {
         let url = format!("https://{}", agent.addr);
         stillpoint_core::tls::channel(&url, server, &self.tls(identity), Duration::from_secs(10))
             .expect("channel")
+    }
+
+    pub fn agent_mut(&mut self, server: &str) -> &mut Agent {
+        self.agents.iter_mut().find(|a| a.name == server).expect("known agent")
+    }
+
+    /// SIGKILLs an agent (not its guardian, which must notice by itself).
+    pub fn kill_agent(&mut self, server: &str) {
+        self.agent_mut(server).proc.kill();
+    }
+
+    /// Starts a killed agent again with the same config and waits until it serves.
+    pub async fn restart_agent(&mut self, server: &str) {
+        let wrapper = (self.spec.agent_wrapper)(server);
+        let log = self.root().join(format!("agent-{server}.log"));
+        let agent = self.agents.iter().find(|a| a.name == server).expect("known agent");
+        let proc = spawn_agent(&wrapper, &agent.config, &log);
+        self.agent_mut(server).proc = proc;
+        let agent = self.agents.iter().find(|a| a.name == server).expect("known agent");
+        self.wait_agent_ready(agent).await;
     }
 
     pub fn agent(&self, server: &str) -> &Agent {
@@ -343,8 +411,15 @@ impl Drop for Cluster {
     }
 }
 
-pub fn spawn_agent(config: &Path, log: &Path) -> Proc {
-    let mut command = Command::new(bin("stillpoint-agent"));
+pub fn spawn_agent(wrapper: &[String], config: &Path, log: &Path) -> Proc {
+    let mut command = match wrapper.split_first() {
+        Some((program, args)) => {
+            let mut c = Command::new(program);
+            c.args(args).arg(bin("stillpoint-agent"));
+            c
+        }
+        None => Command::new(bin("stillpoint-agent")),
+    };
     command.arg("--config").arg(config).env("RUST_LOG", "info");
     Proc::spawn(command, log.to_path_buf())
 }

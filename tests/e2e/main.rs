@@ -5,5 +5,6 @@ mod harness;
 
 mod consistency;
 mod failures;
+mod faults;
 mod security;
 mod wait;

@@ -3,6 +3,8 @@
 use std::time::Duration;
 
 use super::*;
+use crate::guardian::link::Program;
+use crate::journal::Journal;
 use crate::testing::{Calls, FakeProvider, FakeQuiescer};
 
 struct Fixture {
@@ -10,6 +12,7 @@ struct Fixture {
     calls: Calls,
     quiescers: Vec<Arc<FakeQuiescer>>,
     provider: Arc<FakeProvider>,
+    state: tempfile::TempDir,
 }
 
 /// A table over fake quiescers `q0..qn` (in that order) and a fake provider of two volumes.
@@ -18,9 +21,16 @@ fn check(n: usize) -> Fixture {
     let quiescers: Vec<_> = (0..n).map(|i| FakeQuiescer::new(&format!("q{i}"), &calls)).collect();
     let provider = FakeProvider::new(&calls);
     let dyn_q = quiescers.iter().map(|q| q.clone() as Arc<dyn Quiescer>).collect();
-    let backups =
-        Backups::new("srv-a", vec!["data".into(), "logs".into()], dyn_q, provider.clone());
-    Fixture { backups, calls, quiescers, provider }
+    let state = tempfile::tempdir().unwrap();
+    let armed = thread_armed(state.path());
+    let volumes = vec!["data".into(), "logs".into()];
+    let backups = Backups::new("srv-a", volumes, dyn_q, provider.clone(), armed);
+    Fixture { backups, calls, quiescers, provider, state }
+}
+
+/// A guardian on a thread of this process and a journal in `dir`.
+fn thread_armed(dir: &std::path::Path) -> Armed {
+    Armed::start(Program::Thread, Journal::new(&dir.join("srv-a.journal.json")), None)
 }
 
 impl Fixture {
@@ -190,7 +200,14 @@ async fn prepare_reports_quiesce_and_freeze_time() {
     app.freeze_delay(Duration::from_millis(40));
     fs.freeze_delay(Duration::from_millis(20));
     let quiescers: Vec<Arc<dyn Quiescer>> = vec![app, fs];
-    let backups = Backups::new("srv-a", vec!["data".into()], quiescers, FakeProvider::new(&calls));
+    let state = tempfile::tempdir().unwrap();
+    let backups = Backups::new(
+        "srv-a",
+        vec!["data".into()],
+        quiescers,
+        FakeProvider::new(&calls),
+        thread_armed(state.path()),
+    );
     let p = backups.prepare("b1", LEASE).await.unwrap();
     assert!(p.freeze_ms >= 20 && p.freeze_ms < 40, "{p:?}");
     assert!(p.quiesce_ms >= 60, "{p:?}");
@@ -341,4 +358,38 @@ async fn finished_backups_are_remembered_up_to_a_bound() {
     let status = f.backups.status();
     assert_eq!(status.len(), KEEP_FINISHED);
     assert_eq!(status[0].backup_id, "b20");
+}
+
+#[tokio::test]
+async fn status_reports_snapshots_of_backups_the_table_does_not_know_as_orphans() {
+    let f = check(1);
+    f.provider.create("from-before-restart", &["data".into()]).unwrap();
+    assert!(f.backups.prepare("b1", LEASE).await.unwrap().prepared);
+    assert!(f.backups.commit("b1").await.unwrap().committed);
+    let report = f.backups.report().await;
+    let phases: Vec<_> = report.iter().map(|b| (b.backup_id.as_str(), b.phase.as_str())).collect();
+    assert_eq!(phases, [("b1", "snapshotted"), ("from-before-restart", "orphan")]);
+    assert_eq!(report[1].snapshots.len(), 1);
+    let a = f.backups.abort("from-before-restart", "orphan").await.unwrap();
+    assert_eq!(a.snapshots_deleted, 1);
+    assert!(f.backups.report().await.iter().all(|b| b.phase != "orphan"));
+}
+
+#[tokio::test]
+async fn a_thaw_action_runs_once_when_the_agent_and_the_guardian_reach_the_lease_together() {
+    let f = check(1);
+    let marker = f.state.path().join("ran");
+    f.quiescers[0].set_thaw_action(Some(crate::guardian::Action::Run {
+        argv: vec!["/bin/sh".into(), "-c".into(), format!("echo x >> {}", marker.display())],
+        env: vec![],
+        timeout_ms: 5000,
+    }));
+    assert!(f.backups.prepare("b1", 1000).await.unwrap().prepared);
+    tokio::time::sleep(Duration::from_millis(1600)).await;
+    assert_eq!(f.phase("b1"), "thawed-expired");
+    // Either the guardian ran it (and the agent only recorded the thaw) or the agent took it
+    // back first; never both.
+    let ran = std::fs::read_to_string(&marker).unwrap_or_default();
+    let agent_thawed = f.calls.starting("thaw q0").len();
+    assert_eq!(ran.lines().count() + agent_thawed, 1, "ran {ran:?}, agent thawed {agent_thawed}");
 }

@@ -31,7 +31,8 @@ fn parses_every_field_with_defaults() {
     assert_eq!(c.quiescers.len(), 2);
     assert!(matches!(&c.quiescers[0], QuiescerConfig::Exec { timeout_ms: 30_000, .. }));
     assert_eq!(c.quiescers[1].name(), "fsfreeze /");
-    assert!(matches!(c.snapshot, SnapshotConfig::MockSan { .. }));
+    assert!(matches!(c.snapshot, SnapshotConfig::MockSan { snapshot_delay_ms: 0, .. }));
+    assert_eq!(c.state_dir, Path::new("/var/lib/stillpoint-agent"));
 }
 
 #[test]
@@ -52,7 +53,12 @@ fn validate_reports_every_problem_naming_the_field() {
         .replace("srv-a\"\nlisten", "../a\"\nlisten")
         .replace("127.0.0.1:7501", "nowhere")
         .replace("volumes = [\"data\", \"logs\"]", "volumes = []\nmax_lease_ms = 10")
-        .replace("mount = \"/\"", "mount = \"relative\"");
+        .replace("mount = \"/\"", "mount = \"relative\"")
+        .replace(
+            "[snapshot]",
+            "[[quiescer]]\nkind = \"stop\"\nname = \"app2\"\npidfile = \"app.pid\"\n[snapshot]",
+        )
+        .replace("server = \"../a\"", "server = \"../a\"\nstate_dir = \"state\"");
     let problems = Config::parse(&text).unwrap().problems();
     for field in [
         "server:",
@@ -63,6 +69,8 @@ fn validate_reports_every_problem_naming_the_field() {
         "tls.cert:",
         "tls.key:",
         "quiescer[1].mount:",
+        "quiescer[2].pidfile:",
+        "state_dir:",
         "snapshot.array:",
     ] {
         assert!(problems.iter().any(|p| p.starts_with(field)), "no {field} in {problems:#?}");
@@ -95,4 +103,19 @@ snapshot_dir = "{d}"
         problems.iter().any(|p| p.starts_with("snapshot.snapshot_dir:") && p.contains("deadlock")),
         "{problems:#?}"
     );
+}
+
+#[test]
+fn every_agent_example_in_deploy_parses() {
+    let deploy = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy");
+    let mut seen = 0;
+    for entry in std::fs::read_dir(&deploy).unwrap() {
+        let path = entry.unwrap().path();
+        let name = path.file_name().unwrap().to_string_lossy().to_string();
+        if name.starts_with("agent-") && name.ends_with(".example.toml") {
+            Config::load(&path).unwrap();
+            seen += 1;
+        }
+    }
+    assert!(seen >= 3, "only {seen} agent examples in {}", deploy.display());
 }

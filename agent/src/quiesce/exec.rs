@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, Context};
 
 use super::Quiescer;
+use crate::guardian::Action;
 
 /// How much of a failed command's stderr goes into the error.
 const STDERR_TAIL: usize = 400;
@@ -44,54 +45,65 @@ impl Exec {
         }
     }
 
-    /// Runs `argv` to completion or until the timeout kills it; returns the last stdout line.
-    fn run(&self, phase: &str, argv: &[String], backup_id: &str) -> anyhow::Result<String> {
-        let (program, args) =
-            argv.split_first().ok_or_else(|| anyhow!("{phase}: empty command"))?;
-        let mut child = Command::new(program)
-            .args(args)
-            .env("STILLPOINT_BACKUP_ID", backup_id)
-            .env("STILLPOINT_SERVER", &self.server)
-            .env("STILLPOINT_PHASE", phase)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .with_context(|| format!("{phase}: start {program}"))?;
-        let stdout = tail_of(child.stdout.take());
-        let stderr = tail_of(child.stderr.take());
-        let started = Instant::now();
-        let mut nap = Duration::from_millis(1);
-        let status = loop {
-            if let Some(status) = child.try_wait().with_context(|| format!("{phase}: wait"))? {
-                break status;
-            }
-            if started.elapsed() >= self.timeout {
-                let _ = child.kill();
-                let _ = child.wait();
-                return Err(anyhow!(
-                    "{phase}: {program} timed out after {}ms and was killed{}",
-                    self.timeout.as_millis(),
-                    stderr_suffix(&collect(&stderr))
-                ));
-            }
-            std::thread::sleep(nap);
-            nap = (nap * 2).min(Duration::from_millis(20));
-        };
-        if !status.success() {
+    fn env(&self, phase: &str, backup_id: &str) -> Vec<(String, String)> {
+        vec![
+            ("STILLPOINT_BACKUP_ID".into(), backup_id.into()),
+            ("STILLPOINT_SERVER".into(), self.server.clone()),
+            ("STILLPOINT_PHASE".into(), phase.into()),
+        ]
+    }
+}
+
+/// Runs `argv` with `env` added to completion or until `timeout` kills it; returns the last
+/// stdout line. Shared with the guardian, which runs post_thaw commands the agent armed.
+pub fn run_command(
+    phase: &str,
+    argv: &[String],
+    env: &[(String, String)],
+    timeout: Duration,
+) -> anyhow::Result<String> {
+    let (program, args) = argv.split_first().ok_or_else(|| anyhow!("{phase}: empty command"))?;
+    let mut child = Command::new(program)
+        .args(args)
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("{phase}: start {program}"))?;
+    let stdout = tail_of(child.stdout.take());
+    let stderr = tail_of(child.stderr.take());
+    let started = Instant::now();
+    let mut nap = Duration::from_millis(1);
+    let status = loop {
+        if let Some(status) = child.try_wait().with_context(|| format!("{phase}: wait"))? {
+            break status;
+        }
+        if started.elapsed() >= timeout {
+            let _ = child.kill();
+            let _ = child.wait();
             return Err(anyhow!(
-                "{phase}: {program} failed with {status}{}",
+                "{phase}: {program} timed out after {}ms and was killed{}",
+                timeout.as_millis(),
                 stderr_suffix(&collect(&stderr))
             ));
         }
-        let out = collect(&stdout);
-        let last = out.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("").trim();
-        Ok(if last.is_empty() {
-            format!("{phase} ok in {}ms", started.elapsed().as_millis())
-        } else {
-            format!("{phase} ok in {}ms: {last}", started.elapsed().as_millis())
-        })
+        std::thread::sleep(nap);
+        nap = (nap * 2).min(Duration::from_millis(20));
+    };
+    if !status.success() {
+        return Err(anyhow!(
+            "{phase}: {program} failed with {status}{}",
+            stderr_suffix(&collect(&stderr))
+        ));
     }
+    let out = collect(&stdout);
+    let last = out.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("").trim();
+    Ok(if last.is_empty() {
+        format!("{phase} ok in {}ms", started.elapsed().as_millis())
+    } else {
+        format!("{phase} ok in {}ms: {last}", started.elapsed().as_millis())
+    })
 }
 
 impl Quiescer for Exec {
@@ -101,7 +113,9 @@ impl Quiescer for Exec {
 
     fn freeze(&self, backup_id: &str) -> anyhow::Result<String> {
         let detail = match &self.pre_freeze {
-            Some(argv) => self.run("pre-freeze", argv, backup_id)?,
+            Some(argv) => {
+                run_command("pre-freeze", argv, &self.env("pre-freeze", backup_id), self.timeout)?
+            }
             None => "no pre_freeze command".to_string(),
         };
         *self.frozen_for.lock().unwrap_or_else(|p| p.into_inner()) = Some(backup_id.to_string());
@@ -114,10 +128,25 @@ impl Quiescer for Exec {
             return Ok(());
         }
         if let Some(argv) = &self.post_thaw {
-            self.run("post-thaw", argv, backup_id)?;
+            run_command("post-thaw", argv, &self.env("post-thaw", backup_id), self.timeout)?;
         }
         *frozen_for = None;
         Ok(())
+    }
+
+    fn thaw_action(&self, backup_id: &str) -> anyhow::Result<Option<Action>> {
+        Ok(self.post_thaw.as_ref().map(|argv| Action::Run {
+            argv: argv.clone(),
+            env: self.env("post-thaw", backup_id),
+            timeout_ms: u64::try_from(self.timeout.as_millis()).unwrap_or(u64::MAX),
+        }))
+    }
+
+    fn thawed_elsewhere(&self, backup_id: &str) {
+        let mut frozen_for = self.frozen_for.lock().unwrap_or_else(|p| p.into_inner());
+        if frozen_for.as_deref() == Some(backup_id) {
+            *frozen_for = None;
+        }
     }
 }
 

@@ -11,6 +11,7 @@ use anyhow::{anyhow, Context};
 use stillpoint_core::sys;
 
 use super::Quiescer;
+use crate::guardian::Action;
 
 /// Freezes the filesystem mounted at `mount`.
 pub struct FsFreeze {
@@ -65,5 +66,13 @@ impl Quiescer for FsFreeze {
         }
         *ours = None;
         Ok(())
+    }
+
+    fn thaw_action(&self, _backup_id: &str) -> anyhow::Result<Option<Action>> {
+        Ok(Some(Action::Fithaw { mount: self.mount.clone() }))
+    }
+
+    fn thawed_elsewhere(&self, _backup_id: &str) {
+        *self.ours.lock().unwrap_or_else(|p| p.into_inner()) = None;
     }
 }

@@ -4,9 +4,11 @@
 use std::sync::Arc;
 
 use crate::config::{Config, QuiescerConfig};
+use crate::guardian::Action;
 
 pub mod exec;
 pub mod fsfreeze;
+pub mod stop;
 
 /// Makes one application or filesystem hold still for a snapshot.
 ///
@@ -25,6 +27,14 @@ pub trait Quiescer: Send + Sync {
     }
     fn freeze(&self, backup_id: &str) -> anyhow::Result<String>;
     fn thaw(&self, backup_id: &str) -> anyhow::Result<()>;
+    /// What the guardian must do to undo this quiescer's freeze for `backup_id` if the agent
+    /// cannot; asked just before `freeze` (an error refuses the freeze). `None`: nothing to undo.
+    fn thaw_action(&self, _backup_id: &str) -> anyhow::Result<Option<Action>> {
+        Ok(None)
+    }
+    /// The guardian (or a restarted agent) already ran this quiescer's thaw action for
+    /// `backup_id`: forget the freeze without undoing it again.
+    fn thawed_elsewhere(&self, _backup_id: &str) {}
 }
 
 /// Builds the configured quiescers, in config order.
@@ -45,6 +55,9 @@ pub fn build(config: &Config) -> Vec<Arc<dyn Quiescer>> {
                 }
                 QuiescerConfig::Fsfreeze { mount } => {
                     Arc::new(fsfreeze::FsFreeze::new(q.name(), mount.clone()))
+                }
+                QuiescerConfig::Stop { name, pidfile } => {
+                    Arc::new(stop::Stop::new(name.clone(), pidfile.clone()))
                 }
             }
         })

@@ -1,5 +1,6 @@
 //! The mock SAN provider: snapshots this server's LUNs in a `stillpoint_core::san::Array`. The
-//! volume is the LUN name and the locator is the snapshot file's path.
+//! volume is the LUN name and the locator is the snapshot file's path. An optional delay before
+//! each snapshot plays a slow array (a test and demo knob).
 
 use std::path::Path;
 
@@ -15,11 +16,22 @@ const KIND: &str = "mock-san";
 pub struct MockSan {
     array: Array,
     server: String,
+    delay: std::time::Duration,
 }
 
 impl MockSan {
     pub fn open(root: &Path, server: &str) -> crate::Result<MockSan> {
-        Ok(MockSan { array: Array::open(root)?, server: server.to_string() })
+        Ok(MockSan {
+            array: Array::open(root)?,
+            server: server.to_string(),
+            delay: std::time::Duration::ZERO,
+        })
+    }
+
+    /// Sleeps `delay` before creating each snapshot.
+    pub fn with_delay(mut self, delay: std::time::Duration) -> MockSan {
+        self.delay = delay;
+        self
     }
 }
 
@@ -32,6 +44,7 @@ impl SnapshotProvider for MockSan {
         volumes
             .iter()
             .map(|lun| {
+                std::thread::sleep(self.delay);
                 let (snap, _) = self
                     .array
                     .snapshot(backup_id, &self.server, lun)

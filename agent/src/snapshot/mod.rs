@@ -30,9 +30,10 @@ pub trait SnapshotProvider: Send + Sync {
 /// Builds the configured provider.
 pub fn build(config: &Config) -> Result<Arc<dyn SnapshotProvider>> {
     Ok(match &config.snapshot {
-        SnapshotConfig::MockSan { array } => {
-            Arc::new(mock_san::MockSan::open(array, &config.server)?)
-        }
+        SnapshotConfig::MockSan { array, snapshot_delay_ms } => Arc::new(
+            mock_san::MockSan::open(array, &config.server)?
+                .with_delay(std::time::Duration::from_millis(*snapshot_delay_ms)),
+        ),
         SnapshotConfig::Btrfs { snapshot_dir } => Arc::new(btrfs::Btrfs::new(snapshot_dir.clone())),
     })
 }

@@ -1,6 +1,7 @@
 //! The `stillpoint-agent` binary itself: a bad config exits 2 naming every problem; a good one
 //! serves until SIGTERM, thaws what it froze, and exits 0.
 
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -46,10 +47,11 @@ async fn the_binary_serves_until_sigterm_and_thaws_on_the_way_out() {
     let (pre_freeze, post_thaw) = (marker("pre"), marker("post"));
     let quote = |argv: Option<Vec<String>>| format!("{:?}", argv.unwrap());
     let config = format!(
-        "server = \"srv-a\"\nlisten = \"127.0.0.1:{port}\"\nvolumes = [\"data\"]\n\
+        "server = \"srv-a\"\nlisten = \"127.0.0.1:{port}\"\nvolumes = [\"data\"]\nstate_dir = {:?}\n\
          [tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\n\
          [[quiescer]]\nkind = \"exec\"\nname = \"app\"\npre_freeze = {}\npost_thaw = {}\n\
          [snapshot]\nprovider = \"mock-san\"\narray = {:?}\n",
+        dir.path().join("state"),
         tls.ca,
         tls.cert,
         tls.key,
@@ -83,9 +85,15 @@ async fn the_binary_serves_until_sigterm_and_thaws_on_the_way_out() {
     let p = client.prepare(PrepareRequest { backup_id: "b1".into(), lease_ms: 60_000 }).await;
     assert!(p.unwrap().into_inner().prepared);
 
+    let pidfile = dir.path().join("state").join("srv-a.guardian.pid");
+    let guardian = std::fs::read_to_string(&pidfile).unwrap().trim().to_string();
+    assert!(Path::new("/proc").join(&guardian).exists());
     run("kill", &["-TERM", &child.id().to_string()]);
     let status = child.wait().unwrap();
     assert!(status.success(), "{status}");
+    // The guardian was released, then closed: it ran nothing twice and is gone.
+    assert!(!Path::new("/proc").join(&guardian).exists(), "guardian {guardian} still runs");
+    assert!(!pidfile.exists());
     let post = std::fs::read_to_string(dir.path().join("app.post")).unwrap();
     assert_eq!(post.trim(), "b1 srv-a post-thaw");
 }

@@ -22,7 +22,8 @@ async fn fsfreeze_on_xfs_in_a_mock_san_lun_holds_writes_until_commit() {
     write_synced(&live.mount, "before", "written before the freeze");
 
     let quiescers = vec![QuiescerConfig::Fsfreeze { mount: live.mount.clone() }];
-    let snapshot = SnapshotConfig::MockSan { array: array.root().to_path_buf() };
+    let snapshot =
+        SnapshotConfig::MockSan { array: array.root().to_path_buf(), snapshot_delay_ms: 0 };
     let agent = Agent::start(config(&certs, &["data"], quiescers, snapshot)).await;
     let mut client = agent.client(&certs, "listener");
 
@@ -73,7 +74,8 @@ async fn fsfreeze_of_a_filesystem_someone_else_froze_is_refused_and_left_frozen(
     run("fsfreeze", &["--freeze", live.mount.to_str().unwrap()]);
 
     let quiescers = vec![QuiescerConfig::Fsfreeze { mount: live.mount.clone() }];
-    let snapshot = SnapshotConfig::MockSan { array: array.root().to_path_buf() };
+    let snapshot =
+        SnapshotConfig::MockSan { array: array.root().to_path_buf(), snapshot_delay_ms: 0 };
     let agent = Agent::start(config(&certs, &["data"], quiescers, snapshot)).await;
     let mut client = agent.client(&certs, "listener");
     let p = client.prepare(PrepareRequest { backup_id: "b1".into(), lease_ms: 30_000 }).await;

@@ -21,7 +21,7 @@ fn array(dir: &Path, server: &str) -> Array {
 }
 
 fn mock_san(dir: &Path) -> SnapshotConfig {
-    SnapshotConfig::MockSan { array: dir.join("array") }
+    SnapshotConfig::MockSan { array: dir.join("array"), snapshot_delay_ms: 0 }
 }
 
 fn prepare(id: &str, lease_ms: u64) -> PrepareRequest {

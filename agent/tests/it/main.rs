@@ -4,4 +4,5 @@
 mod bin;
 mod fs;
 mod grpc;
+mod guardian;
 mod support;

@@ -57,6 +57,7 @@ pub fn config(
         tls: certs.files(&certs.server),
         quiescers,
         snapshot,
+        state_dir: certs.dir.path().join("state"),
     }
 }
 
@@ -94,9 +95,12 @@ impl Agent {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
         let (tx, rx) = tokio::sync::oneshot::channel();
-        let task = tokio::spawn(stillpoint_agent::run(config, listener, async move {
+        let shutdown = async move {
             let _ = rx.await;
-        }));
+        };
+        let bin = std::path::PathBuf::from(env!("CARGO_BIN_EXE_stillpoint-agent"));
+        let task =
+            tokio::spawn(stillpoint_agent::run_with_guardian(config, listener, shutdown, bin));
         Agent { port, shutdown: Some(tx), task: Some(task) }
     }
 

@@ -1,0 +1,312 @@
+//! The freeze guardian: a tiny second process (`stillpoint-agent guardian`) joined to the agent
+//! by a pipe on its stdin. It holds a thaw action for everything the agent froze and runs a
+//! backup's actions in reverse order when that backup's lease runs out or when its stdin reaches
+//! EOF (the agent died, even by SIGKILL). The kernel never thaws a frozen filesystem by itself.
+//!
+//! [`Ledger`] is the pure bookkeeping (time is an argument); [`serve`] is the IO loop; `link` is
+//! the agent's end of the pipe.
+
+use std::collections::VecDeque;
+use std::fs::File;
+use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::{self, RecvTimeoutError};
+use std::time::{Duration, Instant};
+
+use anyhow::anyhow;
+use serde::{Deserialize, Serialize};
+use tracing::{error, warn};
+
+use crate::sys::{self, Signal};
+
+pub mod link;
+
+/// How many thawed backups the guardian remembers, to answer a late release or arm.
+const KEEP_THAWED: usize = 100;
+
+/// What undoes one quiescer's freeze. Each is safe to run twice.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case", deny_unknown_fields)]
+pub enum Action {
+    /// FITHAW the filesystem mounted at `mount`; EINVAL (not frozen) counts as done.
+    Fithaw { mount: PathBuf },
+    /// Run an exec quiescer's post_thaw command with `env` added, killed after `timeout_ms`.
+    Run { argv: Vec<String>, env: Vec<(String, String)>, timeout_ms: u64 },
+    /// SIGCONT a process the stop quiescer stopped; ESRCH (gone) counts as done.
+    Resume { pid: i32 },
+}
+
+impl Action {
+    /// What running this action did, in the past tense, for logs: "thawed /mnt/x".
+    pub fn done(&self, key: &str) -> String {
+        match self {
+            Action::Fithaw { mount } => format!("thawed {}", mount.display()),
+            Action::Run { .. } => format!("ran post_thaw of quiescer {key}"),
+            Action::Resume { pid } => format!("resumed process {pid} of quiescer {key}"),
+        }
+    }
+
+    /// Runs the action, blocking; returns a one-line detail.
+    pub fn execute(&self) -> anyhow::Result<String> {
+        match self {
+            Action::Fithaw { mount } => {
+                let dir = File::open(mount)
+                    .map_err(|e| anyhow!("thaw {}: open: {e}", mount.display()))?;
+                match stillpoint_core::sys::thaw(&dir) {
+                    Ok(()) => Ok(format!("thawed {}", mount.display())),
+                    Err(e) if e.kind() == ErrorKind::InvalidInput => {
+                        Ok(format!("{} was not frozen", mount.display()))
+                    }
+                    Err(e) => Err(anyhow!("thaw {}: {e}", mount.display())),
+                }
+            }
+            Action::Run { argv, env, timeout_ms } => crate::quiesce::exec::run_command(
+                "post-thaw",
+                argv,
+                env,
+                Duration::from_millis(*timeout_ms),
+            ),
+            Action::Resume { pid } => match sys::kill(*pid, Signal::Cont) {
+                Ok(()) => Ok(format!("resumed process {pid}")),
+                Err(e) if e.raw_os_error() == Some(libc::ESRCH) => {
+                    Ok(format!("process {pid} is gone"))
+                }
+                Err(e) => Err(anyhow!("resume process {pid}: {e}")),
+            },
+        }
+    }
+}
+
+/// A message from the agent, one JSON line each.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "kebab-case", deny_unknown_fields)]
+pub enum Request {
+    /// Hold `action` (named `key`, the quiescer) for `backup`. The first arm of a backup starts
+    /// its lease of `lease_ms`, counted from when the guardian reads it.
+    Arm { backup: String, lease_ms: u64, key: String, action: Action },
+    /// Forget one action: its freeze did not happen (e.g. EBUSY, someone else's freeze).
+    Disarm { backup: String, key: String },
+    /// Hand every action of `backup` back to the agent, which thaws it itself.
+    Release { backup: String },
+}
+
+/// What the guardian did with a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Outcome {
+    Armed,
+    Disarmed,
+    /// The actions are the agent's again: it must run them.
+    Released,
+    /// The guardian already ran this backup's actions (its lease ran out): do not run them again.
+    AlreadyThawed,
+    /// The guardian holds nothing for this backup.
+    Unknown,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Envelope {
+    seq: u64,
+    #[serde(flatten)]
+    request: Request,
+}
+
+/// The guardian's answer to request `seq`, one JSON line on its stdout.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Reply {
+    pub seq: u64,
+    #[serde(default)]
+    pub outcome: Option<Outcome>,
+    #[serde(default)]
+    pub error: Option<String>,
+}
+
+/// The thaw actions held for one backup, in the order they were armed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Held {
+    pub backup: String,
+    pub lease_ms: u64,
+    /// Guardian milliseconds at which the lease runs out.
+    pub deadline: u64,
+    pub actions: Vec<(String, Action)>,
+}
+
+/// The guardian's bookkeeping: what it holds and when each lease runs out. No IO, no clock.
+#[derive(Debug, Default)]
+pub struct Ledger {
+    held: Vec<Held>,
+    thawed: VecDeque<String>,
+}
+
+impl Ledger {
+    /// Applies one request received at `now` (ms).
+    pub fn handle(&mut self, now: u64, request: Request) -> Outcome {
+        match request {
+            Request::Arm { backup, lease_ms, key, action } => {
+                if self.thawed.contains(&backup) {
+                    return Outcome::AlreadyThawed;
+                }
+                match self.held.iter_mut().find(|h| h.backup == backup) {
+                    Some(h) => {
+                        h.actions.retain(|(k, _)| *k != key);
+                        h.actions.push((key, action));
+                    }
+                    None => self.held.push(Held {
+                        backup,
+                        lease_ms,
+                        deadline: now.saturating_add(lease_ms),
+                        actions: vec![(key, action)],
+                    }),
+                }
+                Outcome::Armed
+            }
+            Request::Disarm { backup, key } => {
+                match self.held.iter_mut().find(|h| h.backup == backup) {
+                    Some(h) if h.actions.iter().any(|(k, _)| *k == key) => {
+                        h.actions.retain(|(k, _)| *k != key);
+                        Outcome::Disarmed
+                    }
+                    _ if self.thawed.contains(&backup) => Outcome::AlreadyThawed,
+                    _ => Outcome::Unknown,
+                }
+            }
+            Request::Release { backup } => {
+                match self.held.iter().position(|h| h.backup == backup) {
+                    Some(at) => {
+                        self.held.remove(at);
+                        Outcome::Released
+                    }
+                    None if self.thawed.contains(&backup) => Outcome::AlreadyThawed,
+                    None => Outcome::Unknown,
+                }
+            }
+        }
+    }
+
+    /// The earliest lease end among held backups.
+    pub fn next_deadline(&self) -> Option<u64> {
+        self.held.iter().map(|h| h.deadline).min()
+    }
+
+    /// Takes the backups whose lease ran out by `now`, each with its actions in reverse order
+    /// (the order to run them), and remembers them as thawed.
+    pub fn due(&mut self, now: u64) -> Vec<Held> {
+        let (due, keep): (Vec<Held>, Vec<Held>) =
+            std::mem::take(&mut self.held).into_iter().partition(|h| now >= h.deadline);
+        self.held = keep;
+        due.into_iter().map(|h| self.thawing(h)).collect()
+    }
+
+    /// Takes everything held (the agent is gone), newest backup first, actions reversed.
+    pub fn drain(&mut self) -> Vec<Held> {
+        let all = std::mem::take(&mut self.held);
+        all.into_iter().rev().map(|h| self.thawing(h)).collect()
+    }
+
+    fn thawing(&mut self, mut held: Held) -> Held {
+        held.actions.reverse();
+        self.thawed.push_back(held.backup.clone());
+        while self.thawed.len() > KEEP_THAWED {
+            self.thawed.pop_front();
+        }
+        held
+    }
+}
+
+fn ms(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// Runs a backup's actions (already reversed) and logs each as "guardian: <why>; <done>".
+fn fire(held: &[Held], why: &str, journal: Option<&Path>) {
+    for h in held {
+        for (key, action) in &h.actions {
+            match action.execute() {
+                Ok(_) => warn!("guardian: {why}; {} for backup {}", action.done(key), h.backup),
+                Err(e) => error!(
+                    "guardian: {why}; could not undo quiescer {key} for backup {}: {e:#}",
+                    h.backup
+                ),
+            }
+        }
+        if let Some(path) = journal {
+            if let Err(e) = crate::journal::Journal::forget(path, &h.backup) {
+                error!("guardian: journal {}: {e}", path.display());
+            }
+        }
+    }
+}
+
+/// The guardian's loop: reads requests from `input`, answers on `output`, fires leases, and on
+/// EOF runs everything it holds and returns. `journal`, when given, loses each backup it thaws.
+pub fn serve(input: impl Read + Send + 'static, mut output: impl Write, journal: Option<&Path>) {
+    let origin = Instant::now();
+    let (tx, rx) = mpsc::channel::<(Instant, Option<String>)>();
+    std::thread::spawn(move || {
+        for line in BufReader::new(input).lines() {
+            let Ok(line) = line else { break };
+            // Stamped on arrival, so a busy loop does not push a deadline later.
+            if tx.send((Instant::now(), Some(line))).is_err() {
+                return;
+            }
+        }
+        let _ = tx.send((Instant::now(), None));
+    });
+    let mut ledger = Ledger::default();
+    loop {
+        let now = ms(origin.elapsed());
+        let got = match ledger.next_deadline() {
+            Some(d) => rx.recv_timeout(Duration::from_millis(d.saturating_sub(now))),
+            None => rx.recv().map_err(|_| RecvTimeoutError::Disconnected),
+        };
+        match got {
+            Ok((at, Some(line))) => {
+                let at = ms(at.saturating_duration_since(origin));
+                expire(&mut ledger, at, journal);
+                let reply = match serde_json::from_str::<Envelope>(&line) {
+                    Ok(env) => Reply {
+                        seq: env.seq,
+                        outcome: Some(ledger.handle(at, env.request)),
+                        error: None,
+                    },
+                    Err(e) => {
+                        error!("guardian: unreadable request {line:?}: {e}");
+                        let seq = serde_json::from_str::<serde_json::Value>(&line)
+                            .ok()
+                            .and_then(|v| v.get("seq").and_then(|s| s.as_u64()))
+                            .unwrap_or(0);
+                        Reply {
+                            seq,
+                            outcome: None,
+                            error: Some(format!("unreadable request: {e}")),
+                        }
+                    }
+                };
+                if let Ok(text) = serde_json::to_string(&reply) {
+                    // A failed reply means the agent is gone; EOF on stdin follows.
+                    let _ = writeln!(output, "{text}").and_then(|()| output.flush());
+                }
+            }
+            Err(RecvTimeoutError::Timeout) => expire(&mut ledger, ms(origin.elapsed()), journal),
+            Ok((_, None)) | Err(RecvTimeoutError::Disconnected) => {
+                fire(&ledger.drain(), "agent gone", journal);
+                return;
+            }
+        }
+    }
+}
+
+fn expire(ledger: &mut Ledger, now: u64, journal: Option<&Path>) {
+    for held in ledger.due(now) {
+        let why = format!("lease of {}ms ran out", held.lease_ms);
+        fire(std::slice::from_ref(&held), &why, journal);
+    }
+}
+
+/// The `stillpoint-agent guardian` subcommand: serves stdin/stdout until EOF.
+pub fn main(journal: Option<&Path>) {
+    serve(std::io::stdin(), std::io::stdout(), journal);
+}
+
+#[cfg(test)]
+mod tests;

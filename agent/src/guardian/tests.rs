@@ -1,0 +1,131 @@
+//! The guardian's bookkeeping with time as an input: deadlines start at first hearing, actions
+//! run in reverse order, release hands them back exactly once.
+
+use super::*;
+
+fn fithaw(mount: &str) -> Action {
+    Action::Fithaw { mount: mount.into() }
+}
+
+fn arm(backup: &str, lease_ms: u64, key: &str) -> Request {
+    Request::Arm { backup: backup.into(), lease_ms, key: key.into(), action: fithaw(key) }
+}
+
+fn check(requests: &[(u64, Request)]) -> (Ledger, Vec<Outcome>) {
+    let mut ledger = Ledger::default();
+    let outcomes = requests.iter().map(|(at, r)| ledger.handle(*at, r.clone())).collect();
+    (ledger, outcomes)
+}
+
+fn keys(held: &Held) -> Vec<&str> {
+    held.actions.iter().map(|(k, _)| k.as_str()).collect()
+}
+
+#[test]
+fn the_lease_counts_from_the_first_arm_and_actions_run_in_reverse() {
+    let (mut ledger, outcomes) = check(&[
+        (100, arm("b1", 1000, "/a")),
+        (400, arm("b1", 1000, "/b")),
+        (450, arm("b1", 5, "/c")),
+    ]);
+    assert_eq!(outcomes, [Outcome::Armed; 3]);
+    assert_eq!(ledger.next_deadline(), Some(1100));
+    assert!(ledger.due(1099).is_empty());
+    let due = ledger.due(1100);
+    assert_eq!(due.len(), 1);
+    assert_eq!(keys(&due[0]), ["/c", "/b", "/a"]);
+    assert_eq!(ledger.next_deadline(), None);
+    // Late requests learn it was thawed; nothing runs twice.
+    assert_eq!(
+        ledger.handle(1200, Request::Release { backup: "b1".into() }),
+        Outcome::AlreadyThawed
+    );
+    assert_eq!(ledger.handle(1200, arm("b1", 1000, "/d")), Outcome::AlreadyThawed);
+    assert!(ledger.due(10_000).is_empty());
+}
+
+#[test]
+fn release_hands_the_actions_back_and_nothing_fires_later() {
+    let (mut ledger, outcomes) =
+        check(&[(0, arm("b1", 1000, "/a")), (10, Request::Release { backup: "b1".into() })]);
+    assert_eq!(outcomes, [Outcome::Armed, Outcome::Released]);
+    assert!(ledger.due(5000).is_empty());
+    assert!(ledger.drain().is_empty());
+    assert_eq!(ledger.handle(20, Request::Release { backup: "b1".into() }), Outcome::Unknown);
+}
+
+#[test]
+fn disarm_drops_one_action_that_must_never_run() {
+    let (mut ledger, outcomes) = check(&[
+        (0, arm("b1", 1000, "/a")),
+        (1, arm("b1", 1000, "/busy")),
+        (2, Request::Disarm { backup: "b1".into(), key: "/busy".into() }),
+        (3, Request::Disarm { backup: "b1".into(), key: "/never".into() }),
+    ]);
+    assert_eq!(outcomes, [Outcome::Armed, Outcome::Armed, Outcome::Disarmed, Outcome::Unknown]);
+    assert_eq!(keys(&ledger.due(1000)[0]), ["/a"]);
+}
+
+#[test]
+fn eof_drains_everything_newest_backup_first() {
+    let (mut ledger, _) = check(&[
+        (0, arm("b1", 60_000, "/a")),
+        (0, arm("b1", 60_000, "/b")),
+        (5, arm("b2", 1000, "/c")),
+    ]);
+    let all = ledger.drain();
+    let order: Vec<_> = all.iter().map(|h| (h.backup.as_str(), keys(h))).collect();
+    assert_eq!(order, [("b2", vec!["/c"]), ("b1", vec!["/b", "/a"])]);
+    assert_eq!(ledger.next_deadline(), None);
+}
+
+#[test]
+fn requests_and_replies_are_one_json_line_each() {
+    let env = Envelope { seq: 7, request: arm("b1", 1000, "/a") };
+    let line = serde_json::to_string(&env).unwrap();
+    assert_eq!(
+        line,
+        r#"{"seq":7,"op":"arm","backup":"b1","lease_ms":1000,"key":"/a","action":{"kind":"fithaw","mount":"/a"}}"#
+    );
+    let back: Envelope = serde_json::from_str(&line).unwrap();
+    assert_eq!(back.request, env.request);
+    let run = Action::Run { argv: vec!["true".into()], env: vec![], timeout_ms: 5 };
+    assert_eq!(run.done("app"), "ran post_thaw of quiescer app");
+}
+
+#[test]
+fn serve_answers_in_order_and_runs_what_it_holds_at_eof() {
+    let dir = tempfile::tempdir().unwrap();
+    let marker = dir.path().join("ran");
+    let action = Action::Run {
+        argv: vec!["/bin/sh".into(), "-c".into(), format!("echo x >> {}", marker.display())],
+        env: vec![],
+        timeout_ms: 5000,
+    };
+    let requests = [
+        Envelope {
+            seq: 1,
+            request: Request::Arm {
+                backup: "b1".into(),
+                lease_ms: 60_000,
+                key: "app".into(),
+                action,
+            },
+        },
+        Envelope { seq: 2, request: Request::Release { backup: "nope".into() } },
+    ];
+    let input: String =
+        requests.iter().map(|r| serde_json::to_string(r).unwrap() + "\n").collect::<String>()
+            + "garbage\n";
+    let mut output = Vec::new();
+    serve(std::io::Cursor::new(input.into_bytes()), &mut output, None);
+    let replies: Vec<Reply> = String::from_utf8(output)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(replies[0].outcome, Some(Outcome::Armed));
+    assert_eq!((replies[1].seq, replies[1].outcome), (2, Some(Outcome::Unknown)));
+    assert!(replies[2].error.as_deref().unwrap_or("").contains("unreadable"), "{:?}", replies[2]);
+    assert_eq!(std::fs::read_to_string(&marker).unwrap(), "x\n");
+}

@@ -1,0 +1,576 @@
+//! The fault suite (FAULTS.md): each case injects one fault into a running backup of three real
+//! agents, then asserts the same things: no application left frozen (every freeze of the exec
+//! quiescer was followed by its thaw), the backup's final state and reason, no snapshot left in
+//! the array once the sweep has run, and the earlier good backup still listed and intact.
+
+use std::collections::HashMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use stillpoint_tests::proxy::Mode;
+
+use crate::harness::{wait_for, Cluster, Copy, Spec};
+
+/// An exec quiescer whose behaviour the test steers with files in the control dir:
+/// `delay-S` (seconds to take before freezing), `fail-S` (fail the freeze). Every freeze appends
+/// `F` to `S.events`, every thaw `T`.
+pub fn steerable(server: &str, root: &Path) -> String {
+    let d = root.join("control").display().to_string();
+    let pre = format!(
+        "if [ -f {d}/fail-{server} ]; then echo 'injected failure on {server}' >&2; exit 3; fi; \
+         if [ -f {d}/delay-{server} ]; then sleep $(cat {d}/delay-{server}); fi; echo F >> {d}/{server}.events"
+    );
+    let post = format!("echo T >> {d}/{server}.events");
+    format!(
+        "[[quiescer]]\nkind = \"exec\"\nname = \"app\"\ntimeout_ms = 4000\npre_freeze = [\"/bin/sh\", \"-c\", {pre:?}]\npost_thaw = [\"/bin/sh\", \"-c\", {post:?}]\n"
+    )
+}
+
+fn spec() -> Spec {
+    let mut spec = Spec::three(steerable);
+    spec.lease_ms = 4_000;
+    spec.sweep_interval_ms = 1_000;
+    spec
+}
+
+fn control(cluster: &Cluster, file: &str) -> PathBuf {
+    cluster.root().join("control").join(file)
+}
+
+fn set(cluster: &Cluster, file: &str, value: &str) {
+    fs::write(control(cluster, file), value).expect("write control file");
+}
+
+/// `true` while the server's application is frozen: its last event is a freeze.
+fn froze(cluster: &Cluster, server: &str) -> bool {
+    let events =
+        fs::read_to_string(control(cluster, &format!("{server}.events"))).unwrap_or_default();
+    events.trim_end().ends_with('F')
+}
+
+/// Every freeze was followed by a thaw.
+fn thawed(cluster: &Cluster, server: &str) -> bool {
+    let events =
+        fs::read_to_string(control(cluster, &format!("{server}.events"))).unwrap_or_default();
+    match events.rfind('F') {
+        None => true,
+        Some(f) => events[f..].contains('T'),
+    }
+}
+
+struct Good {
+    id: String,
+    copies: HashMap<PathBuf, Vec<u8>>,
+}
+
+/// A good backup first, whose catalog entry and copies the fault must not disturb.
+fn good_backup(cluster: &Cluster) -> Good {
+    let (code, backup) = cluster.backupctl_json(&["start", "--group", "g", "--wait", "complete"]);
+    assert_eq!(code, 0, "the baseline backup must succeed: {backup:#}\n{}", cluster.listener_log());
+    let id = backup["backup_id"].as_str().expect("id").to_string();
+    let mut copies = HashMap::new();
+    if let Ok(dir) = fs::read_dir(cluster.copies_of(&id)) {
+        for entry in dir.flatten() {
+            copies.insert(entry.path(), fs::read(entry.path()).expect("read copy"));
+        }
+    }
+    Good { id, copies }
+}
+
+fn start(cluster: &Cluster) -> String {
+    let out = cluster.backupctl("operator", &["start", "--group", "g"]);
+    assert!(out.status.success(), "start: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+fn status(cluster: &Cluster, id: &str) -> Value {
+    cluster.backupctl_json(&["status", id]).1
+}
+
+async fn wait_state(cluster: &Cluster, id: &str, states: &[&str], timeout: Duration) -> Value {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let backup = status(cluster, id);
+        if states.contains(&backup["state"].as_str().unwrap_or_default()) {
+            return backup;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "backup {id} never reached {states:?}: {backup:#}\n{}",
+            cluster.listener_log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn wait_frozen(cluster: &Cluster, server: &str) {
+    wait_for(&format!("{server} to freeze"), Duration::from_secs(10), || {
+        froze(cluster, server).then_some(())
+    })
+    .await;
+}
+
+/// The checks every case ends with.
+async fn assert_clean(
+    cluster: &Cluster,
+    good: &Good,
+    id: &str,
+    state: &str,
+    reason: &str,
+) -> Value {
+    let backup =
+        wait_state(cluster, id, &["SUCCEEDED", "FAILED", "ABORTED"], Duration::from_secs(30)).await;
+    assert_eq!(backup["state"], state, "{backup:#}\nlistener log:\n{}", cluster.listener_log());
+    let got = backup["reason"].as_str().unwrap_or_default();
+    assert!(got.contains(reason), "reason {got:?} lacks {reason:?}");
+    for server in &cluster.spec.servers {
+        wait_for(&format!("{server} to be thawed"), Duration::from_secs(10), || {
+            thawed(cluster, server).then_some(())
+        })
+        .await;
+    }
+    wait_for("the sweep to leave no snapshot in the array", Duration::from_secs(20), || {
+        cluster.array.snapshots(None).expect("list snapshots").is_empty().then_some(())
+    })
+    .await;
+    let (_, list) = cluster.backupctl_json(&["list", "--limit", "0"]);
+    let listed =
+        list.as_array().expect("list").iter().find(|b| b["backup_id"] == good.id.as_str()).cloned();
+    assert_eq!(
+        listed.map(|b| b["state"].clone()),
+        Some(Value::from("SUCCEEDED")),
+        "the good backup is still listed"
+    );
+    for (path, bytes) in &good.copies {
+        assert!(
+            fs::read(path).ok().as_ref() == Some(bytes),
+            "copy {} of the good backup changed",
+            path.display()
+        );
+    }
+    backup
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_killed_while_preparing() {
+    let mut cluster = Cluster::start(spec()).await;
+    let good = good_backup(&cluster);
+    set(&cluster, "delay-srv-b", "2");
+    let id = start(&cluster);
+    wait_frozen(&cluster, "srv-a").await;
+    cluster.kill_agent("srv-b");
+    let backup = assert_clean(&cluster, &good, &id, "FAILED", "srv-b").await;
+    assert_eq!(backup["failed_phase"], "PREPARING");
+    cluster.restart_agent("srv-b").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_killed_while_frozen() {
+    let mut cluster = Cluster::start(spec()).await;
+    let good = good_backup(&cluster);
+    set(&cluster, "delay-srv-c", "1");
+    let id = start(&cluster);
+    wait_frozen(&cluster, "srv-a").await;
+    let killed = Instant::now();
+    cluster.kill_agent("srv-a");
+    wait_for("srv-a thawed by its guardian", Duration::from_secs(3), || {
+        thawed(&cluster, "srv-a").then_some(())
+    })
+    .await;
+    eprintln!("srv-a thawed {:?} after its agent was SIGKILLed", killed.elapsed());
+    assert_clean(&cluster, &good, &id, "FAILED", "srv-a").await;
+    cluster.restart_agent("srv-a").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_killed_while_snapshotting() {
+    let mut s = spec();
+    s.provider_extra =
+        |server| if server == "srv-a" { "snapshot_delay_ms = 1500".into() } else { String::new() };
+    let mut cluster = Cluster::start(s).await;
+    let good = good_backup(&cluster);
+    let id = start(&cluster);
+    wait_state(&cluster, &id, &["COMMITTING"], Duration::from_secs(10)).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    cluster.kill_agent("srv-a");
+    assert_clean(&cluster, &good, &id, "FAILED", "srv-a").await;
+    cluster.restart_agent("srv-a").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_killed_while_copying_leaves_its_snapshot_to_the_sweep() {
+    let mut s = spec();
+    s.copy = Copy::Command { before: "sleep 1".into(), dest: None };
+    let mut cluster = Cluster::start(s).await;
+    let good = good_backup(&cluster);
+    let id = start(&cluster);
+    wait_state(&cluster, &id, &["COPYING"], Duration::from_secs(10)).await;
+    cluster.kill_agent("srv-a");
+    // The copy reads the shared array, so it completes; only srv-a's cleanup cannot.
+    let backup = wait_state(&cluster, &id, &["SUCCEEDED", "FAILED"], Duration::from_secs(30)).await;
+    assert_eq!(backup["state"], "SUCCEEDED", "{backup:#}");
+    assert_eq!(
+        cluster.array.snapshots(Some(&id)).expect("snapshots").len(),
+        1,
+        "srv-a's snapshot waits for the sweep"
+    );
+    cluster.restart_agent("srv-a").await;
+    assert_clean(&cluster, &good, &id, "SUCCEEDED", "").await;
+    let out = cluster.backupctl("viewer", &["log", &id]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("swept leftover on srv-a"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_killed_while_cleaning() {
+    let mut s = spec();
+    // The copy of srv-a kills srv-a's agent as it finishes: its Cleanup finds no one.
+    s.copy = Copy::Command { before: String::new(), dest: None };
+    let mut cluster = Cluster::start(s).await;
+    let good = good_backup(&cluster);
+    let pid = cluster.agent("srv-a").proc.child.id();
+    fs::write(
+        cluster.root().join("control").join("kill-on-copy"),
+        format!("[ \"$STILLPOINT_SERVER\" = srv-a ] && kill -9 {pid}\n"),
+    )
+    .expect("write hook");
+    let hook = cluster.root().join("control").join("kill-on-copy");
+    let listener_config = fs::read_to_string(&cluster.listener_config).expect("listener config");
+    let patched =
+        listener_config.replacen("mkdir -p", &format!(". {}; mkdir -p", hook.display()), 1);
+    fs::write(&cluster.listener_config, patched).expect("patch listener config");
+    cluster.listener.as_mut().expect("listener").kill();
+    cluster.start_listener().await;
+    let id = start(&cluster);
+    let backup = wait_state(&cluster, &id, &["SUCCEEDED", "FAILED"], Duration::from_secs(30)).await;
+    assert_eq!(backup["state"], "SUCCEEDED", "{backup:#}");
+    cluster.restart_agent("srv-a").await;
+    assert_clean(&cluster, &good, &id, "SUCCEEDED", "").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listener_killed_while_preparing() {
+    let mut cluster = Cluster::start(spec()).await;
+    let good = good_backup(&cluster);
+    set(&cluster, "delay-srv-c", "2");
+    let id = start(&cluster);
+    wait_frozen(&cluster, "srv-a").await;
+    cluster.listener.as_mut().expect("listener").kill();
+    cluster.start_listener().await;
+    assert_clean(
+        &cluster,
+        &good,
+        &id,
+        "FAILED",
+        "listener restarted while the backup was PREPARING",
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listener_killed_while_snapshotting() {
+    let mut s = spec();
+    s.provider_extra = |_| "snapshot_delay_ms = 1000".into();
+    let mut cluster = Cluster::start(s).await;
+    let good = good_backup(&cluster);
+    let id = start(&cluster);
+    wait_state(&cluster, &id, &["COMMITTING"], Duration::from_secs(10)).await;
+    cluster.listener.as_mut().expect("listener").kill();
+    cluster.start_listener().await;
+    assert_clean(
+        &cluster,
+        &good,
+        &id,
+        "FAILED",
+        "listener restarted while the backup was COMMITTING",
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listener_killed_while_copying() {
+    let mut s = spec();
+    s.copy = Copy::Command { before: "sleep 2".into(), dest: None };
+    let mut cluster = Cluster::start(s).await;
+    let good = good_backup(&cluster);
+    let id = start(&cluster);
+    wait_state(&cluster, &id, &["COPYING"], Duration::from_secs(10)).await;
+    cluster.listener.as_mut().expect("listener").kill();
+    cluster.start_listener().await;
+    assert_clean(&cluster, &good, &id, "FAILED", "listener restarted while the backup was COPYING")
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listener_stopped_past_the_lease_while_frozen() {
+    let cluster = Cluster::start(spec()).await;
+    let good = good_backup(&cluster);
+    set(&cluster, "delay-srv-c", "1");
+    let id = start(&cluster);
+    wait_frozen(&cluster, "srv-a").await;
+    let listener = cluster.listener.as_ref().expect("listener");
+    listener.signal("STOP");
+    let stopped = Instant::now();
+    for server in ["srv-a", "srv-b"] {
+        wait_for(&format!("{server} to thaw at its lease"), Duration::from_secs(8), || {
+            thawed(&cluster, server).then_some(())
+        })
+        .await;
+    }
+    eprintln!("agents thawed {:?} after the listener stopped (lease 4 s)", stopped.elapsed());
+    cluster.listener.as_ref().expect("listener").signal("CONT");
+    assert_clean(&cluster, &good, &id, "FAILED", "").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listener_stopped_briefly_while_copying_still_succeeds() {
+    let mut s = spec();
+    s.copy = Copy::Command { before: "sleep 1".into(), dest: None };
+    let cluster = Cluster::start(s).await;
+    let good = good_backup(&cluster);
+    let id = start(&cluster);
+    wait_state(&cluster, &id, &["COPYING"], Duration::from_secs(10)).await;
+    cluster.listener.as_ref().expect("listener").signal("STOP");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    cluster.listener.as_ref().expect("listener").signal("CONT");
+    assert_clean(&cluster, &good, &id, "SUCCEEDED", "").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn network_to_one_agent_cut_before_prepare() {
+    let mut s = spec();
+    s.proxied = true;
+    let cluster = Cluster::start(s).await;
+    let good = good_backup(&cluster);
+    cluster.agent("srv-b").proxy.as_ref().expect("proxy").set(Mode::Blackhole);
+    let started = Instant::now();
+    let id = start(&cluster);
+    let backup = wait_state(&cluster, &id, &["FAILED"], Duration::from_secs(10)).await;
+    assert!(backup["reason"].as_str().unwrap_or_default().contains("srv-b"), "{backup:#}");
+    for server in ["srv-a", "srv-c"] {
+        wait_for(&format!("{server} thawed by Abort"), Duration::from_secs(5), || {
+            thawed(&cluster, server).then_some(())
+        })
+        .await;
+    }
+    let cutoff = Duration::from_millis(4_000 - 1_000 - 500);
+    assert!(
+        started.elapsed() < cutoff + Duration::from_secs(3),
+        "others thawed {:?} after start",
+        started.elapsed()
+    );
+    cluster.agent("srv-b").proxy.as_ref().expect("proxy").set(Mode::Pass);
+    assert_clean(&cluster, &good, &id, "FAILED", "srv-b").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn network_to_one_agent_cut_while_frozen() {
+    let mut s = spec();
+    s.proxied = true;
+    let cluster = Cluster::start(s).await;
+    let good = good_backup(&cluster);
+    set(&cluster, "delay-srv-c", "1");
+    let id = start(&cluster);
+    wait_frozen(&cluster, "srv-b").await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    cluster.agent("srv-b").proxy.as_ref().expect("proxy").set(Mode::Blackhole);
+    wait_for("srv-b to thaw at its lease", Duration::from_secs(8), || {
+        thawed(&cluster, "srv-b").then_some(())
+    })
+    .await;
+    let backup = wait_state(&cluster, &id, &["FAILED"], Duration::from_secs(15)).await;
+    assert!(backup["reason"].as_str().unwrap_or_default().contains("srv-b"), "{backup:#}");
+    cluster.agent("srv-b").proxy.as_ref().expect("proxy").set(Mode::Pass);
+    assert_clean(&cluster, &good, &id, "FAILED", "srv-b").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn network_to_one_agent_cut_during_copy() {
+    let mut s = spec();
+    s.proxied = true;
+    s.copy = Copy::Command { before: "sleep 1".into(), dest: None };
+    let cluster = Cluster::start(s).await;
+    let good = good_backup(&cluster);
+    let id = start(&cluster);
+    wait_state(&cluster, &id, &["COPYING"], Duration::from_secs(10)).await;
+    cluster.agent("srv-b").proxy.as_ref().expect("proxy").set(Mode::Reset);
+    let backup = wait_state(&cluster, &id, &["SUCCEEDED", "FAILED"], Duration::from_secs(30)).await;
+    assert_eq!(
+        backup["state"], "SUCCEEDED",
+        "copies are safe, only srv-b's cleanup failed: {backup:#}"
+    );
+    cluster.agent("srv-b").proxy.as_ref().expect("proxy").set(Mode::Pass);
+    assert_clean(&cluster, &good, &id, "SUCCEEDED", "").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quiescer_that_hangs_fails_prepare_in_time() {
+    let cluster = Cluster::start(spec()).await;
+    let good = good_backup(&cluster);
+    set(&cluster, "delay-srv-b", "60");
+    let id = start(&cluster);
+    let backup = assert_clean(&cluster, &good, &id, "FAILED", "srv-b").await;
+    assert_eq!(backup["failed_phase"], "PREPARING");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quiescer_that_fails_thaws_the_others() {
+    let cluster = Cluster::start(spec()).await;
+    let good = good_backup(&cluster);
+    set(&cluster, "fail-srv-c", "");
+    let id = start(&cluster);
+    assert_clean(&cluster, &good, &id, "FAILED", "injected failure on srv-c").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_provider_that_fails_half_way_through_two_volumes() {
+    let mut s = spec();
+    s.volumes = |server| {
+        if server == "srv-b" {
+            vec!["data".into(), "logs".into()]
+        } else {
+            vec!["data".into()]
+        }
+    };
+    let cluster = Cluster::start(s).await;
+    let good = good_backup(&cluster);
+    fs::remove_file(cluster.array.lun_path("srv-b", "logs").expect("path")).expect("remove LUN");
+    let id = start(&cluster);
+    let backup = assert_clean(&cluster, &good, &id, "FAILED", "srv-b").await;
+    assert_eq!(backup["failed_phase"], "COMMITTING");
+}
+
+/// A tmpfs of 1 MiB as the copy target, unmounted on drop.
+struct SmallDisk(PathBuf);
+
+impl SmallDisk {
+    fn mount(path: PathBuf) -> SmallDisk {
+        fs::create_dir_all(&path).expect("mount point");
+        let ok = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=1m", "tmpfs"])
+            .arg(&path)
+            .status()
+            .expect("run mount")
+            .success();
+        assert!(ok, "mount a 1 MiB tmpfs at {} (the suite runs as root)", path.display());
+        SmallDisk(path)
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_at_the_copy_target() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let disk = SmallDisk::mount(root.path().join("full"));
+    let mut s = spec();
+    s.copy = Copy::Command { before: String::new(), dest: Some(disk.0.clone()) };
+    let mut cluster = Cluster::start(s).await;
+    // The baseline goes to the tiny disk too while the LUNs are still empty (sparse copies fit).
+    let good = good_backup(&cluster);
+    let lun = cluster.array.lun_path("srv-a", "data").expect("lun");
+    let noise: Vec<u8> =
+        (0..(3u32 << 20)).map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8).collect();
+    fs::write(&lun, [noise.as_slice(), &vec![0u8; (8 << 20) - noise.len()]].concat())
+        .expect("fill LUN");
+    let id = start(&cluster);
+    let backup = assert_clean(&cluster, &good, &id, "FAILED", "No space left").await;
+    assert_eq!(backup["failed_phase"], "COPYING");
+    cluster.writer.take();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_backups_of_one_group_at_once() {
+    let mut s = spec();
+    s.copy = Copy::Command { before: "sleep 1".into(), dest: None };
+    let cluster = Cluster::start(s).await;
+    let good = good_backup(&cluster);
+    let id = start(&cluster);
+    let out = cluster.backupctl("operator", &["start", "--group", "g"]);
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("already has backup") && stderr.contains(&id), "{stderr}");
+    assert_clean(&cluster, &good, &id, "SUCCEEDED", "").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_on_another_monotonic_clock() {
+    let mut s = spec();
+    s.agent_wrapper = |server| {
+        if server == "srv-b" {
+            [
+                "unshare",
+                "--time",
+                "--fork",
+                "--kill-child",
+                "--monotonic",
+                "86400",
+                "--boottime",
+                "86400",
+            ]
+            .map(String::from)
+            .into()
+        } else {
+            Vec::new()
+        }
+    };
+    let cluster = Cluster::start(s).await;
+    let good = good_backup(&cluster);
+    let (code, backup) = cluster.backupctl_json(&["start", "--group", "g", "--wait", "complete"]);
+    assert_eq!(code, 0, "{backup:#}");
+    assert_eq!(backup["cut"]["consistent"], true);
+    let id = backup["backup_id"].as_str().expect("id").to_string();
+    assert_clean(&cluster, &good, &id, "SUCCEEDED", "").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn duplicate_and_stale_requests_to_an_agent() {
+    use stillpoint_proto as pb;
+    let cluster = Cluster::start(spec()).await;
+    let good = good_backup(&cluster);
+    let mut agent =
+        pb::agent_client::AgentClient::new(cluster.channel_to_agent("srv-a", "listener"));
+    let prepare = || pb::PrepareRequest { backup_id: "dup-1".into(), lease_ms: 4_000 };
+    let first = agent.prepare(prepare()).await.expect("prepare").into_inner();
+    let second = agent.prepare(prepare()).await.expect("prepare again").into_inner();
+    assert!(first.prepared && second.prepared);
+    let events = fs::read_to_string(control(&cluster, "srv-a.events")).unwrap_or_default();
+    assert_eq!(
+        events.matches('F').count(),
+        2,
+        "one freeze for the baseline, one for dup-1: {events:?}"
+    );
+    let commit = || pb::CommitRequest { backup_id: "dup-1".into() };
+    let c1 = agent.commit(commit()).await.expect("commit").into_inner();
+    let c2 = agent.commit(commit()).await.expect("commit again").into_inner();
+    assert!(c1.committed && c2.committed);
+    assert_eq!(c1.snapshots, c2.snapshots, "the second commit takes no new snapshot");
+    let stale = agent.commit(pb::CommitRequest { backup_id: good.id.clone() }).await;
+    assert!(stale.map(|r| !r.into_inner().committed).unwrap_or(true), "a stale commit is refused");
+    let unknown = agent
+        .commit(pb::CommitRequest { backup_id: "never-prepared".into() })
+        .await
+        .expect("answer");
+    assert!(
+        !unknown.get_ref().committed && unknown.get_ref().reason.contains("unknown"),
+        "{:?}",
+        unknown.get_ref()
+    );
+    agent
+        .abort(pb::AbortRequest { backup_id: "never-seen".into(), reason: "test".into() })
+        .await
+        .expect("abort unknown");
+    let bad =
+        agent.prepare(pb::PrepareRequest { backup_id: "../etc".into(), lease_ms: 4_000 }).await;
+    assert_eq!(bad.expect_err("bad id").code(), tonic::Code::InvalidArgument);
+    agent.cleanup(pb::CleanupRequest { backup_id: "dup-1".into() }).await.expect("cleanup");
+    assert!(thawed(&cluster, "srv-a"));
+    assert!(cluster.array.snapshots(None).expect("snapshots").is_empty());
+    let (_, list) = cluster.backupctl_json(&["list"]);
+    assert_eq!(list.as_array().map(Vec::len), Some(1), "nothing reached the catalog");
+}
