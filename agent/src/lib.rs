@@ -120,8 +120,13 @@ pub async fn run_with_guardian(
     info!(server = %config.server, addr = ?listener.local_addr().ok(), "agent listening");
     let served = tonic::transport::Server::builder()
         .timeout(timeout)
+        .max_concurrent_streams(Some(100))
+        .concurrency_limit_per_connection(32)
         .layer(tower::ServiceBuilder::new().layer(AuthorizeLayer::new(policy)).layer(TraceLayer))
-        .add_service(AgentServer::new(service))
+        .add_service(
+            AgentServer::new(service)
+                .max_decoding_message_size(stillpoint_core::MAX_CONTROL_MESSAGE),
+        )
         .serve_with_incoming_shutdown(stillpoint_core::tls::incoming(listener, tls), shutdown)
         .await;
     watch.abort();

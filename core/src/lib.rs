@@ -12,6 +12,10 @@ pub mod tls;
 
 pub use error::{Error, Result};
 
+/// The largest request any control RPC accepts (1 MiB): real ones are a few hundred bytes, and
+/// a bigger one is refused before it is decoded.
+pub const MAX_CONTROL_MESSAGE: usize = 1 << 20;
+
 /// Milliseconds since the Unix epoch on this host's wall clock, for timestamps shown to people.
 pub fn unix_ms() -> i64 {
     let since =

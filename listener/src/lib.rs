@@ -45,8 +45,13 @@ pub async fn run(
         tower::ServiceBuilder::new().layer(AuthorizeLayer::new(service::policy)).layer(TraceLayer);
     tonic::transport::Server::builder()
         .timeout(rpc_timeout)
+        .max_concurrent_streams(Some(100))
+        .concurrency_limit_per_connection(32)
         .layer(layers)
-        .add_service(ListenerServer::new(service::ListenerService::new(runtime)))
+        .add_service(
+            ListenerServer::new(service::ListenerService::new(runtime))
+                .max_decoding_message_size(stillpoint_core::MAX_CONTROL_MESSAGE),
+        )
         .serve_with_incoming_shutdown(stillpoint_core::tls::incoming(listener, tls), shutdown)
         .await?;
     Ok(())

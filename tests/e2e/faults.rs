@@ -20,9 +20,9 @@ pub fn steerable(server: &str, root: &Path) -> String {
     let d = root.join("control").display().to_string();
     let pre = format!(
         "if [ -f {d}/fail-{server} ]; then echo 'injected failure on {server}' >&2; exit 3; fi; \
-         if [ -f {d}/delay-{server} ]; then sleep $(cat {d}/delay-{server}); fi; echo F >> {d}/{server}.events"
+         if [ -f {d}/delay-{server} ]; then sleep $(cat {d}/delay-{server}); fi; echo F $(date +%s%3N) >> {d}/{server}.events"
     );
-    let post = format!("echo T >> {d}/{server}.events");
+    let post = format!("echo T $(date +%s%3N) >> {d}/{server}.events");
     format!(
         "[[quiescer]]\nkind = \"exec\"\nname = \"app\"\ntimeout_ms = 4000\npre_freeze = [\"/bin/sh\", \"-c\", {pre:?}]\npost_thaw = [\"/bin/sh\", \"-c\", {post:?}]\n"
     )
@@ -43,21 +43,43 @@ fn set(cluster: &Cluster, file: &str, value: &str) {
     fs::write(control(cluster, file), value).expect("write control file");
 }
 
+/// The server's freeze (`F`) and thaw (`T`) events with their Unix milliseconds.
+fn events(cluster: &Cluster, server: &str) -> Vec<(char, u64)> {
+    let text =
+        fs::read_to_string(control(cluster, &format!("{server}.events"))).unwrap_or_default();
+    text.lines()
+        .filter_map(|line| {
+            let (kind, ms) = line.split_once(' ')?;
+            Some((kind.chars().next()?, ms.trim().parse().ok()?))
+        })
+        .collect()
+}
+
 /// `true` while the server's application is frozen: its last event is a freeze.
 fn froze(cluster: &Cluster, server: &str) -> bool {
-    let events =
-        fs::read_to_string(control(cluster, &format!("{server}.events"))).unwrap_or_default();
-    events.trim_end().ends_with('F')
+    events(cluster, server).last().is_some_and(|(kind, _)| *kind == 'F')
 }
 
 /// Every freeze was followed by a thaw.
 fn thawed(cluster: &Cluster, server: &str) -> bool {
-    let events =
-        fs::read_to_string(control(cluster, &format!("{server}.events"))).unwrap_or_default();
-    match events.rfind('F') {
-        None => true,
-        Some(f) => events[f..].contains('T'),
+    !froze(cluster, server)
+}
+
+/// The longest time the server's application was held, from a freeze to the thaw after it.
+fn longest_hold_ms(cluster: &Cluster, server: &str) -> u64 {
+    let mut longest = 0;
+    let mut frozen_at = None;
+    for (kind, ms) in events(cluster, server) {
+        match kind {
+            'F' => frozen_at = frozen_at.or(Some(ms)),
+            _ => {
+                if let Some(at) = frozen_at.take() {
+                    longest = longest.max(ms.saturating_sub(at));
+                }
+            }
+        }
     }
+    longest
 }
 
 struct Good {
@@ -130,6 +152,17 @@ async fn assert_clean(
             thawed(cluster, server).then_some(())
         })
         .await;
+    }
+    let worst = cluster.spec.servers.iter().map(|s| (longest_hold_ms(cluster, s), s)).max();
+    if let Some((ms, server)) = worst {
+        eprintln!("longest freeze in this case: {ms}ms on {server}");
+        // FAULTS.md's grace for scheduling noise on the 2-core box.
+        let bound = cluster.spec.lease_ms + 3_000;
+        assert!(
+            ms <= bound,
+            "{server} was frozen {ms}ms, past its lease of {}ms",
+            cluster.spec.lease_ms
+        );
     }
     wait_for("the sweep to leave no snapshot in the array", Duration::from_secs(20), || {
         cluster.array.snapshots(None).expect("list snapshots").is_empty().then_some(())

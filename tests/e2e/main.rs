@@ -6,5 +6,6 @@ mod harness;
 mod consistency;
 mod failures;
 mod faults;
+mod hostile;
 mod security;
 mod wait;
