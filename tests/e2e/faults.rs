@@ -32,6 +32,7 @@ fn spec() -> Spec {
     let mut spec = Spec::three(steerable);
     spec.lease_ms = 4_000;
     spec.sweep_interval_ms = 1_000;
+    spec.probes = true;
     spec
 }
 
@@ -153,6 +154,11 @@ async fn assert_clean(
         })
         .await;
     }
+    if let Some(probe) = &cluster.probe {
+        let stopped = || (!probe.app_stopped()).then_some(());
+        wait_for("the probe application to run again", Duration::from_secs(5), stopped).await;
+        assert!(!probe.was_left_frozen(), "LEFT FROZEN: srv-a's probe filesystem was still frozen");
+    }
     let worst = cluster.spec.servers.iter().map(|s| (longest_hold_ms(cluster, s), s)).max();
     if let Some((ms, server)) = worst {
         eprintln!("longest freeze in this case: {ms}ms on {server}");
@@ -207,6 +213,12 @@ async fn agent_killed_while_frozen() {
     let id = start(&cluster);
     wait_frozen(&cluster, "srv-a").await;
     let killed = Instant::now();
+    // The probes are really held: the application is stopped (the last quiescer to freeze).
+    let probe = cluster.probe.as_ref().expect("probes");
+    wait_for("srv-a's probe application to stop", Duration::from_secs(5), || {
+        probe.app_stopped().then_some(())
+    })
+    .await;
     cluster.kill_agent("srv-a");
     wait_for("srv-a thawed by its guardian", Duration::from_secs(3), || {
         thawed(&cluster, "srv-a").then_some(())

@@ -60,6 +60,9 @@ pub struct Spec {
     pub sweep_interval_ms: u64,
     /// Run some agents under a wrapper command (e.g. a time namespace).
     pub agent_wrapper: fn(server: &str) -> Vec<String>,
+    /// Give srv-a a real filesystem to fsfreeze and a real process to SIGSTOP, so every check
+    /// can ask the kernel whether anything was left frozen or stopped.
+    pub probes: bool,
 }
 
 fn nothing(_: &str) -> String {
@@ -87,6 +90,7 @@ impl Spec {
             proxied: false,
             sweep_interval_ms: 60_000,
             agent_wrapper: no_wrapper,
+            probes: false,
         }
     }
 }
@@ -161,6 +165,66 @@ pub struct Cluster {
     pub listener: Option<Proc>,
     pub agents: Vec<Agent>,
     pub writer: Option<Proc>,
+    pub probe: Option<Probe>,
+}
+
+/// A small ext4 filesystem on a loop device that srv-a's agent freezes, and a process it stops.
+/// Dropping it always thaws, resumes, unmounts and kills, even after a failed test.
+pub struct Probe {
+    pub mount: PathBuf,
+    pub app: Child,
+}
+
+impl Probe {
+    fn make(root: &Path) -> Probe {
+        let image = root.join("probe.img");
+        let mount = root.join("probe");
+        fs::create_dir_all(&mount).expect("probe mount point");
+        fs::File::create(&image).and_then(|f| f.set_len(16 << 20)).expect("probe image");
+        let run = |cmd: &mut Command| {
+            let out = cmd.output().expect("run probe setup");
+            assert!(out.status.success(), "{cmd:?}: {}", String::from_utf8_lossy(&out.stderr));
+        };
+        run(Command::new("mkfs.ext4").args(["-q", "-F"]).arg(&image));
+        run(Command::new("mount").args(["-o", "loop"]).arg(&image).arg(&mount));
+        let app = Command::new("sleep").arg("100000").spawn().expect("spawn probe app");
+        fs::write(root.join("probe-app.pid"), app.id().to_string()).expect("pidfile");
+        Probe { mount, app }
+    }
+
+    /// The agent config lines for srv-a's probe quiescers.
+    fn quiescers(root: &Path) -> String {
+        format!(
+            "[[quiescer]]\nkind = \"fsfreeze\"\nmount = {mount:?}\n\n[[quiescer]]\nkind = \"stop\"\nname = \"probe-app\"\npidfile = {pid:?}\n",
+            mount = root.join("probe").display().to_string(),
+            pid = root.join("probe-app.pid").display().to_string(),
+        )
+    }
+
+    /// Thaws the probe filesystem; `true` if it was frozen (FITHAW succeeded), which after a
+    /// backup has ended means something was LEFT FROZEN.
+    pub fn was_left_frozen(&self) -> bool {
+        let dir = fs::File::open(&self.mount).expect("open probe mount");
+        stillpoint_core::sys::thaw(&dir).is_ok()
+    }
+
+    /// `true` if the probe application is stopped (state `T`).
+    pub fn app_stopped(&self) -> bool {
+        let stat = fs::read_to_string(format!("/proc/{}/stat", self.app.id())).unwrap_or_default();
+        stat.rsplit(')').next().map(str::trim_start).is_some_and(|rest| rest.starts_with('T'))
+    }
+}
+
+impl Drop for Probe {
+    fn drop(&mut self) {
+        if let Ok(dir) = fs::File::open(&self.mount) {
+            let _ = stillpoint_core::sys::thaw(&dir);
+        }
+        let _ = Command::new("kill").arg("-CONT").arg(self.app.id().to_string()).status();
+        let _ = self.app.kill();
+        let _ = self.app.wait();
+        let _ = Command::new("umount").arg("-l").arg(&self.mount).status();
+    }
 }
 
 impl Cluster {
@@ -179,6 +243,7 @@ impl Cluster {
         fs::create_dir_all(path.join("control")).expect("control dir");
         fs::create_dir_all(path.join("copies")).expect("copies dir");
         let array = Array::init(&path.join("array")).expect("array");
+        let probe = spec.probes.then(|| Probe::make(&path));
 
         let mut agents = Vec::new();
         for server in &spec.servers {
@@ -193,7 +258,8 @@ impl Cluster {
                 "server = {server:?}\nlisten = \"{addr}\"\nstate_dir = {state:?}\nvolumes = {volumes:?}\n\n[tls]\n{tls}\n{quiescers}\n[snapshot]\nprovider = \"mock-san\"\narray = {array:?}\n{extra}\n",
                 tls = tls_toml(&certs, server),
                 state = path.join(format!("state-{server}")).display().to_string(),
-                quiescers = (spec.quiescers)(server, &path),
+                quiescers = (spec.quiescers)(server, &path)
+                    + &if probe.is_some() && server == "srv-a" { Probe::quiescers(&path) } else { String::new() },
                 array = array.root().display().to_string(),
                 extra = (spec.provider_extra)(server),
             );
@@ -252,6 +318,7 @@ impl Cluster {
             listener: None,
             agents,
             writer: None,
+            probe,
         };
         for agent in &cluster.agents {
             cluster.wait_agent_ready(agent).await;
@@ -408,6 +475,7 @@ impl Drop for Cluster {
         self.writer.take();
         self.listener.take();
         self.agents.clear();
+        self.probe.take();
     }
 }
 

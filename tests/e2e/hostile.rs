@@ -99,7 +99,9 @@ async fn expired_and_wrong_role_certificates_are_refused() {
         .expect_err("expired");
     let text = stillpoint_core::tls::explain(&err);
     assert!(text.contains("deployment CA") || text.to_lowercase().contains("expired"), "{text}");
-    assert!(cluster.listener_log().contains("refused TLS connection"), "the listener says why");
+    let said = || cluster.listener_log().contains("refused TLS connection").then_some(());
+    crate::harness::wait_for("the listener to say why it refused", Duration::from_secs(5), said)
+        .await;
 
     // An agent's certificate may not drive the listener.
     let mut as_agent =

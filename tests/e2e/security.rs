@@ -69,8 +69,13 @@ async fn a_certificate_from_another_ca_is_refused() {
         .expect_err("foreign certificate");
     let text = stillpoint_core::tls::explain(&err);
     assert!(text.contains("same deployment CA"), "clear message: {text}");
-    let log = cluster.listener_log();
-    assert!(log.contains("refused TLS connection"), "the listener says why it refused:\n{log}");
+    let said = || cluster.listener_log().contains("refused TLS connection").then_some(());
+    crate::harness::wait_for(
+        "the listener to say why it refused",
+        std::time::Duration::from_secs(5),
+        said,
+    )
+    .await;
     let (_, list) = cluster.backupctl_json(&["list"]);
     assert_eq!(list.as_array().map(Vec::len), Some(0));
 }
