@@ -233,9 +233,15 @@ impl Backups {
     }
 
     /// Snapshots and thaws `id` if its lease still runs. Idempotent.
-    pub async fn commit(&self, id: &str) -> Result<CommitResponse> {
+    /// Snapshots and thaws. `freeze_token`, when given, must name the freeze this agent holds
+    /// for `id` (from its prepared reply); a Commit meant for another freeze is refused.
+    pub async fn commit(&self, id: &str, freeze_token: Option<&str>) -> Result<CommitResponse> {
         let id_owned = id.to_string();
-        self.run("commit", id, move |inner| async move { Ok(inner.commit(&id_owned).await) }).await
+        let token = freeze_token.map(str::to_string);
+        self.run("commit", id, move |inner| async move {
+            Ok(inner.commit(&id_owned, token.as_deref()).await)
+        })
+        .await
     }
 
     /// Thaws and deletes whatever `id` holds. Idempotent; an unknown id is remembered as
@@ -458,6 +464,7 @@ impl Inner {
             return self.fail_prepare(id, reply, reason);
         }
         reply.prepared = true;
+        reply.freeze_token = uuid::Uuid::new_v4().simple().to_string();
         let timer = self.start_lease_timer(id, lease);
         self.table().set(id, Phase::Frozen { lease, held_from, timer }, String::new()).prepared =
             Some(reply.clone());
@@ -543,7 +550,7 @@ impl Inner {
         (steps, ms(all.elapsed()))
     }
 
-    async fn commit(&self, id: &str) -> CommitResponse {
+    async fn commit(&self, id: &str, freeze_token: Option<&str>) -> CommitResponse {
         let _ops = self.ops.lock().await;
         let now = self.now_ms();
         let (lease, held_from) = {
@@ -551,6 +558,14 @@ impl Inner {
             let Some(e) = table.get(id) else {
                 return not_committed(format!("unknown backup {id}"));
             };
+            let held = e.prepared.as_ref().map(|p| p.freeze_token.as_str()).unwrap_or("");
+            if let Some(token) = freeze_token.filter(|t| *t != held) {
+                // Safety across restarts: the listener's Commit belongs to a freeze this agent
+                // no longer holds (it restarted and a late Prepare froze it again).
+                return not_committed(format!(
+                    "commit names freeze {token} of backup {id}, but this agent holds freeze {held}: it restarted since that prepare; refusing"
+                ));
+            }
             match &e.phase {
                 Phase::Frozen { lease, held_from, timer } => {
                     // From here this operation thaws, whatever happens.

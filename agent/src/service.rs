@@ -53,7 +53,8 @@ impl Agent for AgentService {
         request: Request<CommitRequest>,
     ) -> Result<Response<CommitResponse>, Status> {
         let req = request.into_inner();
-        Ok(Response::new(self.backups.commit(backup_id(&req.backup_id)?).await?))
+        let token = Some(req.freeze_token.as_str()).filter(|t| !t.is_empty());
+        Ok(Response::new(self.backups.commit(backup_id(&req.backup_id)?, token).await?))
     }
 
     async fn abort(

@@ -124,6 +124,7 @@ pub fn prepare_reply(r: pb::PrepareResponse) -> PrepareReply {
     PrepareReply {
         prepared: r.prepared,
         reason: r.reason,
+        freeze_token: r.freeze_token,
         quiesce_ms: r.quiesce_ms,
         freeze_ms: r.freeze_ms,
         steps: r.steps.into_iter().map(step_from).collect(),

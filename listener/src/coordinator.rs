@@ -31,6 +31,8 @@ pub struct Timeouts {
 pub struct PrepareReply {
     pub prepared: bool,
     pub reason: String,
+    /// Names the agent's freeze; Commit presents it back.
+    pub freeze_token: String,
     pub quiesce_ms: u64,
     pub freeze_ms: u64,
     pub steps: Vec<Step>,
@@ -237,6 +239,7 @@ impl Coordinator {
         match reply {
             Ok(r) if r.prepared => {
                 s.step = ServerStep::Frozen;
+                s.freeze_token = r.freeze_token;
                 s.cut.prepared = Some(now);
                 s.cut.quiesce_ms = r.quiesce_ms;
                 s.cut.freeze_ms = r.freeze_ms;

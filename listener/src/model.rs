@@ -161,6 +161,9 @@ pub struct ServerRecord {
     pub total_bytes: u64,
     /// Abort was sent to this server (so a late prepared reply needs no second one).
     pub abort_sent: bool,
+    /// The agent's name for its freeze, from the prepared reply; Commit carries it back.
+    #[serde(default)]
+    pub freeze_token: String,
 }
 
 impl ServerRecord {
@@ -174,6 +177,7 @@ impl ServerRecord {
             copied_bytes: 0,
             total_bytes: 0,
             abort_sent: false,
+            freeze_token: String::new(),
         }
     }
 }

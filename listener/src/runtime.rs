@@ -358,7 +358,15 @@ impl Runtime {
                 Command::Prepare { server, lease_ms } => {
                     self.spawn_prepare(&record.id, server, lease_ms, tx.clone())
                 }
-                Command::Commit { server } => self.spawn_commit(&record.id, server, tx.clone()),
+                Command::Commit { server } => {
+                    let token = record
+                        .servers
+                        .iter()
+                        .find(|s| s.server == server)
+                        .map(|s| s.freeze_token.clone())
+                        .unwrap_or_default();
+                    self.spawn_commit(&record.id, server, token, tx.clone())
+                }
                 Command::Copy { server, snapshots } => {
                     self.spawn_copy(&record.id, server, snapshots, tx.clone(), cancel.clone())
                 }
@@ -422,16 +430,13 @@ impl Runtime {
         self: &Arc<Self>,
         backup_id: &str,
         server: String,
+        freeze_token: String,
         tx: mpsc::UnboundedSender<Envelope>,
     ) {
         let timeout = self.config.timeouts.protocol().commit_timeout_ms;
         let client = self.client(&server);
-        let request = Self::request(
-            backup_id,
-            &server,
-            pb::CommitRequest { backup_id: backup_id.into() },
-            timeout,
-        );
+        let message = pb::CommitRequest { backup_id: backup_id.into(), freeze_token };
+        let request = Self::request(backup_id, &server, message, timeout);
         tokio::spawn(
             async move {
                 let reply = match client {

@@ -590,15 +590,20 @@ async fn duplicate_and_stale_requests_to_an_agent() {
         2,
         "one freeze for the baseline, one for dup-1: {events:?}"
     );
-    let commit = || pb::CommitRequest { backup_id: "dup-1".into() };
+    let commit = || pb::CommitRequest { backup_id: "dup-1".into(), freeze_token: String::new() };
     let c1 = agent.commit(commit()).await.expect("commit").into_inner();
     let c2 = agent.commit(commit()).await.expect("commit again").into_inner();
     assert!(c1.committed && c2.committed);
     assert_eq!(c1.snapshots, c2.snapshots, "the second commit takes no new snapshot");
-    let stale = agent.commit(pb::CommitRequest { backup_id: good.id.clone() }).await;
+    let stale = agent
+        .commit(pb::CommitRequest { backup_id: good.id.clone(), freeze_token: String::new() })
+        .await;
     assert!(stale.map(|r| !r.into_inner().committed).unwrap_or(true), "a stale commit is refused");
     let unknown = agent
-        .commit(pb::CommitRequest { backup_id: "never-prepared".into() })
+        .commit(pb::CommitRequest {
+            backup_id: "never-prepared".into(),
+            freeze_token: String::new(),
+        })
         .await
         .expect("answer");
     assert!(

@@ -62,7 +62,10 @@ async fn hostile_requests_are_refused_clearly_and_disturb_nothing() {
         agent.prepare(pb::PrepareRequest { backup_id: "../../x".into(), lease_ms: 5_000 }).await;
     assert_status(prepare, Code::InvalidArgument, "backup");
     let early = agent
-        .commit(pb::CommitRequest { backup_id: "never-prepared".into() })
+        .commit(pb::CommitRequest {
+            backup_id: "never-prepared".into(),
+            freeze_token: String::new(),
+        })
         .await
         .expect("answer");
     assert!(

@@ -52,7 +52,7 @@ async fn prepare_freezes_in_order_and_commit_snapshots_then_thaws_in_reverse() {
     let p = f.backups.prepare("b1", LEASE).await.unwrap();
     assert!(p.prepared, "{p:?}");
     assert_eq!(f.phase("b1"), "frozen");
-    let c = f.backups.commit("b1").await.unwrap();
+    let c = f.backups.commit("b1", None).await.unwrap();
     assert!(c.committed, "{c:?}");
     assert_eq!(c.snapshots.len(), 2);
     assert_eq!(
@@ -137,7 +137,7 @@ async fn lease_expiry_thaws_in_reverse_and_marks_thawed_expired() {
     tokio::time::sleep(Duration::from_millis(400)).await;
     assert_eq!(f.phase("b1"), "thawed-expired");
     assert_eq!(f.calls.starting("thaw"), ["thaw q1 b1", "thaw q0 b1"]);
-    let c = f.backups.commit("b1").await.unwrap();
+    let c = f.backups.commit("b1", None).await.unwrap();
     assert!(!c.committed);
     assert!(c.reason.contains("lease expired after 150ms"), "{}", c.reason);
     assert!(f.calls.starting("create").is_empty());
@@ -156,7 +156,7 @@ async fn commit_checks_the_clock_before_the_timer_has_thawed() {
         async move { b.cleanup("b0").await.unwrap() }
     });
     tokio::time::sleep(Duration::from_millis(20)).await;
-    let c = f.backups.commit("b1").await.unwrap();
+    let c = f.backups.commit("b1", None).await.unwrap();
     cleanup.await.unwrap();
     assert!(!c.committed);
     assert!(
@@ -187,7 +187,7 @@ async fn commit_reports_held_snapshot_and_thaw_times() {
     f.provider.create_delay(Duration::from_millis(60));
     f.backups.prepare("b1", LEASE).await.unwrap();
     tokio::time::sleep(Duration::from_millis(30)).await;
-    let c = f.backups.commit("b1").await.unwrap();
+    let c = f.backups.commit("b1", None).await.unwrap();
     assert!(c.snapshot_ms >= 60, "{c:?}");
     assert!(c.held_ms >= 90 && c.held_ms >= c.snapshot_ms + c.thaw_ms, "{c:?}");
 }
@@ -220,8 +220,8 @@ async fn prepare_reports_quiesce_and_freeze_time() {
 async fn duplicate_commit_returns_the_same_snapshots_without_new_ones() {
     let f = check(1);
     f.backups.prepare("b1", LEASE).await.unwrap();
-    let first = f.backups.commit("b1").await.unwrap();
-    let second = f.backups.commit("b1").await.unwrap();
+    let first = f.backups.commit("b1", None).await.unwrap();
+    let second = f.backups.commit("b1", None).await.unwrap();
     assert!(first.committed);
     assert_eq!(first, second);
     assert_eq!(f.calls.starting("create").len(), 1);
@@ -231,7 +231,7 @@ async fn duplicate_commit_returns_the_same_snapshots_without_new_ones() {
 #[tokio::test]
 async fn commit_of_an_unknown_backup_is_refused() {
     let f = check(1);
-    let c = f.backups.commit("nope").await.unwrap();
+    let c = f.backups.commit("nope", None).await.unwrap();
     assert!(!c.committed);
     assert!(c.reason.contains("unknown backup"), "{}", c.reason);
     assert!(f.calls.all().is_empty());
@@ -242,13 +242,13 @@ async fn provider_failure_thaws_deletes_partial_snapshots_and_fails() {
     let f = check(2);
     f.provider.fail_create(Some("array offline"));
     f.backups.prepare("b1", LEASE).await.unwrap();
-    let c = f.backups.commit("b1").await.unwrap();
+    let c = f.backups.commit("b1", None).await.unwrap();
     assert!(!c.committed);
     assert!(c.reason.contains("array offline"), "{}", c.reason);
     assert_eq!(f.calls.all()[2..], ["create b1", "thaw q1 b1", "thaw q0 b1", "delete b1"]);
     assert!(f.provider.held().is_empty(), "partial snapshot left: {:?}", f.provider.held());
     assert_eq!(f.phase("b1"), "failed");
-    assert_eq!(f.backups.commit("b1").await.unwrap(), c);
+    assert_eq!(f.backups.commit("b1", None).await.unwrap(), c);
 }
 
 #[tokio::test]
@@ -263,7 +263,7 @@ async fn abort_thaws_a_frozen_backup_and_is_idempotent() {
     assert!(!again.thawed);
     assert_eq!(again.snapshots_deleted, 0);
     assert_eq!(f.calls.starting("thaw").len(), 2);
-    let c = f.backups.commit("b1").await.unwrap();
+    let c = f.backups.commit("b1", None).await.unwrap();
     assert!(!c.committed && c.reason.contains("aborted"), "{}", c.reason);
 }
 
@@ -271,7 +271,7 @@ async fn abort_thaws_a_frozen_backup_and_is_idempotent() {
 async fn abort_deletes_snapshots_of_a_committed_backup() {
     let f = check(1);
     f.backups.prepare("b1", LEASE).await.unwrap();
-    f.backups.commit("b1").await.unwrap();
+    f.backups.commit("b1", None).await.unwrap();
     let a = f.backups.abort("b1", "copy failed").await.unwrap();
     assert!(!a.thawed);
     assert_eq!(a.snapshots_deleted, 2);
@@ -297,7 +297,7 @@ async fn abort_racing_commit_has_exactly_one_outcome() {
         f.provider.create_delay(Duration::from_millis(50));
         f.backups.prepare("b1", LEASE).await.unwrap();
         let (b1, b2) = (f.backups.clone(), f.backups.clone());
-        let commit = tokio::spawn(async move { b1.commit("b1").await.unwrap() });
+        let commit = tokio::spawn(async move { b1.commit("b1", None).await.unwrap() });
         let abort = tokio::spawn(async move { b2.abort("b1", "race").await.unwrap() });
         let (c, a) = if abort_first {
             let a = abort.await.unwrap();
@@ -322,7 +322,7 @@ async fn abort_racing_commit_has_exactly_one_outcome() {
 async fn cleanup_deletes_snapshots_and_is_idempotent() {
     let f = check(1);
     f.backups.prepare("b1", LEASE).await.unwrap();
-    f.backups.commit("b1").await.unwrap();
+    f.backups.commit("b1", None).await.unwrap();
     assert_eq!(f.backups.cleanup("b1").await.unwrap().snapshots_deleted, 2);
     assert_eq!(f.phase("b1"), "cleaned");
     assert_eq!(f.backups.cleanup("b1").await.unwrap().snapshots_deleted, 0);
@@ -365,7 +365,7 @@ async fn status_reports_snapshots_of_backups_the_table_does_not_know_as_orphans(
     let f = check(1);
     f.provider.create("from-before-restart", &["data".into()]).unwrap();
     assert!(f.backups.prepare("b1", LEASE).await.unwrap().prepared);
-    assert!(f.backups.commit("b1").await.unwrap().committed);
+    assert!(f.backups.commit("b1", None).await.unwrap().committed);
     let report = f.backups.report().await;
     let phases: Vec<_> = report.iter().map(|b| (b.backup_id.as_str(), b.phase.as_str())).collect();
     assert_eq!(phases, [("b1", "snapshotted"), ("from-before-restart", "orphan")]);
@@ -392,4 +392,23 @@ async fn a_thaw_action_runs_once_when_the_agent_and_the_guardian_reach_the_lease
     let ran = std::fs::read_to_string(&marker).unwrap_or_default();
     let agent_thawed = f.calls.starting("thaw q0").len();
     assert_eq!(ran.lines().count() + agent_thawed, 1, "ran {ran:?}, agent thawed {agent_thawed}");
+}
+
+#[tokio::test]
+async fn commit_for_another_freeze_of_the_same_backup_is_refused() {
+    let f = check(1);
+    let p = f.backups.prepare("b1", LEASE).await.unwrap();
+    assert!(p.prepared && !p.freeze_token.is_empty());
+    let again = f.backups.prepare("b1", LEASE).await.unwrap();
+    assert_eq!(again.freeze_token, p.freeze_token, "a duplicate prepare names the same freeze");
+    let wrong = f.backups.commit("b1", Some("an-earlier-freeze")).await.unwrap();
+    assert!(
+        !wrong.committed && wrong.reason.contains("restarted since that prepare"),
+        "{}",
+        wrong.reason
+    );
+    assert!(f.provider.held().is_empty(), "no snapshot for a commit meant for another freeze");
+    assert_eq!(f.phase("b1"), "frozen", "the freeze stays under its lease (or an abort)");
+    let right = f.backups.commit("b1", Some(&p.freeze_token)).await.unwrap();
+    assert!(right.committed, "{}", right.reason);
 }

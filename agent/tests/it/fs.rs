@@ -43,7 +43,11 @@ async fn fsfreeze_on_xfs_in_a_mock_san_lun_holds_writes_until_commit() {
         rx.recv_timeout(Duration::from_millis(500)).is_err(),
         "a write completed while the filesystem was frozen"
     );
-    let c = client.commit(CommitRequest { backup_id: "b1".into() }).await.unwrap().into_inner();
+    let c = client
+        .commit(CommitRequest { backup_id: "b1".into(), freeze_token: String::new() })
+        .await
+        .unwrap()
+        .into_inner();
     assert!(c.committed, "{c:?}");
     rx.recv_timeout(Duration::from_secs(10)).expect("the write completes after the thaw");
     writer.join().unwrap();
@@ -111,7 +115,11 @@ async fn btrfs_snapshot_holds_what_came_before_and_cleanup_removes_it() {
     let mut client = agent.client(&certs, "listener");
     let p = client.prepare(PrepareRequest { backup_id: "b1".into(), lease_ms: 30_000 }).await;
     assert!(p.unwrap().into_inner().prepared);
-    let c = client.commit(CommitRequest { backup_id: "b1".into() }).await.unwrap().into_inner();
+    let c = client
+        .commit(CommitRequest { backup_id: "b1".into(), freeze_token: String::new() })
+        .await
+        .unwrap()
+        .into_inner();
     assert!(c.committed, "{c:?}");
     write_synced(&data, "after", "written after the snapshot");
 

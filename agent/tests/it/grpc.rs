@@ -29,7 +29,7 @@ fn prepare(id: &str, lease_ms: u64) -> PrepareRequest {
 }
 
 fn commit(id: &str) -> CommitRequest {
-    CommitRequest { backup_id: id.into() }
+    CommitRequest { backup_id: id.into(), freeze_token: String::new() }
 }
 
 fn read(path: &Path) -> String {

@@ -224,7 +224,11 @@ async fn sigstop_of_the_agent_while_frozen_is_thawed_at_the_lease_and_commit_ref
     agent.wait_log("guardian: lease of", Duration::from_secs(1));
 
     run("kill", &["-CONT", &agent.pid()]);
-    let c = client.commit(CommitRequest { backup_id: "b1".into() }).await.unwrap().into_inner();
+    let c = client
+        .commit(CommitRequest { backup_id: "b1".into(), freeze_token: String::new() })
+        .await
+        .unwrap()
+        .into_inner();
     assert!(!c.committed);
     assert!(c.reason.contains("lease expired"), "{}", c.reason);
     assert!(array.snapshots(None).unwrap().is_empty());
@@ -289,7 +293,11 @@ async fn stop_quiescer_stops_the_app_while_frozen_and_resumes_it_after_commit() 
     let p = client.prepare(prepare("b1", 10_000)).await.unwrap().into_inner();
     assert!(p.prepared, "{p:?}");
     assert_eq!(app.state(), 'T');
-    let c = client.commit(CommitRequest { backup_id: "b1".into() }).await.unwrap().into_inner();
+    let c = client
+        .commit(CommitRequest { backup_id: "b1".into(), freeze_token: String::new() })
+        .await
+        .unwrap()
+        .into_inner();
     assert!(c.committed, "{c:?}");
     assert_ne!(app.state(), 'T');
 
@@ -350,7 +358,11 @@ async fn a_snapshot_that_outlives_the_lease_is_deleted_and_commit_refused() {
     let agent = Agent::start(config(&certs, &["data"], vec![app], snapshot)).await;
     let mut client = agent.client(&certs, "listener");
     assert!(client.prepare(prepare("b1", 1500)).await.unwrap().into_inner().prepared);
-    let c = client.commit(CommitRequest { backup_id: "b1".into() }).await.unwrap().into_inner();
+    let c = client
+        .commit(CommitRequest { backup_id: "b1".into(), freeze_token: String::new() })
+        .await
+        .unwrap()
+        .into_inner();
     assert!(!c.committed, "{c:?}");
     assert!(
         c.reason.contains("outlived the lease of 1500ms; deleted")

@@ -309,3 +309,16 @@ fn judge_cut_names_an_inconsistent_cut() {
         "a commit was sent at +30ms, before the last server prepared at +31ms"
     );
 }
+
+#[test]
+fn the_freeze_token_of_the_first_prepared_reply_is_kept_for_commit() {
+    let mut c = new_backup();
+    c.handle(0, Event::Start);
+    let reply = |token: &str| {
+        Ok(PrepareReply { prepared: true, freeze_token: token.into(), ..Default::default() })
+    };
+    c.handle(5, Event::Prepared { server: "a".into(), reply: reply("first") });
+    // A late duplicate (say from a re-freeze after the agent restarted) does not replace it.
+    c.handle(6, Event::Prepared { server: "a".into(), reply: reply("second") });
+    assert_eq!(c.record.servers[0].freeze_token, "first");
+}
