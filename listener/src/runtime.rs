@@ -150,23 +150,8 @@ impl Runtime {
                 );
                 tracing::warn!(backup = %held.backup_id, server = %agent.server, "{message}");
                 self.note(&held.backup_id, &agent.server, message);
-                let client = self.client(&agent.server);
-                let rpc_ms = self.config.timeouts.rpc_ms;
-                let result = match client {
-                    Ok(c) => {
-                        retry(|| {
-                            let mut c = c.clone();
-                            let reason = "swept: no backup in flight holds this".to_string();
-                            let message =
-                                pb::AbortRequest { backup_id: held.backup_id.clone(), reason };
-                            let request =
-                                Self::request(&held.backup_id, &agent.server, message, rpc_ms);
-                            async move { c.abort(request).await.map(|r| r.into_inner()) }
-                        })
-                        .await
-                    }
-                    Err(e) => Err(e),
-                };
+                let reason = "swept: no backup in flight holds this";
+                let result = self.abort_agent(&held.backup_id, &agent.server, reason).await;
                 match result {
                     Ok(r) => {
                         swept += 1;
@@ -462,26 +447,11 @@ impl Runtime {
         reason: String,
         tx: mpsc::UnboundedSender<Envelope>,
     ) {
-        let rpc_ms = self.config.timeouts.rpc_ms;
-        let client = self.client(&server);
+        let this = Arc::clone(self);
         let backup_id = backup_id.to_string();
         tokio::spawn(
             async move {
-                let result = match client {
-                    Ok(c) => {
-                        retry(|| {
-                            let mut c = c.clone();
-                            let message = pb::AbortRequest {
-                                backup_id: backup_id.clone(),
-                                reason: reason.clone(),
-                            };
-                            let request = Self::request(&backup_id, &server, message, rpc_ms);
-                            async move { c.abort(request).await.map(|_| ()) }
-                        })
-                        .await
-                    }
-                    Err(e) => Err(e),
-                };
+                let result = this.abort_agent(&backup_id, &server, &reason).await.map(|_| ());
                 let _ = tx.send((Event::Aborted { server, result }, None));
             }
             .in_current_span(),
@@ -494,33 +464,52 @@ impl Runtime {
         server: String,
         tx: mpsc::UnboundedSender<Envelope>,
     ) {
-        let rpc_ms = self.config.timeouts.rpc_ms;
-        let client = self.client(&server);
+        let this = Arc::clone(self);
         let backup_id = backup_id.to_string();
         tokio::spawn(
             async move {
-                let result = match client {
-                    Ok(c) => {
-                        retry(|| {
-                            let mut c = c.clone();
-                            let request = Self::request(
-                                &backup_id,
-                                &server,
-                                pb::CleanupRequest { backup_id: backup_id.clone() },
-                                rpc_ms,
-                            );
-                            async move {
-                                c.cleanup(request).await.map(|r| r.into_inner().snapshots_deleted)
-                            }
-                        })
-                        .await
-                    }
-                    Err(e) => Err(e),
-                };
+                let rpc_ms = this.config.timeouts.rpc_ms;
+                let result = this
+                    .call_idempotent(&server, |mut c| {
+                        let message = pb::CleanupRequest { backup_id: backup_id.clone() };
+                        let request = Self::request(&backup_id, &server, message, rpc_ms);
+                        async move { c.cleanup(request).await.map(|r| r.into_inner().snapshots_deleted) }
+                    })
+                    .await;
                 let _ = tx.send((Event::CleanedUp { server, result }, None));
             }
             .in_current_span(),
         );
+    }
+
+    async fn abort_agent(
+        &self,
+        backup_id: &str,
+        server: &str,
+        reason: &str,
+    ) -> std::result::Result<pb::AbortResponse, String> {
+        let rpc_ms = self.config.timeouts.rpc_ms;
+        self.call_idempotent(server, |mut c| {
+            let message =
+                pb::AbortRequest { backup_id: backup_id.to_string(), reason: reason.to_string() };
+            let request = Self::request(backup_id, server, message, rpc_ms);
+            async move { c.abort(request).await.map(tonic::Response::into_inner) }
+        })
+        .await
+    }
+
+    /// Calls an idempotent agent RPC: three tries, 200 ms then 400 ms apart.
+    async fn call_idempotent<T, F, Fut>(
+        &self,
+        server: &str,
+        call: F,
+    ) -> std::result::Result<T, String>
+    where
+        F: Fn(AgentClient<Channel>) -> Fut,
+        Fut: std::future::Future<Output = std::result::Result<T, tonic::Status>>,
+    {
+        let client = self.client(server)?;
+        retry(|| call(client.clone())).await
     }
 
     fn spawn_copy(
