@@ -85,12 +85,14 @@ const NONE: Faults = Faults {
 };
 
 fn system(agents: usize, faults: Faults) -> System {
-    System { agents, faults, sweep: true, broken_agent: false }
+    System { agents, faults, sweep: true, flaw: None }
 }
 
 /// Checks every property of `system` exhaustively and that it visited at least `floor` states.
+/// Two checker threads each: the big checks then share both cores to the end instead of the
+/// last one running alone on one.
 fn check(label: &str, system: System, floor: usize) {
-    let checker = explore(label, system, 1);
+    let checker = explore(label, system, 2);
     assert_all_hold(&checker);
     let n = checker.unique_state_count();
     assert!(
@@ -129,7 +131,7 @@ fn three_agents_with_reordering_and_lease_expiry() {
 /// Proves the checker can fail: an agent that snapshots after its lease ran out must be caught.
 #[test]
 fn checker_catches_an_agent_that_snapshots_after_its_lease() {
-    let system = System { agents: 2, faults: NONE, sweep: true, broken_agent: true };
+    let system = System { flaw: Some(Flaw::SnapshotsAfterLease), ..system(2, NONE) };
     let checker = explore("2 broken agents, no fault", system, 1);
     for property in [NO_SNAPSHOT_AFTER_THAW, CONSISTENT_VERDICT] {
         let found = trace(&checker, property);
@@ -138,31 +140,43 @@ fn checker_catches_an_agent_that_snapshots_after_its_lease() {
     }
 }
 
-/// A protocol bug this model found (see the trace it prints): an agent that crashed after
-/// freezing forgets the backup; a duplicate Prepare then freezes it again *after* another
-/// server already snapshotted and thawed, its Commit succeeds, and the listener, which only
-/// sees that every prepared reply came before Commit, records the cut as consistent. This test
-/// asserts the counterexample is still found; when the agent remembers backup ids across a
-/// restart (or Commit names the freeze it commits), it fails and should become a `check`.
+/// The re-freeze this model once found: an agent that crashed after freezing forgets the
+/// backup; a duplicate Prepare then freezes it again *after* another server already snapshotted
+/// and thawed. The listener's Commit names the freeze token of the first freeze, so the agent
+/// refuses it instead of snapshotting the late freeze, and no cut that spans the restart can be
+/// recorded (nor called consistent).
 #[test]
-fn known_bug_duplicate_prepare_after_agent_restart_breaks_the_cut() {
-    let system = system(2, Faults { dups: 1, crashes: 1, ..NONE });
+fn a_duplicate_prepare_after_an_agent_restart_cannot_break_the_cut() {
+    let faults = Faults { dups: 1, crashes: 1, ..NONE };
+    check("2 agents, duplicate + agent crash", system(2, faults), 600_000);
+}
+
+/// Proves the check above can fail: an agent that ignores the freeze token (the agent before
+/// the fix) commits the late freeze, and the checker finds the inconsistent "consistent" cut.
+#[test]
+fn checker_catches_an_agent_that_ignores_the_freeze_token() {
+    let faults = Faults { dups: 1, crashes: 1, ..NONE };
+    let system = System { flaw: Some(Flaw::IgnoresFreezeToken), ..system(2, faults) };
     let stop = HasDiscoveries::AnyOf([CONSISTENT_VERDICT].into_iter().collect());
     let checker = system.checker().threads(1).finish_when(stop).spawn_bfs().join();
     let found = trace(&checker, CONSISTENT_VERDICT).expect("the re-freeze counterexample");
     println!("{found}");
+    // It is the re-freeze: some server's snapshot came from a freeze other than the one whose
+    // token the listener recorded (and sent with its Commit).
+    let end = checker.discovery(CONSISTENT_VERDICT).expect("found").last_state().clone();
+    let refrozen = end.agents.iter().zip(&end.coordinator.record.servers).any(|(a, r)| {
+        a.entry
+            .is_some_and(|e| e.phase == Phase::Snapshotted && e.token.to_string() != r.freeze_token)
+    });
+    assert!(refrozen, "expected a snapshot of a later freeze:\n{}", end.describe());
 }
 
 /// Property 3 is not vacuous: without the listener's sweep, one lost Cleanup or Abort leaves a
 /// snapshot (or an orphan after a crash) on an agent for good.
 #[test]
 fn without_the_sweep_a_lost_message_leaves_a_snapshot_behind() {
-    let system = System {
-        agents: 2,
-        faults: Faults { losses: 1, ..NONE },
-        sweep: false,
-        broken_agent: false,
-    };
+    let system =
+        System { agents: 2, faults: Faults { losses: 1, ..NONE }, sweep: false, flaw: None };
     let stop = HasDiscoveries::AnyOf([QUIESCENT_CLEAN].into_iter().collect());
     let checker = system.checker().threads(1).finish_when(stop).spawn_bfs().join();
     let found = trace(&checker, QUIESCENT_CLEAN).expect("a leftover without the sweep");

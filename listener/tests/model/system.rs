@@ -1,6 +1,6 @@
 //! The world the real `Coordinator` runs in, for stateright: model agents that follow the
-//! agent's rules (lease, no Commit after thaw, idempotent Abort and Cleanup, crash = thawed with
-//! orphans on disk), a network that loses, duplicates and reorders, the copy jobs, a clock that
+//! agent's rules (lease, no Commit after thaw, a Commit must name the freeze the agent holds,
+//! idempotent Abort and Cleanup, crash = thawed with orphans on disk), a network that loses, duplicates and reorders, the copy jobs, a clock that
 //! jumps between deadlines, and ground truth (when each snapshot's server froze) to judge by.
 //! The listener side is not modelled: it is `stillpoint_listener::coordinator` itself.
 
@@ -54,16 +54,31 @@ pub struct System {
     pub faults: Faults,
     /// The listener's periodic sweep aborts what agents hold for a backup no longer in flight.
     pub sweep: bool,
-    /// A deliberately broken agent that snapshots even after its lease ran out (to prove the
-    /// checker can fail).
-    pub broken_agent: bool,
+    /// A deliberately broken agent (to prove the checker can fail), or `None` for the real rules.
+    pub flaw: Option<Flaw>,
+}
+
+/// A way to break the agent's rules on purpose.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub enum Flaw {
+    /// Snapshots even after its lease ran out.
+    SnapshotsAfterLease,
+    /// Commits whatever freeze it holds, whatever freeze token the Commit names (the agent
+    /// before the freeze token).
+    IgnoresFreezeToken,
 }
 
 /// A request from the listener to an agent.
 #[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Req {
-    Prepare { lease_ms: u64 },
-    Commit,
+    Prepare {
+        lease_ms: u64,
+    },
+    /// `token`: the freeze token the listener's record held for this server when it emitted
+    /// the Commit (0: none).
+    Commit {
+        token: u8,
+    },
     Abort,
     Cleanup,
 }
@@ -71,7 +86,8 @@ pub enum Req {
 /// What the listener hears back about one RPC.
 #[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Reply {
-    Prepared(bool),
+    /// Prepared or not, and the freeze token (0 when not frozen).
+    Prepared(bool, u8),
     /// `Some(snapshot id)` when the agent committed.
     Committed(Option<u8>),
     Aborted,
@@ -130,6 +146,8 @@ pub enum Phase {
 #[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
 pub struct Entry {
     pub phase: Phase,
+    /// The token of this entry's freeze (0: it never froze).
+    pub token: u8,
     pub prepared: Option<bool>,
     pub committed: Option<Option<u8>>,
 }
@@ -139,6 +157,9 @@ pub struct Agent {
     pub entry: Option<Entry>,
     /// Snapshot ids on disk (bit mask): survives a crash.
     pub disk: u32,
+    /// Freezes so far, across crashes: the next freeze's token is one more, so every freeze
+    /// gets a fresh one (the real agent draws a random one).
+    pub freezes: u8,
 }
 
 impl Agent {
@@ -153,6 +174,13 @@ impl Agent {
     /// after a restart included).
     fn holds(&self) -> bool {
         self.frozen().is_some() || self.disk != 0
+    }
+
+    /// Whether a Commit naming `token` may act on this agent's entry: no token (an old
+    /// listener), or the token of the freeze it holds.
+    fn accepts(&self, token: u8, flaw: Option<Flaw>) -> bool {
+        let held = self.entry.map_or(0, |e| e.token);
+        token == 0 || token == held || flaw == Some(Flaw::IgnoresFreezeToken)
     }
 }
 
@@ -240,11 +268,17 @@ impl World {
                     req: Req::Prepare { lease_ms },
                     rpc: true,
                 }),
-                Command::Commit { server } => self.push(Msg::ToAgent {
-                    to: server_index(&server),
-                    req: Req::Commit,
-                    rpc: true,
-                }),
+                Command::Commit { server } => {
+                    // As the runtime does: the token is the record's when the command is run.
+                    let to = server_index(&server);
+                    let token = &self.record().servers[usize::from(to)].freeze_token;
+                    let token = if token.is_empty() {
+                        0
+                    } else {
+                        token.parse().expect("a model freeze token")
+                    };
+                    self.push(Msg::ToAgent { to, req: Req::Commit { token }, rpc: true })
+                }
                 Command::Abort { server, .. } => self.push(Msg::ToAgent {
                     to: server_index(&server),
                     req: Req::Abort,
@@ -272,11 +306,17 @@ impl World {
         let server = SERVERS[usize::from(from)].to_string();
         let failed = "rpc failed".to_string();
         match reply {
-            Reply::Prepared(prepared) => {
+            Reply::Prepared(prepared, token) => {
                 let reason = if prepared { String::new() } else { "refused".into() };
+                let freeze_token = if token == 0 { String::new() } else { token.to_string() };
                 Event::Prepared {
                     server,
-                    reply: Ok(PrepareReply { prepared, reason, ..Default::default() }),
+                    reply: Ok(PrepareReply {
+                        prepared,
+                        reason,
+                        freeze_token,
+                        ..Default::default()
+                    }),
                 }
             }
             Reply::Committed(Some(id)) => Event::Committed {
@@ -318,33 +358,43 @@ impl World {
     }
 
     /// The agent's rules (`agent/src/backups.rs`) for one request; returns its answer.
-    fn agent_handles(&mut self, i: u8, req: Req, failing: bool, broken: bool) -> Reply {
+    fn agent_handles(&mut self, i: u8, req: Req, failing: bool, flaw: Option<Flaw>) -> Reply {
+        let broken = flaw == Some(Flaw::SnapshotsAfterLease);
         let now = self.now;
         let snaps_so_far = u8::try_from(self.snaps.len()).expect("few snapshots");
         let a = &mut self.agents[usize::from(i)];
         match req {
             Req::Prepare { lease_ms } => match a.entry {
-                Some(e) => Reply::Prepared(match (e.phase, e.prepared) {
-                    (Phase::Frozen { .. } | Phase::Failed, Some(p)) => p,
-                    _ => false,
-                }),
+                // A duplicate gets the first answer again, the same freeze token included.
+                Some(e) => match (e.phase, e.prepared) {
+                    (Phase::Frozen { .. } | Phase::Failed, Some(p)) => Reply::Prepared(p, e.token),
+                    _ => Reply::Prepared(false, 0),
+                },
                 None if failing => {
                     a.entry = Some(Entry {
                         phase: Phase::Failed,
+                        token: 0,
                         prepared: Some(false),
                         committed: None,
                     });
-                    Reply::Prepared(false)
+                    Reply::Prepared(false, 0)
                 }
                 None => {
                     let lease_end = now + Millis::try_from(lease_ms).expect("small lease");
                     let phase = Phase::Frozen { lease_end, froze_after: snaps_so_far };
-                    a.entry = Some(Entry { phase, prepared: Some(true), committed: None });
-                    Reply::Prepared(true)
+                    a.freezes += 1;
+                    let token = a.freezes;
+                    a.entry = Some(Entry { phase, token, prepared: Some(true), committed: None });
+                    Reply::Prepared(true, token)
                 }
             },
-            Req::Commit => {
+            Req::Commit { token } => {
                 let Some(mut e) = a.entry else { return Reply::Committed(None) };
+                if !a.accepts(token, flaw) {
+                    // Meant for a freeze before a restart: no snapshot, and the freeze it
+                    // holds is left to its lease or an Abort.
+                    return Reply::Committed(None);
+                }
                 let reply = match e.phase {
                     Phase::Frozen { lease_end, froze_after } => {
                         if now >= lease_end && !broken {
@@ -384,8 +434,12 @@ impl World {
                     Some(e) if e.phase == Phase::Cleaned => {}
                     Some(e) => e.phase = Phase::Aborted,
                     None => {
-                        a.entry =
-                            Some(Entry { phase: Phase::Aborted, prepared: None, committed: None })
+                        a.entry = Some(Entry {
+                            phase: Phase::Aborted,
+                            token: 0,
+                            prepared: None,
+                            committed: None,
+                        })
                     }
                 }
                 Reply::Aborted
@@ -396,8 +450,12 @@ impl World {
                 match &mut a.entry {
                     Some(e) => e.phase = Phase::Cleaned,
                     None => {
-                        a.entry =
-                            Some(Entry { phase: Phase::Cleaned, prepared: None, committed: None })
+                        a.entry = Some(Entry {
+                            phase: Phase::Cleaned,
+                            token: 0,
+                            prepared: None,
+                            committed: None,
+                        })
                     }
                 }
                 Reply::CleanedUp(n)
@@ -438,8 +496,10 @@ impl World {
                 r.step.as_str(),
                 snap_ids(&r.snapshots)
             );
+            let _ = write!(out, " token={:?}", r.freeze_token);
             let a = &self.agents[s];
-            let _ = write!(out, " | agent {:?} disk={:#b}", a.entry.map(|e| e.phase), a.disk);
+            let entry = a.entry.map(|e| (e.phase, e.token));
+            let _ = write!(out, " | agent (phase, token)={entry:?} disk={:#b}", a.disk);
         }
         if let Some(v) = &self.record().verdict {
             let _ = write!(out, "\n    verdict consistent={}: {}", v.consistent, v.text);
@@ -494,11 +554,13 @@ impl Model for System {
             actions.push(Action::Deliver(m));
             match m {
                 Msg::ToAgent { to, req, rpc } => {
-                    let e = w.agents[usize::from(to)].entry;
+                    let agent = &w.agents[usize::from(to)];
+                    let e = agent.entry;
                     let can_fail = match req {
                         Req::Prepare { .. } => left.prepare_fails > 0 && e.is_none(),
-                        Req::Commit => {
+                        Req::Commit { token } => {
                             left.commit_fails > 0
+                                && agent.accepts(token, self.flaw)
                                 && matches!(e.map(|e| e.phase), Some(Phase::Frozen { lease_end, .. }) if w.now < lease_end)
                         }
                         _ => false,
@@ -577,7 +639,7 @@ impl Model for System {
                                 _ => w.left.commit_fails -= 1,
                             }
                         }
-                        let reply = w.agent_handles(to, req, failing, self.broken_agent);
+                        let reply = w.agent_handles(to, req, failing, self.flaw);
                         if rpc {
                             w.push(Msg::ToListener { from: to, reply });
                         }
@@ -598,7 +660,7 @@ impl Model for System {
                     }
                     Msg::ToListener { from, reply } => {
                         let req = match reply {
-                            Reply::Prepared(_) => ReqKind::Prepare,
+                            Reply::Prepared(..) => ReqKind::Prepare,
                             Reply::Committed(_) => ReqKind::Commit,
                             Reply::Aborted => ReqKind::Abort,
                             Reply::CleanedUp(_) => ReqKind::Cleanup,
@@ -680,6 +742,9 @@ impl Model for System {
                 w.agents.iter().all(|a| a.frozen().is_none_or(|(end, _)| w.now <= end))
             }),
             Property::always(QUIESCENT_CLEAN, |m, w: &World| {
+                if !w.net.is_empty() || !w.copies.is_empty() {
+                    return true; // something can still be delivered or finish
+                }
                 let mut next = Vec::new();
                 m.actions(w, &mut next);
                 !next.is_empty() || (w.terminal() && w.agents.iter().all(|a| !a.holds()))
@@ -706,7 +771,7 @@ impl Model for System {
 fn kind(req: Req) -> ReqKind {
     match req {
         Req::Prepare { .. } => ReqKind::Prepare,
-        Req::Commit => ReqKind::Commit,
+        Req::Commit { .. } => ReqKind::Commit,
         Req::Abort => ReqKind::Abort,
         Req::Cleanup => ReqKind::Cleanup,
     }
