@@ -28,9 +28,16 @@ pub fn steerable(server: &str, root: &Path) -> String {
     )
 }
 
+const LEASE_MS: u64 = 6_000;
+
+/// How long to wait for a thaw that only the lease brings.
+const PAST_THE_LEASE: Duration = Duration::from_millis(LEASE_MS + 4_000);
+
 fn spec() -> Spec {
     let mut spec = Spec::three(steerable);
-    spec.lease_ms = 4_000;
+    // Short enough to keep the suite fast, long enough that a loaded 2-core CI box gathers
+    // every prepare within the cutoff (C = L - L/4 - L/8 = 3.75 s).
+    spec.lease_ms = LEASE_MS;
     spec.sweep_interval_ms = 1_000;
     spec.probes = true;
     spec
@@ -358,12 +365,15 @@ async fn listener_stopped_past_the_lease_while_frozen() {
     listener.signal("STOP");
     let stopped = Instant::now();
     for server in ["srv-a", "srv-b"] {
-        wait_for(&format!("{server} to thaw at its lease"), Duration::from_secs(8), || {
+        wait_for(&format!("{server} to thaw at its lease"), PAST_THE_LEASE, || {
             thawed(&cluster, server).then_some(())
         })
         .await;
     }
-    eprintln!("agents thawed {:?} after the listener stopped (lease 4 s)", stopped.elapsed());
+    eprintln!(
+        "agents thawed {:?} after the listener stopped (lease {LEASE_MS} ms)",
+        stopped.elapsed()
+    );
     cluster.listener.as_ref().expect("listener").signal("CONT");
     assert_clean(&cluster, &good, &id, "FAILED", "").await;
 }
@@ -399,7 +409,7 @@ async fn network_to_one_agent_cut_before_prepare() {
         })
         .await;
     }
-    let cutoff = Duration::from_millis(4_000 - 1_000 - 500);
+    let cutoff = Duration::from_millis(LEASE_MS - LEASE_MS / 4 - LEASE_MS / 8);
     assert!(
         started.elapsed() < cutoff + Duration::from_secs(3),
         "others thawed {:?} after start",
@@ -420,7 +430,7 @@ async fn network_to_one_agent_cut_while_frozen() {
     wait_frozen(&cluster, "srv-b").await;
     tokio::time::sleep(Duration::from_millis(100)).await;
     cluster.agent("srv-b").proxy.as_ref().expect("proxy").set(Mode::Blackhole);
-    wait_for("srv-b to thaw at its lease", Duration::from_secs(8), || {
+    wait_for("srv-b to thaw at its lease", PAST_THE_LEASE, || {
         thawed(&cluster, "srv-b").then_some(())
     })
     .await;
