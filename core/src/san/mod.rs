@@ -172,29 +172,7 @@ impl Array {
         if let Ok(meta) = fs::metadata(&target) {
             return Ok((snap(meta.len()), CopyMethod::Reflink));
         }
-        let src = File::open(&source).map_err(|e| Error::io(&source, e))?;
-        let size = src.metadata().map_err(|e| Error::io(&source, e))?.len();
-        let dir = target.parent().expect("snapshot path has a parent");
-        fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-        let tmp = dir.join(format!(".{lun}.partial"));
-        let dst = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&tmp)
-            .map_err(|e| Error::io(&tmp, e))?;
-        let method = match crate::sys::clone_file(&src, &dst) {
-            Ok(()) => CopyMethod::Reflink,
-            Err(_) => {
-                sparse_copy(&src, &dst, size).map_err(|e| Error::io(&tmp, e))?;
-                CopyMethod::SparseCopy
-            }
-        };
-        dst.sync_all().map_err(|e| Error::io(&tmp, e))?;
-        fs::set_permissions(&tmp, fs::Permissions::from_mode(0o444))
-            .map_err(|e| Error::io(&tmp, e))?;
-        fs::rename(&tmp, &target).map_err(|e| Error::io(&target, e))?;
-        sync_dir(dir)?;
+        let (size, method) = clone_or_copy(&source, &target, 0o444)?;
         Ok((snap(size), method))
     }
 
@@ -264,6 +242,37 @@ impl Array {
         }
         Ok(path)
     }
+}
+
+/// Makes `target` a point-in-time copy of `source`: a reflink clone where the filesystem can
+/// share extents, else a sparse copy. Written under a temporary name, synced, given `mode` and
+/// renamed, so a crash never leaves a half copy under the real name. Used for the array's
+/// snapshots and for IDR images (a mountable copy of a server's disk).
+pub fn clone_or_copy(source: &Path, target: &Path, mode: u32) -> Result<(u64, CopyMethod)> {
+    let src = File::open(source).map_err(|e| Error::io(source, e))?;
+    let size = src.metadata().map_err(|e| Error::io(source, e))?.len();
+    let dir = target.parent().unwrap_or(Path::new("."));
+    fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    let name = target.file_name().and_then(|n| n.to_str()).unwrap_or("copy");
+    let tmp = dir.join(format!(".{name}.partial"));
+    let dst = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&tmp)
+        .map_err(|e| Error::io(&tmp, e))?;
+    let method = match crate::sys::clone_file(&src, &dst) {
+        Ok(()) => CopyMethod::Reflink,
+        Err(_) => {
+            sparse_copy(&src, &dst, size).map_err(|e| Error::io(&tmp, e))?;
+            CopyMethod::SparseCopy
+        }
+    };
+    dst.sync_all().map_err(|e| Error::io(&tmp, e))?;
+    fs::set_permissions(&tmp, fs::Permissions::from_mode(mode)).map_err(|e| Error::io(&tmp, e))?;
+    fs::rename(&tmp, target).map_err(|e| Error::io(target, e))?;
+    sync_dir(dir)?;
+    Ok((size, method))
 }
 
 /// Copies `size` bytes, leaving holes where the source has holes (found with SEEK_DATA, so a

@@ -70,3 +70,17 @@ fn bad_names_and_missing_arrays_are_refused_clearly() {
     let err = array.present("b9", "srv-a", "data").unwrap_err().to_string();
     assert!(err.contains("no snapshot"), "{err}");
 }
+
+#[test]
+fn clone_or_copy_makes_a_whole_copy_with_the_mode_asked() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("disk.img");
+    File::create(&src).unwrap().set_len(4 << 20).unwrap();
+    write_at(&src, 1 << 20, b"server data");
+    let dst = dir.path().join("idr").join("srv-a-data.img");
+    let (size, _) = clone_or_copy(&src, &dst, 0o640).unwrap();
+    assert_eq!(size, 4 << 20);
+    assert_eq!(fs::read(&src).unwrap(), fs::read(&dst).unwrap());
+    assert_eq!(fs::metadata(&dst).unwrap().permissions().mode() & 0o777, 0o640);
+    assert!(!dir.path().join("idr").join(".srv-a-data.img.partial").exists());
+}
