@@ -1,5 +1,6 @@
 //! `backupctl`, the operator and hook CLI of stillpoint: start, watch and inspect backups on the
-//! listener over mutual TLS, make the deployment's certificates, and drive the mock SAN.
+//! listener over mutual TLS, make the deployment's certificates, drive the mock SAN, and copy,
+//! verify and restore volumes in a saveset repository.
 //!
 //! # Layout
 //! `client` builds the mTLS `ListenerClient` from the global options; `cmd/<verb>.rs` holds one
@@ -21,8 +22,10 @@ pub use error::{Error, Result, EXIT_BACKUP_FAILED, EXIT_OK, EXIT_USAGE};
 const EXIT_CODES: &str = "\
 Exit codes:
   0  the command did what was asked
-  1  the backup failed or was aborted (start --wait, watch)
-  2  bad usage, no identity, the listener unreachable or refusing, or a local error";
+  1  the backup failed or was aborted (start --wait, watch); the repository is damaged
+     (verify, restore)
+  2  bad usage, no identity, the listener unreachable or refusing, a wrong repository secret,
+     a restore target that is not empty, or a local error";
 
 /// The command line: global connection options and one verb.
 #[derive(Debug, clap::Parser)]
@@ -64,6 +67,13 @@ pub enum Command {
     /// Drive the mock SAN array in a directory (offline)
     #[command(subcommand)]
     San(cmd::san::San),
+    /// Create a saveset repository or copy a snapshot or image into it (offline)
+    #[command(subcommand)]
+    Repo(cmd::repo::Repo),
+    /// Check a backup in the saveset repository and name any damage (offline)
+    Verify(cmd::verify::Args),
+    /// Write a server's volumes of a backup back from the saveset repository (offline)
+    Restore(cmd::restore::Args),
 }
 
 /// Runs one command, writing results to `out` and diagnostics to stderr; returns the exit code.
@@ -97,6 +107,9 @@ async fn dispatch(cli: Cli, out: &mut dyn Write) -> Result<()> {
         Command::Copied(args) => cmd::copied::run(conn, args, out).await,
         Command::Certs(certs) => cmd::certs::run(certs, out),
         Command::San(san) => cmd::san::run(san, out),
+        Command::Repo(repo) => cmd::repo::run(repo, out),
+        Command::Verify(args) => cmd::verify::run(args, out),
+        Command::Restore(args) => cmd::restore::run(args, out),
     }
 }
 

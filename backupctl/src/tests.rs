@@ -169,3 +169,48 @@ fn missing_identity_is_a_usage_error_naming_the_flags() {
         assert!(text.contains(needle), "{text:?} lacks {needle:?}");
     }
 }
+
+#[test]
+fn saveset_verbs_parse_their_repository_options() {
+    match command(&[
+        "repo",
+        "backup",
+        "--repo",
+        "/r",
+        "--passphrase-file",
+        "/p",
+        "--backup",
+        "b-1",
+        "--server",
+        "srv-a",
+        "--volume",
+        "root",
+        "/dev/snap",
+    ]) {
+        Command::Repo(cmd::repo::Repo::Backup(a)) => {
+            assert_eq!(a.repo.repo, PathBuf::from("/r"));
+            assert_eq!(a.repo.passphrase_file, Some(PathBuf::from("/p")));
+            assert_eq!(
+                (a.backup.as_str(), a.server.as_str(), a.volume.as_str()),
+                ("b-1", "srv-a", "root")
+            );
+            assert_eq!(a.path, PathBuf::from("/dev/snap"));
+        }
+        other => panic!("{other:?}"),
+    }
+    match command(&["verify", "b-1", "--repo", "/r", "--key-file", "/k", "--read-data", "--json"]) {
+        Command::Verify(a) => {
+            assert_eq!((a.id.as_str(), a.read_data, a.json), ("b-1", true, true));
+            assert_eq!(a.repo.key_file, Some(PathBuf::from("/k")));
+        }
+        other => panic!("{other:?}"),
+    }
+    match command(&["restore", "b-1", "--repo", "/r", "--server", "s", "--to", "/t", "--force"]) {
+        Command::Restore(a) => {
+            assert_eq!((a.server.as_str(), a.volume, a.force), ("s", None, true));
+            assert_eq!(a.to, PathBuf::from("/t"));
+        }
+        other => panic!("{other:?}"),
+    }
+    check_refused(&["restore", "b-1", "--repo", "/r", "--to", "/t"], "--server");
+}

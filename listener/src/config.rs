@@ -1,6 +1,7 @@
 //! The listener's TOML config: data directory, bind address, TLS files, the inventory of servers
 //! and groups, the protocol's timeouts and the copy step. `validate()` reports every problem at
-//! once, each naming its field.
+//! once, each naming its field; in saveset mode that includes reading the secret and unlocking
+//! the repository.
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
@@ -8,6 +9,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 use stillpoint_core::tls::TlsFiles;
+use stillpoint_saveset::{Repository, Secret};
 
 use crate::coordinator::Timeouts;
 use crate::error::{Error, Result};
@@ -96,7 +98,7 @@ impl TimeoutConfig {
     }
 }
 
-/// How snapshots are copied. The built-in block-level copier will be a third mode.
+/// How snapshots are copied.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(tag = "mode", rename_all = "kebab-case", deny_unknown_fields)]
 pub enum CopyConfig {
@@ -105,6 +107,73 @@ pub enum CopyConfig {
     Command { command: Vec<String> },
     /// Wait for the backup software to say `backupctl copied ID --server S`.
     Report,
+    /// The built-in block-level copier: every snapshot into a saveset repository.
+    Saveset(SavesetConfig),
+}
+
+/// `[copy] mode = "saveset"`: where the repository is and what unlocks it. The listener reads
+/// each snapshot's locator as a file, so it must see the snapshots (the mock SAN's array).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SavesetConfig {
+    /// The repository's directory (made with `backupctl repo init` or `Repository::init`).
+    pub repository: PathBuf,
+    /// A file holding the passphrase; one trailing newline is not part of it.
+    pub passphrase_file: Option<PathBuf>,
+    /// A key file, used whole as the secret. Give this or `passphrase_file`, not both.
+    pub key_file: Option<PathBuf>,
+    /// What to check after each backup's manifest is written.
+    #[serde(default)]
+    pub verify: VerifyMode,
+}
+
+/// The check run after every backup in saveset mode; damage fails the backup.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum VerifyMode {
+    None,
+    /// Every referenced chunk is indexed and inside a pack that exists.
+    #[default]
+    Index,
+    /// Also read, decrypt and re-hash every referenced chunk.
+    ReadData,
+}
+
+impl SavesetConfig {
+    /// Reads the secret from its file. Never logged: `Secret`'s `Debug` is redacted.
+    pub fn secret(&self) -> std::result::Result<Secret, String> {
+        match (&self.passphrase_file, &self.key_file) {
+            (Some(path), None) => {
+                let text = std::fs::read_to_string(path).map_err(|e| {
+                    format!("copy.passphrase_file: cannot read {}: {e}", path.display())
+                })?;
+                let text = text.strip_suffix('\n').unwrap_or(&text);
+                let text = text.strip_suffix('\r').unwrap_or(text);
+                if text.is_empty() {
+                    return Err(format!("copy.passphrase_file: {} is empty", path.display()));
+                }
+                Ok(Secret::passphrase(text))
+            }
+            (None, Some(path)) => {
+                Secret::from_key_file(path).map_err(|e| format!("copy.key_file: {e}"))
+            }
+            (Some(_), Some(_)) => {
+                Err("copy: give passphrase_file or key_file, not both".to_string())
+            }
+            (None, None) => {
+                Err("copy: saveset mode needs passphrase_file or key_file to unlock the repository"
+                    .to_string())
+            }
+        }
+    }
+
+    /// Reads the secret and unlocks the repository (a KDF run: about 0.2 s and 64 MiB).
+    pub fn open(&self) -> std::result::Result<(Secret, Repository), String> {
+        let secret = self.secret()?;
+        let repo = Repository::open(&self.repository, &secret)
+            .map_err(|e| format!("copy.repository: {e}"))?;
+        Ok((secret, repo))
+    }
 }
 
 impl Config {
@@ -192,10 +261,16 @@ impl Config {
                 "timeouts: rpc_ms, copy_timeout_s, cleanup_timeout_ms and sweep_interval_ms must be above 0".into(),
             );
         }
-        if let CopyConfig::Command { command } = &self.copy {
-            if command.is_empty() {
+        match &self.copy {
+            CopyConfig::Command { command } if command.is_empty() => {
                 out.push("copy.command: empty; give the program and its arguments".into());
             }
+            CopyConfig::Saveset(saveset) => {
+                if let Err(e) = saveset.open() {
+                    out.push(e);
+                }
+            }
+            CopyConfig::Command { .. } | CopyConfig::Report => {}
         }
         out
     }

@@ -1,13 +1,17 @@
-//! The external copier: runs the configured command once per snapshot, with the snapshot's
-//! locator in its environment and its exit status as the verdict. (The other external mode,
-//! waiting for `backupctl copied`, needs no code here; the built-in block-level copier will sit
-//! beside this as a third mode.)
+//! The copiers: here the external one, which runs the configured command once per snapshot with
+//! the snapshot's locator in its environment and its exit status as the verdict; the built-in
+//! one, into a saveset repository, is in `saveset.rs`. (The report mode, waiting for
+//! `backupctl copied`, needs no code here.)
 
 use std::process::Stdio;
 
 use tokio::io::AsyncReadExt;
 
 use crate::model::SnapshotRef;
+
+mod saveset;
+
+pub use saveset::{cut_json, Gather, Saveset, ServerCopy, Throttle, PROGRESS_EVERY};
 
 /// Copies every snapshot of one server in turn; `progress(done, total)` after each one.
 pub async fn run_command(

@@ -17,6 +17,7 @@ use tracing::Instrument;
 use crate::config::{Config, CopyConfig};
 use crate::convert;
 use crate::coordinator::{Command, Coordinator, Event};
+use crate::copier::{Gather, Saveset};
 use crate::error::{Error, Result};
 use crate::model::{BackupRecord, LogEntry, Millis};
 use crate::store::Store;
@@ -66,6 +67,8 @@ pub struct Runtime {
     agents: HashMap<String, AgentClient<Channel>>,
     runs: Mutex<HashMap<String, Run>>,
     updates: broadcast::Sender<Arc<Update>>,
+    /// The unlocked repository, in saveset copy mode.
+    saveset: Option<Arc<Saveset>>,
 }
 
 impl Runtime {
@@ -80,6 +83,12 @@ impl Runtime {
             agents.insert(s.name.clone(), AgentClient::new(channel));
         }
         let (updates, _) = broadcast::channel(1024);
+        let saveset = match &config.copy {
+            CopyConfig::Saveset(c) => Some(Arc::new(Saveset::open(c).map_err(|problems| {
+                Error::Config { path: c.repository.display().to_string(), problems }
+            })?)),
+            CopyConfig::Command { .. } | CopyConfig::Report => None,
+        };
         Ok(Arc::new(Runtime {
             config,
             store,
@@ -87,6 +96,7 @@ impl Runtime {
             agents,
             runs: Mutex::new(HashMap::new()),
             updates,
+            saveset,
         }))
     }
 
@@ -259,6 +269,7 @@ impl Runtime {
     ) {
         let (cancel_tx, cancel_rx) = watch::channel(false);
         let id = coordinator.record.id.clone();
+        let mut gather = None;
         loop {
             let deadline = coordinator.next_deadline().map(|d| self.clock.instant_of(d));
             // Events already queued go before a deadline that has passed (a recovered backup's
@@ -272,7 +283,7 @@ impl Runtime {
                 () = sleep_until(deadline) => (Event::Tick, None),
             };
             let commands = coordinator.handle(self.clock.now(), event);
-            self.apply(&coordinator.record, commands, &tx, &cancel_rx);
+            self.apply(&coordinator.record, commands, &tx, &cancel_rx, &mut gather);
             if let Some(reply) = reply {
                 let _ = reply.send(coordinator.record.clone());
             }
@@ -292,6 +303,7 @@ impl Runtime {
         commands: Vec<Command>,
         tx: &mpsc::WeakUnboundedSender<Envelope>,
         cancel: &watch::Receiver<bool>,
+        gather: &mut Option<Arc<Mutex<Gather>>>,
     ) {
         let now = self.clock.now();
         let entries: Vec<LogEntry> = commands
@@ -352,9 +364,28 @@ impl Runtime {
                         .unwrap_or_default();
                     self.spawn_commit(&record.id, server, token, tx.clone())
                 }
-                Command::Copy { server, snapshots } => {
-                    self.spawn_copy(&record.id, server, snapshots, tx.clone(), cancel.clone())
-                }
+                Command::Copy { server, snapshots } => match &self.saveset {
+                    Some(saveset) => {
+                        // Every server copies, so the gather of a backup is made at its first
+                        // Copy and knows them all.
+                        let gather = gather.get_or_insert_with(|| {
+                            let servers = record.servers.iter().map(|s| s.server.clone());
+                            Arc::new(Mutex::new(Gather::new(servers)))
+                        });
+                        let copy = SavesetCopy {
+                            saveset: Arc::clone(saveset),
+                            gather: Arc::clone(gather),
+                            backup_id: record.id.clone(),
+                            cut: crate::copier::cut_json(record),
+                            server,
+                            snapshots,
+                        };
+                        spawn_saveset_copy(copy, tx.clone(), cancel.clone())
+                    }
+                    None => {
+                        self.spawn_copy(&record.id, server, snapshots, tx.clone(), cancel.clone())
+                    }
+                },
                 Command::Cleanup { server } => self.spawn_cleanup(&record.id, server, tx.clone()),
             }
         }
@@ -593,6 +624,69 @@ impl Runtime {
         });
         futures::future::join_all(calls).await
     }
+}
+
+/// One server's copy into the saveset repository, and what the last one needs to finish.
+struct SavesetCopy {
+    saveset: Arc<Saveset>,
+    gather: Arc<Mutex<Gather>>,
+    backup_id: String,
+    /// The record's cut and verdict as JSON, fixed before any copy starts.
+    cut: serde_json::Value,
+    server: String,
+    snapshots: Vec<crate::model::SnapshotRef>,
+}
+
+/// Runs a saveset copy on a blocking task, reporting progress at most every 250 ms. The copy
+/// that completes the backup writes its manifest and verifies before its Copied goes out, so
+/// the backup succeeds only once the manifest with the cut is in the repository.
+fn spawn_saveset_copy(
+    copy: SavesetCopy,
+    tx: mpsc::UnboundedSender<Envelope>,
+    mut cancel: watch::Receiver<bool>,
+) {
+    let server = copy.server.clone();
+    let progress_tx = tx.clone();
+    let stopped = cancel.clone();
+    let span = tracing::Span::current();
+    let blocking = tokio::task::spawn_blocking(move || {
+        let _span = span.enter();
+        let stop = || *stopped.borrow();
+        let mut progress = |done, total| {
+            let event = Event::CopyProgress { server: copy.server.clone(), done, total };
+            let _ = progress_tx.send((event, None));
+        };
+        let done = copy.saveset.copy_server(
+            &copy.backup_id,
+            &copy.server,
+            &copy.snapshots,
+            &mut progress,
+            &stop,
+        )?;
+        let mut detail = done.detail();
+        let ids = done.volumes.iter().map(|(_, id)| *id).collect();
+        let all = copy.gather.lock().expect("gather lock poisoned").complete(&copy.server, ids);
+        if let Some(volumes) = all {
+            if stop() {
+                return Err("the backup ended before its manifest was written".to_string());
+            }
+            let line = copy.saveset.finish_backup(&copy.backup_id, volumes, copy.cut)?;
+            detail = format!("{detail}; {line}");
+        }
+        Ok(detail)
+    });
+    tokio::spawn(
+        async move {
+            // A blocking copy cannot be interrupted mid-volume; once the backup ended its result
+            // is dropped (and it stops before the next volume).
+            let result = tokio::select! {
+                joined = blocking => joined.unwrap_or_else(|e| Err(format!("copier task failed: {e}"))),
+                _ = cancel.wait_for(|stop| *stop) => return,
+            };
+            let _ = tx.send((Event::Copied { server, result }, None));
+        }
+        .in_current_span(),
+    );
 }
 
 async fn sleep_until(deadline: Option<tokio::time::Instant>) {

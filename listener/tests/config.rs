@@ -73,3 +73,103 @@ fn unknown_fields_are_refused() {
         .unwrap_err();
     assert!(err.to_string().contains("lisen"), "{err}");
 }
+
+const SAVESET_BASE: &str = r#"
+data_dir = "/tmp/x"
+listen = "127.0.0.1:0"
+[tls]
+ca = "/x"
+cert = "/x"
+key = "/x"
+[[server]]
+name = "a"
+address = "127.0.0.1:1"
+[[group]]
+name = "g"
+servers = ["a"]
+"#;
+
+fn copy_problems(copy: &str) -> String {
+    let config = parse(&format!("{SAVESET_BASE}[copy]\n{copy}"));
+    config.problems().into_iter().filter(|p| !p.starts_with("tls.")).collect::<Vec<_>>().join("\n")
+}
+
+#[test]
+fn saveset_mode_unlocks_its_repository_at_load_and_defaults_to_an_index_verify() {
+    use stillpoint_listener::config::{CopyConfig, VerifyMode};
+    use stillpoint_saveset::{InitOptions, KdfParams, Repository, Secret};
+
+    let dir = tempfile::tempdir().expect("temp dir");
+    let repo = dir.path().join("repo");
+    let opts = InitOptions {
+        kdf: KdfParams { m_cost_kib: 1024, t_cost: 1, p_cost: 1 },
+        ..InitOptions::default()
+    };
+    Repository::init_with(&repo, &Secret::passphrase("s3cret words"), opts).expect("init");
+    let pass = dir.path().join("pass");
+    std::fs::write(&pass, "s3cret words\n").expect("write passphrase");
+    let wrong = dir.path().join("wrong");
+    std::fs::write(&wrong, "other words").expect("write passphrase");
+
+    let good = format!("mode = \"saveset\"\nrepository = {repo:?}\npassphrase_file = {pass:?}\n");
+    assert_eq!(copy_problems(&good), "");
+    let config = parse(&format!("{SAVESET_BASE}[copy]\n{good}"));
+    let CopyConfig::Saveset(saveset) = &config.copy else { panic!("not saveset: {config:?}") };
+    assert_eq!(saveset.verify, VerifyMode::Index);
+    // The secret is never in the config's Debug (only the file's path is).
+    assert!(!format!("{config:?}").contains("s3cret"));
+
+    let problems = copy_problems(&format!(
+        "mode = \"saveset\"\nrepository = {repo:?}\npassphrase_file = {wrong:?}\nverify = \"read-data\"\n"
+    ));
+    assert!(
+        problems.contains("copy.repository: wrong passphrase or key for repository"),
+        "{problems}"
+    );
+    assert!(!problems.contains("other words"), "{problems}");
+
+    let problems = copy_problems(
+        "mode = \"saveset\"\nrepository = \"/nonexistent/repo\"\npassphrase_file = \"/nonexistent/pass\"\n",
+    );
+    assert!(problems.contains("copy.passphrase_file: cannot read /nonexistent/pass"), "{problems}");
+
+    let problems = copy_problems(&format!(
+        "mode = \"saveset\"\nrepository = \"/nonexistent/repo\"\npassphrase_file = {pass:?}\n"
+    ));
+    assert!(
+        problems.contains("copy.repository: open /nonexistent/repo: not a saveset repository"),
+        "{problems}"
+    );
+
+    let problems = copy_problems(&format!("mode = \"saveset\"\nrepository = {repo:?}\n"));
+    assert!(problems.contains("needs passphrase_file or key_file"), "{problems}");
+
+    for bad in ["verify = \"sometimes\"", "passphrase = \"inline\""] {
+        let text =
+            format!("{SAVESET_BASE}[copy]\nmode = \"saveset\"\nrepository = {repo:?}\n{bad}\n");
+        assert!(toml::from_str::<stillpoint_listener::Config>(&text).is_err(), "{bad} accepted");
+    }
+}
+
+#[test]
+fn the_commented_saveset_example_parses() {
+    use stillpoint_listener::config::{CopyConfig, VerifyMode};
+
+    #[derive(serde::Deserialize)]
+    struct Copy {
+        copy: CopyConfig,
+    }
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/listener.example.toml");
+    let text = std::fs::read_to_string(path).expect("read example");
+    let lines: Vec<&str> = text.lines().collect();
+    let at = lines.iter().position(|l| *l == "# mode = \"saveset\"").expect("saveset example");
+    let block: String = lines[at - 1..]
+        .iter()
+        .take_while(|l| l.starts_with("# "))
+        .map(|l| format!("{}\n", &l[2..]))
+        .collect();
+    let parsed: Copy = toml::from_str(&block).unwrap_or_else(|e| panic!("{e}:\n{block}"));
+    let CopyConfig::Saveset(saveset) = parsed.copy else { panic!("not saveset:\n{block}") };
+    assert_eq!(saveset.verify, VerifyMode::Index);
+    assert!(saveset.passphrase_file.is_some() && saveset.key_file.is_none());
+}

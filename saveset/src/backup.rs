@@ -1,17 +1,34 @@
 //! Backing up one volume (a file or block device, typically a snapshot): fixed-size chunks,
 //! holes from SEEK_DATA/SEEK_HOLE and all-zero chunks, dedup against the index, packs, then the
-//! manifest. Reads the source in one pass with a chunk-sized buffer; memory is the index only.
+//! manifest. A pipeline: this thread reads and hashes, `WORKERS` threads compress and seal new
+//! chunks, one thread assembles and stores packs; bounded channels keep memory bounded.
 
+use std::collections::HashSet;
 use std::fs::File;
 use std::io::{Seek, SeekFrom};
 use std::os::unix::fs::FileExt;
 use std::path::Path;
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
+use std::sync::{Arc, Mutex};
 
 use stillpoint_core::sys::{next_data, next_hole};
 
 use crate::error::{IoContext, Result};
 use crate::manifest::{ChunkId, Manifest, ManifestId, VolumeManifest, VolumeMeta};
-use crate::repo::{now_ms, PackWriter, Repository};
+use crate::repo::{now_ms, Repository, StoredPack};
+
+/// Threads compressing and sealing new chunks.
+const WORKERS: usize = 2;
+/// Chunks per message between the stages.
+const BATCH: usize = 32;
+/// Messages queued per channel: with 4 KiB chunks, 256 KiB of plaintext and as much sealed.
+/// Kept short so that what progress reports is close to what is durable (plus the open pack).
+const IN_FLIGHT: usize = 2;
+/// Bytes read from the source by one read (data regions only).
+const READ_WINDOW: usize = 1 << 20;
+
+/// New chunks from the reader: ids and plaintexts.
+type Batch = Vec<(ChunkId, Vec<u8>)>;
 
 /// How far a backup has got, in logical bytes of the volume.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -52,7 +69,7 @@ impl Repository {
     ///
     /// Packs and their index files are durable before the manifest that references them is
     /// written, so a crash at any point leaves a valid repository, and a rerun reuses every
-    /// chunk whose pack was completed. `progress` is called after every chunk.
+    /// chunk whose pack was completed. `progress` is called after every chunk, on this thread.
     pub fn backup_volume(
         &mut self,
         source: &Path,
@@ -70,79 +87,151 @@ impl Repository {
             created_unix_ms: 0,
         };
         let mut stats = BackupStats { size, ..BackupStats::default() };
-        let mut pack = Some(self.new_pack()?);
-        let result =
-            self.copy_chunks(&file, source, &mut manifest, &mut stats, &mut pack, progress);
-        let pack = pack.take().expect("copy_chunks leaves a pack");
-        if let Err(e) = result {
-            pack.discard();
-            return Err(e);
+        let this = &*self;
+        let (read, stored) = std::thread::scope(|s| {
+            let (job_tx, job_rx) = sync_channel::<Batch>(IN_FLIGHT);
+            let (sealed_tx, sealed_rx) = sync_channel::<Batch>(IN_FLIGHT);
+            let job_rx = Arc::new(Mutex::new(job_rx));
+            for _ in 0..WORKERS {
+                let (rx, tx) = (Arc::clone(&job_rx), sealed_tx.clone());
+                s.spawn(move || this.seal_batches(&rx, &tx));
+            }
+            drop(sealed_tx);
+            let packer = s.spawn(move || this.store_packs(sealed_rx));
+            let read = this.read_chunks(&file, source, &mut manifest, &mut stats, job_tx, progress);
+            let stored = packer.join().expect("the pack writer does not panic");
+            (read, stored)
+        });
+        let (packs, bytes_stored) = stored?;
+        stats.packs = packs.len() as u64;
+        stats.bytes_stored = bytes_stored;
+        // Stored packs are valid and reusable even when reading failed.
+        for p in packs {
+            self.remember(p);
         }
-        if pack.is_empty() {
-            pack.discard();
-        } else {
-            stats.packs += 1;
-            self.finish_pack(pack)?;
-        }
+        read?;
         manifest.created_unix_ms = now_ms();
         let id = self.write_manifest(&Manifest::Volume(manifest.clone()))?;
         tracing::debug!(manifest = %id, source = %source.display(), ?stats, "volume backed up");
         Ok(VolumeBackup { id, manifest, stats })
     }
 
-    fn copy_chunks(
-        &mut self,
+    /// The reader: walks the source's data regions, hashes every chunk, records holes and ids
+    /// in the manifest, and sends chunks no index or earlier batch has to the workers. Stops
+    /// early (`Ok`) if the pipeline behind it has stopped; the packer reports why.
+    fn read_chunks(
+        &self,
         file: &File,
         source: &Path,
         manifest: &mut VolumeManifest,
         stats: &mut BackupStats,
-        pack: &mut Option<PackWriter>,
+        jobs: SyncSender<Batch>,
         progress: &mut dyn FnMut(Progress),
     ) -> Result<()> {
-        let cs = u64::from(manifest.chunk_size);
-        let n = manifest.size.div_ceil(cs);
+        let cs = manifest.chunk_size as usize;
+        let n = manifest.size.div_ceil(cs as u64);
         let mut extents = Extents { file, size: manifest.size, seg: None, supported: true };
-        let mut buf = vec![0u8; manifest.chunk_size as usize];
-        let mut zc = zstd::bulk::Compressor::new(self.zstd_level())
-            .expect("a zstd level within 1..=22 is valid");
+        let per_window = (READ_WINDOW / cs).max(1);
+        let mut buf = vec![0u8; per_window * cs];
+        let mut has_data = vec![false; per_window];
+        let mut sent: HashSet<ChunkId> = HashSet::new();
+        let mut batch = Batch::with_capacity(BATCH);
         manifest.chunks.reserve(usize::try_from(n).unwrap_or(0));
-        for i in 0..n {
-            let off = i * cs;
-            let len = cs.min(manifest.size - off);
-            let data = &mut buf[..len as usize];
-            let entry = if !extents.has_data(off, off + len) {
-                None
-            } else {
-                file.read_exact_at(data, off).ctx("read", source)?;
-                stats.bytes_read += len;
-                if is_zero(data) {
+        let mut first = 0u64;
+        while first < n {
+            let count = per_window.min(usize::try_from(n - first).expect("a window is small"));
+            let base = first * cs as u64;
+            let end = manifest.size.min(base + (count * cs) as u64);
+            // Which chunks hold data, then one read per run of them.
+            for (j, h) in has_data[..count].iter_mut().enumerate() {
+                let off = base + (j * cs) as u64;
+                *h = extents.has_data(off, end.min(off + cs as u64));
+            }
+            let mut j = 0;
+            while j < count {
+                if !has_data[j] {
+                    j += 1;
+                    continue;
+                }
+                let k = (j..count).find(|&k| !has_data[k]).unwrap_or(count);
+                let from = base + (j * cs) as u64;
+                let to = end.min(base + (k * cs) as u64);
+                let len = usize::try_from(to - from).expect("inside the window");
+                file.read_exact_at(&mut buf[j * cs..j * cs + len], from).ctx("read", source)?;
+                stats.bytes_read += len as u64;
+                j = k;
+            }
+            for (j, &h) in has_data[..count].iter().enumerate() {
+                let off = base + (j * cs) as u64;
+                let len = usize::try_from(end.min(off + cs as u64) - off).expect("a chunk");
+                let data = &buf[j * cs..j * cs + len];
+                let entry = if !h || is_zero(data) {
+                    stats.hole_chunks += 1;
                     None
                 } else {
                     let id = ChunkId(self.key.chunk_id(data));
-                    let current = pack.as_mut().expect("a pack is open");
-                    if self.index.contains_key(&id) || current.chunks.contains(&id) {
+                    if self.index.contains_key(&id) || !sent.insert(id) {
                         stats.reused_chunks += 1;
                     } else {
-                        let blob = self.encode_chunk(&mut zc, id, data);
-                        current.append(id, &blob)?;
                         stats.new_chunks += 1;
-                        stats.bytes_stored += blob.len() as u64;
-                        if current.len >= self.pack_size() {
-                            let full = pack.replace(self.new_pack()?).expect("a pack is open");
-                            self.finish_pack(full)?;
-                            stats.packs += 1;
+                        batch.push((id, data.to_vec()));
+                        if batch.len() == BATCH {
+                            let full = std::mem::replace(&mut batch, Batch::with_capacity(BATCH));
+                            if jobs.send(full).is_err() {
+                                return Ok(());
+                            }
                         }
                     }
                     Some(id)
-                }
-            };
-            if entry.is_none() {
-                stats.hole_chunks += 1;
+                };
+                manifest.chunks.push(entry);
+                progress(Progress { done: off + len as u64, total: manifest.size });
             }
-            manifest.chunks.push(entry);
-            progress(Progress { done: off + len, total: manifest.size });
+            first += count as u64;
+        }
+        if !batch.is_empty() {
+            let _ = jobs.send(batch);
         }
         Ok(())
+    }
+
+    /// A worker: compresses and seals batches until the reader is done or the packer stopped.
+    fn seal_batches(&self, jobs: &Mutex<Receiver<Batch>>, sealed: &SyncSender<Batch>) {
+        let mut zc = zstd::bulk::Compressor::new(self.zstd_level())
+            .expect("a zstd level within 1..=22 is valid");
+        loop {
+            let Ok(batch) = jobs.lock().expect("no worker panics holding it").recv() else {
+                return;
+            };
+            let out =
+                batch.into_iter().map(|(id, data)| (id, self.encode_chunk(&mut zc, id, &data)));
+            if sealed.send(out.collect()).is_err() {
+                return;
+            }
+        }
+    }
+
+    /// The packer: appends sealed chunks to packs and stores each pack (then its index) when
+    /// it reaches `pack_size`, and the last one when the workers are done. Returns the stored
+    /// packs and the bytes of chunks in them; on an error it stops, which stops the pipeline.
+    fn store_packs(&self, sealed: Receiver<Batch>) -> Result<(Vec<StoredPack>, u64)> {
+        let mut stored = Vec::new();
+        let mut bytes = 0u64;
+        let mut pack = self.new_pack();
+        for batch in sealed {
+            for (id, blob) in batch {
+                pack.append(id, &blob);
+                bytes += blob.len() as u64;
+                if pack.len >= self.pack_size() {
+                    let full = std::mem::replace(&mut pack, self.new_pack());
+                    stored.push(self.store_pack(full)?);
+                }
+            }
+        }
+        if !pack.is_empty() {
+            stored.push(self.store_pack(pack)?);
+        }
+        Ok((stored, bytes))
     }
 }
 

@@ -1,9 +1,11 @@
 //! The saveset repository: encrypted, deduplicated, sparse block-level backups of volumes,
-//! shared by many servers and backups, with verify and restore. Synchronous and local-directory
-//! only; the listener's copy phase, S3 and the CLI wrap it. The on-disk format is in FORMAT.md.
+//! shared by many servers and backups, with verify and restore, in a local directory or on
+//! S3-compatible storage. Synchronous (S3 runs on a private runtime); the listener's copy phase
+//! and the CLI wrap it. The format is in FORMAT.md.
 //!
 //! # Layout
-//! - `repo.rs`: config and keys, crash-safe writes, the in-memory index, packs.
+//! - `storage.rs`: the `Storage` seam (atomic put, ranged get, list) and its local and S3 sides.
+//! - `repo.rs`: config and keys, the in-memory index, packs.
 //! - `backup.rs`, `restore.rs`, `verify.rs`: the three operations on volumes.
 //! - `manifest.rs`: ids and manifests (plain data); `crypto.rs`: KDF, sealing, chunk ids.
 
@@ -13,6 +15,7 @@ mod error;
 mod manifest;
 mod repo;
 mod restore;
+mod storage;
 mod verify;
 
 pub use backup::{BackupStats, Progress, VolumeBackup};
@@ -23,4 +26,5 @@ pub use manifest::{
 };
 pub use repo::{InitOptions, Repository, FORMAT_VERSION};
 pub use restore::RestoreStats;
+pub use storage::{Location, S3Location, Storage};
 pub use verify::{Damage, Report};

@@ -1,18 +1,19 @@
-//! The repository on a local directory: config and keys, crash-safe file writes, the chunk index
-//! loaded in memory, pack writing and chunk reading. Backup, restore and verify build on these.
+//! The repository over a [`Storage`]: config and keys, the chunk index loaded in memory, pack
+//! writing and chunk reading. Backup, restore and verify build on these; where the bytes live
+//! (a directory, an S3 prefix) is `storage.rs`'s business.
 
 use std::collections::{HashMap, HashSet};
-use std::fs::{self, File};
-use std::io::{BufWriter, ErrorKind, Write};
-use std::os::unix::fs::FileExt;
+use std::io::ErrorKind;
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
 use crate::crypto::{self, hex, unhex_vec, KdfParams, MasterKey, Secret};
-use crate::error::{Error, IoContext, Result};
+use crate::error::{Error, Result};
 use crate::manifest::{ChunkId, Manifest, ManifestId, PackId};
+use crate::storage::{self, Location, Storage};
 
 /// The format version this crate reads and writes.
 pub const FORMAT_VERSION: u32 = 1;
@@ -68,7 +69,7 @@ struct KdfConfig {
 
 /// Where a chunk is stored.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) struct Location {
+pub(crate) struct ChunkLoc {
     pub pack: PackId,
     pub offset: u64,
     pub len: u32,
@@ -76,11 +77,13 @@ pub(crate) struct Location {
 
 /// An open, unlocked repository.
 pub struct Repository {
+    /// How messages name the repository: its directory or `s3://bucket/prefix`.
     pub(crate) root: PathBuf,
+    pub(crate) storage: Box<dyn Storage>,
     config: Config,
     pub(crate) key: MasterKey,
     /// Every chunk some index file names, with the first location seen.
-    pub(crate) index: HashMap<ChunkId, Location>,
+    pub(crate) index: HashMap<ChunkId, ChunkLoc>,
     /// Index files already loaded (index files are named after their pack).
     loaded: HashSet<PackId>,
 }
@@ -99,17 +102,17 @@ impl Repository {
 
     /// [`Repository::init`] with explicit chunking, pack and KDF choices.
     pub fn init_with(path: &Path, secret: &Secret, opts: InitOptions) -> Result<Self> {
+        Self::init_at(&Location::Local(path.to_owned()), secret, opts)
+    }
+
+    /// Creates a repository at `location` (an absent or empty directory, or an S3 prefix
+    /// holding no objects; the bucket must exist).
+    pub fn init_at(location: &Location, secret: &Secret, opts: InitOptions) -> Result<Self> {
         assert!(
             opts.chunk_size >= 4096 && opts.chunk_size & 4095 == 0,
             "chunk size must be a multiple of 4096"
         );
-        fs::create_dir_all(path).ctx("create", path)?;
-        if fs::read_dir(path).ctx("read", path)?.next().is_some() {
-            return Err(Error::AlreadyExists { path: path.to_owned() });
-        }
-        for d in ["packs", "index", "manifests", "tmp"] {
-            fs::create_dir(path.join(d)).ctx("create", path.join(d))?;
-        }
+        let storage = storage::connect(location, true)?;
         let master: [u8; 64] = crypto::random();
         let salt: [u8; 16] = crypto::random();
         let kek = crypto::derive_kek(secret, &salt, opts.kdf)?;
@@ -123,26 +126,34 @@ impl Repository {
             master_key: hex(&sealed),
         };
         let repo = Repository {
-            root: path.to_owned(),
+            root: PathBuf::from(location.to_string()),
+            storage,
             config,
             key: MasterKey::from_bytes(&master),
             index: HashMap::new(),
             loaded: HashSet::new(),
         };
         let text = serde_json::to_vec_pretty(&repo.config).expect("config serializes");
-        // The config goes last: a directory without it is not yet a repository.
-        repo.write_atomic(Path::new(""), "config", &text)?;
-        sync_dir(&repo.root)?;
+        // The config goes last: a location without it is not yet a repository.
+        repo.storage.put("config", &text)?;
         Ok(repo)
     }
 
     /// Opens and unlocks the repository in `path`; a wrong secret is [`Error::WrongSecret`].
     pub fn open(path: &Path, secret: &Secret) -> Result<Self> {
+        Self::open_at(&Location::Local(path.to_owned()), secret)
+    }
+
+    /// Opens and unlocks the repository at `location`; see [`Repository::open`].
+    pub fn open_at(location: &Location, secret: &Secret) -> Result<Self> {
+        let path = PathBuf::from(location.to_string());
+        let path = path.as_path();
         let not_repo = |reason: String| Error::NotARepository { path: path.to_owned(), reason };
-        let text = match fs::read(path.join("config")) {
-            Ok(t) => t,
-            Err(e) if e.kind() == ErrorKind::NotFound => return Err(not_repo("no config".into())),
-            Err(e) => return Err(e).ctx("read", path.join("config")),
+        let storage = storage::connect(location, false)?;
+        let text = match storage.get("config") {
+            Ok(Some(t)) => t,
+            Ok(None) => return Err(not_repo("no config".into())),
+            Err(e) => return Err(e),
         };
         let config: Config =
             serde_json::from_slice(&text).map_err(|e| not_repo(format!("config: {e}")))?;
@@ -161,6 +172,7 @@ impl Repository {
             .ok_or_else(|| Error::WrongSecret { path: path.to_owned() })?;
         let mut repo = Repository {
             root: path.to_owned(),
+            storage,
             config,
             key: MasterKey::from_bytes(&master),
             index: HashMap::new(),
@@ -170,9 +182,14 @@ impl Repository {
         Ok(repo)
     }
 
-    /// The repository's directory.
+    /// The repository's directory, or its `s3://bucket/prefix` URL.
     pub fn path(&self) -> &Path {
         &self.root
+    }
+
+    /// The objects the repository is made of.
+    pub fn storage(&self) -> &dyn Storage {
+        self.storage.as_ref()
     }
 
     /// The fixed chunk size new backups use.
@@ -207,44 +224,33 @@ impl Repository {
 
     /// Names (ids) of the files in `dir` (`index` or `manifests`), sorted.
     pub(crate) fn list_ids<T: std::str::FromStr>(&self, dir: &str) -> Result<Vec<T>> {
-        let path = self.root.join(dir);
-        let mut out = Vec::new();
-        for entry in fs::read_dir(&path).ctx("read", &path)? {
-            let entry = entry.ctx("read", &path)?;
-            if let Some(id) = entry.file_name().to_str().and_then(|n| n.parse().ok()) {
-                out.push(id);
-            }
-        }
-        Ok(out)
+        let listed = self.storage.list(&format!("{dir}/"))?;
+        Ok(listed.into_iter().filter_map(|(key, _)| key[dir.len() + 1..].parse().ok()).collect())
     }
 
     /// Every pack file present, with its size.
     pub(crate) fn list_packs(&self) -> Result<HashMap<PackId, u64>> {
-        let mut out = HashMap::new();
-        let packs = self.root.join("packs");
-        for sub in fs::read_dir(&packs).ctx("read", &packs)? {
-            let sub = sub.ctx("read", &packs)?.path();
-            for entry in fs::read_dir(&sub).ctx("read", &sub)? {
-                let entry = entry.ctx("read", &sub)?;
-                if let Some(id) = entry.file_name().to_str().and_then(|n| n.parse().ok()) {
-                    let len = entry.metadata().ctx("stat", entry.path())?.len();
-                    out.insert(id, len);
-                }
-            }
-        }
-        Ok(out)
+        let listed = self.storage.list("packs/")?;
+        Ok(listed
+            .into_iter()
+            .filter_map(|(key, len)| Some((key.rsplit('/').next()?.parse().ok()?, len)))
+            .collect())
     }
 
+    /// How messages and damage reports name a pack.
     pub(crate) fn pack_path(&self, id: PackId) -> PathBuf {
-        let name = id.to_string();
-        self.root.join("packs").join(&name[..2]).join(name)
+        self.storage.describe(&pack_key(id))
     }
 
     /// Reads and decrypts the index file of pack `id`.
-    pub(crate) fn read_index(&self, id: PackId) -> Result<Vec<(ChunkId, Location)>> {
+    pub(crate) fn read_index(&self, id: PackId) -> Result<Vec<(ChunkId, ChunkLoc)>> {
         let name = id.to_string();
-        let path = self.root.join("index").join(&name);
-        let blob = fs::read(&path).ctx("read", &path)?;
+        let key = format!("index/{name}");
+        let path = self.storage.describe(&key);
+        let Some(blob) = self.storage.get(&key)? else {
+            let gone = std::io::Error::new(ErrorKind::NotFound, "no such object");
+            return Err(Error::Io { op: "read", path, source: gone });
+        };
         let damaged = |reason: &str| Error::Damaged {
             what: format!("index file {}", path.display()),
             reason: reason.into(),
@@ -262,7 +268,7 @@ impl Repository {
                 let chunk = ChunkId(e[..32].try_into().expect("32"));
                 let offset = u64::from_le_bytes(e[32..40].try_into().expect("8"));
                 let len = u32::from_le_bytes(e[40..44].try_into().expect("4"));
-                (chunk, Location { pack: id, offset, len })
+                (chunk, ChunkLoc { pack: id, offset, len })
             })
             .collect())
     }
@@ -270,13 +276,10 @@ impl Repository {
     /// Reads and decrypts a manifest.
     pub fn load_manifest(&self, id: ManifestId) -> Result<Manifest> {
         let name = id.to_string();
-        let path = self.root.join("manifests").join(&name);
-        let blob = match fs::read(&path) {
-            Ok(b) => b,
-            Err(e) if e.kind() == ErrorKind::NotFound => {
-                return Err(Error::UnknownManifest { id: name })
-            }
-            Err(e) => return Err(e).ctx("read", path),
+        let key = format!("manifests/{name}");
+        let path = self.storage.describe(&key);
+        let Some(blob) = self.storage.get(&key)? else {
+            return Err(Error::UnknownManifest { id: name });
         };
         let damaged = |reason: String| Error::Damaged {
             what: format!("manifest {}", path.display()),
@@ -304,57 +307,27 @@ impl Repository {
         let json = serde_json::to_vec(manifest).expect("manifests serialize");
         let packed = zstd::bulk::compress(&json, 3).expect("compressing a buffer cannot fail");
         let blob = self.key.seal(format!("manifests/{name}").as_bytes(), &packed);
-        self.write_atomic(Path::new("manifests"), &name, &blob)?;
+        self.storage.put(&format!("manifests/{name}"), &blob)?;
         Ok(id)
     }
 
-    /// Writes `data` to `<root>/<dir>/<name>` so that a crash leaves either no file or the
-    /// whole file: temp file in `tmp/`, fsync, rename, fsync the directory.
-    pub(crate) fn write_atomic(&self, dir: &Path, name: &str, data: &[u8]) -> Result<()> {
-        let tmp = self.tmp_path();
-        let mut f = File::create(&tmp).ctx("create", &tmp)?;
-        f.write_all(data).ctx("write", &tmp)?;
-        f.sync_all().ctx("fsync", &tmp)?;
-        drop(f);
-        let dir = self.root.join(dir);
-        let dest = dir.join(name);
-        fs::rename(&tmp, &dest).ctx("rename into", &dest)?;
-        sync_dir(&dir)
-    }
-
-    fn tmp_path(&self) -> PathBuf {
-        self.root.join("tmp").join(hex(&crypto::random::<16>()))
-    }
-
-    /// Starts a new pack in `tmp/`.
-    pub(crate) fn new_pack(&self) -> Result<PackWriter> {
-        let tmp = self.tmp_path();
-        let file = File::create(&tmp).ctx("create", &tmp)?;
-        Ok(PackWriter {
+    /// Starts a new pack, held in memory until [`Repository::store_pack`].
+    pub(crate) fn new_pack(&self) -> PackWriter {
+        PackWriter {
             id: PackId(crypto::random()),
-            tmp,
-            file: BufWriter::with_capacity(1 << 20, file),
+            buf: Vec::with_capacity(usize::try_from(self.pack_size()).unwrap_or(0).min(64 << 20)),
             len: 0,
             entries: Vec::new(),
-            chunks: HashSet::new(),
-        })
+        }
     }
 
-    /// Makes a pack durable under its final name, then its index, then remembers its chunks.
-    /// A crash before the index is written leaves an unreferenced pack, never a dangling index.
-    pub(crate) fn finish_pack(&mut self, pack: PackWriter) -> Result<()> {
-        let PackWriter { id, tmp, file, entries, .. } = pack;
-        let file = file.into_inner().map_err(|e| e.into_error()).ctx("write", &tmp)?;
-        file.sync_all().ctx("fsync", &tmp)?;
-        drop(file);
-        let dest = self.pack_path(id);
-        let dir = dest.parent().expect("packs/xx").to_owned();
-        if !dir.exists() {
-            fs::create_dir_all(&dir).ctx("create", &dir)?;
-            sync_dir(&self.root.join("packs"))?;
-        }
-        fs::rename(&tmp, &dest).ctx("rename into", &dest)?;
-        sync_dir(&dir)?;
+    /// Stores a pack (atomically, durably), then its index; returns the pack's id and entries
+    /// for [`Repository::remember`]. A crash before the index is written leaves an
+    /// unreferenced pack, never a dangling index.
+    pub(crate) fn store_pack(&self, pack: PackWriter) -> Result<StoredPack> {
+        let PackWriter { id, buf, entries, .. } = pack;
+        self.storage.put(&pack_key(id), &buf)?;
+        drop(buf);
         let mut plain = Vec::with_capacity(entries.len() * INDEX_ENTRY);
         for (chunk, offset, len) in &entries {
             plain.extend_from_slice(&chunk.0);
@@ -363,12 +336,16 @@ impl Repository {
         }
         let name = id.to_string();
         let blob = self.key.seal(format!("index/{name}").as_bytes(), &plain);
-        self.write_atomic(Path::new("index"), &name, &blob)?;
-        for (chunk, offset, len) in entries {
-            self.index.entry(chunk).or_insert(Location { pack: id, offset, len });
+        self.storage.put(&format!("index/{name}"), &blob)?;
+        Ok(StoredPack { id, entries })
+    }
+
+    /// Adds a stored pack's chunks to the in-memory index.
+    pub(crate) fn remember(&mut self, pack: StoredPack) {
+        for (chunk, offset, len) in pack.entries {
+            self.index.entry(chunk).or_insert(ChunkLoc { pack: pack.id, offset, len });
         }
-        self.loaded.insert(id);
-        Ok(())
+        self.loaded.insert(pack.id);
     }
 
     /// Compresses and seals one chunk's plaintext for a pack.
@@ -409,72 +386,69 @@ impl Repository {
         Ok(data)
     }
 
-    /// Reads a chunk's stored bytes from its pack.
-    pub(crate) fn read_blob(&self, packs: &mut PackFiles, loc: Location) -> Result<Vec<u8>> {
-        let path = self.pack_path(loc.pack);
-        let file = packs.get(&path)?;
-        let mut buf = vec![0u8; loc.len as usize];
-        file.read_exact_at(&mut buf, loc.offset).ctx("read", &path)?;
-        Ok(buf)
+    /// Reads bytes `range` of pack `pack`: one or several neighbouring chunks at once.
+    pub(crate) fn read_pack(&self, pack: PackId, range: Range<u64>) -> Result<Vec<u8>> {
+        self.storage.get_range(&pack_key(pack), range)
     }
+}
+
+/// The object key of a pack: `packs/<first 2 hex digits>/<id>`.
+fn pack_key(id: PackId) -> String {
+    let name = id.to_string();
+    format!("packs/{}/{name}", &name[..2])
+}
+
+/// Groups chunk locations (in the order given) into runs that one ranged read can fetch:
+/// same pack, each starting at most `gap` bytes after the previous one ends, at most `max`
+/// bytes in all. Yields index ranges into `locs`.
+pub(crate) fn runs(locs: &[ChunkLoc], gap: u64, max: u64) -> Vec<Range<usize>> {
+    let mut out = Vec::new();
+    let mut start = 0;
+    for i in 1..=locs.len() {
+        let split = i == locs.len() || {
+            let (first, prev, next) = (locs[start], locs[i - 1], locs[i]);
+            let end = prev.offset + u64::from(prev.len);
+            next.pack != first.pack
+                || next.offset < end
+                || next.offset > end + gap
+                || next.offset + u64::from(next.len) - first.offset > max
+        };
+        if split && i > start {
+            out.push(start..i);
+            start = i;
+        }
+    }
+    out
 }
 
 /// Bytes per index entry: chunk id, offset (u64 LE), length (u32 LE).
 const INDEX_ENTRY: usize = 32 + 8 + 4;
 
-/// A pack being written in `tmp/`.
+/// A pack being assembled in memory (at most `pack_size` plus one chunk).
 pub(crate) struct PackWriter {
     id: PackId,
-    tmp: PathBuf,
-    file: BufWriter<File>,
+    buf: Vec<u8>,
     pub(crate) len: u64,
     entries: Vec<(ChunkId, u64, u32)>,
-    /// Chunks in this pack, so one backup does not store a chunk twice.
-    pub(crate) chunks: HashSet<ChunkId>,
+}
+
+/// A pack and its index, durable in the repository.
+pub(crate) struct StoredPack {
+    id: PackId,
+    entries: Vec<(ChunkId, u64, u32)>,
 }
 
 impl PackWriter {
-    pub(crate) fn append(&mut self, id: ChunkId, blob: &[u8]) -> Result<()> {
-        self.file.write_all(blob).ctx("write", &self.tmp)?;
+    pub(crate) fn append(&mut self, id: ChunkId, blob: &[u8]) {
+        self.buf.extend_from_slice(blob);
         let len = u32::try_from(blob.len()).expect("a chunk is far below 4 GiB");
         self.entries.push((id, self.len, len));
-        self.chunks.insert(id);
         self.len += u64::from(len);
-        Ok(())
     }
 
     pub(crate) fn is_empty(&self) -> bool {
         self.entries.is_empty()
     }
-
-    /// Abandons the pack (the temp file is removed; best effort).
-    pub(crate) fn discard(self) {
-        let _ = fs::remove_file(&self.tmp);
-    }
-}
-
-/// A few open pack files, reused across reads.
-#[derive(Default)]
-pub(crate) struct PackFiles {
-    open: HashMap<PathBuf, File>,
-}
-
-impl PackFiles {
-    fn get(&mut self, path: &Path) -> Result<&File> {
-        if !self.open.contains_key(path) {
-            if self.open.len() >= 64 {
-                self.open.clear();
-            }
-            let f = File::open(path).ctx("open", path)?;
-            self.open.insert(path.to_owned(), f);
-        }
-        Ok(&self.open[path])
-    }
-}
-
-/// fsyncs a directory so renames into it survive a crash.
-pub(crate) fn sync_dir(dir: &Path) -> Result<()> {
-    File::open(dir).and_then(|d| d.sync_all()).ctx("fsync", dir)
 }
 
 /// Now, in Unix milliseconds.

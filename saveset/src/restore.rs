@@ -8,7 +8,10 @@ use std::path::Path;
 
 use crate::error::{Error, IoContext, Result};
 use crate::manifest::{Manifest, ManifestId, VolumeManifest};
-use crate::repo::{PackFiles, Repository};
+use crate::repo::{runs, Repository};
+
+/// At most this many bytes of a pack are fetched by one read.
+const READ_RUN: u64 = 8 << 20;
 
 /// What a restore wrote.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -46,13 +49,14 @@ impl Repository {
         force: bool,
     ) -> Result<RestoreStats> {
         let (file, sparse) = open_target(target, manifest.size, force)?;
-        let mut packs = PackFiles::default();
         let mut stats = RestoreStats { size: manifest.size, bytes_written: 0 };
         let zeros = vec![0u8; manifest.chunk_size as usize];
+        // Chunks with data, in volume order, read in runs of neighbours in one pack.
+        let mut data_chunks = Vec::new();
         for (i, chunk) in manifest.chunks.iter().enumerate() {
-            let (off, len) = manifest.extent(i);
             let Some(id) = chunk else {
                 if !sparse {
+                    let (off, len) = manifest.extent(i);
                     file.write_all_at(&zeros[..len], off).ctx("write", target)?;
                 }
                 continue;
@@ -61,23 +65,35 @@ impl Repository {
                 what: format!("chunk {id}"),
                 reason: "not in any index".into(),
             })?;
-            let blob = self.read_blob(&mut packs, loc)?;
-            let data = self.decode_chunk(*id, &blob).map_err(|reason| Error::Damaged {
-                what: format!(
-                    "chunk {id} in pack {} at offset {}",
-                    self.pack_path(loc.pack).display(),
-                    loc.offset
-                ),
-                reason: reason.into(),
-            })?;
-            if data.len() != len {
-                return Err(Error::Damaged {
-                    what: format!("chunk {id}"),
-                    reason: format!("{} bytes where the manifest expects {len}", data.len()),
-                });
+            data_chunks.push((i, *id, loc));
+        }
+        let locs: Vec<_> = data_chunks.iter().map(|&(_, _, loc)| loc).collect();
+        for run in runs(&locs, 0, READ_RUN) {
+            let first = locs[run.start];
+            let last = locs[run.end - 1];
+            let bytes =
+                self.read_pack(first.pack, first.offset..last.offset + u64::from(last.len))?;
+            for &(i, id, loc) in &data_chunks[run] {
+                let at = usize::try_from(loc.offset - first.offset).expect("inside the run");
+                let blob = &bytes[at..at + loc.len as usize];
+                let data = self.decode_chunk(id, blob).map_err(|reason| Error::Damaged {
+                    what: format!(
+                        "chunk {id} in pack {} at offset {}",
+                        self.pack_path(loc.pack).display(),
+                        loc.offset
+                    ),
+                    reason: reason.into(),
+                })?;
+                let (off, len) = manifest.extent(i);
+                if data.len() != len {
+                    return Err(Error::Damaged {
+                        what: format!("chunk {id}"),
+                        reason: format!("{} bytes where the manifest expects {len}", data.len()),
+                    });
+                }
+                file.write_all_at(&data, off).ctx("write", target)?;
+                stats.bytes_written += len as u64;
             }
-            file.write_all_at(&data, off).ctx("write", target)?;
-            stats.bytes_written += len as u64;
         }
         file.sync_all().ctx("fsync", target)?;
         Ok(stats)

@@ -7,7 +7,7 @@ use std::fmt;
 use std::path::PathBuf;
 
 use crate::manifest::{ChunkId, Manifest, ManifestId, PackId};
-use crate::repo::{Location, PackFiles, Repository};
+use crate::repo::{runs, ChunkLoc, Repository};
 
 /// What `verify` found.
 #[derive(Clone, Debug, Default)]
@@ -82,7 +82,7 @@ impl Repository {
     /// loaded at open), and with `read_data` reads each referenced chunk once.
     pub fn verify(&self, read_data: bool) -> crate::Result<Report> {
         let mut report = Report::default();
-        let mut index: HashMap<ChunkId, Location> = HashMap::new();
+        let mut index: HashMap<ChunkId, ChunkLoc> = HashMap::new();
         let mut index_ids: Vec<PackId> = self.list_ids("index")?;
         index_ids.sort();
         for id in index_ids {
@@ -93,7 +93,7 @@ impl Repository {
                     }
                 }
                 Err(e) => report.damage.push(Damage::Index {
-                    path: self.root.join("index").join(id.to_string()),
+                    path: self.storage.describe(&format!("index/{id}")),
                     reason: e.to_string(),
                 }),
             }
@@ -129,7 +129,7 @@ impl Repository {
         }
         report.chunks = users.len();
         // Present chunks by pack, in offset order, for sequential reads.
-        let mut to_read: BTreeMap<PackId, Vec<(u64, ChunkId, Location)>> = BTreeMap::new();
+        let mut to_read: BTreeMap<PackId, Vec<(u64, ChunkId, ChunkLoc)>> = BTreeMap::new();
         for (chunk, ms) in &users {
             let Some(loc) = index.get(chunk) else {
                 for &m in ms {
@@ -152,24 +152,34 @@ impl Repository {
             to_read.entry(loc.pack).or_default().push((loc.offset, *chunk, *loc));
         }
         if read_data {
-            let mut files = PackFiles::default();
             for chunks in to_read.values_mut() {
                 chunks.sort_by_key(|&(off, chunk, _)| (off, chunk));
-                for &(_, chunk, loc) in chunks.iter() {
-                    report.chunks_read += 1;
-                    let reason = match self.read_blob(&mut files, loc) {
-                        Ok(blob) => self.decode_chunk(chunk, &blob).err().map(str::to_owned),
-                        Err(e) => Some(e.to_string()),
-                    };
-                    if let Some(reason) = reason {
-                        for &m in &users[&chunk] {
-                            report.damage.push(Damage::ChunkCorrupt {
-                                manifest: m,
-                                chunk,
-                                pack: self.pack_path(loc.pack),
-                                offset: loc.offset,
-                                reason: reason.clone(),
-                            });
+                let locs: Vec<ChunkLoc> = chunks.iter().map(|&(_, _, loc)| loc).collect();
+                for run in runs(&locs, 64 << 10, 8 << 20) {
+                    let (first, last) = (locs[run.start], locs[run.end - 1]);
+                    let end = last.offset + u64::from(last.len);
+                    let bytes = self.read_pack(first.pack, first.offset..end);
+                    for &(_, chunk, loc) in &chunks[run] {
+                        report.chunks_read += 1;
+                        let reason = match &bytes {
+                            Ok(b) => {
+                                let at = usize::try_from(loc.offset - first.offset)
+                                    .expect("inside the run");
+                                let blob = &b[at..at + loc.len as usize];
+                                self.decode_chunk(chunk, blob).err().map(str::to_owned)
+                            }
+                            Err(e) => Some(e.to_string()),
+                        };
+                        if let Some(reason) = reason {
+                            for &m in &users[&chunk] {
+                                report.damage.push(Damage::ChunkCorrupt {
+                                    manifest: m,
+                                    chunk,
+                                    pack: self.pack_path(loc.pack),
+                                    offset: loc.offset,
+                                    reason: reason.clone(),
+                                });
+                            }
                         }
                     }
                 }

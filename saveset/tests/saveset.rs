@@ -1,11 +1,14 @@
 //! Integration tests of the saveset repository on real (small) mkimage disk images: restores
-//! bit for bit, dedup, holes, verify naming damage, wrong secrets, crashes and concurrent writers.
+//! bit for bit, dedup, holes, verify naming damage, wrong secrets, crashes and concurrent writers;
+//! `s3/` runs the same against a real S3 server on loopback.
 
 use std::fs;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+
+mod s3;
 
 use stillpoint_saveset::{
     BackupManifest, Damage, Error, InitOptions, KdfParams, Manifest, Repository, Secret, VolumeMeta,
@@ -15,7 +18,12 @@ const MIB: u64 = 1 << 20;
 
 fn mkimage() -> PathBuf {
     std::env::var_os("STILLPOINT_MKIMAGE").map(PathBuf::from).unwrap_or_else(|| {
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/bench/mkimage.py")
+        let beside = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/bench/mkimage.py");
+        if beside.exists() {
+            beside
+        } else {
+            PathBuf::from("/work/shared/bench/mkimage.py")
+        }
     })
 }
 

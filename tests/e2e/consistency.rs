@@ -96,3 +96,110 @@ async fn backups_under_causal_load_are_consistent_cuts() {
         assert!(log.contains(expected), "log lacks {expected:?}:\n{log}");
     }
 }
+
+/// Where the base image starts in every LUN: above the causal writer's records, which fill the
+/// LUN from its start far slower than a test runs.
+const BASE_AT: usize = 4 << 20;
+
+/// 4 MiB of incompressible bytes, the same on every server, like a common OS image.
+fn base_image() -> Vec<u8> {
+    let mut state = 0x9E37_79B9_7F4A_7C15u64;
+    (0..(4 << 20) / 8)
+        .flat_map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state.to_le_bytes()
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backups_under_causal_load_restore_consistently_from_the_saveset() {
+    let mut spec = Spec::three(writer_quiescer);
+    spec.copy = crate::harness::Copy::Saveset { verify: "read-data" };
+    let mut cluster = Cluster::start(spec).await;
+    let base = base_image();
+    for s in ["srv-a", "srv-b", "srv-c"] {
+        use std::os::unix::fs::FileExt;
+        let lun = cluster.array.lun_path(s, "data").expect("lun");
+        let file = std::fs::OpenOptions::new().write(true).open(lun).expect("open LUN");
+        file.write_all_at(&base, BASE_AT as u64).expect("write base image");
+        file.sync_all().expect("sync LUN");
+    }
+    cluster.start_writer();
+    let lun = cluster.array.lun_path("srv-c", "data").expect("lun");
+    crate::harness::wait_for("the writer to reach srv-c", Duration::from_secs(20), || {
+        read_records(&lun).ok().filter(|r| r.len() > 20)
+    })
+    .await;
+
+    let restores = tempfile::tempdir().expect("restore dir");
+    let mut previous_links = 0;
+    let mut stored = Vec::new();
+    for round in 0..3 {
+        let (code, backup) =
+            cluster.backupctl_json(&["start", "--group", "g", "--wait", "complete"]);
+        let id = backup["backup_id"].as_str().expect("backup_id").to_string();
+        assert_eq!(
+            code,
+            0,
+            "round {round}: backup {id} did not succeed: {backup:#}\n{}",
+            cluster.listener_log()
+        );
+        assert_eq!(backup["state"], "SUCCEEDED");
+        assert_eq!(backup["cut"]["consistent"], true, "cut verdict: {}", backup["cut"]["verdict"]);
+        for s in backup["servers"].as_array().expect("servers") {
+            // Progress came from the copier (the total is the LUN's size) and reached it.
+            assert_eq!(s["total_bytes"], 8 << 20, "{s:#}");
+            assert_eq!(s["copied_bytes"], s["total_bytes"], "{s:#}");
+            let detail = s["detail"].as_str().unwrap_or_default();
+            assert!(detail.contains("saveset: data manifest "), "{detail}");
+        }
+        stored.push(cluster.saveset_stored_bytes());
+
+        // Restore every server's volume from the repository: the base image comes back bit for
+        // bit, and every link of the records is followed.
+        let files = cluster.restore_from_saveset(&id, &restores.path().join(&id));
+        let names: Vec<_> =
+            files.iter().map(|f| f.file_name().expect("name").to_string_lossy()).collect();
+        assert_eq!(names, ["srv-a-data.img", "srv-b-data.img", "srv-c-data.img"]);
+        for f in &files {
+            let restored = std::fs::read(f).expect("read restored volume");
+            assert!(restored[BASE_AT..] == base[..], "{}: the base image differs", f.display());
+        }
+        let images: Vec<_> =
+            files.iter().map(|f| read_records(f).expect("read restored volume")).collect();
+        let links = check_chain(&images).unwrap_or_else(|e| panic!("backup {id} is torn: {e}"));
+        assert!(
+            links > previous_links,
+            "round {round}: the writer kept writing ({links} links vs {previous_links})"
+        );
+        previous_links = links;
+        // Cleanup removed the snapshots once copied.
+        assert!(cluster.array.snapshots(Some(&id)).expect("list snapshots").is_empty());
+    }
+    assert!(
+        cluster.writer.as_mut().expect("writer").child.try_wait().expect("writer status").is_none(),
+        "writer died"
+    );
+
+    // Incremental forever: the base image is stored once for all three servers, and later
+    // backups store only the records written since.
+    let first = stored[0];
+    let later: Vec<u64> = stored.windows(2).map(|w| w[1] - w[0]).collect();
+    eprintln!("saveset stored {first} bytes in the first backup, then {later:?}");
+    assert!(first < 6 << 20, "the shared base image was not deduplicated: {first} bytes");
+    assert!(later.iter().all(|&n| n < first / 10), "not incremental: {first} then {later:?}");
+
+    // The log names the manifests and the verify that ran before the backup succeeded.
+    let (code, list) = cluster.backupctl_json(&["list"]);
+    assert_eq!(code, 0);
+    let newest = list[0]["backup_id"].as_str().expect("id");
+    let out = cluster.backupctl("viewer", &["log", newest]);
+    let log = String::from_utf8_lossy(&out.stdout);
+    for expected in ["copied: saveset:", "backup manifest ", "verify (read-data) ok", "cleaned up"]
+    {
+        assert!(log.contains(expected), "log lacks {expected:?}:\n{log}");
+    }
+}

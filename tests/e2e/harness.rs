@@ -41,7 +41,14 @@ pub enum Copy {
     Command { before: String, dest: Option<PathBuf> },
     /// Wait for `backupctl copied`.
     Report,
+    /// The built-in copier into a saveset repository the harness creates at
+    /// `<root>/saveset`, unlocked by `<root>/saveset.pass`; `verify` is the listener's
+    /// after-backup check (`none`, `index`, `read-data`).
+    Saveset { verify: &'static str },
 }
+
+/// The passphrase of the saveset repository a `Copy::Saveset` cluster creates.
+pub const SAVESET_PASSPHRASE: &str = "e2e saveset passphrase";
 
 #[derive(Clone)]
 pub struct Spec {
@@ -288,6 +295,19 @@ impl Cluster {
                 )
             ),
             Copy::Report => "[copy]\nmode = \"report\"\n".to_string(),
+            Copy::Saveset { verify } => {
+                let repository = path.join("saveset");
+                let secret = stillpoint_saveset::Secret::passphrase(SAVESET_PASSPHRASE);
+                stillpoint_saveset::Repository::init(&repository, &secret)
+                    .expect("init saveset repository");
+                let pass = path.join("saveset.pass");
+                fs::write(&pass, format!("{SAVESET_PASSPHRASE}\n")).expect("write passphrase");
+                format!(
+                    "[copy]\nmode = \"saveset\"\nrepository = {repo:?}\npassphrase_file = {pass:?}\nverify = {verify:?}\n",
+                    repo = repository.display().to_string(),
+                    pass = pass.display().to_string(),
+                )
+            }
         };
         let servers: String = agents
             .iter()
@@ -466,6 +486,56 @@ impl Cluster {
 
     pub fn copies_of(&self, backup: &str) -> PathBuf {
         self.root().join("copies").join(backup)
+    }
+
+    /// The saveset repository of a `Copy::Saveset` cluster, unlocked.
+    pub fn saveset(&self) -> stillpoint_saveset::Repository {
+        let secret = stillpoint_saveset::Secret::passphrase(SAVESET_PASSPHRASE);
+        stillpoint_saveset::Repository::open(&self.root().join("saveset"), &secret)
+            .expect("open saveset repository")
+    }
+
+    /// Bytes in the saveset repository's packs: what every backup so far stored.
+    pub fn saveset_stored_bytes(&self) -> u64 {
+        let packs = self.root().join("saveset").join("packs");
+        let mut total = 0;
+        for dir in fs::read_dir(&packs).expect("read packs") {
+            for pack in fs::read_dir(dir.expect("packs entry").path()).expect("read pack dir") {
+                total += pack.expect("pack entry").metadata().expect("pack metadata").len();
+            }
+        }
+        total
+    }
+
+    /// Restores every volume of `backup` from the saveset into `to` as
+    /// `<server>-<volume>.img`, found through the backup's manifest; returns the files.
+    pub fn restore_from_saveset(&self, backup: &str, to: &Path) -> Vec<PathBuf> {
+        use stillpoint_saveset::Manifest;
+        let repo = self.saveset();
+        let manifest = repo
+            .list_manifests()
+            .expect("list manifests")
+            .into_iter()
+            .find_map(|id| match repo.load_manifest(id).expect("load manifest") {
+                Manifest::Backup(m) if m.backup == backup => Some(m),
+                _ => None,
+            })
+            .unwrap_or_else(|| panic!("no backup manifest for {backup} in the saveset"));
+        fs::create_dir_all(to).expect("restore dir");
+        manifest
+            .volumes
+            .iter()
+            .map(|&id| {
+                let Manifest::Volume(v) = repo.load_manifest(id).expect("load volume manifest")
+                else {
+                    panic!("backup {backup}: manifest {id} is not a volume manifest")
+                };
+                assert_eq!(v.meta.backup, backup, "volume manifest {id} of another backup");
+                let target = to.join(format!("{}-{}.img", v.meta.server, v.meta.volume));
+                repo.restore_volume(id, &target, false).expect("restore volume");
+                target
+            })
+            .collect()
     }
 }
 

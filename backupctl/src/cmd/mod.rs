@@ -1,5 +1,6 @@
 //! One module per verb: its clap `Args` and its `run`. Remote verbs get the global
-//! [`Connection`](crate::Connection); `certs` and `san` work on local directories only.
+//! [`Connection`](crate::Connection); `certs`, `san` and the saveset verbs (`repo`, `verify`,
+//! `restore`) work on local directories only.
 
 pub mod abort;
 pub mod agents;
@@ -7,9 +8,12 @@ pub mod certs;
 pub mod copied;
 pub mod list;
 pub mod log;
+pub mod repo;
+pub mod restore;
 pub mod san;
 pub mod start;
 pub mod status;
+pub mod verify;
 pub mod watch;
 
 /// Progress and notes for people go to stderr so stdout stays parseable; a closed stderr is not

@@ -1,0 +1,155 @@
+//! `restore ID --server S [--volume V] --to PATH [--force]`: writes a server's volumes of backup
+//! ID back from the saveset repository, bit for bit and sparse. Refuses a target that holds data
+//! unless `--force`; checks every target before writing any.
+
+use std::io::Write;
+use std::os::unix::fs::FileTypeExt;
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+use stillpoint_saveset::{ManifestId, VolumeManifest};
+
+use crate::cmd::repo::{find_backup, RepoOptions};
+use crate::error::{Error, Result};
+use crate::view;
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Backup id
+    pub id: String,
+    #[command(flatten)]
+    pub repo: RepoOptions,
+    /// The server whose volumes to restore
+    #[arg(long, value_name = "S")]
+    pub server: String,
+    /// Only this volume; without it and with several volumes, --to is a directory
+    #[arg(long, value_name = "V")]
+    pub volume: Option<String>,
+    /// Target file or block device; a directory receives `<server>-<volume>.img` per volume
+    #[arg(long, value_name = "PATH")]
+    pub to: PathBuf,
+    /// Overwrite a target that holds data
+    #[arg(long)]
+    pub force: bool,
+    /// Print what was restored as JSON
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// One restored volume, as `restore --json` prints it (an array of these).
+#[derive(Debug, Serialize)]
+pub struct RestoredView {
+    pub manifest: String,
+    pub server: String,
+    pub volume: String,
+    pub target: String,
+    pub size: u64,
+    pub bytes_written: u64,
+}
+
+pub fn run(args: Args, out: &mut dyn Write) -> Result<()> {
+    let repo = args.repo.open()?;
+    let found = find_backup(&repo, &args.id)?;
+    let latest = found.latest();
+    let of_server: Vec<&(ManifestId, VolumeManifest)> =
+        latest.into_iter().filter(|(_, m)| m.meta.server == args.server).collect();
+    let chosen: Vec<&(ManifestId, VolumeManifest)> = match &args.volume {
+        Some(v) => of_server.iter().copied().filter(|(_, m)| &m.meta.volume == v).collect(),
+        None => of_server.clone(),
+    };
+    if chosen.is_empty() {
+        return Err(Error::Usage(not_found(&args, &found.volumes, &of_server)));
+    }
+    let into_dir = chosen.len() > 1 || args.to.is_dir();
+    if into_dir {
+        std::fs::create_dir_all(&args.to)
+            .map_err(|e| Error::Usage(format!("create {}: {e}", args.to.display())))?;
+    }
+    let targets: Vec<PathBuf> = chosen
+        .iter()
+        .map(|(_, m)| {
+            if into_dir {
+                args.to.join(file_name(&m.meta.server, &m.meta.volume))
+            } else {
+                args.to.clone()
+            }
+        })
+        .collect();
+    if !args.force {
+        for target in &targets {
+            if holds_data(target) {
+                return Err(refused(target));
+            }
+        }
+    }
+    let mut restored = Vec::new();
+    for ((id, manifest), target) in chosen.iter().zip(&targets) {
+        let stats = match repo.restore_manifest(manifest, target, args.force) {
+            Err(stillpoint_saveset::Error::TargetNotEmpty { path }) => return Err(refused(&path)),
+            other => other?,
+        };
+        let shown = RestoredView {
+            manifest: id.to_string(),
+            server: manifest.meta.server.clone(),
+            volume: manifest.meta.volume.clone(),
+            target: target.display().to_string(),
+            size: stats.size,
+            bytes_written: stats.bytes_written,
+        };
+        if !args.json {
+            writeln!(
+                out,
+                "restored {}/{} of backup {} to {}: {} B ({} B of data written, the rest holes)",
+                shown.server, shown.volume, args.id, shown.target, shown.size, shown.bytes_written
+            )?;
+        }
+        restored.push(shown);
+    }
+    if args.json {
+        writeln!(out, "{}", view::json(&restored))?;
+    }
+    Ok(())
+}
+
+/// `<server>-<volume>.img`, with path separators in a volume name (`/srv/data`) made safe.
+fn file_name(server: &str, volume: &str) -> String {
+    let safe = |s: &str| s.trim_matches('/').replace(['/', '\\'], "_");
+    format!("{}-{}.img", safe(server), safe(volume))
+}
+
+/// A regular file with bytes in it, or any block device (its old contents are unknowable).
+fn holds_data(target: &Path) -> bool {
+    std::fs::metadata(target).is_ok_and(|m| m.file_type().is_block_device() || m.len() > 0)
+}
+
+fn refused(target: &Path) -> Error {
+    Error::Usage(format!(
+        "restore to {}: target is not empty; pass --force to overwrite it",
+        target.display()
+    ))
+}
+
+/// Says what the repository does hold for the backup, so the operator can correct the flags.
+fn not_found(
+    args: &Args,
+    all: &[(ManifestId, VolumeManifest)],
+    of_server: &[&(ManifestId, VolumeManifest)],
+) -> String {
+    let what = match &args.volume {
+        Some(v) => format!("server {} volume {v}", args.server),
+        None => format!("server {}", args.server),
+    };
+    let mut have: Vec<String> =
+        all.iter().map(|(_, m)| format!("{}/{}", m.meta.server, m.meta.volume)).collect();
+    have.dedup();
+    let have = if of_server.is_empty() && have.is_empty() {
+        "no volumes at all".to_string()
+    } else {
+        format!("volumes {}", have.join(", "))
+    };
+    format!(
+        "backup {}: no {what} in repository {} (it has {have})",
+        args.id,
+        args.repo.repo.display()
+    )
+}

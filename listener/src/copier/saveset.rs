@@ -1,0 +1,277 @@
+//! The built-in copier: every snapshot of a server into the saveset repository (chunking, dedup,
+//! holes and encryption are the format's business), then, once every server of the backup is
+//! in, the backup manifest with the cut and a verify. Blocking code, run on blocking tasks; it
+//! neither talks to agents nor decides anything about the backup.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use stillpoint_saveset::{
+    BackupManifest, BackupStats, Manifest, ManifestId, Progress, Repository, Secret, VolumeMeta,
+};
+
+use crate::config::{SavesetConfig, VerifyMode};
+use crate::model::{BackupRecord, SnapshotRef};
+
+/// How often, at most, a copy reports its progress (each report is a catalog write).
+pub const PROGRESS_EVERY: Duration = Duration::from_millis(250);
+
+/// The repository the listener copies into, unlocked at start.
+pub struct Saveset {
+    config: SavesetConfig,
+    secret: Secret,
+    /// Unlocked handles not in use. A copy takes one, or unlocks another, so copies of
+    /// different servers write concurrently, each through its own handle (the format allows
+    /// concurrent writers); handles go back here for the next copy, saving the KDF.
+    idle: Mutex<Vec<Repository>>,
+}
+
+impl std::fmt::Debug for Saveset {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Saveset").field("repository", &self.config.repository).finish()
+    }
+}
+
+/// What one server's copy stored.
+#[derive(Debug, Clone, Default)]
+pub struct ServerCopy {
+    /// Volume name and its manifest, in the snapshots' order.
+    pub volumes: Vec<(String, ManifestId)>,
+    /// Summed over the server's volumes.
+    pub stats: BackupStats,
+}
+
+impl ServerCopy {
+    /// One line for the backup's log, naming every volume manifest.
+    pub fn detail(&self) -> String {
+        let volumes: Vec<String> =
+            self.volumes.iter().map(|(v, id)| format!("{v} manifest {id}")).collect();
+        let s = &self.stats;
+        format!(
+            "saveset: {}; {} bytes read, {} stored ({} new chunks, {} reused, {} holes)",
+            volumes.join(", "),
+            s.bytes_read,
+            s.bytes_stored,
+            s.new_chunks,
+            s.reused_chunks,
+            s.hole_chunks
+        )
+    }
+}
+
+impl Saveset {
+    /// Reads the secret and unlocks the repository once, so a wrong secret stops the start.
+    pub fn open(config: &SavesetConfig) -> Result<Saveset, String> {
+        let (secret, repo) = config.open()?;
+        tracing::info!(repository = %config.repository.display(), verify = ?config.verify, "saveset repository unlocked");
+        Ok(Saveset { config: config.clone(), secret, idle: Mutex::new(vec![repo]) })
+    }
+
+    fn with_repo<T>(
+        &self,
+        f: impl FnOnce(&mut Repository) -> Result<T, String>,
+    ) -> Result<T, String> {
+        let idle = self.idle.lock().expect("saveset pool lock poisoned").pop();
+        let mut repo = match idle {
+            Some(r) => r,
+            None => Repository::open(&self.config.repository, &self.secret)
+                .map_err(|e| format!("copy.repository: {e}"))?,
+        };
+        let result = f(&mut repo);
+        self.idle.lock().expect("saveset pool lock poisoned").push(repo);
+        result
+    }
+
+    /// Backs up every snapshot of `server` (its locator is read as a file or block device).
+    /// `progress(done, total)` is called with bytes of the whole server, at most every
+    /// [`PROGRESS_EVERY`] and once at the end with `done == total`. `stop` is asked between
+    /// volumes: a backup that ended meanwhile gets no more volumes.
+    pub fn copy_server(
+        &self,
+        backup_id: &str,
+        server: &str,
+        snapshots: &[SnapshotRef],
+        progress: &mut dyn FnMut(u64, u64),
+        stop: &dyn Fn() -> bool,
+    ) -> Result<ServerCopy, String> {
+        let mut sizes = Vec::with_capacity(snapshots.len());
+        for snap in snapshots {
+            sizes.push(readable_size(snap)?);
+        }
+        let total: u64 = sizes.iter().sum();
+        let mut throttle = Throttle::default();
+        progress(0, total);
+        let mut copy = ServerCopy::default();
+        let mut base = 0;
+        self.with_repo(|repo| {
+            for (snap, size) in snapshots.iter().zip(&sizes) {
+                if stop() {
+                    return Err("the backup ended; copy stopped".to_string());
+                }
+                let meta = VolumeMeta {
+                    backup: backup_id.to_string(),
+                    server: server.to_string(),
+                    volume: snap.volume.clone(),
+                };
+                let mut report = |p: Progress| {
+                    if throttle.ready(Instant::now()) {
+                        progress((base + p.done).min(total), total);
+                    }
+                };
+                let done = repo
+                    .backup_volume(Path::new(&snap.locator), meta, &mut report)
+                    .map_err(|e| format!("volume {}: {e}", snap.volume))?;
+                add(&mut copy.stats, &done.stats);
+                copy.volumes.push((snap.volume.clone(), done.id));
+                base += size;
+            }
+            Ok(())
+        })?;
+        progress(total, total);
+        Ok(copy)
+    }
+
+    /// Writes the backup manifest (every volume manifest and the cut), then runs the configured
+    /// verify; damage is an `Err` naming it. Returns a line for the log.
+    pub fn finish_backup(
+        &self,
+        backup_id: &str,
+        volumes: Vec<ManifestId>,
+        cut: serde_json::Value,
+    ) -> Result<String, String> {
+        let manifest = Manifest::Backup(BackupManifest {
+            backup: backup_id.to_string(),
+            volumes,
+            cut,
+            created_unix_ms: u64::try_from(stillpoint_core::unix_ms()).unwrap_or(0),
+        });
+        let verify = self.config.verify;
+        self.with_repo(|repo| {
+            let id = repo.write_manifest(&manifest).map_err(|e| format!("backup manifest: {e}"))?;
+            let read_data = match verify {
+                VerifyMode::None => return Ok(format!("backup manifest {id}")),
+                VerifyMode::Index => false,
+                VerifyMode::ReadData => true,
+            };
+            let report = repo.verify(read_data).map_err(|e| format!("verify: {e}"))?;
+            if !report.is_ok() {
+                let shown: Vec<String> =
+                    report.damage.iter().take(5).map(|d| d.to_string()).collect();
+                return Err(format!(
+                    "backup manifest {id} written, but verify found {} problem(s): {}",
+                    report.damage.len(),
+                    shown.join("; ")
+                ));
+            }
+            Ok(format!(
+                "backup manifest {id}; verify ({}) ok: {} manifests, {} chunks",
+                if read_data { "read-data" } else { "index" },
+                report.manifests,
+                report.chunks
+            ))
+        })
+    }
+}
+
+/// The bytes a snapshot's copy will read: its file's length (a block device's reported size).
+fn readable_size(snap: &SnapshotRef) -> Result<u64, String> {
+    let path = Path::new(&snap.locator);
+    let meta = std::fs::metadata(path).map_err(|e| {
+        format!(
+            "volume {}: cannot read snapshot {} here ({} provider): {e}",
+            snap.volume, snap.locator, snap.provider
+        )
+    })?;
+    if meta.is_dir() {
+        return Err(format!(
+            "volume {}: snapshot {} is a directory ({} provider); the saveset copier reads block images",
+            snap.volume, snap.locator, snap.provider
+        ));
+    }
+    Ok(if meta.is_file() { meta.len() } else { snap.size_bytes })
+}
+
+fn add(sum: &mut BackupStats, one: &BackupStats) {
+    sum.size += one.size;
+    sum.bytes_read += one.bytes_read;
+    sum.hole_chunks += one.hole_chunks;
+    sum.reused_chunks += one.reused_chunks;
+    sum.new_chunks += one.new_chunks;
+    sum.bytes_stored += one.bytes_stored;
+    sum.packs += one.packs;
+}
+
+/// Lets a report through at most every [`PROGRESS_EVERY`].
+#[derive(Debug, Default)]
+pub struct Throttle {
+    last: Option<Instant>,
+}
+
+impl Throttle {
+    pub fn ready(&mut self, now: Instant) -> bool {
+        match self.last {
+            Some(at) if now.duration_since(at) < PROGRESS_EVERY => false,
+            _ => {
+                self.last = Some(now);
+                true
+            }
+        }
+    }
+}
+
+/// Which servers of one backup have copied, and their volume manifests: the last server's copy
+/// writes the backup manifest.
+#[derive(Debug, Clone)]
+pub struct Gather {
+    servers: Vec<String>,
+    done: HashMap<String, Vec<ManifestId>>,
+}
+
+impl Gather {
+    pub fn new(servers: impl IntoIterator<Item = String>) -> Gather {
+        Gather { servers: servers.into_iter().collect(), done: HashMap::new() }
+    }
+
+    /// Records `server`'s volume manifests. When that completes the backup, returns every
+    /// server's, in the backup's server order; only that one call returns `Some`.
+    pub fn complete(&mut self, server: &str, volumes: Vec<ManifestId>) -> Option<Vec<ManifestId>> {
+        let complete_before = self.is_complete();
+        self.done.insert(server.to_string(), volumes);
+        if complete_before || !self.is_complete() {
+            return None;
+        }
+        Some(self.servers.iter().flat_map(|s| self.done[s].iter().copied()).collect())
+    }
+
+    fn is_complete(&self) -> bool {
+        self.servers.iter().all(|s| self.done.contains_key(s))
+    }
+}
+
+/// The cut as the backup manifest stores it: the verdict and, per server, the listener-clock
+/// instants, the agent's durations and quiescer steps, and the snapshots taken.
+pub fn cut_json(record: &BackupRecord) -> serde_json::Value {
+    let servers: Vec<serde_json::Value> = record
+        .servers
+        .iter()
+        .map(|s| {
+            serde_json::json!({
+                "server": s.server,
+                "cut": s.cut,
+                "snapshots": s.snapshots,
+            })
+        })
+        .collect();
+    serde_json::json!({
+        "backup": record.id,
+        "group": record.group,
+        "created": record.created,
+        "verdict": record.verdict,
+        "servers": servers,
+    })
+}
+
+#[cfg(test)]
+mod tests;
