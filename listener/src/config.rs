@@ -109,6 +109,10 @@ pub enum CopyConfig {
     Report,
     /// The built-in block-level copier: every snapshot into a saveset repository.
     Saveset(SavesetConfig),
+    /// IDR: a mountable copy of each server's disk, `<target>/<backup>/<server>-<volume>.img`,
+    /// a reflink clone where the target's filesystem shares extents with the snapshot, else a
+    /// sparse copy. Attach it with `losetup` and use it as it is.
+    Image { target: PathBuf },
 }
 
 /// `[copy] mode = "saveset"`: where the repository is and what unlocks it. The listener reads
@@ -270,7 +274,13 @@ impl Config {
                     out.push(e);
                 }
             }
-            CopyConfig::Command { .. } | CopyConfig::Report => {}
+            CopyConfig::Image { target } if !target.is_dir() => {
+                out.push(format!(
+                    "copy.target: {} is not a directory; create it (on the same filesystem as the snapshots for reflink clones)",
+                    target.display()
+                ));
+            }
+            CopyConfig::Command { .. } | CopyConfig::Report | CopyConfig::Image { .. } => {}
         }
         out
     }

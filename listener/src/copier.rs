@@ -58,3 +58,30 @@ pub async fn run_command(
     }
     Ok(format!("{} snapshot(s), {done} bytes, by copy command", snapshots.len()))
 }
+
+/// IDR: makes a mountable image of each snapshot under `<target>/<backup>/<server>-<volume>.img`
+/// (a reflink clone where possible, else a sparse copy), written under a temporary name and
+/// renamed, so a half image never carries the real name.
+pub fn copy_images(
+    target: &std::path::Path,
+    backup_id: &str,
+    server: &str,
+    snapshots: &[SnapshotRef],
+    mut progress: impl FnMut(u64, u64),
+) -> Result<String, String> {
+    let total: u64 = snapshots.iter().map(|s| s.size_bytes).sum();
+    let mut done = 0;
+    let mut made = Vec::new();
+    progress(0, total);
+    for snap in snapshots {
+        let volume = snap.volume.replace('/', "_");
+        let image = target.join(backup_id).join(format!("{server}-{volume}.img"));
+        let (size, method) =
+            stillpoint_core::san::clone_or_copy(std::path::Path::new(&snap.locator), &image, 0o640)
+                .map_err(|e| format!("volume {}: image copy: {e}", snap.volume))?;
+        done += size;
+        progress(done, total);
+        made.push(format!("{} ({method:?})", image.display()));
+    }
+    Ok(format!("IDR image(s): {}", made.join(", ")))
+}

@@ -87,7 +87,7 @@ impl Runtime {
             CopyConfig::Saveset(c) => Some(Arc::new(Saveset::open(c).map_err(|problems| {
                 Error::Config { path: c.repository.display().to_string(), problems }
             })?)),
-            CopyConfig::Command { .. } | CopyConfig::Report => None,
+            CopyConfig::Command { .. } | CopyConfig::Report | CopyConfig::Image { .. } => None,
         };
         Ok(Arc::new(Runtime {
             config,
@@ -551,6 +551,29 @@ impl Runtime {
         tx: mpsc::UnboundedSender<Envelope>,
         mut cancel: watch::Receiver<bool>,
     ) {
+        if let CopyConfig::Image { target } = &self.config.copy {
+            let (target, backup_id) = (target.clone(), backup_id.to_string());
+            tokio::spawn(
+                async move {
+                    let progress_tx = tx.clone();
+                    let progress_server = server.clone();
+                    let copy_server = server.clone();
+                    let copy = tokio::task::spawn_blocking(move || {
+                        crate::copier::copy_images(&target, &backup_id, &copy_server, &snapshots, |done, total| {
+                            let event = Event::CopyProgress { server: progress_server.clone(), done, total };
+                            let _ = progress_tx.send((event, None));
+                        })
+                    });
+                    let result = tokio::select! {
+                        joined = copy => joined.unwrap_or_else(|e| Err(format!("image copy task: {e}"))),
+                        _ = cancel.wait_for(|stop| *stop) => return,
+                    };
+                    let _ = tx.send((Event::Copied { server, result }, None));
+                }
+                .in_current_span(),
+            );
+            return;
+        }
         let CopyConfig::Command { command } = &self.config.copy else {
             // Report mode: the backup software calls ReportCopy when it is done.
             tracing::info!(server = %server, "waiting for the backup software to report this server's copy");

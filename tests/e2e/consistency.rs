@@ -203,3 +203,62 @@ async fn backups_under_causal_load_restore_consistently_from_the_saveset() {
         assert!(log.contains(expected), "log lacks {expected:?}:\n{log}");
     }
 }
+
+/// A read-only loop device over an image, detached on drop.
+struct Attached(String);
+
+impl Attached {
+    fn read_only(image: &std::path::Path) -> Attached {
+        let out = std::process::Command::new("losetup")
+            .args(["--find", "--show", "--read-only"])
+            .arg(image)
+            .output()
+            .expect("run losetup");
+        assert!(out.status.success(), "losetup: {}", String::from_utf8_lossy(&out.stderr));
+        Attached(String::from_utf8_lossy(&out.stdout).trim().to_string())
+    }
+}
+
+impl Drop for Attached {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("losetup").arg("-d").arg(&self.0).status();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idr_images_are_consistent_disks_that_attach_as_they_are() {
+    let mut spec = Spec::three(writer_quiescer);
+    spec.copy = crate::harness::Copy::Image;
+    let mut cluster = Cluster::start(spec).await;
+    cluster.start_writer();
+    let lun = cluster.array.lun_path("srv-c", "data").expect("lun");
+    crate::harness::wait_for("the writer to reach srv-c", Duration::from_secs(20), || {
+        read_records(&lun).ok().filter(|r| r.len() > 20)
+    })
+    .await;
+    for round in 0..2 {
+        let (code, backup) =
+            cluster.backupctl_json(&["start", "--group", "g", "--wait", "complete"]);
+        let id = backup["backup_id"].as_str().expect("backup_id").to_string();
+        assert_eq!(code, 0, "round {round}: {backup:#}");
+        let dir = cluster.root().join("idr").join(&id);
+        // Attach each image as a read-only block device and read the records from the device.
+        let images: Vec<_> = ["srv-a", "srv-b", "srv-c"]
+            .iter()
+            .map(|s| {
+                let device = Attached::read_only(&dir.join(format!("{s}-data.img")));
+                read_records(std::path::Path::new(&device.0)).expect("read the attached image")
+            })
+            .collect();
+        let links =
+            check_chain(&images).unwrap_or_else(|e| panic!("IDR images of {id} are torn: {e}"));
+        assert!(links > 0, "the images hold the workload");
+        assert!(
+            cluster.array.snapshots(Some(&id)).expect("snapshots").is_empty(),
+            "snapshots cleaned up"
+        );
+        for server in backup["servers"].as_array().expect("servers") {
+            assert_eq!(server["copied_bytes"], server["total_bytes"], "{server}");
+        }
+    }
+}

@@ -45,6 +45,8 @@ pub enum Copy {
     /// `<root>/saveset`, unlocked by `<root>/saveset.pass`; `verify` is the listener's
     /// after-backup check (`none`, `index`, `read-data`).
     Saveset { verify: &'static str },
+    /// IDR: a mountable image of each snapshot under `<root>/idr/<backup>/<server>-<volume>.img`.
+    Image,
 }
 
 /// The passphrase of the saveset repository a `Copy::Saveset` cluster creates.
@@ -295,6 +297,11 @@ impl Cluster {
                 )
             ),
             Copy::Report => "[copy]\nmode = \"report\"\n".to_string(),
+            Copy::Image => {
+                let target = path.join("idr");
+                fs::create_dir_all(&target).expect("IDR target");
+                format!("[copy]\nmode = \"image\"\ntarget = {:?}\n", target.display().to_string())
+            }
             Copy::Saveset { verify } => {
                 let repository = path.join("saveset");
                 let secret = stillpoint_saveset::Secret::passphrase(SAVESET_PASSPHRASE);
