@@ -3,7 +3,6 @@
 //! manifest. A pipeline: this thread reads and hashes, `WORKERS` threads compress and seal new
 //! chunks, one thread assembles and stores packs; bounded channels keep memory bounded.
 
-use std::collections::HashSet;
 use std::fs::File;
 use std::io::{Seek, SeekFrom};
 use std::os::unix::fs::FileExt;
@@ -14,8 +13,9 @@ use std::sync::{Arc, Mutex};
 use stillpoint_core::sys::{next_data, next_hole};
 
 use crate::error::{IoContext, Result};
+use crate::index::IdSet;
 use crate::manifest::{ChunkId, Manifest, ManifestId, VolumeManifest, VolumeMeta};
-use crate::repo::{now_ms, Repository, StoredPack};
+use crate::repo::{now_ms, PackWriter, Repository, StoredPack};
 
 /// Threads compressing and sealing new chunks.
 const WORKERS: usize = 2;
@@ -111,7 +111,9 @@ impl Repository {
         }
         read?;
         manifest.created_unix_ms = now_ms();
-        let id = self.write_manifest(&Manifest::Volume(manifest.clone()))?;
+        let whole = Manifest::Volume(manifest);
+        let id = self.write_manifest(&whole)?;
+        let Manifest::Volume(manifest) = whole else { unreachable!("built as a volume manifest") };
         tracing::debug!(manifest = %id, source = %source.display(), ?stats, "volume backed up");
         Ok(VolumeBackup { id, manifest, stats })
     }
@@ -134,7 +136,7 @@ impl Repository {
         let per_window = (READ_WINDOW / cs).max(1);
         let mut buf = vec![0u8; per_window * cs];
         let mut has_data = vec![false; per_window];
-        let mut sent: HashSet<ChunkId> = HashSet::new();
+        let mut sent: IdSet<ChunkId> = IdSet::default();
         let mut batch = Batch::with_capacity(BATCH);
         manifest.chunks.reserve(usize::try_from(n).unwrap_or(0));
         let mut first = 0u64;
@@ -211,27 +213,45 @@ impl Repository {
         }
     }
 
-    /// The packer: appends sealed chunks to packs and stores each pack (then its index) when
-    /// it reaches `pack_size`, and the last one when the workers are done. Returns the stored
-    /// packs and the bytes of chunks in them; on an error it stops, which stops the pipeline.
+    /// The packer: appends sealed chunks to packs and hands each pack that reaches
+    /// `pack_size` (and the last one when the workers are done) to a storer thread, which
+    /// stores it (then its index) while the next one fills: fsync/PUT overlaps compression.
+    /// Returns the stored packs and the bytes of chunks in them; on an error it stops, which
+    /// stops the pipeline.
     fn store_packs(&self, sealed: Receiver<Batch>) -> Result<(Vec<StoredPack>, u64)> {
-        let mut stored = Vec::new();
-        let mut bytes = 0u64;
-        let mut pack = self.new_pack();
-        for batch in sealed {
-            for (id, blob) in batch {
-                pack.append(id, &blob);
-                bytes += blob.len() as u64;
-                if pack.len >= self.pack_size() {
-                    let full = std::mem::replace(&mut pack, self.new_pack());
-                    stored.push(self.store_pack(full)?);
+        std::thread::scope(|s| {
+            // One full pack queued while another is being stored: at most 2 × pack_size more.
+            let (full_tx, full_rx) = sync_channel::<PackWriter>(1);
+            let storer = s.spawn(move || -> Result<Vec<StoredPack>> {
+                let mut stored = Vec::new();
+                for pack in full_rx {
+                    stored.push(self.store_pack(pack)?);
+                }
+                Ok(stored)
+            });
+            let mut bytes = 0u64;
+            let mut pack = self.new_pack();
+            let mut sending = true;
+            'batches: for batch in sealed {
+                for (id, blob) in batch {
+                    pack.append(id, &blob);
+                    bytes += blob.len() as u64;
+                    if pack.len >= self.pack_size() {
+                        let full = std::mem::replace(&mut pack, self.new_pack());
+                        if full_tx.send(full).is_err() {
+                            sending = false;
+                            break 'batches;
+                        }
+                    }
                 }
             }
-        }
-        if !pack.is_empty() {
-            stored.push(self.store_pack(pack)?);
-        }
-        Ok((stored, bytes))
+            if sending && !pack.is_empty() {
+                let _ = full_tx.send(pack);
+            }
+            drop(full_tx);
+            let stored = storer.join().expect("the pack storer does not panic")?;
+            Ok((stored, bytes))
+        })
     }
 }
 

@@ -12,6 +12,7 @@
 mod backup;
 mod crypto;
 mod error;
+mod index;
 mod manifest;
 mod repo;
 mod restore;

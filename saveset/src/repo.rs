@@ -2,7 +2,7 @@
 //! writing and chunk reading. Backup, restore and verify build on these; where the bytes live
 //! (a directory, an S3 prefix) is `storage.rs`'s business.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::io::ErrorKind;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::crypto::{self, hex, unhex_vec, KdfParams, MasterKey, Secret};
 use crate::error::{Error, Result};
+use crate::index::Index;
 use crate::manifest::{ChunkId, Manifest, ManifestId, PackId};
 use crate::storage::{self, Location, Storage};
 
@@ -82,10 +83,9 @@ pub struct Repository {
     pub(crate) storage: Box<dyn Storage>,
     config: Config,
     pub(crate) key: MasterKey,
-    /// Every chunk some index file names, with the first location seen.
-    pub(crate) index: HashMap<ChunkId, ChunkLoc>,
-    /// Index files already loaded (index files are named after their pack).
-    loaded: HashSet<PackId>,
+    /// Every chunk some index file names, with the first location seen, and the index files
+    /// already loaded (index files are named after their pack).
+    pub(crate) index: Index,
 }
 
 impl std::fmt::Debug for Repository {
@@ -130,8 +130,7 @@ impl Repository {
             storage,
             config,
             key: MasterKey::from_bytes(&master),
-            index: HashMap::new(),
-            loaded: HashSet::new(),
+            index: Index::default(),
         };
         let text = serde_json::to_vec_pretty(&repo.config).expect("config serializes");
         // The config goes last: a location without it is not yet a repository.
@@ -175,8 +174,7 @@ impl Repository {
             storage,
             config,
             key: MasterKey::from_bytes(&master),
-            index: HashMap::new(),
-            loaded: HashSet::new(),
+            index: Index::default(),
         };
         repo.refresh_index()?;
         Ok(repo)
@@ -208,15 +206,19 @@ impl Repository {
     /// Loads index files written since the last call (by this or another writer). An index
     /// file that does not decrypt is skipped here; `verify` reports it.
     pub fn refresh_index(&mut self) -> Result<()> {
-        for id in self.list_ids("index")? {
-            if self.loaded.contains(&id) {
-                continue;
+        let mut new = Vec::new();
+        let mut entries = 0;
+        for (key, len) in self.storage.list("index/")? {
+            let Ok(id) = key["index/".len()..].parse::<PackId>() else { continue };
+            if !self.index.has_pack(&id) {
+                new.push(id);
+                entries += usize::try_from(len).unwrap_or(0) / INDEX_ENTRY;
             }
+        }
+        self.index.reserve(entries);
+        for id in new {
             if let Ok(entries) = self.read_index(id) {
-                for (chunk, loc) in entries {
-                    self.index.entry(chunk).or_insert(loc);
-                }
-                self.loaded.insert(id);
+                self.index.add_pack(id, entries.into_iter().map(|(c, l)| (c, l.offset, l.len)));
             }
         }
         Ok(())
@@ -262,6 +264,10 @@ impl Repository {
         if plain.len() % INDEX_ENTRY != 0 {
             return Err(damaged("bad length"));
         }
+        // The in-memory index holds offsets as u32 (packs are closed at pack_size, far less).
+        if plain.chunks_exact(INDEX_ENTRY).any(|e| e[36..40] != [0; 4]) {
+            return Err(damaged("offset beyond 4 GiB"));
+        }
         Ok(plain
             .chunks_exact(INDEX_ENTRY)
             .map(|e| {
@@ -287,10 +293,14 @@ impl Repository {
         };
         let plain = self
             .key
-            .open(format!("manifests/{name}").as_bytes(), &blob)
+            .open_in_place(format!("manifests/{name}").as_bytes(), blob)
             .ok_or_else(|| damaged("does not decrypt".into()))?;
-        let json = zstd::bulk::decompress(&plain, 1 << 30).map_err(|e| damaged(e.to_string()))?;
-        serde_json::from_slice(&json).map_err(|e| damaged(e.to_string()))
+        // Parsed while it is decompressed: the JSON text (~67 bytes per chunk) is never whole
+        // in memory.
+        let json = zstd::stream::read::Decoder::new(plain.as_slice())
+            .map_err(|e| damaged(e.to_string()))?;
+        serde_json::from_reader(std::io::BufReader::with_capacity(1 << 16, json))
+            .map_err(|e| damaged(e.to_string()))
     }
 
     /// Every manifest id in the repository.
@@ -304,9 +314,16 @@ impl Repository {
     pub fn write_manifest(&self, manifest: &Manifest) -> Result<ManifestId> {
         let id = ManifestId(crypto::random());
         let name = id.to_string();
-        let json = serde_json::to_vec(manifest).expect("manifests serialize");
-        let packed = zstd::bulk::compress(&json, 3).expect("compressing a buffer cannot fail");
-        let blob = self.key.seal(format!("manifests/{name}").as_bytes(), &packed);
+        // JSON streamed through zstd into a buffer that is then sealed in place: the JSON text
+        // (~67 bytes per chunk) is never whole in memory, and the blob exists once.
+        let mut enc = zstd::stream::write::Encoder::new(vec![0u8; 24], 3)
+            .expect("a zstd encoder can be made");
+        let mut w = std::io::BufWriter::with_capacity(1 << 16, &mut enc);
+        serde_json::to_writer(&mut w, manifest).expect("manifests serialize");
+        std::io::Write::flush(&mut w).expect("writing to memory cannot fail");
+        drop(w);
+        let packed = enc.finish().expect("writing to memory cannot fail");
+        let blob = self.key.seal_in_place(format!("manifests/{name}").as_bytes(), packed);
         self.storage.put(&format!("manifests/{name}"), &blob)?;
         Ok(id)
     }
@@ -342,10 +359,8 @@ impl Repository {
 
     /// Adds a stored pack's chunks to the in-memory index.
     pub(crate) fn remember(&mut self, pack: StoredPack) {
-        for (chunk, offset, len) in pack.entries {
-            self.index.entry(chunk).or_insert(ChunkLoc { pack: pack.id, offset, len });
-        }
-        self.loaded.insert(pack.id);
+        self.index.reserve(pack.entries.len());
+        self.index.add_pack(pack.id, pack.entries);
     }
 
     /// Compresses and seals one chunk's plaintext for a pack.
@@ -367,23 +382,31 @@ impl Repository {
         self.key.seal(&id.0, &plain)
     }
 
-    /// Opens, decompresses and re-hashes a stored chunk; `Err` says what is wrong with it.
-    pub(crate) fn decode_chunk(
+    /// Opens, decompresses (into `out`, at least the chunk's length) and re-hashes a stored
+    /// chunk; returns its length, or what is wrong with it.
+    pub(crate) fn decode_chunk_into(
         &self,
         id: ChunkId,
         blob: &[u8],
-    ) -> std::result::Result<Vec<u8>, &'static str> {
+        out: &mut [u8],
+        dc: &mut zstd::bulk::Decompressor<'_>,
+    ) -> std::result::Result<usize, &'static str> {
         let plain = self.key.open(&id.0, blob).ok_or("does not decrypt (altered or wrong key)")?;
-        let data = match plain.split_first() {
-            Some((&RAW, rest)) => rest.to_vec(),
-            Some((&ZSTD, rest)) => zstd::bulk::decompress(rest, self.config.chunk_size as usize)
-                .map_err(|_| "does not decompress")?,
+        let n = match plain.split_first() {
+            Some((&RAW, rest)) => {
+                let dst = out.get_mut(..rest.len()).ok_or("longer than the chunk size")?;
+                dst.copy_from_slice(rest);
+                rest.len()
+            }
+            Some((&ZSTD, rest)) => {
+                dc.decompress_to_buffer(rest, out).map_err(|_| "does not decompress")?
+            }
             _ => return Err("unknown encoding"),
         };
-        if self.key.chunk_id(&data) != id.0 {
+        if self.key.chunk_id(&out[..n]) != id.0 {
             return Err("content does not match its id");
         }
-        Ok(data)
+        Ok(n)
     }
 
     /// Reads bytes `range` of pack `pack`: one or several neighbouring chunks at once.

@@ -3,8 +3,10 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::io::ErrorKind;
+use std::ops::Range;
 use std::os::unix::fs::{FileExt, FileTypeExt};
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 
 use crate::error::{Error, IoContext, Result};
 use crate::manifest::{Manifest, ManifestId, VolumeManifest};
@@ -12,6 +14,8 @@ use crate::repo::{runs, Repository};
 
 /// At most this many bytes of a pack are fetched by one read.
 const READ_RUN: u64 = 8 << 20;
+/// Bytes of the volume one restore worker assembles and writes at a time.
+const WINDOW: usize = 4 << 20;
 
 /// What a restore wrote.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -49,55 +53,160 @@ impl Repository {
         force: bool,
     ) -> Result<RestoreStats> {
         let (file, sparse) = open_target(target, manifest.size, force)?;
-        let mut stats = RestoreStats { size: manifest.size, bytes_written: 0 };
-        let zeros = vec![0u8; manifest.chunk_size as usize];
-        // Chunks with data, in volume order, read in runs of neighbours in one pack.
-        let mut data_chunks = Vec::new();
-        for (i, chunk) in manifest.chunks.iter().enumerate() {
-            let Some(id) = chunk else {
-                if !sparse {
-                    let (off, len) = manifest.extent(i);
-                    file.write_all_at(&zeros[..len], off).ctx("write", target)?;
+        // The volume is cut into windows of WINDOW bytes; each worker takes the next window,
+        // reads its chunks (neighbours in a pack with one read), decodes them into one buffer
+        // and writes each run of data (or, on a block device, the whole window) with one
+        // positional write. Holes in a regular file are skipped: they stay holes.
+        let per_window = (WINDOW / manifest.chunk_size.max(1) as usize).max(1);
+        let windows = manifest.chunks.len().div_ceil(per_window);
+        let next = AtomicUsize::new(0);
+        let failed = AtomicBool::new(false);
+        let written = AtomicU64::new(0);
+        let workers = std::thread::available_parallelism().map_or(2, |n| n.get()).clamp(1, 4);
+        let out = Out { file: &file, target, sparse };
+        let result: Result<()> = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..workers.min(windows.max(1)))
+                .map(|_| {
+                    s.spawn(|| -> Result<()> {
+                        let mut buf = vec![0u8; per_window * manifest.chunk_size as usize];
+                        let mut dc = zstd::bulk::Decompressor::new().map_err(|e| Error::Io {
+                            op: "decompress",
+                            path: target.to_owned(),
+                            source: e,
+                        })?;
+                        loop {
+                            if failed.load(Ordering::Relaxed) {
+                                return Ok(());
+                            }
+                            let w = next.fetch_add(1, Ordering::Relaxed);
+                            if w >= windows {
+                                return Ok(());
+                            }
+                            let first = w * per_window;
+                            let last = (first + per_window).min(manifest.chunks.len());
+                            match self.restore_window(manifest, first..last, &mut buf, &mut dc, out)
+                            {
+                                Ok(n) => {
+                                    written.fetch_add(n, Ordering::Relaxed);
+                                }
+                                Err(e) => {
+                                    failed.store(true, Ordering::Relaxed);
+                                    return Err(e);
+                                }
+                            }
+                        }
+                    })
+                })
+                .collect();
+            let mut first_err = Ok(());
+            for h in handles {
+                let r = h.join().expect("a restore worker does not panic");
+                if first_err.is_ok() {
+                    first_err = r;
                 }
-                continue;
-            };
-            let loc = self.index.get(id).copied().ok_or_else(|| Error::Damaged {
-                what: format!("chunk {id}"),
-                reason: "not in any index".into(),
-            })?;
-            data_chunks.push((i, *id, loc));
+            }
+            first_err
+        });
+        result?;
+        file.sync_all().ctx("fsync", target)?;
+        Ok(RestoreStats { size: manifest.size, bytes_written: written.into_inner() })
+    }
+
+    /// Restores chunks `range` of `manifest` (one window) through `buf`; returns the bytes of
+    /// data written.
+    fn restore_window(
+        &self,
+        manifest: &VolumeManifest,
+        range: Range<usize>,
+        buf: &mut [u8],
+        dc: &mut zstd::bulk::Decompressor<'_>,
+        out: Out<'_>,
+    ) -> Result<u64> {
+        let Out { file, target, sparse } = out;
+        let base = manifest.extent(range.start).0;
+        let mut data_chunks = Vec::with_capacity(range.len());
+        for i in range.clone() {
+            match &manifest.chunks[i] {
+                Some(id) => {
+                    let loc = self.index.get(id).ok_or_else(|| Error::Damaged {
+                        what: format!("chunk {id}"),
+                        reason: "not in any index".into(),
+                    })?;
+                    data_chunks.push((i, *id, loc));
+                }
+                None if !sparse => {
+                    let (off, len) = manifest.extent(i);
+                    let at = usize::try_from(off - base).expect("inside the window");
+                    buf[at..at + len].fill(0);
+                }
+                None => {}
+            }
         }
+        // Read order: by pack and offset, so each pack range is fetched once.
+        data_chunks.sort_by_key(|&(i, _, loc)| (loc.pack, loc.offset, i));
         let locs: Vec<_> = data_chunks.iter().map(|&(_, _, loc)| loc).collect();
-        for run in runs(&locs, 0, READ_RUN) {
+        let mut stored = 0u64;
+        for run in runs(&locs, 64 << 10, READ_RUN) {
             let first = locs[run.start];
             let last = locs[run.end - 1];
-            let bytes =
-                self.read_pack(first.pack, first.offset..last.offset + u64::from(last.len))?;
+            let end = locs[run.clone()]
+                .iter()
+                .map(|l| l.offset + u64::from(l.len))
+                .max()
+                .unwrap_or(last.offset + u64::from(last.len));
+            let bytes = self.read_pack(first.pack, first.offset..end)?;
             for &(i, id, loc) in &data_chunks[run] {
                 let at = usize::try_from(loc.offset - first.offset).expect("inside the run");
                 let blob = &bytes[at..at + loc.len as usize];
-                let data = self.decode_chunk(id, blob).map_err(|reason| Error::Damaged {
-                    what: format!(
-                        "chunk {id} in pack {} at offset {}",
-                        self.pack_path(loc.pack).display(),
-                        loc.offset
-                    ),
-                    reason: reason.into(),
-                })?;
                 let (off, len) = manifest.extent(i);
-                if data.len() != len {
+                let to = usize::try_from(off - base).expect("inside the window");
+                let n = self.decode_chunk_into(id, blob, &mut buf[to..to + len], dc).map_err(
+                    |reason| Error::Damaged {
+                        what: format!(
+                            "chunk {id} in pack {} at offset {}",
+                            self.pack_path(loc.pack).display(),
+                            loc.offset
+                        ),
+                        reason: reason.into(),
+                    },
+                )?;
+                if n != len {
                     return Err(Error::Damaged {
                         what: format!("chunk {id}"),
-                        reason: format!("{} bytes where the manifest expects {len}", data.len()),
+                        reason: format!("{n} bytes where the manifest expects {len}"),
                     });
                 }
-                file.write_all_at(&data, off).ctx("write", target)?;
-                stats.bytes_written += len as u64;
+                stored += len as u64;
             }
         }
-        file.sync_all().ctx("fsync", target)?;
-        Ok(stats)
+        // Write: the whole window on a device, each run of data chunks on a sparse file.
+        let mut i = range.start;
+        while i < range.end {
+            if sparse && manifest.chunks[i].is_none() {
+                i += 1;
+                continue;
+            }
+            let start = i;
+            while i < range.end && (!sparse || manifest.chunks[i].is_some()) {
+                i += 1;
+            }
+            let (from, _) = manifest.extent(start);
+            let (last_off, last_len) = manifest.extent(i - 1);
+            let a = usize::try_from(from - base).expect("inside the window");
+            let b = usize::try_from(last_off - base).expect("inside the window") + last_len;
+            file.write_all_at(&buf[a..b], from).ctx("write", target)?;
+        }
+        Ok(stored)
     }
+}
+
+/// Where a restore writes: the open target, its path for messages, and whether holes are
+/// skipped (a regular file) or written as zeros (a block device).
+#[derive(Clone, Copy)]
+struct Out<'a> {
+    file: &'a File,
+    target: &'a Path,
+    sparse: bool,
 }
 
 /// Opens the target, sized and empty; `true` if it is a regular file (holes stay holes).

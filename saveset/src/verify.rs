@@ -2,10 +2,11 @@
 //! that exists; with `read_data`, every such chunk decrypts and matches its id. Reports damage
 //! by name (manifest, chunk, pack file, offset); never repairs.
 
-use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::path::PathBuf;
 
+use crate::error::IoContext;
+use crate::index::Index;
 use crate::manifest::{ChunkId, Manifest, ManifestId, PackId};
 use crate::repo::{runs, ChunkLoc, Repository};
 
@@ -82,40 +83,85 @@ impl Repository {
     /// loaded at open), and with `read_data` reads each referenced chunk once.
     pub fn verify(&self, read_data: bool) -> crate::Result<Report> {
         let mut report = Report::default();
-        let mut index: HashMap<ChunkId, ChunkLoc> = HashMap::new();
+        // The index files on disk now. When they are exactly the ones loaded at open and all
+        // still decrypt, the loaded index is theirs: use it rather than hold a second copy.
         let mut index_ids: Vec<PackId> = self.list_ids("index")?;
         index_ids.sort();
-        for id in index_ids {
+        let mut good = Vec::with_capacity(index_ids.len());
+        for &id in &index_ids {
             match self.read_index(id) {
-                Ok(entries) => {
-                    for (chunk, loc) in entries {
-                        index.entry(chunk).or_insert(loc);
-                    }
-                }
+                Ok(_) => good.push(id),
                 Err(e) => report.damage.push(Damage::Index {
                     path: self.storage.describe(&format!("index/{id}")),
                     reason: e.to_string(),
                 }),
             }
         }
+        let same =
+            good.len() == self.index.packs().len() && good.iter().all(|id| self.index.has_pack(id));
+        let fresh;
+        let index = if same {
+            &self.index
+        } else {
+            let mut idx = Index::default();
+            for &id in &good {
+                if let Ok(entries) = self.read_index(id) {
+                    idx.reserve(entries.len());
+                    idx.add_pack(id, entries.into_iter().map(|(c, l)| (c, l.offset, l.len)));
+                }
+            }
+            fresh = idx;
+            &fresh
+        };
         let packs = self.list_packs()?;
         let manifest_ids = self.list_manifests()?;
-        // Chunk → the manifests that reference it (ordered, for a stable report).
-        let mut users: BTreeMap<ChunkId, Vec<ManifestId>> = BTreeMap::new();
+        // One manifest at a time: each distinct chunk it references is checked against the
+        // index and the packs; the present ones are kept (sorted, distinct) for reading.
+        let mut referenced: Vec<ChunkId> = Vec::new();
+        let mut missing: Vec<ChunkId> = Vec::new();
+        let mut chunk_damage: Vec<(ChunkId, Damage)> = Vec::new();
         for &mid in &manifest_ids {
             report.manifests += 1;
             match self.load_manifest(mid) {
                 Ok(Manifest::Volume(m)) => {
-                    for id in m.chunks.iter().flatten() {
-                        let u = users.entry(*id).or_default();
-                        if u.last() != Some(&mid) {
-                            u.push(mid);
+                    let mut ids: Vec<ChunkId> = m.chunks.into_iter().flatten().collect();
+                    ids.sort_unstable();
+                    ids.dedup();
+                    ids.shrink_to_fit();
+                    // Exact, not doubling: this list is the largest thing verify holds.
+                    referenced.reserve_exact(ids.len());
+                    for chunk in ids {
+                        let Some(loc) = index.get(&chunk) else {
+                            missing.push(chunk);
+                            chunk_damage
+                                .push((chunk, Damage::ChunkNotIndexed { manifest: mid, chunk }));
+                            continue;
+                        };
+                        let fits = packs
+                            .get(&loc.pack)
+                            .is_some_and(|&n| loc.offset + u64::from(loc.len) <= n);
+                        if !fits {
+                            missing.push(chunk);
+                            chunk_damage.push((
+                                chunk,
+                                Damage::PackMissing {
+                                    manifest: mid,
+                                    chunk,
+                                    pack: self.pack_path(loc.pack),
+                                    offset: loc.offset,
+                                },
+                            ));
+                            continue;
                         }
+                        referenced.push(chunk);
                     }
+                    referenced.sort_unstable();
+                    referenced.dedup();
+                    referenced.shrink_to_fit();
                 }
                 Ok(Manifest::Backup(b)) => {
                     for v in b.volumes {
-                        if !manifest_ids.contains(&v) {
+                        if manifest_ids.binary_search(&v).is_err() {
                             report
                                 .damage
                                 .push(Damage::VolumeManifestMissing { backup: mid, volume: v });
@@ -127,62 +173,88 @@ impl Repository {
                 }
             }
         }
-        report.chunks = users.len();
-        // Present chunks by pack, in offset order, for sequential reads.
-        let mut to_read: BTreeMap<PackId, Vec<(u64, ChunkId, ChunkLoc)>> = BTreeMap::new();
-        for (chunk, ms) in &users {
-            let Some(loc) = index.get(chunk) else {
-                for &m in ms {
-                    report.damage.push(Damage::ChunkNotIndexed { manifest: m, chunk: *chunk });
-                }
-                continue;
-            };
-            let fits = packs.get(&loc.pack).is_some_and(|&n| loc.offset + u64::from(loc.len) <= n);
-            if !fits {
-                for &m in ms {
-                    report.damage.push(Damage::PackMissing {
-                        manifest: m,
-                        chunk: *chunk,
-                        pack: self.pack_path(loc.pack),
-                        offset: loc.offset,
-                    });
-                }
-                continue;
-            }
-            to_read.entry(loc.pack).or_default().push((loc.offset, *chunk, *loc));
+        missing.sort_unstable();
+        missing.dedup();
+        report.chunks = referenced.len() + missing.len();
+        drop(missing);
+        // By chunk, then manifest order (the pushes were in manifest order; the sort is stable).
+        chunk_damage.sort_by_key(|(c, _)| *c);
+        report.damage.extend(chunk_damage.into_iter().map(|(_, d)| d));
+        if !read_data {
+            return Ok(report);
         }
-        if read_data {
-            for chunks in to_read.values_mut() {
-                chunks.sort_by_key(|&(off, chunk, _)| (off, chunk));
-                let locs: Vec<ChunkLoc> = chunks.iter().map(|&(_, _, loc)| loc).collect();
-                for run in runs(&locs, 64 << 10, 8 << 20) {
-                    let (first, last) = (locs[run.start], locs[run.end - 1]);
-                    let end = last.offset + u64::from(last.len);
-                    let bytes = self.read_pack(first.pack, first.offset..end);
-                    for &(_, chunk, loc) in &chunks[run] {
-                        report.chunks_read += 1;
-                        let reason = match &bytes {
-                            Ok(b) => {
-                                let at = usize::try_from(loc.offset - first.offset)
-                                    .expect("inside the run");
-                                let blob = &b[at..at + loc.len as usize];
-                                self.decode_chunk(chunk, blob).err().map(str::to_owned)
-                            }
-                            Err(e) => Some(e.to_string()),
-                        };
-                        if let Some(reason) = reason {
-                            for &m in &users[&chunk] {
-                                report.damage.push(Damage::ChunkCorrupt {
-                                    manifest: m,
-                                    chunk,
-                                    pack: self.pack_path(loc.pack),
-                                    offset: loc.offset,
-                                    reason: reason.clone(),
-                                });
-                            }
+        // Pack by pack (in id order), each referenced chunk at the location the index chose,
+        // in offset order; a damaged chunk is attributed to its manifests afterwards.
+        let mut corrupt: Vec<(ChunkId, ChunkLoc, String)> = Vec::new();
+        let mut dc = zstd::bulk::Decompressor::new().ctx("decompress", self.root.clone())?;
+        let mut out = vec![0u8; self.chunk_size() as usize];
+        let mut pack_ids: Vec<PackId> = index.packs().to_vec();
+        pack_ids.sort();
+        for pack in pack_ids {
+            let mut chunks: Vec<(ChunkId, ChunkLoc)> = match self.read_index(pack) {
+                Ok(entries) => entries
+                    .into_iter()
+                    .filter(|(c, l)| {
+                        referenced.binary_search(c).is_ok() && index.get(c) == Some(*l)
+                    })
+                    .collect(),
+                Err(_) => continue,
+            };
+            chunks.sort_by_key(|&(chunk, loc)| (loc.offset, chunk));
+            chunks.dedup_by_key(|(c, _)| *c);
+            let locs: Vec<ChunkLoc> = chunks.iter().map(|&(_, loc)| loc).collect();
+            for run in runs(&locs, 64 << 10, 8 << 20) {
+                let (first, last) = (locs[run.start], locs[run.end - 1]);
+                let end = last.offset + u64::from(last.len);
+                let bytes = self.read_pack(first.pack, first.offset..end);
+                for &(chunk, loc) in &chunks[run] {
+                    report.chunks_read += 1;
+                    let reason = match &bytes {
+                        Ok(b) => {
+                            let at =
+                                usize::try_from(loc.offset - first.offset).expect("inside the run");
+                            let blob = &b[at..at + loc.len as usize];
+                            self.decode_chunk_into(chunk, blob, &mut out, &mut dc)
+                                .err()
+                                .map(str::to_owned)
                         }
+                        Err(e) => Some(e.to_string()),
+                    };
+                    if let Some(reason) = reason {
+                        corrupt.push((chunk, loc, reason));
                     }
                 }
+            }
+        }
+        drop(referenced);
+        if corrupt.is_empty() {
+            return Ok(report);
+        }
+        let mut users: Vec<Vec<ManifestId>> = vec![Vec::new(); corrupt.len()];
+        let mut by_chunk: Vec<(ChunkId, usize)> =
+            corrupt.iter().enumerate().map(|(i, (c, _, _))| (*c, i)).collect();
+        by_chunk.sort_unstable();
+        for &mid in &manifest_ids {
+            if let Ok(Manifest::Volume(m)) = self.load_manifest(mid) {
+                let mut ids: Vec<ChunkId> = m.chunks.into_iter().flatten().collect();
+                ids.sort_unstable();
+                ids.dedup();
+                for chunk in ids {
+                    if let Ok(k) = by_chunk.binary_search_by_key(&chunk, |&(c, _)| c) {
+                        users[by_chunk[k].1].push(mid);
+                    }
+                }
+            }
+        }
+        for ((chunk, loc, reason), ms) in corrupt.into_iter().zip(users) {
+            for manifest in ms {
+                report.damage.push(Damage::ChunkCorrupt {
+                    manifest,
+                    chunk,
+                    pack: self.pack_path(loc.pack),
+                    offset: loc.offset,
+                    reason: reason.clone(),
+                });
             }
         }
         Ok(report)
