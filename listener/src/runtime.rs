@@ -419,23 +419,15 @@ impl Runtime {
     ) {
         // An answer after the cutoff is useless: the coordinator has failed the backup by then.
         let timeout = self.config.timeouts.commit_cutoff_ms();
-        let client = self.client(&server);
-        let request = Self::request(
-            backup_id,
-            &server,
-            pb::PrepareRequest { backup_id: backup_id.into(), lease_ms },
-            timeout,
-        );
+        let message = pb::PrepareRequest { backup_id: backup_id.into(), lease_ms };
+        let request = Self::request(backup_id, &server, message, timeout);
+        let this = Arc::clone(self);
         tokio::spawn(
             async move {
-                let reply = match client {
-                    Ok(mut c) => c
-                        .prepare(request)
-                        .await
-                        .map(|r| convert::prepare_reply(r.into_inner()))
-                        .map_err(|s| explain(&s)),
-                    Err(e) => Err(e),
-                };
+                let reply = this
+                    .call_once(&server, |mut c| async move { c.prepare(request).await })
+                    .await
+                    .map(convert::prepare_reply);
                 let _ = tx.send((Event::Prepared { server, reply }, None));
             }
             .in_current_span(),
@@ -450,23 +442,30 @@ impl Runtime {
         tx: mpsc::UnboundedSender<Envelope>,
     ) {
         let timeout = self.config.timeouts.protocol().commit_timeout_ms;
-        let client = self.client(&server);
         let message = pb::CommitRequest { backup_id: backup_id.into(), freeze_token };
         let request = Self::request(backup_id, &server, message, timeout);
+        let this = Arc::clone(self);
         tokio::spawn(
             async move {
-                let reply = match client {
-                    Ok(mut c) => c
-                        .commit(request)
-                        .await
-                        .map(|r| convert::commit_reply(r.into_inner()))
-                        .map_err(|s| explain(&s)),
-                    Err(e) => Err(e),
-                };
+                let reply = this
+                    .call_once(&server, |mut c| async move { c.commit(request).await })
+                    .await
+                    .map(convert::commit_reply);
                 let _ = tx.send((Event::Committed { server, reply }, None));
             }
             .in_current_span(),
         );
+    }
+
+    /// Calls an agent RPC once (Prepare and Commit are not retried: their deadlines are the
+    /// protocol's) and returns the reply or why it failed, in words.
+    async fn call_once<T, F, Fut>(&self, server: &str, call: F) -> std::result::Result<T, String>
+    where
+        F: FnOnce(AgentClient<Channel>) -> Fut,
+        Fut: std::future::Future<Output = std::result::Result<tonic::Response<T>, tonic::Status>>,
+    {
+        let client = self.client(server)?;
+        call(client).await.map(tonic::Response::into_inner).map_err(|s| explain(&s))
     }
 
     /// Abort is idempotent, so it is retried with backoff until it lands or we give up (the
@@ -611,7 +610,6 @@ impl Runtime {
     pub async fn agents(&self) -> Vec<pb::AgentInfo> {
         let rpc_ms = self.config.timeouts.rpc_ms.min(3_000);
         let calls = self.config.servers.iter().map(|s| {
-            let client = self.client(&s.name);
             let groups: Vec<String> = self
                 .config
                 .groups
@@ -626,16 +624,12 @@ impl Runtime {
                 ..Default::default()
             };
             async move {
-                let result = match client {
-                    Ok(mut c) => c
-                        .status(Self::request("", &info.server, pb::StatusRequest {}, rpc_ms))
-                        .await
-                        .map_err(|s| explain(&s)),
-                    Err(e) => Err(e),
-                };
-                match result {
+                let request = Self::request("", &info.server, pb::StatusRequest {}, rpc_ms);
+                match self
+                    .call_once(&info.server, |mut c| async move { c.status(request).await })
+                    .await
+                {
                     Ok(status) => {
-                        let status = status.into_inner();
                         info.reachable = true;
                         info.version = status.version;
                         info.backups = status.backups;

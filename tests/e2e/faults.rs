@@ -300,8 +300,7 @@ async fn agent_killed_while_cleaning() {
     let patched =
         listener_config.replacen("mkdir -p", &format!(". {}; mkdir -p", hook.display()), 1);
     fs::write(&cluster.listener_config, patched).expect("patch listener config");
-    cluster.listener.as_mut().expect("listener").kill();
-    cluster.start_listener().await;
+    cluster.restart_listener().await;
     let id = start(&cluster);
     let backup = wait_state(&cluster, &id, &["SUCCEEDED", "FAILED"], Duration::from_secs(30)).await;
     assert_eq!(backup["state"], "SUCCEEDED", "{backup:#}");
@@ -316,8 +315,7 @@ async fn listener_killed_while_preparing() {
     set(&cluster, "delay-srv-c", "2");
     let id = start(&cluster);
     wait_frozen(&cluster, "srv-a").await;
-    cluster.listener.as_mut().expect("listener").kill();
-    cluster.start_listener().await;
+    cluster.restart_listener().await;
     assert_clean(
         &cluster,
         &good,
@@ -336,8 +334,7 @@ async fn listener_killed_while_snapshotting() {
     let good = good_backup(&cluster);
     let id = start(&cluster);
     wait_state(&cluster, &id, &["COMMITTING"], Duration::from_secs(10)).await;
-    cluster.listener.as_mut().expect("listener").kill();
-    cluster.start_listener().await;
+    cluster.restart_listener().await;
     assert_clean(
         &cluster,
         &good,
@@ -356,8 +353,7 @@ async fn listener_killed_while_copying() {
     let good = good_backup(&cluster);
     let id = start(&cluster);
     wait_state(&cluster, &id, &["COPYING"], Duration::from_secs(10)).await;
-    cluster.listener.as_mut().expect("listener").kill();
-    cluster.start_listener().await;
+    cluster.restart_listener().await;
     assert_clean(&cluster, &good, &id, "FAILED", "listener restarted while the backup was COPYING")
         .await;
 }

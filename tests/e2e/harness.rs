@@ -378,6 +378,14 @@ impl Cluster {
         }
     }
 
+    /// SIGKILLs the listener and starts it again on the same data dir, waiting until it serves.
+    pub async fn restart_listener(&mut self) {
+        if let Some(listener) = self.listener.as_mut() {
+            listener.kill();
+        }
+        self.start_listener().await;
+    }
+
     pub fn listener_log(&self) -> String {
         self.listener.as_ref().map(Proc::log_text).unwrap_or_default()
     }
