@@ -60,6 +60,18 @@ ROWS=$RUN/rows.tsv   # tool step wall_s bytes stored rss_kb rc
 
 warm() { for f in "$@"; do cat "$f" > /dev/null; done; }
 
+# cold -- empties the page cache before a restore or verify, so every tool reads its repository
+# from disk as a restore days after the backup would. Without it the comparison depends on who
+# left their repository cached: restic and borg write through the page cache, stillpoint writes
+# packs with O_DIRECT and leaves nothing there.
+COLD_NOTE="repositories read with a cold page cache (drop_caches before each restore and verify); restores timed until the image is on disk (sync)"
+cold() {
+  sync
+  if ! { echo 3 > /proc/sys/vm/drop_caches; } 2>/dev/null; then
+    COLD_NOTE="page cache NOT dropped before restores and verifies (needs root): repositories may be cached"
+  fi
+}
+
 # measure TOOL STEP 'shell command' -- wall time and peak RSS of the command (and its children)
 measure() {
   local tool=$1 step=$2 cmd=$3 tf t0 t1 rc
@@ -109,9 +121,11 @@ measure stillpoint full "$(sp_backup full "$IMG")"; row stillpoint full "$(store
 warm "$MUT"
 measure stillpoint incr "$(sp_backup incr "$MUT")"; row stillpoint incr "$(stored "$REPO")"
 mkdir -p "$OUTD"
-measure stillpoint restore "'$BIN' restore incr --server bench --to '$OUTD/disk.img'"
+cold
+measure stillpoint restore "'$BIN' restore incr --server bench --to '$OUTD/disk.img' && sync"
 row stillpoint restore "$(stored "$REPO")"
 SP_RESTORED=$(same "$OUTD/disk.img"); rm -rf "$OUTD"
+cold
 measure stillpoint verify "'$BIN' verify incr --read-data"; row stillpoint verify "$(stored "$REPO")"
 rm -rf "$REPO"
 unset STILLPOINT_REPO STILLPOINT_REPO_PASSPHRASE_FILE
@@ -125,9 +139,11 @@ measure restic full "restic -r '$REPO' backup '$DATA/disk.img'"; row restic full
 cp --sparse=always "$MUT" "$DATA/disk.img"; sync; warm "$DATA/disk.img"
 measure restic incr "restic -r '$REPO' backup '$DATA/disk.img'"; row restic incr "$(stored "$REPO")"
 mkdir -p "$OUTD"
-measure restic restore "restic -r '$REPO' restore latest --target '$OUTD'"
+cold
+measure restic restore "restic -r '$REPO' restore latest --target '$OUTD' && sync"
 row restic restore "$(stored "$REPO")"
 RESTIC_RESTORED=$(same "$OUTD$DATA/disk.img"); rm -rf "$OUTD"
+cold
 measure restic verify "restic -r '$REPO' check --read-data"; row restic verify "$(stored "$REPO")"
 rm -rf "$REPO" "$RESTIC_CACHE_DIR"
 
@@ -142,9 +158,11 @@ cp --sparse=always "$MUT" "$DATA/disk.img"; sync; warm "$DATA/disk.img"
 measure borg incr "cd '$DATA' && borg create --compression zstd,3 '$REPO::incr' disk.img"
 row borg incr "$(stored "$REPO")"
 mkdir -p "$OUTD"
-measure borg restore "cd '$OUTD' && borg extract --sparse '$REPO::incr'"
+cold
+measure borg restore "cd '$OUTD' && borg extract --sparse '$REPO::incr' && sync"
 row borg restore "$(stored "$REPO")"
 BORG_RESTORED=$(same "$OUTD/disk.img"); rm -rf "$OUTD"
+cold
 measure borg verify "borg check --verify-data '$REPO'"; row borg verify "$(stored "$REPO")"
 rm -rf "$REPO" "$BORG_BASE_DIR" "$DATA"
 
@@ -152,6 +170,7 @@ rm -rf "$REPO" "$BORG_BASE_DIR" "$DATA"
 echo
 echo "saveset benchmark, $(date -u +%Y-%m-%dT%H:%MZ), image $SIZE ($SZ B, mkimage --seed 1; twin: mutate --seed 2 --fraction 0.01), $(nproc) cores"
 echo "$(restic version | head -1); $(borg --version); $(zstd --version | head -1)"
+echo "$COLD_NOTE"
 echo
 awk -F'\t' '
   function mib(b) { return b == "-" ? "-" : sprintf("%.1f", b / 1048576) }

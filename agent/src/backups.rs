@@ -3,8 +3,10 @@
 //! Abort racing a Commit has exactly one outcome; each operation runs in its own task, so a
 //! dropped RPC never leaves a freeze half done. Each quiescer's thaw action is armed (journal and
 //! guardian, see `armed`) before it freezes, and taken back before the agent thaws it itself.
-//! No gRPC here: `service` maps requests to calls.
+//! A copy of committed snapshots holds them (`CopyHold`) so Abort and Cleanup delete only once
+//! it has let go. No gRPC here: `service` maps requests to calls.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -71,11 +73,58 @@ struct Entry {
     detail: String,
     prepared: Option<PrepareResponse>,
     committed: Option<CommitResponse>,
+    /// The copy reading this backup's snapshots, while one runs.
+    copy: Option<CopyRun>,
+    /// Abort or Cleanup has begun: no new copy may start reading what they will delete.
+    closing: bool,
 }
 
 impl Entry {
     fn new(phase: Phase) -> Entry {
-        Entry { phase, detail: String::new(), prepared: None, committed: None }
+        Entry {
+            phase,
+            detail: String::new(),
+            prepared: None,
+            committed: None,
+            copy: None,
+            closing: false,
+        }
+    }
+}
+
+/// A running copy as the table sees it: Abort and Cleanup ask it to stop, then wait for it.
+struct CopyRun {
+    stop: Arc<AtomicBool>,
+    /// Never sent on; closed when the copy's [`CopyHold`] is dropped.
+    done: tokio::sync::watch::Receiver<()>,
+}
+
+/// Held by a running copy for as long as it reads a backup's snapshots: until it is dropped,
+/// Abort and Cleanup of that backup wait instead of deleting them. Dropping it (the copy ended,
+/// failed or panicked) lets them go on.
+pub struct CopyHold {
+    inner: Arc<Inner>,
+    id: String,
+    stop: Arc<AtomicBool>,
+    _done: tokio::sync::watch::Sender<()>,
+}
+
+impl CopyHold {
+    /// Set once Abort or Cleanup asked the copy to stop (the copier may set it too, when its
+    /// caller went away); the copier polls it between volumes, as one volume's read cannot be
+    /// interrupted.
+    pub fn stop_flag(&self) -> Arc<AtomicBool> {
+        self.stop.clone()
+    }
+}
+
+impl Drop for CopyHold {
+    fn drop(&mut self) {
+        let mut table = self.inner.table();
+        if let Some((_, e)) = table.entries.iter_mut().find(|(b, _)| *b == self.id) {
+            e.copy = None;
+        }
+        // `_done` drops after this, waking whoever waits to delete.
     }
 }
 
@@ -258,6 +307,53 @@ impl Backups {
         self.run("cleanup", id, move |inner| async move { inner.cleanup(&id_owned).await }).await
     }
 
+    /// Starts a copy of `id`'s snapshots: returns them and the hold that keeps Abort and
+    /// Cleanup from deleting them while the copy reads. Only a committed backup whose
+    /// snapshots still exist can be copied, by one copy at a time (a second is refused, not
+    /// queued: the listener never runs two, so a second one is a mistake to report).
+    pub fn begin_copy(&self, id: &str) -> Result<(Vec<Snapshot>, CopyHold)> {
+        let server = &self.inner.server;
+        // The table lock alone suffices: Abort and Cleanup mark the entry closing, and look
+        // for a copy, under it too, so either this sees them or they see this copy.
+        let mut table = self.inner.table();
+        let Some((_, e)) = table.entries.iter_mut().find(|(b, _)| b == id) else {
+            return Err(Error::NotFound(format!(
+                "backup {id} is not held by agent {server}: it was never committed here, or the agent restarted since (its snapshots, if any, are left for the sweep)"
+            )));
+        };
+        if e.copy.is_some() {
+            return Err(Error::FailedPrecondition(format!(
+                "a copy of backup {id} is already running on agent {server}; refusing a second one"
+            )));
+        }
+        let snapshots = match &e.phase {
+            Phase::Snapshotted { .. } if e.closing => {
+                return Err(Error::FailedPrecondition(format!(
+                    "backup {id} on agent {server} is being aborted or cleaned up; its snapshots are going away"
+                )))
+            }
+            Phase::Snapshotted { snapshots } => snapshots.clone(),
+            Phase::Cleaned | Phase::Aborted => {
+                return Err(Error::NotFound(format!(
+                    "backup {id} on agent {server} is {}: its snapshots were deleted",
+                    e.phase.name()
+                )))
+            }
+            phase => {
+                return Err(Error::FailedPrecondition(format!(
+                    "backup {id} on agent {server} is {}: only a committed backup's snapshots can be copied",
+                    phase.name()
+                )))
+            }
+        };
+        let stop = Arc::new(AtomicBool::new(false));
+        let (done_tx, done_rx) = tokio::sync::watch::channel(());
+        e.copy = Some(CopyRun { stop: stop.clone(), done: done_rx });
+        drop(table);
+        let hold = CopyHold { inner: self.inner.clone(), id: id.to_string(), stop, _done: done_tx };
+        Ok((snapshots, hold))
+    }
+
     /// Every backup the table remembers, oldest first. Never waits on an operation.
     pub fn status(&self) -> Vec<AgentBackup> {
         let now = self.inner.now_ms();
@@ -276,7 +372,11 @@ impl Backups {
                     Phase::Snapshotted { snapshots } => snapshots.clone(),
                     _ => Vec::new(),
                 },
-                detail: e.detail.clone(),
+                detail: if e.copy.is_some() && e.detail.is_empty() {
+                    "copying into the saveset repository".into()
+                } else {
+                    e.detail.clone()
+                },
             })
             .collect()
     }
@@ -672,8 +772,32 @@ impl Inner {
         reply
     }
 
+    /// The operations lock, once no copy reads `id`'s snapshots. A running copy is asked to
+    /// stop (it stops at its next volume) and waited for without holding the lock, so other
+    /// backups' operations and lease timers go on meanwhile; no new copy of `id` starts after.
+    async fn ops_after_copy(&self, id: &str) -> tokio::sync::MutexGuard<'_, ()> {
+        loop {
+            let ops = self.ops.lock().await;
+            let running = {
+                let mut table = self.table();
+                table.entries.iter_mut().find(|(b, _)| b == id).and_then(|(_, e)| {
+                    e.closing = true;
+                    e.copy.as_ref().map(|c| {
+                        c.stop.store(true, Ordering::SeqCst);
+                        c.done.clone()
+                    })
+                })
+            };
+            let Some(mut done) = running else { return ops };
+            drop(ops);
+            info!("a copy is reading this backup's snapshots: asked it to stop, waiting before deleting");
+            // Resolves (with an error) when the copy's hold is dropped.
+            let _ = done.changed().await;
+        }
+    }
+
     async fn abort(&self, id: &str, reason: &str) -> Result<AbortResponse> {
-        let _ops = self.ops.lock().await;
+        let _ops = self.ops_after_copy(id).await;
         let frozen = self.stop_timer(id);
         if frozen {
             self.thaw(id, &self.quiescers).await;
@@ -691,7 +815,7 @@ impl Inner {
     }
 
     async fn cleanup(&self, id: &str) -> Result<CleanupResponse> {
-        let _ops = self.ops.lock().await;
+        let _ops = self.ops_after_copy(id).await;
         if self.stop_timer(id) {
             // Cleanup is not meant for a frozen backup, but never leave one frozen.
             warn!("cleanup of a frozen backup: thawing first");

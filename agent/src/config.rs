@@ -1,6 +1,7 @@
 //! The agent's TOML config: which server it is, where it listens, its certificates, the
-//! quiescers to run in order, and the snapshot provider. `validate()` reports every problem at
-//! once, one line each naming the field; nothing here acts on the system.
+//! quiescers to run in order, the snapshot provider, and the optional saveset repository it
+//! copies its own snapshots into. `validate()` reports every problem at once, one line each
+//! naming the field; nothing here acts on the system (the repository is unlocked by `run`).
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
@@ -10,6 +11,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 use stillpoint_core::tls::TlsFiles;
 use stillpoint_core::validate_name;
+use stillpoint_saveset::{Location, Pool, Secret};
 
 use crate::{Error, Result};
 
@@ -37,6 +39,85 @@ pub struct Config {
     /// Where the freeze journal and the guardian's pidfile live; created if missing.
     #[serde(default = "default_state_dir")]
     pub state_dir: PathBuf,
+    /// The repository the Copy RPC writes this server's snapshots into, for a listener whose
+    /// `[copy] mode = "saveset"` runs `on = "agent"`; without it Copy is refused.
+    #[serde(default)]
+    pub saveset: Option<SavesetConfig>,
+}
+
+/// `[saveset]`: where the repository is and what unlocks it. The copy runs on this host, so
+/// snapshots only this host can read (local providers) are encrypted before anything leaves it.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SavesetConfig {
+    /// An absolute directory, or `s3://bucket[/prefix]` (endpoint and credentials from the
+    /// environment, as for `backupctl repo`). Made with `backupctl repo init`.
+    pub repository: String,
+    /// A file holding the passphrase; one trailing newline is not part of it.
+    pub passphrase_file: Option<PathBuf>,
+    /// A key file, used whole as the secret. Give this or `passphrase_file`, not both.
+    pub key_file: Option<PathBuf>,
+    /// Test and demo knob: pause this long after every MiB copied, like a slow disk, so a
+    /// test can act while a copy runs.
+    #[serde(default)]
+    pub copy_delay_ms_per_mib: u64,
+}
+
+impl SavesetConfig {
+    /// Where the repository is; an error names the field.
+    pub fn location(&self) -> Result<Location, String> {
+        if self.repository.trim().is_empty() {
+            return Err(
+                "saveset.repository: empty; give an absolute directory or s3://bucket/prefix"
+                    .into(),
+            );
+        }
+        let location: Location =
+            self.repository.parse().map_err(|e| format!("saveset.repository: {e}"))?;
+        if let Location::Local(path) = &location {
+            if !path.is_absolute() {
+                return Err(format!(
+                    "saveset.repository: {} is not an absolute path (or s3://bucket/prefix)",
+                    path.display()
+                ));
+            }
+        }
+        Ok(location)
+    }
+
+    /// Reads the secret from its file. Never logged: `Secret`'s `Debug` is redacted.
+    pub fn secret(&self) -> Result<Secret, String> {
+        use stillpoint_saveset::SecretFileError as E;
+        stillpoint_saveset::secret_from_files(
+            self.passphrase_file.as_deref(),
+            self.key_file.as_deref(),
+        )
+        .map_err(|e| match e {
+            E::Both => "saveset: give passphrase_file or key_file, not both".to_string(),
+            E::Neither => {
+                "saveset: give passphrase_file or key_file to unlock the repository".to_string()
+            }
+            E::Read { field, error } => format!("saveset.{field}: {error}"),
+        })
+    }
+
+    /// Reads the secret and unlocks the repository (one argon2id run); a wrong secret is an
+    /// error naming the repository, never the secret.
+    pub fn open(&self) -> Result<Pool, String> {
+        let location = self.location()?;
+        let secret = self.secret()?;
+        Pool::open(location, secret).map_err(|e| format!("saveset.repository: {e}"))
+    }
+
+    /// Field problems, without touching the repository (`run` unlocks it once at start).
+    fn problems(&self, out: &mut Vec<String>) {
+        if let Err(e) = self.location() {
+            out.push(e);
+        }
+        if let Err(e) = self.secret() {
+            out.push(e);
+        }
+    }
 }
 
 fn default_state_dir() -> PathBuf {
@@ -135,6 +216,9 @@ impl Config {
         out.extend(self.tls.problems("tls"));
         self.quiescer_problems(&mut out);
         self.snapshot_problems(&mut out);
+        if let Some(saveset) = &self.saveset {
+            saveset.problems(&mut out);
+        }
         out
     }
 

@@ -15,6 +15,13 @@ pub enum Error {
     /// A request carried an argument we refuse; becomes INVALID_ARGUMENT.
     #[error("{0}")]
     InvalidArgument(String),
+    /// The request names something this agent does not hold; becomes NOT_FOUND.
+    #[error("{0}")]
+    NotFound(String),
+    /// The request cannot run in the agent's current state (no repository configured, a copy
+    /// already running, snapshots being deleted); becomes FAILED_PRECONDITION.
+    #[error("{0}")]
+    FailedPrecondition(String),
     /// A quiescer or snapshot provider could not be built from its config.
     #[error("{0}")]
     Setup(String),
@@ -36,6 +43,8 @@ impl From<Error> for tonic::Status {
     fn from(e: Error) -> Self {
         match e {
             Error::InvalidArgument(m) => tonic::Status::invalid_argument(m),
+            Error::NotFound(m) => tonic::Status::not_found(m),
+            Error::FailedPrecondition(m) => tonic::Status::failed_precondition(m),
             other => tonic::Status::internal(other.to_string()),
         }
     }

@@ -4,13 +4,14 @@
 //! # Layout
 //! `config` (TOML), `lease` (pure lease math), `quiesce` and `snapshot` (plug-in traits, one
 //! file per kind), `backups` (the state table and operations), `guardian` (the second process
-//! that thaws when the agent cannot) with `journal` and `armed`, `service` (gRPC), `sys` (the
-//! one unsafe call), `testing` (fakes). [`run`] wires them behind mutual TLS; `main.rs` only
+//! that thaws when the agent cannot) with `journal` and `armed`, `copy` (the saveset copier
+//! behind Copy), `service` (gRPC), `sys` (the one unsafe call), `testing` (fakes). [`run`] wires them behind mutual TLS; `main.rs` only
 //! parses arguments.
 
 pub mod armed;
 pub mod backups;
 pub mod config;
+pub mod copy;
 pub mod error;
 pub mod guardian;
 pub mod journal;
@@ -73,6 +74,15 @@ pub async fn run_with_guardian(
     shutdown: impl Future<Output = ()> + Send,
     guardian_exe: PathBuf,
 ) -> Result<()> {
+    // Unlock the repository first: a wrong secret stops the start before anything runs.
+    let saveset = match config.saveset.clone() {
+        Some(c) => Some(std::sync::Arc::new(
+            tokio::task::spawn_blocking(move || copy::Saveset::open(&c))
+                .await
+                .map_err(|e| Error::Internal(format!("unlock the saveset repository: {e}")))??,
+        )),
+        None => None,
+    };
     let recovered = {
         let config = config.clone();
         tokio::task::spawn_blocking(move || recover(&config))
@@ -104,7 +114,7 @@ pub async fn run_with_guardian(
             }
         }
     });
-    let service = service::AgentService::new(backups.clone(), config.max_lease_ms);
+    let service = service::AgentService::new(backups.clone(), config.max_lease_ms, saveset);
     // Long enough for the slowest Prepare (every exec timeout) plus a Commit's snapshots.
     let exec_ms: u64 = config
         .quiescers

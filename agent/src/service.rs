@@ -1,27 +1,35 @@
 //! The tonic `Agent` service: checks each request's arguments and hands it to the backups
-//! table. Who may call is decided before this, by the authorize layer in `run`.
+//! table (or, for Copy, to the copier). Who may call is decided before this, by the authorize
+//! layer in `run`.
+
+use std::sync::Arc;
 
 use stillpoint_core::validate_name;
 use stillpoint_proto::agent_server::Agent;
 use stillpoint_proto::{
     AbortRequest, AbortResponse, CleanupRequest, CleanupResponse, CommitRequest, CommitResponse,
-    PrepareRequest, PrepareResponse, StatusRequest, StatusResponse,
+    CopyRequest, PrepareRequest, PrepareResponse, StatusRequest, StatusResponse,
 };
+use stillpoint_saveset::VolumeMeta;
+use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use crate::backups::Backups;
 use crate::config::MIN_LEASE_MS;
+use crate::copy::Saveset;
 use crate::Error;
 
 /// The agent's gRPC face.
 pub struct AgentService {
     backups: Backups,
     max_lease_ms: u64,
+    /// The repository Copy writes into, when `[saveset]` is configured.
+    saveset: Option<Arc<Saveset>>,
 }
 
 impl AgentService {
-    pub fn new(backups: Backups, max_lease_ms: u64) -> AgentService {
-        AgentService { backups, max_lease_ms }
+    pub fn new(backups: Backups, max_lease_ms: u64, saveset: Option<Arc<Saveset>>) -> AgentService {
+        AgentService { backups, max_lease_ms, saveset }
     }
 }
 
@@ -32,6 +40,33 @@ fn backup_id(id: &str) -> Result<&str, Status> {
 
 #[tonic::async_trait]
 impl Agent for AgentService {
+    type CopyStream = ReceiverStream<Result<stillpoint_proto::CopyEvent, Status>>;
+
+    async fn copy(
+        &self,
+        request: Request<CopyRequest>,
+    ) -> Result<Response<Self::CopyStream>, Status> {
+        let req = request.into_inner();
+        let id = backup_id(&req.backup_id)?;
+        let server = self.backups.server();
+        let Some(saveset) = &self.saveset else {
+            return Err(Error::FailedPrecondition(format!(
+                "this agent has no [saveset] repository configured (server {server}); add [saveset] with repository and passphrase_file or key_file to its config, or copy on the listener ([copy] on = \"listener\")"
+            ))
+            .into());
+        };
+        let (snapshots, hold) = self.backups.begin_copy(id)?;
+        // A refusal here drops the hold: nothing was read.
+        let snapshots = crate::copy::readable(snapshots).await?;
+        let meta = VolumeMeta {
+            backup: id.to_string(),
+            server: server.to_string(),
+            volume: String::new(),
+        };
+        let events = crate::copy::spawn(saveset.clone(), meta, snapshots, hold);
+        Ok(Response::new(ReceiverStream::new(events)))
+    }
+
     async fn prepare(
         &self,
         request: Request<PrepareRequest>,

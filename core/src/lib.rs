@@ -8,6 +8,7 @@ pub mod identity;
 pub mod layers;
 pub mod san;
 pub mod sys;
+pub mod testing;
 pub mod tls;
 
 pub use error::{Error, Result};

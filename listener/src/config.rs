@@ -8,8 +8,10 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
+use std::str::FromStr;
 use stillpoint_core::tls::TlsFiles;
-use stillpoint_saveset::{Repository, Secret};
+
+use stillpoint_saveset::{Location, Pool, Repository, Secret};
 
 use crate::coordinator::Timeouts;
 use crate::error::{Error, Result};
@@ -64,7 +66,14 @@ pub struct TimeoutConfig {
     /// How often every agent is asked for leftovers (frozen or snapshotted backups the listener
     /// no longer runs) to abort. The first sweep runs at start.
     pub sweep_interval_ms: u64,
+    /// How long a copy on an agent (`[copy] on = "agent"`) may go without a message before the
+    /// listener fails it: the agent sends progress or a heartbeat at least every 5 s, so longer
+    /// silence means the agent hangs or the link is gone even if TCP has not noticed.
+    pub agent_copy_silence_ms: u64,
 }
+
+/// The smallest `agent_copy_silence_ms`: twice the agent's heartbeat period (5 s).
+pub const MIN_AGENT_COPY_SILENCE_MS: u64 = 10_000;
 
 impl Default for TimeoutConfig {
     fn default() -> Self {
@@ -76,6 +85,7 @@ impl Default for TimeoutConfig {
             copy_timeout_s: 6 * 3600,
             cleanup_timeout_ms: 60_000,
             sweep_interval_ms: 60_000,
+            agent_copy_silence_ms: 30_000,
         }
     }
 }
@@ -115,11 +125,17 @@ pub enum CopyConfig {
     Image { target: PathBuf },
 }
 
-/// `[copy] mode = "saveset"`: where the repository is and what unlocks it. The listener reads
-/// each snapshot's locator as a file, so it must see the snapshots (the mock SAN's array).
+/// `[copy] mode = "saveset"`: where the repository is and what unlocks it. With `on =
+/// "listener"` the listener reads each snapshot's locator as a file, so it must see the
+/// snapshots (the mock SAN's array); with `on = "agent"` each agent copies its own snapshots
+/// into the same repository (its `[saveset]`) and the listener only writes the backup manifest
+/// and verifies, so it still unlocks the repository.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SavesetConfig {
+    /// Where the copy runs.
+    #[serde(default)]
+    pub on: CopyOn,
     /// The repository's directory (made with `backupctl repo init` or `Repository::init`).
     pub repository: PathBuf,
     /// A file holding the passphrase; one trailing newline is not part of it.
@@ -129,6 +145,18 @@ pub struct SavesetConfig {
     /// What to check after each backup's manifest is written.
     #[serde(default)]
     pub verify: VerifyMode,
+}
+
+/// Which host reads the snapshots and writes them into the repository.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum CopyOn {
+    /// The listener reads every snapshot itself (it must see them: a shared array).
+    #[default]
+    Listener,
+    /// Each server's agent copies its own snapshots (the Copy RPC), for snapshots only that
+    /// host can read; the data is encrypted before it leaves the host.
+    Agent,
 }
 
 /// The check run after every backup in saveset mode; damage fails the backup.
@@ -146,38 +174,38 @@ pub enum VerifyMode {
 impl SavesetConfig {
     /// Reads the secret from its file. Never logged: `Secret`'s `Debug` is redacted.
     pub fn secret(&self) -> std::result::Result<Secret, String> {
-        match (&self.passphrase_file, &self.key_file) {
-            (Some(path), None) => {
-                let text = std::fs::read_to_string(path).map_err(|e| {
-                    format!("copy.passphrase_file: cannot read {}: {e}", path.display())
-                })?;
-                let text = text.strip_suffix('\n').unwrap_or(&text);
-                let text = text.strip_suffix('\r').unwrap_or(text);
-                if text.is_empty() {
-                    return Err(format!("copy.passphrase_file: {} is empty", path.display()));
-                }
-                Ok(Secret::passphrase(text))
+        use stillpoint_saveset::SecretFileError as E;
+        stillpoint_saveset::secret_from_files(
+            self.passphrase_file.as_deref(),
+            self.key_file.as_deref(),
+        )
+        .map_err(|e| match e {
+            E::Both => "copy: give passphrase_file or key_file, not both".to_string(),
+            E::Neither => {
+                "copy: saveset mode needs passphrase_file or key_file to unlock the repository"
+                    .to_string()
             }
-            (None, Some(path)) => {
-                Secret::from_key_file(path).map_err(|e| format!("copy.key_file: {e}"))
-            }
-            (Some(_), Some(_)) => {
-                Err("copy: give passphrase_file or key_file, not both".to_string())
-            }
-            (None, None) => {
-                Err("copy: saveset mode needs passphrase_file or key_file to unlock the repository"
-                    .to_string())
-            }
-        }
+            E::Read { field, error } => format!("copy.{field}: {error}"),
+        })
     }
 
-    /// Reads the secret and unlocks the repository (one argon2id run, at the repository's own
-    /// parameters: about 0.05 s and 19 MiB at the default).
-    pub fn open(&self) -> std::result::Result<(Secret, Repository), String> {
+    pub fn open(&self) -> std::result::Result<Pool, String> {
+        let (location, secret) = self.location_and_secret()?;
+        Pool::open(location, secret).map_err(|e| format!("copy.repository: {e}"))
+    }
+
+    /// Checks that the secret unlocks the repository, without loading its index: the listener
+    /// opens it for real when it starts.
+    pub fn check(&self) -> std::result::Result<(), String> {
+        let (location, secret) = self.location_and_secret()?;
+        Repository::check_secret(&location, &secret).map_err(|e| format!("copy.repository: {e}"))
+    }
+
+    fn location_and_secret(&self) -> std::result::Result<(Location, Secret), String> {
         let secret = self.secret()?;
-        let repo = Repository::open(&self.repository, &secret)
+        let location = Location::from_str(&self.repository.to_string_lossy())
             .map_err(|e| format!("copy.repository: {e}"))?;
-        Ok((secret, repo))
+        Ok((location, secret))
     }
 }
 
@@ -266,12 +294,18 @@ impl Config {
                 "timeouts: rpc_ms, copy_timeout_s, cleanup_timeout_ms and sweep_interval_ms must be above 0".into(),
             );
         }
+        if t.agent_copy_silence_ms < MIN_AGENT_COPY_SILENCE_MS {
+            out.push(format!(
+                "timeouts.agent_copy_silence_ms: {} is below {MIN_AGENT_COPY_SILENCE_MS} (agents send a heartbeat every 5 s; give them at least two)",
+                t.agent_copy_silence_ms
+            ));
+        }
         match &self.copy {
             CopyConfig::Command { command } if command.is_empty() => {
                 out.push("copy.command: empty; give the program and its arguments".into());
             }
             CopyConfig::Saveset(saveset) => {
-                if let Err(e) = saveset.open() {
+                if let Err(e) = saveset.check() {
                     out.push(e);
                 }
             }

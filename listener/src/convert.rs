@@ -142,3 +142,27 @@ pub fn commit_reply(r: pb::CommitResponse) -> CommitReply {
         steps: r.steps.into_iter().map(step_from).collect(),
     }
 }
+
+/// An agent's copy result as the listener's copier reports it; a manifest id that is not hex
+/// is an error (the agent is broken or not ours).
+pub fn copy_done(done: pb::CopyDone) -> Result<crate::copier::ServerCopy, String> {
+    let mut volumes = Vec::with_capacity(done.volumes.len());
+    for v in done.volumes {
+        let id = v
+            .manifest_id
+            .parse()
+            .map_err(|e| format!("volume {}: bad manifest id: {e}", v.volume))?;
+        volumes.push((v.volume, id));
+    }
+    let s = done.stats.unwrap_or_default();
+    let stats = stillpoint_saveset::BackupStats {
+        size: s.size,
+        bytes_read: s.bytes_read,
+        hole_chunks: s.hole_chunks,
+        reused_chunks: s.reused_chunks,
+        new_chunks: s.new_chunks,
+        bytes_stored: s.bytes_stored,
+        packs: s.packs,
+    };
+    Ok(crate::copier::ServerCopy { volumes, stats })
+}

@@ -14,10 +14,10 @@ use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tonic::transport::Channel;
 use tracing::Instrument;
 
-use crate::config::{Config, CopyConfig};
+use crate::config::{Config, CopyConfig, CopyOn};
 use crate::convert;
 use crate::coordinator::{Command, Coordinator, Event};
-use crate::copier::{Gather, Saveset};
+use crate::copier::{Gather, Saveset, ServerCopy};
 use crate::error::{Error, Result};
 use crate::model::{BackupRecord, LogEntry, Millis};
 use crate::store::Store;
@@ -380,7 +380,20 @@ impl Runtime {
                             server,
                             snapshots,
                         };
-                        spawn_saveset_copy(copy, tx.clone(), cancel.clone())
+                        let on = match &self.config.copy {
+                            CopyConfig::Saveset(c) => c.on,
+                            CopyConfig::Command { .. }
+                            | CopyConfig::Report
+                            | CopyConfig::Image { .. } => CopyOn::Listener,
+                        };
+                        match on {
+                            CopyOn::Listener => {
+                                spawn_saveset_copy(copy, tx.clone(), cancel.clone())
+                            }
+                            CopyOn::Agent => {
+                                self.spawn_agent_copy(copy, tx.clone(), cancel.clone())
+                            }
+                        }
                     }
                     None => {
                         self.spawn_copy(&record.id, server, snapshots, tx.clone(), cancel.clone())
@@ -399,8 +412,15 @@ impl Runtime {
     }
 
     fn request<T>(backup_id: &str, server: &str, message: T, timeout_ms: u64) -> tonic::Request<T> {
-        let mut request = tonic::Request::new(message);
+        let mut request = Self::untimed_request(backup_id, server, message);
         request.set_timeout(Duration::from_millis(timeout_ms.max(1)));
+        request
+    }
+
+    /// A request naming the backup and server for the agent's trace, with no overall deadline
+    /// (for the Copy stream, which is bounded by silence instead).
+    fn untimed_request<T>(backup_id: &str, server: &str, message: T) -> tonic::Request<T> {
+        let mut request = tonic::Request::new(message);
         if let Ok(v) = backup_id.parse() {
             request.metadata_mut().insert(BACKUP_HEADER, v);
         }
@@ -606,6 +626,102 @@ impl Runtime {
         );
     }
 
+    /// Runs one server's saveset copy on its agent (the Copy stream), relaying progress as the
+    /// local copy does; the copy that completes the backup then writes the backup manifest and
+    /// verifies here, as in [`spawn_saveset_copy`].
+    fn spawn_agent_copy(
+        self: &Arc<Self>,
+        copy: SavesetCopy,
+        tx: mpsc::UnboundedSender<Envelope>,
+        mut cancel: watch::Receiver<bool>,
+    ) {
+        let this = Arc::clone(self);
+        let span = tracing::info_span!("agent_copy", server = %copy.server);
+        tokio::spawn(
+            async move {
+                let server = copy.server.clone();
+                // Dropping the stream when the backup ends tells the agent to stop.
+                let streamed = tokio::select! {
+                    result = this.copy_on_agent(&copy.backup_id, &server, &tx) => result,
+                    _ = cancel.wait_for(|stop| *stop) => return,
+                };
+                let result = match streamed {
+                    Ok(done) => {
+                        let stopped = cancel.clone();
+                        let span = tracing::Span::current();
+                        let finish = tokio::task::spawn_blocking(move || {
+                            let _span = span.enter();
+                            finish_server(&copy, done, &|| *stopped.borrow())
+                        });
+                        tokio::select! {
+                            joined = finish => joined.unwrap_or_else(|e| Err(format!("copier task failed: {e}"))),
+                            _ = cancel.wait_for(|stop| *stop) => return,
+                        }
+                    }
+                    Err(e) => Err(e),
+                };
+                let _ = tx.send((Event::Copied { server, result }, None));
+            }
+            .instrument(span),
+        );
+    }
+
+    /// Calls Copy on `server`'s agent and follows its stream to the result. There is no overall
+    /// deadline (a copy may take hours); the stream fails if it goes silent for
+    /// `timeouts.agent_copy_silence_ms` or breaks (the agent died, the link was cut).
+    async fn copy_on_agent(
+        &self,
+        backup_id: &str,
+        server: &str,
+        tx: &mpsc::UnboundedSender<Envelope>,
+    ) -> std::result::Result<ServerCopy, String> {
+        let mut client = self.client(server)?;
+        let message = pb::CopyRequest { backup_id: backup_id.to_string() };
+        let request = Self::untimed_request(backup_id, server, message);
+        let mut stream = client
+            .copy(request)
+            .await
+            .map_err(|s| format!("copy on agent {server}: {}", explain(&s)))?
+            .into_inner();
+        tracing::info!("copying on the agent");
+        let mut last = None;
+        let silence = Duration::from_millis(self.config.timeouts.agent_copy_silence_ms);
+        loop {
+            let message = tokio::time::timeout(silence, stream.message())
+                .await
+                .map_err(|_| {
+                    format!(
+                        "copy on agent {server}: no progress or heartbeat for {} ms; the agent or the link is gone",
+                        silence.as_millis()
+                    )
+                })?
+                .map_err(|s| stream_error(server, &s, last))?;
+            let Some(event) = message else {
+                return Err(format!("copy on agent {server}: the stream ended without a result"));
+            };
+            match event.event {
+                Some(pb::copy_event::Event::Progress(p)) => {
+                    // Heartbeats repeat the last progress; only changes are news.
+                    let now = (p.done_bytes, p.total_bytes);
+                    if last != Some(now) {
+                        last = Some(now);
+                        let event = Event::CopyProgress {
+                            server: server.to_string(),
+                            done: p.done_bytes,
+                            total: p.total_bytes,
+                        };
+                        let _ = tx.send((event, None));
+                    }
+                }
+                Some(pb::copy_event::Event::Done(done)) => {
+                    return convert::copy_done(done)
+                        .map_err(|e| format!("copy on agent {server}: {e}"));
+                }
+                None => {}
+            }
+        }
+    }
+
     /// Asks every agent in the inventory for its status, in parallel.
     pub async fn agents(&self) -> Vec<pb::AgentInfo> {
         let rpc_ms = self.config.timeouts.rpc_ms.min(3_000);
@@ -680,17 +796,7 @@ fn spawn_saveset_copy(
             &mut progress,
             &stop,
         )?;
-        let mut detail = done.detail();
-        let ids = done.volumes.iter().map(|(_, id)| *id).collect();
-        let all = copy.gather.lock().expect("gather lock poisoned").complete(&copy.server, ids);
-        if let Some(volumes) = all {
-            if stop() {
-                return Err("the backup ended before its manifest was written".to_string());
-            }
-            let line = copy.saveset.finish_backup(&copy.backup_id, volumes, copy.cut)?;
-            detail = format!("{detail}; {line}");
-        }
-        Ok(detail)
+        finish_server(&copy, done, &stop)
     });
     tokio::spawn(
         async move {
@@ -704,6 +810,42 @@ fn spawn_saveset_copy(
         }
         .in_current_span(),
     );
+}
+
+/// Records one server's copied volumes; the server that completes the backup writes the backup
+/// manifest (with the cut) and verifies. Blocking. Returns the line for the log.
+fn finish_server(
+    copy: &SavesetCopy,
+    done: ServerCopy,
+    stop: &dyn Fn() -> bool,
+) -> std::result::Result<String, String> {
+    let mut detail = done.detail();
+    let ids = done.volumes.iter().map(|(_, id)| *id).collect();
+    let all = copy.gather.lock().expect("gather lock poisoned").complete(&copy.server, ids);
+    if let Some(volumes) = all {
+        if stop() {
+            return Err("the backup ended before its manifest was written".to_string());
+        }
+        let line = copy.saveset.finish_backup(&copy.backup_id, volumes, copy.cut.clone())?;
+        detail = format!("{detail}; {line}");
+    }
+    Ok(detail)
+}
+
+/// Why a Copy stream failed, in words: the agent's own refusal or failure as it said it, or a
+/// broken link (the agent died, the network failed) with how far the copy had got.
+fn stream_error(server: &str, status: &tonic::Status, progress: Option<(u64, u64)>) -> String {
+    use tonic::Code;
+    match status.code() {
+        Code::Unknown | Code::Unavailable | Code::Cancelled | Code::DeadlineExceeded => {
+            let (done, total) = progress.unwrap_or((0, 0));
+            format!(
+                "copy on agent {server} broke off at {done} of {total} bytes: the agent died or the link to it failed ({})",
+                status.message()
+            )
+        }
+        _ => format!("copy on agent {server}: {}", status.message()),
+    }
 }
 
 async fn sleep_until(deadline: Option<tokio::time::Instant>) {

@@ -40,6 +40,7 @@ cert = "/nonexistent/l.pem"
 key = "/nonexistent/l.key"
 [timeouts]
 lease_ms = 3000
+agent_copy_silence_ms = 5000
 [[server]]
 name = "a"
 address = "127.0.0.1:1"
@@ -62,6 +63,7 @@ command = []
         "group g: server \"zz\" is not in the inventory",
         "leaves -1000ms to gather prepares",
         "copy.command: empty",
+        "timeouts.agent_copy_silence_ms: 5000 is below 10000",
     ] {
         assert!(problems.contains(expected), "missing {expected:?} in:\n{problems}");
     }
@@ -131,7 +133,10 @@ fn saveset_mode_unlocks_its_repository_at_load_and_defaults_to_an_index_verify()
     let problems = copy_problems(
         "mode = \"saveset\"\nrepository = \"/nonexistent/repo\"\npassphrase_file = \"/nonexistent/pass\"\n",
     );
-    assert!(problems.contains("copy.passphrase_file: cannot read /nonexistent/pass"), "{problems}");
+    assert!(
+        problems.contains("copy.passphrase_file: read passphrase file /nonexistent/pass"),
+        "{problems}"
+    );
 
     let problems = copy_problems(&format!(
         "mode = \"saveset\"\nrepository = \"/nonexistent/repo\"\npassphrase_file = {pass:?}\n"
@@ -172,4 +177,30 @@ fn the_commented_saveset_example_parses() {
     let CopyConfig::Saveset(saveset) = parsed.copy else { panic!("not saveset:\n{block}") };
     assert_eq!(saveset.verify, VerifyMode::Index);
     assert!(saveset.passphrase_file.is_some() && saveset.key_file.is_none());
+}
+
+#[test]
+fn saveset_copies_on_the_listener_unless_told_to_copy_on_the_agents() {
+    use stillpoint_listener::config::{CopyConfig, CopyOn};
+
+    let on = |line: &str| {
+        let text = format!(
+            "{SAVESET_BASE}[copy]\nmode = \"saveset\"\n{line}repository = \"/r\"\npassphrase_file = \"/p\"\n"
+        );
+        toml::from_str::<Config>(&text).map(|c| match c.copy {
+            CopyConfig::Saveset(s) => s.on,
+            other => panic!("not saveset: {other:?}"),
+        })
+    };
+    // Existing configs keep copying on the listener.
+    assert_eq!(on("").unwrap(), CopyOn::Listener);
+    assert_eq!(on("on = \"listener\"\n").unwrap(), CopyOn::Listener);
+    assert_eq!(on("on = \"agent\"\n").unwrap(), CopyOn::Agent);
+    let err = on("on = \"backup-server\"\n").unwrap_err().to_string();
+    assert!(err.contains("backup-server") && err.contains("agent"), "{err}");
+    // `on` belongs to saveset mode only.
+    let text = format!(
+        "{SAVESET_BASE}[copy]\nmode = \"command\"\ncommand = [\"/bin/true\"]\non = \"agent\"\n"
+    );
+    assert!(toml::from_str::<Config>(&text).is_err());
 }

@@ -27,8 +27,46 @@ const IN_FLIGHT: usize = 2;
 /// Bytes read from the source by one read (data regions only).
 const READ_WINDOW: usize = 1 << 20;
 
-/// New chunks from the reader: ids and plaintexts.
-type Batch = Vec<(ChunkId, Vec<u8>)>;
+/// Chunks between the stages, back to back in one buffer: from the reader their plaintexts,
+/// from the workers the same chunks compressed and sealed. One allocation per batch, not three
+/// per chunk.
+#[derive(Default)]
+struct Batch {
+    ids: Vec<ChunkId>,
+    /// Each chunk's length in `bytes`, in order.
+    lens: Vec<u32>,
+    bytes: Vec<u8>,
+}
+
+impl Batch {
+    fn with_capacity(chunks: usize, bytes: usize) -> Self {
+        Batch {
+            ids: Vec::with_capacity(chunks),
+            lens: Vec::with_capacity(chunks),
+            bytes: Vec::with_capacity(bytes),
+        }
+    }
+
+    fn push(&mut self, id: ChunkId, data: &[u8]) {
+        self.ids.push(id);
+        self.lens.push(u32::try_from(data.len()).expect("a chunk is far below 4 GiB"));
+        self.bytes.extend_from_slice(data);
+    }
+
+    fn len(&self) -> usize {
+        self.ids.len()
+    }
+
+    /// The chunks: `(id, bytes)` in order.
+    fn iter(&self) -> impl Iterator<Item = (ChunkId, &[u8])> {
+        let mut at = 0usize;
+        self.ids.iter().zip(&self.lens).map(move |(&id, &len)| {
+            let chunk = &self.bytes[at..at + len as usize];
+            at += len as usize;
+            (id, chunk)
+        })
+    }
+}
 
 /// How far a backup has got, in logical bytes of the volume.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -38,7 +76,7 @@ pub struct Progress {
 }
 
 /// What one volume backup read and stored.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub struct BackupStats {
     /// Logical size of the volume.
     pub size: u64,
@@ -54,6 +92,19 @@ pub struct BackupStats {
     pub bytes_stored: u64,
     /// Packs written.
     pub packs: u64,
+}
+
+impl std::ops::AddAssign<&BackupStats> for BackupStats {
+    /// Sums the stats of several volumes (a server's copy).
+    fn add_assign(&mut self, one: &BackupStats) {
+        self.size += one.size;
+        self.bytes_read += one.bytes_read;
+        self.hole_chunks += one.hole_chunks;
+        self.reused_chunks += one.reused_chunks;
+        self.new_chunks += one.new_chunks;
+        self.bytes_stored += one.bytes_stored;
+        self.packs += one.packs;
+    }
 }
 
 /// The result of [`Repository::backup_volume`].
@@ -137,7 +188,8 @@ impl Repository {
         let mut buf = vec![0u8; per_window * cs];
         let mut has_data = vec![false; per_window];
         let mut sent: IdSet<ChunkId> = IdSet::default();
-        let mut batch = Batch::with_capacity(BATCH);
+        let new_batch = || Batch::with_capacity(BATCH, BATCH * cs);
+        let mut batch = new_batch();
         manifest.chunks.reserve(usize::try_from(n).unwrap_or(0));
         let mut first = 0u64;
         while first < n {
@@ -176,9 +228,9 @@ impl Repository {
                         stats.reused_chunks += 1;
                     } else {
                         stats.new_chunks += 1;
-                        batch.push((id, data.to_vec()));
+                        batch.push(id, data);
                         if batch.len() == BATCH {
-                            let full = std::mem::replace(&mut batch, Batch::with_capacity(BATCH));
+                            let full = std::mem::replace(&mut batch, new_batch());
                             if jobs.send(full).is_err() {
                                 return Ok(());
                             }
@@ -191,7 +243,7 @@ impl Repository {
             }
             first += count as u64;
         }
-        if !batch.is_empty() {
+        if batch.len() > 0 {
             let _ = jobs.send(batch);
         }
         Ok(())
@@ -201,13 +253,20 @@ impl Repository {
     fn seal_batches(&self, jobs: &Mutex<Receiver<Batch>>, sealed: &SyncSender<Batch>) {
         let mut zc = zstd::bulk::Compressor::new(self.zstd_level())
             .expect("a zstd level within 1..=22 is valid");
+        let mut sealer = self.key.chunk_sealer();
         loop {
             let Ok(batch) = jobs.lock().expect("no worker panics holding it").recv() else {
                 return;
             };
-            let out =
-                batch.into_iter().map(|(id, data)| (id, self.encode_chunk(&mut zc, id, &data)));
-            if sealed.send(out.collect()).is_err() {
+            let mut out = Batch::with_capacity(batch.len(), batch.bytes.len() + batch.len() * 64);
+            for (id, data) in batch.iter() {
+                let at = out.bytes.len();
+                self.encode_chunk_into(&mut zc, &mut sealer, id, data, &mut out.bytes);
+                out.ids.push(id);
+                out.lens
+                    .push(u32::try_from(out.bytes.len() - at).expect("a sealed chunk is small"));
+            }
+            if sealed.send(out).is_err() {
                 return;
             }
         }
@@ -221,23 +280,28 @@ impl Repository {
     fn store_packs(&self, sealed: Receiver<Batch>) -> Result<(Vec<StoredPack>, u64)> {
         std::thread::scope(|s| {
             // One full pack queued while another is being stored: at most 2 × pack_size more.
+            // Stored packs' buffers come back for reuse.
             let (full_tx, full_rx) = sync_channel::<PackWriter>(1);
+            let (empty_tx, empty_rx) = sync_channel::<Vec<u8>>(2);
             let storer = s.spawn(move || -> Result<Vec<StoredPack>> {
                 let mut stored = Vec::new();
                 for pack in full_rx {
-                    stored.push(self.store_pack(pack)?);
+                    let (pack, buf) = self.store_pack(pack)?;
+                    stored.push(pack);
+                    let _ = empty_tx.try_send(buf);
                 }
                 Ok(stored)
             });
             let mut bytes = 0u64;
-            let mut pack = self.new_pack();
+            let mut pack = self.new_pack(None);
             let mut sending = true;
             'batches: for batch in sealed {
-                for (id, blob) in batch {
-                    pack.append(id, &blob);
+                for (id, blob) in batch.iter() {
+                    pack.append(id, blob);
                     bytes += blob.len() as u64;
                     if pack.len >= self.pack_size() {
-                        let full = std::mem::replace(&mut pack, self.new_pack());
+                        let next = self.new_pack(empty_rx.try_recv().ok());
+                        let full = std::mem::replace(&mut pack, next);
                         if full_tx.send(full).is_err() {
                             sending = false;
                             break 'batches;

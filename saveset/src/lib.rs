@@ -11,9 +11,11 @@
 
 mod backup;
 mod crypto;
+mod direct;
 mod error;
 mod index;
 mod manifest;
+mod pool;
 mod repo;
 mod restore;
 mod storage;
@@ -23,8 +25,10 @@ pub use backup::{BackupStats, Progress, VolumeBackup};
 pub use crypto::{KdfParams, Secret};
 pub use error::{Error, Result};
 pub use manifest::{
-    BackupManifest, ChunkId, Manifest, ManifestId, PackId, VolumeManifest, VolumeMeta,
+    BackupManifest, ChunkId, Manifest, ManifestId, ManifestSummary, PackId, VolumeManifest,
+    VolumeMeta, VolumeSummary,
 };
+pub use pool::{secret_from_files, Pool, SecretFileError};
 pub use repo::{InitOptions, Repository, FORMAT_VERSION};
 pub use restore::RestoreStats;
 pub use storage::{Location, S3Location, Storage};

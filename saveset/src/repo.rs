@@ -10,10 +10,11 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
-use crate::crypto::{self, hex, unhex_vec, KdfParams, MasterKey, Secret};
+use crate::crypto::{self, hex, unhex_vec, ChunkOpener, ChunkSealer, KdfParams, MasterKey, Secret};
+use crate::direct;
 use crate::error::{Error, Result};
 use crate::index::Index;
-use crate::manifest::{ChunkId, Manifest, ManifestId, PackId};
+use crate::manifest::{ChunkId, Manifest, ManifestId, ManifestSummary, PackId};
 use crate::storage::{self, Location, Storage};
 
 /// The format version this crate reads and writes.
@@ -116,7 +117,7 @@ impl Repository {
         let master: [u8; 64] = crypto::random();
         let salt: [u8; 16] = crypto::random();
         let kek = crypto::derive_kek(secret, &salt, opts.kdf)?;
-        let sealed = crypto::seal_with(&crypto::kek_cipher(&kek), CONFIG_AAD, &master);
+        let sealed = crypto::Cipher::new(kek).seal(CONFIG_AAD, &master);
         let config = Config {
             version: FORMAT_VERSION,
             chunk_size: opts.chunk_size,
@@ -145,6 +146,20 @@ impl Repository {
 
     /// Opens and unlocks the repository at `location`; see [`Repository::open`].
     pub fn open_at(location: &Location, secret: &Secret) -> Result<Self> {
+        let mut repo = Self::unlock_at(location, secret)?;
+        repo.refresh_index()?;
+        Ok(repo)
+    }
+
+    /// Checks that `secret` unlocks the repository at `location` (the errors of
+    /// [`Repository::open`]) without loading its index: for validating a configuration, whose
+    /// owner opens the repository for real afterwards.
+    pub fn check_secret(location: &Location, secret: &Secret) -> Result<()> {
+        Self::unlock_at(location, secret).map(drop)
+    }
+
+    /// Reads the config and unwraps the master key; the index is left empty.
+    fn unlock_at(location: &Location, secret: &Secret) -> Result<Self> {
         let path = PathBuf::from(location.to_string());
         let path = path.as_path();
         let not_repo = |reason: String| Error::NotARepository { path: path.to_owned(), reason };
@@ -166,18 +181,17 @@ impl Repository {
         let sealed =
             unhex_vec(&config.master_key).ok_or_else(|| not_repo("config: master_key".into()))?;
         let kek = crypto::derive_kek(secret, &salt, config.kdf.params)?;
-        let master = crypto::open_with(&crypto::kek_cipher(&kek), CONFIG_AAD, &sealed)
+        let master = crypto::Cipher::new(kek)
+            .open(CONFIG_AAD, &sealed)
             .and_then(|m| <[u8; 64]>::try_from(m).ok())
             .ok_or_else(|| Error::WrongSecret { path: path.to_owned() })?;
-        let mut repo = Repository {
+        Ok(Repository {
             root: path.to_owned(),
             storage,
             config,
             key: MasterKey::from_bytes(&master),
             index: Index::default(),
-        };
-        repo.refresh_index()?;
-        Ok(repo)
+        })
     }
 
     /// The repository's directory, or its `s3://bucket/prefix` URL.
@@ -281,6 +295,16 @@ impl Repository {
 
     /// Reads and decrypts a manifest.
     pub fn load_manifest(&self, id: ManifestId) -> Result<Manifest> {
+        self.load_manifest_as(id)
+    }
+
+    /// Reads a manifest without keeping a volume's chunk list: a few dozen bytes per manifest
+    /// however large the volume, for searching a repository of many backups.
+    pub fn load_summary(&self, id: ManifestId) -> Result<ManifestSummary> {
+        self.load_manifest_as(id)
+    }
+
+    fn load_manifest_as<T: serde::de::DeserializeOwned>(&self, id: ManifestId) -> Result<T> {
         let name = id.to_string();
         let key = format!("manifests/{name}");
         let path = self.storage.describe(&key);
@@ -328,23 +352,24 @@ impl Repository {
         Ok(id)
     }
 
-    /// Starts a new pack, held in memory until [`Repository::store_pack`].
-    pub(crate) fn new_pack(&self) -> PackWriter {
-        PackWriter {
-            id: PackId(crypto::random()),
-            buf: Vec::with_capacity(usize::try_from(self.pack_size()).unwrap_or(0).min(64 << 20)),
-            len: 0,
-            entries: Vec::new(),
-        }
+    /// Starts a new pack, held in memory until [`Repository::store_pack`], in `recycled` (the
+    /// buffer of a stored pack) if given: a fresh 16 MiB buffer costs a page fault per 4 KiB.
+    pub(crate) fn new_pack(&self, recycled: Option<Vec<u8>>) -> PackWriter {
+        // Room for a full pack, the chunk that closes it, and an aligned start (direct IO).
+        let room = usize::try_from(self.pack_size()).unwrap_or(0).min(64 << 20) + (1 << 20);
+        let mut buf = recycled.unwrap_or_else(|| Vec::with_capacity(room + direct::ALIGN));
+        buf.clear();
+        let start = buf.as_ptr().align_offset(direct::ALIGN).min(direct::ALIGN);
+        buf.resize(start, 0);
+        PackWriter { id: PackId(crypto::random()), buf, start, len: 0, entries: Vec::new() }
     }
 
     /// Stores a pack (atomically, durably), then its index; returns the pack's id and entries
-    /// for [`Repository::remember`]. A crash before the index is written leaves an
-    /// unreferenced pack, never a dangling index.
-    pub(crate) fn store_pack(&self, pack: PackWriter) -> Result<StoredPack> {
-        let PackWriter { id, buf, entries, .. } = pack;
-        self.storage.put(&pack_key(id), &buf)?;
-        drop(buf);
+    /// for [`Repository::remember`], and its buffer for [`Repository::new_pack`]. A crash before
+    /// the index is written leaves an unreferenced pack, never a dangling index.
+    pub(crate) fn store_pack(&self, pack: PackWriter) -> Result<(StoredPack, Vec<u8>)> {
+        let PackWriter { id, buf, start, entries, .. } = pack;
+        self.storage.put(&pack_key(id), &buf[start..])?;
         let mut plain = Vec::with_capacity(entries.len() * INDEX_ENTRY);
         for (chunk, offset, len) in &entries {
             plain.extend_from_slice(&chunk.0);
@@ -354,7 +379,7 @@ impl Repository {
         let name = id.to_string();
         let blob = self.key.seal(format!("index/{name}").as_bytes(), &plain);
         self.storage.put(&format!("index/{name}"), &blob)?;
-        Ok(StoredPack { id, entries })
+        Ok((StoredPack { id, entries }, buf))
     }
 
     /// Adds a stored pack's chunks to the in-memory index.
@@ -363,35 +388,46 @@ impl Repository {
         self.index.add_pack(pack.id, pack.entries);
     }
 
-    /// Compresses and seals one chunk's plaintext for a pack.
-    pub(crate) fn encode_chunk(
+    /// Compresses and seals one chunk's plaintext, appending the blob to `out`.
+    pub(crate) fn encode_chunk_into(
         &self,
         zc: &mut zstd::bulk::Compressor<'_>,
+        sealer: &mut ChunkSealer,
         id: ChunkId,
         data: &[u8],
-    ) -> Vec<u8> {
-        let mut plain = Vec::with_capacity(data.len() + 1);
-        plain.push(ZSTD);
-        let packed = zc.compress(data).expect("compressing a buffer cannot fail");
-        if packed.len() < data.len() {
-            plain.extend_from_slice(&packed);
-        } else {
-            plain[0] = RAW;
-            plain.extend_from_slice(data);
+        out: &mut Vec<u8>,
+    ) {
+        // nonce room (24) || encoding (1) || body; sealed in place.
+        let at = out.len();
+        let body = at + 25;
+        out.resize(body + zstd::zstd_safe::compress_bound(data.len()), 0);
+        let packed = zc.compress_to_buffer(data, &mut out[body..]);
+        match packed {
+            Ok(n) if n < data.len() => {
+                out[body - 1] = ZSTD;
+                out.truncate(body + n);
+            }
+            _ => {
+                out[body - 1] = RAW;
+                out.truncate(body);
+                out.extend_from_slice(data);
+            }
         }
-        self.key.seal(&id.0, &plain)
+        sealer.seal_at(&id.0, out, at);
     }
 
-    /// Opens, decompresses (into `out`, at least the chunk's length) and re-hashes a stored
-    /// chunk; returns its length, or what is wrong with it.
+    /// Opens (in place), decompresses (into `out`, at least the chunk's length) and re-hashes a
+    /// stored chunk; returns its length, or what is wrong with it.
     pub(crate) fn decode_chunk_into(
         &self,
+        opener: &mut ChunkOpener<'_>,
         id: ChunkId,
-        blob: &[u8],
+        blob: &mut [u8],
         out: &mut [u8],
         dc: &mut zstd::bulk::Decompressor<'_>,
     ) -> std::result::Result<usize, &'static str> {
-        let plain = self.key.open(&id.0, blob).ok_or("does not decrypt (altered or wrong key)")?;
+        let plain =
+            opener.open_in_place(&id.0, blob).ok_or("does not decrypt (altered or wrong key)")?;
         let n = match plain.split_first() {
             Some((&RAW, rest)) => {
                 let dst = out.get_mut(..rest.len()).ok_or("longer than the chunk size")?;
@@ -409,9 +445,14 @@ impl Repository {
         Ok(n)
     }
 
-    /// Reads bytes `range` of pack `pack`: one or several neighbouring chunks at once.
-    pub(crate) fn read_pack(&self, pack: PackId, range: Range<u64>) -> Result<Vec<u8>> {
-        self.storage.get_range(&pack_key(pack), range)
+    /// Reads bytes `range` of pack `pack` into `buf` (reused); returns where they are in it.
+    pub(crate) fn read_pack_into(
+        &self,
+        pack: PackId,
+        range: Range<u64>,
+        buf: &mut Vec<u8>,
+    ) -> Result<Range<usize>> {
+        self.storage.get_range_into(&pack_key(pack), range, buf)
     }
 }
 
@@ -447,10 +488,11 @@ pub(crate) fn runs(locs: &[ChunkLoc], gap: u64, max: u64) -> Vec<Range<usize>> {
 /// Bytes per index entry: chunk id, offset (u64 LE), length (u32 LE).
 const INDEX_ENTRY: usize = 32 + 8 + 4;
 
-/// A pack being assembled in memory (at most `pack_size` plus one chunk).
+/// A pack being assembled in memory (at most `pack_size` plus one chunk), in `buf[start..]`.
 pub(crate) struct PackWriter {
     id: PackId,
     buf: Vec<u8>,
+    start: usize,
     pub(crate) len: u64,
     entries: Vec<(ChunkId, u64, u32)>,
 }

@@ -8,6 +8,8 @@ use std::os::unix::fs::{FileExt, FileTypeExt};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 
+use crate::crypto::ChunkOpener;
+use crate::direct::{self, AlignedBuf};
 use crate::error::{Error, IoContext, Result};
 use crate::manifest::{Manifest, ManifestId, VolumeManifest};
 use crate::repo::{runs, Repository};
@@ -53,6 +55,8 @@ impl Repository {
         force: bool,
     ) -> Result<RestoreStats> {
         let (file, sparse) = open_target(target, manifest.size, force)?;
+        // A second handle for direct writes of whole aligned runs (most of the volume).
+        let direct = direct::open(target, false).ctx("open", target)?;
         // The volume is cut into windows of WINDOW bytes; each worker takes the next window,
         // reads its chunks (neighbours in a pack with one read), decodes them into one buffer
         // and writes each run of data (or, on a block device, the whole window) with one
@@ -62,18 +66,23 @@ impl Repository {
         let next = AtomicUsize::new(0);
         let failed = AtomicBool::new(false);
         let written = AtomicU64::new(0);
-        let workers = std::thread::available_parallelism().map_or(2, |n| n.get()).clamp(1, 4);
-        let out = Out { file: &file, target, sparse };
+        // Two per core: while one waits on a read or a direct write, the other decodes.
+        let workers = std::thread::available_parallelism().map_or(2, |n| 2 * n.get()).clamp(2, 8);
+        let out = Out { file: &file, direct: direct.as_ref(), target, sparse };
         let result: Result<()> = std::thread::scope(|s| {
             let handles: Vec<_> = (0..workers.min(windows.max(1)))
                 .map(|_| {
                     s.spawn(|| -> Result<()> {
-                        let mut buf = vec![0u8; per_window * manifest.chunk_size as usize];
-                        let mut dc = zstd::bulk::Decompressor::new().map_err(|e| Error::Io {
-                            op: "decompress",
-                            path: target.to_owned(),
-                            source: e,
-                        })?;
+                        let mut scratch = Scratch {
+                            window: AlignedBuf::new(per_window * manifest.chunk_size as usize),
+                            read: Vec::new(),
+                            opener: self.key.chunk_opener(),
+                            dc: zstd::bulk::Decompressor::new().map_err(|e| Error::Io {
+                                op: "decompress",
+                                path: target.to_owned(),
+                                source: e,
+                            })?,
+                        };
                         loop {
                             if failed.load(Ordering::Relaxed) {
                                 return Ok(());
@@ -84,8 +93,7 @@ impl Repository {
                             }
                             let first = w * per_window;
                             let last = (first + per_window).min(manifest.chunks.len());
-                            match self.restore_window(manifest, first..last, &mut buf, &mut dc, out)
-                            {
+                            match self.restore_window(manifest, first..last, &mut scratch, out) {
                                 Ok(n) => {
                                     written.fetch_add(n, Ordering::Relaxed);
                                 }
@@ -112,17 +120,18 @@ impl Repository {
         Ok(RestoreStats { size: manifest.size, bytes_written: written.into_inner() })
     }
 
-    /// Restores chunks `range` of `manifest` (one window) through `buf`; returns the bytes of
-    /// data written.
+    /// Restores chunks `range` of `manifest` (one window) through a worker's scratch; returns
+    /// the bytes of data written.
     fn restore_window(
         &self,
         manifest: &VolumeManifest,
         range: Range<usize>,
-        buf: &mut [u8],
-        dc: &mut zstd::bulk::Decompressor<'_>,
+        scratch: &mut Scratch<'_>,
         out: Out<'_>,
     ) -> Result<u64> {
-        let Out { file, target, sparse } = out;
+        let Scratch { window, read, opener, dc } = scratch;
+        let buf = window.as_mut_slice();
+        let sparse = out.sparse;
         let base = manifest.extent(range.start).0;
         let mut data_chunks = Vec::with_capacity(range.len());
         for i in range.clone() {
@@ -144,6 +153,16 @@ impl Repository {
         }
         // Read order: by pack and offset, so each pack range is fetched once.
         data_chunks.sort_by_key(|&(i, _, loc)| (loc.pack, loc.offset, i));
+        // A chunk that repeats inside the window is decoded once and copied (duplicate extents
+        // are common in disk images); `copies` holds (to, from) chunk numbers.
+        let mut copies = Vec::new();
+        data_chunks.dedup_by(|later, first| {
+            let same = later.2 == first.2;
+            if same {
+                copies.push((later.0, first.0));
+            }
+            same
+        });
         let locs: Vec<_> = data_chunks.iter().map(|&(_, _, loc)| loc).collect();
         let mut stored = 0u64;
         for run in runs(&locs, 64 << 10, READ_RUN) {
@@ -154,22 +173,23 @@ impl Repository {
                 .map(|l| l.offset + u64::from(l.len))
                 .max()
                 .unwrap_or(last.offset + u64::from(last.len));
-            let bytes = self.read_pack(first.pack, first.offset..end)?;
+            let got = self.read_pack_into(first.pack, first.offset..end, read)?;
+            let bytes = &mut read[got];
             for &(i, id, loc) in &data_chunks[run] {
                 let at = usize::try_from(loc.offset - first.offset).expect("inside the run");
-                let blob = &bytes[at..at + loc.len as usize];
+                let blob = &mut bytes[at..at + loc.len as usize];
                 let (off, len) = manifest.extent(i);
                 let to = usize::try_from(off - base).expect("inside the window");
-                let n = self.decode_chunk_into(id, blob, &mut buf[to..to + len], dc).map_err(
-                    |reason| Error::Damaged {
+                let n = self
+                    .decode_chunk_into(opener, id, blob, &mut buf[to..to + len], dc)
+                    .map_err(|reason| Error::Damaged {
                         what: format!(
                             "chunk {id} in pack {} at offset {}",
                             self.pack_path(loc.pack).display(),
                             loc.offset
                         ),
                         reason: reason.into(),
-                    },
-                )?;
+                    })?;
                 if n != len {
                     return Err(Error::Damaged {
                         what: format!("chunk {id}"),
@@ -178,6 +198,20 @@ impl Repository {
                 }
                 stored += len as u64;
             }
+        }
+        for (to, from) in copies {
+            let (to_off, len) = manifest.extent(to);
+            let (from_off, from_len) = manifest.extent(from);
+            if len != from_len {
+                return Err(Error::Damaged {
+                    what: format!("manifest chunk {to}"),
+                    reason: format!("{len} bytes where the same chunk at {from} has {from_len}"),
+                });
+            }
+            let to = usize::try_from(to_off - base).expect("inside the window");
+            let from = usize::try_from(from_off - base).expect("inside the window");
+            buf.copy_within(from..from + len, to);
+            stored += len as u64;
         }
         // Write: the whole window on a device, each run of data chunks on a sparse file.
         let mut i = range.start;
@@ -194,19 +228,45 @@ impl Repository {
             let (last_off, last_len) = manifest.extent(i - 1);
             let a = usize::try_from(from - base).expect("inside the window");
             let b = usize::try_from(last_off - base).expect("inside the window") + last_len;
-            file.write_all_at(&buf[a..b], from).ctx("write", target)?;
+            out.write_at(&buf[a..b], from)?;
         }
         Ok(stored)
     }
 }
 
-/// Where a restore writes: the open target, its path for messages, and whether holes are
-/// skipped (a regular file) or written as zeros (a block device).
+/// What one restore worker keeps from window to window: the window being assembled (aligned
+/// for direct writes), the pack read buffer, the chunk opener and the zstd context.
+struct Scratch<'k> {
+    window: AlignedBuf,
+    read: Vec<u8>,
+    opener: ChunkOpener<'k>,
+    dc: zstd::bulk::Decompressor<'static>,
+}
+
+/// Where a restore writes: the open target (and a direct-IO handle to it, where the filesystem
+/// allows), its path for messages, and whether holes are skipped (a regular file) or written as
+/// zeros (a block device).
 #[derive(Clone, Copy)]
 struct Out<'a> {
     file: &'a File,
+    direct: Option<&'a File>,
     target: &'a Path,
     sparse: bool,
+}
+
+impl Out<'_> {
+    /// Writes `buf` at `offset`: directly when aligned (whole chunks from an aligned window),
+    /// through the page cache otherwise (the volume's short last chunk) or when refused.
+    fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+        if let Some(d) = self.direct.filter(|_| direct::aligned(buf, offset)) {
+            match d.write_all_at(buf, offset) {
+                Ok(()) => return Ok(()),
+                Err(e) if direct::refused(&e) => {}
+                Err(e) => return Err(e).ctx("write", self.target),
+            }
+        }
+        self.file.write_all_at(buf, offset).ctx("write", self.target)
+    }
 }
 
 /// Opens the target, sized and empty; `true` if it is a regular file (holes stay holes).

@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
 use crate::crypto::{self, hex, Secret};
+use crate::direct;
 use crate::error::{Error, IoContext, Result};
 
 /// Where a repository is: a local directory, or a bucket and prefix on S3-compatible storage.
@@ -99,6 +100,19 @@ pub trait Storage: Send + Sync {
     fn get(&self, key: &str) -> Result<Option<Vec<u8>>>;
     /// Bytes `range` of the object; an error if it is missing or shorter.
     fn get_range(&self, key: &str, range: Range<u64>) -> Result<Vec<u8>>;
+    /// [`Storage::get_range`] into `buf`, which is reused between calls (large reads into fresh
+    /// memory cost a page fault per 4 KiB); returns where in `buf` the bytes are.
+    fn get_range_into(
+        &self,
+        key: &str,
+        range: Range<u64>,
+        buf: &mut Vec<u8>,
+    ) -> Result<Range<usize>> {
+        let bytes = self.get_range(key, range)?;
+        buf.clear();
+        buf.extend_from_slice(&bytes);
+        Ok(0..buf.len())
+    }
     /// Every object whose key starts with `prefix`, with its size, in no particular order.
     fn list(&self, prefix: &str) -> Result<Vec<(String, u64)>>;
     fn delete(&self, key: &str) -> Result<()>;
@@ -159,10 +173,7 @@ impl LocalStorage {
 impl Storage for LocalStorage {
     fn put(&self, key: &str, data: &[u8]) -> Result<()> {
         let tmp = self.root.join("tmp").join(hex(&crypto::random::<16>()));
-        let mut f = File::create(&tmp).ctx("create", &tmp)?;
-        f.write_all(data).ctx("write", &tmp)?;
-        f.sync_all().ctx("fsync", &tmp)?;
-        drop(f);
+        write_file(&tmp, data)?;
         let dest = self.root.join(key);
         let dir = dest.parent().expect("a key names a file under the root").to_owned();
         if !dir.exists() {
@@ -194,6 +205,33 @@ impl Storage for LocalStorage {
         Ok(buf)
     }
 
+    /// Large ranges (pack reads by restore and verify) are read with direct IO: no page-cache
+    /// pages are filled (and evicted) for data read once.
+    fn get_range_into(
+        &self,
+        key: &str,
+        range: Range<u64>,
+        buf: &mut Vec<u8>,
+    ) -> Result<Range<usize>> {
+        let path = self.root.join(key);
+        let len = usize::try_from(range.end - range.start).expect("a range fits in memory");
+        if len >= DIRECT_MIN {
+            if let Some(f) = direct::open_read(&path).ctx("open", &path)? {
+                match direct::read_range(&f, range.start, range.end, buf) {
+                    Ok(r) => return Ok(r),
+                    Err(e) if direct::refused(&e) => {}
+                    Err(e) => return Err(e).ctx("read", path),
+                }
+            }
+        }
+        let file = File::open(&path).ctx("open", &path)?;
+        if buf.len() < len {
+            buf.resize(len, 0);
+        }
+        file.read_exact_at(&mut buf[..len], range.start).ctx("read", &path)?;
+        Ok(0..len)
+    }
+
     fn list(&self, prefix: &str) -> Result<Vec<(String, u64)>> {
         // Walk the deepest directory the prefix names, then filter.
         let dir = match prefix.rfind('/') {
@@ -222,6 +260,26 @@ impl Storage for LocalStorage {
     fn describe(&self, key: &str) -> PathBuf {
         self.root.join(key)
     }
+}
+
+/// Objects at least this large (packs) are written with direct IO; see `direct.rs`.
+const DIRECT_MIN: usize = 256 << 10;
+
+/// Creates `path` (absent) holding `data`, durably: large objects with direct IO where the
+/// filesystem allows it, the rest (and any refused direct write) through the page cache.
+fn write_file(path: &Path, data: &[u8]) -> Result<()> {
+    if data.len() >= DIRECT_MIN {
+        if let Some(f) = direct::open(path, true).ctx("create", path)? {
+            match direct::write_whole(&f, data) {
+                Ok(()) => return f.sync_all().ctx("fsync", path),
+                Err(e) if direct::refused(&e) => {}
+                Err(e) => return Err(e).ctx("write", path),
+            }
+        }
+    }
+    let mut f = File::create(path).ctx("create", path)?;
+    f.write_all(data).ctx("write", path)?;
+    f.sync_all().ctx("fsync", path)
 }
 
 /// fsyncs a directory so renames into it survive a crash.

@@ -11,7 +11,8 @@ use std::process::{Command, Stdio};
 mod s3;
 
 use stillpoint_saveset::{
-    BackupManifest, Damage, Error, InitOptions, KdfParams, Manifest, Repository, Secret, VolumeMeta,
+    BackupManifest, Damage, Error, InitOptions, KdfParams, Manifest, ManifestSummary, Repository,
+    Secret, VolumeManifest, VolumeMeta, VolumeSummary,
 };
 
 const MIB: u64 = 1 << 20;
@@ -172,7 +173,15 @@ fn holes_stay_holes_on_backup_and_restore() {
     let out = tmp.path().join("out-img");
     repo.restore_volume(b.id, &out, false).unwrap();
     assert_eq!(b3(&out), b3(&img));
-    assert!(allocated(&out) <= allocated(&img), "{} > {}", allocated(&out), allocated(&img));
+    // Slack for filesystem metadata: parallel direct writes can cost the file an extent-tree
+    // block (4 KiB, counted in st_blocks) that the image, written in order, does not need.
+    let slack = 64 * 1024;
+    assert!(
+        allocated(&out) <= allocated(&img) + slack,
+        "{} > {}",
+        allocated(&out),
+        allocated(&img)
+    );
     assert!(allocated(&out) < 32 * MIB * 95 / 100);
 }
 
@@ -228,6 +237,78 @@ fn verify_finds_a_deleted_pack() {
             other => panic!("unexpected damage {other:?}"),
         }
     }
+}
+
+#[test]
+fn verify_of_one_backup_checks_only_what_it_references() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (one, two) = (image(tmp.path(), "one", 8, 11), image(tmp.path(), "two", 8, 12));
+    let repo_dir = tmp.path().join("repo");
+    let mut repo = Repository::init_with(&repo_dir, &secret(), opts()).unwrap();
+    let a = repo.backup_volume(&one, meta("b1", "srv-a"), &mut |_| {}).unwrap();
+    let before = packs(&repo_dir);
+    let b = repo.backup_volume(&two, meta("b2", "srv-a"), &mut |_| {}).unwrap();
+    let backup = BackupManifest {
+        backup: "b2".into(),
+        volumes: vec![b.id],
+        cut: serde_json::json!({}),
+        created_unix_ms: 1,
+    };
+    let backup_id = repo.write_manifest(&Manifest::Backup(backup)).unwrap();
+    // Damage only b2: one of its own packs loses a byte.
+    let theirs: Vec<PathBuf> =
+        packs(&repo_dir).into_iter().filter(|p| !before.contains(p)).collect();
+    let mut data = fs::read(&theirs[0]).unwrap();
+    let mid = data.len() / 2;
+    data[mid] ^= 1;
+    fs::write(&theirs[0], &data).unwrap();
+
+    let mine = repo.verify_manifests(&[a.id], true).unwrap();
+    assert!(mine.is_ok(), "b1 is whole: {:?}", mine.damage);
+    assert_eq!(mine.manifests, 1);
+    let distinct = |m: &VolumeManifest| {
+        let mut ids: Vec<_> = m.chunks.iter().flatten().collect();
+        ids.sort();
+        ids.dedup();
+        ids.len()
+    };
+    assert_eq!(mine.chunks_read, distinct(&a.manifest), "reads b1's chunks and no others");
+
+    // Through the backup manifest: it and the volume it names are checked; the damage is found.
+    let theirs = repo.verify_manifests(&[backup_id], true).unwrap();
+    assert_eq!(theirs.manifests, 2);
+    assert!(
+        theirs
+            .damage
+            .iter()
+            .any(|d| matches!(d, Damage::ChunkCorrupt { manifest, .. } if *manifest == b.id)),
+        "{:?}",
+        theirs.damage
+    );
+}
+
+#[test]
+fn summaries_carry_everything_but_the_chunk_list() {
+    let tmp = tempfile::tempdir().unwrap();
+    let img = image(tmp.path(), "img", 8, 13);
+    let mut repo = Repository::init_with(&tmp.path().join("repo"), &secret(), opts()).unwrap();
+    let b = repo.backup_volume(&img, meta("b1", "srv-a"), &mut |_| {}).unwrap();
+    let backup = BackupManifest {
+        backup: "b1".into(),
+        volumes: vec![b.id],
+        cut: serde_json::json!({"servers": ["srv-a"]}),
+        created_unix_ms: 7,
+    };
+    let backup_id = repo.write_manifest(&Manifest::Backup(backup.clone())).unwrap();
+    let m = &b.manifest;
+    let want = VolumeSummary {
+        meta: m.meta.clone(),
+        size: m.size,
+        chunk_size: m.chunk_size,
+        created_unix_ms: m.created_unix_ms,
+    };
+    assert_eq!(repo.load_summary(b.id).unwrap(), ManifestSummary::Volume(want));
+    assert_eq!(repo.load_summary(backup_id).unwrap(), ManifestSummary::Backup(backup));
 }
 
 #[test]

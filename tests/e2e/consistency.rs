@@ -17,6 +17,21 @@ fn held_ms(backup: &Value) -> Vec<u64> {
         .collect()
 }
 
+/// Runs one backup of group `g` to the end; it must succeed with a consistent cut.
+fn consistent_backup(cluster: &Cluster, round: usize) -> (String, Value) {
+    let (code, backup) = cluster.backupctl_json(&["start", "--group", "g", "--wait", "complete"]);
+    let id = backup["backup_id"].as_str().expect("backup_id").to_string();
+    assert_eq!(
+        code,
+        0,
+        "round {round}: backup {id} did not succeed: {backup:#}\n{}",
+        cluster.listener_log()
+    );
+    assert_eq!(backup["state"], "SUCCEEDED");
+    assert_eq!(backup["cut"]["consistent"], true, "cut verdict: {}", backup["cut"]["verdict"]);
+    (id, backup)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn backups_under_causal_load_are_consistent_cuts() {
     let mut cluster = Cluster::start(Spec::three(writer_quiescer)).await;
@@ -31,17 +46,7 @@ async fn backups_under_causal_load_are_consistent_cuts() {
     let mut held = Vec::new();
     let mut previous_links = 0;
     for round in 0..4 {
-        let (code, backup) =
-            cluster.backupctl_json(&["start", "--group", "g", "--wait", "complete"]);
-        let id = backup["backup_id"].as_str().expect("backup_id").to_string();
-        assert_eq!(
-            code,
-            0,
-            "round {round}: backup {id} did not succeed: {backup:#}\n{}",
-            cluster.listener_log()
-        );
-        assert_eq!(backup["state"], "SUCCEEDED");
-        assert_eq!(backup["cut"]["consistent"], true, "cut verdict: {}", backup["cut"]["verdict"]);
+        let (id, backup) = consistent_backup(&cluster, round);
         held.extend(held_ms(&backup));
 
         // Read back every server's copy and follow every link across servers.
@@ -103,15 +108,7 @@ const BASE_AT: usize = 4 << 20;
 
 /// 4 MiB of incompressible bytes, the same on every server, like a common OS image.
 fn base_image() -> Vec<u8> {
-    let mut state = 0x9E37_79B9_7F4A_7C15u64;
-    (0..(4 << 20) / 8)
-        .flat_map(|_| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state.to_le_bytes()
-        })
-        .collect()
+    crate::harness::incompressible(0x9E37_79B9_7F4A_7C15, 4 << 20)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -138,17 +135,7 @@ async fn backups_under_causal_load_restore_consistently_from_the_saveset() {
     let mut previous_links = 0;
     let mut stored = Vec::new();
     for round in 0..3 {
-        let (code, backup) =
-            cluster.backupctl_json(&["start", "--group", "g", "--wait", "complete"]);
-        let id = backup["backup_id"].as_str().expect("backup_id").to_string();
-        assert_eq!(
-            code,
-            0,
-            "round {round}: backup {id} did not succeed: {backup:#}\n{}",
-            cluster.listener_log()
-        );
-        assert_eq!(backup["state"], "SUCCEEDED");
-        assert_eq!(backup["cut"]["consistent"], true, "cut verdict: {}", backup["cut"]["verdict"]);
+        let (id, backup) = consistent_backup(&cluster, round);
         for s in backup["servers"].as_array().expect("servers") {
             // Progress came from the copier (the total is the LUN's size) and reached it.
             assert_eq!(s["total_bytes"], 8 << 20, "{s:#}");

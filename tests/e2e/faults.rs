@@ -282,6 +282,87 @@ async fn agent_killed_while_copying_leaves_its_snapshot_to_the_sweep() {
     assert!(String::from_utf8_lossy(&out.stdout).contains("swept leftover on srv-a"));
 }
 
+/// Saveset copies on the agents, srv-a's slow (8 MiB at 400 ms per MiB) so a fault lands mid-copy.
+fn slow_copy_on_srv_a_agent() -> Spec {
+    let mut s = spec();
+    s.copy = Copy::SavesetOnAgent {
+        verify: "index",
+        agent: |server| Some(if server == "srv-a" { 400 } else { 0 }),
+    };
+    s
+}
+
+/// Waits until srv-a's agent has copied some but not all of its volume.
+async fn copy_under_way_on_srv_a(cluster: &Cluster, id: &str) {
+    let lun_bytes = cluster.spec.lun_bytes;
+    wait_for("srv-a's copy on its agent to be under way", Duration::from_secs(20), || {
+        let backup = status(cluster, id);
+        let servers = backup["servers"].as_array()?;
+        let a = servers.iter().find(|s| s["server"] == "srv-a")?;
+        let done = a["copied_bytes"].as_u64()?;
+        (backup["state"] == "COPYING" && done > 0 && done < lun_bytes).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_killed_while_copying_on_the_agent() {
+    let s = slow_copy_on_srv_a_agent();
+    let mut cluster = Cluster::start(s).await;
+    let good = good_backup(&cluster);
+    let id = start(&cluster);
+    copy_under_way_on_srv_a(&cluster, &id).await;
+    cluster.kill_agent("srv-a");
+    let backup = wait_state(&cluster, &id, &["SUCCEEDED", "FAILED"], Duration::from_secs(30)).await;
+    assert_eq!(backup["state"], "FAILED", "{backup:#}");
+    assert_eq!(backup["failed_phase"], "COPYING", "{backup:#}");
+    let reason = backup["reason"].as_str().unwrap_or_default();
+    assert!(reason.contains("srv-a") && reason.contains("copy"), "{reason}");
+    eprintln!("the backup failed as: {reason}");
+    assert_eq!(
+        cluster.array.snapshots(Some(&id)).expect("snapshots").len(),
+        1,
+        "srv-a's snapshot waits for its agent and the sweep"
+    );
+    cluster.restart_agent("srv-a").await;
+    assert_clean(&cluster, &good, &id, "FAILED", "srv-a").await;
+    let out = cluster.backupctl("viewer", &["log", &id]);
+    let log = String::from_utf8_lossy(&out.stdout);
+    // Whichever came first once the agent was back: the backup's retried Abort or the sweep.
+    let deleted = log
+        .lines()
+        .any(|l| l.contains("srv-a") && (l.contains("abort done") || l.contains("swept leftover")));
+    assert!(deleted, "srv-a's snapshot was not deleted by the abort or the sweep:\n{log}");
+    // The copy cut short did no damage: the whole repository still verifies, data included.
+    let report = cluster.saveset().verify(true).expect("verify the repository");
+    assert!(report.is_ok(), "the repository is damaged: {:?}", report.damage);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_hung_while_copying_on_the_agent() {
+    let mut s = slow_copy_on_srv_a_agent();
+    // The smallest silence allowed (two heartbeats), so the case stays short.
+    s.agent_copy_silence_ms = 10_000;
+    let cluster = Cluster::start(s).await;
+    let good = good_backup(&cluster);
+    let id = start(&cluster);
+    copy_under_way_on_srv_a(&cluster, &id).await;
+    // Hung, not dead: the TCP connection stays up, so only the silence bound can end the copy.
+    cluster.agent("srv-a").proc.signal("STOP");
+    let hung_at = Instant::now();
+    let backup = wait_state(&cluster, &id, &["SUCCEEDED", "FAILED"], Duration::from_secs(40)).await;
+    eprintln!("the copy was failed {:?} after srv-a's agent hung", hung_at.elapsed());
+    cluster.agent("srv-a").proc.signal("CONT");
+    assert_eq!(backup["state"], "FAILED", "{backup:#}");
+    assert_eq!(backup["failed_phase"], "COPYING", "{backup:#}");
+    let reason = backup["reason"].as_str().unwrap_or_default();
+    assert!(reason.contains("srv-a") && reason.contains("no progress or heartbeat"), "{reason}");
+    // Once the agent runs again, the sweep (or the retried abort) deletes its snapshot.
+    assert_clean(&cluster, &good, &id, "FAILED", "srv-a").await;
+    let report = cluster.saveset().verify(true).expect("verify the repository");
+    assert!(report.is_ok(), "the repository is damaged: {:?}", report.damage);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agent_killed_while_cleaning() {
     let mut s = spec();

@@ -3,7 +3,7 @@
 //! drop. Readiness is a health RPC with a deadline, never a bare sleep.
 
 use std::fs;
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -29,8 +29,7 @@ pub fn bin(name: &str) -> PathBuf {
 }
 
 fn free_port() -> SocketAddr {
-    let socket = TcpListener::bind("127.0.0.1:0").expect("bind a free port");
-    socket.local_addr().expect("local addr")
+    SocketAddr::from(([127, 0, 0, 1], stillpoint_core::testing::spare_loopback_port()))
 }
 
 /// How a cluster's copy phase works.
@@ -45,6 +44,10 @@ pub enum Copy {
     /// `<root>/saveset`, unlocked by `<root>/saveset.pass`; `verify` is the listener's
     /// after-backup check (`none`, `index`, `read-data`).
     Saveset { verify: &'static str },
+    /// The saveset copier on each agent (`[copy] on = "agent"`), into the repository as for
+    /// `Saveset`. `agent` says, per server, whether its agent gets a `[saveset]` section
+    /// (`None`: it has none) and its `copy_delay_ms_per_mib`.
+    SavesetOnAgent { verify: &'static str, agent: fn(server: &str) -> Option<u64> },
     /// IDR: a mountable image of each snapshot under `<root>/idr/<backup>/<server>-<volume>.img`.
     Image,
 }
@@ -67,6 +70,8 @@ pub struct Spec {
     /// Route the listener's link to each agent through a chaos proxy.
     pub proxied: bool,
     pub sweep_interval_ms: u64,
+    /// `timeouts.agent_copy_silence_ms`: how long a copy on an agent may stay silent.
+    pub agent_copy_silence_ms: u64,
     /// Run some agents under a wrapper command (e.g. a time namespace).
     pub agent_wrapper: fn(server: &str) -> Vec<String>,
     /// Give srv-a a real filesystem to fsfreeze and a real process to SIGSTOP, so every check
@@ -98,6 +103,7 @@ impl Spec {
             volumes: one_volume,
             proxied: false,
             sweep_interval_ms: 60_000,
+            agent_copy_silence_ms: 30_000,
             agent_wrapper: no_wrapper,
             probes: false,
         }
@@ -253,6 +259,22 @@ impl Cluster {
         fs::create_dir_all(path.join("copies")).expect("copies dir");
         let array = Array::init(&path.join("array")).expect("array");
         let probe = spec.probes.then(|| Probe::make(&path));
+        let saveset = match &spec.copy {
+            Copy::Saveset { .. } | Copy::SavesetOnAgent { .. } => {
+                let repository = path.join("saveset");
+                let secret = stillpoint_saveset::Secret::passphrase(SAVESET_PASSPHRASE);
+                stillpoint_saveset::Repository::init(&repository, &secret)
+                    .expect("init saveset repository");
+                let pass = path.join("saveset.pass");
+                fs::write(&pass, format!("{SAVESET_PASSPHRASE}\n")).expect("write passphrase");
+                format!(
+                    "repository = {repo:?}\npassphrase_file = {pass:?}\n",
+                    repo = repository.display().to_string(),
+                    pass = pass.display().to_string(),
+                )
+            }
+            Copy::Command { .. } | Copy::Report | Copy::Image => String::new(),
+        };
 
         let mut agents = Vec::new();
         for server in &spec.servers {
@@ -272,6 +294,15 @@ impl Cluster {
                 array = array.root().display().to_string(),
                 extra = (spec.provider_extra)(server),
             );
+            let body = match &spec.copy {
+                Copy::SavesetOnAgent { agent, .. } => match agent(server) {
+                    Some(delay) => {
+                        format!("{body}\n[saveset]\n{saveset}copy_delay_ms_per_mib = {delay}\n")
+                    }
+                    None => body,
+                },
+                Copy::Command { .. } | Copy::Report | Copy::Saveset { .. } | Copy::Image => body,
+            };
             fs::write(&config, body).expect("write agent config");
             let proc = spawn_agent(
                 &(spec.agent_wrapper)(server),
@@ -303,18 +334,11 @@ impl Cluster {
                 format!("[copy]\nmode = \"image\"\ntarget = {:?}\n", target.display().to_string())
             }
             Copy::Saveset { verify } => {
-                let repository = path.join("saveset");
-                let secret = stillpoint_saveset::Secret::passphrase(SAVESET_PASSPHRASE);
-                stillpoint_saveset::Repository::init(&repository, &secret)
-                    .expect("init saveset repository");
-                let pass = path.join("saveset.pass");
-                fs::write(&pass, format!("{SAVESET_PASSPHRASE}\n")).expect("write passphrase");
-                format!(
-                    "[copy]\nmode = \"saveset\"\nrepository = {repo:?}\npassphrase_file = {pass:?}\nverify = {verify:?}\n",
-                    repo = repository.display().to_string(),
-                    pass = pass.display().to_string(),
-                )
+                format!("[copy]\nmode = \"saveset\"\n{saveset}verify = {verify:?}\n")
             }
+            Copy::SavesetOnAgent { verify, .. } => format!(
+                "[copy]\nmode = \"saveset\"\non = \"agent\"\n{saveset}verify = {verify:?}\n"
+            ),
         };
         let servers: String = agents
             .iter()
@@ -324,13 +348,14 @@ impl Cluster {
             })
             .collect();
         let body = format!(
-            "data_dir = {data:?}\nlisten = \"{listener_addr}\"\n\n[tls]\n{tls}\n[timeouts]\nlease_ms = {lease}\nsnapshot_budget_ms = {budget}\nmargin_ms = {margin}\nrpc_ms = 2000\nsweep_interval_ms = {sweep}\n\n{servers}\n[[group]]\nname = \"g\"\nservers = {names:?}\n\n{copy}",
+            "data_dir = {data:?}\nlisten = \"{listener_addr}\"\n\n[tls]\n{tls}\n[timeouts]\nlease_ms = {lease}\nsnapshot_budget_ms = {budget}\nmargin_ms = {margin}\nrpc_ms = 2000\nsweep_interval_ms = {sweep}\nagent_copy_silence_ms = {silence}\n\n{servers}\n[[group]]\nname = \"g\"\nservers = {names:?}\n\n{copy}",
             data = path.join("listener-data").display().to_string(),
             tls = tls_toml(&certs, "listener"),
             lease = spec.lease_ms,
             budget = spec.lease_ms / 4,
             margin = spec.lease_ms / 8,
             sweep = spec.sweep_interval_ms,
+            silence = spec.agent_copy_silence_ms,
             names = spec.servers,
         );
         fs::write(&listener_config, body).expect("write listener config");
@@ -596,4 +621,18 @@ pub async fn wait_for<T>(what: &str, timeout: Duration, mut check: impl FnMut() 
         assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// `len` bytes (a multiple of 8) that do not compress and differ by seed (xorshift64): disk
+/// content the saveset stores as it is.
+pub fn incompressible(seed: u64, len: usize) -> Vec<u8> {
+    let mut state = seed | 1;
+    (0..len / 8)
+        .flat_map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state.to_le_bytes()
+        })
+        .collect()
 }

@@ -3,6 +3,7 @@
 
 mod harness;
 
+mod agent_copy;
 mod consistency;
 mod failures;
 mod faults;

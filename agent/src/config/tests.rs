@@ -119,3 +119,92 @@ fn every_agent_example_in_deploy_parses() {
     }
     assert!(seen >= 3, "only {seen} agent examples in {}", deploy.display());
 }
+
+/// The saveset problems of `FULL` with `section` appended as its `[saveset]` table.
+fn saveset_problems(section: &str) -> Vec<String> {
+    let config = Config::parse(&format!("{FULL}[saveset]\n{section}")).unwrap();
+    assert!(config.saveset.is_some());
+    config.problems().into_iter().filter(|p| p.starts_with("saveset")).collect()
+}
+
+#[test]
+fn saveset_is_optional_and_its_mistakes_are_reported_by_field() {
+    assert!(Config::parse(FULL).unwrap().saveset.is_none());
+    let dir = tempfile::tempdir().unwrap();
+    let pass = dir.path().join("pass");
+    std::fs::write(&pass, "words\n").unwrap();
+    let empty = dir.path().join("empty");
+    std::fs::write(&empty, "\n").unwrap();
+
+    let good = format!("repository = \"/backup/saveset\"\npassphrase_file = {pass:?}\n");
+    assert_eq!(saveset_problems(&good), Vec::<String>::new());
+    let s3 = format!("repository = \"s3://bucket/stillpoint\"\npassphrase_file = {pass:?}\n");
+    assert_eq!(saveset_problems(&s3), Vec::<String>::new());
+    let config = Config::parse(&format!("{FULL}[saveset]\n{good}")).unwrap();
+    assert_eq!(config.saveset.as_ref().unwrap().copy_delay_ms_per_mib, 0);
+
+    for (section, expected) in [
+        (
+            format!("repository = \"relative/repo\"\npassphrase_file = {pass:?}\n"),
+            "saveset.repository: relative/repo is not an absolute path",
+        ),
+        (format!("repository = \"\"\npassphrase_file = {pass:?}\n"), "saveset.repository: empty"),
+        (format!("repository = \"s3://\"\npassphrase_file = {pass:?}\n"), "saveset.repository: "),
+        ("repository = \"/r\"\n".to_string(), "saveset: give passphrase_file or key_file"),
+        (
+            format!("repository = \"/r\"\npassphrase_file = {pass:?}\nkey_file = {pass:?}\n"),
+            "saveset: give passphrase_file or key_file, not both",
+        ),
+        (
+            "repository = \"/r\"\npassphrase_file = \"/nonexistent/pass\"\n".to_string(),
+            "saveset.passphrase_file: read passphrase file /nonexistent/pass",
+        ),
+        (format!("repository = \"/r\"\npassphrase_file = {empty:?}\n"), "is empty"),
+    ] {
+        let problems = saveset_problems(&section);
+        assert!(problems.iter().any(|p| p.contains(expected)), "{expected:?} not in {problems:#?}");
+    }
+    // Every mistake at once, each naming its field.
+    let problems = saveset_problems("repository = \"rel\"\n");
+    assert_eq!(problems.len(), 2, "{problems:#?}");
+
+    let err =
+        Config::parse(&format!("{FULL}[saveset]\n{good}passphrase = \"inline\"\n")).unwrap_err();
+    assert!(err.contains("passphrase"), "{err}");
+}
+
+#[test]
+fn saveset_unlocks_with_the_right_secret_only_and_never_shows_it() {
+    use stillpoint_saveset::{InitOptions, KdfParams, Repository, Secret};
+
+    let dir = tempfile::tempdir().unwrap();
+    let repo = dir.path().join("repo");
+    let opts = InitOptions {
+        kdf: KdfParams { m_cost_kib: 1024, t_cost: 1, p_cost: 1 },
+        ..InitOptions::default()
+    };
+    Repository::init_with(&repo, &Secret::passphrase("s3cret words"), opts).unwrap();
+    let pass = dir.path().join("pass");
+    std::fs::write(&pass, "s3cret words\n").unwrap();
+    let wrong = dir.path().join("wrong");
+    std::fs::write(&wrong, "other words").unwrap();
+
+    let section = |file: &Path| SavesetConfig {
+        repository: repo.display().to_string(),
+        passphrase_file: Some(file.to_path_buf()),
+        key_file: None,
+        copy_delay_ms_per_mib: 0,
+    };
+    assert!(section(&pass).open().is_ok());
+    let err = section(&wrong).open().map(|_| ()).unwrap_err();
+    assert!(err.starts_with("saveset.repository: wrong passphrase or key"), "{err}");
+    assert!(!err.contains("other words"), "{err}");
+    let missing = SavesetConfig { repository: "/nonexistent/repo".into(), ..section(&pass) };
+    let err = missing.open().map(|_| ()).unwrap_err();
+    assert!(err.contains("not a saveset repository"), "{err}");
+    let config = Config::parse(&format!(
+        "{FULL}[saveset]\nrepository = {repo:?}\npassphrase_file = {pass:?}\n"
+    ))
+    .unwrap();
+    assert!(!format!("{config:?}").contains("s3cret"));
+}

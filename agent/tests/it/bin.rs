@@ -35,7 +35,7 @@ async fn the_binary_serves_until_sigterm_and_thaws_on_the_way_out() {
     let certs = Certs::new("srv-a");
     let array = Array::init(&dir.path().join("array")).unwrap();
     array.create_lun("srv-a", "data", 1 << 20).unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = stillpoint_core::testing::spare_loopback_port();
     let tls = certs.files("srv-a");
     let marker = |suffix: &str| {
         let script = format!(

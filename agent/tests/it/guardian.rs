@@ -32,7 +32,7 @@ impl BinAgent {
         quiescers: &str,
         snapshot: &str,
     ) -> BinAgent {
-        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let port = stillpoint_core::testing::spare_loopback_port();
         let tls = certs.files(&certs.server);
         let toml = format!(
             "server = {:?}\nlisten = \"127.0.0.1:{port}\"\nvolumes = [\"data\"]\nstate_dir = {:?}\n\

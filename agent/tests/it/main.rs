@@ -2,6 +2,7 @@
 //! on the mock SAN and on real XFS and btrfs loop filesystems. One binary, a module per area.
 
 mod bin;
+mod copy;
 mod fs;
 mod grpc;
 mod guardian;

@@ -58,6 +58,7 @@ pub fn config(
         quiescers,
         snapshot,
         state_dir: certs.dir.path().join("state"),
+        saveset: None,
     }
 }
 

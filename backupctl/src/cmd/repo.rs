@@ -3,11 +3,12 @@
 //! Offline: the repository is a local directory; the secret is read from a file, never printed.
 
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use serde::Serialize;
 use stillpoint_saveset::{
-    Manifest, ManifestId, Progress, Repository, Secret, VolumeManifest, VolumeMeta,
+    BackupStats, ManifestId, ManifestSummary, Progress, Repository, Secret, VolumeMeta,
+    VolumeSummary,
 };
 
 use crate::error::{Error, Result};
@@ -31,20 +32,26 @@ pub struct RepoOptions {
 impl RepoOptions {
     /// Reads the secret from the one file named; a usage error when none or both are given.
     pub fn secret(&self) -> Result<Secret> {
-        match (&self.passphrase_file, &self.key_file) {
-            (Some(_), Some(_)) => Err(Error::Usage(
+        use stillpoint_saveset::SecretFileError as E;
+        stillpoint_saveset::secret_from_files(
+            self.passphrase_file.as_deref(),
+            self.key_file.as_deref(),
+        )
+        .map_err(|e| match e {
+            E::Both => Error::Usage(
                 "pass only one of --passphrase-file and --key-file (check \
                  STILLPOINT_REPO_PASSPHRASE_FILE and STILLPOINT_REPO_KEY_FILE)"
                     .into(),
-            )),
-            (None, None) => Err(Error::Usage(
+            ),
+            E::Neither => Error::Usage(
                 "no repository secret: pass --passphrase-file F or --key-file F (or set \
                  STILLPOINT_REPO_PASSPHRASE_FILE or STILLPOINT_REPO_KEY_FILE)"
                     .into(),
-            )),
-            (Some(path), None) => read_passphrase(path),
-            (None, Some(path)) => Ok(Secret::from_key_file(path)?),
-        }
+            ),
+            // An unreadable or empty secret file is the caller's to fix: exit 2, like a usage
+            // mistake.
+            E::Read { error, .. } => Error::Usage(error.to_string()),
+        })
     }
 
     /// Opens and unlocks the repository.
@@ -52,16 +59,6 @@ impl RepoOptions {
         let secret = self.secret()?;
         Ok(Repository::open(&self.repo, &secret)?)
     }
-}
-
-fn read_passphrase(path: &Path) -> Result<Secret> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| Error::Usage(format!("read passphrase file {}: {e}", path.display())))?;
-    let text = text.strip_suffix('\n').map(|t| t.strip_suffix('\r').unwrap_or(t)).unwrap_or(&text);
-    if text.is_empty() {
-        return Err(Error::Usage(format!("passphrase file {} is empty", path.display())));
-    }
-    Ok(Secret::passphrase(text))
 }
 
 #[derive(Debug, clap::Subcommand)]
@@ -118,13 +115,9 @@ struct BackupView {
     backup: String,
     server: String,
     volume: String,
-    size: u64,
-    bytes_read: u64,
-    hole_chunks: u64,
-    reused_chunks: u64,
-    new_chunks: u64,
-    bytes_stored: u64,
-    packs: u64,
+    /// The saveset's own figures, under their own names.
+    #[serde(flatten)]
+    stats: BackupStats,
     duration_ms: u64,
 }
 
@@ -156,19 +149,12 @@ fn backup(args: BackupArgs, out: &mut dyn Write) -> Result<()> {
     };
     let started = std::time::Instant::now();
     let done = repo.backup_volume(&args.path, meta, &mut |_: Progress| {})?;
-    let s = done.stats;
     let shown = BackupView {
         manifest: done.id.to_string(),
         backup: args.backup,
         server: args.server,
         volume: args.volume,
-        size: s.size,
-        bytes_read: s.bytes_read,
-        hole_chunks: s.hole_chunks,
-        reused_chunks: s.reused_chunks,
-        new_chunks: s.new_chunks,
-        bytes_stored: s.bytes_stored,
-        packs: s.packs,
+        stats: done.stats,
         duration_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
     };
     if args.json {
@@ -182,14 +168,14 @@ fn backup(args: BackupArgs, out: &mut dyn Write) -> Result<()> {
             shown.backup,
             shown.server,
             shown.volume,
-            shown.size,
+            shown.stats.size,
             shown.duration_ms,
-            shown.bytes_read,
-            shown.new_chunks,
-            shown.reused_chunks,
-            shown.hole_chunks,
-            shown.bytes_stored,
-            shown.packs
+            shown.stats.bytes_read,
+            shown.stats.new_chunks,
+            shown.stats.reused_chunks,
+            shown.stats.hole_chunks,
+            shown.stats.bytes_stored,
+            shown.stats.packs
         )?;
     }
     Ok(())
@@ -203,7 +189,7 @@ pub struct Found {
     /// The volume manifests of the backup, sorted by server and volume, newest first: those
     /// the newest backup manifest names, or without a backup manifest every volume manifest
     /// whose `backup` field is the id.
-    pub volumes: Vec<(ManifestId, VolumeManifest)>,
+    pub volumes: Vec<(ManifestId, VolumeSummary)>,
     /// Manifests that do not decrypt or parse, so may belong to this backup.
     pub unreadable: Vec<(ManifestId, String)>,
 }
@@ -215,10 +201,10 @@ impl Found {
     }
 
     /// The newest volume manifest of each server and volume.
-    pub fn latest(&self) -> Vec<&(ManifestId, VolumeManifest)> {
-        let mut latest: Vec<&(ManifestId, VolumeManifest)> = Vec::new();
+    pub fn latest(&self) -> Vec<&(ManifestId, VolumeSummary)> {
+        let mut latest: Vec<&(ManifestId, VolumeSummary)> = Vec::new();
         for entry in &self.volumes {
-            let same = |(_, m): &&(ManifestId, VolumeManifest)| {
+            let same = |(_, m): &&(ManifestId, VolumeSummary)| {
                 (&m.meta.server, &m.meta.volume) == (&entry.1.meta.server, &entry.1.meta.volume)
             };
             if !latest.last().is_some_and(same) {
@@ -235,17 +221,45 @@ impl Found {
 }
 
 /// Reads every manifest and picks out those of backup `id`.
+/// The summary of every manifest in `ids`, in order, read by one thread per core.
+fn load_summaries(
+    repo: &Repository,
+    ids: Vec<ManifestId>,
+) -> Vec<(ManifestId, stillpoint_saveset::Result<ManifestSummary>)> {
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(ids.len());
+    if threads <= 1 {
+        return ids.into_iter().map(|id| (id, repo.load_summary(id))).collect();
+    }
+    let per = ids.len().div_ceil(threads);
+    std::thread::scope(|s| {
+        let parts: Vec<_> = ids
+            .chunks(per)
+            .map(|part| {
+                s.spawn(move || {
+                    part.iter().map(|&id| (id, repo.load_summary(id))).collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        parts.into_iter().flat_map(|h| h.join().expect("a summary reader does not panic")).collect()
+    })
+}
+
 pub fn find_backup(repo: &Repository, id: &str) -> Result<Found> {
     let mut found = Found::default();
     let mut backups = Vec::new();
     let mut volumes = std::collections::HashMap::new();
-    for mid in repo.list_manifests()? {
-        match repo.load_manifest(mid) {
-            Ok(Manifest::Backup(b)) if b.backup == id => backups.push((b.created_unix_ms, mid, b)),
-            Ok(Manifest::Volume(v)) => {
+    // Summaries only: a repository of many backups is searched without holding every volume's
+    // chunk list (33 bytes per chunk) in memory. Each summary still decrypts, decompresses and
+    // skims its manifest, so they are read on every core.
+    for (mid, summary) in load_summaries(repo, repo.list_manifests()?) {
+        match summary {
+            Ok(ManifestSummary::Backup(b)) if b.backup == id => {
+                backups.push((b.created_unix_ms, mid, b))
+            }
+            Ok(ManifestSummary::Volume(v)) => {
                 volumes.insert(mid, v);
             }
-            Ok(Manifest::Backup(_)) => {}
+            Ok(ManifestSummary::Backup(_)) => {}
             Err(stillpoint_saveset::Error::Damaged { reason, .. }) => {
                 found.unreadable.push((mid, reason))
             }
@@ -254,7 +268,7 @@ pub fn find_backup(repo: &Repository, id: &str) -> Result<Found> {
     }
     backups.sort_by_key(|(at, mid, _)| (*at, *mid));
     found.backups = backups.iter().map(|(_, mid, _)| *mid).collect();
-    let mut chosen: Vec<(ManifestId, VolumeManifest)> = match backups.last() {
+    let mut chosen: Vec<(ManifestId, VolumeSummary)> = match backups.last() {
         // A volume the backup manifest names but the repository lacks is verify's to report.
         Some((_, _, b)) => b.volumes.iter().filter_map(|v| volumes.remove_entry(v)).collect(),
         None => volumes.into_iter().filter(|(_, v)| v.meta.backup == id).collect(),

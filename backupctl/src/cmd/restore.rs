@@ -7,7 +7,7 @@ use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
 
 use serde::Serialize;
-use stillpoint_saveset::{ManifestId, VolumeManifest};
+use stillpoint_saveset::{ManifestId, VolumeSummary};
 
 use crate::cmd::repo::{find_backup, RepoOptions};
 use crate::error::{Error, Result};
@@ -51,9 +51,9 @@ pub fn run(args: Args, out: &mut dyn Write) -> Result<()> {
     let repo = args.repo.open()?;
     let found = find_backup(&repo, &args.id)?;
     let latest = found.latest();
-    let of_server: Vec<&(ManifestId, VolumeManifest)> =
+    let of_server: Vec<&(ManifestId, VolumeSummary)> =
         latest.into_iter().filter(|(_, m)| m.meta.server == args.server).collect();
-    let chosen: Vec<&(ManifestId, VolumeManifest)> = match &args.volume {
+    let chosen: Vec<&(ManifestId, VolumeSummary)> = match &args.volume {
         Some(v) => of_server.iter().copied().filter(|(_, m)| &m.meta.volume == v).collect(),
         None => of_server.clone(),
     };
@@ -84,7 +84,7 @@ pub fn run(args: Args, out: &mut dyn Write) -> Result<()> {
     }
     let mut restored = Vec::new();
     for ((id, manifest), target) in chosen.iter().zip(&targets) {
-        let stats = match repo.restore_manifest(manifest, target, args.force) {
+        let stats = match repo.restore_volume(*id, target, args.force) {
             Err(stillpoint_saveset::Error::TargetNotEmpty { path }) => return Err(refused(&path)),
             other => other?,
         };
@@ -132,8 +132,8 @@ fn refused(target: &Path) -> Error {
 /// Says what the repository does hold for the backup, so the operator can correct the flags.
 fn not_found(
     args: &Args,
-    all: &[(ManifestId, VolumeManifest)],
-    of_server: &[&(ManifestId, VolumeManifest)],
+    all: &[(ManifestId, VolumeSummary)],
+    of_server: &[&(ManifestId, VolumeSummary)],
 ) -> String {
     let what = match &args.volume {
         Some(v) => format!("server {} volume {v}", args.server),

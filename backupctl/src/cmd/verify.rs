@@ -74,7 +74,9 @@ pub fn run(args: Args, out: &mut dyn Write) -> Result<()> {
             args.repo.repo.display()
         )));
     }
-    let report = repo.verify(args.read_data)?;
+    // Only this backup's manifests and the chunks they need: the cost does not grow with the
+    // repository.
+    let report = repo.verify_manifests(&found.manifest_ids(), args.read_data)?;
     let ours: HashSet<ManifestId> = found.manifest_ids().into_iter().collect();
     let (damage, other): (Vec<&Damage>, Vec<&Damage>) =
         report.damage.iter().partition(|d| concerns(d, &ours));

@@ -5,11 +5,10 @@
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use stillpoint_saveset::{
-    BackupManifest, BackupStats, Manifest, ManifestId, Progress, Repository, Secret, VolumeMeta,
+    BackupManifest, BackupStats, Manifest, ManifestId, Pool, Progress, Repository, VolumeMeta,
 };
 
 use crate::config::{SavesetConfig, VerifyMode};
@@ -21,11 +20,8 @@ pub const PROGRESS_EVERY: Duration = Duration::from_millis(250);
 /// The repository the listener copies into, unlocked at start.
 pub struct Saveset {
     config: SavesetConfig,
-    secret: Secret,
-    /// Unlocked handles not in use. A copy takes one, or unlocks another, so copies of
-    /// different servers write concurrently, each through its own handle (the format allows
-    /// concurrent writers); handles go back here for the next copy, saving the KDF.
-    idle: Mutex<Vec<Repository>>,
+    /// Copies of different servers write concurrently, each through a handle of its own.
+    pool: Pool,
 }
 
 impl std::fmt::Debug for Saveset {
@@ -64,24 +60,16 @@ impl ServerCopy {
 impl Saveset {
     /// Reads the secret and unlocks the repository once, so a wrong secret stops the start.
     pub fn open(config: &SavesetConfig) -> Result<Saveset, String> {
-        let (secret, repo) = config.open()?;
+        let pool = config.open()?;
         tracing::info!(repository = %config.repository.display(), verify = ?config.verify, "saveset repository unlocked");
-        Ok(Saveset { config: config.clone(), secret, idle: Mutex::new(vec![repo]) })
+        Ok(Saveset { config: config.clone(), pool })
     }
 
     fn with_repo<T>(
         &self,
         f: impl FnOnce(&mut Repository) -> Result<T, String>,
     ) -> Result<T, String> {
-        let idle = self.idle.lock().expect("saveset pool lock poisoned").pop();
-        let mut repo = match idle {
-            Some(r) => r,
-            None => Repository::open(&self.config.repository, &self.secret)
-                .map_err(|e| format!("copy.repository: {e}"))?,
-        };
-        let result = f(&mut repo);
-        self.idle.lock().expect("saveset pool lock poisoned").push(repo);
-        result
+        self.pool.with_repo(|e| format!("copy.repository: {e}"), f)
     }
 
     /// Backs up every snapshot of `server` (its locator is read as a file or block device).
@@ -123,7 +111,7 @@ impl Saveset {
                 let done = repo
                     .backup_volume(Path::new(&snap.locator), meta, &mut report)
                     .map_err(|e| format!("volume {}: {e}", snap.volume))?;
-                add(&mut copy.stats, &done.stats);
+                copy.stats += &done.stats;
                 copy.volumes.push((snap.volume.clone(), done.id));
                 base += size;
             }
@@ -155,7 +143,9 @@ impl Saveset {
                 VerifyMode::Index => false,
                 VerifyMode::ReadData => true,
             };
-            let report = repo.verify(read_data).map_err(|e| format!("verify: {e}"))?;
+            // This backup only: the check does not grow with the repository.
+            let report =
+                repo.verify_manifests(&[id], read_data).map_err(|e| format!("verify: {e}"))?;
             if !report.is_ok() {
                 let shown: Vec<String> =
                     report.damage.iter().take(5).map(|d| d.to_string()).collect();
@@ -191,16 +181,6 @@ fn readable_size(snap: &SnapshotRef) -> Result<u64, String> {
         ));
     }
     Ok(if meta.is_file() { meta.len() } else { snap.size_bytes })
-}
-
-fn add(sum: &mut BackupStats, one: &BackupStats) {
-    sum.size += one.size;
-    sum.bytes_read += one.bytes_read;
-    sum.hole_chunks += one.hole_chunks;
-    sum.reused_chunks += one.reused_chunks;
-    sum.new_chunks += one.new_chunks;
-    sum.bytes_stored += one.bytes_stored;
-    sum.packs += one.packs;
 }
 
 /// Lets a report through at most every [`PROGRESS_EVERY`].

@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use stillpoint_saveset::{InitOptions, KdfParams};
+use stillpoint_saveset::{InitOptions, KdfParams, Secret};
 
 use super::*;
 use crate::model::ServerStep;
@@ -24,8 +24,13 @@ fn fixture(verify: VerifyMode) -> Fixture {
     };
     Repository::init_with(&repository, &Secret::passphrase("correct horse"), opts)
         .expect("init repository");
-    let config =
-        SavesetConfig { repository, passphrase_file: Some(secret_file), key_file: None, verify };
+    let config = SavesetConfig {
+        on: crate::config::CopyOn::Listener,
+        repository,
+        passphrase_file: Some(secret_file),
+        key_file: None,
+        verify,
+    };
     Fixture { dir, config }
 }
 
@@ -183,7 +188,7 @@ fn secrets_come_from_one_file_and_a_wrong_one_is_refused() {
     assert!(err.starts_with("copy.repository: wrong passphrase or key"), "{err}");
     assert!(!err.contains("battery"), "{err}");
     let err = check(Some(Path::new("/nonexistent/pass")), None);
-    assert!(err.contains("copy.passphrase_file: cannot read /nonexistent/pass"), "{err}");
+    assert!(err.contains("copy.passphrase_file: read passphrase file /nonexistent/pass"), "{err}");
     let err = check(None, Some(Path::new("/nonexistent/key")));
     assert!(err.starts_with("copy.key_file:") && err.contains("/nonexistent/key"), "{err}");
     assert!(check(Some(&wrong), Some(&wrong)).contains("not both"));

@@ -1,0 +1,224 @@
+//! The saveset copier on the agent, behind the Copy RPC: this server's snapshots go into the
+//! repository of `[saveset]`, encrypted here, so snapshots only this host can read never leave
+//! it readable. Blocking work runs on blocking threads; which snapshots may be read, and for
+//! how long, is `backups`' business (the copy holds a `CopyHold`).
+
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use stillpoint_proto::{
+    copy_event, CopiedVolume, CopyDone, CopyEvent, CopyProgress, CopyStats, Snapshot,
+};
+use stillpoint_saveset::{BackupStats, Pool, Progress, Repository, VolumeMeta};
+use tokio::sync::{mpsc, watch};
+use tonic::Status;
+use tracing::{info, warn, Instrument};
+
+use crate::backups::CopyHold;
+use crate::config::SavesetConfig;
+use crate::{Error, Result};
+
+/// How often, at most, progress goes out (the listener writes each one to its catalog).
+pub const PROGRESS_EVERY: Duration = Duration::from_millis(250);
+
+/// How long the stream may go without a message while a copy runs: progress is resent this
+/// often even when unchanged (a volume's last pack being written, a slow store), so the
+/// listener can tell a live copy from a dead link.
+pub const HEARTBEAT_EVERY: Duration = Duration::from_secs(5);
+
+/// The repository this agent copies into, unlocked at start.
+pub struct Saveset {
+    /// Concurrent copies of different backups each write through a handle of their own.
+    pool: Pool,
+    /// `copy_delay_ms_per_mib`: zero but in tests.
+    delay_per_mib: Duration,
+}
+
+impl std::fmt::Debug for Saveset {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Saveset").field("repository", &self.pool.location().to_string()).finish()
+    }
+}
+
+impl Saveset {
+    /// Reads the secret and unlocks the repository once, so a wrong secret stops the start.
+    pub fn open(config: &SavesetConfig) -> Result<Saveset> {
+        let pool = config.open().map_err(Error::Setup)?;
+        info!(repository = %pool.location(), "saveset repository unlocked");
+        Ok(Saveset { pool, delay_per_mib: Duration::from_millis(config.copy_delay_ms_per_mib) })
+    }
+
+    fn with_repo<T>(
+        &self,
+        f: impl FnOnce(&mut Repository) -> Result<T, String>,
+    ) -> Result<T, String> {
+        self.pool.with_repo(|e| format!("saveset.repository: {e}"), f)
+    }
+
+    /// Backs up every snapshot in turn; `progress(done, total)` after every chunk, in bytes of
+    /// the whole server. `stop` is asked between volumes (one volume's read cannot be cut).
+    fn copy_server(
+        &self,
+        meta: &VolumeMeta,
+        snapshots: &[(Snapshot, u64)],
+        progress: &dyn Fn(u64),
+        stop: &AtomicBool,
+    ) -> Result<CopyDone, String> {
+        let mut done = CopyDone::default();
+        let mut stats = BackupStats::default();
+        let mut base = 0;
+        let mut paused_at = 0;
+        self.with_repo(|repo| {
+            for (snap, size) in snapshots {
+                if stop.load(Ordering::SeqCst) {
+                    return Err("asked to stop (the backup is being aborted or cleaned up, or the listener went away)".into());
+                }
+                let meta = VolumeMeta { volume: snap.volume.clone(), ..meta.clone() };
+                let mut report = |p: Progress| {
+                    let done = base + p.done;
+                    if !self.delay_per_mib.is_zero() && done >= paused_at + (1 << 20) {
+                        paused_at = done;
+                        std::thread::sleep(self.delay_per_mib);
+                    }
+                    progress(done);
+                };
+                let volume = repo
+                    .backup_volume(Path::new(&snap.locator), meta, &mut report)
+                    .map_err(|e| format!("volume {}: {e}", snap.volume))?;
+                stats += &volume.stats;
+                done.volumes.push(CopiedVolume {
+                    volume: snap.volume.clone(),
+                    manifest_id: volume.id.to_string(),
+                });
+                base += size;
+                info!(volume = %snap.volume, manifest = %volume.id, "volume copied");
+            }
+            Ok(())
+        })?;
+        done.stats = Some(CopyStats {
+            size: stats.size,
+            bytes_read: stats.bytes_read,
+            bytes_stored: stats.bytes_stored,
+            new_chunks: stats.new_chunks,
+            reused_chunks: stats.reused_chunks,
+            hole_chunks: stats.hole_chunks,
+            packs: stats.packs,
+        });
+        Ok(done)
+    }
+}
+
+/// Each snapshot with the bytes its copy will read. A directory (a btrfs subvolume snapshot)
+/// is refused: the block copier reads images, and a subvolume's copy is `btrfs send`'s job.
+pub async fn readable(snapshots: Vec<Snapshot>) -> Result<Vec<(Snapshot, u64)>> {
+    let mut out = Vec::with_capacity(snapshots.len());
+    for snap in snapshots {
+        let meta = tokio::fs::metadata(&snap.locator).await.map_err(|e| {
+            Error::FailedPrecondition(format!(
+                "volume {}: cannot read snapshot {} ({} provider): {e}",
+                snap.volume, snap.locator, snap.provider
+            ))
+        })?;
+        if meta.is_dir() {
+            return Err(Error::FailedPrecondition(format!(
+                "volume {}: snapshot {} is a directory ({} provider); the saveset block copier reads block images: for btrfs use [copy] mode = \"command\" (e.g. btrfs send)",
+                snap.volume, snap.locator, snap.provider
+            )));
+        }
+        let size = if meta.is_file() { meta.len() } else { snap.size_bytes };
+        out.push((snap, size));
+    }
+    Ok(out)
+}
+
+/// One Copy RPC's stream of events; the sender half is fed by [`spawn`].
+pub type Events = mpsc::Receiver<Result<CopyEvent, Status>>;
+
+fn progress_event(done: u64, total: u64) -> Result<CopyEvent, Status> {
+    Ok(CopyEvent {
+        event: Some(copy_event::Event::Progress(CopyProgress {
+            done_bytes: done.min(total),
+            total_bytes: total,
+        })),
+    })
+}
+
+/// Runs the copy of `backup`'s snapshots on a blocking thread and streams its progress (at
+/// most every [`PROGRESS_EVERY`], at least every [`HEARTBEAT_EVERY`]) then its result. The
+/// hold moves into the blocking thread: the snapshots stay until the reader is done with them,
+/// even if the caller went away first (it is then asked to stop at its next volume).
+pub fn spawn(
+    saveset: Arc<Saveset>,
+    meta: VolumeMeta,
+    snapshots: Vec<(Snapshot, u64)>,
+    hold: CopyHold,
+) -> Events {
+    let (tx, rx) = mpsc::channel(8);
+    let span = tracing::info_span!("copy", backup = %meta.backup, server = %meta.server);
+    let total: u64 = snapshots.iter().map(|(_, size)| size).sum();
+    let (progress_tx, mut progress_rx) = watch::channel(0u64);
+    let stop = hold.stop_flag();
+    let stopped = hold.stop_flag();
+    let blocking_span = span.clone();
+    let mut blocking = tokio::task::spawn_blocking(move || {
+        let _span = blocking_span.enter();
+        let _hold = hold;
+        let progress = |done: u64| {
+            progress_tx.send_replace(done);
+        };
+        saveset.copy_server(&meta, &snapshots, &progress, &stop)
+    });
+    tokio::spawn(
+        async move {
+            info!(total_bytes = total, "copy started");
+            let started = Instant::now();
+            let mut last_sent = Instant::now();
+            if tx.send(progress_event(0, total)).await.is_err() {
+                stopped.store(true, Ordering::SeqCst);
+                return;
+            }
+            let result = loop {
+                tokio::select! {
+                    joined = &mut blocking => {
+                        break joined.unwrap_or_else(|e| Err(format!("copier thread failed: {e}")));
+                    }
+                    () = tokio::time::sleep(PROGRESS_EVERY) => {
+                        let changed = progress_rx.has_changed().unwrap_or(false);
+                        if !changed && last_sent.elapsed() < HEARTBEAT_EVERY {
+                            continue;
+                        }
+                        let done = *progress_rx.borrow_and_update();
+                        if tx.send(progress_event(done, total)).await.is_err() {
+                            // The listener went away: nobody will use this copy.
+                            warn!("the caller went away; asking the copy to stop at its next volume");
+                            stopped.store(true, Ordering::SeqCst);
+                            return;
+                        }
+                        last_sent = Instant::now();
+                    }
+                }
+            };
+            let event = match result {
+                Ok(done) => {
+                    let took_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+                    info!(took_ms, "copy done");
+                    let _ = tx.send(progress_event(total, total)).await;
+                    Ok(CopyEvent { event: Some(copy_event::Event::Done(done)) })
+                }
+                Err(e) if stopped.load(Ordering::SeqCst) => {
+                    warn!(error = %e, "copy stopped");
+                    Err(Status::aborted(e))
+                }
+                Err(e) => {
+                    warn!(error = %e, "copy failed");
+                    Err(Status::internal(e))
+                }
+            };
+            let _ = tx.send(event).await;
+        }
+        .instrument(span),
+    );
+    rx
+}
