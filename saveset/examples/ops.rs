@@ -29,6 +29,11 @@ fn main() {
             if dbg {
                 eprintln!("open {:?}", t.elapsed());
             }
+            if dbg {
+                let t1 = Instant::now();
+                let _ = repo.load_manifest(a[2].parse().expect("id")).expect("manifest");
+                eprintln!("manifest load {:?}", t1.elapsed());
+            }
             let st = repo
                 .restore_volume(a[2].parse().expect("id"), Path::new(&a[3]), true)
                 .expect("restore");

@@ -159,6 +159,8 @@ struct Any<C> {
     size: Option<u64>,
     chunk_size: Option<u32>,
     chunks: Option<C>,
+    /// Format 2: the chunk list is not in the JSON but follows it as a binary zstd frame.
+    chunk_count: Option<u64>,
     backup: Option<String>,
     volumes: Option<Vec<ManifestId>>,
     #[serde(default)]
@@ -166,9 +168,18 @@ struct Any<C> {
     created_unix_ms: Option<u64>,
 }
 
-/// A parsed manifest: a volume's fields with its chunk list as `C`, or a backup manifest.
+/// Where a volume manifest keeps its chunk list.
+enum Chunks<C> {
+    /// In the JSON (format 1), read as `C`.
+    Inline(C),
+    /// In the binary frame after the JSON (format 2): this many chunks.
+    Binary(u64),
+}
+
+/// A parsed manifest header: a volume's fields and where its chunk list is, or a backup
+/// manifest.
 enum Parsed<C> {
-    Volume(VolumeSummary, C),
+    Volume(VolumeSummary, Chunks<C>),
     Backup(BackupManifest),
 }
 
@@ -188,7 +199,14 @@ fn parse<'de, D: Deserializer<'de>, C: Deserialize<'de>>(d: D) -> Result<Parsed<
                 chunk_size: a.chunk_size.ok_or_else(|| D::Error::missing_field("chunk_size"))?,
                 created_unix_ms,
             },
-            a.chunks.ok_or_else(|| D::Error::missing_field("chunks"))?,
+            match (a.chunks, a.chunk_count) {
+                (Some(inline), None) => Chunks::Inline(inline),
+                (None, Some(count)) => Chunks::Binary(count),
+                (Some(_), Some(_)) => {
+                    return Err(D::Error::custom("both `chunks` and `chunk_count`"));
+                }
+                (None, None) => return Err(D::Error::missing_field("chunks")),
+            },
         ),
         Kind::Backup => Parsed::Backup(BackupManifest {
             backup: a.backup.ok_or_else(|| D::Error::missing_field("backup"))?,
@@ -199,27 +217,173 @@ fn parse<'de, D: Deserializer<'de>, C: Deserialize<'de>>(d: D) -> Result<Parsed<
     })
 }
 
-impl<'de> Deserialize<'de> for Manifest {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        Ok(match parse::<D, Vec<Option<ChunkId>>>(d)? {
-            Parsed::Volume(v, chunks) => Manifest::Volume(VolumeManifest {
-                meta: v.meta,
-                size: v.size,
-                chunk_size: v.chunk_size,
-                chunks,
-                created_unix_ms: v.created_unix_ms,
-            }),
-            Parsed::Backup(b) => Manifest::Backup(b),
-        })
+/// Reads a manifest header: the first zstd frame of the plaintext, JSON. Streamed, because a
+/// format 1 volume manifest keeps its whole chunk list there (~67 bytes of text per chunk).
+fn read_header<C: serde::de::DeserializeOwned>(frame: &[u8]) -> Result<Parsed<C>, String> {
+    struct Header<C>(Parsed<C>);
+    impl<'de, C: Deserialize<'de>> Deserialize<'de> for Header<C> {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            parse(d).map(Header)
+        }
+    }
+    let json = zstd::stream::read::Decoder::with_buffer(frame).map_err(|e| e.to_string())?;
+    serde_json::from_reader::<_, Header<C>>(std::io::BufReader::with_capacity(1 << 16, json))
+        .map(|h| h.0)
+        .map_err(|e| e.to_string())
+}
+
+/// Splits a manifest's plaintext into its first zstd frame (the JSON header) and the rest (a
+/// format 2 volume's chunk list, else nothing).
+fn split_header(plain: &[u8]) -> Result<(&[u8], &[u8]), String> {
+    let len = zstd::zstd_safe::find_frame_compressed_size(plain).map_err(|code| {
+        format!("does not start with a zstd frame ({})", zstd::zstd_safe::get_error_name(code))
+    })?;
+    Ok(plain.split_at(len))
+}
+
+/// Decodes a manifest file's plaintext (the opened seal), either format.
+pub(crate) fn decode_manifest(plain: &[u8]) -> Result<Manifest, String> {
+    let (header, rest) = split_header(plain)?;
+    let (v, chunks) = match read_header::<Vec<Option<ChunkId>>>(header)? {
+        Parsed::Backup(b) => return no_trailing(rest).map(|()| Manifest::Backup(b)),
+        Parsed::Volume(v, Chunks::Inline(chunks)) => {
+            no_trailing(rest)?;
+            (v, chunks)
+        }
+        Parsed::Volume(v, Chunks::Binary(count)) => {
+            let chunks = read_chunk_list(rest, count, expected_chunks(&v)?)?;
+            (v, chunks)
+        }
+    };
+    if chunks.len() as u64 != expected_chunks(&v)? {
+        return Err(format!(
+            "lists {} chunks where a volume of {} bytes in chunks of {} has {}",
+            chunks.len(),
+            v.size,
+            v.chunk_size,
+            expected_chunks(&v)?
+        ));
+    }
+    Ok(Manifest::Volume(VolumeManifest {
+        meta: v.meta,
+        size: v.size,
+        chunk_size: v.chunk_size,
+        chunks,
+        created_unix_ms: v.created_unix_ms,
+    }))
+}
+
+/// Decodes a manifest's plaintext without its chunk list: a format 2 volume manifest's list is
+/// not even decompressed, a format 1 list is skipped as it is parsed.
+pub(crate) fn decode_summary(plain: &[u8]) -> Result<ManifestSummary, String> {
+    let (header, _) = split_header(plain)?;
+    Ok(match read_header::<serde::de::IgnoredAny>(header)? {
+        Parsed::Volume(v, _) => ManifestSummary::Volume(v),
+        Parsed::Backup(b) => ManifestSummary::Backup(b),
+    })
+}
+
+/// How many chunks a volume of this size has.
+fn expected_chunks(v: &VolumeSummary) -> Result<u64, String> {
+    if v.chunk_size == 0 {
+        return Err("has a chunk size of 0".into());
+    }
+    Ok(v.size.div_ceil(u64::from(v.chunk_size)))
+}
+
+fn no_trailing(rest: &[u8]) -> Result<(), String> {
+    if rest.is_empty() {
+        Ok(())
+    } else {
+        Err(format!("has {} unexpected bytes after its JSON", rest.len()))
     }
 }
 
-impl<'de> Deserialize<'de> for ManifestSummary {
-    /// Skips the chunk list as it reads it: nothing of it is kept.
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        Ok(match parse::<D, serde::de::IgnoredAny>(d)? {
-            Parsed::Volume(v, _) => ManifestSummary::Volume(v),
-            Parsed::Backup(b) => ManifestSummary::Backup(b),
-        })
+/// Reads a format 2 chunk list: one zstd frame holding a bitmap of `count` bits (bit `i % 8`
+/// of byte `i / 8` set when chunk `i` holds data) and then the 32-byte id of every data chunk,
+/// in order.
+fn read_chunk_list(
+    frame: &[u8],
+    count: u64,
+    expected: u64,
+) -> Result<Vec<Option<ChunkId>>, String> {
+    use std::io::Read;
+    if count != expected {
+        return Err(format!("says {count} chunks where its size makes {expected}"));
+    }
+    let count =
+        usize::try_from(count).map_err(|_| format!("{count} chunks do not fit in memory"))?;
+    let short = |e: std::io::Error| format!("chunk list cut short or damaged: {e}");
+    let dec = zstd::stream::read::Decoder::with_buffer(frame).map_err(|e| e.to_string())?;
+    let mut r = std::io::BufReader::with_capacity(1 << 16, dec);
+    let mut bitmap = vec![0u8; count.div_ceil(8)];
+    r.read_exact(&mut bitmap).map_err(short)?;
+    let mut chunks = Vec::with_capacity(count);
+    for i in 0..count {
+        if bitmap[i / 8] & (1 << (i % 8)) == 0 {
+            chunks.push(None);
+        } else {
+            let mut id = [0u8; 32];
+            r.read_exact(&mut id).map_err(short)?;
+            chunks.push(Some(ChunkId(id)));
+        }
+    }
+    if r.read(&mut [0u8; 1]).map_err(short)? != 0 {
+        return Err("chunk list has bytes after its last chunk".into());
+    }
+    Ok(chunks)
+}
+
+/// Encodes a manifest's plaintext, appended to `out`: format 2 for a volume (a small JSON
+/// header frame, then the binary chunk list frame: 32 bytes per data chunk and a bit per chunk,
+/// so loading a 4 GiB volume's list is a copy rather than parsing 70 MB of hex), JSON for a
+/// backup manifest.
+pub(crate) fn encode_manifest(manifest: &Manifest, out: Vec<u8>) -> Vec<u8> {
+    use std::io::Write;
+    const LEVEL: i32 = 3;
+    let written = "writing to memory cannot fail";
+    match manifest {
+        Manifest::Backup(_) => {
+            let mut enc = zstd::stream::write::Encoder::new(out, LEVEL).expect(written);
+            serde_json::to_writer(&mut enc, manifest).expect("manifests serialize");
+            enc.finish().expect(written)
+        }
+        Manifest::Volume(v) => {
+            #[derive(Serialize)]
+            struct Header<'a> {
+                kind: &'static str,
+                meta: &'a VolumeMeta,
+                size: u64,
+                chunk_size: u32,
+                chunk_count: u64,
+                created_unix_ms: u64,
+            }
+            let header = Header {
+                kind: "volume",
+                meta: &v.meta,
+                size: v.size,
+                chunk_size: v.chunk_size,
+                chunk_count: v.chunks.len() as u64,
+                created_unix_ms: v.created_unix_ms,
+            };
+            let mut enc = zstd::stream::write::Encoder::new(out, LEVEL).expect(written);
+            serde_json::to_writer(&mut enc, &header).expect("manifests serialize");
+            let out = enc.finish().expect(written);
+            let mut bitmap = vec![0u8; v.chunks.len().div_ceil(8)];
+            for (i, c) in v.chunks.iter().enumerate() {
+                if c.is_some() {
+                    bitmap[i / 8] |= 1 << (i % 8);
+                }
+            }
+            let mut enc = zstd::stream::write::Encoder::new(out, LEVEL).expect(written);
+            enc.write_all(&bitmap).expect(written);
+            for id in v.chunks.iter().flatten() {
+                enc.write_all(&id.0).expect(written);
+            }
+            enc.finish().expect(written)
+        }
     }
 }
+
+#[cfg(test)]
+mod tests;

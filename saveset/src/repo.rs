@@ -14,7 +14,7 @@ use crate::crypto::{self, hex, unhex_vec, ChunkOpener, ChunkSealer, KdfParams, M
 use crate::direct;
 use crate::error::{Error, Result};
 use crate::index::Index;
-use crate::manifest::{ChunkId, Manifest, ManifestId, ManifestSummary, PackId};
+use crate::manifest::{self, ChunkId, Manifest, ManifestId, ManifestSummary, PackId};
 use crate::storage::{self, Location, Storage};
 
 /// The format version this crate reads and writes.
@@ -295,16 +295,20 @@ impl Repository {
 
     /// Reads and decrypts a manifest.
     pub fn load_manifest(&self, id: ManifestId) -> Result<Manifest> {
-        self.load_manifest_as(id)
+        self.load_manifest_as(id, manifest::decode_manifest)
     }
 
     /// Reads a manifest without keeping a volume's chunk list: a few dozen bytes per manifest
     /// however large the volume, for searching a repository of many backups.
     pub fn load_summary(&self, id: ManifestId) -> Result<ManifestSummary> {
-        self.load_manifest_as(id)
+        self.load_manifest_as(id, manifest::decode_summary)
     }
 
-    fn load_manifest_as<T: serde::de::DeserializeOwned>(&self, id: ManifestId) -> Result<T> {
+    fn load_manifest_as<T>(
+        &self,
+        id: ManifestId,
+        decode: fn(&[u8]) -> std::result::Result<T, String>,
+    ) -> Result<T> {
         let name = id.to_string();
         let key = format!("manifests/{name}");
         let path = self.storage.describe(&key);
@@ -319,12 +323,7 @@ impl Repository {
             .key
             .open_in_place(format!("manifests/{name}").as_bytes(), blob)
             .ok_or_else(|| damaged("does not decrypt".into()))?;
-        // Parsed while it is decompressed: the JSON text (~67 bytes per chunk) is never whole
-        // in memory.
-        let json = zstd::stream::read::Decoder::new(plain.as_slice())
-            .map_err(|e| damaged(e.to_string()))?;
-        serde_json::from_reader(std::io::BufReader::with_capacity(1 << 16, json))
-            .map_err(|e| damaged(e.to_string()))
+        decode(&plain).map_err(damaged)
     }
 
     /// Every manifest id in the repository.
@@ -338,15 +337,8 @@ impl Repository {
     pub fn write_manifest(&self, manifest: &Manifest) -> Result<ManifestId> {
         let id = ManifestId(crypto::random());
         let name = id.to_string();
-        // JSON streamed through zstd into a buffer that is then sealed in place: the JSON text
-        // (~67 bytes per chunk) is never whole in memory, and the blob exists once.
-        let mut enc = zstd::stream::write::Encoder::new(vec![0u8; 24], 3)
-            .expect("a zstd encoder can be made");
-        let mut w = std::io::BufWriter::with_capacity(1 << 16, &mut enc);
-        serde_json::to_writer(&mut w, manifest).expect("manifests serialize");
-        std::io::Write::flush(&mut w).expect("writing to memory cannot fail");
-        drop(w);
-        let packed = enc.finish().expect("writing to memory cannot fail");
+        // Encoded after room for the nonce, then sealed in place: the blob exists once.
+        let packed = manifest::encode_manifest(manifest, vec![0u8; 24]);
         let blob = self.key.seal_in_place(format!("manifests/{name}").as_bytes(), packed);
         self.storage.put(&format!("manifests/{name}"), &blob)?;
         Ok(id)

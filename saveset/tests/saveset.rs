@@ -359,6 +359,34 @@ fn restore_refuses_a_non_empty_target_without_force() {
 }
 
 #[test]
+fn restore_to_a_filesystem_too_small_fails_before_writing_and_says_so() {
+    let tmp = tempfile::tempdir().unwrap();
+    let img = image(tmp.path(), "img", 8, 6);
+    let repo_dir = tmp.path().join("repo");
+    let mut repo = Repository::init_with(&repo_dir, &secret(), opts()).unwrap();
+    let b = repo.backup_volume(&img, meta("b1", "srv-a"), &mut |_| {}).unwrap();
+    // A 1 MiB tmpfs for an image with several MiB of data.
+    let small = tmp.path().join("small");
+    fs::create_dir(&small).unwrap();
+    let mounted = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=1m", "tmpfs", small.to_str().unwrap()])
+        .status()
+        .unwrap();
+    assert!(mounted.success(), "mount a 1 MiB tmpfs (the suite runs as root)");
+    let err = repo.restore_volume(b.id, &small.join("disk.img"), false);
+    let left = small.join("disk.img").exists();
+    assert!(Command::new("umount").arg(&small).status().unwrap().success());
+    let err = err.unwrap_err().to_string();
+    assert!(err.contains("allocate") && err.contains("No space left"), "{err}");
+    // Refused before any data was written, and the file it had created is gone, so a retry
+    // somewhere with room needs no --force.
+    assert!(!left, "the failed restore left its target behind");
+    // The repository is untouched and still restores elsewhere.
+    let report = repo.verify(true).unwrap();
+    assert!(report.is_ok(), "{report:?}");
+}
+
+#[test]
 fn backup_manifest_records_the_cut_as_given() {
     let tmp = tempfile::tempdir().unwrap();
     let img = image(tmp.path(), "img", 4, 7);
