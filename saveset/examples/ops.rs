@@ -38,7 +38,12 @@ fn main() {
                 .restore_volume(a[2].parse().expect("id"), Path::new(&a[3]), true)
                 .expect("restore");
             let s = t.elapsed().as_secs_f64();
-            println!("restore {s:.2} s {:.0} MB/s", st.size as f64 / s / 1e6);
+            println!(
+                "restore {s:.2} s {:.0} MB/s, {} of {} data bytes reused",
+                st.size as f64 / s / 1e6,
+                st.bytes_reused,
+                st.bytes_written
+            );
         }
         "verify" => {
             let repo = Repository::open(repo_path, &secret).expect("open");
