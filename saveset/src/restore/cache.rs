@@ -1,11 +1,11 @@
 //! Decoded chunks a restore will need again, kept for their next use.
 //!
 //! Disk images repeat blocks far apart (the same file in two places, copies of libraries): in
-//! the benchmark image 36% of the data chunks repeat one more than a window before them. Each
+//! the benchmark image 36% of the data chunks repeat one from an earlier window. Each
 //! repeat would otherwise be read, opened, decompressed and re-hashed again. The manifest says
 //! exactly where every chunk is used next, so the cache follows Belady's rule: it keeps only
 //! chunks that will be used again and, when full, drops the one whose next use is farthest
-//! (the best any cache of that size can do; 64 MiB serves 21% of the benchmark's data chunks).
+//! (the best any cache of that size can do; 48 MiB serve 18% of the benchmark's data bytes).
 //! Workers take windows nearly in order but not exactly, so an entry whose next use a worker
 //! has already passed (it missed because another worker had not yet offered the chunk) is stale
 //! and goes first.
