@@ -1,3 +1,5 @@
+//! The manifest encoding: both formats read, format 2 written, damage named.
+
 use super::*;
 
 fn volume(size: u64, chunks: Vec<Option<ChunkId>>) -> Manifest {

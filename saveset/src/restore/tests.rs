@@ -1,3 +1,5 @@
+//! Restores through the repeat cache, from none to one that holds every repeat.
+
 use std::os::unix::fs::FileExt;
 
 use super::*;
