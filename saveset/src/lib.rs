@@ -30,6 +30,6 @@ pub use manifest::{
 };
 pub use pool::{secret_from_files, Pool, SecretFileError};
 pub use repo::{InitOptions, Repository, FORMAT_VERSION};
-pub use restore::RestoreStats;
+pub use restore::{RestoreProgress, RestoreStats};
 pub use storage::{Location, S3Location, Storage};
 pub use verify::{Damage, Report};

@@ -40,6 +40,17 @@ pub struct RestoreStats {
     pub bytes_reused: u64,
 }
 
+/// How far a restore has come, reported each time a window of the volume is on its way to the
+/// disk (every 4 MiB of the volume, from several threads: `done` only grows, but two reports
+/// may arrive out of order).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RestoreProgress {
+    /// Bytes of the volume restored so far, data and holes.
+    pub done: u64,
+    /// The volume's size.
+    pub size: u64,
+}
+
 impl Repository {
     /// Restores the volume manifest `id` to `target`; see [`Repository::restore_manifest`].
     pub fn restore_volume(
@@ -48,8 +59,19 @@ impl Repository {
         target: &Path,
         force: bool,
     ) -> Result<RestoreStats> {
+        self.restore_volume_with(id, target, force, &|_| {})
+    }
+
+    /// [`Repository::restore_volume`], reporting its progress.
+    pub fn restore_volume_with(
+        &self,
+        id: ManifestId,
+        target: &Path,
+        force: bool,
+        progress: &(dyn Fn(RestoreProgress) + Sync),
+    ) -> Result<RestoreStats> {
         match self.load_manifest(id)? {
-            Manifest::Volume(m) => self.restore_manifest(&m, target, force),
+            Manifest::Volume(m) => self.restore_manifest(&m, target, force, progress),
             Manifest::Backup(_) => Err(Error::Damaged {
                 what: format!("manifest {id}"),
                 reason: "is a backup manifest, not a volume manifest".into(),
@@ -66,9 +88,10 @@ impl Repository {
         manifest: &VolumeManifest,
         target: &Path,
         force: bool,
+        progress: &(dyn Fn(RestoreProgress) + Sync),
     ) -> Result<RestoreStats> {
         let (file, sparse, created) = open_target(target, manifest.size, force)?;
-        let restored = self.write_volume(manifest, &file, sparse, target, REPEAT_CACHE);
+        let restored = self.write_volume(manifest, &file, sparse, target, REPEAT_CACHE, progress);
         if restored.is_err() && created {
             drop(file);
             let _ = fs::remove_file(target);
@@ -84,6 +107,7 @@ impl Repository {
         sparse: bool,
         target: &Path,
         cache_budget: usize,
+        progress: &(dyn Fn(RestoreProgress) + Sync),
     ) -> Result<RestoreStats> {
         if sparse {
             preallocate_data(manifest, file, target)?;
@@ -100,6 +124,7 @@ impl Repository {
         let failed = AtomicBool::new(false);
         let written = AtomicU64::new(0);
         let reused = AtomicU64::new(0);
+        let done = AtomicU64::new(0);
         // Two per core: while one waits on a read or a direct write, the other decodes.
         let workers = std::thread::available_parallelism().map_or(2, |n| 2 * n.get()).clamp(2, 8);
         let workers = workers.min(windows.max(1));
@@ -116,6 +141,7 @@ impl Repository {
                     let failed = &failed;
                     let written = &written;
                     let reused = &reused;
+                    let done = &done;
                     let in_progress = &in_progress;
                     s.spawn(move || -> Result<()> {
                         let mut scratch = Scratch {
@@ -145,6 +171,12 @@ impl Repository {
                                 Ok((n, again)) => {
                                     written.fetch_add(n, Ordering::Relaxed);
                                     reused.fetch_add(again, Ordering::Relaxed);
+                                    let (from, _) = manifest.extent(first);
+                                    let (end, end_len) = manifest.extent(last - 1);
+                                    let bytes = end + end_len as u64 - from;
+                                    let size = manifest.size;
+                                    let done = done.fetch_add(bytes, Ordering::Relaxed) + bytes;
+                                    progress(RestoreProgress { done, size });
                                 }
                                 Err(e) => {
                                     failed.store(true, Ordering::Relaxed);

@@ -56,10 +56,19 @@ fn a_restore_is_bit_for_bit_whatever_the_repeat_cache_holds() {
     for budget in [0, 3 * 4096, 16 * 4096, 48 << 20] {
         let target = dir.path().join(format!("restored-{budget}"));
         let (file, sparse, _) = open_target(&target, manifest.size, false).expect("target");
-        let stats = repo.write_volume(&manifest, &file, sparse, &target, budget).expect("restore");
+        let reports = std::sync::Mutex::new(Vec::new());
+        let progress = |p: RestoreProgress| reports.lock().expect("not poisoned").push(p.done);
+        let stats = repo
+            .write_volume(&manifest, &file, sparse, &target, budget, &progress)
+            .expect("restore");
         assert_eq!(stats.size, image.len() as u64);
         assert!(fs::read(&target).expect("read back") == image, "budget {budget}: differs");
         reused.push(stats.bytes_reused);
+        // One report per 4 MiB window, the last one the whole volume.
+        let mut reports = reports.into_inner().expect("not poisoned");
+        reports.sort_unstable();
+        let windows: Vec<u64> = (1..=24).map(|w| w * (4 << 20)).collect();
+        assert_eq!(reports, windows, "budget {budget}");
     }
     // Without a cache only repeats inside a window are copies. A cache serves more; one that
     // holds all 100 shared blocks serves them in every window after the first few (workers
