@@ -9,10 +9,12 @@ use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use stillpoint_core::sys::{next_data, next_hole};
 
-use crate::error::{IoContext, Result};
+use crate::claims::{Claimed, Claims, CopyToken};
+use crate::error::{Error, IoContext, Result};
 use crate::index::IdSet;
 use crate::manifest::{ChunkId, Manifest, ManifestId, VolumeManifest, VolumeMeta};
 use crate::repo::{now_ms, PackWriter, Repository, StoredPack};
@@ -26,6 +28,9 @@ const BATCH: usize = 32;
 const IN_FLIGHT: usize = 2;
 /// Bytes read from the source by one read (data regions only).
 const READ_WINDOW: usize = 1 << 20;
+/// How long a copy waits, before writing its manifest, for chunks a sibling copy claimed to be
+/// written (`claims.rs`); then it stores what is still missing itself.
+const SIBLING_WAIT: Duration = Duration::from_secs(10);
 
 /// Chunks between the stages, back to back in one buffer: from the reader their plaintexts,
 /// from the workers the same chunks compressed and sealed. One allocation per batch, not three
@@ -138,20 +143,21 @@ impl Repository {
             created_unix_ms: 0,
         };
         let mut stats = BackupStats { size, ..BackupStats::default() };
-        let this = &*self;
-        let (read, stored) = std::thread::scope(|s| {
-            let (job_tx, job_rx) = sync_channel::<Batch>(IN_FLIGHT);
-            let (sealed_tx, sealed_rx) = sync_channel::<Batch>(IN_FLIGHT);
-            let job_rx = Arc::new(Mutex::new(job_rx));
-            for _ in 0..WORKERS {
-                let (rx, tx) = (Arc::clone(&job_rx), sealed_tx.clone());
-                s.spawn(move || this.seal_batches(&rx, &tx));
-            }
-            drop(sealed_tx);
-            let packer = s.spawn(move || this.store_packs(sealed_rx));
-            let read = this.read_chunks(&file, source, &mut manifest, &mut stats, job_tx, progress);
-            let stored = packer.join().expect("the pack writer does not panic");
-            (read, stored)
+        let claim = self.claims.clone().map(|claims| ClaimGuard { token: claims.begin(), claims });
+        let token = claim.as_ref().map(|g| (&*g.claims, g.token));
+        // Chunks a sibling copy is storing: referenced now, made sure of before the manifest.
+        let mut deferred = Vec::new();
+        let (read, stored) = self.pipeline(|jobs| {
+            self.read_chunks(
+                &file,
+                source,
+                &mut manifest,
+                &mut stats,
+                token,
+                &mut deferred,
+                jobs,
+                progress,
+            )
         });
         let (packs, bytes_stored) = stored?;
         stats.packs = packs.len() as u64;
@@ -161,6 +167,15 @@ impl Repository {
             self.remember(p);
         }
         read?;
+        if let Some(guard) = &claim {
+            if !deferred.is_empty() {
+                let ids: Vec<ChunkId> = deferred.iter().map(|&(id, _, _)| id).collect();
+                let missing: IdSet<ChunkId> =
+                    guard.claims.wait(&ids, Instant::now() + SIBLING_WAIT).into_iter().collect();
+                deferred.retain(|(id, _, _)| missing.contains(id));
+                self.store_again(&file, source, &deferred, &mut stats)?;
+            }
+        }
         manifest.created_unix_ms = now_ms();
         let whole = Manifest::Volume(manifest);
         let id = self.write_manifest(&whole)?;
@@ -169,15 +184,90 @@ impl Repository {
         Ok(VolumeBackup { id, manifest, stats })
     }
 
+    /// Runs the pipeline behind a reader: `WORKERS` threads seal what `feed` sends, a packer
+    /// stores packs. Returns what `feed` returned and the stored packs (with their bytes).
+    fn pipeline<R>(
+        &self,
+        feed: impl FnOnce(SyncSender<Batch>) -> R,
+    ) -> (R, Result<(Vec<StoredPack>, u64)>) {
+        std::thread::scope(|s| {
+            let (job_tx, job_rx) = sync_channel::<Batch>(IN_FLIGHT);
+            let (sealed_tx, sealed_rx) = sync_channel::<Batch>(IN_FLIGHT);
+            let job_rx = Arc::new(Mutex::new(job_rx));
+            for _ in 0..WORKERS {
+                let (rx, tx) = (Arc::clone(&job_rx), sealed_tx.clone());
+                s.spawn(move || self.seal_batches(&rx, &tx));
+            }
+            drop(sealed_tx);
+            let packer = s.spawn(move || self.store_packs(sealed_rx));
+            let fed = feed(job_tx);
+            let stored = packer.join().expect("the pack writer does not panic");
+            (fed, stored)
+        })
+    }
+
+    /// Stores chunks a sibling copy had claimed but not stored in time (it failed, or still
+    /// holds them in an unwritten pack): read again from `source`, whose content must not have
+    /// changed (it is a snapshot).
+    fn store_again(
+        &mut self,
+        file: &File,
+        source: &Path,
+        chunks: &[(ChunkId, u64, usize)],
+        stats: &mut BackupStats,
+    ) -> Result<()> {
+        if chunks.is_empty() {
+            return Ok(());
+        }
+        let (fed, stored) = self.pipeline(|jobs| -> Result<()> {
+            let mut data = vec![0u8; self.chunk_size() as usize];
+            let mut batch = Batch::with_capacity(BATCH, BATCH * data.len());
+            for &(id, off, len) in chunks {
+                file.read_exact_at(&mut data[..len], off).ctx("read", source)?;
+                if ChunkId(self.key.chunk_id(&data[..len])) != id {
+                    return Err(Error::Damaged {
+                        what: format!("{} at offset {off}", source.display()),
+                        reason: "changed while it was being copied (a snapshot cannot)".into(),
+                    });
+                }
+                batch.push(id, &data[..len]);
+                if batch.len() == BATCH {
+                    let full = std::mem::replace(&mut batch, Batch::with_capacity(BATCH, 0));
+                    if jobs.send(full).is_err() {
+                        return Ok(());
+                    }
+                }
+            }
+            if batch.len() > 0 {
+                let _ = jobs.send(batch);
+            }
+            Ok(())
+        });
+        let (packs, bytes) = stored?;
+        fed?;
+        stats.packs += packs.len() as u64;
+        stats.bytes_stored += bytes;
+        stats.new_chunks += chunks.len() as u64;
+        stats.reused_chunks -= chunks.len() as u64;
+        for p in packs {
+            self.remember(p);
+        }
+        Ok(())
+    }
+
     /// The reader: walks the source's data regions, hashes every chunk, records holes and ids
-    /// in the manifest, and sends chunks no index or earlier batch has to the workers. Stops
-    /// early (`Ok`) if the pipeline behind it has stopped; the packer reports why.
+    /// in the manifest, and sends chunks no index, earlier batch or sibling copy has to the
+    /// workers; chunks a sibling is storing go to `deferred` (id, offset, length). Stops early
+    /// (`Ok`) if the pipeline behind it has stopped; the packer reports why.
+    #[allow(clippy::too_many_arguments)]
     fn read_chunks(
         &self,
         file: &File,
         source: &Path,
         manifest: &mut VolumeManifest,
         stats: &mut BackupStats,
+        claim: Option<(&Claims, CopyToken)>,
+        deferred: &mut Vec<(ChunkId, u64, usize)>,
         jobs: SyncSender<Batch>,
         progress: &mut dyn FnMut(Progress),
     ) -> Result<()> {
@@ -224,8 +314,14 @@ impl Repository {
                     None
                 } else {
                     let id = ChunkId(self.key.chunk_id(data));
+                    let sibling = || claim.map_or(Claimed::Mine, |(c, token)| c.claim(id, token));
                     if self.index.contains_key(&id) || !sent.insert(id) {
                         stats.reused_chunks += 1;
+                    } else if let claimed @ (Claimed::Pending | Claimed::Stored) = sibling() {
+                        stats.reused_chunks += 1;
+                        if claimed == Claimed::Pending {
+                            deferred.push((id, off, len));
+                        }
                     } else {
                         stats.new_chunks += 1;
                         batch.push(id, data);
@@ -287,6 +383,9 @@ impl Repository {
                 let mut stored = Vec::new();
                 for pack in full_rx {
                     let (pack, buf) = self.store_pack(pack)?;
+                    if let Some(claims) = &self.claims {
+                        claims.stored(pack.chunk_ids());
+                    }
                     stored.push(pack);
                     let _ = empty_tx.try_send(buf);
                 }
@@ -316,6 +415,22 @@ impl Repository {
             let stored = storer.join().expect("the pack storer does not panic")?;
             Ok((stored, bytes))
         })
+    }
+}
+
+#[cfg(test)]
+mod tests;
+
+/// A copy's registration with its pool's claims, ended however the copy ends: its pending
+/// claims are released so that siblings waiting on them store those chunks themselves.
+struct ClaimGuard {
+    claims: Arc<Claims>,
+    token: CopyToken,
+}
+
+impl Drop for ClaimGuard {
+    fn drop(&mut self) {
+        self.claims.end(self.token);
     }
 }
 

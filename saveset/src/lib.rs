@@ -10,6 +10,7 @@
 //! - `manifest.rs`: ids and manifests (plain data); `crypto.rs`: KDF, sealing, chunk ids.
 
 mod backup;
+mod claims;
 mod crypto;
 mod direct;
 mod error;

@@ -4,8 +4,9 @@
 //! not once per copy. Concurrent writers through separate handles are safe by the format.
 
 use std::path::Path;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
+use crate::claims::Claims;
 use crate::error::Result;
 use crate::{Location, Repository, Secret};
 
@@ -14,6 +15,9 @@ pub struct Pool {
     location: Location,
     secret: Secret,
     idle: Mutex<Vec<Repository>>,
+    /// Chunks the pool's copies are storing right now, so concurrent copies of similar disks
+    /// store each new chunk once.
+    claims: Arc<Claims>,
 }
 
 impl std::fmt::Debug for Pool {
@@ -26,8 +30,10 @@ impl Pool {
     /// Unlocks the repository once, so that a wrong secret or a missing repository shows when
     /// the caller starts rather than at its first copy.
     pub fn open(location: Location, secret: Secret) -> Result<Pool> {
-        let first = Repository::open_at(&location, &secret)?;
-        Ok(Pool { location, secret, idle: Mutex::new(vec![first]) })
+        let claims = Arc::new(Claims::default());
+        let mut first = Repository::open_at(&location, &secret)?;
+        first.claims = Some(Arc::clone(&claims));
+        Ok(Pool { location, secret, idle: Mutex::new(vec![first]), claims })
     }
 
     /// Where the repository is.
@@ -45,7 +51,11 @@ impl Pool {
         let idle = self.idle.lock().unwrap_or_else(|p| p.into_inner()).pop();
         let mut repo = match idle {
             Some(r) => r,
-            None => Repository::open_at(&self.location, &self.secret).map_err(open)?,
+            None => {
+                let mut repo = Repository::open_at(&self.location, &self.secret).map_err(open)?;
+                repo.claims = Some(Arc::clone(&self.claims));
+                repo
+            }
         };
         let result = f(&mut repo);
         self.idle.lock().unwrap_or_else(|p| p.into_inner()).push(repo);

@@ -6,10 +6,12 @@ use std::collections::HashMap;
 use std::io::ErrorKind;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
+use crate::claims::Claims;
 use crate::crypto::{self, hex, unhex_vec, ChunkOpener, ChunkSealer, KdfParams, MasterKey, Secret};
 use crate::direct;
 use crate::error::{Error, Result};
@@ -87,6 +89,9 @@ pub struct Repository {
     /// Every chunk some index file names, with the first location seen, and the index files
     /// already loaded (index files are named after their pack).
     pub(crate) index: Index,
+    /// Shared with the other handles of the same [`crate::Pool`]: chunks their copies are
+    /// storing right now (`claims.rs`). `None` for a handle of its own.
+    pub(crate) claims: Option<Arc<Claims>>,
 }
 
 impl std::fmt::Debug for Repository {
@@ -132,6 +137,7 @@ impl Repository {
             config,
             key: MasterKey::from_bytes(&master),
             index: Index::default(),
+            claims: None,
         };
         let text = serde_json::to_vec_pretty(&repo.config).expect("config serializes");
         // The config goes last: a location without it is not yet a repository.
@@ -191,6 +197,7 @@ impl Repository {
             config,
             key: MasterKey::from_bytes(&master),
             index: Index::default(),
+            claims: None,
         })
     }
 
@@ -493,6 +500,13 @@ pub(crate) struct PackWriter {
 pub(crate) struct StoredPack {
     id: PackId,
     entries: Vec<(ChunkId, u64, u32)>,
+}
+
+impl StoredPack {
+    /// The chunks in this pack.
+    pub(crate) fn chunk_ids(&self) -> impl Iterator<Item = ChunkId> + '_ {
+        self.entries.iter().map(|(id, _, _)| *id)
+    }
 }
 
 impl PackWriter {

@@ -11,8 +11,8 @@ use std::process::{Command, Stdio};
 mod s3;
 
 use stillpoint_saveset::{
-    BackupManifest, Damage, Error, InitOptions, KdfParams, Manifest, ManifestSummary, Repository,
-    Secret, VolumeManifest, VolumeMeta, VolumeSummary,
+    BackupManifest, Damage, Error, InitOptions, KdfParams, Location, Manifest, ManifestSummary,
+    Pool, Repository, Secret, VolumeManifest, VolumeMeta, VolumeSummary,
 };
 
 const MIB: u64 = 1 << 20;
@@ -497,6 +497,58 @@ fn two_concurrent_writers_to_one_repository_both_restore() {
     let report = repo.verify(true).unwrap();
     assert!(report.is_ok(), "{:?}", report.damage);
     assert_eq!(report.manifests, 2);
+    for (backup, source) in backups.iter().zip([&a, &b]) {
+        let out = tmp.path().join(format!("out-{}", backup.manifest.meta.server));
+        repo.restore_volume(backup.id, &out, false).unwrap();
+        assert_eq!(b3(&out), b3(source));
+    }
+}
+
+#[test]
+fn concurrent_copies_of_similar_disks_through_one_pool_store_each_chunk_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    // Two servers cloned from one template, copied at the same time (the listener copying a
+    // SAN): without claims each would store the template.
+    let a = image(tmp.path(), "a", 24, 10);
+    let b = mutated(&a, "b", 0.02);
+    let repo_dir = tmp.path().join("repo");
+    Repository::init_with(&repo_dir, &secret(), InitOptions { pack_size: MIB, ..opts() }).unwrap();
+    let pool = Pool::open(Location::Local(repo_dir.clone()), secret()).unwrap();
+    let start = std::sync::Barrier::new(2);
+    let backups: Vec<_> = std::thread::scope(|s| {
+        let handles: Vec<_> = [(&a, "srv-a"), (&b, "srv-b")]
+            .into_iter()
+            .map(|(img, server)| {
+                let (pool, start) = (&pool, &start);
+                s.spawn(move || {
+                    pool.with_repo(
+                        |e| e,
+                        |repo| {
+                            start.wait();
+                            repo.backup_volume(img, meta("b1", server), &mut |_| {})
+                        },
+                    )
+                    .unwrap()
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    // Each distinct data chunk of the two disks was stored by exactly one of the copies.
+    let repo = Repository::open(&repo_dir, &secret()).unwrap();
+    let mut distinct = std::collections::HashSet::new();
+    for backup in &backups {
+        distinct.extend(backup.manifest.chunks.iter().flatten().copied());
+    }
+    let new: u64 = backups.iter().map(|b| b.stats.new_chunks).sum();
+    assert_eq!(
+        new,
+        distinct.len() as u64,
+        "{:?}",
+        backups.iter().map(|b| b.stats).collect::<Vec<_>>()
+    );
+    let report = repo.verify(true).unwrap();
+    assert!(report.is_ok(), "{:?}", report.damage);
     for (backup, source) in backups.iter().zip([&a, &b]) {
         let out = tmp.path().join(format!("out-{}", backup.manifest.meta.server));
         repo.restore_volume(backup.id, &out, false).unwrap();
