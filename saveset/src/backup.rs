@@ -169,6 +169,9 @@ impl Repository {
         read?;
         if let Some(guard) = &claim {
             if !deferred.is_empty() {
+                // Once per chunk, wherever it repeats.
+                deferred.sort_unstable_by_key(|&(id, off, _)| (id, off));
+                deferred.dedup_by_key(|&mut (id, _, _)| id);
                 let ids: Vec<ChunkId> = deferred.iter().map(|&(id, _, _)| id).collect();
                 let missing: IdSet<ChunkId> =
                     guard.claims.wait(&ids, Instant::now() + SIBLING_WAIT).into_iter().collect();
@@ -314,10 +317,17 @@ impl Repository {
                     None
                 } else {
                     let id = ChunkId(self.key.chunk_id(data));
-                    let sibling = || claim.map_or(Claimed::Mine, |(c, token)| c.claim(id, token));
-                    if self.index.contains_key(&id) || !sent.insert(id) {
-                        stats.reused_chunks += 1;
-                    } else if let claimed @ (Claimed::Pending | Claimed::Stored) = sibling() {
+                    // With a pool, its claims also remember what this copy sent.
+                    let claimed = if self.index.contains_key(&id) {
+                        Claimed::Stored
+                    } else if let Some((claims, token)) = claim {
+                        claims.claim(id, token)
+                    } else if sent.insert(id) {
+                        Claimed::Mine
+                    } else {
+                        Claimed::Again
+                    };
+                    if claimed != Claimed::Mine {
                         stats.reused_chunks += 1;
                         if claimed == Claimed::Pending {
                             deferred.push((id, off, len));

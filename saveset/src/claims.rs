@@ -25,6 +25,8 @@ pub(crate) struct CopyToken(u64);
 pub(crate) enum Claimed {
     /// Nobody had it: this copy stores it.
     Mine,
+    /// This copy claimed it before (a repeat within the volume): already on its way.
+    Again,
     /// Another copy is storing it: reference it and [`Claims::wait`] before the manifest.
     Pending,
     /// Another copy has stored it durably: just reference it.
@@ -73,7 +75,7 @@ impl Claims {
                 inner.chunks.insert(id, State::Pending(copy));
                 Claimed::Mine
             }
-            Some(State::Pending(owner)) if *owner == copy => Claimed::Mine,
+            Some(State::Pending(owner)) if *owner == copy => Claimed::Again,
             Some(State::Pending(_)) => Claimed::Pending,
             Some(State::Stored) => Claimed::Stored,
         }
@@ -143,7 +145,7 @@ mod tests {
         let claims = Claims::default();
         let (a, b) = (claims.begin(), claims.begin());
         assert_eq!(claims.claim(id(1), a), Claimed::Mine);
-        assert_eq!(claims.claim(id(1), a), Claimed::Mine);
+        assert_eq!(claims.claim(id(1), a), Claimed::Again);
         assert_eq!(claims.claim(id(1), b), Claimed::Pending);
         std::thread::scope(|s| {
             let waiter =
