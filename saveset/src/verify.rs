@@ -4,6 +4,7 @@
 
 use std::fmt;
 use std::path::PathBuf;
+use std::sync::atomic::Ordering;
 
 use crate::error::IoContext;
 use crate::index::Index;
@@ -76,6 +77,15 @@ impl fmt::Display for Damage {
             ),
         }
     }
+}
+
+/// What one verify worker keeps from run to run.
+struct VerifyScratch<'k> {
+    dc: zstd::bulk::Decompressor<'static>,
+    out: Vec<u8>,
+    opener: crate::crypto::ChunkOpener<'k>,
+    read: Vec<u8>,
+    corrupt: Vec<(ChunkId, ChunkLoc, String)>,
 }
 
 impl Repository {
@@ -207,39 +217,79 @@ impl Repository {
             return Ok(report);
         }
         // Pack by pack (in id order), each referenced chunk at the location the index chose,
-        // in offset order; a damaged chunk is attributed to its manifests afterwards.
-        let mut corrupt: Vec<(ChunkId, ChunkLoc, String)> = Vec::new();
-        let mut dc = zstd::bulk::Decompressor::new().ctx("decompress", self.root.clone())?;
-        let mut out = vec![0u8; self.chunk_size() as usize];
-        let mut opener = self.key.chunk_opener();
-        let mut read = Vec::new();
+        // in offset order, runs of neighbours with one read; runs are shared out to two workers
+        // per core (one decodes while another waits on a read). A damaged chunk is attributed
+        // to its manifests afterwards.
         let mut chunks: Vec<(ChunkLoc, ChunkId)> =
             referenced.iter().filter_map(|&c| Some((index.get(&c)?, c))).collect();
         drop(referenced);
         chunks.sort_unstable_by_key(|&(loc, c)| (loc.pack, loc.offset, c));
         let locs: Vec<ChunkLoc> = chunks.iter().map(|&(loc, _)| loc).collect();
-        for run in runs(&locs, 64 << 10, 8 << 20) {
+        let all_runs = runs(&locs, 64 << 10, 8 << 20);
+        let next_run = std::sync::atomic::AtomicUsize::new(0);
+        let workers = std::thread::available_parallelism().map_or(2, |n| 2 * n.get()).clamp(2, 8);
+        let read_run = |scratch: &mut VerifyScratch<'_>, run: std::ops::Range<usize>| {
             let (first, last) = (locs[run.start], locs[run.end - 1]);
             let end = last.offset + u64::from(last.len);
-            let got = self.read_pack_into(first.pack, first.offset..end, &mut read);
+            let got = self.read_pack_into(first.pack, first.offset..end, &mut scratch.read);
             for &(loc, chunk) in &chunks[run] {
-                report.chunks_read += 1;
                 let reason = match &got {
                     Ok(r) => {
                         let at = r.start
                             + usize::try_from(loc.offset - first.offset).expect("inside the run");
-                        let blob = &mut read[at..at + loc.len as usize];
-                        self.decode_chunk_into(&mut opener, chunk, blob, &mut out, &mut dc)
-                            .err()
-                            .map(str::to_owned)
+                        let blob = &mut scratch.read[at..at + loc.len as usize];
+                        self.decode_chunk_into(
+                            &mut scratch.opener,
+                            chunk,
+                            blob,
+                            &mut scratch.out,
+                            &mut scratch.dc,
+                        )
+                        .err()
+                        .map(str::to_owned)
                     }
                     Err(e) => Some(e.to_string()),
                 };
                 if let Some(reason) = reason {
-                    corrupt.push((chunk, loc, reason));
+                    scratch.corrupt.push((chunk, loc, reason));
                 }
             }
+        };
+        let results: Vec<crate::Result<Vec<(ChunkId, ChunkLoc, String)>>> =
+            std::thread::scope(|s| {
+                let handles: Vec<_> = (0..workers.min(all_runs.len()))
+                    .map(|_| {
+                        s.spawn(|| -> crate::Result<Vec<(ChunkId, ChunkLoc, String)>> {
+                            let mut scratch = VerifyScratch {
+                                dc: zstd::bulk::Decompressor::new()
+                                    .ctx("decompress", self.root.clone())?,
+                                out: vec![0u8; self.chunk_size() as usize],
+                                opener: self.key.chunk_opener(),
+                                read: Vec::new(),
+                                corrupt: Vec::new(),
+                            };
+                            loop {
+                                let i = next_run.fetch_add(1, Ordering::Relaxed);
+                                let Some(run) = all_runs.get(i) else {
+                                    return Ok(scratch.corrupt);
+                                };
+                                read_run(&mut scratch, run.clone());
+                            }
+                        })
+                    })
+                    .collect();
+                handles
+                    .into_iter()
+                    .map(|h| h.join().expect("a verify worker does not panic"))
+                    .collect()
+            });
+        report.chunks_read = chunks.len();
+        let mut corrupt = Vec::new();
+        for r in results {
+            corrupt.extend(r?);
         }
+        // In (pack, offset) order, as a single reader would have found them.
+        corrupt.sort_by_key(|&(chunk, loc, _)| (loc.pack, loc.offset, chunk));
         drop(chunks);
         if corrupt.is_empty() {
             return Ok(report);
