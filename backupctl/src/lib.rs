@@ -11,6 +11,7 @@
 
 use std::io::Write;
 
+pub mod bar;
 pub mod client;
 pub mod cmd;
 pub mod error;

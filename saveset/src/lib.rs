@@ -33,4 +33,4 @@ pub use pool::{secret_from_files, Pool, SecretFileError};
 pub use repo::{InitOptions, Repository, FORMAT_VERSION};
 pub use restore::{RestoreProgress, RestoreStats};
 pub use storage::{Location, S3Location, Storage};
-pub use verify::{Damage, Report};
+pub use verify::{Damage, Report, VerifyProgress};

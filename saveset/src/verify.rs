@@ -79,6 +79,16 @@ impl fmt::Display for Damage {
     }
 }
 
+/// How far a verify that reads the data has come, reported after every ranged read (from
+/// several threads: `done` only grows, but two reports may arrive out of order).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct VerifyProgress {
+    /// Bytes of stored (sealed) chunks read and checked so far.
+    pub done: u64,
+    /// Bytes of stored chunks to read.
+    pub total: u64,
+}
+
 /// What one verify worker keeps from run to run.
 struct VerifyScratch<'k> {
     dc: zstd::bulk::Decompressor<'static>,
@@ -92,7 +102,7 @@ impl Repository {
     /// Checks every manifest against the index files and packs on disk now (not the index
     /// loaded at open), and with `read_data` reads each referenced chunk once.
     pub fn verify(&self, read_data: bool) -> crate::Result<Report> {
-        self.check(None, read_data)
+        self.check(None, read_data, &|_| {})
     }
 
     /// [`Repository::verify`] of the manifests `ids` only, and of the volume manifests that the
@@ -100,10 +110,25 @@ impl Repository {
     /// with them, not with the repository, so verify-after-write stays as fast on the
     /// thousandth backup as on the first. Index files are still all checked to decrypt.
     pub fn verify_manifests(&self, ids: &[ManifestId], read_data: bool) -> crate::Result<Report> {
-        self.check(Some(ids), read_data)
+        self.check(Some(ids), read_data, &|_| {})
     }
 
-    fn check(&self, scope: Option<&[ManifestId]>, read_data: bool) -> crate::Result<Report> {
+    /// [`Repository::verify_manifests`], reporting how much of the data it has read.
+    pub fn verify_manifests_with(
+        &self,
+        ids: &[ManifestId],
+        read_data: bool,
+        progress: &(dyn Fn(VerifyProgress) + Sync),
+    ) -> crate::Result<Report> {
+        self.check(Some(ids), read_data, progress)
+    }
+
+    fn check(
+        &self,
+        scope: Option<&[ManifestId]>,
+        read_data: bool,
+        progress: &(dyn Fn(VerifyProgress) + Sync),
+    ) -> crate::Result<Report> {
         let mut report = Report::default();
         // The index files on disk now. When they are exactly the ones loaded at open and all
         // still decrypt, the loaded index is theirs: use it rather than hold a second copy.
@@ -227,12 +252,14 @@ impl Repository {
         let locs: Vec<ChunkLoc> = chunks.iter().map(|&(loc, _)| loc).collect();
         let all_runs = runs(&locs, 64 << 10, 8 << 20);
         let next_run = std::sync::atomic::AtomicUsize::new(0);
+        let total: u64 = locs.iter().map(|l| u64::from(l.len)).sum();
+        let done = std::sync::atomic::AtomicU64::new(0);
         let workers = std::thread::available_parallelism().map_or(2, |n| 2 * n.get()).clamp(2, 8);
         let read_run = |scratch: &mut VerifyScratch<'_>, run: std::ops::Range<usize>| {
             let (first, last) = (locs[run.start], locs[run.end - 1]);
             let end = last.offset + u64::from(last.len);
             let got = self.read_pack_into(first.pack, first.offset..end, &mut scratch.read);
-            for &(loc, chunk) in &chunks[run] {
+            for &(loc, chunk) in &chunks[run.clone()] {
                 let reason = match &got {
                     Ok(r) => {
                         let at = r.start
@@ -254,6 +281,9 @@ impl Repository {
                     scratch.corrupt.push((chunk, loc, reason));
                 }
             }
+            let bytes: u64 = locs[run].iter().map(|l| u64::from(l.len)).sum();
+            let done = done.fetch_add(bytes, Ordering::Relaxed) + bytes;
+            progress(VerifyProgress { done, total });
         };
         let results: Vec<crate::Result<Vec<(ChunkId, ChunkLoc, String)>>> =
             std::thread::scope(|s| {

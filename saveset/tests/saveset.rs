@@ -12,7 +12,7 @@ mod s3;
 
 use stillpoint_saveset::{
     BackupManifest, Damage, Error, InitOptions, KdfParams, Location, Manifest, ManifestSummary,
-    Pool, Repository, Secret, VolumeManifest, VolumeMeta, VolumeSummary,
+    Pool, Repository, Secret, VerifyProgress, VolumeManifest, VolumeMeta, VolumeSummary,
 };
 
 const MIB: u64 = 1 << 20;
@@ -263,8 +263,16 @@ fn verify_of_one_backup_checks_only_what_it_references() {
     data[mid] ^= 1;
     fs::write(&theirs[0], &data).unwrap();
 
-    let mine = repo.verify_manifests(&[a.id], true).unwrap();
+    let reports = std::sync::Mutex::new(Vec::new());
+    let progress = |p: VerifyProgress| reports.lock().unwrap().push(p);
+    let mine = repo.verify_manifests_with(&[a.id], true, &progress).unwrap();
     assert!(mine.is_ok(), "b1 is whole: {:?}", mine.damage);
+    // Progress counts b1's stored bytes up to their total, which is what its packs hold for it.
+    let reports = reports.into_inner().unwrap();
+    let total = reports.first().map(|p| p.total).unwrap_or(0);
+    assert!(total > 0 && reports.iter().all(|p| p.total == total && p.done <= total));
+    assert_eq!(reports.iter().map(|p| p.done).max(), Some(total));
+    assert!(total <= before.iter().map(|p| fs::metadata(p).unwrap().len()).sum::<u64>());
     assert_eq!(mine.manifests, 1);
     let distinct = |m: &VolumeManifest| {
         let mut ids: Vec<_> = m.chunks.iter().flatten().collect();

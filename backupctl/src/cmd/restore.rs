@@ -2,7 +2,7 @@
 //! ID back from the saveset repository, bit for bit and sparse. Refuses a target that holds data
 //! unless `--force`; checks every target before writing any.
 
-use std::io::{IsTerminal, Write};
+use std::io::Write;
 use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
 
@@ -84,7 +84,9 @@ pub fn run(args: Args, out: &mut dyn Write) -> Result<()> {
     }
     let mut restored = Vec::new();
     for ((id, manifest), target) in chosen.iter().zip(&targets) {
-        let bar = progress_bar(&args, manifest);
+        // Restoring a large volume takes minutes.
+        let prefix = format!("{}/{}", manifest.meta.server, manifest.meta.volume);
+        let bar = crate::bar::bytes(args.json, prefix, manifest.size);
         let progress = |p: RestoreProgress| {
             if let Some(bar) = &bar {
                 bar.set_position(p.done);
@@ -119,25 +121,6 @@ pub fn run(args: Args, out: &mut dyn Write) -> Result<()> {
         writeln!(out, "{}", view::json(&restored))?;
     }
     Ok(())
-}
-
-/// A bar on standard error while a volume is restored, when a person is watching (standard
-/// error is a terminal) and the output is not `--json`: a restore of a large volume takes
-/// minutes. Nothing is drawn into pipes or logs.
-fn progress_bar(args: &Args, volume: &VolumeSummary) -> Option<indicatif::ProgressBar> {
-    if args.json || !std::io::stderr().is_terminal() {
-        return None;
-    }
-    let bar = indicatif::ProgressBar::new(volume.size);
-    let style = indicatif::ProgressStyle::with_template(
-        "{prefix} [{bar:30}] {binary_bytes}/{binary_total_bytes} {binary_bytes_per_sec} eta {eta}",
-    )
-    .map(|style| style.progress_chars("=> "));
-    if let Ok(style) = style {
-        bar.set_style(style);
-    }
-    bar.set_prefix(format!("{}/{}", volume.meta.server, volume.meta.volume));
-    Some(bar)
 }
 
 /// `<server>-<volume>.img`, with path separators in a volume name (`/srv/data`) made safe.

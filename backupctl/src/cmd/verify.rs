@@ -6,7 +6,7 @@ use std::collections::HashSet;
 use std::io::Write;
 
 use serde::Serialize;
-use stillpoint_saveset::{Damage, ManifestId};
+use stillpoint_saveset::{Damage, ManifestId, VerifyProgress};
 
 use crate::cmd::repo::{find_backup, RepoOptions};
 use crate::error::{Error, Result};
@@ -76,7 +76,20 @@ pub fn run(args: Args, out: &mut dyn Write) -> Result<()> {
     }
     // Only this backup's manifests and the chunks they need: the cost does not grow with the
     // repository.
-    let report = repo.verify_manifests(&found.manifest_ids(), args.read_data)?;
+    // Reading the data of a large backup takes minutes. The bar appears with the first read,
+    // when the total is known.
+    let bar = std::sync::OnceLock::new();
+    let progress = |p: VerifyProgress| {
+        let bar = bar.get_or_init(|| crate::bar::bytes(args.json, "verify".into(), p.total));
+        if let Some(bar) = bar {
+            bar.set_position(p.done);
+        }
+    };
+    let report = repo.verify_manifests_with(&found.manifest_ids(), args.read_data, &progress);
+    if let Some(Some(bar)) = bar.get() {
+        bar.finish_and_clear();
+    }
+    let report = report?;
     let ours: HashSet<ManifestId> = found.manifest_ids().into_iter().collect();
     let (damage, other): (Vec<&Damage>, Vec<&Damage>) =
         report.damage.iter().partition(|d| concerns(d, &ours));
