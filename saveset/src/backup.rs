@@ -147,7 +147,7 @@ impl Repository {
         let token = claim.as_ref().map(|g| (&*g.claims, g.token));
         // Chunks a sibling copy is storing: referenced now, made sure of before the manifest.
         let mut deferred = Vec::new();
-        let (read, stored) = self.pipeline(|jobs| {
+        let (read, stored) = self.pipeline(|feed| {
             self.read_chunks(
                 &file,
                 source,
@@ -155,7 +155,7 @@ impl Repository {
                 &mut stats,
                 token,
                 &mut deferred,
-                jobs,
+                feed,
                 progress,
             )
         });
@@ -187,11 +187,12 @@ impl Repository {
         Ok(VolumeBackup { id, manifest, stats })
     }
 
-    /// Runs the pipeline behind a reader: `WORKERS` threads seal what `feed` sends, a packer
-    /// stores packs. Returns what `feed` returned and the stored packs (with their bytes).
+    /// Runs the pipeline behind a reader: `WORKERS` threads seal the chunks `feed` pushes (the
+    /// last partial batch is sent when it returns), a packer stores packs. Returns what `feed`
+    /// returned and the stored packs (with their bytes).
     fn pipeline<R>(
         &self,
-        feed: impl FnOnce(SyncSender<Batch>) -> R,
+        feed: impl FnOnce(&mut Feed) -> R,
     ) -> (R, Result<(Vec<StoredPack>, u64)>) {
         std::thread::scope(|s| {
             let (job_tx, job_rx) = sync_channel::<Batch>(IN_FLIGHT);
@@ -203,7 +204,9 @@ impl Repository {
             }
             drop(sealed_tx);
             let packer = s.spawn(move || self.store_packs(sealed_rx));
-            let fed = feed(job_tx);
+            let mut chunks = Feed::new(job_tx, self.chunk_size() as usize);
+            let fed = feed(&mut chunks);
+            chunks.finish();
             let stored = packer.join().expect("the pack writer does not panic");
             (fed, stored)
         })
@@ -222,9 +225,8 @@ impl Repository {
         if chunks.is_empty() {
             return Ok(());
         }
-        let (fed, stored) = self.pipeline(|jobs| -> Result<()> {
+        let (fed, stored) = self.pipeline(|feed| -> Result<()> {
             let mut data = vec![0u8; self.chunk_size() as usize];
-            let mut batch = Batch::with_capacity(BATCH, BATCH * data.len());
             for &(id, off, len) in chunks {
                 file.read_exact_at(&mut data[..len], off).ctx("read", source)?;
                 if ChunkId(self.key.chunk_id(&data[..len])) != id {
@@ -233,16 +235,9 @@ impl Repository {
                         reason: "changed while it was being copied (a snapshot cannot)".into(),
                     });
                 }
-                batch.push(id, &data[..len]);
-                if batch.len() == BATCH {
-                    let full = std::mem::replace(&mut batch, Batch::with_capacity(BATCH, 0));
-                    if jobs.send(full).is_err() {
-                        return Ok(());
-                    }
+                if !feed.push(id, &data[..len]) {
+                    break;
                 }
-            }
-            if batch.len() > 0 {
-                let _ = jobs.send(batch);
             }
             Ok(())
         });
@@ -271,7 +266,7 @@ impl Repository {
         stats: &mut BackupStats,
         claim: Option<(&Claims, CopyToken)>,
         deferred: &mut Vec<(ChunkId, u64, usize)>,
-        jobs: SyncSender<Batch>,
+        feed: &mut Feed,
         progress: &mut dyn FnMut(Progress),
     ) -> Result<()> {
         let cs = manifest.chunk_size as usize;
@@ -281,8 +276,6 @@ impl Repository {
         let mut buf = vec![0u8; per_window * cs];
         let mut has_data = vec![false; per_window];
         let mut sent: IdSet<ChunkId> = IdSet::default();
-        let new_batch = || Batch::with_capacity(BATCH, BATCH * cs);
-        let mut batch = new_batch();
         manifest.chunks.reserve(usize::try_from(n).unwrap_or(0));
         let mut first = 0u64;
         while first < n {
@@ -334,12 +327,8 @@ impl Repository {
                         }
                     } else {
                         stats.new_chunks += 1;
-                        batch.push(id, data);
-                        if batch.len() == BATCH {
-                            let full = std::mem::replace(&mut batch, new_batch());
-                            if jobs.send(full).is_err() {
-                                return Ok(());
-                            }
+                        if !feed.push(id, data) {
+                            return Ok(());
                         }
                     }
                     Some(id)
@@ -348,9 +337,6 @@ impl Repository {
                 progress(Progress { done: off + len as u64, total: manifest.size });
             }
             first += count as u64;
-        }
-        if batch.len() > 0 {
-            let _ = jobs.send(batch);
         }
         Ok(())
     }
@@ -430,6 +416,36 @@ impl Repository {
 
 #[cfg(test)]
 mod tests;
+
+/// New chunks on their way to the sealing workers, a batch at a time.
+struct Feed {
+    jobs: SyncSender<Batch>,
+    batch: Batch,
+    chunk_size: usize,
+}
+
+impl Feed {
+    fn new(jobs: SyncSender<Batch>, chunk_size: usize) -> Self {
+        Feed { jobs, batch: Batch::with_capacity(BATCH, BATCH * chunk_size), chunk_size }
+    }
+
+    /// Adds a chunk; `false` once the pipeline behind has stopped (the packer reports why).
+    fn push(&mut self, id: ChunkId, data: &[u8]) -> bool {
+        self.batch.push(id, data);
+        if self.batch.len() < BATCH {
+            return true;
+        }
+        let next = Batch::with_capacity(BATCH, BATCH * self.chunk_size);
+        self.jobs.send(std::mem::replace(&mut self.batch, next)).is_ok()
+    }
+
+    /// Sends the last, partial batch.
+    fn finish(self) {
+        if self.batch.len() > 0 {
+            let _ = self.jobs.send(self.batch);
+        }
+    }
+}
 
 /// A copy's registration with its pool's claims, ended however the copy ends: its pending
 /// claims are released so that siblings waiting on them store those chunks themselves.

@@ -15,6 +15,7 @@ mod crypto;
 mod direct;
 mod error;
 mod index;
+mod jobs;
 mod manifest;
 mod pool;
 mod repo;

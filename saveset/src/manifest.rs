@@ -246,24 +246,28 @@ pub(crate) fn decode_manifest(plain: &[u8]) -> Result<Manifest, String> {
     let (header, rest) = split_header(plain)?;
     let (v, chunks) = match read_header::<Vec<Option<ChunkId>>>(header)? {
         Parsed::Backup(b) => return no_trailing(rest).map(|()| Manifest::Backup(b)),
-        Parsed::Volume(v, Chunks::Inline(chunks)) => {
-            no_trailing(rest)?;
-            (v, chunks)
-        }
-        Parsed::Volume(v, Chunks::Binary(count)) => {
-            let chunks = read_chunk_list(rest, count, expected_chunks(&v)?)?;
-            (v, chunks)
-        }
+        Parsed::Volume(v, chunks) => (v, chunks),
     };
-    if chunks.len() as u64 != expected_chunks(&v)? {
-        return Err(format!(
-            "lists {} chunks where a volume of {} bytes in chunks of {} has {}",
-            chunks.len(),
-            v.size,
-            v.chunk_size,
-            expected_chunks(&v)?
-        ));
-    }
+    let expected = expected_chunks(&v)?;
+    let chunks = match chunks {
+        Chunks::Inline(chunks) => {
+            no_trailing(rest)?;
+            if chunks.len() as u64 != expected {
+                return Err(format!(
+                    "lists {} chunks where a volume of {} bytes in chunks of {} has {expected}",
+                    chunks.len(),
+                    v.size,
+                    v.chunk_size,
+                ));
+            }
+            chunks
+        }
+        // Checked before anything is allocated for it.
+        Chunks::Binary(count) if count != expected => {
+            return Err(format!("says {count} chunks where its size makes {expected}"));
+        }
+        Chunks::Binary(count) => read_chunk_list(rest, count)?,
+    };
     Ok(Manifest::Volume(VolumeManifest {
         meta: v.meta,
         size: v.size,
@@ -302,15 +306,8 @@ fn no_trailing(rest: &[u8]) -> Result<(), String> {
 /// Reads a format 2 chunk list: one zstd frame holding a bitmap of `count` bits (bit `i % 8`
 /// of byte `i / 8` set when chunk `i` holds data) and then the 32-byte id of every data chunk,
 /// in order.
-fn read_chunk_list(
-    frame: &[u8],
-    count: u64,
-    expected: u64,
-) -> Result<Vec<Option<ChunkId>>, String> {
+fn read_chunk_list(frame: &[u8], count: u64) -> Result<Vec<Option<ChunkId>>, String> {
     use std::io::Read;
-    if count != expected {
-        return Err(format!("says {count} chunks where its size makes {expected}"));
-    }
     let count =
         usize::try_from(count).map_err(|_| format!("{count} chunks do not fit in memory"))?;
     let short = |e: std::io::Error| format!("chunk list cut short or damaged: {e}");

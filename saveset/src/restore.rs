@@ -6,11 +6,12 @@ use std::io::ErrorKind;
 use std::ops::Range;
 use std::os::unix::fs::{FileExt, FileTypeExt};
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use crate::crypto::ChunkOpener;
 use crate::direct::{self, AlignedBuf};
 use crate::error::{Error, IoContext, Result};
+use crate::jobs;
 use crate::manifest::{Manifest, ManifestId, VolumeManifest};
 use crate::repo::{runs, Repository};
 
@@ -120,93 +121,48 @@ impl Repository {
         // positional write. Holes in a regular file are skipped: they stay holes.
         let per_window = (WINDOW / manifest.chunk_size.max(1) as usize).max(1);
         let windows = manifest.chunks.len().div_ceil(per_window);
-        let next = AtomicUsize::new(0);
-        let failed = AtomicBool::new(false);
-        let written = AtomicU64::new(0);
-        let reused = AtomicU64::new(0);
         let done = AtomicU64::new(0);
-        // Two per core: while one waits on a read or a direct write, the other decodes.
-        let workers = std::thread::available_parallelism().map_or(2, |n| 2 * n.get()).clamp(2, 8);
-        let workers = workers.min(windows.max(1));
+        let workers = jobs::io_workers().min(windows.max(1));
         let out = Out { file, direct: direct.as_ref(), target, sparse };
         let cache = RepeatCache::new(manifest, cache_budget);
         // The first chunk of the window each worker is restoring (usize::MAX: none).
         let in_progress: Vec<AtomicUsize> =
             (0..workers).map(|_| AtomicUsize::new(usize::MAX)).collect();
         let repeats = Repeats { cache: cache.as_ref(), in_progress: &in_progress };
-        let result: Result<()> = std::thread::scope(|s| {
-            let handles: Vec<_> = (0..workers)
-                .map(|worker| {
-                    let next = &next;
-                    let failed = &failed;
-                    let written = &written;
-                    let reused = &reused;
-                    let done = &done;
-                    let in_progress = &in_progress;
-                    s.spawn(move || -> Result<()> {
-                        let mut scratch = Scratch {
-                            window: AlignedBuf::new(per_window * manifest.chunk_size as usize),
-                            read: Vec::new(),
-                            opener: self.key.chunk_opener(),
-                            dc: zstd::bulk::Decompressor::new().map_err(|e| Error::Io {
-                                op: "decompress",
-                                path: target.to_owned(),
-                                source: e,
-                            })?,
-                        };
-                        loop {
-                            if failed.load(Ordering::Relaxed) {
-                                return Ok(());
-                            }
-                            let w = next.fetch_add(1, Ordering::Relaxed);
-                            if w >= windows {
-                                in_progress[worker].store(usize::MAX, Ordering::Relaxed);
-                                return Ok(());
-                            }
-                            let first = w * per_window;
-                            let last = (first + per_window).min(manifest.chunks.len());
-                            in_progress[worker].store(first, Ordering::Relaxed);
-                            let range = first..last;
-                            match self.restore_window(manifest, range, &mut scratch, out, repeats) {
-                                Ok((n, again)) => {
-                                    written.fetch_add(n, Ordering::Relaxed);
-                                    reused.fetch_add(again, Ordering::Relaxed);
-                                    let (from, _) = manifest.extent(first);
-                                    let (end, end_len) = manifest.extent(last - 1);
-                                    let bytes = end + end_len as u64 - from;
-                                    let size = manifest.size;
-                                    let done = done.fetch_add(bytes, Ordering::Relaxed) + bytes;
-                                    progress(RestoreProgress { done, size });
-                                }
-                                Err(e) => {
-                                    failed.store(true, Ordering::Relaxed);
-                                    return Err(e);
-                                }
-                            }
-                        }
-                    })
-                })
-                .collect();
-            let mut first_err = Ok(());
-            for h in handles {
-                let r = h.join().expect("a restore worker does not panic");
-                if first_err.is_ok() {
-                    first_err = r;
-                }
-            }
-            first_err
-        });
-        result?;
+        let new_scratch = || -> Result<Scratch<'_>> {
+            Ok(Scratch {
+                window: AlignedBuf::new(per_window * manifest.chunk_size as usize),
+                read: Vec::new(),
+                opener: self.key.chunk_opener(),
+                dc: zstd::bulk::Decompressor::new().ctx("decompress", target)?,
+                written: 0,
+                reused: 0,
+            })
+        };
+        let scratches = jobs::share_out(windows, workers, new_scratch, |worker, scratch, w| {
+            let first = w * per_window;
+            let last = (first + per_window).min(manifest.chunks.len());
+            in_progress[worker].store(first, Ordering::Relaxed);
+            self.restore_window(manifest, first..last, scratch, out, repeats)?;
+            in_progress[worker].store(usize::MAX, Ordering::Relaxed);
+            let (from, _) = manifest.extent(first);
+            let (end, end_len) = manifest.extent(last - 1);
+            let bytes = end + end_len as u64 - from;
+            let done = done.fetch_add(bytes, Ordering::Relaxed) + bytes;
+            progress(RestoreProgress { done, size: manifest.size });
+            Ok(())
+        })?;
         file.sync_all().ctx("fsync", target)?;
         Ok(RestoreStats {
             size: manifest.size,
-            bytes_written: written.into_inner(),
-            bytes_reused: reused.into_inner(),
+            bytes_written: scratches.iter().map(|s| s.written).sum(),
+            bytes_reused: scratches.iter().map(|s| s.reused).sum(),
         })
     }
 
-    /// Restores chunks `range` of `manifest` (one window) through a worker's scratch; returns
-    /// the bytes of data written and how many of them were copies of chunks already decoded.
+    /// Restores chunks `range` of `manifest` (one window) through a worker's scratch, adding
+    /// the bytes of data written, and how many of them were copies of chunks already decoded,
+    /// to its counts.
     fn restore_window(
         &self,
         manifest: &VolumeManifest,
@@ -214,8 +170,8 @@ impl Repository {
         scratch: &mut Scratch<'_>,
         out: Out<'_>,
         repeats: Repeats<'_>,
-    ) -> Result<(u64, u64)> {
-        let Scratch { window, read, opener, dc } = scratch;
+    ) -> Result<()> {
+        let Scratch { window, read, opener, dc, written, reused } = scratch;
         let buf = window.as_mut_slice();
         let sparse = out.sparse;
         let base = manifest.extent(range.start).0;
@@ -249,8 +205,6 @@ impl Repository {
             }
             same
         });
-        let mut stored = 0u64;
-        let mut reused = 0u64;
         // Chunks an earlier window decoded and kept for this use are copied, not read.
         if let Some(cache) = repeats.cache {
             data_chunks.retain(|&(i, id, _)| {
@@ -259,8 +213,8 @@ impl Repository {
                 let next = cache.next_use_from(i, range.end);
                 let hit = cache.take(&id, next, &mut buf[to..to + len]);
                 if hit {
-                    stored += len as u64;
-                    reused += len as u64;
+                    *written += len as u64;
+                    *reused += len as u64;
                 }
                 !hit
             });
@@ -297,7 +251,7 @@ impl Repository {
                         reason: format!("{n} bytes where the manifest expects {len}"),
                     });
                 }
-                stored += len as u64;
+                *written += len as u64;
                 if let Some(cache) = repeats.cache {
                     if let Some(next) = cache.next_use_from(i, range.end) {
                         cache.offer(&id, next, repeats.low_water(), &buf[to..to + len]);
@@ -317,37 +271,32 @@ impl Repository {
             let to = usize::try_from(to_off - base).expect("inside the window");
             let from = usize::try_from(from_off - base).expect("inside the window");
             buf.copy_within(from..from + len, to);
-            stored += len as u64;
-            reused += len as u64;
+            *written += len as u64;
+            *reused += len as u64;
         }
         // Write: the whole window on a device, each run of data chunks on a sparse file.
-        let mut i = range.start;
-        while i < range.end {
-            if sparse && manifest.chunks[i].is_none() {
-                i += 1;
-                continue;
-            }
-            let start = i;
-            while i < range.end && (!sparse || manifest.chunks[i].is_some()) {
-                i += 1;
-            }
-            let (from, _) = manifest.extent(start);
-            let (last_off, last_len) = manifest.extent(i - 1);
+        let writes = if sparse { data_runs(manifest, range) } else { vec![range] };
+        for run in writes {
+            let (from, _) = manifest.extent(run.start);
+            let (last_off, last_len) = manifest.extent(run.end - 1);
             let a = usize::try_from(from - base).expect("inside the window");
             let b = usize::try_from(last_off - base).expect("inside the window") + last_len;
             out.write_at(&buf[a..b], from)?;
         }
-        Ok((stored, reused))
+        Ok(())
     }
 }
 
 /// What one restore worker keeps from window to window: the window being assembled (aligned
-/// for direct writes), the pack read buffer, the chunk opener and the zstd context.
+/// for direct writes), the pack read buffer, the chunk opener, the zstd context, and its counts
+/// of data bytes written and of those copied from chunks already decoded.
 struct Scratch<'k> {
     window: AlignedBuf,
     read: Vec<u8>,
     opener: ChunkOpener<'k>,
     dc: zstd::bulk::Decompressor<'static>,
+    written: u64,
+    reused: u64,
 }
 
 /// The cache of repeated chunks and where the workers are, so it can tell stale entries.
@@ -396,19 +345,9 @@ impl Out<'_> {
 /// into allocated (unwritten) extents run in parallel. A full filesystem is reported here,
 /// before gigabytes are written; a filesystem that cannot preallocate is written as it is.
 fn preallocate_data(manifest: &VolumeManifest, file: &File, target: &Path) -> Result<()> {
-    let mut i = 0;
-    let n = manifest.chunks.len();
-    while i < n {
-        if manifest.chunks[i].is_none() {
-            i += 1;
-            continue;
-        }
-        let start = i;
-        while i < n && manifest.chunks[i].is_some() {
-            i += 1;
-        }
-        let (from, _) = manifest.extent(start);
-        let (last, last_len) = manifest.extent(i - 1);
+    for run in data_runs(manifest, 0..manifest.chunks.len()) {
+        let (from, _) = manifest.extent(run.start);
+        let (last, last_len) = manifest.extent(run.end - 1);
         match stillpoint_core::sys::preallocate(file, from, last + last_len as u64 - from) {
             Ok(()) => {}
             Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => {
@@ -418,6 +357,24 @@ fn preallocate_data(manifest: &VolumeManifest, file: &File, target: &Path) -> Re
         }
     }
     Ok(())
+}
+
+/// The runs of consecutive data chunks (not holes) among chunks `range` of `manifest`.
+fn data_runs(manifest: &VolumeManifest, range: Range<usize>) -> Vec<Range<usize>> {
+    let mut runs = Vec::new();
+    let mut i = range.start;
+    while i < range.end {
+        if manifest.chunks[i].is_none() {
+            i += 1;
+            continue;
+        }
+        let start = i;
+        while i < range.end && manifest.chunks[i].is_some() {
+            i += 1;
+        }
+        runs.push(start..i);
+    }
+    runs
 }
 
 /// Opens the target, sized and empty; whether it is a regular file (holes stay holes) and

@@ -4,10 +4,11 @@
 
 use std::fmt;
 use std::path::PathBuf;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::error::IoContext;
 use crate::index::Index;
+use crate::jobs;
 use crate::manifest::{ChunkId, Manifest, ManifestId, PackId};
 use crate::repo::{runs, ChunkLoc, Repository};
 
@@ -251,11 +252,19 @@ impl Repository {
         chunks.sort_unstable_by_key(|&(loc, c)| (loc.pack, loc.offset, c));
         let locs: Vec<ChunkLoc> = chunks.iter().map(|&(loc, _)| loc).collect();
         let all_runs = runs(&locs, 64 << 10, 8 << 20);
-        let next_run = std::sync::atomic::AtomicUsize::new(0);
         let total: u64 = locs.iter().map(|l| u64::from(l.len)).sum();
-        let done = std::sync::atomic::AtomicU64::new(0);
-        let workers = std::thread::available_parallelism().map_or(2, |n| 2 * n.get()).clamp(2, 8);
-        let read_run = |scratch: &mut VerifyScratch<'_>, run: std::ops::Range<usize>| {
+        let done = AtomicU64::new(0);
+        let new_scratch = || -> crate::Result<VerifyScratch<'_>> {
+            Ok(VerifyScratch {
+                dc: zstd::bulk::Decompressor::new().ctx("decompress", self.root.clone())?,
+                out: vec![0u8; self.chunk_size() as usize],
+                opener: self.key.chunk_opener(),
+                read: Vec::new(),
+                corrupt: Vec::new(),
+            })
+        };
+        let read_run = |_worker, scratch: &mut VerifyScratch<'_>, i: usize| {
+            let run = all_runs[i].clone();
             let (first, last) = (locs[run.start], locs[run.end - 1]);
             let end = last.offset + u64::from(last.len);
             let got = self.read_pack_into(first.pack, first.offset..end, &mut scratch.read);
@@ -284,40 +293,11 @@ impl Repository {
             let bytes: u64 = locs[run].iter().map(|l| u64::from(l.len)).sum();
             let done = done.fetch_add(bytes, Ordering::Relaxed) + bytes;
             progress(VerifyProgress { done, total });
+            Ok(())
         };
-        let results: Vec<crate::Result<Vec<(ChunkId, ChunkLoc, String)>>> =
-            std::thread::scope(|s| {
-                let handles: Vec<_> = (0..workers.min(all_runs.len()))
-                    .map(|_| {
-                        s.spawn(|| -> crate::Result<Vec<(ChunkId, ChunkLoc, String)>> {
-                            let mut scratch = VerifyScratch {
-                                dc: zstd::bulk::Decompressor::new()
-                                    .ctx("decompress", self.root.clone())?,
-                                out: vec![0u8; self.chunk_size() as usize],
-                                opener: self.key.chunk_opener(),
-                                read: Vec::new(),
-                                corrupt: Vec::new(),
-                            };
-                            loop {
-                                let i = next_run.fetch_add(1, Ordering::Relaxed);
-                                let Some(run) = all_runs.get(i) else {
-                                    return Ok(scratch.corrupt);
-                                };
-                                read_run(&mut scratch, run.clone());
-                            }
-                        })
-                    })
-                    .collect();
-                handles
-                    .into_iter()
-                    .map(|h| h.join().expect("a verify worker does not panic"))
-                    .collect()
-            });
+        let scratches = jobs::share_out(all_runs.len(), jobs::io_workers(), new_scratch, read_run)?;
         report.chunks_read = chunks.len();
-        let mut corrupt = Vec::new();
-        for r in results {
-            corrupt.extend(r?);
-        }
+        let mut corrupt: Vec<_> = scratches.into_iter().flat_map(|s| s.corrupt).collect();
         // In (pack, offset) order, as a single reader would have found them.
         corrupt.sort_by_key(|&(chunk, loc, _)| (loc.pack, loc.offset, chunk));
         drop(chunks);

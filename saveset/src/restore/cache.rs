@@ -33,10 +33,8 @@ struct Inner {
     slots: Vec<Box<[u8]>>,
     free: Vec<u32>,
     entries: IdMap<ChunkId, Entry>,
-    /// (next use, slot) of every entry, to find the nearest (stale) and the farthest.
-    by_next: BTreeSet<(u32, u32)>,
-    /// The id held in each slot.
-    ids: Vec<ChunkId>,
+    /// (next use, id) of every entry, to find the nearest (stale) and the farthest.
+    by_next: BTreeSet<(u32, ChunkId)>,
 }
 
 #[derive(Clone, Copy)]
@@ -105,15 +103,12 @@ impl RepeatCache {
         let Some(entry) = inner.entries.get(id).copied() else {
             return false;
         };
-        let data = &inner.slots[entry.slot as usize];
-        if data.len() < out.len() {
-            return false;
-        }
-        out.copy_from_slice(&data[..out.len()]);
-        inner.by_next.remove(&(entry.next, entry.slot));
+        // Equal ids mean equal content, so equal length: `out` is the chunk's extent.
+        out.copy_from_slice(&inner.slots[entry.slot as usize][..out.len()]);
+        inner.by_next.remove(&(entry.next, *id));
         match next {
             Some(next) => {
-                inner.by_next.insert((next, entry.slot));
+                inner.by_next.insert((next, *id));
                 inner.entries.insert(*id, Entry { slot: entry.slot, next });
             }
             None => {
@@ -135,9 +130,9 @@ impl RepeatCache {
         if let Some(entry) = inner.entries.get_mut(id) {
             // Another worker offered it too; the later next use is the one still to come.
             if next > entry.next {
-                inner.by_next.remove(&(entry.next, entry.slot));
+                inner.by_next.remove(&(entry.next, *id));
                 entry.next = next;
-                inner.by_next.insert((next, entry.slot));
+                inner.by_next.insert((next, *id));
             }
             return;
         }
@@ -145,7 +140,6 @@ impl RepeatCache {
             slot
         } else if inner.slots.len() < self.capacity {
             inner.slots.push(vec![0u8; self.chunk_size].into_boxed_slice());
-            inner.ids.push(*id);
             u32::try_from(inner.slots.len() - 1).expect("fewer slots than chunks")
         } else {
             let stale = inner.by_next.first().copied().filter(|&(at, _)| (at as usize) < low_water);
@@ -156,14 +150,11 @@ impl RepeatCache {
                 return; // everything cached is needed sooner than this chunk
             }
             inner.by_next.remove(&victim);
-            let old = inner.ids[victim.1 as usize];
-            inner.entries.remove(&old);
-            victim.1
+            inner.entries.remove(&victim.1).expect("every ordered entry is in the map").slot
         };
         inner.slots[slot as usize][..data.len()].copy_from_slice(data);
-        inner.ids[slot as usize] = *id;
         inner.entries.insert(*id, Entry { slot, next });
-        inner.by_next.insert((next, slot));
+        inner.by_next.insert((next, *id));
     }
 }
 
