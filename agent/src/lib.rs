@@ -15,12 +15,14 @@ pub mod copy;
 pub mod error;
 pub mod guardian;
 pub mod journal;
-pub mod lease;
 pub mod quiesce;
 pub mod service;
 pub mod snapshot;
 pub mod sys;
 pub mod testing;
+
+/// The pure lease math, shared with the simulation.
+pub use stillpoint_protocol::lease;
 
 use std::future::Future;
 use std::path::{Path, PathBuf};

@@ -6,13 +6,14 @@
 
 pub mod config;
 pub mod convert;
-pub mod coordinator;
 pub mod copier;
 pub mod error;
-pub mod model;
 pub mod runtime;
 pub mod service;
 pub mod store;
+
+/// The protocol's pure core, re-exported under the names the listener's modules use.
+pub use stillpoint_protocol::{coordinator, model};
 
 use std::future::Future;
 use std::time::Duration;

@@ -14,11 +14,11 @@ use std::collections::{BTreeMap, BinaryHeap};
 use std::path::PathBuf;
 
 use stillpoint_agent::guardian::{Action, Ledger, Outcome, Request};
-use stillpoint_agent::lease::Lease;
-use stillpoint_listener::coordinator::{
+use stillpoint_protocol::coordinator::{
     Command, CommitReply, Coordinator, Event, PrepareReply, Timeouts,
 };
-use stillpoint_listener::model::{BackupRecord, SnapshotRef, State};
+use stillpoint_protocol::lease::Lease;
+use stillpoint_protocol::model::{BackupRecord, SnapshotRef, State};
 
 const SERVERS: [&str; 3] = ["a", "b", "c"];
 const LEASE: u64 = 10_000;
