@@ -111,6 +111,14 @@ impl Quiescer for FakeQuiescer {
         &self.name
     }
 
+    fn hold(&self) -> crate::quiesce::Hold {
+        if self.filesystem {
+            crate::quiesce::Hold::FilesystemFreeze
+        } else {
+            crate::quiesce::Hold::HookUnverified
+        }
+    }
+
     fn freezes_filesystem(&self) -> bool {
         self.filesystem
     }

@@ -111,6 +111,10 @@ impl Quiescer for Exec {
         &self.name
     }
 
+    fn hold(&self) -> super::Hold {
+        super::Hold::HookUnverified
+    }
+
     fn freeze(&self, backup_id: &str) -> anyhow::Result<String> {
         let detail = match &self.pre_freeze {
             Some(argv) => {

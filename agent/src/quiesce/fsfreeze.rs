@@ -32,6 +32,10 @@ impl Quiescer for FsFreeze {
         &self.name
     }
 
+    fn hold(&self) -> super::Hold {
+        super::Hold::FilesystemFreeze
+    }
+
     fn freezes_filesystem(&self) -> bool {
         true
     }

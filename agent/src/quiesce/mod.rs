@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use crate::config::{Config, QuiescerConfig};
 use crate::guardian::Action;
+pub use stillpoint_protocol::hold::Hold;
 
 pub mod exec;
 pub mod fsfreeze;
@@ -25,6 +26,9 @@ pub trait Quiescer: Send + Sync {
     fn freezes_filesystem(&self) -> bool {
         false
     }
+    /// What this quiescer's freeze holds, as stillpoint can know it: reported per server beside
+    /// the cut, and checked against a group's requirement before anything freezes.
+    fn hold(&self) -> Hold;
     fn freeze(&self, backup_id: &str) -> anyhow::Result<String>;
     fn thaw(&self, backup_id: &str) -> anyhow::Result<()>;
     /// What the guardian must do to undo this quiescer's freeze for `backup_id` if the agent
@@ -62,4 +66,9 @@ pub fn build(config: &Config) -> Vec<Arc<dyn Quiescer>> {
             }
         })
         .collect()
+}
+
+/// What an agent with these quiescers holds: the strongest of them, or storage-only with none.
+pub fn hold_of(quiescers: &[Arc<dyn Quiescer>]) -> Hold {
+    Hold::strongest(quiescers.iter().map(|q| q.hold()))
 }

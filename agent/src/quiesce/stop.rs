@@ -61,6 +61,10 @@ impl Quiescer for Stop {
         &self.name
     }
 
+    fn hold(&self) -> super::Hold {
+        super::Hold::StoppedProcesses
+    }
+
     fn thaw_action(&self, backup_id: &str) -> anyhow::Result<Option<Action>> {
         let pid = self.read_pid()?;
         *self.pid.lock().unwrap_or_else(|p| p.into_inner()) = Some((backup_id.to_string(), pid));
