@@ -1,5 +1,9 @@
 //! Tidy checks over the whole workspace: every Rust file opens with a `//!` doc saying what it
-//! is (STYLE 14), and no file outside the `sys` crate opts into unsafe code.
+//! is (STYLE 14), no file outside the `sys` crate opts into unsafe code, and each crate keeps
+//! its rule of dependency (`deps`).
+
+#[path = "tidy/deps.rs"]
+mod deps;
 
 use std::path::{Path, PathBuf};
 
