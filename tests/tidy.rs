@@ -1,5 +1,9 @@
 //! Tidy checks over the whole workspace: every Rust file opens with a `//!` doc saying what it
-//! is (STYLE 14), and no file outside the two syscall modules opts into unsafe code.
+//! is (STYLE 14), no file outside the `sys` crate opts into unsafe code, and each crate keeps
+//! its rule of dependency (`deps`).
+
+#[path = "tidy/deps.rs"]
+mod deps;
 
 use std::path::{Path, PathBuf};
 
@@ -38,18 +42,14 @@ fn every_rust_file_opens_with_a_module_doc() {
 }
 
 #[test]
-fn unsafe_code_lives_only_in_the_syscall_modules() {
+fn unsafe_code_lives_only_in_the_sys_crate() {
     let (root, files) = workspace();
     // This file names the attribute it looks for.
-    let allowed =
-        [root.join("core/src/sys.rs"), root.join("agent/src/sys.rs"), root.join("tests/tidy.rs")];
+    let allowed = [root.join("sys/src/lib.rs"), root.join("tests/tidy.rs")];
     let offenders: Vec<_> = files
         .iter()
         .filter(|f| !allowed.iter().any(|a| a.canonicalize().ok() == f.canonicalize().ok()))
         .filter(|f| std::fs::read_to_string(f).unwrap_or_default().contains("allow(unsafe_code)"))
         .collect();
-    assert!(
-        offenders.is_empty(),
-        "unsafe code outside core/src/sys.rs and agent/src/sys.rs: {offenders:#?}"
-    );
+    assert!(offenders.is_empty(), "unsafe code outside sys/src/lib.rs: {offenders:#?}");
 }

@@ -5,8 +5,8 @@
 //! `config` (TOML), `lease` (pure lease math), `quiesce` and `snapshot` (plug-in traits, one
 //! file per kind), `backups` (the state table and operations), `guardian` (the second process
 //! that thaws when the agent cannot) with `journal` and `armed`, `copy` (the saveset copier
-//! behind Copy), `service` (gRPC), `sys` (the one unsafe call), `testing` (fakes). [`run`] wires them behind mutual TLS; `main.rs` only
-//! parses arguments.
+//! behind Copy), `service` (gRPC), `sys` (`kill(2)`, from `stillpoint-sys`), `testing` (fakes).
+//! [`run`] wires them behind mutual TLS; `main.rs` only parses arguments.
 
 pub mod armed;
 pub mod backups;

@@ -4,7 +4,7 @@
 /// Exit code: the command did what was asked.
 pub const EXIT_OK: u8 = 0;
 /// Exit code: the backup failed or was aborted (or did not reach the state waited for), or a
-/// repository is damaged (`verify`, `restore`).
+/// repository is damaged or holds only part of the backup (`verify`, `restore`).
 pub const EXIT_BACKUP_FAILED: u8 = 1;
 /// Exit code: bad usage, missing identity, or the listener could not be reached or refused.
 pub const EXIT_USAGE: u8 = 2;
@@ -30,6 +30,10 @@ pub enum Error {
     /// `verify` found damage concerning the backup; the problems were printed on stdout.
     #[error("{0}")]
     Damaged(String),
+    /// `verify` or `restore` of a backup the repository holds only part of (no backup
+    /// manifest), without `--incomplete`.
+    #[error("{0}")]
+    Incomplete(String),
     /// The backup ended FAILED or ABORTED, or the watch ended before the state waited for.
     #[error("backup {id} {state}{}", if .reason.is_empty() { String::new() } else { format!(": {}", .reason) })]
     BackupFailed { id: String, state: String, reason: String },
@@ -41,7 +45,9 @@ impl Error {
     /// The process exit code for this error.
     pub fn exit_code(&self) -> u8 {
         match self {
-            Error::BackupFailed { .. } | Error::Damaged(_) => EXIT_BACKUP_FAILED,
+            Error::BackupFailed { .. } | Error::Damaged(_) | Error::Incomplete(_) => {
+                EXIT_BACKUP_FAILED
+            }
             Error::Repository(stillpoint_saveset::Error::Damaged { .. }) => EXIT_BACKUP_FAILED,
             Error::Repository(_) => EXIT_USAGE,
             Error::Usage(_) | Error::Rpc { .. } | Error::Core(_) | Error::Output(_) => EXIT_USAGE,

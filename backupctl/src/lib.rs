@@ -23,8 +23,9 @@ pub use error::{Error, Result, EXIT_BACKUP_FAILED, EXIT_OK, EXIT_USAGE};
 const EXIT_CODES: &str = "\
 Exit codes:
   0  the command did what was asked
-  1  the backup failed or was aborted (start --wait, watch); the repository is damaged
-     (verify, restore)
+  1  the backup failed or was aborted (start --wait, watch); the repository is damaged, or
+     holds only part of the backup: no backup manifest, no cut (verify, restore; pass
+     --incomplete to check or restore that part anyway)
   2  bad usage, no identity, the listener unreachable or refusing, a wrong repository secret,
      a restore target that is not empty, or a local error";
 

@@ -514,7 +514,7 @@ pub fn backup_human(b: &Backup) -> String {
     }
     if let Some(cut) = &b.cut {
         out.push('\n');
-        out.push_str(&cut_human(cut));
+        out.push_str(&cut_human(cut, b.state));
     }
     out
 }
@@ -542,11 +542,18 @@ pub fn servers_human(servers: &[ServerProgress]) -> String {
     table(&["SERVER", "PHASE", "DETAIL", "SNAPSHOTS", "COPIED/TOTAL"], &rows)
 }
 
-/// The cut: the verdict, then per server each protocol step as an offset in ms from the first
-/// Prepare sent (listener clock) and the agent-measured durations.
-pub fn cut_human(cut: &Cut) -> String {
+/// The cut of a backup in `state`: the verdict, then per server each protocol step as an offset
+/// in ms from the first Prepare sent (listener clock) and the agent-measured durations. The
+/// listener judges the cut when the last snapshot exists, so an unjudged cut of a backup that
+/// ended FAILED or ABORTED will never be judged.
+pub fn cut_human(cut: &Cut, state: i32) -> String {
     let verdict = if cut.verdict.is_empty() { String::new() } else { format!(": {}", cut.verdict) };
+    let ended = matches!(state_of(state), BackupState::Failed | BackupState::Aborted);
     let mut out = match (cut.checked, cut.consistent) {
+        (false, _) if ended => format!(
+            "cut: never judged: the backup ended {} before every server was snapshotted{verdict}\n",
+            state_name(state)
+        ),
         (false, _) => format!("cut: not checked yet{verdict}\n"),
         (true, true) => format!("cut: consistent{verdict}\n"),
         (true, false) => format!("cut: NOT CONSISTENT{verdict}\n"),
@@ -621,7 +628,16 @@ pub fn log_line(e: &LogEntry) -> String {
     format!("{time}  {:<5}  {}  {}", e.level, or_dash(&e.server), e.message)
 }
 
-/// `agents`: one row per agent.
+/// Whether the agent still holds something of a backup: a freeze (or one being made), snapshots,
+/// or an orphan snapshot. An agent's Status also lists the backups it has finished with
+/// (`thawed-expired`, `aborted`, `failed`, `cleaned`), up to a hundred of them.
+fn still_held(b: &AgentBackup) -> bool {
+    matches!(b.phase.as_str(), "preparing" | "frozen" | "snapshotted" | "orphan")
+        || !b.snapshots.is_empty()
+}
+
+/// `agents`: one row per agent; ACTIVE lists only what the agent still holds (`--json` lists
+/// every backup it remembers).
 pub fn agents_human(agents: &[AgentInfo]) -> String {
     let rows: Vec<Vec<String>> = agents
         .iter()
@@ -631,15 +647,19 @@ pub fn agents_human(agents: &[AgentInfo]) -> String {
             } else {
                 format!("error: {}", or_dash(&a.error))
             };
-            let active: Vec<String> =
-                a.backups.iter().map(|b| format!("{}({})", b.backup_id, b.phase)).collect();
+            let active: Vec<String> = a
+                .backups
+                .iter()
+                .filter(|b| still_held(b))
+                .map(|b| format!("{} ({})", b.backup_id, b.phase))
+                .collect();
             vec![
                 a.server.clone(),
                 or_dash(&a.address),
                 or_dash(&a.groups.join(",")),
                 if a.reachable { "yes" } else { "no" }.into(),
                 status,
-                or_dash(&active.join(",")),
+                or_dash(&active.join(", ")),
             ]
         })
         .collect();

@@ -78,6 +78,19 @@ impl Fixture {
         assert_eq!(v["size"], serde_json::json!(fs::metadata(image).unwrap().len()), "{out}");
         v["manifest"].as_str().unwrap().to_owned()
     }
+
+    /// Writes the backup manifest naming `volumes`, as the listener does once every server's
+    /// copy is in: what makes a backup complete.
+    fn finish(&self, backup: &str, volumes: &[&str]) -> String {
+        let repo = Repository::open(&self.repo(), &Secret::passphrase(PASSPHRASE)).unwrap();
+        let manifest = BackupManifest {
+            backup: backup.into(),
+            volumes: volumes.iter().map(|v| v.parse::<ManifestId>().unwrap()).collect(),
+            cut: serde_json::json!({"servers": []}),
+            created_unix_ms: 1,
+        };
+        repo.write_manifest(&Manifest::Backup(manifest)).unwrap().to_string()
+    }
 }
 
 fn check_exit(out: &Output, code: i32, args: &[&str]) {
@@ -137,12 +150,14 @@ fn verify_is_clean_after_a_backup() {
     let f = Fixture::new();
     make_image(&f.path("disk.img"), 1);
     let id = f.backup("b-1", "srv-a", "disk", &f.path("disk.img"));
+    f.finish("b-1", &[&id]);
     let out = f.ok(&["verify", "b-1"]);
     assert!(out.contains(&id) && out.contains("backup b-1: ok"), "{out}");
     let out = f.ok(&["verify", "b-1", "--read-data", "--json"]);
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!((v["ok"].as_bool(), v["damage"].as_array().map(Vec::len)), (Some(true), Some(0)));
     assert!(v["chunks_read"].as_u64().unwrap() > 0, "{out}");
+    assert_eq!(v["complete"], true, "{out}");
 }
 
 #[test]
@@ -150,6 +165,7 @@ fn verify_read_data_names_the_pack_with_a_flipped_byte() {
     let f = Fixture::new();
     make_image(&f.path("disk.img"), 2);
     let id = f.backup("b-1", "srv-a", "disk", &f.path("disk.img"));
+    f.finish("b-1", &[&id]);
     let pack = walk(&f.repo().join("packs")).pop().expect("a pack was written");
     let mut bytes = fs::read(&pack).unwrap();
     bytes[100] ^= 0x40;
@@ -182,9 +198,11 @@ fn verify_of_another_backup_ignores_damage_that_is_not_its_own() {
     let f = Fixture::new();
     make_image(&f.path("a.img"), 3);
     make_image(&f.path("b.img"), 4);
-    f.backup("b-1", "srv-a", "disk", &f.path("a.img"));
+    let a = f.backup("b-1", "srv-a", "disk", &f.path("a.img"));
+    f.finish("b-1", &[&a]);
     let before = walk(&f.repo().join("packs"));
-    f.backup("b-2", "srv-a", "disk", &f.path("b.img"));
+    let b = f.backup("b-2", "srv-a", "disk", &f.path("b.img"));
+    f.finish("b-2", &[&b]);
     let theirs: Vec<PathBuf> =
         walk(&f.repo().join("packs")).into_iter().filter(|p| !before.contains(p)).collect();
     assert_eq!(theirs.len(), 1, "b-2 wrote one pack of its own");
@@ -206,7 +224,8 @@ fn verify_of_another_backup_ignores_damage_that_is_not_its_own() {
 fn restore_writes_identical_bytes_and_keeps_holes() {
     let f = Fixture::new();
     make_image(&f.path("disk.img"), 5);
-    f.backup("b-1", "srv-a", "disk", &f.path("disk.img"));
+    let id = f.backup("b-1", "srv-a", "disk", &f.path("disk.img"));
+    f.finish("b-1", &[&id]);
     let target = f.path("restored.img");
     let out = f.ok(&["restore", "b-1", "--server", "srv-a", "--to", target.to_str().unwrap()]);
     assert!(out.contains("restored srv-a/disk of backup b-1"), "{out}");
@@ -217,7 +236,8 @@ fn restore_writes_identical_bytes_and_keeps_holes() {
 fn restore_refuses_a_non_empty_target_without_force() {
     let f = Fixture::new();
     make_image(&f.path("disk.img"), 6);
-    f.backup("b-1", "srv-a", "disk", &f.path("disk.img"));
+    let id = f.backup("b-1", "srv-a", "disk", &f.path("disk.img"));
+    f.finish("b-1", &[&id]);
     let target = f.path("busy.img");
     fs::write(&target, b"precious").unwrap();
     let to = target.to_str().unwrap();
@@ -237,9 +257,10 @@ fn restore_of_several_volumes_fills_a_directory() {
     let f = Fixture::new();
     make_image(&f.path("root.img"), 7);
     make_image(&f.path("data.img"), 8);
-    f.backup("b-1", "srv-a", "root", &f.path("root.img"));
-    f.backup("b-1", "srv-a", "/srv/data", &f.path("data.img"));
-    f.backup("b-1", "srv-b", "root", &f.path("data.img"));
+    let root = f.backup("b-1", "srv-a", "root", &f.path("root.img"));
+    let data = f.backup("b-1", "srv-a", "/srv/data", &f.path("data.img"));
+    let other = f.backup("b-1", "srv-b", "root", &f.path("data.img"));
+    f.finish("b-1", &[&root, &data, &other]);
     let to = f.path("out");
     let out =
         f.ok(&["restore", "b-1", "--server", "srv-a", "--to", to.to_str().unwrap(), "--json"]);
@@ -264,21 +285,13 @@ fn a_backup_manifest_decides_which_volumes_belong_to_the_backup() {
     let chosen = f.backup("b-1", "srv-a", "disk", &f.path("new.img"));
     // The listener's backup manifest names the volume manifest of the copy it committed.
     let _ = old;
-    let repo = Repository::open(&f.repo(), &Secret::passphrase(PASSPHRASE)).unwrap();
-    let manifest = BackupManifest {
-        backup: "b-1".into(),
-        volumes: vec![chosen.parse::<ManifestId>().unwrap()],
-        cut: serde_json::json!({"servers": ["srv-a"]}),
-        created_unix_ms: 1,
-    };
-    let backup_id = repo.write_manifest(&Manifest::Backup(manifest)).unwrap();
-    drop(repo);
+    let backup_id = f.finish("b-1", &[&chosen]);
 
     let out = f.ok(&["verify", "b-1", "--json"]);
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     let ids: Vec<&str> =
         v["manifests"].as_array().unwrap().iter().map(|m| m["id"].as_str().unwrap()).collect();
-    assert_eq!(ids, [backup_id.to_string().as_str(), chosen.as_str()]);
+    assert_eq!(ids, [backup_id.as_str(), chosen.as_str()]);
     let target = f.path("restored.img");
     f.ok(&["restore", "b-1", "--server", "srv-a", "--to", target.to_str().unwrap()]);
     assert_restored(&target, &f.path("new.img"));
@@ -350,6 +363,73 @@ fn verify_of_an_unknown_backup_is_a_usage_error() {
     let out = f.run(&args);
     check_exit(&out, 2, &args);
     assert!(stderr(&out).contains("backup nope: no manifest"), "{}", stderr(&out));
+}
+
+/// What a FAILED or ABORTED saveset copy leaves: the volume manifests of the servers that were
+/// copied, and no backup manifest (the listener writes it only once every server is in).
+fn an_aborted_backup() -> Fixture {
+    let f = Fixture::new();
+    make_image(&f.path("root.img"), 12);
+    make_image(&f.path("data.img"), 13);
+    f.backup("b-1", "srv-a", "root", &f.path("root.img"));
+    f.backup("b-1", "srv-b", "data", &f.path("data.img"));
+    f
+}
+
+#[test]
+fn verify_of_a_backup_without_a_backup_manifest_exits_1_and_says_incomplete() {
+    let f = an_aborted_backup();
+    let args = ["verify", "b-1"];
+    let out = f.run(&args);
+    check_exit(&out, 1, &args);
+    let err = stderr(&out);
+    assert!(
+        err.contains("backup b-1 is incomplete") && err.contains("no backup manifest"),
+        "{err}"
+    );
+    assert!(err.contains("no cut"), "{err}");
+    assert!(err.contains("srv-a/root") && err.contains("srv-b/data"), "{err}");
+    assert!(err.contains("--incomplete"), "{err}");
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("ok"), "{out:?}");
+
+    // Checked anyway on request: the volumes are whole, the backup is not, and the report says so.
+    let out = f.run(&["verify", "b-1", "--incomplete", "--read-data", "--json"]);
+    check_exit(&out, 0, &args);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!((v["complete"].as_bool(), v["ok"].as_bool()), (Some(false), Some(true)), "{v}");
+    assert!(stderr(&out).contains("WARNING: backup b-1 is incomplete"), "{}", stderr(&out));
+    let out = f.ok(&["verify", "b-1", "--incomplete"]);
+    assert!(out.contains("INCOMPLETE") && !out.contains("backup b-1: ok\n"), "{out}");
+}
+
+#[test]
+fn restore_of_a_backup_without_a_backup_manifest_exits_1_and_writes_nothing() {
+    let f = an_aborted_backup();
+    let target = f.path("restored.img");
+    let args = ["restore", "b-1", "--server", "srv-a", "--to", target.to_str().unwrap()];
+    let out = f.run(&args);
+    check_exit(&out, 1, &args);
+    let err = stderr(&out);
+    assert!(err.contains("backup b-1 is incomplete") && err.contains("--incomplete"), "{err}");
+    assert!(!target.exists(), "restore wrote {}", target.display());
+    let dir = f.path("dir");
+    let args = ["restore", "b-1", "--server", "srv-a", "--to", dir.to_str().unwrap()];
+    check_exit(&f.run(&args), 1, &args);
+    assert!(!dir.exists(), "restore created {}", dir.display());
+}
+
+#[test]
+fn restore_of_an_incomplete_backup_with_the_flag_restores_and_warns() {
+    let f = an_aborted_backup();
+    let target = f.path("restored.img");
+    let to = target.to_str().unwrap();
+    let args = ["restore", "b-1", "--server", "srv-a", "--to", to, "--incomplete", "--json"];
+    let out = f.run(&args);
+    check_exit(&out, 0, &args);
+    assert!(stderr(&out).contains("WARNING: backup b-1 is incomplete"), "{}", stderr(&out));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v[0]["complete"], false, "{v}");
+    assert_restored(&target, &f.path("root.img"));
 }
 
 /// Every file under `dir`, sorted.

@@ -1,17 +1,20 @@
 //! What the listener, the agents and `backupctl` share: identities and mutual TLS, the tower
-//! layers that authorize and trace every RPC, the mock SAN array, and the few Linux syscalls we
-//! wrap. No protocol logic lives here: that is the listener's coordinator and the agent's lease.
+//! layers that authorize and trace every RPC, the mock SAN array, and (re-exported as `sys`) the
+//! syscall wrappers of `stillpoint-sys`. No protocol logic lives here: that is the listener's
+//! coordinator and the agent's lease.
 
 pub mod certs;
 pub mod error;
 pub mod identity;
 pub mod layers;
 pub mod san;
-pub mod sys;
 pub mod testing;
 pub mod tls;
 
 pub use error::{Error, Result};
+/// The syscall wrappers, re-exported so `stillpoint_core::sys::thaw` keeps working where a crate
+/// already depends on `core`; crates that need only syscalls depend on `stillpoint-sys`.
+pub use stillpoint_sys as sys;
 
 /// The largest request any control RPC accepts (1 MiB): real ones are a few hundred bytes, and
 /// a bigger one is refused before it is decoded.

@@ -11,7 +11,7 @@ use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use stillpoint_core::sys::{next_data, next_hole};
+use stillpoint_sys::{next_data, next_hole};
 
 use crate::claims::{Claimed, Claims, CopyToken};
 use crate::error::{Error, IoContext, Result};

@@ -348,7 +348,7 @@ fn preallocate_data(manifest: &VolumeManifest, file: &File, target: &Path) -> Re
     for run in data_runs(manifest, 0..manifest.chunks.len()) {
         let (from, _) = manifest.extent(run.start);
         let (last, last_len) = manifest.extent(run.end - 1);
-        match stillpoint_core::sys::preallocate(file, from, last + last_len as u64 - from) {
+        match stillpoint_sys::preallocate(file, from, last + last_len as u64 - from) {
             Ok(()) => {}
             Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => {
                 return Err(e).ctx("allocate space for the restored volume in", target);

@@ -214,13 +214,64 @@ impl Found {
         latest
     }
 
+    /// Why the backup cannot be trusted as a whole, naming what the repository does hold; `None`
+    /// when a backup manifest names it. The listener writes that manifest, with the cut, only
+    /// after every server's copy: without it the volumes are whatever a failed or aborted run
+    /// left, and nothing says they were frozen at one instant.
+    pub fn incomplete(&self, id: &str) -> Option<String> {
+        if !self.backups.is_empty() {
+            return None;
+        }
+        let mut held: Vec<String> = self
+            .latest()
+            .iter()
+            .map(|(_, m)| format!("{}/{}", m.meta.server, m.meta.volume))
+            .collect();
+        if held.is_empty() {
+            held.push("no volumes".into());
+        }
+        let unreadable = match self.unreadable.len() {
+            0 => String::new(),
+            n => format!(
+                "; {n} manifest{} in the repository do{} not decrypt, and one may be its \
+                 backup manifest",
+                if n == 1 { "" } else { "s" },
+                if n == 1 { "es" } else { "" }
+            ),
+        };
+        Some(format!(
+            "backup {id} is incomplete: the repository has no backup manifest for it, so it \
+             never finished (it failed or was aborted, its copy is still running, or its \
+             volumes were written by `repo backup` alone) and it has no cut: nothing says its \
+             volumes were frozen at one instant. The repository holds {}{unreadable}",
+            held.join(", ")
+        ))
+    }
+
     /// True when the repository holds nothing for the id (not even an unreadable manifest).
     pub fn is_empty(&self) -> bool {
         self.backups.is_empty() && self.volumes.is_empty() && self.unreadable.is_empty()
     }
 }
 
-/// Reads every manifest and picks out those of backup `id`.
+/// Refuses a backup without a backup manifest (exit 1) unless `allow` (`--incomplete`), in
+/// which case it warns on stderr; `doing` is the verb (`check`, `restore`). Returns whether
+/// the backup is complete.
+pub fn require_complete(found: &Found, id: &str, allow: bool, doing: &str) -> Result<bool> {
+    match found.incomplete(id) {
+        None => Ok(true),
+        Some(why) if allow => {
+            crate::cmd::note(&format!(
+                "backupctl: WARNING: {why}; going on because of --incomplete"
+            ));
+            Ok(false)
+        }
+        Some(why) => Err(Error::Incomplete(format!(
+            "{why}; pass --incomplete to {doing} what it holds anyway"
+        ))),
+    }
+}
+
 /// The summary of every manifest in `ids`, in order, read by one thread per core.
 fn load_summaries(
     repo: &Repository,
@@ -244,6 +295,7 @@ fn load_summaries(
     })
 }
 
+/// Reads every manifest and picks out those of backup `id`.
 pub fn find_backup(repo: &Repository, id: &str) -> Result<Found> {
     let mut found = Found::default();
     let mut backups = Vec::new();

@@ -1,6 +1,7 @@
 //! `restore ID --server S [--volume V] --to PATH [--force]`: writes a server's volumes of backup
 //! ID back from the saveset repository, bit for bit and sparse. Refuses a target that holds data
-//! unless `--force`; checks every target before writing any.
+//! unless `--force`, and a backup without a backup manifest unless `--incomplete`; checks every
+//! target before writing any.
 
 use std::io::Write;
 use std::os::unix::fs::FileTypeExt;
@@ -9,7 +10,7 @@ use std::path::{Path, PathBuf};
 use serde::Serialize;
 use stillpoint_saveset::{ManifestId, RestoreProgress, VolumeSummary};
 
-use crate::cmd::repo::{find_backup, RepoOptions};
+use crate::cmd::repo::{find_backup, require_complete, RepoOptions};
 use crate::error::{Error, Result};
 use crate::view;
 
@@ -31,6 +32,10 @@ pub struct Args {
     /// Overwrite a target that holds data
     #[arg(long)]
     pub force: bool,
+    /// Restore from a backup that has no backup manifest (it failed, was aborted or is still
+    /// copying): its volumes may not be consistent with the other servers', there is no cut
+    #[arg(long)]
+    pub incomplete: bool,
     /// Print what was restored as JSON
     #[arg(long)]
     pub json: bool,
@@ -45,6 +50,8 @@ pub struct RestoredView {
     pub target: String,
     pub size: u64,
     pub bytes_written: u64,
+    /// A backup manifest names the backup (false only with `--incomplete`).
+    pub complete: bool,
 }
 
 pub fn run(args: Args, out: &mut dyn Write) -> Result<()> {
@@ -60,6 +67,7 @@ pub fn run(args: Args, out: &mut dyn Write) -> Result<()> {
     if chosen.is_empty() {
         return Err(Error::Usage(not_found(&args, &found.volumes, &of_server)));
     }
+    let complete = require_complete(&found, &args.id, args.incomplete, "restore")?;
     let into_dir = chosen.len() > 1 || args.to.is_dir();
     if into_dir {
         std::fs::create_dir_all(&args.to)
@@ -107,12 +115,19 @@ pub fn run(args: Args, out: &mut dyn Write) -> Result<()> {
             target: target.display().to_string(),
             size: stats.size,
             bytes_written: stats.bytes_written,
+            complete,
         };
         if !args.json {
             writeln!(
                 out,
-                "restored {}/{} of backup {} to {}: {} B ({} B of data written, the rest holes)",
-                shown.server, shown.volume, args.id, shown.target, shown.size, shown.bytes_written
+                "restored {}/{} of {}backup {} to {}: {} B ({} B of data written, the rest holes)",
+                shown.server,
+                shown.volume,
+                if complete { "" } else { "INCOMPLETE " },
+                args.id,
+                shown.target,
+                shown.size,
+                shown.bytes_written
             )?;
         }
         restored.push(shown);

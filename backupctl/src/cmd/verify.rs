@@ -1,6 +1,7 @@
 //! `verify ID [--read-data]`: checks the saveset repository and reports, by name, the damage
 //! that concerns backup ID (its manifests, and anything global such as an unreadable index or
-//! manifest). Exit 0 clean, 1 damaged, 2 usage or secret errors. Never repairs.
+//! manifest). Exit 0 clean, 1 damaged or incomplete (no backup manifest: refused unless
+//! `--incomplete`), 2 usage or secret errors. Never repairs.
 
 use std::collections::HashSet;
 use std::io::Write;
@@ -8,7 +9,7 @@ use std::io::Write;
 use serde::Serialize;
 use stillpoint_saveset::{Damage, ManifestId, VerifyProgress};
 
-use crate::cmd::repo::{find_backup, RepoOptions};
+use crate::cmd::repo::{find_backup, require_complete, RepoOptions};
 use crate::error::{Error, Result};
 use crate::view;
 
@@ -21,6 +22,10 @@ pub struct Args {
     /// Also read every chunk, decrypt it and check its hash (reads all the data)
     #[arg(long)]
     pub read_data: bool,
+    /// Check a backup that has no backup manifest (it failed, was aborted or is still copying):
+    /// its volumes are checked, the report says it is incomplete and has no cut
+    #[arg(long)]
+    pub incomplete: bool,
     /// Print the report as JSON
     #[arg(long)]
     pub json: bool,
@@ -30,7 +35,11 @@ pub struct Args {
 #[derive(Debug, Serialize)]
 pub struct VerifyView {
     pub backup: String,
+    /// No damage concerns the backup's manifests.
     pub ok: bool,
+    /// A backup manifest names the backup: every server was copied and the cut is recorded.
+    /// False only with `--incomplete`.
+    pub complete: bool,
     pub read_data: bool,
     /// The backup's manifests: backup manifests first, then `server/volume` volume manifests.
     pub manifests: Vec<ManifestView>,
@@ -74,6 +83,7 @@ pub fn run(args: Args, out: &mut dyn Write) -> Result<()> {
             args.repo.repo.display()
         )));
     }
+    let complete = require_complete(&found, &args.id, args.incomplete, "check")?;
     // Only this backup's manifests and the chunks they need: the cost does not grow with the
     // repository.
     // Reading the data of a large backup takes minutes. The bar appears with the first read,
@@ -107,6 +117,7 @@ pub fn run(args: Args, out: &mut dyn Write) -> Result<()> {
     let shown = VerifyView {
         backup: args.id.clone(),
         ok: damage.is_empty(),
+        complete,
         read_data: args.read_data,
         manifests,
         manifests_checked: report.manifests,
@@ -211,8 +222,14 @@ fn render(v: &VerifyView, out: &mut dyn Write) -> Result<()> {
     if v.other_damage > 0 {
         writeln!(out, "{} more problems concern other backups only", v.other_damage)?;
     }
-    if v.ok {
-        writeln!(out, "backup {}: ok", v.backup)?;
+    match (v.ok, v.complete) {
+        (true, true) => writeln!(out, "backup {}: ok", v.backup)?,
+        (true, false) => writeln!(
+            out,
+            "backup {}: INCOMPLETE (no backup manifest, no cut); the volumes above are undamaged",
+            v.backup
+        )?,
+        (false, _) => {}
     }
     Ok(())
 }

@@ -224,18 +224,91 @@ srv-a   +0            +14       +19          +30        17       3           1  
 srv-b   +1            +17       +20          +39        17       3           1          5            1
 (step times in ms after the first prepare sent, on the listener's clock)
 ";
-    assert_eq!(cut_human(&cut), expected);
+    assert_eq!(cut_human(&cut, BackupState::Succeeded as i32), expected);
 
     let unchecked = Cut { checked: false, ..Cut::default() };
-    assert_eq!(cut_human(&unchecked), "cut: not checked yet\n");
+    assert_eq!(cut_human(&unchecked, BackupState::Preparing as i32), "cut: not checked yet\n");
     let torn = Cut {
         checked: true,
         consistent: false,
         verdict: "srv-b thawed before srv-a froze".into(),
         servers: vec![ServerCut { server: "srv-a".into(), ..ServerCut::default() }],
     };
-    assert!(cut_human(&torn).starts_with("cut: NOT CONSISTENT: srv-b thawed before srv-a froze\n"));
-    assert!(cut_human(&torn).contains("\nsrv-a   -             -"));
+    let torn = cut_human(&torn, BackupState::Succeeded as i32);
+    assert!(torn.starts_with("cut: NOT CONSISTENT: srv-b thawed before srv-a froze\n"));
+    assert!(torn.contains("\nsrv-a   -             -"));
+}
+
+#[test]
+fn a_cut_that_will_never_be_judged_says_why_not_that_it_is_pending() {
+    for (state, name) in [(BackupState::Failed, "FAILED"), (BackupState::Aborted, "ABORTED")] {
+        let mut backup = sample();
+        backup.state = state as i32;
+        backup.cut = Some(Cut { checked: false, verdict: String::new(), ..sample().cut.unwrap() });
+        let text = backup_human(&backup);
+        assert!(!text.contains("not checked yet"), "{text}");
+        let expected = format!(
+            "cut: never judged: the backup ended {name} before every server was snapshotted\n"
+        );
+        assert!(text.contains(&expected), "{text}");
+    }
+    // In flight, the cut is still to come.
+    let mut backup = sample();
+    backup.state = BackupState::Preparing as i32;
+    backup.cut = Some(Cut { checked: false, ..Cut::default() });
+    assert!(backup_human(&backup).contains("cut: not checked yet\n"));
+}
+
+#[test]
+fn agents_show_as_active_only_what_the_agent_still_holds() {
+    let held = |id: &str, phase: &str, snapshots: usize| AgentBackup {
+        backup_id: id.into(),
+        phase: phase.into(),
+        lease_remaining_ms: 0,
+        snapshots: (0..snapshots)
+            .map(|_| Snapshot { volume: "data".into(), ..Snapshot::default() })
+            .collect(),
+        detail: String::new(),
+    };
+    let mut backups = vec![
+        held("b-prep", "preparing", 0),
+        held("b-frozen", "frozen", 0),
+        held("b-snap", "snapshotted", 1),
+        held("b-orphan", "orphan", 1),
+        // A failed backup whose snapshots are still there is still held.
+        held("b-failed-held", "failed", 1),
+    ];
+    for (i, phase) in ["thawed-expired", "aborted", "failed", "cleaned"].iter().cycle().enumerate()
+    {
+        if i == 100 {
+            break;
+        }
+        backups.push(held(&format!("b-done-{i}"), phase, 0));
+    }
+    let agent = AgentInfo {
+        server: "srv-a".into(),
+        address: "https://10.0.0.5:7444".into(),
+        groups: vec!["payroll".into()],
+        reachable: true,
+        error: String::new(),
+        version: "0.1.0".into(),
+        backups,
+    };
+    let text = agents_human(std::slice::from_ref(&agent));
+    let row = text.lines().nth(1).unwrap();
+    assert!(
+        row.ends_with(
+            "b-prep (preparing), b-frozen (frozen), b-snap (snapshotted), b-orphan (orphan), \
+             b-failed-held (failed)"
+        ),
+        "{text}"
+    );
+    assert!(!text.contains("b-done"), "{text}");
+
+    // An agent holding nothing shows a dash; JSON keeps every entry.
+    let idle = AgentInfo { backups: agent.backups[5..].to_vec(), ..agent.clone() };
+    assert!(agents_human(&[idle]).lines().nth(1).unwrap().ends_with("  -"));
+    assert_eq!(to_value(&AgentView::from(&agent))["backups"].as_array().unwrap().len(), 105);
 }
 
 #[test]

@@ -1,6 +1,7 @@
-//! The only unsafe code in stillpoint: thin wrappers over the Linux ioctls we need (FIFREEZE,
-//! FITHAW, FICLONE) and the SEEK_DATA/SEEK_HOLE lseek. Each wrapper returns the raw `io::Error` so callers can tell EBUSY (someone
-//! else's freeze) and EINVAL (not frozen) apart.
+//! The only unsafe code in stillpoint: thin wrappers over the Linux syscalls we need (the
+//! FIFREEZE, FITHAW and FICLONE ioctls, SEEK_DATA/SEEK_HOLE, fallocate, kill). Each returns the
+//! raw `io::Error` so callers can tell EBUSY (someone else's freeze), EINVAL (not frozen) and
+//! ESRCH (no such process) apart. Depends on `libc` alone, so any crate may use it.
 #![allow(unsafe_code)]
 
 use std::fs::File;
@@ -76,4 +77,28 @@ pub fn preallocate(file: &File, offset: u64, len: u64) -> io::Result<()> {
         libc::off_t::try_from(len).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
     // SAFETY: plain syscall on a valid fd with integer arguments.
     check(unsafe { libc::fallocate(file.as_raw_fd(), 0, offset, len) })
+}
+
+/// The signals the agent sends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Signal {
+    Stop,
+    Cont,
+}
+
+/// Sends `signal` to process `pid` (never a group: `pid` must be positive). ESRCH: no such process.
+pub fn kill(pid: i32, signal: Signal) -> io::Result<()> {
+    if pid <= 0 {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("pid {pid} is not a process"),
+        ));
+    }
+    let sig = match signal {
+        Signal::Stop => libc::SIGSTOP,
+        Signal::Cont => libc::SIGCONT,
+    };
+    // SAFETY: kill(2) takes two integers and touches no memory of ours; a positive pid names
+    // one process, never a process group.
+    check(unsafe { libc::kill(pid, sig) })
 }
