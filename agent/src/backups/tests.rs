@@ -420,3 +420,48 @@ async fn commit_for_another_freeze_of_the_same_backup_is_refused() {
     let right = f.backups.commit(&id("b1"), Some(&tok(&p.freeze_token))).await.unwrap();
     assert!(right.committed, "{}", right.reason);
 }
+
+/// Records every span's name with its parent's name (None for a root span).
+#[derive(Clone, Default)]
+struct Parents(Arc<Mutex<Vec<(String, Option<String>)>>>);
+
+impl<S> tracing_subscriber::Layer<S> for Parents
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+{
+    fn on_new_span(
+        &self,
+        attrs: &tracing::span::Attributes<'_>,
+        _id: &tracing::span::Id,
+        ctx: tracing_subscriber::layer::Context<'_, S>,
+    ) {
+        let name = |s: tracing_subscriber::registry::SpanRef<'_, S>| s.name().to_string();
+        let parent = if let Some(p) = attrs.parent() {
+            ctx.span(p).map(name)
+        } else if attrs.is_contextual() {
+            ctx.lookup_current().map(name)
+        } else {
+            None
+        };
+        lock(&self.0).push((attrs.metadata().name().to_string(), parent));
+    }
+}
+
+/// The defect: the lease timer's lines nested under the Prepare RPC that froze, so a
+/// log viewer showed an expiry seconds later as part of that Prepare.
+#[tokio::test]
+async fn the_lease_lines_do_not_nest_under_the_prepare_that_froze() {
+    use tracing_subscriber::layer::SubscriberExt;
+    let parents = Parents::default();
+    let _guard =
+        tracing::subscriber::set_default(tracing_subscriber::registry().with(parents.clone()));
+    let f = check(1);
+    let rpc = tracing::info_span!("rpc");
+    assert!(f.backups.prepare(&id("b1"), 100).instrument(rpc).await.unwrap().prepared);
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(f.phase("b1"), "thawed-expired");
+    let spans = lock(&parents.0).clone();
+    assert!(spans.contains(&("op".into(), Some("rpc".into()))), "{spans:?}");
+    let lease: Vec<_> = spans.iter().filter(|(n, _)| n == "lease").collect();
+    assert!(!lease.is_empty() && lease.iter().all(|(_, p)| p.is_none()), "{spans:?}");
+}
