@@ -421,9 +421,12 @@ async fn commit_for_another_freeze_of_the_same_backup_is_refused() {
     assert!(right.committed, "{}", right.reason);
 }
 
-/// Records every span's name with its parent's name (None for a root span).
+/// A span's name and its parent's name (None for a root span).
+type Nesting = (String, Option<String>);
+
+/// Records how every span nests.
 #[derive(Clone, Default)]
-struct Parents(Arc<Mutex<Vec<(String, Option<String>)>>>);
+struct Parents(Arc<Mutex<Vec<Nesting>>>);
 
 impl<S> tracing_subscriber::Layer<S> for Parents
 where
