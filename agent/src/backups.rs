@@ -1,112 +1,41 @@
-//! The agent's table of backups and the operations on it: Prepare, Commit, Abort, Cleanup,
-//! the lease timer and the thaw on shutdown. One tokio mutex serializes every operation, so an
-//! Abort racing a Commit has exactly one outcome; each operation runs in its own task, so a
-//! dropped RPC never leaves a freeze half done. Each quiescer's thaw action is armed (journal and
-//! guardian, see `armed`) before it freezes, and taken back before the agent thaws it itself.
-//! A copy of committed snapshots holds them (`CopyHold`) so Abort and Cleanup delete only once
-//! it has let go. No gRPC here: `service` maps requests to calls.
+//! The executor of the agent's machine (`stillpoint_protocol::agent`): it owns the plug-ins
+//! (quiescers, snapshot provider, the armed guardian and journal), feeds requests and the lease
+//! timer to the machine, runs each effect (blocking plug-in calls on `spawn_blocking`) and feeds
+//! its result back. The machine decides and serializes; this file only acts. Each request's
+//! effects run in their own task, so a dropped RPC never leaves a freeze half done, and Status
+//! reads the machine's state without waiting on an operation. No gRPC here: `service` converts.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use stillpoint_proto::{
-    AbortResponse, AgentBackup, CleanupResponse, CommitResponse, PrepareResponse, Snapshot,
-    StepReport,
+use stillpoint_protocol::agent::{
+    AbortReply, Agent, BackupId, BackupStatus, Effect, Failure, FailureKind, FreezeToken, Input,
+    OpKind, Origin, Phase, QuiescerInfo, Released, Reply, ReqId, Request,
 };
+use stillpoint_protocol::coordinator::{CommitReply, PrepareReply};
+use stillpoint_protocol::model::{Level, SnapshotRef};
+use tokio::sync::oneshot;
 use tokio::task::AbortHandle;
-use tracing::{error, info, warn, Instrument};
+use tracing::{error, info, warn, Instrument, Span};
 
 use crate::armed::Armed;
+use crate::convert::snapshot_ref;
 use crate::guardian::Outcome;
-use crate::lease::Lease;
 use crate::quiesce::Quiescer;
 use crate::snapshot::SnapshotProvider;
 use crate::{Error, Result};
 
-/// How many finished backups the table remembers, to answer late or duplicate requests.
-pub const KEEP_FINISHED: usize = 100;
-
-/// Where one backup stands on this agent; each variant holds only what is valid then.
-enum Phase {
-    /// Quiescers are running (only ever seen by Status: the operation holds the lock).
-    Preparing,
-    /// Every quiescer is frozen until Commit, Abort or the lease's end.
-    Frozen {
-        lease: Lease,
-        held_from: Option<Instant>,
-        timer: AbortHandle,
-    },
-    Snapshotted {
-        snapshots: Vec<Snapshot>,
-    },
-    /// The lease ran out without a Commit; everything was thawed and nothing snapshotted.
-    ThawedExpired {
-        lease_ms: u64,
-    },
-    Aborted,
-    Failed,
-    Cleaned,
-}
-
-impl Phase {
-    fn name(&self) -> &'static str {
-        match self {
-            Phase::Preparing => "preparing",
-            Phase::Frozen { .. } => "frozen",
-            Phase::Snapshotted { .. } => "snapshotted",
-            Phase::ThawedExpired { .. } => "thawed-expired",
-            Phase::Aborted => "aborted",
-            Phase::Failed => "failed",
-            Phase::Cleaned => "cleaned",
-        }
-    }
-
-    fn is_active(&self) -> bool {
-        matches!(self, Phase::Preparing | Phase::Frozen { .. })
-    }
-}
-
-struct Entry {
-    phase: Phase,
-    /// Why it failed, was aborted or expired; shown by Status.
-    detail: String,
-    prepared: Option<PrepareResponse>,
-    committed: Option<CommitResponse>,
-    /// The copy reading this backup's snapshots, while one runs.
-    copy: Option<CopyRun>,
-    /// Abort or Cleanup has begun: no new copy may start reading what they will delete.
-    closing: bool,
-}
-
-impl Entry {
-    fn new(phase: Phase) -> Entry {
-        Entry {
-            phase,
-            detail: String::new(),
-            prepared: None,
-            committed: None,
-            copy: None,
-            closing: false,
-        }
-    }
-}
-
-/// A running copy as the table sees it: Abort and Cleanup ask it to stop, then wait for it.
-struct CopyRun {
-    stop: Arc<AtomicBool>,
-    /// Never sent on; closed when the copy's [`CopyHold`] is dropped.
-    done: tokio::sync::watch::Receiver<()>,
-}
+pub use stillpoint_protocol::agent::KEEP_FINISHED;
 
 /// Held by a running copy for as long as it reads a backup's snapshots: until it is dropped,
 /// Abort and Cleanup of that backup wait instead of deleting them. Dropping it (the copy ended,
 /// failed or panicked) lets them go on.
 pub struct CopyHold {
     inner: Arc<Inner>,
-    id: String,
+    id: BackupId,
     stop: Arc<AtomicBool>,
-    _done: tokio::sync::watch::Sender<()>,
 }
 
 impl CopyHold {
@@ -120,54 +49,16 @@ impl CopyHold {
 
 impl Drop for CopyHold {
     fn drop(&mut self) {
-        let mut table = self.inner.table();
-        if let Some((_, e)) = table.entries.iter_mut().find(|(b, _)| *b == self.id) {
-            e.copy = None;
+        lock(&self.inner.copies).remove(&self.id);
+        let effects = self.inner.handle(Input::CopyEnded { backup: self.id.clone() });
+        if effects.is_empty() {
+            return;
         }
-        // `_done` drops after this, waking whoever waits to delete.
-    }
-}
-
-/// Backups in the order they were first seen.
-#[derive(Default)]
-struct Table {
-    entries: Vec<(String, Entry)>,
-}
-
-impl Table {
-    fn get(&self, id: &str) -> Option<&Entry> {
-        self.entries.iter().find(|(b, _)| b == id).map(|(_, e)| e)
-    }
-
-    /// The entry for `id`, created in `phase` if it is not there.
-    fn entry(&mut self, id: &str, phase: impl FnOnce() -> Phase) -> &mut Entry {
-        let at = match self.entries.iter().position(|(b, _)| b == id) {
-            Some(at) => at,
+        // A waiting Abort or Cleanup goes on; it needs a task to run its effects.
+        match tokio::runtime::Handle::try_current().ok().or_else(|| self.inner.runtime.clone()) {
+            Some(rt) => drop(rt.spawn(self.inner.clone().drive(effects, Span::current()))),
             None => {
-                self.entries.push((id.to_string(), Entry::new(phase())));
-                self.forget_old();
-                self.entries.len() - 1
-            }
-        };
-        &mut self.entries[at].1
-    }
-
-    fn set(&mut self, id: &str, phase: Phase, detail: String) -> &mut Entry {
-        let entry = self.entry(id, || Phase::Preparing);
-        entry.phase = phase;
-        entry.detail = detail;
-        entry
-    }
-
-    fn active(&self) -> Option<(&str, &Entry)> {
-        self.entries.iter().find(|(_, e)| e.phase.is_active()).map(|(b, e)| (b.as_str(), e))
-    }
-
-    fn forget_old(&mut self) {
-        while self.entries.len() > KEEP_FINISHED {
-            match self.entries.iter().position(|(_, e)| !e.phase.is_active()) {
-                Some(at) => drop(self.entries.remove(at)),
-                None => break,
+                error!(backup = %self.id, "no runtime to run the operations waiting for this copy")
             }
         }
     }
@@ -186,42 +77,49 @@ struct Inner {
     provider: Arc<dyn SnapshotProvider>,
     /// The guardian and journal; behind a std mutex, used only on blocking threads.
     armed: Arc<Mutex<Armed>>,
-    /// Zero of the monotonic milliseconds that leases are measured in.
+    /// Zero of the monotonic milliseconds the machine counts in.
     origin: Instant,
-    /// Held for the whole of every operation.
-    ops: tokio::sync::Mutex<()>,
-    /// Held only briefly, never across an await, so Status never waits on an operation.
-    table: Mutex<Table>,
+    /// Held only for one `handle` call (pure, quick), never across an await.
+    machine: Mutex<Agent>,
+    next_req: AtomicU64,
+    /// Who waits for each request's reply, and the span its operation runs in.
+    waiting: Mutex<HashMap<ReqId, (oneshot::Sender<Reply>, Span)>>,
+    timers: Mutex<HashMap<BackupId, AbortHandle>>,
+    /// The stop flag of each running copy.
+    copies: Mutex<HashMap<BackupId, Arc<AtomicBool>>>,
+    runtime: Option<tokio::runtime::Handle>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 fn ms(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
-fn step(name: &str, action: &str, result: &anyhow::Result<String>, took: Duration) -> StepReport {
-    let (ok, detail) = match result {
-        Ok(detail) => (true, detail.clone()),
-        Err(e) => (false, format!("{e:#}")),
-    };
-    StepReport { name: name.into(), action: action.into(), ok, duration_ms: ms(took), detail }
-}
-
 /// Runs a blocking plug-in call off the async threads.
 async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> anyhow::Result<T> + Send + 'static,
 ) -> anyhow::Result<T> {
-    let span = tracing::Span::current();
+    let span = Span::current();
     tokio::task::spawn_blocking(move || span.in_scope(f))
         .await
         .unwrap_or_else(|e| Err(anyhow::anyhow!("plug-in call died: {e}")))
 }
 
-fn not_prepared(reason: String) -> PrepareResponse {
-    PrepareResponse { prepared: false, reason, ..PrepareResponse::default() }
+impl From<Failure> for Error {
+    fn from(f: Failure) -> Error {
+        match f.kind {
+            FailureKind::NotFound => Error::NotFound(f.text),
+            FailureKind::FailedPrecondition => Error::FailedPrecondition(f.text),
+            FailureKind::Provider => Error::Provider(f.text),
+        }
+    }
 }
 
-fn not_committed(reason: String) -> CommitResponse {
-    CommitResponse { committed: false, reason, ..CommitResponse::default() }
+fn unexpected(op: &str, reply: Reply) -> Error {
+    Error::Internal(format!("{op}: the agent's machine answered {reply:?}"))
 }
 
 impl Backups {
@@ -234,6 +132,14 @@ impl Backups {
         provider: Arc<dyn SnapshotProvider>,
         armed: Armed,
     ) -> Backups {
+        let info = quiescers
+            .iter()
+            .map(|q| QuiescerInfo {
+                name: q.name().to_string(),
+                freezes_filesystem: q.freezes_filesystem(),
+            })
+            .collect();
+        let machine = Agent::new(server, info, provider.kind());
         Backups {
             inner: Arc::new(Inner {
                 server: server.to_string(),
@@ -242,8 +148,12 @@ impl Backups {
                 provider,
                 armed: Arc::new(Mutex::new(armed)),
                 origin: Instant::now(),
-                ops: tokio::sync::Mutex::new(()),
-                table: Mutex::new(Table::default()),
+                machine: Mutex::new(machine),
+                next_req: AtomicU64::new(1),
+                waiting: Mutex::new(HashMap::new()),
+                timers: Mutex::new(HashMap::new()),
+                copies: Mutex::new(HashMap::new()),
+                runtime: tokio::runtime::Handle::try_current().ok(),
             }),
         }
     }
@@ -252,139 +162,121 @@ impl Backups {
         &self.inner.server
     }
 
-    /// Runs one operation in its own task under a span naming the backup and server, so that
-    /// a caller who stops waiting does not cut it short.
-    async fn run<T, F>(
-        &self,
-        op: &'static str,
-        id: &str,
-        f: impl FnOnce(Arc<Inner>) -> F,
-    ) -> Result<T>
-    where
-        T: Send + 'static,
-        F: std::future::Future<Output = Result<T>> + Send + 'static,
-    {
-        let span = tracing::info_span!("op", op, backup = %id, server = %self.inner.server);
-        tokio::spawn(f(self.inner.clone()).instrument(span))
-            .await
-            .map_err(|e| Error::Internal(format!("{op} {id}: {e}")))?
+    /// Hands `request` to the machine in a task of its own, under a span naming the backup and
+    /// server, and waits for its reply; a caller who stops waiting does not cut it short.
+    async fn request(&self, op: OpKind, id: Option<&BackupId>, request: Request) -> Result<Reply> {
+        let server = &self.inner.server;
+        let span = match id {
+            Some(id) => tracing::info_span!("op", op = op.as_str(), backup = %id, server = %server),
+            None => tracing::info_span!("op", op = op.as_str(), server = %server),
+        };
+        let from = ReqId(self.inner.next_req.fetch_add(1, Ordering::Relaxed));
+        let (tx, rx) = oneshot::channel();
+        lock(&self.inner.waiting).insert(from, (tx, span.clone()));
+        let inner = self.inner.clone();
+        tokio::spawn(
+            async move { inner.feed(Input::Request { from, request }).await }.instrument(span),
+        );
+        rx.await.map_err(|_| Error::Internal(format!("{} ended without a reply", op.as_str())))
     }
 
-    /// Quiesces and freezes for `id` under a lease of `lease_ms` counted from now. Idempotent:
+    /// Quiesces and freezes `id` under a lease of `lease_ms` counted from now. Idempotent:
     /// a repeated Prepare gets the first one's reply.
-    pub async fn prepare(&self, id: &str, lease_ms: u64) -> Result<PrepareResponse> {
-        let arrived = self.inner.now_ms();
-        let id_owned = id.to_string();
-        self.run("prepare", id, move |inner| async move {
-            Ok(inner.prepare(&id_owned, Lease::new(arrived, lease_ms)).await)
-        })
-        .await
+    pub async fn prepare(&self, id: &BackupId, lease_ms: u64) -> Result<PrepareReply> {
+        let token = uuid::Uuid::new_v4().simple().to_string();
+        let fresh_token = FreezeToken::parse(&token).map_err(|e| Error::Internal(e.to_string()))?;
+        let request = Request::Prepare { backup: id.clone(), lease_ms, fresh_token };
+        match self.request(OpKind::Prepare, Some(id), request).await? {
+            Reply::Prepared(reply) => Ok(reply),
+            other => Err(unexpected("prepare", other)),
+        }
     }
 
-    /// Snapshots and thaws `id` if its lease still runs. Idempotent.
-    /// Snapshots and thaws. `freeze_token`, when given, must name the freeze this agent holds
-    /// for `id` (from its prepared reply); a Commit meant for another freeze is refused.
-    pub async fn commit(&self, id: &str, freeze_token: Option<&str>) -> Result<CommitResponse> {
-        let id_owned = id.to_string();
-        let token = freeze_token.map(str::to_string);
-        self.run("commit", id, move |inner| async move {
-            Ok(inner.commit(&id_owned, token.as_deref()).await)
-        })
-        .await
+    /// Snapshots and thaws `id` if its lease still runs. `freeze_token`, when given, must name
+    /// the freeze this agent holds for `id` (from its prepared reply); a Commit meant for
+    /// another freeze is refused. Idempotent.
+    pub async fn commit(
+        &self,
+        id: &BackupId,
+        freeze_token: Option<&FreezeToken>,
+    ) -> Result<CommitReply> {
+        let request = Request::Commit { backup: id.clone(), token: freeze_token.cloned() };
+        match self.request(OpKind::Commit, Some(id), request).await? {
+            Reply::Committed(reply) => Ok(reply),
+            other => Err(unexpected("commit", other)),
+        }
     }
 
     /// Thaws and deletes whatever `id` holds. Idempotent; an unknown id is remembered as
     /// aborted so a late Prepare for it is refused.
-    pub async fn abort(&self, id: &str, reason: &str) -> Result<AbortResponse> {
-        let (id_owned, reason) = (id.to_string(), reason.to_string());
-        self.run("abort", id, move |inner| async move { inner.abort(&id_owned, &reason).await })
-            .await
+    pub async fn abort(&self, id: &BackupId, reason: &str) -> Result<AbortReply> {
+        let request = Request::Abort { backup: id.clone(), reason: reason.to_string() };
+        match self.request(OpKind::Abort, Some(id), request).await? {
+            Reply::Aborted(result) => Ok(result?),
+            other => Err(unexpected("abort", other)),
+        }
     }
 
-    /// Deletes `id`'s snapshots. Idempotent.
-    pub async fn cleanup(&self, id: &str) -> Result<CleanupResponse> {
-        let id_owned = id.to_string();
-        self.run("cleanup", id, move |inner| async move { inner.cleanup(&id_owned).await }).await
+    /// Deletes `id`'s snapshots (thawing first if it is still frozen). Idempotent.
+    pub async fn cleanup(&self, id: &BackupId) -> Result<u32> {
+        let request = Request::Cleanup { backup: id.clone() };
+        match self.request(OpKind::Cleanup, Some(id), request).await? {
+            Reply::CleanedUp(result) => Ok(result?),
+            other => Err(unexpected("cleanup", other)),
+        }
     }
 
     /// Starts a copy of `id`'s snapshots: returns them and the hold that keeps Abort and
     /// Cleanup from deleting them while the copy reads. Only a committed backup whose
     /// snapshots still exist can be copied, by one copy at a time (a second is refused, not
     /// queued: the listener never runs two, so a second one is a mistake to report).
-    pub fn begin_copy(&self, id: &str) -> Result<(Vec<Snapshot>, CopyHold)> {
-        let server = &self.inner.server;
-        // The table lock alone suffices: Abort and Cleanup mark the entry closing, and look
-        // for a copy, under it too, so either this sees them or they see this copy.
-        let mut table = self.inner.table();
-        let Some((_, e)) = table.entries.iter_mut().find(|(b, _)| b == id) else {
-            return Err(Error::NotFound(format!(
-                "backup {id} is not held by agent {server}: it was never committed here, or the agent restarted since (its snapshots, if any, are left for the sweep)"
-            )));
-        };
-        if e.copy.is_some() {
-            return Err(Error::FailedPrecondition(format!(
-                "a copy of backup {id} is already running on agent {server}; refusing a second one"
-            )));
-        }
-        let snapshots = match &e.phase {
-            Phase::Snapshotted { .. } if e.closing => {
-                return Err(Error::FailedPrecondition(format!(
-                    "backup {id} on agent {server} is being aborted or cleaned up; its snapshots are going away"
-                )))
-            }
-            Phase::Snapshotted { snapshots } => snapshots.clone(),
-            Phase::Cleaned | Phase::Aborted => {
-                return Err(Error::NotFound(format!(
-                    "backup {id} on agent {server} is {}: its snapshots were deleted",
-                    e.phase.name()
-                )))
-            }
-            phase => {
-                return Err(Error::FailedPrecondition(format!(
-                    "backup {id} on agent {server} is {}: only a committed backup's snapshots can be copied",
-                    phase.name()
-                )))
-            }
-        };
+    pub fn begin_copy(&self, id: &BackupId) -> Result<(Vec<SnapshotRef>, CopyHold)> {
         let stop = Arc::new(AtomicBool::new(false));
-        let (done_tx, done_rx) = tokio::sync::watch::channel(());
-        e.copy = Some(CopyRun { stop: stop.clone(), done: done_rx });
-        drop(table);
-        let hold = CopyHold { inner: self.inner.clone(), id: id.to_string(), stop, _done: done_tx };
-        Ok((snapshots, hold))
+        // Registered first, so a StopCopy from an Abort right after finds it.
+        let earlier = lock(&self.inner.copies).insert(id.clone(), stop.clone());
+        let from = ReqId(self.inner.next_req.fetch_add(1, Ordering::Relaxed));
+        let effects = self
+            .inner
+            .handle(Input::Request { from, request: Request::BeginCopy { backup: id.clone() } });
+        let mut answer = None;
+        for effect in effects {
+            match effect {
+                Effect::Reply { to, reply: Reply::CopyBegun(result) } if to == from => {
+                    answer = Some(result)
+                }
+                other => warn!(effect = ?other, "begin copy: unexpected effect"),
+            }
+        }
+        match answer {
+            Some(Ok(snapshots)) => {
+                let hold = CopyHold { inner: self.inner.clone(), id: id.clone(), stop };
+                Ok((snapshots, hold))
+            }
+            refused => {
+                // The running copy (if any) keeps its own flag.
+                let mut copies = lock(&self.inner.copies);
+                match earlier {
+                    Some(flag) => drop(copies.insert(id.clone(), flag)),
+                    None => drop(copies.remove(id)),
+                }
+                Err(match refused {
+                    Some(Err(failure)) => failure.into(),
+                    _ => Error::Internal(format!("begin copy of {id}: no answer")),
+                })
+            }
+        }
     }
 
-    /// Every backup the table remembers, oldest first. Never waits on an operation.
-    pub fn status(&self) -> Vec<AgentBackup> {
+    /// Every backup the agent remembers, oldest first. Never waits on an operation.
+    pub fn status(&self) -> Vec<BackupStatus> {
         let now = self.inner.now_ms();
-        let table = self.inner.table();
-        table
-            .entries
-            .iter()
-            .map(|(id, e)| AgentBackup {
-                backup_id: id.clone(),
-                phase: e.phase.name().into(),
-                lease_remaining_ms: match &e.phase {
-                    Phase::Frozen { lease, .. } => lease.remaining(now),
-                    _ => 0,
-                },
-                snapshots: match &e.phase {
-                    Phase::Snapshotted { snapshots } => snapshots.clone(),
-                    _ => Vec::new(),
-                },
-                detail: if e.copy.is_some() && e.detail.is_empty() {
-                    "copying into the saveset repository".into()
-                } else {
-                    e.detail.clone()
-                },
-            })
-            .collect()
+        lock(&self.inner.machine).status(now)
     }
 
-    /// Like [`Backups::status`], plus an "orphan" entry for every backup the provider holds
-    /// snapshots of but the table does not know (e.g. from before a restart), so the listener
+    /// Like [`Backups::status`], plus an orphan entry for every backup the provider holds
+    /// snapshots of but the agent does not know (e.g. from before a restart), so the listener
     /// can Abort them.
-    pub async fn report(&self) -> Vec<AgentBackup> {
+    pub async fn report(&self) -> Vec<BackupStatus> {
         let mut out = self.status();
         let provider = self.inner.provider.clone();
         let held = match blocking(move || provider.list()).await {
@@ -395,14 +287,19 @@ impl Backups {
             }
         };
         for (backup, snapshot) in held {
-            if out.iter().any(|b| b.backup_id == backup && b.phase != "orphan") {
+            let Ok(backup) = BackupId::parse(&backup) else {
+                warn!(backup = %backup.escape_debug(), "the provider holds a snapshot whose backup id is not valid; ignored");
+                continue;
+            };
+            if out.iter().any(|b| b.backup == backup && b.phase != Phase::Orphan) {
                 continue;
             }
-            match out.iter_mut().find(|b| b.backup_id == backup) {
+            let snapshot = snapshot_ref(snapshot);
+            match out.iter_mut().find(|b| b.backup == backup) {
                 Some(b) => b.snapshots.push(snapshot),
-                None => out.push(AgentBackup {
-                    backup_id: backup,
-                    phase: "orphan".into(),
+                None => out.push(BackupStatus {
+                    backup,
+                    phase: Phase::Orphan,
                     lease_remaining_ms: 0,
                     snapshots: vec![snapshot],
                     detail: "snapshots of a backup this agent does not know (from before a restart?); Abort deletes them".into(),
@@ -428,21 +325,9 @@ impl Backups {
     /// Thaws every frozen backup and marks it failed, then stops the guardian (each backup was
     /// released first, so it runs nothing twice); for the daemon's shutdown.
     pub async fn shutdown(&self) {
-        let inner = self.inner.clone();
-        let span = tracing::info_span!("shutdown", server = %inner.server);
-        let _ = tokio::spawn(
-            async move {
-                inner.thaw_everything().await;
-                let _ = inner
-                    .with_armed(|a| {
-                        a.close();
-                        Ok(())
-                    })
-                    .await;
-            }
-            .instrument(span),
-        )
-        .await;
+        if let Err(e) = self.request(OpKind::Shutdown, None, Request::Shutdown).await {
+            error!(error = %e, "shutdown");
+        }
     }
 }
 
@@ -451,8 +336,47 @@ impl Inner {
         ms(self.origin.elapsed())
     }
 
-    fn table(&self) -> MutexGuard<'_, Table> {
-        self.table.lock().unwrap_or_else(|p| p.into_inner())
+    /// One input to the machine, at the agent's clock.
+    fn handle(&self, input: Input) -> Vec<Effect> {
+        let now = self.now_ms();
+        lock(&self.machine).handle(now, input)
+    }
+
+    async fn feed(self: &Arc<Self>, input: Input) {
+        let effects = self.handle(input);
+        self.clone().drive(effects, Span::current()).await;
+    }
+
+    /// Runs `effects` and everything their results lead to, each operation's in its span.
+    async fn drive(self: Arc<Self>, effects: Vec<Effect>, mut span: Span) {
+        let mut effects: VecDeque<Effect> = effects.into();
+        while let Some(effect) = effects.pop_front() {
+            if let Effect::Begin { op, origin, backup } = &effect {
+                span = self.span_for(*op, *origin, backup.as_ref());
+                continue;
+            }
+            if let Some(result) = self.execute(effect).instrument(span.clone()).await {
+                effects.extend(self.handle(result));
+            }
+        }
+    }
+
+    /// The span an operation's effects run in: its request's, or for the lease timer a root
+    /// span of its own (its lines belong to no RPC).
+    fn span_for(&self, op: OpKind, origin: Origin, backup: Option<&BackupId>) -> Span {
+        let server = &self.server;
+        match origin {
+            Origin::Request(r) => match lock(&self.waiting).get(&r) {
+                Some((_, span)) => span.clone(),
+                None => tracing::info_span!("op", op = op.as_str(), server = %server),
+            },
+            Origin::LeaseTimer => match backup {
+                Some(id) => {
+                    tracing::info_span!(parent: None, "lease", backup = %id, server = %server)
+                }
+                None => tracing::info_span!(parent: None, "lease", server = %server),
+            },
+        }
     }
 
     /// Runs `f` on the armed state off the async threads.
@@ -461,411 +385,163 @@ impl Inner {
         f: impl FnOnce(&mut Armed) -> Result<T, String> + Send + 'static,
     ) -> Result<T, String> {
         let armed = self.armed.clone();
-        let span = tracing::Span::current();
-        tokio::task::spawn_blocking(move || {
-            span.in_scope(|| f(&mut armed.lock().unwrap_or_else(|p| p.into_inner())))
-        })
-        .await
-        .unwrap_or_else(|e| Err(format!("guardian call died: {e}")))
-    }
-
-    /// Arms quiescer `q`'s thaw action for `id` (journal, then guardian) before it freezes.
-    async fn arm(&self, id: &str, lease: Lease, q: &Arc<dyn Quiescer>) -> anyhow::Result<String> {
-        let (q2, id2) = (q.clone(), id.to_string());
-        let Some(action) = blocking(move || q2.thaw_action(&id2)).await? else {
-            return Ok("nothing to arm".into());
-        };
-        let deadline = self.origin + Duration::from_millis(lease.expires_at());
-        let (id2, key) = (id.to_string(), q.name().to_string());
-        let what = action.done(&key);
-        self.with_armed(move |a| a.arm(&id2, deadline, &key, action))
+        let span = Span::current();
+        tokio::task::spawn_blocking(move || span.in_scope(|| f(&mut lock(&armed))))
             .await
-            .map_err(|e| anyhow::anyhow!(e))?;
-        Ok(format!("armed: the guardian {what} if the agent cannot"))
+            .unwrap_or_else(|e| Err(format!("guardian call died: {e}")))
     }
 
-    async fn prepare(self: &Arc<Self>, id: &str, lease: Lease) -> PrepareResponse {
-        let _ops = self.ops.lock().await;
-        {
-            let mut table = self.table();
-            if let Some(e) = table.get(id) {
-                return match (&e.phase, &e.prepared) {
-                    (Phase::Frozen { .. } | Phase::Failed, Some(reply)) => reply.clone(),
-                    (phase, _) => not_prepared(format!("backup {id} is already {}", phase.name())),
-                };
+    /// Executes one effect; returns the result to feed back, if it has one.
+    async fn execute(self: &Arc<Self>, effect: Effect) -> Option<Input> {
+        match effect {
+            Effect::Begin { .. } => None,
+            Effect::EnsureGuardian => {
+                Some(Input::GuardianChecked(self.with_armed(|a| a.ensure()).await))
             }
-            if let Some((other, e)) = table.active() {
-                let reason = format!("busy with backup {other} ({})", e.phase.name());
-                warn!(%reason, "prepare refused");
-                return not_prepared(reason);
+            Effect::Arm { backup, quiescer, lease_end_ms } => {
+                let result = self.arm(&backup, quiescer, lease_end_ms).await;
+                Some(Input::Armed { quiescer, result })
             }
-            table.entry(id, || Phase::Preparing);
-        }
-        if let Err(e) = self.with_armed(|a| a.ensure()).await {
-            let reason = format!("no freeze guardian is running ({e}); refusing to freeze");
-            warn!(%reason, "prepare refused");
-            return self.fail_prepare(id, PrepareResponse::default(), reason);
-        }
-        info!(lease_ms = lease.duration_ms, "preparing");
-
-        let mut reply = PrepareResponse::default();
-        let mut held_from = None;
-        for (k, q) in self.quiescers.iter().enumerate() {
-            let started = Instant::now();
-            let armed = self.arm(id, lease, q).await;
-            if let Err(e) = armed {
-                reply.steps.push(step(
-                    q.name(),
-                    "arm",
-                    &Err(anyhow::anyhow!("{e:#}")),
-                    started.elapsed(),
-                ));
-                let reason = format!("quiescer {}: {e:#}", q.name());
-                warn!(quiescer = q.name(), %reason, "arming the thaw failed; not freezing");
-                let (steps, _) = self.thaw(id, &self.quiescers[..k]).await;
-                reply.steps.extend(steps);
-                return self.fail_prepare(id, reply, reason);
+            Effect::Freeze { backup, quiescer } => {
+                let q = self.quiescers.get(quiescer)?.clone();
+                let result = blocking(move || q.freeze(backup.as_str())).await;
+                Some(Input::Froze { quiescer, result: result.map_err(|e| format!("{e:#}")) })
             }
-            let started = Instant::now();
-            held_from.get_or_insert(started);
-            let (q2, id2) = (q.clone(), id.to_string());
-            let result = blocking(move || q2.freeze(&id2)).await;
-            let took = started.elapsed();
-            reply.quiesce_ms += ms(took);
-            if q.freezes_filesystem() {
-                reply.freeze_ms += ms(took);
-            }
-            reply.steps.push(step(q.name(), "freeze", &result, took));
-            if let Err(e) = result {
-                let reason = format!("quiescer {}: {e:#}", q.name());
-                warn!(quiescer = q.name(), error = %format!("{e:#}"), "freeze failed; thawing the ones before it");
-                // Its freeze did not happen (EBUSY: someone else's): never undo it.
-                let (id2, key) = (id.to_string(), q.name().to_string());
+            Effect::Disarm { backup, quiescer } => {
+                let key = self.quiescers.get(quiescer)?.name().to_string();
                 let _ = self
                     .with_armed(move |a| {
-                        a.disarm(&id2, &key);
+                        a.disarm(backup.as_str(), &key);
                         Ok(())
                     })
                     .await;
-                let (steps, _) = self.thaw(id, &self.quiescers[..k]).await;
-                reply.steps.extend(steps);
-                return self.fail_prepare(id, reply, reason);
+                Some(Input::Disarmed)
             }
-        }
-        let now = self.now_ms();
-        if lease.expired(now) {
-            let (steps, _) = self.thaw(id, &self.quiescers).await;
-            reply.steps.extend(steps);
-            let reason = format!(
-                "lease of {}ms ran out while quiescing ({}ms); thawed",
-                lease.duration_ms, reply.quiesce_ms
-            );
-            warn!(%reason, "prepare failed");
-            return self.fail_prepare(id, reply, reason);
-        }
-        reply.prepared = true;
-        reply.freeze_token = uuid::Uuid::new_v4().simple().to_string();
-        let timer = self.start_lease_timer(id, lease);
-        self.table().set(id, Phase::Frozen { lease, held_from, timer }, String::new()).prepared =
-            Some(reply.clone());
-        info!(
-            quiesce_ms = reply.quiesce_ms,
-            freeze_ms = reply.freeze_ms,
-            lease_remaining_ms = lease.remaining(now),
-            "frozen"
-        );
-        reply
-    }
-
-    fn fail_prepare(
-        &self,
-        id: &str,
-        mut reply: PrepareResponse,
-        reason: String,
-    ) -> PrepareResponse {
-        reply.prepared = false;
-        reply.reason = reason.clone();
-        self.table().set(id, Phase::Failed, reason).prepared = Some(reply.clone());
-        reply
-    }
-
-    /// One task per frozen backup: when the lease runs out it thaws everything. It only waits
-    /// on the clock and the operations lock, never on the network.
-    fn start_lease_timer(self: &Arc<Self>, id: &str, lease: Lease) -> AbortHandle {
-        let inner = self.clone();
-        let id = id.to_string();
-        let task = async move {
-            let wait = lease.remaining(inner.now_ms());
-            tokio::time::sleep(Duration::from_millis(wait)).await;
-            let _ops = inner.ops.lock().await;
-            if !matches!(inner.table().get(&id).map(|e| &e.phase), Some(Phase::Frozen { .. })) {
-                return;
+            Effect::Release { backup } => {
+                let released = self.with_armed(move |a| Ok(a.release(backup.as_str()))).await;
+                Some(Input::Released(if released == Ok(Outcome::AlreadyThawed) {
+                    Released::AlreadyThawed
+                } else {
+                    Released::Released
+                }))
             }
-            inner.expire(&id, lease).await;
-        };
-        tokio::spawn(task.instrument(tracing::Span::current())).abort_handle()
-    }
-
-    /// Thaws a frozen backup whose lease ran out. The caller holds the operations lock.
-    async fn expire(&self, id: &str, lease: Lease) {
-        let (steps, _) = self.thaw(id, &self.quiescers).await;
-        let detail = format!("lease expired after {}ms without Commit; thawed", lease.duration_ms);
-        warn!(lease_ms = lease.duration_ms, thaw_ok = steps.iter().all(|s| s.ok), "{detail}");
-        self.table().set(id, Phase::ThawedExpired { lease_ms: lease.duration_ms }, detail);
-    }
-
-    /// Thaws `quiescers` in reverse order, every one even when some fail; returns the steps
-    /// and the time it took.
-    async fn thaw(&self, id: &str, quiescers: &[Arc<dyn Quiescer>]) -> (Vec<StepReport>, u64) {
-        let all = Instant::now();
-        let mut steps = Vec::new();
-        // Take the actions back from the guardian first, so exactly one of us runs each.
-        let id2 = id.to_string();
-        let released = self.with_armed(move |a| Ok(a.release(&id2))).await;
-        if released == Ok(Outcome::AlreadyThawed) {
-            warn!("the guardian already thawed this backup when its lease ran out");
-            for q in quiescers.iter().rev() {
-                q.thawed_elsewhere(id);
-                let by: anyhow::Result<String> = Ok("thawed by the guardian".into());
-                steps.push(step(q.name(), "thaw", &by, Duration::ZERO));
-            }
-        }
-        let todo = if released == Ok(Outcome::AlreadyThawed) { &[][..] } else { quiescers };
-        for q in todo.iter().rev() {
-            let started = Instant::now();
-            let (q2, id2) = (q.clone(), id.to_string());
-            let result = blocking(move || q2.thaw(&id2).map(|()| String::new())).await;
-            if let Err(e) = &result {
-                error!(quiescer = q.name(), error = %format!("{e:#}"), "thaw failed");
-            }
-            steps.push(step(q.name(), "thaw", &result, started.elapsed()));
-        }
-        let id2 = id.to_string();
-        let _ = self
-            .with_armed(move |a| {
-                a.done(&id2);
-                Ok(())
-            })
-            .await;
-        (steps, ms(all.elapsed()))
-    }
-
-    async fn commit(&self, id: &str, freeze_token: Option<&str>) -> CommitResponse {
-        let _ops = self.ops.lock().await;
-        let now = self.now_ms();
-        let (lease, held_from) = {
-            let table = self.table();
-            let Some(e) = table.get(id) else {
-                return not_committed(format!("unknown backup {id}"));
-            };
-            let held = e.prepared.as_ref().map(|p| p.freeze_token.as_str()).unwrap_or("");
-            if let Some(token) = freeze_token.filter(|t| *t != held) {
-                // Safety across restarts: the listener's Commit belongs to a freeze this agent
-                // no longer holds (it restarted and a late Prepare froze it again).
-                return not_committed(format!(
-                    "commit names freeze {token} of backup {id}, but this agent holds freeze {held}: it restarted since that prepare; refusing"
-                ));
-            }
-            match &e.phase {
-                Phase::Frozen { lease, held_from, timer } => {
-                    // From here this operation thaws, whatever happens.
-                    timer.abort();
-                    (*lease, *held_from)
-                }
-                Phase::ThawedExpired { lease_ms } => {
-                    return not_committed(format!(
-                        "lease expired after {lease_ms}ms; thawed without a snapshot"
-                    ))
-                }
-                phase => {
-                    // A duplicate Commit gets the same answer, but snapshots only while they
-                    // exist: after Cleanup or Abort they are gone and the answer is no.
-                    if let Some(reply) = &e.committed {
-                        if !reply.committed || matches!(phase, Phase::Snapshotted { .. }) {
-                            return reply.clone();
-                        }
-                    }
-                    let why =
-                        if e.detail.is_empty() { String::new() } else { format!(": {}", e.detail) };
-                    return not_committed(format!("backup {id} is {}{why}", phase.name()));
-                }
-            }
-        };
-        // The clock first: the timer task may not have run yet.
-        if lease.expired(now) {
-            self.expire(id, lease).await;
-            return not_committed(format!(
-                "lease expired after {}ms; thawed without a snapshot",
-                lease.duration_ms
-            ));
-        }
-
-        let started = Instant::now();
-        let (provider, id2, volumes) =
-            (self.provider.clone(), id.to_string(), self.volumes.clone());
-        let created = blocking(move || provider.create(&id2, &volumes)).await;
-        let snapshot_took = started.elapsed();
-        // The guardian thaws no earlier than this lease's end: a snapshot that ended before it
-        // was taken wholly while frozen; one that did not may hold writes made after a thaw.
-        let outlived = lease.expired(self.now_ms());
-        let detail = created
-            .as_ref()
-            .map(|s| format!("{} snapshot(s)", s.len()))
-            .map_err(|e| anyhow::anyhow!("{e:#}"));
-        let mut reply = CommitResponse {
-            snapshot_ms: ms(snapshot_took),
-            steps: vec![step(self.provider.kind(), "snapshot", &detail, snapshot_took)],
-            ..CommitResponse::default()
-        };
-        let (steps, thaw_ms) = self.thaw(id, &self.quiescers).await;
-        reply.steps.extend(steps);
-        reply.thaw_ms = thaw_ms;
-        reply.held_ms = held_from.map_or(0, |h| ms(h.elapsed()));
-
-        if outlived {
-            let reason = format!(
-                "snapshot took {}ms and outlived the lease of {}ms; deleted",
-                reply.snapshot_ms, lease.duration_ms
-            );
-            let started = Instant::now();
-            let (provider, id2) = (self.provider.clone(), id.to_string());
-            let deleted = blocking(move || provider.delete(&id2)).await;
-            let deleted = deleted.map(|n| format!("deleted {n} snapshot(s)"));
-            reply.steps.push(step(self.provider.kind(), "delete", &deleted, started.elapsed()));
-            reply.reason = match &deleted {
-                Ok(_) => reason,
-                Err(d) => format!("{reason}, but deleting failed: {d:#}"),
-            };
-            warn!(reason = %reply.reason, "commit refused");
-            self.table().set(id, Phase::Failed, reply.reason.clone()).committed =
-                Some(reply.clone());
-            return reply;
-        }
-        match created {
-            Ok(snapshots) => {
-                reply.committed = true;
-                reply.snapshots = snapshots.clone();
-                info!(
-                    snapshot_ms = reply.snapshot_ms,
-                    thaw_ms,
-                    held_ms = reply.held_ms,
-                    "snapshotted and thawed"
-                );
-                self.table().set(id, Phase::Snapshotted { snapshots }, String::new()).committed =
-                    Some(reply.clone());
-            }
-            Err(e) => {
-                let started = Instant::now();
-                let (provider, id2) = (self.provider.clone(), id.to_string());
-                let deleted = blocking(move || provider.delete(&id2)).await;
-                let deleted = deleted.map(|n| format!("deleted {n} partial snapshot(s)"));
-                reply.steps.push(step(self.provider.kind(), "delete", &deleted, started.elapsed()));
-                reply.reason = match &deleted {
-                    Ok(_) => format!("snapshot failed: {e:#}; thawed and deleted partial snapshots"),
-                    Err(d) => format!("snapshot failed: {e:#}; thawed, but deleting partial snapshots failed too: {d:#}"),
+            Effect::Thaw { backup, quiescer, thawed_elsewhere } => {
+                let q = self.quiescers.get(quiescer)?.clone();
+                let result = if thawed_elsewhere {
+                    q.thawed_elsewhere(backup.as_str());
+                    Ok("thawed by the guardian".to_string())
+                } else {
+                    blocking(move || q.thaw(backup.as_str()).map(|()| String::new()))
+                        .await
+                        .map_err(|e| format!("{e:#}"))
                 };
-                warn!(reason = %reply.reason, "commit failed");
-                self.table().set(id, Phase::Failed, reply.reason.clone()).committed =
-                    Some(reply.clone());
+                Some(Input::Thawed { quiescer, result })
             }
-        }
-        reply
-    }
-
-    /// The operations lock, once no copy reads `id`'s snapshots. A running copy is asked to
-    /// stop (it stops at its next volume) and waited for without holding the lock, so other
-    /// backups' operations and lease timers go on meanwhile; no new copy of `id` starts after.
-    async fn ops_after_copy(&self, id: &str) -> tokio::sync::MutexGuard<'_, ()> {
-        loop {
-            let ops = self.ops.lock().await;
-            let running = {
-                let mut table = self.table();
-                table.entries.iter_mut().find(|(b, _)| b == id).and_then(|(_, e)| {
-                    e.closing = true;
-                    e.copy.as_ref().map(|c| {
-                        c.stop.store(true, Ordering::SeqCst);
-                        c.done.clone()
+            Effect::Forget { backup } => {
+                let _ = self
+                    .with_armed(move |a| {
+                        a.done(backup.as_str());
+                        Ok(())
                     })
-                })
-            };
-            let Some(mut done) = running else { return ops };
-            drop(ops);
-            info!("a copy is reading this backup's snapshots: asked it to stop, waiting before deleting");
-            // Resolves (with an error) when the copy's hold is dropped.
-            let _ = done.changed().await;
-        }
-    }
-
-    async fn abort(&self, id: &str, reason: &str) -> Result<AbortResponse> {
-        let _ops = self.ops_after_copy(id).await;
-        let frozen = self.stop_timer(id);
-        if frozen {
-            self.thaw(id, &self.quiescers).await;
-        }
-        let deleted = self.delete(id).await;
-        let mut table = self.table();
-        let entry = table.entry(id, || Phase::Aborted);
-        if !matches!(entry.phase, Phase::Cleaned) {
-            entry.phase = Phase::Aborted;
-            entry.detail = format!("aborted: {reason}");
-        }
-        let deleted = deleted?;
-        info!(thawed = frozen, snapshots_deleted = deleted, %reason, "aborted");
-        Ok(AbortResponse { thawed: frozen, snapshots_deleted: deleted })
-    }
-
-    async fn cleanup(&self, id: &str) -> Result<CleanupResponse> {
-        let _ops = self.ops_after_copy(id).await;
-        if self.stop_timer(id) {
-            // Cleanup is not meant for a frozen backup, but never leave one frozen.
-            warn!("cleanup of a frozen backup: thawing first");
-            self.thaw(id, &self.quiescers).await;
-        }
-        let deleted = self.delete(id).await?;
-        self.table().set(id, Phase::Cleaned, String::new());
-        info!(snapshots_deleted = deleted, "cleaned up");
-        Ok(CleanupResponse { snapshots_deleted: deleted })
-    }
-
-    /// Stops `id`'s lease timer if it is frozen; true when it was. The caller then thaws.
-    fn stop_timer(&self, id: &str) -> bool {
-        match self.table().get(id).map(|e| &e.phase) {
-            Some(Phase::Frozen { timer, .. }) => {
-                timer.abort();
-                true
+                    .await;
+                Some(Input::Forgotten)
             }
-            _ => false,
+            Effect::Snapshot { backup } => {
+                let (provider, volumes) = (self.provider.clone(), self.volumes.clone());
+                let created = blocking(move || provider.create(backup.as_str(), &volumes)).await;
+                Some(Input::Snapshotted(
+                    created
+                        .map(|s| s.into_iter().map(snapshot_ref).collect())
+                        .map_err(|e| format!("{e:#}")),
+                ))
+            }
+            Effect::Delete { backup } => {
+                let provider = self.provider.clone();
+                let deleted = blocking(move || provider.delete(backup.as_str())).await;
+                Some(Input::Deleted(deleted.map_err(|e| format!("{e:#}"))))
+            }
+            Effect::SetTimer { backup, at_ms } => {
+                self.set_timer(backup, at_ms);
+                None
+            }
+            Effect::CancelTimer { backup } => {
+                if let Some(timer) = lock(&self.timers).remove(&backup) {
+                    timer.abort();
+                }
+                None
+            }
+            Effect::StopCopy { backup } => {
+                if let Some(stop) = lock(&self.copies).get(&backup) {
+                    stop.store(true, Ordering::SeqCst);
+                }
+                None
+            }
+            Effect::CloseGuardian => {
+                let _ = self
+                    .with_armed(|a| {
+                        a.close();
+                        Ok(())
+                    })
+                    .await;
+                Some(Input::GuardianClosed)
+            }
+            Effect::Log { level, text } => {
+                match level {
+                    Level::Info => info!("{text}"),
+                    Level::Warn => warn!("{text}"),
+                    Level::Error => error!("{text}"),
+                }
+                None
+            }
+            Effect::Reply { to, reply } => {
+                if let Some((tx, _)) = lock(&self.waiting).remove(&to) {
+                    let _ = tx.send(reply);
+                }
+                None
+            }
         }
     }
 
-    async fn delete(&self, id: &str) -> Result<u32> {
-        let (provider, id2) = (self.provider.clone(), id.to_string());
-        blocking(move || provider.delete(&id2)).await.map_err(|e| {
-            error!(error = %format!("{e:#}"), "delete snapshots failed");
-            Error::Provider(format!("delete snapshots of backup {id}: {e:#}"))
-        })
+    /// Arms quiescer `quiescer`'s thaw action for `backup` (journal, then guardian).
+    async fn arm(
+        &self,
+        backup: &BackupId,
+        quiescer: usize,
+        lease_end_ms: u64,
+    ) -> Result<(), String> {
+        let Some(q) = self.quiescers.get(quiescer).cloned() else {
+            return Err(format!("no quiescer {quiescer}"));
+        };
+        let id = backup.to_string();
+        let Some(action) =
+            blocking(move || q.thaw_action(&id)).await.map_err(|e| format!("{e:#}"))?
+        else {
+            return Ok(()); // nothing to arm
+        };
+        let deadline = self.origin + Duration::from_millis(lease_end_ms);
+        let (id, key) = (backup.to_string(), self.quiescers[quiescer].name().to_string());
+        self.with_armed(move |a| a.arm(&id, deadline, &key, action)).await
     }
 
-    async fn thaw_everything(&self) {
-        let _ops = self.ops.lock().await;
-        let frozen: Vec<String> = {
-            let table = self.table();
-            table
-                .entries
-                .iter()
-                .filter_map(|(id, e)| match &e.phase {
-                    Phase::Frozen { timer, .. } => {
-                        timer.abort();
-                        Some(id.clone())
-                    }
-                    _ => None,
-                })
-                .collect()
+    /// One task per frozen backup: at the lease's end it feeds the timer to the machine. It
+    /// waits only on the clock, never on the network, and logs in a root span of its own.
+    fn set_timer(self: &Arc<Self>, backup: BackupId, at_ms: u64) {
+        let inner = self.clone();
+        let span =
+            tracing::info_span!(parent: None, "lease", backup = %backup, server = %self.server);
+        let id = backup.clone();
+        let task = async move {
+            let wait = at_ms.saturating_sub(inner.now_ms());
+            tokio::time::sleep(Duration::from_millis(wait)).await;
+            let me = tokio::task::id();
+            lock(&inner.timers).retain(|b, t| !(*b == id && t.id() == me));
+            // Its own task: cancelling this timer must never cut an operation short.
+            let input = Input::LeaseTimer { backup: id };
+            tokio::spawn(async move { inner.feed(input).await }.instrument(Span::current()));
         };
-        for id in frozen {
-            let (steps, _) = self.thaw(&id, &self.quiescers).await;
-            warn!(backup = %id, thaw_ok = steps.iter().all(|s| s.ok), "agent shutting down while frozen; thawed");
-            self.table().set(&id, Phase::Failed, "agent shut down while frozen; thawed".into());
+        let timer = tokio::spawn(task.instrument(span)).abort_handle();
+        if let Some(earlier) = lock(&self.timers).insert(backup, timer) {
+            earlier.abort();
         }
     }
 }

@@ -11,6 +11,7 @@
 pub mod armed;
 pub mod backups;
 pub mod config;
+pub mod convert;
 pub mod copy;
 pub mod error;
 pub mod guardian;

@@ -4,18 +4,19 @@
 
 use std::sync::Arc;
 
-use stillpoint_core::validate_name;
 use stillpoint_proto::agent_server::Agent;
 use stillpoint_proto::{
     AbortRequest, AbortResponse, CleanupRequest, CleanupResponse, CommitRequest, CommitResponse,
     CopyRequest, PrepareRequest, PrepareResponse, StatusRequest, StatusResponse,
 };
+use stillpoint_protocol::agent::{BackupId, FreezeToken};
 use stillpoint_saveset::VolumeMeta;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use crate::backups::Backups;
 use crate::config::MIN_LEASE_MS;
+use crate::convert;
 use crate::copy::Saveset;
 use crate::Error;
 
@@ -33,9 +34,9 @@ impl AgentService {
     }
 }
 
-fn backup_id(id: &str) -> Result<&str, Status> {
-    validate_name("backup_id", id).map_err(|e| Status::invalid_argument(e.to_string()))?;
-    Ok(id)
+/// The request's backup id, parsed once here: past this point it is a [`BackupId`].
+fn backup_id(id: &str) -> Result<BackupId, Status> {
+    BackupId::parse(id).map_err(|e| Status::invalid_argument(format!("backup_id: {e}")))
 }
 
 #[tonic::async_trait]
@@ -55,7 +56,8 @@ impl Agent for AgentService {
             ))
             .into());
         };
-        let (snapshots, hold) = self.backups.begin_copy(id)?;
+        let (snapshots, hold) = self.backups.begin_copy(&id)?;
+        let snapshots = snapshots.into_iter().map(convert::snapshot).collect();
         // A refusal here drops the hold: nothing was read.
         let snapshots = crate::copy::readable(snapshots).await?;
         let meta = VolumeMeta {
@@ -80,7 +82,8 @@ impl Agent for AgentService {
             ))
             .into());
         }
-        Ok(Response::new(self.backups.prepare(id, req.lease_ms).await?))
+        let reply = self.backups.prepare(&id, req.lease_ms).await?;
+        Ok(Response::new(convert::prepare_response(reply)))
     }
 
     async fn commit(
@@ -88,8 +91,17 @@ impl Agent for AgentService {
         request: Request<CommitRequest>,
     ) -> Result<Response<CommitResponse>, Status> {
         let req = request.into_inner();
-        let token = Some(req.freeze_token.as_str()).filter(|t| !t.is_empty());
-        Ok(Response::new(self.backups.commit(backup_id(&req.backup_id)?, token).await?))
+        let id = backup_id(&req.backup_id)?;
+        // Empty skips the check (tools and tests only).
+        let token = match req.freeze_token.as_str() {
+            "" => None,
+            t => Some(
+                FreezeToken::parse(t)
+                    .map_err(|e| Status::invalid_argument(format!("freeze_token: {e}")))?,
+            ),
+        };
+        let reply = self.backups.commit(&id, token.as_ref()).await?;
+        Ok(Response::new(convert::commit_response(reply)))
     }
 
     async fn abort(
@@ -99,7 +111,7 @@ impl Agent for AgentService {
         let req = request.into_inner();
         let id = backup_id(&req.backup_id)?;
         let reason = if req.reason.is_empty() { "no reason given" } else { req.reason.as_str() };
-        Ok(Response::new(self.backups.abort(id, reason).await?))
+        Ok(Response::new(convert::abort_response(self.backups.abort(&id, reason).await?)))
     }
 
     async fn cleanup(
@@ -107,7 +119,8 @@ impl Agent for AgentService {
         request: Request<CleanupRequest>,
     ) -> Result<Response<CleanupResponse>, Status> {
         let req = request.into_inner();
-        Ok(Response::new(self.backups.cleanup(backup_id(&req.backup_id)?).await?))
+        let snapshots_deleted = self.backups.cleanup(&backup_id(&req.backup_id)?).await?;
+        Ok(Response::new(CleanupResponse { snapshots_deleted }))
     }
 
     async fn status(
@@ -117,7 +130,7 @@ impl Agent for AgentService {
         Ok(Response::new(StatusResponse {
             server: self.backups.server().to_string(),
             version: env!("CARGO_PKG_VERSION").to_string(),
-            backups: self.backups.report().await,
+            backups: self.backups.report().await.into_iter().map(convert::agent_backup).collect(),
         }))
     }
 }

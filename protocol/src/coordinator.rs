@@ -27,7 +27,7 @@ pub struct Timeouts {
 }
 
 /// A reply to Prepare.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Default)]
 pub struct PrepareReply {
     pub prepared: bool,
     pub reason: String,
@@ -39,7 +39,7 @@ pub struct PrepareReply {
 }
 
 /// A reply to Commit.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Default)]
 pub struct CommitReply {
     pub committed: bool,
     pub reason: String,

@@ -3,7 +3,7 @@
 //! `backups`.
 
 /// A lease granted at `granted_at` (monotonic ms) for `duration_ms`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Lease {
     pub granted_at: u64,
     pub duration_ms: u64,

@@ -1,0 +1,618 @@
+//! The agent's rules, each a named test: a tiny interpreter answers the machine's plug-in effects
+//! (with scripted failures and durations) and records them as calls, like the agent's fakes.
+
+use std::collections::BTreeMap;
+
+use super::*;
+
+const LEASE: u64 = 10_000;
+
+fn id(s: &str) -> BackupId {
+    BackupId::parse(s).unwrap()
+}
+
+/// The machine over quiescers `q0..qn` and a provider "fake", with the plug-ins scripted.
+struct World {
+    agent: Agent,
+    now: u64,
+    next_req: u64,
+    calls: Vec<String>,
+    replies: BTreeMap<u64, Reply>,
+    timers: BTreeMap<BackupId, u64>,
+    logs: Vec<String>,
+    stops: Vec<BackupId>,
+    /// Answers that are not plain success.
+    fail_freeze: BTreeMap<usize, String>,
+    fail_arm: BTreeMap<usize, String>,
+    fail_create: Option<String>,
+    fail_delete: Option<String>,
+    no_guardian: bool,
+    guardian_thawed: bool,
+    freeze_ms: BTreeMap<usize, u64>,
+    create_ms: u64,
+    /// Snapshots on "disk" per backup.
+    disk: BTreeMap<BackupId, u32>,
+    /// The operations' `Begin`s, in order.
+    begun: Vec<(OpKind, Origin)>,
+}
+
+fn check(n: usize) -> World {
+    let quiescers = (0..n)
+        .map(|i| QuiescerInfo { name: format!("q{i}"), freezes_filesystem: i == n - 1 })
+        .collect();
+    World {
+        agent: Agent::new("srv-a", quiescers, "fake"),
+        now: 1_000,
+        next_req: 0,
+        calls: Vec::new(),
+        replies: BTreeMap::new(),
+        timers: BTreeMap::new(),
+        logs: Vec::new(),
+        stops: Vec::new(),
+        fail_freeze: BTreeMap::new(),
+        fail_arm: BTreeMap::new(),
+        fail_create: None,
+        fail_delete: None,
+        no_guardian: false,
+        guardian_thawed: false,
+        freeze_ms: BTreeMap::new(),
+        create_ms: 0,
+        disk: BTreeMap::new(),
+        begun: Vec::new(),
+    }
+}
+
+impl World {
+    /// Sends `request` and runs every effect to the end; returns the request's id.
+    fn send(&mut self, request: Request) -> u64 {
+        self.next_req += 1;
+        let from = ReqId(self.next_req);
+        self.feed(Input::Request { from, request });
+        self.next_req
+    }
+
+    fn feed(&mut self, input: Input) {
+        let mut effects: VecDeque<Effect> = self.agent.handle(self.now, input).into();
+        while let Some(effect) = effects.pop_front() {
+            if let Some(result) = self.execute(effect) {
+                effects.extend(self.agent.handle(self.now, result));
+            }
+        }
+    }
+
+    /// Executes one effect; returns the result to feed back, if it has one.
+    fn execute(&mut self, effect: Effect) -> Option<Input> {
+        let q = |i: usize| format!("q{i}");
+        match effect {
+            Effect::Begin { op, origin, .. } => {
+                self.begun.push((op, origin));
+                None
+            }
+            Effect::EnsureGuardian => Some(Input::GuardianChecked(if self.no_guardian {
+                Err("guardian died".into())
+            } else {
+                Ok(())
+            })),
+            Effect::Arm { quiescer, .. } => {
+                let result = self.fail_arm.get(&quiescer).cloned().map_or(Ok(()), Err);
+                Some(Input::Armed { quiescer, result })
+            }
+            Effect::Freeze { backup, quiescer } => {
+                self.calls.push(format!("freeze {} {backup}", q(quiescer)));
+                self.now += self.freeze_ms.get(&quiescer).copied().unwrap_or(0);
+                let result =
+                    self.fail_freeze.get(&quiescer).cloned().map_or(Ok(String::new()), Err);
+                Some(Input::Froze { quiescer, result })
+            }
+            Effect::Disarm { backup, quiescer } => {
+                self.calls.push(format!("disarm {} {backup}", q(quiescer)));
+                Some(Input::Disarmed)
+            }
+            Effect::Release { .. } => Some(Input::Released(if self.guardian_thawed {
+                Released::AlreadyThawed
+            } else {
+                Released::Released
+            })),
+            Effect::Thaw { backup, quiescer, thawed_elsewhere } => {
+                let verb = if thawed_elsewhere { "thawed-elsewhere" } else { "thaw" };
+                self.calls.push(format!("{verb} {} {backup}", q(quiescer)));
+                Some(Input::Thawed { quiescer, result: Ok(String::new()) })
+            }
+            Effect::Forget { .. } => Some(Input::Forgotten),
+            Effect::Snapshot { backup } => {
+                self.calls.push(format!("create {backup}"));
+                self.now += self.create_ms;
+                self.disk.insert(backup.clone(), 2);
+                Some(Input::Snapshotted(match &self.fail_create {
+                    Some(e) => Err(e.clone()),
+                    None => Ok(vec![snap("data", &backup), snap("logs", &backup)]),
+                }))
+            }
+            Effect::Delete { backup } => {
+                self.calls.push(format!("delete {backup}"));
+                Some(Input::Deleted(match &self.fail_delete {
+                    Some(e) => Err(e.clone()),
+                    None => Ok(self.disk.remove(&backup).unwrap_or(0)),
+                }))
+            }
+            Effect::SetTimer { backup, at_ms } => {
+                self.timers.insert(backup, at_ms);
+                None
+            }
+            Effect::CancelTimer { backup } => {
+                self.timers.remove(&backup);
+                None
+            }
+            Effect::StopCopy { backup } => {
+                self.stops.push(backup);
+                None
+            }
+            Effect::CloseGuardian => {
+                self.calls.push("close guardian".into());
+                Some(Input::GuardianClosed)
+            }
+            Effect::Log { text, .. } => {
+                self.logs.push(text);
+                None
+            }
+            Effect::Reply { to, reply } => {
+                self.replies.insert(to.0, reply);
+                None
+            }
+        }
+    }
+
+    /// Moves the clock to `to` and fires every lease timer due by then.
+    fn advance_to(&mut self, to: u64) {
+        self.now = to;
+        let due: Vec<BackupId> =
+            self.timers.iter().filter(|(_, at)| **at <= to).map(|(b, _)| b.clone()).collect();
+        for backup in due {
+            self.timers.remove(&backup);
+            self.feed(Input::LeaseTimer { backup });
+        }
+    }
+
+    fn prepare(&mut self, backup: &str, lease_ms: u64) -> PrepareReply {
+        self.next_req += 1;
+        let fresh_token = FreezeToken::parse(&format!("t{}", self.next_req)).unwrap();
+        let r = self.send(Request::Prepare { backup: id(backup), lease_ms, fresh_token });
+        match self.replies.remove(&r) {
+            Some(Reply::Prepared(p)) => p,
+            other => panic!("prepare {backup}: {other:?}"),
+        }
+    }
+
+    fn commit(&mut self, backup: &str, token: Option<&str>) -> CommitReply {
+        let token = token.map(|t| FreezeToken::parse(t).unwrap());
+        let r = self.send(Request::Commit { backup: id(backup), token });
+        match self.replies.remove(&r) {
+            Some(Reply::Committed(c)) => c,
+            other => panic!("commit {backup}: {other:?}"),
+        }
+    }
+
+    fn abort(&mut self, backup: &str) -> Result<AbortReply, Failure> {
+        let r = self.send(Request::Abort { backup: id(backup), reason: "test".into() });
+        match self.replies.remove(&r) {
+            Some(Reply::Aborted(a)) => a,
+            other => panic!("abort {backup}: {other:?}"),
+        }
+    }
+
+    fn cleanup(&mut self, backup: &str) -> Result<u32, Failure> {
+        let r = self.send(Request::Cleanup { backup: id(backup) });
+        match self.replies.remove(&r) {
+            Some(Reply::CleanedUp(c)) => c,
+            other => panic!("cleanup {backup}: {other:?}"),
+        }
+    }
+
+    fn phase(&self, backup: &str) -> Option<Phase> {
+        self.agent.phase(&id(backup))
+    }
+
+    fn calls_starting(&self, prefix: &str) -> Vec<&str> {
+        self.calls.iter().map(String::as_str).filter(|c| c.starts_with(prefix)).collect()
+    }
+}
+
+fn snap(volume: &str, backup: &BackupId) -> SnapshotRef {
+    SnapshotRef {
+        volume: volume.into(),
+        provider: "fake".into(),
+        locator: format!("{backup}/{volume}"),
+        size_bytes: 1,
+    }
+}
+
+#[test]
+fn backup_ids_follow_the_listeners_shape_and_nothing_else() {
+    for good in ["b1", "20261202T210601Z-3fa9c1", "a.b_c:d-e", &"x".repeat(128)] {
+        assert!(BackupId::parse(good).is_ok(), "{good}");
+    }
+    for bad in ["", ".hidden", "..", "a/b", "a b", "é", &"x".repeat(129)] {
+        assert!(BackupId::parse(bad).is_err(), "{bad:?}");
+    }
+    assert!(FreezeToken::parse("").is_err());
+    assert!(FreezeToken::parse("3fa9c1d2").is_ok());
+}
+
+#[test]
+fn prepare_freezes_in_order_and_commit_snapshots_then_thaws_in_reverse() {
+    let mut w = check(3);
+    let p = w.prepare("b1", LEASE);
+    assert!(p.prepared && !p.freeze_token.is_empty(), "{p:?}");
+    assert_eq!(w.phase("b1"), Some(Phase::Frozen));
+    assert_eq!(w.timers.get(&id("b1")), Some(&(1_000 + LEASE)));
+    let c = w.commit("b1", Some(&p.freeze_token));
+    assert!(c.committed, "{c:?}");
+    assert_eq!(c.snapshots.len(), 2);
+    assert_eq!(
+        w.calls,
+        [
+            "freeze q0 b1",
+            "freeze q1 b1",
+            "freeze q2 b1",
+            "create b1",
+            "thaw q2 b1",
+            "thaw q1 b1",
+            "thaw q0 b1"
+        ]
+    );
+    let actions: Vec<_> = c.steps.iter().map(|s| format!("{} {}", s.action, s.name)).collect();
+    assert_eq!(actions, ["snapshot fake", "thaw q2", "thaw q1", "thaw q0"]);
+    assert_eq!(w.phase("b1"), Some(Phase::Snapshotted));
+    assert!(w.timers.is_empty(), "the commit cancels the lease timer");
+}
+
+#[test]
+fn duplicate_prepare_returns_the_same_reply_without_a_second_freeze() {
+    let mut w = check(2);
+    let first = w.prepare("b1", LEASE);
+    let second = w.prepare("b1", LEASE);
+    assert!(first.prepared);
+    assert_eq!(first, second, "the first freeze token, not the second request's");
+    assert_eq!(w.calls_starting("freeze").len(), 2);
+}
+
+#[test]
+fn prepare_of_another_backup_while_one_is_frozen_is_refused_as_busy() {
+    let mut w = check(1);
+    assert!(w.prepare("b1", LEASE).prepared);
+    let other = w.prepare("b2", LEASE);
+    assert!(!other.prepared);
+    assert!(other.reason.contains("busy with backup b1 (frozen)"), "{}", other.reason);
+    assert_eq!(w.calls_starting("freeze"), ["freeze q0 b1"]);
+}
+
+#[test]
+fn requests_during_an_operation_wait_for_it_and_status_does_not() {
+    let mut agent = Agent::new(
+        "srv-a",
+        vec![QuiescerInfo { name: "q0".into(), freezes_filesystem: false }],
+        "fake",
+    );
+    let first = agent.handle(
+        0,
+        Input::Request {
+            from: ReqId(1),
+            request: Request::Prepare {
+                backup: id("b1"),
+                lease_ms: LEASE,
+                fresh_token: FreezeToken::parse("t1").unwrap(),
+            },
+        },
+    );
+    assert!(first.contains(&Effect::EnsureGuardian), "{first:?}");
+    let queued = agent.handle(
+        1,
+        Input::Request {
+            from: ReqId(2),
+            request: Request::Prepare {
+                backup: id("b2"),
+                lease_ms: LEASE,
+                fresh_token: FreezeToken::parse("t2").unwrap(),
+            },
+        },
+    );
+    assert!(queued.is_empty(), "a second Prepare waits: {queued:?}");
+    let status = agent.status(1);
+    assert_eq!(status.len(), 1);
+    assert_eq!(status[0].phase, Phase::Preparing);
+    // The first ends; the second runs at once and is refused as busy.
+    assert_eq!(
+        agent.handle(2, Input::GuardianChecked(Ok(()))).last(),
+        Some(&Effect::Arm { backup: id("b1"), quiescer: 0, lease_end_ms: LEASE })
+    );
+    agent.handle(3, Input::Armed { quiescer: 0, result: Ok(()) });
+    let done = agent.handle(4, Input::Froze { quiescer: 0, result: Ok(String::new()) });
+    let replies: Vec<_> = done
+        .iter()
+        .filter_map(|e| match e {
+            Effect::Reply { to, reply: Reply::Prepared(p) } => {
+                Some((to.0, p.prepared, p.reason.clone()))
+            }
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        replies,
+        [(1, true, String::new()), (2, false, "busy with backup b1 (frozen)".into())]
+    );
+}
+
+#[test]
+fn failing_quiescer_is_disarmed_thaws_the_earlier_ones_in_reverse_and_fails_the_backup() {
+    let mut w = check(3);
+    w.fail_freeze.insert(2, "database said no".into());
+    let p = w.prepare("b1", LEASE);
+    assert!(!p.prepared);
+    assert!(p.reason.contains("q2") && p.reason.contains("database said no"), "{}", p.reason);
+    assert_eq!(
+        w.calls,
+        [
+            "freeze q0 b1",
+            "freeze q1 b1",
+            "freeze q2 b1",
+            "disarm q2 b1",
+            "thaw q1 b1",
+            "thaw q0 b1"
+        ]
+    );
+    assert_eq!(w.phase("b1"), Some(Phase::Failed));
+    assert!(!p.steps[2].ok && p.steps[2].detail.contains("database said no"));
+    assert_eq!(w.prepare("b1", LEASE), p, "idempotent: the same failure again");
+    assert_eq!(w.calls.len(), 6, "nothing run twice");
+    w.fail_freeze.clear();
+    assert!(w.prepare("b2", LEASE).prepared, "a failed backup does not block the next one");
+}
+
+#[test]
+fn a_thaw_that_cannot_be_armed_is_not_frozen() {
+    let mut w = check(2);
+    w.fail_arm.insert(1, "journal: disk full".into());
+    let p = w.prepare("b1", LEASE);
+    assert!(!p.prepared && p.reason.contains("journal: disk full"), "{}", p.reason);
+    assert_eq!(w.calls, ["freeze q0 b1", "thaw q0 b1"]);
+    let s: Vec<_> = p.steps.iter().map(|s| (s.action.as_str(), s.ok)).collect();
+    assert_eq!(s, [("freeze", true), ("arm", false), ("thaw", true)]);
+}
+
+#[test]
+fn no_guardian_refuses_to_freeze() {
+    let mut w = check(1);
+    w.no_guardian = true;
+    let p = w.prepare("b1", LEASE);
+    assert!(
+        !p.prepared && p.reason.contains("no freeze guardian is running (guardian died)"),
+        "{}",
+        p.reason
+    );
+    assert!(w.calls.is_empty());
+    assert_eq!(w.phase("b1"), Some(Phase::Failed));
+}
+
+#[test]
+fn lease_expiry_thaws_in_reverse_and_marks_thawed_expired() {
+    let mut w = check(2);
+    assert!(w.prepare("b1", 150).prepared);
+    assert_eq!(w.agent.status(w.now + 50)[0].lease_remaining_ms, 100);
+    w.advance_to(w.now + 150);
+    assert_eq!(w.phase("b1"), Some(Phase::ThawedExpired));
+    assert_eq!(w.calls_starting("thaw"), ["thaw q1 b1", "thaw q0 b1"]);
+    let c = w.commit("b1", None);
+    assert!(!c.committed && c.reason.contains("lease expired after 150ms"), "{}", c.reason);
+    assert!(w.calls_starting("create").is_empty());
+    assert!(w.begun.contains(&(OpKind::Expire, Origin::LeaseTimer)), "the timer's op is its own");
+}
+
+#[test]
+fn commit_checks_the_clock_before_the_timer_has_thawed() {
+    let mut w = check(1);
+    assert!(w.prepare("b1", 100).prepared);
+    w.now += 100; // the timer has not fired yet
+    let c = w.commit("b1", None);
+    assert!(!c.committed);
+    assert!(
+        c.reason.contains("lease expired after 100ms; thawed without a snapshot"),
+        "{}",
+        c.reason
+    );
+    assert!(w.calls_starting("create").is_empty());
+    assert!(w.timers.is_empty(), "the commit cancelled the timer");
+    w.feed(Input::LeaseTimer { backup: id("b1") }); // a timer that fired anyway
+    assert_eq!(w.calls_starting("thaw"), ["thaw q0 b1"], "thawed exactly once");
+    assert_eq!(w.phase("b1"), Some(Phase::ThawedExpired));
+}
+
+#[test]
+fn prepare_whose_lease_runs_out_while_quiescing_thaws_and_fails() {
+    let mut w = check(2);
+    w.freeze_ms.insert(1, 120);
+    let p = w.prepare("b1", 50);
+    assert!(!p.prepared && p.reason.contains("ran out while quiescing (120ms)"), "{}", p.reason);
+    assert_eq!(w.calls_starting("thaw"), ["thaw q1 b1", "thaw q0 b1"]);
+    assert_eq!(w.phase("b1"), Some(Phase::Failed));
+}
+
+#[test]
+fn prepare_reports_quiesce_and_freeze_time_and_commit_the_time_held() {
+    let mut w = check(2);
+    w.freeze_ms.insert(0, 40);
+    w.freeze_ms.insert(1, 20);
+    let p = w.prepare("b1", LEASE);
+    assert_eq!((p.quiesce_ms, p.freeze_ms), (60, 20), "q1 freezes the filesystem");
+    w.now += 30;
+    w.create_ms = 60;
+    let c = w.commit("b1", None);
+    assert_eq!((c.snapshot_ms, c.held_ms), (60, 60 + 30 + 60));
+}
+
+#[test]
+fn a_snapshot_that_outlived_the_lease_is_deleted_and_refused() {
+    let mut w = check(1);
+    w.create_ms = LEASE;
+    w.prepare("b1", LEASE);
+    let c = w.commit("b1", None);
+    assert!(
+        !c.committed && c.reason.contains("outlived the lease of 10000ms; deleted"),
+        "{}",
+        c.reason
+    );
+    assert_eq!(w.calls[1..], ["create b1", "thaw q0 b1", "delete b1"]);
+    assert!(w.disk.is_empty());
+    assert_eq!(w.phase("b1"), Some(Phase::Failed));
+    assert_eq!(w.commit("b1", None), c, "a duplicate gets the same refusal");
+}
+
+#[test]
+fn commit_naming_another_freeze_is_refused_and_leaves_the_freeze_alone() {
+    let mut w = check(1);
+    let p = w.prepare("b1", LEASE);
+    let c = w.commit("b1", Some("earlier-freeze"));
+    assert!(
+        !c.committed && c.reason.contains("commit names freeze earlier-freeze"),
+        "{}",
+        c.reason
+    );
+    assert!(c.reason.contains(&p.freeze_token));
+    assert_eq!(w.phase("b1"), Some(Phase::Frozen));
+    assert!(w.commit("b1", Some(&p.freeze_token)).committed);
+}
+
+#[test]
+fn duplicate_commit_returns_the_same_snapshots_without_new_ones_while_they_exist() {
+    let mut w = check(1);
+    w.prepare("b1", LEASE);
+    let first = w.commit("b1", None);
+    assert_eq!(w.commit("b1", None), first);
+    assert_eq!(w.calls_starting("create").len(), 1);
+    w.cleanup("b1").unwrap();
+    let after = w.commit("b1", None);
+    assert!(!after.committed && after.reason.contains("backup b1 is cleaned"), "{}", after.reason);
+}
+
+#[test]
+fn commit_of_an_unknown_backup_is_refused() {
+    let mut w = check(1);
+    let c = w.commit("nope", None);
+    assert!(!c.committed && c.reason.contains("unknown backup nope"), "{}", c.reason);
+    assert!(w.calls.is_empty());
+}
+
+#[test]
+fn provider_failure_thaws_deletes_partial_snapshots_and_fails() {
+    let mut w = check(2);
+    w.fail_create = Some("array offline".into());
+    w.prepare("b1", LEASE);
+    let c = w.commit("b1", None);
+    assert!(
+        !c.committed
+            && c.reason.contains("snapshot failed: array offline; thawed and deleted partial"),
+        "{}",
+        c.reason
+    );
+    assert_eq!(w.calls[2..], ["create b1", "thaw q1 b1", "thaw q0 b1", "delete b1"]);
+    assert_eq!(w.phase("b1"), Some(Phase::Failed));
+    assert_eq!(w.commit("b1", None), c);
+}
+
+#[test]
+fn the_guardian_thawed_first_so_the_agent_only_tells_its_quiescers() {
+    let mut w = check(2);
+    w.prepare("b1", LEASE);
+    w.guardian_thawed = true;
+    w.abort("b1").unwrap();
+    assert_eq!(w.calls_starting("thaw"), ["thawed-elsewhere q1 b1", "thawed-elsewhere q0 b1"]);
+}
+
+#[test]
+fn abort_thaws_a_frozen_backup_and_is_idempotent() {
+    let mut w = check(2);
+    w.prepare("b1", LEASE);
+    let a = w.abort("b1").unwrap();
+    assert!(a.thawed);
+    assert_eq!(w.calls_starting("thaw"), ["thaw q1 b1", "thaw q0 b1"]);
+    assert_eq!(w.phase("b1"), Some(Phase::Aborted));
+    assert!(w.timers.is_empty());
+    assert_eq!(w.abort("b1").unwrap(), AbortReply { thawed: false, snapshots_deleted: 0 });
+    let c = w.commit("b1", None);
+    assert!(!c.committed && c.reason.contains("aborted"), "{}", c.reason);
+}
+
+#[test]
+fn abort_of_an_unknown_backup_refuses_a_late_prepare() {
+    let mut w = check(1);
+    assert_eq!(w.abort("b9").unwrap(), AbortReply::default());
+    let p = w.prepare("b9", LEASE);
+    assert!(!p.prepared && p.reason.contains("already aborted"), "{}", p.reason);
+    assert!(w.calls_starting("freeze").is_empty());
+}
+
+#[test]
+fn cleanup_of_a_frozen_backup_thaws_first() {
+    let mut w = check(1);
+    w.prepare("b1", LEASE);
+    assert_eq!(w.cleanup("b1"), Ok(0));
+    assert_eq!(w.calls[1..], ["thaw q0 b1", "delete b1"]);
+    assert_eq!(w.phase("b1"), Some(Phase::Cleaned));
+}
+
+#[test]
+fn cleanup_that_cannot_delete_fails_naming_the_backup() {
+    let mut w = check(1);
+    w.fail_delete = Some("disk gone".into());
+    let err = w.cleanup("b1").unwrap_err();
+    assert_eq!(err.kind, FailureKind::Provider);
+    assert!(err.text.contains("b1") && err.text.contains("disk gone"), "{}", err.text);
+}
+
+#[test]
+fn abort_and_cleanup_wait_for_a_running_copy_and_no_new_copy_starts() {
+    let mut w = check(1);
+    w.prepare("b1", LEASE);
+    w.commit("b1", None);
+    let r = w.send(Request::BeginCopy { backup: id("b1") });
+    assert!(matches!(&w.replies[&r], Reply::CopyBegun(Ok(s)) if s.len() == 2));
+    let again = w.send(Request::BeginCopy { backup: id("b1") });
+    assert!(
+        matches!(&w.replies[&again], Reply::CopyBegun(Err(f)) if f.kind == FailureKind::FailedPrecondition)
+    );
+    let abort = w.send(Request::Abort { backup: id("b1"), reason: "test".into() });
+    assert_eq!(w.stops, [id("b1")], "the copy is asked to stop");
+    assert!(!w.replies.contains_key(&abort) && w.calls_starting("delete").is_empty());
+    // Another backup's operations go on meanwhile.
+    assert!(w.prepare("b2", LEASE).prepared);
+    w.feed(Input::CopyEnded { backup: id("b1") });
+    let late = w.send(Request::BeginCopy { backup: id("b1") });
+    assert!(
+        matches!(&w.replies[&late], Reply::CopyBegun(Err(f)) if f.kind == FailureKind::NotFound)
+    );
+    assert_eq!(
+        w.replies[&abort],
+        Reply::Aborted(Ok(AbortReply { thawed: false, snapshots_deleted: 2 }))
+    );
+}
+
+#[test]
+fn shutdown_thaws_every_frozen_backup_then_closes_the_guardian() {
+    let mut w = check(2);
+    w.prepare("b1", LEASE);
+    let r = w.send(Request::Shutdown);
+    assert_eq!(w.replies[&r], Reply::ShutDown);
+    assert_eq!(w.calls[2..], ["thaw q1 b1", "thaw q0 b1", "close guardian"]);
+    assert_eq!(w.phase("b1"), Some(Phase::Failed));
+    assert!(w.timers.is_empty());
+}
+
+#[test]
+fn finished_backups_are_remembered_up_to_a_bound() {
+    let mut w = check(1);
+    for i in 0..KEEP_FINISHED + 20 {
+        w.abort(&format!("b{i}")).unwrap();
+    }
+    let status = w.agent.status(w.now);
+    assert_eq!(status.len(), KEEP_FINISHED);
+    assert_eq!(status[0].backup, id("b20"));
+}
