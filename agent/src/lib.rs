@@ -37,9 +37,11 @@ use tracing::info;
 pub use config::Config;
 pub use error::{Error, Result};
 
-/// Only the listener gives agents orders; nobody else may call any Agent method.
+/// Only the listener gives agents orders; nobody else may call any Agent method. Anyone
+/// authenticated may probe the standard health service.
 fn policy(path: &str, role: Role) -> bool {
-    path.starts_with("/stillpoint.v1.Agent/") && role == Role::Listener
+    stillpoint_core::layers::is_health_check(path)
+        || (path.starts_with("/stillpoint.v1.Agent/") && role == Role::Listener)
 }
 
 /// Creates `state_dir` and runs every thaw action a previous agent left in its journal (the
@@ -130,6 +132,8 @@ pub async fn run_with_guardian(
     let timeout =
         Duration::from_millis(exec_ms.saturating_add(config.max_lease_ms).saturating_add(300_000));
 
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_serving::<AgentServer<service::AgentService>>().await;
     info!(server = %config.server, addr = ?listener.local_addr().ok(), "agent listening");
     let served = tonic::transport::Server::builder()
         .timeout(timeout)
@@ -140,6 +144,7 @@ pub async fn run_with_guardian(
             AgentServer::new(service)
                 .max_decoding_message_size(stillpoint_core::MAX_CONTROL_MESSAGE),
         )
+        .add_service(health_service)
         .serve_with_incoming_shutdown(stillpoint_core::tls::incoming(listener, tls), shutdown)
         .await;
     watch.abort();

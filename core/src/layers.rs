@@ -21,6 +21,13 @@ pub const SERVER_HEADER: &str = "x-stillpoint-server";
 /// Which roles may call a gRPC method, given its full path (`/stillpoint.v1.Agent/Prepare`).
 pub type Policy = fn(path: &str, role: Role) -> bool;
 
+/// Whether `path` is a method of the standard gRPC health service (`grpc.health.v1.Health`),
+/// which policies grant to every authenticated caller: load balancers and monitors probe it
+/// without knowing our roles.
+pub fn is_health_check(path: &str) -> bool {
+    path.starts_with("/grpc.health.v1.Health/")
+}
+
 type BoxFuture<T, E> = Pin<Box<dyn Future<Output = Result<T, E>> + Send>>;
 
 /// Reads the verified client certificate and enforces a [`Policy`].

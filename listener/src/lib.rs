@@ -11,6 +11,7 @@ pub mod error;
 pub mod runtime;
 pub mod service;
 pub mod store;
+pub mod testing;
 
 /// The protocol's pure core, re-exported under the names the listener's modules use.
 pub use stillpoint_protocol::{coordinator, model};
@@ -41,6 +42,9 @@ pub async fn run(
         tracing::warn!(recovered, "failed and aborted backups left in flight by the previous run");
     }
     runtime.spawn_sweeper();
+    // The standard probe beside our own Health: "" and the Listener serve once recovery is done.
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_serving::<ListenerServer<service::ListenerService>>().await;
     tracing::info!(addr = %listener.local_addr()?, "listener serving");
     let layers =
         tower::ServiceBuilder::new().layer(AuthorizeLayer::new(service::policy)).layer(TraceLayer);
@@ -53,6 +57,7 @@ pub async fn run(
             ListenerServer::new(service::ListenerService::new(runtime))
                 .max_decoding_message_size(stillpoint_core::MAX_CONTROL_MESSAGE),
         )
+        .add_service(health_service)
         .serve_with_incoming_shutdown(stillpoint_core::tls::incoming(listener, tls), shutdown)
         .await?;
     Ok(())

@@ -16,8 +16,12 @@ use crate::coordinator::Event;
 use crate::model::ServerStep;
 use crate::runtime::Runtime;
 
-/// Which roles may call which Listener method.
+/// Which roles may call which Listener method. Anyone authenticated may probe the standard
+/// health service.
 pub fn policy(path: &str, role: Role) -> bool {
+    if stillpoint_core::layers::is_health_check(path) {
+        return true;
+    }
     let Some(method) = path.strip_prefix("/stillpoint.v1.Listener/") else { return false };
     let read = matches!(
         method,
@@ -276,5 +280,7 @@ mod tests {
         assert!(!policy(&path("StartBackup"), Role::Agent));
         assert!(policy(&path("Health"), Role::Agent));
         assert!(!policy("/stillpoint.v1.Agent/Prepare", Role::Operator));
+        assert!(policy("/grpc.health.v1.Health/Check", Role::Agent));
+        assert!(policy("/grpc.health.v1.Health/Watch", Role::Viewer));
     }
 }
