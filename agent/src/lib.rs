@@ -137,6 +137,9 @@ pub async fn run_with_guardian(
     info!(server = %config.server, addr = ?listener.local_addr().ok(), "agent listening");
     let served = tonic::transport::Server::builder()
         .timeout(timeout)
+        // Pings answered are reads: a quiet Watch or Copy stays under the accept loop's idle limit.
+        .http2_keepalive_interval(Some(stillpoint_core::tls::HTTP2_KEEPALIVE_INTERVAL))
+        .http2_keepalive_timeout(Some(stillpoint_core::tls::HTTP2_KEEPALIVE_TIMEOUT))
         .max_concurrent_streams(Some(100))
         .concurrency_limit_per_connection(32)
         .layer(tower::ServiceBuilder::new().layer(AuthorizeLayer::new(policy)).layer(TraceLayer))

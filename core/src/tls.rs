@@ -1,9 +1,16 @@
 //! Mutual TLS for every connection: a rustls server that demands a client certificate from the
-//! deployment's CA and says in its log why it refused a handshake, and tonic clients that present
-//! their own certificate and pin the name of the server they meant to reach.
+//! deployment's CA (its accept loop, with deadlines and the refusal log, is `tls/accept.rs`), and
+//! tonic clients that present their own certificate and pin the name of the server they meant to
+//! reach.
+
+mod accept;
+
+pub use accept::{
+    incoming, incoming_with, ConnectionLimits, Guarded, HTTP2_KEEPALIVE_INTERVAL,
+    HTTP2_KEEPALIVE_TIMEOUT,
+};
 
 use std::fs;
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -11,9 +18,6 @@ use std::time::Duration;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::WebPkiClientVerifier;
 use serde::Deserialize;
-use tokio::net::{TcpListener, TcpStream};
-use tokio_rustls::server::TlsStream;
-use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{
     Certificate, Channel, ClientTlsConfig, Endpoint, Identity as TonicIdentity,
 };
@@ -42,7 +46,7 @@ impl TlsFiles {
     }
 }
 
-fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+pub(crate) fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
@@ -93,53 +97,6 @@ pub fn server_config(files: &TlsFiles) -> Result<Arc<rustls::ServerConfig>> {
         .map_err(|e| Error::Certificate { path: files.cert.clone(), reason: e.to_string() })?;
     config.alpn_protocols = vec![b"h2".to_vec()];
     Ok(Arc::new(config))
-}
-
-/// How long a client may take to finish its TLS handshake before we drop it.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// Accepts TCP connections on `listener` and yields the ones that complete a mutual-TLS
-/// handshake; each refusal is logged with the peer's address and rustls' reason. The accept loop
-/// ends when the returned stream is dropped (the server shut down).
-pub fn incoming(
-    listener: TcpListener,
-    config: Arc<rustls::ServerConfig>,
-) -> ReceiverStream<std::io::Result<TlsStream<TcpStream>>> {
-    let (tx, rx) = tokio::sync::mpsc::channel(16);
-    let acceptor = tokio_rustls::TlsAcceptor::from(config);
-    tokio::spawn(async move {
-        loop {
-            let accepted = tokio::select! {
-                () = tx.closed() => return,
-                accepted = listener.accept() => accepted,
-            };
-            let (tcp, peer) = match accepted {
-                Ok(pair) => pair,
-                Err(e) => {
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            };
-            let _ = tcp.set_nodelay(true);
-            let acceptor = acceptor.clone();
-            let tx = tx.clone();
-            tokio::spawn(async move {
-                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-                    Ok(Ok(stream)) => {
-                        let _ = tx.send(Ok(stream)).await;
-                    }
-                    Ok(Err(e)) => refused(peer, &e.to_string()),
-                    Err(_) => refused(peer, "handshake timed out"),
-                }
-            });
-        }
-    });
-    ReceiverStream::new(rx)
-}
-
-fn refused(peer: SocketAddr, reason: &str) {
-    tracing::warn!(%peer, reason, "refused TLS connection: the client must present a certificate issued by this deployment's CA");
 }
 
 /// A lazily connecting mTLS channel to `url` (e.g. `https://127.0.0.1:7443`) that only accepts a

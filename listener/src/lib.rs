@@ -50,6 +50,9 @@ pub async fn run(
         tower::ServiceBuilder::new().layer(AuthorizeLayer::new(service::policy)).layer(TraceLayer);
     tonic::transport::Server::builder()
         .timeout(rpc_timeout)
+        // Pings answered are reads: a quiet Watch or Copy stays under the accept loop's idle limit.
+        .http2_keepalive_interval(Some(stillpoint_core::tls::HTTP2_KEEPALIVE_INTERVAL))
+        .http2_keepalive_timeout(Some(stillpoint_core::tls::HTTP2_KEEPALIVE_TIMEOUT))
         .max_concurrent_streams(Some(100))
         .concurrency_limit_per_connection(32)
         .layer(layers)
