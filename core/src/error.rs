@@ -4,7 +4,8 @@ use std::path::PathBuf;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("{what} {name:?} is not a valid name: use 1-128 letters, digits, '.', '_' or '-', not starting with '.'")]
+    /// `name` is already quoted and clipped (`text::clip`): it may be anything a client sent.
+    #[error("{what} {name} is not a valid name: use 1-128 letters, digits, '.', '_' or '-', not starting with '.'")]
     InvalidName { what: String, name: String },
     #[error("{path}: {source}")]
     Io { path: PathBuf, source: std::io::Error },

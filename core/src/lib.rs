@@ -9,6 +9,7 @@ pub mod identity;
 pub mod layers;
 pub mod san;
 pub mod testing;
+pub mod text;
 pub mod tls;
 
 pub use error::{Error, Result};
@@ -37,6 +38,6 @@ pub fn validate_name(what: &str, name: &str) -> Result<()> {
     if ok {
         Ok(())
     } else {
-        Err(Error::InvalidName { what: what.to_string(), name: name.escape_debug().to_string() })
+        Err(Error::InvalidName { what: what.to_string(), name: text::clip(name, 64) })
     }
 }

@@ -1,4 +1,10 @@
-//! The listener's error type, and how it reaches gRPC callers.
+//! The listener's error type, and how it reaches gRPC callers. What a client sent is shown
+//! clipped (`stillpoint_core::text::clip`): a status message travels in a header.
+
+use stillpoint_core::text::clip;
+
+/// How much of a client's name or id an error message shows.
+const SHOWN: usize = 64;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -6,11 +12,11 @@ pub enum Error {
     Config { path: String, problems: String },
     #[error("store {path}: {reason}")]
     Store { path: String, reason: String },
-    #[error("unknown backup {0:?}; list backups with `backupctl list`")]
+    #[error("unknown backup {}; list backups with `backupctl list`", clip(.0, SHOWN))]
     UnknownBackup(String),
-    #[error("unknown group {group:?}; configured groups: {known}")]
+    #[error("unknown group {}; configured groups: {known}", clip(.group, SHOWN))]
     UnknownGroup { group: String, known: String },
-    #[error("unknown server {server:?} in backup {backup}")]
+    #[error("unknown server {} in backup {backup}", clip(.server, SHOWN))]
     UnknownServer { backup: String, server: String },
     #[error("group {group} already has backup {backup} in flight; wait for it or abort it")]
     Busy { group: String, backup: String },

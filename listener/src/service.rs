@@ -225,9 +225,9 @@ impl Listener for ListenerService {
         let record = self.runtime.store().get(&request.backup_id)?;
         let Some(server) = record.servers.iter().find(|s| s.server == request.server) else {
             return Err(Status::not_found(format!(
-                "backup {} has no server {:?}; its servers: {}",
+                "backup {} has no server {}; its servers: {}",
                 record.id,
-                request.server,
+                stillpoint_core::text::clip(&request.server, 64),
                 record.servers.iter().map(|s| s.server.as_str()).collect::<Vec<_>>().join(", ")
             )));
         };

@@ -44,6 +44,17 @@ async fn hostile_requests_are_refused_clearly_and_disturb_nothing() {
     assert_status(missing, Code::NotFound, "unknown backup");
     let huge = listener.start_backup(pb::StartBackupRequest { group: "g".repeat(5 << 20) }).await;
     assert_eq!(huge.expect_err("5 MiB request").code(), Code::OutOfRange);
+    // Under the request limit, a 1 MB name is refused in a short message that says how long it
+    // was: the whole name would overflow the client's limit on a status header.
+    let big = listener.start_backup(pb::StartBackupRequest { group: "g".repeat(1_000_000) }).await;
+    let status = big.expect_err("unknown 1 MB group");
+    assert_eq!(status.code(), Code::NotFound, "{status:?}");
+    assert!(status.message().len() < 1024, "{} bytes", status.message().len());
+    assert!(status.message().contains("…\" (1000000 bytes"), "{}", status.message());
+    let get = listener.get_backup(pb::GetBackupRequest { backup_id: "\u{1b}".repeat(500_000) });
+    let status = get.await.expect_err("1 MB id");
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    assert!(status.message().len() < 1024 && !status.message().contains('\u{1b}'), "{status:?}");
     let report = pb::ReportCopyRequest {
         backup_id: "20200101T000000Z-000000".into(),
         server: "srv-a".into(),
