@@ -1,7 +1,6 @@
 //! What the listener, the agents and `backupctl` share: identities and mutual TLS, the tower
 //! layers that authorize and trace every RPC, the mock SAN array, and (re-exported as `sys`) the
-//! syscall wrappers of `stillpoint-sys`. No protocol logic lives here: that is the listener's
-//! coordinator and the agent's lease.
+//! syscall wrappers of `stillpoint-sys`. No protocol logic lives here: that is `protocol`.
 
 pub mod certs;
 pub mod error;
@@ -9,10 +8,12 @@ pub mod identity;
 pub mod layers;
 pub mod san;
 pub mod testing;
-pub mod text;
 pub mod tls;
 
 pub use error::{Error, Result};
+/// How messages show what a client sent (`clip`); it lives in `protocol`, which depends on no
+/// other stillpoint crate, so that the values parsed there report their errors the same way.
+pub use stillpoint_protocol::text;
 /// The syscall wrappers, re-exported so `stillpoint_core::sys::thaw` keeps working where a crate
 /// already depends on `core`; crates that need only syscalls depend on `stillpoint-sys`.
 pub use stillpoint_sys as sys;

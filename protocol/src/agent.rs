@@ -33,7 +33,7 @@ impl BackupId {
         if valid_text(id) && !id.starts_with('.') {
             Ok(BackupId(id.to_string()))
         } else {
-            Err(Error::InvalidBackupId(id.escape_debug().to_string()))
+            Err(Error::InvalidBackupId(crate::text::clip(id, 64)))
         }
     }
 
@@ -58,7 +58,7 @@ impl FreezeToken {
         if valid_text(token) {
             Ok(FreezeToken(token.to_string()))
         } else {
-            Err(Error::InvalidFreezeToken(token.escape_debug().to_string()))
+            Err(Error::InvalidFreezeToken(crate::text::clip(token, 64)))
         }
     }
 

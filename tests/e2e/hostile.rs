@@ -72,6 +72,20 @@ async fn hostile_requests_are_refused_clearly_and_disturb_nothing() {
     let prepare =
         agent.prepare(pb::PrepareRequest { backup_id: "../../x".into(), lease_ms: 5_000 }).await;
     assert_status(prepare, Code::InvalidArgument, "backup");
+    let huge = "\u{1b}".repeat(500_000);
+    let prepare =
+        agent.prepare(pb::PrepareRequest { backup_id: huge.clone(), lease_ms: 5_000 }).await;
+    let status = prepare.expect_err("1 MB id");
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    assert!(
+        status.message().len() < 1024 && status.message().contains("(500000 bytes"),
+        "{status:?}"
+    );
+    let commit =
+        agent.commit(pb::CommitRequest { backup_id: "b".into(), freeze_token: huge }).await;
+    let status = commit.expect_err("1 MB token");
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    assert!(status.message().len() < 1024, "{status:?}");
     let early = agent
         .commit(pb::CommitRequest {
             backup_id: "never-prepared".into(),

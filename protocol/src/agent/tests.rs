@@ -234,6 +234,9 @@ fn backup_ids_follow_the_listeners_shape_and_nothing_else() {
     for bad in ["", ".hidden", "..", "a/b", "a b", "é", &"x".repeat(129)] {
         assert!(BackupId::parse(bad).is_err(), "{bad:?}");
     }
+    // A refused value is shown, not echoed whole.
+    let huge = BackupId::parse(&"\n".repeat(1 << 20)).unwrap_err().to_string();
+    assert!(huge.len() < 300 && huge.contains("(1048576 bytes"), "{huge}");
     assert!(FreezeToken::parse("").is_err());
     assert!(FreezeToken::parse("3fa9c1d2").is_ok());
 }

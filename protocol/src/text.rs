@@ -1,6 +1,7 @@
 //! Echoing untrusted input in messages: quoted, control characters escaped, and cut short, so an
 //! error about a 1 MB name is still a short line (a gRPC status message travels in a header,
-//! and clients refuse headers of more than a few KiB).
+//! and clients refuse headers of more than a few KiB). Here, below every other crate, because
+//! the values parsed at the edge report their own errors; `stillpoint_core::text` re-exports it.
 
 /// `s` quoted and escaped as `{:?}` would show it, cut after `max_chars` characters of that
 /// escaped form; a cut value says how long the whole was: `"aaaa…" (1048576 bytes)`.
