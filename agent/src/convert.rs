@@ -2,9 +2,9 @@
 //! snapshots. The machine and the executor never see a proto type but the plug-ins' snapshots.
 
 use stillpoint_proto::{
-    AbortResponse, AgentBackup, CommitResponse, PrepareResponse, Snapshot, StepReport,
+    AbortResponse, AgentBackup, AgentPhase, CommitResponse, PrepareResponse, Snapshot, StepReport,
 };
-use stillpoint_protocol::agent::{AbortReply, BackupStatus};
+use stillpoint_protocol::agent::{AbortReply, BackupStatus, Phase};
 use stillpoint_protocol::coordinator::{CommitReply, PrepareReply};
 use stillpoint_protocol::model::{SnapshotRef, Step};
 
@@ -66,9 +66,22 @@ pub fn abort_response(r: AbortReply) -> AbortResponse {
 pub fn agent_backup(b: BackupStatus) -> AgentBackup {
     AgentBackup {
         backup_id: b.backup.to_string(),
-        phase: b.phase.as_str().to_string(),
+        phase: agent_phase(b.phase) as i32,
         lease_remaining_ms: b.lease_remaining_ms,
         snapshots: b.snapshots.into_iter().map(snapshot).collect(),
         detail: b.detail,
+    }
+}
+
+pub fn agent_phase(p: Phase) -> AgentPhase {
+    match p {
+        Phase::Preparing => AgentPhase::Preparing,
+        Phase::Frozen => AgentPhase::Frozen,
+        Phase::Snapshotted => AgentPhase::Snapshotted,
+        Phase::ThawedExpired => AgentPhase::ThawedExpired,
+        Phase::Aborted => AgentPhase::Aborted,
+        Phase::Failed => AgentPhase::Failed,
+        Phase::Cleaned => AgentPhase::Cleaned,
+        Phase::Orphan => AgentPhase::Orphan,
     }
 }

@@ -355,7 +355,7 @@ impl From<&AgentBackup> for AgentBackupView {
     fn from(b: &AgentBackup) -> Self {
         AgentBackupView {
             backup_id: b.backup_id.clone(),
-            phase: b.phase.clone(),
+            phase: b.phase().label().to_string(),
             lease_remaining_ms: b.lease_remaining_ms,
             snapshots: b.snapshots.iter().map(SnapshotView::from).collect(),
             detail: text(&b.detail),

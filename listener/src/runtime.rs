@@ -147,15 +147,15 @@ impl Runtime {
             for held in agent.backups {
                 let in_flight =
                     self.runs.lock().expect("runs lock poisoned").contains_key(&held.backup_id);
-                let holds =
-                    held.phase == "frozen" || held.phase == "orphan" || !held.snapshots.is_empty();
+                let holds = matches!(held.phase(), pb::AgentPhase::Frozen | pb::AgentPhase::Orphan)
+                    || !held.snapshots.is_empty();
                 if in_flight || !holds {
                     continue;
                 }
                 let message = format!(
                     "swept leftover on {} (agent phase {}, {} snapshot(s)): abort sent",
                     agent.server,
-                    held.phase,
+                    held.phase().label(),
                     held.snapshots.len()
                 );
                 tracing::warn!(backup = %held.backup_id, server = %agent.server, "{message}");

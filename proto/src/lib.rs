@@ -15,3 +15,21 @@ impl BackupState {
         matches!(self, BackupState::Succeeded | BackupState::Failed | BackupState::Aborted)
     }
 }
+
+impl AgentPhase {
+    /// The lowercase name operators read and `backupctl --json` prints ("thawed-expired");
+    /// "unknown" when the agent did not say.
+    pub fn label(self) -> &'static str {
+        match self {
+            AgentPhase::Unspecified => "unknown",
+            AgentPhase::Preparing => "preparing",
+            AgentPhase::Frozen => "frozen",
+            AgentPhase::Snapshotted => "snapshotted",
+            AgentPhase::ThawedExpired => "thawed-expired",
+            AgentPhase::Aborted => "aborted",
+            AgentPhase::Failed => "failed",
+            AgentPhase::Cleaned => "cleaned",
+            AgentPhase::Orphan => "orphan",
+        }
+    }
+}

@@ -148,7 +148,7 @@ pub async fn wait_for_phase(
         let status = client.status(StatusRequest {}).await.unwrap().into_inner();
         let found = status.backups.into_iter().find(|b| b.backup_id == backup);
         match found {
-            Some(b) if b.phase == phase => return b,
+            Some(b) if b.phase().label() == phase => return b,
             other if Instant::now() > deadline => {
                 panic!("backup {backup} did not reach {phase} within {within:?}: {other:?}")
             }

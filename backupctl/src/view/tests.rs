@@ -200,7 +200,7 @@ fn log_watch_and_agent_json_shapes_are_stable() {
         version: "0.1.0".into(),
         backups: vec![AgentBackup {
             backup_id: "b-1".into(),
-            phase: "frozen".into(),
+            phase: stillpoint_proto::AgentPhase::Frozen as i32,
             lease_remaining_ms: 9_000,
             snapshots: vec![],
             detail: String::new(),
