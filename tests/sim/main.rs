@@ -1,23 +1,27 @@
-//! Deterministic simulation: the listener's real `Coordinator` and the agent's real `Lease` and
-//! guardian `Ledger`, driven over a simulated network in virtual time, with seeded message loss,
+//! Deterministic simulation: the listener's real `Coordinator`, the agent's real machine and the
+//! guardian's real `Ledger`, driven over a simulated network in virtual time, with seeded message loss,
 //! duplication, delay (so reordering), partitions, agent crashes (the guardian thaws), listener
 //! restarts (recovery from the catalog), slow and failing snapshots, failing quiescers and copies,
 //! and the periodic sweep. Every step is checked against ground truth; a failing seed prints
 //! itself and replays exactly with `SIM_SEED=<seed> cargo test -p stillpoint-tests --test sim`.
 //! `SIM_SEEDS=<n>` runs more seeds (default 3000).
 //!
-//! The agent's own state machine is modelled here after `agent/src/backups.rs` (its async,
-//! process-bound parts run for real in the e2e fault suite); the pure pieces are the real ones.
+//! The agent is the real machine (`stillpoint_protocol::agent`) under a small effect interpreter
+//! that decides, from the seeded fault plan, how long each plug-in call takes and whether it
+//! fails; its async, process-bound executor runs for real in the e2e fault suite.
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap};
 use std::path::PathBuf;
 
 use stillpoint_agent::guardian::{Action, Ledger, Outcome, Request};
+use stillpoint_protocol::agent::{
+    Agent, BackupId, Effect, FreezeToken, Input, Phase, QuiescerInfo, Released, Reply, ReqId,
+    Request as AgentRequest,
+};
 use stillpoint_protocol::coordinator::{
     Command, CommitReply, Coordinator, Event, PrepareReply, Timeouts,
 };
-use stillpoint_protocol::lease::Lease;
 use stillpoint_protocol::model::{BackupRecord, SnapshotRef, State};
 
 const SERVERS: [&str; 3] = ["a", "b", "c"];
@@ -83,37 +87,63 @@ enum AgentReq {
 enum AgentReply {
     Prepared(PrepareReply),
     Committed(CommitReply),
-    Aborted,
-    Cleaned(u32),
+    Aborted(Result<(), String>),
+    Cleaned(Result<u32, String>),
     Status(Vec<String>),
 }
 
 #[derive(Clone, Debug)]
 enum Item {
-    ToAgent { server: usize, rpc: u64, req: AgentReq },
-    ToListener { rpc: u64, reply: AgentReply },
-    RpcTimeout { rpc: u64 },
-    AgentTimer { server: usize, incarnation: u64, backup: String },
-    GuardianCheck { server: usize, incarnation: u64 },
-    SnapshotDone { server: usize, incarnation: u64, backup: String },
-    CopyDone { incarnation: u64, backup: String, server: usize, ok: bool },
-    ListenerTick { incarnation: u64 },
-    CrashAgent { server: usize },
-    RestartAgent { server: usize },
+    ToAgent {
+        server: usize,
+        rpc: u64,
+        req: AgentReq,
+    },
+    ToListener {
+        rpc: u64,
+        reply: AgentReply,
+    },
+    RpcTimeout {
+        rpc: u64,
+    },
+    /// The lease timer `timer` of the machine fires (unless cancelled since).
+    AgentTimer {
+        server: usize,
+        incarnation: u64,
+        backup: BackupId,
+        timer: u64,
+    },
+    GuardianCheck {
+        server: usize,
+        incarnation: u64,
+    },
+    SnapshotDone {
+        server: usize,
+        incarnation: u64,
+        backup: BackupId,
+    },
+    CopyDone {
+        incarnation: u64,
+        backup: String,
+        server: usize,
+        ok: bool,
+    },
+    ListenerTick {
+        incarnation: u64,
+    },
+    CrashAgent {
+        server: usize,
+    },
+    RestartAgent {
+        server: usize,
+    },
     RestartListener,
-    Sweep { incarnation: u64 },
-    StartBackup { incarnation: u64 },
-}
-
-#[derive(Clone, Debug, PartialEq)]
-enum Phase {
-    Frozen { lease: Lease },
-    Snapshotting { lease: Lease },
-    Snapshotted { reply: CommitReply },
-    ThawedExpired,
-    Aborted,
-    Failed,
-    Cleaned,
+    Sweep {
+        incarnation: u64,
+    },
+    StartBackup {
+        incarnation: u64,
+    },
 }
 
 /// What really happened on one server for one backup, in global virtual time: every freeze
@@ -140,18 +170,32 @@ struct SimAgent {
     incarnation: u64,
     /// This agent's monotonic clock runs at an offset from the others'.
     offset: u64,
-    table: BTreeMap<String, Phase>,
+    /// The real agent machine; a crash drops it, a restart makes a new one.
+    machine: Agent,
+    /// Which listener RPC each of the machine's requests answers.
+    rpcs: BTreeMap<ReqId, u64>,
+    next_req: u64,
+    /// The lease timers the machine set and has not cancelled, by generation.
+    timers: BTreeMap<BackupId, u64>,
+    next_timer: u64,
     /// Snapshots on disk survive crashes.
     disk: BTreeMap<String, i64>,
     guardian: Ledger,
-    /// The backup currently frozen, if any.
+    /// The backup physically frozen, if any (ground truth, not the machine's belief).
     frozen: Option<String>,
-    /// Requests that arrived while a snapshot was being taken (the real agent serializes).
-    deferred: Vec<(u64, AgentReq)>,
-    /// The token of each backup's freeze (volatile, like the real agent's table).
-    tokens: BTreeMap<String, String>,
+    /// When the snapshot the machine is deciding about was taken.
+    snapshot_at: Option<i64>,
     /// Freezes made so far, across restarts: makes every token fresh.
     freezes: u64,
+}
+
+fn new_machine(server: usize) -> Agent {
+    let q = QuiescerInfo { name: "q".into(), freezes_filesystem: true };
+    Agent::new(SERVERS[server], vec![q], "sim")
+}
+
+fn backup_id(id: &str) -> BackupId {
+    BackupId::parse(id).expect("the simulation's ids are valid")
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -171,10 +215,12 @@ struct Pending {
     req: AgentReq,
 }
 
-/// A deliberate bug, to prove the checks can fail.
+/// A deliberate bug, to prove the checks can fail: a perturbation of the real machine's world,
+/// never a second copy of its rules.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Flaw {
-    /// The agent snapshots even after its lease ran out.
+    /// The agent's clock runs a thousand times slow, so the machine never sees its lease run
+    /// out (the guardian, on the real clock, still thaws): it snapshots after the thaw.
     CommitAfterLease,
     /// The listener never sweeps.
     NoSweep,
@@ -242,16 +288,19 @@ impl Sim {
             partitions,
         };
         let agents = (0..SERVERS.len())
-            .map(|_| SimAgent {
+            .map(|server| SimAgent {
                 up: true,
                 incarnation: 0,
                 offset: rng.below(1 << 40),
-                table: BTreeMap::new(),
+                machine: new_machine(server),
+                rpcs: BTreeMap::new(),
+                next_req: 0,
+                timers: BTreeMap::new(),
+                next_timer: 0,
                 disk: BTreeMap::new(),
                 guardian: Ledger::default(),
                 frozen: None,
-                deferred: Vec::new(),
-                tokens: BTreeMap::new(),
+                snapshot_at: None,
                 freezes: 0,
             })
             .collect();
@@ -436,8 +485,8 @@ impl Sim {
         let event = match reply {
             AgentReply::Prepared(r) => Event::Prepared { server, reply: Ok(r) },
             AgentReply::Committed(r) => Event::Committed { server, reply: Ok(r) },
-            AgentReply::Aborted => Event::Aborted { server, result: Ok(()) },
-            AgentReply::Cleaned(n) => Event::CleanedUp { server, result: Ok(n) },
+            AgentReply::Aborted(result) => Event::Aborted { server, result },
+            AgentReply::Cleaned(result) => Event::CleanedUp { server, result },
             AgentReply::Status(held) => {
                 // The sweep: abort what no backup in flight accounts for.
                 for backup in held {
@@ -495,7 +544,15 @@ impl Sim {
 
     // ------------------------------------------------------------------ agent side
 
+    /// The agent's clock; a flawed one runs a thousand times slow.
     fn local(&self, server: usize) -> u64 {
+        let now = self.now as u64;
+        let now = if self.flaw == Some(Flaw::CommitAfterLease) { now / 1000 } else { now };
+        self.agents[server].offset + now
+    }
+
+    /// The guardian's clock: always the real one.
+    fn guardian_clock(&self, server: usize) -> u64 {
         self.agents[server].offset + self.now as u64
     }
 
@@ -530,202 +587,204 @@ impl Sim {
         }
     }
 
-    /// The agent thaws by itself: it takes its actions back from the guardian first.
-    fn agent_thaw(&mut self, server: usize, backup: &str) {
-        let outcome =
-            self.agents[server].guardian.handle(0, Request::Release { backup: backup.into() });
-        if outcome != Outcome::AlreadyThawed {
-            self.thaw(server, backup, "agent");
-        }
-    }
-
     fn on_agent_request(&mut self, server: usize, rpc: u64, req: AgentReq) {
         if !self.agents[server].up {
             return;
         }
-        if self.agents[server].table.values().any(|p| matches!(p, Phase::Snapshotting { .. })) {
-            self.agents[server].deferred.push((rpc, req));
-            return;
-        }
-        let local = self.local(server);
-        match req {
+        let request = match req {
             AgentReq::Prepare { backup, lease_ms } => {
-                let reply = match self.agents[server].table.get(&backup).cloned() {
-                    Some(Phase::Frozen { .. }) => {
-                        let tokens = &self.agents[server].tokens;
-                        let freeze_token = tokens.get(&backup).cloned().unwrap_or_default();
-                        PrepareReply { prepared: true, freeze_token, ..Default::default() }
-                    }
-                    Some(phase) => PrepareReply {
-                        prepared: false,
-                        reason: format!("already {phase:?}"),
-                        ..Default::default()
-                    },
-                    None if self.agents[server].frozen.is_some() => PrepareReply {
-                        prepared: false,
-                        reason: "busy".into(),
-                        ..Default::default()
-                    },
-                    None if self.now < HORIZON && self.rng.chance(self.faults.quiescer_fail) => {
-                        self.agents[server].table.insert(backup.clone(), Phase::Failed);
-                        PrepareReply {
-                            prepared: false,
-                            reason: "quiescer failed".into(),
-                            ..Default::default()
-                        }
-                    }
-                    None => {
-                        // Arm the guardian before freezing, as the agent does.
-                        let arm = Request::Arm {
-                            backup: backup.clone(),
-                            lease_ms,
-                            key: "q".into(),
-                            action: sim_action(),
-                        };
-                        self.agents[server].guardian.handle(local, arm);
-                        self.agents[server].frozen = Some(backup.clone());
-                        let now = self.now;
-                        self.truth(&backup, server).freezes.push((now, None));
-                        let lease = Lease::new(local, lease_ms);
-                        self.agents[server].table.insert(backup.clone(), Phase::Frozen { lease });
-                        let incarnation = self.agents[server].incarnation;
-                        self.at(
-                            self.now + lease_ms as i64,
-                            Item::AgentTimer { server, incarnation, backup: backup.clone() },
-                        );
-                        self.at(
-                            self.now + lease_ms as i64,
-                            Item::GuardianCheck { server, incarnation },
-                        );
-                        self.agents[server].freezes += 1;
-                        let freeze_token = format!("{server}-{}", self.agents[server].freezes);
-                        self.agents[server].tokens.insert(backup.clone(), freeze_token.clone());
-                        self.note(format!("{} froze {backup} as {freeze_token}", SERVERS[server]));
-                        if self.now < HORIZON && self.rng.chance(self.faults.crash_when_frozen) {
-                            let when = self.now + self.rng.below(3_000) as i64;
-                            self.at(when, Item::CrashAgent { server });
-                        }
-                        PrepareReply { prepared: true, freeze_token, ..Default::default() }
-                    }
-                };
-                self.reply(server, rpc, AgentReply::Prepared(reply));
+                let agent = &mut self.agents[server];
+                agent.freezes += 1;
+                let token = format!("{server}-{}-{}", agent.incarnation, agent.freezes);
+                let fresh_token = FreezeToken::parse(&token).expect("a valid token");
+                AgentRequest::Prepare { backup: backup_id(&backup), lease_ms, fresh_token }
             }
             AgentReq::Commit { backup, token } => {
-                let refuse = |why: &str| CommitReply {
-                    committed: false,
-                    reason: why.into(),
-                    ..Default::default()
-                };
-                let held = self.agents[server].tokens.get(&backup).cloned().unwrap_or_default();
-                let reply = match self.agents[server].table.get(&backup).cloned() {
-                    Some(_) if !token.is_empty() && token != held => refuse("another freeze"),
-                    Some(Phase::Frozen { lease })
-                        if lease.expired(local) && self.flaw != Some(Flaw::CommitAfterLease) =>
-                    {
-                        self.agent_thaw(server, &backup);
-                        self.agents[server].table.insert(backup.clone(), Phase::ThawedExpired);
-                        refuse("lease expired")
-                    }
-                    Some(Phase::Frozen { lease }) => {
-                        self.agents[server]
-                            .table
-                            .insert(backup.clone(), Phase::Snapshotting { lease });
-                        let took = self.rng.below(self.faults.max_snapshot) as i64;
-                        let incarnation = self.agents[server].incarnation;
-                        self.pending_commit(server, rpc, &backup, &token);
-                        self.at(
-                            self.now + took,
-                            Item::SnapshotDone { server, incarnation, backup },
-                        );
-                        return;
-                    }
-                    Some(Phase::Snapshotted { reply }) => reply,
-                    Some(Phase::ThawedExpired) => refuse("lease expired"),
-                    Some(other) => refuse(&format!("backup is {other:?}")),
-                    None => refuse("unknown backup"),
-                };
-                self.reply(server, rpc, AgentReply::Committed(reply));
+                let token = (!token.is_empty())
+                    .then(|| FreezeToken::parse(&token).expect("the listener's token is valid"));
+                AgentRequest::Commit { backup: backup_id(&backup), token }
             }
             AgentReq::Abort { backup } => {
-                self.agent_thaw(server, &backup);
-                self.agents[server].disk.remove(&backup);
-                self.agents[server].table.insert(backup, Phase::Aborted);
-                self.reply(server, rpc, AgentReply::Aborted);
+                AgentRequest::Abort { backup: backup_id(&backup), reason: "sim".into() }
             }
-            AgentReq::Cleanup { backup } => {
-                self.agent_thaw(server, &backup);
-                let n = u32::from(self.agents[server].disk.remove(&backup).is_some());
-                self.agents[server].table.insert(backup, Phase::Cleaned);
-                self.reply(server, rpc, AgentReply::Cleaned(n));
-            }
+            AgentReq::Cleanup { backup } => AgentRequest::Cleanup { backup: backup_id(&backup) },
             AgentReq::Status => {
+                // Answered from the machine's state at once, plus what the disk holds (the
+                // provider's orphans), as the agent's report does.
+                let local = self.local(server);
                 let agent = &self.agents[server];
-                let mut held: Vec<String> = agent.disk.keys().cloned().collect();
-                held.extend(agent.frozen.iter().cloned());
+                let mut held: Vec<String> = agent
+                    .machine
+                    .status(local)
+                    .into_iter()
+                    .filter(|b| b.phase == Phase::Frozen || !b.snapshots.is_empty())
+                    .map(|b| b.backup.to_string())
+                    .collect();
+                held.extend(
+                    agent.disk.keys().filter(|b| !held.contains(b)).cloned().collect::<Vec<_>>(),
+                );
                 self.reply(server, rpc, AgentReply::Status(held));
+                return;
+            }
+        };
+        let agent = &mut self.agents[server];
+        agent.next_req += 1;
+        let from = ReqId(agent.next_req);
+        agent.rpcs.insert(from, rpc);
+        self.agent_input(server, Input::Request { from, request });
+    }
+
+    /// Feeds one input to `server`'s machine and interprets its effects: plug-in calls finish
+    /// at once (their results fed straight back) except the snapshot, which takes the seeded
+    /// time and comes back as an item.
+    fn agent_input(&mut self, server: usize, input: Input) {
+        let local = self.local(server);
+        let effects = self.agents[server].machine.handle(local, input);
+        let mut effects: std::collections::VecDeque<Effect> = effects.into();
+        while let Some(effect) = effects.pop_front() {
+            if let Some(result) = self.agent_effect(server, effect) {
+                let local = self.local(server);
+                effects.extend(self.agents[server].machine.handle(local, result));
             }
         }
     }
 
-    /// Where the Commit's reply goes once the snapshot is done.
-    fn pending_commit(&mut self, server: usize, rpc: u64, backup: &str, token: &str) {
-        let req = AgentReq::Commit { backup: backup.into(), token: token.into() };
-        self.agents[server].deferred.insert(0, (rpc, req));
+    fn agent_effect(&mut self, server: usize, effect: Effect) -> Option<Input> {
+        let incarnation = self.agents[server].incarnation;
+        let hostile = self.now < HORIZON;
+        match effect {
+            Effect::Begin { .. } | Effect::Log { .. } | Effect::StopCopy { .. } => None,
+            Effect::EnsureGuardian => Some(Input::GuardianChecked(Ok(()))),
+            Effect::Arm { backup, quiescer, lease_end_ms } => {
+                // The guardian's lease is what is left of the agent's, on its own clock.
+                let lease_ms = lease_end_ms.saturating_sub(self.local(server));
+                let arm = Request::Arm {
+                    backup: backup.to_string(),
+                    lease_ms,
+                    key: "q".into(),
+                    action: sim_action(),
+                };
+                let clock = self.guardian_clock(server);
+                let outcome = self.agents[server].guardian.handle(clock, arm);
+                self.at(self.now + lease_ms as i64, Item::GuardianCheck { server, incarnation });
+                let result = match outcome {
+                    Outcome::Armed => Ok(()),
+                    other => Err(format!("guardian answered {other:?}")),
+                };
+                Some(Input::Armed { quiescer, result })
+            }
+            Effect::Freeze { backup, quiescer } => {
+                if hostile && self.rng.chance(self.faults.quiescer_fail) {
+                    return Some(Input::Froze { quiescer, result: Err("quiescer failed".into()) });
+                }
+                self.agents[server].frozen = Some(backup.to_string());
+                let now = self.now;
+                self.truth(backup.as_str(), server).freezes.push((now, None));
+                self.note(format!("{} froze {backup}", SERVERS[server]));
+                if hostile && self.rng.chance(self.faults.crash_when_frozen) {
+                    let when = self.now + self.rng.below(3_000) as i64;
+                    self.at(when, Item::CrashAgent { server });
+                }
+                Some(Input::Froze { quiescer, result: Ok(String::new()) })
+            }
+            Effect::Disarm { backup, .. } => {
+                let disarm = Request::Disarm { backup: backup.to_string(), key: "q".into() };
+                let clock = self.guardian_clock(server);
+                self.agents[server].guardian.handle(clock, disarm);
+                Some(Input::Disarmed)
+            }
+            Effect::Release { backup } => {
+                let clock = self.guardian_clock(server);
+                let release = Request::Release { backup: backup.to_string() };
+                let outcome = self.agents[server].guardian.handle(clock, release);
+                Some(Input::Released(if outcome == Outcome::AlreadyThawed {
+                    Released::AlreadyThawed
+                } else {
+                    Released::Released
+                }))
+            }
+            Effect::Thaw { backup, quiescer, thawed_elsewhere } => {
+                if !thawed_elsewhere {
+                    self.thaw(server, backup.as_str(), "agent");
+                }
+                Some(Input::Thawed { quiescer, result: Ok(String::new()) })
+            }
+            Effect::Forget { .. } => Some(Input::Forgotten),
+            Effect::Snapshot { backup } => {
+                let took = self.rng.below(self.faults.max_snapshot) as i64;
+                self.at(self.now + took, Item::SnapshotDone { server, incarnation, backup });
+                None
+            }
+            Effect::Delete { backup } => {
+                let n = u32::from(self.agents[server].disk.remove(backup.as_str()).is_some());
+                Some(Input::Deleted(Ok(n)))
+            }
+            Effect::SetTimer { backup, at_ms } => {
+                let agent = &mut self.agents[server];
+                agent.next_timer += 1;
+                let timer = agent.next_timer;
+                agent.timers.insert(backup.clone(), timer);
+                let local = self.local(server);
+                let scale = if self.flaw == Some(Flaw::CommitAfterLease) { 1000 } else { 1 };
+                let wait = at_ms.saturating_sub(local).saturating_mul(scale);
+                let when = self.now.saturating_add(i64::try_from(wait).unwrap_or(i64::MAX / 2));
+                self.at(when, Item::AgentTimer { server, incarnation, backup, timer });
+                None
+            }
+            Effect::CancelTimer { backup } => {
+                self.agents[server].timers.remove(&backup);
+                None
+            }
+            Effect::CloseGuardian => Some(Input::GuardianClosed),
+            Effect::Reply { to, reply } => {
+                let rpc = self.agents[server].rpcs.remove(&to)?;
+                let reply = match reply {
+                    Reply::Prepared(p) => AgentReply::Prepared(p),
+                    Reply::Committed(c) => {
+                        if c.committed {
+                            self.kept_snapshot(server, &c);
+                        }
+                        AgentReply::Committed(c)
+                    }
+                    Reply::Aborted(r) => AgentReply::Aborted(r.map(|_| ()).map_err(|f| f.text)),
+                    Reply::CleanedUp(r) => AgentReply::Cleaned(r.map_err(|f| f.text)),
+                    Reply::CopyBegun(_) | Reply::ShutDown => return None,
+                };
+                self.reply(server, rpc, reply);
+                None
+            }
+        }
     }
 
-    fn on_snapshot_done(&mut self, server: usize, incarnation: u64, backup: String) {
+    /// The machine kept the snapshot it just took: it must hold the server's frozen state.
+    fn kept_snapshot(&mut self, server: usize, reply: &CommitReply) {
+        let Some(taken) = self.agents[server].snapshot_at.take() else { return };
+        let Some(backup) = reply.snapshots.first().map(|s| s.locator.clone()) else { return };
+        let backup = backup.split('/').next().unwrap_or_default().to_string();
+        let truth = self.truth(&backup, server);
+        truth.snapshot = Some(taken);
+        if truth.snapshot_interval().is_none() {
+            self.fail(&format!(
+                "{} kept a snapshot of {backup} taken after its thaw",
+                SERVERS[server]
+            ));
+        }
+    }
+
+    fn on_snapshot_done(&mut self, server: usize, incarnation: u64, backup: BackupId) {
         if self.agents[server].incarnation != incarnation {
             return; // the agent died mid-snapshot: the provider call never finished
         }
-        let Some(Phase::Snapshotting { lease }) = self.agents[server].table.get(&backup).cloned()
-        else {
-            return;
+        // The provider took it now, frozen or not; the machine decides whether to keep it.
+        self.agents[server].disk.insert(backup.to_string(), self.now);
+        self.agents[server].snapshot_at = Some(self.now);
+        let snapshot = SnapshotRef {
+            volume: "data".into(),
+            provider: "sim".into(),
+            locator: format!("{backup}/{server}"),
+            size_bytes: 1,
         };
-        let local = self.local(server);
-        // The reply goes to the Commit that started this snapshot.
-        if self.agents[server].deferred.is_empty() {
-            self.fail("a snapshot finished with no Commit waiting for it");
-        }
-        let (rpc, _) = self.agents[server].deferred.remove(0);
-        let reply = if lease.expired(local) && self.flaw != Some(Flaw::CommitAfterLease) {
-            // It may hold writes made after the guardian's thaw: not a consistent point.
-            self.agent_thaw(server, &backup);
-            self.agents[server].table.insert(backup.clone(), Phase::Failed);
-            CommitReply {
-                committed: false,
-                reason: "snapshot outlived the lease; deleted".into(),
-                ..Default::default()
-            }
-        } else {
-            let now = self.now;
-            let truth = self.truth(&backup, server);
-            if !truth.freezes.iter().any(|(_, t)| t.is_none()) {
-                self.fail(&format!(
-                    "{} kept a snapshot of {backup} taken after its thaw",
-                    SERVERS[server]
-                ));
-            }
-            truth.snapshot = Some(now);
-            self.agents[server].disk.insert(backup.clone(), now);
-            self.agent_thaw(server, &backup);
-            let snapshot = SnapshotRef {
-                volume: "data".into(),
-                provider: "sim".into(),
-                locator: format!("{backup}/{server}"),
-                size_bytes: 1,
-            };
-            let reply =
-                CommitReply { committed: true, snapshots: vec![snapshot], ..Default::default() };
-            self.agents[server]
-                .table
-                .insert(backup.clone(), Phase::Snapshotted { reply: reply.clone() });
-            reply
-        };
-        self.reply(server, rpc, AgentReply::Committed(reply));
-        let deferred = std::mem::take(&mut self.agents[server].deferred);
-        for (rpc, req) in deferred {
-            self.on_agent_request(server, rpc, req);
-        }
+        self.agent_input(server, Input::Snapshotted(Ok(vec![snapshot])));
     }
 
     fn crash_agent(&mut self, server: usize) {
@@ -736,9 +795,11 @@ impl Sim {
         let agent = &mut self.agents[server];
         agent.up = false;
         agent.incarnation += 1;
-        agent.table.clear();
-        agent.deferred.clear();
-        agent.tokens.clear();
+        // The process and its memory are gone: a new machine when it restarts.
+        agent.machine = new_machine(server);
+        agent.rpcs.clear();
+        agent.timers.clear();
+        agent.snapshot_at = None;
         // The guardian reads EOF and thaws everything it holds.
         let held = agent.guardian.drain();
         agent.guardian = Ledger::default();
@@ -753,24 +814,20 @@ impl Sim {
         if self.agents[server].incarnation != incarnation {
             return;
         }
-        let local = self.local(server);
-        let due = self.agents[server].guardian.due(local);
+        let clock = self.guardian_clock(server);
+        let due = self.agents[server].guardian.due(clock);
         for h in due {
             self.thaw(server, &h.backup, "guardian: lease ran out");
         }
     }
 
-    fn agent_timer(&mut self, server: usize, incarnation: u64, backup: String) {
-        if self.agents[server].incarnation != incarnation {
-            return;
+    fn agent_timer(&mut self, server: usize, incarnation: u64, backup: BackupId, timer: u64) {
+        let agent = &self.agents[server];
+        if agent.incarnation != incarnation || agent.timers.get(&backup) != Some(&timer) {
+            return; // cancelled, or set by a machine that died
         }
-        let local = self.local(server);
-        if let Some(Phase::Frozen { lease }) = self.agents[server].table.get(&backup).cloned() {
-            if lease.expired(local) {
-                self.agent_thaw(server, &backup);
-                self.agents[server].table.insert(backup, Phase::ThawedExpired);
-            }
-        }
+        self.agents[server].timers.remove(&backup);
+        self.agent_input(server, Input::LeaseTimer { backup });
     }
 
     // ------------------------------------------------------------------ checks
@@ -820,8 +877,8 @@ impl Sim {
                 Item::ToAgent { server, rpc, req } => self.on_agent_request(server, rpc, req),
                 Item::ToListener { rpc, reply } => self.on_reply(rpc, reply),
                 Item::RpcTimeout { rpc } => self.on_timeout(rpc),
-                Item::AgentTimer { server, incarnation, backup } => {
-                    self.agent_timer(server, incarnation, backup)
+                Item::AgentTimer { server, incarnation, backup, timer } => {
+                    self.agent_timer(server, incarnation, backup, timer)
                 }
                 Item::GuardianCheck { server, incarnation } => {
                     self.guardian_check(server, incarnation)
