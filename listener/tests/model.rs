@@ -9,6 +9,7 @@ mod system;
 use std::time::Instant;
 
 use stateright::{Checker, Expectation, HasDiscoveries, Model};
+use stillpoint_protocol::agent::Phase;
 use system::*;
 
 /// Explores every state of `system`, prints what it found, and returns the checker.
@@ -165,8 +166,7 @@ fn checker_catches_an_agent_that_ignores_the_freeze_token() {
     // token the listener recorded (and sent with its Commit).
     let end = checker.discovery(CONSISTENT_VERDICT).expect("found").last_state().clone();
     let refrozen = end.agents.iter().zip(&end.coordinator.record.servers).any(|(a, r)| {
-        a.entry
-            .is_some_and(|e| e.phase == Phase::Snapshotted && e.token.to_string() != r.freeze_token)
+        a.phase() == Some(Phase::Snapshotted) && a.token() != Some(r.freeze_token.as_str())
     });
     assert!(refrozen, "expected a snapshot of a later freeze:\n{}", end.describe());
 }

@@ -1,16 +1,23 @@
-//! The world the real `Coordinator` runs in, for stateright: model agents that follow the
-//! agent's rules (lease, no Commit after thaw, a Commit must name the freeze the agent holds,
-//! idempotent Abort and Cleanup, crash = thawed with orphans on disk), a network that loses, duplicates and reorders, the copy jobs, a clock that
-//! jumps between deadlines, and ground truth (when each snapshot's server froze) to judge by.
-//! The listener side is not modelled: it is `stillpoint_listener::coordinator` itself.
+//! The world the real `Coordinator` and the real agent machines run in, for stateright: each
+//! agent's effects executed at once by a small interpreter (the guardian, the disk, a crash =
+//! a new machine, thawed, orphans on disk), a network that loses, duplicates and reorders, the
+//! copy jobs, a clock that jumps between deadlines, and ground truth (when each server froze and
+//! thawed, when each snapshot was taken) to judge by. Neither side's rules are modelled here.
 
+use std::collections::VecDeque;
 use std::fmt::Write as _;
+use std::hash::{DefaultHasher, Hash, Hasher};
+use std::ops::Deref;
+use std::sync::Arc;
 
 use stateright::{Model, Property};
 use stillpoint_listener::coordinator::{
     Command, CommitReply, Coordinator, Event, PrepareReply, Timeouts,
 };
 use stillpoint_listener::model::{BackupRecord, Millis, SnapshotRef, State};
+use stillpoint_protocol::agent::{
+    self, BackupId, Effect, FreezeToken, Input, Phase, QuiescerInfo, Released, ReqId, Request,
+};
 
 pub const SERVERS: [&str; 3] = ["a", "b", "c"];
 
@@ -58,13 +65,15 @@ pub struct System {
     pub flaw: Option<Flaw>,
 }
 
-/// A way to break the agent's rules on purpose.
+/// A way to break the agent on purpose: a perturbation of the real machine's world, never a
+/// second copy of its rules.
 #[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
 pub enum Flaw {
-    /// Snapshots even after its lease ran out.
+    /// The agent's clock stands still, so its machine never sees the lease run out (the
+    /// guardian still thaws on time): it snapshots after the thaw.
     SnapshotsAfterLease,
-    /// Commits whatever freeze it holds, whatever freeze token the Commit names (the agent
-    /// before the freeze token).
+    /// The freeze token never reaches the machine, so it commits whatever freeze it holds
+    /// (the agent before the freeze token).
     IgnoresFreezeToken,
 }
 
@@ -128,59 +137,94 @@ pub struct CopyJob {
     pub snaps: u32,
 }
 
+/// The freeze a server is physically in (ground truth, not any process's belief): its
+/// quiescer holds writes and the guardian holds the thaw, which it runs at `lease_end`.
 #[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
-pub enum Phase {
-    /// `froze_after`: how many snapshots (of any server) existed when this freeze began.
-    Frozen {
-        lease_end: Millis,
-        froze_after: u8,
-    },
-    Snapshotted,
-    ThawedExpired,
-    Aborted,
-    Failed,
-    Cleaned,
+pub struct Freeze {
+    pub lease_end: Millis,
+    /// How many snapshots (of any server) existed when this freeze began.
+    pub froze_after: u8,
 }
 
-/// The agent's table entry for the one backup (its volatile memory).
-#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
-pub struct Entry {
-    pub phase: Phase,
-    /// The token of this entry's freeze (0: it never froze).
-    pub token: u8,
-    pub prepared: Option<bool>,
-    pub committed: Option<Option<u8>>,
-}
-
-#[derive(Clone, Copy, Debug, Default, Hash, PartialEq, Eq)]
+/// One server: the real agent machine (its volatile memory), its disk and its freeze.
+#[derive(Clone, Debug, Hash, PartialEq, Eq)]
 pub struct Agent {
-    pub entry: Option<Entry>,
+    pub machine: agent::Agent,
     /// Snapshot ids on disk (bit mask): survives a crash.
     pub disk: u32,
+    pub frozen: Option<Freeze>,
     /// Freezes so far, across crashes: the next freeze's token is one more, so every freeze
     /// gets a fresh one (the real agent draws a random one).
     pub freezes: u8,
 }
 
 impl Agent {
-    fn frozen(&self) -> Option<(Millis, u8)> {
-        match self.entry.map(|e| e.phase) {
-            Some(Phase::Frozen { lease_end, froze_after }) => Some((lease_end, froze_after)),
-            _ => None,
-        }
+    fn new(i: usize) -> Agent {
+        Agent { machine: machine(i), disk: 0, frozen: None, freezes: 0 }
     }
 
-    /// What the agent's status shows the sweep: a freeze, or snapshots on disk (an orphan
-    /// after a restart included).
+    /// What the sweep sees in Status (a freeze, snapshots, orphans on disk), and any freeze.
     fn holds(&self) -> bool {
-        self.frozen().is_some() || self.disk != 0
+        self.frozen.is_some() || self.disk != 0 || self.machine.frozen().is_some()
     }
 
-    /// Whether a Commit naming `token` may act on this agent's entry: no token (an old
-    /// listener), or the token of the freeze it holds.
-    fn accepts(&self, token: u8, flaw: Option<Flaw>) -> bool {
-        let held = self.entry.map_or(0, |e| e.token);
-        token == 0 || token == held || flaw == Some(Flaw::IgnoresFreezeToken)
+    /// The machine's phase for the model's one backup.
+    pub fn phase(&self) -> Option<Phase> {
+        self.machine.phase(&b1())
+    }
+
+    /// The token of the freeze the machine holds for it.
+    pub fn token(&self) -> Option<&str> {
+        self.machine.freeze_token(&b1())
+    }
+}
+
+fn machine(i: usize) -> agent::Agent {
+    let q = QuiescerInfo { name: "q".into(), freezes_filesystem: true };
+    agent::Agent::new(SERVERS[i], vec![q], "model")
+}
+
+/// The model's one backup.
+fn b1() -> BackupId {
+    BackupId::parse("b1").expect("a valid backup id")
+}
+
+/// A value shared between states with its hash computed once: the checker clones and hashes
+/// every state it generates, and most actions leave the agents (real machines, with their
+/// strings and replies) alone.
+#[derive(Clone, Debug)]
+pub struct Hashed<T> {
+    value: Arc<T>,
+    hash: u64,
+}
+
+impl<T: Hash> Hashed<T> {
+    fn new(value: T) -> Hashed<T> {
+        let mut h = DefaultHasher::new();
+        value.hash(&mut h);
+        Hashed { value: Arc::new(value), hash: h.finish() }
+    }
+}
+
+impl<T> Deref for Hashed<T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        &self.value
+    }
+}
+
+impl<T: PartialEq> PartialEq for Hashed<T> {
+    fn eq(&self, other: &Self) -> bool {
+        self.hash == other.hash
+            && (Arc::ptr_eq(&self.value, &other.value) || *self.value == *other.value)
+    }
+}
+
+impl<T: Eq> Eq for Hashed<T> {}
+
+impl<T> Hash for Hashed<T> {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        state.write_u64(self.hash);
     }
 }
 
@@ -198,7 +242,7 @@ pub struct Snap {
 pub struct World {
     pub now: Millis,
     pub coordinator: Coordinator,
-    pub agents: Vec<Agent>,
+    pub agents: Vec<Hashed<Agent>>,
     pub net: Vec<Msg>,
     pub copies: Vec<CopyJob>,
     pub snaps: Vec<Snap>,
@@ -232,6 +276,16 @@ pub enum Action {
 fn server_index(name: &str) -> u8 {
     let i = SERVERS.iter().position(|s| *s == name).expect("a model server");
     u8::try_from(i).expect("few servers")
+}
+
+/// Snapshot `id` as the agent reports it: the id is its locator.
+fn snapshot_ref(id: u8) -> SnapshotRef {
+    SnapshotRef {
+        volume: "data".into(),
+        provider: "model".into(),
+        locator: id.to_string(),
+        size_bytes: 1,
+    }
 }
 
 fn snap_ids(refs: &[SnapshotRef]) -> u32 {
@@ -323,12 +377,7 @@ impl World {
                 server,
                 reply: Ok(CommitReply {
                     committed: true,
-                    snapshots: vec![SnapshotRef {
-                        volume: "data".into(),
-                        provider: "model".into(),
-                        locator: id.to_string(),
-                        size_bytes: 1,
-                    }],
+                    snapshots: vec![snapshot_ref(id)],
                     ..Default::default()
                 }),
             },
@@ -353,119 +402,144 @@ impl World {
         let id = u8::try_from(self.snaps.len()).expect("few snapshots");
         assert!(id < 32, "snapshot ids must fit the bit mask");
         self.snaps.push(Snap { agent, froze_after, while_frozen });
-        self.agents[usize::from(agent)].disk |= 1 << id;
         id
     }
 
-    /// The agent's rules (`agent/src/backups.rs`) for one request; returns its answer.
-    fn agent_handles(&mut self, i: u8, req: Req, failing: bool, flaw: Option<Flaw>) -> Reply {
-        let broken = flaw == Some(Flaw::SnapshotsAfterLease);
-        let now = self.now;
-        let snaps_so_far = u8::try_from(self.snaps.len()).expect("few snapshots");
-        let a = &mut self.agents[usize::from(i)];
-        match req {
-            Req::Prepare { lease_ms } => match a.entry {
-                // A duplicate gets the first answer again, the same freeze token included.
-                Some(e) => match (e.phase, e.prepared) {
-                    (Phase::Frozen { .. } | Phase::Failed, Some(p)) => Reply::Prepared(p, e.token),
-                    _ => Reply::Prepared(false, 0),
-                },
-                None if failing => {
-                    a.entry = Some(Entry {
-                        phase: Phase::Failed,
-                        token: 0,
-                        prepared: Some(false),
-                        committed: None,
-                    });
-                    Reply::Prepared(false, 0)
-                }
-                None => {
-                    let lease_end = now + Millis::try_from(lease_ms).expect("small lease");
-                    let phase = Phase::Frozen { lease_end, froze_after: snaps_so_far };
-                    a.freezes += 1;
-                    let token = a.freezes;
-                    a.entry = Some(Entry { phase, token, prepared: Some(true), committed: None });
-                    Reply::Prepared(true, token)
-                }
-            },
+    /// Delivers `req` to agent `i`'s real machine; returns its answer, or None when `failing`
+    /// asked for a failure that could not happen (nothing froze, or nothing was snapshotted).
+    fn agent_handles(
+        &mut self,
+        i: u8,
+        req: Req,
+        failing: bool,
+        flaw: Option<Flaw>,
+    ) -> Option<Reply> {
+        let freezes = self.agents[usize::from(i)].freezes;
+        let request = match req {
+            Req::Prepare { lease_ms } => {
+                let token = (u16::from(freezes) + 1).to_string();
+                let fresh_token = FreezeToken::parse(&token).expect("a valid token");
+                Request::Prepare { backup: b1(), lease_ms, fresh_token }
+            }
             Req::Commit { token } => {
-                let Some(mut e) = a.entry else { return Reply::Committed(None) };
-                if !a.accepts(token, flaw) {
-                    // Meant for a freeze before a restart: no snapshot, and the freeze it
-                    // holds is left to its lease or an Abort.
-                    return Reply::Committed(None);
-                }
-                let reply = match e.phase {
-                    Phase::Frozen { lease_end, froze_after } => {
-                        if now >= lease_end && !broken {
-                            e.phase = Phase::ThawedExpired;
-                            Reply::Committed(None)
-                        } else if failing {
-                            a.disk = 0;
-                            e.phase = Phase::Failed;
-                            e.committed = Some(None);
-                            Reply::Committed(None)
-                        } else {
-                            let while_frozen = now < lease_end;
-                            e.phase = Phase::Snapshotted;
-                            let id = self.take_snapshot(i, froze_after, while_frozen);
-                            let a = &mut self.agents[usize::from(i)];
-                            e.committed = Some(Some(id));
-                            a.entry = Some(e);
-                            return Reply::Committed(Some(id));
-                        }
-                    }
-                    Phase::ThawedExpired if broken => {
-                        e.phase = Phase::Snapshotted;
-                        let id = self.take_snapshot(i, snaps_so_far, false);
-                        e.committed = Some(Some(id));
-                        self.agents[usize::from(i)].entry = Some(e);
-                        return Reply::Committed(Some(id));
-                    }
-                    Phase::ThawedExpired => Reply::Committed(None),
-                    _ => Reply::Committed(e.committed.flatten()),
-                };
-                a.entry = Some(e);
-                reply
+                let token = (token != 0 && flaw != Some(Flaw::IgnoresFreezeToken))
+                    .then(|| FreezeToken::parse(&token.to_string()).expect("a valid token"));
+                Request::Commit { backup: b1(), token }
             }
-            Req::Abort => {
-                a.disk = 0;
-                match &mut a.entry {
-                    Some(e) if e.phase == Phase::Cleaned => {}
-                    Some(e) => e.phase = Phase::Aborted,
-                    None => {
-                        a.entry = Some(Entry {
-                            phase: Phase::Aborted,
-                            token: 0,
-                            prepared: None,
-                            committed: None,
-                        })
-                    }
-                }
-                Reply::Aborted
+            Req::Abort => Request::Abort { backup: b1(), reason: "model".into() },
+            Req::Cleanup => Request::Cleanup { backup: b1() },
+        };
+        let (reply, failed) =
+            self.run_agent(i, Input::Request { from: ReqId(0), request }, failing, flaw);
+        if failing && !failed {
+            return None;
+        }
+        let reply = reply.expect("the machine answers at once: nothing else runs on it");
+        Some(match reply {
+            agent::Reply::Prepared(p) => {
+                Reply::Prepared(p.prepared, p.freeze_token.parse().unwrap_or(0))
             }
-            Req::Cleanup => {
-                let n = u8::try_from(a.disk.count_ones()).expect("few snapshots");
-                a.disk = 0;
-                match &mut a.entry {
-                    Some(e) => e.phase = Phase::Cleaned,
-                    None => {
-                        a.entry = Some(Entry {
-                            phase: Phase::Cleaned,
-                            token: 0,
-                            prepared: None,
-                            committed: None,
-                        })
-                    }
+            agent::Reply::Committed(c) => Reply::Committed(c.committed.then(|| {
+                u8::try_from(snap_ids(&c.snapshots).trailing_zeros()).expect("few snapshots")
+            })),
+            agent::Reply::Aborted(_) => Reply::Aborted,
+            agent::Reply::CleanedUp(n) => {
+                Reply::CleanedUp(u8::try_from(n.unwrap_or(0)).expect("few snapshots"))
+            }
+            other => panic!("agent answered {other:?} to {req:?}"),
+        })
+    }
+
+    /// Feeds `input` to agent `i`'s machine and runs every effect it leads to at once (the
+    /// real agent runs them one after another; nothing in the model interleaves with them).
+    /// `failing`: the quiescer's freeze or the snapshot fails. Returns the reply, and whether
+    /// such a failure happened.
+    fn run_agent(
+        &mut self,
+        i: u8,
+        input: Input,
+        failing: bool,
+        flaw: Option<Flaw>,
+    ) -> (Option<agent::Reply>, bool) {
+        let now = u64::try_from(self.now).expect("model time is not negative");
+        // The flawed agent's clock stands still.
+        let clock = if flaw == Some(Flaw::SnapshotsAfterLease) { 0 } else { now };
+        let ix = usize::from(i);
+        let (mut reply, mut failed, mut lease_end) = (None, false, self.now);
+        let mut a = Agent::clone(&self.agents[ix]);
+        let mut effects: VecDeque<Effect> = a.machine.handle(clock, input).into();
+        while let Some(effect) = effects.pop_front() {
+            let snaps_so_far = u8::try_from(self.snaps.len()).expect("few snapshots");
+            let result = match effect {
+                Effect::EnsureGuardian => Some(Input::GuardianChecked(Ok(()))),
+                Effect::Arm { quiescer, lease_end_ms, .. } => {
+                    // The guardian's lease is what is left of the agent's, on the real clock.
+                    let left = lease_end_ms.saturating_sub(clock);
+                    lease_end = self.now + Millis::try_from(left).expect("small lease");
+                    Some(Input::Armed { quiescer, result: Ok(()) })
                 }
-                Reply::CleanedUp(n)
+                Effect::Freeze { quiescer, .. } if failing => {
+                    failed = true;
+                    Some(Input::Froze { quiescer, result: Err("quiescer failed".into()) })
+                }
+                Effect::Freeze { quiescer, .. } => {
+                    a.frozen = Some(Freeze { lease_end, froze_after: snaps_so_far });
+                    a.freezes += 1;
+                    Some(Input::Froze { quiescer, result: Ok(String::new()) })
+                }
+                Effect::Disarm { .. } => Some(Input::Disarmed),
+                Effect::Release { .. } => Some(Input::Released(if a.frozen.is_some() {
+                    Released::Released
+                } else {
+                    Released::AlreadyThawed
+                })),
+                Effect::Thaw { quiescer, thawed_elsewhere, .. } => {
+                    if !thawed_elsewhere {
+                        a.frozen = None;
+                    }
+                    Some(Input::Thawed { quiescer, result: Ok(String::new()) })
+                }
+                Effect::Forget { .. } => Some(Input::Forgotten),
+                Effect::Snapshot { .. } if failing => {
+                    failed = true;
+                    Some(Input::Snapshotted(Err("snapshot failed".into())))
+                }
+                Effect::Snapshot { .. } => {
+                    let now = self.now;
+                    let while_frozen = a.frozen.is_some_and(|f| now < f.lease_end);
+                    let froze_after = a.frozen.map_or(snaps_so_far, |f| f.froze_after);
+                    let id = self.take_snapshot(i, froze_after, while_frozen);
+                    a.disk |= 1 << id;
+                    Some(Input::Snapshotted(Ok(vec![snapshot_ref(id)])))
+                }
+                Effect::Delete { .. } => {
+                    let n = a.disk.count_ones();
+                    a.disk = 0;
+                    Some(Input::Deleted(Ok(n)))
+                }
+                Effect::Reply { reply: r, .. } => {
+                    reply = Some(r);
+                    None
+                }
+                // The lease timer is the `LeaseExpires` action; no copies run on agents here.
+                Effect::Begin { .. }
+                | Effect::Log { .. }
+                | Effect::SetTimer { .. }
+                | Effect::CancelTimer { .. }
+                | Effect::StopCopy { .. } => None,
+                Effect::CloseGuardian => Some(Input::GuardianClosed),
+            };
+            if let Some(input) = result {
+                effects.extend(a.machine.handle(clock, input));
             }
         }
+        self.agents[ix] = Hashed::new(a);
+        (reply, failed)
     }
 
     /// The next instant at which something is due: the coordinator's deadline or a lease's end.
     fn next_instant(&self) -> Option<Millis> {
-        let leases = self.agents.iter().filter_map(|a| a.frozen().map(|(end, _)| end));
+        let leases = self.agents.iter().filter_map(|a| a.frozen.map(|f| f.lease_end));
         self.coordinator.next_deadline().into_iter().chain(leases).filter(|t| *t > self.now).min()
     }
 
@@ -498,8 +572,14 @@ impl World {
             );
             let _ = write!(out, " token={:?}", r.freeze_token);
             let a = &self.agents[s];
-            let entry = a.entry.map(|e| (e.phase, e.token));
-            let _ = write!(out, " | agent (phase, token)={entry:?} disk={:#b}", a.disk);
+            let _ = write!(
+                out,
+                " | agent phase={:?} token={:?} frozen={:?} disk={:#b}",
+                a.phase(),
+                a.token(),
+                a.frozen,
+                a.disk
+            );
         }
         if let Some(v) = &self.record().verdict {
             let _ = write!(out, "\n    verdict consistent={}: {}", v.consistent, v.text);
@@ -532,7 +612,7 @@ impl Model for System {
         let mut world = World {
             now: 0,
             coordinator: Coordinator::new(record, TIMEOUTS),
-            agents: vec![Agent::default(); self.agents],
+            agents: (0..self.agents).map(|i| Hashed::new(Agent::new(i))).collect(),
             net: Vec::new(),
             copies: Vec::new(),
             snaps: Vec::new(),
@@ -553,16 +633,12 @@ impl Model for System {
             last = Some(m);
             actions.push(Action::Deliver(m));
             match m {
-                Msg::ToAgent { to, req, rpc } => {
-                    let agent = &w.agents[usize::from(to)];
-                    let e = agent.entry;
+                Msg::ToAgent { req, rpc, .. } => {
+                    // Offered whenever failures are left; `next_state` drops it when the
+                    // machine would neither freeze nor snapshot.
                     let can_fail = match req {
-                        Req::Prepare { .. } => left.prepare_fails > 0 && e.is_none(),
-                        Req::Commit { token } => {
-                            left.commit_fails > 0
-                                && agent.accepts(token, self.flaw)
-                                && matches!(e.map(|e| e.phase), Some(Phase::Frozen { lease_end, .. }) if w.now < lease_end)
-                        }
+                        Req::Prepare { .. } => left.prepare_fails > 0,
+                        Req::Commit { .. } => left.commit_fails > 0,
                         _ => false,
                     };
                     if can_fail {
@@ -593,12 +669,10 @@ impl Model for System {
         }
         for (i, a) in w.agents.iter().enumerate() {
             let i = u8::try_from(i).expect("few agents");
-            if let Some((lease_end, _)) = a.frozen() {
-                if w.now >= lease_end {
-                    actions.push(Action::LeaseExpires(i));
-                }
+            if a.frozen.is_some_and(|f| w.now >= f.lease_end) {
+                actions.push(Action::LeaseExpires(i));
             }
-            if left.crashes > 0 && a.entry.is_some() {
+            if left.crashes > 0 && a.machine.phase(&b1()).is_some() {
                 actions.push(Action::AgentCrashes(i));
             }
             let sweeping = w
@@ -619,7 +693,7 @@ impl Model for System {
             actions.push(Action::Tick);
         }
         // A lease's end is not skipped: the guardian thaws at that instant.
-        let lease_due = w.agents.iter().any(|a| a.frozen().is_some_and(|(end, _)| end <= w.now));
+        let lease_due = w.agents.iter().any(|a| a.frozen.is_some_and(|f| f.lease_end <= w.now));
         if let (false, Some(t)) = (lease_due, w.next_instant()) {
             actions.push(Action::AdvanceTo(t));
         }
@@ -639,7 +713,7 @@ impl Model for System {
                                 _ => w.left.commit_fails -= 1,
                             }
                         }
-                        let reply = w.agent_handles(to, req, failing, self.flaw);
+                        let reply = w.agent_handles(to, req, failing, self.flaw)?;
                         if rpc {
                             w.push(Msg::ToListener { from: to, reply });
                         }
@@ -696,12 +770,19 @@ impl Model for System {
                 w.feed(Event::Copied { server, result });
             }
             Action::LeaseExpires(i) => {
-                let e = w.agents[usize::from(i)].entry.as_mut().expect("frozen");
-                e.phase = Phase::ThawedExpired;
+                // The guardian thaws at the lease's end; the agent's timer fires then too.
+                let mut a = Agent::clone(&w.agents[usize::from(i)]);
+                a.frozen = None;
+                w.agents[usize::from(i)] = Hashed::new(a);
+                w.run_agent(i, Input::LeaseTimer { backup: b1() }, false, self.flaw);
             }
             Action::AgentCrashes(i) => {
                 w.left.crashes -= 1;
-                w.agents[usize::from(i)].entry = None;
+                // Its memory is gone; the guardian reads EOF and thaws; the disk stays.
+                let mut a = Agent::clone(&w.agents[usize::from(i)]);
+                a.machine = machine(usize::from(i));
+                a.frozen = None;
+                w.agents[usize::from(i)] = Hashed::new(a);
             }
             Action::ListenerRestarts => {
                 w.left.restarts -= 1;
@@ -739,7 +820,7 @@ impl Model for System {
                     || w.recorded_snaps().is_some_and(|ids| w.common_frozen_instant(ids))
             }),
             Property::always(LEASE, |_, w: &World| {
-                w.agents.iter().all(|a| a.frozen().is_none_or(|(end, _)| w.now <= end))
+                w.agents.iter().all(|a| a.frozen.is_none_or(|f| w.now <= f.lease_end))
             }),
             Property::always(QUIESCENT_CLEAN, |m, w: &World| {
                 if !w.net.is_empty() || !w.copies.is_empty() {
