@@ -632,7 +632,8 @@ pub fn log_line(e: &LogEntry) -> String {
 /// or an orphan snapshot. An agent's Status also lists the backups it has finished with
 /// (`thawed-expired`, `aborted`, `failed`, `cleaned`), up to a hundred of them.
 fn still_held(b: &AgentBackup) -> bool {
-    matches!(b.phase.as_str(), "preparing" | "frozen" | "snapshotted" | "orphan")
+    use stillpoint_proto::AgentPhase as P;
+    matches!(b.phase(), P::Preparing | P::Frozen | P::Snapshotted | P::Orphan)
         || !b.snapshots.is_empty()
 }
 
@@ -651,7 +652,7 @@ pub fn agents_human(agents: &[AgentInfo]) -> String {
                 .backups
                 .iter()
                 .filter(|b| still_held(b))
-                .map(|b| format!("{} ({})", b.backup_id, b.phase))
+                .map(|b| format!("{} ({})", b.backup_id, b.phase().label()))
                 .collect();
             vec![
                 a.server.clone(),

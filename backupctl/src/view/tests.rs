@@ -263,7 +263,9 @@ fn a_cut_that_will_never_be_judged_says_why_not_that_it_is_pending() {
 fn agents_show_as_active_only_what_the_agent_still_holds() {
     let held = |id: &str, phase: &str, snapshots: usize| AgentBackup {
         backup_id: id.into(),
-        phase: phase.into(),
+        phase: (0..=8)
+            .find(|&n| stillpoint_proto::AgentPhase::try_from(n).is_ok_and(|p| p.label() == phase))
+            .expect("a phase name"),
         lease_remaining_ms: 0,
         snapshots: (0..snapshots)
             .map(|_| Snapshot { volume: "data".into(), ..Snapshot::default() })
