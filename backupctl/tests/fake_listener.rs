@@ -20,11 +20,14 @@ use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
 /// Scripted backups by group: `good` succeeds, `bad` fails in COMMITTING, `hang` reaches
-/// SNAPSHOTTED and then never ends, `denied` is refused.
+/// SNAPSHOTTED and then never ends, `denied` is refused, `flaky`'s first try of each request id
+/// is UNAVAILABLE.
 #[derive(Default, Clone)]
 struct Fake {
     backups: Arc<Mutex<HashMap<String, Backup>>>,
     headers: Arc<Mutex<Vec<String>>>,
+    /// The request id of every StartBackup, in order.
+    request_ids: Arc<Mutex<Vec<String>>>,
 }
 
 fn backup(id: &str, group: &str, state: BackupState) -> Backup {
@@ -72,7 +75,16 @@ impl Listener for Fake {
         &self,
         r: Request<StartBackupRequest>,
     ) -> Result<Response<Backup>, Status> {
-        let group = r.into_inner().group;
+        let StartBackupRequest { group, request_id } = r.into_inner();
+        let first_try = {
+            let mut ids = self.request_ids.lock().unwrap();
+            ids.push(request_id.clone());
+            !ids[..ids.len() - 1].contains(&request_id)
+        };
+        if group == "flaky" && first_try {
+            // As if the listener started the backup but the reply was lost.
+            return Err(Status::unavailable("connection reset"));
+        }
         if group == "denied" {
             return Err(Status::permission_denied("viewer:vic may not call StartBackup"));
         }
@@ -206,6 +218,21 @@ impl Harness {
 async fn start_without_wait_prints_the_id() {
     let h = harness().await;
     assert_eq!(h.run(&["start", "--group", "good"]).await, (0, "b-good\n".into()));
+}
+
+#[tokio::test]
+async fn start_retries_once_with_the_same_request_id() {
+    let h = harness().await;
+    assert_eq!(h.run(&["start", "--group", "flaky"]).await, (0, "b-flaky\n".into()));
+    let ids = h.fake.request_ids.lock().unwrap().clone();
+    assert_eq!(ids.len(), 2, "{ids:?}");
+    assert_eq!(ids[0], ids[1], "the retry carries the first try's request id");
+    assert_eq!(ids[0].len(), 36, "a fresh UUID: {ids:?}");
+    h.run(&["start", "--group", "good", "--request-id", "nightly-2024-05-01"]).await;
+    h.run(&["start", "--group", "good"]).await;
+    let ids = h.fake.request_ids.lock().unwrap().clone();
+    assert_eq!(ids[2], "nightly-2024-05-01");
+    assert!(!ids[..3].contains(&ids[3]), "every start gets a fresh id: {ids:?}");
 }
 
 #[tokio::test]

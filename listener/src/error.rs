@@ -16,12 +16,15 @@ pub enum Error {
     UnknownBackup(String),
     #[error("unknown group {}; configured groups: {known}", clip(.group, SHOWN))]
     UnknownGroup { group: String, known: String },
-    #[error("unknown server {} in backup {backup}", clip(.server, SHOWN))]
-    UnknownServer { backup: String, server: String },
+    #[error("backup {backup} has no server {}; its servers: {known}", clip(.server, SHOWN))]
+    UnknownServer { backup: String, server: String, known: String },
     #[error("group {group} already has backup {backup} in flight; wait for it or abort it")]
     Busy { group: String, backup: String },
     #[error("invalid {field}: {reason}")]
     InvalidArgument { field: &'static str, reason: String },
+    /// The request contradicts what the backup already is or was told; nothing was changed.
+    #[error("{0}")]
+    Precondition(String),
     #[error(transparent)]
     Core(#[from] stillpoint_core::Error),
     #[error("{0}")]
@@ -39,7 +42,7 @@ impl From<Error> for tonic::Status {
             Error::UnknownBackup(_) | Error::UnknownGroup { .. } | Error::UnknownServer { .. } => {
                 tonic::Status::not_found(msg)
             }
-            Error::Busy { .. } => tonic::Status::failed_precondition(msg),
+            Error::Busy { .. } | Error::Precondition(_) => tonic::Status::failed_precondition(msg),
             Error::InvalidArgument { .. } => tonic::Status::invalid_argument(msg),
             _ => tonic::Status::internal(msg),
         }

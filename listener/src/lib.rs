@@ -7,7 +7,9 @@
 pub mod config;
 pub mod convert;
 pub mod copier;
+pub mod details;
 pub mod error;
+pub mod requests;
 pub mod runtime;
 pub mod service;
 pub mod store;

@@ -12,8 +12,7 @@ use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
 use crate::convert;
-use crate::coordinator::Event;
-use crate::model::ServerStep;
+use crate::requests::{self, Reports, RequestId};
 use crate::runtime::Runtime;
 
 /// Which roles may call which Listener method. Anyone authenticated may probe the standard
@@ -37,11 +36,12 @@ pub fn policy(path: &str, role: Role) -> bool {
 
 pub struct ListenerService {
     runtime: Arc<Runtime>,
+    reports: Reports,
 }
 
 impl ListenerService {
     pub fn new(runtime: Arc<Runtime>) -> Self {
-        ListenerService { runtime }
+        ListenerService { runtime, reports: Reports::default() }
     }
 }
 
@@ -67,8 +67,9 @@ impl Listener for ListenerService {
         request: Request<pb::StartBackupRequest>,
     ) -> Result<Response<pb::Backup>, Status> {
         let by = caller(&request);
-        let group = request.into_inner().group;
-        let record = self.runtime.start(&group, &by).await?;
+        let request = request.into_inner();
+        let request_id = RequestId::parse(&request.request_id)?;
+        let record = self.runtime.start(&request.group, &by, request_id.as_ref()).await?;
         Ok(Response::new(convert::backup(&record)))
     }
 
@@ -203,8 +204,7 @@ impl Listener for ListenerService {
         backup_id(&request.backup_id)?;
         let reason =
             if request.reason.is_empty() { "no reason given".to_string() } else { request.reason };
-        let record =
-            self.runtime.send(&request.backup_id, Event::AbortRequested { by, reason }).await?;
+        let record = requests::abort(&self.runtime, &request.backup_id, by, reason).await?;
         Ok(Response::new(convert::backup(&record)))
     }
 
@@ -222,32 +222,16 @@ impl Listener for ListenerService {
         let by = caller(&request);
         let request = request.into_inner();
         backup_id(&request.backup_id)?;
-        let record = self.runtime.store().get(&request.backup_id)?;
-        let Some(server) = record.servers.iter().find(|s| s.server == request.server) else {
-            return Err(Status::not_found(format!(
-                "backup {} has no server {}; its servers: {}",
-                record.id,
-                stillpoint_core::text::clip(&request.server, 64),
-                record.servers.iter().map(|s| s.server.as_str()).collect::<Vec<_>>().join(", ")
-            )));
-        };
-        if server.step != ServerStep::Copying {
-            return Err(Status::failed_precondition(format!(
-                "backup {} server {} is {} (backup {}), not copying; nothing was changed",
-                record.id,
-                server.server,
-                server.step.as_str(),
-                record.state.name()
-            )));
-        }
-        let detail = format!(
-            "reported by {by}{}",
-            if request.detail.is_empty() { String::new() } else { format!(": {}", request.detail) }
-        );
-        let result = if request.ok { Ok(detail) } else { Err(detail) };
         let record = self
-            .runtime
-            .send(&request.backup_id, Event::Copied { server: request.server, result })
+            .reports
+            .report(
+                &self.runtime,
+                &request.backup_id,
+                &request.server,
+                request.ok,
+                &by,
+                &request.detail,
+            )
             .await?;
         Ok(Response::new(convert::backup(&record)))
     }

@@ -37,7 +37,7 @@ async fn start_and_watch(cluster: &Cluster) -> (String, Vec<pb::WatchEvent>) {
     let mut client =
         pb::listener_client::ListenerClient::new(cluster.channel_to_listener("operator"));
     let backup = client
-        .start_backup(pb::StartBackupRequest { group: "g".into() })
+        .start_backup(pb::StartBackupRequest { group: "g".into(), ..Default::default() })
         .await
         .expect("start backup")
         .into_inner();

@@ -35,16 +35,31 @@ pub struct Args {
     /// Print the backup as JSON instead of its id (no progress lines)
     #[arg(long)]
     pub json: bool,
+    /// Names this start so a retry returns the same backup instead of starting another (1-128
+    /// letters, digits, '.', '_' or '-'); default: a fresh UUID. A start that found the
+    /// listener unreachable or timed out is retried once with it
+    #[arg(long, value_name = "ID")]
+    pub request_id: Option<String>,
 }
 
 pub async fn run(conn: &Connection, args: Args, out: &mut dyn Write) -> Result<()> {
     let mut client = conn.connect()?;
-    let request = StartBackupRequest { group: args.group.clone() };
-    let backup = client
-        .start_backup(request)
-        .await
-        .map_err(|s| Error::rpc(format!("start backup of group {}", args.group), s))?
-        .into_inner();
+    let request_id =
+        args.request_id.clone().unwrap_or_else(|| uuid::Uuid::new_v4().hyphenated().to_string());
+    let request = StartBackupRequest { group: args.group.clone(), request_id };
+    let what = format!("start backup of group {}", args.group);
+    // The first call may have started the backup even if its reply never came: the retry
+    // carries the same request id, so it returns that backup rather than starting another.
+    let backup = match client.start_backup(request.clone()).await {
+        Err(status) if retryable(&status) => {
+            super::note(&format!("backupctl: {what}: {}; retrying once", status.message()));
+            tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+            client.start_backup(request).await
+        }
+        result => result,
+    }
+    .map_err(|s| Error::rpc(&what, s))?
+    .into_inner();
     let id = backup.backup_id.clone();
     if !args.json {
         writeln!(out, "{id}")?;
@@ -77,4 +92,9 @@ pub async fn run(conn: &Connection, args: Args, out: &mut dyn Write) -> Result<(
         super::note(&format!("backup {id} {}", view::state_name(backup.state)));
     }
     outcome(&backup)
+}
+
+/// Whether a failed start may have been lost on the way (and is worth one retry).
+fn retryable(status: &tonic::Status) -> bool {
+    matches!(status.code(), tonic::Code::Unavailable | tonic::Code::DeadlineExceeded)
 }
