@@ -698,5 +698,8 @@ impl Progress {
     }
 }
 
+mod refusal;
+pub use refusal::{code_name, ErrorDocument, FieldView, RefusalView};
+
 #[cfg(test)]
 mod tests;

@@ -35,16 +35,70 @@ pub enum Error {
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
+/// Every refusal carries rich details (`google.rpc`, read with `tonic_types::StatusExt`):
+/// `ResourceInfo` naming what is unknown, `BadRequest` naming the field, and for a busy group
+/// `ErrorInfo { reason: "GROUP_BUSY", domain: "stillpoint", metadata: {backup_id, group} }`
+/// plus the busy backup as `ResourceInfo`.
 impl From<Error> for tonic::Status {
     fn from(e: Error) -> Self {
-        let msg = e.to_string();
-        match e {
-            Error::UnknownBackup(_) | Error::UnknownGroup { .. } | Error::UnknownServer { .. } => {
-                tonic::Status::not_found(msg)
+        use crate::details::{self, BACKUP_RESOURCE};
+        use tonic::Code;
+        use tonic_types::ErrorDetails;
+        let message = e.to_string();
+        let (code, details) = match e {
+            Error::UnknownBackup(id) => (
+                Code::NotFound,
+                Some(ErrorDetails::with_resource_info(
+                    BACKUP_RESOURCE,
+                    details::clip(&id),
+                    "",
+                    "no such backup in the catalog",
+                )),
+            ),
+            Error::UnknownGroup { group, known } => (
+                Code::NotFound,
+                Some(ErrorDetails::with_resource_info(
+                    "group",
+                    details::clip(&group),
+                    "",
+                    format!("not configured; configured groups: {known}"),
+                )),
+            ),
+            Error::UnknownServer { backup, server, known } => (
+                Code::NotFound,
+                Some(ErrorDetails::with_resource_info(
+                    "server",
+                    server,
+                    "",
+                    format!("not in backup {backup}; its servers: {known}"),
+                )),
+            ),
+            Error::Busy { group, backup } => {
+                let metadata = std::collections::HashMap::from([
+                    ("backup_id".to_string(), backup.clone()),
+                    ("group".to_string(), group.clone()),
+                ]);
+                let mut d =
+                    ErrorDetails::with_error_info(details::GROUP_BUSY, details::DOMAIN, metadata);
+                d.set_resource_info(
+                    BACKUP_RESOURCE,
+                    backup,
+                    "",
+                    format!("in flight in group {group}"),
+                );
+                (Code::FailedPrecondition, Some(d))
             }
-            Error::Busy { .. } | Error::Precondition(_) => tonic::Status::failed_precondition(msg),
-            Error::InvalidArgument { .. } => tonic::Status::invalid_argument(msg),
-            _ => tonic::Status::internal(msg),
-        }
+            Error::InvalidArgument { field, reason } => (
+                Code::InvalidArgument,
+                Some(ErrorDetails::with_bad_request_violation(field, reason)),
+            ),
+            Error::Precondition(_) => (Code::FailedPrecondition, None),
+            Error::Config { .. }
+            | Error::Store { .. }
+            | Error::Core(_)
+            | Error::Io(_)
+            | Error::Transport(_) => (Code::Internal, None),
+        };
+        details::status(code, message, details, None)
     }
 }

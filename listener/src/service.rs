@@ -12,6 +12,8 @@ use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
 use crate::convert;
+use crate::details;
+use crate::error::Error;
 use crate::requests::{self, Reports, RequestId};
 use crate::runtime::Runtime;
 
@@ -53,9 +55,19 @@ fn caller<T>(request: &Request<T>) -> String {
         .unwrap_or_else(|| "unknown".into())
 }
 
-fn backup_id(id: &str) -> Result<(), Status> {
-    stillpoint_core::validate_name("backup_id", id)
-        .map_err(|e| Status::invalid_argument(e.to_string()))
+/// Checks a name from the request (`backup_id`, `group`), echoing at most a clipped copy of it.
+fn name(field: &'static str, value: &str) -> Result<(), Error> {
+    stillpoint_core::validate_name(field, value).map_err(|_| Error::InvalidArgument {
+        field,
+        reason: format!(
+            "{:?} is not a valid name: use 1-128 letters, digits, '.', '_' or '-', not starting with '.'",
+            details::clip(value)
+        ),
+    })
+}
+
+fn backup_id(id: &str) -> Result<(), Error> {
+    name("backup_id", id)
 }
 
 type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::WatchEvent, Status>> + Send>>;
@@ -68,6 +80,7 @@ impl Listener for ListenerService {
     ) -> Result<Response<pb::Backup>, Status> {
         let by = caller(&request);
         let request = request.into_inner();
+        name("group", &request.group)?;
         let request_id = RequestId::parse(&request.request_id)?;
         let record = self.runtime.start(&request.group, &by, request_id.as_ref()).await?;
         Ok(Response::new(convert::backup(&record)))

@@ -15,3 +15,10 @@ impl BackupState {
         matches!(self, BackupState::Succeeded | BackupState::Failed | BackupState::Aborted)
     }
 }
+
+/// Lets a `Backup` travel as a `google.protobuf.Any` in an error's details (WaitBackup's
+/// DEADLINE_EXCEEDED carries the backup as it was when the wait ended).
+impl prost::Name for Backup {
+    const NAME: &'static str = "Backup";
+    const PACKAGE: &'static str = "stillpoint.v1";
+}

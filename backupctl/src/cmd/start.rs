@@ -8,7 +8,9 @@ use stillpoint_proto::StartBackupRequest;
 use super::watch::{follow, outcome};
 use crate::client::Connection;
 use crate::error::{Error, Result};
-use crate::view::{self, is_snapshotted, is_terminal, BackupView, Progress};
+use crate::view::{
+    self, is_snapshotted, is_terminal, BackupView, ErrorDocument, Progress, RefusalView,
+};
 
 /// What `start` waits for before it returns.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
@@ -50,16 +52,18 @@ pub async fn run(conn: &Connection, args: Args, out: &mut dyn Write) -> Result<(
     let what = format!("start backup of group {}", args.group);
     // The first call may have started the backup even if its reply never came: the retry
     // carries the same request id, so it returns that backup rather than starting another.
-    let backup = match client.start_backup(request.clone()).await {
+    let started = match client.start_backup(request.clone()).await {
         Err(status) if retryable(&status) => {
             super::note(&format!("backupctl: {what}: {}; retrying once", status.message()));
             tokio::time::sleep(std::time::Duration::from_secs(1)).await;
             client.start_backup(request).await
         }
         result => result,
-    }
-    .map_err(|s| Error::rpc(&what, s))?
-    .into_inner();
+    };
+    let backup = match started {
+        Ok(reply) => reply.into_inner(),
+        Err(status) => return Err(refused(out, args.json, &what, status)),
+    };
     let id = backup.backup_id.clone();
     if !args.json {
         writeln!(out, "{id}")?;
@@ -97,4 +101,24 @@ pub async fn run(conn: &Connection, args: Args, out: &mut dyn Write) -> Result<(
 /// Whether a failed start may have been lost on the way (and is worth one retry).
 fn retryable(status: &tonic::Status) -> bool {
     matches!(status.code(), tonic::Code::Unavailable | tonic::Code::DeadlineExceeded)
+}
+
+/// A refusal, said from its details: `--json` prints `{"error": ...}` on stdout (so a script
+/// reads the busy backup's id or the wrong field there), people get the busy backup's id on
+/// stderr. Transport failures stay on stderr only.
+fn refused(out: &mut dyn Write, json: bool, what: &str, status: tonic::Status) -> Error {
+    let answered = !matches!(
+        status.code(),
+        tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Unknown
+    );
+    let refusal = RefusalView::from(&status);
+    if json && answered {
+        let _ = writeln!(out, "{}", view::json(&ErrorDocument { error: refusal }));
+    } else if let (Some("GROUP_BUSY"), Some(busy)) = (refusal.reason.as_deref(), &refusal.backup_id)
+    {
+        super::note(&format!(
+            "backupctl: busy with backup {busy}; follow it: backupctl watch {busy}"
+        ));
+    }
+    Error::rpc(what, status)
 }

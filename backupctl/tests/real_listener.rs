@@ -1,0 +1,62 @@
+//! The remote verbs against the real listener, served in-process over loopback mutual TLS with
+//! scripted agents (`stillpoint_listener::testing`): what backup software relies on, end to end
+//! through the contract.
+
+use std::time::Duration;
+
+use backupctl::Cli;
+use clap::Parser;
+use stillpoint_listener::testing::{Cluster, Spec};
+
+struct Real {
+    _dir: tempfile::TempDir,
+    cluster: Cluster,
+}
+
+impl Real {
+    async fn start(spec: Spec) -> Real {
+        let dir = tempfile::tempdir().unwrap();
+        let cluster = Cluster::start(dir.path(), spec).await;
+        Real { _dir: dir, cluster }
+    }
+
+    /// Runs `backupctl ARGS` as `identity`; returns the exit code and stdout.
+    async fn run(&self, identity: &str, args: &[&str]) -> (u8, String) {
+        let url = self.cluster.url();
+        let certs = self.cluster.certs.display().to_string();
+        let global = ["backupctl", "--listener", &url, "--certs", &certs, "--identity", identity];
+        let cli = Cli::try_parse_from(global.iter().chain(args)).unwrap();
+        let mut out = Vec::new();
+        let code = tokio::time::timeout(Duration::from_secs(60), backupctl::run(cli, &mut out))
+            .await
+            .unwrap_or_else(|_| panic!("backupctl {args:?} did not return"));
+        (code, String::from_utf8(out).unwrap())
+    }
+}
+
+fn json(text: &str) -> serde_json::Value {
+    serde_json::from_str(text).unwrap_or_else(|e| panic!("{e}: {text:?}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_busy_start_names_the_backup_in_flight() {
+    let real = Real::start(Spec::default()).await;
+    let (code, out) = real.run("hook", &["start", "--group", "g"]).await;
+    assert_eq!(code, 0);
+    let busy = out.trim().to_string();
+    let (code, out) = real.run("hook", &["start", "--group", "g", "--json"]).await;
+    assert_eq!(code, 2);
+    let error = &json(&out)["error"];
+    assert_eq!(error["code"], "FAILED_PRECONDITION");
+    assert_eq!(error["reason"], "GROUP_BUSY");
+    assert_eq!(error["backup_id"], busy.as_str());
+    assert_eq!(error["group"], "g");
+
+    let (code, out) =
+        real.run("hook", &["start", "--group", "g", "--request-id", "a b", "--json"]).await;
+    assert_eq!(code, 2);
+    let error = &json(&out)["error"];
+    assert_eq!(error["code"], "INVALID_ARGUMENT");
+    assert_eq!(error["fields"][0]["field"], "request_id");
+    assert!(error["reason"].is_null());
+}
