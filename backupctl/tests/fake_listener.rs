@@ -99,6 +99,41 @@ impl Listener for Fake {
         self.get(&r.into_inner().backup_id).map(Response::new)
     }
 
+    async fn wait_backup(&self, r: Request<WaitBackupRequest>) -> Result<Response<Backup>, Status> {
+        use prost::{Message, Name};
+        self.record(&r);
+        let request = r.into_inner();
+        let current = self.get(&request.backup_id)?;
+        let script = script(&current.group);
+        let snapshots = |s: &BackupState| {
+            matches!(s, BackupState::Snapshotted | BackupState::Copying | BackupState::Cleaning)
+        };
+        let reached = script.iter().find(|s| match WaitUntil::try_from(request.until) {
+            Ok(WaitUntil::Snapshotted) => snapshots(s) || s.is_terminal(),
+            _ => s.is_terminal(),
+        });
+        if let Some(state) = reached {
+            return Ok(Response::new(backup(&current.backup_id, &current.group, *state)));
+        }
+        // As the listener does when the time runs out: the backup as it is, in the details.
+        tokio::time::sleep(Duration::from_millis(request.timeout_ms.min(200))).await;
+        let last = script.last().copied().unwrap_or(BackupState::Pending);
+        let now = backup(&current.backup_id, &current.group, last);
+        let details = tonic_types::pb::Status {
+            code: tonic::Code::DeadlineExceeded as i32,
+            message: "not yet".into(),
+            details: vec![prost_types::Any {
+                type_url: Backup::type_url(),
+                value: now.encode_to_vec(),
+            }],
+        };
+        Err(Status::with_details(
+            tonic::Code::DeadlineExceeded,
+            "not yet",
+            details.encode_to_vec().into(),
+        ))
+    }
+
     async fn list_backups(
         &self,
         _: Request<ListBackupsRequest>,

@@ -60,3 +60,46 @@ async fn a_busy_start_names_the_backup_in_flight() {
     assert_eq!(error["fields"][0]["field"], "request_id");
     assert!(error["reason"].is_null());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn start_wait_blocks_on_the_listener_until_snapshotted_and_wait_chains_calls() {
+    use stillpoint_listener::testing::Step;
+    let real = Real::start(Spec::default()).await;
+    real.cluster.agent("srv-a").hold(Step::Commit);
+    let started = std::time::Instant::now();
+    let release = async {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        real.cluster.agent("srv-a").release(Step::Commit);
+    };
+    let ((code, out), ()) = tokio::join!(
+        real.run("hook", &["start", "--group", "g", "--wait", "snapshotted", "--json"]),
+        release
+    );
+    assert_eq!(code, 0, "{out}");
+    assert!(started.elapsed() >= Duration::from_millis(500), "returned before the snapshots");
+    let backup = json(&out);
+    assert_eq!(backup["state"], "COPYING");
+    let id = backup["backup_id"].as_str().unwrap().to_string();
+
+    // Each call lasts at most the 1 s connection timeout; the wait goes on across calls and
+    // gives up after 3 s with the backup as it is.
+    let started = std::time::Instant::now();
+    let (code, out) = real
+        .run(
+            "viewer",
+            &["--timeout", "1", "wait", &id, "--until", "finished", "--within", "3", "--json"],
+        )
+        .await;
+    assert_eq!(code, 1, "{out}");
+    assert!(started.elapsed() >= Duration::from_secs(3), "{:?}", started.elapsed());
+    assert_eq!(json(&out)["state"], "COPYING");
+
+    for server in ["srv-a", "srv-b"] {
+        assert_eq!(real.run("hook", &["copied", &id, "--server", server]).await.0, 0);
+    }
+    let (code, out) = real.run("viewer", &["wait", &id, "--until", "settled", "--json"]).await;
+    assert_eq!(code, 0, "{out}");
+    let backup = json(&out);
+    assert_eq!(backup["state"], "SUCCEEDED");
+    assert!(backup["servers"].as_array().unwrap().iter().all(|s| s["phase"] == "cleaned"));
+}

@@ -166,3 +166,19 @@ pub fn copy_done(done: pb::CopyDone) -> Result<crate::copier::ServerCopy, String
     };
     Ok(crate::copier::ServerCopy { volumes, stats })
 }
+
+/// What WaitBackup waits for; an unset or unknown value names the field.
+pub fn wait_until(raw: i32) -> crate::Result<crate::wait::Until> {
+    use crate::wait::Until;
+    match pb::WaitUntil::try_from(raw) {
+        Ok(pb::WaitUntil::Snapshotted) => Ok(Until::Snapshotted),
+        Ok(pb::WaitUntil::Finished) => Ok(Until::Finished),
+        Ok(pb::WaitUntil::Settled) => Ok(Until::Settled),
+        Ok(pb::WaitUntil::Unspecified) | Err(_) => Err(crate::Error::InvalidArgument {
+            field: "until",
+            reason: format!(
+                "{raw} is not a condition to wait for: WAIT_UNTIL_SNAPSHOTTED, WAIT_UNTIL_FINISHED or WAIT_UNTIL_SETTLED"
+            ),
+        }),
+    }
+}

@@ -22,6 +22,9 @@ pub enum Error {
     Busy { group: String, backup: String },
     #[error("invalid {field}: {reason}")]
     InvalidArgument { field: &'static str, reason: String },
+    /// WaitBackup's time ran out first; `record` is the backup as it was then.
+    #[error("backup {} is {}, not {until} after {waited_ms} ms; wait again to go on waiting", record.id, record.state.name())]
+    WaitTimedOut { record: Box<crate::model::BackupRecord>, until: &'static str, waited_ms: u64 },
     /// The request contradicts what the backup already is or was told; nothing was changed.
     #[error("{0}")]
     Precondition(String),
@@ -38,7 +41,7 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 /// Every refusal carries rich details (`google.rpc`, read with `tonic_types::StatusExt`):
 /// `ResourceInfo` naming what is unknown, `BadRequest` naming the field, and for a busy group
 /// `ErrorInfo { reason: "GROUP_BUSY", domain: "stillpoint", metadata: {backup_id, group} }`
-/// plus the busy backup as `ResourceInfo`.
+/// plus the busy backup as `ResourceInfo`; WaitBackup's timeout carries the backup itself.
 impl From<Error> for tonic::Status {
     fn from(e: Error) -> Self {
         use crate::details::{self, BACKUP_RESOURCE};
@@ -92,6 +95,25 @@ impl From<Error> for tonic::Status {
                 Code::InvalidArgument,
                 Some(ErrorDetails::with_bad_request_violation(field, reason)),
             ),
+            Error::WaitTimedOut { record, until, .. } => {
+                let metadata = std::collections::HashMap::from([
+                    ("backup_id".to_string(), record.id.clone()),
+                    ("state".to_string(), record.state.name().to_string()),
+                    ("until".to_string(), until.to_string()),
+                ]);
+                let details = ErrorDetails::with_error_info(
+                    details::WAIT_TIMED_OUT,
+                    details::DOMAIN,
+                    metadata,
+                );
+                let backup = crate::convert::backup(&record);
+                return details::status(
+                    Code::DeadlineExceeded,
+                    message,
+                    Some(details),
+                    Some(&backup),
+                );
+            }
             Error::Precondition(_) => (Code::FailedPrecondition, None),
             Error::Config { .. }
             | Error::Store { .. }

@@ -14,6 +14,7 @@ pub mod runtime;
 pub mod service;
 pub mod store;
 pub mod testing;
+pub mod wait;
 
 /// The protocol's pure core, re-exported under the names the listener's modules use.
 pub use stillpoint_protocol::{coordinator, model};
@@ -37,7 +38,10 @@ pub async fn run(
 ) -> Result<()> {
     let tls = stillpoint_core::tls::server_config(&config.tls)?;
     let store = store::Store::open(&config.data_dir)?;
-    let rpc_timeout = Duration::from_millis(config.timeouts.rpc_ms.max(config.timeouts.lease_ms));
+    // Long enough for the longest WaitBackup; every other handler is bounded by the RPCs it
+    // makes (rpc_ms, lease_ms).
+    let rpc_timeout = Duration::from_millis(config.timeouts.rpc_ms.max(config.timeouts.lease_ms))
+        .max(wait::MAX_WAIT + Duration::from_secs(5));
     let runtime = runtime::Runtime::new(config, store)?;
     let recovered = runtime.recover()?;
     if recovered > 0 {

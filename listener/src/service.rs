@@ -16,6 +16,7 @@ use crate::details;
 use crate::error::Error;
 use crate::requests::{self, Reports, RequestId};
 use crate::runtime::Runtime;
+use crate::wait;
 
 /// Which roles may call which Listener method. Anyone authenticated may probe the standard
 /// health service.
@@ -26,7 +27,13 @@ pub fn policy(path: &str, role: Role) -> bool {
     let Some(method) = path.strip_prefix("/stillpoint.v1.Listener/") else { return false };
     let read = matches!(
         method,
-        "GetBackup" | "ListBackups" | "GetLog" | "WatchBackup" | "ListAgents" | "Health"
+        "GetBackup"
+            | "WaitBackup"
+            | "ListBackups"
+            | "GetLog"
+            | "WatchBackup"
+            | "ListAgents"
+            | "Health"
     );
     match role {
         Role::Operator => true,
@@ -93,6 +100,18 @@ impl Listener for ListenerService {
         let id = request.into_inner().backup_id;
         backup_id(&id)?;
         Ok(Response::new(convert::backup(&self.runtime.store().get(&id)?)))
+    }
+
+    async fn wait_backup(
+        &self,
+        request: Request<pb::WaitBackupRequest>,
+    ) -> Result<Response<pb::Backup>, Status> {
+        let budget = wait::budget(request.get_ref().timeout_ms, request.metadata());
+        let request = request.into_inner();
+        backup_id(&request.backup_id)?;
+        let until = convert::wait_until(request.until)?;
+        let record = wait::wait(&self.runtime, &request.backup_id, until, budget).await?;
+        Ok(Response::new(convert::backup(&record)))
     }
 
     async fn list_backups(

@@ -13,6 +13,8 @@ mod details;
 mod health;
 #[path = "contract/idempotency.rs"]
 mod idempotency;
+#[path = "contract/wait.rs"]
+mod wait;
 
 type Client = pb::listener_client::ListenerClient<Channel>;
 

@@ -1,16 +1,16 @@
-//! `start --group G [--wait none|snapshotted|complete]`: StartBackup, then optionally follow the
-//! backup until its snapshots exist (the "backup before a risky task" call) or until it ends.
+//! `start --group G [--wait none|snapshotted|complete|settled]`: StartBackup, then optionally
+//! wait (WaitBackup) until its snapshots exist (the "backup before a risky task" call), until it
+//! ends, or until every server confirmed its end; live progress on stderr meanwhile.
 
 use std::io::Write;
 
 use stillpoint_proto::StartBackupRequest;
 
-use super::watch::{follow, outcome};
+use super::wait::{self, with_progress, Until, Waited};
+use super::watch::outcome;
 use crate::client::Connection;
 use crate::error::{Error, Result};
-use crate::view::{
-    self, is_snapshotted, is_terminal, BackupView, ErrorDocument, Progress, RefusalView,
-};
+use crate::view::{self, is_terminal, BackupView, ErrorDocument, RefusalView};
 
 /// What `start` waits for before it returns.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
@@ -22,6 +22,8 @@ pub enum Wait {
     Snapshotted,
     /// Until the backup SUCCEEDED, FAILED or was ABORTED
     Complete,
+    /// Until it is complete and every server confirmed its cleanup or abort
+    Settled,
 }
 
 /// Prints the backup id on stdout at once (or, with --json, the backup as of the return). Exit
@@ -69,26 +71,24 @@ pub async fn run(conn: &Connection, args: Args, out: &mut dyn Write) -> Result<(
         writeln!(out, "{id}")?;
         out.flush()?;
     }
-    let backup = if args.wait == Wait::None || is_terminal(&backup) {
-        backup
-    } else {
-        let mut progress = Progress::default();
-        let stop: fn(&stillpoint_proto::Backup) -> bool = match args.wait {
-            Wait::Snapshotted => |b| is_snapshotted(b) || is_terminal(b),
-            Wait::None | Wait::Complete => is_terminal,
-        };
-        follow(
-            &mut client,
-            &id,
-            |event| {
-                if !args.json {
-                    progress.lines(event).iter().for_each(|l| super::note(l));
-                }
-                Ok(())
-            },
-            stop,
-        )
-        .await?
+    let until = match args.wait {
+        Wait::None => None,
+        Wait::Snapshotted => Some(Until::Snapshotted),
+        Wait::Complete => Some(Until::Finished),
+        Wait::Settled => Some(Until::Settled),
+    };
+    let backup = match until {
+        Some(until) if !is_terminal(&backup) || until == Until::Settled => {
+            let waited = wait::until(conn, client.clone(), &id, until, None);
+            let waited =
+                if args.json { waited.await } else { with_progress(&client, &id, waited).await };
+            match waited {
+                Ok(backup) => backup,
+                Err(Waited::Error(e)) => return Err(e),
+                Err(Waited::Gave { backup }) => *backup,
+            }
+        }
+        _ => backup,
     };
     if args.json {
         writeln!(out, "{}", view::json(&BackupView::from(&backup)))?;
