@@ -139,7 +139,7 @@ impl Listener for Fake {
         _: Request<ListBackupsRequest>,
     ) -> Result<Response<ListBackupsResponse>, Status> {
         let backups = self.backups.lock().unwrap().values().cloned().collect();
-        Ok(Response::new(ListBackupsResponse { backups }))
+        Ok(Response::new(ListBackupsResponse { backups, next_page_token: String::new() }))
     }
 
     async fn get_log(&self, _: Request<GetLogRequest>) -> Result<Response<GetLogResponse>, Status> {

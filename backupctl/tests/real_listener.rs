@@ -103,3 +103,48 @@ async fn start_wait_blocks_on_the_listener_until_snapshotted_and_wait_chains_cal
     assert_eq!(backup["state"], "SUCCEEDED");
     assert!(backup["servers"].as_array().unwrap().iter().all(|s| s["phase"] == "cleaned"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn list_follows_pages_and_filters_by_state_and_time() {
+    let real = Real::start(Spec::default()).await;
+    let mut ids = Vec::new();
+    for _ in 0..5 {
+        let (code, out) = real.run("hook", &["start", "--group", "g"]).await;
+        assert_eq!(code, 0);
+        let id = out.trim().to_string();
+        assert_eq!(real.run("hook", &["abort", &id]).await.0, 0);
+        ids.push(id);
+    }
+    let (code, out) = real.run("hook", &["start", "--group", "g", "--wait", "snapshotted"]).await;
+    assert_eq!(code, 0);
+    ids.push(out.trim().to_string());
+    ids.reverse();
+    let listed = |out: &str| -> Vec<String> {
+        json(out)
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|b| b["backup_id"].as_str().unwrap().to_string())
+            .collect()
+    };
+
+    // Two a page, every page followed; --limit stops early.
+    let (code, out) =
+        real.run("viewer", &["list", "--limit", "0", "--page-size", "2", "--json"]).await;
+    assert_eq!(code, 0);
+    assert_eq!(listed(&out), ids);
+    let (_, out) =
+        real.run("viewer", &["list", "--limit", "3", "--page-size", "2", "--json"]).await;
+    assert_eq!(listed(&out), ids[..3]);
+    let (_, out) =
+        real.run("viewer", &["list", "--state", "aborted", "--page-size", "2", "--json"]).await;
+    assert_eq!(listed(&out), ids[1..]);
+    let (_, out) =
+        real.run("viewer", &["list", "--state", "copying", "--state", "failed", "--json"]).await;
+    assert_eq!(listed(&out), ids[..1]);
+    let (_, out) = real.run("viewer", &["list", "--since", "1h", "--json"]).await;
+    assert_eq!(listed(&out).len(), 6);
+    let (_, out) = real.run("viewer", &["list", "--since", "2999-01-01T00:00:00Z", "--json"]).await;
+    assert_eq!(out.trim(), "[]");
+    assert!(Cli::try_parse_from(["backupctl", "list", "--state", "broken"]).is_err());
+}

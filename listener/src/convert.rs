@@ -182,3 +182,72 @@ pub fn wait_until(raw: i32) -> crate::Result<crate::wait::Until> {
         }),
     }
 }
+
+/// A ListBackups request as the query it asks for; each bad field is named.
+pub fn list_query(r: &pb::ListBackupsRequest) -> crate::Result<crate::pages::Query> {
+    use crate::pages::{Filter, Query, DEFAULT_PAGE, MAX_PAGE};
+    use crate::Error;
+    let group = if r.group.is_empty() {
+        None
+    } else {
+        crate::details::name("group", &r.group)?;
+        Some(r.group.clone())
+    };
+    let mut states = Vec::with_capacity(r.states.len());
+    for raw in &r.states {
+        states.push(state_name(*raw).ok_or_else(|| Error::InvalidArgument {
+            field: "states",
+            reason: format!("{raw} is not a backup state (PENDING .. ABORTED)"),
+        })?);
+    }
+    let time = |field: &'static str, t: i64| match t {
+        0 => Ok(None),
+        t if t < 0 => Err(Error::InvalidArgument {
+            field,
+            reason: format!("{t} is before 1970; give Unix milliseconds, or 0 for no bound"),
+        }),
+        t => Ok(Some(t)),
+    };
+    let filter = Filter {
+        group,
+        states,
+        created_from: time("created_after_unix_ms", r.created_after_unix_ms)?,
+        created_before: time("created_before_unix_ms", r.created_before_unix_ms)?,
+    };
+    if let (Some(from), Some(before)) = (filter.created_from, filter.created_before) {
+        if from >= before {
+            return Err(Error::InvalidArgument {
+                field: "created_before_unix_ms",
+                reason: format!(
+                    "{before} is not after created_after_unix_ms {from}: nothing could match"
+                ),
+            });
+        }
+    }
+    let asked = if r.page_size > 0 { r.page_size } else { r.limit };
+    let page_size = match usize::try_from(asked).unwrap_or(MAX_PAGE) {
+        0 => DEFAULT_PAGE,
+        n => n.min(MAX_PAGE),
+    };
+    let after = match r.page_token.as_str() {
+        "" => None,
+        token => Some(crate::pages::parse_token(token, &filter)?),
+    };
+    Ok(Query { filter, page_size, after })
+}
+
+/// A wire state as the record's state name; `None` for UNSPECIFIED or a value we do not know.
+fn state_name(raw: i32) -> Option<StateName> {
+    Some(match pb::BackupState::try_from(raw).ok()? {
+        pb::BackupState::Unspecified => return None,
+        pb::BackupState::Pending => StateName::Pending,
+        pb::BackupState::Preparing => StateName::Preparing,
+        pb::BackupState::Committing => StateName::Committing,
+        pb::BackupState::Snapshotted => StateName::Snapshotted,
+        pb::BackupState::Copying => StateName::Copying,
+        pb::BackupState::Cleaning => StateName::Cleaning,
+        pb::BackupState::Succeeded => StateName::Succeeded,
+        pb::BackupState::Failed => StateName::Failed,
+        pb::BackupState::Aborted => StateName::Aborted,
+    })
+}

@@ -1,6 +1,6 @@
 //! Rich error details on the listener's refusals (`google.rpc` messages through tonic-types),
-//! and what callers sent, clipped before an error echoes it back: a hostile or broken client
-//! cannot make an error message (or a log line) as large as its request.
+//! and what callers sent, checked and clipped before an error echoes it back: a hostile or
+//! broken client cannot make an error message (or a log line) as large as its request.
 
 use prost::{Message, Name};
 use stillpoint_proto as pb;
@@ -25,6 +25,17 @@ pub fn clip(text: &str) -> String {
         None => text.to_string(),
         Some((at, _)) => format!("{}… ({} bytes)", &text[..at], text.len()),
     }
+}
+
+/// Checks a name from a request (`backup_id`, `group`), echoing at most a clipped copy of it.
+pub fn name(field: &'static str, value: &str) -> crate::Result<()> {
+    stillpoint_core::validate_name(field, value).map_err(|_| crate::Error::InvalidArgument {
+        field,
+        reason: format!(
+            "{:?} is not a valid name: use 1-128 letters, digits, '.', '_' or '-', not starting with '.'",
+            clip(value)
+        ),
+    })
 }
 
 /// A status with `details` and, when given, `backup` as one more detail (an `Any` of

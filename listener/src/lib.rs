@@ -9,6 +9,7 @@ pub mod convert;
 pub mod copier;
 pub mod details;
 pub mod error;
+pub mod pages;
 pub mod requests;
 pub mod runtime;
 pub mod service;

@@ -14,6 +14,7 @@ use tonic::{Request, Response, Status};
 use crate::convert;
 use crate::details;
 use crate::error::Error;
+use crate::pages;
 use crate::requests::{self, Reports, RequestId};
 use crate::runtime::Runtime;
 use crate::wait;
@@ -62,19 +63,8 @@ fn caller<T>(request: &Request<T>) -> String {
         .unwrap_or_else(|| "unknown".into())
 }
 
-/// Checks a name from the request (`backup_id`, `group`), echoing at most a clipped copy of it.
-fn name(field: &'static str, value: &str) -> Result<(), Error> {
-    stillpoint_core::validate_name(field, value).map_err(|_| Error::InvalidArgument {
-        field,
-        reason: format!(
-            "{:?} is not a valid name: use 1-128 letters, digits, '.', '_' or '-', not starting with '.'",
-            details::clip(value)
-        ),
-    })
-}
-
 fn backup_id(id: &str) -> Result<(), Error> {
-    name("backup_id", id)
+    details::name("backup_id", id)
 }
 
 type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::WatchEvent, Status>> + Send>>;
@@ -87,7 +77,7 @@ impl Listener for ListenerService {
     ) -> Result<Response<pb::Backup>, Status> {
         let by = caller(&request);
         let request = request.into_inner();
-        name("group", &request.group)?;
+        details::name("group", &request.group)?;
         let request_id = RequestId::parse(&request.request_id)?;
         let record = self.runtime.start(&request.group, &by, request_id.as_ref()).await?;
         Ok(Response::new(convert::backup(&record)))
@@ -118,18 +108,12 @@ impl Listener for ListenerService {
         &self,
         request: Request<pb::ListBackupsRequest>,
     ) -> Result<Response<pb::ListBackupsResponse>, Status> {
-        let request = request.into_inner();
-        let limit = if request.limit == 0 { usize::MAX } else { request.limit as usize };
-        let backups = self
-            .runtime
-            .store()
-            .list()?
-            .iter()
-            .filter(|r| request.group.is_empty() || r.group == request.group)
-            .take(limit)
-            .map(convert::backup)
-            .collect();
-        Ok(Response::new(pb::ListBackupsResponse { backups }))
+        let query = convert::list_query(request.get_ref())?;
+        let (page, next) = pages::page(self.runtime.store().list()?, &query);
+        Ok(Response::new(pb::ListBackupsResponse {
+            backups: page.iter().map(convert::backup).collect(),
+            next_page_token: next.unwrap_or_default(),
+        }))
     }
 
     async fn get_log(

@@ -13,6 +13,8 @@ mod details;
 mod health;
 #[path = "contract/idempotency.rs"]
 mod idempotency;
+#[path = "contract/pages.rs"]
+mod pages;
 #[path = "contract/wait.rs"]
 mod wait;
 

@@ -40,11 +40,7 @@ async fn a_start_retried_with_its_request_id_returns_the_same_backup_even_after_
     let after = client.start_backup(start("g", "req-1")).await.unwrap().into_inner();
     assert_eq!(after.backup_id, first.backup_id);
     assert_eq!(state(&after), pb::BackupState::Failed, "{after:#?}");
-    let list = client
-        .list_backups(pb::ListBackupsRequest { group: String::new(), limit: 0 })
-        .await
-        .unwrap()
-        .into_inner();
+    let list = client.list_backups(pb::ListBackupsRequest::default()).await.unwrap().into_inner();
     assert_eq!(list.backups.len(), 1, "{list:#?}");
     let other = client.start_backup(start("g", "req-2")).await.unwrap().into_inner();
     assert_ne!(other.backup_id, first.backup_id);
