@@ -153,10 +153,15 @@ impl Listener for Fake {
         r: Request<WatchBackupRequest>,
     ) -> Result<Response<Events>, Status> {
         self.record(&r);
-        let current = self.get(&r.into_inner().backup_id)?;
+        let request = r.into_inner();
+        let current = self.get(&request.backup_id)?;
         let (tx, rx) = tokio::sync::mpsc::channel(16);
         tokio::spawn(async move {
             for (i, state) in script(&current.group).into_iter().enumerate() {
+                let seq = u64::try_from(i).unwrap() + 1;
+                if seq <= request.after_seq {
+                    continue;
+                }
                 let b = backup(&current.backup_id, &current.group, state);
                 let entry = LogEntry {
                     unix_ms: b.created_unix_ms + i64::try_from(i).unwrap(),
@@ -164,8 +169,14 @@ impl Listener for Fake {
                     level: "info".into(),
                     message: format!("now {state:?}"),
                     state: state as i32,
+                    seq,
                 };
-                if tx.send(Ok(WatchEvent { entry: Some(entry), backup: Some(b) })).await.is_err() {
+                let event = WatchEvent {
+                    entry: Some(entry),
+                    backup: Some(b),
+                    backup_id: current.backup_id.clone(),
+                };
+                if tx.send(Ok(event)).await.is_err() {
                     return;
                 }
             }
@@ -175,6 +186,15 @@ impl Listener for Fake {
             }
         });
         Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
+    }
+
+    type WatchBackupsStream = Events;
+
+    async fn watch_backups(
+        &self,
+        _: Request<WatchBackupsRequest>,
+    ) -> Result<Response<Events>, Status> {
+        Err(Status::unimplemented("the fake follows one backup at a time"))
     }
 
     async fn abort_backup(

@@ -34,6 +34,21 @@ impl Real {
     }
 }
 
+impl Real {
+    /// Runs `backupctl ARGS` as `identity` for `span` (for verbs that never end by themselves);
+    /// returns what it printed by then.
+    async fn run_for(&self, identity: &str, args: &[&str], span: Duration) -> String {
+        let url = self.cluster.url();
+        let certs = self.cluster.certs.display().to_string();
+        let global = ["backupctl", "--listener", &url, "--certs", &certs, "--identity", identity];
+        let cli = Cli::try_parse_from(global.iter().chain(args)).unwrap();
+        let mut out = Vec::new();
+        let ended = tokio::time::timeout(span, backupctl::run(cli, &mut out)).await;
+        assert!(ended.is_err(), "backupctl {args:?} ended early: {ended:?}");
+        String::from_utf8(out).unwrap()
+    }
+}
+
 fn json(text: &str) -> serde_json::Value {
     serde_json::from_str(text).unwrap_or_else(|e| panic!("{e}: {text:?}"))
 }
@@ -147,4 +162,31 @@ async fn list_follows_pages_and_filters_by_state_and_time() {
     let (_, out) = real.run("viewer", &["list", "--since", "2999-01-01T00:00:00Z", "--json"]).await;
     assert_eq!(out.trim(), "[]");
     assert!(Cli::try_parse_from(["backupctl", "list", "--state", "broken"]).is_err());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_all_and_watch_group_follow_every_backup_live() {
+    let real = Real::start(Spec::default()).await;
+    let started = async {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let (_, g) = real.run("hook", &["start", "--group", "g", "--wait", "snapshotted"]).await;
+        let (_, h) = real.run("hook", &["start", "--group", "h", "--wait", "snapshotted"]).await;
+        (g.trim().to_string(), h.trim().to_string())
+    };
+    let span = Duration::from_secs(4);
+    let (all, group, (g, h)) = tokio::join!(
+        real.run_for("viewer", &["watch", "--all"], span),
+        real.run_for("viewer", &["watch", "--group", "h", "--json"], span),
+        started
+    );
+    assert!(
+        all.lines().any(|l| l.starts_with(&format!("{g}  ")) && l.contains("COPYING")),
+        "{all}"
+    );
+    assert!(all.lines().any(|l| l.starts_with(&format!("{h}  "))), "{all}");
+    let events: Vec<serde_json::Value> = group.lines().map(json).collect();
+    assert!(!events.is_empty());
+    assert!(events.iter().all(|e| e["backup_id"] == h.as_str()), "{group}");
+    let seqs: Vec<u64> = events.iter().filter_map(|e| e["entry"]["seq"].as_u64()).collect();
+    assert!(seqs.windows(2).all(|w| w[1] == w[0] + 1), "every entry once, in order: {seqs:?}");
 }

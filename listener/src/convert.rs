@@ -105,8 +105,11 @@ pub fn backup(r: &BackupRecord) -> pb::Backup {
     }
 }
 
-pub fn log_entry(e: &LogEntry) -> pb::LogEntry {
+/// A log entry with its store sequence number; on the wire `seq` counts from 1, so 0 can mean
+/// "from the start" in `after_seq`.
+pub fn log_entry(seq: u64, e: &LogEntry) -> pb::LogEntry {
     pb::LogEntry {
+        seq: seq + 1,
         unix_ms: e.at,
         server: e.server.clone().unwrap_or_default(),
         level: match e.level {

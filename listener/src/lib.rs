@@ -9,6 +9,7 @@ pub mod convert;
 pub mod copier;
 pub mod details;
 pub mod error;
+pub mod feed;
 pub mod pages;
 pub mod requests;
 pub mod runtime;
@@ -53,6 +54,13 @@ pub async fn run(
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<ListenerServer<service::ListenerService>>().await;
     tracing::info!(addr = %listener.local_addr()?, "listener serving");
+    // Streams that never end by themselves (WatchBackups) end when shutdown begins, so it does
+    // not wait on them.
+    let (stop, stopping) = tokio::sync::watch::channel(false);
+    let shutdown = async move {
+        shutdown.await;
+        let _ = stop.send(true);
+    };
     let layers =
         tower::ServiceBuilder::new().layer(AuthorizeLayer::new(service::policy)).layer(TraceLayer);
     tonic::transport::Server::builder()
@@ -64,7 +72,7 @@ pub async fn run(
         .concurrency_limit_per_connection(32)
         .layer(layers)
         .add_service(
-            ListenerServer::new(service::ListenerService::new(runtime))
+            ListenerServer::new(service::ListenerService::new(runtime, stopping))
                 .max_decoding_message_size(stillpoint_core::MAX_CONTROL_MESSAGE),
         )
         .add_service(health_service)

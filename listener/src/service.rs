@@ -14,6 +14,7 @@ use tonic::{Request, Response, Status};
 use crate::convert;
 use crate::details;
 use crate::error::Error;
+use crate::feed;
 use crate::pages;
 use crate::requests::{self, Reports, RequestId};
 use crate::runtime::Runtime;
@@ -33,6 +34,7 @@ pub fn policy(path: &str, role: Role) -> bool {
             | "ListBackups"
             | "GetLog"
             | "WatchBackup"
+            | "WatchBackups"
             | "ListAgents"
             | "Health"
     );
@@ -47,11 +49,13 @@ pub fn policy(path: &str, role: Role) -> bool {
 pub struct ListenerService {
     runtime: Arc<Runtime>,
     reports: Reports,
+    /// Turns true when the listener shuts down: streams that never end by themselves end then.
+    stopping: tokio::sync::watch::Receiver<bool>,
 }
 
 impl ListenerService {
-    pub fn new(runtime: Arc<Runtime>) -> Self {
-        ListenerService { runtime, reports: Reports::default() }
+    pub fn new(runtime: Arc<Runtime>, stopping: tokio::sync::watch::Receiver<bool>) -> Self {
+        ListenerService { runtime, reports: Reports::default(), stopping }
     }
 }
 
@@ -120,11 +124,18 @@ impl Listener for ListenerService {
         &self,
         request: Request<pb::GetLogRequest>,
     ) -> Result<Response<pb::GetLogResponse>, Status> {
-        let id = request.into_inner().backup_id;
+        let request = request.into_inner();
+        let id = request.backup_id;
         backup_id(&id)?;
         self.runtime.store().get(&id)?;
-        let entries =
-            self.runtime.store().log(&id, 0)?.iter().map(|(_, e)| convert::log_entry(e)).collect();
+        // Wire seq N is store sequence number N - 1: entries after N start at store seq N.
+        let entries = self
+            .runtime
+            .store()
+            .log(&id, request.after_seq)?
+            .iter()
+            .map(|(seq, e)| convert::log_entry(*seq, e))
+            .collect();
         Ok(Response::new(pb::GetLogResponse { entries }))
     }
 
@@ -134,27 +145,32 @@ impl Listener for ListenerService {
         &self,
         request: Request<pb::WatchBackupRequest>,
     ) -> Result<Response<WatchStream>, Status> {
-        let id = request.into_inner().backup_id;
+        let request = request.into_inner();
+        let id = request.backup_id;
         backup_id(&id)?;
         // Subscribe before reading the store so nothing falls between history and live updates.
         let mut updates = self.runtime.subscribe();
         let store = self.runtime.store().clone();
         let record = store.get(&id)?;
-        let history = store.log(&id, 0)?;
+        // Wire seq N is store sequence number N - 1: resuming after N starts at store seq N.
+        let from = request.after_seq;
+        let history = store.log(&id, from)?;
         let (tx, rx) = tokio::sync::mpsc::channel(64);
         tokio::spawn(async move {
-            let mut next = 0;
+            let mut next = from;
             let last = history.len();
             for (i, (seq, entry)) in history.into_iter().enumerate() {
                 next = seq + 1;
                 let backup = (i + 1 == last).then(|| convert::backup(&record));
-                let event = pb::WatchEvent { entry: Some(convert::log_entry(&entry)), backup };
+                let entry = Some(convert::log_entry(seq, &entry));
+                let event = pb::WatchEvent { entry, backup, backup_id: id.clone() };
                 if tx.send(Ok(event)).await.is_err() {
                     return;
                 }
             }
             if last == 0 {
-                let event = pb::WatchEvent { entry: None, backup: Some(convert::backup(&record)) };
+                let backup = Some(convert::backup(&record));
+                let event = pb::WatchEvent { entry: None, backup, backup_id: id.clone() };
                 if tx.send(Ok(event)).await.is_err() {
                     return;
                 }
@@ -174,8 +190,9 @@ impl Listener for ListenerService {
                         for (seq, entry) in missed {
                             next = seq + 1;
                             let event = pb::WatchEvent {
-                                entry: Some(convert::log_entry(&entry)),
+                                entry: Some(convert::log_entry(seq, &entry)),
                                 backup: Some(convert::backup(&record)),
+                                backup_id: id.clone(),
                             };
                             if tx.send(Ok(event)).await.is_err() {
                                 return;
@@ -195,20 +212,52 @@ impl Listener for ListenerService {
                     Some((seq, _)) if *seq < next => continue,
                     Some((seq, entry)) => {
                         next = seq + 1;
-                        Some(convert::log_entry(entry))
+                        Some(convert::log_entry(*seq, entry))
                     }
                     None => None,
                 };
-                let event = pb::WatchEvent { entry, backup: Some(convert::backup(&update.record)) };
+                let backup = Some(convert::backup(&update.record));
+                let event = pb::WatchEvent { entry, backup, backup_id: id.clone() };
                 if tx.send(Ok(event)).await.is_err() {
                     return;
                 }
                 if update.record.state.is_terminal() {
+                    // One decision can log several entries, each published with the final
+                    // record: send the rest from the store before ending, so none is lost.
+                    let Ok(rest) = store.log(&id, next) else { return };
+                    for (seq, entry) in rest {
+                        let event = pb::WatchEvent {
+                            entry: Some(convert::log_entry(seq, &entry)),
+                            backup: Some(convert::backup(&update.record)),
+                            backup_id: id.clone(),
+                        };
+                        if tx.send(Ok(event)).await.is_err() {
+                            return;
+                        }
+                    }
                     return;
                 }
             }
         });
         Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
+    }
+
+    type WatchBackupsStream = feed::Events;
+
+    async fn watch_backups(
+        &self,
+        request: Request<pb::WatchBackupsRequest>,
+    ) -> Result<Response<feed::Events>, Status> {
+        let group = request.into_inner().group;
+        let group = if group.is_empty() {
+            None
+        } else {
+            details::name("group", &group)?;
+            self.runtime.config().group(&group)?;
+            Some(group)
+        };
+        let updates = self.runtime.subscribe();
+        Ok(Response::new(feed::events(updates, group, self.stopping.clone())))
     }
 
     async fn abort_backup(

@@ -17,6 +17,8 @@ mod idempotency;
 mod pages;
 #[path = "contract/wait.rs"]
 mod wait;
+#[path = "contract/watch.rs"]
+mod watch;
 
 type Client = pb::listener_client::ListenerClient<Channel>;
 

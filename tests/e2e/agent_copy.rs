@@ -43,7 +43,7 @@ async fn start_and_watch(cluster: &Cluster) -> (String, Vec<pb::WatchEvent>) {
         .into_inner();
     let id = backup.backup_id;
     let mut stream = client
-        .watch_backup(pb::WatchBackupRequest { backup_id: id.clone() })
+        .watch_backup(pb::WatchBackupRequest { backup_id: id.clone(), ..Default::default() })
         .await
         .expect("watch backup")
         .into_inner();
