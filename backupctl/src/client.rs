@@ -123,7 +123,7 @@ pub fn about<T>(backup_id: &str, message: T) -> tonic::Request<T> {
 
 /// The newest backup of any group, or `None` when there is none yet.
 pub async fn newest(client: &mut Client) -> Result<Option<Backup>> {
-    let request = ListBackupsRequest { group: String::new(), limit: 1 };
+    let request = ListBackupsRequest { page_size: 1, ..ListBackupsRequest::default() };
     let reply =
         client.list_backups(request).await.map_err(|s| Error::rpc("list backups", s))?.into_inner();
     Ok(reply.backups.into_iter().next())

@@ -23,7 +23,8 @@ pub use error::{Error, Result, EXIT_BACKUP_FAILED, EXIT_OK, EXIT_USAGE};
 const EXIT_CODES: &str = "\
 Exit codes:
   0  the command did what was asked
-  1  the backup failed or was aborted (start --wait, watch); the repository is damaged, or
+  1  the backup failed or was aborted (start --wait, wait, watch), or wait --within passed
+     first; the repository is damaged, or
      holds only part of the backup: no backup manifest, no cut (verify, restore; pass
      --incomplete to check or restore that part anyway)
   2  bad usage, no identity, the listener unreachable or refusing, a wrong repository secret,
@@ -47,7 +48,7 @@ pub struct Cli {
 /// One variant per verb; each verb lives in `cmd/<verb>.rs`.
 #[derive(Debug, clap::Subcommand)]
 pub enum Command {
-    /// Start a backup of a group; optionally wait until it is snapshotted or complete
+    /// Start a backup of a group; optionally wait until it is snapshotted, complete or settled
     Start(cmd::start::Args),
     /// Show one backup (default: the newest): servers and the consistent cut
     Status(cmd::status::Args),
@@ -55,6 +56,8 @@ pub enum Command {
     List(cmd::list::Args),
     /// Follow a backup (default: the newest) live until it ends
     Watch(cmd::watch::Args),
+    /// Block until a backup is snapshotted, finished or settled
+    Wait(cmd::wait::Args),
     /// Print a backup's event log
     Log(cmd::log::Args),
     /// Abort a running backup: agents thaw and delete its snapshots
@@ -103,6 +106,7 @@ async fn dispatch(cli: Cli, out: &mut dyn Write) -> Result<()> {
         Command::Status(args) => cmd::status::run(conn, args, out).await,
         Command::List(args) => cmd::list::run(conn, args, out).await,
         Command::Watch(args) => cmd::watch::run(conn, args, out).await,
+        Command::Wait(args) => cmd::wait::run(conn, args, out).await,
         Command::Log(args) => cmd::log::run(conn, args, out).await,
         Command::Abort(args) => cmd::abort::run(conn, args, out).await,
         Command::Agents(args) => cmd::agents::run(conn, args, out).await,

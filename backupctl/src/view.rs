@@ -92,6 +92,8 @@ pub struct StepView {
 /// One entry of a backup's event log.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct LogEntryView {
+    /// The entry's place in its backup's log, from 1; `watch` resumes after it.
+    pub seq: u64,
     pub unix_ms: i64,
     pub time: Option<String>,
     pub server: Option<String>,
@@ -103,6 +105,7 @@ pub struct LogEntryView {
 /// One line of `watch --json`: the log entry and the backup as it is after it.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct WatchEventView {
+    pub backup_id: String,
     pub entry: Option<LogEntryView>,
     pub backup: Option<BackupView>,
 }
@@ -332,6 +335,7 @@ impl From<&Backup> for BackupView {
 impl From<&LogEntry> for LogEntryView {
     fn from(e: &LogEntry) -> Self {
         LogEntryView {
+            seq: e.seq,
             unix_ms: e.unix_ms,
             time: rfc3339(e.unix_ms),
             server: text(&e.server),
@@ -345,6 +349,7 @@ impl From<&LogEntry> for LogEntryView {
 impl From<&WatchEvent> for WatchEventView {
     fn from(e: &WatchEvent) -> Self {
         WatchEventView {
+            backup_id: e.backup_id.clone(),
             entry: e.entry.as_ref().map(LogEntryView::from),
             backup: e.backup.as_ref().map(BackupView::from),
         }
@@ -698,6 +703,9 @@ impl Progress {
         lines
     }
 }
+
+mod refusal;
+pub use refusal::{code_name, ErrorDocument, FieldView, RefusalView};
 
 #[cfg(test)]
 mod tests;

@@ -20,11 +20,14 @@ use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
 /// Scripted backups by group: `good` succeeds, `bad` fails in COMMITTING, `hang` reaches
-/// SNAPSHOTTED and then never ends, `denied` is refused.
+/// SNAPSHOTTED and then never ends, `denied` is refused, `flaky`'s first try of each request id
+/// is UNAVAILABLE.
 #[derive(Default, Clone)]
 struct Fake {
     backups: Arc<Mutex<HashMap<String, Backup>>>,
     headers: Arc<Mutex<Vec<String>>>,
+    /// The request id of every StartBackup, in order.
+    request_ids: Arc<Mutex<Vec<String>>>,
 }
 
 fn backup(id: &str, group: &str, state: BackupState) -> Backup {
@@ -72,7 +75,16 @@ impl Listener for Fake {
         &self,
         r: Request<StartBackupRequest>,
     ) -> Result<Response<Backup>, Status> {
-        let group = r.into_inner().group;
+        let StartBackupRequest { group, request_id } = r.into_inner();
+        let first_try = {
+            let mut ids = self.request_ids.lock().unwrap();
+            ids.push(request_id.clone());
+            !ids[..ids.len() - 1].contains(&request_id)
+        };
+        if group == "flaky" && first_try {
+            // As if the listener started the backup but the reply was lost.
+            return Err(Status::unavailable("connection reset"));
+        }
         if group == "denied" {
             return Err(Status::permission_denied("viewer:vic may not call StartBackup"));
         }
@@ -87,12 +99,47 @@ impl Listener for Fake {
         self.get(&r.into_inner().backup_id).map(Response::new)
     }
 
+    async fn wait_backup(&self, r: Request<WaitBackupRequest>) -> Result<Response<Backup>, Status> {
+        use prost::{Message, Name};
+        self.record(&r);
+        let request = r.into_inner();
+        let current = self.get(&request.backup_id)?;
+        let script = script(&current.group);
+        let snapshots = |s: &BackupState| {
+            matches!(s, BackupState::Snapshotted | BackupState::Copying | BackupState::Cleaning)
+        };
+        let reached = script.iter().find(|s| match WaitUntil::try_from(request.until) {
+            Ok(WaitUntil::Snapshotted) => snapshots(s) || s.is_terminal(),
+            _ => s.is_terminal(),
+        });
+        if let Some(state) = reached {
+            return Ok(Response::new(backup(&current.backup_id, &current.group, *state)));
+        }
+        // As the listener does when the time runs out: the backup as it is, in the details.
+        tokio::time::sleep(Duration::from_millis(request.timeout_ms.min(200))).await;
+        let last = script.last().copied().unwrap_or(BackupState::Pending);
+        let now = backup(&current.backup_id, &current.group, last);
+        let details = tonic_types::pb::Status {
+            code: tonic::Code::DeadlineExceeded as i32,
+            message: "not yet".into(),
+            details: vec![prost_types::Any {
+                type_url: Backup::type_url(),
+                value: now.encode_to_vec(),
+            }],
+        };
+        Err(Status::with_details(
+            tonic::Code::DeadlineExceeded,
+            "not yet",
+            details.encode_to_vec().into(),
+        ))
+    }
+
     async fn list_backups(
         &self,
         _: Request<ListBackupsRequest>,
     ) -> Result<Response<ListBackupsResponse>, Status> {
         let backups = self.backups.lock().unwrap().values().cloned().collect();
-        Ok(Response::new(ListBackupsResponse { backups }))
+        Ok(Response::new(ListBackupsResponse { backups, next_page_token: String::new() }))
     }
 
     async fn get_log(&self, _: Request<GetLogRequest>) -> Result<Response<GetLogResponse>, Status> {
@@ -106,10 +153,15 @@ impl Listener for Fake {
         r: Request<WatchBackupRequest>,
     ) -> Result<Response<Events>, Status> {
         self.record(&r);
-        let current = self.get(&r.into_inner().backup_id)?;
+        let request = r.into_inner();
+        let current = self.get(&request.backup_id)?;
         let (tx, rx) = tokio::sync::mpsc::channel(16);
         tokio::spawn(async move {
             for (i, state) in script(&current.group).into_iter().enumerate() {
+                let seq = u64::try_from(i).unwrap() + 1;
+                if seq <= request.after_seq {
+                    continue;
+                }
                 let b = backup(&current.backup_id, &current.group, state);
                 let entry = LogEntry {
                     unix_ms: b.created_unix_ms + i64::try_from(i).unwrap(),
@@ -117,8 +169,14 @@ impl Listener for Fake {
                     level: "info".into(),
                     message: format!("now {state:?}"),
                     state: state as i32,
+                    seq,
                 };
-                if tx.send(Ok(WatchEvent { entry: Some(entry), backup: Some(b) })).await.is_err() {
+                let event = WatchEvent {
+                    entry: Some(entry),
+                    backup: Some(b),
+                    backup_id: current.backup_id.clone(),
+                };
+                if tx.send(Ok(event)).await.is_err() {
                     return;
                 }
             }
@@ -128,6 +186,15 @@ impl Listener for Fake {
             }
         });
         Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
+    }
+
+    type WatchBackupsStream = Events;
+
+    async fn watch_backups(
+        &self,
+        _: Request<WatchBackupsRequest>,
+    ) -> Result<Response<Events>, Status> {
+        Err(Status::unimplemented("the fake follows one backup at a time"))
     }
 
     async fn abort_backup(
@@ -206,6 +273,21 @@ impl Harness {
 async fn start_without_wait_prints_the_id() {
     let h = harness().await;
     assert_eq!(h.run(&["start", "--group", "good"]).await, (0, "b-good\n".into()));
+}
+
+#[tokio::test]
+async fn start_retries_once_with_the_same_request_id() {
+    let h = harness().await;
+    assert_eq!(h.run(&["start", "--group", "flaky"]).await, (0, "b-flaky\n".into()));
+    let ids = h.fake.request_ids.lock().unwrap().clone();
+    assert_eq!(ids.len(), 2, "{ids:?}");
+    assert_eq!(ids[0], ids[1], "the retry carries the first try's request id");
+    assert_eq!(ids[0].len(), 36, "a fresh UUID: {ids:?}");
+    h.run(&["start", "--group", "good", "--request-id", "nightly-2024-05-01"]).await;
+    h.run(&["start", "--group", "good"]).await;
+    let ids = h.fake.request_ids.lock().unwrap().clone();
+    assert_eq!(ids[2], "nightly-2024-05-01");
+    assert!(!ids[..3].contains(&ids[3]), "every start gets a fresh id: {ids:?}");
 }
 
 #[tokio::test]

@@ -105,8 +105,11 @@ pub fn backup(r: &BackupRecord) -> pb::Backup {
     }
 }
 
-pub fn log_entry(e: &LogEntry) -> pb::LogEntry {
+/// A log entry with its store sequence number; on the wire `seq` counts from 1, so 0 can mean
+/// "from the start" in `after_seq`.
+pub fn log_entry(seq: u64, e: &LogEntry) -> pb::LogEntry {
     pb::LogEntry {
+        seq: seq + 1,
         unix_ms: e.at,
         server: e.server.clone().unwrap_or_default(),
         level: match e.level {
@@ -165,4 +168,89 @@ pub fn copy_done(done: pb::CopyDone) -> Result<crate::copier::ServerCopy, String
         packs: s.packs,
     };
     Ok(crate::copier::ServerCopy { volumes, stats })
+}
+
+/// What WaitBackup waits for; an unset or unknown value names the field.
+pub fn wait_until(raw: i32) -> crate::Result<crate::wait::Until> {
+    use crate::wait::Until;
+    match pb::WaitUntil::try_from(raw) {
+        Ok(pb::WaitUntil::Snapshotted) => Ok(Until::Snapshotted),
+        Ok(pb::WaitUntil::Finished) => Ok(Until::Finished),
+        Ok(pb::WaitUntil::Settled) => Ok(Until::Settled),
+        Ok(pb::WaitUntil::Unspecified) | Err(_) => Err(crate::Error::InvalidArgument {
+            field: "until",
+            reason: format!(
+                "{raw} is not a condition to wait for: WAIT_UNTIL_SNAPSHOTTED, WAIT_UNTIL_FINISHED or WAIT_UNTIL_SETTLED"
+            ),
+        }),
+    }
+}
+
+/// A ListBackups request as the query it asks for; each bad field is named.
+pub fn list_query(r: &pb::ListBackupsRequest) -> crate::Result<crate::pages::Query> {
+    use crate::pages::{Filter, Query, DEFAULT_PAGE, MAX_PAGE};
+    use crate::Error;
+    let group = if r.group.is_empty() {
+        None
+    } else {
+        crate::details::name("group", &r.group)?;
+        Some(r.group.clone())
+    };
+    let mut states = Vec::with_capacity(r.states.len());
+    for raw in &r.states {
+        states.push(state_name(*raw).ok_or_else(|| Error::InvalidArgument {
+            field: "states",
+            reason: format!("{raw} is not a backup state (PENDING .. ABORTED)"),
+        })?);
+    }
+    let time = |field: &'static str, t: i64| match t {
+        0 => Ok(None),
+        t if t < 0 => Err(Error::InvalidArgument {
+            field,
+            reason: format!("{t} is before 1970; give Unix milliseconds, or 0 for no bound"),
+        }),
+        t => Ok(Some(t)),
+    };
+    let filter = Filter {
+        group,
+        states,
+        created_from: time("created_after_unix_ms", r.created_after_unix_ms)?,
+        created_before: time("created_before_unix_ms", r.created_before_unix_ms)?,
+    };
+    if let (Some(from), Some(before)) = (filter.created_from, filter.created_before) {
+        if from >= before {
+            return Err(Error::InvalidArgument {
+                field: "created_before_unix_ms",
+                reason: format!(
+                    "{before} is not after created_after_unix_ms {from}: nothing could match"
+                ),
+            });
+        }
+    }
+    let asked = if r.page_size > 0 { r.page_size } else { r.limit };
+    let page_size = match usize::try_from(asked).unwrap_or(MAX_PAGE) {
+        0 => DEFAULT_PAGE,
+        n => n.min(MAX_PAGE),
+    };
+    let after = match r.page_token.as_str() {
+        "" => None,
+        token => Some(crate::pages::parse_token(token, &filter)?),
+    };
+    Ok(Query { filter, page_size, after })
+}
+
+/// A wire state as the record's state name; `None` for UNSPECIFIED or a value we do not know.
+fn state_name(raw: i32) -> Option<StateName> {
+    Some(match pb::BackupState::try_from(raw).ok()? {
+        pb::BackupState::Unspecified => return None,
+        pb::BackupState::Pending => StateName::Pending,
+        pb::BackupState::Preparing => StateName::Preparing,
+        pb::BackupState::Committing => StateName::Committing,
+        pb::BackupState::Snapshotted => StateName::Snapshotted,
+        pb::BackupState::Copying => StateName::Copying,
+        pb::BackupState::Cleaning => StateName::Cleaning,
+        pb::BackupState::Succeeded => StateName::Succeeded,
+        pb::BackupState::Failed => StateName::Failed,
+        pb::BackupState::Aborted => StateName::Aborted,
+    })
 }

@@ -7,11 +7,16 @@
 pub mod config;
 pub mod convert;
 pub mod copier;
+pub mod details;
 pub mod error;
+pub mod feed;
+pub mod pages;
+pub mod requests;
 pub mod runtime;
 pub mod service;
 pub mod store;
 pub mod testing;
+pub mod wait;
 
 /// The protocol's pure core, re-exported under the names the listener's modules use.
 pub use stillpoint_protocol::{coordinator, model};
@@ -35,7 +40,10 @@ pub async fn run(
 ) -> Result<()> {
     let tls = stillpoint_core::tls::server_config(&config.tls)?;
     let store = store::Store::open(&config.data_dir)?;
-    let rpc_timeout = Duration::from_millis(config.timeouts.rpc_ms.max(config.timeouts.lease_ms));
+    // Long enough for the longest WaitBackup; every other handler is bounded by the RPCs it
+    // makes (rpc_ms, lease_ms).
+    let rpc_timeout = Duration::from_millis(config.timeouts.rpc_ms.max(config.timeouts.lease_ms))
+        .max(wait::MAX_WAIT + Duration::from_secs(5));
     let runtime = runtime::Runtime::new(config, store)?;
     let recovered = runtime.recover()?;
     if recovered > 0 {
@@ -46,6 +54,13 @@ pub async fn run(
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<ListenerServer<service::ListenerService>>().await;
     tracing::info!(addr = %listener.local_addr()?, "listener serving");
+    // Streams that never end by themselves (WatchBackups) end when shutdown begins, so it does
+    // not wait on them.
+    let (stop, stopping) = tokio::sync::watch::channel(false);
+    let shutdown = async move {
+        shutdown.await;
+        let _ = stop.send(true);
+    };
     let layers =
         tower::ServiceBuilder::new().layer(AuthorizeLayer::new(service::policy)).layer(TraceLayer);
     tonic::transport::Server::builder()
@@ -57,7 +72,7 @@ pub async fn run(
         .concurrency_limit_per_connection(32)
         .layer(layers)
         .add_service(
-            ListenerServer::new(service::ListenerService::new(runtime))
+            ListenerServer::new(service::ListenerService::new(runtime, stopping))
                 .max_decoding_message_size(stillpoint_core::MAX_CONTROL_MESSAGE),
         )
         .add_service(health_service)

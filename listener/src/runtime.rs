@@ -20,6 +20,7 @@ use crate::coordinator::{Command, Coordinator, Event};
 use crate::copier::{Gather, Saveset, ServerCopy};
 use crate::error::{Error, Result};
 use crate::model::{BackupRecord, LogEntry, Millis};
+use crate::requests::RequestId;
 use crate::store::Store;
 
 /// The listener's clock: Unix time read once, advanced by the monotonic clock.
@@ -106,6 +107,10 @@ impl Runtime {
 
     pub fn config(&self) -> &Config {
         &self.config
+    }
+
+    pub fn clock(&self) -> Clock {
+        self.clock
     }
 
     pub fn subscribe(&self) -> broadcast::Receiver<Arc<Update>> {
@@ -195,11 +200,22 @@ impl Runtime {
         }
     }
 
-    /// Starts a backup of `group`; returns once Prepare has gone out.
-    pub async fn start(self: &Arc<Self>, group: &str, started_by: &str) -> Result<BackupRecord> {
+    /// Starts a backup of `group`; returns once Prepare has gone out. A `request_id` an
+    /// earlier Start used returns that Start's backup as it is now (`requests::replay`).
+    pub async fn start(
+        self: &Arc<Self>,
+        group: &str,
+        started_by: &str,
+        request_id: Option<&RequestId>,
+    ) -> Result<BackupRecord> {
         let group_config = self.config.group(group)?;
         let record = {
             let runs = self.runs.lock().expect("runs lock poisoned");
+            if let Some(request_id) = request_id {
+                if let Some(earlier) = crate::requests::replay(&self.store, request_id, group)? {
+                    return Ok(earlier);
+                }
+            }
             if let Some((id, _)) = runs.iter().find(|(_, r)| r.group == group) {
                 return Err(Error::Busy { group: group.into(), backup: id.clone() });
             }
@@ -211,7 +227,7 @@ impl Runtime {
                 started_by,
                 now,
             );
-            self.store.save(&record, &[])?;
+            self.store.save_started(&record, request_id.map(RequestId::as_str))?;
             record
         };
         let (tx, rx) = oneshot::channel();

@@ -12,9 +12,13 @@ use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
 use crate::convert;
-use crate::coordinator::Event;
-use crate::model::ServerStep;
+use crate::details;
+use crate::error::Error;
+use crate::feed;
+use crate::pages;
+use crate::requests::{self, Reports, RequestId};
 use crate::runtime::Runtime;
+use crate::wait;
 
 /// Which roles may call which Listener method. Anyone authenticated may probe the standard
 /// health service.
@@ -25,7 +29,14 @@ pub fn policy(path: &str, role: Role) -> bool {
     let Some(method) = path.strip_prefix("/stillpoint.v1.Listener/") else { return false };
     let read = matches!(
         method,
-        "GetBackup" | "ListBackups" | "GetLog" | "WatchBackup" | "ListAgents" | "Health"
+        "GetBackup"
+            | "WaitBackup"
+            | "ListBackups"
+            | "GetLog"
+            | "WatchBackup"
+            | "WatchBackups"
+            | "ListAgents"
+            | "Health"
     );
     match role {
         Role::Operator => true,
@@ -37,11 +48,14 @@ pub fn policy(path: &str, role: Role) -> bool {
 
 pub struct ListenerService {
     runtime: Arc<Runtime>,
+    reports: Reports,
+    /// Turns true when the listener shuts down: streams that never end by themselves end then.
+    stopping: tokio::sync::watch::Receiver<bool>,
 }
 
 impl ListenerService {
-    pub fn new(runtime: Arc<Runtime>) -> Self {
-        ListenerService { runtime }
+    pub fn new(runtime: Arc<Runtime>, stopping: tokio::sync::watch::Receiver<bool>) -> Self {
+        ListenerService { runtime, reports: Reports::default(), stopping }
     }
 }
 
@@ -53,9 +67,8 @@ fn caller<T>(request: &Request<T>) -> String {
         .unwrap_or_else(|| "unknown".into())
 }
 
-fn backup_id(id: &str) -> Result<(), Status> {
-    stillpoint_core::validate_name("backup_id", id)
-        .map_err(|e| Status::invalid_argument(e.to_string()))
+fn backup_id(id: &str) -> Result<(), Error> {
+    details::name("backup_id", id)
 }
 
 type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::WatchEvent, Status>> + Send>>;
@@ -67,8 +80,10 @@ impl Listener for ListenerService {
         request: Request<pb::StartBackupRequest>,
     ) -> Result<Response<pb::Backup>, Status> {
         let by = caller(&request);
-        let group = request.into_inner().group;
-        let record = self.runtime.start(&group, &by).await?;
+        let request = request.into_inner();
+        details::name("group", &request.group)?;
+        let request_id = RequestId::parse(&request.request_id)?;
+        let record = self.runtime.start(&request.group, &by, request_id.as_ref()).await?;
         Ok(Response::new(convert::backup(&record)))
     }
 
@@ -81,33 +96,46 @@ impl Listener for ListenerService {
         Ok(Response::new(convert::backup(&self.runtime.store().get(&id)?)))
     }
 
+    async fn wait_backup(
+        &self,
+        request: Request<pb::WaitBackupRequest>,
+    ) -> Result<Response<pb::Backup>, Status> {
+        let budget = wait::budget(request.get_ref().timeout_ms, request.metadata());
+        let request = request.into_inner();
+        backup_id(&request.backup_id)?;
+        let until = convert::wait_until(request.until)?;
+        let record = wait::wait(&self.runtime, &request.backup_id, until, budget).await?;
+        Ok(Response::new(convert::backup(&record)))
+    }
+
     async fn list_backups(
         &self,
         request: Request<pb::ListBackupsRequest>,
     ) -> Result<Response<pb::ListBackupsResponse>, Status> {
-        let request = request.into_inner();
-        let limit = if request.limit == 0 { usize::MAX } else { request.limit as usize };
-        let backups = self
-            .runtime
-            .store()
-            .list()?
-            .iter()
-            .filter(|r| request.group.is_empty() || r.group == request.group)
-            .take(limit)
-            .map(convert::backup)
-            .collect();
-        Ok(Response::new(pb::ListBackupsResponse { backups }))
+        let query = convert::list_query(request.get_ref())?;
+        let (page, next) = pages::page(self.runtime.store().list()?, &query);
+        Ok(Response::new(pb::ListBackupsResponse {
+            backups: page.iter().map(convert::backup).collect(),
+            next_page_token: next.unwrap_or_default(),
+        }))
     }
 
     async fn get_log(
         &self,
         request: Request<pb::GetLogRequest>,
     ) -> Result<Response<pb::GetLogResponse>, Status> {
-        let id = request.into_inner().backup_id;
+        let request = request.into_inner();
+        let id = request.backup_id;
         backup_id(&id)?;
         self.runtime.store().get(&id)?;
-        let entries =
-            self.runtime.store().log(&id, 0)?.iter().map(|(_, e)| convert::log_entry(e)).collect();
+        // Wire seq N is store sequence number N - 1: entries after N start at store seq N.
+        let entries = self
+            .runtime
+            .store()
+            .log(&id, request.after_seq)?
+            .iter()
+            .map(|(seq, e)| convert::log_entry(*seq, e))
+            .collect();
         Ok(Response::new(pb::GetLogResponse { entries }))
     }
 
@@ -117,27 +145,32 @@ impl Listener for ListenerService {
         &self,
         request: Request<pb::WatchBackupRequest>,
     ) -> Result<Response<WatchStream>, Status> {
-        let id = request.into_inner().backup_id;
+        let request = request.into_inner();
+        let id = request.backup_id;
         backup_id(&id)?;
         // Subscribe before reading the store so nothing falls between history and live updates.
         let mut updates = self.runtime.subscribe();
         let store = self.runtime.store().clone();
         let record = store.get(&id)?;
-        let history = store.log(&id, 0)?;
+        // Wire seq N is store sequence number N - 1: resuming after N starts at store seq N.
+        let from = request.after_seq;
+        let history = store.log(&id, from)?;
         let (tx, rx) = tokio::sync::mpsc::channel(64);
         tokio::spawn(async move {
-            let mut next = 0;
+            let mut next = from;
             let last = history.len();
             for (i, (seq, entry)) in history.into_iter().enumerate() {
                 next = seq + 1;
                 let backup = (i + 1 == last).then(|| convert::backup(&record));
-                let event = pb::WatchEvent { entry: Some(convert::log_entry(&entry)), backup };
+                let entry = Some(convert::log_entry(seq, &entry));
+                let event = pb::WatchEvent { entry, backup, backup_id: id.clone() };
                 if tx.send(Ok(event)).await.is_err() {
                     return;
                 }
             }
             if last == 0 {
-                let event = pb::WatchEvent { entry: None, backup: Some(convert::backup(&record)) };
+                let backup = Some(convert::backup(&record));
+                let event = pb::WatchEvent { entry: None, backup, backup_id: id.clone() };
                 if tx.send(Ok(event)).await.is_err() {
                     return;
                 }
@@ -157,8 +190,9 @@ impl Listener for ListenerService {
                         for (seq, entry) in missed {
                             next = seq + 1;
                             let event = pb::WatchEvent {
-                                entry: Some(convert::log_entry(&entry)),
+                                entry: Some(convert::log_entry(seq, &entry)),
                                 backup: Some(convert::backup(&record)),
+                                backup_id: id.clone(),
                             };
                             if tx.send(Ok(event)).await.is_err() {
                                 return;
@@ -178,20 +212,52 @@ impl Listener for ListenerService {
                     Some((seq, _)) if *seq < next => continue,
                     Some((seq, entry)) => {
                         next = seq + 1;
-                        Some(convert::log_entry(entry))
+                        Some(convert::log_entry(*seq, entry))
                     }
                     None => None,
                 };
-                let event = pb::WatchEvent { entry, backup: Some(convert::backup(&update.record)) };
+                let backup = Some(convert::backup(&update.record));
+                let event = pb::WatchEvent { entry, backup, backup_id: id.clone() };
                 if tx.send(Ok(event)).await.is_err() {
                     return;
                 }
                 if update.record.state.is_terminal() {
+                    // One decision can log several entries, each published with the final
+                    // record: send the rest from the store before ending, so none is lost.
+                    let Ok(rest) = store.log(&id, next) else { return };
+                    for (seq, entry) in rest {
+                        let event = pb::WatchEvent {
+                            entry: Some(convert::log_entry(seq, &entry)),
+                            backup: Some(convert::backup(&update.record)),
+                            backup_id: id.clone(),
+                        };
+                        if tx.send(Ok(event)).await.is_err() {
+                            return;
+                        }
+                    }
                     return;
                 }
             }
         });
         Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
+    }
+
+    type WatchBackupsStream = feed::Events;
+
+    async fn watch_backups(
+        &self,
+        request: Request<pb::WatchBackupsRequest>,
+    ) -> Result<Response<feed::Events>, Status> {
+        let group = request.into_inner().group;
+        let group = if group.is_empty() {
+            None
+        } else {
+            details::name("group", &group)?;
+            self.runtime.config().group(&group)?;
+            Some(group)
+        };
+        let updates = self.runtime.subscribe();
+        Ok(Response::new(feed::events(updates, group, self.stopping.clone())))
     }
 
     async fn abort_backup(
@@ -203,8 +269,7 @@ impl Listener for ListenerService {
         backup_id(&request.backup_id)?;
         let reason =
             if request.reason.is_empty() { "no reason given".to_string() } else { request.reason };
-        let record =
-            self.runtime.send(&request.backup_id, Event::AbortRequested { by, reason }).await?;
+        let record = requests::abort(&self.runtime, &request.backup_id, by, reason).await?;
         Ok(Response::new(convert::backup(&record)))
     }
 
@@ -222,32 +287,16 @@ impl Listener for ListenerService {
         let by = caller(&request);
         let request = request.into_inner();
         backup_id(&request.backup_id)?;
-        let record = self.runtime.store().get(&request.backup_id)?;
-        let Some(server) = record.servers.iter().find(|s| s.server == request.server) else {
-            return Err(Status::not_found(format!(
-                "backup {} has no server {}; its servers: {}",
-                record.id,
-                stillpoint_core::text::clip(&request.server, 64),
-                record.servers.iter().map(|s| s.server.as_str()).collect::<Vec<_>>().join(", ")
-            )));
-        };
-        if server.step != ServerStep::Copying {
-            return Err(Status::failed_precondition(format!(
-                "backup {} server {} is {} (backup {}), not copying; nothing was changed",
-                record.id,
-                server.server,
-                server.step.as_str(),
-                record.state.name()
-            )));
-        }
-        let detail = format!(
-            "reported by {by}{}",
-            if request.detail.is_empty() { String::new() } else { format!(": {}", request.detail) }
-        );
-        let result = if request.ok { Ok(detail) } else { Err(detail) };
         let record = self
-            .runtime
-            .send(&request.backup_id, Event::Copied { server: request.server, result })
+            .reports
+            .report(
+                &self.runtime,
+                &request.backup_id,
+                &request.server,
+                request.ok,
+                &by,
+                &request.detail,
+            )
             .await?;
         Ok(Response::new(convert::backup(&record)))
     }

@@ -9,9 +9,14 @@ use redb::{Database, ReadableTable, TableDefinition};
 
 use crate::error::{Error, Result};
 use crate::model::{BackupRecord, LogEntry};
+use crate::requests::CopyReport;
 
 const BACKUPS: TableDefinition<&str, &[u8]> = TableDefinition::new("backups");
 const LOG: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("log");
+/// A StartBackup's request id -> the backup it started (see `requests.rs`).
+const REQUESTS: TableDefinition<&str, &str> = TableDefinition::new("requests");
+/// (backup, server) -> the first copy report the backup software sent, as JSON.
+const COPY_REPORTS: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("copy_reports");
 
 #[derive(Clone)]
 pub struct Store {
@@ -115,6 +120,62 @@ impl Store {
             out.push((key.value().1, entry));
         }
         Ok(out)
+    }
+}
+
+/// Idempotency records (`requests.rs`), in tables of their own that are made on first write.
+impl Store {
+    /// Saves a new backup and, when its Start carried a request id, maps the id to it, in one
+    /// transaction: a retry finds the backup whenever the backup exists.
+    pub fn save_started(&self, record: &BackupRecord, request_id: Option<&str>) -> Result<()> {
+        let txn = self.db.begin_write().map_err(|e| self.err(e))?;
+        {
+            let body = serde_json::to_vec(record).map_err(|e| self.err(e))?;
+            let mut backups = txn.open_table(BACKUPS).map_err(|e| self.err(e))?;
+            backups.insert(record.id.as_str(), body.as_slice()).map_err(|e| self.err(e))?;
+            if let Some(request_id) = request_id {
+                let mut requests = txn.open_table(REQUESTS).map_err(|e| self.err(e))?;
+                requests.insert(request_id, record.id.as_str()).map_err(|e| self.err(e))?;
+            }
+        }
+        txn.commit().map_err(|e| self.err(e))
+    }
+
+    /// The backup a Start with `request_id` made, if one did.
+    pub fn started_by_request(&self, request_id: &str) -> Result<Option<String>> {
+        let txn = self.db.begin_read().map_err(|e| self.err(e))?;
+        let table = match txn.open_table(REQUESTS) {
+            Ok(table) => table,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
+            Err(e) => return Err(self.err(e)),
+        };
+        let found = table.get(request_id).map_err(|e| self.err(e))?;
+        Ok(found.map(|id| id.value().to_string()))
+    }
+
+    /// Keeps the first copy report for `server` of backup `id`.
+    pub fn save_copy_report(&self, id: &str, server: &str, report: &CopyReport) -> Result<()> {
+        let body = serde_json::to_vec(report).map_err(|e| self.err(e))?;
+        let txn = self.db.begin_write().map_err(|e| self.err(e))?;
+        {
+            let mut table = txn.open_table(COPY_REPORTS).map_err(|e| self.err(e))?;
+            table.insert((id, server), body.as_slice()).map_err(|e| self.err(e))?;
+        }
+        txn.commit().map_err(|e| self.err(e))
+    }
+
+    /// The first copy report for `server` of backup `id`, if any came.
+    pub fn copy_report(&self, id: &str, server: &str) -> Result<Option<CopyReport>> {
+        let txn = self.db.begin_read().map_err(|e| self.err(e))?;
+        let table = match txn.open_table(COPY_REPORTS) {
+            Ok(table) => table,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
+            Err(e) => return Err(self.err(e)),
+        };
+        let Some(found) = table.get((id, server)).map_err(|e| self.err(e))? else {
+            return Ok(None);
+        };
+        serde_json::from_slice(found.value()).map(Some).map_err(|e| self.err(e))
     }
 }
 

@@ -168,7 +168,10 @@ impl Agent for ScriptedAgent {
 
 /// The listener on a thread and runtime of its own; dropping it stops both.
 struct Running {
+    /// Ends the listener at once (a crash).
     stop: Option<oneshot::Sender<()>>,
+    /// Resolves `run`'s shutdown future (a SIGTERM).
+    graceful: Option<oneshot::Sender<()>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
@@ -286,6 +289,7 @@ impl Cluster {
         self.config.listen = socket.local_addr().expect("listener address");
         let config = self.config.clone();
         let (stop, stopped) = oneshot::channel::<()>();
+        let (graceful, terminated) = oneshot::channel::<()>();
         let thread = std::thread::spawn(move || {
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
@@ -295,7 +299,7 @@ impl Cluster {
             runtime.block_on(async move {
                 let socket = tokio::net::TcpListener::from_std(socket).expect("listener socket");
                 tokio::select! {
-                    result = crate::run(config, socket, std::future::pending()) => {
+                    result = crate::run(config, socket, async { let _ = terminated.await; }) => {
                         if let Err(e) = result {
                             tracing::error!(error = %e, "test listener stopped");
                         }
@@ -305,7 +309,8 @@ impl Cluster {
             });
             runtime.shutdown_timeout(Duration::from_secs(5));
         });
-        self.listener = Some(Running { stop: Some(stop), thread: Some(thread) });
+        self.listener =
+            Some(Running { stop: Some(stop), graceful: Some(graceful), thread: Some(thread) });
         self.wait_serving().await;
     }
 
@@ -315,6 +320,20 @@ impl Cluster {
         let running = self.listener.take();
         tokio::task::spawn_blocking(move || drop(running)).await.expect("stop the listener");
         self.start_listener().await;
+    }
+
+    /// Asks the listener to shut down as SIGTERM does; whether it stopped within `within`.
+    pub async fn shut_down_listener(&mut self, within: Duration) -> bool {
+        let Some(mut running) = self.listener.take() else { return true };
+        if let Some(graceful) = running.graceful.take() {
+            let _ = graceful.send(());
+        }
+        let Some(thread) = running.thread.take() else { return true };
+        let joined = tokio::task::spawn_blocking(move || thread.join());
+        let stopped = tokio::time::timeout(within, joined).await.is_ok();
+        // If it did not stop, dropping `running` now ends it the hard way.
+        drop(running);
+        stopped
     }
 
     async fn wait_serving(&self) {

@@ -33,3 +33,10 @@ impl AgentPhase {
         }
     }
 }
+
+/// Lets a `Backup` travel as a `google.protobuf.Any` in an error's details (WaitBackup's
+/// DEADLINE_EXCEEDED carries the backup as it was when the wait ended).
+impl prost::Name for Backup {
+    const NAME: &'static str = "Backup";
+    const PACKAGE: &'static str = "stillpoint.v1";
+}

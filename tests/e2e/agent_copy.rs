@@ -37,13 +37,13 @@ async fn start_and_watch(cluster: &Cluster) -> (String, Vec<pb::WatchEvent>) {
     let mut client =
         pb::listener_client::ListenerClient::new(cluster.channel_to_listener("operator"));
     let backup = client
-        .start_backup(pb::StartBackupRequest { group: "g".into() })
+        .start_backup(pb::StartBackupRequest { group: "g".into(), ..Default::default() })
         .await
         .expect("start backup")
         .into_inner();
     let id = backup.backup_id;
     let mut stream = client
-        .watch_backup(pb::WatchBackupRequest { backup_id: id.clone() })
+        .watch_backup(pb::WatchBackupRequest { backup_id: id.clone(), ..Default::default() })
         .await
         .expect("watch backup")
         .into_inner();

@@ -31,8 +31,9 @@ async fn hostile_requests_are_refused_clearly_and_disturb_nothing() {
         pb::agent_client::AgentClient::new(cluster.channel_to_agent("srv-a", "listener"));
 
     // The listener.
-    let unknown_group =
-        listener.start_backup(pb::StartBackupRequest { group: "nope".into() }).await;
+    let unknown_group = listener
+        .start_backup(pb::StartBackupRequest { group: "nope".into(), ..Default::default() })
+        .await;
     assert_status(unknown_group, Code::NotFound, "unknown group \"nope\"; configured groups: g");
     for id in ["../etc/passwd", "a\0b", &"x".repeat(4096), ""] {
         let get = listener.get_backup(pb::GetBackupRequest { backup_id: id.to_string() }).await;
@@ -42,7 +43,9 @@ async fn hostile_requests_are_refused_clearly_and_disturb_nothing() {
         .get_backup(pb::GetBackupRequest { backup_id: "20200101T000000Z-000000".into() })
         .await;
     assert_status(missing, Code::NotFound, "unknown backup");
-    let huge = listener.start_backup(pb::StartBackupRequest { group: "g".repeat(5 << 20) }).await;
+    let huge = listener
+        .start_backup(pb::StartBackupRequest { group: "g".repeat(5 << 20), ..Default::default() })
+        .await;
     assert_eq!(huge.expect_err("5 MiB request").code(), Code::OutOfRange);
     // Under the request limit, a 1 MB name is refused in a short message that says how long it
     // was: the whole name would overflow the client's limit on a status header.
@@ -135,7 +138,9 @@ async fn expired_and_wrong_role_certificates_are_refused() {
     let mut as_agent =
         pb::listener_client::ListenerClient::new(cluster.channel_to_listener("srv-a"));
     assert_status(
-        as_agent.start_backup(pb::StartBackupRequest { group: "g".into() }).await,
+        as_agent
+            .start_backup(pb::StartBackupRequest { group: "g".into(), ..Default::default() })
+            .await,
         Code::PermissionDenied,
         "agent:srv-a may not call",
     );

@@ -64,7 +64,7 @@ async fn a_certificate_from_another_ca_is_refused() {
         stillpoint_core::tls::channel(&url, "listener", &files, std::time::Duration::from_secs(5))
             .expect("channel");
     let err = pb::listener_client::ListenerClient::new(channel)
-        .start_backup(pb::StartBackupRequest { group: "g".into() })
+        .start_backup(pb::StartBackupRequest { group: "g".into(), ..Default::default() })
         .await
         .expect_err("foreign certificate");
     let text = stillpoint_core::tls::explain(&err);

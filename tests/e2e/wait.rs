@@ -30,7 +30,9 @@ async fn wait_snapshotted_returns_before_the_copy_and_copied_reports_finish_it()
         cluster.backupctl("hook", &["copied", &id, "--server", "srv-a", "--detail", "saveset 42"]);
     assert!(out.status.success(), "copied: {}", String::from_utf8_lossy(&out.stderr));
     let out = cluster.backupctl("hook", &["copied", &id, "--server", "srv-a"]);
-    assert_eq!(out.status.code(), Some(2), "a second report for the same server is refused");
+    assert!(out.status.success(), "a repeated report is taken as a retry");
+    let out = cluster.backupctl("hook", &["copied", &id, "--server", "srv-a", "--failed"]);
+    assert_eq!(out.status.code(), Some(2), "a report contradicting the first is refused");
     for server in ["srv-b", "srv-c"] {
         let out = cluster.backupctl("hook", &["copied", &id, "--server", server]);
         assert!(out.status.success(), "copied: {}", String::from_utf8_lossy(&out.stderr));
@@ -44,4 +46,18 @@ async fn wait_snapshotted_returns_before_the_copy_and_copied_reports_finish_it()
     let (_, status) = cluster.backupctl_json(&["status", &id]);
     assert_eq!(status["state"], "SUCCEEDED", "{status:#}");
     assert!(cluster.array.snapshots(None).expect("snapshots").is_empty());
+
+    // Agents answer the standard health check for anyone with a certificate of the CA.
+    for server in ["srv-a", "srv-b", "srv-c"] {
+        let channel = cluster.channel_to_agent(server, "viewer");
+        let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+        for service in ["", "stillpoint.v1.Agent"] {
+            let request = tonic_health::pb::HealthCheckRequest { service: service.into() };
+            let reply = health.check(request).await.expect("agent health").into_inner();
+            assert_eq!(
+                reply.status,
+                tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+            );
+        }
+    }
 }

@@ -1,4 +1,4 @@
-//! `log ID`: a backup's event log so far, one line per entry.
+//! `log ID [--after SEQ]`: a backup's event log so far, one line per entry.
 
 use std::io::Write;
 
@@ -12,6 +12,9 @@ use crate::view::{self, LogEntryView};
 pub struct Args {
     /// Backup id
     pub id: String,
+    /// Only entries after this seq (the `seq` of the last entry already read)
+    #[arg(long, value_name = "SEQ", default_value_t = 0)]
+    pub after: u64,
     /// Print a JSON array of log entries
     #[arg(long)]
     pub json: bool,
@@ -19,7 +22,8 @@ pub struct Args {
 
 pub async fn run(conn: &Connection, args: Args, out: &mut dyn Write) -> Result<()> {
     let mut client = conn.connect()?;
-    let request = about(&args.id, GetLogRequest { backup_id: args.id.clone() });
+    let request =
+        about(&args.id, GetLogRequest { backup_id: args.id.clone(), after_seq: args.after });
     let entries = client
         .get_log(request)
         .await

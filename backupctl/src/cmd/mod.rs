@@ -14,6 +14,7 @@ pub mod san;
 pub mod start;
 pub mod status;
 pub mod verify;
+pub mod wait;
 pub mod watch;
 
 /// Progress and notes for people go to stderr so stdout stays parseable; a closed stderr is not

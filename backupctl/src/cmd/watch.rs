@@ -1,20 +1,31 @@
-//! `watch [ID]`: follows a backup's WatchBackup stream until it ends. Also home of [`follow`],
-//! the stream loop `start --wait` and `abort` share, which resubscribes after a dropped stream.
+//! `watch [ID]`: follows a backup's WatchBackup stream until it ends; `watch --all` / `--group G`
+//! follow every backup (WatchBackups). Also home of [`follow`], the stream loop `abort` and the
+//! progress of `start --wait` share, which resumes a dropped stream after the last entry seen.
 
+use std::collections::HashMap;
 use std::io::Write;
 use std::time::Duration;
 
-use stillpoint_proto::{Backup, WatchBackupRequest, WatchEvent};
+use stillpoint_proto::{Backup, WatchBackupRequest, WatchBackupsRequest, WatchEvent};
 
 use crate::client::{self, about, Client, Connection};
 use crate::error::{Error, Result};
 use crate::view::{self, is_failed, is_terminal, Progress, WatchEventView};
 
-/// Exit 0 when the backup ends SUCCEEDED, 1 when it ends FAILED or ABORTED.
+/// Exit 0 when the backup ends SUCCEEDED, 1 when it ends FAILED or ABORTED. With --all or
+/// --group, follows every backup (or the group's) live until interrupted; exit 2 when the
+/// listener cannot be reached again.
 #[derive(Debug, clap::Args)]
 pub struct Args {
     /// Backup id (default: the newest backup)
+    #[arg(conflicts_with_all = ["all", "group"])]
     pub id: Option<String>,
+    /// Follow every backup live, each line naming its backup
+    #[arg(long, conflicts_with = "group")]
+    pub all: bool,
+    /// Follow this group's backups live, each line naming its backup
+    #[arg(long, value_name = "G")]
+    pub group: Option<String>,
     /// One JSON object per event, newline-delimited
     #[arg(long)]
     pub json: bool,
@@ -22,6 +33,9 @@ pub struct Args {
 
 pub async fn run(conn: &Connection, args: Args, out: &mut dyn Write) -> Result<()> {
     let mut client = conn.connect()?;
+    if args.all || args.group.is_some() {
+        return feed(&mut client, args.group.unwrap_or_default(), args.json, out).await;
+    }
     let id = match args.id {
         Some(id) => id,
         None => match client::newest(&mut client).await? {
@@ -48,6 +62,73 @@ pub async fn run(conn: &Connection, args: Args, out: &mut dyn Write) -> Result<(
     )
     .await?;
     outcome(&backup)
+}
+
+/// Prints WatchBackups' events until the listener cannot be reached again. A stream that ends
+/// (the listener restarted) or fell behind is subscribed again, saying so: events of the gap
+/// are not replayed (`watch ID` shows a backup's whole log).
+async fn feed(client: &mut Client, group: String, json: bool, out: &mut dyn Write) -> Result<()> {
+    let what = if group.is_empty() {
+        "watch every backup".to_string()
+    } else {
+        format!("watch group {group}")
+    };
+    let mut progress: HashMap<String, Progress> = HashMap::new();
+    let mut attempts = 0u32;
+    loop {
+        let request = WatchBackupsRequest { group: group.clone() };
+        let broken = match client.watch_backups(request).await {
+            Err(status) if attempts >= RESUBSCRIBE || !transient(&status) => {
+                return Err(Error::rpc(&what, status));
+            }
+            Err(status) => status,
+            Ok(reply) => {
+                let mut stream = reply.into_inner();
+                loop {
+                    match stream.message().await {
+                        Ok(Some(event)) => {
+                            attempts = 0;
+                            if json {
+                                writeln!(out, "{}", view::json(&WatchEventView::from(&event)))?;
+                            } else {
+                                let lines = progress
+                                    .entry(event.backup_id.clone())
+                                    .or_default()
+                                    .lines(&event);
+                                for line in lines {
+                                    writeln!(out, "{}  {line}", event.backup_id)?;
+                                }
+                            }
+                            out.flush()?;
+                        }
+                        Ok(None) => {
+                            break tonic::Status::unavailable("the listener ended the stream")
+                        }
+                        Err(status)
+                            if transient(&status) || status.code() == tonic::Code::Aborted =>
+                        {
+                            break status
+                        }
+                        Err(status) => return Err(Error::rpc(&what, status)),
+                    }
+                }
+            }
+        };
+        attempts += 1;
+        if attempts > RESUBSCRIBE {
+            return Err(Error::rpc(&what, broken));
+        }
+        super::note(&format!("backupctl: {what}: {}; subscribing again", broken.message()));
+        tokio::time::sleep(Duration::from_millis(500 * u64::from(attempts))).await;
+    }
+}
+
+/// A failure a new subscription may get past: no listener yet, a cut link.
+fn transient(status: &tonic::Status) -> bool {
+    matches!(
+        status.code(),
+        tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled
+    )
 }
 
 /// `Ok` unless the backup ended FAILED or ABORTED.
@@ -79,11 +160,12 @@ pub(crate) async fn follow(
     stop: impl Fn(&Backup) -> bool,
 ) -> Result<Backup> {
     let what = format!("watch backup {id}");
-    let mut entries_seen = 0usize;
+    // The last entry fed: a resubscription resumes after it, so none is fed twice or missed.
+    let mut after_seq = 0u64;
     let mut last: Option<Backup> = None;
     let mut attempts = 0u32;
     loop {
-        let request = about(id, WatchBackupRequest { backup_id: id.to_string() });
+        let request = about(id, WatchBackupRequest { backup_id: id.to_string(), after_seq });
         let broken = match client.watch_backup(request).await {
             Err(status) if last.is_none() || attempts >= RESUBSCRIBE => {
                 return Err(Error::rpc(&what, status));
@@ -91,16 +173,14 @@ pub(crate) async fn follow(
             Err(status) => status,
             Ok(reply) => {
                 let mut stream = reply.into_inner();
-                let mut replayed = 0usize;
                 loop {
                     match stream.message().await {
                         Ok(Some(event)) => {
-                            if event.entry.is_some() {
-                                replayed += 1;
-                                if replayed <= entries_seen {
+                            if let Some(entry) = &event.entry {
+                                if entry.seq <= after_seq {
                                     continue;
                                 }
-                                entries_seen += 1;
+                                after_seq = entry.seq;
                             }
                             on_event(&event)?;
                             if let Some(b) = event.backup {

@@ -181,14 +181,15 @@ fn log_watch_and_agent_json_shapes_are_stable() {
         level: "info".into(),
         message: "backup started".into(),
         state: BackupState::Preparing as i32,
+        seq: 1,
     };
     let v = to_value(&LogEntryView::from(&entry));
-    check_keys(&v, &["unix_ms", "time", "server", "level", "message", "state"]);
+    check_keys(&v, &["seq", "unix_ms", "time", "server", "level", "message", "state"]);
     assert_eq!((v["server"].clone(), v["state"].clone()), (Value::Null, Value::from("PREPARING")));
 
-    let event = WatchEvent { entry: Some(entry), backup: Some(sample()) };
+    let event = WatchEvent { entry: Some(entry), backup: Some(sample()), backup_id: "b-1".into() };
     let v = to_value(&WatchEventView::from(&event));
-    check_keys(&v, &["entry", "backup"]);
+    check_keys(&v, &["backup_id", "entry", "backup"]);
     assert_eq!(v["backup"]["backup_id"], "b-1");
 
     let agent = AgentInfo {
@@ -342,8 +343,10 @@ fn watch_lines_show_entries_and_phase_changes_only() {
             level: "info".into(),
             message: message.into(),
             state: BackupState::Preparing as i32,
+            seq: 1,
         }),
         backup: Some(backup.clone()),
+        backup_id: backup.backup_id.clone(),
     };
     assert_eq!(
         progress.lines(&event("frozen", &backup)),

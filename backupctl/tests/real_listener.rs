@@ -1,0 +1,192 @@
+//! The remote verbs against the real listener, served in-process over loopback mutual TLS with
+//! scripted agents (`stillpoint_listener::testing`): what backup software relies on, end to end
+//! through the contract.
+
+use std::time::Duration;
+
+use backupctl::Cli;
+use clap::Parser;
+use stillpoint_listener::testing::{Cluster, Spec};
+
+struct Real {
+    _dir: tempfile::TempDir,
+    cluster: Cluster,
+}
+
+impl Real {
+    async fn start(spec: Spec) -> Real {
+        let dir = tempfile::tempdir().unwrap();
+        let cluster = Cluster::start(dir.path(), spec).await;
+        Real { _dir: dir, cluster }
+    }
+
+    /// Runs `backupctl ARGS` as `identity`; returns the exit code and stdout.
+    async fn run(&self, identity: &str, args: &[&str]) -> (u8, String) {
+        let url = self.cluster.url();
+        let certs = self.cluster.certs.display().to_string();
+        let global = ["backupctl", "--listener", &url, "--certs", &certs, "--identity", identity];
+        let cli = Cli::try_parse_from(global.iter().chain(args)).unwrap();
+        let mut out = Vec::new();
+        let code = tokio::time::timeout(Duration::from_secs(60), backupctl::run(cli, &mut out))
+            .await
+            .unwrap_or_else(|_| panic!("backupctl {args:?} did not return"));
+        (code, String::from_utf8(out).unwrap())
+    }
+}
+
+impl Real {
+    /// Runs `backupctl ARGS` as `identity` for `span` (for verbs that never end by themselves);
+    /// returns what it printed by then.
+    async fn run_for(&self, identity: &str, args: &[&str], span: Duration) -> String {
+        let url = self.cluster.url();
+        let certs = self.cluster.certs.display().to_string();
+        let global = ["backupctl", "--listener", &url, "--certs", &certs, "--identity", identity];
+        let cli = Cli::try_parse_from(global.iter().chain(args)).unwrap();
+        let mut out = Vec::new();
+        let ended = tokio::time::timeout(span, backupctl::run(cli, &mut out)).await;
+        assert!(ended.is_err(), "backupctl {args:?} ended early: {ended:?}");
+        String::from_utf8(out).unwrap()
+    }
+}
+
+fn json(text: &str) -> serde_json::Value {
+    serde_json::from_str(text).unwrap_or_else(|e| panic!("{e}: {text:?}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_busy_start_names_the_backup_in_flight() {
+    let real = Real::start(Spec::default()).await;
+    let (code, out) = real.run("hook", &["start", "--group", "g"]).await;
+    assert_eq!(code, 0);
+    let busy = out.trim().to_string();
+    let (code, out) = real.run("hook", &["start", "--group", "g", "--json"]).await;
+    assert_eq!(code, 2);
+    let error = &json(&out)["error"];
+    assert_eq!(error["code"], "FAILED_PRECONDITION");
+    assert_eq!(error["reason"], "GROUP_BUSY");
+    assert_eq!(error["backup_id"], busy.as_str());
+    assert_eq!(error["group"], "g");
+
+    let (code, out) =
+        real.run("hook", &["start", "--group", "g", "--request-id", "a b", "--json"]).await;
+    assert_eq!(code, 2);
+    let error = &json(&out)["error"];
+    assert_eq!(error["code"], "INVALID_ARGUMENT");
+    assert_eq!(error["fields"][0]["field"], "request_id");
+    assert!(error["reason"].is_null());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn start_wait_blocks_on_the_listener_until_snapshotted_and_wait_chains_calls() {
+    use stillpoint_listener::testing::Step;
+    let real = Real::start(Spec::default()).await;
+    real.cluster.agent("srv-a").hold(Step::Commit);
+    let started = std::time::Instant::now();
+    let release = async {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        real.cluster.agent("srv-a").release(Step::Commit);
+    };
+    let ((code, out), ()) = tokio::join!(
+        real.run("hook", &["start", "--group", "g", "--wait", "snapshotted", "--json"]),
+        release
+    );
+    assert_eq!(code, 0, "{out}");
+    assert!(started.elapsed() >= Duration::from_millis(500), "returned before the snapshots");
+    let backup = json(&out);
+    assert_eq!(backup["state"], "COPYING");
+    let id = backup["backup_id"].as_str().unwrap().to_string();
+
+    // Each call lasts at most the 1 s connection timeout; the wait goes on across calls and
+    // gives up after 3 s with the backup as it is.
+    let started = std::time::Instant::now();
+    let (code, out) = real
+        .run(
+            "viewer",
+            &["--timeout", "1", "wait", &id, "--until", "finished", "--within", "3", "--json"],
+        )
+        .await;
+    assert_eq!(code, 1, "{out}");
+    assert!(started.elapsed() >= Duration::from_secs(3), "{:?}", started.elapsed());
+    assert_eq!(json(&out)["state"], "COPYING");
+
+    for server in ["srv-a", "srv-b"] {
+        assert_eq!(real.run("hook", &["copied", &id, "--server", server]).await.0, 0);
+    }
+    let (code, out) = real.run("viewer", &["wait", &id, "--until", "settled", "--json"]).await;
+    assert_eq!(code, 0, "{out}");
+    let backup = json(&out);
+    assert_eq!(backup["state"], "SUCCEEDED");
+    assert!(backup["servers"].as_array().unwrap().iter().all(|s| s["phase"] == "cleaned"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn list_follows_pages_and_filters_by_state_and_time() {
+    let real = Real::start(Spec::default()).await;
+    let mut ids = Vec::new();
+    for _ in 0..5 {
+        let (code, out) = real.run("hook", &["start", "--group", "g"]).await;
+        assert_eq!(code, 0);
+        let id = out.trim().to_string();
+        assert_eq!(real.run("hook", &["abort", &id]).await.0, 0);
+        ids.push(id);
+    }
+    let (code, out) = real.run("hook", &["start", "--group", "g", "--wait", "snapshotted"]).await;
+    assert_eq!(code, 0);
+    ids.push(out.trim().to_string());
+    ids.reverse();
+    let listed = |out: &str| -> Vec<String> {
+        json(out)
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|b| b["backup_id"].as_str().unwrap().to_string())
+            .collect()
+    };
+
+    // Two a page, every page followed; --limit stops early.
+    let (code, out) =
+        real.run("viewer", &["list", "--limit", "0", "--page-size", "2", "--json"]).await;
+    assert_eq!(code, 0);
+    assert_eq!(listed(&out), ids);
+    let (_, out) =
+        real.run("viewer", &["list", "--limit", "3", "--page-size", "2", "--json"]).await;
+    assert_eq!(listed(&out), ids[..3]);
+    let (_, out) =
+        real.run("viewer", &["list", "--state", "aborted", "--page-size", "2", "--json"]).await;
+    assert_eq!(listed(&out), ids[1..]);
+    let (_, out) =
+        real.run("viewer", &["list", "--state", "copying", "--state", "failed", "--json"]).await;
+    assert_eq!(listed(&out), ids[..1]);
+    let (_, out) = real.run("viewer", &["list", "--since", "1h", "--json"]).await;
+    assert_eq!(listed(&out).len(), 6);
+    let (_, out) = real.run("viewer", &["list", "--since", "2999-01-01T00:00:00Z", "--json"]).await;
+    assert_eq!(out.trim(), "[]");
+    assert!(Cli::try_parse_from(["backupctl", "list", "--state", "broken"]).is_err());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_all_and_watch_group_follow_every_backup_live() {
+    let real = Real::start(Spec::default()).await;
+    let started = async {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let (_, g) = real.run("hook", &["start", "--group", "g", "--wait", "snapshotted"]).await;
+        let (_, h) = real.run("hook", &["start", "--group", "h", "--wait", "snapshotted"]).await;
+        (g.trim().to_string(), h.trim().to_string())
+    };
+    let span = Duration::from_secs(4);
+    let (all, group, (g, h)) = tokio::join!(
+        real.run_for("viewer", &["watch", "--all"], span),
+        real.run_for("viewer", &["watch", "--group", "h", "--json"], span),
+        started
+    );
+    assert!(
+        all.lines().any(|l| l.starts_with(&format!("{g}  ")) && l.contains("COPYING")),
+        "{all}"
+    );
+    assert!(all.lines().any(|l| l.starts_with(&format!("{h}  "))), "{all}");
+    let events: Vec<serde_json::Value> = group.lines().map(json).collect();
+    assert!(!events.is_empty());
+    assert!(events.iter().all(|e| e["backup_id"] == h.as_str()), "{group}");
+    let seqs: Vec<u64> = events.iter().filter_map(|e| e["entry"]["seq"].as_u64()).collect();
+    assert!(seqs.windows(2).all(|w| w[1] == w[0] + 1), "every entry once, in order: {seqs:?}");
+}

@@ -1,0 +1,65 @@
+//! WatchBackups: the live events of every backup, or of one group's, as the runtime publishes
+//! them, each naming its backup. No history (WatchBackup with `after_seq` has that) and no task
+//! of its own: the stream is polled by the connection, so a caller that goes away leaves nothing
+//! running. It ends with ABORTED when the caller fell so far behind that events were lost, and
+//! when the listener shuts down.
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use stillpoint_proto as pb;
+use tokio::sync::broadcast::{self, error::RecvError};
+use tokio::sync::watch;
+use tokio_stream::Stream;
+use tonic::Status;
+
+use crate::convert;
+use crate::runtime::Update;
+
+pub type Events = Pin<Box<dyn Stream<Item = Result<pb::WatchEvent, Status>> + Send>>;
+
+/// Live events of every backup, or of `group`'s only, until `stopping` turns true.
+pub fn events(
+    updates: broadcast::Receiver<Arc<Update>>,
+    group: Option<String>,
+    stopping: watch::Receiver<bool>,
+) -> Events {
+    struct Feed {
+        updates: broadcast::Receiver<Arc<Update>>,
+        group: Option<String>,
+        stopping: watch::Receiver<bool>,
+        ended: bool,
+    }
+    let feed = Feed { updates, group, stopping, ended: false };
+    Box::pin(futures::stream::unfold(feed, |mut feed| async move {
+        if feed.ended {
+            return None;
+        }
+        loop {
+            let update = tokio::select! {
+                update = feed.updates.recv() => update,
+                _ = feed.stopping.wait_for(|stop| *stop) => return None,
+            };
+            let update = match update {
+                Ok(update) => update,
+                Err(RecvError::Lagged(missed)) => {
+                    feed.ended = true;
+                    let status = Status::aborted(format!(
+                        "this watch fell {missed} events behind and they are gone; watch again, and resume each backup with WatchBackup after the last seq you saw"
+                    ));
+                    return Some((Err(status), feed));
+                }
+                Err(RecvError::Closed) => return None,
+            };
+            if feed.group.as_ref().is_some_and(|g| *g != update.record.group) {
+                continue;
+            }
+            let event = pb::WatchEvent {
+                entry: update.entry.as_ref().map(|(seq, e)| convert::log_entry(*seq, e)),
+                backup: Some(convert::backup(&update.record)),
+                backup_id: update.backup_id.clone(),
+            };
+            return Some((Ok(event), feed));
+        }
+    }))
+}
