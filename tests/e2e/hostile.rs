@@ -49,7 +49,9 @@ async fn hostile_requests_are_refused_clearly_and_disturb_nothing() {
     assert_eq!(huge.expect_err("5 MiB request").code(), Code::OutOfRange);
     // Under the request limit, a 1 MB name is refused in a short message that says how long it
     // was: the whole name would overflow the client's limit on a status header.
-    let big = listener.start_backup(pb::StartBackupRequest { group: "g".repeat(1_000_000) }).await;
+    let big = listener
+        .start_backup(pb::StartBackupRequest { group: "g".repeat(1_000_000), ..Default::default() })
+        .await;
     let status = big.expect_err("unknown 1 MB group");
     assert_eq!(status.code(), Code::NotFound, "{status:?}");
     assert!(status.message().len() < 1024, "{} bytes", status.message().len());
