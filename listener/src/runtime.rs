@@ -207,6 +207,40 @@ impl Runtime {
         }
     }
 
+    /// Waits until backup `id` satisfies `until`, or until nothing more can change it (its task
+    /// ended, or the listener stops); returns the record as it is then. For callers that wait
+    /// for a state, e.g. settled (`record.settled.is_some()`).
+    pub async fn wait_until(
+        &self,
+        id: &str,
+        until: impl Fn(&BackupRecord) -> bool,
+    ) -> Result<BackupRecord> {
+        // Subscribe first, so no change falls between the look and the wait.
+        let mut updates = self.updates.subscribe();
+        loop {
+            let live = self.runs.contains(id);
+            let record = self.backup(id)?;
+            if until(&record) || !live {
+                return Ok(record);
+            }
+            loop {
+                let update = tokio::select! {
+                    update = updates.recv() => update,
+                    () = self.shutdown.cancelled() => return self.backup(id),
+                };
+                match update {
+                    Ok(u) if u.backup_id == id && (u.ended || until(&u.record)) => {
+                        return Ok((*u.record).clone());
+                    }
+                    Ok(_) => {}
+                    // Missed some: look again.
+                    Err(broadcast::error::RecvError::Lagged(_)) => break,
+                    Err(broadcast::error::RecvError::Closed) => return self.backup(id),
+                }
+            }
+        }
+    }
+
     /// Refuses a copy report (`ReportCopy`) unless this listener's copies are reported: in any
     /// other mode its own copier makes, seals and verifies them.
     pub fn check_copy_report(&self, backup_id: &str) -> Result<()> {

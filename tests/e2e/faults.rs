@@ -278,8 +278,19 @@ async fn agent_killed_while_copying_leaves_its_snapshot_to_the_sweep() {
     );
     cluster.restart_agent("srv-a").await;
     assert_clean(&cluster, &good, &id, "SUCCEEDED", "").await;
+    // The sweep says what it did, in the backup's log and in srv-a's step.
     let out = cluster.backupctl("viewer", &["log", &id]);
-    assert!(String::from_utf8_lossy(&out.stdout).contains("swept leftover on srv-a"));
+    let log = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        log.lines().any(|l| l.contains("srv-a")
+            && l.contains("swept: abort done: ")
+            && l.contains("1 snapshot deleted")),
+        "{log}"
+    );
+    let backup = status(&cluster, &id);
+    let srv_a =
+        backup["servers"].as_array().and_then(|s| s.iter().find(|s| s["server"] == "srv-a"));
+    assert_eq!(srv_a.map(|s| s["phase"].clone()), Some(Value::from("aborted")), "{backup:#}");
 }
 
 /// Saveset copies on the agents, srv-a's slow (8 MiB at 400 ms per MiB) so a fault lands mid-copy.
@@ -329,9 +340,7 @@ async fn agent_killed_while_copying_on_the_agent() {
     let out = cluster.backupctl("viewer", &["log", &id]);
     let log = String::from_utf8_lossy(&out.stdout);
     // Whichever came first once the agent was back: the backup's retried Abort or the sweep.
-    let deleted = log
-        .lines()
-        .any(|l| l.contains("srv-a") && (l.contains("abort done") || l.contains("swept leftover")));
+    let deleted = log.lines().any(|l| l.contains("srv-a") && l.contains("abort done"));
     assert!(deleted, "srv-a's snapshot was not deleted by the abort or the sweep:\n{log}");
     // The copy cut short did no damage: the whole repository still verifies, data included.
     let report = cluster.saveset().verify(true).expect("verify the repository");

@@ -175,6 +175,8 @@ async fn a_watch_carries_every_entry_to_the_last() {
         detail: String::new(),
     };
     client.report_copy(report).await.expect("report copy");
+    let settled = runtime.wait_until("b-report", |r| r.settled.is_some()).await.expect("wait");
+    assert_eq!(settled.state, State::Succeeded);
     let watched = watched.await.expect("watch task");
     let log = log_of(&mut client, "b-report").await;
     assert_eq!(watched, log, "the watch saw what the log holds");
@@ -235,4 +237,47 @@ async fn background_tasks_end_when_serve_returns() {
         after_stop,
         "the sweeper still calls agents after the listener stopped"
     );
+}
+
+/// Records, for every span named `backup`, the name of its parent (`None`: a root span).
+#[derive(Clone, Default)]
+struct BackupSpans(Arc<std::sync::Mutex<Vec<Option<String>>>>);
+
+impl<S> tracing_subscriber::Layer<S> for BackupSpans
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+{
+    fn on_new_span(
+        &self,
+        attrs: &tracing::span::Attributes<'_>,
+        _: &tracing::span::Id,
+        ctx: tracing_subscriber::layer::Context<'_, S>,
+    ) {
+        if attrs.metadata().name() != "backup" {
+            return;
+        }
+        let parent = if attrs.is_root() {
+            None
+        } else if let Some(parent) = attrs.parent() {
+            ctx.span(parent).map(|s| s.name().to_string())
+        } else {
+            ctx.lookup_current().map(|s| s.name().to_string())
+        };
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).push(parent);
+    }
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_backups_lines_run_in_a_root_span_not_under_the_request_that_started_it() {
+    use tracing::Instrument;
+    use tracing_subscriber::layer::SubscriberExt;
+    let spans = BackupSpans::default();
+    let _default =
+        tracing::subscriber::set_default(tracing_subscriber::registry().with(spans.clone()));
+    let f = Fixture::new();
+    let runtime = Runtime::open(f.config(3_600_000)).expect("runtime");
+    let rpc = tracing::info_span!("rpc", method = "StartBackup");
+    runtime.start("g", "operator:test", None).instrument(rpc).await.expect("start");
+    let seen = spans.0.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    assert_eq!(seen, vec![None], "the backup's span has no parent");
 }
