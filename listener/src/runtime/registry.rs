@@ -31,8 +31,8 @@ struct Run {
     /// `None` once the backup is terminal: its task then only finishes what is under way.
     events: Option<mpsc::UnboundedSender<Envelope>>,
     record: Arc<BackupRecord>,
-    /// Between its claim (just before Prepare) and leaving PREPARING/COMMITTING, the backup
-    /// holds its servers: no other backup freezes them meanwhile.
+    /// Between its claim (just before Prepare) and its snapshots (or, if it fails first, its
+    /// aborts' answers), the backup holds its servers: no other backup freezes them meanwhile.
     freezing: bool,
 }
 
@@ -101,10 +101,15 @@ impl Runs {
             let mut runs = self.lock();
             let Some(run) = runs.get_mut(&record.id) else { return };
             run.record = Arc::new(record.clone());
-            let holds = matches!(
-                record.state,
-                State::Pending | State::Preparing { .. } | State::Committing { .. }
-            );
+            // A backup that ended before its snapshots may still hold a freeze until its
+            // aborts are answered.
+            let aborting =
+                record.state.is_terminal() && record.settled.is_none() && record.verdict.is_none();
+            let holds = aborting
+                || matches!(
+                    record.state,
+                    State::Pending | State::Preparing { .. } | State::Committing { .. }
+                );
             if run.freezing && !holds {
                 run.freezing = false;
                 freed = true;

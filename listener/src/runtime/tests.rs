@@ -281,3 +281,39 @@ async fn a_backups_lines_run_in_a_root_span_not_under_the_request_that_started_i
     let seen = spans.0.lock().unwrap_or_else(|p| p.into_inner()).clone();
     assert_eq!(seen, vec![None], "the backup's span has no parent");
 }
+
+#[test]
+fn one_freeze_per_server_at_a_time_and_copying_does_not_count() {
+    use super::registry::Runs;
+    let runs = Runs::default();
+    let names = |list: &[&str]| list.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    let g = BackupRecord::new("bg", "g", &names(&["a", "b"]), "x", 0);
+    let h = BackupRecord::new("bh", "h", &names(&["b", "c"]), "x", 0);
+    let k = BackupRecord::new("bk", "k", &names(&["c"]), "x", 0);
+    for r in [&g, &h, &k] {
+        let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
+        assert!(runs.insert(r, tx).is_ok());
+    }
+    assert!(runs.claim_freeze("bg").is_ok());
+    let held = runs.claim_freeze("bh").expect_err("b is held by bg");
+    assert_eq!((held.by.as_str(), held.servers), ("bg", names(&["b"])));
+    assert!(runs.claim_freeze("bk").is_ok(), "c is free");
+
+    let mut g = g;
+    g.state = State::Preparing { sent_at: 0, cutoff_at: 10 };
+    runs.update(&g);
+    assert!(runs.claim_freeze("bh").is_err(), "still freezing");
+    g.state = State::Snapshotted { deadline: 100 };
+    runs.update(&g);
+    let held = runs.claim_freeze("bh").expect_err("c is held by bk");
+    assert_eq!(held.by, "bk", "bg let go once its snapshots exist");
+
+    // A backup that failed before its snapshots holds until its aborts are answered.
+    let mut k = k;
+    k.state = State::Failed { phase: crate::model::StateName::Preparing, reason: "x".into() };
+    runs.update(&k);
+    assert!(runs.claim_freeze("bh").is_err());
+    k.settled = Some(20);
+    runs.update(&k);
+    assert!(runs.claim_freeze("bh").is_ok());
+}
