@@ -93,7 +93,8 @@ async fn start_wait_blocks_on_the_listener_until_snapshotted_and_wait_chains_cal
     assert_eq!(code, 0, "{out}");
     assert!(started.elapsed() >= Duration::from_millis(500), "returned before the snapshots");
     let backup = json(&out);
-    assert_eq!(backup["state"], "COPYING");
+    // Report mode: SNAPSHOTTED until the backup software's first report.
+    assert_eq!(backup["state"], "SNAPSHOTTED");
     let id = backup["backup_id"].as_str().unwrap().to_string();
 
     // Each call lasts at most the 1 s connection timeout; the wait goes on across calls and
@@ -107,7 +108,7 @@ async fn start_wait_blocks_on_the_listener_until_snapshotted_and_wait_chains_cal
         .await;
     assert_eq!(code, 1, "{out}");
     assert!(started.elapsed() >= Duration::from_secs(3), "{:?}", started.elapsed());
-    assert_eq!(json(&out)["state"], "COPYING");
+    assert_eq!(json(&out)["state"], "SNAPSHOTTED");
 
     for server in ["srv-a", "srv-b"] {
         assert_eq!(real.run("hook", &["copied", &id, "--server", server]).await.0, 0);
@@ -154,8 +155,9 @@ async fn list_follows_pages_and_filters_by_state_and_time() {
     let (_, out) =
         real.run("viewer", &["list", "--state", "aborted", "--page-size", "2", "--json"]).await;
     assert_eq!(listed(&out), ids[1..]);
-    let (_, out) =
-        real.run("viewer", &["list", "--state", "copying", "--state", "failed", "--json"]).await;
+    let (_, out) = real
+        .run("viewer", &["list", "--state", "snapshotted", "--state", "failed", "--json"])
+        .await;
     assert_eq!(listed(&out), ids[..1]);
     let (_, out) = real.run("viewer", &["list", "--since", "1h", "--json"]).await;
     assert_eq!(listed(&out).len(), 6);
@@ -180,7 +182,7 @@ async fn watch_all_and_watch_group_follow_every_backup_live() {
         started
     );
     assert!(
-        all.lines().any(|l| l.starts_with(&format!("{g}  ")) && l.contains("COPYING")),
+        all.lines().any(|l| l.starts_with(&format!("{g}  ")) && l.contains("SNAPSHOTTED")),
         "{all}"
     );
     assert!(all.lines().any(|l| l.starts_with(&format!("{h}  "))), "{all}");

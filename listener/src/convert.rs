@@ -99,9 +99,15 @@ pub fn backup(r: &BackupRecord) -> pb::Backup {
         cut: Some(pb::Cut {
             checked: r.verdict.is_some(),
             consistent: r.verdict.as_ref().is_some_and(|v| v.consistent),
-            verdict: r.verdict.as_ref().map(|v| v.text.clone()).unwrap_or_default(),
+            verdict: match (&r.verdict, &r.never_judged) {
+                (Some(v), _) => v.text.clone(),
+                (None, Some(why)) => why.clone(),
+                (None, None) => String::new(),
+            },
             servers: cut_servers,
         }),
+        settled: r.settled.is_some(),
+        unconfirmed: r.unconfirmed(),
     }
 }
 

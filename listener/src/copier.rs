@@ -1,17 +1,213 @@
-//! The copiers: here the external one, which runs the configured command once per snapshot with
-//! the snapshot's locator in its environment and its exit status as the verdict; the built-in
-//! one, into a saveset repository, is in `saveset.rs`. (The report mode, waiting for
-//! `backupctl copied`, needs no code here.)
+//! The copiers, one [`Copier`] built once from the config: the backup software's report (no
+//! code: it waits for `ReportCopy`), an external command run once per snapshot with the
+//! snapshot's locator in its environment, IDR images, and the built-in saveset copier on the
+//! listener (`saveset.rs`) or on each agent (`agent.rs`, the Copy stream). Each copy and the
+//! seal run on their own task and answer the backup's task with events; none decides anything
+//! about the backup.
 
+use std::path::PathBuf;
 use std::process::Stdio;
+use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::io::AsyncReadExt;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
-use crate::model::SnapshotRef;
+use crate::agents::Agents;
+use crate::config::{Config, CopyConfig, CopyOn};
+use crate::coordinator::{CopyDone, Event};
+use crate::error::{Error, Result};
+use crate::model::{CutRecord, SnapshotRef};
+use crate::runtime::Feed;
 
+mod agent;
 mod saveset;
 
-pub use saveset::{cut_json, Gather, Saveset, ServerCopy, Throttle, PROGRESS_EVERY};
+pub use saveset::{Saveset, ServerCopy, Throttle, PROGRESS_EVERY};
+
+/// How this listener's backups are copied.
+pub enum Copier {
+    /// The backup software copies and says so (`ReportCopy`).
+    Report,
+    /// A command of the operator's, once per snapshot.
+    Command { command: Vec<String> },
+    /// IDR: a mountable image per snapshot under `target`.
+    Image { target: PathBuf },
+    /// The built-in copier, reading every snapshot here.
+    Saveset { saveset: Arc<Saveset> },
+    /// The built-in copier on each agent (the Copy stream); the listener seals.
+    SavesetOnAgents { saveset: Arc<Saveset>, agents: Arc<Agents>, silence: Duration },
+}
+
+impl Copier {
+    /// Builds the copier of `config`; in saveset mode this unlocks the repository, so a wrong
+    /// secret stops the start.
+    pub fn open(config: &Config, agents: Arc<Agents>) -> Result<Copier> {
+        Ok(match &config.copy {
+            CopyConfig::Report => Copier::Report,
+            CopyConfig::Command { command } => Copier::Command { command: command.clone() },
+            CopyConfig::Image { target } => Copier::Image { target: target.clone() },
+            CopyConfig::Saveset(c) => {
+                let saveset = Arc::new(Saveset::open(c).map_err(|problems| Error::Config {
+                    path: c.repository.display().to_string(),
+                    problems,
+                })?);
+                match c.on {
+                    CopyOn::Listener => Copier::Saveset { saveset },
+                    CopyOn::Agent => Copier::SavesetOnAgents {
+                        saveset,
+                        agents,
+                        silence: Duration::from_millis(config.timeouts.agent_copy_silence_ms),
+                    },
+                }
+            }
+        })
+    }
+
+    /// The mode's name, as `[copy] mode` (and `on`) say it.
+    pub fn mode(&self) -> &'static str {
+        match self {
+            Copier::Report => "report",
+            Copier::Command { .. } => "command",
+            Copier::Image { .. } => "image",
+            Copier::Saveset { .. } => "saveset",
+            Copier::SavesetOnAgents { .. } => "saveset on the agents",
+        }
+    }
+
+    /// Whether a backup's copies are sealed into one backup (the saveset's backup manifest).
+    pub fn seals(&self) -> bool {
+        matches!(self, Copier::Saveset { .. } | Copier::SavesetOnAgents { .. })
+    }
+
+    /// Whether the backup software reports copies (`ReportCopy`): only in report mode, where
+    /// no copier of the listener's runs. Elsewhere a report would end a copy nothing made.
+    pub fn takes_reports(&self) -> bool {
+        matches!(self, Copier::Report)
+    }
+
+    /// Starts `server`'s copy: progress and the result come back through `feed`. When `stop`
+    /// is cancelled (the backup ended, the listener stops) the copy stops and says nothing.
+    pub fn start(
+        &self,
+        backup_id: &str,
+        server: String,
+        snapshots: Vec<SnapshotRef>,
+        feed: Feed,
+        stop: CancellationToken,
+    ) {
+        let span = tracing::info_span!("copy", server = %server);
+        let backup_id = backup_id.to_string();
+        let progress = {
+            let (feed, server) = (feed.clone(), server.clone());
+            move |done, total| {
+                feed.send(Event::CopyProgress { server: server.clone(), done, total })
+            }
+        };
+        let entered = span.enter();
+        let copy: futures::future::BoxFuture<'static, std::result::Result<CopyDone, String>> =
+            match self {
+                Copier::Report => {
+                    tracing::info!("waiting for the backup software to report this server's copy");
+                    return;
+                }
+                Copier::Command { command } => {
+                    let command = command.clone();
+                    let server = server.clone();
+                    Box::pin(async move {
+                        run_command(&command, &backup_id, &server, &snapshots, progress)
+                            .await
+                            .map(CopyDone::said)
+                    })
+                }
+                Copier::Image { target } => {
+                    let (target, server) = (target.clone(), server.clone());
+                    blocking(move || {
+                        copy_images(&target, &backup_id, &server, &snapshots, progress)
+                            .map(CopyDone::said)
+                    })
+                }
+                Copier::Saveset { saveset } => {
+                    let (saveset, server) = (Arc::clone(saveset), server.clone());
+                    let stopped = stop.clone();
+                    blocking(move || {
+                        let mut progress = progress;
+                        let stop = || stopped.is_cancelled();
+                        saveset
+                            .copy_server(&backup_id, &server, &snapshots, &mut progress, &stop)
+                            .map(ServerCopy::done)
+                    })
+                }
+                Copier::SavesetOnAgents { agents, silence, .. } => {
+                    let (agents, silence, server) = (Arc::clone(agents), *silence, server.clone());
+                    Box::pin(async move {
+                        agent::copy(&agents, &backup_id, &server, silence, progress)
+                            .await
+                            .map(ServerCopy::done)
+                    })
+                }
+            };
+        drop(entered);
+        tokio::spawn(
+            async move {
+                // Dropping the copy stops it: a command is killed, the agent's stream closed;
+                // a blocking copy stops before its next volume.
+                let result = tokio::select! {
+                    result = copy => result,
+                    () = stop.cancelled() => return,
+                };
+                feed.send(Event::Copied { server, result });
+            }
+            .instrument(span),
+        );
+    }
+
+    /// Seals the backup: the backup manifest naming every volume manifest in `stored`, with
+    /// the cut, then the configured verify of that backup. Answers `Sealed` through `feed`.
+    pub fn seal(
+        &self,
+        backup_id: &str,
+        stored: Vec<String>,
+        cut: CutRecord,
+        feed: Feed,
+        stop: CancellationToken,
+    ) {
+        let saveset = match self {
+            Copier::Saveset { saveset } | Copier::SavesetOnAgents { saveset, .. } => {
+                Arc::clone(saveset)
+            }
+            Copier::Report | Copier::Command { .. } | Copier::Image { .. } => {
+                let mode = self.mode();
+                feed.send(Event::Sealed {
+                    result: Err(format!("copy mode {mode} has nothing to seal a backup with")),
+                });
+                return;
+            }
+        };
+        let backup_id = backup_id.to_string();
+        let seal = blocking(move || saveset.seal(&backup_id, &stored, &cut));
+        tokio::spawn(
+            async move {
+                let result = tokio::select! {
+                    result = seal => result,
+                    () = stop.cancelled() => return,
+                };
+                feed.send(Event::Sealed { result });
+            }
+            .in_current_span(),
+        );
+    }
+}
+
+/// Runs `work` on a blocking thread, under the caller's span.
+fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> std::result::Result<T, String> + Send + 'static,
+) -> futures::future::BoxFuture<'static, std::result::Result<T, String>> {
+    let span = tracing::Span::current();
+    let task = tokio::task::spawn_blocking(move || span.in_scope(work));
+    Box::pin(async move { task.await.unwrap_or_else(|e| Err(format!("copier task failed: {e}"))) })
+}
 
 /// Copies every snapshot of one server in turn; `progress(done, total)` after each one.
 pub async fn run_command(

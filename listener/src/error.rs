@@ -28,6 +28,8 @@ pub enum Error {
     /// The request contradicts what the backup already is or was told; nothing was changed.
     #[error("{0}")]
     Precondition(String),
+    #[error("backup {backup}: this listener copies with copy mode {mode}, which makes, seals and verifies its own copies; ReportCopy is only for copy mode report")]
+    CopyMode { backup: String, mode: &'static str },
     #[error(transparent)]
     Core(#[from] stillpoint_core::Error),
     #[error("{0}")]
@@ -114,7 +116,7 @@ impl From<Error> for tonic::Status {
                     Some(&backup),
                 );
             }
-            Error::Precondition(_) => (Code::FailedPrecondition, None),
+            Error::Precondition(_) | Error::CopyMode { .. } => (Code::FailedPrecondition, None),
             Error::Config { .. }
             | Error::Store { .. }
             | Error::Core(_)

@@ -4,6 +4,7 @@
 //! running. It ends with ABORTED when the caller fell so far behind that events were lost, and
 //! when the listener shuts down.
 
+use std::collections::VecDeque;
 use std::pin::Pin;
 use std::sync::Arc;
 
@@ -29,9 +30,14 @@ pub fn events(
         group: Option<String>,
         stopping: watch::Receiver<bool>,
         ended: bool,
+        /// Events of an update that logged several entries, not yet sent.
+        queued: VecDeque<pb::WatchEvent>,
     }
-    let feed = Feed { updates, group, stopping, ended: false };
+    let feed = Feed { updates, group, stopping, ended: false, queued: VecDeque::new() };
     Box::pin(futures::stream::unfold(feed, |mut feed| async move {
+        if let Some(event) = feed.queued.pop_front() {
+            return Some((Ok(event), feed));
+        }
         if feed.ended {
             return None;
         }
@@ -51,15 +57,22 @@ pub fn events(
                 }
                 Err(RecvError::Closed) => return None,
             };
-            if feed.group.as_ref().is_some_and(|g| *g != update.record.group) {
+            if update.ended || feed.group.as_ref().is_some_and(|g| *g != update.record.group) {
                 continue;
             }
-            let event = pb::WatchEvent {
-                entry: update.entry.as_ref().map(|(seq, e)| convert::log_entry(*seq, e)),
-                backup: Some(convert::backup(&update.record)),
+            // One event per entry, each with the backup as it is after the change.
+            let backup = convert::backup(&update.record);
+            let event = |entry: Option<&(u64, crate::model::LogEntry)>| pb::WatchEvent {
+                entry: entry.map(|(seq, e)| convert::log_entry(*seq, e)),
+                backup: Some(backup.clone()),
                 backup_id: update.backup_id.clone(),
             };
-            return Some((Ok(event), feed));
+            if update.entries.is_empty() {
+                return Some((Ok(event(None)), feed));
+            }
+            feed.queued.extend(update.entries.iter().map(|e| event(Some(e))));
+            let first = feed.queued.pop_front().map(Ok);
+            return first.map(|event| (event, feed));
         }
     }))
 }

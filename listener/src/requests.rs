@@ -6,7 +6,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::coordinator::Event;
+use crate::coordinator::{CopyDone, Event};
 use crate::error::{Error, Result};
 use crate::model::{BackupRecord, Millis, ServerStep, State};
 use crate::runtime::Runtime;
@@ -135,13 +135,13 @@ impl Reports {
             at: runtime.clock().now(),
             detail: detail.to_string(),
         };
-        store.save_copy_report(backup_id, server, &report)?;
+        store.save_copy_report(backup_id, server, &report).await?;
         let text = if detail.is_empty() {
             format!("reported by {by}")
         } else {
             format!("reported by {by}: {detail}")
         };
-        let result = if ok { Ok(text) } else { Err(text) };
+        let result = if ok { Ok(CopyDone::said(text)) } else { Err(text) };
         runtime.send(backup_id, Event::Copied { server: server.to_string(), result }).await
     }
 }

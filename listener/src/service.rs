@@ -7,8 +7,7 @@ use std::sync::Arc;
 use stillpoint_core::identity::{Identity, Role};
 use stillpoint_proto as pb;
 use stillpoint_proto::listener_server::Listener;
-use tokio::sync::broadcast::error::RecvError;
-use tokio_stream::Stream;
+use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status};
 
 use crate::convert;
@@ -93,7 +92,7 @@ impl Listener for ListenerService {
     ) -> Result<Response<pb::Backup>, Status> {
         let id = request.into_inner().backup_id;
         backup_id(&id)?;
-        Ok(Response::new(convert::backup(&self.runtime.store().get(&id)?)))
+        Ok(Response::new(convert::backup(&self.runtime.backup(&id)?)))
     }
 
     async fn wait_backup(
@@ -148,98 +147,16 @@ impl Listener for ListenerService {
         let request = request.into_inner();
         let id = request.backup_id;
         backup_id(&id)?;
-        // Subscribe before reading the store so nothing falls between history and live updates.
-        let mut updates = self.runtime.subscribe();
-        let store = self.runtime.store().clone();
-        let record = store.get(&id)?;
         // Wire seq N is store sequence number N - 1: resuming after N starts at store seq N.
-        let from = request.after_seq;
-        let history = store.log(&id, from)?;
-        let (tx, rx) = tokio::sync::mpsc::channel(64);
-        tokio::spawn(async move {
-            let mut next = from;
-            let last = history.len();
-            for (i, (seq, entry)) in history.into_iter().enumerate() {
-                next = seq + 1;
-                let backup = (i + 1 == last).then(|| convert::backup(&record));
-                let entry = Some(convert::log_entry(seq, &entry));
-                let event = pb::WatchEvent { entry, backup, backup_id: id.clone() };
-                if tx.send(Ok(event)).await.is_err() {
-                    return;
-                }
-            }
-            if last == 0 {
-                let backup = Some(convert::backup(&record));
-                let event = pb::WatchEvent { entry: None, backup, backup_id: id.clone() };
-                if tx.send(Ok(event)).await.is_err() {
-                    return;
-                }
-            }
-            if record.state.is_terminal() {
-                return;
-            }
-            loop {
-                let update = match updates.recv().await {
-                    Ok(update) => update,
-                    Err(RecvError::Lagged(_)) => {
-                        // Too slow to follow live: catch up from the store.
-                        let (Ok(record), Ok(missed)) = (store.get(&id), store.log(&id, next))
-                        else {
-                            return;
-                        };
-                        for (seq, entry) in missed {
-                            next = seq + 1;
-                            let event = pb::WatchEvent {
-                                entry: Some(convert::log_entry(seq, &entry)),
-                                backup: Some(convert::backup(&record)),
-                                backup_id: id.clone(),
-                            };
-                            if tx.send(Ok(event)).await.is_err() {
-                                return;
-                            }
-                        }
-                        if record.state.is_terminal() {
-                            return;
-                        }
-                        continue;
-                    }
-                    Err(RecvError::Closed) => return,
-                };
-                if update.backup_id != id {
-                    continue;
-                }
-                let entry = match &update.entry {
-                    Some((seq, _)) if *seq < next => continue,
-                    Some((seq, entry)) => {
-                        next = seq + 1;
-                        Some(convert::log_entry(*seq, entry))
-                    }
-                    None => None,
-                };
-                let backup = Some(convert::backup(&update.record));
-                let event = pb::WatchEvent { entry, backup, backup_id: id.clone() };
-                if tx.send(Ok(event)).await.is_err() {
-                    return;
-                }
-                if update.record.state.is_terminal() {
-                    // One decision can log several entries, each published with the final
-                    // record: send the rest from the store before ending, so none is lost.
-                    let Ok(rest) = store.log(&id, next) else { return };
-                    for (seq, entry) in rest {
-                        let event = pb::WatchEvent {
-                            entry: Some(convert::log_entry(seq, &entry)),
-                            backup: Some(convert::backup(&update.record)),
-                            backup_id: id.clone(),
-                        };
-                        if tx.send(Ok(event)).await.is_err() {
-                            return;
-                        }
-                    }
-                    return;
-                }
-            }
+        let watched = self.runtime.watch(&id, request.after_seq)?;
+        let events = tokio_stream::wrappers::ReceiverStream::new(watched).map(move |w| {
+            Ok(pb::WatchEvent {
+                entry: w.entry.map(|(seq, e)| convert::log_entry(seq, &e)),
+                backup: w.record.map(|r| convert::backup(&r)),
+                backup_id: id.clone(),
+            })
         });
-        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
+        Ok(Response::new(Box::pin(events)))
     }
 
     type WatchBackupsStream = feed::Events;
@@ -287,6 +204,7 @@ impl Listener for ListenerService {
         let by = caller(&request);
         let request = request.into_inner();
         backup_id(&request.backup_id)?;
+        self.runtime.check_copy_report(&request.backup_id)?;
         let record = self
             .reports
             .report(

@@ -8,7 +8,7 @@ use tokio::sync::broadcast::error::RecvError;
 use tonic::metadata::MetadataMap;
 
 use crate::error::{Error, Result};
-use crate::model::{BackupRecord, ServerStep, State};
+use crate::model::{BackupRecord, State};
 use crate::runtime::Runtime;
 
 /// The longest one WaitBackup call blocks; the server's handler deadline is set above it.
@@ -21,7 +21,7 @@ pub enum Until {
     Snapshotted,
     /// The backup is terminal.
     Finished,
-    /// Terminal, and every server the backup reached confirmed its end.
+    /// Terminal, and every server the backup reached confirmed its end or was given up on.
     Settled,
 }
 
@@ -30,8 +30,9 @@ impl Until {
         match self {
             Until::Snapshotted => matches!(
                 record.state,
-                State::Snapshotted
+                State::Snapshotted { .. }
                     | State::Copying { .. }
+                    | State::Sealing { .. }
                     | State::Cleaning { .. }
                     | State::Succeeded
                     | State::Failed { .. }
@@ -51,16 +52,11 @@ impl Until {
     }
 }
 
-/// Terminal, and every server that was sent anything confirmed its end: its cleanup answered
-/// (`cleaned`) or its abort did (`aborted`). A server whose end the record cannot show (a
-/// failed step whose abort answer is not kept, a cleanup that failed) keeps the backup
-/// unsettled: this never claims an end nobody confirmed.
+/// Terminal, and every server the backup contacted confirmed its end (its cleanup, or its
+/// abort) or was given up on, as the record says (`BackupRecord::settled`; the given up ones are
+/// named in the backup's `unconfirmed`).
 fn settled(record: &BackupRecord) -> bool {
-    record.state.is_terminal()
-        && record.servers.iter().all(|s| {
-            s.cut.prepare_sent.is_none()
-                || matches!(s.step, ServerStep::Cleaned | ServerStep::Aborted)
-        })
+    record.settled.is_some()
 }
 
 /// How long this call may block: `timeout_ms` (0 or above the limit: [`MAX_WAIT`]), ending a
@@ -121,7 +117,7 @@ pub async fn wait(
         }
         match tokio::time::timeout_at(deadline, updates.recv()).await {
             Err(_elapsed) => return Err(timed_out(runtime.store().get(id)?)),
-            Ok(Ok(update)) if update.backup_id == id => record = update.record.clone(),
+            Ok(Ok(update)) if update.backup_id == id => record = (*update.record).clone(),
             Ok(Ok(_)) => {}
             // Too slow to follow, or the runtime is going away: the store has the truth.
             Ok(Err(RecvError::Lagged(_))) => record = runtime.store().get(id)?,

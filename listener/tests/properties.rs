@@ -4,7 +4,7 @@
 
 use proptest::prelude::*;
 use stillpoint_listener::coordinator::{
-    Command, CommitReply, Coordinator, Event, PrepareReply, Timeouts,
+    AbortOutcome, Command, CommitReply, Coordinator, CopyDone, Event, PrepareReply, Timeouts,
 };
 use stillpoint_listener::model::{BackupRecord, ServerStep, SnapshotRef, State};
 use stillpoint_listener::Config;
@@ -70,7 +70,7 @@ proptest! {
                 prop_assert_eq!(&c.record.state, &before, "a terminal state changed");
             }
             for command in &commands {
-                if let Command::Commit { server } = command {
+                if let Command::Commit { server, .. } = command {
                     prop_assert!(all_frozen, "commit sent while not every server was frozen");
                     prop_assert!(now < 6_000, "commit sent at {} past the cutoff", now);
                     prop_assert!(commits_sent.insert(server.clone()), "commit sent twice to {}", server);
@@ -107,9 +107,9 @@ fn event() -> impl Strategy<Value = Event> {
             server,
             reply: Ok(CommitReply { committed: ok, snapshots: vec![snapshot.clone()], ..Default::default() }),
         }),
-        2 => (server(), any::<bool>()).prop_map(|(server, ok)| Event::Copied { server, result: if ok { Ok(String::new()) } else { Err("disk full".into()) } }),
+        2 => (server(), any::<bool>()).prop_map(|(server, ok)| Event::Copied { server, result: if ok { Ok(CopyDone::default()) } else { Err("disk full".into()) } }),
         2 => server().prop_map(|server| Event::CleanedUp { server, result: Ok(1) }),
-        1 => server().prop_map(|server| Event::Aborted { server, result: Ok(()) }),
+        1 => server().prop_map(|server| Event::Aborted { server, result: Ok(AbortOutcome::default()) }),
         1 => Just(Event::AbortRequested { by: "operator:x".into(), reason: "test".into() }),
         1 => Just(Event::Restarted),
         3 => Just(Event::Tick),

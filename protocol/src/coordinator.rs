@@ -1,14 +1,15 @@
 //! The two-phase protocol for one backup, as a pure state machine: events in (replies, time
-//! passing, an operator's abort), commands out (RPCs to send, copies to run, log lines to
-//! record). No IO, no clock, no randomness: `now` is an argument, so every transition is
-//! unit-tested and replayable. `runtime.rs` persists the record and the log lines before it acts
-//! on any command.
+//! passing, an operator's abort), commands out (RPCs to send, copies to run, the seal, log lines
+//! to record). No IO, no clock, no randomness: `now` is an argument, so every transition is
+//! unit-tested and replayable. The listener's runtime persists the record and the log lines
+//! before it acts on any command.
 //!
 //! Safety does not depend on timing: agents refuse a Commit after their own lease ran out. The
 //! cutoff here only keeps the listener from committing when a lease might already be gone.
 
 use crate::model::{
-    BackupRecord, CutVerdict, Level, Millis, ServerStep, SnapshotRef, State, StateName, Step,
+    BackupRecord, CutRecord, CutVerdict, Level, Millis, ServerEnd, ServerRecord, ServerStep,
+    SnapshotRef, State, StateName, Step,
 };
 
 /// The protocol's time budget, all in milliseconds.
@@ -20,7 +21,7 @@ pub struct Timeouts {
     pub commit_cutoff_ms: u64,
     /// How long agents have to answer Commit.
     pub commit_timeout_ms: u64,
-    /// How long every server's copy may take.
+    /// How long every server's copy (and the seal) may take.
     pub copy_timeout_ms: u64,
     /// How long cleanup may take before the backup succeeds with a warning.
     pub cleanup_timeout_ms: u64,
@@ -50,10 +51,58 @@ pub struct CommitReply {
     pub steps: Vec<Step>,
 }
 
+/// What an agent said it did for an Abort.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct AbortOutcome {
+    /// It was frozen and thawed.
+    pub thawed: bool,
+    pub snapshots_deleted: u32,
+}
+
+impl AbortOutcome {
+    /// "thawed, 1 snapshot deleted", "nothing was frozen, no snapshot to delete".
+    pub fn describe(&self) -> String {
+        let thaw = if self.thawed { "thawed" } else { "nothing was frozen" };
+        let deleted = match self.snapshots_deleted {
+            0 => "no snapshot to delete".to_string(),
+            1 => "1 snapshot deleted".to_string(),
+            n => format!("{n} snapshots deleted"),
+        };
+        format!("{thaw}, {deleted}")
+    }
+}
+
+/// A server's finished copy.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct CopyDone {
+    /// A line for the log: what was copied where.
+    pub detail: String,
+    /// What the copy stored that the seal must name (saveset: each volume manifest's id).
+    pub stored: Vec<String>,
+}
+
+impl CopyDone {
+    pub fn said(detail: impl Into<String>) -> CopyDone {
+        CopyDone { detail: detail.into(), stored: Vec::new() }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
     /// Begin the backup: send Prepare everywhere.
     Start,
+    /// The backup cannot freeze yet: `servers` are mid-freeze for backup `other`. It stays
+    /// PENDING until a `Start` (or `GaveUpWaiting`).
+    Waiting {
+        other: String,
+        servers: Vec<String>,
+    },
+    /// The servers stayed busy for too long: the backup fails before freezing anything.
+    GaveUpWaiting {
+        other: String,
+        servers: Vec<String>,
+        waited_ms: u64,
+    },
     /// An agent answered Prepare (`Err`: the RPC itself failed, with why).
     Prepared {
         server: String,
@@ -63,10 +112,16 @@ pub enum Event {
         server: String,
         reply: Result<CommitReply, String>,
     },
-    /// An Abort reached its agent (`Err`: it could not be delivered).
+    /// An Abort reached its agent and this is what it did (`Err`: it could not be delivered,
+    /// retries included).
     Aborted {
         server: String,
-        result: Result<(), String>,
+        result: Result<AbortOutcome, String>,
+    },
+    /// The sweep aborted a leftover of this (ended) backup on `server`.
+    Swept {
+        server: String,
+        outcome: AbortOutcome,
     },
     CopyProgress {
         server: String,
@@ -76,6 +131,10 @@ pub enum Event {
     /// A server's copy finished (`Err`: it failed, with why).
     Copied {
         server: String,
+        result: Result<CopyDone, String>,
+    },
+    /// The copier sealed the backup (`Ok`: a line for the log) or could not.
+    Sealed {
         result: Result<String, String>,
     },
     CleanedUp {
@@ -87,7 +146,7 @@ pub enum Event {
         by: String,
         reason: String,
     },
-    /// The listener restarted while this backup was in flight.
+    /// A new listener process took this backup over from one that stopped.
     Restarted,
     /// Time passed: check deadlines.
     Tick,
@@ -105,8 +164,10 @@ pub enum Command {
         server: String,
         lease_ms: u64,
     },
+    /// Commit the freeze the agent named in its prepared reply.
     Commit {
         server: String,
+        freeze_token: String,
     },
     Abort {
         server: String,
@@ -115,6 +176,12 @@ pub enum Command {
     Copy {
         server: String,
         snapshots: Vec<SnapshotRef>,
+    },
+    /// Every server copied: write what makes the copies one backup (saveset: the backup
+    /// manifest naming `stored` with the cut), then check it; answer with `Sealed`.
+    Seal {
+        stored: Vec<String>,
+        cut: CutRecord,
     },
     Cleanup {
         server: String,
@@ -126,11 +193,19 @@ pub enum Command {
 pub struct Coordinator {
     pub record: BackupRecord,
     timeouts: Timeouts,
+    /// Whether the copier seals a backup once every server copied (saveset mode).
+    seal: bool,
 }
 
 impl Coordinator {
     pub fn new(record: BackupRecord, timeouts: Timeouts) -> Self {
-        Coordinator { record, timeouts }
+        Coordinator { record, timeouts, seal: false }
+    }
+
+    /// A backup whose copies are sealed (`Command::Seal`) before it can succeed.
+    pub fn sealed_by_copier(mut self, seal: bool) -> Self {
+        self.seal = seal;
+        self
     }
 
     /// The next instant at which a `Tick` may change something.
@@ -138,7 +213,9 @@ impl Coordinator {
         match &self.record.state {
             State::Preparing { cutoff_at, .. } => Some(*cutoff_at),
             State::Committing { deadline, .. }
+            | State::Snapshotted { deadline }
             | State::Copying { deadline }
+            | State::Sealing { deadline }
             | State::Cleaning { deadline } => Some(*deadline),
             _ => None,
         }
@@ -146,19 +223,42 @@ impl Coordinator {
 
     pub fn handle(&mut self, now: Millis, event: Event) -> Vec<Command> {
         let mut out = Vec::new();
+        let was_terminal = self.record.state.is_terminal();
         match event {
             Event::Start => self.start(now, &mut out),
+            Event::Waiting { other, servers } => {
+                if self.record.state == State::Pending {
+                    let message = format!(
+                        "waiting to freeze: {} mid-freeze for backup {other}",
+                        servers_are(&servers)
+                    );
+                    self.log(&mut out, None, Level::Info, message);
+                }
+            }
+            Event::GaveUpWaiting { other, servers, waited_ms } => {
+                if self.record.state == State::Pending {
+                    let reason = format!(
+                        "{} still mid-freeze for backup {other} after {waited_ms}ms; nothing was frozen for this backup",
+                        servers_are(&servers)
+                    );
+                    self.fail(now, StateName::Pending, reason, &mut out);
+                }
+            }
             Event::Prepared { server, reply } => self.on_prepared(now, &server, reply, &mut out),
             Event::Committed { server, reply } => self.on_committed(now, &server, reply, &mut out),
             Event::Aborted { server, result } => self.on_aborted(&server, result, &mut out),
+            Event::Swept { server, outcome } => self.on_swept(&server, outcome, &mut out),
             Event::CopyProgress { server, done, total } => {
-                let copying = matches!(self.record.state, State::Copying { .. });
-                if let Some(s) = self.record.server_mut(&server).filter(|_| copying) {
-                    s.copied_bytes = done;
-                    s.total_bytes = total;
+                if self.copy_event_for(&server) {
+                    self.copy_started(&server, &mut out);
+                    if let Some(s) = self.record.server_mut(&server) {
+                        s.copied_bytes = done;
+                        s.total_bytes = total;
+                    }
                 }
             }
             Event::Copied { server, result } => self.on_copied(now, &server, result, &mut out),
+            Event::Sealed { result } => self.on_sealed(now, result, &mut out),
             Event::CleanedUp { server, result } => self.on_cleaned(now, &server, result, &mut out),
             Event::AbortRequested { by, reason } => {
                 if !self.record.state.is_terminal() {
@@ -167,15 +267,10 @@ impl Coordinator {
                     self.abort_everyone(&reason, &mut out);
                 }
             }
-            Event::Restarted => {
-                if !self.record.state.is_terminal() {
-                    let phase = self.record.state.name();
-                    let reason = format!("listener restarted while the backup was {phase}");
-                    self.fail(now, phase, reason, &mut out);
-                }
-            }
+            Event::Restarted => self.on_restarted(now, &mut out),
             Event::Tick => self.on_tick(now, &mut out),
         }
+        self.settle(now, was_terminal, &mut out);
         out
     }
 
@@ -222,18 +317,30 @@ impl Coordinator {
             return;
         };
         if !preparing || s.step != ServerStep::Preparing {
-            // Late or duplicate. An agent that says it is frozen for a backup we gave up on
-            // gets an Abort now rather than waiting out its lease.
-            let frozen = matches!(&reply, Ok(r) if r.prepared);
-            let needs_abort = frozen && terminal && !s.abort_sent;
-            if needs_abort {
-                s.abort_sent = true;
-            }
-            self.log(out, Some(server), Level::Warn, "late prepare reply ignored".into());
-            if needs_abort {
-                let reason = "backup already ended".to_string();
-                out.push(Command::Abort { server: server.to_string(), reason });
-            }
+            let message = if !terminal {
+                "duplicate prepare reply ignored".to_string()
+            } else {
+                // An agent that says it is frozen for a backup that ended gets an Abort now
+                // rather than waiting out its lease (one is enough: the agent refuses a Prepare
+                // for a backup it was told to abort).
+                let covered = s.abort_sent;
+                let abort = if covered { "the abort already sent covers it" } else { "abort sent" };
+                let message = match &reply {
+                    Ok(r) if r.prepared => format!("prepared after the backup ended; {abort}"),
+                    Ok(r) => format!("prepare refused after the backup ended: {}", r.reason),
+                    Err(e) => {
+                        format!("prepare to {server} failed after the backup ended: {e}; {abort}")
+                    }
+                };
+                let may_hold = !matches!(&reply, Ok(r) if !r.prepared);
+                if may_hold && !covered {
+                    s.abort_sent = true;
+                    let reason = "backup already ended".to_string();
+                    out.push(Command::Abort { server: server.to_string(), reason });
+                }
+                message
+            };
+            self.log(out, Some(server), Level::Warn, message);
             return;
         }
         match reply {
@@ -284,7 +391,8 @@ impl Coordinator {
         for s in &mut self.record.servers {
             s.step = ServerStep::Committing;
             s.cut.commit_sent = Some(now);
-            out.push(Command::Commit { server: s.server.clone() });
+            let freeze_token = s.freeze_token.clone();
+            out.push(Command::Commit { server: s.server.clone(), freeze_token });
         }
     }
 
@@ -296,15 +404,38 @@ impl Coordinator {
         out: &mut Vec<Command>,
     ) {
         let committing = matches!(self.record.state, State::Committing { .. });
+        let terminal = self.record.state.is_terminal();
         let Some(s) = self.record.server_mut(server) else { return };
         if !committing || s.step != ServerStep::Committing {
-            // A snapshot taken for a backup that already ended must not outlive it.
-            let took = matches!(&reply, Ok(r) if r.committed);
-            if took && self.record.state.is_terminal() {
-                let reason = "backup already ended".to_string();
-                out.push(Command::Abort { server: server.to_string(), reason });
-            }
-            self.log(out, Some(server), Level::Warn, "late commit reply ignored".into());
+            let message = if !terminal {
+                "duplicate commit reply ignored".to_string()
+            } else {
+                match &reply {
+                    Ok(r) if r.committed => {
+                        // A snapshot taken for a backup that already ended must not outlive it.
+                        s.abort_sent = true;
+                        let reason = "backup already ended".to_string();
+                        out.push(Command::Abort { server: server.to_string(), reason });
+                        format!(
+                            "{} snapshot(s) taken after the backup ended; abort sent to delete them",
+                            r.snapshots.len()
+                        )
+                    }
+                    Ok(r) => format!("commit refused after the backup ended: {}", r.reason),
+                    Err(e) => {
+                        let abort = if s.abort_sent {
+                            "the abort sent when the backup ended covers whatever it took"
+                        } else {
+                            s.abort_sent = true;
+                            let reason = "backup already ended".to_string();
+                            out.push(Command::Abort { server: server.to_string(), reason });
+                            "abort sent"
+                        };
+                        format!("commit to {server} failed after the backup ended: {e}; {abort}")
+                    }
+                }
+            };
+            self.log(out, Some(server), Level::Warn, message);
             return;
         }
         match reply {
@@ -343,6 +474,8 @@ impl Coordinator {
         }
     }
 
+    /// Every snapshot exists: judge the cut and ask every server's copy. The backup stays
+    /// SNAPSHOTTED, where a client can see it, until the first copy reports.
     fn copy_if_all_committed(&mut self, now: Millis, out: &mut Vec<Command>) {
         if self.record.servers.iter().any(|s| s.step != ServerStep::Snapshotted) {
             return;
@@ -350,13 +483,33 @@ impl Coordinator {
         let verdict = judge_cut(&self.record);
         let level = if verdict.consistent { Level::Info } else { Level::Error };
         self.record.verdict = Some(verdict.clone());
-        self.record.state = State::Snapshotted;
+        let deadline = now + ms(self.timeouts.copy_timeout_ms);
+        self.record.state = State::Snapshotted { deadline };
         self.log(out, None, level, format!("every snapshot exists; cut {}", verdict.text));
-        self.record.state = State::Copying { deadline: now + ms(self.timeouts.copy_timeout_ms) };
-        self.log(out, None, Level::Info, "copy phase started".into());
+        let n = self.record.servers.len();
+        self.log(out, None, Level::Info, format!("copy requested for {n} servers"));
         for s in &mut self.record.servers {
             s.step = ServerStep::Copying;
             out.push(Command::Copy { server: s.server.clone(), snapshots: s.snapshots.clone() });
+        }
+    }
+
+    /// Whether a copy event about `server` is news: the backup waits for copies and this
+    /// server's is among them.
+    fn copy_event_for(&self, server: &str) -> bool {
+        matches!(self.record.state, State::Snapshotted { .. } | State::Copying { .. })
+            && self
+                .record
+                .servers
+                .iter()
+                .any(|s| s.server == server && s.step == ServerStep::Copying)
+    }
+
+    /// The first word from any copy moves the backup from SNAPSHOTTED to COPYING.
+    fn copy_started(&mut self, server: &str, out: &mut Vec<Command>) {
+        if let State::Snapshotted { deadline } = self.record.state {
+            self.record.state = State::Copying { deadline };
+            self.log(out, None, Level::Info, format!("copy phase started ({server} first)"));
         }
     }
 
@@ -364,37 +517,33 @@ impl Coordinator {
         &mut self,
         now: Millis,
         server: &str,
-        result: Result<String, String>,
+        result: Result<CopyDone, String>,
         out: &mut Vec<Command>,
     ) {
-        let copying = matches!(self.record.state, State::Copying { .. });
-        let Some(s) = self.record.server_mut(server) else { return };
-        if !copying || s.step != ServerStep::Copying {
-            self.log(
-                out,
-                Some(server),
-                Level::Warn,
-                "copy report ignored: this server is not copying".into(),
-            );
+        if !self.copy_event_for(server) {
+            if self.record.server_mut(server).is_some() {
+                let message = "copy report ignored: this server is not copying".to_string();
+                self.log(out, Some(server), Level::Warn, message);
+            }
             return;
         }
+        self.copy_started(server, out);
+        let Some(s) = self.record.server_mut(server) else { return };
         match result {
-            Ok(detail) => {
+            Ok(done) => {
                 s.step = ServerStep::Cleaning;
                 s.copied_bytes = s.total_bytes;
-                s.detail = detail.clone();
-                let msg = if detail.is_empty() {
+                s.detail = done.detail.clone();
+                s.stored = done.stored;
+                let msg = if done.detail.is_empty() {
                     "copied".to_string()
                 } else {
-                    format!("copied: {detail}")
+                    format!("copied: {}", done.detail)
                 };
                 self.log(out, Some(server), Level::Info, format!("{msg}; cleanup sent"));
                 out.push(Command::Cleanup { server: server.to_string() });
                 if self.record.servers.iter().all(|s| s.step != ServerStep::Copying) {
-                    let deadline = now + ms(self.timeouts.cleanup_timeout_ms);
-                    self.record.state = State::Cleaning { deadline };
-                    self.log(out, None, Level::Info, "every server copied".into());
-                    self.succeed_if_all_cleaned(now, out);
+                    self.all_copied(now, out);
                 }
             }
             Err(e) => {
@@ -404,6 +553,50 @@ impl Coordinator {
                 self.fail(now, StateName::Copying, reason, out);
             }
         }
+    }
+
+    fn all_copied(&mut self, now: Millis, out: &mut Vec<Command>) {
+        let (State::Copying { deadline } | State::Sealing { deadline }) = self.record.state else {
+            return;
+        };
+        if self.seal {
+            self.record.state = State::Sealing { deadline };
+            let message =
+                "every server copied; sealing the backup (its manifest with the cut, then verify)";
+            self.log(out, None, Level::Info, message.into());
+            out.push(self.seal_command());
+        } else {
+            self.log(out, None, Level::Info, "every server copied".into());
+            self.clean_up(now, out);
+        }
+    }
+
+    fn seal_command(&self) -> Command {
+        let stored = self.record.servers.iter().flat_map(|s| s.stored.iter().cloned()).collect();
+        Command::Seal { stored, cut: self.record.cut() }
+    }
+
+    fn on_sealed(&mut self, now: Millis, result: Result<String, String>, out: &mut Vec<Command>) {
+        if !matches!(self.record.state, State::Sealing { .. }) {
+            let message =
+                format!("seal result ignored: the backup is {}", self.record.state.name());
+            self.log(out, None, Level::Warn, message);
+            return;
+        }
+        match result {
+            Ok(detail) => {
+                self.log(out, None, Level::Info, format!("sealed: {detail}"));
+                self.clean_up(now, out);
+            }
+            Err(e) => self.fail(now, StateName::Copying, format!("seal failed: {e}"), out),
+        }
+    }
+
+    /// Every copy is safe: wait for the cleanups still running, for at most the cleanup timeout.
+    fn clean_up(&mut self, now: Millis, out: &mut Vec<Command>) {
+        let deadline = now + ms(self.timeouts.cleanup_timeout_ms);
+        self.record.state = State::Cleaning { deadline };
+        self.succeed_if_all_cleaned(now, out);
     }
 
     fn on_cleaned(
@@ -420,17 +613,16 @@ impl Coordinator {
         match result {
             Ok(n) => {
                 s.step = ServerStep::Cleaned;
-                self.log(out, Some(server), Level::Info, format!("cleaned up {n} snapshot(s)"));
+                let text = format!("cleaned up {n} snapshot(s)");
+                s.end = Some(ServerEnd::Confirmed(text.clone()));
+                self.log(out, Some(server), Level::Info, text);
             }
             Err(e) => {
                 s.step = ServerStep::CleanupFailed;
                 s.detail = e.clone();
-                self.log(
-                    out,
-                    Some(server),
-                    Level::Warn,
-                    format!("cleanup failed, the snapshot stays until swept: {e}"),
-                );
+                let text = format!("cleanup failed, the snapshot stays until swept: {e}");
+                s.end = Some(ServerEnd::GaveUp(text.clone()));
+                self.log(out, Some(server), Level::Warn, text);
             }
         }
         self.succeed_if_all_cleaned(now, out);
@@ -440,35 +632,144 @@ impl Coordinator {
         if !matches!(self.record.state, State::Cleaning { .. }) {
             return;
         }
-        let done = |s: &crate::model::ServerRecord| {
-            matches!(s.step, ServerStep::Cleaned | ServerStep::CleanupFailed)
-        };
+        let done =
+            |s: &ServerRecord| matches!(s.step, ServerStep::Cleaned | ServerStep::CleanupFailed);
         if self.record.servers.iter().all(done) {
             self.finish(now, State::Succeeded, out);
         }
     }
 
-    fn on_aborted(&mut self, server: &str, result: Result<(), String>, out: &mut Vec<Command>) {
+    fn on_aborted(
+        &mut self,
+        server: &str,
+        result: Result<AbortOutcome, String>,
+        out: &mut Vec<Command>,
+    ) {
+        let lease_ms = self.timeouts.lease_ms;
         let Some(s) = self.record.server_mut(server) else { return };
         match result {
-            Ok(()) => {
-                if s.step == ServerStep::Aborting {
+            Ok(outcome) => {
+                if matches!(s.step, ServerStep::Aborting | ServerStep::AbortFailed) {
                     s.step = ServerStep::Aborted;
                 }
-                self.log(
-                    out,
-                    Some(server),
-                    Level::Info,
-                    "abort done: thawed and snapshots deleted".into(),
-                );
+                let text = format!("abort done: {}", outcome.describe());
+                s.end = Some(ServerEnd::Confirmed(text.clone()));
+                self.log(out, Some(server), Level::Info, text);
             }
             Err(e) => {
-                let msg = format!(
-                    "abort not delivered ({e}); the agent thaws by itself when its lease runs out"
-                );
-                self.log(out, Some(server), Level::Warn, msg);
+                let text = undelivered(s, &e, lease_ms);
+                if matches!(s.end, Some(ServerEnd::Confirmed(_))) {
+                    // A repeated abort failed; the first one was confirmed.
+                    let message = format!("{text} (an earlier abort was confirmed)");
+                    self.log(out, Some(server), Level::Warn, message);
+                    return;
+                }
+                if s.step == ServerStep::Aborting {
+                    s.step = ServerStep::AbortFailed;
+                }
+                s.end = Some(ServerEnd::GaveUp(text.clone()));
+                self.log(out, Some(server), Level::Warn, text);
             }
         }
+    }
+
+    /// The sweep deleted what the agent still held of this backup after it ended.
+    fn on_swept(&mut self, server: &str, outcome: AbortOutcome, out: &mut Vec<Command>) {
+        if !self.record.state.is_terminal() {
+            let message = "sweep result ignored: the backup is still in flight".to_string();
+            self.log(out, Some(server), Level::Warn, message);
+            return;
+        }
+        let Some(s) = self.record.server_mut(server) else { return };
+        let text = format!("swept: abort done: {}", outcome.describe());
+        s.step = ServerStep::Aborted;
+        s.detail = text.clone();
+        s.end = Some(ServerEnd::Confirmed(text.clone()));
+        self.log(out, Some(server), Level::Info, text);
+    }
+
+    /// A new listener process takes the backup over. Before the snapshots exist a freeze may
+    /// have outlived its lease while no one was listening, so the backup fails and is aborted;
+    /// past the freeze nothing is at risk, so the copies, the seal and the cleanups still owed
+    /// are asked again (all idempotent) and the backup goes on.
+    fn on_restarted(&mut self, now: Millis, out: &mut Vec<Command>) {
+        let phase = self.record.state.name();
+        match self.record.state.clone() {
+            State::Pending | State::Preparing { .. } | State::Committing { .. } => {
+                let reason = format!("listener restarted while the backup was {phase}");
+                self.fail(now, phase, reason, out);
+            }
+            State::Snapshotted { .. } | State::Copying { .. } | State::Sealing { .. } => {
+                let mut copies = Vec::new();
+                for s in &mut self.record.servers {
+                    if s.step == ServerStep::Copying {
+                        s.copied_bytes = 0;
+                        copies.push(s.server.clone());
+                        let snapshots = s.snapshots.clone();
+                        out.push(Command::Copy { server: s.server.clone(), snapshots });
+                    }
+                }
+                let cleanups = self.cleanups_again(out);
+                let mut said = format!(
+                    "listener restarted while the backup was {phase}; its snapshots were kept"
+                );
+                if !copies.is_empty() {
+                    said += &format!(": copy requested again for {}", copies.join(", "));
+                }
+                if matches!(self.record.state, State::Sealing { .. }) {
+                    said += ": seal started again";
+                    out.push(self.seal_command());
+                }
+                if !cleanups.is_empty() {
+                    said += &format!("; cleanup sent again to {}", cleanups.join(", "));
+                }
+                self.log(out, None, Level::Warn, said);
+            }
+            State::Cleaning { .. } => {
+                let cleanups = self.cleanups_again(out);
+                let said = format!(
+                    "listener restarted while the backup was CLEANING; cleanup sent again to {}",
+                    cleanups.join(", ")
+                );
+                self.log(out, None, Level::Warn, said);
+            }
+            State::Succeeded | State::Failed { .. } | State::Aborted { .. } => {
+                let succeeded = self.record.state == State::Succeeded;
+                let mut asked = Vec::new();
+                for s in &mut self.record.servers {
+                    if s.cut.prepare_sent.is_none() || s.end.is_some() {
+                        continue;
+                    }
+                    asked.push(s.server.clone());
+                    if succeeded && s.step == ServerStep::Cleaning {
+                        out.push(Command::Cleanup { server: s.server.clone() });
+                    } else {
+                        s.abort_sent = true;
+                        let reason = "backup already ended".to_string();
+                        out.push(Command::Abort { server: s.server.clone(), reason });
+                    }
+                }
+                if !asked.is_empty() {
+                    let said = format!(
+                        "listener restarted before {} confirmed the backup's end; asked again",
+                        asked.join(", ")
+                    );
+                    self.log(out, None, Level::Warn, said);
+                }
+            }
+        }
+    }
+
+    /// Cleanup again for every server that copied and has not confirmed its cleanup.
+    fn cleanups_again(&mut self, out: &mut Vec<Command>) -> Vec<String> {
+        let mut again = Vec::new();
+        for s in &self.record.servers {
+            if s.step == ServerStep::Cleaning && s.end.is_none() {
+                again.push(s.server.clone());
+                out.push(Command::Cleanup { server: s.server.clone() });
+            }
+        }
+        again
     }
 
     fn on_tick(&mut self, now: Millis, out: &mut Vec<Command>) {
@@ -502,10 +803,17 @@ impl Coordinator {
                 );
                 self.fail(now, StateName::Committing, reason, out);
             }
-            State::Copying { .. } => {
+            State::Snapshotted { .. } | State::Copying { .. } => {
                 let reason = format!(
                     "copy of {} did not finish within {}ms",
                     waiting(ServerStep::Copying),
+                    self.timeouts.copy_timeout_ms
+                );
+                self.fail(now, StateName::Copying, reason, out);
+            }
+            State::Sealing { .. } => {
+                let reason = format!(
+                    "the seal did not finish within the copy timeout of {}ms",
                     self.timeouts.copy_timeout_ms
                 );
                 self.fail(now, StateName::Copying, reason, out);
@@ -534,9 +842,11 @@ impl Coordinator {
     fn abort_everyone(&mut self, reason: &str, out: &mut Vec<Command>) {
         for s in &mut self.record.servers {
             let contacted = s.cut.prepare_sent.is_some();
-            let settled = matches!(s.step, ServerStep::Cleaned | ServerStep::Aborted);
-            if contacted && !settled && !s.abort_sent {
+            let confirmed = matches!(s.end, Some(ServerEnd::Confirmed(_)));
+            if contacted && !confirmed && !s.abort_sent {
                 s.abort_sent = true;
+                // Asked again: whatever was given up on is open until this abort answers.
+                s.end = None;
                 if !matches!(
                     s.step,
                     ServerStep::PrepareFailed | ServerStep::CommitFailed | ServerStep::CopyFailed
@@ -549,6 +859,7 @@ impl Coordinator {
     }
 
     fn finish(&mut self, now: Millis, state: State, out: &mut Vec<Command>) {
+        let was = self.record.state.name();
         let (level, message) = match &state {
             State::Succeeded => (Level::Info, "backup succeeded".to_string()),
             State::Failed { phase, reason } => {
@@ -557,14 +868,90 @@ impl Coordinator {
             State::Aborted { reason } => (Level::Warn, format!("backup {reason}")),
             _ => (Level::Info, String::new()),
         };
+        if self.record.verdict.is_none() {
+            let how = match &state {
+                State::Failed { phase, .. } => format!("failed while {phase}"),
+                _ => format!("was aborted while {was}"),
+            };
+            self.record.never_judged =
+                Some(format!("never judged: the backup {how} before every server was snapshotted"));
+        }
         self.record.state = state;
         self.record.finished = Some(now);
         self.log(out, None, level, message);
     }
 
+    /// Marks the backup settled once it is terminal and every server it contacted confirmed its
+    /// end or was given up on. Said in the log when it comes after the end, or without every
+    /// confirmation.
+    fn settle(&mut self, now: Millis, was_terminal: bool, out: &mut Vec<Command>) {
+        if self.record.settled.is_some() || !self.record.is_settled() {
+            return;
+        }
+        self.record.settled = Some(now);
+        let unconfirmed = self.record.unconfirmed();
+        if !unconfirmed.is_empty() {
+            let message = format!("settled without confirmation from {}", unconfirmed.join("; "));
+            self.log(out, None, Level::Warn, message);
+        } else if was_terminal {
+            self.log(out, None, Level::Info, "settled: every server confirmed its end".into());
+        }
+    }
+
     fn log(&self, out: &mut Vec<Command>, server: Option<&str>, level: Level, message: String) {
         out.push(Command::Log { server: server.map(str::to_string), level, message });
     }
+}
+
+/// What is known about a server whose Abort never landed, in words: what may still be frozen
+/// and until when, what snapshots stay and who deletes them.
+fn undelivered(s: &ServerRecord, error: &str, lease_ms: u64) -> String {
+    let server = &s.server;
+    let mut text = format!("abort not delivered ({error})");
+    let guardian = "its guardian thaws it then (if the guardian is alive)";
+    match (s.cut.prepared, s.cut.commit_sent, s.cut.committed) {
+        (_, _, Some(_)) => {
+            text += &format!(
+                "; it thawed when it took its {} snapshot(s), which stay until the sweep deletes them once {server} is reachable",
+                s.snapshots.len()
+            );
+        }
+        (Some(prepared), commit_sent, None) => {
+            let ends = clock_time(prepared + ms(lease_ms));
+            text +=
+                &format!("; if {server} is still frozen, its lease ends by {ends} and {guardian}");
+            if commit_sent.is_some() {
+                text += &format!(
+                    "; a snapshot it may have taken stays until the sweep deletes it once {server} is reachable"
+                );
+            }
+        }
+        (None, _, None) => {
+            if let Some(sent) = s.cut.prepare_sent {
+                text += &format!(
+                    "; if {server} froze, its lease ends {lease_ms}ms after Prepare reached it (sent at {}) and {guardian}",
+                    clock_time(sent)
+                );
+            }
+        }
+    }
+    text
+}
+
+/// "a, b are" / "a is".
+fn servers_are(servers: &[String]) -> String {
+    match servers {
+        [one] => format!("{one} is"),
+        many => format!("{} are", many.join(", ")),
+    }
+}
+
+/// The time of day of a listener-clock instant, UTC, to the millisecond: `14:03:07.250 UTC`.
+pub fn clock_time(at: Millis) -> String {
+    let day_ms = at.rem_euclid(86_400_000);
+    let (h, m, s, milli) =
+        (day_ms / 3_600_000, day_ms / 60_000 % 60, day_ms / 1000 % 60, day_ms % 1000);
+    format!("{h:02}:{m:02}:{s:02}.{milli:03} UTC")
 }
 
 /// Every server was frozen at one common instant iff every *prepared* reply arrived before the

@@ -1,6 +1,6 @@
-//! The catalog's records: a backup, its per-server progress and cut, and its event log. These are
-//! what the store persists (as JSON) and what the coordinator mutates; the wire types are made
-//! from them in `convert.rs`.
+//! The records the coordinator works on: a backup, its per-server progress and cut, and its
+//! event log. The listener's store keeps its own versioned copy of them (so changing these is
+//! not a data migration) and the wire types are made from them at the gRPC edge.
 
 use serde::{Deserialize, Serialize};
 
@@ -23,9 +23,17 @@ pub enum State {
         sent_at: Millis,
         deadline: Millis,
     },
-    /// Every snapshot exists; the copy phase starts next.
-    Snapshotted,
+    /// Every snapshot exists and every server was asked to copy; no copy has reported yet (in
+    /// report mode: the backup software has not reported). Copies must end by `deadline`.
+    Snapshotted {
+        deadline: Millis,
+    },
     Copying {
+        deadline: Millis,
+    },
+    /// Every server copied; the copier seals the backup (saveset: the backup manifest with the
+    /// cut, then a verify of that backup) by the copy `deadline`. Shown as COPYING.
+    Sealing {
         deadline: Millis,
     },
     Cleaning {
@@ -62,8 +70,8 @@ impl State {
             State::Pending => StateName::Pending,
             State::Preparing { .. } => StateName::Preparing,
             State::Committing { .. } => StateName::Committing,
-            State::Snapshotted => StateName::Snapshotted,
-            State::Copying { .. } => StateName::Copying,
+            State::Snapshotted { .. } => StateName::Snapshotted,
+            State::Copying { .. } | State::Sealing { .. } => StateName::Copying,
             State::Cleaning { .. } => StateName::Cleaning,
             State::Succeeded => StateName::Succeeded,
             State::Failed { .. } => StateName::Failed,
@@ -105,6 +113,8 @@ pub enum ServerStep {
     CleanupFailed,
     Aborting,
     Aborted,
+    /// The abort was never confirmed: the listener gave up asking (see the server's `end`).
+    AbortFailed,
 }
 
 impl ServerStep {
@@ -164,6 +174,26 @@ pub struct ServerRecord {
     /// The agent's name for its freeze, from the prepared reply; Commit carries it back.
     #[serde(default)]
     pub freeze_token: String,
+    /// What this server's copy stored that the seal names (saveset: its volume manifests).
+    #[serde(default)]
+    pub stored: Vec<String>,
+    /// How this server's part ended, once it has: `None` while the listener still expects its
+    /// agent to confirm a cleanup or an abort (or the server was never contacted).
+    #[serde(default)]
+    pub end: Option<ServerEnd>,
+}
+
+/// How one server's part of a backup ended.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ServerEnd {
+    /// The agent confirmed it holds nothing more of this backup; what it said.
+    Confirmed(String),
+    /// The listener stopped asking; why. What the agent still holds is not known: the sweep
+    /// deletes it once the agent is reachable.
+    GaveUp(String),
+    /// The listener that ran this backup did not record how it ended (an earlier version).
+    NotRecorded,
 }
 
 impl ServerRecord {
@@ -178,6 +208,8 @@ impl ServerRecord {
             total_bytes: 0,
             abort_sent: false,
             freeze_token: String::new(),
+            stored: Vec::new(),
+            end: None,
         }
     }
 }
@@ -200,6 +232,13 @@ pub struct BackupRecord {
     pub started_by: String,
     pub servers: Vec<ServerRecord>,
     pub verdict: Option<CutVerdict>,
+    /// Why the cut will never be judged (the backup ended before every snapshot existed).
+    #[serde(default)]
+    pub never_judged: Option<String>,
+    /// When the backup settled: it is terminal and every server it contacted confirmed its end
+    /// or was given up on, so nothing more will happen to it.
+    #[serde(default)]
+    pub settled: Option<Millis>,
 }
 
 impl BackupRecord {
@@ -213,12 +252,72 @@ impl BackupRecord {
             started_by: started_by.to_string(),
             servers: servers.iter().map(|s| ServerRecord::new(s)).collect(),
             verdict: None,
+            never_judged: None,
+            settled: None,
+        }
+    }
+
+    /// Terminal, and every server it contacted confirmed its end or was given up on.
+    pub fn is_settled(&self) -> bool {
+        self.state.is_terminal()
+            && self.servers.iter().all(|s| s.cut.prepare_sent.is_none() || s.end.is_some())
+    }
+
+    /// The servers given up on or whose end was not recorded, each with why.
+    pub fn unconfirmed(&self) -> Vec<String> {
+        self.servers
+            .iter()
+            .filter_map(|s| match &s.end {
+                Some(ServerEnd::GaveUp(why)) => Some(format!("{}: {why}", s.server)),
+                Some(ServerEnd::NotRecorded) => Some(format!(
+                    "{}: not recorded by the listener version that ran this backup",
+                    s.server
+                )),
+                Some(ServerEnd::Confirmed(_)) | None => None,
+            })
+            .collect()
+    }
+
+    /// The cut as a backup manifest stores it.
+    pub fn cut(&self) -> CutRecord {
+        CutRecord {
+            backup: self.id.clone(),
+            group: self.group.clone(),
+            created: self.created,
+            verdict: self.verdict.clone(),
+            servers: self
+                .servers
+                .iter()
+                .map(|s| ServerCutRecord {
+                    server: s.server.clone(),
+                    cut: s.cut.clone(),
+                    snapshots: s.snapshots.clone(),
+                })
+                .collect(),
         }
     }
 
     pub fn server_mut(&mut self, server: &str) -> Option<&mut ServerRecord> {
         self.servers.iter_mut().find(|s| s.server == server)
     }
+}
+
+/// The cut as the backup manifest stores it: the verdict and, per server, the listener-clock
+/// instants, the agent's durations and quiescer steps, and the snapshots taken.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct CutRecord {
+    pub backup: String,
+    pub group: String,
+    pub created: Millis,
+    pub verdict: Option<CutVerdict>,
+    pub servers: Vec<ServerCutRecord>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct ServerCutRecord {
+    pub server: String,
+    pub cut: ServerCut,
+    pub snapshots: Vec<SnapshotRef>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]

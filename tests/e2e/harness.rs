@@ -77,6 +77,8 @@ pub struct Spec {
     /// Give srv-a a real filesystem to fsfreeze and a real process to SIGSTOP, so every check
     /// can ask the kernel whether anything was left frozen or stopped.
     pub probes: bool,
+    /// TOML appended to the listener's config (e.g. more `[[group]]`s).
+    pub listener_extra: String,
 }
 
 fn nothing(_: &str) -> String {
@@ -106,6 +108,7 @@ impl Spec {
             agent_copy_silence_ms: 30_000,
             agent_wrapper: no_wrapper,
             probes: false,
+            listener_extra: String::new(),
         }
     }
 }
@@ -127,7 +130,7 @@ pub struct Proc {
 }
 
 impl Proc {
-    fn spawn(mut command: Command, log: PathBuf) -> Proc {
+    pub fn spawn(mut command: Command, log: PathBuf) -> Proc {
         let out = fs::OpenOptions::new().create(true).append(true).open(&log).expect("open log");
         let err = out.try_clone().expect("clone log handle");
         let child =
@@ -358,6 +361,7 @@ impl Cluster {
             silence = spec.agent_copy_silence_ms,
             names = spec.servers,
         );
+        let body = format!("{body}\n{}", spec.listener_extra);
         fs::write(&listener_config, body).expect("write listener config");
 
         let mut cluster = Cluster {

@@ -9,4 +9,5 @@ mod failures;
 mod faults;
 mod hostile;
 mod security;
+mod truth;
 mod wait;

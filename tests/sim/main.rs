@@ -20,7 +20,7 @@ use stillpoint_protocol::agent::{
     Request as AgentRequest,
 };
 use stillpoint_protocol::coordinator::{
-    Command, CommitReply, Coordinator, Event, PrepareReply, Timeouts,
+    AbortOutcome, Command, CommitReply, Coordinator, CopyDone, Event, PrepareReply, Timeouts,
 };
 use stillpoint_protocol::model::{BackupRecord, SnapshotRef, State};
 
@@ -87,7 +87,7 @@ enum AgentReq {
 enum AgentReply {
     Prepared(PrepareReply),
     Committed(CommitReply),
-    Aborted(Result<(), String>),
+    Aborted(Result<AbortOutcome, String>),
     Cleaned(Result<u32, String>),
     Status(Vec<String>),
 }
@@ -413,10 +413,8 @@ impl Sim {
                     let req = AgentReq::Prepare { backup: backup.into(), lease_ms };
                     self.rpc(backup, s, RpcKind::Prepare, req, 1);
                 }
-                Command::Commit { server } => {
+                Command::Commit { server, freeze_token: token } => {
                     let s = index(&server);
-                    // As the runtime does: the token from the record, saved before acting.
-                    let token = c.record.servers[s].freeze_token.clone();
                     let req = AgentReq::Commit { backup: backup.into(), token };
                     self.rpc(backup, s, RpcKind::Commit, req, 1);
                 }
@@ -435,6 +433,8 @@ impl Sim {
                     let req = AgentReq::Cleanup { backup: backup.into() };
                     self.rpc(backup, s, RpcKind::Cleanup, req, 1);
                 }
+                // Sealing is off (`Coordinator::new`): no Seal comes.
+                Command::Seal { .. } => {}
                 Command::Copy { server, .. } => {
                     let s = index(&server);
                     let ok = !(self.now < HORIZON && self.rng.chance(self.faults.copy_fail));
@@ -746,7 +746,13 @@ impl Sim {
                         }
                         AgentReply::Committed(c)
                     }
-                    Reply::Aborted(r) => AgentReply::Aborted(r.map(|_| ()).map_err(|f| f.text)),
+                    Reply::Aborted(r) => AgentReply::Aborted(
+                        r.map(|a| AbortOutcome {
+                            thawed: a.thawed,
+                            snapshots_deleted: a.snapshots_deleted,
+                        })
+                        .map_err(|f| f.text),
+                    ),
                     Reply::CleanedUp(r) => AgentReply::Cleaned(r.map_err(|f| f.text)),
                     Reply::CopyBegun(_) | Reply::ShutDown => return None,
                 };
@@ -893,7 +899,7 @@ impl Sim {
                     // A copy reads the snapshot: it fails if the snapshot is gone.
                     let present = self.agents[server].disk.contains_key(&backup);
                     let result = if ok && present {
-                        Ok(String::new())
+                        Ok(CopyDone::default())
                     } else {
                         Err("copy failed".to_string())
                     };

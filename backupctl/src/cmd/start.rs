@@ -20,9 +20,10 @@ pub enum Wait {
     None,
     /// Until every server's snapshot exists (SNAPSHOTTED or later)
     Snapshotted,
-    /// Until the backup SUCCEEDED, FAILED or was ABORTED
+    /// Until the backup SUCCEEDED, FAILED or was ABORTED and every server confirmed its
+    /// cleanup or abort (or was given up on, which is said): nothing of it is still running
     Complete,
-    /// Until it is complete and every server confirmed its cleanup or abort
+    /// The same as complete
     Settled,
 }
 
@@ -74,8 +75,8 @@ pub async fn run(conn: &Connection, args: Args, out: &mut dyn Write) -> Result<(
     let until = match args.wait {
         Wait::None => None,
         Wait::Snapshotted => Some(Until::Snapshotted),
-        Wait::Complete => Some(Until::Finished),
-        Wait::Settled => Some(Until::Settled),
+        // A FAILED backup may still be aborting on a server: complete means settled.
+        Wait::Complete | Wait::Settled => Some(Until::Settled),
     };
     let backup = match until {
         Some(until) if !is_terminal(&backup) || until == Until::Settled => {
@@ -90,6 +91,9 @@ pub async fn run(conn: &Connection, args: Args, out: &mut dyn Write) -> Result<(
         }
         _ => backup,
     };
+    if matches!(args.wait, Wait::Complete | Wait::Settled) {
+        settle_notes(&backup);
+    }
     if args.json {
         writeln!(out, "{}", view::json(&BackupView::from(&backup)))?;
     } else if args.wait != Wait::None && !view::is_failed(&backup) {
@@ -121,4 +125,25 @@ fn refused(out: &mut dyn Write, json: bool, what: &str, status: tonic::Status) -
         ));
     }
     Error::rpc(what, status)
+}
+
+/// Says which servers never confirmed the backup's end, or have not yet.
+fn settle_notes(backup: &stillpoint_proto::Backup) {
+    let id = &backup.backup_id;
+    for line in &backup.unconfirmed {
+        super::note(&format!("backup {id}: no confirmation from {line}"));
+    }
+    if is_terminal(backup) && !backup.settled {
+        let open: Vec<&str> = backup
+            .servers
+            .iter()
+            .filter(|s| matches!(s.phase.as_str(), "aborting" | "cleaning"))
+            .map(|s| s.server.as_str())
+            .collect();
+        super::note(&format!(
+            "backup {id} ended {} but is not settled: {} not confirmed yet",
+            view::state_name(backup.state),
+            if open.is_empty() { "some servers".to_string() } else { open.join(", ") }
+        ));
+    }
 }

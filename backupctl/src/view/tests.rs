@@ -44,6 +44,8 @@ fn sample() -> Backup {
                 server_cut("srv-b", T0 + 2, [T0 + 18, T0 + 21, T0 + 40]),
             ],
         }),
+        settled: true,
+        unconfirmed: Vec::new(),
     }
 }
 

@@ -1,9 +1,8 @@
 //! The built-in copier: every snapshot of a server into the saveset repository (chunking, dedup,
-//! holes and encryption are the format's business), then, once every server of the backup is
-//! in, the backup manifest with the cut and a verify. Blocking code, run on blocking tasks; it
-//! neither talks to agents nor decides anything about the backup.
+//! holes and encryption are the format's business), and the seal once every server of the
+//! backup is in: the backup manifest with the cut, then a verify. Blocking code, run on blocking
+//! tasks; it neither talks to agents nor decides anything about the backup.
 
-use std::collections::HashMap;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -12,9 +11,11 @@ use stillpoint_saveset::{
 };
 
 use crate::config::{SavesetConfig, VerifyMode};
-use crate::model::{BackupRecord, SnapshotRef};
+use crate::coordinator::CopyDone;
+use crate::model::{CutRecord, SnapshotRef};
 
-/// How often, at most, a copy reports its progress (each report is a catalog write).
+/// How often, at most, a copy reports its progress (to watchers; the catalog saves it only with
+/// the backup's next change).
 pub const PROGRESS_EVERY: Duration = Duration::from_millis(250);
 
 /// The repository the listener copies into, unlocked at start.
@@ -54,6 +55,13 @@ impl ServerCopy {
             s.reused_chunks,
             s.hole_chunks
         )
+    }
+
+    /// The copy as the coordinator records it: the log line, and the volume manifests the seal
+    /// names.
+    pub fn done(self) -> CopyDone {
+        let detail = self.detail();
+        CopyDone { detail, stored: self.volumes.iter().map(|(_, id)| id.to_string()).collect() }
     }
 }
 
@@ -119,6 +127,22 @@ impl Saveset {
         })?;
         progress(total, total);
         Ok(copy)
+    }
+
+    /// Seals a backup whose every server copied: `stored` are the volume manifests' ids as
+    /// [`ServerCopy::done`] gave them. See [`Saveset::finish_backup`].
+    pub fn seal(
+        &self,
+        backup_id: &str,
+        stored: &[String],
+        cut: &CutRecord,
+    ) -> Result<String, String> {
+        let mut volumes = Vec::with_capacity(stored.len());
+        for id in stored {
+            volumes.push(id.parse().map_err(|e| format!("volume manifest id {id:?}: {e}"))?);
+        }
+        let cut = serde_json::to_value(cut).map_err(|e| format!("the cut as JSON: {e}"))?;
+        self.finish_backup(backup_id, volumes, cut)
     }
 
     /// Writes the backup manifest (every volume manifest and the cut), then runs the configured
@@ -199,58 +223,6 @@ impl Throttle {
             }
         }
     }
-}
-
-/// Which servers of one backup have copied, and their volume manifests: the last server's copy
-/// writes the backup manifest.
-#[derive(Debug, Clone)]
-pub struct Gather {
-    servers: Vec<String>,
-    done: HashMap<String, Vec<ManifestId>>,
-}
-
-impl Gather {
-    pub fn new(servers: impl IntoIterator<Item = String>) -> Gather {
-        Gather { servers: servers.into_iter().collect(), done: HashMap::new() }
-    }
-
-    /// Records `server`'s volume manifests. When that completes the backup, returns every
-    /// server's, in the backup's server order; only that one call returns `Some`.
-    pub fn complete(&mut self, server: &str, volumes: Vec<ManifestId>) -> Option<Vec<ManifestId>> {
-        let complete_before = self.is_complete();
-        self.done.insert(server.to_string(), volumes);
-        if complete_before || !self.is_complete() {
-            return None;
-        }
-        Some(self.servers.iter().flat_map(|s| self.done[s].iter().copied()).collect())
-    }
-
-    fn is_complete(&self) -> bool {
-        self.servers.iter().all(|s| self.done.contains_key(s))
-    }
-}
-
-/// The cut as the backup manifest stores it: the verdict and, per server, the listener-clock
-/// instants, the agent's durations and quiescer steps, and the snapshots taken.
-pub fn cut_json(record: &BackupRecord) -> serde_json::Value {
-    let servers: Vec<serde_json::Value> = record
-        .servers
-        .iter()
-        .map(|s| {
-            serde_json::json!({
-                "server": s.server,
-                "cut": s.cut,
-                "snapshots": s.snapshots,
-            })
-        })
-        .collect();
-    serde_json::json!({
-        "backup": record.id,
-        "group": record.group,
-        "created": record.created,
-        "verdict": record.verdict,
-        "servers": servers,
-    })
 }
 
 #[cfg(test)]

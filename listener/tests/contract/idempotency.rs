@@ -33,15 +33,18 @@ async fn a_start_retried_with_its_request_id_returns_the_same_backup_even_after_
         refused(client.start_backup(start("h", &long)).await, Code::InvalidArgument, "request_id");
     assert!(bad.message().len() < 400, "the id is clipped, not echoed whole: {}", bad.message());
 
-    // The mapping is in the catalog: after a restart (which fails the backup in flight) the
-    // retry still finds the backup and starts nothing.
+    // The mapping is in the catalog: after a restart (which fails the backup if it was still
+    // freezing, and lets it go on past its snapshots) the retry still finds the backup and
+    // starts nothing.
     cluster.restart_listener().await;
     let mut client = cluster.client("hook");
     let after = client.start_backup(start("g", "req-1")).await.unwrap().into_inner();
     assert_eq!(after.backup_id, first.backup_id);
-    assert_eq!(state(&after), pb::BackupState::Failed, "{after:#?}");
     let list = client.list_backups(pb::ListBackupsRequest::default()).await.unwrap().into_inner();
     assert_eq!(list.backups.len(), 1, "{list:#?}");
+    // Once it ended, another request id starts another backup.
+    let abort = pb::AbortBackupRequest { backup_id: first.backup_id.clone(), reason: "t".into() };
+    let _ = client.abort_backup(abort).await;
     let other = client.start_backup(start("g", "req-2")).await.unwrap().into_inner();
     assert_ne!(other.backup_id, first.backup_id);
 }
@@ -63,7 +66,8 @@ async fn repeated_copy_reports_and_aborts_change_nothing_and_contradictions_are_
     cluster.agent("srv-a").hold(Step::Cleanup);
     let mut hook = cluster.client("hook");
     let id = hook.start_backup(start("g", "")).await.unwrap().into_inner().backup_id;
-    until(&mut hook, &id, |b| state(b) == pb::BackupState::Copying).await;
+    // Report mode: SNAPSHOTTED until the backup software's first report.
+    until(&mut hook, &id, |b| state(b) == pb::BackupState::Snapshotted).await;
 
     let first = hook.report_copy(report(&id, "srv-a", true)).await.unwrap().into_inner();
     assert_eq!(first.servers[0].phase, "cleaning", "{first:#?}");

@@ -63,7 +63,11 @@ async fn wait_returns_when_snapshotted_finished_and_settled_or_carries_the_backu
     let (took, result) = snapshotted.await.unwrap();
     let backup = result.expect("snapshotted");
     assert!(took < Duration::from_secs(5), "{took:?}");
-    assert_eq!(state(&backup), pb::BackupState::Copying, "report mode copies next");
+    assert_eq!(
+        state(&backup),
+        pb::BackupState::Snapshotted,
+        "report mode: SNAPSHOTTED until the backup software's first report"
+    );
 
     // Finished once every copy is reported and cleanup is over (srv-a's is given up on after
     // 300 ms); settled only once srv-a's cleanup answers.

@@ -32,7 +32,7 @@ async fn a_watch_resumed_after_its_last_seq_repeats_nothing_and_misses_nothing()
     let cluster = Cluster::start(dir.path(), Spec::default()).await;
     let mut client = cluster.client("hook");
     let id = client.start_backup(start("g", "")).await.unwrap().into_inner().backup_id;
-    until(&mut client, &id, |b| state(b) == pb::BackupState::Copying).await;
+    until(&mut client, &id, |b| state(b) == pb::BackupState::Snapshotted).await;
 
     // Read the first three entries, then drop the stream.
     let request = pb::WatchBackupRequest { backup_id: id.clone(), after_seq: 0 };
@@ -88,7 +88,7 @@ async fn watch_backups_follows_every_backup_or_one_group_and_ends_at_shutdown() 
 
     let in_g = hook.start_backup(start("g", "")).await.unwrap().into_inner().backup_id;
     let in_h = hook.start_backup(start("h", "")).await.unwrap().into_inner().backup_id;
-    until(&mut hook, &in_h, |b| state(b) == pb::BackupState::Copying).await;
+    until(&mut hook, &in_h, |b| state(b) == pb::BackupState::Snapshotted).await;
     let mut seen = std::collections::BTreeSet::new();
     while seen.len() < 2 {
         let event = next(&mut all).await.expect("live events");
@@ -99,11 +99,11 @@ async fn watch_backups_follows_every_backup_or_one_group_and_ends_at_shutdown() 
         seen.insert(event.backup_id);
     }
     assert_eq!(seen, [in_g.clone(), in_h.clone()].into_iter().collect());
-    // The group's feed sees only its own backup, through to COPYING.
+    // The group's feed sees only its own backup, through to SNAPSHOTTED.
     loop {
         let event = next(&mut h).await.expect("live events");
         assert_eq!(event.backup_id, in_h);
-        if event.backup.as_ref().is_some_and(|b| state(b) == pb::BackupState::Copying) {
+        if event.backup.as_ref().is_some_and(|b| state(b) == pb::BackupState::Snapshotted) {
             break;
         }
     }

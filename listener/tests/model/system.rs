@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use stateright::{Model, Property};
 use stillpoint_listener::coordinator::{
-    Command, CommitReply, Coordinator, Event, PrepareReply, Timeouts,
+    AbortOutcome, Command, CommitReply, Coordinator, CopyDone, Event, PrepareReply, Timeouts,
 };
 use stillpoint_listener::model::{BackupRecord, Millis, SnapshotRef, State};
 use stillpoint_protocol::agent::{
@@ -322,10 +322,8 @@ impl World {
                     req: Req::Prepare { lease_ms },
                     rpc: true,
                 }),
-                Command::Commit { server } => {
-                    // As the runtime does: the token is the record's when the command is run.
+                Command::Commit { server, freeze_token: token } => {
                     let to = server_index(&server);
-                    let token = &self.record().servers[usize::from(to)].freeze_token;
                     let token = if token.is_empty() {
                         0
                     } else {
@@ -343,6 +341,8 @@ impl World {
                     req: Req::Cleanup,
                     rpc: true,
                 }),
+                // Sealing is off (`Coordinator::new`): no Seal comes.
+                Command::Seal { .. } => {}
                 Command::Copy { server, snapshots } => {
                     let job = CopyJob { agent: server_index(&server), snaps: snap_ids(&snapshots) };
                     let at = self.copies.partition_point(|c| *c <= job);
@@ -389,7 +389,7 @@ impl World {
                     ..Default::default()
                 }),
             },
-            Reply::Aborted => Event::Aborted { server, result: Ok(()) },
+            Reply::Aborted => Event::Aborted { server, result: Ok(AbortOutcome::default()) },
             Reply::CleanedUp(n) => Event::CleanedUp { server, result: Ok(u32::from(n)) },
             Reply::Failed(ReqKind::Prepare) => Event::Prepared { server, reply: Err(failed) },
             Reply::Failed(ReqKind::Commit) => Event::Committed { server, reply: Err(failed) },
@@ -763,7 +763,7 @@ impl Model for System {
                     Err("copy failed".to_string())
                 } else if job.snaps != 0 && job.snaps & !on_disk == 0 {
                     w.copied |= job.snaps;
-                    Ok(String::new())
+                    Ok(CopyDone::default())
                 } else {
                     Err("snapshot gone".to_string())
                 };

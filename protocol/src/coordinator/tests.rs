@@ -73,12 +73,12 @@ fn committing() -> Coordinator {
     c
 }
 
-fn copying() -> Coordinator {
+fn snapshotted() -> Coordinator {
     let mut c = committing();
     for s in ["a", "b", "c"] {
         committed(&mut c, 40, s);
     }
-    assert_eq!(c.record.state.name(), StateName::Copying);
+    assert_eq!(c.record.state.name(), StateName::Snapshotted);
     c
 }
 
@@ -101,7 +101,9 @@ fn commit_only_after_every_server_prepared() {
     assert!(acts(prepared(&mut c, 10, "a")).is_empty());
     assert!(acts(prepared(&mut c, 20, "b")).is_empty());
     let cmds = acts(prepared(&mut c, 30, "c"));
-    let want: Vec<_> = ["a", "b", "c"].map(|s| Command::Commit { server: s.into() }).into();
+    let want: Vec<_> = ["a", "b", "c"]
+        .map(|s| Command::Commit { server: s.into(), freeze_token: String::new() })
+        .into();
     assert_eq!(cmds, want);
     assert!(c.record.servers.iter().all(|s| s.cut.commit_sent == Some(30)));
 }
@@ -180,7 +182,7 @@ fn duplicate_replies_are_ignored() {
     prepared(&mut c, 10, "a");
     let cmds = prepared(&mut c, 11, "a");
     assert!(acts(cmds.clone()).is_empty());
-    assert_eq!(logs(&cmds), vec!["late prepare reply ignored"]);
+    assert_eq!(logs(&cmds), vec!["duplicate prepare reply ignored"]);
     assert_eq!(c.record.servers[0].cut.prepared, Some(10));
     let mut c = committing();
     committed(&mut c, 40, "a");
@@ -241,15 +243,16 @@ fn every_snapshot_then_copy_then_cleanup_per_server_then_success() {
     );
     let verdict = c.record.verdict.clone().unwrap();
     assert!(verdict.consistent, "{}", verdict.text);
-    let cmds = acts(c.handle(50, Event::Copied { server: "b".into(), result: Ok(String::new()) }));
+    let cmds =
+        acts(c.handle(50, Event::Copied { server: "b".into(), result: Ok(CopyDone::default()) }));
     assert_eq!(
         cmds,
         vec![Command::Cleanup { server: "b".into() }],
         "cleanup as soon as that server's copy is safe"
     );
     c.handle(51, Event::CleanedUp { server: "b".into(), result: Ok(1) });
-    c.handle(52, Event::Copied { server: "a".into(), result: Ok(String::new()) });
-    c.handle(53, Event::Copied { server: "c".into(), result: Ok(String::new()) });
+    c.handle(52, Event::Copied { server: "a".into(), result: Ok(CopyDone::default()) });
+    c.handle(53, Event::Copied { server: "c".into(), result: Ok(CopyDone::default()) });
     assert_eq!(c.record.state.name(), StateName::Cleaning);
     c.handle(54, Event::CleanedUp { server: "a".into(), result: Ok(1) });
     c.handle(55, Event::CleanedUp { server: "c".into(), result: Err("agent gone".into()) });
@@ -259,29 +262,30 @@ fn every_snapshot_then_copy_then_cleanup_per_server_then_success() {
 
 #[test]
 fn a_failed_copy_fails_the_backup_and_removes_the_snapshots() {
-    let mut c = copying();
+    let mut c = snapshotted();
     let cmds =
         c.handle(60, Event::Copied { server: "a".into(), result: Err("exit status 1".into()) });
     let State::Failed { phase, reason } = &c.record.state else { panic!() };
     assert_eq!(*phase, StateName::Copying);
     assert_eq!(reason, "a: copy failed: exit status 1");
     assert_eq!(acts(cmds).len(), 3);
-    let cmds = acts(c.handle(61, Event::Copied { server: "b".into(), result: Ok(String::new()) }));
+    let cmds =
+        acts(c.handle(61, Event::Copied { server: "b".into(), result: Ok(CopyDone::default()) }));
     assert!(cmds.is_empty(), "no cleanup, no success after failure");
 }
 
 #[test]
 fn copy_reports_for_servers_not_copying_are_refused() {
     let mut c = committing();
-    let cmds = c.handle(40, Event::Copied { server: "a".into(), result: Ok(String::new()) });
+    let cmds = c.handle(40, Event::Copied { server: "a".into(), result: Ok(CopyDone::default()) });
     assert!(acts(cmds).is_empty());
     assert_eq!(c.record.state.name(), StateName::Committing);
 }
 
 #[test]
 fn a_copy_that_takes_too_long_fails() {
-    let mut c = copying();
-    c.handle(50, Event::Copied { server: "a".into(), result: Ok(String::new()) });
+    let mut c = snapshotted();
+    c.handle(50, Event::Copied { server: "a".into(), result: Ok(CopyDone::default()) });
     c.handle(40 + 60_000, Event::Tick);
     assert!(
         matches!(&c.record.state, State::Failed { reason, .. } if reason == "copy of b, c did not finish within 60000ms")
@@ -321,4 +325,310 @@ fn the_freeze_token_of_the_first_prepared_reply_is_kept_for_commit() {
     // A late duplicate (say from a re-freeze after the agent restarted) does not replace it.
     c.handle(6, Event::Prepared { server: "a".into(), reply: reply("second") });
     assert_eq!(c.record.servers[0].freeze_token, "first");
+    c.handle(7, Event::Prepared { server: "b".into(), reply: reply("b's") });
+    let cmds = acts(c.handle(8, Event::Prepared { server: "c".into(), reply: reply("c's") }));
+    let token = |t: &str| t.to_string();
+    assert_eq!(
+        cmds,
+        vec![
+            Command::Commit { server: "a".into(), freeze_token: token("first") },
+            Command::Commit { server: "b".into(), freeze_token: token("b's") },
+            Command::Commit { server: "c".into(), freeze_token: token("c's") },
+        ],
+        "each Commit carries the freeze it commits"
+    );
+}
+
+fn copied(c: &mut Coordinator, now: Millis, server: &str, stored: &[&str]) -> Vec<Command> {
+    let done = CopyDone {
+        detail: format!("{server} copied"),
+        stored: stored.iter().map(|s| s.to_string()).collect(),
+    };
+    c.handle(now, Event::Copied { server: server.into(), result: Ok(done) })
+}
+
+fn aborted(c: &mut Coordinator, now: Millis, server: &str, thawed: bool, deleted: u32) {
+    let outcome = AbortOutcome { thawed, snapshots_deleted: deleted };
+    c.handle(now, Event::Aborted { server: server.into(), result: Ok(outcome) });
+}
+
+#[test]
+fn snapshotted_is_visible_until_the_first_copy_reports() {
+    let mut c = snapshotted();
+    assert_eq!(c.record.state, State::Snapshotted { deadline: 40 + 60_000 });
+    assert!(c.record.servers.iter().all(|s| s.step == ServerStep::Copying));
+    let progress = Event::CopyProgress { server: "b".into(), done: 0, total: 100 };
+    let cmds = c.handle(41, progress);
+    assert_eq!(logs(&cmds), vec!["copy phase started (b first)"], "a state change is logged");
+    assert_eq!(c.record.state, State::Copying { deadline: 40 + 60_000 }, "same deadline");
+    let progress = Event::CopyProgress { server: "b".into(), done: 50, total: 100 };
+    assert!(c.handle(42, progress).is_empty(), "progress alone decides nothing");
+    assert_eq!(c.record.servers[1].copied_bytes, 50);
+
+    // In report mode the first word is the backup software's first report.
+    let mut c = snapshotted();
+    copied(&mut c, 50, "c", &[]);
+    assert_eq!(c.record.state.name(), StateName::Copying);
+}
+
+#[test]
+fn the_last_copy_is_sealed_before_the_backup_can_succeed() {
+    let mut c = snapshotted().sealed_by_copier(true);
+    copied(&mut c, 50, "a", &["va"]);
+    c.handle(51, Event::CleanedUp { server: "a".into(), result: Ok(1) });
+    copied(&mut c, 52, "b", &["vb1", "vb2"]);
+    c.handle(53, Event::CleanedUp { server: "b".into(), result: Ok(1) });
+    let cmds = acts(copied(&mut c, 54, "c", &["vc"]));
+    let cut = c.record.cut();
+    assert_eq!(
+        cmds,
+        vec![
+            Command::Cleanup { server: "c".into() },
+            Command::Seal { stored: ["va", "vb1", "vb2", "vc"].map(String::from).into(), cut },
+        ],
+        "every server's volumes in the backup's server order, with the cut"
+    );
+    assert_eq!(c.record.state, State::Sealing { deadline: 40 + 60_000 });
+    assert_eq!(c.record.state.name(), StateName::Copying, "clients see COPYING");
+    c.handle(55, Event::CleanedUp { server: "c".into(), result: Ok(1) });
+    assert_eq!(c.record.state.name(), StateName::Copying, "no success before the seal");
+    let cmds = c.handle(56, Event::Sealed { result: Ok("backup manifest m1; verify ok".into()) });
+    assert_eq!(logs(&cmds), vec!["sealed: backup manifest m1; verify ok", "backup succeeded"]);
+    assert_eq!(c.record.state, State::Succeeded);
+    assert_eq!(c.record.settled, Some(56));
+}
+
+#[test]
+fn a_seal_that_fails_fails_the_backup() {
+    let mut c = snapshotted().sealed_by_copier(true);
+    for s in ["a", "b", "c"] {
+        copied(&mut c, 50, s, &["v"]);
+    }
+    let cmds = c.handle(60, Event::Sealed { result: Err("verify found 1 problem(s)".into()) });
+    let State::Failed { phase, reason } = &c.record.state else { panic!("{:?}", c.record.state) };
+    assert_eq!(
+        (*phase, reason.as_str()),
+        (StateName::Copying, "seal failed: verify found 1 problem(s)")
+    );
+    assert_eq!(acts(cmds), aborts(&["a", "b", "c"], reason), "the snapshots still held go");
+}
+
+#[test]
+fn a_seal_that_never_answers_fails_at_the_copy_deadline() {
+    let mut c = snapshotted().sealed_by_copier(true);
+    for s in ["a", "b", "c"] {
+        copied(&mut c, 50, s, &["v"]);
+    }
+    c.handle(40 + 60_000, Event::Tick);
+    assert!(
+        matches!(&c.record.state, State::Failed { reason, .. } if reason == "the seal did not finish within the copy timeout of 60000ms")
+    );
+}
+
+#[test]
+fn abort_done_says_what_the_agent_did() {
+    let mut c = snapshotted();
+    c.handle(50, Event::AbortRequested { by: "operator:x".into(), reason: "stop".into() });
+    let outcome = AbortOutcome { thawed: false, snapshots_deleted: 1 };
+    let cmds = c.handle(51, Event::Aborted { server: "a".into(), result: Ok(outcome) });
+    assert_eq!(logs(&cmds), vec!["abort done: nothing was frozen, 1 snapshot deleted"]);
+    assert_eq!(c.record.servers[0].step, ServerStep::Aborted);
+    let outcome = AbortOutcome { thawed: true, snapshots_deleted: 0 };
+    assert_eq!(outcome.describe(), "thawed, no snapshot to delete");
+}
+
+#[test]
+fn an_undelivered_abort_says_what_is_known_not_that_the_agent_thaws_itself() {
+    // b is frozen (prepared at t=20) when a fails; b's abort never lands.
+    let mut c = new_backup();
+    c.handle(1_000, Event::Start);
+    prepared(&mut c, 1_020, "b");
+    c.handle(1_030, Event::Prepared { server: "a".into(), reply: Err("refused".into()) });
+    let cmds =
+        c.handle(3_000, Event::Aborted { server: "b".into(), result: Err("unreachable".into()) });
+    assert_eq!(
+        logs(&cmds),
+        vec!["abort not delivered (unreachable); if b is still frozen, its lease ends by 00:00:11.020 UTC and its guardian thaws it then (if the guardian is alive)"]
+    );
+    assert_eq!(c.record.servers[1].step, ServerStep::AbortFailed);
+    // c never answered Prepare: whether it froze is not known.
+    let cmds =
+        c.handle(3_001, Event::Aborted { server: "c".into(), result: Err("unreachable".into()) });
+    assert!(logs(&cmds)[0].ends_with("if c froze, its lease ends 10000ms after Prepare reached it (sent at 00:00:01.000 UTC) and its guardian thaws it then (if the guardian is alive)"), "{:?}", logs(&cmds));
+
+    // A server that holds snapshots: no lease removes them, the sweep does.
+    let mut c = snapshotted();
+    c.handle(50, Event::AbortRequested { by: "operator:x".into(), reason: "stop".into() });
+    let cmds =
+        c.handle(51, Event::Aborted { server: "a".into(), result: Err("unreachable".into()) });
+    assert_eq!(
+        logs(&cmds),
+        vec!["abort not delivered (unreachable); it thawed when it took its 1 snapshot(s), which stay until the sweep deletes them once a is reachable"]
+    );
+}
+
+#[test]
+fn a_commit_that_failed_after_the_end_is_said_as_it_happened() {
+    let mut c = committing();
+    c.handle(35, Event::AbortRequested { by: "operator:x".into(), reason: "stop".into() });
+    let cmds = c.handle(
+        10_100,
+        Event::Committed { server: "a".into(), reply: Err("deadline exceeded".into()) },
+    );
+    assert_eq!(
+        logs(&cmds),
+        vec!["commit to a failed after the backup ended: deadline exceeded; the abort sent when the backup ended covers whatever it took"]
+    );
+    assert!(acts(cmds).is_empty());
+}
+
+#[test]
+fn a_backup_settles_once_every_contacted_server_confirmed_or_was_given_up() {
+    let mut c = snapshotted();
+    c.handle(50, Event::AbortRequested { by: "operator:x".into(), reason: "stop".into() });
+    assert!(c.record.state.is_terminal());
+    assert_eq!(c.record.settled, None, "terminal, but the aborts are not confirmed yet");
+    aborted(&mut c, 51, "a", false, 1);
+    aborted(&mut c, 52, "b", false, 1);
+    assert_eq!(c.record.settled, None);
+    let cmds =
+        c.handle(60, Event::Aborted { server: "c".into(), result: Err("unreachable".into()) });
+    assert_eq!(c.record.settled, Some(60));
+    let unconfirmed = c.record.unconfirmed();
+    assert_eq!(unconfirmed.len(), 1);
+    assert!(unconfirmed[0].starts_with("c: abort not delivered (unreachable)"), "{unconfirmed:?}");
+    assert!(logs(&cmds)[1].starts_with("settled without confirmation from c: abort not delivered"));
+
+    // Every one confirmed after the end: said once, as the last line.
+    let mut c = snapshotted();
+    c.handle(50, Event::AbortRequested { by: "operator:x".into(), reason: "stop".into() });
+    aborted(&mut c, 51, "a", false, 1);
+    aborted(&mut c, 52, "b", false, 1);
+    let outcome = AbortOutcome { thawed: false, snapshots_deleted: 1 };
+    let cmds = c.handle(53, Event::Aborted { server: "c".into(), result: Ok(outcome) });
+    assert_eq!(
+        logs(&cmds),
+        vec![
+            "abort done: nothing was frozen, 1 snapshot deleted",
+            "settled: every server confirmed its end"
+        ]
+    );
+
+    // Never contacted: nothing to wait for.
+    let mut c = new_backup();
+    c.handle(0, Event::AbortRequested { by: "operator:x".into(), reason: "stop".into() });
+    assert_eq!(c.record.settled, Some(0));
+}
+
+#[test]
+fn a_restart_past_the_freeze_resumes_the_backup() {
+    let mut c = snapshotted();
+    copied(&mut c, 50, "a", &[]);
+    c.handle(51, Event::CopyProgress { server: "b".into(), done: 50, total: 100 });
+    let cmds = c.handle(100, Event::Restarted);
+    assert_eq!(c.record.state, State::Copying { deadline: 40 + 60_000 }, "still copying");
+    let snapshot = |s: &str| {
+        vec![SnapshotRef {
+            volume: "data".into(),
+            provider: "mock-san".into(),
+            locator: format!("/array/{s}"),
+            size_bytes: 100,
+        }]
+    };
+    assert_eq!(
+        acts(cmds.clone()),
+        vec![
+            Command::Copy { server: "b".into(), snapshots: snapshot("b") },
+            Command::Copy { server: "c".into(), snapshots: snapshot("c") },
+            Command::Cleanup { server: "a".into() },
+        ]
+    );
+    assert_eq!(
+        logs(&cmds),
+        vec!["listener restarted while the backup was COPYING; its snapshots were kept: copy requested again for b, c; cleanup sent again to a"]
+    );
+    assert_eq!(c.record.servers[1].copied_bytes, 0, "the copy starts over");
+    for s in ["b", "c"] {
+        copied(&mut c, 110, s, &[]);
+    }
+    for s in ["a", "b", "c"] {
+        c.handle(120, Event::CleanedUp { server: s.into(), result: Ok(1) });
+    }
+    assert_eq!(c.record.state, State::Succeeded);
+
+    // Sealing: the seal again.
+    let mut c = snapshotted().sealed_by_copier(true);
+    for s in ["a", "b", "c"] {
+        copied(&mut c, 50, s, &["v"]);
+    }
+    let cmds = acts(c.handle(100, Event::Restarted));
+    assert!(matches!(cmds.last(), Some(Command::Seal { .. })), "{cmds:?}");
+    assert_eq!(c.record.state.name(), StateName::Copying);
+}
+
+#[test]
+fn a_restart_of_an_ended_backup_asks_again_what_was_not_confirmed() {
+    let mut c = snapshotted();
+    c.handle(50, Event::AbortRequested { by: "operator:x".into(), reason: "stop".into() });
+    aborted(&mut c, 51, "a", false, 1);
+    let cmds = c.handle(100, Event::Restarted);
+    assert_eq!(acts(cmds), aborts(&["b", "c"], "backup already ended"));
+    aborted(&mut c, 101, "b", false, 1);
+    aborted(&mut c, 102, "c", false, 1);
+    assert_eq!(c.record.settled, Some(102));
+}
+
+#[test]
+fn a_cut_that_will_never_be_judged_says_why() {
+    let mut c = new_backup();
+    c.handle(0, Event::Start);
+    c.handle(6_000, Event::Tick);
+    assert_eq!(c.record.verdict, None);
+    assert_eq!(
+        c.record.never_judged.as_deref(),
+        Some("never judged: the backup failed while PREPARING before every server was snapshotted")
+    );
+    let mut c = snapshotted();
+    c.handle(50, Event::AbortRequested { by: "operator:x".into(), reason: "stop".into() });
+    assert_eq!(c.record.never_judged, None, "judged at the snapshot");
+}
+
+#[test]
+fn the_sweep_of_an_ended_backup_updates_its_server() {
+    let mut c = snapshotted();
+    c.handle(50, Event::AbortRequested { by: "operator:x".into(), reason: "stop".into() });
+    c.handle(51, Event::Aborted { server: "a".into(), result: Err("unreachable".into()) });
+    assert_eq!(c.record.servers[0].step, ServerStep::AbortFailed);
+    let outcome = AbortOutcome { thawed: false, snapshots_deleted: 1 };
+    let cmds = c.handle(5_000, Event::Swept { server: "a".into(), outcome });
+    assert_eq!(logs(&cmds), vec!["swept: abort done: nothing was frozen, 1 snapshot deleted"]);
+    assert_eq!(c.record.servers[0].step, ServerStep::Aborted);
+    assert!(matches!(&c.record.servers[0].end, Some(ServerEnd::Confirmed(_))));
+}
+
+#[test]
+fn a_backup_waits_in_pending_for_servers_mid_freeze_or_gives_up() {
+    let mut c = new_backup();
+    let busy = Event::Waiting { other: "b0".into(), servers: vec!["a".into()] };
+    let cmds = c.handle(0, busy);
+    assert_eq!(logs(&cmds), vec!["waiting to freeze: a is mid-freeze for backup b0"]);
+    assert_eq!(c.record.state, State::Pending);
+    assert_eq!(acts(c.handle(10, Event::Start)).len(), 3, "then it starts");
+
+    let mut c = new_backup();
+    let gave_up = Event::GaveUpWaiting {
+        other: "b0".into(),
+        servers: vec!["a".into(), "b".into()],
+        waited_ms: 30_000,
+    };
+    let cmds = c.handle(30_000, gave_up);
+    assert!(acts(cmds).is_empty(), "nothing was contacted");
+    assert_eq!(
+        c.record.state,
+        State::Failed {
+            phase: StateName::Pending,
+            reason: "a, b are still mid-freeze for backup b0 after 30000ms; nothing was frozen for this backup".into()
+        }
+    );
+    assert_eq!(c.record.settled, Some(30_000));
 }

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use stillpoint_saveset::{InitOptions, KdfParams, Secret};
 
 use super::*;
-use crate::model::ServerStep;
+use crate::model::{BackupRecord, ServerStep};
 
 struct Fixture {
     dir: tempfile::TempDir,
@@ -97,13 +97,10 @@ fn a_backup_is_its_volumes_plus_a_manifest_holding_the_cut() {
     let (copy_b, _) = check_copy(&saveset, "b1", "srv-b", &[b]);
     assert_eq!(copy_b.stats.hole_chunks, 32);
 
-    let mut gather = Gather::new(["srv-a".to_string(), "srv-b".to_string()]);
-    assert_eq!(gather.complete("srv-b", vec![copy_b.volumes[0].1]), None);
-    let volumes = gather.complete("srv-a", vec![copy_a.volumes[0].1]).expect("last server");
-    assert_eq!(volumes, vec![copy_a.volumes[0].1, copy_b.volumes[0].1]);
-    let line = saveset
-        .finish_backup("b1", volumes.clone(), cut_json(&record(&["srv-a", "srv-b"])))
-        .expect("finish");
+    let volumes = vec![copy_a.volumes[0].1, copy_b.volumes[0].1];
+    let mut stored = copy_a.clone().done().stored;
+    stored.extend(copy_b.done().stored);
+    let line = saveset.seal("b1", &stored, &record(&["srv-a", "srv-b"]).cut()).expect("seal");
     assert!(line.contains("verify (read-data) ok"), "{line}");
 
     let repo = Repository::open(&f.config.repository, &Secret::passphrase("correct horse"))
@@ -203,12 +200,4 @@ fn throttle_lets_one_report_through_per_period() {
     assert!(!t.ready(start + PROGRESS_EVERY / 2));
     assert!(t.ready(start + PROGRESS_EVERY));
     assert!(!t.ready(start + PROGRESS_EVERY + Duration::from_millis(1)));
-}
-
-#[test]
-fn gather_completes_once() {
-    let mut g = Gather::new(["a".to_string()]);
-    let id = ManifestId([1; 32]);
-    assert_eq!(g.complete("a", vec![id]), Some(vec![id]));
-    assert_eq!(g.complete("a", vec![id]), None);
 }

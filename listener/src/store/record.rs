@@ -1,0 +1,492 @@
+//! The catalog's own record of a backup, versioned (`CatalogRecord { version: 1, .. }`), and of
+//! a log line, converted by hand from and to the coordinator's `model`, so a change to the
+//! coordinator is a change here, never a data migration. Reads the unversioned JSON that earlier
+//! listeners wrote (the coordinator's record itself) as version 0; refuses newer versions.
+
+use serde::{Deserialize, Serialize};
+
+use crate::model::{
+    BackupRecord, CutVerdict, Level, LogEntry, Millis, ServerCut, ServerEnd, ServerRecord,
+    ServerStep, SnapshotRef, State, StateName, Step,
+};
+
+/// The version this listener writes.
+pub const VERSION: u32 = 1;
+
+/// A backup as the catalog stores it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CatalogRecord {
+    /// Absent (0) in records written before the catalog kept its own format.
+    #[serde(default)]
+    pub version: u32,
+    pub id: String,
+    pub group: String,
+    pub state: StoredState,
+    pub created: Millis,
+    pub finished: Option<Millis>,
+    pub started_by: String,
+    pub servers: Vec<StoredServer>,
+    pub verdict: Option<StoredVerdict>,
+    #[serde(default)]
+    pub never_judged: Option<String>,
+    #[serde(default)]
+    pub settled: Option<Millis>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "state", rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum StoredState {
+    Pending,
+    Preparing {
+        sent_at: Millis,
+        cutoff_at: Millis,
+    },
+    Committing {
+        sent_at: Millis,
+        deadline: Millis,
+    },
+    Snapshotted {
+        #[serde(default)]
+        deadline: Millis,
+    },
+    Copying {
+        deadline: Millis,
+    },
+    Sealing {
+        deadline: Millis,
+    },
+    Cleaning {
+        deadline: Millis,
+    },
+    Succeeded,
+    Failed {
+        phase: StoredPhase,
+        reason: String,
+    },
+    Aborted {
+        reason: String,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum StoredPhase {
+    Pending,
+    Preparing,
+    Committing,
+    Snapshotted,
+    Copying,
+    Cleaning,
+    Succeeded,
+    Failed,
+    Aborted,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum StoredStep {
+    Waiting,
+    Preparing,
+    Frozen,
+    PrepareFailed,
+    Committing,
+    Snapshotted,
+    CommitFailed,
+    Copying,
+    Copied,
+    CopyFailed,
+    Cleaning,
+    Cleaned,
+    CleanupFailed,
+    Aborting,
+    Aborted,
+    AbortFailed,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredServer {
+    pub server: String,
+    pub step: StoredStep,
+    pub detail: String,
+    pub snapshots: Vec<StoredSnapshot>,
+    pub cut: StoredCut,
+    pub copied_bytes: u64,
+    pub total_bytes: u64,
+    pub abort_sent: bool,
+    #[serde(default)]
+    pub freeze_token: String,
+    #[serde(default)]
+    pub stored: Vec<String>,
+    #[serde(default)]
+    pub end: Option<StoredEnd>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum StoredEnd {
+    Confirmed(String),
+    GaveUp(String),
+    NotRecorded,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredSnapshot {
+    pub volume: String,
+    pub provider: String,
+    pub locator: String,
+    pub size_bytes: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredStepReport {
+    pub name: String,
+    pub action: String,
+    pub ok: bool,
+    pub duration_ms: u64,
+    pub detail: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredCut {
+    pub prepare_sent: Option<Millis>,
+    pub prepared: Option<Millis>,
+    pub commit_sent: Option<Millis>,
+    pub committed: Option<Millis>,
+    pub quiesce_ms: u64,
+    pub freeze_ms: u64,
+    pub held_ms: u64,
+    pub snapshot_ms: u64,
+    pub thaw_ms: u64,
+    pub steps: Vec<StoredStepReport>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredVerdict {
+    pub consistent: bool,
+    pub text: String,
+}
+
+/// One log line as the catalog stores it (the same JSON since the first version).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredEntry {
+    pub at: Millis,
+    pub server: Option<String>,
+    pub level: StoredLevel,
+    pub message: String,
+    pub state: StoredPhase,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StoredLevel {
+    Info,
+    Warn,
+    Error,
+}
+
+/// The record's bytes, as this version writes them.
+pub fn encode(record: &BackupRecord) -> Result<Vec<u8>, String> {
+    serde_json::to_vec(&CatalogRecord::from(record)).map_err(|e| e.to_string())
+}
+
+/// A record as any version up to [`VERSION`] wrote it.
+pub fn decode(bytes: &[u8]) -> Result<BackupRecord, String> {
+    #[derive(Deserialize)]
+    struct Version {
+        #[serde(default)]
+        version: u32,
+    }
+    let Version { version } = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
+    if version > VERSION {
+        return Err(format!(
+            "catalog record version {version} is newer than this listener reads (up to {VERSION}); run the listener version that wrote it"
+        ));
+    }
+    let stored: CatalogRecord = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
+    let mut record = BackupRecord::from(stored);
+    if version == 0 && record.state.is_terminal() {
+        // Earlier listeners did not record how each server's part ended: say so rather than
+        // ask every agent again about backups long over.
+        for s in &mut record.servers {
+            if s.cut.prepare_sent.is_some() && s.end.is_none() {
+                s.end = Some(ServerEnd::NotRecorded);
+            }
+        }
+        record.settled = record.finished;
+    }
+    Ok(record)
+}
+
+pub fn encode_entry(entry: &LogEntry) -> Result<Vec<u8>, String> {
+    let stored = StoredEntry {
+        at: entry.at,
+        server: entry.server.clone(),
+        level: match entry.level {
+            Level::Info => StoredLevel::Info,
+            Level::Warn => StoredLevel::Warn,
+            Level::Error => StoredLevel::Error,
+        },
+        message: entry.message.clone(),
+        state: phase_to(entry.state),
+    };
+    serde_json::to_vec(&stored).map_err(|e| e.to_string())
+}
+
+pub fn decode_entry(bytes: &[u8]) -> Result<LogEntry, String> {
+    let e: StoredEntry = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
+    Ok(LogEntry {
+        at: e.at,
+        server: e.server,
+        level: match e.level {
+            StoredLevel::Info => Level::Info,
+            StoredLevel::Warn => Level::Warn,
+            StoredLevel::Error => Level::Error,
+        },
+        message: e.message,
+        state: phase_from(e.state),
+    })
+}
+
+impl From<&BackupRecord> for CatalogRecord {
+    fn from(r: &BackupRecord) -> Self {
+        CatalogRecord {
+            version: VERSION,
+            id: r.id.clone(),
+            group: r.group.clone(),
+            state: match &r.state {
+                State::Pending => StoredState::Pending,
+                State::Preparing { sent_at, cutoff_at } => {
+                    StoredState::Preparing { sent_at: *sent_at, cutoff_at: *cutoff_at }
+                }
+                State::Committing { sent_at, deadline } => {
+                    StoredState::Committing { sent_at: *sent_at, deadline: *deadline }
+                }
+                State::Snapshotted { deadline } => StoredState::Snapshotted { deadline: *deadline },
+                State::Copying { deadline } => StoredState::Copying { deadline: *deadline },
+                State::Sealing { deadline } => StoredState::Sealing { deadline: *deadline },
+                State::Cleaning { deadline } => StoredState::Cleaning { deadline: *deadline },
+                State::Succeeded => StoredState::Succeeded,
+                State::Failed { phase, reason } => {
+                    StoredState::Failed { phase: phase_to(*phase), reason: reason.clone() }
+                }
+                State::Aborted { reason } => StoredState::Aborted { reason: reason.clone() },
+            },
+            created: r.created,
+            finished: r.finished,
+            started_by: r.started_by.clone(),
+            servers: r.servers.iter().map(server_to).collect(),
+            verdict: r
+                .verdict
+                .as_ref()
+                .map(|v| StoredVerdict { consistent: v.consistent, text: v.text.clone() }),
+            never_judged: r.never_judged.clone(),
+            settled: r.settled,
+        }
+    }
+}
+
+impl From<CatalogRecord> for BackupRecord {
+    fn from(r: CatalogRecord) -> Self {
+        BackupRecord {
+            id: r.id,
+            group: r.group,
+            state: match r.state {
+                StoredState::Pending => State::Pending,
+                StoredState::Preparing { sent_at, cutoff_at } => {
+                    State::Preparing { sent_at, cutoff_at }
+                }
+                StoredState::Committing { sent_at, deadline } => {
+                    State::Committing { sent_at, deadline }
+                }
+                StoredState::Snapshotted { deadline } => State::Snapshotted { deadline },
+                StoredState::Copying { deadline } => State::Copying { deadline },
+                StoredState::Sealing { deadline } => State::Sealing { deadline },
+                StoredState::Cleaning { deadline } => State::Cleaning { deadline },
+                StoredState::Succeeded => State::Succeeded,
+                StoredState::Failed { phase, reason } => {
+                    State::Failed { phase: phase_from(phase), reason }
+                }
+                StoredState::Aborted { reason } => State::Aborted { reason },
+            },
+            created: r.created,
+            finished: r.finished,
+            started_by: r.started_by,
+            servers: r.servers.into_iter().map(server_from).collect(),
+            verdict: r.verdict.map(|v| CutVerdict { consistent: v.consistent, text: v.text }),
+            never_judged: r.never_judged,
+            settled: r.settled,
+        }
+    }
+}
+
+fn server_to(s: &ServerRecord) -> StoredServer {
+    StoredServer {
+        server: s.server.clone(),
+        step: step_to(s.step),
+        detail: s.detail.clone(),
+        snapshots: s
+            .snapshots
+            .iter()
+            .map(|x| StoredSnapshot {
+                volume: x.volume.clone(),
+                provider: x.provider.clone(),
+                locator: x.locator.clone(),
+                size_bytes: x.size_bytes,
+            })
+            .collect(),
+        cut: StoredCut {
+            prepare_sent: s.cut.prepare_sent,
+            prepared: s.cut.prepared,
+            commit_sent: s.cut.commit_sent,
+            committed: s.cut.committed,
+            quiesce_ms: s.cut.quiesce_ms,
+            freeze_ms: s.cut.freeze_ms,
+            held_ms: s.cut.held_ms,
+            snapshot_ms: s.cut.snapshot_ms,
+            thaw_ms: s.cut.thaw_ms,
+            steps: s
+                .cut
+                .steps
+                .iter()
+                .map(|x| StoredStepReport {
+                    name: x.name.clone(),
+                    action: x.action.clone(),
+                    ok: x.ok,
+                    duration_ms: x.duration_ms,
+                    detail: x.detail.clone(),
+                })
+                .collect(),
+        },
+        copied_bytes: s.copied_bytes,
+        total_bytes: s.total_bytes,
+        abort_sent: s.abort_sent,
+        freeze_token: s.freeze_token.clone(),
+        stored: s.stored.clone(),
+        end: s.end.as_ref().map(|e| match e {
+            ServerEnd::Confirmed(what) => StoredEnd::Confirmed(what.clone()),
+            ServerEnd::GaveUp(why) => StoredEnd::GaveUp(why.clone()),
+            ServerEnd::NotRecorded => StoredEnd::NotRecorded,
+        }),
+    }
+}
+
+fn server_from(s: StoredServer) -> ServerRecord {
+    ServerRecord {
+        server: s.server,
+        step: step_from(s.step),
+        detail: s.detail,
+        snapshots: s
+            .snapshots
+            .into_iter()
+            .map(|x| SnapshotRef {
+                volume: x.volume,
+                provider: x.provider,
+                locator: x.locator,
+                size_bytes: x.size_bytes,
+            })
+            .collect(),
+        cut: ServerCut {
+            prepare_sent: s.cut.prepare_sent,
+            prepared: s.cut.prepared,
+            commit_sent: s.cut.commit_sent,
+            committed: s.cut.committed,
+            quiesce_ms: s.cut.quiesce_ms,
+            freeze_ms: s.cut.freeze_ms,
+            held_ms: s.cut.held_ms,
+            snapshot_ms: s.cut.snapshot_ms,
+            thaw_ms: s.cut.thaw_ms,
+            steps: s
+                .cut
+                .steps
+                .into_iter()
+                .map(|x| Step {
+                    name: x.name,
+                    action: x.action,
+                    ok: x.ok,
+                    duration_ms: x.duration_ms,
+                    detail: x.detail,
+                })
+                .collect(),
+        },
+        copied_bytes: s.copied_bytes,
+        total_bytes: s.total_bytes,
+        abort_sent: s.abort_sent,
+        freeze_token: s.freeze_token,
+        stored: s.stored,
+        end: s.end.map(|e| match e {
+            StoredEnd::Confirmed(what) => ServerEnd::Confirmed(what),
+            StoredEnd::GaveUp(why) => ServerEnd::GaveUp(why),
+            StoredEnd::NotRecorded => ServerEnd::NotRecorded,
+        }),
+    }
+}
+
+fn phase_to(p: StateName) -> StoredPhase {
+    match p {
+        StateName::Pending => StoredPhase::Pending,
+        StateName::Preparing => StoredPhase::Preparing,
+        StateName::Committing => StoredPhase::Committing,
+        StateName::Snapshotted => StoredPhase::Snapshotted,
+        StateName::Copying => StoredPhase::Copying,
+        StateName::Cleaning => StoredPhase::Cleaning,
+        StateName::Succeeded => StoredPhase::Succeeded,
+        StateName::Failed => StoredPhase::Failed,
+        StateName::Aborted => StoredPhase::Aborted,
+    }
+}
+
+fn phase_from(p: StoredPhase) -> StateName {
+    match p {
+        StoredPhase::Pending => StateName::Pending,
+        StoredPhase::Preparing => StateName::Preparing,
+        StoredPhase::Committing => StateName::Committing,
+        StoredPhase::Snapshotted => StateName::Snapshotted,
+        StoredPhase::Copying => StateName::Copying,
+        StoredPhase::Cleaning => StateName::Cleaning,
+        StoredPhase::Succeeded => StateName::Succeeded,
+        StoredPhase::Failed => StateName::Failed,
+        StoredPhase::Aborted => StateName::Aborted,
+    }
+}
+
+fn step_to(s: ServerStep) -> StoredStep {
+    match s {
+        ServerStep::Waiting => StoredStep::Waiting,
+        ServerStep::Preparing => StoredStep::Preparing,
+        ServerStep::Frozen => StoredStep::Frozen,
+        ServerStep::PrepareFailed => StoredStep::PrepareFailed,
+        ServerStep::Committing => StoredStep::Committing,
+        ServerStep::Snapshotted => StoredStep::Snapshotted,
+        ServerStep::CommitFailed => StoredStep::CommitFailed,
+        ServerStep::Copying => StoredStep::Copying,
+        ServerStep::Copied => StoredStep::Copied,
+        ServerStep::CopyFailed => StoredStep::CopyFailed,
+        ServerStep::Cleaning => StoredStep::Cleaning,
+        ServerStep::Cleaned => StoredStep::Cleaned,
+        ServerStep::CleanupFailed => StoredStep::CleanupFailed,
+        ServerStep::Aborting => StoredStep::Aborting,
+        ServerStep::Aborted => StoredStep::Aborted,
+        ServerStep::AbortFailed => StoredStep::AbortFailed,
+    }
+}
+
+fn step_from(s: StoredStep) -> ServerStep {
+    match s {
+        StoredStep::Waiting => ServerStep::Waiting,
+        StoredStep::Preparing => ServerStep::Preparing,
+        StoredStep::Frozen => ServerStep::Frozen,
+        StoredStep::PrepareFailed => ServerStep::PrepareFailed,
+        StoredStep::Committing => ServerStep::Committing,
+        StoredStep::Snapshotted => ServerStep::Snapshotted,
+        StoredStep::CommitFailed => ServerStep::CommitFailed,
+        StoredStep::Copying => ServerStep::Copying,
+        StoredStep::Copied => ServerStep::Copied,
+        StoredStep::CopyFailed => ServerStep::CopyFailed,
+        StoredStep::Cleaning => ServerStep::Cleaning,
+        StoredStep::Cleaned => ServerStep::Cleaned,
+        StoredStep::CleanupFailed => ServerStep::CleanupFailed,
+        StoredStep::Aborting => ServerStep::Aborting,
+        StoredStep::Aborted => ServerStep::Aborted,
+        StoredStep::AbortFailed => ServerStep::AbortFailed,
+    }
+}
