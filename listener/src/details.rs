@@ -3,6 +3,7 @@
 //! broken client cannot make an error message (or a log line) as large as its request.
 
 use prost::{Message, Name};
+use stillpoint_core::text::clip;
 use stillpoint_proto as pb;
 use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt};
@@ -16,14 +17,15 @@ pub const WAIT_TIMED_OUT: &str = "WAIT_TIMED_OUT";
 /// `ResourceInfo.resource_type` naming a backup.
 pub const BACKUP_RESOURCE: &str = "stillpoint.v1.Backup";
 
-/// At most this many characters of a caller's text are echoed back.
-const CLIP_CHARS: usize = 100;
+/// How much of a caller's text an error shows (`stillpoint_core::text::clip`).
+pub const SHOWN: usize = 64;
 
-/// `text` cut to [`CLIP_CHARS`] characters, with `…` and the full length when it was longer.
-pub fn clip(text: &str) -> String {
-    match text.char_indices().nth(CLIP_CHARS) {
-        None => text.to_string(),
-        Some((at, _)) => format!("{}… ({} bytes)", &text[..at], text.len()),
+/// A caller's name or id for a detail field: as it is when it is a valid name (short, plain),
+/// else clipped and quoted, so a detail (which travels in a header) stays small.
+pub fn shown(name: &str) -> String {
+    match stillpoint_core::validate_name("name", name) {
+        Ok(()) => name.to_string(),
+        Err(_) => clip(name, SHOWN),
     }
 }
 
@@ -32,8 +34,8 @@ pub fn name(field: &'static str, value: &str) -> crate::Result<()> {
     stillpoint_core::validate_name(field, value).map_err(|_| crate::Error::InvalidArgument {
         field,
         reason: format!(
-            "{:?} is not a valid name: use 1-128 letters, digits, '.', '_' or '-', not starting with '.'",
-            clip(value)
+            "{} is not a valid name: use 1-128 letters, digits, '.', '_' or '-', not starting with '.'",
+            clip(value, SHOWN)
         ),
     })
 }
@@ -70,10 +72,11 @@ mod tests {
     use super::*;
 
     #[test]
-    fn long_text_is_clipped_on_a_character_boundary() {
-        assert_eq!(clip("short"), "short");
-        let long = "é".repeat(150);
-        assert_eq!(clip(&long), format!("{}… (300 bytes)", "é".repeat(100)));
+    fn names_show_as_they_are_and_anything_else_clipped() {
+        assert_eq!(shown("srv-a"), "srv-a");
+        let long = shown(&"x".repeat(1_000_000));
+        assert!(long.len() < 200 && long.contains("(1000000 bytes"), "{long}");
+        assert_eq!(shown("a b"), "\"a b\"");
     }
 
     #[test]

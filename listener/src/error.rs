@@ -55,7 +55,7 @@ impl From<Error> for tonic::Status {
                 Code::NotFound,
                 Some(ErrorDetails::with_resource_info(
                     BACKUP_RESOURCE,
-                    details::clip(&id),
+                    details::shown(&id),
                     "",
                     "no such backup in the catalog",
                 )),
@@ -64,7 +64,7 @@ impl From<Error> for tonic::Status {
                 Code::NotFound,
                 Some(ErrorDetails::with_resource_info(
                     "group",
-                    details::clip(&group),
+                    details::shown(&group),
                     "",
                     format!("not configured; configured groups: {known}"),
                 )),
@@ -73,7 +73,7 @@ impl From<Error> for tonic::Status {
                 Code::NotFound,
                 Some(ErrorDetails::with_resource_info(
                     "server",
-                    server,
+                    details::shown(&server),
                     "",
                     format!("not in backup {backup}; its servers: {known}"),
                 )),

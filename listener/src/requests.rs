@@ -26,8 +26,8 @@ impl RequestId {
         stillpoint_core::validate_name("request_id", raw).map_err(|_| Error::InvalidArgument {
             field: "request_id",
             reason: format!(
-                "{:?} is not a request id: use 1-128 letters, digits, '.', '_' or '-' (a UUID, say)",
-                crate::details::clip(raw)
+                "{} is not a request id: use 1-128 letters, digits, '.', '_' or '-' (a UUID, say)",
+                stillpoint_core::text::clip(raw, crate::details::SHOWN)
             ),
         })?;
         Ok(Some(RequestId(raw.to_string())))

@@ -80,7 +80,6 @@ impl Listener for ListenerService {
     ) -> Result<Response<pb::Backup>, Status> {
         let by = caller(&request);
         let request = request.into_inner();
-        details::name("group", &request.group)?;
         let request_id = RequestId::parse(&request.request_id)?;
         let record = self.runtime.start(&request.group, &by, request_id.as_ref()).await?;
         Ok(Response::new(convert::backup(&record)))
@@ -169,7 +168,6 @@ impl Listener for ListenerService {
         let group = if group.is_empty() {
             None
         } else {
-            details::name("group", &group)?;
             self.runtime.config().group(&group)?;
             Some(group)
         };

@@ -99,6 +99,8 @@ async fn repeated_copy_reports_and_aborts_change_nothing_and_contradictions_are_
     let id = hook.start_backup(start("g", "")).await.unwrap().into_inner().backup_id;
     let aborted = hook.abort_backup(abort(&id)).await.unwrap().into_inner();
     assert_eq!(state(&aborted), pb::BackupState::Aborted);
+    // Once the agents confirmed (they answer on their own time), a repeat changes nothing.
+    let aborted = until(&mut hook, &id, |b| b.servers.iter().all(|s| s.phase == "aborted")).await;
     let again = hook.abort_backup(abort(&id)).await.unwrap().into_inner();
     // The outcome is what stays the same; the servers' steps go on from aborting to aborted as
     // their agents answer, between the two calls or not.
