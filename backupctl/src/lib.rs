@@ -66,6 +66,8 @@ pub enum Command {
     Agents(cmd::agents::Args),
     /// Report that external backup software copied (or failed to copy) a server's snapshots
     Copied(cmd::copied::Args),
+    /// Report how far external backup software's copy of a server got (or that it is alive)
+    Copying(cmd::copying::Args),
     /// Make the deployment's CA and issue certificates (offline)
     #[command(subcommand)]
     Certs(cmd::certs::Certs),
@@ -111,6 +113,7 @@ async fn dispatch(cli: Cli, out: &mut dyn Write) -> Result<()> {
         Command::Abort(args) => cmd::abort::run(conn, args, out).await,
         Command::Agents(args) => cmd::agents::run(conn, args, out).await,
         Command::Copied(args) => cmd::copied::run(conn, args, out).await,
+        Command::Copying(args) => cmd::copying::run(conn, args, out).await,
         Command::Certs(certs) => cmd::certs::run(certs, out),
         Command::San(san) => cmd::san::run(san, out),
         Command::Repo(repo) => cmd::repo::run(repo, out),

@@ -221,6 +221,14 @@ impl Listener for Fake {
         self.get(&r.into_inner().backup_id).map(Response::new)
     }
 
+    async fn report_copy_progress(
+        &self,
+        r: Request<ReportCopyProgressRequest>,
+    ) -> Result<Response<Backup>, Status> {
+        self.record(&r);
+        self.get(&r.into_inner().backup_id).map(Response::new)
+    }
+
     async fn health(&self, _: Request<HealthRequest>) -> Result<Response<HealthResponse>, Status> {
         Ok(Response::new(HealthResponse::default()))
     }

@@ -192,3 +192,49 @@ async fn watch_all_and_watch_group_follow_every_backup_live() {
     let seqs: Vec<u64> = events.iter().filter_map(|e| e["entry"]["seq"].as_u64()).collect();
     assert!(seqs.windows(2).all(|w| w[1] == w[0] + 1), "every entry once, in order: {seqs:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn copying_reports_progress_and_heartbeats() {
+    let real = Real::start(Spec::default()).await;
+    let (code, out) = real.run("hook", &["start", "--group", "g", "--wait", "snapshotted"]).await;
+    assert_eq!(code, 0);
+    let id = out.trim().to_string();
+    let (code, out) = real
+        .run("hook", &["copying", &id, "--server", "srv-b", "--progress", "512/1024", "--json"])
+        .await;
+    assert_eq!(code, 0, "{out}");
+    let backup = json(&out);
+    assert_eq!(
+        (
+            backup["servers"][1]["copied_bytes"].as_u64(),
+            backup["servers"][1]["total_bytes"].as_u64()
+        ),
+        (Some(512), Some(1024))
+    );
+    let (code, out) = real.run("hook", &["copying", &id, "--server", "srv-b"]).await;
+    assert_eq!(
+        (code, out.as_str()),
+        (
+            0,
+            format!(
+                "reported copy of srv-b for backup {id}: still copying; backup is now COPYING\n"
+            )
+            .as_str()
+        )
+    );
+    assert_eq!(
+        real.run("viewer", &["copying", &id, "--server", "srv-b"]).await.0,
+        2,
+        "viewers may not"
+    );
+    assert!(Cli::try_parse_from([
+        "backupctl",
+        "copying",
+        "x",
+        "--server",
+        "s",
+        "--progress",
+        "5/2"
+    ])
+    .is_err());
+}

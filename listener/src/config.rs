@@ -70,6 +70,10 @@ pub struct TimeoutConfig {
     /// listener fails it: the agent sends progress or a heartbeat at least every 5 s, so longer
     /// silence means the agent hangs or the link is gone even if TCP has not noticed.
     pub agent_copy_silence_ms: u64,
+    /// With `[copy] mode = "report"`: how long the backup software may say nothing about a
+    /// server's copy (no ReportCopyProgress, no ReportCopy) before that copy fails, instead of
+    /// waiting out `copy_timeout_s`.
+    pub report_silence_ms: u64,
 }
 
 /// The smallest `agent_copy_silence_ms`: twice the agent's heartbeat period (5 s).
@@ -86,6 +90,7 @@ impl Default for TimeoutConfig {
             cleanup_timeout_ms: 60_000,
             sweep_interval_ms: 60_000,
             agent_copy_silence_ms: 30_000,
+            report_silence_ms: 15 * 60_000,
         }
     }
 }
@@ -293,6 +298,12 @@ impl Config {
             out.push(
                 "timeouts: rpc_ms, copy_timeout_s, cleanup_timeout_ms and sweep_interval_ms must be above 0".into(),
             );
+        }
+        if t.report_silence_ms < 1_000 {
+            out.push(format!(
+                "timeouts.report_silence_ms: {} is below 1000; the backup software needs time to report",
+                t.report_silence_ms
+            ));
         }
         if t.agent_copy_silence_ms < MIN_AGENT_COPY_SILENCE_MS {
             out.push(format!(

@@ -6,7 +6,8 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::coordinator::{CopyDone, Event};
+use crate::config::{Config, CopyConfig};
+use crate::coordinator::{Coordinator, CopyDone, Event};
 use crate::error::{Error, Result};
 use crate::model::{BackupRecord, Millis, ServerStep, State};
 use crate::runtime::Runtime;
@@ -144,6 +145,60 @@ impl Reports {
         let result = if ok { Ok(CopyDone::said(text)) } else { Err(text) };
         runtime.send(backup_id, Event::Copied { server: server.to_string(), result }).await
     }
+}
+
+/// The coordinator for a backup: when the backup software copies (report mode), a copy it says
+/// nothing about for `timeouts.report_silence_ms` fails.
+pub fn coordinator(config: &Config, record: BackupRecord) -> Coordinator {
+    let coordinator = Coordinator::new(record, config.timeouts.protocol());
+    match config.copy {
+        CopyConfig::Report => coordinator.with_report_silence(config.timeouts.report_silence_ms),
+        CopyConfig::Command { .. } | CopyConfig::Saveset(_) | CopyConfig::Image { .. } => {
+            coordinator
+        }
+    }
+}
+
+/// Takes the backup software's progress on one server's copy (a heartbeat when both figures are
+/// 0). Progress for a copy already reported done or failed (a late heartbeat) returns the
+/// backup unchanged; for a server that is not copying it is refused.
+pub async fn progress(
+    runtime: &Runtime,
+    backup_id: &str,
+    server: &str,
+    done: u64,
+    total: u64,
+) -> Result<BackupRecord> {
+    let record = runtime.store().get(backup_id)?;
+    let Some(current) = record.servers.iter().find(|s| s.server == server) else {
+        return Err(Error::UnknownServer {
+            backup: record.id.clone(),
+            server: server.to_string(),
+            known: record.servers.iter().map(|s| s.server.as_str()).collect::<Vec<_>>().join(", "),
+        });
+    };
+    if runtime.store().copy_report(backup_id, server)?.is_some() {
+        return Ok(record);
+    }
+    if current.step != ServerStep::Copying {
+        return Err(Error::Precondition(format!(
+            "backup {backup_id} server {server} is {} (backup {}), not copying; nothing was changed",
+            current.step.as_str(),
+            record.state.name()
+        )));
+    }
+    if done > total {
+        return Err(Error::InvalidArgument {
+            field: "done_bytes",
+            reason: format!("{done} is more than total_bytes {total}"),
+        });
+    }
+    let event = if (done, total) == (0, 0) {
+        Event::CopyHeartbeat { server: server.to_string() }
+    } else {
+        Event::CopyProgress { server: server.to_string(), done, total }
+    };
+    runtime.send(backup_id, event).await
 }
 
 /// Aborts a backup. Aborting one that is already ABORTED returns it unchanged; one that ended

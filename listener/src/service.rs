@@ -39,7 +39,12 @@ pub fn policy(path: &str, role: Role) -> bool {
     );
     match role {
         Role::Operator => true,
-        Role::Hook => read || matches!(method, "StartBackup" | "AbortBackup" | "ReportCopy"),
+        Role::Hook => {
+            read || matches!(
+                method,
+                "StartBackup" | "AbortBackup" | "ReportCopy" | "ReportCopyProgress"
+            )
+        }
         Role::Viewer => read,
         Role::Listener | Role::Agent => method == "Health",
     }
@@ -217,6 +222,24 @@ impl Listener for ListenerService {
         Ok(Response::new(convert::backup(&record)))
     }
 
+    async fn report_copy_progress(
+        &self,
+        request: Request<pb::ReportCopyProgressRequest>,
+    ) -> Result<Response<pb::Backup>, Status> {
+        let request = request.into_inner();
+        backup_id(&request.backup_id)?;
+        self.runtime.check_copy_report(&request.backup_id)?;
+        let record = requests::progress(
+            &self.runtime,
+            &request.backup_id,
+            &request.server,
+            request.done_bytes,
+            request.total_bytes,
+        )
+        .await?;
+        Ok(Response::new(convert::backup(&record)))
+    }
+
     async fn health(
         &self,
         request: Request<pb::HealthRequest>,
@@ -241,6 +264,8 @@ mod tests {
         assert!(!policy(&path("ReportCopy"), Role::Viewer));
         assert!(policy(&path("StartBackup"), Role::Hook));
         assert!(policy(&path("ReportCopy"), Role::Hook));
+        assert!(policy(&path("ReportCopyProgress"), Role::Hook));
+        assert!(!policy(&path("ReportCopyProgress"), Role::Viewer));
         assert!(policy(&path("AbortBackup"), Role::Operator));
         assert!(!policy(&path("StartBackup"), Role::Agent));
         assert!(policy(&path("Health"), Role::Agent));

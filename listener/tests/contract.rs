@@ -15,6 +15,8 @@ mod health;
 mod idempotency;
 #[path = "contract/pages.rs"]
 mod pages;
+#[path = "contract/progress.rs"]
+mod progress;
 #[path = "contract/wait.rs"]
 mod wait;
 #[path = "contract/watch.rs"]

@@ -128,6 +128,10 @@ pub enum Event {
         done: u64,
         total: u64,
     },
+    /// The backup software says `server`'s copy is still going, with no new figures.
+    CopyHeartbeat {
+        server: String,
+    },
     /// A server's copy finished (`Err`: it failed, with why).
     Copied {
         server: String,
@@ -195,11 +199,23 @@ pub struct Coordinator {
     timeouts: Timeouts,
     /// Whether the copier seals a backup once every server copied (saveset mode).
     seal: bool,
+    /// With copies reported by the backup software: how long a copying server may go unheard
+    /// (no progress, no heartbeat) before its copy fails.
+    report_silence_ms: Option<u64>,
+    /// When each copying server was last heard of (its copy started, progress, a heartbeat);
+    /// kept only with a report silence.
+    heard: std::collections::BTreeMap<String, Millis>,
 }
 
 impl Coordinator {
     pub fn new(record: BackupRecord, timeouts: Timeouts) -> Self {
-        Coordinator { record, timeouts, seal: false }
+        Coordinator {
+            record,
+            timeouts,
+            seal: false,
+            report_silence_ms: None,
+            heard: Default::default(),
+        }
     }
 
     /// A backup whose copies are sealed (`Command::Seal`) before it can succeed.
@@ -208,16 +224,45 @@ impl Coordinator {
         self
     }
 
+    /// Fails a copy the backup software has said nothing about for `ms`, rather than waiting
+    /// out the whole copy timeout.
+    pub fn with_report_silence(mut self, ms: u64) -> Self {
+        self.report_silence_ms = Some(ms);
+        self
+    }
+
     /// The next instant at which a `Tick` may change something.
     pub fn next_deadline(&self) -> Option<Millis> {
         match &self.record.state {
             State::Preparing { cutoff_at, .. } => Some(*cutoff_at),
+            State::Snapshotted { deadline } | State::Copying { deadline } => {
+                Some(self.silent_from().map_or(*deadline, |at| at.min(*deadline)))
+            }
             State::Committing { deadline, .. }
-            | State::Snapshotted { deadline }
-            | State::Copying { deadline }
             | State::Sealing { deadline }
             | State::Cleaning { deadline } => Some(*deadline),
             _ => None,
+        }
+    }
+
+    /// The earliest instant a copying server will have been unheard for too long.
+    fn silent_from(&self) -> Option<Millis> {
+        let limit = ms(self.report_silence_ms?);
+        self.copying().filter_map(|s| self.heard.get(s)).map(|at| at + limit).min()
+    }
+
+    fn copying(&self) -> impl Iterator<Item = &str> {
+        self.record
+            .servers
+            .iter()
+            .filter(|s| s.step == ServerStep::Copying)
+            .map(|s| s.server.as_str())
+    }
+
+    /// A sign of life from `server`'s copy.
+    fn hear(&mut self, now: Millis, server: &str) {
+        if self.copy_event_for(server) && self.heard.contains_key(server) {
+            self.heard.insert(server.to_string(), now);
         }
     }
 
@@ -256,6 +301,13 @@ impl Coordinator {
                         s.total_bytes = total;
                     }
                 }
+                self.hear(now, &server);
+            }
+            Event::CopyHeartbeat { server } => {
+                if self.copy_event_for(&server) {
+                    self.copy_started(&server, &mut out);
+                }
+                self.hear(now, &server);
             }
             Event::Copied { server, result } => self.on_copied(now, &server, result, &mut out),
             Event::Sealed { result } => self.on_sealed(now, result, &mut out),
@@ -491,6 +543,9 @@ impl Coordinator {
         for s in &mut self.record.servers {
             s.step = ServerStep::Copying;
             out.push(Command::Copy { server: s.server.clone(), snapshots: s.snapshots.clone() });
+            if self.report_silence_ms.is_some() {
+                self.heard.insert(s.server.clone(), now);
+            }
         }
     }
 
@@ -709,6 +764,10 @@ impl Coordinator {
                         out.push(Command::Copy { server: s.server.clone(), snapshots });
                     }
                 }
+                if self.report_silence_ms.is_some() {
+                    // The silence is counted afresh from the new process's first moment.
+                    self.heard.extend(copies.iter().map(|c| (c.clone(), now)));
+                }
                 let cleanups = self.cleanups_again(out);
                 let mut said = format!(
                     "listener restarted while the backup was {phase}; its snapshots were kept"
@@ -803,13 +862,28 @@ impl Coordinator {
                 );
                 self.fail(now, StateName::Committing, reason, out);
             }
-            State::Snapshotted { .. } | State::Copying { .. } => {
-                let reason = format!(
-                    "copy of {} did not finish within {}ms",
-                    waiting(ServerStep::Copying),
-                    self.timeouts.copy_timeout_ms
-                );
-                self.fail(now, StateName::Copying, reason, out);
+            State::Snapshotted { deadline } | State::Copying { deadline } => {
+                let limit = self.report_silence_ms.map(ms);
+                let silent: Vec<String> = self
+                    .copying()
+                    .filter_map(|s| Some((s, *self.heard.get(s)?)))
+                    .filter(|(_, at)| limit.is_some_and(|limit| now >= at + limit))
+                    .map(|(s, at)| format!("{s} (last heard {}ms ago)", now - at))
+                    .collect();
+                if let (false, Some(limit)) = (silent.is_empty(), limit) {
+                    let reason = format!(
+                        "copy of {}: the backup software reported nothing (no progress, no heartbeat) for {limit}ms",
+                        silent.join(", ")
+                    );
+                    self.fail(now, StateName::Copying, reason, out);
+                } else if now >= deadline {
+                    let reason = format!(
+                        "copy of {} did not finish within {}ms",
+                        waiting(ServerStep::Copying),
+                        self.timeouts.copy_timeout_ms
+                    );
+                    self.fail(now, StateName::Copying, reason, out);
+                }
             }
             State::Sealing { .. } => {
                 let reason = format!(

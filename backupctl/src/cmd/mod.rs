@@ -6,6 +6,7 @@ pub mod abort;
 pub mod agents;
 pub mod certs;
 pub mod copied;
+pub mod copying;
 pub mod list;
 pub mod log;
 pub mod repo;

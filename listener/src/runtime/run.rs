@@ -83,7 +83,7 @@ impl Runtime {
     ) {
         let span =
             tracing::info_span!(parent: None, "backup", backup = %record.id, group = %record.group);
-        let coordinator = Coordinator::new(record, self.config.timeouts.protocol())
+        let coordinator = crate::requests::coordinator(&self.config, record)
             .sealed_by_copier(self.copier.seals());
         let this = Arc::clone(self);
         tokio::spawn(

@@ -632,3 +632,50 @@ fn a_backup_waits_in_pending_for_servers_mid_freeze_or_gives_up() {
     );
     assert_eq!(c.record.settled, Some(30_000));
 }
+
+/// Snapshotted (copies requested) at t=40 with a 1000 ms report silence: the backup software must say something
+/// about each server's copy (progress or a heartbeat) at least every second.
+fn reported_copying() -> Coordinator {
+    let mut c = committing().with_report_silence(1_000);
+    for s in ["a", "b", "c"] {
+        committed(&mut c, 40, s);
+    }
+    c
+}
+
+#[test]
+fn a_reported_copy_that_goes_silent_fails_naming_the_server_and_the_silence() {
+    let mut c = reported_copying();
+    assert_eq!(c.record.state.name(), StateName::Snapshotted);
+    assert_eq!(c.next_deadline(), Some(1_040), "each copy is heard of when it is requested");
+    c.handle(500, Event::CopyProgress { server: "a".into(), done: 10, total: 100 });
+    assert_eq!(c.record.state.name(), StateName::Copying, "the first word starts the copy phase");
+    c.handle(900, Event::CopyHeartbeat { server: "b".into() });
+    assert_eq!(c.next_deadline(), Some(1_040), "c is still unheard since 40");
+    assert!(acts(c.handle(1_039, Event::Tick)).is_empty());
+    c.handle(1_000, Event::Copied { server: "c".into(), result: Ok(CopyDone::said("tape 7")) });
+    assert_eq!(c.next_deadline(), Some(1_500), "a copied server is no longer waited on; a is next");
+    c.handle(1_400, Event::CopyHeartbeat { server: "a".into() });
+    let cmds = c.handle(1_900, Event::Tick);
+    let State::Failed { phase, reason } = &c.record.state else {
+        panic!("not failed: {:?}", c.record.state)
+    };
+    assert_eq!(*phase, StateName::Copying);
+    assert_eq!(
+        reason,
+        "copy of b (last heard 1000ms ago): the backup software reported nothing (no progress, no heartbeat) for 1000ms"
+    );
+    assert_eq!(acts(cmds), aborts(&["a", "b", "c"], reason));
+}
+
+#[test]
+fn without_a_report_silence_only_the_copy_timeout_ends_a_quiet_copy() {
+    let mut c = snapshotted();
+    c.handle(500, Event::CopyHeartbeat { server: "a".into() });
+    assert_eq!(c.next_deadline(), Some(60_040));
+    assert!(acts(c.handle(59_000, Event::Tick)).is_empty());
+    c.handle(60_040, Event::Tick);
+    assert!(
+        matches!(&c.record.state, State::Failed { reason, .. } if reason.contains("did not finish within 60000ms"))
+    );
+}
