@@ -14,6 +14,7 @@ async fn a_start_retried_with_its_request_id_returns_the_same_backup_even_after_
     let mut cluster = Cluster::start(dir.path(), Spec::default()).await;
     let mut client = cluster.client("hook");
     let first = client.start_backup(start("g", "req-1")).await.unwrap().into_inner();
+    assert_eq!(state(&first), pb::BackupState::Preparing, "returned once Prepare went out");
     let again = client.start_backup(start("g", "req-1")).await.unwrap().into_inner();
     assert_eq!(again.backup_id, first.backup_id);
     assert_eq!(again.started_by, "hook:hook");
