@@ -117,7 +117,9 @@ impl Runtime {
             }
         };
         loop {
-            if run.done(&coordinator) {
+            // A helper sends its result before it lets go of its handle: results still queued
+            // (an abort confirmed) are handled before the task ends.
+            if run.done(&coordinator) && rx.is_empty() {
                 break;
             }
             // A new backup freezes once no other backup holds its servers mid-freeze.
