@@ -297,14 +297,29 @@ impl Cluster {
                 .build()
                 .expect("the listener's runtime");
             runtime.block_on(async move {
-                let socket = tokio::net::TcpListener::from_std(socket).expect("listener socket");
-                tokio::select! {
-                    result = crate::run(config, socket, async { let _ = terminated.await; }) => {
-                        if let Err(e) = result {
-                            tracing::error!(error = %e, "test listener stopped");
-                        }
+                let (mut stopped, mut terminated) = (stopped, terminated);
+                // After a restart the previous process's catalog writer may still be letting go
+                // of the file for a moment: opening it is tried again, briefly.
+                for attempt in 0..50 {
+                    let socket = socket.try_clone().expect("clone the listener socket");
+                    let socket =
+                        tokio::net::TcpListener::from_std(socket).expect("listener socket");
+                    let shutdown = async {
+                        let _ = (&mut terminated).await;
+                    };
+                    tokio::select! {
+                        result = crate::run(config.clone(), socket, shutdown) => match result {
+                            Err(crate::Error::Store { .. }) if attempt < 49 => {
+                                tokio::time::sleep(Duration::from_millis(100)).await;
+                            }
+                            Err(e) => {
+                                tracing::error!(error = %e, "test listener stopped");
+                                return;
+                            }
+                            Ok(()) => return,
+                        },
+                        _ = &mut stopped => return,
                     }
-                    _ = stopped => {}
                 }
             });
             runtime.shutdown_timeout(Duration::from_secs(5));
