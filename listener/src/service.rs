@@ -207,6 +207,8 @@ impl Listener for ListenerService {
         let by = caller(&request);
         let request = request.into_inner();
         backup_id(&request.backup_id)?;
+        // An unknown backup is NOT_FOUND, whatever the copy mode.
+        self.runtime.backup(&request.backup_id)?;
         self.runtime.check_copy_report(&request.backup_id)?;
         let record = self
             .reports
@@ -228,6 +230,8 @@ impl Listener for ListenerService {
     ) -> Result<Response<pb::Backup>, Status> {
         let request = request.into_inner();
         backup_id(&request.backup_id)?;
+        // An unknown backup is NOT_FOUND, whatever the copy mode.
+        self.runtime.backup(&request.backup_id)?;
         self.runtime.check_copy_report(&request.backup_id)?;
         let record = requests::progress(
             &self.runtime,
