@@ -458,6 +458,9 @@ async fn the_lease_lines_do_not_nest_under_the_prepare_that_froze() {
     let parents = Parents::default();
     let _guard =
         tracing::subscriber::set_default(tracing_subscriber::registry().with(parents.clone()));
+    // Other tests' threads, with no subscriber, may have cached "never" for these span
+    // callsites before this thread's subscriber existed; ask every callsite again.
+    tracing::callsite::rebuild_interest_cache();
     let f = check(1);
     let rpc = tracing::info_span!("rpc");
     assert!(f.backups.prepare(&id("b1"), 100).instrument(rpc).await.unwrap().prepared);

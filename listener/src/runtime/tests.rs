@@ -267,8 +267,31 @@ where
     }
 }
 
-#[tokio::test(flavor = "current_thread")]
-async fn a_backups_lines_run_in_a_root_span_not_under_the_request_that_started_it() {
+/// Span callsites cache their interest process-wide, so a test thread's own subscriber can miss
+/// spans while other tests run in parallel; this check runs alone, in a child process of this
+/// same test binary.
+#[test]
+fn a_backups_lines_run_in_a_root_span_not_under_the_request_that_started_it() {
+    const CHILD: &str = "STILLPOINT_SPAN_CHECK_CHILD";
+    if std::env::var_os(CHILD).is_some() {
+        root_span_check();
+        return;
+    }
+    let exe = std::env::current_exe().expect("test binary");
+    let name =
+        "runtime::tests::a_backups_lines_run_in_a_root_span_not_under_the_request_that_started_it";
+    let out = std::process::Command::new(exe)
+        .args([name, "--exact", "--test-threads=1", "--nocapture"])
+        .env(CHILD, "1")
+        .output()
+        .expect("run the check in a child");
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && text.contains("1 passed"), "{text}");
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn root_span_check() {
     use tracing::Instrument;
     use tracing_subscriber::layer::SubscriberExt;
     let spans = BackupSpans::default();
