@@ -118,7 +118,15 @@ impl Runtime {
         };
         loop {
             if run.done(&coordinator) {
-                break;
+                // No helper is left, but what they sent may still be queued: that goes first.
+                match rx.try_recv() {
+                    Ok(Envelope::Event(event, reply)) => {
+                        self.step(&mut coordinator, &mut run, event, reply).await;
+                        continue;
+                    }
+                    Ok(Envelope::HelperDone) => continue,
+                    Err(_) => break,
+                }
             }
             // A new backup freezes once no other backup holds its servers mid-freeze.
             let freed = self.runs.freed.notified();
@@ -373,8 +381,8 @@ struct RunState {
 }
 
 impl RunState {
-    /// Nothing more can happen: the backup is terminal and no helper is at work. (Every helper
-    /// sends its event before it lets go, so nothing is left in the queue either.)
+    /// Nothing more can start: the backup is terminal and no helper is at work (what they sent
+    /// may still be queued).
     fn done(&self, coordinator: &Coordinator) -> bool {
         coordinator.record.state.is_terminal() && Arc::strong_count(&self.feed.helpers) == 1
     }
