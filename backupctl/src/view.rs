@@ -555,6 +555,8 @@ pub fn cut_human(cut: &Cut, state: i32) -> String {
     let verdict = if cut.verdict.is_empty() { String::new() } else { format!(": {}", cut.verdict) };
     let ended = matches!(state_of(state), BackupState::Failed | BackupState::Aborted);
     let mut out = match (cut.checked, cut.consistent) {
+        // The listener says why in its own words ("never judged: the backup failed while ...").
+        (false, _) if ended && !cut.verdict.is_empty() => format!("cut: {}\n", cut.verdict),
         (false, _) if ended => format!(
             "cut: never judged: the backup ended {} before every server was snapshotted{verdict}\n",
             state_name(state)

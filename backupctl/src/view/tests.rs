@@ -255,6 +255,14 @@ fn a_cut_that_will_never_be_judged_says_why_not_that_it_is_pending() {
         );
         assert!(text.contains(&expected), "{text}");
     }
+    // The listener's own words, when it gives them.
+    let mut backup = sample();
+    backup.state = BackupState::Failed as i32;
+    let why = "never judged: the backup failed while PREPARING before every server was snapshotted";
+    backup.cut = Some(Cut { checked: false, verdict: why.into(), ..Cut::default() });
+    let text = backup_human(&backup);
+    assert!(text.contains(&format!("cut: {why}\n")), "{text}");
+    assert_eq!(text.matches("never judged").count(), 1, "said once: {text}");
     // In flight, the cut is still to come.
     let mut backup = sample();
     backup.state = BackupState::Preparing as i32;

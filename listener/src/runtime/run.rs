@@ -117,10 +117,16 @@ impl Runtime {
             }
         };
         loop {
-            // A helper sends its result before it lets go of its handle: results still queued
-            // (an abort confirmed) are handled before the task ends.
-            if run.done(&coordinator) && rx.is_empty() {
-                break;
+            if run.done(&coordinator) {
+                // No helper is left, but what they sent may still be queued: that goes first.
+                match rx.try_recv() {
+                    Ok(Envelope::Event(event, reply)) => {
+                        self.step(&mut coordinator, &mut run, event, reply).await;
+                        continue;
+                    }
+                    Ok(Envelope::HelperDone) => continue,
+                    Err(_) => break,
+                }
             }
             // A new backup freezes once no other backup holds its servers mid-freeze.
             let freed = self.runs.freed.notified();
@@ -375,8 +381,8 @@ struct RunState {
 }
 
 impl RunState {
-    /// Nothing more can happen: the backup is terminal and no helper is at work. (Every helper
-    /// sends its event before it lets go, so nothing is left in the queue either.)
+    /// Nothing more can start: the backup is terminal and no helper is at work (what they sent
+    /// may still be queued).
     fn done(&self, coordinator: &Coordinator) -> bool {
         coordinator.record.state.is_terminal() && Arc::strong_count(&self.feed.helpers) == 1
     }
