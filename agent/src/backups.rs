@@ -14,7 +14,8 @@ use stillpoint_protocol::agent::{
     AbortReply, Agent, BackupId, BackupStatus, Effect, Failure, FailureKind, FreezeToken, Input,
     OpKind, Origin, Phase, QuiescerInfo, Released, Reply, ReqId, Request,
 };
-use stillpoint_protocol::coordinator::{CommitReply, PrepareReply};
+use stillpoint_protocol::coordinator::{CommitReply, PrepareReply, ReleaseReply};
+use stillpoint_protocol::hold::Hold;
 use stillpoint_protocol::model::{Level, SnapshotRef};
 use tokio::sync::oneshot;
 use tokio::task::AbortHandle;
@@ -137,6 +138,7 @@ impl Backups {
             .map(|q| QuiescerInfo {
                 name: q.name().to_string(),
                 freezes_filesystem: q.freezes_filesystem(),
+                hold: q.hold(),
             })
             .collect();
         let machine = Agent::new(server, info, provider.kind());
@@ -162,6 +164,11 @@ impl Backups {
         &self.inner.server
     }
 
+    /// What this agent's quiescers hold when they freeze (configured, not measured).
+    pub fn hold(&self) -> Hold {
+        lock(&self.inner.machine).hold()
+    }
+
     /// Hands `request` to the machine in a task of its own, under a span naming the backup and
     /// server, and waits for its reply; a caller who stops waiting does not cut it short.
     async fn request(&self, op: OpKind, id: Option<&BackupId>, request: Request) -> Result<Reply> {
@@ -180,12 +187,18 @@ impl Backups {
         rx.await.map_err(|_| Error::Internal(format!("{} ended without a reply", op.as_str())))
     }
 
-    /// Quiesces and freezes `id` under a lease of `lease_ms` counted from now. Idempotent:
+    /// Quiesces and freezes `id` under a lease of `lease_ms` counted from now, unless this
+    /// agent's hold is below `require` (then it refuses before touching anything). Idempotent:
     /// a repeated Prepare gets the first one's reply.
-    pub async fn prepare(&self, id: &BackupId, lease_ms: u64) -> Result<PrepareReply> {
+    pub async fn prepare(
+        &self,
+        id: &BackupId,
+        lease_ms: u64,
+        require: Hold,
+    ) -> Result<PrepareReply> {
         let token = uuid::Uuid::new_v4().simple().to_string();
         let fresh_token = FreezeToken::parse(&token).map_err(|e| Error::Internal(e.to_string()))?;
-        let request = Request::Prepare { backup: id.clone(), lease_ms, fresh_token };
+        let request = Request::Prepare { backup: id.clone(), lease_ms, fresh_token, require };
         match self.request(OpKind::Prepare, Some(id), request).await? {
             Reply::Prepared(reply) => Ok(reply),
             other => Err(unexpected("prepare", other)),
@@ -194,16 +207,29 @@ impl Backups {
 
     /// Snapshots and thaws `id` if its lease still runs. `freeze_token`, when given, must name
     /// the freeze this agent holds for `id` (from its prepared reply); a Commit meant for
-    /// another freeze is refused. Idempotent.
+    /// another freeze is refused. With `hold_until_release` it stays frozen after the snapshot
+    /// until [`Backups::release`] or its lease's end. Idempotent.
     pub async fn commit(
         &self,
         id: &BackupId,
         freeze_token: Option<&FreezeToken>,
+        hold_until_release: bool,
     ) -> Result<CommitReply> {
-        let request = Request::Commit { backup: id.clone(), token: freeze_token.cloned() };
+        let token = freeze_token.cloned();
+        let request = Request::Commit { backup: id.clone(), token, hold_until_release };
         match self.request(OpKind::Commit, Some(id), request).await? {
             Reply::Committed(reply) => Ok(reply),
             other => Err(unexpected("commit", other)),
+        }
+    }
+
+    /// Thaws `id` held after its snapshot; says whether it was still held when this came.
+    /// Idempotent.
+    pub async fn release(&self, id: &BackupId) -> Result<ReleaseReply> {
+        let request = Request::Release { backup: id.clone() };
+        match self.request(OpKind::Release, Some(id), request).await? {
+            Reply::Release(result) => Ok(result?),
+            other => Err(unexpected("release", other)),
         }
     }
 

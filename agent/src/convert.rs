@@ -2,10 +2,12 @@
 //! snapshots. The machine and the executor never see a proto type but the plug-ins' snapshots.
 
 use stillpoint_proto::{
-    AbortResponse, AgentBackup, AgentPhase, CommitResponse, PrepareResponse, Snapshot, StepReport,
+    AbortResponse, AgentBackup, AgentPhase, CommitResponse, HoldClass, PrepareResponse,
+    ReleaseResponse, Snapshot, StepReport,
 };
 use stillpoint_protocol::agent::{AbortReply, BackupStatus, Phase};
-use stillpoint_protocol::coordinator::{CommitReply, PrepareReply};
+use stillpoint_protocol::coordinator::{CommitReply, PrepareReply, ReleaseReply};
+use stillpoint_protocol::hold::Hold;
 use stillpoint_protocol::model::{SnapshotRef, Step};
 
 pub fn snapshot_ref(s: Snapshot) -> SnapshotRef {
@@ -44,6 +46,38 @@ pub fn prepare_response(r: PrepareReply) -> PrepareResponse {
         freeze_ms: r.freeze_ms,
         steps: r.steps.into_iter().map(step).collect(),
         freeze_token: r.freeze_token,
+        hold: r.hold.map_or(HoldClass::Unspecified, hold_class).into(),
+    }
+}
+
+pub fn hold_class(h: Hold) -> HoldClass {
+    match h {
+        Hold::StorageOnly => HoldClass::StorageOnly,
+        Hold::HookUnverified => HoldClass::HookUnverified,
+        Hold::StoppedProcesses => HoldClass::StoppedProcesses,
+        Hold::FilesystemFreeze => HoldClass::FilesystemFreeze,
+        Hold::Application => HoldClass::Application,
+    }
+}
+
+/// A group's required hold from the wire; unspecified (an older listener) requires nothing.
+pub fn required_hold(h: HoldClass) -> Hold {
+    match h {
+        HoldClass::Unspecified | HoldClass::StorageOnly => Hold::StorageOnly,
+        HoldClass::HookUnverified => Hold::HookUnverified,
+        HoldClass::StoppedProcesses => Hold::StoppedProcesses,
+        HoldClass::FilesystemFreeze => Hold::FilesystemFreeze,
+        HoldClass::Application => Hold::Application,
+    }
+}
+
+pub fn release_response(r: ReleaseReply) -> ReleaseResponse {
+    ReleaseResponse {
+        held_until_release: r.held_until_release,
+        reason: r.reason,
+        held_ms: r.held_ms,
+        thaw_ms: r.thaw_ms,
+        steps: r.steps.into_iter().map(step).collect(),
     }
 }
 
@@ -56,6 +90,7 @@ pub fn commit_response(r: CommitReply) -> CommitResponse {
         thaw_ms: r.thaw_ms,
         held_ms: r.held_ms,
         steps: r.steps.into_iter().map(step).collect(),
+        still_held: r.still_held,
     }
 }
 
@@ -83,5 +118,6 @@ pub fn agent_phase(p: Phase) -> AgentPhase {
         Phase::Failed => AgentPhase::Failed,
         Phase::Cleaned => AgentPhase::Cleaned,
         Phase::Orphan => AgentPhase::Orphan,
+        Phase::Held => AgentPhase::Held,
     }
 }

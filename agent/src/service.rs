@@ -7,7 +7,8 @@ use std::sync::Arc;
 use stillpoint_proto::agent_server::Agent;
 use stillpoint_proto::{
     AbortRequest, AbortResponse, CleanupRequest, CleanupResponse, CommitRequest, CommitResponse,
-    CopyRequest, PrepareRequest, PrepareResponse, StatusRequest, StatusResponse,
+    CopyRequest, HoldClass, PrepareRequest, PrepareResponse, ReleaseRequest, ReleaseResponse,
+    StatusRequest, StatusResponse,
 };
 use stillpoint_protocol::agent::{BackupId, FreezeToken};
 use stillpoint_saveset::VolumeMeta;
@@ -82,7 +83,15 @@ impl Agent for AgentService {
             ))
             .into());
         }
-        let reply = self.backups.prepare(&id, req.lease_ms).await?;
+        // An unknown class number (a newer listener) asks for more than we know: refuse.
+        let require =
+            HoldClass::try_from(req.require_hold).map(convert::required_hold).map_err(|_| {
+                Status::invalid_argument(format!(
+                    "require_hold: unknown hold class {}",
+                    req.require_hold
+                ))
+            })?;
+        let reply = self.backups.prepare(&id, req.lease_ms, require).await?;
         Ok(Response::new(convert::prepare_response(reply)))
     }
 
@@ -100,8 +109,16 @@ impl Agent for AgentService {
                     .map_err(|e| Status::invalid_argument(format!("freeze_token: {e}")))?,
             ),
         };
-        let reply = self.backups.commit(&id, token.as_ref()).await?;
+        let reply = self.backups.commit(&id, token.as_ref(), req.hold_until_release).await?;
         Ok(Response::new(convert::commit_response(reply)))
+    }
+
+    async fn release(
+        &self,
+        request: Request<ReleaseRequest>,
+    ) -> Result<Response<ReleaseResponse>, Status> {
+        let id = backup_id(&request.into_inner().backup_id)?;
+        Ok(Response::new(convert::release_response(self.backups.release(&id).await?)))
     }
 
     async fn abort(
@@ -131,6 +148,7 @@ impl Agent for AgentService {
             server: self.backups.server().to_string(),
             version: env!("CARGO_PKG_VERSION").to_string(),
             backups: self.backups.report().await.into_iter().map(convert::agent_backup).collect(),
+            hold: convert::hold_class(self.backups.hold()).into(),
         }))
     }
 }

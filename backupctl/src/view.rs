@@ -640,7 +640,7 @@ pub fn log_line(e: &LogEntry) -> String {
 /// (`thawed-expired`, `aborted`, `failed`, `cleaned`), up to a hundred of them.
 fn still_held(b: &AgentBackup) -> bool {
     use stillpoint_proto::AgentPhase as P;
-    matches!(b.phase(), P::Preparing | P::Frozen | P::Snapshotted | P::Orphan)
+    matches!(b.phase(), P::Preparing | P::Frozen | P::Snapshotted | P::Held | P::Orphan)
         || !b.snapshots.is_empty()
 }
 

@@ -73,7 +73,8 @@ impl Agents {
         server: &str,
         lease_ms: u64,
     ) -> std::result::Result<PrepareReply, String> {
-        let message = pb::PrepareRequest { backup_id: backup_id.into(), lease_ms };
+        let message =
+            pb::PrepareRequest { backup_id: backup_id.into(), lease_ms, ..Default::default() };
         let request = request(backup_id, server, message, self.prepare_ms);
         self.call_once(server, |mut c| async move { c.prepare(request).await })
             .await
@@ -87,7 +88,8 @@ impl Agents {
         server: &str,
         freeze_token: String,
     ) -> std::result::Result<CommitReply, String> {
-        let message = pb::CommitRequest { backup_id: backup_id.into(), freeze_token };
+        let message =
+            pb::CommitRequest { backup_id: backup_id.into(), freeze_token, ..Default::default() };
         let request = request(backup_id, server, message, self.commit_ms);
         self.call_once(server, |mut c| async move { c.commit(request).await })
             .await

@@ -2,8 +2,9 @@
 
 use stillpoint_proto as pb;
 
-use crate::coordinator::{CommitReply, PrepareReply};
+use crate::coordinator::{CommitReply, PrepareReply, ReleaseReply};
 use crate::model::{BackupRecord, Level, LogEntry, SnapshotRef, State, StateName, Step};
+use stillpoint_protocol::hold::Hold;
 
 pub fn state(name: StateName) -> pb::BackupState {
     match name {
@@ -130,12 +131,46 @@ pub fn log_entry(seq: u64, e: &LogEntry) -> pb::LogEntry {
 }
 
 pub fn prepare_reply(r: pb::PrepareResponse) -> PrepareReply {
+    let held_by = hold(r.hold());
     PrepareReply {
         prepared: r.prepared,
         reason: r.reason,
         freeze_token: r.freeze_token,
         quiesce_ms: r.quiesce_ms,
         freeze_ms: r.freeze_ms,
+        steps: r.steps.into_iter().map(step_from).collect(),
+        hold: held_by,
+    }
+}
+
+/// A hold from the wire; unspecified (an older agent) is unknown, not assumed.
+pub fn hold(h: pb::HoldClass) -> Option<Hold> {
+    match h {
+        pb::HoldClass::Unspecified => None,
+        pb::HoldClass::StorageOnly => Some(Hold::StorageOnly),
+        pb::HoldClass::HookUnverified => Some(Hold::HookUnverified),
+        pb::HoldClass::StoppedProcesses => Some(Hold::StoppedProcesses),
+        pb::HoldClass::FilesystemFreeze => Some(Hold::FilesystemFreeze),
+        pb::HoldClass::Application => Some(Hold::Application),
+    }
+}
+
+pub fn hold_class(h: Hold) -> pb::HoldClass {
+    match h {
+        Hold::StorageOnly => pb::HoldClass::StorageOnly,
+        Hold::HookUnverified => pb::HoldClass::HookUnverified,
+        Hold::StoppedProcesses => pb::HoldClass::StoppedProcesses,
+        Hold::FilesystemFreeze => pb::HoldClass::FilesystemFreeze,
+        Hold::Application => pb::HoldClass::Application,
+    }
+}
+
+pub fn release_reply(r: pb::ReleaseResponse) -> ReleaseReply {
+    ReleaseReply {
+        held_until_release: r.held_until_release,
+        reason: r.reason,
+        held_ms: r.held_ms,
+        thaw_ms: r.thaw_ms,
         steps: r.steps.into_iter().map(step_from).collect(),
     }
 }
@@ -149,6 +184,7 @@ pub fn commit_reply(r: pb::CommitResponse) -> CommitReply {
         thaw_ms: r.thaw_ms,
         held_ms: r.held_ms,
         steps: r.steps.into_iter().map(step_from).collect(),
+        still_held: r.still_held,
     }
 }
 

@@ -156,7 +156,16 @@ impl Agent for ScriptedAgent {
             server: self.server.clone(),
             version: "scripted".into(),
             backups: Vec::new(),
+            hold: pb::HoldClass::StorageOnly.into(),
         }))
+    }
+
+    async fn release(
+        &self,
+        request: Request<pb::ReleaseRequest>,
+    ) -> Result<Response<pb::ReleaseResponse>, Status> {
+        self.record("release", &request.into_inner().backup_id);
+        Ok(Response::new(pb::ReleaseResponse { held_until_release: true, ..Default::default() }))
     }
 
     type CopyStream = CopyEvents;

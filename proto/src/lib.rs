@@ -30,6 +30,7 @@ impl AgentPhase {
             AgentPhase::Failed => "failed",
             AgentPhase::Cleaned => "cleaned",
             AgentPhase::Orphan => "orphan",
+            AgentPhase::Held => "held",
         }
     }
 }

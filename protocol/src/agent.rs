@@ -9,8 +9,9 @@
 use std::collections::VecDeque;
 use std::fmt;
 
-use crate::coordinator::{CommitReply, PrepareReply};
+use crate::coordinator::{CommitReply, PrepareReply, ReleaseReply};
 use crate::error::{Error, Result};
+use crate::hold::Hold;
 use crate::lease::Lease;
 use crate::model::{Level, SnapshotRef, Step};
 
@@ -81,6 +82,8 @@ pub enum Phase {
     /// Every quiescer is frozen until Commit, Abort or the lease's end.
     Frozen,
     Snapshotted,
+    /// Snapshotted and still frozen until Release (the thaw barrier) or the lease's end.
+    Held,
     /// The lease ran out without a Commit; everything was thawed and nothing snapshotted.
     ThawedExpired,
     Aborted,
@@ -98,6 +101,7 @@ impl Phase {
             Phase::Preparing => "preparing",
             Phase::Frozen => "frozen",
             Phase::Snapshotted => "snapshotted",
+            Phase::Held => "held",
             Phase::ThawedExpired => "thawed-expired",
             Phase::Aborted => "aborted",
             Phase::Failed => "failed",
@@ -119,6 +123,8 @@ pub struct QuiescerInfo {
     pub name: String,
     /// Its freeze time counts as the filesystem freeze in the prepared reply.
     pub freezes_filesystem: bool,
+    /// What its freeze holds, and how stillpoint knows.
+    pub hold: Hold,
 }
 
 /// Which request a reply answers; the executor picks them, unique among pending requests.
@@ -128,16 +134,24 @@ pub struct ReqId(pub u64);
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Request {
     /// Quiesce and freeze under a lease counted from the request's arrival. `fresh_token`
-    /// names the freeze if this request makes one.
+    /// names the freeze if this request makes one. Refused before anything is armed or frozen
+    /// when this agent's hold is below `require`.
     Prepare {
         backup: BackupId,
         lease_ms: u64,
         fresh_token: FreezeToken,
+        require: Hold,
     },
-    /// Snapshot and thaw; `token`, when given, must name the freeze this agent holds.
+    /// Snapshot and thaw; `token`, when given, must name the freeze this agent holds. With
+    /// `hold_until_release` it stays frozen after the snapshot until Release or its lease's end.
     Commit {
         backup: BackupId,
         token: Option<FreezeToken>,
+        hold_until_release: bool,
+    },
+    /// Thaw a backup held after its snapshot. Idempotent: a repeat gets the same answer.
+    Release {
+        backup: BackupId,
     },
     Abort {
         backup: BackupId,
@@ -234,6 +248,7 @@ pub struct AbortReply {
 pub enum Reply {
     Prepared(PrepareReply),
     Committed(CommitReply),
+    Release(Result<ReleaseReply, Failure>),
     Aborted(Result<AbortReply, Failure>),
     /// How many snapshots were deleted.
     CleanedUp(Result<u32, Failure>),
@@ -254,6 +269,7 @@ pub enum Origin {
 pub enum OpKind {
     Prepare,
     Commit,
+    Release,
     Abort,
     Cleanup,
     Expire,
@@ -265,6 +281,7 @@ impl OpKind {
         match self {
             OpKind::Prepare => "prepare",
             OpKind::Commit => "commit",
+            OpKind::Release => "release",
             OpKind::Abort => "abort",
             OpKind::Cleanup => "cleanup",
             OpKind::Expire => "lease",
@@ -369,6 +386,13 @@ enum State {
     Snapshotted {
         snapshots: Vec<SnapshotRef>,
     },
+    /// Snapshotted but still frozen (the thaw barrier): the lease timer and the guardian
+    /// still bound it.
+    Held {
+        lease: Lease,
+        held_from: Option<u64>,
+        snapshots: Vec<SnapshotRef>,
+    },
     ThawedExpired {
         lease_ms: u64,
     },
@@ -383,6 +407,7 @@ impl State {
             State::Preparing => Phase::Preparing,
             State::Frozen { .. } => Phase::Frozen,
             State::Snapshotted { .. } => Phase::Snapshotted,
+            State::Held { .. } => Phase::Held,
             State::ThawedExpired { .. } => Phase::ThawedExpired,
             State::Aborted => Phase::Aborted,
             State::Failed => Phase::Failed,
@@ -391,7 +416,12 @@ impl State {
     }
 
     fn is_active(&self) -> bool {
-        matches!(self, State::Preparing | State::Frozen { .. })
+        matches!(self, State::Preparing | State::Frozen { .. } | State::Held { .. })
+    }
+
+    /// Quiescers are frozen: what Abort, Cleanup, the lease and shutdown must thaw.
+    fn is_frozen(&self) -> bool {
+        matches!(self, State::Frozen { .. } | State::Held { .. })
     }
 }
 
@@ -417,6 +447,8 @@ struct Entry {
     detail: String,
     prepared: Option<PrepareReply>,
     committed: Option<CommitReply>,
+    /// How a backup held after its snapshot was thawed: Release's answer, or the lease's.
+    released: Option<ReleaseReply>,
     /// A copy reads the snapshots.
     copying: bool,
     /// Abort or Cleanup has begun: no new copy may start reading what they will delete.
@@ -433,6 +465,7 @@ impl Entry {
             detail: String::new(),
             prepared: None,
             committed: None,
+            released: None,
             copying: false,
             closing: false,
             parked: Vec::new(),
@@ -477,6 +510,15 @@ enum Work {
         reply: CommitReply,
         since: u64,
         stage: CommitStage,
+        /// Stay frozen after the snapshot until Release.
+        hold: bool,
+    },
+    Release {
+        lease: Lease,
+        held_from: Option<u64>,
+        snapshots: Vec<SnapshotRef>,
+        /// The lease had run out when Release came: the barrier broke before it.
+        late: bool,
     },
     Expire {
         lease: Lease,
@@ -599,11 +641,13 @@ impl Agent {
                 backup: e.id.clone(),
                 phase: e.state.phase(),
                 lease_remaining_ms: match &e.state {
-                    State::Frozen { lease, .. } => lease.remaining(now),
+                    State::Frozen { lease, .. } | State::Held { lease, .. } => lease.remaining(now),
                     _ => 0,
                 },
                 snapshots: match &e.state {
-                    State::Snapshotted { snapshots } => snapshots.clone(),
+                    State::Snapshotted { snapshots } | State::Held { snapshots, .. } => {
+                        snapshots.clone()
+                    }
                     _ => Vec::new(),
                 },
                 detail: if e.copying && e.detail.is_empty() {
@@ -620,9 +664,15 @@ impl Agent {
         self.get(backup).map(|e| e.state.phase())
     }
 
-    /// The backup frozen now, if any (at most one is).
+    /// The backup frozen now (also one held after its snapshot), if any (at most one is).
     pub fn frozen(&self) -> Option<&BackupId> {
-        self.entries.iter().find(|e| matches!(e.state, State::Frozen { .. })).map(|e| &e.id)
+        self.entries.iter().find(|e| e.state.is_frozen()).map(|e| &e.id)
+    }
+
+    /// What this agent's quiescers hold when they all freeze: the strongest of them, or
+    /// storage-only when it has none.
+    pub fn hold(&self) -> Hold {
+        Hold::strongest(self.quiescers.iter().map(|q| q.hold))
     }
 
     /// True while an operation runs: its next plug-in effect's result is awaited.
@@ -788,11 +838,15 @@ impl Agent {
     fn start(&mut self, now: u64, q: Queued, out: &mut Vec<Effect>) {
         match q.work.clone() {
             Pending::Expire(backup) => self.start_expire(now, &q, &backup, out),
-            Pending::Request(Request::Prepare { backup, lease_ms, fresh_token }) => {
-                self.start_prepare(now, &q, &backup, Lease::new(q.at, lease_ms), fresh_token, out)
+            Pending::Request(Request::Prepare { backup, lease_ms, fresh_token, require }) => {
+                let lease = Lease::new(q.at, lease_ms);
+                self.start_prepare(now, &q, &backup, (lease, fresh_token, require), out)
             }
-            Pending::Request(Request::Commit { backup, token }) => {
-                self.start_commit(now, &q, &backup, token, out)
+            Pending::Request(Request::Commit { backup, token, hold_until_release }) => {
+                self.start_commit(now, &q, &backup, token, hold_until_release, out)
+            }
+            Pending::Request(Request::Release { backup }) => {
+                self.start_release(now, &q, &backup, out)
             }
             Pending::Request(Request::Abort { backup, reason }) => {
                 if self.parked_for_copy(&q, &backup, out) {
@@ -820,7 +874,7 @@ impl Agent {
                 let frozen: Vec<BackupId> = self
                     .entries
                     .iter()
-                    .filter(|e| matches!(e.state, State::Frozen { .. }))
+                    .filter(|e| e.state.is_frozen())
                     .map(|e| e.id.clone())
                     .collect();
                 for id in &frozen {
@@ -838,8 +892,9 @@ impl Agent {
     }
 
     fn start_expire(&mut self, now: u64, q: &Queued, backup: &BackupId, out: &mut Vec<Effect>) {
-        let Some(State::Frozen { lease, .. }) = self.get(backup).map(|e| e.state.clone()) else {
-            return; // committed, aborted or thawed meanwhile
+        let lease = match self.get(backup).map(|e| &e.state) {
+            Some(State::Frozen { lease, .. } | State::Held { lease, .. }) => *lease,
+            _ => return, // committed, released, aborted or thawed meanwhile
         };
         if !lease.expired(now) {
             out.push(Effect::SetTimer { backup: backup.clone(), at_ms: lease.expires_at() });
@@ -856,8 +911,7 @@ impl Agent {
         now: u64,
         q: &Queued,
         id: &BackupId,
-        lease: Lease,
-        token: FreezeToken,
+        (lease, token, require): (Lease, FreezeToken, Hold),
         out: &mut Vec<Effect>,
     ) {
         if let Some(e) = self.get(id) {
@@ -865,6 +919,20 @@ impl Agent {
                 (State::Frozen { .. } | State::Failed, Some(reply)) => reply.clone(),
                 (state, _) => not_prepared(format!("backup {id} is already {}", state.phase())),
             };
+            self.reply(out, q.origin, Reply::Prepared(reply));
+            return;
+        }
+        let hold = self.hold();
+        if hold < require {
+            // Fail closed, before anything is armed or frozen: never a silent downgrade.
+            let reason = format!(
+                "agent {} holds writes only by {hold} ({}); the group requires {require}: refusing before freezing anything",
+                self.server,
+                hold.explain()
+            );
+            self.begin(out, OpKind::Prepare, q, Some(id));
+            log(out, Level::Warn, format!("prepare refused: {reason}"));
+            let reply = PrepareReply { hold: Some(hold), ..not_prepared(reason) };
             self.reply(out, q.origin, Reply::Prepared(reply));
             return;
         }
@@ -895,6 +963,7 @@ impl Agent {
         q: &Queued,
         id: &BackupId,
         token: Option<FreezeToken>,
+        hold: bool,
         out: &mut Vec<Effect>,
     ) {
         let refuse = |this: &Self, out: &mut Vec<Effect>, reply: CommitReply| {
@@ -926,7 +995,8 @@ impl Agent {
                 // A duplicate Commit gets the same answer, but snapshots only while they
                 // exist: after Cleanup or Abort they are gone and the answer is no.
                 if let Some(reply) = &e.committed {
-                    if !reply.committed || matches!(state, State::Snapshotted { .. }) {
+                    let exist = matches!(state, State::Snapshotted { .. } | State::Held { .. });
+                    if !reply.committed || exist {
                         return refuse(self, out, reply.clone());
                     }
                 }
@@ -942,17 +1012,53 @@ impl Agent {
         let reply = CommitReply::default();
         // The clock first: the timer may not have fired yet.
         if lease.expired(now) {
-            let work =
-                Work::Commit { lease, held_from, reply, since: now, stage: CommitStage::Expired };
+            let stage = CommitStage::Expired;
+            let work = Work::Commit { lease, held_from, reply, since: now, stage, hold };
             self.run(q.origin, Some(id), work);
             let n = self.quiescers.len();
             self.thaw(now, n, out);
             return;
         }
-        let work =
-            Work::Commit { lease, held_from, reply, since: now, stage: CommitStage::Snapshotting };
+        let stage = CommitStage::Snapshotting;
+        let work = Work::Commit { lease, held_from, reply, since: now, stage, hold };
         self.run(q.origin, Some(id), work);
         out.push(Effect::Snapshot { backup: id.clone() });
+    }
+
+    fn start_release(&mut self, now: u64, q: &Queued, id: &BackupId, out: &mut Vec<Effect>) {
+        let server = self.server.clone();
+        let answer = match self.get(id) {
+            None => Err(Failure::new(FailureKind::NotFound, format!(
+                "backup {id} is not held by agent {server}: it was never committed here, or the agent restarted since"
+            ))),
+            Some(Entry { state: State::Held { lease, held_from, snapshots }, .. }) => {
+                let work = Work::Release {
+                    lease: *lease,
+                    held_from: *held_from,
+                    snapshots: snapshots.clone(),
+                    late: lease.expired(now),
+                };
+                self.begin(out, OpKind::Release, q, Some(id));
+                out.push(Effect::CancelTimer { backup: id.clone() });
+                self.run(q.origin, Some(id), work);
+                let n = self.quiescers.len();
+                self.thaw(now, n, out);
+                return;
+            }
+            Some(Entry { released: Some(reply), .. }) => Ok(reply.clone()),
+            Some(Entry { state: State::Snapshotted { .. }, .. }) => Ok(ReleaseReply {
+                reason: format!("backup {id} was committed without hold_until_release: it thawed right after its own snapshot"),
+                ..ReleaseReply::default()
+            }),
+            Some(e) => {
+                let why = if e.detail.is_empty() { String::new() } else { format!(": {}", e.detail) };
+                Err(Failure::new(
+                    FailureKind::FailedPrecondition,
+                    format!("backup {id} on agent {server} is {}{why}: nothing held to release", e.state.phase()),
+                ))
+            }
+        };
+        self.reply(out, q.origin, Reply::Release(answer));
     }
 
     /// Parks an Abort or Cleanup while a copy reads the snapshots: the copy is asked to stop
@@ -981,7 +1087,7 @@ impl Agent {
         work: Work,
         out: &mut Vec<Effect>,
     ) {
-        let frozen = matches!(self.get(id).map(|e| &e.state), Some(State::Frozen { .. }));
+        let frozen = self.get(id).is_some_and(|e| e.state.is_frozen());
         let work = match work {
             Work::Abort { reason, .. } => {
                 Work::Abort { reason, thawed: frozen, stage: CloseStage::Thawing }
@@ -1124,7 +1230,7 @@ impl Agent {
             (ThawStage::Forgetting, Input::Forgotten) => {
                 let Some(t) = r.thaw.take() else { return };
                 let took = now.saturating_sub(t.started);
-                self.thawed(now, t.steps, took, out);
+                self.thawed(now, t.steps, took, t.elsewhere, out);
                 return;
             }
             _ => return, // not what this thaw waits for
@@ -1139,8 +1245,16 @@ impl Agent {
         }
     }
 
-    /// A thaw of the running operation's backup ended: its steps and how long it took.
-    fn thawed(&mut self, now: u64, steps: Vec<Step>, thaw_ms: u64, out: &mut Vec<Effect>) {
+    /// A thaw of the running operation's backup ended: its steps, how long it took, and
+    /// whether the guardian had thawed first (the lease ran out).
+    fn thawed(
+        &mut self,
+        now: u64,
+        steps: Vec<Step>,
+        thaw_ms: u64,
+        elsewhere: bool,
+        out: &mut Vec<Effect>,
+    ) {
         let Some(r) = self.running.as_mut() else { return };
         let Some(id) = r.backup.clone() else { return };
         let origin = r.origin;
@@ -1213,7 +1327,65 @@ impl Agent {
             Work::Expire { lease } => {
                 let lease = *lease;
                 self.running = None;
+                if let Some(State::Held { held_from, snapshots, .. }) =
+                    self.get(&id).map(|e| e.state.clone())
+                {
+                    // The barrier broke: thawed before Release. The snapshot was taken while
+                    // frozen, so it stays; Release will hear that it was not held.
+                    let reason = format!(
+                        "lease of {}ms ran out before release; thawed (thaw ok: {thaw_ok}), the snapshot taken while frozen is kept",
+                        lease.duration_ms
+                    );
+                    log(out, Level::Warn, format!("thaw barrier broken: {reason}"));
+                    let released = ReleaseReply {
+                        held_until_release: false,
+                        reason: reason.clone(),
+                        held_ms: held_from.map_or(0, |h| now.saturating_sub(h)),
+                        thaw_ms,
+                        steps,
+                    };
+                    self.set(&id, State::Snapshotted { snapshots }, reason).released =
+                        Some(released);
+                    return;
+                }
                 self.expired(&id, lease, thaw_ok, out);
+            }
+            Work::Release { lease, held_from, snapshots, late } => {
+                let (lease, snapshots) = (*lease, std::mem::take(snapshots));
+                let held = !*late && !elsewhere;
+                // Thawed by the guardian at the lease's end, at the latest.
+                let until = if held { now } else { now.min(lease.expires_at()) };
+                let reason = if held {
+                    String::new()
+                } else {
+                    format!(
+                        "lease of {}ms ran out before release; thawed then, not at release",
+                        lease.duration_ms
+                    )
+                };
+                let reply = ReleaseReply {
+                    held_until_release: held,
+                    reason: reason.clone(),
+                    held_ms: held_from.map_or(0, |h| until.saturating_sub(h)),
+                    thaw_ms,
+                    steps,
+                };
+                self.running = None;
+                if held {
+                    log(
+                        out,
+                        Level::Info,
+                        format!(
+                            "released and thawed: held {}ms until every snapshot existed, thaw {}ms",
+                            reply.held_ms, reply.thaw_ms
+                        ),
+                    );
+                } else {
+                    log(out, Level::Warn, format!("release came too late: {reason}"));
+                }
+                self.set(&id, State::Snapshotted { snapshots }, reason).released =
+                    Some(reply.clone());
+                self.reply(out, origin, Reply::Release(Ok(reply)));
             }
             Work::Abort { stage, .. } | Work::Cleanup { stage } => {
                 *stage = CloseStage::Deleting;
@@ -1341,6 +1513,7 @@ impl Agent {
         let (lease, held_from) = (*lease, *held_from);
         reply.prepared = true;
         reply.freeze_token = token.as_str().to_string();
+        reply.hold = Some(Hold::strongest(self.quiescers.iter().map(|q| q.hold)));
         let reply = std::mem::take(reply);
         self.running = None;
         out.push(Effect::SetTimer { backup: id.clone(), at_ms: lease.expires_at() });
@@ -1364,7 +1537,9 @@ impl Agent {
         let provider = self.provider.clone();
         let Some(r) = self.running.as_mut() else { return };
         let origin = r.origin;
-        let Work::Commit { lease, reply, since, stage, .. } = &mut r.work else { return };
+        let Work::Commit { lease, reply, since, stage, hold, held_from } = &mut r.work else {
+            return;
+        };
         match (stage.clone(), input) {
             (CommitStage::Snapshotting, Input::Snapshotted(created)) => {
                 let took = now.saturating_sub(*since);
@@ -1378,6 +1553,31 @@ impl Agent {
                     .map_err(Clone::clone);
                 reply.snapshot_ms = took;
                 reply.steps.push(step(&provider, "snapshot", &detail, took));
+                if let (true, false, Ok(snapshots)) = (*hold, outlived, &created) {
+                    // The thaw barrier: stay frozen, still bounded by the lease timer and the
+                    // guardian, until Release.
+                    let (lease, held_from) = (*lease, *held_from);
+                    let mut reply = std::mem::take(reply);
+                    self.running = None;
+                    reply.committed = true;
+                    reply.still_held = true;
+                    reply.snapshots = snapshots.clone();
+                    reply.held_ms = held_from.map_or(0, |h| now.saturating_sub(h));
+                    out.push(Effect::SetTimer { backup: id.clone(), at_ms: lease.expires_at() });
+                    log(
+                        out,
+                        Level::Info,
+                        format!(
+                            "snapshotted in {}ms; still frozen until release (lease {}ms left)",
+                            reply.snapshot_ms,
+                            lease.remaining(now)
+                        ),
+                    );
+                    let state = State::Held { lease, held_from, snapshots: snapshots.clone() };
+                    self.set(id, state, String::new()).committed = Some(reply.clone());
+                    self.reply(out, origin, Reply::Committed(reply));
+                    return;
+                }
                 *stage = CommitStage::Thawing { created, outlived };
                 self.thaw(now, n, out);
             }

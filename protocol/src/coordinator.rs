@@ -7,6 +7,7 @@
 //! Safety does not depend on timing: agents refuse a Commit after their own lease ran out. The
 //! cutoff here only keeps the listener from committing when a lease might already be gone.
 
+use crate::hold::Hold;
 use crate::model::{
     BackupRecord, CutRecord, CutVerdict, Level, Millis, ServerEnd, ServerRecord, ServerStep,
     SnapshotRef, State, StateName, Step,
@@ -37,6 +38,9 @@ pub struct PrepareReply {
     pub quiesce_ms: u64,
     pub freeze_ms: u64,
     pub steps: Vec<Step>,
+    /// What held the server's writes: the strongest hold of the quiescers that froze. `None`
+    /// when the agent did not say (an older agent): unknown, never assumed.
+    pub hold: Option<Hold>,
 }
 
 /// A reply to Commit.
@@ -48,6 +52,23 @@ pub struct CommitReply {
     pub snapshot_ms: u64,
     pub thaw_ms: u64,
     pub held_ms: u64,
+    pub steps: Vec<Step>,
+    /// The snapshot exists and the server is still frozen, waiting for Release (the thaw
+    /// barrier); `held_ms` is the time held so far and `thaw_ms` is 0.
+    pub still_held: bool,
+}
+
+/// A reply to Release (the thaw barrier's end).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Default)]
+pub struct ReleaseReply {
+    /// The server was still frozen when Release came: its writes (as far as its hold holds
+    /// them) stayed stopped until every snapshot existed. False when its lease ran out first.
+    pub held_until_release: bool,
+    /// Why it was not held until release, when it was not.
+    pub reason: String,
+    /// From the first freeze to the end of the thaw.
+    pub held_ms: u64,
+    pub thaw_ms: u64,
     pub steps: Vec<Step>,
 }
 

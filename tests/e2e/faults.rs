@@ -693,7 +693,8 @@ async fn duplicate_and_stale_requests_to_an_agent() {
     let good = good_backup(&cluster);
     let mut agent =
         pb::agent_client::AgentClient::new(cluster.channel_to_agent("srv-a", "listener"));
-    let prepare = || pb::PrepareRequest { backup_id: "dup-1".into(), lease_ms: 4_000 };
+    let prepare =
+        || pb::PrepareRequest { backup_id: "dup-1".into(), lease_ms: 4_000, ..Default::default() };
     let first = agent.prepare(prepare()).await.expect("prepare").into_inner();
     let second = agent.prepare(prepare()).await.expect("prepare again").into_inner();
     assert!(first.prepared && second.prepared);
@@ -703,19 +704,28 @@ async fn duplicate_and_stale_requests_to_an_agent() {
         2,
         "one freeze for the baseline, one for dup-1: {events:?}"
     );
-    let commit = || pb::CommitRequest { backup_id: "dup-1".into(), freeze_token: String::new() };
+    let commit = || pb::CommitRequest {
+        backup_id: "dup-1".into(),
+        freeze_token: String::new(),
+        ..Default::default()
+    };
     let c1 = agent.commit(commit()).await.expect("commit").into_inner();
     let c2 = agent.commit(commit()).await.expect("commit again").into_inner();
     assert!(c1.committed && c2.committed);
     assert_eq!(c1.snapshots, c2.snapshots, "the second commit takes no new snapshot");
     let stale = agent
-        .commit(pb::CommitRequest { backup_id: good.id.clone(), freeze_token: String::new() })
+        .commit(pb::CommitRequest {
+            backup_id: good.id.clone(),
+            freeze_token: String::new(),
+            ..Default::default()
+        })
         .await;
     assert!(stale.map(|r| !r.into_inner().committed).unwrap_or(true), "a stale commit is refused");
     let unknown = agent
         .commit(pb::CommitRequest {
             backup_id: "never-prepared".into(),
             freeze_token: String::new(),
+            ..Default::default()
         })
         .await
         .expect("answer");
@@ -728,8 +738,13 @@ async fn duplicate_and_stale_requests_to_an_agent() {
         .abort(pb::AbortRequest { backup_id: "never-seen".into(), reason: "test".into() })
         .await
         .expect("abort unknown");
-    let bad =
-        agent.prepare(pb::PrepareRequest { backup_id: "../etc".into(), lease_ms: 4_000 }).await;
+    let bad = agent
+        .prepare(pb::PrepareRequest {
+            backup_id: "../etc".into(),
+            lease_ms: 4_000,
+            ..Default::default()
+        })
+        .await;
     assert_eq!(bad.expect_err("bad id").code(), tonic::Code::InvalidArgument);
     agent.cleanup(pb::CleanupRequest { backup_id: "dup-1".into() }).await.expect("cleanup");
     assert!(thawed(&cluster, "srv-a"));

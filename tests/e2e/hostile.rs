@@ -70,24 +70,44 @@ async fn hostile_requests_are_refused_clearly_and_disturb_nothing() {
 
     // An agent, called with the listener's own certificate.
     for lease_ms in [0, 999, 3_600_000] {
-        let prepare =
-            agent.prepare(pb::PrepareRequest { backup_id: "b-lease".into(), lease_ms }).await;
+        let prepare = agent
+            .prepare(pb::PrepareRequest {
+                backup_id: "b-lease".into(),
+                lease_ms,
+                ..Default::default()
+            })
+            .await;
         assert_status(prepare, Code::InvalidArgument, "lease_ms");
     }
-    let prepare =
-        agent.prepare(pb::PrepareRequest { backup_id: "../../x".into(), lease_ms: 5_000 }).await;
+    let prepare = agent
+        .prepare(pb::PrepareRequest {
+            backup_id: "../../x".into(),
+            lease_ms: 5_000,
+            ..Default::default()
+        })
+        .await;
     assert_status(prepare, Code::InvalidArgument, "backup");
     let huge = "\u{1b}".repeat(500_000);
-    let prepare =
-        agent.prepare(pb::PrepareRequest { backup_id: huge.clone(), lease_ms: 5_000 }).await;
+    let prepare = agent
+        .prepare(pb::PrepareRequest {
+            backup_id: huge.clone(),
+            lease_ms: 5_000,
+            ..Default::default()
+        })
+        .await;
     let status = prepare.expect_err("1 MB id");
     assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
     assert!(
         status.message().len() < 1024 && status.message().contains("(500000 bytes"),
         "{status:?}"
     );
-    let commit =
-        agent.commit(pb::CommitRequest { backup_id: "b".into(), freeze_token: huge }).await;
+    let commit = agent
+        .commit(pb::CommitRequest {
+            backup_id: "b".into(),
+            freeze_token: huge,
+            ..Default::default()
+        })
+        .await;
     let status = commit.expect_err("1 MB token");
     assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
     assert!(status.message().len() < 1024, "{status:?}");
@@ -95,6 +115,7 @@ async fn hostile_requests_are_refused_clearly_and_disturb_nothing() {
         .commit(pb::CommitRequest {
             backup_id: "never-prepared".into(),
             freeze_token: String::new(),
+            ..Default::default()
         })
         .await
         .expect("answer");

@@ -37,7 +37,11 @@ async fn an_agent_obeys_only_the_listener() {
         let mut client =
             pb::agent_client::AgentClient::new(cluster.channel_to_agent("srv-a", identity));
         let err = client
-            .prepare(pb::PrepareRequest { backup_id: "rogue".into(), lease_ms: 5_000 })
+            .prepare(pb::PrepareRequest {
+                backup_id: "rogue".into(),
+                lease_ms: 5_000,
+                ..Default::default()
+            })
             .await
             .expect_err("only the listener may prepare");
         assert_eq!(err.code(), tonic::Code::PermissionDenied, "{identity}: {err:?}");

@@ -190,7 +190,8 @@ struct SimAgent {
 }
 
 fn new_machine(server: usize) -> Agent {
-    let q = QuiescerInfo { name: "q".into(), freezes_filesystem: true };
+    let hold = stillpoint_protocol::hold::Hold::FilesystemFreeze;
+    let q = QuiescerInfo { name: "q".into(), freezes_filesystem: true, hold };
     Agent::new(SERVERS[server], vec![q], "sim")
 }
 
@@ -597,12 +598,14 @@ impl Sim {
                 agent.freezes += 1;
                 let token = format!("{server}-{}-{}", agent.incarnation, agent.freezes);
                 let fresh_token = FreezeToken::parse(&token).expect("a valid token");
-                AgentRequest::Prepare { backup: backup_id(&backup), lease_ms, fresh_token }
+                let require = stillpoint_protocol::hold::Hold::StorageOnly;
+                AgentRequest::Prepare { backup: backup_id(&backup), lease_ms, fresh_token, require }
             }
             AgentReq::Commit { backup, token } => {
                 let token = (!token.is_empty())
                     .then(|| FreezeToken::parse(&token).expect("the listener's token is valid"));
-                AgentRequest::Commit { backup: backup_id(&backup), token }
+                let backup = backup_id(&backup);
+                AgentRequest::Commit { backup, token, hold_until_release: false }
             }
             AgentReq::Abort { backup } => {
                 AgentRequest::Abort { backup: backup_id(&backup), reason: "sim".into() }
@@ -754,7 +757,7 @@ impl Sim {
                         .map_err(|f| f.text),
                     ),
                     Reply::CleanedUp(r) => AgentReply::Cleaned(r.map_err(|f| f.text)),
-                    Reply::CopyBegun(_) | Reply::ShutDown => return None,
+                    Reply::CopyBegun(_) | Reply::Release(_) | Reply::ShutDown => return None,
                 };
                 self.reply(server, rpc, reply);
                 None

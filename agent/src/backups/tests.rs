@@ -57,10 +57,10 @@ fn tok(s: &str) -> FreezeToken {
 #[tokio::test]
 async fn prepare_freezes_in_order_and_commit_snapshots_then_thaws_in_reverse() {
     let f = check(3);
-    let p = f.backups.prepare(&id("b1"), LEASE).await.unwrap();
+    let p = f.backups.prepare(&id("b1"), LEASE, Hold::StorageOnly).await.unwrap();
     assert!(p.prepared, "{p:?}");
     assert_eq!(f.phase("b1"), "frozen");
-    let c = f.backups.commit(&id("b1"), None).await.unwrap();
+    let c = f.backups.commit(&id("b1"), None, false).await.unwrap();
     assert!(c.committed, "{c:?}");
     assert_eq!(c.snapshots.len(), 2);
     assert_eq!(
@@ -83,8 +83,8 @@ async fn prepare_freezes_in_order_and_commit_snapshots_then_thaws_in_reverse() {
 #[tokio::test]
 async fn duplicate_prepare_returns_the_same_reply_without_a_second_freeze() {
     let f = check(2);
-    let first = f.backups.prepare(&id("b1"), LEASE).await.unwrap();
-    let second = f.backups.prepare(&id("b1"), LEASE).await.unwrap();
+    let first = f.backups.prepare(&id("b1"), LEASE, Hold::StorageOnly).await.unwrap();
+    let second = f.backups.prepare(&id("b1"), LEASE, Hold::StorageOnly).await.unwrap();
     assert!(first.prepared);
     assert_eq!(first, second);
     assert_eq!(f.calls.starting("freeze").len(), 2);
@@ -93,8 +93,8 @@ async fn duplicate_prepare_returns_the_same_reply_without_a_second_freeze() {
 #[tokio::test]
 async fn prepare_of_another_backup_while_one_is_frozen_is_refused_as_busy() {
     let f = check(1);
-    assert!(f.backups.prepare(&id("b1"), LEASE).await.unwrap().prepared);
-    let other = f.backups.prepare(&id("b2"), LEASE).await.unwrap();
+    assert!(f.backups.prepare(&id("b1"), LEASE, Hold::StorageOnly).await.unwrap().prepared);
+    let other = f.backups.prepare(&id("b2"), LEASE, Hold::StorageOnly).await.unwrap();
     assert!(!other.prepared);
     assert!(other.reason.contains("busy with backup b1"), "{}", other.reason);
     assert_eq!(f.calls.starting("freeze"), ["freeze q0 b1"]);
@@ -106,11 +106,11 @@ async fn prepare_of_another_backup_while_one_is_preparing_is_refused_as_busy() {
     f.quiescers[0].freeze_delay(Duration::from_millis(200));
     let slow = tokio::spawn({
         let b = f.backups.clone();
-        async move { b.prepare(&id("b1"), LEASE).await.unwrap() }
+        async move { b.prepare(&id("b1"), LEASE, Hold::StorageOnly).await.unwrap() }
     });
     tokio::time::sleep(Duration::from_millis(50)).await;
     assert_eq!(f.phase("b1"), "preparing");
-    let other = f.backups.prepare(&id("b2"), LEASE).await.unwrap();
+    let other = f.backups.prepare(&id("b2"), LEASE, Hold::StorageOnly).await.unwrap();
     assert!(other.reason.contains("busy with backup b1"), "{}", other.reason);
     assert!(slow.await.unwrap().prepared);
 }
@@ -119,7 +119,7 @@ async fn prepare_of_another_backup_while_one_is_preparing_is_refused_as_busy() {
 async fn failing_quiescer_thaws_the_earlier_ones_in_reverse_and_fails_the_backup() {
     let f = check(3);
     f.quiescers[2].fail_freeze(Some("database said no"));
-    let p = f.backups.prepare(&id("b1"), LEASE).await.unwrap();
+    let p = f.backups.prepare(&id("b1"), LEASE, Hold::StorageOnly).await.unwrap();
     assert!(!p.prepared);
     assert!(p.reason.contains("q2") && p.reason.contains("database said no"), "{}", p.reason);
     assert_eq!(
@@ -129,23 +129,23 @@ async fn failing_quiescer_thaws_the_earlier_ones_in_reverse_and_fails_the_backup
     assert_eq!(f.phase("b1"), "failed");
     assert!(!p.steps[2].ok && p.steps[2].detail.contains("database said no"));
     // Idempotent: the same failure again, nothing run twice.
-    assert_eq!(f.backups.prepare(&id("b1"), LEASE).await.unwrap(), p);
+    assert_eq!(f.backups.prepare(&id("b1"), LEASE, Hold::StorageOnly).await.unwrap(), p);
     assert_eq!(f.calls.all().len(), 5);
     // A failed backup does not block the next one.
     f.quiescers[2].fail_freeze(None);
-    assert!(f.backups.prepare(&id("b2"), LEASE).await.unwrap().prepared);
+    assert!(f.backups.prepare(&id("b2"), LEASE, Hold::StorageOnly).await.unwrap().prepared);
 }
 
 #[tokio::test]
 async fn lease_expiry_thaws_in_reverse_and_marks_thawed_expired() {
     let f = check(2);
-    assert!(f.backups.prepare(&id("b1"), 150).await.unwrap().prepared);
+    assert!(f.backups.prepare(&id("b1"), 150, Hold::StorageOnly).await.unwrap().prepared);
     let remaining = f.backups.status()[0].lease_remaining_ms;
     assert!(remaining > 0 && remaining <= 150, "{remaining}");
     tokio::time::sleep(Duration::from_millis(400)).await;
     assert_eq!(f.phase("b1"), "thawed-expired");
     assert_eq!(f.calls.starting("thaw"), ["thaw q1 b1", "thaw q0 b1"]);
-    let c = f.backups.commit(&id("b1"), None).await.unwrap();
+    let c = f.backups.commit(&id("b1"), None, false).await.unwrap();
     assert!(!c.committed);
     assert!(c.reason.contains("lease expired after 150ms"), "{}", c.reason);
     assert!(f.calls.starting("create").is_empty());
@@ -155,7 +155,7 @@ async fn lease_expiry_thaws_in_reverse_and_marks_thawed_expired() {
 #[tokio::test]
 async fn commit_checks_the_clock_before_the_timer_has_thawed() {
     let f = check(1);
-    assert!(f.backups.prepare(&id("b1"), 100).await.unwrap().prepared);
+    assert!(f.backups.prepare(&id("b1"), 100, Hold::StorageOnly).await.unwrap().prepared);
     // A slow cleanup of another backup holds the operations lock past the lease; the Commit
     // queued before the timer must see the lease ran out by the clock alone.
     f.provider.delete_delay(Duration::from_millis(300));
@@ -164,7 +164,7 @@ async fn commit_checks_the_clock_before_the_timer_has_thawed() {
         async move { b.cleanup(&id("b0")).await.unwrap() }
     });
     tokio::time::sleep(Duration::from_millis(20)).await;
-    let c = f.backups.commit(&id("b1"), None).await.unwrap();
+    let c = f.backups.commit(&id("b1"), None, false).await.unwrap();
     cleanup.await.unwrap();
     assert!(!c.committed);
     assert!(
@@ -182,7 +182,7 @@ async fn commit_checks_the_clock_before_the_timer_has_thawed() {
 async fn prepare_whose_lease_runs_out_while_quiescing_thaws_and_fails() {
     let f = check(2);
     f.quiescers[1].freeze_delay(Duration::from_millis(120));
-    let p = f.backups.prepare(&id("b1"), 50).await.unwrap();
+    let p = f.backups.prepare(&id("b1"), 50, Hold::StorageOnly).await.unwrap();
     assert!(!p.prepared);
     assert!(p.reason.contains("ran out while quiescing"), "{}", p.reason);
     assert_eq!(f.calls.starting("thaw"), ["thaw q1 b1", "thaw q0 b1"]);
@@ -193,9 +193,9 @@ async fn prepare_whose_lease_runs_out_while_quiescing_thaws_and_fails() {
 async fn commit_reports_held_snapshot_and_thaw_times() {
     let f = check(1);
     f.provider.create_delay(Duration::from_millis(60));
-    f.backups.prepare(&id("b1"), LEASE).await.unwrap();
+    f.backups.prepare(&id("b1"), LEASE, Hold::StorageOnly).await.unwrap();
     tokio::time::sleep(Duration::from_millis(30)).await;
-    let c = f.backups.commit(&id("b1"), None).await.unwrap();
+    let c = f.backups.commit(&id("b1"), None, false).await.unwrap();
     assert!(c.snapshot_ms >= 60, "{c:?}");
     assert!(c.held_ms >= 90 && c.held_ms >= c.snapshot_ms + c.thaw_ms, "{c:?}");
 }
@@ -216,7 +216,7 @@ async fn prepare_reports_quiesce_and_freeze_time() {
         FakeProvider::new(&calls),
         thread_armed(state.path()),
     );
-    let p = backups.prepare(&id("b1"), LEASE).await.unwrap();
+    let p = backups.prepare(&id("b1"), LEASE, Hold::StorageOnly).await.unwrap();
     assert!(p.freeze_ms >= 20 && p.freeze_ms < 40, "{p:?}");
     assert!(p.quiesce_ms >= 60, "{p:?}");
     let names: Vec<_> =
@@ -227,9 +227,9 @@ async fn prepare_reports_quiesce_and_freeze_time() {
 #[tokio::test]
 async fn duplicate_commit_returns_the_same_snapshots_without_new_ones() {
     let f = check(1);
-    f.backups.prepare(&id("b1"), LEASE).await.unwrap();
-    let first = f.backups.commit(&id("b1"), None).await.unwrap();
-    let second = f.backups.commit(&id("b1"), None).await.unwrap();
+    f.backups.prepare(&id("b1"), LEASE, Hold::StorageOnly).await.unwrap();
+    let first = f.backups.commit(&id("b1"), None, false).await.unwrap();
+    let second = f.backups.commit(&id("b1"), None, false).await.unwrap();
     assert!(first.committed);
     assert_eq!(first, second);
     assert_eq!(f.calls.starting("create").len(), 1);
@@ -239,7 +239,7 @@ async fn duplicate_commit_returns_the_same_snapshots_without_new_ones() {
 #[tokio::test]
 async fn commit_of_an_unknown_backup_is_refused() {
     let f = check(1);
-    let c = f.backups.commit(&id("nope"), None).await.unwrap();
+    let c = f.backups.commit(&id("nope"), None, false).await.unwrap();
     assert!(!c.committed);
     assert!(c.reason.contains("unknown backup"), "{}", c.reason);
     assert!(f.calls.all().is_empty());
@@ -249,20 +249,20 @@ async fn commit_of_an_unknown_backup_is_refused() {
 async fn provider_failure_thaws_deletes_partial_snapshots_and_fails() {
     let f = check(2);
     f.provider.fail_create(Some("array offline"));
-    f.backups.prepare(&id("b1"), LEASE).await.unwrap();
-    let c = f.backups.commit(&id("b1"), None).await.unwrap();
+    f.backups.prepare(&id("b1"), LEASE, Hold::StorageOnly).await.unwrap();
+    let c = f.backups.commit(&id("b1"), None, false).await.unwrap();
     assert!(!c.committed);
     assert!(c.reason.contains("array offline"), "{}", c.reason);
     assert_eq!(f.calls.all()[2..], ["create b1", "thaw q1 b1", "thaw q0 b1", "delete b1"]);
     assert!(f.provider.held().is_empty(), "partial snapshot left: {:?}", f.provider.held());
     assert_eq!(f.phase("b1"), "failed");
-    assert_eq!(f.backups.commit(&id("b1"), None).await.unwrap(), c);
+    assert_eq!(f.backups.commit(&id("b1"), None, false).await.unwrap(), c);
 }
 
 #[tokio::test]
 async fn abort_thaws_a_frozen_backup_and_is_idempotent() {
     let f = check(2);
-    f.backups.prepare(&id("b1"), LEASE).await.unwrap();
+    f.backups.prepare(&id("b1"), LEASE, Hold::StorageOnly).await.unwrap();
     let a = f.backups.abort(&id("b1"), "operator").await.unwrap();
     assert!(a.thawed);
     assert_eq!(f.calls.starting("thaw"), ["thaw q1 b1", "thaw q0 b1"]);
@@ -271,15 +271,15 @@ async fn abort_thaws_a_frozen_backup_and_is_idempotent() {
     assert!(!again.thawed);
     assert_eq!(again.snapshots_deleted, 0);
     assert_eq!(f.calls.starting("thaw").len(), 2);
-    let c = f.backups.commit(&id("b1"), None).await.unwrap();
+    let c = f.backups.commit(&id("b1"), None, false).await.unwrap();
     assert!(!c.committed && c.reason.contains("aborted"), "{}", c.reason);
 }
 
 #[tokio::test]
 async fn abort_deletes_snapshots_of_a_committed_backup() {
     let f = check(1);
-    f.backups.prepare(&id("b1"), LEASE).await.unwrap();
-    f.backups.commit(&id("b1"), None).await.unwrap();
+    f.backups.prepare(&id("b1"), LEASE, Hold::StorageOnly).await.unwrap();
+    f.backups.commit(&id("b1"), None, false).await.unwrap();
     let a = f.backups.abort(&id("b1"), "copy failed").await.unwrap();
     assert!(!a.thawed);
     assert_eq!(a.snapshots_deleted, 2);
@@ -293,7 +293,7 @@ async fn abort_of_an_unknown_backup_is_ok_and_refuses_a_late_prepare() {
     let a = f.backups.abort(&id("b9"), "listener gave up").await.unwrap();
     assert!(!a.thawed);
     assert_eq!(a.snapshots_deleted, 0);
-    let p = f.backups.prepare(&id("b9"), LEASE).await.unwrap();
+    let p = f.backups.prepare(&id("b9"), LEASE, Hold::StorageOnly).await.unwrap();
     assert!(!p.prepared && p.reason.contains("aborted"), "{}", p.reason);
     assert!(f.calls.starting("freeze").is_empty());
 }
@@ -303,9 +303,9 @@ async fn abort_racing_commit_has_exactly_one_outcome() {
     for abort_first in [false, true] {
         let f = check(2);
         f.provider.create_delay(Duration::from_millis(50));
-        f.backups.prepare(&id("b1"), LEASE).await.unwrap();
+        f.backups.prepare(&id("b1"), LEASE, Hold::StorageOnly).await.unwrap();
         let (b1, b2) = (f.backups.clone(), f.backups.clone());
-        let commit = tokio::spawn(async move { b1.commit(&id("b1"), None).await.unwrap() });
+        let commit = tokio::spawn(async move { b1.commit(&id("b1"), None, false).await.unwrap() });
         let abort = tokio::spawn(async move { b2.abort(&id("b1"), "race").await.unwrap() });
         let (c, a) = if abort_first {
             let a = abort.await.unwrap();
@@ -329,8 +329,8 @@ async fn abort_racing_commit_has_exactly_one_outcome() {
 #[tokio::test]
 async fn cleanup_deletes_snapshots_and_is_idempotent() {
     let f = check(1);
-    f.backups.prepare(&id("b1"), LEASE).await.unwrap();
-    f.backups.commit(&id("b1"), None).await.unwrap();
+    f.backups.prepare(&id("b1"), LEASE, Hold::StorageOnly).await.unwrap();
+    f.backups.commit(&id("b1"), None, false).await.unwrap();
     assert_eq!(f.backups.cleanup(&id("b1")).await.unwrap(), 2);
     assert_eq!(f.phase("b1"), "cleaned");
     assert_eq!(f.backups.cleanup(&id("b1")).await.unwrap(), 0);
@@ -349,7 +349,7 @@ async fn cleanup_that_cannot_delete_is_an_error_naming_the_backup() {
 #[tokio::test]
 async fn shutdown_thaws_every_frozen_backup() {
     let f = check(2);
-    f.backups.prepare(&id("b1"), LEASE).await.unwrap();
+    f.backups.prepare(&id("b1"), LEASE, Hold::StorageOnly).await.unwrap();
     f.backups.shutdown().await;
     assert_eq!(f.calls.starting("thaw"), ["thaw q1 b1", "thaw q0 b1"]);
     assert_eq!(f.phase("b1"), "failed");
@@ -372,8 +372,8 @@ async fn finished_backups_are_remembered_up_to_a_bound() {
 async fn status_reports_snapshots_of_backups_the_table_does_not_know_as_orphans() {
     let f = check(1);
     f.provider.create("from-before-restart", &["data".into()]).unwrap();
-    assert!(f.backups.prepare(&id("b1"), LEASE).await.unwrap().prepared);
-    assert!(f.backups.commit(&id("b1"), None).await.unwrap().committed);
+    assert!(f.backups.prepare(&id("b1"), LEASE, Hold::StorageOnly).await.unwrap().prepared);
+    assert!(f.backups.commit(&id("b1"), None, false).await.unwrap().committed);
     let report = f.backups.report().await;
     let phases: Vec<_> = report.iter().map(|b| (b.backup.as_str(), b.phase.as_str())).collect();
     assert_eq!(phases, [("b1", "snapshotted"), ("from-before-restart", "orphan")]);
@@ -392,7 +392,7 @@ async fn a_thaw_action_runs_once_when_the_agent_and_the_guardian_reach_the_lease
         env: vec![],
         timeout_ms: 5000,
     }));
-    assert!(f.backups.prepare(&id("b1"), 1000).await.unwrap().prepared);
+    assert!(f.backups.prepare(&id("b1"), 1000, Hold::StorageOnly).await.unwrap().prepared);
     tokio::time::sleep(Duration::from_millis(1600)).await;
     assert_eq!(f.phase("b1"), "thawed-expired");
     // Either the guardian ran it (and the agent only recorded the thaw) or the agent took it
@@ -405,11 +405,11 @@ async fn a_thaw_action_runs_once_when_the_agent_and_the_guardian_reach_the_lease
 #[tokio::test]
 async fn commit_for_another_freeze_of_the_same_backup_is_refused() {
     let f = check(1);
-    let p = f.backups.prepare(&id("b1"), LEASE).await.unwrap();
+    let p = f.backups.prepare(&id("b1"), LEASE, Hold::StorageOnly).await.unwrap();
     assert!(p.prepared && !p.freeze_token.is_empty());
-    let again = f.backups.prepare(&id("b1"), LEASE).await.unwrap();
+    let again = f.backups.prepare(&id("b1"), LEASE, Hold::StorageOnly).await.unwrap();
     assert_eq!(again.freeze_token, p.freeze_token, "a duplicate prepare names the same freeze");
-    let wrong = f.backups.commit(&id("b1"), Some(&tok("an-earlier-freeze"))).await.unwrap();
+    let wrong = f.backups.commit(&id("b1"), Some(&tok("an-earlier-freeze")), false).await.unwrap();
     assert!(
         !wrong.committed && wrong.reason.contains("restarted since that prepare"),
         "{}",
@@ -417,7 +417,7 @@ async fn commit_for_another_freeze_of_the_same_backup_is_refused() {
     );
     assert!(f.provider.held().is_empty(), "no snapshot for a commit meant for another freeze");
     assert_eq!(f.phase("b1"), "frozen", "the freeze stays under its lease (or an abort)");
-    let right = f.backups.commit(&id("b1"), Some(&tok(&p.freeze_token))).await.unwrap();
+    let right = f.backups.commit(&id("b1"), Some(&tok(&p.freeze_token)), false).await.unwrap();
     assert!(right.committed, "{}", right.reason);
 }
 
@@ -463,7 +463,14 @@ async fn the_lease_lines_do_not_nest_under_the_prepare_that_froze() {
     tracing::callsite::rebuild_interest_cache();
     let f = check(1);
     let rpc = tracing::info_span!("rpc");
-    assert!(f.backups.prepare(&id("b1"), 100).instrument(rpc).await.unwrap().prepared);
+    assert!(
+        f.backups
+            .prepare(&id("b1"), 100, Hold::StorageOnly)
+            .instrument(rpc)
+            .await
+            .unwrap()
+            .prepared
+    );
     tokio::time::sleep(Duration::from_millis(400)).await;
     assert_eq!(f.phase("b1"), "thawed-expired");
     let spans = lock(&parents.0).clone();

@@ -82,7 +82,9 @@ async fn the_binary_serves_until_sigterm_and_thaws_on_the_way_out() {
         assert!(Instant::now() < deadline, "agent never answered: {e}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let p = client.prepare(PrepareRequest { backup_id: "b1".into(), lease_ms: 60_000 }).await;
+    let p = client
+        .prepare(PrepareRequest { backup_id: "b1".into(), lease_ms: 60_000, ..Default::default() })
+        .await;
     assert!(p.unwrap().into_inner().prepared);
 
     let pidfile = dir.path().join("state").join("srv-a.guardian.pid");

@@ -54,9 +54,15 @@ async fn start(dir: &Path, certs: &Certs, saveset: Option<SavesetConfig>) -> Age
 }
 
 async fn snapshot(client: &mut AgentClient<Channel>, id: &str) {
-    let p = client.prepare(PrepareRequest { backup_id: id.into(), lease_ms: 10_000 }).await;
+    let p = client
+        .prepare(PrepareRequest { backup_id: id.into(), lease_ms: 10_000, ..Default::default() })
+        .await;
     assert!(p.unwrap().into_inner().prepared);
-    let c = client.commit(CommitRequest { backup_id: id.into(), freeze_token: String::new() });
+    let c = client.commit(CommitRequest {
+        backup_id: id.into(),
+        freeze_token: String::new(),
+        ..Default::default()
+    });
     assert!(c.await.unwrap().into_inner().committed);
 }
 
@@ -186,7 +192,9 @@ async fn copy_is_refused_clearly() {
     let mut client = agent.client(&certs, "listener");
     let status = client.copy(CopyRequest { backup_id: "nope".into() }).await.unwrap_err();
     assert_eq!(status.code(), tonic::Code::NotFound, "{status:?}");
-    let p = client.prepare(PrepareRequest { backup_id: "b2".into(), lease_ms: 10_000 }).await;
+    let p = client
+        .prepare(PrepareRequest { backup_id: "b2".into(), lease_ms: 10_000, ..Default::default() })
+        .await;
     assert!(p.unwrap().into_inner().prepared);
     let status = client.copy(CopyRequest { backup_id: "b2".into() }).await.unwrap_err();
     assert_eq!(status.code(), tonic::Code::FailedPrecondition, "{status:?}");

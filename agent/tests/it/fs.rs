@@ -27,7 +27,9 @@ async fn fsfreeze_on_xfs_in_a_mock_san_lun_holds_writes_until_commit() {
     let agent = Agent::start(config(&certs, &["data"], quiescers, snapshot)).await;
     let mut client = agent.client(&certs, "listener");
 
-    let p = client.prepare(PrepareRequest { backup_id: "b1".into(), lease_ms: 30_000 }).await;
+    let p = client
+        .prepare(PrepareRequest { backup_id: "b1".into(), lease_ms: 30_000, ..Default::default() })
+        .await;
     let p = p.unwrap().into_inner();
     assert!(p.prepared, "{p:?}");
     assert_eq!(p.steps[0].name, format!("fsfreeze {}", live.mount.display()));
@@ -44,7 +46,11 @@ async fn fsfreeze_on_xfs_in_a_mock_san_lun_holds_writes_until_commit() {
         "a write completed while the filesystem was frozen"
     );
     let c = client
-        .commit(CommitRequest { backup_id: "b1".into(), freeze_token: String::new() })
+        .commit(CommitRequest {
+            backup_id: "b1".into(),
+            freeze_token: String::new(),
+            ..Default::default()
+        })
         .await
         .unwrap()
         .into_inner();
@@ -82,7 +88,9 @@ async fn fsfreeze_of_a_filesystem_someone_else_froze_is_refused_and_left_frozen(
         SnapshotConfig::MockSan { array: array.root().to_path_buf(), snapshot_delay_ms: 0 };
     let agent = Agent::start(config(&certs, &["data"], quiescers, snapshot)).await;
     let mut client = agent.client(&certs, "listener");
-    let p = client.prepare(PrepareRequest { backup_id: "b1".into(), lease_ms: 30_000 }).await;
+    let p = client
+        .prepare(PrepareRequest { backup_id: "b1".into(), lease_ms: 30_000, ..Default::default() })
+        .await;
     let p = p.unwrap().into_inner();
     assert!(!p.prepared);
     let expected = format!(
@@ -113,10 +121,16 @@ async fn btrfs_snapshot_holds_what_came_before_and_cleanup_removes_it() {
     let snapshot = SnapshotConfig::Btrfs { snapshot_dir: snapshot_dir.clone() };
     let agent = Agent::start(config(&certs, &[data.to_str().unwrap()], vec![], snapshot)).await;
     let mut client = agent.client(&certs, "listener");
-    let p = client.prepare(PrepareRequest { backup_id: "b1".into(), lease_ms: 30_000 }).await;
+    let p = client
+        .prepare(PrepareRequest { backup_id: "b1".into(), lease_ms: 30_000, ..Default::default() })
+        .await;
     assert!(p.unwrap().into_inner().prepared);
     let c = client
-        .commit(CommitRequest { backup_id: "b1".into(), freeze_token: String::new() })
+        .commit(CommitRequest {
+            backup_id: "b1".into(),
+            freeze_token: String::new(),
+            ..Default::default()
+        })
         .await
         .unwrap()
         .into_inner();

@@ -7,7 +7,8 @@ use std::time::Duration;
 use stillpoint_agent::config::{QuiescerConfig, SnapshotConfig};
 use stillpoint_core::san::Array;
 use stillpoint_proto::{
-    AbortRequest, CleanupRequest, CommitRequest, PrepareRequest, StatusRequest,
+    AbortRequest, CleanupRequest, CommitRequest, HoldClass, PrepareRequest, ReleaseRequest,
+    StatusRequest,
 };
 
 use crate::support::{config, marker_quiescer, wait_for_phase, Agent, Certs};
@@ -25,11 +26,11 @@ fn mock_san(dir: &Path) -> SnapshotConfig {
 }
 
 fn prepare(id: &str, lease_ms: u64) -> PrepareRequest {
-    PrepareRequest { backup_id: id.into(), lease_ms }
+    PrepareRequest { backup_id: id.into(), lease_ms, ..Default::default() }
 }
 
 fn commit(id: &str) -> CommitRequest {
-    CommitRequest { backup_id: id.into(), freeze_token: String::new() }
+    CommitRequest { backup_id: id.into(), freeze_token: String::new(), ..Default::default() }
 }
 
 fn read(path: &Path) -> String {
@@ -260,4 +261,58 @@ async fn shutdown_thaws_what_is_still_frozen() {
     drop(client);
     agent.stop().await;
     assert_eq!(read(&dir.path().join("app.post")), "b1 srv-a post-thaw");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_held_until_release_thaws_only_at_release_which_says_it_was_held() {
+    let dir = tempfile::tempdir().unwrap();
+    let certs = Certs::new("srv-a");
+    let array = array(dir.path(), "srv-a");
+    let app = marker_quiescer("app", dir.path());
+    let agent =
+        Agent::start(config(&certs, &["data", "logs"], vec![app], mock_san(dir.path()))).await;
+    let mut client = agent.client(&certs, "listener");
+    let status = client.status(StatusRequest {}).await.unwrap().into_inner();
+    assert_eq!(status.hold(), HoldClass::HookUnverified, "an exec hook: {status:?}");
+
+    let p = client.prepare(prepare("b1", 10_000)).await.unwrap().into_inner();
+    assert!(p.prepared && p.hold() == HoldClass::HookUnverified, "{p:?}");
+    let held = CommitRequest { hold_until_release: true, ..commit("b1") };
+    let c = client.commit(held).await.unwrap().into_inner();
+    assert!(c.committed && c.still_held && c.thaw_ms == 0, "{c:?}");
+    assert_eq!(array.snapshots(Some("b1")).unwrap().len(), 2);
+    assert!(!dir.path().join("app.post").exists(), "not thawed before release");
+    let h = wait_for_phase(&mut client, "b1", "held", Duration::from_secs(1)).await;
+    assert!(h.lease_remaining_ms > 0 && h.snapshots.len() == 2, "{h:?}");
+
+    let release = || ReleaseRequest { backup_id: "b1".into() };
+    let r = client.release(release()).await.unwrap().into_inner();
+    assert!(r.held_until_release && r.reason.is_empty(), "{r:?}");
+    assert!(r.held_ms >= c.held_ms, "{r:?} {c:?}");
+    assert_eq!(read(&dir.path().join("app.post")), "b1 srv-a post-thaw");
+    assert_eq!(client.release(release()).await.unwrap().into_inner(), r, "idempotent");
+    wait_for_phase(&mut client, "b1", "snapshotted", Duration::from_secs(1)).await;
+    agent.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_prepare_requiring_more_than_the_agent_holds_is_refused_before_any_hook_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let certs = Certs::new("srv-a");
+    let _array = array(dir.path(), "srv-a");
+    let app = marker_quiescer("app", dir.path());
+    let agent =
+        Agent::start(config(&certs, &["data", "logs"], vec![app], mock_san(dir.path()))).await;
+    let mut client = agent.client(&certs, "listener");
+    let strict = PrepareRequest {
+        require_hold: HoldClass::FilesystemFreeze.into(),
+        ..prepare("b1", 10_000)
+    };
+    let p = client.prepare(strict).await.unwrap().into_inner();
+    assert!(!p.prepared && p.hold() == HoldClass::HookUnverified, "{p:?}");
+    assert!(p.reason.contains("requires filesystem-freeze"), "{}", p.reason);
+    assert!(!dir.path().join("app.pre").exists(), "the hook never ran");
+    let status = client.status(StatusRequest {}).await.unwrap().into_inner();
+    assert!(status.backups.is_empty(), "nothing frozen or remembered: {status:?}");
+    agent.stop().await;
 }

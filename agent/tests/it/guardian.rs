@@ -164,7 +164,7 @@ fn write_in_thread(mount: &Path, name: &str) -> mpsc::Receiver<Instant> {
 }
 
 fn prepare(id: &str, lease_ms: u64) -> PrepareRequest {
-    PrepareRequest { backup_id: id.into(), lease_ms }
+    PrepareRequest { backup_id: id.into(), lease_ms, ..Default::default() }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -225,7 +225,11 @@ async fn sigstop_of_the_agent_while_frozen_is_thawed_at_the_lease_and_commit_ref
 
     run("kill", &["-CONT", &agent.pid()]);
     let c = client
-        .commit(CommitRequest { backup_id: "b1".into(), freeze_token: String::new() })
+        .commit(CommitRequest {
+            backup_id: "b1".into(),
+            freeze_token: String::new(),
+            ..Default::default()
+        })
         .await
         .unwrap()
         .into_inner();
@@ -294,7 +298,11 @@ async fn stop_quiescer_stops_the_app_while_frozen_and_resumes_it_after_commit() 
     assert!(p.prepared, "{p:?}");
     assert_eq!(app.state(), 'T');
     let c = client
-        .commit(CommitRequest { backup_id: "b1".into(), freeze_token: String::new() })
+        .commit(CommitRequest {
+            backup_id: "b1".into(),
+            freeze_token: String::new(),
+            ..Default::default()
+        })
         .await
         .unwrap()
         .into_inner();
@@ -359,7 +367,11 @@ async fn a_snapshot_that_outlives_the_lease_is_deleted_and_commit_refused() {
     let mut client = agent.client(&certs, "listener");
     assert!(client.prepare(prepare("b1", 1500)).await.unwrap().into_inner().prepared);
     let c = client
-        .commit(CommitRequest { backup_id: "b1".into(), freeze_token: String::new() })
+        .commit(CommitRequest {
+            backup_id: "b1".into(),
+            freeze_token: String::new(),
+            ..Default::default()
+        })
         .await
         .unwrap()
         .into_inner();

@@ -180,7 +180,8 @@ impl Agent {
 }
 
 fn machine(i: usize) -> agent::Agent {
-    let q = QuiescerInfo { name: "q".into(), freezes_filesystem: true };
+    let hold = stillpoint_protocol::hold::Hold::FilesystemFreeze;
+    let q = QuiescerInfo { name: "q".into(), freezes_filesystem: true, hold };
     agent::Agent::new(SERVERS[i], vec![q], "model")
 }
 
@@ -419,12 +420,13 @@ impl World {
             Req::Prepare { lease_ms } => {
                 let token = (u16::from(freezes) + 1).to_string();
                 let fresh_token = FreezeToken::parse(&token).expect("a valid token");
-                Request::Prepare { backup: b1(), lease_ms, fresh_token }
+                let require = stillpoint_protocol::hold::Hold::StorageOnly;
+                Request::Prepare { backup: b1(), lease_ms, fresh_token, require }
             }
             Req::Commit { token } => {
                 let token = (token != 0 && flaw != Some(Flaw::IgnoresFreezeToken))
                     .then(|| FreezeToken::parse(&token.to_string()).expect("a valid token"));
-                Request::Commit { backup: b1(), token }
+                Request::Commit { backup: b1(), token, hold_until_release: false }
             }
             Req::Abort => Request::Abort { backup: b1(), reason: "model".into() },
             Req::Cleanup => Request::Cleanup { backup: b1() },

@@ -38,7 +38,11 @@ struct World {
 
 fn check(n: usize) -> World {
     let quiescers = (0..n)
-        .map(|i| QuiescerInfo { name: format!("q{i}"), freezes_filesystem: i == n - 1 })
+        .map(|i| QuiescerInfo {
+            name: format!("q{i}"),
+            freezes_filesystem: i == n - 1,
+            hold: if i == n - 1 { Hold::FilesystemFreeze } else { Hold::HookUnverified },
+        })
         .collect();
     World {
         agent: Agent::new("srv-a", quiescers, "fake"),
@@ -176,7 +180,12 @@ impl World {
     fn prepare(&mut self, backup: &str, lease_ms: u64) -> PrepareReply {
         self.next_req += 1;
         let fresh_token = FreezeToken::parse(&format!("t{}", self.next_req)).unwrap();
-        let r = self.send(Request::Prepare { backup: id(backup), lease_ms, fresh_token });
+        let r = self.send(Request::Prepare {
+            backup: id(backup),
+            lease_ms,
+            fresh_token,
+            require: Hold::StorageOnly,
+        });
         match self.replies.remove(&r) {
             Some(Reply::Prepared(p)) => p,
             other => panic!("prepare {backup}: {other:?}"),
@@ -184,11 +193,23 @@ impl World {
     }
 
     fn commit(&mut self, backup: &str, token: Option<&str>) -> CommitReply {
+        self.commit_holding(backup, token, false)
+    }
+
+    fn commit_holding(&mut self, backup: &str, token: Option<&str>, hold: bool) -> CommitReply {
         let token = token.map(|t| FreezeToken::parse(t).unwrap());
-        let r = self.send(Request::Commit { backup: id(backup), token });
+        let r = self.send(Request::Commit { backup: id(backup), token, hold_until_release: hold });
         match self.replies.remove(&r) {
             Some(Reply::Committed(c)) => c,
             other => panic!("commit {backup}: {other:?}"),
+        }
+    }
+
+    fn release(&mut self, backup: &str) -> Result<ReleaseReply, Failure> {
+        let r = self.send(Request::Release { backup: id(backup) });
+        match self.replies.remove(&r) {
+            Some(Reply::Release(a)) => a,
+            other => panic!("release {backup}: {other:?}"),
         }
     }
 
@@ -293,7 +314,11 @@ fn prepare_of_another_backup_while_one_is_frozen_is_refused_as_busy() {
 fn requests_during_an_operation_wait_for_it_and_status_does_not() {
     let mut agent = Agent::new(
         "srv-a",
-        vec![QuiescerInfo { name: "q0".into(), freezes_filesystem: false }],
+        vec![QuiescerInfo {
+            name: "q0".into(),
+            freezes_filesystem: false,
+            hold: Hold::HookUnverified,
+        }],
         "fake",
     );
     let first = agent.handle(
@@ -304,6 +329,7 @@ fn requests_during_an_operation_wait_for_it_and_status_does_not() {
                 backup: id("b1"),
                 lease_ms: LEASE,
                 fresh_token: FreezeToken::parse("t1").unwrap(),
+                require: Hold::StorageOnly,
             },
         },
     );
@@ -316,6 +342,7 @@ fn requests_during_an_operation_wait_for_it_and_status_does_not() {
                 backup: id("b2"),
                 lease_ms: LEASE,
                 fresh_token: FreezeToken::parse("t2").unwrap(),
+                require: Hold::StorageOnly,
             },
         },
     );
@@ -618,4 +645,139 @@ fn finished_backups_are_remembered_up_to_a_bound() {
     let status = w.agent.status(w.now);
     assert_eq!(status.len(), KEEP_FINISHED);
     assert_eq!(status[0].backup, id("b20"));
+}
+
+#[test]
+fn the_prepared_reply_names_the_strongest_hold_of_the_quiescers_that_froze() {
+    let mut w = check(2);
+    assert_eq!(w.prepare("b1", LEASE).hold, Some(Hold::FilesystemFreeze), "a freeze beside a hook");
+    let mut hook_only = check(1);
+    hook_only.agent.quiescers[0].hold = Hold::HookUnverified;
+    assert_eq!(hook_only.prepare("b1", LEASE).hold, Some(Hold::HookUnverified));
+    let mut none = check(0);
+    assert_eq!(none.agent.hold(), Hold::StorageOnly);
+    let p = none.prepare("b1", LEASE);
+    assert!(p.prepared && p.hold == Some(Hold::StorageOnly), "{p:?}");
+}
+
+#[test]
+fn prepare_below_the_required_hold_is_refused_before_anything_is_armed_or_frozen() {
+    let mut w = check(1);
+    w.agent.quiescers[0].hold = Hold::HookUnverified;
+    w.next_req += 1;
+    let r = w.send(Request::Prepare {
+        backup: id("b1"),
+        lease_ms: LEASE,
+        fresh_token: FreezeToken::parse("t1").unwrap(),
+        require: Hold::FilesystemFreeze,
+    });
+    let Some(Reply::Prepared(p)) = w.replies.remove(&r) else { panic!("no prepared reply") };
+    assert!(!p.prepared && p.hold == Some(Hold::HookUnverified), "{p:?}");
+    assert!(
+        p.reason.contains("srv-a holds writes only by hook-unverified")
+            && p.reason.contains("requires filesystem-freeze"),
+        "{}",
+        p.reason
+    );
+    assert!(w.calls.is_empty(), "nothing frozen: {:?}", w.calls);
+    assert!(w.timers.is_empty());
+    assert_eq!(w.phase("b1"), None, "nothing held, nothing to remember");
+    // At or below its hold, it freezes.
+    let r = w.send(Request::Prepare {
+        backup: id("b1"),
+        lease_ms: LEASE,
+        fresh_token: FreezeToken::parse("t2").unwrap(),
+        require: Hold::HookUnverified,
+    });
+    assert!(matches!(w.replies.remove(&r), Some(Reply::Prepared(p)) if p.prepared));
+}
+
+#[test]
+fn commit_holding_until_release_snapshots_and_stays_frozen_until_release() {
+    let mut w = check(2);
+    w.prepare("b1", LEASE);
+    w.now += 10;
+    w.create_ms = 30;
+    let c = w.commit_holding("b1", None, true);
+    assert!(c.committed && c.still_held && c.snapshots.len() == 2, "{c:?}");
+    assert_eq!((c.held_ms, c.thaw_ms), (40, 0));
+    assert_eq!(w.calls_starting("thaw"), Vec::<&str>::new(), "not thawed by the commit");
+    assert_eq!(w.phase("b1"), Some(Phase::Held));
+    assert_eq!(w.timers.get(&id("b1")), Some(&(1_000 + LEASE)), "the lease still bounds it");
+    assert_eq!(w.agent.status(w.now)[0].snapshots.len(), 2);
+    let other = w.prepare("b2", LEASE);
+    assert!(other.reason.contains("busy with backup b1 (held)"), "{}", other.reason);
+    assert_eq!(w.commit_holding("b1", None, true), c, "a duplicate commit: same answer");
+    w.now += 50;
+    let r = w.release("b1").unwrap();
+    assert!(r.held_until_release && r.reason.is_empty(), "{r:?}");
+    assert_eq!(r.held_ms, 90);
+    assert_eq!(w.calls_starting("thaw"), ["thaw q1 b1", "thaw q0 b1"]);
+    assert_eq!(w.phase("b1"), Some(Phase::Snapshotted));
+    assert!(w.timers.is_empty(), "release cancels the lease timer");
+    assert_eq!(w.release("b1").unwrap(), r, "idempotent");
+    assert_eq!(w.calls_starting("thaw").len(), 2, "thawed once");
+    let copy = w.send(Request::BeginCopy { backup: id("b1") });
+    assert!(matches!(&w.replies[&copy], Reply::CopyBegun(Ok(s)) if s.len() == 2));
+}
+
+#[test]
+fn a_lease_that_runs_out_while_held_thaws_keeps_the_snapshot_and_release_hears_it() {
+    let mut w = check(1);
+    w.prepare("b1", 500);
+    assert!(w.commit_holding("b1", None, true).still_held);
+    w.advance_to(1_000 + 500);
+    assert_eq!(w.calls_starting("thaw"), ["thaw q0 b1"]);
+    assert_eq!(w.phase("b1"), Some(Phase::Snapshotted), "the snapshot was taken while frozen");
+    assert_eq!(w.disk.get(&id("b1")), Some(&2));
+    let r = w.release("b1").unwrap();
+    assert!(
+        !r.held_until_release && r.reason.contains("lease of 500ms ran out before release"),
+        "{r:?}"
+    );
+    assert_eq!(w.calls_starting("thaw").len(), 1, "release does not thaw twice");
+}
+
+#[test]
+fn a_release_after_the_lease_but_before_its_timer_is_not_held() {
+    let mut w = check(1);
+    w.prepare("b1", 500);
+    w.commit_holding("b1", None, true);
+    w.now = 1_000 + 600; // the timer has not fired yet; the guardian may have thawed
+    let r = w.release("b1").unwrap();
+    assert!(!r.held_until_release, "{r:?}");
+    assert_eq!(r.held_ms, 500, "held until the lease's end at most");
+}
+
+#[test]
+fn release_of_what_was_not_held_says_so() {
+    let mut w = check(1);
+    assert_eq!(w.release("nope").unwrap_err().kind, FailureKind::NotFound);
+    w.prepare("b1", LEASE);
+    assert_eq!(w.release("b1").unwrap_err().kind, FailureKind::FailedPrecondition);
+    w.commit("b1", None);
+    let r = w.release("b1").unwrap();
+    assert!(!r.held_until_release && r.reason.contains("without hold_until_release"), "{r:?}");
+}
+
+#[test]
+fn abort_of_a_held_backup_thaws_and_deletes() {
+    let mut w = check(2);
+    w.prepare("b1", LEASE);
+    w.commit_holding("b1", None, true);
+    let a = w.abort("b1").unwrap();
+    assert_eq!(a, AbortReply { thawed: true, snapshots_deleted: 2 });
+    assert_eq!(w.calls[3..], ["thaw q1 b1", "thaw q0 b1", "delete b1"]);
+    assert!(w.timers.is_empty());
+    assert_eq!(w.release("b1").unwrap_err().kind, FailureKind::FailedPrecondition);
+}
+
+#[test]
+fn a_held_commit_whose_snapshot_outlived_the_lease_thaws_and_deletes_as_before() {
+    let mut w = check(1);
+    w.create_ms = LEASE;
+    w.prepare("b1", LEASE);
+    let c = w.commit_holding("b1", None, true);
+    assert!(!c.committed && !c.still_held && c.reason.contains("outlived"), "{c:?}");
+    assert_eq!(w.calls[1..], ["create b1", "thaw q0 b1", "delete b1"]);
 }

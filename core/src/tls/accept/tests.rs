@@ -214,6 +214,12 @@ impl Agent for QuietAgent {
     async fn commit(&self, _: Request<CommitRequest>) -> Result<Response<CommitResponse>, Status> {
         Err(Status::unimplemented("test agent"))
     }
+    async fn release(
+        &self,
+        _: Request<stillpoint_proto::ReleaseRequest>,
+    ) -> Result<Response<stillpoint_proto::ReleaseResponse>, Status> {
+        Err(Status::unimplemented("test agent"))
+    }
     async fn abort(&self, _: Request<AbortRequest>) -> Result<Response<AbortResponse>, Status> {
         Err(Status::unimplemented("test agent"))
     }
