@@ -7,8 +7,8 @@ use std::collections::BTreeMap;
 
 use serde::Serialize;
 use stillpoint_proto::{
-    AgentBackup, AgentInfo, Backup, BackupState, Cut, LogEntry, ServerCut, ServerProgress,
-    Snapshot, StepReport, WatchEvent,
+    AgentBackup, AgentInfo, Backup, BackupState, Cut, HoldClass, LogEntry, ServerCut,
+    ServerProgress, Snapshot, StepReport, WatchEvent,
 };
 use time::macros::format_description;
 use time::OffsetDateTime;
@@ -78,6 +78,15 @@ pub struct ServerCutView {
     pub snapshot_ms: u64,
     pub thaw_ms: u64,
     pub steps: Vec<StepView>,
+    /// What held the server's writes (`filesystem-freeze`, `hook-unverified`, ...); `null`
+    /// when the listener does not know.
+    pub hold: Option<String>,
+    /// True only when the hold is known to stop writes; `held_ms` is then a hold of writes,
+    /// otherwise only how long the server was frozen.
+    pub writes_held: bool,
+    /// With the thaw barrier: the agent confirmed it stayed frozen until every snapshot
+    /// existed; `null` without the barrier or when it did not answer.
+    pub held_until_release: Option<bool>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -294,6 +303,9 @@ impl From<&ServerCut> for ServerCutView {
             snapshot_ms: c.snapshot_ms,
             thaw_ms: c.thaw_ms,
             steps: c.steps.iter().map(StepView::from).collect(),
+            hold: (c.hold() != HoldClass::Unspecified).then(|| c.hold().label().to_string()),
+            writes_held: c.hold().holds_writes(),
+            held_until_release: c.held_until_release,
         }
     }
 }
@@ -583,11 +595,16 @@ pub fn cut_human(cut: &Cut, state: i32) -> String {
                 offset(s.prepared_unix_ms),
                 offset(s.commit_sent_unix_ms),
                 offset(s.committed_unix_ms),
-                s.held_ms.to_string(),
+                if s.hold().holds_writes() {
+                    s.held_ms.to_string()
+                } else {
+                    format!("{} (not known held)", s.held_ms)
+                },
                 s.quiesce_ms.to_string(),
                 s.freeze_ms.to_string(),
                 s.snapshot_ms.to_string(),
                 s.thaw_ms.to_string(),
+                s.hold().label().to_string(),
             ]
         })
         .collect();
@@ -603,9 +620,22 @@ pub fn cut_human(cut: &Cut, state: i32) -> String {
             "FREEZE_MS",
             "SNAPSHOT_MS",
             "THAW_MS",
+            "HOLD",
         ],
         &rows,
     ));
+    let not_held: Vec<&str> = cut
+        .servers
+        .iter()
+        .filter(|s| !s.hold().holds_writes())
+        .map(|s| s.server.as_str())
+        .collect();
+    if !not_held.is_empty() {
+        out.push_str(&format!(
+            "writes not known to be held on {}: frozen, but nothing seen stopped their writes\n",
+            not_held.join(", ")
+        ));
+    }
     out.push_str("(step times in ms after the first prepare sent, on the listener's clock)\n");
     out
 }

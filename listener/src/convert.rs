@@ -85,6 +85,8 @@ pub fn backup(r: &BackupRecord) -> pb::Backup {
             snapshot_ms: s.cut.snapshot_ms,
             thaw_ms: s.cut.thaw_ms,
             steps: s.cut.steps.iter().map(step).collect(),
+            hold: s.cut.hold.map_or(pb::HoldClass::Unspecified, hold_class).into(),
+            held_until_release: s.cut.held_until_release,
         })
         .collect();
     pb::Backup {

@@ -16,6 +16,28 @@ impl BackupState {
     }
 }
 
+impl HoldClass {
+    /// The class's kebab-case name (as in configs and logs); "unknown" when unspecified.
+    pub fn label(self) -> &'static str {
+        match self {
+            HoldClass::Unspecified => "unknown",
+            HoldClass::StorageOnly => "storage-only",
+            HoldClass::HookUnverified => "hook-unverified",
+            HoldClass::StoppedProcesses => "stopped-processes",
+            HoldClass::FilesystemFreeze => "filesystem-freeze",
+            HoldClass::Application => "application",
+        }
+    }
+
+    /// True when the class is known to stop writes (stopped-processes and stronger).
+    pub fn holds_writes(self) -> bool {
+        matches!(
+            self,
+            HoldClass::StoppedProcesses | HoldClass::FilesystemFreeze | HoldClass::Application
+        )
+    }
+}
+
 impl AgentPhase {
     /// The lowercase name operators read and `backupctl --json` prints ("thawed-expired");
     /// "unknown" when the agent did not say.

@@ -424,7 +424,13 @@ impl Coordinator {
                 s.cut.quiesce_ms = r.quiesce_ms;
                 s.cut.freeze_ms = r.freeze_ms;
                 s.cut.steps.extend(r.steps);
-                s.detail = format!("frozen (quiesce {}ms, freeze {}ms)", r.quiesce_ms, r.freeze_ms);
+                s.cut.hold = r.hold;
+                s.detail = format!(
+                    "frozen (quiesce {}ms, freeze {}ms; {})",
+                    r.quiesce_ms,
+                    r.freeze_ms,
+                    s.cut.hold_text()
+                );
                 let detail = s.detail.clone();
                 self.log(out, Some(server), Level::Info, format!("prepared: {detail}"));
                 self.commit_if_all_prepared(now, out);
@@ -521,9 +527,9 @@ impl Coordinator {
                 s.cut.steps.extend(r.steps);
                 s.total_bytes = r.snapshots.iter().map(|x| x.size_bytes).sum();
                 s.detail = format!(
-                    "{} snapshot(s), writes held {}ms (snapshot {}ms, thaw {}ms)",
+                    "{} snapshot(s), {} (snapshot {}ms, thaw {}ms)",
                     r.snapshots.len(),
-                    r.held_ms,
+                    s.cut.held_text(r.held_ms),
                     r.snapshot_ms,
                     r.thaw_ms
                 );
@@ -1063,9 +1069,30 @@ pub fn judge_cut(record: &BackupRecord) -> CutVerdict {
     let last_prepared = prepared.iter().copied().max().unwrap_or_default() - origin;
     let first_commit = commits.iter().copied().min().unwrap_or_default() - origin;
     let n = record.servers.len();
-    if last_prepared <= first_commit {
+    let order = format!(
+        "the last prepared reply came at +{last_prepared}ms, before the first commit was sent at +{first_commit}ms"
+    );
+    let (held, not_held): (Vec<_>, Vec<_>) =
+        record.servers.iter().partition(|s| s.cut.writes_held());
+    if last_prepared <= first_commit && not_held.is_empty() {
+        let text =
+            format!("all {n} servers were frozen at one instant and held their writes: {order}");
+        CutVerdict { consistent: true, text }
+    } else if last_prepared <= first_commit {
+        // The order proves every server said "frozen" before any commit; it does not prove
+        // that a server whose hold holds nothing stopped writing.
+        let names = |v: &[&crate::model::ServerRecord]| {
+            v.iter().map(|s| s.server.as_str()).collect::<Vec<_>>().join(", ")
+        };
+        let why = not_held
+            .iter()
+            .map(|s| format!("{}: {}", s.server, s.cut.hold_text()))
+            .collect::<Vec<_>>()
+            .join("; ");
+        let held = if held.is_empty() { "none".to_string() } else { names(&held) };
         let text = format!(
-            "all {n} servers were frozen at one instant: the last prepared reply came at +{last_prepared}ms, before the first commit was sent at +{first_commit}ms"
+            "the message order is a consistent cut ({order}); writes were held on {held}; on {} they were not known to be held ({why})",
+            names(&not_held)
         );
         CutVerdict { consistent: true, text }
     } else {

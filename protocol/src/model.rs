@@ -4,6 +4,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::hold::Hold;
+
 /// Milliseconds on the listener's clock: Unix time anchored once at start and advanced by the
 /// monotonic clock, so it never steps backwards while the process runs.
 pub type Millis = i64;
@@ -158,6 +160,40 @@ pub struct ServerCut {
     pub snapshot_ms: u64,
     pub thaw_ms: u64,
     pub steps: Vec<Step>,
+    /// What held this server's writes, from its prepared reply. `None`: unknown (the agent
+    /// did not say, or the record is older than hold classes); never assumed.
+    #[serde(default)]
+    pub hold: Option<Hold>,
+    /// With the thaw barrier: the agent confirmed it was still frozen when Release came.
+    /// `None` without the barrier, or while no answer came (then nobody knows).
+    #[serde(default)]
+    pub held_until_release: Option<bool>,
+}
+
+impl ServerCut {
+    /// True only when stillpoint knows this server's writes stopped while it was frozen.
+    pub fn writes_held(&self) -> bool {
+        self.hold.is_some_and(Hold::holds_writes)
+    }
+
+    /// The hold in words, for logs and details: `filesystem-freeze (the filesystem was
+    /// frozen by the kernel)`, or that it is unknown.
+    pub fn hold_text(&self) -> String {
+        match self.hold {
+            Some(h) => format!("{h}: {}", h.explain()),
+            None => "hold unknown: the agent did not say what held its writes".into(),
+        }
+    }
+
+    /// "writes held Nms" only where the hold holds writes; otherwise how long it was frozen
+    /// and that its writes were not known to be held, with why.
+    pub fn held_text(&self, held_ms: u64) -> String {
+        if self.writes_held() {
+            format!("writes held {held_ms}ms")
+        } else {
+            format!("frozen for {held_ms}ms; writes not known to be held ({})", self.hold_text())
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]

@@ -68,6 +68,8 @@ fn server_cut(server: &str, sent: i64, [prepared, commit_sent, committed]: [i64;
             duration_ms: 1,
             detail: String::new(),
         }],
+        hold: HoldClass::FilesystemFreeze.into(),
+        held_until_release: None,
     }
 }
 
@@ -135,6 +137,9 @@ fn backup_json_shape_is_stable() {
             "snapshot_ms",
             "thaw_ms",
             "steps",
+            "hold",
+            "writes_held",
+            "held_until_release",
         ],
     );
     check_keys(
@@ -222,9 +227,9 @@ fn cut_renders_offsets_from_the_first_prepare_sent() {
     let cut = sample().cut.unwrap();
     let expected = "\
 cut: consistent: every server was frozen at one instant
-SERVER  PREPARE_SENT  PREPARED  COMMIT_SENT  COMMITTED  HELD_MS  QUIESCE_MS  FREEZE_MS  SNAPSHOT_MS  THAW_MS
-srv-a   +0            +14       +19          +30        17       3           1          5            1
-srv-b   +1            +17       +20          +39        17       3           1          5            1
+SERVER  PREPARE_SENT  PREPARED  COMMIT_SENT  COMMITTED  HELD_MS  QUIESCE_MS  FREEZE_MS  SNAPSHOT_MS  THAW_MS  HOLD
+srv-a   +0            +14       +19          +30        17       3           1          5            1        filesystem-freeze
+srv-b   +1            +17       +20          +39        17       3           1          5            1        filesystem-freeze
 (step times in ms after the first prepare sent, on the listener's clock)
 ";
     assert_eq!(cut_human(&cut, BackupState::Succeeded as i32), expected);
@@ -379,4 +384,20 @@ fn sizes_and_durations_read_well() {
     assert_eq!(human_duration(7_380_000), "2h03m");
     assert_eq!(rfc3339(0), None);
     assert_eq!(clock(T0), "12:34:56.789");
+}
+
+#[test]
+fn a_server_whose_hold_holds_nothing_is_never_shown_as_holding_writes() {
+    let mut cut = sample().cut.unwrap();
+    cut.servers[1].hold = HoldClass::HookUnverified.into();
+    let text = cut_human(&cut, BackupState::Succeeded as i32);
+    assert!(text.contains("17 (not known held)") && text.contains("hook-unverified"), "{text}");
+    assert!(text.contains("writes not known to be held on srv-b:"), "{text}");
+    let v = to_value(&CutView::from(&cut));
+    assert_eq!(v["servers"][0]["writes_held"], Value::Bool(true));
+    assert_eq!(v["servers"][1]["writes_held"], Value::Bool(false));
+    assert_eq!(v["servers"][1]["hold"], "hook-unverified");
+    cut.servers[1].hold = HoldClass::Unspecified.into();
+    let v = to_value(&CutView::from(&cut));
+    assert_eq!(v["servers"][1]["hold"], Value::Null, "unknown, not guessed");
 }

@@ -158,6 +158,11 @@ pub struct StoredCut {
     pub snapshot_ms: u64,
     pub thaw_ms: u64,
     pub steps: Vec<StoredStepReport>,
+    /// The hold class's name (`filesystem-freeze`, ...); absent when not known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hold: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub held_until_release: Option<bool>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -335,6 +340,8 @@ fn server_to(s: &ServerRecord) -> StoredServer {
             })
             .collect(),
         cut: StoredCut {
+            hold: s.cut.hold.map(|h| h.as_str().to_string()),
+            held_until_release: s.cut.held_until_release,
             prepare_sent: s.cut.prepare_sent,
             prepared: s.cut.prepared,
             commit_sent: s.cut.commit_sent,
@@ -386,6 +393,9 @@ fn server_from(s: StoredServer) -> ServerRecord {
             })
             .collect(),
         cut: ServerCut {
+            // A name this listener does not know is not a hold it can vouch for.
+            hold: s.cut.hold.as_deref().and_then(|h| h.parse().ok()),
+            held_until_release: s.cut.held_until_release,
             prepare_sent: s.cut.prepare_sent,
             prepared: s.cut.prepared,
             commit_sent: s.cut.commit_sent,

@@ -1,6 +1,7 @@
 //! Every transition of the protocol, including the ugly ones, fed as events with explicit time.
 
 use super::*;
+use crate::hold::Hold;
 
 const T: Timeouts = Timeouts {
     lease_ms: 10_000,
@@ -677,5 +678,81 @@ fn without_a_report_silence_only_the_copy_timeout_ends_a_quiet_copy() {
     c.handle(60_040, Event::Tick);
     assert!(
         matches!(&c.record.state, State::Failed { reason, .. } if reason.contains("did not finish within 60000ms"))
+    );
+}
+
+fn prepare_holding(hold: Option<Hold>) -> Result<PrepareReply, String> {
+    Ok(PrepareReply { prepared: true, hold, ..Default::default() })
+}
+
+#[test]
+fn writes_held_is_claimed_only_where_the_hold_holds_writes() {
+    let mut c = new_backup();
+    c.handle(0, Event::Start);
+    let holds = [("a", Some(Hold::FilesystemFreeze)), ("b", Some(Hold::StoppedProcesses))];
+    for (server, hold) in holds {
+        c.handle(5, Event::Prepared { server: server.into(), reply: prepare_holding(hold) });
+    }
+    let last = c.handle(
+        6,
+        Event::Prepared { server: "c".into(), reply: prepare_holding(Some(Hold::HookUnverified)) },
+    );
+    assert!(
+        logs(&last).iter().any(|l| l.contains("hook-unverified: a hook ran")),
+        "{:?}",
+        logs(&last)
+    );
+    let mut lines = Vec::new();
+    for server in ["a", "b", "c"] {
+        lines.extend(logs(&committed(&mut c, 10, server)));
+    }
+    let record = &c.record;
+    assert_eq!(record.servers[2].cut.hold, Some(Hold::HookUnverified), "recorded in the cut");
+    assert!(record.servers[0].detail.contains("writes held 20ms"), "{}", record.servers[0].detail);
+    let srv_c = &record.servers[2].detail;
+    assert!(
+        srv_c.contains("frozen for 20ms; writes not known to be held (hook-unverified: a hook ran; whether it held writes cannot be seen)")
+            && !srv_c.contains("writes held"),
+        "{srv_c}"
+    );
+    let verdict = record.verdict.clone().unwrap();
+    assert!(
+        verdict.text.starts_with("the message order is a consistent cut")
+            && verdict
+                .text
+                .contains("writes were held on a, b; on c they were not known to be held"),
+        "{}",
+        verdict.text
+    );
+    assert!(!verdict.text.contains("frozen at one instant"), "{}", verdict.text);
+    assert!(lines.iter().any(|l| l.contains("cut the message order is a consistent cut")));
+    assert!(!lines.iter().any(|l| l.contains("c:") && l.contains("writes held")), "{lines:?}");
+}
+
+#[test]
+fn a_hold_the_agent_did_not_report_is_unknown_not_assumed() {
+    let mut c = snapshotted(); // replies without a hold
+    let verdict = c.record.verdict.clone().unwrap();
+    assert!(verdict.text.contains("writes were held on none"), "{}", verdict.text);
+    assert!(verdict.text.contains("hold unknown"), "{}", verdict.text);
+    assert!(c.record.servers[0].detail.contains("writes not known to be held"));
+    let every =
+        [("a", Hold::Application), ("b", Hold::FilesystemFreeze), ("c", Hold::FilesystemFreeze)];
+    c = new_backup();
+    c.handle(0, Event::Start);
+    for (server, hold) in every {
+        c.handle(1, Event::Prepared { server: server.into(), reply: prepare_holding(Some(hold)) });
+    }
+    for server in ["a", "b", "c"] {
+        committed(&mut c, 2, server);
+    }
+    let verdict = c.record.verdict.clone().unwrap();
+    assert!(
+        verdict.consistent
+            && verdict
+                .text
+                .starts_with("all 3 servers were frozen at one instant and held their writes"),
+        "{}",
+        verdict.text
     );
 }

@@ -201,3 +201,15 @@ fn throttle_lets_one_report_through_per_period() {
     assert!(t.ready(start + PROGRESS_EVERY));
     assert!(!t.ready(start + PROGRESS_EVERY + Duration::from_millis(1)));
 }
+
+#[test]
+fn the_manifests_cut_carries_each_servers_hold() {
+    let mut r = record(&["srv-a", "srv-c"]);
+    r.servers[0].cut.hold = Some(stillpoint_protocol::hold::Hold::FilesystemFreeze);
+    r.servers[1].cut.hold = Some(stillpoint_protocol::hold::Hold::HookUnverified);
+    r.servers[1].cut.held_until_release = Some(false);
+    let cut = serde_json::to_value(r.cut()).expect("the cut as JSON");
+    assert_eq!(cut["servers"][0]["cut"]["hold"], "filesystem-freeze");
+    assert_eq!(cut["servers"][1]["cut"]["hold"], "hook-unverified");
+    assert_eq!(cut["servers"][1]["cut"]["held_until_release"], false);
+}
