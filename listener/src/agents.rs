@@ -15,6 +15,7 @@ use crate::config::Config;
 use crate::convert;
 use crate::coordinator::{AbortOutcome, CommitReply, PrepareReply};
 use crate::error::Result;
+use stillpoint_protocol::hold::Hold;
 
 /// How many times an idempotent call is tried, 200 ms then 400 ms apart.
 pub const TRIES: u32 = 3;
@@ -66,15 +67,31 @@ impl Agents {
             .ok_or_else(|| format!("server {server} is not in the inventory"))
     }
 
-    /// Prepare, once: its deadline is the protocol's commit cutoff.
+    /// What holds a server's writes, from its Status, once, within the RPC deadline.
+    pub async fn inspect(
+        &self,
+        backup_id: &str,
+        server: &str,
+    ) -> std::result::Result<Hold, String> {
+        let request = request(backup_id, server, pb::StatusRequest {}, self.rpc_ms);
+        let status = self.call_once(server, |mut c| async move { c.status(request).await }).await?;
+        convert::hold(status.hold())
+            .ok_or_else(|| "the agent did not say what holds its writes (an older agent?)".into())
+    }
+
+    /// Prepare, once: its deadline is the protocol's commit cutoff. The agent refuses when its
+    /// hold is below `require`.
     pub async fn prepare(
         &self,
         backup_id: &str,
         server: &str,
-        lease_ms: u64,
+        (lease_ms, require): (u64, Hold),
     ) -> std::result::Result<PrepareReply, String> {
-        let message =
-            pb::PrepareRequest { backup_id: backup_id.into(), lease_ms, ..Default::default() };
+        let message = pb::PrepareRequest {
+            backup_id: backup_id.into(),
+            lease_ms,
+            require_hold: convert::hold_class(require).into(),
+        };
         let request = request(backup_id, server, message, self.prepare_ms);
         self.call_once(server, |mut c| async move { c.prepare(request).await })
             .await

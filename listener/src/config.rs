@@ -15,6 +15,7 @@ use stillpoint_saveset::{Location, Pool, Repository, Secret};
 
 use crate::coordinator::Timeouts;
 use crate::error::{Error, Result};
+use stillpoint_protocol::hold::Hold;
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -46,6 +47,30 @@ pub struct ServerConfig {
 pub struct GroupConfig {
     pub name: String,
     pub servers: Vec<String>,
+    /// The weakest hold class every server must have (`filesystem-freeze`, ...); a backup with
+    /// a server below it fails before anything freezes. Absent: `storage-only`, no requirement.
+    #[serde(default)]
+    pub require_hold: Option<String>,
+    /// `after-own-snapshot` (the default: each server thaws once its own snapshot exists) or
+    /// `after-every-snapshot` (the thaw barrier: none thaws before every snapshot exists).
+    #[serde(default)]
+    pub thaw: Option<String>,
+}
+
+/// The group's `thaw` values.
+pub const THAW_AFTER_OWN: &str = "after-own-snapshot";
+pub const THAW_AFTER_EVERY: &str = "after-every-snapshot";
+
+impl GroupConfig {
+    /// The required hold; storage-only (none) when absent (an unknown name is a `problems()`
+    /// entry, so a validated config never reaches the default by mistake).
+    pub fn require_hold(&self) -> Hold {
+        self.require_hold.as_deref().and_then(|h| h.parse().ok()).unwrap_or_default()
+    }
+
+    pub fn thaw_barrier(&self) -> bool {
+        self.thaw.as_deref() == Some(THAW_AFTER_EVERY)
+    }
 }
 
 /// Milliseconds unless the name says otherwise. See FAULTS.md for where the defaults come from.
@@ -109,6 +134,7 @@ impl TimeoutConfig {
             commit_timeout_ms: self.lease_ms,
             copy_timeout_ms: self.copy_timeout_s.saturating_mul(1000),
             cleanup_timeout_ms: self.cleanup_timeout_ms,
+            inspect_timeout_ms: self.rpc_ms,
         }
     }
 }
@@ -271,6 +297,18 @@ impl Config {
                         g.name
                     ));
                 }
+            }
+            if let Some(Err(e)) = g.require_hold.as_deref().map(str::parse::<Hold>) {
+                out.push(format!("group {}: require_hold: {e}", g.name));
+            }
+            if let Some(thaw) =
+                g.thaw.as_deref().filter(|t| ![THAW_AFTER_OWN, THAW_AFTER_EVERY].contains(t))
+            {
+                out.push(format!(
+                    "group {}: thaw: unknown value {}; one of: {THAW_AFTER_OWN}, {THAW_AFTER_EVERY}",
+                    g.name,
+                    stillpoint_protocol::text::clip(thaw, 40)
+                ));
             }
             let unique: HashSet<_> = g.servers.iter().collect();
             if unique.len() != g.servers.len() {

@@ -163,7 +163,9 @@ impl Runtime {
         }
         let now = self.clock.now();
         let id = new_backup_id(now);
-        let record = BackupRecord::new(&id, group, &group_config.servers, started_by, now);
+        let mut record = BackupRecord::new(&id, group, &group_config.servers, started_by, now);
+        record.require_hold = group_config.require_hold();
+        record.thaw_barrier = group_config.thaw_barrier();
         let registered =
             self.register(&record).map_err(|backup| Error::Busy { group: group.into(), backup })?;
         // Saved before its task exists, so the catalog knows every backup an agent may hold;

@@ -250,7 +250,12 @@ impl Cluster {
             groups: spec
                 .groups
                 .into_iter()
-                .map(|(name, servers)| GroupConfig { name, servers })
+                .map(|(name, servers)| GroupConfig {
+                    name,
+                    servers,
+                    require_hold: None,
+                    thaw: None,
+                })
                 .collect(),
             copy: spec.copy,
         };

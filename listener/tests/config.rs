@@ -50,6 +50,8 @@ address = "nowhere"
 [[group]]
 name = "g"
 servers = ["a", "zz"]
+require_hold = "crash"
+thaw = "later"
 [copy]
 mode = "command"
 command = []
@@ -64,6 +66,8 @@ command = []
         "leaves -1000ms to gather prepares",
         "copy.command: empty",
         "timeouts.agent_copy_silence_ms: 5000 is below 10000",
+        "group g: require_hold: unknown hold class \"crash\"; one of: storage-only, hook-unverified, stopped-processes, filesystem-freeze, application",
+        "group g: thaw: unknown value \"later\"; one of: after-own-snapshot, after-every-snapshot",
     ] {
         assert!(problems.contains(expected), "missing {expected:?} in:\n{problems}");
     }
@@ -203,4 +207,23 @@ fn saveset_copies_on_the_listener_unless_told_to_copy_on_the_agents() {
         "{SAVESET_BASE}[copy]\nmode = \"command\"\ncommand = [\"/bin/true\"]\non = \"agent\"\n"
     );
     assert!(toml::from_str::<Config>(&text).is_err());
+}
+
+#[test]
+fn a_group_states_the_hold_it_requires_and_its_thaw() {
+    let text = |group: &str| {
+        format!(
+            "data_dir = \"/tmp/x\"\nlisten = \"127.0.0.1:0\"\n[tls]\nca = \"c\"\ncert = \"c\"\nkey = \"k\"\n[[server]]\nname = \"a\"\naddress = \"127.0.0.1:1\"\n[[group]]\nname = \"g\"\nservers = [\"a\"]\n{group}[copy]\nmode = \"report\"\n"
+        )
+    };
+    let plain = parse(&text(""));
+    let g = plain.group("g").expect("group");
+    assert_eq!(g.require_hold(), stillpoint_protocol::hold::Hold::StorageOnly, "no requirement");
+    assert!(!g.thaw_barrier(), "thaw after its own snapshot, as before");
+    let strict =
+        parse(&text("require_hold = \"filesystem-freeze\"\nthaw = \"after-every-snapshot\"\n"));
+    let g = strict.group("g").expect("group");
+    assert_eq!(g.require_hold(), stillpoint_protocol::hold::Hold::FilesystemFreeze);
+    assert!(g.thaw_barrier());
+    assert!(!strict.problems().iter().any(|p| p.starts_with("group")), "{:?}", strict.problems());
 }

@@ -49,7 +49,7 @@ proptest! {
     fn the_coordinator_keeps_its_rules_under_any_sequence_of_events(
         steps in proptest::collection::vec((0i64..3_000, event()), 1..60)
     ) {
-        let timeouts = Timeouts { lease_ms: 10_000, commit_cutoff_ms: 6_000, commit_timeout_ms: 10_000, copy_timeout_ms: 20_000, cleanup_timeout_ms: 5_000 };
+        let timeouts = Timeouts { lease_ms: 10_000, commit_cutoff_ms: 6_000, commit_timeout_ms: 10_000, copy_timeout_ms: 20_000, cleanup_timeout_ms: 5_000, inspect_timeout_ms: 5_000 };
         let servers = ["a", "b", "c"].map(String::from);
         let mut c = Coordinator::new(BackupRecord::new("b1", "g", &servers, "test", 0), timeouts);
         let mut now = 0;

@@ -26,6 +26,9 @@ pub struct Timeouts {
     pub copy_timeout_ms: u64,
     /// How long cleanup may take before the backup succeeds with a warning.
     pub cleanup_timeout_ms: u64,
+    /// How long agents have to say what holds their writes (the pre-flight of a group that
+    /// requires a hold): the RPC timeout.
+    pub inspect_timeout_ms: u64,
 }
 
 /// A reply to Prepare.
@@ -110,7 +113,8 @@ impl CopyDone {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
-    /// Begin the backup: send Prepare everywhere.
+    /// Begin the backup: send Prepare everywhere (or, when the group requires a hold, first
+    /// ask every server what holds its writes).
     Start,
     /// The backup cannot freeze yet: `servers` are mid-freeze for backup `other`. It stays
     /// PENDING until a `Start` (or `GaveUpWaiting`).
@@ -123,6 +127,11 @@ pub enum Event {
         other: String,
         servers: Vec<String>,
         waited_ms: u64,
+    },
+    /// A server said what holds its writes (`Err`: it could not be asked, with why).
+    Inspected {
+        server: String,
+        result: Result<Hold, String>,
     },
     /// An agent answered Prepare (`Err`: the RPC itself failed, with why).
     Prepared {
@@ -185,6 +194,11 @@ pub enum Command {
         level: Level,
         message: String,
     },
+    /// Ask a server what holds its writes (the agent's Status), before anything freezes.
+    Inspect {
+        server: String,
+    },
+    /// Prepare carries the record's `require_hold`; the agent refuses below it.
     Prepare {
         server: String,
         lease_ms: u64,
@@ -255,6 +269,7 @@ impl Coordinator {
     /// The next instant at which a `Tick` may change something.
     pub fn next_deadline(&self) -> Option<Millis> {
         match &self.record.state {
+            State::Inspecting { deadline } => Some(*deadline),
             State::Preparing { cutoff_at, .. } => Some(*cutoff_at),
             State::Snapshotted { deadline } | State::Copying { deadline } => {
                 Some(self.silent_from().map_or(*deadline, |at| at.min(*deadline)))
@@ -310,6 +325,9 @@ impl Coordinator {
                     self.fail(now, StateName::Pending, reason, &mut out);
                 }
             }
+            Event::Inspected { server, result } => {
+                self.on_inspected(now, &server, result, &mut out)
+            }
             Event::Prepared { server, reply } => self.on_prepared(now, &server, reply, &mut out),
             Event::Committed { server, reply } => self.on_committed(now, &server, reply, &mut out),
             Event::Aborted { server, result } => self.on_aborted(&server, result, &mut out),
@@ -351,6 +369,78 @@ impl Coordinator {
         if self.record.state != State::Pending {
             return;
         }
+        let require = self.record.require_hold;
+        if require > Hold::StorageOnly {
+            // Fail closed: learn every server's hold before anything freezes.
+            let deadline = now + ms(self.timeouts.inspect_timeout_ms);
+            self.record.state = State::Inspecting { deadline };
+            self.log(
+                out,
+                None,
+                Level::Info,
+                format!(
+                    "the group requires {require} ({}): asking {} servers what holds their writes before any prepare",
+                    require.explain(),
+                    self.record.servers.len()
+                ),
+            );
+            for s in &self.record.servers {
+                out.push(Command::Inspect { server: s.server.clone() });
+            }
+            return;
+        }
+        self.send_prepare(now, out);
+    }
+
+    fn on_inspected(
+        &mut self,
+        now: Millis,
+        server: &str,
+        result: Result<Hold, String>,
+        out: &mut Vec<Command>,
+    ) {
+        let inspecting = matches!(self.record.state, State::Inspecting { .. });
+        let require = self.record.require_hold;
+        let Some(s) = self.record.server_mut(server).filter(|_| inspecting) else {
+            self.log(out, Some(server), Level::Warn, "late hold answer ignored".into());
+            return;
+        };
+        match result {
+            Ok(hold) => {
+                s.cut.hold = Some(hold);
+                let text = s.cut.hold_text();
+                self.log(out, Some(server), Level::Info, format!("holds writes by {text}"));
+            }
+            Err(e) => {
+                let reason = format!(
+                    "{server}: could not learn what holds its writes ({e}); the group requires {require}, so nothing was frozen"
+                );
+                self.fail(now, StateName::Pending, reason, out);
+                return;
+            }
+        }
+        if self.record.servers.iter().any(|s| s.cut.hold.is_none()) {
+            return;
+        }
+        let below: Vec<String> = self
+            .record
+            .servers
+            .iter()
+            .filter(|s| s.cut.hold.is_some_and(|h| h < require))
+            .map(|s| format!("{} ({})", s.server, s.cut.hold_text()))
+            .collect();
+        if below.is_empty() {
+            self.send_prepare(now, out);
+        } else {
+            let reason = format!(
+                "the group requires {require}; below it: {}; nothing was frozen",
+                below.join(", ")
+            );
+            self.fail(now, StateName::Pending, reason, out);
+        }
+    }
+
+    fn send_prepare(&mut self, now: Millis, out: &mut Vec<Command>) {
         let lease_ms = self.timeouts.lease_ms;
         let cutoff_at = now + ms(self.timeouts.commit_cutoff_ms);
         self.record.state = State::Preparing { sent_at: now, cutoff_at };
@@ -777,7 +867,10 @@ impl Coordinator {
     fn on_restarted(&mut self, now: Millis, out: &mut Vec<Command>) {
         let phase = self.record.state.name();
         match self.record.state.clone() {
-            State::Pending | State::Preparing { .. } | State::Committing { .. } => {
+            State::Pending
+            | State::Inspecting { .. }
+            | State::Preparing { .. }
+            | State::Committing { .. } => {
                 let reason = format!("listener restarted while the backup was {phase}");
                 self.fail(now, phase, reason, out);
             }
@@ -873,6 +966,22 @@ impl Coordinator {
                 .join(", ")
         };
         match self.record.state.clone() {
+            State::Inspecting { .. } => {
+                let silent: Vec<&str> = self
+                    .record
+                    .servers
+                    .iter()
+                    .filter(|s| s.cut.hold.is_none())
+                    .map(|s| s.server.as_str())
+                    .collect();
+                let reason = format!(
+                    "{} did not say what holds its writes within {}ms; the group requires {}, so nothing was frozen",
+                    silent.join(", "),
+                    self.timeouts.inspect_timeout_ms,
+                    self.record.require_hold
+                );
+                self.fail(now, StateName::Pending, reason, out);
+            }
             State::Preparing { .. } => {
                 let reason = format!(
                     "{} did not prepare within the commit cutoff of {}ms",

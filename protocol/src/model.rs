@@ -15,6 +15,11 @@ pub type Millis = i64;
 #[serde(tag = "state", rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum State {
     Pending,
+    /// The group requires a hold: every server was asked what holds its writes, before any
+    /// Prepare; answers are due by `deadline`. Shown as PENDING: nothing is frozen yet.
+    Inspecting {
+        deadline: Millis,
+    },
     /// Prepare went out at `sent_at`; Commit may be sent only before `cutoff_at`.
     Preparing {
         sent_at: Millis,
@@ -69,7 +74,7 @@ pub enum StateName {
 impl State {
     pub fn name(&self) -> StateName {
         match self {
-            State::Pending => StateName::Pending,
+            State::Pending | State::Inspecting { .. } => StateName::Pending,
             State::Preparing { .. } => StateName::Preparing,
             State::Committing { .. } => StateName::Committing,
             State::Snapshotted { .. } => StateName::Snapshotted,
@@ -275,6 +280,12 @@ pub struct BackupRecord {
     /// or was given up on, so nothing more will happen to it.
     #[serde(default)]
     pub settled: Option<Millis>,
+    /// The weakest hold the group accepts; storage-only is no requirement.
+    #[serde(default)]
+    pub require_hold: Hold,
+    /// The group's thaw barrier: no server thaws before every snapshot exists.
+    #[serde(default)]
+    pub thaw_barrier: bool,
 }
 
 impl BackupRecord {
@@ -288,6 +299,8 @@ impl BackupRecord {
             started_by: started_by.to_string(),
             servers: servers.iter().map(|s| ServerRecord::new(s)).collect(),
             verdict: None,
+            require_hold: Hold::StorageOnly,
+            thaw_barrier: false,
             never_judged: None,
             settled: None,
         }

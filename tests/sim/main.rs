@@ -254,6 +254,7 @@ fn timeouts() -> Timeouts {
         commit_timeout_ms: LEASE,
         copy_timeout_ms: 30_000,
         cleanup_timeout_ms: 8_000,
+        inspect_timeout_ms: 5_000,
     }
 }
 
@@ -408,7 +409,8 @@ impl Sim {
         self.check_record(&c.record);
         for command in commands {
             match command {
-                Command::Log { .. } => {}
+                // The simulated group requires no hold: no pre-flight.
+                Command::Log { .. } | Command::Inspect { .. } => {}
                 Command::Prepare { server, lease_ms } => {
                     let s = index(&server);
                     let req = AgentReq::Prepare { backup: backup.into(), lease_ms };

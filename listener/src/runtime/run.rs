@@ -14,6 +14,7 @@ use super::registry::Envelope;
 use super::{Runtime, Update};
 use crate::coordinator::{Command, Coordinator, Event};
 use crate::model::{BackupRecord, LogEntry, State};
+use stillpoint_protocol::hold::Hold;
 
 /// How often a backup whose only news is copy progress is saved anyway. Progress goes to
 /// watchers as it comes; the catalog keeps it with the backup's next change or at this pace,
@@ -251,8 +252,9 @@ impl Runtime {
                 Command::Log { .. } => {}
                 Command::Abort { server, reason } => self.spawn_abort(id, server, reason, feed),
                 _ if !saved => {}
+                Command::Inspect { server } => self.spawn_inspect(id, server, feed),
                 Command::Prepare { server, lease_ms } => {
-                    self.spawn_prepare(id, server, lease_ms, feed)
+                    self.spawn_prepare(id, server, (lease_ms, record.require_hold), feed)
                 }
                 Command::Commit { server, freeze_token } => {
                     self.spawn_commit(id, server, freeze_token, feed)
@@ -321,10 +323,19 @@ impl Runtime {
         let _ = self.updates.send(Arc::new(update));
     }
 
-    fn spawn_prepare(self: &Arc<Self>, id: &str, server: String, lease_ms: u64, feed: &Feed) {
+    /// Asks a server what holds its writes (its Status), for a group that requires a hold.
+    fn spawn_inspect(self: &Arc<Self>, id: &str, server: String, feed: &Feed) {
         let (this, id, feed) = (Arc::clone(self), id.to_string(), feed.clone());
         self.spawn_helper(async move {
-            let reply = this.agents.prepare(&id, &server, lease_ms).await;
+            let result = this.agents.inspect(&id, &server).await;
+            feed.send(Event::Inspected { server, result });
+        });
+    }
+
+    fn spawn_prepare(self: &Arc<Self>, id: &str, server: String, lease: (u64, Hold), feed: &Feed) {
+        let (this, id, feed) = (Arc::clone(self), id.to_string(), feed.clone());
+        self.spawn_helper(async move {
+            let reply = this.agents.prepare(&id, &server, lease).await;
             feed.send(Event::Prepared { server, reply });
         });
     }

@@ -5,6 +5,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use stillpoint_protocol::hold::Hold;
+
 use crate::model::{
     BackupRecord, CutVerdict, Level, LogEntry, Millis, ServerCut, ServerEnd, ServerRecord,
     ServerStep, SnapshotRef, State, StateName, Step,
@@ -31,12 +33,20 @@ pub struct CatalogRecord {
     pub never_judged: Option<String>,
     #[serde(default)]
     pub settled: Option<Millis>,
+    /// The group's required hold class by name; absent: none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub require_hold: Option<String>,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub thaw_barrier: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "state", rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum StoredState {
     Pending,
+    Inspecting {
+        deadline: Millis,
+    },
     Preparing {
         sent_at: Millis,
         cutoff_at: Millis,
@@ -260,6 +270,7 @@ impl From<&BackupRecord> for CatalogRecord {
             group: r.group.clone(),
             state: match &r.state {
                 State::Pending => StoredState::Pending,
+                State::Inspecting { deadline } => StoredState::Inspecting { deadline: *deadline },
                 State::Preparing { sent_at, cutoff_at } => {
                     StoredState::Preparing { sent_at: *sent_at, cutoff_at: *cutoff_at }
                 }
@@ -286,6 +297,9 @@ impl From<&BackupRecord> for CatalogRecord {
                 .map(|v| StoredVerdict { consistent: v.consistent, text: v.text.clone() }),
             never_judged: r.never_judged.clone(),
             settled: r.settled,
+            require_hold: (r.require_hold != Hold::StorageOnly)
+                .then(|| r.require_hold.as_str().to_string()),
+            thaw_barrier: r.thaw_barrier,
         }
     }
 }
@@ -297,6 +311,7 @@ impl From<CatalogRecord> for BackupRecord {
             group: r.group,
             state: match r.state {
                 StoredState::Pending => State::Pending,
+                StoredState::Inspecting { deadline } => State::Inspecting { deadline },
                 StoredState::Preparing { sent_at, cutoff_at } => {
                     State::Preparing { sent_at, cutoff_at }
                 }
@@ -320,6 +335,13 @@ impl From<CatalogRecord> for BackupRecord {
             verdict: r.verdict.map(|v| CutVerdict { consistent: v.consistent, text: v.text }),
             never_judged: r.never_judged,
             settled: r.settled,
+            // A class this listener does not know cannot be required by it: the strongest it
+            // knows, so a record never asks for less than it said.
+            require_hold: r
+                .require_hold
+                .as_deref()
+                .map_or(Hold::StorageOnly, |h| h.parse().unwrap_or(Hold::Application)),
+            thaw_barrier: r.thaw_barrier,
         }
     }
 }

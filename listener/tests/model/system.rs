@@ -29,6 +29,7 @@ pub const TIMEOUTS: Timeouts = Timeouts {
     commit_timeout_ms: 10,
     copy_timeout_ms: 10,
     cleanup_timeout_ms: 5,
+    inspect_timeout_ms: 5,
 };
 
 /// How many faults of each kind one run of the model may suffer (the bound that keeps it finite
@@ -317,7 +318,8 @@ impl World {
         let commands = self.coordinator.handle(self.now, event);
         for command in commands {
             match command {
-                Command::Log { .. } => {}
+                // The modelled group requires no hold: no pre-flight.
+                Command::Log { .. } | Command::Inspect { .. } => {}
                 Command::Prepare { server, lease_ms } => self.push(Msg::ToAgent {
                     to: server_index(&server),
                     req: Req::Prepare { lease_ms },

@@ -9,6 +9,7 @@ const T: Timeouts = Timeouts {
     commit_timeout_ms: 10_000,
     copy_timeout_ms: 60_000,
     cleanup_timeout_ms: 5_000,
+    inspect_timeout_ms: 5_000,
 };
 
 fn new_backup() -> Coordinator {
@@ -755,4 +756,79 @@ fn a_hold_the_agent_did_not_report_is_unknown_not_assumed() {
         "{}",
         verdict.text
     );
+}
+
+fn requiring(hold: Hold) -> Coordinator {
+    let mut c = new_backup();
+    c.record.require_hold = hold;
+    c
+}
+
+fn inspected(c: &mut Coordinator, now: Millis, server: &str, hold: Hold) -> Vec<Command> {
+    c.handle(now, Event::Inspected { server: server.into(), result: Ok(hold) })
+}
+
+fn prepares() -> Vec<Command> {
+    ["a", "b", "c"].map(|s| Command::Prepare { server: s.into(), lease_ms: T.lease_ms }).to_vec()
+}
+
+#[test]
+fn a_group_requiring_a_hold_asks_every_server_before_any_prepare() {
+    let mut c = requiring(Hold::FilesystemFreeze);
+    let start = c.handle(0, Event::Start);
+    let inspect = ["a", "b", "c"].map(|s| Command::Inspect { server: s.into() }).to_vec();
+    assert_eq!(acts(start), inspect);
+    assert_eq!(c.record.state, State::Inspecting { deadline: 5_000 });
+    assert_eq!(c.record.state.name(), StateName::Pending, "PENDING on the wire");
+    assert!(acts(inspected(&mut c, 10, "a", Hold::Application)).is_empty());
+    assert!(acts(inspected(&mut c, 11, "b", Hold::FilesystemFreeze)).is_empty());
+    assert_eq!(acts(inspected(&mut c, 12, "c", Hold::FilesystemFreeze)), prepares());
+    assert!(matches!(c.record.state, State::Preparing { sent_at: 12, .. }));
+}
+
+#[test]
+fn a_server_below_the_required_hold_fails_the_backup_before_anything_freezes() {
+    let mut c = requiring(Hold::FilesystemFreeze);
+    c.handle(0, Event::Start);
+    inspected(&mut c, 10, "a", Hold::FilesystemFreeze);
+    inspected(&mut c, 10, "b", Hold::StoppedProcesses);
+    let last = inspected(&mut c, 11, "c", Hold::HookUnverified);
+    assert!(acts(last.clone()).is_empty(), "no Prepare and nothing to abort: {last:?}");
+    let State::Failed { phase, reason } = &c.record.state else { panic!("{:?}", c.record.state) };
+    assert_eq!(*phase, StateName::Pending);
+    assert_eq!(
+        reason,
+        "the group requires filesystem-freeze; below it: b (stopped-processes: the application's processes were stopped), c (hook-unverified: a hook ran; whether it held writes cannot be seen); nothing was frozen"
+    );
+    assert!(c.record.servers.iter().all(|s| s.cut.prepare_sent.is_none()));
+}
+
+#[test]
+fn a_server_that_cannot_say_its_hold_fails_closed() {
+    let mut c = requiring(Hold::StoppedProcesses);
+    c.handle(0, Event::Start);
+    let out =
+        c.handle(3, Event::Inspected { server: "b".into(), result: Err("unreachable".into()) });
+    assert!(acts(out).is_empty());
+    let State::Failed { reason, .. } = &c.record.state else { panic!("{:?}", c.record.state) };
+    assert!(
+        reason.starts_with("b: could not learn what holds its writes (unreachable)"),
+        "{reason}"
+    );
+
+    let mut c = requiring(Hold::StoppedProcesses);
+    c.handle(0, Event::Start);
+    inspected(&mut c, 10, "a", Hold::Application);
+    assert_eq!(c.next_deadline(), Some(5_000));
+    assert!(acts(c.handle(4_999, Event::Tick)).is_empty());
+    assert_eq!(c.record.state.name(), StateName::Pending);
+    assert!(acts(c.handle(5_000, Event::Tick)).is_empty());
+    let State::Failed { reason, .. } = &c.record.state else { panic!("{:?}", c.record.state) };
+    assert!(reason.starts_with("b, c did not say what holds its writes within 5000ms"), "{reason}");
+}
+
+#[test]
+fn without_a_requirement_prepare_goes_out_at_once() {
+    let mut c = new_backup();
+    assert_eq!(acts(c.handle(0, Event::Start)), prepares());
 }
