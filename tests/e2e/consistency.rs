@@ -250,3 +250,50 @@ async fn idr_images_are_consistent_disks_that_attach_as_they_are() {
         }
     }
 }
+
+/// An exec quiescer that leaves `<root>/<server>.froze` when its hook runs: a hook that holds
+/// nothing (hook-unverified).
+fn marker_hook(server: &str, root: &std::path::Path) -> String {
+    let marker = root.join(format!("{server}.froze"));
+    format!(
+        "[[quiescer]]\nkind = \"exec\"\nname = \"marker\"\ntimeout_ms = 5000\npre_freeze = [\"touch\", {m:?}]\npost_thaw = [\"true\"]\n",
+        m = marker.display().to_string()
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_requiring_a_filesystem_freeze_fails_hook_only_servers_before_anything_freezes() {
+    let mut spec = Spec::three(marker_hook);
+    spec.group_extra = "require_hold = \"filesystem-freeze\"\n";
+    let cluster = Cluster::start(spec).await;
+    let (code, backup) = cluster.backupctl_json(&["start", "--group", "g", "--wait", "complete"]);
+    assert_eq!(code, 1, "{backup:#}");
+    assert_eq!(backup["state"], "FAILED");
+    assert_eq!(backup["failed_phase"], "PENDING", "{backup:#}");
+    let reason = backup["reason"].as_str().unwrap_or_default();
+    for server in ["srv-a", "srv-b", "srv-c"] {
+        assert!(
+            reason.contains(&format!(
+                "{server} (hook-unverified: a hook ran; whether it held writes cannot be seen)"
+            )),
+            "{reason}"
+        );
+    }
+    assert!(reason.contains("the group requires filesystem-freeze"), "{reason}");
+    // No freeze ever happened: no hook ran, no agent heard a Prepare, nothing is held.
+    for server in ["srv-a", "srv-b", "srv-c"] {
+        assert!(!cluster.root().join(format!("{server}.froze")).exists(), "{server}'s hook ran");
+        let log = cluster.agent(server).proc.log_text();
+        assert!(!log.contains("prepare"), "{server} heard a prepare:\n{log}");
+    }
+    let id = backup["backup_id"].as_str().expect("id");
+    let out = cluster.backupctl("viewer", &["log", id]);
+    let log = String::from_utf8_lossy(&out.stdout);
+    assert!(log.contains("asking 3 servers what holds their writes"), "{log}");
+    assert!(!log.contains("prepare sent"), "{log}");
+    let (code, agents) = cluster.backupctl_json(&["agents"]);
+    assert_eq!(code, 0);
+    for agent in agents.as_array().expect("agents") {
+        assert_eq!(agent["backups"], serde_json::json!([]), "{agent:#}");
+    }
+}

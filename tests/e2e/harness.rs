@@ -79,6 +79,8 @@ pub struct Spec {
     pub probes: bool,
     /// TOML appended to the listener's config (e.g. more `[[group]]`s).
     pub listener_extra: String,
+    /// Extra lines for group `g` (e.g. `require_hold`, `thaw`).
+    pub group_extra: &'static str,
 }
 
 fn nothing(_: &str) -> String {
@@ -109,6 +111,7 @@ impl Spec {
             agent_wrapper: no_wrapper,
             probes: false,
             listener_extra: String::new(),
+            group_extra: "",
         }
     }
 }
@@ -351,7 +354,7 @@ impl Cluster {
             })
             .collect();
         let body = format!(
-            "data_dir = {data:?}\nlisten = \"{listener_addr}\"\n\n[tls]\n{tls}\n[timeouts]\nlease_ms = {lease}\nsnapshot_budget_ms = {budget}\nmargin_ms = {margin}\nrpc_ms = 2000\nsweep_interval_ms = {sweep}\nagent_copy_silence_ms = {silence}\n\n{servers}\n[[group]]\nname = \"g\"\nservers = {names:?}\n\n{copy}",
+            "data_dir = {data:?}\nlisten = \"{listener_addr}\"\n\n[tls]\n{tls}\n[timeouts]\nlease_ms = {lease}\nsnapshot_budget_ms = {budget}\nmargin_ms = {margin}\nrpc_ms = 2000\nsweep_interval_ms = {sweep}\nagent_copy_silence_ms = {silence}\n\n{servers}\n[[group]]\nname = \"g\"\nservers = {names:?}\n{group_extra}\n{copy}",
             data = path.join("listener-data").display().to_string(),
             tls = tls_toml(&certs, "listener"),
             lease = spec.lease_ms,
@@ -360,6 +363,7 @@ impl Cluster {
             sweep = spec.sweep_interval_ms,
             silence = spec.agent_copy_silence_ms,
             names = spec.servers,
+            group_extra = spec.group_extra,
         );
         let body = format!("{body}\n{}", spec.listener_extra);
         fs::write(&listener_config, body).expect("write listener config");
