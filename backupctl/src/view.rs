@@ -497,7 +497,9 @@ fn duration_of(b: &Backup) -> String {
 fn consistent_of(b: &Backup) -> &'static str {
     match &b.cut {
         Some(cut) if cut.checked => {
-            if cut.consistent {
+            if cut.consistent && order_only(cut) {
+                "order only"
+            } else if cut.consistent {
                 "yes"
             } else {
                 "no"
@@ -505,6 +507,13 @@ fn consistent_of(b: &Backup) -> &'static str {
         }
         _ => "-",
     }
+}
+
+/// A consistent cut in message order with a server whose writes were not known to be held
+/// and no thaw barrier that every server confirmed: the order proves nothing about its writes.
+fn order_only(cut: &Cut) -> bool {
+    let barrier_held = cut.servers.iter().all(|s| s.held_until_release == Some(true));
+    cut.servers.iter().any(|s| !s.hold().holds_writes()) && !barrier_held
 }
 
 /// `status`: the backup, its servers' progress and its cut.
@@ -574,6 +583,9 @@ pub fn cut_human(cut: &Cut, state: i32) -> String {
             state_name(state)
         ),
         (false, _) => format!("cut: not checked yet{verdict}\n"),
+        (true, true) if order_only(cut) => {
+            format!("cut: consistent in message order only{verdict}\n")
+        }
         (true, true) => format!("cut: consistent{verdict}\n"),
         (true, false) => format!("cut: NOT CONSISTENT{verdict}\n"),
     };

@@ -13,7 +13,7 @@ use tonic::transport::Channel;
 
 use crate::config::Config;
 use crate::convert;
-use crate::coordinator::{AbortOutcome, CommitReply, PrepareReply};
+use crate::coordinator::{AbortOutcome, CommitReply, PrepareReply, ReleaseReply};
 use crate::error::Result;
 use stillpoint_protocol::hold::Hold;
 
@@ -103,10 +103,10 @@ impl Agents {
         &self,
         backup_id: &str,
         server: &str,
-        freeze_token: String,
+        (freeze_token, hold_until_release): (String, bool),
     ) -> std::result::Result<CommitReply, String> {
         let message =
-            pb::CommitRequest { backup_id: backup_id.into(), freeze_token, ..Default::default() };
+            pb::CommitRequest { backup_id: backup_id.into(), freeze_token, hold_until_release };
         let request = request(backup_id, server, message, self.commit_ms);
         self.call_once(server, |mut c| async move { c.commit(request).await })
             .await
@@ -129,6 +129,22 @@ impl Agents {
         })
         .await
         .map(|r| AbortOutcome { thawed: r.thawed, snapshots_deleted: r.snapshots_deleted })
+    }
+
+    /// Release (the thaw barrier's end), retried ([`TRIES`]).
+    pub async fn release(
+        &self,
+        backup_id: &str,
+        server: &str,
+    ) -> std::result::Result<ReleaseReply, String> {
+        let rpc_ms = self.rpc_ms;
+        self.call_idempotent(server, |mut c| {
+            let message = pb::ReleaseRequest { backup_id: backup_id.to_string() };
+            let request = request(backup_id, server, message, rpc_ms);
+            async move { c.release(request).await.map(tonic::Response::into_inner) }
+        })
+        .await
+        .map(convert::release_reply)
     }
 
     /// Cleanup, retried ([`TRIES`]); returns how many snapshots the agent deleted.

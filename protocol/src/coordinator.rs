@@ -142,6 +142,11 @@ pub enum Event {
         server: String,
         reply: Result<CommitReply, String>,
     },
+    /// A Release answered (`Err`: it could not be delivered, after retries).
+    Released {
+        server: String,
+        reply: Result<ReleaseReply, String>,
+    },
     /// An Abort reached its agent and this is what it did (`Err`: it could not be delivered,
     /// retries included).
     Aborted {
@@ -204,9 +209,14 @@ pub enum Command {
         lease_ms: u64,
     },
     /// Commit the freeze the agent named in its prepared reply.
+    /// Carries the record's `thaw_barrier` as `hold_until_release`.
     Commit {
         server: String,
         freeze_token: String,
+    },
+    /// Thaw a server held after its snapshot (the thaw barrier); retried like Abort.
+    Release {
+        server: String,
     },
     Abort {
         server: String,
@@ -275,6 +285,7 @@ impl Coordinator {
                 Some(self.silent_from().map_or(*deadline, |at| at.min(*deadline)))
             }
             State::Committing { deadline, .. }
+            | State::Releasing { deadline }
             | State::Sealing { deadline }
             | State::Cleaning { deadline } => Some(*deadline),
             _ => None,
@@ -330,6 +341,7 @@ impl Coordinator {
             }
             Event::Prepared { server, reply } => self.on_prepared(now, &server, reply, &mut out),
             Event::Committed { server, reply } => self.on_committed(now, &server, reply, &mut out),
+            Event::Released { server, reply } => self.on_released(now, &server, reply, &mut out),
             Event::Aborted { server, result } => self.on_aborted(&server, result, &mut out),
             Event::Swept { server, outcome } => self.on_swept(&server, outcome, &mut out),
             Event::CopyProgress { server, done, total } => {
@@ -616,6 +628,18 @@ impl Coordinator {
                 s.cut.held_ms = r.held_ms;
                 s.cut.steps.extend(r.steps);
                 s.total_bytes = r.snapshots.iter().map(|x| x.size_bytes).sum();
+                if r.still_held {
+                    s.detail = format!(
+                        "{} snapshot(s) (snapshot {}ms); still frozen until every snapshot exists",
+                        r.snapshots.len(),
+                        r.snapshot_ms
+                    );
+                    s.snapshots = r.snapshots;
+                    let detail = s.detail.clone();
+                    self.log(out, Some(server), Level::Info, format!("committed: {detail}"));
+                    self.release_if_all_committed(now, out);
+                    return;
+                }
                 s.detail = format!(
                     "{} snapshot(s), {} (snapshot {}ms, thaw {}ms)",
                     r.snapshots.len(),
@@ -641,6 +665,73 @@ impl Coordinator {
                 self.fail(now, StateName::Committing, reason, out);
             }
         }
+    }
+
+    /// The thaw barrier: once every snapshot exists, release every server.
+    fn release_if_all_committed(&mut self, now: Millis, out: &mut Vec<Command>) {
+        if self.record.servers.iter().any(|s| s.step != ServerStep::Snapshotted) {
+            return;
+        }
+        let deadline = now + ms(self.timeouts.commit_timeout_ms);
+        self.record.state = State::Releasing { deadline };
+        self.log(
+            out,
+            None,
+            Level::Info,
+            "every snapshot exists with every server still frozen; release sent".into(),
+        );
+        for s in &mut self.record.servers {
+            s.step = ServerStep::Releasing;
+            out.push(Command::Release { server: s.server.clone() });
+        }
+    }
+
+    fn on_released(
+        &mut self,
+        now: Millis,
+        server: &str,
+        reply: Result<ReleaseReply, String>,
+        out: &mut Vec<Command>,
+    ) {
+        let releasing = matches!(self.record.state, State::Releasing { .. });
+        let Some(s) = self.record.server_mut(server) else { return };
+        if !releasing || s.step != ServerStep::Releasing {
+            self.log(out, Some(server), Level::Warn, "late release reply ignored".into());
+            return;
+        }
+        s.step = ServerStep::Snapshotted;
+        let (level, message) = match reply {
+            Ok(r) => {
+                s.cut.held_until_release = Some(r.held_until_release);
+                s.cut.held_ms = r.held_ms;
+                s.cut.thaw_ms = r.thaw_ms;
+                s.cut.steps.extend(r.steps);
+                let held = s.cut.held_text(r.held_ms);
+                s.detail = if r.held_until_release {
+                    format!(
+                        "{} snapshot(s), {held} until every snapshot existed (thaw {}ms)",
+                        s.snapshots.len(),
+                        r.thaw_ms
+                    )
+                } else {
+                    format!(
+                        "{} snapshot(s), not held until every snapshot existed: {}",
+                        s.snapshots.len(),
+                        r.reason
+                    )
+                };
+                let level = if r.held_until_release { Level::Info } else { Level::Warn };
+                (level, format!("released and thawed: {}", s.detail))
+            }
+            Err(e) => {
+                s.detail = format!(
+                    "release not confirmed ({e}); whether it stayed frozen until every snapshot existed is unknown (its lease thaws it)"
+                );
+                (Level::Warn, s.detail.clone())
+            }
+        };
+        self.log(out, Some(server), level, message);
+        self.copy_if_all_committed(now, out);
     }
 
     /// Every snapshot exists: judge the cut and ask every server's copy. The backup stays
@@ -874,6 +965,22 @@ impl Coordinator {
                 let reason = format!("listener restarted while the backup was {phase}");
                 self.fail(now, phase, reason, out);
             }
+            State::Releasing { .. } => {
+                // Every snapshot exists; Release is idempotent and its answer still says
+                // whether each server stayed frozen until then.
+                let deadline = now + ms(self.timeouts.commit_timeout_ms);
+                self.record.state = State::Releasing { deadline };
+                let mut again = Vec::new();
+                for s in &self.record.servers {
+                    if s.step == ServerStep::Releasing {
+                        again.push(s.server.clone());
+                        out.push(Command::Release { server: s.server.clone() });
+                    }
+                }
+                let message =
+                    format!("listener restarted; release sent again to {}", again.join(", "));
+                self.log(out, None, Level::Warn, message);
+            }
             State::Snapshotted { .. } | State::Copying { .. } | State::Sealing { .. } => {
                 let mut copies = Vec::new();
                 for s in &mut self.record.servers {
@@ -997,6 +1104,21 @@ impl Coordinator {
                     self.timeouts.commit_timeout_ms
                 );
                 self.fail(now, StateName::Committing, reason, out);
+            }
+            State::Releasing { .. } => {
+                let silent = waiting(ServerStep::Releasing);
+                self.log(
+                    out,
+                    None,
+                    Level::Warn,
+                    format!("{silent} did not answer release in time: not known to have stayed frozen until every snapshot existed"),
+                );
+                for s in &mut self.record.servers {
+                    if s.step == ServerStep::Releasing {
+                        s.step = ServerStep::Snapshotted;
+                    }
+                }
+                self.copy_if_all_committed(now, out);
             }
             State::Snapshotted { deadline } | State::Copying { deadline } => {
                 let limit = self.report_silence_ms.map(ms);
@@ -1183,6 +1305,9 @@ pub fn judge_cut(record: &BackupRecord) -> CutVerdict {
     );
     let (held, not_held): (Vec<_>, Vec<_>) =
         record.servers.iter().partition(|s| s.cut.writes_held());
+    if record.thaw_barrier && last_prepared <= first_commit {
+        return judge_barrier(record, &order, &held, &not_held);
+    }
     if last_prepared <= first_commit && not_held.is_empty() {
         let text =
             format!("all {n} servers were frozen at one instant and held their writes: {order}");
@@ -1190,9 +1315,6 @@ pub fn judge_cut(record: &BackupRecord) -> CutVerdict {
     } else if last_prepared <= first_commit {
         // The order proves every server said "frozen" before any commit; it does not prove
         // that a server whose hold holds nothing stopped writing.
-        let names = |v: &[&crate::model::ServerRecord]| {
-            v.iter().map(|s| s.server.as_str()).collect::<Vec<_>>().join(", ")
-        };
         let why = not_held
             .iter()
             .map(|s| format!("{}: {}", s.server, s.cut.hold_text()))
@@ -1209,6 +1331,61 @@ pub fn judge_cut(record: &BackupRecord) -> CutVerdict {
             "a commit was sent at +{first_commit}ms, before the last server prepared at +{last_prepared}ms"
         );
         CutVerdict { consistent: false, text }
+    }
+}
+
+fn names(v: &[&ServerRecord]) -> String {
+    v.iter().map(|s| s.server.as_str()).collect::<Vec<_>>().join(", ")
+}
+
+/// The cut under the thaw barrier, whose message order holds: it is consistent only if every
+/// server confirmed it stayed frozen until every snapshot existed; then every server that holds
+/// writes was frozen at every snapshot instant, so at most one server that does not hold them
+/// can be in it (two such servers' snapshots, taken at different instants, are not known to
+/// agree with each other).
+fn judge_barrier(
+    record: &BackupRecord,
+    order: &str,
+    held: &[&ServerRecord],
+    not_held: &[&ServerRecord],
+) -> CutVerdict {
+    let unconfirmed: Vec<String> = record
+        .servers
+        .iter()
+        .filter(|s| s.cut.held_until_release != Some(true))
+        .map(|s| match s.cut.held_until_release {
+            Some(_) => format!("{} (its lease ran out first)", s.server),
+            None => format!("{} (no answer)", s.server),
+        })
+        .collect();
+    if !unconfirmed.is_empty() {
+        let text = format!(
+            "the message order is a consistent cut ({order}), but {} did not confirm staying frozen until every snapshot existed: whether the snapshots form a consistent cut is not known",
+            unconfirmed.join(", ")
+        );
+        return CutVerdict { consistent: false, text };
+    }
+    let held = if held.is_empty() { "none".to_string() } else { names(held) };
+    let barrier = format!(
+        "every server stayed frozen until every snapshot existed (thaw barrier) and {order}; writes were held on {held}"
+    );
+    match not_held {
+        [] => CutVerdict { consistent: true, text: barrier },
+        [one] => CutVerdict {
+            consistent: true,
+            text: format!(
+                "{barrier}; on {} they were not known to be held ({}), but its snapshot was taken while every other server was held",
+                one.server,
+                one.cut.hold_text()
+            ),
+        },
+        many => CutVerdict {
+            consistent: false,
+            text: format!(
+                "{barrier}; on {} they were not known to be held: their snapshots, taken at different instants, are not known to be consistent with each other",
+                names(many)
+            ),
+        },
     }
 }
 

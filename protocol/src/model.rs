@@ -30,6 +30,11 @@ pub enum State {
         sent_at: Millis,
         deadline: Millis,
     },
+    /// Every snapshot exists and every server is still frozen (the thaw barrier): Release
+    /// went out; answers are due by `deadline`. Shown as SNAPSHOTTED.
+    Releasing {
+        deadline: Millis,
+    },
     /// Every snapshot exists and every server was asked to copy; no copy has reported yet (in
     /// report mode: the backup software has not reported). Copies must end by `deadline`.
     Snapshotted {
@@ -79,6 +84,7 @@ impl State {
             State::Committing { .. } => StateName::Committing,
             State::Snapshotted { .. } => StateName::Snapshotted,
             State::Copying { .. } | State::Sealing { .. } => StateName::Copying,
+            State::Releasing { .. } => StateName::Snapshotted,
             State::Cleaning { .. } => StateName::Cleaning,
             State::Succeeded => StateName::Succeeded,
             State::Failed { .. } => StateName::Failed,
@@ -111,6 +117,8 @@ pub enum ServerStep {
     PrepareFailed,
     Committing,
     Snapshotted,
+    /// Release (the thaw barrier's end) was sent; back to `Snapshotted` once it answered.
+    Releasing,
     CommitFailed,
     Copying,
     Copied,

@@ -409,8 +409,8 @@ impl Sim {
         self.check_record(&c.record);
         for command in commands {
             match command {
-                // The simulated group requires no hold: no pre-flight.
-                Command::Log { .. } | Command::Inspect { .. } => {}
+                // The simulated group requires no hold and has no thaw barrier.
+                Command::Log { .. } | Command::Inspect { .. } | Command::Release { .. } => {}
                 Command::Prepare { server, lease_ms } => {
                     let s = index(&server);
                     let req = AgentReq::Prepare { backup: backup.into(), lease_ms };

@@ -393,6 +393,14 @@ fn a_server_whose_hold_holds_nothing_is_never_shown_as_holding_writes() {
     let text = cut_human(&cut, BackupState::Succeeded as i32);
     assert!(text.contains("17 (not known held)") && text.contains("hook-unverified"), "{text}");
     assert!(text.contains("writes not known to be held on srv-b:"), "{text}");
+    assert!(text.starts_with("cut: consistent in message order only: "), "{text}");
+    let mut backup = sample();
+    backup.cut = Some(cut.clone());
+    assert!(list_human(&[backup.clone()]).contains("order only"));
+    for s in &mut backup.cut.as_mut().unwrap().servers {
+        s.held_until_release = Some(true);
+    }
+    assert!(list_human(&[backup]).contains("yes"), "the barrier held every server");
     let v = to_value(&CutView::from(&cut));
     assert_eq!(v["servers"][0]["writes_held"], Value::Bool(true));
     assert_eq!(v["servers"][1]["writes_held"], Value::Bool(false));

@@ -251,13 +251,16 @@ impl Runtime {
             match command {
                 Command::Log { .. } => {}
                 Command::Abort { server, reason } => self.spawn_abort(id, server, reason, feed),
+                // Like Abort, a Release only thaws: it goes out even if saving failed.
+                Command::Release { server } => self.spawn_release(id, server, feed),
                 _ if !saved => {}
                 Command::Inspect { server } => self.spawn_inspect(id, server, feed),
                 Command::Prepare { server, lease_ms } => {
                     self.spawn_prepare(id, server, (lease_ms, record.require_hold), feed)
                 }
                 Command::Commit { server, freeze_token } => {
-                    self.spawn_commit(id, server, freeze_token, feed)
+                    let hold = record.thaw_barrier;
+                    self.spawn_commit(id, server, (freeze_token, hold), feed)
                 }
                 Command::Copy { server, snapshots } => {
                     self.copier.start(id, server, snapshots, feed.clone(), run.copies.clone())
@@ -340,7 +343,22 @@ impl Runtime {
         });
     }
 
-    fn spawn_commit(self: &Arc<Self>, id: &str, server: String, token: String, feed: &Feed) {
+    /// Release is idempotent: retried like Abort; the agent's lease thaws it regardless.
+    fn spawn_release(self: &Arc<Self>, id: &str, server: String, feed: &Feed) {
+        let (this, id, feed) = (Arc::clone(self), id.to_string(), feed.clone());
+        self.spawn_helper(async move {
+            let reply = this.agents.release(&id, &server).await;
+            feed.send(Event::Released { server, reply });
+        });
+    }
+
+    fn spawn_commit(
+        self: &Arc<Self>,
+        id: &str,
+        server: String,
+        token: (String, bool),
+        feed: &Feed,
+    ) {
         let (this, id, feed) = (Arc::clone(self), id.to_string(), feed.clone());
         self.spawn_helper(async move {
             let reply = this.agents.commit(&id, &server, token).await;

@@ -47,6 +47,9 @@ pub enum StoredState {
     Inspecting {
         deadline: Millis,
     },
+    Releasing {
+        deadline: Millis,
+    },
     Preparing {
         sent_at: Millis,
         cutoff_at: Millis,
@@ -101,6 +104,7 @@ pub enum StoredStep {
     PrepareFailed,
     Committing,
     Snapshotted,
+    Releasing,
     CommitFailed,
     Copying,
     Copied,
@@ -271,6 +275,7 @@ impl From<&BackupRecord> for CatalogRecord {
             state: match &r.state {
                 State::Pending => StoredState::Pending,
                 State::Inspecting { deadline } => StoredState::Inspecting { deadline: *deadline },
+                State::Releasing { deadline } => StoredState::Releasing { deadline: *deadline },
                 State::Preparing { sent_at, cutoff_at } => {
                     StoredState::Preparing { sent_at: *sent_at, cutoff_at: *cutoff_at }
                 }
@@ -312,6 +317,7 @@ impl From<CatalogRecord> for BackupRecord {
             state: match r.state {
                 StoredState::Pending => State::Pending,
                 StoredState::Inspecting { deadline } => State::Inspecting { deadline },
+                StoredState::Releasing { deadline } => State::Releasing { deadline },
                 StoredState::Preparing { sent_at, cutoff_at } => {
                     State::Preparing { sent_at, cutoff_at }
                 }
@@ -489,6 +495,7 @@ fn step_to(s: ServerStep) -> StoredStep {
         ServerStep::PrepareFailed => StoredStep::PrepareFailed,
         ServerStep::Committing => StoredStep::Committing,
         ServerStep::Snapshotted => StoredStep::Snapshotted,
+        ServerStep::Releasing => StoredStep::Releasing,
         ServerStep::CommitFailed => StoredStep::CommitFailed,
         ServerStep::Copying => StoredStep::Copying,
         ServerStep::Copied => StoredStep::Copied,
@@ -510,6 +517,7 @@ fn step_from(s: StoredStep) -> ServerStep {
         StoredStep::PrepareFailed => ServerStep::PrepareFailed,
         StoredStep::Committing => ServerStep::Committing,
         StoredStep::Snapshotted => ServerStep::Snapshotted,
+        StoredStep::Releasing => ServerStep::Releasing,
         StoredStep::CommitFailed => ServerStep::CommitFailed,
         StoredStep::Copying => ServerStep::Copying,
         StoredStep::Copied => ServerStep::Copied,

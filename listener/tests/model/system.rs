@@ -318,8 +318,8 @@ impl World {
         let commands = self.coordinator.handle(self.now, event);
         for command in commands {
             match command {
-                // The modelled group requires no hold: no pre-flight.
-                Command::Log { .. } | Command::Inspect { .. } => {}
+                // The modelled group requires no hold and has no thaw barrier.
+                Command::Log { .. } | Command::Inspect { .. } | Command::Release { .. } => {}
                 Command::Prepare { server, lease_ms } => self.push(Msg::ToAgent {
                     to: server_index(&server),
                     req: Req::Prepare { lease_ms },

@@ -832,3 +832,144 @@ fn without_a_requirement_prepare_goes_out_at_once() {
     let mut c = new_backup();
     assert_eq!(acts(c.handle(0, Event::Start)), prepares());
 }
+
+fn held_commit(server: &str) -> Result<CommitReply, String> {
+    ok_commit(server).map(|r| CommitReply { still_held: true, ..r })
+}
+
+fn release_ok(held: bool) -> Result<ReleaseReply, String> {
+    Ok(ReleaseReply { held_until_release: held, held_ms: 70, thaw_ms: 2, ..Default::default() })
+}
+
+/// A barrier backup where a and b hold writes by a filesystem freeze and c by `c_hold`, every
+/// server prepared; Commit sent at 30.
+fn barrier(c_hold: Hold) -> Coordinator {
+    let mut c = new_backup();
+    c.record.thaw_barrier = true;
+    c.handle(0, Event::Start);
+    for (server, hold) in
+        [("a", Hold::FilesystemFreeze), ("b", Hold::FilesystemFreeze), ("c", c_hold)]
+    {
+        c.handle(30, Event::Prepared { server: server.into(), reply: prepare_holding(Some(hold)) });
+    }
+    c
+}
+
+fn releasing(c_hold: Hold) -> Coordinator {
+    let mut c = barrier(c_hold);
+    for server in ["a", "b", "c"] {
+        c.handle(40, Event::Committed { server: server.into(), reply: held_commit(server) });
+    }
+    c
+}
+
+fn released(
+    c: &mut Coordinator,
+    server: &str,
+    reply: Result<ReleaseReply, String>,
+) -> Vec<Command> {
+    c.handle(50, Event::Released { server: server.into(), reply })
+}
+
+#[test]
+fn with_the_barrier_no_server_is_released_before_every_snapshot_exists() {
+    let mut c = barrier(Hold::HookUnverified);
+    for server in ["a", "b"] {
+        let out =
+            c.handle(40, Event::Committed { server: server.into(), reply: held_commit(server) });
+        assert!(acts(out).is_empty(), "nothing released while a snapshot is missing");
+    }
+    let last = c.handle(41, Event::Committed { server: "c".into(), reply: held_commit("c") });
+    let release = ["a", "b", "c"].map(|s| Command::Release { server: s.into() }).to_vec();
+    assert_eq!(acts(last), release);
+    assert_eq!(c.record.state, State::Releasing { deadline: 41 + 10_000 });
+    assert_eq!(c.record.state.name(), StateName::Snapshotted);
+    assert!(c.record.verdict.is_none(), "judged only once every server answered");
+    assert!(acts(released(&mut c, "a", release_ok(true))).is_empty());
+    assert!(acts(released(&mut c, "b", release_ok(true))).is_empty());
+    let copies = acts(released(&mut c, "c", release_ok(true)));
+    assert!(copies.iter().all(|x| matches!(x, Command::Copy { .. })) && copies.len() == 3);
+    let verdict = c.record.verdict.clone().unwrap();
+    assert!(verdict.consistent, "{}", verdict.text);
+    assert!(
+        verdict
+            .text
+            .starts_with("every server stayed frozen until every snapshot existed (thaw barrier)")
+            && verdict.text.contains(
+                "writes were held on a, b; on c they were not known to be held (hook-unverified"
+            ),
+        "{}",
+        verdict.text
+    );
+    assert_eq!(c.record.servers[0].cut.held_until_release, Some(true));
+    assert_eq!((c.record.servers[0].cut.held_ms, c.record.servers[0].cut.thaw_ms), (70, 2));
+    assert!(c.record.servers[2].detail.contains("frozen for 70ms; writes not known to be held"));
+}
+
+#[test]
+fn an_unconfirmed_release_means_the_cut_is_not_claimed() {
+    let mut c = releasing(Hold::FilesystemFreeze);
+    released(&mut c, "a", release_ok(true));
+    released(&mut c, "b", release_ok(false));
+    released(&mut c, "c", Err("unreachable".into()));
+    let verdict = c.record.verdict.clone().unwrap();
+    assert!(!verdict.consistent);
+    assert!(
+        verdict.text.contains("but b (its lease ran out first), c (no answer) did not confirm staying frozen until every snapshot existed: whether the snapshots form a consistent cut is not known"),
+        "{}",
+        verdict.text
+    );
+    assert_eq!(c.record.servers[2].cut.held_until_release, None, "unknown, not guessed");
+    assert_eq!(c.record.state.name(), StateName::Snapshotted, "the copies are still asked for");
+}
+
+#[test]
+fn a_release_that_never_answers_is_unknown_at_the_deadline() {
+    let mut c = releasing(Hold::FilesystemFreeze);
+    released(&mut c, "a", release_ok(true));
+    released(&mut c, "b", release_ok(true));
+    assert!(acts(c.handle(10_039, Event::Tick)).is_empty());
+    let out = c.handle(10_040, Event::Tick);
+    assert_eq!(acts(out).len(), 3, "the copy starts");
+    let verdict = c.record.verdict.clone().unwrap();
+    assert!(!verdict.consistent && verdict.text.contains("c (no answer)"), "{}", verdict.text);
+    let late = released(&mut c, "c", release_ok(true));
+    assert!(acts(late).is_empty());
+    assert_eq!(c.record.servers[2].cut.held_until_release, None);
+}
+
+#[test]
+fn two_servers_that_hold_nothing_are_not_made_consistent_by_the_barrier() {
+    let mut c = new_backup();
+    c.record.thaw_barrier = true;
+    c.handle(0, Event::Start);
+    for (server, hold) in
+        [("a", Hold::FilesystemFreeze), ("b", Hold::HookUnverified), ("c", Hold::StorageOnly)]
+    {
+        c.handle(30, Event::Prepared { server: server.into(), reply: prepare_holding(Some(hold)) });
+    }
+    for server in ["a", "b", "c"] {
+        c.handle(40, Event::Committed { server: server.into(), reply: held_commit(server) });
+    }
+    for server in ["a", "b", "c"] {
+        released(&mut c, server, release_ok(true));
+    }
+    let verdict = c.record.verdict.clone().unwrap();
+    assert!(!verdict.consistent, "{}", verdict.text);
+    assert!(
+        verdict.text.contains(
+            "on b, c they were not known to be held: their snapshots, taken at different instants"
+        ),
+        "{}",
+        verdict.text
+    );
+}
+
+#[test]
+fn abort_while_held_thaws_and_deletes_everywhere() {
+    let mut c = releasing(Hold::FilesystemFreeze);
+    let out =
+        c.handle(45, Event::AbortRequested { by: "operator:x".into(), reason: "stop".into() });
+    assert_eq!(acts(out), aborts(&["a", "b", "c"], "aborted by operator:x: stop"));
+    assert!(acts(released(&mut c, "a", release_ok(true))).is_empty(), "late release ignored");
+}
