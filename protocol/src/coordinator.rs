@@ -1340,9 +1340,9 @@ fn names(v: &[&ServerRecord]) -> String {
 
 /// The cut under the thaw barrier, whose message order holds: it is consistent only if every
 /// server confirmed it stayed frozen until every snapshot existed; then every server that holds
-/// writes was frozen at every snapshot instant, so at most one server that does not hold them
-/// can be in it (two such servers' snapshots, taken at different instants, are not known to
-/// agree with each other).
+/// writes was frozen at every snapshot instant. One server that does not hold them is then
+/// consistent with all the others; between two such servers (snapshots taken at different
+/// instants) the cut rests on their hooks, and the text says so.
 fn judge_barrier(
     record: &BackupRecord,
     order: &str,
@@ -1380,9 +1380,9 @@ fn judge_barrier(
             ),
         },
         many => CutVerdict {
-            consistent: false,
+            consistent: true,
             text: format!(
-                "{barrier}; on {} they were not known to be held: their snapshots, taken at different instants, are not known to be consistent with each other",
+                "{barrier}; on {} they were not known to be held: their snapshots were taken at different instants, so the cut between them holds only as far as their hooks held their writes",
                 names(many)
             ),
         },

@@ -297,3 +297,118 @@ async fn a_group_requiring_a_filesystem_freeze_fails_hook_only_servers_before_an
         assert_eq!(agent["backups"], serde_json::json!([]), "{agent:#}");
     }
 }
+
+/// srv-a and srv-b pause the causal writer; srv-c's quiescer is a hook that does nothing.
+fn writer_but_c_does_nothing(server: &str, root: &std::path::Path) -> String {
+    if server == "srv-c" {
+        "[[quiescer]]\nkind = \"exec\"\nname = \"nothing\"\ntimeout_ms = 5000\npre_freeze = [\"true\"]\npost_thaw = [\"true\"]\n".into()
+    } else {
+        writer_quiescer(server, root)
+    }
+}
+
+/// srv-c's snapshot takes 1.5 s: without the barrier srv-a and srv-b thaw long before it.
+fn slow_c_snapshot(server: &str) -> String {
+    if server == "srv-c" {
+        "snapshot_delay_ms = 1500".into()
+    } else {
+        String::new()
+    }
+}
+
+/// Runs `rounds` backups of a cluster whose srv-c holds nothing; returns, per backup, whether
+/// its copies' links all hold, with the backup, and the held_ms of every server.
+async fn backups_with_a_server_holding_nothing(
+    group_extra: &'static str,
+    rounds: usize,
+) -> (Vec<(Result<usize, String>, Value)>, Vec<(String, u64)>) {
+    let mut spec = Spec::three(writer_but_c_does_nothing);
+    spec.provider_extra = slow_c_snapshot;
+    spec.group_extra = group_extra;
+    let mut cluster = Cluster::start(spec).await;
+    cluster.start_writer();
+    let lun = cluster.array.lun_path("srv-c", "data").expect("lun");
+    crate::harness::wait_for("the writer to reach srv-c", Duration::from_secs(20), || {
+        read_records(&lun).ok().filter(|r| r.len() > 20)
+    })
+    .await;
+    let mut out = Vec::new();
+    let mut held = Vec::new();
+    for round in 0..rounds {
+        let (code, backup) =
+            cluster.backupctl_json(&["start", "--group", "g", "--wait", "complete"]);
+        assert_eq!(code, 0, "round {round}: {backup:#}\n{}", cluster.listener_log());
+        let id = backup["backup_id"].as_str().expect("backup_id").to_string();
+        for s in backup["cut"]["servers"].as_array().expect("cut servers") {
+            let name = s["server"].as_str().expect("server").to_string();
+            held.push((name, s["held_ms"].as_u64().expect("held_ms")));
+        }
+        let images: Vec<_> = ["srv-a", "srv-b", "srv-c"]
+            .iter()
+            .map(|s| {
+                read_records(&cluster.copies_of(&id).join(format!("{s}-data.img")))
+                    .expect("read copy")
+            })
+            .collect();
+        out.push((check_chain(&images), backup));
+    }
+    (out, held)
+}
+
+fn window(held: &[(String, u64)], servers: &[&str]) -> String {
+    let mut ms: Vec<u64> =
+        held.iter().filter(|(s, _)| servers.contains(&s.as_str())).map(|(_, ms)| *ms).collect();
+    ms.sort_unstable();
+    format!("median {}ms, max {}ms over {}", ms[ms.len() / 2], ms[ms.len() - 1], ms.len())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_that_holds_nothing_tears_the_cut_unless_the_thaw_barrier_holds_the_others() {
+    // Without the barrier: srv-a and srv-b thaw after their own snapshots, the writer writes
+    // into srv-b and then srv-c before srv-c's slow snapshot: a record on srv-c names one that
+    // srv-b's snapshot lacks. The backup must not claim srv-c's writes were held.
+    let (plain, plain_held) = backups_with_a_server_holding_nothing("", 3).await;
+    for (links, backup) in &plain {
+        let text = backup["cut"]["verdict"].as_str().unwrap_or_default();
+        assert!(links.is_err(), "expected a broken link without the barrier: {links:?}\n{text}");
+        assert!(
+            text.contains("on srv-c they were not known to be held")
+                || text.contains("srv-c they were not known to be held"),
+            "{text}"
+        );
+        assert!(!text.contains("frozen at one instant"), "{text}");
+        let c = &backup["cut"]["servers"][2];
+        assert_eq!(
+            (c["hold"].clone(), c["writes_held"].clone()),
+            (Value::from("hook-unverified"), Value::Bool(false))
+        );
+        assert_eq!(c["held_until_release"], Value::Null);
+    }
+    // With the barrier nobody thaws until srv-c's snapshot exists: no link breaks.
+    let (barrier, barrier_held) =
+        backups_with_a_server_holding_nothing("thaw = \"after-every-snapshot\"\n", 3).await;
+    for (links, backup) in &barrier {
+        let text = backup["cut"]["verdict"].as_str().unwrap_or_default();
+        let links =
+            links.as_ref().unwrap_or_else(|e| panic!("torn under the barrier: {e}\n{text}"));
+        assert!(*links > 0);
+        assert_eq!(backup["cut"]["consistent"], true, "{text}");
+        assert!(
+            text.starts_with("every server stayed frozen until every snapshot existed"),
+            "{text}"
+        );
+        for s in backup["cut"]["servers"].as_array().expect("servers") {
+            assert_eq!(s["held_until_release"], true, "{s:#}");
+        }
+    }
+    eprintln!(
+        "freeze window of srv-a and srv-b (srv-c's snapshot takes 1.5 s): after own snapshot {}; after every snapshot {}",
+        window(&plain_held, &["srv-a", "srv-b"]),
+        window(&barrier_held, &["srv-a", "srv-b"])
+    );
+    eprintln!(
+        "srv-c frozen: after own snapshot {}; after every snapshot {}",
+        window(&plain_held, &["srv-c"]),
+        window(&barrier_held, &["srv-c"])
+    );
+}
