@@ -86,7 +86,7 @@ const NONE: Faults = Faults {
 };
 
 fn system(agents: usize, faults: Faults) -> System {
-    System { agents, faults, sweep: true, flaw: None }
+    System { agents, faults, sweep: true, flaw: None, barrier: false, hook_only: None }
 }
 
 /// Checks every property of `system` exhaustively and that it visited at least `floor` states.
@@ -175,10 +175,22 @@ fn checker_catches_an_agent_that_ignores_the_freeze_token() {
 /// snapshot (or an orphan after a crash) on an agent for good.
 #[test]
 fn without_the_sweep_a_lost_message_leaves_a_snapshot_behind() {
-    let system =
-        System { agents: 2, faults: Faults { losses: 1, ..NONE }, sweep: false, flaw: None };
+    let system = System { sweep: false, ..system(2, Faults { losses: 1, ..NONE }) };
     let stop = HasDiscoveries::AnyOf([QUIESCENT_CLEAN].into_iter().collect());
     let checker = system.checker().threads(1).finish_when(stop).spawn_bfs().join();
     let found = trace(&checker, QUIESCENT_CLEAN).expect("a leftover without the sweep");
     println!("{found}");
+}
+
+#[test]
+fn three_agents_with_the_thaw_barrier_and_a_server_that_holds_nothing() {
+    let system = System { barrier: true, hook_only: Some(2), ..system(3, NONE) };
+    check("3 agents, thaw barrier, srv c holds nothing", system, 900_000);
+}
+
+#[test]
+fn two_agents_with_the_thaw_barrier_a_loss_and_a_crash() {
+    let faults = Faults { losses: 1, crashes: 1, ..NONE };
+    let system = System { barrier: true, hook_only: Some(1), ..system(2, faults) };
+    check("2 agents, thaw barrier, b holds nothing, loss + crash", system, 300_000);
 }

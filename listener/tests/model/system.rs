@@ -12,7 +12,8 @@ use std::sync::Arc;
 
 use stateright::{Model, Property};
 use stillpoint_listener::coordinator::{
-    AbortOutcome, Command, CommitReply, Coordinator, CopyDone, Event, PrepareReply, Timeouts,
+    AbortOutcome, Command, CommitReply, Coordinator, CopyDone, Event, PrepareReply, ReleaseReply,
+    Timeouts,
 };
 use stillpoint_listener::model::{BackupRecord, Millis, SnapshotRef, State};
 use stillpoint_protocol::agent::{
@@ -64,6 +65,11 @@ pub struct System {
     pub sweep: bool,
     /// A deliberately broken agent (to prove the checker can fail), or `None` for the real rules.
     pub flaw: Option<Flaw>,
+    /// The group's thaw barrier (`thaw = "after-every-snapshot"`).
+    pub barrier: bool,
+    /// A server whose quiescer holds nothing (an exec hook that does nothing): its "freeze"
+    /// stops no writes.
+    pub hook_only: Option<u8>,
 }
 
 /// A way to break the agent on purpose: a perturbation of the real machine's world, never a
@@ -85,10 +91,12 @@ pub enum Req {
         lease_ms: u64,
     },
     /// `token`: the freeze token the listener's record held for this server when it emitted
-    /// the Commit (0: none).
+    /// the Commit (0: none); `hold`: stay frozen until Release (the thaw barrier).
     Commit {
         token: u8,
+        hold: bool,
     },
+    Release,
     Abort,
     Cleanup,
 }
@@ -102,6 +110,8 @@ pub enum Reply {
     Committed(Option<u8>),
     Aborted,
     CleanedUp(u8),
+    /// `Some(held until release)`, or `None` when the agent refused (nothing held).
+    Released(Option<bool>),
     /// The RPC failed (lost request or reply, deadline, agent down).
     Failed(ReqKind),
 }
@@ -110,6 +120,7 @@ pub enum Reply {
 pub enum ReqKind {
     Prepare,
     Commit,
+    Release,
     Abort,
     Cleanup,
 }
@@ -157,11 +168,13 @@ pub struct Agent {
     /// Freezes so far, across crashes: the next freeze's token is one more, so every freeze
     /// gets a fresh one (the real agent draws a random one).
     pub freezes: u8,
+    /// Its quiescer holds nothing.
+    pub hook: bool,
 }
 
 impl Agent {
-    fn new(i: usize) -> Agent {
-        Agent { machine: machine(i), disk: 0, frozen: None, freezes: 0 }
+    fn new(i: usize, hook: bool) -> Agent {
+        Agent { machine: machine(i, hook), disk: 0, frozen: None, freezes: 0, hook }
     }
 
     /// What the sweep sees in Status (a freeze, snapshots, orphans on disk), and any freeze.
@@ -180,8 +193,9 @@ impl Agent {
     }
 }
 
-fn machine(i: usize) -> agent::Agent {
-    let hold = stillpoint_protocol::hold::Hold::FilesystemFreeze;
+fn machine(i: usize, hook: bool) -> agent::Agent {
+    use stillpoint_protocol::hold::Hold;
+    let hold = if hook { Hold::HookUnverified } else { Hold::FilesystemFreeze };
     let q = QuiescerInfo { name: "q".into(), freezes_filesystem: true, hold };
     agent::Agent::new(SERVERS[i], vec![q], "model")
 }
@@ -238,6 +252,9 @@ pub struct Snap {
     /// id was taken (its server thawed) before this server froze.
     pub froze_after: u8,
     pub while_frozen: bool,
+    /// The servers whose quiescer holds writes that were physically frozen at this instant
+    /// (bit mask).
+    pub holders_frozen: u8,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq)]
@@ -319,7 +336,12 @@ impl World {
         for command in commands {
             match command {
                 // The modelled group requires no hold and has no thaw barrier.
-                Command::Log { .. } | Command::Inspect { .. } | Command::Release { .. } => {}
+                Command::Log { .. } | Command::Inspect { .. } => {}
+                Command::Release { server } => self.push(Msg::ToAgent {
+                    to: server_index(&server),
+                    req: Req::Release,
+                    rpc: true,
+                }),
                 Command::Prepare { server, lease_ms } => self.push(Msg::ToAgent {
                     to: server_index(&server),
                     req: Req::Prepare { lease_ms },
@@ -332,7 +354,8 @@ impl World {
                     } else {
                         token.parse().expect("a model freeze token")
                     };
-                    self.push(Msg::ToAgent { to, req: Req::Commit { token }, rpc: true })
+                    let hold = self.coordinator.record.thaw_barrier;
+                    self.push(Msg::ToAgent { to, req: Req::Commit { token, hold }, rpc: true })
                 }
                 Command::Abort { server, .. } => self.push(Msg::ToAgent {
                     to: server_index(&server),
@@ -393,6 +416,12 @@ impl World {
                 }),
             },
             Reply::Aborted => Event::Aborted { server, result: Ok(AbortOutcome::default()) },
+            Reply::Released(Some(held)) => Event::Released {
+                server,
+                reply: Ok(ReleaseReply { held_until_release: held, ..Default::default() }),
+            },
+            Reply::Released(None) => Event::Released { server, reply: Err("refused".into()) },
+            Reply::Failed(ReqKind::Release) => Event::Released { server, reply: Err(failed) },
             Reply::CleanedUp(n) => Event::CleanedUp { server, result: Ok(u32::from(n)) },
             Reply::Failed(ReqKind::Prepare) => Event::Prepared { server, reply: Err(failed) },
             Reply::Failed(ReqKind::Commit) => Event::Committed { server, reply: Err(failed) },
@@ -404,8 +433,38 @@ impl World {
     fn take_snapshot(&mut self, agent: u8, froze_after: u8, while_frozen: bool) -> u8 {
         let id = u8::try_from(self.snaps.len()).expect("few snapshots");
         assert!(id < 32, "snapshot ids must fit the bit mask");
-        self.snaps.push(Snap { agent, froze_after, while_frozen });
+        let now = self.now;
+        let mut holders_frozen = 0;
+        for (j, a) in self.agents.iter().enumerate() {
+            // The snapshotting agent's own freeze is `while_frozen` (its state is being changed).
+            let frozen = if usize::from(agent) == j {
+                while_frozen
+            } else {
+                a.frozen.is_some_and(|f| now < f.lease_end)
+            };
+            if frozen && !a.hook {
+                holders_frozen |= 1 << j;
+            }
+        }
+        self.snaps.push(Snap { agent, froze_after, while_frozen, holders_frozen });
         id
+    }
+
+    /// True when every server whose quiescer holds writes was frozen at every instant at which
+    /// a snapshot of `ids` was taken.
+    pub fn holders_frozen_at_every_snapshot(&self, ids: u32) -> bool {
+        let holders: u8 = self
+            .agents
+            .iter()
+            .enumerate()
+            .filter(|(_, a)| !a.hook)
+            .map(|(j, _)| 1u8 << j)
+            .fold(0, |x, y| x | y);
+        self.snaps
+            .iter()
+            .enumerate()
+            .filter(|(id, _)| ids & (1 << id) != 0)
+            .all(|(_, s)| s.holders_frozen & holders == holders)
     }
 
     /// Delivers `req` to agent `i`'s real machine; returns its answer, or None when `failing`
@@ -425,11 +484,12 @@ impl World {
                 let require = stillpoint_protocol::hold::Hold::StorageOnly;
                 Request::Prepare { backup: b1(), lease_ms, fresh_token, require }
             }
-            Req::Commit { token } => {
+            Req::Commit { token, hold } => {
                 let token = (token != 0 && flaw != Some(Flaw::IgnoresFreezeToken))
                     .then(|| FreezeToken::parse(&token.to_string()).expect("a valid token"));
-                Request::Commit { backup: b1(), token, hold_until_release: false }
+                Request::Commit { backup: b1(), token, hold_until_release: hold }
             }
+            Req::Release => Request::Release { backup: b1() },
             Req::Abort => Request::Abort { backup: b1(), reason: "model".into() },
             Req::Cleanup => Request::Cleanup { backup: b1() },
         };
@@ -447,6 +507,7 @@ impl World {
                 u8::try_from(snap_ids(&c.snapshots).trailing_zeros()).expect("few snapshots")
             })),
             agent::Reply::Aborted(_) => Reply::Aborted,
+            agent::Reply::Release(r) => Reply::Released(r.ok().map(|r| r.held_until_release)),
             agent::Reply::CleanedUp(n) => {
                 Reply::CleanedUp(u8::try_from(n.unwrap_or(0)).expect("few snapshots"))
             }
@@ -612,11 +673,14 @@ impl Model for System {
 
     fn init_states(&self) -> Vec<World> {
         let servers: Vec<String> = SERVERS[..self.agents].iter().map(|s| s.to_string()).collect();
-        let record = BackupRecord::new("b1", "g", &servers, "model", 0);
+        let mut record = BackupRecord::new("b1", "g", &servers, "model", 0);
+        record.thaw_barrier = self.barrier;
         let mut world = World {
             now: 0,
             coordinator: Coordinator::new(record, TIMEOUTS),
-            agents: (0..self.agents).map(|i| Hashed::new(Agent::new(i))).collect(),
+            agents: (0..self.agents)
+                .map(|i| Hashed::new(Agent::new(i, self.hook_only == u8::try_from(i).ok())))
+                .collect(),
             net: Vec::new(),
             copies: Vec::new(),
             snaps: Vec::new(),
@@ -742,6 +806,7 @@ impl Model for System {
                             Reply::Committed(_) => ReqKind::Commit,
                             Reply::Aborted => ReqKind::Abort,
                             Reply::CleanedUp(_) => ReqKind::Cleanup,
+                            Reply::Released(_) => ReqKind::Release,
                             Reply::Failed(k) => k,
                         };
                         w.push(Msg::ToListener { from, reply: Reply::Failed(req) });
@@ -784,7 +849,7 @@ impl Model for System {
                 w.left.crashes -= 1;
                 // Its memory is gone; the guardian reads EOF and thaws; the disk stays.
                 let mut a = Agent::clone(&w.agents[usize::from(i)]);
-                a.machine = machine(usize::from(i));
+                a.machine = machine(usize::from(i), a.hook);
                 a.frozen = None;
                 w.agents[usize::from(i)] = Hashed::new(a);
             }
@@ -823,6 +888,12 @@ impl Model for System {
                 w.record().state != State::Succeeded
                     || w.recorded_snaps().is_some_and(|ids| w.common_frozen_instant(ids))
             }),
+            Property::always(BARRIER_HOLDS, |m: &System, w: &World| {
+                let claimed = w.record().verdict.as_ref().is_some_and(|v| v.consistent);
+                !m.barrier
+                    || !claimed
+                    || w.recorded_snaps().is_some_and(|ids| w.holders_frozen_at_every_snapshot(ids))
+            }),
             Property::always(LEASE, |_, w: &World| {
                 w.agents.iter().all(|a| a.frozen.is_none_or(|f| w.now <= f.lease_end))
             }),
@@ -859,12 +930,14 @@ fn kind(req: Req) -> ReqKind {
         Req::Commit { .. } => ReqKind::Commit,
         Req::Abort => ReqKind::Abort,
         Req::Cleanup => ReqKind::Cleanup,
+        Req::Release => ReqKind::Release,
     }
 }
 
 pub const CONSISTENT_VERDICT: &str =
     "1. a consistent verdict means every server was frozen at one instant";
 pub const SUCCEEDED_CUT: &str = "1b. every SUCCEEDED backup's snapshots share a frozen instant";
+pub const BARRIER_HOLDS: &str = "1c. with the thaw barrier, a consistent verdict means every server that holds writes was frozen at every snapshot instant";
 pub const LEASE: &str = "2. no agent stays frozen past its lease";
 pub const QUIESCENT_CLEAN: &str =
     "3. when all is quiet, the backup ended and nothing is frozen or left on disk";
