@@ -909,6 +909,7 @@ impl Coordinator {
         out: &mut Vec<Command>,
     ) {
         let lease_ms = self.timeouts.lease_ms;
+        let barrier = self.record.thaw_barrier;
         let Some(s) = self.record.server_mut(server) else { return };
         match result {
             Ok(outcome) => {
@@ -920,7 +921,7 @@ impl Coordinator {
                 self.log(out, Some(server), Level::Info, text);
             }
             Err(e) => {
-                let text = undelivered(s, &e, lease_ms);
+                let text = undelivered(s, &e, lease_ms, barrier);
                 if matches!(s.end, Some(ServerEnd::Confirmed(_))) {
                     // A repeated abort failed; the first one was confirmed.
                     let message = format!("{text} (an earlier abort was confirmed)");
@@ -1236,12 +1237,20 @@ impl Coordinator {
 }
 
 /// What is known about a server whose Abort never landed, in words: what may still be frozen
-/// and until when, what snapshots stay and who deletes them.
-fn undelivered(s: &ServerRecord, error: &str, lease_ms: u64) -> String {
+/// and until when, what snapshots stay and who deletes them. Under the thaw barrier a server
+/// that took its snapshots stays frozen until Release or its lease, so it may still be frozen.
+fn undelivered(s: &ServerRecord, error: &str, lease_ms: u64, barrier: bool) -> String {
     let server = &s.server;
     let mut text = format!("abort not delivered ({error})");
     let guardian = "its guardian thaws it then (if the guardian is alive)";
     match (s.cut.prepared, s.cut.commit_sent, s.cut.committed) {
+        (Some(prepared), _, Some(_)) if barrier && s.cut.held_until_release.is_none() => {
+            let ends = clock_time(prepared + ms(lease_ms));
+            text += &format!(
+                "; it took its {} snapshot(s) and, held for the thaw barrier, may still be frozen: its lease ends by {ends} and {guardian}; the snapshots stay until the sweep deletes them once {server} is reachable",
+                s.snapshots.len()
+            );
+        }
         (_, _, Some(_)) => {
             text += &format!(
                 "; it thawed when it took its {} snapshot(s), which stay until the sweep deletes them once {server} is reachable",

@@ -971,3 +971,14 @@ fn abort_while_held_thaws_and_deletes_everywhere() {
     assert_eq!(acts(out), aborts(&["a", "b", "c"], "aborted by operator:x: stop"));
     assert!(acts(released(&mut c, "a", release_ok(true))).is_empty(), "late release ignored");
 }
+
+#[test]
+fn an_undelivered_abort_of_a_held_server_says_it_may_still_be_frozen() {
+    let mut c = releasing(Hold::FilesystemFreeze);
+    c.handle(45, Event::AbortRequested { by: "operator:x".into(), reason: "stop".into() });
+    let cmds =
+        c.handle(46, Event::Aborted { server: "a".into(), result: Err("unreachable".into()) });
+    let line = &logs(&cmds)[0];
+    assert!(line.contains("may still be frozen: its lease ends by"), "{line}");
+    assert!(!line.contains("it thawed"), "{line}");
+}
