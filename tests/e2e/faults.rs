@@ -181,8 +181,11 @@ async fn assert_clean(
         let bound = cluster.spec.lease_ms + 3_000;
         assert!(
             ms <= bound,
-            "{server} was frozen {ms}ms, past its lease of {}ms",
-            cluster.spec.lease_ms
+            "{server} was frozen {ms}ms, past its lease of {}ms\nevents: {:?}\nagent log:\n{}\nlistener log:\n{}",
+            cluster.spec.lease_ms,
+            events(cluster, server),
+            cluster.agent(server).proc.log_text(),
+            cluster.listener_log()
         );
     }
     wait_for("the sweep to leave no snapshot in the array", Duration::from_secs(20), || {
