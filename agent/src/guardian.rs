@@ -8,6 +8,7 @@
 
 use std::fs::File;
 use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
+use std::os::fd::{AsRawFd, BorrowedFd};
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{self, RecvTimeoutError};
 use std::time::{Duration, Instant};
@@ -37,6 +38,11 @@ pub enum Action {
     Run { argv: Vec<String>, env: Vec<(String, String)>, timeout_ms: u64 },
     /// SIGCONT a process the stop quiescer stopped; ESRCH (gone) counts as done.
     Resume { pid: i32 },
+    /// End the connection on which a database quiescer holds its application (a backup lock, a
+    /// backup mode): socket `fd` of the agent process `pid`, shut down both ways so the server
+    /// sees it closed and lets go. `inode` is the socket's, so a reused pid or fd is never hit.
+    /// For an agent that is alive but stalled; a dead agent's connections closed with it.
+    Hangup { pid: i32, fd: i32, inode: u64 },
 }
 
 impl Action {
@@ -46,6 +52,7 @@ impl Action {
             Action::Fithaw { mount } => format!("thawed {}", mount.display()),
             Action::Run { .. } => format!("ran post_thaw of quiescer {key}"),
             Action::Resume { pid } => format!("resumed process {pid} of quiescer {key}"),
+            Action::Hangup { .. } => format!("closed the connection of quiescer {key}"),
         }
     }
 
@@ -76,7 +83,52 @@ impl Action {
                 }
                 Err(e) => Err(anyhow!("resume process {pid}: {e}")),
             },
+            Action::Hangup { pid, fd, inode } => hangup(*pid, *fd, *inode),
         }
+    }
+
+    /// The action that ends this process's connection on socket `fd`, for a quiescer whose
+    /// hold lives as long as that connection.
+    pub fn hangup_own(fd: BorrowedFd<'_>) -> anyhow::Result<Action> {
+        let fd = fd.as_raw_fd();
+        let inode = socket_inode(std::process::id().try_into()?, fd)?
+            .ok_or_else(|| anyhow!("file descriptor {fd} is not a socket"))?;
+        Ok(Action::Hangup { pid: std::process::id().try_into()?, fd, inode })
+    }
+}
+
+/// The inode of the socket open as `fd` in process `pid`, `None` when that fd is something else.
+fn socket_inode(pid: i32, fd: i32) -> std::io::Result<Option<u64>> {
+    let link = std::fs::read_link(format!("/proc/{pid}/fd/{fd}"))?;
+    let link = link.to_string_lossy();
+    Ok(link.strip_prefix("socket:[").and_then(|s| s.strip_suffix(']')).and_then(|n| n.parse().ok()))
+}
+
+/// Shuts down socket `fd` of process `pid` if it is still the socket `inode`.
+fn hangup(pid: i32, fd: i32, inode: u64) -> anyhow::Result<String> {
+    let gone = |what: &str| Ok(format!("the connection is already closed ({what})"));
+    let pidfd = match sys::pidfd_open(pid) {
+        Ok(pidfd) => pidfd,
+        Err(e) if e.raw_os_error() == Some(libc::ESRCH) => return gone("its process is gone"),
+        Err(e) => return Err(anyhow!("open process {pid}: {e}")),
+    };
+    // Checked after the pidfd pins the process: the same pid, fd and socket inode as armed.
+    match socket_inode(pid, fd) {
+        Ok(Some(now)) if now == inode => {}
+        Ok(_) | Err(_) => return gone("its file descriptor names another file now"),
+    }
+    let socket = match sys::pidfd_getfd(&pidfd, fd) {
+        Ok(socket) => socket,
+        Err(e) if e.raw_os_error() == Some(libc::EBADF) => return gone("no such descriptor"),
+        Err(e) => return Err(anyhow!("take socket {fd} of process {pid}: {e}")),
+    };
+    if socket_inode(std::process::id().try_into()?, socket.as_raw_fd())? != Some(inode) {
+        return gone("its file descriptor names another file now");
+    }
+    match sys::shutdown(&socket) {
+        Ok(()) => Ok(format!("closed connection (socket {fd} of process {pid})")),
+        Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => gone("not connected"),
+        Err(e) => Err(anyhow!("shut down socket {fd} of process {pid}: {e}")),
     }
 }
 

@@ -1,12 +1,12 @@
 //! The only unsafe code in stillpoint: thin wrappers over the Linux syscalls we need (the
-//! FIFREEZE, FITHAW and FICLONE ioctls, SEEK_DATA/SEEK_HOLE, fallocate, kill). Each returns the
-//! raw `io::Error` so callers can tell EBUSY (someone else's freeze), EINVAL (not frozen) and
-//! ESRCH (no such process) apart. Depends on `libc` alone, so any crate may use it.
+//! FIFREEZE, FITHAW and FICLONE ioctls, SEEK_DATA/SEEK_HOLE, fallocate, kill, pidfds and
+//! shutdown). Each returns the raw `io::Error` so callers can tell EBUSY (someone else's freeze),
+//! EINVAL (not frozen) and ESRCH (no such process) apart. Depends on `libc` alone, so any crate may use it.
 #![allow(unsafe_code)]
 
 use std::fs::File;
 use std::io;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 
 // _IOWR('X', 119, int), _IOWR('X', 120, int), _IOW(0x94, 9, int) from linux/fs.h.
 const FIFREEZE: libc::c_ulong = 0xC004_5877;
@@ -101,4 +101,42 @@ pub fn kill(pid: i32, signal: Signal) -> io::Result<()> {
     // SAFETY: kill(2) takes two integers and touches no memory of ours; a positive pid names
     // one process, never a process group.
     check(unsafe { libc::kill(pid, sig) })
+}
+
+/// A pidfd for process `pid` (`pidfd_open(2)`): a handle that keeps naming that process even if
+/// its pid is reused. ESRCH: no such process.
+pub fn pidfd_open(pid: i32) -> io::Result<OwnedFd> {
+    if pid <= 0 {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("pid {pid} is not a process"),
+        ));
+    }
+    // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1; no memory is passed.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    owned(fd)
+}
+
+/// A duplicate, in this process, of file descriptor `fd` of the process `pidfd` names
+/// (`pidfd_getfd(2)`; the caller needs ptrace access to it). EBADF: that process has no such fd.
+pub fn pidfd_getfd(pidfd: &OwnedFd, fd: i32) -> io::Result<OwnedFd> {
+    // SAFETY: pidfd_getfd takes two fds and flags and returns a new fd or -1; no memory is passed.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), fd, 0) };
+    owned(fd)
+}
+
+fn owned(fd: libc::c_long) -> io::Result<OwnedFd> {
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let fd = libc::c_int::try_from(fd).map_err(|_| io::Error::from(io::ErrorKind::InvalidData))?;
+    // SAFETY: the kernel just returned this fd to us; nothing else owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Shuts a socket down both ways (`shutdown(2)`, SHUT_RDWR): the connection ends for every
+/// process that shares it, so the peer sees it closed. ENOTCONN: it was not connected.
+pub fn shutdown(socket: &impl AsFd) -> io::Result<()> {
+    // SAFETY: shutdown(2) on a valid fd with an integer flag; no memory is passed.
+    check(unsafe { libc::shutdown(socket.as_fd().as_raw_fd(), libc::SHUT_RDWR) })
 }

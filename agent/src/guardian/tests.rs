@@ -129,3 +129,51 @@ fn serve_answers_in_order_and_runs_what_it_holds_at_eof() {
     assert!(replies[2].error.as_deref().unwrap_or("").contains("unreadable"), "{:?}", replies[2]);
     assert_eq!(std::fs::read_to_string(&marker).unwrap(), "x\n");
 }
+
+/// The hold of a database quiescer lives as long as its connection: the guardian's Hangup ends
+/// that connection (the server reads EOF) even though another process owns the socket.
+#[test]
+fn hangup_closes_the_connection_so_the_server_lets_go() {
+    use std::io::Read;
+    use std::os::fd::AsFd;
+    let server = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let client = std::net::TcpStream::connect(server.local_addr().expect("addr")).expect("connect");
+    let (mut accepted, _) = server.accept().expect("accept");
+    let action = Action::hangup_own(client.as_fd()).expect("a socket");
+    let detail = action.execute().expect("hang up");
+    assert!(detail.starts_with("closed connection"), "{detail}");
+    let mut buf = [0u8; 8];
+    assert_eq!(accepted.read(&mut buf).expect("read"), 0, "the server sees the connection closed");
+    // Twice is harmless: the socket is still open here but no longer connected.
+    let again = action.execute().expect("hang up again");
+    assert!(again.contains("already closed") || again.starts_with("closed"), "{again}");
+}
+
+/// An fd number reused for another socket after the quiescer let go is never shut down.
+#[test]
+fn hangup_never_hits_a_reused_descriptor() {
+    use std::io::{Read, Write};
+    use std::os::fd::AsFd;
+    let server = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = server.local_addr().expect("addr");
+    let first = std::net::TcpStream::connect(addr).expect("connect");
+    let action = Action::hangup_own(first.as_fd()).expect("a socket");
+    drop(first);
+    let _ = server.accept().expect("accept the first");
+    // The lowest free fd: very likely the number the first socket had.
+    let mut second = std::net::TcpStream::connect(addr).expect("connect again");
+    let (mut accepted, _) = server.accept().expect("accept the second");
+    let detail = action.execute().expect("hang up");
+    assert!(detail.contains("already closed"), "{detail}");
+    second.write_all(b"still").expect("the second connection still works");
+    let mut buf = [0u8; 5];
+    accepted.read_exact(&mut buf).expect("read");
+    assert_eq!(&buf, b"still");
+}
+
+/// A process that is gone took its connections with it.
+#[test]
+fn hangup_of_a_process_that_is_gone_is_done() {
+    let detail = Action::Hangup { pid: i32::MAX - 1, fd: 3, inode: 1 }.execute().expect("done");
+    assert!(detail.contains("already closed"), "{detail}");
+}
