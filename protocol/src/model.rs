@@ -150,6 +150,18 @@ pub struct SnapshotRef {
     pub size_bytes: u64,
 }
 
+/// A small file a quiescer produced for its backup that a restore needs beside the volumes
+/// (PostgreSQL's backup label and tablespace map, MariaDB's binary log position): it travels
+/// with the server's snapshots to the catalog and the repository.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Artifact {
+    /// The quiescer that made it.
+    pub quiescer: String,
+    /// A file name (no directories), e.g. `backup_label`.
+    pub name: String,
+    pub bytes: Vec<u8>,
+}
+
 /// What one quiescer or provider step reported.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
 pub struct Step {

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use crate::config::{Config, QuiescerConfig};
 use crate::guardian::Action;
 pub use stillpoint_protocol::hold::Hold;
+pub use stillpoint_protocol::model::Artifact;
 
 pub mod exec;
 pub mod fsfreeze;
@@ -39,6 +40,11 @@ pub trait Quiescer: Send + Sync {
     /// The guardian (or a restarted agent) already ran this quiescer's thaw action for
     /// `backup_id`: forget the freeze without undoing it again.
     fn thawed_elsewhere(&self, _backup_id: &str) {}
+    /// Files a restore of `backup_id` needs that this quiescer's freeze or thaw produced (a
+    /// backup label), handed over once after a successful `thaw`; later calls return nothing.
+    fn artifacts(&self, _backup_id: &str) -> Vec<Artifact> {
+        Vec::new()
+    }
 }
 
 /// Builds the configured quiescers, in config order.
