@@ -20,6 +20,11 @@ pub struct BackupView {
     pub group: String,
     pub state: String,
     pub terminal: bool,
+    /// Every server the backup contacted confirmed its cleanup or abort, or was given up on
+    /// (named in `unconfirmed`); nothing more will happen to it.
+    pub settled: bool,
+    /// Servers given up on, each with what may still be left there.
+    pub unconfirmed: Vec<String>,
     pub reason: Option<String>,
     pub failed_phase: Option<String>,
     pub started_by: Option<String>,
@@ -330,6 +335,8 @@ impl From<&Backup> for BackupView {
             group: b.group.clone(),
             state: state_name(b.state),
             terminal: is_terminal(b),
+            settled: b.settled,
+            unconfirmed: b.unconfirmed.clone(),
             reason: text(&b.reason),
             failed_phase: text(&b.failed_phase),
             started_by: text(&b.started_by),
@@ -534,6 +541,17 @@ pub fn backup_human(b: &Backup) -> String {
     field("started", or_dash(&b.started_by));
     field("created", short_time(b.created_unix_ms));
     field("finished", format!("{} ({})", short_time(b.finished_unix_ms), duration_of(b)));
+    if is_terminal(b) {
+        let settled = match (b.settled, b.unconfirmed.is_empty()) {
+            (true, true) => "yes",
+            (true, false) => "yes, giving up on:",
+            (false, _) => "not yet: a server has not confirmed its cleanup or abort",
+        };
+        field("settled", settled.to_string());
+    }
+    for line in &b.unconfirmed {
+        field("", format!("  {line}"));
+    }
     if !b.servers.is_empty() {
         out.push('\n');
         out.push_str(&servers_human(&b.servers));

@@ -101,6 +101,8 @@ fn backup_json_shape_is_stable() {
             "group",
             "state",
             "terminal",
+            "settled",
+            "unconfirmed",
             "reason",
             "failed_phase",
             "started_by",
@@ -408,4 +410,22 @@ fn a_server_whose_hold_holds_nothing_is_never_shown_as_holding_writes() {
     cut.servers[1].hold = HoldClass::Unspecified.into();
     let v = to_value(&CutView::from(&cut));
     assert_eq!(v["servers"][1]["hold"], Value::Null, "unknown, not guessed");
+}
+
+#[test]
+fn status_says_whether_an_ended_backup_is_settled_and_whom_it_gave_up_on() {
+    let mut backup = sample();
+    assert!(backup_human(&backup).contains("settled   yes\n"), "{}", backup_human(&backup));
+    backup.settled = false;
+    assert!(backup_human(&backup).contains("settled   not yet"), "{}", backup_human(&backup));
+    backup.settled = true;
+    backup.unconfirmed = vec!["srv-b: abort never confirmed; it may hold snapshots".into()];
+    let text = backup_human(&backup);
+    assert!(text.contains("settled   yes, giving up on:\n"), "{text}");
+    assert!(text.contains("            srv-b: abort never confirmed"), "{text}");
+    let v = to_value(&BackupView::from(&backup));
+    assert_eq!(v["settled"], true);
+    assert_eq!(v["unconfirmed"][0], "srv-b: abort never confirmed; it may hold snapshots");
+    backup.state = BackupState::Copying as i32;
+    assert!(!backup_human(&backup).contains("settled"), "a running backup is not judged");
 }
