@@ -258,14 +258,19 @@ fn a_wrong_password_says_so_without_showing_it() {
     assert!(err.contains(&format!("check the password in {}", file.display())), "{err}");
     assert!(!err.contains("not-the-Secret-42") && !err.contains(PASSWORD), "{err}");
 
-    // From the environment: the right one works, and a missing variable is named.
-    std::env::set_var("STILLPOINT_TEST_PG_PASSWORD", PASSWORD);
+    // From the environment (a variable every process has, so no test changes the environment
+    // while others read it): it is sent, it is wrong, and the message names the variable.
     let pg = Postgres::new(config(&format!(
-        "host = \"127.0.0.1\"\nport = {}\npassword_env = \"STILLPOINT_TEST_PG_PASSWORD\"",
+        "host = \"127.0.0.1\"\nport = {}\npassword_env = \"PATH\"",
         source.port
     )));
-    pg.freeze("w2").expect("the right password from the environment");
-    pg.thaw("w2").expect("thaw");
+    let err = format!("{:#}", pg.freeze("w2").map(|_| ()).expect_err("refused"));
+    assert!(
+        err.contains("password authentication failed")
+            && err.ends_with("check the password in $PATH"),
+        "{err}"
+    );
+    assert!(!err.contains(&std::env::var("PATH").unwrap_or_default()), "{err}");
     let pg =
         Postgres::new(config("host = \"127.0.0.1\"\npassword_env = \"STILLPOINT_TEST_PG_UNSET\""));
     let err = format!("{:#}", pg.freeze("w3").map(|_| ()).expect_err("no password"));
