@@ -151,6 +151,8 @@ pub enum QuiescerConfig {
     /// For applications without hooks: SIGSTOPs the process whose pid is in `pidfile` (read at
     /// freeze time) and SIGCONTs it on thaw.
     Stop { name: String, pidfile: PathBuf },
+    /// Holds PostgreSQL in backup mode on a connection (or checkpoints it, in atomic mode).
+    Postgres(crate::quiesce::postgres::PostgresConfig),
 }
 
 impl QuiescerConfig {
@@ -159,6 +161,7 @@ impl QuiescerConfig {
         match self {
             QuiescerConfig::Exec { name, .. } | QuiescerConfig::Stop { name, .. } => name.clone(),
             QuiescerConfig::Fsfreeze { mount } => format!("fsfreeze {}", mount.display()),
+            QuiescerConfig::Postgres(pg) => pg.name.clone(),
         }
     }
 }
@@ -269,6 +272,7 @@ impl Config {
                         ));
                     }
                 }
+                QuiescerConfig::Postgres(pg) => pg.problems(&at, out),
                 QuiescerConfig::Fsfreeze { mount } => {
                     if !mount.is_absolute() {
                         out.push(format!(
@@ -332,7 +336,9 @@ impl Config {
                     .iter()
                     .filter_map(|q| match q {
                         QuiescerConfig::Fsfreeze { mount } => Some(mount.as_path()),
-                        QuiescerConfig::Exec { .. } | QuiescerConfig::Stop { .. } => None,
+                        QuiescerConfig::Exec { .. }
+                        | QuiescerConfig::Stop { .. }
+                        | QuiescerConfig::Postgres(_) => None,
                     })
                     .filter_map(|m| Some((std::fs::metadata(m).ok()?.dev(), m)))
                     .collect();

@@ -126,6 +126,8 @@ pub async fn run_with_guardian(
         .iter()
         .map(|q| match q {
             config::QuiescerConfig::Exec { timeout_ms, .. } => timeout_ms.saturating_mul(2),
+            // Connect, read settings, start backup mode; stop it at the thaw.
+            config::QuiescerConfig::Postgres(pg) => pg.timeout_ms.saturating_mul(4),
             config::QuiescerConfig::Fsfreeze { .. } | config::QuiescerConfig::Stop { .. } => 0,
         })
         .sum();

@@ -10,6 +10,7 @@ pub use stillpoint_protocol::model::Artifact;
 
 pub mod exec;
 pub mod fsfreeze;
+pub mod postgres;
 pub mod stop;
 
 /// Makes one application or filesystem hold still for a snapshot.
@@ -69,6 +70,7 @@ pub fn build(config: &Config) -> Vec<Arc<dyn Quiescer>> {
                 QuiescerConfig::Stop { name, pidfile } => {
                     Arc::new(stop::Stop::new(name.clone(), pidfile.clone()))
                 }
+                QuiescerConfig::Postgres(pg) => Arc::new(postgres::Postgres::new(pg.clone())),
             }
         })
         .collect()
