@@ -151,6 +151,11 @@ pub enum QuiescerConfig {
     /// For applications without hooks: SIGSTOPs the process whose pid is in `pidfile` (read at
     /// freeze time) and SIGCONTs it on thaw.
     Stop { name: String, pidfile: PathBuf },
+    /// Holds a write transaction on SQLite databases from freeze to thaw (`quiesce::sqlite`).
+    Sqlite(crate::quiesce::sqlite::SqliteConfig),
+    /// Stops an application's processes found by name, executable or pidfile, with a lock-out
+    /// (`quiesce::process`).
+    Process(crate::quiesce::process::ProcessConfig),
 }
 
 impl QuiescerConfig {
@@ -158,6 +163,8 @@ impl QuiescerConfig {
     pub fn name(&self) -> String {
         match self {
             QuiescerConfig::Exec { name, .. } | QuiescerConfig::Stop { name, .. } => name.clone(),
+            QuiescerConfig::Sqlite(c) => c.name.clone(),
+            QuiescerConfig::Process(c) => c.name.clone(),
             QuiescerConfig::Fsfreeze { mount } => format!("fsfreeze {}", mount.display()),
         }
     }
@@ -269,6 +276,8 @@ impl Config {
                         ));
                     }
                 }
+                QuiescerConfig::Sqlite(c) => c.problems(&at, out),
+                QuiescerConfig::Process(c) => c.problems(&at, self.max_lease_ms, out),
                 QuiescerConfig::Fsfreeze { mount } => {
                     if !mount.is_absolute() {
                         out.push(format!(
@@ -332,7 +341,10 @@ impl Config {
                     .iter()
                     .filter_map(|q| match q {
                         QuiescerConfig::Fsfreeze { mount } => Some(mount.as_path()),
-                        QuiescerConfig::Exec { .. } | QuiescerConfig::Stop { .. } => None,
+                        QuiescerConfig::Exec { .. }
+                        | QuiescerConfig::Stop { .. }
+                        | QuiescerConfig::Sqlite(_)
+                        | QuiescerConfig::Process(_) => None,
                     })
                     .filter_map(|m| Some((std::fs::metadata(m).ok()?.dev(), m)))
                     .collect();

@@ -1,12 +1,12 @@
 //! The only unsafe code in stillpoint: thin wrappers over the Linux syscalls we need (the
-//! FIFREEZE, FITHAW and FICLONE ioctls, SEEK_DATA/SEEK_HOLE, fallocate, kill). Each returns the
+//! FIFREEZE, FITHAW and FICLONE ioctls, SEEK_DATA/SEEK_HOLE, fallocate, kill, pidfds). Each returns the
 //! raw `io::Error` so callers can tell EBUSY (someone else's freeze), EINVAL (not frozen) and
 //! ESRCH (no such process) apart. Depends on `libc` alone, so any crate may use it.
 #![allow(unsafe_code)]
 
 use std::fs::File;
 use std::io;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
 // _IOWR('X', 119, int), _IOWR('X', 120, int), _IOW(0x94, 9, int) from linux/fs.h.
 const FIFREEZE: libc::c_ulong = 0xC004_5877;
@@ -84,6 +84,31 @@ pub fn preallocate(file: &File, offset: u64, len: u64) -> io::Result<()> {
 pub enum Signal {
     Stop,
     Cont,
+    /// SIGKILL: ends a holder process whose lock must go with it.
+    Kill,
+    /// The polite signals an application may be asked to stop (or flush) with.
+    Term,
+    Int,
+    Hup,
+    Quit,
+    Usr1,
+    Usr2,
+}
+
+impl Signal {
+    fn number(self) -> libc::c_int {
+        match self {
+            Signal::Stop => libc::SIGSTOP,
+            Signal::Cont => libc::SIGCONT,
+            Signal::Kill => libc::SIGKILL,
+            Signal::Term => libc::SIGTERM,
+            Signal::Int => libc::SIGINT,
+            Signal::Hup => libc::SIGHUP,
+            Signal::Quit => libc::SIGQUIT,
+            Signal::Usr1 => libc::SIGUSR1,
+            Signal::Usr2 => libc::SIGUSR2,
+        }
+    }
 }
 
 /// Sends `signal` to process `pid` (never a group: `pid` must be positive). ESRCH: no such process.
@@ -94,11 +119,45 @@ pub fn kill(pid: i32, signal: Signal) -> io::Result<()> {
             format!("pid {pid} is not a process"),
         ));
     }
-    let sig = match signal {
-        Signal::Stop => libc::SIGSTOP,
-        Signal::Cont => libc::SIGCONT,
-    };
     // SAFETY: kill(2) takes two integers and touches no memory of ours; a positive pid names
     // one process, never a process group.
-    check(unsafe { libc::kill(pid, sig) })
+    check(unsafe { libc::kill(pid, signal.number()) })
+}
+
+/// A file descriptor naming process `pid` itself (`pidfd_open(2)`): signals sent through it
+/// never reach another process that later gets the same pid. ESRCH: no such process.
+pub fn pidfd_open(pid: i32) -> io::Result<OwnedFd> {
+    if pid <= 0 {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("pid {pid} is not a process"),
+        ));
+    }
+    // SAFETY: pidfd_open takes a pid and flags (0) and returns a new fd or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let fd = libc::c_int::try_from(fd).map_err(|_| io::Error::other("pidfd out of range"))?;
+    // SAFETY: the kernel just returned this fd to us; nothing else owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Sends `signal` to the process `pidfd` names (`pidfd_send_signal(2)`). ESRCH: it has exited.
+pub fn pidfd_send_signal(pidfd: &OwnedFd, signal: Signal) -> io::Result<()> {
+    // SAFETY: a valid pidfd, a signal number, no siginfo (NULL) and flags 0.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_pidfd_send_signal,
+            pidfd.as_raw_fd(),
+            signal.number(),
+            std::ptr::null::<libc::siginfo_t>(),
+            0,
+        )
+    };
+    if rc < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
 }

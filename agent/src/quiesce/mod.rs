@@ -9,6 +9,9 @@ pub use stillpoint_protocol::hold::Hold;
 
 pub mod exec;
 pub mod fsfreeze;
+pub mod process;
+pub mod procs;
+pub mod sqlite;
 pub mod stop;
 
 /// Makes one application or filesystem hold still for a snapshot.
@@ -41,8 +44,9 @@ pub trait Quiescer: Send + Sync {
     fn thawed_elsewhere(&self, _backup_id: &str) {}
 }
 
-/// Builds the configured quiescers, in config order.
-pub fn build(config: &Config) -> Vec<Arc<dyn Quiescer>> {
+/// Builds the configured quiescers, in config order. `agent_exe` is the agent's own executable,
+/// which runs the helper processes some quiescers need (`hold-sqlite`).
+pub fn build(config: &Config, agent_exe: &std::path::Path) -> Vec<Arc<dyn Quiescer>> {
     config
         .quiescers
         .iter()
@@ -62,6 +66,10 @@ pub fn build(config: &Config) -> Vec<Arc<dyn Quiescer>> {
                 }
                 QuiescerConfig::Stop { name, pidfile } => {
                     Arc::new(stop::Stop::new(name.clone(), pidfile.clone()))
+                }
+                QuiescerConfig::Sqlite(c) => Arc::new(sqlite::Sqlite::new(c, agent_exe.into())),
+                QuiescerConfig::Process(c) => {
+                    Arc::new(process::Process::new(c.clone(), &config.server))
                 }
             }
         })
