@@ -311,14 +311,18 @@ impl Process {
             notes.push(format!("ran lock_command ({})", argv[0]));
         }
         let alive = |procs: &[(ProcRef, String)]| procs.iter().filter(|(p, _)| p.alive()).count();
-        if let Some(sig) = self.config.stop_signal.as_deref().and_then(parse_signal) {
+        if let Some((text, sig)) =
+            self.config.stop_signal.as_deref().and_then(|t| Some((t, parse_signal(t)?)))
+        {
+            let name = text.trim().to_ascii_uppercase();
+            let name = if name.starts_with("SIG") { name } else { format!("SIG{name}") };
             let mut sent = 0;
             for (p, _) in &armed.procs {
                 if p.signal(sig).with_context(|| format!("signal process {}", p.pid))? {
                     sent += 1;
                 }
             }
-            notes.push(format!("sent {sig:?} to {sent} process{}", plural(sent)));
+            notes.push(format!("sent {name} to {sent} process{}", plural(sent)));
         }
         if let Some(argv) = &self.config.stop_command {
             run_command("stop_command", argv, &self.env("stop", backup_id), self.timeout())?;

@@ -18,14 +18,14 @@ use crate::support::{config, run, write_synced, Agent, Certs, LoopMount};
 const BIN: &str = env!("CARGO_BIN_EXE_stillpoint-agent");
 
 /// The real agent binary, its stderr in `log`; SIGCONTed and SIGKILLed on Drop.
-struct BinAgent {
-    child: Child,
+pub(crate) struct BinAgent {
+    pub(crate) child: Child,
     log: PathBuf,
     port: u16,
 }
 
 impl BinAgent {
-    async fn start(
+    pub(crate) async fn start(
         dir: &Path,
         certs: &Certs,
         state: &Path,
@@ -61,7 +61,7 @@ impl BinAgent {
         agent
     }
 
-    fn client(&self, certs: &Certs) -> AgentClient<Channel> {
+    pub(crate) fn client(&self, certs: &Certs) -> AgentClient<Channel> {
         let channel = stillpoint_core::tls::channel(
             &format!("https://127.0.0.1:{}", self.port),
             &certs.server,
@@ -72,16 +72,16 @@ impl BinAgent {
         AgentClient::new(channel)
     }
 
-    fn pid(&self) -> String {
+    pub(crate) fn pid(&self) -> String {
         self.child.id().to_string()
     }
 
-    fn log(&self) -> String {
+    pub(crate) fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
     /// Waits up to `within` for the log to hold `text`.
-    fn wait_log(&self, text: &str, within: Duration) -> String {
+    pub(crate) fn wait_log(&self, text: &str, within: Duration) -> String {
         let deadline = Instant::now() + within;
         loop {
             let log = self.log();
@@ -93,7 +93,7 @@ impl BinAgent {
         }
     }
 
-    fn kill9(&mut self) {
+    pub(crate) fn kill9(&mut self) {
         run("kill", &["-KILL", &self.pid()]);
         self.child.wait().unwrap();
     }
@@ -143,7 +143,7 @@ fn xfs_lun(dir: &Path, server: &str) -> (Array, LoopMount) {
     (array, live)
 }
 
-fn mock_san_toml(array: &Array) -> String {
+pub(crate) fn mock_san_toml(array: &Array) -> String {
     format!("provider = \"mock-san\"\narray = {:?}\n", array.root())
 }
 
@@ -163,7 +163,7 @@ fn write_in_thread(mount: &Path, name: &str) -> mpsc::Receiver<Instant> {
     rx
 }
 
-fn prepare(id: &str, lease_ms: u64) -> PrepareRequest {
+pub(crate) fn prepare(id: &str, lease_ms: u64) -> PrepareRequest {
     PrepareRequest { backup_id: id.into(), lease_ms, ..Default::default() }
 }
 

@@ -6,5 +6,6 @@ mod copy;
 mod fs;
 mod grpc;
 mod guardian;
+mod process;
 mod sqlite;
 mod support;
