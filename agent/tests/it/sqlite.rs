@@ -16,9 +16,12 @@ use stillpoint_agent::quiesce::procs::ProcRef;
 use stillpoint_agent::quiesce::sqlite::{Sqlite, SqliteConfig};
 use stillpoint_agent::quiesce::Quiescer;
 
-use crate::support::run;
+use crate::guardian::{mock_san_toml, prepare, BinAgent};
+use crate::support::{run, Certs};
 
 const BIN: &str = env!("CARGO_BIN_EXE_stillpoint-agent");
+
+use stillpoint_core::san::Array;
 
 /// A thread inserting numbered rows into `rows` of a WAL database, one transaction each, with
 /// a 30 s busy timeout: a held write lock blocks it, never fails it. Stopped on Drop.
@@ -252,4 +255,38 @@ fn a_write_lock_held_past_the_timeout_fails_the_freeze_and_leaves_no_holder() {
     wait_gone(&holder);
     other.execute_batch("COMMIT").unwrap();
     q.thaw("b1").unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_agent_cannot_hold_the_database_past_its_lease() {
+    let dir = tempfile::tempdir().unwrap();
+    let certs = Certs::new("srv-sq");
+    let array = Array::init(&dir.path().join("array")).unwrap();
+    array.create_lun("srv-sq", "data", 1 << 20).unwrap();
+    let writer = Writer::start(dir.path());
+    let quiescers = format!(
+        "[[quiescer]]\nkind = \"sqlite\"\nname = \"clinic\"\ndatabases = [{:?}]\ntimeout_ms = 5000\n",
+        writer.db
+    );
+    let state = dir.path().join("state");
+    let agent =
+        BinAgent::start(dir.path(), &certs, &state, &quiescers, &mock_san_toml(&array)).await;
+    let sent = Instant::now();
+    let p = agent.client(&certs).prepare(prepare("b1", 2000)).await.unwrap().into_inner();
+    assert!(p.prepared, "{p:?}");
+    let step = p.steps.iter().find(|s| s.name == "clinic").expect("a step for the quiescer");
+    assert!(step.detail.starts_with("held a write transaction on 1 database"), "{step:?}");
+    run("kill", &["-STOP", &agent.pid()]);
+    let held = writer.assert_blocked(Duration::from_millis(500));
+    writer.wait_for(held + 1, Duration::from_secs(4));
+    let after = sent.elapsed();
+    eprintln!(
+        "agent stopped: the writer went on {}ms after Prepare (lease 2000ms)",
+        after.as_millis()
+    );
+    assert!(after >= Duration::from_millis(1900), "released before the lease: {after:?}");
+    agent.wait_log("guardian: lease of", Duration::from_secs(1));
+    run("kill", &["-CONT", &agent.pid()]);
+    assert_eq!(writer.error(), None);
+    drop(agent);
 }
