@@ -1,3 +1,6 @@
+//! The process quiescer's config checks and its refusal to stop what was never armed; its
+//! real runs against programs are in agent/tests/it/process.rs.
+
 use super::*;
 
 fn config() -> ProcessConfig {

@@ -1,3 +1,6 @@
+//! Process identity against real children: /proc parsing, pidfd signals that skip another
+//! start time, and finding processes by comm, executable and pidfile.
+
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 

@@ -1,3 +1,6 @@
+//! The sqlite holder's loop in-process on real databases (WAL and rollback journal) and the
+//! config checks; the holder as a real child process is tested in agent/tests/it/sqlite.rs.
+
 use std::io::Cursor;
 
 use super::*;
