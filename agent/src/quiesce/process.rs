@@ -189,6 +189,8 @@ struct State {
 struct Armed {
     backup: String,
     procs: Vec<(ProcRef, String)>,
+    /// Matching processes someone else had already stopped: never ours to resume.
+    foreign: Vec<ProcRef>,
     /// The lock-out executable's mode before the freeze.
     mode: Option<u32>,
 }
@@ -343,10 +345,23 @@ impl Process {
             ));
         }
         let stopping = Instant::now();
+        let mut foreign = armed.foreign.len();
         for (p, _) in &armed.procs {
+            // Stopped by someone else since arming: theirs to resume, not ours.
+            if p.stopped() == Some(true) {
+                foreign += 1;
+                continue;
+            }
             if p.signal(Signal::Stop).with_context(|| format!("stop process {}", p.pid))? {
                 frozen.stopped.push(*p);
             }
+        }
+        if foreign > 0 {
+            notes.push(format!(
+                "left {foreign} process{} that someone else had stopped as {} was",
+                plural(foreign),
+                if foreign == 1 { "it" } else { "they" }
+            ));
         }
         for p in &frozen.stopped {
             while p.stopped() == Some(false) {
@@ -363,7 +378,8 @@ impl Process {
         let stopped_in = stopping.elapsed();
         // Stopped processes cannot start others: anything matching that was not armed now
         // would run on while the guardian could not resume it if we stopped it.
-        let known: HashSet<ProcRef> = armed.procs.iter().map(|(p, _)| *p).collect();
+        let known: HashSet<ProcRef> =
+            armed.procs.iter().map(|(p, _)| *p).chain(armed.foreign.iter().copied()).collect();
         let newcomers: Vec<String> = self
             .config
             .matcher()
@@ -431,7 +447,9 @@ impl Quiescer for Process {
         if let Some(armed) = state.armed.as_ref().filter(|a| a.backup == backup_id) {
             return Ok(Some(self.action(backup_id, armed)));
         }
-        let procs = self.config.matcher().find()?;
+        let (foreign, procs): (Vec<_>, Vec<_>) =
+            self.config.matcher().find()?.into_iter().partition(|(p, _)| p.stopped() == Some(true));
+        let foreign = foreign.into_iter().map(|(p, _)| p).collect();
         let mode = match &self.config.lockout_executable {
             Some(path) => {
                 use std::os::unix::fs::PermissionsExt;
@@ -450,7 +468,7 @@ impl Quiescer for Process {
             }
             None => None,
         };
-        let armed = Armed { backup: backup_id.to_string(), procs, mode };
+        let armed = Armed { backup: backup_id.to_string(), procs, foreign, mode };
         let action = self.action(backup_id, &armed);
         state.armed = Some(armed);
         Ok(Some(action))

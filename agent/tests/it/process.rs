@@ -353,3 +353,23 @@ fn every_thread_of_a_process_found_by_pidfile_shows_stopped_before_the_freeze_re
     drop(child.stdin.take());
     let _ = child.wait();
 }
+
+#[test]
+fn a_process_someone_else_stopped_is_left_for_them_to_resume() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut app = App::new(dir.path());
+    let theirs = app.start();
+    let ours = app.start();
+    run("kill", &["-STOP", &theirs.to_string()]);
+    wait_state(theirs, false, Duration::from_secs(1));
+    let q = Process::new(app.config(), "srv");
+    let action = q.thaw_action("b1").unwrap().unwrap();
+    assert_eq!(resumed_by(&action), vec![ours], "the guardian must never resume theirs");
+    let detail = q.freeze("b1").unwrap();
+    assert!(detail.contains("left 1 process that someone else had stopped as it was"), "{detail}");
+    assert!(detail.contains(&format!("stopped 1 process [{ours} ")), "{detail}");
+    q.thaw("b1").unwrap();
+    wait_state(ours, true, Duration::from_secs(1));
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(state(theirs), Some('T'), "thaw resumed a process it had not stopped");
+}
