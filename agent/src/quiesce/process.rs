@@ -517,11 +517,27 @@ impl Quiescer for Process {
             state.frozen = Some(frozen);
             return Ok(());
         }
+        // Resumed by someone else before the thaw: the freeze's claim did not last.
+        let broken: Vec<String> = frozen
+            .stopped
+            .iter()
+            .filter(|p| p.stopped() == Some(false))
+            .map(|p| p.pid.to_string())
+            .collect();
         let undone = self.undo(&mut frozen);
         if undone.is_err() {
             state.frozen = Some(frozen);
         }
-        undone
+        undone?;
+        if !broken.is_empty() {
+            return Err(anyhow!(
+                "process{} [{}] ran again before the thaw (someone else resumed {}); writes were not held for the whole freeze, so its files in the snapshot are only crash-consistent",
+                plural(broken.len()),
+                broken.join(", "),
+                if broken.len() == 1 { "it" } else { "them" }
+            ));
+        }
+        Ok(())
     }
 
     fn thawed_elsewhere(&self, backup_id: &str) {

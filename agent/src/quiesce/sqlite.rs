@@ -15,7 +15,6 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, Context};
 use rusqlite::{Connection, OpenFlags};
 use serde::{Deserialize, Serialize};
-use tracing::warn;
 
 use super::procs::ProcRef;
 use super::{Hold, Quiescer};
@@ -310,11 +309,11 @@ impl Quiescer for Sqlite {
         let early = !holder.proc.alive();
         let ended = holder.end(RELEASE_TIMEOUT);
         if held && early {
-            warn!(
-                quiescer = %self.name,
-                "sqlite holder {pid} of backup {backup_id} had exited before the thaw ({ended}): the hold on {} ended early",
+            // Said as a failed thaw step: the freeze's claim did not hold to the end.
+            return Err(anyhow!(
+                "the hold on {} ended before the thaw (holder process {pid} exited: {ended}); writes may not have been held for the whole freeze, so the snapshot of these databases is only crash-consistent",
                 self.names()
-            );
+            ));
         }
         Ok(())
     }

@@ -373,3 +373,24 @@ fn a_process_someone_else_stopped_is_left_for_them_to_resume() {
     std::thread::sleep(Duration::from_millis(100));
     assert_eq!(state(theirs), Some('T'), "thaw resumed a process it had not stopped");
 }
+
+#[test]
+fn a_stopped_process_resumed_by_someone_else_makes_the_thaw_say_the_hold_broke() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut app = App::new(dir.path());
+    let pid = app.start();
+    let q = Process::new(app.config(), "srv");
+    q.thaw_action("b1").unwrap();
+    q.freeze("b1").unwrap();
+    run("kill", &["-CONT", &pid.to_string()]);
+    wait_state(pid, true, Duration::from_secs(1));
+    let e = q.thaw("b1").unwrap_err().to_string();
+    assert!(
+        e.starts_with(&format!("process [{pid}] ran again before the thaw"))
+            && e.contains("only crash-consistent"),
+        "{e}"
+    );
+    // The lock-out is undone all the same, and a second thaw has nothing left to do.
+    assert_eq!(app.mode(), 0o755);
+    q.thaw("b1").unwrap();
+}

@@ -202,6 +202,9 @@ fn the_sqlite_hold_ends_when_its_holder_is_killed_or_the_agent_side_lets_go() {
     run("kill", &["-KILL", &holder.pid.to_string()]);
     let took = writer.wait_for(held + 1, Duration::from_secs(2));
     eprintln!("writer resumed {}ms after SIGKILL of the holder", took.as_millis());
+    // The thaw says the hold broke: the freeze's claim did not last.
+    let e = q.thaw("b1").unwrap_err().to_string();
+    assert!(e.contains("ended before the thaw") && e.contains("only crash-consistent"), "{e}");
     q.thaw("b1").unwrap();
 
     // The agent's end dropped (as when the agent dies): the holder reads EOF and rolls back.
