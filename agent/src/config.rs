@@ -276,8 +276,17 @@ impl Config {
                         ));
                     }
                 }
-                QuiescerConfig::Sqlite(c) => c.problems(&at, out),
-                QuiescerConfig::Process(c) => c.problems(&at, self.max_lease_ms, out),
+                QuiescerConfig::Sqlite(c) => {
+                    c.problems(&at, out);
+                    let paths: Vec<&Path> = c.databases.iter().map(PathBuf::as_path).collect();
+                    out.extend(crate::quiesce::sqlite::after_fsfreeze(self, i, &at, &paths));
+                }
+                QuiescerConfig::Process(c) => {
+                    c.problems(&at, self.max_lease_ms, out);
+                    let paths: Vec<&Path> =
+                        c.lockout_executable.iter().map(PathBuf::as_path).collect();
+                    out.extend(crate::quiesce::sqlite::after_fsfreeze(self, i, &at, &paths));
+                }
                 QuiescerConfig::Fsfreeze { mount } => {
                     if !mount.is_absolute() {
                         out.push(format!(

@@ -131,3 +131,30 @@ fn the_deploy_example_parses_into_this_config() {
     let e = crate::Config::parse(&bad).unwrap_err();
     assert!(e.contains("timout_ms"), "{e}");
 }
+
+#[test]
+fn a_database_on_a_filesystem_frozen_before_it_is_a_config_problem() {
+    let dir = tempfile::tempdir().unwrap();
+    let (db, _writer) = wal_db(dir.path(), 0);
+    let quiescers = |first: &str, second: &str| {
+        let fsfreeze = format!("[[quiescer]]\nkind = \"fsfreeze\"\nmount = {:?}\n", dir.path());
+        let sqlite =
+            format!("[[quiescer]]\nkind = \"sqlite\"\nname = \"db\"\ndatabases = [{db:?}]\n");
+        let pick = |k: &str| if k == "fsfreeze" { fsfreeze.clone() } else { sqlite.clone() };
+        format!(
+            "server = \"fs1\"\nlisten = \"127.0.0.1:7501\"\nvolumes = [\"data\"]\n\
+             [tls]\nca = \"/x\"\ncert = \"/x\"\nkey = \"/x\"\n{}{}[snapshot]\nprovider = \"btrfs\"\nsnapshot_dir = \"/x\"\n",
+            pick(first),
+            pick(second)
+        )
+    };
+    let ours = |text: String| -> Vec<String> {
+        let config = crate::Config::parse(&text).unwrap();
+        config.problems().into_iter().filter(|p| p.contains("list this quiescer before")).collect()
+    };
+    let found = ours(quiescers("fsfreeze", "sqlite"));
+    assert_eq!(found.len(), 1, "{found:?}");
+    assert!(found[0]
+        .starts_with(&format!("quiescer[1]: {} is on the filesystem that fsfreeze", db.display())));
+    assert!(ours(quiescers("sqlite", "fsfreeze")).is_empty());
+}
