@@ -52,7 +52,8 @@ pub struct ProcessConfig {
     #[serde(default)]
     pub lockout_executable: Option<PathBuf>,
     /// Lock-out by command, e.g. `["systemctl", "mask", "--runtime", "app"]`; needs
-    /// `unlock_command`, run at thaw and by the guardian (so it must be safe to repeat).
+    /// `unlock_command`, run at thaw and by the guardian (so it must be safe to repeat, and to
+    /// run when nothing is locked: the guardian may run it for a freeze that never happened).
     #[serde(default)]
     pub lock_command: Option<Vec<String>>,
     #[serde(default)]
@@ -308,8 +309,9 @@ impl Process {
             ));
         }
         if let Some(argv) = &self.config.lock_command {
-            run_command("lock_command", argv, &self.env("lock", backup_id), self.timeout())?;
+            // Undone even if it fails half-way: unlock_command must be safe to run regardless.
             frozen.lock_ran = true;
+            run_command("lock_command", argv, &self.env("lock", backup_id), self.timeout())?;
             notes.push(format!("ran lock_command ({})", argv[0]));
         }
         let alive = |procs: &[(ProcRef, String)]| procs.iter().filter(|(p, _)| p.alive()).count();

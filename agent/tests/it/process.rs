@@ -394,3 +394,24 @@ fn a_stopped_process_resumed_by_someone_else_makes_the_thaw_say_the_hold_broke()
     assert_eq!(app.mode(), 0o755);
     q.thaw("b1").unwrap();
 }
+
+#[test]
+fn a_lock_command_that_fails_half_way_is_undone_and_nothing_is_stopped() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut app = App::new(dir.path());
+    let pid = app.start();
+    let marker = dir.path().join("locked");
+    let mut config = app.config();
+    config.lockout_executable = None;
+    config.lock_command =
+        Some(vec!["/bin/sh".into(), "-c".into(), format!("touch {marker:?}; exit 3")]);
+    config.unlock_command = Some(vec!["/bin/sh".into(), "-c".into(), format!("rm -f {marker:?}")]);
+    let q = Process::new(config, "srv");
+    q.thaw_action("b1").unwrap();
+    let e = format!("{:#}", q.freeze("b1").unwrap_err());
+    assert!(e.contains("lock_command: /bin/sh failed with exit status: 3"), "{e}");
+    assert!(e.contains("resumed what it had stopped, undid the lock-out"), "{e}");
+    assert!(!marker.exists(), "unlock_command did not run after a half-done lock");
+    assert_ne!(state(pid), Some('T'));
+    q.thaw("b1").unwrap();
+}
