@@ -153,6 +153,11 @@ pub enum QuiescerConfig {
     Stop { name: String, pidfile: PathBuf },
     /// Holds PostgreSQL in backup mode on a connection (or checkpoints it, in atomic mode).
     Postgres(crate::quiesce::postgres::PostgresConfig),
+    /// Holds a write transaction on SQLite databases from freeze to thaw (`quiesce::sqlite`).
+    Sqlite(crate::quiesce::sqlite::SqliteConfig),
+    /// Stops an application's processes found by name, executable or pidfile, with a lock-out
+    /// (`quiesce::process`).
+    Process(crate::quiesce::process::ProcessConfig),
 }
 
 impl QuiescerConfig {
@@ -160,6 +165,8 @@ impl QuiescerConfig {
     pub fn name(&self) -> String {
         match self {
             QuiescerConfig::Exec { name, .. } | QuiescerConfig::Stop { name, .. } => name.clone(),
+            QuiescerConfig::Sqlite(c) => c.name.clone(),
+            QuiescerConfig::Process(c) => c.name.clone(),
             QuiescerConfig::Fsfreeze { mount } => format!("fsfreeze {}", mount.display()),
             QuiescerConfig::Postgres(pg) => pg.name.clone(),
         }
@@ -273,6 +280,17 @@ impl Config {
                     }
                 }
                 QuiescerConfig::Postgres(pg) => pg.problems(&at, out),
+                QuiescerConfig::Sqlite(c) => {
+                    c.problems(&at, out);
+                    let paths: Vec<&Path> = c.databases.iter().map(PathBuf::as_path).collect();
+                    out.extend(crate::quiesce::sqlite::after_fsfreeze(self, i, &at, &paths));
+                }
+                QuiescerConfig::Process(c) => {
+                    c.problems(&at, self.max_lease_ms, out);
+                    let paths: Vec<&Path> =
+                        c.lockout_executable.iter().map(PathBuf::as_path).collect();
+                    out.extend(crate::quiesce::sqlite::after_fsfreeze(self, i, &at, &paths));
+                }
                 QuiescerConfig::Fsfreeze { mount } => {
                     if !mount.is_absolute() {
                         out.push(format!(
@@ -338,7 +356,9 @@ impl Config {
                         QuiescerConfig::Fsfreeze { mount } => Some(mount.as_path()),
                         QuiescerConfig::Exec { .. }
                         | QuiescerConfig::Stop { .. }
-                        | QuiescerConfig::Postgres(_) => None,
+                        | QuiescerConfig::Postgres(_)
+                        | QuiescerConfig::Sqlite(_)
+                        | QuiescerConfig::Process(_) => None,
                     })
                     .filter_map(|m| Some((std::fs::metadata(m).ok()?.dev(), m)))
                     .collect();

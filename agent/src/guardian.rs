@@ -17,6 +17,7 @@ use anyhow::anyhow;
 use serde::{Deserialize, Serialize};
 use tracing::{error, warn};
 
+use crate::quiesce::procs::{self, ProcRef};
 use crate::sys::{self, Signal};
 
 pub mod link;
@@ -43,6 +44,15 @@ pub enum Action {
     /// sees it closed and lets go. `inode` is the socket's, so a reused pid or fd is never hit.
     /// For an agent that is alive but stalled; a dead agent's connections closed with it.
     Hangup { pid: i32, fd: i32, inode: u64 },
+    /// SIGKILL a holder process (the sqlite quiescer's held transaction) if the pid still names
+    /// the process started at `start`; gone counts as done.
+    Kill { pid: i32, start: u64 },
+    /// SIGCONT each process the process quiescer stopped that is still the same process.
+    ResumeAll { procs: Vec<ProcRef> },
+    /// Set `path`'s permission bits back to `mode` (the process quiescer's lock-out).
+    RestoreMode { path: PathBuf, mode: u32 },
+    /// Run each action in order, every one even when another fails.
+    Each { actions: Vec<Action> },
 }
 
 impl Action {
@@ -53,6 +63,18 @@ impl Action {
             Action::Run { .. } => format!("ran post_thaw of quiescer {key}"),
             Action::Resume { pid } => format!("resumed process {pid} of quiescer {key}"),
             Action::Hangup { .. } => format!("closed the connection of quiescer {key}"),
+            Action::Kill { pid, .. } => format!("killed holder {pid} of quiescer {key}"),
+            Action::ResumeAll { procs } => {
+                let pids: Vec<String> = procs.iter().map(|p| p.pid.to_string()).collect();
+                format!("resumed processes [{}] of quiescer {key}", pids.join(", "))
+            }
+            Action::RestoreMode { path, mode } => {
+                format!("restored mode {mode:o} of {} for quiescer {key}", path.display())
+            }
+            Action::Each { actions } => {
+                let done: Vec<String> = actions.iter().map(|a| a.done(key)).collect();
+                done.join("; ")
+            }
         }
     }
 
@@ -84,6 +106,23 @@ impl Action {
                 Err(e) => Err(anyhow!("resume process {pid}: {e}")),
             },
             Action::Hangup { pid, fd, inode } => hangup(*pid, *fd, *inode),
+            Action::Kill { pid, start } => procs::kill(&ProcRef { pid: *pid, start: *start }),
+            Action::ResumeAll { procs } => procs::resume_all(procs),
+            Action::RestoreMode { path, mode } => procs::restore_mode(path, *mode),
+            Action::Each { actions } => {
+                let (mut done, mut failed) = (Vec::new(), Vec::new());
+                for a in actions {
+                    match a.execute() {
+                        Ok(d) => done.push(d),
+                        Err(e) => failed.push(format!("{e:#}")),
+                    }
+                }
+                if failed.is_empty() {
+                    Ok(done.join("; "))
+                } else {
+                    Err(anyhow!("{} (done: {})", failed.join("; "), done.join("; ")))
+                }
+            }
         }
     }
 

@@ -94,7 +94,7 @@ pub async fn run_with_guardian(
             .await
             .map_err(|e| Error::Internal(format!("recovery: {e}")))??
     };
-    let quiescers = quiesce::build(&config);
+    let quiescers = quiesce::build(&config, &guardian_exe);
     let provider = snapshot::build(&config)?;
     let tls = stillpoint_core::tls::server_config(&config.tls)?;
     let program = guardian::link::Program::Exe {
@@ -128,6 +128,8 @@ pub async fn run_with_guardian(
             config::QuiescerConfig::Exec { timeout_ms, .. } => timeout_ms.saturating_mul(2),
             // Connect, read settings, start backup mode; stop it at the thaw.
             config::QuiescerConfig::Postgres(pg) => pg.timeout_ms.saturating_mul(4),
+            config::QuiescerConfig::Sqlite(c) => c.timeout_ms.saturating_add(3000),
+            config::QuiescerConfig::Process(c) => c.worst_case_ms(),
             config::QuiescerConfig::Fsfreeze { .. } | config::QuiescerConfig::Stop { .. } => 0,
         })
         .sum();

@@ -1,6 +1,7 @@
 //! The `stillpoint-agent` binary: parses arguments, sets up logging, loads and validates the
 //! config, replays the freeze journal, binds, and runs the agent until SIGINT or SIGTERM. The
-//! hidden `guardian` subcommand is the agent's own thaw guardian. Exit codes: 0 ok, 1 failed, 2 usage.
+//! hidden `guardian` subcommand is the agent's own thaw guardian; `hold-sqlite` holds the
+//! sqlite quiescer's transactions. Exit codes: 0 ok, 1 failed, 2 usage.
 
 use std::process::ExitCode;
 
@@ -28,6 +29,15 @@ enum Guardian {
         #[arg(long)]
         journal: Option<std::path::PathBuf>,
     },
+    /// Started by the sqlite quiescer: holds write transactions on these databases until its
+    /// stdin closes.
+    #[command(hide = true)]
+    HoldSqlite {
+        #[arg(long)]
+        timeout_ms: u64,
+        #[arg(required = true)]
+        databases: Vec<std::path::PathBuf>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -40,9 +50,15 @@ fn main() -> ExitCode {
         .with_ansi(ansi)
         .with_writer(std::io::stderr)
         .init();
-    if let Some(Guardian::Guardian { journal }) = args.guardian {
-        stillpoint_agent::guardian::main(journal.as_deref());
-        return ExitCode::SUCCESS;
+    match args.guardian {
+        Some(Guardian::Guardian { journal }) => {
+            stillpoint_agent::guardian::main(journal.as_deref());
+            return ExitCode::SUCCESS;
+        }
+        Some(Guardian::HoldSqlite { timeout_ms, databases }) => {
+            return stillpoint_agent::quiesce::sqlite::hold_main(&databases, timeout_ms);
+        }
+        None => {}
     }
     let config = match args.config.map(|p| Config::load(&p).and_then(|c| c.validate().map(|()| c)))
     {

@@ -84,6 +84,31 @@ pub fn preallocate(file: &File, offset: u64, len: u64) -> io::Result<()> {
 pub enum Signal {
     Stop,
     Cont,
+    /// SIGKILL: ends a holder process whose lock must go with it.
+    Kill,
+    /// The polite signals an application may be asked to stop (or flush) with.
+    Term,
+    Int,
+    Hup,
+    Quit,
+    Usr1,
+    Usr2,
+}
+
+impl Signal {
+    fn number(self) -> libc::c_int {
+        match self {
+            Signal::Stop => libc::SIGSTOP,
+            Signal::Cont => libc::SIGCONT,
+            Signal::Kill => libc::SIGKILL,
+            Signal::Term => libc::SIGTERM,
+            Signal::Int => libc::SIGINT,
+            Signal::Hup => libc::SIGHUP,
+            Signal::Quit => libc::SIGQUIT,
+            Signal::Usr1 => libc::SIGUSR1,
+            Signal::Usr2 => libc::SIGUSR2,
+        }
+    }
 }
 
 /// Sends `signal` to process `pid` (never a group: `pid` must be positive). ESRCH: no such process.
@@ -94,17 +119,13 @@ pub fn kill(pid: i32, signal: Signal) -> io::Result<()> {
             format!("pid {pid} is not a process"),
         ));
     }
-    let sig = match signal {
-        Signal::Stop => libc::SIGSTOP,
-        Signal::Cont => libc::SIGCONT,
-    };
     // SAFETY: kill(2) takes two integers and touches no memory of ours; a positive pid names
     // one process, never a process group.
-    check(unsafe { libc::kill(pid, sig) })
+    check(unsafe { libc::kill(pid, signal.number()) })
 }
 
-/// A pidfd for process `pid` (`pidfd_open(2)`): a handle that keeps naming that process even if
-/// its pid is reused. ESRCH: no such process.
+/// A file descriptor naming process `pid` itself (`pidfd_open(2)`): signals sent through it
+/// never reach another process that later gets the same pid. ESRCH: no such process.
 pub fn pidfd_open(pid: i32) -> io::Result<OwnedFd> {
     if pid <= 0 {
         return Err(io::Error::new(
@@ -112,9 +133,33 @@ pub fn pidfd_open(pid: i32) -> io::Result<OwnedFd> {
             format!("pid {pid} is not a process"),
         ));
     }
-    // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1; no memory is passed.
+    // SAFETY: pidfd_open takes a pid and flags (0) and returns a new fd or -1.
     let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
-    owned(fd)
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let fd = libc::c_int::try_from(fd).map_err(|_| io::Error::other("pidfd out of range"))?;
+    // SAFETY: the kernel just returned this fd to us; nothing else owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Sends `signal` to the process `pidfd` names (`pidfd_send_signal(2)`). ESRCH: it has exited.
+pub fn pidfd_send_signal(pidfd: &OwnedFd, signal: Signal) -> io::Result<()> {
+    // SAFETY: a valid pidfd, a signal number, no siginfo (NULL) and flags 0.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_pidfd_send_signal,
+            pidfd.as_raw_fd(),
+            signal.number(),
+            std::ptr::null::<libc::siginfo_t>(),
+            0,
+        )
+    };
+    if rc < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
 }
 
 /// A duplicate, in this process, of file descriptor `fd` of the process `pidfd` names
@@ -122,14 +167,10 @@ pub fn pidfd_open(pid: i32) -> io::Result<OwnedFd> {
 pub fn pidfd_getfd(pidfd: &OwnedFd, fd: i32) -> io::Result<OwnedFd> {
     // SAFETY: pidfd_getfd takes two fds and flags and returns a new fd or -1; no memory is passed.
     let fd = unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), fd, 0) };
-    owned(fd)
-}
-
-fn owned(fd: libc::c_long) -> io::Result<OwnedFd> {
     if fd < 0 {
         return Err(io::Error::last_os_error());
     }
-    let fd = libc::c_int::try_from(fd).map_err(|_| io::Error::from(io::ErrorKind::InvalidData))?;
+    let fd = libc::c_int::try_from(fd).map_err(|_| io::Error::other("fd out of range"))?;
     // SAFETY: the kernel just returned this fd to us; nothing else owns it.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }

@@ -175,7 +175,7 @@ fn good_backup(cluster: &Cluster) -> Good {
     Good { id, copies }
 }
 
-fn start(cluster: &Cluster) -> String {
+pub(crate) fn start(cluster: &Cluster) -> String {
     let out = cluster.backupctl("operator", &["start", "--group", "g"]);
     assert!(out.status.success(), "start: {}", String::from_utf8_lossy(&out.stderr));
     String::from_utf8_lossy(&out.stdout).trim().to_string()
@@ -185,7 +185,12 @@ fn status(cluster: &Cluster, id: &str) -> Value {
     cluster.backupctl_json(&["status", id]).1
 }
 
-async fn wait_state(cluster: &Cluster, id: &str, states: &[&str], timeout: Duration) -> Value {
+pub(crate) async fn wait_state(
+    cluster: &Cluster,
+    id: &str,
+    states: &[&str],
+    timeout: Duration,
+) -> Value {
     let deadline = Instant::now() + timeout;
     loop {
         let backup = status(cluster, id);

@@ -11,6 +11,9 @@ pub use stillpoint_protocol::model::Artifact;
 pub mod exec;
 pub mod fsfreeze;
 pub mod postgres;
+pub mod process;
+pub mod procs;
+pub mod sqlite;
 pub mod stop;
 
 /// Makes one application or filesystem hold still for a snapshot.
@@ -48,8 +51,9 @@ pub trait Quiescer: Send + Sync {
     }
 }
 
-/// Builds the configured quiescers, in config order.
-pub fn build(config: &Config) -> Vec<Arc<dyn Quiescer>> {
+/// Builds the configured quiescers, in config order. `agent_exe` is the agent's own executable,
+/// which runs the helper processes some quiescers need (`hold-sqlite`).
+pub fn build(config: &Config, agent_exe: &std::path::Path) -> Vec<Arc<dyn Quiescer>> {
     config
         .quiescers
         .iter()
@@ -71,6 +75,10 @@ pub fn build(config: &Config) -> Vec<Arc<dyn Quiescer>> {
                     Arc::new(stop::Stop::new(name.clone(), pidfile.clone()))
                 }
                 QuiescerConfig::Postgres(pg) => Arc::new(postgres::Postgres::new(pg.clone())),
+                QuiescerConfig::Sqlite(c) => Arc::new(sqlite::Sqlite::new(c, agent_exe.into())),
+                QuiescerConfig::Process(c) => {
+                    Arc::new(process::Process::new(c.clone(), &config.server))
+                }
             }
         })
         .collect()

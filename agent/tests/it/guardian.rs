@@ -93,7 +93,7 @@ impl BinAgent {
         }
     }
 
-    fn kill9(&mut self) {
+    pub(crate) fn kill9(&mut self) {
         run("kill", &["-KILL", &self.pid()]);
         self.child.wait().unwrap();
     }

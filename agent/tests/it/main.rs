@@ -7,4 +7,6 @@ mod fs;
 mod grpc;
 mod guardian;
 mod postgres;
+mod process;
+mod sqlite;
 mod support;
