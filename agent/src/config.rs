@@ -29,7 +29,8 @@ pub struct Config {
     /// Prepare is refused when it asks for a lease outside `MIN_LEASE_MS..=max_lease_ms`.
     #[serde(default = "default_max_lease_ms")]
     pub max_lease_ms: u64,
-    /// What the provider snapshots: LUN names for mock-san, subvolume paths for btrfs.
+    /// What the provider snapshots: LUN names for mock-san, subvolume paths for btrfs, image
+    /// file paths for reflink.
     pub volumes: Vec<String>,
     pub tls: TlsFiles,
     /// Quiescers, frozen in this order and thawed in reverse.
@@ -176,6 +177,8 @@ pub enum SnapshotConfig {
     },
     /// btrfs read-only snapshots at `<snapshot_dir>/<backup_id>/<basename of volume>`.
     Btrfs { snapshot_dir: PathBuf },
+    /// Reflink clones of image files at `<snapshot_dir>/<backup_id>/<basename of volume>`.
+    Reflink(crate::snapshot::reflink::ReflinkConfig),
 }
 
 impl Config {
@@ -283,8 +286,20 @@ impl Config {
         }
     }
 
+    /// The mounts that fsfreeze quiescers freeze.
+    fn frozen_mounts(&self) -> Vec<&Path> {
+        self.quiescers
+            .iter()
+            .filter_map(|q| match q {
+                QuiescerConfig::Fsfreeze { mount } => Some(mount.as_path()),
+                QuiescerConfig::Exec { .. } | QuiescerConfig::Stop { .. } => None,
+            })
+            .collect()
+    }
+
     fn snapshot_problems(&self, out: &mut Vec<String>) {
         match &self.snapshot {
+            SnapshotConfig::Reflink(c) => c.problems(&self.volumes, &self.frozen_mounts(), out),
             SnapshotConfig::MockSan { array, .. } => {
                 for (i, v) in self.volumes.iter().enumerate() {
                     if let Err(e) = validate_name("volume", v) {
