@@ -179,6 +179,8 @@ pub enum SnapshotConfig {
     Btrfs { snapshot_dir: PathBuf },
     /// Reflink clones of image files at `<snapshot_dir>/<backup_id>/<basename of volume>`.
     Reflink(crate::snapshot::reflink::ReflinkConfig),
+    /// ZFS snapshots of datasets, one atomic `zfs snapshot` per pool.
+    Zfs(crate::snapshot::zfs::ZfsConfig),
 }
 
 impl Config {
@@ -300,6 +302,7 @@ impl Config {
     fn snapshot_problems(&self, out: &mut Vec<String>) {
         match &self.snapshot {
             SnapshotConfig::Reflink(c) => c.problems(&self.volumes, &self.frozen_mounts(), out),
+            SnapshotConfig::Zfs(c) => c.problems(&self.volumes, out),
             SnapshotConfig::MockSan { array, .. } => {
                 for (i, v) in self.volumes.iter().enumerate() {
                     if let Err(e) = validate_name("volume", v) {

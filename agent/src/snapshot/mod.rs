@@ -12,6 +12,7 @@ mod all_or_nothing;
 pub mod btrfs;
 pub mod mock_san;
 pub mod reflink;
+pub mod zfs;
 
 pub use all_or_nothing::all_or_nothing;
 
@@ -41,5 +42,6 @@ pub fn build(config: &Config) -> Result<Arc<dyn SnapshotProvider>> {
         ),
         SnapshotConfig::Btrfs { snapshot_dir } => Arc::new(btrfs::Btrfs::new(snapshot_dir.clone())),
         SnapshotConfig::Reflink(c) => Arc::new(reflink::Reflink::new(c)),
+        SnapshotConfig::Zfs(c) => Arc::new(zfs::Zfs::new(c, &config.volumes)),
     }))
 }
