@@ -181,6 +181,8 @@ pub enum SnapshotConfig {
     Reflink(crate::snapshot::reflink::ReflinkConfig),
     /// ZFS snapshots of datasets, one atomic `zfs snapshot` per pool.
     Zfs(crate::snapshot::zfs::ZfsConfig),
+    /// Internal snapshots of qcow2 disk files no VM has open for writing.
+    Qcow2(crate::snapshot::qcow2::Qcow2Config),
 }
 
 impl Config {
@@ -303,6 +305,7 @@ impl Config {
         match &self.snapshot {
             SnapshotConfig::Reflink(c) => c.problems(&self.volumes, &self.frozen_mounts(), out),
             SnapshotConfig::Zfs(c) => c.problems(&self.volumes, out),
+            SnapshotConfig::Qcow2(c) => c.problems(&self.volumes, out),
             SnapshotConfig::MockSan { array, .. } => {
                 for (i, v) in self.volumes.iter().enumerate() {
                     if let Err(e) = validate_name("volume", v) {

@@ -51,3 +51,6 @@ impl SnapshotProvider for AllOrNothing {
         self.0.list()
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -11,6 +11,7 @@ use crate::Result;
 mod all_or_nothing;
 pub mod btrfs;
 pub mod mock_san;
+pub mod qcow2;
 pub mod reflink;
 pub mod zfs;
 
@@ -43,5 +44,6 @@ pub fn build(config: &Config) -> Result<Arc<dyn SnapshotProvider>> {
         SnapshotConfig::Btrfs { snapshot_dir } => Arc::new(btrfs::Btrfs::new(snapshot_dir.clone())),
         SnapshotConfig::Reflink(c) => Arc::new(reflink::Reflink::new(c)),
         SnapshotConfig::Zfs(c) => Arc::new(zfs::Zfs::new(c, &config.volumes)),
+        SnapshotConfig::Qcow2(c) => Arc::new(qcow2::Qcow2::new(c, &config.volumes)),
     }))
 }

@@ -436,3 +436,192 @@ fn reflink_config_refuses_another_filesystem_and_one_that_cannot_reflink() {
     let problems = snapshot_problems(&[fs.mount.display().to_string()], config);
     assert!(problems.iter().any(|p| p.starts_with("snapshot.snapshot_dir:")), "{problems:#?}");
 }
+
+/// A qcow2 disk of `size` made with qemu-img.
+fn qcow2_disk(path: &Path, size: &str) -> String {
+    run("qemu-img", &["create", "-q", "-f", "qcow2", path.to_str().unwrap(), size]);
+    path.display().to_string()
+}
+
+/// Guest writes through qemu-io: `pattern` bytes at `offset`, `len` long.
+fn guest_write(disk: &str, pattern: u8, offset: &str, len: &str) {
+    run("qemu-io", &["-f", "qcow2", "-c", &format!("write -P {pattern} {offset} {len}"), disk]);
+}
+
+/// What the guest sees on `disk` (or in its internal snapshot `tag`), as raw bytes.
+fn guest_view(disk: &str, tag: Option<&str>, out: &Path) -> Vec<u8> {
+    let snapshot = tag.map(|t| format!("snapshot.name={t}"));
+    let mut args = vec!["convert", "-f", "qcow2", "-O", "raw"];
+    if let Some(s) = &snapshot {
+        args.extend(["-l", s]);
+    }
+    args.extend([disk, out.to_str().unwrap()]);
+    run("qemu-img", &args);
+    std::fs::read(out).unwrap()
+}
+
+fn qcow2_tags(disk: &str) -> Vec<String> {
+    let info = run("qemu-img", &["info", "-U", "-f", "qcow2", "--output=json", disk]);
+    let info: serde_json::Value = serde_json::from_str(&info).unwrap();
+    let snaps = info["snapshots"].as_array().cloned().unwrap_or_default();
+    snaps.iter().map(|s| s["name"].as_str().unwrap().to_string()).collect()
+}
+
+#[test]
+fn conformance_qcow2() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = ["a", "b", "c"].map(|n| {
+        let disk = qcow2_disk(&dir.path().join(format!("{n}.qcow2")), "8M");
+        guest_write(&disk, n.as_bytes()[0], "0", "64k");
+        disk
+    });
+    let broken = dir.path().join("missing.qcow2").display().to_string();
+    let config = SnapshotConfig::Qcow2(Default::default());
+    assert_eq!(snapshot_problems(&good, config.clone()), Vec::<String>::new());
+    // list and delete look inside the configured disks: the broken one is among them.
+    let mut volumes = good.to_vec();
+    volumes.push(broken.clone());
+    let provider = built(&volumes, config);
+    let residue = |b: &str| -> Vec<String> {
+        good.iter()
+            .flat_map(|d| qcow2_tags(d).into_iter().map(move |t| format!("{d}@{t}")))
+            .filter(|t| t.ends_with(&format!("@stillpoint-{b}")))
+            .collect()
+    };
+    conformance(&*provider, &good, &broken, &residue);
+}
+
+#[test]
+fn qcow2_refuses_a_disk_a_running_vm_has_open_and_says_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let disk = qcow2_disk(&dir.path().join("vm.qcow2"), "8M");
+    let provider = built(std::slice::from_ref(&disk), SnapshotConfig::Qcow2(Default::default()));
+    // A qemu serving the disk read-write holds its write lock, as a running VM does.
+    let socket = dir.path().join("vm.sock");
+    let mut vm = std::process::Command::new("qemu-nbd")
+        .args(["--format=qcow2", "--persistent"])
+        .arg(format!("--socket={}", socket.display()))
+        .arg(&disk)
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !socket.exists() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let err = provider.create("b1", std::slice::from_ref(&disk));
+    let _ = vm.kill();
+    let _ = vm.wait();
+    let text = format!("{:#}", err.unwrap_err());
+    println!("{text}");
+    assert!(text.contains("running VM") && text.contains("write lock"), "{text}");
+    assert!(qcow2_tags(&disk).is_empty(), "nothing was snapshotted");
+    // Once the VM is gone the same disk snapshots.
+    assert_eq!(provider.create("b1", std::slice::from_ref(&disk)).unwrap().len(), 1);
+    assert_eq!(qcow2_tags(&disk), ["stillpoint-b1"]);
+    assert_eq!(provider.delete("b1").unwrap(), 1);
+}
+
+/// No FUSE export of ours is mounted.
+fn exports_mounted() -> Vec<String> {
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        .filter(|l| l.contains("stillpoint-qcow2-export"))
+        .map(String::from)
+        .collect()
+}
+
+/// A qcow2 disk backed up through the agent (Prepare, Commit, the saveset Copy on the agent)
+/// while the guest keeps writing after the snapshot restores to exactly what the guest saw at
+/// the snapshot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qcow2_backup_through_the_agent_restores_bit_identical_guest_data() {
+    use stillpoint_agent::config::SavesetConfig;
+    use stillpoint_proto::{
+        copy_event, CleanupRequest, CommitRequest, CopyRequest, PrepareRequest,
+    };
+    use stillpoint_saveset::{InitOptions, KdfParams, Manifest, ManifestId, Repository, Secret};
+
+    let dir = tempfile::tempdir().unwrap();
+    let disk = qcow2_disk(&dir.path().join("web.qcow2"), "64M");
+    guest_write(&disk, 0xaa, "0", "1M");
+    guest_write(&disk, 0x11, "10M", "512k");
+    guest_write(&disk, 0x5c, "40M", "3M");
+    let at_snapshot = guest_view(&disk, None, &dir.path().join("at-snapshot.raw"));
+
+    let repo = dir.path().join("repo");
+    let opts = InitOptions {
+        kdf: KdfParams { m_cost_kib: 1024, t_cost: 1, p_cost: 1 },
+        ..InitOptions::default()
+    };
+    Repository::init_with(&repo, &Secret::passphrase("qcow2 words"), opts).unwrap();
+    let pass = dir.path().join("pass");
+    std::fs::write(&pass, "qcow2 words\n").unwrap();
+    let certs = crate::support::Certs::new("srv-q");
+    let mut c = crate::support::config(
+        &certs,
+        &[disk.as_str()],
+        Vec::new(),
+        SnapshotConfig::Qcow2(Default::default()),
+    );
+    c.saveset = Some(SavesetConfig {
+        repository: repo.display().to_string(),
+        passphrase_file: Some(pass),
+        key_file: None,
+        copy_delay_ms_per_mib: 0,
+    });
+    let agent = crate::support::Agent::start(c).await;
+    let mut client = agent.client(&certs, "listener");
+    let p = client
+        .prepare(PrepareRequest { backup_id: "b1".into(), lease_ms: 10_000, ..Default::default() })
+        .await;
+    assert!(p.unwrap().into_inner().prepared);
+    let committed = client
+        .commit(CommitRequest { backup_id: "b1".into(), ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(committed.committed, "{committed:?}");
+    assert_eq!(committed.snapshots[0].locator, format!("{disk}@stillpoint-b1"));
+    assert_eq!(committed.snapshots[0].size_bytes, 64 << 20);
+
+    // The guest goes on writing after the snapshot.
+    guest_write(&disk, 0xbb, "0", "2M");
+    guest_write(&disk, 0xcc, "41M", "1M");
+    let now = guest_view(&disk, None, &dir.path().join("now.raw"));
+    assert!(now != at_snapshot, "the guest's later writes changed the disk");
+
+    let mut stream =
+        client.copy(CopyRequest { backup_id: "b1".into() }).await.unwrap().into_inner();
+    let done = loop {
+        match stream.message().await.unwrap().expect("a result").event {
+            Some(copy_event::Event::Done(done)) => break done,
+            Some(copy_event::Event::Progress(_)) | None => {}
+        }
+    };
+    let stats = done.stats.unwrap();
+    println!("qcow2 copy through the raw export: {stats:?}");
+    assert_eq!(stats.size, 64 << 20);
+    assert!(
+        exports_mounted().is_empty(),
+        "the export ended with the copy: {:?}",
+        exports_mounted()
+    );
+
+    let repo = Repository::open(&repo, &Secret::passphrase("qcow2 words")).unwrap();
+    let id: ManifestId = done.volumes[0].manifest_id.parse().unwrap();
+    let Manifest::Volume(m) = repo.load_manifest(id).unwrap() else { panic!("not a volume") };
+    assert_eq!(m.meta.volume, "web.qcow2");
+    let restored = dir.path().join("restored.raw");
+    repo.restore_volume(id, &restored, false).unwrap();
+    let restored = std::fs::read(&restored).unwrap();
+    assert!(restored == at_snapshot, "the restore differs from what the guest saw at the snapshot");
+    let reference = guest_view(&disk, Some("stillpoint-b1"), &dir.path().join("ref.raw"));
+    assert!(restored == reference, "the restore differs from qemu-img's view of the snapshot");
+
+    // The export let go of the disk's lock: the cleanup deletes the internal snapshot.
+    let cleaned = client.cleanup(CleanupRequest { backup_id: "b1".into() }).await.unwrap();
+    assert_eq!(cleaned.into_inner().snapshots_deleted, 1);
+    assert!(qcow2_tags(&disk).is_empty(), "{:?}", qcow2_tags(&disk));
+    agent.stop().await;
+}
