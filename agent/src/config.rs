@@ -183,6 +183,9 @@ pub enum SnapshotConfig {
     Zfs(crate::snapshot::zfs::ZfsConfig),
     /// Internal snapshots of qcow2 disk files no VM has open for writing.
     Qcow2(crate::snapshot::qcow2::Qcow2Config),
+    /// Windows Volume Shadow Copies through vssadmin; Windows only, not built here.
+    #[cfg(windows)]
+    Vss(crate::snapshot::vss::VssConfig),
 }
 
 impl Config {
@@ -306,6 +309,8 @@ impl Config {
             SnapshotConfig::Reflink(c) => c.problems(&self.volumes, &self.frozen_mounts(), out),
             SnapshotConfig::Zfs(c) => c.problems(&self.volumes, out),
             SnapshotConfig::Qcow2(c) => c.problems(&self.volumes, out),
+            #[cfg(windows)]
+            SnapshotConfig::Vss(c) => c.problems(&self.volumes, out),
             SnapshotConfig::MockSan { array, .. } => {
                 for (i, v) in self.volumes.iter().enumerate() {
                     if let Err(e) = validate_name("volume", v) {

@@ -13,6 +13,8 @@ pub mod btrfs;
 pub mod mock_san;
 pub mod qcow2;
 pub mod reflink;
+#[cfg(windows)]
+pub mod vss;
 pub mod zfs;
 
 pub use all_or_nothing::all_or_nothing;
@@ -45,5 +47,7 @@ pub fn build(config: &Config) -> Result<Arc<dyn SnapshotProvider>> {
         SnapshotConfig::Reflink(c) => Arc::new(reflink::Reflink::new(c)),
         SnapshotConfig::Zfs(c) => Arc::new(zfs::Zfs::new(c, &config.volumes)),
         SnapshotConfig::Qcow2(c) => Arc::new(qcow2::Qcow2::new(c, &config.volumes)),
+        #[cfg(windows)]
+        SnapshotConfig::Vss(c) => Arc::new(vss::Vss::new(c)),
     }))
 }

@@ -1,11 +1,11 @@
 //! The qcow2 provider: internal snapshots (`qemu-img snapshot -c/-d`, tag
-//! `stillpoint-<backup_id>`) of qcow2 disk files that no VM has open for writing. qemu-img takes
-//! the image's write lock, so a disk a running qemu holds is refused, never corrupted. The
-//! locator is `<disk path>@<tag>`: a copy on the agent reads it through [`Export`], the snapshot
-//! exported read-only as a raw file for the copy's duration; nothing else can read it as a file.
+//! `stillpoint-<backup_id>`) of qcow2 disk files that no VM has open for writing, from the
+//! snapshot to the cleanup. qemu-img takes the image's lock, so a disk a running qemu holds is
+//! refused, never corrupted. The locator is `<disk path>@<tag>`: a copy on the agent reads it
+//! through [`Export`], the snapshot exported read-only as a raw file for the copy's duration.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
@@ -199,48 +199,47 @@ impl SnapshotProvider for Qcow2 {
 /// the internal snapshot (`--load-snapshot`, read-only) on a unix socket, and
 /// `qemu-storage-daemon` exports that as a FUSE file. Both hold the image's shared lock, so a
 /// VM cannot open the disk for writing until the export ends. Dropping it unmounts and stops
-/// both.
+/// both, and waits until they let go of the disk (a delete right after needs its lock).
 pub struct Export {
     /// The raw file the copy reads.
     pub file: PathBuf,
     dir: PathBuf,
-    nbd: Option<Child>,
-    fuse: Option<Child>,
+    /// The daemons' pids, the FUSE export's first: stopped in this order.
+    pids: Vec<u32>,
 }
 
 static EXPORTS: AtomicU64 = AtomicU64::new(0);
 
-/// How long the export's daemons may take to come up.
-const EXPORT_READY: Duration = Duration::from_secs(20);
+/// How long a daemon may take to stop.
+const STOP_WITHIN: Duration = Duration::from_secs(10);
 
 impl Export {
-    /// Exports snapshot `tag` of `disk` (of `size` bytes) under a fresh temporary directory.
-    pub fn start(disk: &str, tag: &str, size: u64) -> anyhow::Result<Export> {
+    /// Exports snapshot `tag` of `disk` under a fresh temporary directory. Each daemon forks
+    /// into the background only once it serves (`--fork`, `--daemonize`), so its exit status
+    /// says whether it could.
+    pub fn start(disk: &str, tag: &str) -> anyhow::Result<Export> {
         let n = EXPORTS.fetch_add(1, Ordering::SeqCst);
         let dir = std::env::temp_dir()
             .join(format!("stillpoint-qcow2-export-{}-{n}", std::process::id()));
         std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
         let file = dir.join(format!("{}.raw", basename(disk)?));
-        let mut export = Export { file, dir, nbd: None, fuse: None };
+        let mut export = Export { file, dir, pids: Vec::new() };
         std::fs::File::create(&export.file)
             .with_context(|| format!("create {}", export.file.display()))?;
-        let socket = export.dir.join("nbd.sock");
-        let nbd = Command::new("qemu-nbd")
-            .args(["--read-only", "--format=qcow2", "--shared=1"])
+        let (socket, nbd_pid, fuse_pid) =
+            (export.dir.join("nbd.sock"), export.dir.join("nbd.pid"), export.dir.join("fuse.pid"));
+        let mut nbd = Command::new("qemu-nbd");
+        nbd.args(["--read-only", "--format=qcow2", "--fork"])
             .arg(format!("--load-snapshot=snapshot.name={tag}"))
             .arg(format!("--socket={}", socket.display()))
-            .arg(disk)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .context("run qemu-nbd (is qemu-utils installed?)")?;
-        let nbd = export.nbd.insert(nbd);
-        wait_until(nbd, "qemu-nbd", || socket.exists())
+            .arg(format!("--pid-file={}", nbd_pid.display()))
+            .arg(disk);
+        daemon(&mut nbd, "qemu-nbd", "qemu-utils")
             .with_context(|| format!("export snapshot {tag} of {disk}"))?;
+        export.pids.push(read_pid(&nbd_pid)?);
         let escape = |p: &Path| p.display().to_string().replace(',', ",,");
-        let fuse = Command::new("qemu-storage-daemon")
-            .arg("--blockdev")
+        let mut fuse = Command::new("qemu-storage-daemon");
+        fuse.arg("--blockdev")
             .arg(format!(
                 "driver=nbd,node-name=snap,server.type=unix,server.path={},read-only=on",
                 escape(&socket)
@@ -250,49 +249,61 @@ impl Export {
                 "type=fuse,id=raw,node-name=snap,mountpoint={},writable=off",
                 escape(&export.file)
             ))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .context("run qemu-storage-daemon (is qemu-system-common installed?)")?;
-        let fuse = export.fuse.insert(fuse);
-        let file = export.file.clone();
-        wait_until(fuse, "qemu-storage-daemon", || {
-            std::fs::metadata(&file).is_ok_and(|m| m.len() == size)
-        })
-        .with_context(|| format!("export snapshot {tag} of {disk} as {}", file.display()))?;
+            .arg("--daemonize")
+            .arg(format!("--pidfile={}", fuse_pid.display()));
+        daemon(&mut fuse, "qemu-storage-daemon", "qemu-system-common").with_context(|| {
+            format!("export snapshot {tag} of {disk} as {}", export.file.display())
+        })?;
+        export.pids.insert(0, read_pid(&fuse_pid)?);
         Ok(export)
     }
 }
 
-/// Polls `ready` until it holds; an error with the child's stderr if it exits first.
-fn wait_until(child: &mut Child, what: &str, ready: impl Fn() -> bool) -> anyhow::Result<()> {
-    let deadline = Instant::now() + EXPORT_READY;
-    loop {
-        if ready() {
-            return Ok(());
-        }
-        if let Some(status) = child.try_wait().context(what.to_string())? {
-            let mut stderr = String::new();
-            if let Some(mut pipe) = child.stderr.take() {
-                let _ = std::io::Read::read_to_string(&mut pipe, &mut stderr);
-            }
-            return Err(anyhow!("{what} exited with {status}: {}", stderr.trim()));
-        }
-        if Instant::now() > deadline {
-            return Err(anyhow!("{what} was not ready after {}s", EXPORT_READY.as_secs()));
-        }
-        std::thread::sleep(Duration::from_millis(10));
+/// Runs a daemon's foreground half; an error with its stderr, and what a lock error means.
+fn daemon(command: &mut Command, what: &str, package: &str) -> anyhow::Result<()> {
+    let out = command
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("run {what} (is {package} installed?)"))?;
+    if out.status.success() {
+        return Ok(());
     }
+    let stderr = String::from_utf8_lossy(&out.stderr).trim().to_string();
+    if stderr.contains("\"write\" lock") {
+        return Err(anyhow!(
+            "{what} failed with {}: {stderr}: another process (a running VM?) has the disk open for writing; a qcow2 snapshot can be read only while no VM has its disk open",
+            out.status
+        ));
+    }
+    Err(anyhow!("{what} failed with {}: {stderr}", out.status))
+}
+
+fn read_pid(path: &Path) -> anyhow::Result<u32> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("read {}", path.display()))?;
+    text.trim().parse().with_context(|| format!("{}: {text:?} is no pid", path.display()))
 }
 
 impl Drop for Export {
     fn drop(&mut self) {
         let _ = Command::new("umount").arg(&self.file).stderr(Stdio::null()).status();
-        for child in [self.fuse.take(), self.nbd.take()].into_iter().flatten() {
-            let mut child = child;
-            let _ = child.kill();
-            let _ = child.wait();
+        for pid in std::mem::take(&mut self.pids) {
+            let alive = || Path::new(&format!("/proc/{pid}")).exists();
+            // It may be gone already: qemu-nbd ends when its one client does.
+            let _ = Command::new("kill")
+                .args(["-TERM", &pid.to_string()])
+                .stderr(Stdio::null())
+                .status();
+            let deadline = Instant::now() + STOP_WITHIN;
+            while alive() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            if alive() {
+                let _ = Command::new("kill")
+                    .args(["-KILL", &pid.to_string()])
+                    .stderr(Stdio::null())
+                    .status();
+                tracing::warn!(pid, "a qcow2 export's daemon did not stop on SIGTERM; killed it");
+            }
         }
         let _ = Command::new("umount").arg("-l").arg(&self.file).stderr(Stdio::null()).status();
         let _ = std::fs::remove_dir_all(&self.dir);
@@ -310,7 +321,7 @@ pub fn export_for_copy(snapshots: Vec<Snapshot>) -> anyhow::Result<(Vec<Snapshot
                 .locator
                 .rsplit_once('@')
                 .ok_or_else(|| anyhow!("qcow2 locator {:?} is not <disk>@<tag>", snap.locator))?;
-            let export = Export::start(disk, tag, snap.size_bytes)?;
+            let export = Export::start(disk, tag)?;
             snap.locator = export.file.display().to_string();
             exports.push(export);
         }

@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use stillpoint_agent::config::{Config, SnapshotConfig};
+use stillpoint_agent::snapshot::qcow2;
 use stillpoint_agent::snapshot::reflink::ReflinkConfig;
 use stillpoint_agent::snapshot::{self, SnapshotProvider};
 use stillpoint_core::san::Array;
@@ -516,8 +517,27 @@ fn qcow2_refuses_a_disk_a_running_vm_has_open_and_says_so() {
     assert!(text.contains("running VM") && text.contains("write lock"), "{text}");
     assert!(qcow2_tags(&disk).is_empty(), "nothing was snapshotted");
     // Once the VM is gone the same disk snapshots.
-    assert_eq!(provider.create("b1", std::slice::from_ref(&disk)).unwrap().len(), 1);
+    let snaps = provider.create("b1", std::slice::from_ref(&disk)).unwrap();
     assert_eq!(qcow2_tags(&disk), ["stillpoint-b1"]);
+    // A VM started before the copy keeps the copy from reading the snapshot, and says why.
+    let _ = std::fs::remove_file(&socket);
+    let mut vm = std::process::Command::new("qemu-nbd")
+        .args(["--format=qcow2", "--persistent"])
+        .arg(format!("--socket={}", socket.display()))
+        .arg(&disk)
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !socket.exists() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let export = qcow2::export_for_copy(snaps);
+    let _ = vm.kill();
+    let _ = vm.wait();
+    let text = format!("{:#}", export.err().expect("no export while a VM writes the disk"));
+    println!("{text}");
+    assert!(text.contains("running VM"), "{text}");
+    assert!(exports_mounted().is_empty(), "{:?}", exports_mounted());
     assert_eq!(provider.delete("b1").unwrap(), 1);
 }
 
