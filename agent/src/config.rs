@@ -202,7 +202,8 @@ impl Config {
     }
 
     /// Every problem with this config, one line each naming the field; empty when it is usable.
-    /// Checks files and directories exist, but changes nothing.
+    /// Checks files and directories exist, but changes nothing (the reflink provider's probe
+    /// clone is made and removed at once).
     pub fn problems(&self) -> Vec<String> {
         let mut out = Vec::new();
         if let Err(e) = validate_name("server", &self.server) {

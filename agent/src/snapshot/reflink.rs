@@ -285,7 +285,12 @@ impl SnapshotProvider for Reflink {
                     continue;
                 }
                 let name = clone.file_name().and_then(|n| n.to_str()).unwrap_or_default();
-                out.push((backup.to_string(), snapshot_of(name, &clone)?));
+                match snapshot_of(name, &clone) {
+                    Ok(snap) => out.push((backup.to_string(), snap)),
+                    // Deleted since the directory was read: no longer held.
+                    Err(_) if !clone.exists() => {}
+                    Err(e) => return Err(e),
+                }
             }
         }
         Ok(out)
