@@ -162,6 +162,7 @@ impl SnapshotProvider for Qcow2 {
     fn delete(&self, backup_id: &str) -> anyhow::Result<u32> {
         validate_name("backup id", backup_id)?;
         let tag = tag(backup_id);
+        reap_stale_exports();
         let mut deleted = 0;
         for disk in &self.disks {
             if !Path::new(disk).exists() {
@@ -218,9 +219,10 @@ impl Export {
     /// into the background only once it serves (`--fork`, `--daemonize`), so its exit status
     /// says whether it could.
     pub fn start(disk: &str, tag: &str) -> anyhow::Result<Export> {
+        reap_stale_exports();
         let n = EXPORTS.fetch_add(1, Ordering::SeqCst);
-        let dir = std::env::temp_dir()
-            .join(format!("stillpoint-qcow2-export-{}-{n}", std::process::id()));
+        let dir =
+            std::env::temp_dir().join(format!("{EXPORT_DIR_PREFIX}{}-{n}", std::process::id()));
         std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
         let file = dir.join(format!("{}.raw", basename(disk)?));
         let mut export = Export { file, dir, pids: Vec::new() };
@@ -285,28 +287,74 @@ fn read_pid(path: &Path) -> anyhow::Result<u32> {
 
 impl Drop for Export {
     fn drop(&mut self) {
-        let _ = Command::new("umount").arg(&self.file).stderr(Stdio::null()).status();
-        for pid in std::mem::take(&mut self.pids) {
-            let alive = || Path::new(&format!("/proc/{pid}")).exists();
-            // It may be gone already: qemu-nbd ends when its one client does.
+        stop(&self.file, &self.dir, std::mem::take(&mut self.pids));
+    }
+}
+
+/// Unmounts `file`, stops the daemons `pids` in order (waiting until each is gone, so the disk's
+/// lock is free), removes `dir`.
+fn stop(file: &Path, dir: &Path, pids: Vec<u32>) {
+    let _ = Command::new("umount").arg(file).stderr(Stdio::null()).status();
+    for pid in pids {
+        let alive = || Path::new(&format!("/proc/{pid}")).exists();
+        // It may be gone already: qemu-nbd ends when its one client does.
+        let _ =
+            Command::new("kill").args(["-TERM", &pid.to_string()]).stderr(Stdio::null()).status();
+        let deadline = Instant::now() + STOP_WITHIN;
+        while alive() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        if alive() {
             let _ = Command::new("kill")
-                .args(["-TERM", &pid.to_string()])
+                .args(["-KILL", &pid.to_string()])
                 .stderr(Stdio::null())
                 .status();
-            let deadline = Instant::now() + STOP_WITHIN;
-            while alive() && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(10));
-            }
-            if alive() {
-                let _ = Command::new("kill")
-                    .args(["-KILL", &pid.to_string()])
-                    .stderr(Stdio::null())
-                    .status();
-                tracing::warn!(pid, "a qcow2 export's daemon did not stop on SIGTERM; killed it");
-            }
+            tracing::warn!(pid, "a qcow2 export's daemon did not stop on SIGTERM; killed it");
         }
-        let _ = Command::new("umount").arg("-l").arg(&self.file).stderr(Stdio::null()).status();
-        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+    let _ = Command::new("umount").arg("-l").arg(file).stderr(Stdio::null()).status();
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+const EXPORT_DIR_PREFIX: &str = "stillpoint-qcow2-export-";
+
+/// Ends the exports an agent process that is gone left behind (killed during a copy): their
+/// daemons would hold the disks' locks, and the snapshots' deletes would fail. A daemon is
+/// stopped only if its command line names that export's directory.
+pub fn reap_stale_exports() {
+    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else { return };
+    for entry in entries.flatten() {
+        let dir = entry.path();
+        let Some(name) = dir.file_name().and_then(|n| n.to_str()) else { continue };
+        let Some(rest) = name.strip_prefix(EXPORT_DIR_PREFIX) else { continue };
+        let Some(owner) = rest.split('-').next().and_then(|p| p.parse::<u32>().ok()) else {
+            continue;
+        };
+        if Path::new(&format!("/proc/{owner}")).exists() {
+            continue; // its agent still runs, and ends it
+        }
+        let dir_text = dir.display().to_string();
+        let pids: Vec<u32> = ["fuse.pid", "nbd.pid"]
+            .iter()
+            .filter_map(|f| read_pid(&dir.join(f)).ok())
+            .filter(|pid| {
+                std::fs::read(format!("/proc/{pid}/cmdline"))
+                    .is_ok_and(|c| String::from_utf8_lossy(&c).contains(&dir_text))
+            })
+            .collect();
+        let files: Vec<PathBuf> = std::fs::read_dir(&dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.extension().is_some_and(|x| x == "raw"))
+            .collect();
+        tracing::warn!(dir = %dir.display(), owner, daemons = pids.len(), "ending a qcow2 export left by an agent process that is gone");
+        for file in &files {
+            let _ = Command::new("umount").arg(file).stderr(Stdio::null()).status();
+        }
+        let file = files.first().cloned().unwrap_or_else(|| dir.join("none.raw"));
+        stop(&file, &dir, pids);
     }
 }
 

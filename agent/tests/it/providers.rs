@@ -461,6 +461,10 @@ fn reflink_config_refuses_another_filesystem_and_one_that_cannot_reflink() {
     assert!(problems.iter().any(|p| p.starts_with("snapshot.snapshot_dir:")), "{problems:#?}");
 }
 
+/// Held by every qcow2 test: any qcow2 delete or export ends the exports of agent processes
+/// that are gone, which would race with the test that makes one on purpose.
+static QCOW2: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// A qcow2 disk of `size` made with qemu-img.
 fn qcow2_disk(path: &Path, size: &str) -> String {
     run("qemu-img", &["create", "-q", "-f", "qcow2", path.to_str().unwrap(), size]);
@@ -493,6 +497,7 @@ fn qcow2_tags(disk: &str) -> Vec<String> {
 
 #[test]
 fn conformance_qcow2() {
+    let _one_at_a_time = QCOW2.blocking_lock();
     let dir = tempfile::tempdir().unwrap();
     let good = ["a", "b", "c"].map(|n| {
         let disk = qcow2_disk(&dir.path().join(format!("{n}.qcow2")), "8M");
@@ -517,6 +522,7 @@ fn conformance_qcow2() {
 
 #[test]
 fn qcow2_refuses_a_disk_a_running_vm_has_open_and_says_so() {
+    let _one_at_a_time = QCOW2.blocking_lock();
     let dir = tempfile::tempdir().unwrap();
     let disk = qcow2_disk(&dir.path().join("vm.qcow2"), "8M");
     let provider = built(std::slice::from_ref(&disk), SnapshotConfig::Qcow2(Default::default()));
@@ -579,6 +585,7 @@ fn exports_mounted() -> Vec<String> {
 /// the snapshot.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn qcow2_backup_through_the_agent_restores_bit_identical_guest_data() {
+    let _one_at_a_time = QCOW2.lock().await;
     use stillpoint_agent::config::SavesetConfig;
     use stillpoint_proto::{
         copy_event, CleanupRequest, CommitRequest, CopyRequest, PrepareRequest,
@@ -667,4 +674,65 @@ async fn qcow2_backup_through_the_agent_restores_bit_identical_guest_data() {
     assert_eq!(cleaned.into_inner().snapshots_deleted, 1);
     assert!(qcow2_tags(&disk).is_empty(), "{:?}", qcow2_tags(&disk));
     agent.stop().await;
+}
+
+/// An agent killed during a copy leaves its export's daemons running, holding the disk's lock;
+/// the next delete (or export) ends them, and the snapshot goes.
+#[test]
+fn qcow2_delete_ends_an_export_a_killed_agent_left() {
+    let _one_at_a_time = QCOW2.blocking_lock();
+    let dir = tempfile::tempdir().unwrap();
+    let disk = qcow2_disk(&dir.path().join("vm.qcow2"), "8M");
+    let provider = built(std::slice::from_ref(&disk), SnapshotConfig::Qcow2(Default::default()));
+    provider.create("b1", std::slice::from_ref(&disk)).unwrap();
+
+    // The export of an agent process that is gone, made as `Export::start` makes it.
+    let mut gone = std::process::Command::new("true").spawn().unwrap();
+    let pid = gone.id();
+    gone.wait().unwrap();
+    let export = std::env::temp_dir().join(format!("stillpoint-qcow2-export-{pid}-0"));
+    std::fs::create_dir_all(&export).unwrap();
+    let file = export.join("vm.qcow2.raw");
+    File::create(&file).unwrap();
+    let at = |f: &str| export.join(f).display().to_string();
+    run(
+        "qemu-nbd",
+        &[
+            "--read-only",
+            "--format=qcow2",
+            "--fork",
+            "--load-snapshot=snapshot.name=stillpoint-b1",
+            &format!("--socket={}", at("nbd.sock")),
+            &format!("--pid-file={}", at("nbd.pid")),
+            &disk,
+        ],
+    );
+    run(
+        "qemu-storage-daemon",
+        &[
+            "--blockdev",
+            &format!(
+                "driver=nbd,node-name=snap,server.type=unix,server.path={},read-only=on",
+                at("nbd.sock")
+            ),
+            "--export",
+            &format!("type=fuse,id=raw,node-name=snap,mountpoint={},writable=off", file.display()),
+            "--daemonize",
+            &format!("--pidfile={}", at("fuse.pid")),
+        ],
+    );
+    let fuse_pid = std::fs::read_to_string(at("fuse.pid")).unwrap().trim().to_string();
+    // While it runs nobody gets the write lock (unless another test's qcow2 call ended it).
+    let locked = std::process::Command::new("qemu-img")
+        .args(["snapshot", "-c", "x", &disk])
+        .output()
+        .unwrap();
+    assert!(!locked.status.success() || !export.exists(), "the stale export held no lock");
+
+    assert_eq!(provider.delete("b1").unwrap(), 1);
+    assert!(qcow2_tags(&disk).is_empty(), "{:?}", qcow2_tags(&disk));
+    assert!(!export.exists(), "the stale export's directory is gone");
+    assert!(!Path::new(&format!("/proc/{fuse_pid}")).exists(), "its daemon is gone");
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(!mounts.contains(&export.display().to_string()), "{mounts}");
 }
