@@ -29,7 +29,8 @@ pub struct Config {
     /// Prepare is refused when it asks for a lease outside `MIN_LEASE_MS..=max_lease_ms`.
     #[serde(default = "default_max_lease_ms")]
     pub max_lease_ms: u64,
-    /// What the provider snapshots: LUN names for mock-san, subvolume paths for btrfs.
+    /// What the provider snapshots: LUN names for mock-san, subvolume paths for btrfs, image
+    /// file paths for reflink.
     pub volumes: Vec<String>,
     pub tls: TlsFiles,
     /// Quiescers, frozen in this order and thawed in reverse.
@@ -186,6 +187,15 @@ pub enum SnapshotConfig {
     },
     /// btrfs read-only snapshots at `<snapshot_dir>/<backup_id>/<basename of volume>`.
     Btrfs { snapshot_dir: PathBuf },
+    /// Reflink clones of image files at `<snapshot_dir>/<backup_id>/<basename of volume>`.
+    Reflink(crate::snapshot::reflink::ReflinkConfig),
+    /// ZFS snapshots of datasets, one atomic `zfs snapshot` per pool.
+    Zfs(crate::snapshot::zfs::ZfsConfig),
+    /// Internal snapshots of qcow2 disk files no VM has open for writing.
+    Qcow2(crate::snapshot::qcow2::Qcow2Config),
+    /// Windows Volume Shadow Copies through vssadmin; Windows only, not built here.
+    #[cfg(windows)]
+    Vss(crate::snapshot::vss::VssConfig),
 }
 
 impl Config {
@@ -202,7 +212,8 @@ impl Config {
     }
 
     /// Every problem with this config, one line each naming the field; empty when it is usable.
-    /// Checks files and directories exist, but changes nothing.
+    /// Checks files and directories exist, but changes nothing (the reflink provider's probe
+    /// clone is made and removed at once).
     pub fn problems(&self) -> Vec<String> {
         let mut out = Vec::new();
         if let Err(e) = validate_name("server", &self.server) {
@@ -305,8 +316,24 @@ impl Config {
         }
     }
 
+    /// The mounts that fsfreeze quiescers freeze.
+    fn frozen_mounts(&self) -> Vec<&Path> {
+        self.quiescers
+            .iter()
+            .filter_map(|q| match q {
+                QuiescerConfig::Fsfreeze { mount } => Some(mount.as_path()),
+                _ => None,
+            })
+            .collect()
+    }
+
     fn snapshot_problems(&self, out: &mut Vec<String>) {
         match &self.snapshot {
+            SnapshotConfig::Reflink(c) => c.problems(&self.volumes, &self.frozen_mounts(), out),
+            SnapshotConfig::Zfs(c) => c.problems(&self.volumes, out),
+            SnapshotConfig::Qcow2(c) => c.problems(&self.volumes, out),
+            #[cfg(windows)]
+            SnapshotConfig::Vss(c) => c.problems(&self.volumes, out),
             SnapshotConfig::MockSan { array, .. } => {
                 for (i, v) in self.volumes.iter().enumerate() {
                     if let Err(e) = validate_name("volume", v) {
@@ -350,16 +377,8 @@ impl Config {
                 }
                 // A btrfs snapshot of a frozen btrfs waits for the thaw that waits for it.
                 let frozen: Vec<(u64, &Path)> = self
-                    .quiescers
-                    .iter()
-                    .filter_map(|q| match q {
-                        QuiescerConfig::Fsfreeze { mount } => Some(mount.as_path()),
-                        QuiescerConfig::Exec { .. }
-                        | QuiescerConfig::Stop { .. }
-                        | QuiescerConfig::Postgres(_)
-                        | QuiescerConfig::Sqlite(_)
-                        | QuiescerConfig::Process(_) => None,
-                    })
+                    .frozen_mounts()
+                    .into_iter()
                     .filter_map(|m| Some((std::fs::metadata(m).ok()?.dev(), m)))
                     .collect();
                 let paths = std::iter::once(("snapshot.snapshot_dir", snapshot_dir.as_path()))

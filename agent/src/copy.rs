@@ -18,6 +18,7 @@ use tracing::{info, warn, Instrument};
 
 use crate::backups::CopyHold;
 use crate::config::SavesetConfig;
+use crate::snapshot::qcow2::Export;
 use crate::{Error, Result};
 
 /// How often, at most, progress goes out (the listener writes each one to its catalog).
@@ -133,6 +134,15 @@ pub async fn readable(snapshots: Vec<Snapshot>) -> Result<Vec<(Snapshot, u64)>> 
     Ok(out)
 }
 
+/// Exports each qcow2 snapshot as a raw file for the copy (`snapshot::qcow2::Export`); other
+/// snapshots pass unchanged. The exports must live until the copy's reads end.
+pub async fn exported(snapshots: Vec<Snapshot>) -> Result<(Vec<Snapshot>, Vec<Export>)> {
+    tokio::task::spawn_blocking(move || crate::snapshot::qcow2::export_for_copy(snapshots))
+        .await
+        .map_err(|e| Error::Internal(format!("qcow2 export: {e}")))?
+        .map_err(|e| Error::FailedPrecondition(format!("{e:#}")))
+}
+
 /// One Copy RPC's stream of events; the sender half is fed by [`spawn`].
 pub type Events = mpsc::Receiver<Result<CopyEvent, Status>>;
 
@@ -154,6 +164,7 @@ pub fn spawn(
     meta: VolumeMeta,
     snapshots: Vec<(Snapshot, u64)>,
     hold: CopyHold,
+    exports: Vec<Export>,
 ) -> Events {
     let (tx, rx) = mpsc::channel(8);
     let span = tracing::info_span!("copy", backup = %meta.backup, server = %meta.server);
@@ -165,6 +176,8 @@ pub fn spawn(
     let mut blocking = tokio::task::spawn_blocking(move || {
         let _span = blocking_span.enter();
         let _hold = hold;
+        // Dropped before the hold: a qcow2 export holds the disk's lock, which a delete needs.
+        let _exports = exports;
         let progress = |done: u64| {
             progress_tx.send_replace(done);
         };

@@ -59,6 +59,8 @@ impl Agent for AgentService {
         };
         let (snapshots, hold) = self.backups.begin_copy(&id)?;
         let snapshots = snapshots.into_iter().map(convert::snapshot).collect();
+        // A qcow2 snapshot lives inside its disk: exported as a raw file while the copy reads.
+        let (snapshots, exports) = crate::copy::exported(snapshots).await?;
         // A refusal here drops the hold: nothing was read.
         let snapshots = crate::copy::readable(snapshots).await?;
         let meta = VolumeMeta {
@@ -66,7 +68,7 @@ impl Agent for AgentService {
             server: server.to_string(),
             volume: String::new(),
         };
-        let events = crate::copy::spawn(saveset.clone(), meta, snapshots, hold);
+        let events = crate::copy::spawn(saveset.clone(), meta, snapshots, hold, exports);
         Ok(Response::new(ReceiverStream::new(events)))
     }
 

@@ -41,8 +41,8 @@ fn unknown_fields_are_refused_with_their_name() {
     let err = Config::parse(&text).unwrap_err();
     assert!(err.contains("nmae"), "{err}");
     let err =
-        Config::parse(&FULL.replace("provider = \"mock-san\"", "provider = \"zfs\"")).unwrap_err();
-    assert!(err.contains("zfs"), "{err}");
+        Config::parse(&FULL.replace("provider = \"mock-san\"", "provider = \"nfs\"")).unwrap_err();
+    assert!(err.contains("nfs"), "{err}");
     let err = Config::parse(&format!("colour = 1\n{FULL}")).unwrap_err();
     assert!(err.contains("colour"), "{err}");
 }

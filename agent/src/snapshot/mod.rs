@@ -8,8 +8,16 @@ use stillpoint_proto::Snapshot;
 use crate::config::{Config, SnapshotConfig};
 use crate::Result;
 
+mod all_or_nothing;
 pub mod btrfs;
 pub mod mock_san;
+pub mod qcow2;
+pub mod reflink;
+#[cfg(windows)]
+pub mod vss;
+pub mod zfs;
+
+pub use all_or_nothing::all_or_nothing;
 
 /// Takes and removes point-in-time copies of volumes, named by backup id.
 ///
@@ -27,13 +35,19 @@ pub trait SnapshotProvider: Send + Sync {
     fn list(&self) -> anyhow::Result<Vec<(String, Snapshot)>>;
 }
 
-/// Builds the configured provider.
+/// Builds the configured provider, all or nothing: a `create` failing part-way deletes what it
+/// made before returning the error (`all_or_nothing.rs`).
 pub fn build(config: &Config) -> Result<Arc<dyn SnapshotProvider>> {
-    Ok(match &config.snapshot {
+    Ok(all_or_nothing(match &config.snapshot {
         SnapshotConfig::MockSan { array, snapshot_delay_ms } => Arc::new(
             mock_san::MockSan::open(array, &config.server)?
                 .with_delay(std::time::Duration::from_millis(*snapshot_delay_ms)),
         ),
         SnapshotConfig::Btrfs { snapshot_dir } => Arc::new(btrfs::Btrfs::new(snapshot_dir.clone())),
-    })
+        SnapshotConfig::Reflink(c) => Arc::new(reflink::Reflink::new(c)),
+        SnapshotConfig::Zfs(c) => Arc::new(zfs::Zfs::new(c, &config.volumes)),
+        SnapshotConfig::Qcow2(c) => Arc::new(qcow2::Qcow2::new(c, &config.volumes)),
+        #[cfg(windows)]
+        SnapshotConfig::Vss(c) => Arc::new(vss::Vss::new(c)),
+    }))
 }

@@ -8,5 +8,6 @@ mod grpc;
 mod guardian;
 mod postgres;
 mod process;
+mod providers;
 mod sqlite;
 mod support;
