@@ -151,6 +151,10 @@ pub enum QuiescerConfig {
     /// For applications without hooks: SIGSTOPs the process whose pid is in `pidfile` (read at
     /// freeze time) and SIGCONTs it on thaw.
     Stop { name: String, pidfile: PathBuf },
+    /// MySQL or MariaDB: the server's backup lock on one connection, held until the thaw.
+    Mysql(crate::quiesce::mysql::MysqlConfig),
+    /// Redis: a completed save, then writes paused for at most `pause_ms`.
+    Redis(crate::quiesce::redis::RedisConfig),
 }
 
 impl QuiescerConfig {
@@ -159,6 +163,8 @@ impl QuiescerConfig {
         match self {
             QuiescerConfig::Exec { name, .. } | QuiescerConfig::Stop { name, .. } => name.clone(),
             QuiescerConfig::Fsfreeze { mount } => format!("fsfreeze {}", mount.display()),
+            QuiescerConfig::Mysql(c) => c.name.clone(),
+            QuiescerConfig::Redis(c) => c.name.clone(),
         }
     }
 }
@@ -269,6 +275,8 @@ impl Config {
                         ));
                     }
                 }
+                QuiescerConfig::Mysql(c) => c.problems(&at, self.max_lease_ms, out),
+                QuiescerConfig::Redis(c) => c.problems(&at, self.max_lease_ms, out),
                 QuiescerConfig::Fsfreeze { mount } => {
                     if !mount.is_absolute() {
                         out.push(format!(
@@ -332,7 +340,10 @@ impl Config {
                     .iter()
                     .filter_map(|q| match q {
                         QuiescerConfig::Fsfreeze { mount } => Some(mount.as_path()),
-                        QuiescerConfig::Exec { .. } | QuiescerConfig::Stop { .. } => None,
+                        QuiescerConfig::Exec { .. }
+                        | QuiescerConfig::Stop { .. }
+                        | QuiescerConfig::Mysql(_)
+                        | QuiescerConfig::Redis(_) => None,
                     })
                     .filter_map(|m| Some((std::fs::metadata(m).ok()?.dev(), m)))
                     .collect();

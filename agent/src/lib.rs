@@ -126,6 +126,8 @@ pub async fn run_with_guardian(
         .iter()
         .map(|q| match q {
             config::QuiescerConfig::Exec { timeout_ms, .. } => timeout_ms.saturating_mul(2),
+            config::QuiescerConfig::Mysql(c) => c.timeout_ms.saturating_mul(2),
+            config::QuiescerConfig::Redis(c) => c.timeout_ms.saturating_mul(2),
             config::QuiescerConfig::Fsfreeze { .. } | config::QuiescerConfig::Stop { .. } => 0,
         })
         .sum();

@@ -8,8 +8,11 @@ use crate::guardian::Action;
 pub use stillpoint_protocol::hold::Hold;
 pub use stillpoint_protocol::model::Artifact;
 
+pub mod credentials;
 pub mod exec;
 pub mod fsfreeze;
+pub mod mysql;
+pub mod redis;
 pub mod stop;
 
 /// Makes one application or filesystem hold still for a snapshot.
@@ -69,6 +72,8 @@ pub fn build(config: &Config) -> Vec<Arc<dyn Quiescer>> {
                 QuiescerConfig::Stop { name, pidfile } => {
                     Arc::new(stop::Stop::new(name.clone(), pidfile.clone()))
                 }
+                QuiescerConfig::Mysql(c) => Arc::new(self::mysql::Mysql::new(c.clone())),
+                QuiescerConfig::Redis(c) => Arc::new(self::redis::Redis::new(c.clone())),
             }
         })
         .collect()

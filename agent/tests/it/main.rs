@@ -6,4 +6,5 @@ mod copy;
 mod fs;
 mod grpc;
 mod guardian;
+mod mysql;
 mod support;
