@@ -3,8 +3,10 @@
 //! `pause_ms` even if the agent and the guardian both die, so the guardian has nothing to undo
 //! (no thaw action; a hangup would not end a pause, which belongs to the server, not to our
 //! connection). With RDB the save is a BGSAVE: the file holds every write acknowledged before
-//! the save began. With AOF on it is a BGREWRITEAOF: the AOF holds every write acknowledged
-//! before the pause (written before the reply; on disk at once with `appendfsync always`).
+//! the save began, or with `save_while_paused` every write acknowledged before the pause (the
+//! pause comes first and covers the save). With AOF on it is a BGREWRITEAOF: the AOF holds every
+//! write acknowledged before the pause (written before the reply; on disk at once with
+//! `appendfsync always`).
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -55,6 +57,11 @@ pub struct RedisConfig {
     /// The bound on connecting and on the save, in milliseconds.
     #[serde(default = "default_timeout_ms")]
     pub timeout_ms: u64,
+    /// Pause writes first and save while paused, so an RDB holds every write acknowledged
+    /// before the pause (not only before the save began), at the cost of writes waiting for
+    /// the save. Needs `timeout_ms` below `pause_ms`.
+    #[serde(default)]
+    pub save_while_paused: bool,
 }
 
 impl RedisConfig {
@@ -104,6 +111,12 @@ impl RedisConfig {
         }
         if self.timeout_ms == 0 {
             out.push(format!("{at}.timeout_ms: must be above 0"));
+        }
+        if self.save_while_paused && self.timeout_ms >= self.pause_ms {
+            out.push(format!(
+                "{at}.timeout_ms: {} is not below pause_ms {}: with save_while_paused the pause must outlast the save",
+                self.timeout_ms, self.pause_ms
+            ));
         }
         self.source().problems(at, false, out);
     }
@@ -166,7 +179,14 @@ impl Redis {
             if e.kind() == redis::ErrorKind::AuthenticationFailed
                 || e.code().is_some_and(|c| c == "WRONGPASS" || c == "NOAUTH")
             {
-                anyhow!("log in to {address} as {who}: {e}; check the user and its password")
+                let from = match (&self.config.password_file, &self.config.password_env) {
+                    (Some(f), _) => format!("password_file {}", f.display()),
+                    (_, Some(v)) => format!("password_env {v}"),
+                    _ => "no password configured".into(),
+                };
+                anyhow!(
+                    "log in to {address} as {who}: {e}; check the user and its password ({from})"
+                )
             } else {
                 anyhow!("connect to {address}: {e}")
             }
@@ -212,7 +232,7 @@ impl Redis {
             }
             if Instant::now() >= deadline {
                 bail!(
-                    "{command} did not finish within timeout_ms {} ({running}:1 after {}ms); nothing is paused",
+                    "{command} did not finish within timeout_ms {} ({running}:1 after {}ms)",
                     self.config.timeout_ms,
                     started.elapsed().as_millis()
                 );
@@ -221,12 +241,12 @@ impl Redis {
         };
         if done.get(status).map(String::as_str) != Some("ok") {
             bail!(
-                "{command} failed ({status}:{}); see the server's log; nothing is paused",
+                "{command} failed ({status}:{}); see the server's log",
                 done.get(status).map(String::as_str).unwrap_or("missing")
             );
         }
         if aof && done.get("aof_last_write_status").is_some_and(|v| v != "ok") {
-            bail!("the AOF cannot be written (aof_last_write_status:err); see the server's log; nothing is paused");
+            bail!("the AOF cannot be written (aof_last_write_status:err); see the server's log");
         }
         let ms = started.elapsed().as_millis();
         Ok(if aof {
@@ -286,18 +306,41 @@ impl Quiescer for Redis {
         if version(v).is_none_or(|v| v < (6, 2)) {
             bail!("{address}: redis {v} cannot pause writes only (CLIENT PAUSE WRITE needs 6.2 or later)");
         }
-        let saved = self.save(&mut conn, deadline).map_err(|e| anyhow!("{address}: {e:#}"))?;
-        let sent = Instant::now();
-        redis::cmd("CLIENT")
-            .arg("PAUSE")
-            .arg(self.config.pause_ms)
-            .arg("WRITE")
-            .query::<()>(&mut conn)
-            .map_err(|e| anyhow!("{address}: CLIENT PAUSE {} WRITE: {e}", self.config.pause_ms))?;
-        let detail = format!(
-            "redis {v}: {saved}; writes paused (CLIENT PAUSE WRITE, ends by itself after {}ms)",
-            self.config.pause_ms
-        );
+        let pause_ms = self.config.pause_ms;
+        let pause = |conn: &mut redis::Connection| {
+            let sent = Instant::now();
+            redis::cmd("CLIENT")
+                .arg("PAUSE")
+                .arg(pause_ms)
+                .arg("WRITE")
+                .query::<()>(conn)
+                .map(|()| sent)
+                .map_err(|e| anyhow!("{address}: CLIENT PAUSE {pause_ms} WRITE: {e}"))
+        };
+        let (sent, detail) = if self.config.save_while_paused {
+            let sent = pause(&mut conn)?;
+            let saved = match self.save(&mut conn, deadline) {
+                Ok(saved) => saved,
+                Err(e) => {
+                    let unpaused = redis::cmd("CLIENT").arg("UNPAUSE").query::<()>(&mut conn);
+                    let tail = match unpaused {
+                        Ok(()) => "writes unpaused".to_string(),
+                        Err(u) => format!(
+                            "CLIENT UNPAUSE: {u}; the pause ends by itself after {pause_ms}ms"
+                        ),
+                    };
+                    bail!("{address}: {e:#}; {tail}");
+                }
+            };
+            let saved = saved.replace("before the save began", "before the pause");
+            (sent, format!("redis {v}: writes paused (CLIENT PAUSE WRITE, ends by itself after {pause_ms}ms), then {saved}"))
+        } else {
+            let saved = self
+                .save(&mut conn, deadline)
+                .map_err(|e| anyhow!("{address}: {e:#}; nothing is paused"))?;
+            let sent = pause(&mut conn)?;
+            (sent, format!("redis {v}: {saved}; writes paused (CLIENT PAUSE WRITE, ends by itself after {pause_ms}ms)"))
+        };
         info!(quiescer = %self.config.name, backup = backup_id, "{detail}");
         *paused = Some(Paused { backup: backup_id.to_string(), conn, sent });
         Ok(detail)

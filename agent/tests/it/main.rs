@@ -7,4 +7,5 @@ mod fs;
 mod grpc;
 mod guardian;
 mod mysql;
+mod redis;
 mod support;
