@@ -53,17 +53,12 @@ pub struct Credentials {
 impl Source {
     /// Field problems, one line each prefixed with `at`; reads the files to check them but
     /// never quotes what they hold.
-    pub fn problems(&self, at: &str, option_file_allowed: bool, out: &mut Vec<String>) {
+    pub fn problems(&self, at: &str, out: &mut Vec<String>) {
         let sources =
             [self.password_file.is_some(), self.password_env.is_some(), self.option_file.is_some()];
         if sources.iter().filter(|s| **s).count() > 1 {
             out.push(format!(
                 "{at}: give at most one of password_file, password_env and option_file"
-            ));
-        }
-        if !option_file_allowed && self.option_file.is_some() {
-            out.push(format!(
-                "{at}.option_file: only the mysql quiescer reads option files; use password_file or password_env"
             ));
         }
         for (field, path) in
@@ -200,7 +195,7 @@ mod tests {
         let err = format!("{:#}", src.read().unwrap_err());
         assert!(err.contains("is empty"), "{err}");
         let mut out = Vec::new();
-        Source { password_env: Some("A".into()), ..src }.problems("q", false, &mut out);
+        Source { password_env: Some("A".into()), ..src }.problems("q", &mut out);
         assert!(out.iter().any(|p| p.contains("at most one")), "{out:?}");
     }
 }

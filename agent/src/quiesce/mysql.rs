@@ -119,7 +119,7 @@ impl MysqlConfig {
                 self.timeout_ms
             ));
         }
-        self.source().problems(at, true, out);
+        self.source().problems(at, out);
     }
 }
 

@@ -118,7 +118,7 @@ impl RedisConfig {
                 self.timeout_ms, self.pause_ms
             ));
         }
-        self.source().problems(at, false, out);
+        self.source().problems(at, out);
     }
 }
 

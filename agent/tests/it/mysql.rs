@@ -373,7 +373,16 @@ fn mariadb_hold_ends_with_the_guardians_hangup_and_the_binlog_position_is_an_art
     assert!(err.contains("Access denied") && !err.contains(wrong), "{err}");
     println!("wrong password: {err}");
 
-    let q = Mysql::new(server.quiescer(&password_file(dir.path(), STILLPOINT_PASSWORD), 5_000));
+    // The user and password from a MySQL option file's [client] section.
+    let option_file = dir.path().join("stillpoint.cnf");
+    let cnf = format!("[mysqld]\nuser = mysql\n[client]\nuser = stillpoint\npassword = \"{STILLPOINT_PASSWORD}\"\n");
+    std::fs::write(&option_file, cnf).unwrap();
+    let q = Mysql::new(MysqlConfig {
+        user: None,
+        password_file: None,
+        option_file: Some(option_file),
+        ..server.quiescer(Path::new("/unused"), 5_000)
+    });
     let mut app = server.app();
     app.query_drop("INSERT INTO app.t (n) VALUES (1)").unwrap();
     let action = q.thaw_action("b1").unwrap().expect("a hangup");
