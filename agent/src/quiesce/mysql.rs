@@ -131,6 +131,8 @@ pub struct Server {
     pub mariadb: bool,
     pub major: u32,
     pub minor: u32,
+    /// The lock this server gets: by version, unless the quiescer was made to use another.
+    pub lock: Lock,
 }
 
 /// Which lock a server gets.
@@ -154,20 +156,17 @@ impl Server {
         let (Some(major), Some(minor)) = (next(), next()) else {
             bail!("cannot read the server version {version:?}");
         };
-        Ok(Server {
-            version: version.to_string(),
-            mariadb: version.contains("MariaDB"),
-            major,
-            minor,
-        })
-    }
-
-    pub fn lock(&self) -> Lock {
-        if self.mariadb && (self.major, self.minor) >= (10, 4) {
+        let mariadb = version.contains("MariaDB");
+        let lock = if mariadb && (major, minor) >= (10, 4) {
             Lock::BackupStage
         } else {
             Lock::FlushWithReadLock
-        }
+        };
+        Ok(Server { version: version.to_string(), mariadb, major, minor, lock })
+    }
+
+    pub fn lock(&self) -> Lock {
+        self.lock
     }
 
     fn product(&self) -> &'static str {
@@ -227,12 +226,20 @@ struct State {
 /// Holds a MySQL or MariaDB server still through its backup lock.
 pub struct Mysql {
     config: MysqlConfig,
+    /// A lock other than the one the server's version chooses.
+    lock: Option<Lock>,
     state: Mutex<State>,
 }
 
 impl Mysql {
     pub fn new(config: MysqlConfig) -> Mysql {
-        Mysql { config, state: Mutex::new(State::default()) }
+        Mysql { config, lock: None, state: Mutex::new(State::default()) }
+    }
+
+    /// A quiescer that takes `lock` whatever the server's version: `FlushWithReadLock` works on
+    /// every server, so tests run MySQL's path against MariaDB with it.
+    pub fn with_lock(config: MysqlConfig, lock: Lock) -> Mysql {
+        Mysql { lock: Some(lock), ..Mysql::new(config) }
     }
 
     fn state(&self) -> MutexGuard<'_, State> {
@@ -274,7 +281,9 @@ impl Mysql {
             .query_first("SELECT VERSION()")
             .map_err(|e| anyhow!("{address}: SELECT VERSION(): {}", show(&e)))?
             .ok_or_else(|| anyhow!("{address}: SELECT VERSION() returned nothing"))?;
-        Ok((conn, Server::parse(&version)?))
+        let mut server = Server::parse(&version)?;
+        server.lock = self.lock.unwrap_or(server.lock);
+        Ok((conn, server))
     }
 
     /// Where the password came from, for an error: the field, never the value.

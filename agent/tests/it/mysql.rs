@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use mysql::prelude::Queryable;
 use stillpoint_agent::config::{QuiescerConfig, SnapshotConfig};
-use stillpoint_agent::quiesce::mysql::{Mysql, MysqlConfig};
+use stillpoint_agent::quiesce::mysql::{Lock, Mysql, MysqlConfig};
 use stillpoint_agent::quiesce::Quiescer;
 use stillpoint_proto::{CleanupRequest, CommitRequest, PrepareRequest};
 
@@ -426,6 +426,26 @@ fn mariadb_hold_ends_with_the_guardians_hangup_and_the_binlog_position_is_an_art
     assert!(text.contains("gtid_binlog_pos: "), "{text}");
     assert!(q.artifacts("b1").is_empty(), "handed over once");
     println!("artifact:\n{text}");
+
+    // MySQL's path, FLUSH TABLES WITH READ LOCK, on the same server: commits wait until the
+    // thaw's UNLOCK TABLES.
+    let config = server.quiescer(&password_file(dir.path(), STILLPOINT_PASSWORD), 5_000);
+    let q = Mysql::with_lock(config, Lock::FlushWithReadLock);
+    let detail = q.freeze("b2").unwrap();
+    assert!(detail.contains("FLUSH TABLES WITH READ LOCK held"), "{detail}");
+    let (tx, rx) = std::sync::mpsc::channel();
+    let mut app = server.app();
+    let blocked = std::thread::spawn(move || {
+        let r = app.query_drop("INSERT INTO app.a (n) VALUES (3)").map_err(|e| e.to_string());
+        tx.send(()).unwrap();
+        r
+    });
+    assert!(rx.recv_timeout(Duration::from_millis(700)).is_err(), "a write went through");
+    q.thaw("b2").unwrap();
+    rx.recv_timeout(Duration::from_secs(5)).expect("the write went through after the thaw");
+    blocked.join().unwrap().unwrap();
+    let text = String::from_utf8(q.artifacts("b2").remove(0).bytes).unwrap();
+    assert!(text.contains("lock: FLUSH TABLES WITH READ LOCK\n"), "{text}");
 }
 
 #[test]
