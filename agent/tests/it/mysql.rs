@@ -2,7 +2,8 @@
 //! port; a `stillpoint` user with only the documented grants): through the agent with a btrfs
 //! snapshot while a writer commits (commits wait, the snapshot starts as a server whose tables
 //! check and hold every row committed before the freeze), the guardian's hangup, the binlog
-//! artifact, a wrong password and a lock that cannot be had in time.
+//! artifact, a wrong password, a lock that cannot be had in time, and the agent binary stalled
+//! (its guardian hangs up at the lease) or killed (the kernel closes the connection).
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -15,6 +16,7 @@ use stillpoint_agent::config::{QuiescerConfig, SnapshotConfig};
 use stillpoint_agent::quiesce::mysql::{Lock, Mysql, MysqlConfig};
 use stillpoint_agent::quiesce::Quiescer;
 use stillpoint_proto::{CleanupRequest, CommitRequest, PrepareRequest};
+use tonic::transport::Channel;
 
 use crate::support::{config, run, sparse_image, Agent, Certs, LoopMount};
 
@@ -484,4 +486,154 @@ fn mariadb_freeze_gives_up_at_its_timeout_and_leaves_nothing_held() {
     server.app().query_drop("INSERT INTO app.t (n) VALUES (1)").unwrap();
     assert!(started.elapsed() < Duration::from_secs(1), "{:?}", started.elapsed());
     assert!(q.artifacts("b1").is_empty());
+}
+
+/// The real agent binary with `toml`'s quiescers and a mock SAN; resumed and killed on Drop.
+struct BinAgent {
+    child: Child,
+    log: PathBuf,
+    port: u16,
+}
+
+impl BinAgent {
+    async fn start(dir: &Path, certs: &Certs, quiescers: &str) -> BinAgent {
+        let array = stillpoint_core::san::Array::init(&dir.join("array")).unwrap();
+        array.create_lun(&certs.server, "data", 1 << 20).unwrap();
+        let port = stillpoint_core::testing::spare_loopback_port();
+        let tls = certs.files(&certs.server);
+        let toml = format!(
+            "server = {:?}\nlisten = \"127.0.0.1:{port}\"\nvolumes = [\"data\"]\nstate_dir = {:?}\n\
+             [tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\n{quiescers}\n\
+             [snapshot]\nprovider = \"mock-san\"\narray = {:?}\n",
+            certs.server,
+            dir.join("state"),
+            tls.ca,
+            tls.cert,
+            tls.key,
+            array.root()
+        );
+        let path = dir.join("agent.toml");
+        std::fs::write(&path, toml).unwrap();
+        let log = dir.join("agent.log");
+        let child = Command::new(env!("CARGO_BIN_EXE_stillpoint-agent"))
+            .arg("--config")
+            .arg(&path)
+            .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        let agent = BinAgent { child, log, port };
+        let mut client = agent.client(certs);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while let Err(e) = client.status(stillpoint_proto::StatusRequest {}).await {
+            assert!(Instant::now() < deadline, "agent never answered: {e}\n{}", agent.log());
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        agent
+    }
+
+    fn client(&self, certs: &Certs) -> stillpoint_proto::agent_client::AgentClient<Channel> {
+        let channel = stillpoint_core::tls::channel(
+            &format!("https://127.0.0.1:{}", self.port),
+            &certs.server,
+            &certs.files("listener"),
+            Duration::from_secs(30),
+        )
+        .unwrap();
+        stillpoint_proto::agent_client::AgentClient::new(channel)
+    }
+
+    fn signal(&self, signal: &str) {
+        run("kill", &[&format!("-{signal}"), &self.child.id().to_string()]);
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for BinAgent {
+    fn drop(&mut self) {
+        let _ = Command::new("kill").args(["-CONT", &self.child.id().to_string()]).output();
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs one INSERT as `app` on a thread; the receiver hears when it was acknowledged.
+fn insert_in_thread(server: &Mariadb, n: u64) -> std::sync::mpsc::Receiver<Instant> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let mut app = server.app();
+    std::thread::spawn(move || {
+        if app.exec_drop("INSERT INTO app.t (n) VALUES (?)", (n,)).is_ok() {
+            let _ = tx.send(Instant::now());
+        }
+    });
+    rx
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mariadb_held_by_a_stalled_agent_is_released_at_the_lease_and_by_a_dead_agent_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let datadir = dir.path().join("data");
+    install(&datadir);
+    let server = Mariadb::start(&datadir, &dir.path().join("run"));
+    server.setup();
+    let certs = Certs::new("srv-m");
+    let quiescer = format!(
+        "[[quiescer]]\nkind = \"mysql\"\nname = \"mariadb\"\nsocket = {:?}\nuser = \"stillpoint\"\npassword_file = {:?}\ntimeout_ms = 5000\n",
+        server.socket,
+        password_file(dir.path(), STILLPOINT_PASSWORD)
+    );
+    let agent = BinAgent::start(&dir.path().join("agent"), &certs, &quiescer).await;
+    let mut client = agent.client(&certs);
+
+    // SIGSTOP: the agent cannot thaw; its guardian hangs up the connection at the lease.
+    let sent = Instant::now();
+    let p = client
+        .prepare(PrepareRequest { backup_id: "b1".into(), lease_ms: 2000, ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(p.prepared, "{p:?}");
+    agent.signal("STOP");
+    let committed = insert_in_thread(&server, 1);
+    let at = committed.recv_timeout(Duration::from_secs(4)).expect("committed after the lease");
+    let waited = at.duration_since(sent);
+    println!("stalled agent: the commit went through {waited:?} after Prepare (lease 2000ms)");
+    assert!(waited >= Duration::from_millis(1900), "released before the lease: {waited:?}");
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while !agent.log().contains("closed the connection of quiescer mariadb for backup b1") {
+        assert!(Instant::now() < deadline, "no hangup in the agent log:\n{}", agent.log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    agent.signal("CONT");
+    let c = client
+        .commit(CommitRequest {
+            backup_id: "b1".into(),
+            freeze_token: p.freeze_token,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!c.committed && c.reason.contains("lease expired"), "{c:?}");
+
+    // SIGKILL: the kernel closes the agent's socket and the server lets go at once.
+    let p = client
+        .prepare(PrepareRequest { backup_id: "b2".into(), lease_ms: 30_000, ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(p.prepared, "{p:?}");
+    let committed = insert_in_thread(&server, 2);
+    assert!(committed.recv_timeout(Duration::from_millis(500)).is_err(), "not held");
+    let killed = Instant::now();
+    agent.signal("KILL");
+    let at = committed.recv_timeout(Duration::from_secs(2)).expect("committed once the agent died");
+    println!("dead agent: the commit went through {:?} after SIGKILL", at.duration_since(killed));
+    assert_eq!(values(&server, "app.t"), vec![1, 2]);
+    drop(agent);
 }
