@@ -307,3 +307,60 @@ fn redis_wrong_password_is_refused_without_showing_it() {
     assert!(err.contains("as stillpoint") && err.contains("check the user and its password"));
     assert!(!err.contains(wrong) && !err.contains(PASSWORD), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_through_the_agent_pauses_writes_from_prepare_to_commit() {
+    use stillpoint_agent::config::{QuiescerConfig, SnapshotConfig};
+    use stillpoint_proto::{CommitRequest, PrepareRequest};
+
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&dir.path().join("live"), false);
+    let certs = crate::support::Certs::new("srv-r");
+    let array = stillpoint_core::san::Array::init(&dir.path().join("array")).unwrap();
+    array.create_lun("srv-r", "data", 1 << 20).unwrap();
+    let quiescer =
+        QuiescerConfig::Redis(server.quiescer(&password_file(dir.path(), PASSWORD), 20_000));
+    let snapshot =
+        SnapshotConfig::MockSan { array: array.root().to_path_buf(), snapshot_delay_ms: 0 };
+    let agent = crate::support::Agent::start(crate::support::config(
+        &certs,
+        &["data"],
+        vec![quiescer],
+        snapshot,
+    ))
+    .await;
+    let mut client = agent.client(&certs, "listener");
+    let writer = Writer::start(server.connect());
+    writer.wait_for(100, Duration::from_secs(10));
+
+    let p = client
+        .prepare(PrepareRequest { backup_id: "b1".into(), lease_ms: 30_000, ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(p.prepared, "{p:?}");
+    let at_freeze = writer.acked();
+    assert_eq!(p.steps[0].name, "cache");
+    assert!(p.steps[0].detail.contains("writes paused (CLIENT PAUSE WRITE"), "{:?}", p.steps);
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert!(writer.acked() <= at_freeze + 1, "writes went on while paused");
+
+    let c = client
+        .commit(CommitRequest {
+            backup_id: "b1".into(),
+            freeze_token: p.freeze_token,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(c.committed, "{c:?}");
+    assert!(
+        c.steps.iter().any(|s| s.name == "cache" && s.action == "thaw" && s.ok),
+        "{:?}",
+        c.steps
+    );
+    writer.wait_for(at_freeze + 100, Duration::from_secs(5));
+    assert!(writer.stop().is_empty());
+    agent.stop().await;
+}
