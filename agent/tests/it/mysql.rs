@@ -31,8 +31,12 @@ struct Mariadb {
     log: PathBuf,
 }
 
-/// A fresh datadir with the system tables; root logs in over the socket as the OS root.
+/// A fresh datadir with the system tables; root logs in over the socket as the OS root. Its
+/// temporary tables go to a directory of its own beside the datadir: installs running at once
+/// in the shared /tmp removed each other's.
 fn install(datadir: &Path) {
+    let tmpdir = datadir.with_extension("tmp");
+    std::fs::create_dir_all(&tmpdir).unwrap();
     run(
         "mariadb-install-db",
         &[
@@ -41,6 +45,7 @@ fn install(datadir: &Path) {
             "--user=root",
             "--auth-root-authentication-method=socket",
             "--skip-test-db",
+            &format!("--tmpdir={}", tmpdir.display()),
         ],
     );
 }
@@ -62,6 +67,7 @@ impl Mariadb {
             .arg("--bind-address=127.0.0.1")
             .arg(format!("--pid-file={}", run_dir.join("mysqld.pid").display()))
             .arg(format!("--log-error={}", log.display()))
+            .arg(format!("--tmpdir={}", run_dir.display()))
             .arg("--log-bin=mysql-bin")
             .arg("--server-id=1")
             .arg("--innodb-buffer-pool-size=32M")
