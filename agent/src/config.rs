@@ -159,6 +159,10 @@ pub enum QuiescerConfig {
     /// Stops an application's processes found by name, executable or pidfile, with a lock-out
     /// (`quiesce::process`).
     Process(crate::quiesce::process::ProcessConfig),
+    /// MySQL or MariaDB: the server's backup lock on one connection, held until the thaw.
+    Mysql(crate::quiesce::mysql::MysqlConfig),
+    /// Redis: a completed save, then writes paused for at most `pause_ms`.
+    Redis(crate::quiesce::redis::RedisConfig),
 }
 
 impl QuiescerConfig {
@@ -170,6 +174,8 @@ impl QuiescerConfig {
             QuiescerConfig::Process(c) => c.name.clone(),
             QuiescerConfig::Fsfreeze { mount } => format!("fsfreeze {}", mount.display()),
             QuiescerConfig::Postgres(pg) => pg.name.clone(),
+            QuiescerConfig::Mysql(c) => c.name.clone(),
+            QuiescerConfig::Redis(c) => c.name.clone(),
         }
     }
 }
@@ -302,6 +308,8 @@ impl Config {
                         c.lockout_executable.iter().map(PathBuf::as_path).collect();
                     out.extend(crate::quiesce::sqlite::after_fsfreeze(self, i, &at, &paths));
                 }
+                QuiescerConfig::Mysql(c) => c.problems(&at, self.max_lease_ms, out),
+                QuiescerConfig::Redis(c) => c.problems(&at, self.max_lease_ms, out),
                 QuiescerConfig::Fsfreeze { mount } => {
                     if !mount.is_absolute() {
                         out.push(format!(

@@ -8,7 +8,7 @@
 
 use std::fs::File;
 use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
-use std::os::fd::{AsRawFd, BorrowedFd};
+use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{self, RecvTimeoutError};
 use std::time::{Duration, Instant};
@@ -129,7 +129,11 @@ impl Action {
     /// The action that ends this process's connection on socket `fd`, for a quiescer whose
     /// hold lives as long as that connection.
     pub fn hangup_own(fd: BorrowedFd<'_>) -> anyhow::Result<Action> {
-        let fd = fd.as_raw_fd();
+        Action::hangup_own_raw(fd.as_raw_fd())
+    }
+
+    /// [`Action::hangup_own`] for a client library that shows its socket only as a raw fd.
+    pub fn hangup_own_raw(fd: RawFd) -> anyhow::Result<Action> {
         let inode = socket_inode(std::process::id().try_into()?, fd)?
             .ok_or_else(|| anyhow!("file descriptor {fd} is not a socket"))?;
         Ok(Action::Hangup { pid: std::process::id().try_into()?, fd, inode })

@@ -130,6 +130,8 @@ pub async fn run_with_guardian(
             config::QuiescerConfig::Postgres(pg) => pg.timeout_ms.saturating_mul(4),
             config::QuiescerConfig::Sqlite(c) => c.timeout_ms.saturating_add(3000),
             config::QuiescerConfig::Process(c) => c.worst_case_ms(),
+            config::QuiescerConfig::Mysql(c) => c.timeout_ms.saturating_mul(2),
+            config::QuiescerConfig::Redis(c) => c.timeout_ms.saturating_mul(2),
             config::QuiescerConfig::Fsfreeze { .. } | config::QuiescerConfig::Stop { .. } => 0,
         })
         .sum();

@@ -208,3 +208,54 @@ fn saveset_unlocks_with_the_right_secret_only_and_never_shows_it() {
     .unwrap();
     assert!(!format!("{config:?}").contains("s3cret"));
 }
+
+/// `FULL` with its quiescers replaced by `quiescers` (TOML `[[quiescer]]` tables).
+fn with_quiescers(quiescers: &str) -> Config {
+    let start = FULL.find("[[quiescer]]").unwrap();
+    let end = FULL.find("[snapshot]").unwrap();
+    Config::parse(&format!("{}{quiescers}{}", &FULL[..start], &FULL[end..])).unwrap()
+}
+
+#[test]
+fn mysql_and_redis_quiescers_parse_and_their_mistakes_are_reported_by_field() {
+    let dir = tempfile::tempdir().unwrap();
+    let pw = dir.path().join("pw");
+    std::fs::write(&pw, "hunter2\n").unwrap();
+    let good = format!(
+        "[[quiescer]]\nkind = \"mysql\"\nname = \"db\"\nsocket = \"/run/mysqld/mysqld.sock\"\nuser = \"stillpoint\"\npassword_file = {pw:?}\n\
+         [[quiescer]]\nkind = \"redis\"\nname = \"cache\"\nhost = \"127.0.0.1\"\npassword_file = {pw:?}\npause_ms = 20000\n"
+    );
+    let c = with_quiescers(&good);
+    assert_eq!(c.quiescers.iter().map(QuiescerConfig::name).collect::<Vec<_>>(), ["db", "cache"]);
+    assert!(matches!(&c.quiescers[0], QuiescerConfig::Mysql(m) if m.timeout_ms == 30_000));
+    assert!(
+        matches!(&c.quiescers[1], QuiescerConfig::Redis(r) if r.port.is_none() && !r.save_while_paused)
+    );
+    assert!(c.problems().iter().all(|p| !p.starts_with("quiescer")), "{:?}", c.problems());
+    assert!(!format!("{c:?}").contains("hunter2"));
+
+    let start = FULL.find("[[quiescer]]").unwrap();
+    let typo = "[[quiescer]]\nkind = \"mysql\"\nname = \"db\"\nsokcet = \"/x\"\n";
+    let err = Config::parse(&format!(
+        "{}{typo}[snapshot]\nprovider = \"btrfs\"\nsnapshot_dir = \"/x\"\n",
+        &FULL[..start]
+    ))
+    .unwrap_err();
+    assert!(err.contains("unknown field `sokcet`"), "{err}");
+
+    let bad = with_quiescers(
+        "[[quiescer]]\nkind = \"mysql\"\nname = \"db\"\nhost = \"db\"\nsocket = \"/s\"\npassword_env = \"P\"\noption_file = \"/nonexistent/my.cnf\"\ntimeout_ms = 500\n\
+         [[quiescer]]\nkind = \"redis\"\nname = \"cache\"\nsocket = \"redis.sock\"\npause_ms = 90000\n",
+    );
+    let problems = bad.problems();
+    for expected in [
+        "quiescer[0]: give the server's socket or its host (not both)",
+        "quiescer[0]: give at most one of password_file, password_env and option_file",
+        "quiescer[0].timeout_ms: 500 is below 1000",
+        "quiescer[0]: password_env: the agent's environment has no variable P",
+        "quiescer[1].socket: redis.sock is not an absolute path",
+        "quiescer[1].pause_ms: 90000 is not within 1..=60000 (max_lease_ms)",
+    ] {
+        assert!(problems.iter().any(|p| p.starts_with(expected)), "{expected}\n{problems:#?}");
+    }
+}

@@ -8,11 +8,14 @@ use crate::guardian::Action;
 pub use stillpoint_protocol::hold::Hold;
 pub use stillpoint_protocol::model::Artifact;
 
+pub mod credentials;
 pub mod exec;
 pub mod fsfreeze;
+pub mod mysql;
 pub mod postgres;
 pub mod process;
 pub mod procs;
+pub mod redis;
 pub mod sqlite;
 pub mod stop;
 
@@ -79,6 +82,8 @@ pub fn build(config: &Config, agent_exe: &std::path::Path) -> Vec<Arc<dyn Quiesc
                 QuiescerConfig::Process(c) => {
                     Arc::new(process::Process::new(c.clone(), &config.server))
                 }
+                QuiescerConfig::Mysql(c) => Arc::new(self::mysql::Mysql::new(c.clone())),
+                QuiescerConfig::Redis(c) => Arc::new(self::redis::Redis::new(c.clone())),
             }
         })
         .collect()

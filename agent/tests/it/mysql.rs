@@ -1,0 +1,645 @@
+//! The mysql quiescer against private MariaDB servers (their own datadir, socket and loopback
+//! port; a `stillpoint` user with only the documented grants): through the agent with a btrfs
+//! snapshot while a writer commits (commits wait, the snapshot starts as a server whose tables
+//! check and hold every row committed before the freeze), the guardian's hangup, the binlog
+//! artifact, a wrong password, a lock that cannot be had in time, and the agent binary stalled
+//! (its guardian hangs up at the lease) or killed (the kernel closes the connection).
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use mysql::prelude::Queryable;
+use stillpoint_agent::config::{QuiescerConfig, SnapshotConfig};
+use stillpoint_agent::quiesce::mysql::{Lock, Mysql, MysqlConfig};
+use stillpoint_agent::quiesce::Quiescer;
+use stillpoint_proto::{CleanupRequest, CommitRequest, PrepareRequest};
+use tonic::transport::Channel;
+
+use crate::support::{config, run, sparse_image, Agent, Certs, LoopMount};
+
+const STILLPOINT_PASSWORD: &str = "sp-Secret-4711";
+const APP_PASSWORD: &str = "app-pw";
+
+/// A private mariadbd on `datadir`; stopped (TERM, then KILL) on Drop.
+struct Mariadb {
+    child: Child,
+    socket: PathBuf,
+    port: u16,
+    log: PathBuf,
+}
+
+/// A fresh datadir with the system tables; root logs in over the socket as the OS root. Its
+/// temporary tables go to a directory of its own beside the datadir: installs running at once
+/// in the shared /tmp removed each other's.
+fn install(datadir: &Path) {
+    let tmpdir = datadir.with_extension("tmp");
+    std::fs::create_dir_all(&tmpdir).unwrap();
+    run(
+        "mariadb-install-db",
+        &[
+            "--no-defaults",
+            &format!("--datadir={}", datadir.display()),
+            "--user=root",
+            "--auth-root-authentication-method=socket",
+            "--skip-test-db",
+            &format!("--tmpdir={}", tmpdir.display()),
+        ],
+    );
+}
+
+impl Mariadb {
+    /// Starts a server on `datadir` with its socket, pid file and log in `run_dir`, binary log
+    /// on (in the datadir), and waits until root can run a statement.
+    fn start(datadir: &Path, run_dir: &Path) -> Mariadb {
+        std::fs::create_dir_all(run_dir).unwrap();
+        let port = stillpoint_core::testing::spare_loopback_port();
+        let socket = run_dir.join("mysqld.sock");
+        let log = run_dir.join("error.log");
+        let child = Command::new("mariadbd")
+            .arg("--no-defaults")
+            .arg(format!("--datadir={}", datadir.display()))
+            .arg("--user=root")
+            .arg(format!("--socket={}", socket.display()))
+            .arg(format!("--port={port}"))
+            .arg("--bind-address=127.0.0.1")
+            .arg(format!("--pid-file={}", run_dir.join("mysqld.pid").display()))
+            .arg(format!("--log-error={}", log.display()))
+            .arg(format!("--tmpdir={}", run_dir.display()))
+            .arg("--log-bin=mysql-bin")
+            .arg("--server-id=1")
+            .arg("--innodb-buffer-pool-size=32M")
+            .arg("--skip-name-resolve")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start mariadbd");
+        let server = Mariadb { child, socket, port, log };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            match server.try_sql("SELECT 1") {
+                Ok(_) => return server,
+                Err(e) if Instant::now() > deadline => panic!(
+                    "mariadbd on {} did not answer within 60s: {e}\n{}",
+                    datadir.display(),
+                    std::fs::read_to_string(&server.log).unwrap_or_default()
+                ),
+                Err(_) => std::thread::sleep(Duration::from_millis(100)),
+            }
+        }
+    }
+
+    /// Runs `sql` as root with the command-line client; tab-separated rows, no headers.
+    fn try_sql(&self, sql: &str) -> Result<String, String> {
+        let out = Command::new("mariadb")
+            .args(["--no-defaults", "-uroot", "-N", "-B"])
+            .arg(format!("--socket={}", self.socket.display()))
+            .args(["-e", sql])
+            .output()
+            .map_err(|e| e.to_string())?;
+        if out.status.success() {
+            Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+        } else {
+            Err(String::from_utf8_lossy(&out.stderr).trim().to_string())
+        }
+    }
+
+    fn sql(&self, sql: &str) -> String {
+        self.try_sql(sql).unwrap_or_else(|e| panic!("{sql}: {e}"))
+    }
+
+    /// The app schema (an InnoDB and an Aria table), the writer's user over TCP, and the
+    /// quiescer's user with only the documented grants.
+    fn setup(&self) {
+        self.sql(&format!(
+            "CREATE DATABASE app;
+             CREATE TABLE app.t (id INT PRIMARY KEY AUTO_INCREMENT, n BIGINT NOT NULL) ENGINE=InnoDB;
+             CREATE TABLE app.a (id INT PRIMARY KEY AUTO_INCREMENT, n BIGINT NOT NULL) ENGINE=Aria;
+             CREATE USER 'app'@'127.0.0.1' IDENTIFIED BY '{APP_PASSWORD}';
+             GRANT ALL ON app.* TO 'app'@'127.0.0.1';
+             CREATE USER 'stillpoint'@'localhost' IDENTIFIED BY '{STILLPOINT_PASSWORD}';
+             GRANT RELOAD, BINLOG MONITOR ON *.* TO 'stillpoint'@'localhost';"
+        ));
+    }
+
+    /// A connection as the app user over TCP.
+    fn app(&self) -> mysql::Conn {
+        let opts = mysql::OptsBuilder::new()
+            .ip_or_hostname(Some("127.0.0.1"))
+            .tcp_port(self.port)
+            .user(Some("app"))
+            .pass(Some(APP_PASSWORD))
+            .prefer_socket(false);
+        mysql::Conn::new(opts).expect("connect as app")
+    }
+
+    /// The quiescer's config: the socket, user `stillpoint`, the password in `password_file`.
+    fn quiescer(&self, password_file: &Path, timeout_ms: u64) -> MysqlConfig {
+        MysqlConfig {
+            name: "mariadb".into(),
+            socket: Some(self.socket.clone()),
+            host: None,
+            port: None,
+            user: Some("stillpoint".into()),
+            password_file: Some(password_file.to_path_buf()),
+            password_env: None,
+            option_file: None,
+            timeout_ms,
+        }
+    }
+}
+
+impl Drop for Mariadb {
+    fn drop(&mut self) {
+        let _ = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).output();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A thread committing rows as `app`: row `i` into the InnoDB table, then into the Aria one,
+/// each in autocommit; `acked` is the last `i` whose both inserts were acknowledged.
+struct Writer {
+    acked: Arc<AtomicU64>,
+    /// When the statement now running was sent, if one is.
+    waiting_since: Arc<Mutex<Option<Instant>>>,
+    errors: Arc<Mutex<Vec<String>>>,
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Writer {
+    fn start(mut conn: mysql::Conn) -> Writer {
+        let acked = Arc::new(AtomicU64::new(0));
+        let waiting_since = Arc::new(Mutex::new(None));
+        let errors = Arc::new(Mutex::new(Vec::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = std::thread::spawn({
+            let (acked, waiting_since, errors, stop) =
+                (acked.clone(), waiting_since.clone(), errors.clone(), stop.clone());
+            move || {
+                let mut i = 0u64;
+                while !stop.load(Ordering::SeqCst) {
+                    i += 1;
+                    *waiting_since.lock().unwrap() = Some(Instant::now());
+                    let done = conn
+                        .exec_drop("INSERT INTO app.t (n) VALUES (?)", (i,))
+                        .and_then(|()| conn.exec_drop("INSERT INTO app.a (n) VALUES (?)", (i,)));
+                    *waiting_since.lock().unwrap() = None;
+                    match done {
+                        Ok(()) => acked.store(i, Ordering::SeqCst),
+                        Err(e) => {
+                            errors.lock().unwrap().push(format!("row {i}: {e}"));
+                            return;
+                        }
+                    }
+                }
+            }
+        });
+        Writer { acked, waiting_since, errors, stop, thread: Some(thread) }
+    }
+
+    fn acked(&self) -> u64 {
+        self.acked.load(Ordering::SeqCst)
+    }
+
+    fn wait_for(&self, at_least: u64, within: Duration) {
+        let deadline = Instant::now() + within;
+        while self.acked() < at_least {
+            assert!(self.errors.lock().unwrap().is_empty(), "{:?}", self.errors.lock().unwrap());
+            assert!(Instant::now() < deadline, "the writer stalled at row {}", self.acked());
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// How long the statement now running has waited.
+    fn waiting(&self) -> Option<Duration> {
+        self.waiting_since.lock().unwrap().map(|t| t.elapsed())
+    }
+
+    fn stop(mut self) -> Vec<String> {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            t.join().unwrap();
+        }
+        self.errors.lock().unwrap().clone()
+    }
+}
+
+impl Drop for Writer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+    }
+}
+
+fn password_file(dir: &Path, password: &str) -> PathBuf {
+    let path = dir.join("mysql.password");
+    std::fs::write(&path, format!("{password}\n")).unwrap();
+    path
+}
+
+/// `n` values of `table` on `server`, sorted.
+fn values(server: &Mariadb, table: &str) -> Vec<u64> {
+    let text = server.sql(&format!("SELECT n FROM {table} ORDER BY n"));
+    text.lines().map(|l| l.parse().unwrap()).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mariadb_commits_wait_while_held_and_the_btrfs_snapshot_restores_every_row_committed_before(
+) {
+    let dir = tempfile::tempdir().unwrap();
+    let certs = Certs::new("srv-db");
+    let image = dir.path().join("btrfs.img");
+    sparse_image(&image, 1 << 30);
+    run("mkfs.btrfs", &["-q", "-f", image.to_str().unwrap()]);
+    let fs = LoopMount::new(&image, &dir.path().join("pool"), false, "rw");
+    let volume = fs.mount.join("db");
+    run("btrfs", &["subvolume", "create", volume.to_str().unwrap()]);
+    let snapshot_dir = fs.mount.join(".stillpoint");
+    std::fs::create_dir(&snapshot_dir).unwrap();
+    let datadir = volume.join("data");
+    install(&datadir);
+    let server = Mariadb::start(&datadir, &dir.path().join("run"));
+    server.setup();
+
+    let quiescer = server.quiescer(&password_file(dir.path(), STILLPOINT_PASSWORD), 10_000);
+    let snapshot = SnapshotConfig::Btrfs { snapshot_dir: snapshot_dir.clone() };
+    let cfg = config(
+        &certs,
+        &[volume.to_str().unwrap()],
+        vec![QuiescerConfig::Mysql(quiescer)],
+        snapshot,
+    );
+    let agent = Agent::start(cfg).await;
+    let mut client = agent.client(&certs, "listener");
+
+    let writer = Writer::start(server.app());
+    writer.wait_for(50, Duration::from_secs(30));
+
+    let p = client
+        .prepare(PrepareRequest { backup_id: "b1".into(), lease_ms: 30_000, ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner();
+    let at_freeze = writer.acked();
+    let frozen = Instant::now();
+    assert!(p.prepared, "{p:?}");
+    let detail = &p.steps[0].detail;
+    assert!(detail.contains("BACKUP STAGE BLOCK_COMMIT held"), "{detail}");
+    assert!(detail.contains("binlog_file: mysql-bin.000001"), "{detail}");
+    println!("freeze: {detail}");
+
+    // Commits wait while held: no new row is acknowledged, the writer's statement waits, and
+    // nothing failed.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let waiting = writer.waiting();
+    assert!(writer.acked() <= at_freeze + 1, "rows committed while held: {}", writer.acked());
+    assert!(waiting.is_some_and(|w| w >= Duration::from_millis(500)), "{waiting:?}");
+    assert!(writer.errors.lock().unwrap().is_empty(), "{:?}", writer.errors.lock().unwrap());
+
+    let c = client
+        .commit(CommitRequest {
+            backup_id: "b1".into(),
+            freeze_token: p.freeze_token.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(c.committed, "{c:?}");
+    let thawed = c.steps.iter().find(|s| s.name == "mariadb" && s.action == "thaw");
+    assert!(thawed.is_some_and(|s| s.ok), "{:?}", c.steps);
+    // The writer goes on.
+    writer.wait_for(at_freeze + 2, Duration::from_secs(10));
+    println!("commits waited {:?}, from the freeze to the thaw", frozen.elapsed());
+    writer.wait_for(at_freeze + 20, Duration::from_secs(10));
+    let errors = writer.stop();
+    assert!(errors.is_empty(), "{errors:?}");
+
+    // A server started on a writable copy of the snapshot recovers, checks clean and has every
+    // row committed before the freeze, and none committed after it.
+    let snap = Path::new(&c.snapshots[0].locator);
+    assert_eq!(snap, snapshot_dir.join("b1").join("db"));
+    let copy = fs.mount.join("restored");
+    run("btrfs", &["subvolume", "snapshot", snap.to_str().unwrap(), copy.to_str().unwrap()]);
+    let restored = Mariadb::start(&copy.join("data"), &dir.path().join("run-restored"));
+    let tables = restored.sql(
+        "SELECT CONCAT(TABLE_SCHEMA, '.', TABLE_NAME) FROM information_schema.TABLES
+         WHERE TABLE_TYPE = 'BASE TABLE'
+           AND TABLE_SCHEMA NOT IN ('information_schema', 'performance_schema')",
+    );
+    let tables: Vec<&str> = tables.lines().collect();
+    assert!(tables.contains(&"app.t") && tables.contains(&"app.a"), "{tables:?}");
+    for table in &tables {
+        let checked = restored.sql(&format!("CHECK TABLE {table}"));
+        let status: Vec<&str> = checked.lines().filter(|l| l.contains("\tstatus\t")).collect();
+        assert!(!status.is_empty() && status.iter().all(|l| l.ends_with("\tOK")), "{checked}");
+    }
+    println!("CHECK TABLE ok on {} tables", tables.len());
+    for table in ["app.t", "app.a"] {
+        let rows = values(&restored, table);
+        let expected: Vec<u64> = (1..=at_freeze).collect();
+        assert!(rows.len() as u64 <= at_freeze + 1, "{table}: rows after the freeze: {rows:?}");
+        assert_eq!(rows[..at_freeze as usize], expected[..], "{table}");
+    }
+    drop(restored);
+
+    let cleaned = client.cleanup(CleanupRequest { backup_id: "b1".into() }).await.unwrap();
+    assert_eq!(cleaned.into_inner().snapshots_deleted, 1);
+    agent.stop().await;
+    run("btrfs", &["subvolume", "delete", copy.to_str().unwrap()]);
+    drop(server);
+    drop(fs);
+}
+
+#[test]
+fn mariadb_hold_ends_with_the_guardians_hangup_and_the_binlog_position_is_an_artifact() {
+    let dir = tempfile::tempdir().unwrap();
+    let datadir = dir.path().join("data");
+    install(&datadir);
+    let server = Mariadb::start(&datadir, &dir.path().join("run"));
+    server.setup();
+
+    // A wrong password: refused before anything is held, the password nowhere in the error.
+    let wrong = "not-the-password-93";
+    let bad = Mysql::new(server.quiescer(&password_file(dir.path(), wrong), 5_000));
+    let err = format!("{:#}", bad.thaw_action("b0").unwrap_err());
+    assert!(err.contains("Access denied for user 'stillpoint'@'localhost'"), "{err}");
+    assert!(err.contains("check the user and its password (password_file "), "{err}");
+    assert!(!err.contains(wrong) && !err.contains(STILLPOINT_PASSWORD), "{err}");
+    let err = format!("{:#}", bad.freeze("b0").unwrap_err());
+    assert!(err.contains("Access denied") && !err.contains(wrong), "{err}");
+    println!("wrong password: {err}");
+
+    // The user and password from a MySQL option file's [client] section.
+    let option_file = dir.path().join("stillpoint.cnf");
+    let cnf = format!("[mysqld]\nuser = mysql\n[client]\nuser = stillpoint\npassword = \"{STILLPOINT_PASSWORD}\"\n");
+    std::fs::write(&option_file, cnf).unwrap();
+    let q = Mysql::new(MysqlConfig {
+        user: None,
+        password_file: None,
+        option_file: Some(option_file),
+        ..server.quiescer(Path::new("/unused"), 5_000)
+    });
+    let mut app = server.app();
+    app.query_drop("INSERT INTO app.t (n) VALUES (1)").unwrap();
+    let action = q.thaw_action("b1").unwrap().expect("a hangup");
+    assert!(matches!(action, stillpoint_agent::guardian::Action::Hangup { .. }), "{action:?}");
+    let detail = q.freeze("b1").unwrap();
+    assert!(q.freeze("b1").unwrap().contains("already held"), "freeze is idempotent");
+
+    // While held the binary log does not move: its file is as long as the recorded position.
+    let position = server.sql("SHOW MASTER STATUS");
+    let mut fields = position.split('\t');
+    let (file, offset) = (fields.next().unwrap(), fields.next().unwrap());
+    assert!(detail.contains(&format!("binlog_position: {offset}")), "{detail} vs {position}");
+    let len = std::fs::metadata(datadir.join(file)).unwrap().len();
+    assert_eq!(len.to_string(), offset, "binlog {file} length while held");
+
+    // A commit in another session waits...
+    let (tx, rx) = std::sync::mpsc::channel();
+    let started = Instant::now();
+    let blocked = std::thread::spawn(move || {
+        let r = app.query_drop("INSERT INTO app.t (n) VALUES (2)").map_err(|e| e.to_string());
+        tx.send(started.elapsed()).unwrap();
+        r
+    });
+    assert!(rx.recv_timeout(Duration::from_millis(700)).is_err(), "a commit went through");
+    // ...until the guardian hangs up our connection (as it does for a stalled agent).
+    let done = action.execute().unwrap();
+    assert!(done.starts_with("closed connection"), "{done}");
+    let waited = rx.recv_timeout(Duration::from_secs(10)).expect("the commit went through");
+    blocked.join().unwrap().unwrap();
+    println!("commit waited {waited:?}, released by the hangup");
+    assert_eq!(values(&server, "app.t"), vec![1, 2]);
+
+    // The thaw after a hangup is quiet, and the artifact says where the binlog stood.
+    q.thaw("b1").unwrap();
+    q.thaw("b1").unwrap();
+    let artifacts = q.artifacts("b1");
+    assert_eq!(artifacts.len(), 1, "{artifacts:?}");
+    assert_eq!(artifacts[0].name, "binlog_position");
+    let text = String::from_utf8(artifacts[0].bytes.clone()).unwrap();
+    assert!(text.contains(&format!("binlog_file: {file}\nbinlog_position: {offset}\n")), "{text}");
+    assert!(text.contains("gtid_binlog_pos: "), "{text}");
+    assert!(q.artifacts("b1").is_empty(), "handed over once");
+    println!("artifact:\n{text}");
+
+    // MySQL's path, FLUSH TABLES WITH READ LOCK, on the same server: commits wait until the
+    // thaw's UNLOCK TABLES.
+    let config = server.quiescer(&password_file(dir.path(), STILLPOINT_PASSWORD), 5_000);
+    let q = Mysql::with_lock(config, Lock::FlushWithReadLock);
+    let detail = q.freeze("b2").unwrap();
+    assert!(detail.contains("FLUSH TABLES WITH READ LOCK held"), "{detail}");
+    let (tx, rx) = std::sync::mpsc::channel();
+    let mut app = server.app();
+    let blocked = std::thread::spawn(move || {
+        let r = app.query_drop("INSERT INTO app.a (n) VALUES (3)").map_err(|e| e.to_string());
+        tx.send(()).unwrap();
+        r
+    });
+    assert!(rx.recv_timeout(Duration::from_millis(700)).is_err(), "a write went through");
+    q.thaw("b2").unwrap();
+    rx.recv_timeout(Duration::from_secs(5)).expect("the write went through after the thaw");
+    blocked.join().unwrap().unwrap();
+    let text = String::from_utf8(q.artifacts("b2").remove(0).bytes).unwrap();
+    assert!(text.contains("lock: FLUSH TABLES WITH READ LOCK\n"), "{text}");
+}
+
+#[test]
+fn mariadb_freeze_gives_up_at_its_timeout_and_leaves_nothing_held() {
+    let dir = tempfile::tempdir().unwrap();
+    let datadir = dir.path().join("data");
+    install(&datadir);
+    let server = Mariadb::start(&datadir, &dir.path().join("run"));
+    server.setup();
+    let q = Mysql::new(server.quiescer(&password_file(dir.path(), STILLPOINT_PASSWORD), 2_000));
+
+    // Another session's table lock keeps the backup lock from being granted.
+    let mut blocker = server.app();
+    blocker.query_drop("LOCK TABLES app.t WRITE").unwrap();
+    q.thaw_action("b1").unwrap();
+    let started = Instant::now();
+    let err = format!("{:#}", q.freeze("b1").unwrap_err());
+    let took = started.elapsed();
+    println!("gave up after {took:?}: {err}");
+    assert!(took >= Duration::from_secs(2) && took < Duration::from_secs(5), "{took:?}");
+    assert!(err.contains("could not get the lock within 2s"), "{err}");
+    assert!(err.contains("nothing is held"), "{err}");
+    q.thaw("b1").unwrap();
+
+    // Nothing of ours is left: no stillpoint connection, and commits go through.
+    blocker.query_drop("UNLOCK TABLES").unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while server
+        .sql("SELECT COUNT(*) FROM information_schema.PROCESSLIST WHERE USER = 'stillpoint'")
+        != "0"
+    {
+        assert!(Instant::now() < deadline, "the quiescer's connection is still open");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let started = Instant::now();
+    server.app().query_drop("INSERT INTO app.t (n) VALUES (1)").unwrap();
+    assert!(started.elapsed() < Duration::from_secs(1), "{:?}", started.elapsed());
+    assert!(q.artifacts("b1").is_empty());
+}
+
+/// The real agent binary with `toml`'s quiescers and a mock SAN; resumed and killed on Drop.
+struct BinAgent {
+    child: Child,
+    log: PathBuf,
+    port: u16,
+}
+
+impl BinAgent {
+    async fn start(dir: &Path, certs: &Certs, quiescers: &str) -> BinAgent {
+        let array = stillpoint_core::san::Array::init(&dir.join("array")).unwrap();
+        array.create_lun(&certs.server, "data", 1 << 20).unwrap();
+        let port = stillpoint_core::testing::spare_loopback_port();
+        let tls = certs.files(&certs.server);
+        let toml = format!(
+            "server = {:?}\nlisten = \"127.0.0.1:{port}\"\nvolumes = [\"data\"]\nstate_dir = {:?}\n\
+             [tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\n{quiescers}\n\
+             [snapshot]\nprovider = \"mock-san\"\narray = {:?}\n",
+            certs.server,
+            dir.join("state"),
+            tls.ca,
+            tls.cert,
+            tls.key,
+            array.root()
+        );
+        let path = dir.join("agent.toml");
+        std::fs::write(&path, toml).unwrap();
+        let log = dir.join("agent.log");
+        let child = Command::new(env!("CARGO_BIN_EXE_stillpoint-agent"))
+            .arg("--config")
+            .arg(&path)
+            .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        let agent = BinAgent { child, log, port };
+        let mut client = agent.client(certs);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while let Err(e) = client.status(stillpoint_proto::StatusRequest {}).await {
+            assert!(Instant::now() < deadline, "agent never answered: {e}\n{}", agent.log());
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        agent
+    }
+
+    fn client(&self, certs: &Certs) -> stillpoint_proto::agent_client::AgentClient<Channel> {
+        let channel = stillpoint_core::tls::channel(
+            &format!("https://127.0.0.1:{}", self.port),
+            &certs.server,
+            &certs.files("listener"),
+            Duration::from_secs(30),
+        )
+        .unwrap();
+        stillpoint_proto::agent_client::AgentClient::new(channel)
+    }
+
+    fn signal(&self, signal: &str) {
+        run("kill", &[&format!("-{signal}"), &self.child.id().to_string()]);
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for BinAgent {
+    fn drop(&mut self) {
+        let _ = Command::new("kill").args(["-CONT", &self.child.id().to_string()]).output();
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs one INSERT as `app` on a thread; the receiver hears when it was acknowledged.
+fn insert_in_thread(server: &Mariadb, n: u64) -> std::sync::mpsc::Receiver<Instant> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let mut app = server.app();
+    std::thread::spawn(move || {
+        if app.exec_drop("INSERT INTO app.t (n) VALUES (?)", (n,)).is_ok() {
+            let _ = tx.send(Instant::now());
+        }
+    });
+    rx
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mariadb_held_by_a_stalled_agent_is_released_at_the_lease_and_by_a_dead_agent_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let datadir = dir.path().join("data");
+    install(&datadir);
+    let server = Mariadb::start(&datadir, &dir.path().join("run"));
+    server.setup();
+    let certs = Certs::new("srv-m");
+    let quiescer = format!(
+        "[[quiescer]]\nkind = \"mysql\"\nname = \"mariadb\"\nsocket = {:?}\nuser = \"stillpoint\"\npassword_file = {:?}\ntimeout_ms = 5000\n",
+        server.socket,
+        password_file(dir.path(), STILLPOINT_PASSWORD)
+    );
+    let agent = BinAgent::start(&dir.path().join("agent"), &certs, &quiescer).await;
+    let mut client = agent.client(&certs);
+
+    // SIGSTOP: the agent cannot thaw; its guardian hangs up the connection at the lease.
+    let sent = Instant::now();
+    let p = client
+        .prepare(PrepareRequest { backup_id: "b1".into(), lease_ms: 2000, ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(p.prepared, "{p:?}");
+    agent.signal("STOP");
+    let committed = insert_in_thread(&server, 1);
+    let at = committed.recv_timeout(Duration::from_secs(4)).expect("committed after the lease");
+    let waited = at.duration_since(sent);
+    println!("stalled agent: the commit went through {waited:?} after Prepare (lease 2000ms)");
+    assert!(waited >= Duration::from_millis(1900), "released before the lease: {waited:?}");
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while !agent.log().contains("closed the connection of quiescer mariadb for backup b1") {
+        assert!(Instant::now() < deadline, "no hangup in the agent log:\n{}", agent.log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    agent.signal("CONT");
+    let c = client
+        .commit(CommitRequest {
+            backup_id: "b1".into(),
+            freeze_token: p.freeze_token,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!c.committed && c.reason.contains("lease expired"), "{c:?}");
+
+    // SIGKILL: the kernel closes the agent's socket and the server lets go at once.
+    let p = client
+        .prepare(PrepareRequest { backup_id: "b2".into(), lease_ms: 30_000, ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(p.prepared, "{p:?}");
+    let committed = insert_in_thread(&server, 2);
+    assert!(committed.recv_timeout(Duration::from_millis(500)).is_err(), "not held");
+    let killed = Instant::now();
+    agent.signal("KILL");
+    let at = committed.recv_timeout(Duration::from_secs(2)).expect("committed once the agent died");
+    println!("dead agent: the commit went through {:?} after SIGKILL", at.duration_since(killed));
+    assert_eq!(values(&server, "app.t"), vec![1, 2]);
+    drop(agent);
+}
