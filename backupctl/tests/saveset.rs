@@ -88,6 +88,7 @@ impl Fixture {
             volumes: volumes.iter().map(|v| v.parse::<ManifestId>().unwrap()).collect(),
             cut: serde_json::json!({"servers": []}),
             created_unix_ms: 1,
+            artifacts: Vec::new(),
         };
         repo.write_manifest(&Manifest::Backup(manifest)).unwrap().to_string()
     }
