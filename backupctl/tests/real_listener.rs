@@ -249,7 +249,10 @@ async fn status_lists_the_artifacts_and_artifacts_writes_them_from_the_catalog()
 
     let (code, out) = real.run("viewer", &["status", &id]).await;
     assert_eq!(code, 0);
-    let row = out.lines().find(|l| l.starts_with("srv-b") && l.contains(" pg ")).unwrap_or_else(|| panic!("{out}"));
+    let row = out
+        .lines()
+        .find(|l| l.starts_with("srv-b") && l.contains(" pg "))
+        .unwrap_or_else(|| panic!("{out}"));
     let words: Vec<&str> = row.split_whitespace().collect();
     assert_eq!(words, ["srv-b", "pg", "backup_label", "18", "B"], "{out}");
     let (_, out) = real.run("viewer", &["status", &id, "--json"]).await;
