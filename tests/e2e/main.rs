@@ -4,6 +4,7 @@
 mod harness;
 
 mod agent_copy;
+mod artifacts;
 mod consistency;
 mod failures;
 mod faults;
