@@ -276,7 +276,7 @@ async fn status_lists_the_artifacts_and_artifacts_writes_them_from_the_catalog()
     let (code, out) = real.run("hook", &["artifacts", &id, "--server", "srv-a", "--to", to]).await;
     assert_eq!(
         (code, out.trim()),
-        (0, format!("backup {id} of srv-a has no artifacts: its quiescers made none").as_str())
+        (0, format!("the catalog holds no artifacts of backup {id} of srv-a").as_str())
     );
     let (code, _) = real.run("viewer", &["artifacts", &id, "--to", to]).await;
     assert_eq!(code, 2, "a viewer may not read their bytes");

@@ -104,7 +104,7 @@ pub async fn run(conn: &Connection, args: Args, out: &mut dyn Write) -> Result<(
     }
     if written.is_empty() {
         let whose = args.server.as_deref().map_or(String::new(), |s| format!(" of {s}"));
-        writeln!(out, "backup {}{whose} has no artifacts: its quiescers made none", args.id)?;
+        writeln!(out, "the catalog holds no artifacts of backup {}{whose}", args.id)?;
     }
     for w in &written {
         writeln!(out, "{}", said(&args.id, w))?;

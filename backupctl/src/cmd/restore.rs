@@ -175,7 +175,7 @@ pub fn run(args: Args, out: &mut dyn Write) -> Result<()> {
         writeln!(out, "{}", artifacts::said(&args.id, w))?;
     }
     if written.is_empty() && complete {
-        writeln!(out, "{}'s quiescers made no artifacts for backup {}", args.server, args.id)?;
+        writeln!(out, "backup {}'s manifest carries no artifacts of {}", args.id, args.server)?;
     } else if !complete {
         writeln!(
             out,
