@@ -453,15 +453,23 @@ impl Inner {
             }
             Effect::Thaw { backup, quiescer, thawed_elsewhere } => {
                 let q = self.quiescers.get(quiescer)?.clone();
-                let result = if thawed_elsewhere {
+                // After a successful thaw the quiescer hands over what a restore needs.
+                let (result, artifacts) = if thawed_elsewhere {
                     q.thawed_elsewhere(backup.as_str());
-                    Ok("thawed by the guardian".to_string())
+                    let artifacts = blocking(move || Ok(q.artifacts(backup.as_str()))).await;
+                    (Ok("thawed by the guardian".to_string()), artifacts.unwrap_or_default())
                 } else {
-                    blocking(move || q.thaw(backup.as_str()).map(|()| String::new()))
-                        .await
-                        .map_err(|e| format!("{e:#}"))
+                    let thawed = blocking(move || {
+                        q.thaw(backup.as_str())?;
+                        Ok(q.artifacts(backup.as_str()))
+                    })
+                    .await;
+                    match thawed {
+                        Ok(artifacts) => (Ok(String::new()), artifacts),
+                        Err(e) => (Err(format!("{e:#}")), Vec::new()),
+                    }
                 };
-                Some(Input::Thawed { quiescer, result })
+                Some(Input::Thawed { quiescer, result, artifacts })
             }
             Effect::Forget { backup } => {
                 let _ = self

@@ -146,6 +146,10 @@ pub enum QuiescerConfig {
         post_thaw: Option<Vec<String>>,
         #[serde(default = "default_timeout_ms")]
         timeout_ms: u64,
+        /// Files the commands write to `$STILLPOINT_ARTIFACTS_DIR` (a fresh directory per
+        /// backup under this one) become the backup's artifacts, restored beside the volumes.
+        #[serde(default)]
+        artifacts_dir: Option<PathBuf>,
     },
     /// Freezes the filesystem mounted at `mount` (FIFREEZE).
     Fsfreeze { mount: PathBuf },
@@ -267,9 +271,12 @@ impl Config {
                 out.push(format!("{at}: {:?} appears twice", q.name()));
             }
             match q {
-                QuiescerConfig::Exec { name, pre_freeze, post_thaw, timeout_ms } => {
+                QuiescerConfig::Exec { name, pre_freeze, post_thaw, timeout_ms, artifacts_dir } => {
                     if let Err(e) = validate_name("quiescer name", name) {
                         out.push(format!("{at}.name: {e}"));
+                    }
+                    if artifacts_dir.as_ref().is_some_and(|d| !d.is_absolute()) {
+                        out.push(format!("{at}.artifacts_dir: give an absolute path"));
                     }
                     if pre_freeze.is_none() && post_thaw.is_none() {
                         out.push(format!(

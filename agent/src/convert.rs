@@ -8,7 +8,7 @@ use stillpoint_proto::{
 use stillpoint_protocol::agent::{AbortReply, BackupStatus, Phase};
 use stillpoint_protocol::coordinator::{CommitReply, PrepareReply, ReleaseReply};
 use stillpoint_protocol::hold::Hold;
-use stillpoint_protocol::model::{SnapshotRef, Step};
+use stillpoint_protocol::model::{Artifact, SnapshotRef, Step};
 
 pub fn snapshot_ref(s: Snapshot) -> SnapshotRef {
     SnapshotRef {
@@ -78,7 +78,13 @@ pub fn release_response(r: ReleaseReply) -> ReleaseResponse {
         held_ms: r.held_ms,
         thaw_ms: r.thaw_ms,
         steps: r.steps.into_iter().map(step).collect(),
+        artifacts: r.artifacts.into_iter().map(artifact).collect(),
+        artifacts_refused: r.artifacts_refused,
     }
+}
+
+fn artifact(a: Artifact) -> stillpoint_proto::Artifact {
+    stillpoint_proto::Artifact { quiescer: a.quiescer, name: a.name, content: a.bytes }
 }
 
 pub fn commit_response(r: CommitReply) -> CommitResponse {
@@ -91,6 +97,7 @@ pub fn commit_response(r: CommitReply) -> CommitResponse {
         held_ms: r.held_ms,
         steps: r.steps.into_iter().map(step).collect(),
         still_held: r.still_held,
+        artifacts: r.artifacts.into_iter().map(artifact).collect(),
     }
 }
 

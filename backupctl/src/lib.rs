@@ -81,6 +81,8 @@ pub enum Command {
     Verify(cmd::verify::Args),
     /// Write a server's volumes of a backup back from the saveset repository (offline)
     Restore(cmd::restore::Args),
+    /// Write the files a backup's quiescers made for a restore, from the listener's catalog
+    Artifacts(cmd::artifacts::Args),
 }
 
 /// Runs one command, writing results to `out` and diagnostics to stderr; returns the exit code.
@@ -119,6 +121,7 @@ async fn dispatch(cli: Cli, out: &mut dyn Write) -> Result<()> {
         Command::Repo(repo) => cmd::repo::run(repo, out),
         Command::Verify(args) => cmd::verify::run(args, out),
         Command::Restore(args) => cmd::restore::run(args, out),
+        Command::Artifacts(args) => cmd::artifacts::run(conn, args, out).await,
     }
 }
 

@@ -46,6 +46,15 @@ pub struct ServerView {
     pub snapshots: Vec<SnapshotView>,
     pub copied_bytes: u64,
     pub total_bytes: u64,
+    /// What its quiescers made for a restore, without the bytes (`backupctl artifacts`).
+    pub artifacts: Vec<ArtifactView>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ArtifactView {
+    pub quiescer: String,
+    pub name: String,
+    pub size_bytes: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -274,6 +283,15 @@ impl From<&ServerProgress> for ServerView {
             snapshots: p.snapshots.iter().map(SnapshotView::from).collect(),
             copied_bytes: p.copied_bytes,
             total_bytes: p.total_bytes,
+            artifacts: p
+                .artifacts
+                .iter()
+                .map(|a| ArtifactView {
+                    quiescer: a.quiescer.clone(),
+                    name: a.name.clone(),
+                    size_bytes: a.size_bytes,
+                })
+                .collect(),
         }
     }
 }
@@ -556,6 +574,10 @@ pub fn backup_human(b: &Backup) -> String {
         out.push('\n');
         out.push_str(&servers_human(&b.servers));
     }
+    if b.servers.iter().any(|s| !s.artifacts.is_empty()) {
+        out.push('\n');
+        out.push_str(&artifacts_human(&b.servers));
+    }
     if let Some(cut) = &b.cut {
         out.push('\n');
         out.push_str(&cut_human(cut, b.state));
@@ -584,6 +606,28 @@ pub fn servers_human(servers: &[ServerProgress]) -> String {
         })
         .collect();
     table(&["SERVER", "PHASE", "DETAIL", "SNAPSHOTS", "COPIED/TOTAL"], &rows)
+}
+
+/// The files the servers' quiescers made for a restore, one row each, and where they go.
+pub fn artifacts_human(servers: &[ServerProgress]) -> String {
+    let rows: Vec<Vec<String>> = servers
+        .iter()
+        .flat_map(|s| {
+            s.artifacts.iter().map(|a| {
+                vec![
+                    s.server.clone(),
+                    a.quiescer.clone(),
+                    a.name.clone(),
+                    human_bytes(a.size_bytes),
+                ]
+            })
+        })
+        .collect();
+    let mut out = table(&["SERVER", "QUIESCER", "ARTIFACT", "SIZE"], &rows);
+    out.push_str(
+        "(restored beside the volumes as <server>/artifacts/<quiescer>/<name>; `backupctl artifacts ID --to DIR` fetches them from the catalog)\n",
+    );
+    out
 }
 
 /// The cut of a backup in `state`: the verdict, then per server each protocol step as an offset

@@ -229,6 +229,15 @@ impl Listener for Fake {
         self.get(&r.into_inner().backup_id).map(Response::new)
     }
 
+    async fn get_artifacts(
+        &self,
+        r: Request<GetArtifactsRequest>,
+    ) -> Result<Response<GetArtifactsResponse>, Status> {
+        self.record(&r);
+        self.get(&r.into_inner().backup_id)?;
+        Ok(Response::new(GetArtifactsResponse::default()))
+    }
+
     async fn health(&self, _: Request<HealthRequest>) -> Result<Response<HealthResponse>, Status> {
         Ok(Response::new(HealthResponse::default()))
     }

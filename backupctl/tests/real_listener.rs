@@ -238,3 +238,46 @@ async fn copying_reports_progress_and_heartbeats() {
     ])
     .is_err());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_lists_the_artifacts_and_artifacts_writes_them_from_the_catalog() {
+    let real = Real::start(Spec::default()).await;
+    real.cluster.agent("srv-b").hand_over(&[("pg", "backup_label", b"START WAL LOCATION")]);
+    let (code, out) = real.run("hook", &["start", "--group", "g", "--wait", "snapshotted"]).await;
+    assert_eq!(code, 0, "{out}");
+    let id = out.lines().next().unwrap().split_whitespace().next().unwrap().to_string();
+
+    let (code, out) = real.run("viewer", &["status", &id]).await;
+    assert_eq!(code, 0);
+    let row = out
+        .lines()
+        .find(|l| l.starts_with("srv-b") && l.contains(" pg "))
+        .unwrap_or_else(|| panic!("{out}"));
+    let words: Vec<&str> = row.split_whitespace().collect();
+    assert_eq!(words, ["srv-b", "pg", "backup_label", "18", "B"], "{out}");
+    let (_, out) = real.run("viewer", &["status", &id, "--json"]).await;
+    let servers = &json(&out)["servers"];
+    assert_eq!(
+        servers[1]["artifacts"],
+        serde_json::json!([{"quiescer": "pg", "name": "backup_label", "size_bytes": 18}])
+    );
+    assert_eq!(servers[0]["artifacts"], serde_json::json!([]));
+
+    let to = real._dir.path().join("fetched");
+    let to = to.to_str().unwrap();
+    let (code, out) = real.run("hook", &["artifacts", &id, "--to", to]).await;
+    assert_eq!(code, 0, "{out}");
+    let file = format!("{to}/srv-b/artifacts/pg/backup_label");
+    assert_eq!(std::fs::read(&file).unwrap(), b"START WAL LOCATION");
+    assert_eq!(
+        out.trim(),
+        format!("wrote artifact pg/backup_label of srv-b in backup {id} (18 B) to {file}")
+    );
+    let (code, out) = real.run("hook", &["artifacts", &id, "--server", "srv-a", "--to", to]).await;
+    assert_eq!(
+        (code, out.trim()),
+        (0, format!("the catalog holds no artifacts of backup {id} of srv-a").as_str())
+    );
+    let (code, _) = real.run("viewer", &["artifacts", &id, "--to", to]).await;
+    assert_eq!(code, 2, "a viewer may not read their bytes");
+}

@@ -7,7 +7,9 @@ use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use stillpoint_saveset::{BackupManifest, Manifest, ManifestId, Repository, Secret};
+use stillpoint_saveset::{
+    BackupArtifact, BackupManifest, Manifest, ManifestId, Repository, Secret,
+};
 
 const BIN: &str = env!("CARGO_BIN_EXE_backupctl");
 const PASSPHRASE: &str = "correct horse battery staple";
@@ -79,6 +81,33 @@ impl Fixture {
         v["manifest"].as_str().unwrap().to_owned()
     }
 
+    /// Writes the backup manifest naming `volumes` and carrying `(server, quiescer, name,
+    /// bytes)` artifacts, as the listener's seal does.
+    fn finish_with(
+        &self,
+        backup: &str,
+        volumes: &[&str],
+        artifacts: &[(&str, &str, &str, &[u8])],
+    ) -> String {
+        let repo = Repository::open(&self.repo(), &Secret::passphrase(PASSPHRASE)).unwrap();
+        let manifest = BackupManifest {
+            backup: backup.into(),
+            volumes: volumes.iter().map(|v| v.parse::<ManifestId>().unwrap()).collect(),
+            cut: serde_json::json!({"servers": []}),
+            created_unix_ms: 1,
+            artifacts: artifacts
+                .iter()
+                .map(|(server, quiescer, name, bytes)| BackupArtifact {
+                    server: server.to_string(),
+                    quiescer: quiescer.to_string(),
+                    name: name.to_string(),
+                    bytes: bytes.to_vec(),
+                })
+                .collect(),
+        };
+        repo.write_manifest(&Manifest::Backup(manifest)).unwrap().to_string()
+    }
+
     /// Writes the backup manifest naming `volumes`, as the listener does once every server's
     /// copy is in: what makes a backup complete.
     fn finish(&self, backup: &str, volumes: &[&str]) -> String {
@@ -88,6 +117,7 @@ impl Fixture {
             volumes: volumes.iter().map(|v| v.parse::<ManifestId>().unwrap()).collect(),
             cut: serde_json::json!({"servers": []}),
             created_unix_ms: 1,
+            artifacts: Vec::new(),
         };
         repo.write_manifest(&Manifest::Backup(manifest)).unwrap().to_string()
     }
@@ -445,4 +475,75 @@ fn walk(dir: &Path) -> Vec<PathBuf> {
     }
     files.sort();
     files
+}
+
+#[test]
+fn restore_writes_the_servers_artifacts_beside_its_volumes() {
+    let f = Fixture::new();
+    make_image(&f.path("root.img"), 7);
+    let a = f.backup("b-1", "srv-a", "root", &f.path("root.img"));
+    let b = f.backup("b-1", "srv-b", "root", &f.path("root.img"));
+    let label: &[u8] = b"START WAL LOCATION: 0/2000028\n";
+    f.finish_with(
+        "b-1",
+        &[&a, &b],
+        &[
+            ("srv-a", "pg", "backup_label", label),
+            ("srv-a", "pg", "tablespace_map", b""),
+            ("srv-b", "mysql", "binlog_position", b"binlog.000003:157"),
+        ],
+    );
+    let to = f.path("out");
+    fs::create_dir(&to).unwrap();
+    let out = f.ok(&["restore", "b-1", "--server", "srv-a", "--to", to.to_str().unwrap()]);
+    let dir = to.join("srv-a/artifacts/pg");
+    assert_eq!(fs::read(dir.join("backup_label")).unwrap(), label);
+    assert_eq!(fs::read(dir.join("tablespace_map")).unwrap(), b"");
+    assert!(!to.join("srv-b").exists(), "only the restored server's");
+    assert!(
+        out.contains(&format!(
+            "wrote artifact pg/backup_label of srv-a in backup b-1 (30 B) to {}",
+            dir.join("backup_label").display()
+        )),
+        "{out}"
+    );
+    assert_restored(&to.join("srv-a-root.img"), &f.path("root.img"));
+
+    // A single target file: the artifacts go beside it; --json says where.
+    let target = f.path("single/srv-b.img");
+    fs::create_dir(f.path("single")).unwrap();
+    let args = ["restore", "b-1", "--server", "srv-b", "--to", target.to_str().unwrap(), "--json"];
+    let v: serde_json::Value = serde_json::from_str(&f.ok(&args)).unwrap();
+    let artifacts_dir = f.path("single/srv-b/artifacts");
+    assert_eq!(v[0]["artifacts_dir"], artifacts_dir.to_str().unwrap(), "{v}");
+    assert_eq!(
+        fs::read(artifacts_dir.join("mysql/binlog_position")).unwrap(),
+        b"binlog.000003:157"
+    );
+
+    // An artifact file holding something else is not overwritten without --force, and no
+    // volume is written either.
+    fs::write(dir.join("backup_label"), "edited by hand").unwrap();
+    fs::remove_file(to.join("srv-a-root.img")).unwrap();
+    let args = ["restore", "b-1", "--server", "srv-a", "--to", to.to_str().unwrap()];
+    let out = f.run(&args);
+    check_exit(&out, 2, &args);
+    assert!(stderr(&out).contains("exists with other contents; pass --force"), "{}", stderr(&out));
+    assert!(!to.join("srv-a-root.img").exists(), "checked before any volume was written");
+    f.ok(&[&args[..], &["--force"]].concat());
+    assert_eq!(fs::read(dir.join("backup_label")).unwrap(), label);
+}
+
+#[test]
+fn an_artifact_name_that_is_a_path_is_refused_before_anything_is_written() {
+    let f = Fixture::new();
+    make_image(&f.path("root.img"), 7);
+    let a = f.backup("b-1", "srv-a", "root", &f.path("root.img"));
+    f.finish_with("b-1", &[&a], &[("srv-a", "pg", "../../escape", b"x")]);
+    let to = f.path("out");
+    let args = ["restore", "b-1", "--server", "srv-a", "--to", to.to_str().unwrap()];
+    let out = f.run(&args);
+    check_exit(&out, 2, &args);
+    assert!(stderr(&out).contains("refusing to write artifacts of srv-a"), "{}", stderr(&out));
+    assert!(!f.path("escape").exists() && !to.exists());
 }

@@ -3,7 +3,7 @@
 use stillpoint_proto as pb;
 
 use crate::coordinator::{CommitReply, PrepareReply, ReleaseReply};
-use crate::model::{BackupRecord, Level, LogEntry, SnapshotRef, State, StateName, Step};
+use crate::model::{Artifact, BackupRecord, Level, LogEntry, SnapshotRef, State, StateName, Step};
 use stillpoint_protocol::hold::Hold;
 
 pub fn state(name: StateName) -> pb::BackupState {
@@ -68,6 +68,15 @@ pub fn backup(r: &BackupRecord) -> pb::Backup {
             snapshots: s.snapshots.iter().map(snapshot).collect(),
             copied_bytes: s.copied_bytes,
             total_bytes: s.total_bytes,
+            artifacts: s
+                .artifacts
+                .iter()
+                .map(|a| pb::ArtifactInfo {
+                    quiescer: a.quiescer.clone(),
+                    name: a.name.clone(),
+                    size_bytes: a.bytes.len() as u64,
+                })
+                .collect(),
         })
         .collect();
     let cut_servers = r
@@ -174,7 +183,43 @@ pub fn release_reply(r: pb::ReleaseResponse) -> ReleaseReply {
         held_ms: r.held_ms,
         thaw_ms: r.thaw_ms,
         steps: r.steps.into_iter().map(step_from).collect(),
+        artifacts: r.artifacts.into_iter().map(artifact_from).collect(),
+        artifacts_refused: r.artifacts_refused,
     }
+}
+
+fn artifact_from(a: pb::Artifact) -> Artifact {
+    Artifact { quiescer: a.quiescer, name: a.name, bytes: a.content }
+}
+
+fn artifact(a: &Artifact) -> pb::Artifact {
+    pb::Artifact { quiescer: a.quiescer.clone(), name: a.name.clone(), content: a.bytes.clone() }
+}
+
+/// A backup's artifacts with their bytes: one server's, or every server's that has any.
+pub fn artifacts(
+    r: &BackupRecord,
+    server: Option<&str>,
+) -> crate::Result<pb::GetArtifactsResponse> {
+    if let Some(server) = server {
+        if !r.servers.iter().any(|s| s.server == server) {
+            return Err(crate::Error::UnknownServer {
+                backup: r.id.clone(),
+                server: server.to_string(),
+                known: r.servers.iter().map(|s| s.server.as_str()).collect::<Vec<_>>().join(", "),
+            });
+        }
+    }
+    let servers = r
+        .servers
+        .iter()
+        .filter(|s| server.is_none_or(|want| s.server == want) && !s.artifacts.is_empty())
+        .map(|s| pb::ServerArtifacts {
+            server: s.server.clone(),
+            artifacts: s.artifacts.iter().map(artifact).collect(),
+        })
+        .collect();
+    Ok(pb::GetArtifactsResponse { servers })
 }
 
 pub fn commit_reply(r: pb::CommitResponse) -> CommitReply {
@@ -187,6 +232,7 @@ pub fn commit_reply(r: pb::CommitResponse) -> CommitReply {
         held_ms: r.held_ms,
         steps: r.steps.into_iter().map(step_from).collect(),
         still_held: r.still_held,
+        artifacts: r.artifacts.into_iter().map(artifact_from).collect(),
     }
 }
 

@@ -18,7 +18,7 @@ use crate::agents::Agents;
 use crate::config::{Config, CopyConfig, CopyOn};
 use crate::coordinator::{CopyDone, Event};
 use crate::error::{Error, Result};
-use crate::model::{CutRecord, SnapshotRef};
+use crate::model::{Artifact, CutRecord, SnapshotRef};
 use crate::runtime::Feed;
 
 mod agent;
@@ -164,12 +164,12 @@ impl Copier {
     }
 
     /// Seals the backup: the backup manifest naming every volume manifest in `stored`, with
-    /// the cut, then the configured verify of that backup. Answers `Sealed` through `feed`.
+    /// the cut and each server's artifacts, then the configured verify of that backup. Answers `Sealed` through `feed`.
     pub fn seal(
         &self,
         backup_id: &str,
         stored: Vec<String>,
-        cut: CutRecord,
+        (cut, artifacts): (CutRecord, Vec<(String, Vec<Artifact>)>),
         feed: Feed,
         stop: CancellationToken,
     ) {
@@ -186,7 +186,7 @@ impl Copier {
             }
         };
         let backup_id = backup_id.to_string();
-        let seal = blocking(move || saveset.seal(&backup_id, &stored, &cut));
+        let seal = blocking(move || saveset.seal(&backup_id, &stored, (&cut, &artifacts)));
         tokio::spawn(
             async move {
                 let result = tokio::select! {

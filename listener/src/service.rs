@@ -42,7 +42,11 @@ pub fn policy(path: &str, role: Role) -> bool {
         Role::Hook => {
             read || matches!(
                 method,
-                "StartBackup" | "AbortBackup" | "ReportCopy" | "ReportCopyProgress"
+                "StartBackup"
+                    | "AbortBackup"
+                    | "ReportCopy"
+                    | "ReportCopyProgress"
+                    | "GetArtifacts"
             )
         }
         Role::Viewer => read,
@@ -97,6 +101,17 @@ impl Listener for ListenerService {
         let id = request.into_inner().backup_id;
         backup_id(&id)?;
         Ok(Response::new(convert::backup(&self.runtime.backup(&id)?)))
+    }
+
+    async fn get_artifacts(
+        &self,
+        request: Request<pb::GetArtifactsRequest>,
+    ) -> Result<Response<pb::GetArtifactsResponse>, Status> {
+        let request = request.into_inner();
+        backup_id(&request.backup_id)?;
+        let record = self.runtime.backup(&request.backup_id)?;
+        let server = (!request.server.is_empty()).then_some(request.server.as_str());
+        Ok(Response::new(convert::artifacts(&record, server)?))
     }
 
     async fn wait_backup(
@@ -270,6 +285,9 @@ mod tests {
         assert!(policy(&path("ReportCopy"), Role::Hook));
         assert!(policy(&path("ReportCopyProgress"), Role::Hook));
         assert!(!policy(&path("ReportCopyProgress"), Role::Viewer));
+        assert!(policy(&path("GetArtifacts"), Role::Hook), "the backup software needs them");
+        assert!(policy(&path("GetArtifacts"), Role::Operator));
+        assert!(!policy(&path("GetArtifacts"), Role::Viewer), "they are data, not status");
         assert!(policy(&path("AbortBackup"), Role::Operator));
         assert!(!policy(&path("StartBackup"), Role::Agent));
         assert!(policy(&path("Health"), Role::Agent));

@@ -53,11 +53,13 @@ pub enum Step {
 
 /// An `Agent` service that prepares, commits (one 1 MiB snapshot, volume `data`), aborts and
 /// cleans up at once, unless a step is held; it records every call as `"<rpc> <backup>"`.
+/// Commit (and Release) hand over the artifacts a test gave it.
 #[derive(Clone)]
 pub struct ScriptedAgent {
     server: String,
     calls: Arc<Mutex<Vec<String>>>,
     gates: Arc<[watch::Sender<bool>; 3]>,
+    artifacts: Arc<Mutex<Vec<pb::Artifact>>>,
 }
 
 impl ScriptedAgent {
@@ -66,7 +68,24 @@ impl ScriptedAgent {
             server: server.to_string(),
             calls: Arc::default(),
             gates: Arc::new([0, 1, 2].map(|_| watch::channel(true).0)),
+            artifacts: Arc::default(),
         }
+    }
+
+    /// What its quiescers hand over from now on: `(quiescer, name, bytes)`.
+    pub fn hand_over(&self, artifacts: &[(&str, &str, &[u8])]) {
+        *self.artifacts.lock().unwrap_or_else(|p| p.into_inner()) = artifacts
+            .iter()
+            .map(|(quiescer, name, bytes)| pb::Artifact {
+                quiescer: quiescer.to_string(),
+                name: name.to_string(),
+                content: bytes.to_vec(),
+            })
+            .collect();
+    }
+
+    fn artifacts(&self) -> Vec<pb::Artifact> {
+        self.artifacts.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     /// Calls to `step` wait (without answering) until [`release`](Self::release).
@@ -127,6 +146,7 @@ impl Agent for ScriptedAgent {
         Ok(Response::new(pb::CommitResponse {
             committed: true,
             snapshots: vec![snapshot],
+            artifacts: self.artifacts(),
             ..Default::default()
         }))
     }
@@ -165,7 +185,11 @@ impl Agent for ScriptedAgent {
         request: Request<pb::ReleaseRequest>,
     ) -> Result<Response<pb::ReleaseResponse>, Status> {
         self.record("release", &request.into_inner().backup_id);
-        Ok(Response::new(pb::ReleaseResponse { held_until_release: true, ..Default::default() }))
+        Ok(Response::new(pb::ReleaseResponse {
+            held_until_release: true,
+            artifacts: self.artifacts(),
+            ..Default::default()
+        }))
     }
 
     type CopyStream = CopyEvents;

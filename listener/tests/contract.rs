@@ -7,6 +7,8 @@ use std::time::Duration;
 use stillpoint_proto as pb;
 use tonic::transport::Channel;
 
+#[path = "contract/artifacts.rs"]
+mod artifacts;
 #[path = "contract/details.rs"]
 mod details;
 #[path = "contract/health.rs"]

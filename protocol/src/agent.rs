@@ -13,7 +13,7 @@ use crate::coordinator::{CommitReply, PrepareReply, ReleaseReply};
 use crate::error::{Error, Result};
 use crate::hold::Hold;
 use crate::lease::Lease;
-use crate::model::{Level, SnapshotRef, Step};
+use crate::model::{check_artifacts, Artifact, Level, SnapshotRef, Step};
 
 /// How many finished backups the agent remembers, to answer late or duplicate requests.
 pub const KEEP_FINISHED: usize = 100;
@@ -204,9 +204,12 @@ pub enum Input {
     },
     Disarmed,
     Released(Released),
+    /// `artifacts`: what the quiescer handed over after a successful thaw (none after a
+    /// failed one).
     Thawed {
         quiescer: usize,
         result: Result<String, String>,
+        artifacts: Vec<Artifact>,
     },
     /// [`Effect::Forget`] done.
     Forgotten,
@@ -471,6 +474,19 @@ impl Entry {
             parked: Vec::new(),
         }
     }
+
+    /// Once the snapshots are gone (cleaned up or aborted) their artifacts are of no use: they
+    /// stop taking the agent's memory (up to 1 MiB for each backup remembered).
+    fn drop_artifacts_once_gone(&mut self) {
+        if matches!(self.state, State::Cleaned | State::Aborted) {
+            if let Some(c) = &mut self.committed {
+                c.artifacts.clear();
+            }
+            if let Some(r) = &mut self.released {
+                r.artifacts.clear();
+            }
+        }
+    }
 }
 
 /// Thawing quiescers `0..count` in reverse: release, thaw each, forget.
@@ -485,6 +501,16 @@ struct Thawing {
     since: u64,
     steps: Vec<Step>,
     stage: ThawStage,
+    /// What the quiescers handed over so far, and why some could not be kept.
+    kept: Kept,
+}
+
+/// The quiescers' artifacts of one thaw: those kept, and the first reason one was refused (then
+/// the snapshot lacks a file its restore needs and the server's part fails).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Default)]
+struct Kept {
+    artifacts: Vec<Artifact>,
+    refused: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -561,10 +587,12 @@ enum CommitStage {
         created: Result<Vec<SnapshotRef>, String>,
         outlived: bool,
     },
-    /// Deleting a snapshot that outlived the lease, or the partial snapshots of a failed one.
+    /// Deleting a snapshot that outlived the lease, or the partial snapshots of a failed one,
+    /// or a snapshot whose quiescers' artifacts were refused (`refused`).
     Deleting {
         since: u64,
         failed: Option<String>,
+        refused: Option<String>,
     },
 }
 
@@ -609,6 +637,15 @@ fn step(name: &str, action: &str, result: &Result<String, String>, took: u64) ->
         Err(e) => (false, e.clone()),
     };
     Step { name: name.into(), action: action.into(), ok, duration_ms: took, detail }
+}
+
+/// "the artifacts of quiescer pg were refused (artifact backup_label is ...)".
+fn refused_text(why: Option<&str>) -> String {
+    let why = why.unwrap_or_default();
+    match why.split_once(": ") {
+        Some((quiescer, e)) => format!("the artifacts of {quiescer} were refused ({e})"),
+        None => format!("artifacts were refused ({why})"),
+    }
 }
 
 fn log(out: &mut Vec<Effect>, level: Level, text: String) {
@@ -745,6 +782,7 @@ impl Agent {
         let e = self.entry(id, || State::Preparing);
         e.state = state;
         e.detail = detail;
+        e.drop_artifacts_once_gone();
         e
     }
 
@@ -831,6 +869,7 @@ impl Agent {
             since: now,
             steps: Vec::new(),
             stage: ThawStage::Releasing,
+            kept: Kept::default(),
         });
         out.push(Effect::Release { backup });
     }
@@ -1166,6 +1205,7 @@ impl Agent {
                     e.state = State::Aborted;
                     e.detail = format!("aborted: {reason}");
                 }
+                e.drop_artifacts_once_gone();
                 let reply = match deleted {
                     Ok(n) => {
                         log(
@@ -1218,19 +1258,50 @@ impl Agent {
                 }
                 t.stage = ThawStage::Thawing;
             }
-            (ThawStage::Thawing, Input::Thawed { quiescer, result }) if quiescer + 1 == t.next => {
+            (ThawStage::Thawing, Input::Thawed { quiescer, result, mut artifacts })
+                if quiescer + 1 == t.next =>
+            {
                 t.next -= 1;
                 let took = if t.elsewhere { 0 } else { now.saturating_sub(t.since) };
+                let name = &self.quiescers[quiescer].name;
                 if let Err(e) = &result {
-                    let name = &self.quiescers[quiescer].name;
                     log(out, Level::Error, format!("thaw of quiescer {name} failed: {e}"));
                 }
-                t.steps.push(step(&self.quiescers[quiescer].name, "thaw", &result, took));
+                // The machine knows who handed them over.
+                for a in &mut artifacts {
+                    a.quiescer.clone_from(name);
+                }
+                let result = match (result, check_artifacts(&t.kept.artifacts, &artifacts)) {
+                    (Ok(detail), Ok(())) => {
+                        let said = artifacts.iter().map(Artifact::describe).collect::<Vec<_>>();
+                        t.kept.artifacts.extend(artifacts);
+                        Ok(match (detail.is_empty(), said.is_empty()) {
+                            (_, true) => detail,
+                            (true, false) => format!("artifacts: {}", said.join(", ")),
+                            (false, false) => format!("{detail}; artifacts: {}", said.join(", ")),
+                        })
+                    }
+                    (Ok(_), Err(e)) => {
+                        let why = format!("quiescer {name}: {e}");
+                        log(
+                            out,
+                            Level::Error,
+                            format!("thawed, but refused the artifacts of {why}"),
+                        );
+                        let text = format!(
+                            "thawed, but its artifacts were refused ({e}): the backup would lack a file its restore needs"
+                        );
+                        t.kept.refused.get_or_insert(why);
+                        Err(text)
+                    }
+                    (Err(e), _) => Err(e),
+                };
+                t.steps.push(step(name, "thaw", &result, took));
             }
             (ThawStage::Forgetting, Input::Forgotten) => {
                 let Some(t) = r.thaw.take() else { return };
                 let took = now.saturating_sub(t.started);
-                self.thawed(now, t.steps, took, t.elsewhere, out);
+                self.thawed(now, (t.steps, t.kept), took, t.elsewhere, out);
                 return;
             }
             _ => return, // not what this thaw waits for
@@ -1250,7 +1321,7 @@ impl Agent {
     fn thawed(
         &mut self,
         now: u64,
-        steps: Vec<Step>,
+        (steps, kept): (Vec<Step>, Kept),
         thaw_ms: u64,
         elsewhere: bool,
         out: &mut Vec<Effect>,
@@ -1296,10 +1367,12 @@ impl Agent {
                         self.reply(out, origin, Reply::Committed(not_committed(reason)));
                     }
                     CommitStage::Thawing { created, outlived } => {
-                        if outlived || created.is_err() {
+                        if outlived || created.is_err() || kept.refused.is_some() {
+                            // A snapshot without the files its restore needs is no backup.
                             *stage = CommitStage::Deleting {
                                 since: now,
                                 failed: created.err().filter(|_| !outlived),
+                                refused: kept.refused.filter(|_| !outlived),
                             };
                             out.push(Effect::Delete { backup: id });
                             return;
@@ -1309,6 +1382,7 @@ impl Agent {
                         self.running = None;
                         reply.committed = true;
                         reply.snapshots = snapshots.clone();
+                        reply.artifacts = kept.artifacts;
                         log(
                             out,
                             Level::Info,
@@ -1337,12 +1411,15 @@ impl Agent {
                         lease.duration_ms
                     );
                     log(out, Level::Warn, format!("thaw barrier broken: {reason}"));
+                    // Kept in the entry until Release reports them.
                     let released = ReleaseReply {
                         held_until_release: false,
                         reason: reason.clone(),
                         held_ms: held_from.map_or(0, |h| now.saturating_sub(h)),
                         thaw_ms,
                         steps,
+                        artifacts: kept.artifacts,
+                        artifacts_refused: kept.refused.unwrap_or_default(),
                     };
                     self.set(&id, State::Snapshotted { snapshots }, reason).released =
                         Some(released);
@@ -1369,6 +1446,8 @@ impl Agent {
                     held_ms: held_from.map_or(0, |h| until.saturating_sub(h)),
                     thaw_ms,
                     steps,
+                    artifacts: kept.artifacts,
+                    artifacts_refused: kept.refused.unwrap_or_default(),
                 };
                 self.running = None;
                 if held {
@@ -1581,7 +1660,7 @@ impl Agent {
                 *stage = CommitStage::Thawing { created, outlived };
                 self.thaw(now, n, out);
             }
-            (CommitStage::Deleting { since, failed }, Input::Deleted(deleted)) => {
+            (CommitStage::Deleting { since, failed, refused }, Input::Deleted(deleted)) => {
                 let took = now.saturating_sub(since);
                 let mut reply = std::mem::take(reply);
                 let lease = *lease;
@@ -1593,6 +1672,14 @@ impl Agent {
                     .map_err(Clone::clone);
                 reply.steps.push(step(&provider, "delete", &done, took));
                 reply.reason = match (failed, deleted) {
+                    (None, Ok(_)) if refused.is_some() => format!(
+                        "thawed, but {}: a snapshot without them cannot be restored; deleted it",
+                        refused_text(refused.as_deref())
+                    ),
+                    (None, Err(d)) if refused.is_some() => format!(
+                        "thawed, but {}: a snapshot without them cannot be restored; deleting it failed: {d}",
+                        refused_text(refused.as_deref())
+                    ),
                     (None, Ok(_)) => format!(
                         "snapshot took {}ms and outlived the lease of {}ms; deleted",
                         reply.snapshot_ms, lease.duration_ms

@@ -9,8 +9,8 @@
 
 use crate::hold::Hold;
 use crate::model::{
-    BackupRecord, CutRecord, CutVerdict, Level, Millis, ServerEnd, ServerRecord, ServerStep,
-    SnapshotRef, State, StateName, Step,
+    check_artifacts, Artifact, BackupRecord, CutRecord, CutVerdict, Level, Millis, ServerEnd,
+    ServerRecord, ServerStep, SnapshotRef, State, StateName, Step,
 };
 
 /// The protocol's time budget, all in milliseconds.
@@ -59,6 +59,9 @@ pub struct CommitReply {
     /// The snapshot exists and the server is still frozen, waiting for Release (the thaw
     /// barrier); `held_ms` is the time held so far and `thaw_ms` is 0.
     pub still_held: bool,
+    /// What the quiescers handed over after their thaw (none while still held: Release
+    /// carries them then).
+    pub artifacts: Vec<Artifact>,
 }
 
 /// A reply to Release (the thaw barrier's end).
@@ -73,6 +76,11 @@ pub struct ReleaseReply {
     pub held_ms: u64,
     pub thaw_ms: u64,
     pub steps: Vec<Step>,
+    /// What the quiescers handed over after their thaw (at Release, or at the lease's end).
+    pub artifacts: Vec<Artifact>,
+    /// Why the quiescers' artifacts could not be kept (too big, too many): the snapshot lacks
+    /// files its restore needs, so the backup fails. Empty when all were kept.
+    pub artifacts_refused: String,
 }
 
 /// What an agent said it did for an Abort.
@@ -227,10 +235,13 @@ pub enum Command {
         snapshots: Vec<SnapshotRef>,
     },
     /// Every server copied: write what makes the copies one backup (saveset: the backup
-    /// manifest naming `stored` with the cut), then check it; answer with `Sealed`.
+    /// manifest naming `stored` with the cut and each server's artifacts), then check it;
+    /// answer with `Sealed`.
     Seal {
         stored: Vec<String>,
         cut: CutRecord,
+        /// Per server, what its quiescers handed over for a restore.
+        artifacts: Vec<(String, Vec<Artifact>)>,
     },
     Cleanup {
         server: String,
@@ -581,9 +592,16 @@ impl Coordinator {
         &mut self,
         now: Millis,
         server: &str,
-        reply: Result<CommitReply, String>,
+        mut reply: Result<CommitReply, String>,
         out: &mut Vec<Command>,
     ) {
+        // What the agent should have refused is refused here too: these become file names.
+        if let Ok(r) = &mut reply {
+            if let (true, Err(e)) = (r.committed, check_artifacts(&[], &r.artifacts)) {
+                r.committed = false;
+                r.reason = format!("the agent sent artifacts that break the rules ({e})");
+            }
+        }
         let committing = matches!(self.record.state, State::Committing { .. });
         let terminal = self.record.state.is_terminal();
         let Some(s) = self.record.server_mut(server) else { return };
@@ -641,13 +659,15 @@ impl Coordinator {
                     return;
                 }
                 s.detail = format!(
-                    "{} snapshot(s), {} (snapshot {}ms, thaw {}ms)",
+                    "{} snapshot(s), {} (snapshot {}ms, thaw {}ms){}",
                     r.snapshots.len(),
                     s.cut.held_text(r.held_ms),
                     r.snapshot_ms,
-                    r.thaw_ms
+                    r.thaw_ms,
+                    artifacts_text(&r.artifacts)
                 );
                 s.snapshots = r.snapshots;
+                s.artifacts = r.artifacts;
                 let detail = s.detail.clone();
                 self.log(out, Some(server), Level::Info, format!("committed and thawed: {detail}"));
                 self.copy_if_all_committed(now, out);
@@ -690,9 +710,17 @@ impl Coordinator {
         &mut self,
         now: Millis,
         server: &str,
-        reply: Result<ReleaseReply, String>,
+        mut reply: Result<ReleaseReply, String>,
         out: &mut Vec<Command>,
     ) {
+        if let Ok(r) = &mut reply {
+            if let (true, Err(e)) =
+                (r.artifacts_refused.is_empty(), check_artifacts(&[], &r.artifacts))
+            {
+                r.artifacts_refused =
+                    format!("the agent sent artifacts that break the rules ({e})");
+            }
+        }
         let releasing = matches!(self.record.state, State::Releasing { .. });
         let Some(s) = self.record.server_mut(server) else { return };
         if !releasing || s.step != ServerStep::Releasing {
@@ -701,23 +729,43 @@ impl Coordinator {
         }
         s.step = ServerStep::Snapshotted;
         let (level, message) = match reply {
+            Ok(r) if !r.artifacts_refused.is_empty() => {
+                s.cut.held_until_release = Some(r.held_until_release);
+                s.cut.held_ms = r.held_ms;
+                s.cut.thaw_ms = r.thaw_ms;
+                s.cut.steps.extend(r.steps);
+                s.step = ServerStep::CommitFailed;
+                s.detail = format!(
+                    "released and thawed, but its quiescers' artifacts were refused: {}",
+                    r.artifacts_refused
+                );
+                let reason = format!(
+                    "{server}: the snapshot lacks files its restore needs: {}",
+                    r.artifacts_refused
+                );
+                self.fail(now, StateName::Snapshotted, reason, out);
+                return;
+            }
             Ok(r) => {
                 s.cut.held_until_release = Some(r.held_until_release);
                 s.cut.held_ms = r.held_ms;
                 s.cut.thaw_ms = r.thaw_ms;
                 s.cut.steps.extend(r.steps);
+                s.artifacts = r.artifacts;
                 let held = s.cut.held_text(r.held_ms);
                 s.detail = if r.held_until_release {
                     format!(
-                        "{} snapshot(s), {held} until every snapshot existed (thaw {}ms)",
+                        "{} snapshot(s), {held} until every snapshot existed (thaw {}ms){}",
                         s.snapshots.len(),
-                        r.thaw_ms
+                        r.thaw_ms,
+                        artifacts_text(&s.artifacts)
                     )
                 } else {
                     format!(
-                        "{} snapshot(s), not held until every snapshot existed: {}",
+                        "{} snapshot(s), not held until every snapshot existed: {}{}",
                         s.snapshots.len(),
-                        r.reason
+                        r.reason,
+                        artifacts_text(&s.artifacts)
                     )
                 };
                 let level = if r.held_until_release { Level::Info } else { Level::Warn };
@@ -836,7 +884,14 @@ impl Coordinator {
 
     fn seal_command(&self) -> Command {
         let stored = self.record.servers.iter().flat_map(|s| s.stored.iter().cloned()).collect();
-        Command::Seal { stored, cut: self.record.cut() }
+        let artifacts = self
+            .record
+            .servers
+            .iter()
+            .filter(|s| !s.artifacts.is_empty())
+            .map(|s| (s.server.clone(), s.artifacts.clone()))
+            .collect();
+        Command::Seal { stored, cut: self.record.cut(), artifacts }
     }
 
     fn on_sealed(&mut self, now: Millis, result: Result<String, String>, out: &mut Vec<Command>) {
@@ -1277,6 +1332,15 @@ fn undelivered(s: &ServerRecord, error: &str, lease_ms: u64, barrier: bool) -> S
         }
     }
     text
+}
+
+/// "; artifacts: pg/backup_label (230 B), ..." or nothing.
+fn artifacts_text(artifacts: &[Artifact]) -> String {
+    if artifacts.is_empty() {
+        return String::new();
+    }
+    let list: Vec<String> = artifacts.iter().map(Artifact::describe).collect();
+    format!("; artifacts: {}", list.join(", "))
 }
 
 /// "a, b are" / "a is".

@@ -162,6 +162,64 @@ pub struct Artifact {
     pub bytes: Vec<u8>,
 }
 
+/// At most this many bytes per artifact: a label or a log position, not data.
+pub const MAX_ARTIFACT_BYTES: usize = 64 * 1024;
+/// At most this many artifacts per server and backup.
+pub const MAX_ARTIFACTS: usize = 16;
+
+impl Artifact {
+    /// `quiescer/name (N B)`, as logs and details show it.
+    pub fn describe(&self) -> String {
+        format!("{}/{} ({} B)", self.quiescer, self.name, self.bytes.len())
+    }
+
+    /// Why `name` cannot name an artifact's file (or its quiescer's directory) on restore:
+    /// 1 to 128 of `[A-Za-z0-9._-]`, not starting with a dot, so it is never a path.
+    pub fn bad_name(name: &str) -> Option<String> {
+        let ok = !name.is_empty()
+            && name.len() <= 128
+            && !name.starts_with('.')
+            && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+        (!ok).then(|| {
+            format!(
+                "{} is not a plain file name (1 to 128 of letters, digits, '.', '_', '-'; not starting with '.')",
+                crate::text::clip(name, 64)
+            )
+        })
+    }
+}
+
+/// Checks one quiescer's artifacts against what the server already has: plain names, no name
+/// twice, at most [`MAX_ARTIFACT_BYTES`] each and [`MAX_ARTIFACTS`] in all. The error says
+/// which artifact broke which rule.
+pub fn check_artifacts(have: &[Artifact], new: &[Artifact]) -> Result<(), String> {
+    for (i, a) in new.iter().enumerate() {
+        for (what, name) in [("quiescer", &a.quiescer), ("artifact", &a.name)] {
+            if let Some(why) = Artifact::bad_name(name) {
+                return Err(format!("{what} {why}"));
+            }
+        }
+        if a.bytes.len() > MAX_ARTIFACT_BYTES {
+            // No size: a plug-in may read no more of a larger file than shows it is too large.
+            return Err(format!(
+                "artifact {} is over the limit of {MAX_ARTIFACT_BYTES} bytes per artifact",
+                a.name
+            ));
+        }
+        let seen = have.iter().chain(&new[..i]);
+        if seen.into_iter().any(|b| b.quiescer == a.quiescer && b.name == a.name) {
+            return Err(format!("artifact {} is handed over twice", a.name));
+        }
+    }
+    if have.len() + new.len() > MAX_ARTIFACTS {
+        return Err(format!(
+            "{} artifacts in all, over the limit of {MAX_ARTIFACTS} per server",
+            have.len() + new.len()
+        ));
+    }
+    Ok(())
+}
+
 /// What one quiescer or provider step reported.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
 pub struct Step {
@@ -242,6 +300,10 @@ pub struct ServerRecord {
     /// agent to confirm a cleanup or an abort (or the server was never contacted).
     #[serde(default)]
     pub end: Option<ServerEnd>,
+    /// What its quiescers handed over for a restore, from the reply that ended its part
+    /// (Commit, or Release under the thaw barrier).
+    #[serde(default)]
+    pub artifacts: Vec<Artifact>,
 }
 
 /// How one server's part of a backup ended.
@@ -271,6 +333,7 @@ impl ServerRecord {
             freeze_token: String::new(),
             stored: Vec::new(),
             end: None,
+            artifacts: Vec::new(),
         }
     }
 }

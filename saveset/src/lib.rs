@@ -27,8 +27,8 @@ pub use backup::{BackupStats, Progress, VolumeBackup};
 pub use crypto::{KdfParams, Secret};
 pub use error::{Error, Result};
 pub use manifest::{
-    BackupManifest, ChunkId, Manifest, ManifestId, ManifestSummary, PackId, VolumeManifest,
-    VolumeMeta, VolumeSummary,
+    BackupArtifact, BackupManifest, ChunkId, Manifest, ManifestId, ManifestSummary, PackId,
+    VolumeManifest, VolumeMeta, VolumeSummary,
 };
 pub use pool::{secret_from_files, Pool, SecretFileError};
 pub use repo::{InitOptions, Repository, FORMAT_VERSION};

@@ -116,6 +116,37 @@ pub struct BackupManifest {
     /// records it; stored as given.
     pub cut: serde_json::Value,
     pub created_unix_ms: u64,
+    /// The small files the servers' quiescers made that a restore needs beside the volumes
+    /// (absent in manifests written before artifacts existed, and when there are none).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub artifacts: Vec<BackupArtifact>,
+}
+
+/// One server's file from one quiescer (a PostgreSQL backup label, a binary log position),
+/// restored as `<server>/artifacts/<quiescer>/<name>`; its bytes are base64 in the JSON.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BackupArtifact {
+    pub server: String,
+    pub quiescer: String,
+    pub name: String,
+    #[serde(rename = "base64", with = "base64_bytes")]
+    pub bytes: Vec<u8>,
+}
+
+/// Bytes as one standard base64 string (with padding) in JSON.
+mod base64_bytes {
+    use base64::engine::general_purpose::STANDARD;
+    use base64::Engine as _;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(bytes: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&STANDARD.encode(bytes))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        let text = String::deserialize(d)?;
+        STANDARD.decode(text).map_err(serde::de::Error::custom)
+    }
 }
 
 /// Any manifest file.
@@ -166,6 +197,8 @@ struct Any<C> {
     #[serde(default)]
     cut: Option<serde_json::Value>,
     created_unix_ms: Option<u64>,
+    #[serde(default)]
+    artifacts: Option<Vec<BackupArtifact>>,
 }
 
 /// Where a volume manifest keeps its chunk list.
@@ -213,6 +246,7 @@ fn parse<'de, D: Deserializer<'de>, C: Deserialize<'de>>(d: D) -> Result<Parsed<
             volumes: a.volumes.ok_or_else(|| D::Error::missing_field("volumes"))?,
             cut: a.cut.unwrap_or(serde_json::Value::Null),
             created_unix_ms,
+            artifacts: a.artifacts.unwrap_or_default(),
         }),
     })
 }

@@ -253,6 +253,7 @@ fn verify_of_one_backup_checks_only_what_it_references() {
         volumes: vec![b.id],
         cut: serde_json::json!({}),
         created_unix_ms: 1,
+        artifacts: Vec::new(),
     };
     let backup_id = repo.write_manifest(&Manifest::Backup(backup)).unwrap();
     // Damage only b2: one of its own packs loses a byte.
@@ -306,6 +307,7 @@ fn summaries_carry_everything_but_the_chunk_list() {
         volumes: vec![b.id],
         cut: serde_json::json!({"servers": ["srv-a"]}),
         created_unix_ms: 7,
+        artifacts: Vec::new(),
     };
     let backup_id = repo.write_manifest(&Manifest::Backup(backup.clone())).unwrap();
     let m = &b.manifest;
@@ -395,7 +397,7 @@ fn restore_to_a_filesystem_too_small_fails_before_writing_and_says_so() {
 }
 
 #[test]
-fn backup_manifest_records_the_cut_as_given() {
+fn backup_manifest_records_the_cut_and_the_artifacts_as_given() {
     let tmp = tempfile::tempdir().unwrap();
     let img = image(tmp.path(), "img", 4, 7);
     let repo_dir = tmp.path().join("repo");
@@ -408,6 +410,12 @@ fn backup_manifest_records_the_cut_as_given() {
         volumes: vec![v.id],
         cut,
         created_unix_ms: 42,
+        artifacts: vec![stillpoint_saveset::BackupArtifact {
+            server: "srv-a".into(),
+            quiescer: "postgres".into(),
+            name: "backup_label".into(),
+            bytes: b"START WAL LOCATION: 0/2000028 (file 000000010000000000000002)\n".to_vec(),
+        }],
     });
     let id = repo.write_manifest(&m).unwrap();
     let repo = Repository::open(&repo_dir, &secret()).unwrap();

@@ -5,6 +5,7 @@ mod harness;
 
 mod agent_copy;
 mod apps;
+mod artifacts;
 mod consistency;
 mod failures;
 mod faults;

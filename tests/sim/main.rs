@@ -712,7 +712,7 @@ impl Sim {
                 if !thawed_elsewhere {
                     self.thaw(server, backup.as_str(), "agent");
                 }
-                Some(Input::Thawed { quiescer, result: Ok(String::new()) })
+                Some(Input::Thawed { quiescer, result: Ok(String::new()), artifacts: Vec::new() })
             }
             Effect::Forget { .. } => Some(Input::Forgotten),
             Effect::Snapshot { backup } => {

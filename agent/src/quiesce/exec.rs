@@ -1,8 +1,11 @@
 //! The exec quiescer: runs an application's own command before the freeze (flush and hold) and
 //! another after the thaw (resume), each under a timeout that kills it. Commands see
-//! STILLPOINT_BACKUP_ID, STILLPOINT_SERVER and STILLPOINT_PHASE in their environment.
+//! STILLPOINT_BACKUP_ID, STILLPOINT_SERVER and STILLPOINT_PHASE in their environment, and with
+//! `artifacts_dir` STILLPOINT_ARTIFACTS_DIR: the regular files they leave there become the
+//! backup's artifacts after the thaw.
 
 use std::io::Read;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::sync::Mutex;
@@ -10,8 +13,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Context};
 
-use super::Quiescer;
+use super::{Artifact, Quiescer};
 use crate::guardian::Action;
+use stillpoint_protocol::model::MAX_ARTIFACT_BYTES;
 
 /// How much of a failed command's stderr goes into the error.
 const STDERR_TAIL: usize = 400;
@@ -25,6 +29,8 @@ pub struct Exec {
     timeout: Duration,
     /// The backup whose freeze ran and whose thaw has not yet succeeded.
     frozen_for: Mutex<Option<String>>,
+    /// Each backup gets `<artifacts_dir>/<backup id>/`, made empty before the freeze.
+    artifacts_dir: Option<PathBuf>,
 }
 
 impl Exec {
@@ -42,15 +48,31 @@ impl Exec {
             post_thaw,
             timeout,
             frozen_for: Mutex::new(None),
+            artifacts_dir: None,
         }
     }
 
+    /// The commands' files in a per-backup directory under `dir` become artifacts.
+    pub fn with_artifacts_dir(mut self, dir: Option<PathBuf>) -> Exec {
+        self.artifacts_dir = dir;
+        self
+    }
+
+    /// Where this backup's commands leave their artifacts (the id is a plain name).
+    fn artifacts_for(&self, backup_id: &str) -> Option<PathBuf> {
+        self.artifacts_dir.as_ref().map(|d| d.join(backup_id))
+    }
+
     fn env(&self, phase: &str, backup_id: &str) -> Vec<(String, String)> {
-        vec![
+        let mut env = vec![
             ("STILLPOINT_BACKUP_ID".into(), backup_id.into()),
             ("STILLPOINT_SERVER".into(), self.server.clone()),
             ("STILLPOINT_PHASE".into(), phase.into()),
-        ]
+        ];
+        if let Some(dir) = self.artifacts_for(backup_id) {
+            env.push(("STILLPOINT_ARTIFACTS_DIR".into(), dir.display().to_string()));
+        }
+        env
     }
 }
 
@@ -116,6 +138,18 @@ impl Quiescer for Exec {
     }
 
     fn freeze(&self, backup_id: &str) -> anyhow::Result<String> {
+        if let Some(dir) = self.artifacts_for(backup_id) {
+            // Nothing an earlier attempt left may pass for this backup's.
+            match std::fs::remove_dir_all(&dir) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    return Err(e)
+                        .with_context(|| format!("artifacts_dir: clear {}", dir.display()))
+                }
+                _ => {}
+            }
+            std::fs::create_dir_all(&dir)
+                .with_context(|| format!("artifacts_dir: create {}", dir.display()))?;
+        }
         let detail = match &self.pre_freeze {
             Some(argv) => {
                 run_command("pre-freeze", argv, &self.env("pre-freeze", backup_id), self.timeout)?
@@ -152,6 +186,62 @@ impl Quiescer for Exec {
             *frozen_for = None;
         }
     }
+
+    /// The regular files directly in the backup's directory, by name; the directory goes
+    /// with them, so they are handed over once. Anything else there is logged and left out.
+    fn artifacts(&self, backup_id: &str) -> Vec<Artifact> {
+        let Some(dir) = self.artifacts_for(backup_id) else { return Vec::new() };
+        let artifacts = read_artifacts(&self.name, &dir);
+        if let Err(e) = std::fs::remove_dir_all(&dir) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                tracing::warn!(dir = %dir.display(), error = %e, "could not remove the artifacts directory");
+            }
+        }
+        artifacts
+    }
+}
+
+/// Reads `dir`'s regular files, sorted by name. A file over the limit is read only far enough to
+/// show it is (the agent's machine refuses it and says why); its real size is logged here.
+fn read_artifacts(quiescer: &str, dir: &Path) -> Vec<Artifact> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Vec::new(),
+        Err(e) => {
+            tracing::error!(dir = %dir.display(), error = %e, "cannot list the artifacts directory; no artifacts kept");
+            return Vec::new();
+        }
+    };
+    let mut paths: Vec<PathBuf> = entries.filter_map(|e| e.ok().map(|e| e.path())).collect();
+    paths.sort();
+    let mut out = Vec::new();
+    for path in paths {
+        let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let meta = match std::fs::symlink_metadata(&path) {
+            Ok(meta) if meta.is_file() => meta,
+            Ok(_) => {
+                tracing::error!(file = %path.display(), "not a regular file: left out of the artifacts");
+                continue;
+            }
+            Err(e) => {
+                tracing::error!(file = %path.display(), error = %e, "cannot read: left out of the artifacts");
+                continue;
+            }
+        };
+        if meta.len() > MAX_ARTIFACT_BYTES as u64 {
+            tracing::warn!(file = %path.display(), size = meta.len(), limit = MAX_ARTIFACT_BYTES, "artifact over the limit");
+        }
+        let mut bytes = Vec::new();
+        let read = std::fs::File::open(&path)
+            .and_then(|f| f.take(MAX_ARTIFACT_BYTES as u64 + 1).read_to_end(&mut bytes));
+        match read {
+            Ok(_) => out.push(Artifact { quiescer: quiescer.to_string(), name, bytes }),
+            Err(e) => {
+                tracing::error!(file = %path.display(), error = %e, "cannot read: left out of the artifacts");
+            }
+        }
+    }
+    out
 }
 
 /// Reads a pipe to its end on a thread, keeping only the last bytes.

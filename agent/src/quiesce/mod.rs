@@ -62,14 +62,17 @@ pub fn build(config: &Config, agent_exe: &std::path::Path) -> Vec<Arc<dyn Quiesc
         .iter()
         .map(|q| -> Arc<dyn Quiescer> {
             match q {
-                QuiescerConfig::Exec { name, pre_freeze, post_thaw, timeout_ms } => {
-                    Arc::new(exec::Exec::new(
-                        name.clone(),
-                        &config.server,
-                        pre_freeze.clone(),
-                        post_thaw.clone(),
-                        std::time::Duration::from_millis(*timeout_ms),
-                    ))
+                QuiescerConfig::Exec { name, pre_freeze, post_thaw, timeout_ms, artifacts_dir } => {
+                    Arc::new(
+                        exec::Exec::new(
+                            name.clone(),
+                            &config.server,
+                            pre_freeze.clone(),
+                            post_thaw.clone(),
+                            std::time::Duration::from_millis(*timeout_ms),
+                        )
+                        .with_artifacts_dir(artifacts_dir.clone()),
+                    )
                 }
                 QuiescerConfig::Fsfreeze { mount } => {
                     Arc::new(fsfreeze::FsFreeze::new(q.name(), mount.clone()))

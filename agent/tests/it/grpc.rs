@@ -112,6 +112,7 @@ async fn a_failing_second_quiescer_thaws_the_first_and_names_itself() {
         ]),
         post_thaw: None,
         timeout_ms: 10_000,
+        artifacts_dir: None,
     };
     let agent =
         Agent::start(config(&certs, &["data"], vec![first, second], mock_san(dir.path()))).await;
@@ -191,6 +192,7 @@ async fn duplicate_prepare_and_commit_are_idempotent() {
             format!("echo x >> {}/thaws", dir.path().display()),
         ]),
         timeout_ms: 10_000,
+        artifacts_dir: None,
     };
     let agent = Agent::start(config(&certs, &["data"], vec![counter], mock_san(dir.path()))).await;
     let mut client = agent.client(&certs, "listener");

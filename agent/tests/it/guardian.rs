@@ -360,6 +360,7 @@ async fn a_snapshot_that_outlives_the_lease_is_deleted_and_commit_refused() {
             format!("echo ran >> {}", counter.display()),
         ]),
         timeout_ms: 10_000,
+        artifacts_dir: None,
     };
     let snapshot =
         SnapshotConfig::MockSan { array: array.root().to_path_buf(), snapshot_delay_ms: 2500 };

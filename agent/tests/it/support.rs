@@ -80,6 +80,7 @@ pub fn marker_quiescer(name: &str, dir: &Path) -> QuiescerConfig {
         pre_freeze: Some(script("pre")),
         post_thaw: Some(script("post")),
         timeout_ms: 10_000,
+        artifacts_dir: None,
     }
 }
 

@@ -1,9 +1,10 @@
 //! One module per verb: its clap `Args` and its `run`. Remote verbs get the global
 //! [`Connection`](crate::Connection); `certs`, `san` and the saveset verbs (`repo`, `verify`,
-//! `restore`) work on local directories only.
+//! `restore`) work on local directories only; `artifacts` writes what the listener returns.
 
 pub mod abort;
 pub mod agents;
+pub mod artifacts;
 pub mod certs;
 pub mod copied;
 pub mod copying;

@@ -7,8 +7,8 @@ use std::path::PathBuf;
 
 use serde::Serialize;
 use stillpoint_saveset::{
-    BackupStats, ManifestId, ManifestSummary, Progress, Repository, Secret, VolumeMeta,
-    VolumeSummary,
+    BackupArtifact, BackupStats, ManifestId, ManifestSummary, Progress, Repository, Secret,
+    VolumeMeta, VolumeSummary,
 };
 
 use crate::error::{Error, Result};
@@ -192,6 +192,8 @@ pub struct Found {
     pub volumes: Vec<(ManifestId, VolumeSummary)>,
     /// Manifests that do not decrypt or parse, so may belong to this backup.
     pub unreadable: Vec<(ManifestId, String)>,
+    /// The quiescers' artifacts the newest backup manifest carries (none without one).
+    pub artifacts: Vec<BackupArtifact>,
 }
 
 impl Found {
@@ -320,6 +322,7 @@ pub fn find_backup(repo: &Repository, id: &str) -> Result<Found> {
     }
     backups.sort_by_key(|(at, mid, _)| (*at, *mid));
     found.backups = backups.iter().map(|(_, mid, _)| *mid).collect();
+    found.artifacts = backups.last().map(|(_, _, b)| b.artifacts.clone()).unwrap_or_default();
     let mut chosen: Vec<(ManifestId, VolumeSummary)> = match backups.last() {
         // A volume the backup manifest names but the repository lacks is verify's to report.
         Some((_, _, b)) => b.volumes.iter().filter_map(|v| volumes.remove_entry(v)).collect(),

@@ -1,7 +1,8 @@
 //! `restore ID --server S [--volume V] --to PATH [--force]`: writes a server's volumes of backup
 //! ID back from the saveset repository, bit for bit and sparse. Refuses a target that holds data
 //! unless `--force`, and a backup without a backup manifest unless `--incomplete`; checks every
-//! target before writing any.
+//! target before writing any. The server's quiescer artifacts (a backup label) from the backup
+//! manifest go beside the volumes, as `<dir>/<server>/artifacts/<quiescer>/<name>`.
 
 use std::io::Write;
 use std::os::unix::fs::FileTypeExt;
@@ -10,6 +11,7 @@ use std::path::{Path, PathBuf};
 use serde::Serialize;
 use stillpoint_saveset::{ManifestId, RestoreProgress, VolumeSummary};
 
+use crate::cmd::artifacts::{self, Artifact};
 use crate::cmd::repo::{find_backup, require_complete, RepoOptions};
 use crate::error::{Error, Result};
 use crate::view;
@@ -26,7 +28,9 @@ pub struct Args {
     /// Only this volume; without it and with several volumes, --to is a directory
     #[arg(long, value_name = "V")]
     pub volume: Option<String>,
-    /// Target file or block device; a directory receives `<server>-<volume>.img` per volume
+    /// Target file or block device; a directory receives `<server>-<volume>.img` per volume.
+    /// The server's artifacts go to `<server>/artifacts/` in that directory (or in the target
+    /// file's)
     #[arg(long, value_name = "PATH")]
     pub to: PathBuf,
     /// Overwrite a target that holds data
@@ -52,6 +56,9 @@ pub struct RestoredView {
     pub bytes_written: u64,
     /// A backup manifest names the backup (false only with `--incomplete`).
     pub complete: bool,
+    /// Where the server's quiescer artifacts were written (`<dir>/<server>/artifacts`, one
+    /// file per `<quiescer>/<name>`); `null` when the backup manifest carries none.
+    pub artifacts_dir: Option<String>,
 }
 
 pub fn run(args: Args, out: &mut dyn Write) -> Result<()> {
@@ -90,6 +97,27 @@ pub fn run(args: Args, out: &mut dyn Write) -> Result<()> {
             }
         }
     }
+    // The artifacts' names are checked, and existing files compared, before any volume is
+    // written; they are written after the volumes.
+    let artifacts: Vec<Artifact<'_>> = found
+        .artifacts
+        .iter()
+        .filter(|a| a.server == args.server)
+        .map(|a| Artifact {
+            server: &a.server,
+            quiescer: &a.quiescer,
+            name: &a.name,
+            bytes: &a.bytes,
+        })
+        .collect();
+    let beside = if into_dir {
+        args.to.clone()
+    } else {
+        args.to.parent().map_or_else(|| PathBuf::from("."), Path::to_path_buf)
+    };
+    if !artifacts.is_empty() {
+        artifacts::check(&beside, &artifacts, args.force)?;
+    }
     let mut restored = Vec::new();
     for ((id, manifest), target) in chosen.iter().zip(&targets) {
         // Restoring a large volume takes minutes.
@@ -116,6 +144,7 @@ pub fn run(args: Args, out: &mut dyn Write) -> Result<()> {
             size: stats.size,
             bytes_written: stats.bytes_written,
             complete,
+            artifacts_dir: None,
         };
         if !args.json {
             writeln!(
@@ -132,8 +161,27 @@ pub fn run(args: Args, out: &mut dyn Write) -> Result<()> {
         }
         restored.push(shown);
     }
+    let written = artifacts::write(&beside, &artifacts, args.force)?;
     if args.json {
+        let dir = (!written.is_empty())
+            .then(|| beside.join(&args.server).join("artifacts").display().to_string());
+        for r in &mut restored {
+            r.artifacts_dir.clone_from(&dir);
+        }
         writeln!(out, "{}", view::json(&restored))?;
+        return Ok(());
+    }
+    for w in &written {
+        writeln!(out, "{}", artifacts::said(&args.id, w))?;
+    }
+    if written.is_empty() && complete {
+        writeln!(out, "backup {}'s manifest carries no artifacts of {}", args.id, args.server)?;
+    } else if !complete {
+        writeln!(
+            out,
+            "no backup manifest, so no artifacts from the repository; `backupctl artifacts {} --server {} --to DIR` fetches any from the listener's catalog",
+            args.id, args.server
+        )?;
     }
     Ok(())
 }

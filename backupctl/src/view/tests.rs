@@ -34,6 +34,11 @@ fn sample() -> Backup {
             }],
             copied_bytes: 1 << 20,
             total_bytes: 1 << 20,
+            artifacts: vec![stillpoint_proto::ArtifactInfo {
+                quiescer: "pg".into(),
+                name: "backup_label".into(),
+                size_bytes: 230,
+            }],
         }],
         cut: Some(Cut {
             checked: true,
@@ -117,9 +122,10 @@ fn backup_json_shape_is_stable() {
     );
     check_keys(
         &v["servers"][0],
-        &["server", "phase", "detail", "snapshots", "copied_bytes", "total_bytes"],
+        &["server", "phase", "detail", "snapshots", "copied_bytes", "total_bytes", "artifacts"],
     );
     check_keys(&v["servers"][0]["snapshots"][0], &["volume", "provider", "locator", "size_bytes"]);
+    check_keys(&v["servers"][0]["artifacts"][0], &["quiescer", "name", "size_bytes"]);
     check_keys(&v["cut"], &["checked", "consistent", "verdict", "servers"]);
     check_keys(
         &v["cut"]["servers"][0],

@@ -7,12 +7,13 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use stillpoint_saveset::{
-    BackupManifest, BackupStats, Manifest, ManifestId, Pool, Progress, Repository, VolumeMeta,
+    BackupArtifact, BackupManifest, BackupStats, Manifest, ManifestId, Pool, Progress, Repository,
+    VolumeMeta,
 };
 
 use crate::config::{SavesetConfig, VerifyMode};
 use crate::coordinator::CopyDone;
-use crate::model::{CutRecord, SnapshotRef};
+use crate::model::{Artifact, CutRecord, SnapshotRef};
 
 /// How often, at most, a copy reports its progress (to watchers; the catalog saves it only with
 /// the backup's next change).
@@ -135,35 +136,53 @@ impl Saveset {
         &self,
         backup_id: &str,
         stored: &[String],
-        cut: &CutRecord,
+        (cut, artifacts): (&CutRecord, &[(String, Vec<Artifact>)]),
     ) -> Result<String, String> {
         let mut volumes = Vec::with_capacity(stored.len());
         for id in stored {
             volumes.push(id.parse().map_err(|e| format!("volume manifest id {id:?}: {e}"))?);
         }
         let cut = serde_json::to_value(cut).map_err(|e| format!("the cut as JSON: {e}"))?;
-        self.finish_backup(backup_id, volumes, cut)
+        let artifacts = artifacts
+            .iter()
+            .flat_map(|(server, list)| {
+                list.iter().map(move |a| BackupArtifact {
+                    server: server.clone(),
+                    quiescer: a.quiescer.clone(),
+                    name: a.name.clone(),
+                    bytes: a.bytes.clone(),
+                })
+            })
+            .collect();
+        self.finish_backup(backup_id, volumes, cut, artifacts)
     }
 
-    /// Writes the backup manifest (every volume manifest and the cut), then runs the configured
-    /// verify; damage is an `Err` naming it. Returns a line for the log.
+    /// Writes the backup manifest (every volume manifest, the cut and the quiescers'
+    /// artifacts), then runs the configured verify; damage is an `Err` naming it. Returns a
+    /// line for the log.
     pub fn finish_backup(
         &self,
         backup_id: &str,
         volumes: Vec<ManifestId>,
         cut: serde_json::Value,
+        artifacts: Vec<BackupArtifact>,
     ) -> Result<String, String> {
+        let kept = match artifacts.len() {
+            0 => String::new(),
+            n => format!(" with {n} artifact(s)"),
+        };
         let manifest = Manifest::Backup(BackupManifest {
             backup: backup_id.to_string(),
             volumes,
             cut,
             created_unix_ms: u64::try_from(stillpoint_core::unix_ms()).unwrap_or(0),
+            artifacts,
         });
         let verify = self.config.verify;
         self.with_repo(|repo| {
             let id = repo.write_manifest(&manifest).map_err(|e| format!("backup manifest: {e}"))?;
             let read_data = match verify {
-                VerifyMode::None => return Ok(format!("backup manifest {id}")),
+                VerifyMode::None => return Ok(format!("backup manifest {id}{kept}")),
                 VerifyMode::Index => false,
                 VerifyMode::ReadData => true,
             };
@@ -180,7 +199,7 @@ impl Saveset {
                 ));
             }
             Ok(format!(
-                "backup manifest {id}; verify ({}) ok: {} manifests, {} chunks",
+                "backup manifest {id}{kept}; verify ({}) ok: {} manifests, {} chunks",
                 if read_data { "read-data" } else { "index" },
                 report.manifests,
                 report.chunks

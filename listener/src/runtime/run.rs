@@ -265,8 +265,9 @@ impl Runtime {
                 Command::Copy { server, snapshots } => {
                     self.copier.start(id, server, snapshots, feed.clone(), run.copies.clone())
                 }
-                Command::Seal { stored, cut } => {
-                    self.copier.seal(id, stored, cut, feed.clone(), run.copies.clone())
+                Command::Seal { stored, cut, artifacts } => {
+                    let sealed = (cut, artifacts);
+                    self.copier.seal(id, stored, sealed, feed.clone(), run.copies.clone())
                 }
                 Command::Cleanup { server } => self.spawn_cleanup(id, server, feed),
             }

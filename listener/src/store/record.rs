@@ -2,18 +2,25 @@
 //! a log line, converted by hand from and to the coordinator's `model`, so a change to the
 //! coordinator is a change here, never a data migration. Reads the unversioned JSON that earlier
 //! listeners wrote (the coordinator's record itself) as version 0; refuses newer versions.
+//! Version 2 is written only for a record that holds quiescer artifacts, so a listener that
+//! reads up to 1 refuses it (and never rewrites it without them) while every other record stays
+//! readable by it.
 
+use base64::engine::general_purpose::STANDARD as BASE64;
+use base64::Engine as _;
 use serde::{Deserialize, Serialize};
 
 use stillpoint_protocol::hold::Hold;
 
 use crate::model::{
-    BackupRecord, CutVerdict, Level, LogEntry, Millis, ServerCut, ServerEnd, ServerRecord,
-    ServerStep, SnapshotRef, State, StateName, Step,
+    Artifact, BackupRecord, CutVerdict, Level, LogEntry, Millis, ServerCut, ServerEnd,
+    ServerRecord, ServerStep, SnapshotRef, State, StateName, Step,
 };
 
-/// The version this listener writes.
-pub const VERSION: u32 = 1;
+/// The newest version this listener writes and reads.
+pub const VERSION: u32 = 2;
+/// The version of a record without artifacts.
+const VERSION_WITHOUT_ARTIFACTS: u32 = 1;
 
 /// A backup as the catalog stores it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -133,6 +140,17 @@ pub struct StoredServer {
     pub stored: Vec<String>,
     #[serde(default)]
     pub end: Option<StoredEnd>,
+    /// Since version 2.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub artifacts: Vec<StoredArtifact>,
+}
+
+/// A quiescer's artifact; its bytes in standard base64 (with padding).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredArtifact {
+    pub quiescer: String,
+    pub name: String,
+    pub base64: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -208,6 +226,21 @@ pub fn encode(record: &BackupRecord) -> Result<Vec<u8>, String> {
     serde_json::to_vec(&CatalogRecord::from(record)).map_err(|e| e.to_string())
 }
 
+fn artifact_to(a: &Artifact) -> StoredArtifact {
+    StoredArtifact {
+        quiescer: a.quiescer.clone(),
+        name: a.name.clone(),
+        base64: BASE64.encode(&a.bytes),
+    }
+}
+
+fn artifact_from(a: StoredArtifact) -> Result<Artifact, String> {
+    let bytes = BASE64.decode(&a.base64).map_err(|e| {
+        format!("artifact {}/{}: its bytes are not base64: {e}", a.quiescer, a.name)
+    })?;
+    Ok(Artifact { quiescer: a.quiescer, name: a.name, bytes })
+}
+
 /// A record as any version up to [`VERSION`] wrote it.
 pub fn decode(bytes: &[u8]) -> Result<BackupRecord, String> {
     #[derive(Deserialize)]
@@ -221,8 +254,17 @@ pub fn decode(bytes: &[u8]) -> Result<BackupRecord, String> {
             "catalog record version {version} is newer than this listener reads (up to {VERSION}); run the listener version that wrote it"
         ));
     }
-    let stored: CatalogRecord = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
+    let mut stored: CatalogRecord = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
+    let mut artifacts = Vec::with_capacity(stored.servers.len());
+    for s in &mut stored.servers {
+        let decoded: Result<Vec<Artifact>, String> =
+            std::mem::take(&mut s.artifacts).into_iter().map(artifact_from).collect();
+        artifacts.push(decoded.map_err(|e| format!("server {}: {e}", s.server))?);
+    }
     let mut record = BackupRecord::from(stored);
+    for (s, artifacts) in record.servers.iter_mut().zip(artifacts) {
+        s.artifacts = artifacts;
+    }
     if version == 0 && record.state.is_terminal() {
         // Earlier listeners did not record how each server's part ended: say so rather than
         // ask every agent again about backups long over.
@@ -268,8 +310,9 @@ pub fn decode_entry(bytes: &[u8]) -> Result<LogEntry, String> {
 
 impl From<&BackupRecord> for CatalogRecord {
     fn from(r: &BackupRecord) -> Self {
+        let has_artifacts = r.servers.iter().any(|s| !s.artifacts.is_empty());
         CatalogRecord {
-            version: VERSION,
+            version: if has_artifacts { VERSION } else { VERSION_WITHOUT_ARTIFACTS },
             id: r.id.clone(),
             group: r.group.clone(),
             state: match &r.state {
@@ -397,6 +440,7 @@ fn server_to(s: &ServerRecord) -> StoredServer {
         abort_sent: s.abort_sent,
         freeze_token: s.freeze_token.clone(),
         stored: s.stored.clone(),
+        artifacts: s.artifacts.iter().map(artifact_to).collect(),
         end: s.end.as_ref().map(|e| match e {
             ServerEnd::Confirmed(what) => StoredEnd::Confirmed(what.clone()),
             ServerEnd::GaveUp(why) => StoredEnd::GaveUp(why.clone()),
@@ -451,6 +495,8 @@ fn server_from(s: StoredServer) -> ServerRecord {
         abort_sent: s.abort_sent,
         freeze_token: s.freeze_token,
         stored: s.stored,
+        // Decoded by `decode`, which can say what is wrong with them.
+        artifacts: Vec::new(),
         end: s.end.map(|e| match e {
             StoredEnd::Confirmed(what) => ServerEnd::Confirmed(what),
             StoredEnd::GaveUp(why) => ServerEnd::GaveUp(why),

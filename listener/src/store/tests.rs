@@ -2,7 +2,7 @@
 //! earlier listeners (fixtures of their JSON), and records from a newer one.
 
 use super::*;
-use crate::model::{Level, ServerEnd, State, StateName};
+use crate::model::{Artifact, Level, ServerEnd, State, StateName};
 
 fn entry(message: &str) -> LogEntry {
     LogEntry {
@@ -71,9 +71,44 @@ async fn the_catalog_writes_its_own_versioned_record() {
     let table = txn.open_table(BACKUPS).unwrap();
     let raw: serde_json::Value =
         serde_json::from_slice(table.get("b1").unwrap().unwrap().value()).unwrap();
-    assert_eq!(raw["version"], VERSION);
+    assert_eq!(raw["version"], 1, "no artifacts: still readable by listeners that read up to 1");
+    assert!(raw["servers"][0].get("artifacts").is_none());
     assert_eq!(raw["state"]["state"], "SEALING");
     assert_eq!(store.get("b1").unwrap(), record, "read back whole");
+}
+
+#[tokio::test]
+async fn a_record_with_artifacts_is_version_2_and_keeps_their_bytes() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let servers = ["a".to_string(), "b".to_string()];
+    let mut record = BackupRecord::new("b1", "g", &servers, "operator:x", 5);
+    let bytes: Vec<u8> = (0..=255u8).chain([0, 0xff, b'\n']).collect();
+    record.servers[1].artifacts = vec![
+        Artifact { quiescer: "pg".into(), name: "backup_label".into(), bytes: bytes.clone() },
+        Artifact { quiescer: "pg".into(), name: "tablespace_map".into(), bytes: Vec::new() },
+    ];
+    store.save(&record, &[]).await.unwrap();
+    let txn = store.db.begin_read().unwrap();
+    let table = txn.open_table(BACKUPS).unwrap();
+    let raw: serde_json::Value =
+        serde_json::from_slice(table.get("b1").unwrap().unwrap().value()).unwrap();
+    assert_eq!(raw["version"], VERSION);
+    assert_eq!(VERSION, 2);
+    let stored = &raw["servers"][1]["artifacts"][0];
+    assert_eq!(stored["name"], "backup_label");
+    assert!(stored["base64"].as_str().unwrap().starts_with("AAECAwQF"), "{stored}");
+    assert_eq!(store.get("b1").unwrap(), record, "read back whole, bytes and all");
+
+    drop((table, txn));
+    let mut bad = raw.clone();
+    bad["servers"][1]["artifacts"][0]["base64"] = "not base64!".into();
+    put_raw(&store, "b2", &serde_json::to_vec(&bad).unwrap());
+    let Err(e) = store.get("b2") else { panic!("damaged bytes were read") };
+    assert!(
+        e.to_string().contains("server b: artifact pg/backup_label: its bytes are not base64"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -109,7 +144,7 @@ fn a_record_from_a_newer_listener_is_a_clear_error() {
     let Err(e) = store.get("b9") else { panic!("a newer record was read") };
     assert!(
         e.to_string()
-            .contains("catalog record version 7 is newer than this listener reads (up to 1)"),
+            .contains("catalog record version 7 is newer than this listener reads (up to 2)"),
         "{e}"
     );
     assert!(store.list().unwrap().is_empty(), "skipped in lists, not fatal");

@@ -562,7 +562,11 @@ impl World {
                     if !thawed_elsewhere {
                         a.frozen = None;
                     }
-                    Some(Input::Thawed { quiescer, result: Ok(String::new()) })
+                    Some(Input::Thawed {
+                        quiescer,
+                        result: Ok(String::new()),
+                        artifacts: Vec::new(),
+                    })
                 }
                 Effect::Forget { .. } => Some(Input::Forgotten),
                 Effect::Snapshot { .. } if failing => {

@@ -4,6 +4,7 @@
 use std::collections::BTreeMap;
 
 use super::*;
+use crate::model::{MAX_ARTIFACTS, MAX_ARTIFACT_BYTES};
 
 const LEASE: u64 = 10_000;
 
@@ -34,6 +35,8 @@ struct World {
     disk: BTreeMap<BackupId, u32>,
     /// The operations' `Begin`s, in order.
     begun: Vec<(OpKind, Origin)>,
+    /// What each quiescer hands over after its next successful thaw (then nothing).
+    artifacts: BTreeMap<usize, Vec<Artifact>>,
 }
 
 fn check(n: usize) -> World {
@@ -63,6 +66,7 @@ fn check(n: usize) -> World {
         create_ms: 0,
         disk: BTreeMap::new(),
         begun: Vec::new(),
+        artifacts: BTreeMap::new(),
     }
 }
 
@@ -120,7 +124,8 @@ impl World {
             Effect::Thaw { backup, quiescer, thawed_elsewhere } => {
                 let verb = if thawed_elsewhere { "thawed-elsewhere" } else { "thaw" };
                 self.calls.push(format!("{verb} {} {backup}", q(quiescer)));
-                Some(Input::Thawed { quiescer, result: Ok(String::new()) })
+                let artifacts = self.artifacts.remove(&quiescer).unwrap_or_default();
+                Some(Input::Thawed { quiescer, result: Ok(String::new()), artifacts })
             }
             Effect::Forget { .. } => Some(Input::Forgotten),
             Effect::Snapshot { backup } => {
@@ -780,4 +785,121 @@ fn a_held_commit_whose_snapshot_outlived_the_lease_thaws_and_deletes_as_before()
     let c = w.commit_holding("b1", None, true);
     assert!(!c.committed && !c.still_held && c.reason.contains("outlived"), "{c:?}");
     assert_eq!(w.calls[1..], ["create b1", "thaw q0 b1", "delete b1"]);
+}
+
+fn artifact(name: &str, bytes: &[u8]) -> Artifact {
+    Artifact { quiescer: "whoever".into(), name: name.into(), bytes: bytes.to_vec() }
+}
+
+/// As the machine names them: by the quiescer that handed them over.
+fn of(quiescer: &str, name: &str, bytes: &[u8]) -> Artifact {
+    Artifact { quiescer: quiescer.into(), name: name.into(), bytes: bytes.to_vec() }
+}
+
+#[test]
+fn artifacts_handed_over_after_the_thaw_travel_in_the_committed_reply() {
+    let mut w = check(2);
+    w.artifacts.insert(0, vec![artifact("backup_label", b"START WAL LOCATION: 0/2000028")]);
+    w.artifacts.insert(1, vec![artifact("position", b"binlog.000003:157")]);
+    w.prepare("b1", LEASE);
+    let c = w.commit("b1", None);
+    assert!(c.committed, "{c:?}");
+    // Thawed in reverse: q1 first.
+    assert_eq!(
+        c.artifacts,
+        [
+            of("q1", "position", b"binlog.000003:157"),
+            of("q0", "backup_label", b"START WAL LOCATION: 0/2000028")
+        ]
+    );
+    let thaw = c.steps.iter().find(|s| s.name == "q0" && s.action == "thaw").unwrap();
+    assert!(thaw.ok && thaw.detail.contains("artifacts: q0/backup_label (29 B)"), "{thaw:?}");
+    assert_eq!(w.commit("b1", None), c, "a repeated commit: the same artifacts");
+    w.cleanup("b1").unwrap();
+    let e = w.agent.get(&id("b1")).unwrap();
+    assert!(e.committed.as_ref().unwrap().artifacts.is_empty(), "dropped once cleaned up");
+}
+
+#[test]
+fn under_the_barrier_artifacts_come_with_release_and_a_repeat_returns_them() {
+    let mut w = check(1);
+    w.artifacts.insert(0, vec![artifact("backup_label", b"label")]);
+    w.prepare("b1", LEASE);
+    let c = w.commit_holding("b1", None, true);
+    assert!(c.still_held && c.artifacts.is_empty(), "not thawed yet: {c:?}");
+    let r = w.release("b1").unwrap();
+    assert!(r.held_until_release && r.artifacts_refused.is_empty(), "{r:?}");
+    assert_eq!(r.artifacts, [of("q0", "backup_label", b"label")]);
+    assert_eq!(w.release("b1").unwrap(), r, "idempotent, artifacts included");
+}
+
+#[test]
+fn artifacts_of_a_lease_thaw_under_the_barrier_wait_in_the_entry_for_release() {
+    let mut w = check(1);
+    w.artifacts.insert(0, vec![artifact("backup_label", b"label")]);
+    w.prepare("b1", 500);
+    assert!(w.commit_holding("b1", None, true).still_held);
+    w.advance_to(1_000 + 500);
+    assert_eq!(w.calls_starting("thaw"), ["thaw q0 b1"]);
+    let r = w.release("b1").unwrap();
+    assert!(!r.held_until_release, "{r:?}");
+    assert_eq!(r.artifacts, [of("q0", "backup_label", b"label")], "kept until reported");
+    assert_eq!(w.release("b1").unwrap(), r);
+}
+
+#[test]
+fn an_artifact_over_the_limit_fails_the_thaw_step_and_the_commit_and_deletes_the_snapshot() {
+    let mut w = check(1);
+    let big = vec![7u8; MAX_ARTIFACT_BYTES + 1];
+    w.artifacts.insert(0, vec![artifact("small", b"ok"), artifact("huge", &big)]);
+    w.prepare("b1", LEASE);
+    let c = w.commit("b1", None);
+    assert!(!c.committed && c.artifacts.is_empty(), "{c:?}");
+    assert!(
+        c.reason.contains("the artifacts of quiescer q0 were refused (artifact huge is over the limit of 65536 bytes per artifact)")
+            && c.reason.contains("deleted it"),
+        "{}",
+        c.reason
+    );
+    let thaw = c.steps.iter().find(|s| s.action == "thaw").unwrap();
+    assert!(!thaw.ok && thaw.detail.contains("huge is over the limit"), "{thaw:?}");
+    assert_eq!(w.calls_starting("delete"), ["delete b1"]);
+    assert_eq!(w.phase("b1"), Some(Phase::Failed));
+}
+
+#[test]
+fn too_many_artifacts_or_a_name_that_is_a_path_are_refused() {
+    let many: Vec<Artifact> =
+        (0..=MAX_ARTIFACTS).map(|i| artifact(&format!("f{i}"), b"x")).collect();
+    let twice = vec![artifact("label", b"1"), artifact("label", b"2")];
+    for (given, said) in [
+        (many, "17 artifacts in all, over the limit of 16 per server"),
+        (vec![artifact("../etc/passwd", b"x")], "is not a plain file name"),
+        (vec![artifact(".hidden", b"x")], "is not a plain file name"),
+        (twice, "artifact label is handed over twice"),
+    ] {
+        let mut w = check(1);
+        w.artifacts.insert(0, given);
+        w.prepare("b1", LEASE);
+        let c = w.commit("b1", None);
+        assert!(!c.committed && c.reason.contains(said), "{said}: {}", c.reason);
+    }
+}
+
+#[test]
+fn refused_artifacts_at_release_are_reported_and_the_snapshot_stays_for_the_listener() {
+    let mut w = check(1);
+    w.artifacts.insert(0, vec![artifact("a/b", b"x")]);
+    w.prepare("b1", LEASE);
+    w.commit_holding("b1", None, true);
+    let r = w.release("b1").unwrap();
+    assert!(r.artifacts.is_empty(), "{r:?}");
+    assert!(
+        r.artifacts_refused.starts_with("quiescer q0: artifact \"a/b\" is not a plain file name")
+            && r.artifacts_refused.contains("not a plain file name"),
+        "{}",
+        r.artifacts_refused
+    );
+    // The listener fails the backup and aborts it: that deletes the snapshot.
+    assert_eq!(w.abort("b1").unwrap().snapshots_deleted, 2);
 }

@@ -386,7 +386,11 @@ fn the_last_copy_is_sealed_before_the_backup_can_succeed() {
         cmds,
         vec![
             Command::Cleanup { server: "c".into() },
-            Command::Seal { stored: ["va", "vb1", "vb2", "vc"].map(String::from).into(), cut },
+            Command::Seal {
+                stored: ["va", "vb1", "vb2", "vc"].map(String::from).into(),
+                cut,
+                artifacts: Vec::new()
+            },
         ],
         "every server's volumes in the backup's server order, with the cut"
     );
@@ -981,4 +985,58 @@ fn an_undelivered_abort_of_a_held_server_says_it_may_still_be_frozen() {
     let line = &logs(&cmds)[0];
     assert!(line.contains("may still be frozen: its lease ends by"), "{line}");
     assert!(!line.contains("it thawed"), "{line}");
+}
+
+fn label(quiescer: &str, name: &str, bytes: &[u8]) -> Artifact {
+    Artifact { quiescer: quiescer.into(), name: name.into(), bytes: bytes.to_vec() }
+}
+
+#[test]
+fn each_servers_artifacts_are_recorded_from_its_commit_and_sealed_with_the_backup() {
+    let mut c = committing().sealed_by_copier(true);
+    let with = |server: &str, artifacts: Vec<Artifact>| {
+        ok_commit(server).map(|r| CommitReply { artifacts, ..r })
+    };
+    let a = vec![label("pg", "backup_label", b"START WAL"), label("pg", "tablespace_map", b"")];
+    let cmds = c.handle(40, Event::Committed { server: "a".into(), reply: with("a", a.clone()) });
+    assert!(
+        logs(&cmds)[0].ends_with("; artifacts: pg/backup_label (9 B), pg/tablespace_map (0 B)"),
+        "{cmds:?}"
+    );
+    committed(&mut c, 41, "b");
+    let c_art = vec![label("mysql", "binlog_position", b"binlog.000003:157")];
+    c.handle(42, Event::Committed { server: "c".into(), reply: with("c", c_art.clone()) });
+    assert_eq!(c.record.servers[0].artifacts, a);
+    assert!(c.record.servers[1].artifacts.is_empty());
+    copied(&mut c, 50, "a", &["va"]);
+    copied(&mut c, 51, "b", &["vb"]);
+    let seal = acts(copied(&mut c, 52, "c", &["vc"])).pop();
+    let Some(Command::Seal { artifacts, .. }) = seal else { panic!("a seal: {seal:?}") };
+    assert_eq!(artifacts, vec![("a".to_string(), a), ("c".to_string(), c_art)]);
+}
+
+#[test]
+fn under_the_barrier_artifacts_come_from_the_release_reply() {
+    let mut c = releasing(Hold::FilesystemFreeze);
+    let art = vec![label("pg", "backup_label", b"x")];
+    let reply = release_ok(true).map(|r| ReleaseReply { artifacts: art.clone(), ..r });
+    released(&mut c, "a", reply);
+    assert_eq!(c.record.servers[0].artifacts, art);
+    assert!(c.record.servers[0].detail.ends_with("; artifacts: pg/backup_label (1 B)"));
+}
+
+#[test]
+fn artifacts_refused_at_release_fail_the_backup_and_abort_everyone() {
+    let mut c = releasing(Hold::FilesystemFreeze);
+    released(&mut c, "a", release_ok(true));
+    let reply = release_ok(true).map(|r| ReleaseReply {
+        artifacts_refused: "quiescer pg: artifact backup_label is 70000 bytes, over the limit"
+            .into(),
+        ..r
+    });
+    let cmds = released(&mut c, "b", reply);
+    let why = "b: the snapshot lacks files its restore needs: quiescer pg: artifact backup_label is 70000 bytes, over the limit";
+    assert_eq!(c.record.state, State::Failed { phase: StateName::Snapshotted, reason: why.into() });
+    assert_eq!(acts(cmds), aborts(&["a", "b", "c"], why));
+    assert_eq!(c.record.servers[1].step, ServerStep::CommitFailed);
 }

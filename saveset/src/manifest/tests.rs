@@ -66,9 +66,38 @@ fn format_1_manifests_still_load() {
         volumes: vec![ManifestId([9; 32])],
         cut: serde_json::json!({"servers": ["srv-a"]}),
         created_unix_ms: 5,
+        artifacts: Vec::new(),
     });
     assert_eq!(decode_manifest(&format1(&b)).expect("decodes"), b);
     assert_eq!(decode_manifest(&encode_manifest(&b, Vec::new())).expect("decodes"), b);
+}
+
+#[test]
+fn a_backup_manifest_keeps_artifacts_as_base64_and_one_without_them_reads_as_none() {
+    let artifact = BackupArtifact {
+        server: "srv-a".into(),
+        quiescer: "pg".into(),
+        name: "backup_label".into(),
+        bytes: vec![0, 1, 2, 0xff, b'\n'],
+    };
+    let b = Manifest::Backup(BackupManifest {
+        backup: "b1".into(),
+        volumes: vec![ManifestId([9; 32])],
+        cut: serde_json::json!({}),
+        created_unix_ms: 5,
+        artifacts: vec![artifact.clone()],
+    });
+    let json = serde_json::to_value(&b).expect("serializes");
+    assert_eq!(
+        json["artifacts"],
+        serde_json::json!([{"server": "srv-a", "quiescer": "pg", "name": "backup_label", "base64": "AAEC/wo="}])
+    );
+    assert_eq!(decode_manifest(&encode_manifest(&b, Vec::new())).expect("decodes"), b);
+    // Written before artifacts existed: no field at all.
+    let old = br#"{"kind":"backup","backup":"b0","volumes":[],"cut":null,"created_unix_ms":1}"#;
+    let plain = zstd::bulk::compress(old, 3).expect("compresses");
+    let Ok(Manifest::Backup(read)) = decode_manifest(&plain) else { panic!("an old manifest") };
+    assert!(read.artifacts.is_empty());
 }
 
 #[test]

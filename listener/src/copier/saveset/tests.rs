@@ -100,8 +100,11 @@ fn a_backup_is_its_volumes_plus_a_manifest_holding_the_cut() {
     let volumes = vec![copy_a.volumes[0].1, copy_b.volumes[0].1];
     let mut stored = copy_a.clone().done().stored;
     stored.extend(copy_b.done().stored);
-    let line = saveset.seal("b1", &stored, &record(&["srv-a", "srv-b"]).cut()).expect("seal");
-    assert!(line.contains("verify (read-data) ok"), "{line}");
+    let label = Artifact { quiescer: "pg".into(), name: "backup_label".into(), bytes: vec![1, 2] };
+    let artifacts = vec![("srv-b".to_string(), vec![label])];
+    let cut = record(&["srv-a", "srv-b"]).cut();
+    let line = saveset.seal("b1", &stored, (&cut, &artifacts)).expect("seal");
+    assert!(line.contains("with 1 artifact(s); verify (read-data) ok"), "{line}");
 
     let repo = Repository::open(&f.config.repository, &Secret::passphrase("correct horse"))
         .expect("reopen");
@@ -119,6 +122,11 @@ fn a_backup_is_its_volumes_plus_a_manifest_holding_the_cut() {
     assert_eq!(backup.cut["verdict"]["consistent"], true);
     assert_eq!(backup.cut["servers"][1]["server"], "srv-b");
     assert_eq!(backup.cut["servers"][0]["cut"]["prepared"], 7);
+    let kept = &backup.artifacts[..];
+    assert!(
+        matches!(kept, [a] if a.server == "srv-b" && a.quiescer == "pg" && a.name == "backup_label" && a.bytes == [1, 2]),
+        "{kept:?}"
+    );
 
     let target = f.dir.path().join("restored.img");
     repo.restore_volume(copy_a.volumes[0].1, &target, false).expect("restore");
@@ -147,7 +155,7 @@ fn verify_after_the_backup_fails_it_naming_the_damage() {
         std::fs::remove_file(pack).expect("remove pack");
     }
     let err = saveset
-        .finish_backup("b1", vec![copy.volumes[0].1], serde_json::json!({}))
+        .finish_backup("b1", vec![copy.volumes[0].1], serde_json::json!({}), Vec::new())
         .expect_err("damage fails the backup");
     assert!(err.contains("verify found") && err.contains("is missing"), "{err}");
 }
