@@ -29,7 +29,8 @@ pub struct Config {
     /// Prepare is refused when it asks for a lease outside `MIN_LEASE_MS..=max_lease_ms`.
     #[serde(default = "default_max_lease_ms")]
     pub max_lease_ms: u64,
-    /// What the provider snapshots: LUN names for mock-san, subvolume paths for btrfs.
+    /// What the provider snapshots: LUN names for mock-san, subvolume paths for btrfs, `vg/lv`
+    /// for lvm.
     pub volumes: Vec<String>,
     pub tls: TlsFiles,
     /// Quiescers, frozen in this order and thawed in reverse.
@@ -176,6 +177,8 @@ pub enum SnapshotConfig {
     },
     /// btrfs read-only snapshots at `<snapshot_dir>/<backup_id>/<basename of volume>`.
     Btrfs { snapshot_dir: PathBuf },
+    /// LVM snapshots of `vg/lv` volumes, thick or thin as `lvs` says.
+    Lvm(crate::snapshot::lvm::LvmConfig),
 }
 
 impl Config {
@@ -285,6 +288,7 @@ impl Config {
 
     fn snapshot_problems(&self, out: &mut Vec<String>) {
         match &self.snapshot {
+            SnapshotConfig::Lvm(lvm) => lvm.problems(&self.volumes, out),
             SnapshotConfig::MockSan { array, .. } => {
                 for (i, v) in self.volumes.iter().enumerate() {
                     if let Err(e) = validate_name("volume", v) {

@@ -9,6 +9,7 @@ use crate::config::{Config, SnapshotConfig};
 use crate::Result;
 
 pub mod btrfs;
+pub mod lvm;
 pub mod mock_san;
 
 /// Takes and removes point-in-time copies of volumes, named by backup id.
@@ -21,6 +22,12 @@ pub mod mock_san;
 pub trait SnapshotProvider: Send + Sync {
     /// The provider kind reported in each `Snapshot`, e.g. "mock-san".
     fn kind(&self) -> &'static str;
+    /// Whether a snapshot of every volume can be taken now (room in the volume group, a thin
+    /// pool below its limit), asked before anything freezes: Ok with a one-line detail for the
+    /// step report (empty: nothing to report), or Err saying what does not fit and what to do.
+    fn check(&self, _volumes: &[String]) -> anyhow::Result<String> {
+        Ok(String::new())
+    }
     fn create(&self, backup_id: &str, volumes: &[String]) -> anyhow::Result<Vec<Snapshot>>;
     fn delete(&self, backup_id: &str) -> anyhow::Result<u32>;
     /// Every snapshot this provider holds for this server, with its backup id.
@@ -35,5 +42,9 @@ pub fn build(config: &Config) -> Result<Arc<dyn SnapshotProvider>> {
                 .with_delay(std::time::Duration::from_millis(*snapshot_delay_ms)),
         ),
         SnapshotConfig::Btrfs { snapshot_dir } => Arc::new(btrfs::Btrfs::new(snapshot_dir.clone())),
+        SnapshotConfig::Lvm(lvm) => Arc::new(
+            lvm::Lvm::new(lvm, &config.volumes)
+                .map_err(|e| crate::Error::Setup(format!("snapshot: {e:#}")))?,
+        ),
     })
 }
