@@ -122,15 +122,20 @@ impl SnapshotSize {
         Ok(SnapshotSize::Bytes(bytes))
     }
 
-    /// The bytes to ask for: this size of an `origin` of that many bytes, rounded up to whole
-    /// extents (what `lvcreate` allocates anyway, so the budget counts what it will take).
+    /// The bytes to ask for: this size of an `origin` of that many bytes, at most what a
+    /// snapshot of it can ever use, rounded up to whole extents (what `lvcreate` allocates,
+    /// so the budget counts what it will take).
     pub fn bytes_for(self, origin: u64, extent: u64) -> u64 {
         let raw = match self {
             SnapshotSize::Percent(p) => ((origin as f64) * p / 100.0).ceil() as u64,
             SnapshotSize::Bytes(b) => b,
         };
+        // lvcreate reduces a larger request to this itself ("maximum usable size"): the origin
+        // in 4 KiB chunks, a 16-byte exception per chunk and two chunks of header.
+        let chunks = origin.div_ceil(4096);
+        let max = origin + (chunks * 16).div_ceil(4096) * 4096 + 2 * 4096;
         let extent = extent.max(512);
-        raw.max(1).div_ceil(extent).saturating_mul(extent)
+        raw.clamp(1, max).div_ceil(extent).saturating_mul(extent)
     }
 }
 

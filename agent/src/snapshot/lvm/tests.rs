@@ -30,6 +30,10 @@ fn sizes_are_a_percentage_of_the_origin_or_binary_units_rounded_to_extents() {
     // 10% of 100 MiB is 10 MiB: three 4 MiB extents.
     assert_eq!(SnapshotSize::Percent(10.0).bytes_for(100 * MIB, 4 * MIB), 12 * MIB);
     assert_eq!(SnapshotSize::Bytes(1).bytes_for(100 * MIB, 4 * MIB), 4 * MIB);
+    // Never more than a snapshot can use: lvcreate made 68 MiB of a 300 MiB request for a
+    // 64 MiB origin in the VM ("maximum usable size").
+    assert_eq!(SnapshotSize::Bytes(300 * MIB).bytes_for(64 * MIB, 4 * MIB), 68 * MIB);
+    assert_eq!(SnapshotSize::Percent(100.0).bytes_for(256 * MIB, 4 * MIB), 256 * MIB);
 }
 
 #[test]
@@ -174,10 +178,17 @@ fn the_budget_passes_with_room_and_names_every_shortfall_without_it() {
         ok,
         "vg0: thick snapshots need 16.0 MiB of 804.0 MiB free; thin pool vg0/pool data 6.2%, metadata 10.9% (limit 80%)"
     );
-    let big = s.budget(&both, &settings("1000MiB", 80.0)).unwrap_err().to_string();
+    // The request is capped at what a snapshot of a 64 MiB origin can use: 68 MiB.
+    let capped = s.budget(&both, &settings("1000MiB", 80.0)).unwrap();
+    assert!(capped.starts_with("vg0: thick snapshots need 68.0 MiB of 804.0 MiB free"), "{capped}");
+    // The same volume group with 40 MiB free.
+    let mut tight = recorded();
+    tight.vgs.get_mut("vg0").unwrap().vg_free = (40u64 << 20).to_string();
+    let big = tight.budget(&both, &settings("1000MiB", 80.0)).unwrap_err().to_string();
     assert!(
-        big.contains("volume group vg0 has 804.0 MiB free but the thick snapshots need 1000.0 MiB (vg0/thick 1000.0 MiB)")
-            && big.contains("extend the volume group or lower snapshot.snapshot_size"),
+        big.contains(
+            "volume group vg0 has 40.0 MiB free but the thick snapshots need 68.0 MiB (vg0/thick 68.0 MiB)"
+        ) && big.contains("extend the volume group or lower snapshot.snapshot_size"),
         "{big}"
     );
     let full = s.budget(&both, &settings("20%", 5.0)).unwrap_err().to_string();
@@ -211,4 +222,26 @@ fn listing_finds_tagged_snapshots_with_their_origin_and_readable_size() {
             ("b:1", "vg0/thin", "/dev/vg0/thin.sp.b+1", 96 << 20, "lvm"),
         ]
     );
+}
+
+#[test]
+fn the_deploy_example_is_a_valid_lvm_config_and_mistakes_are_named_by_field() {
+    let path =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/agent-lvm.example.toml");
+    let config = crate::config::Config::load(&path).unwrap();
+    let crate::config::SnapshotConfig::Lvm(lvm) = &config.snapshot else {
+        panic!("{:?}", config.snapshot)
+    };
+    assert_eq!(lvm.snapshot_size, "20%");
+    let problems: Vec<_> = config
+        .problems()
+        .into_iter()
+        .filter(|p| p.starts_with("snapshot") || p.starts_with("volumes"))
+        .collect();
+    assert!(problems.is_empty(), "{problems:?}");
+    assert!(Lvm::new(lvm, &config.volumes).is_ok());
+    let text = std::fs::read_to_string(&path).unwrap();
+    let unknown = text.replace("snapshot_size = ", "snapshot_sise = ");
+    let e = crate::config::Config::parse(&unknown).unwrap_err();
+    assert!(e.contains("snapshot_sise"), "{e}");
 }
