@@ -480,6 +480,11 @@ impl Inner {
                     .await;
                 Some(Input::Forgotten)
             }
+            Effect::CheckProvider { .. } => {
+                let (provider, volumes) = (self.provider.clone(), self.volumes.clone());
+                let checked = blocking(move || provider.check(&volumes)).await;
+                Some(Input::ProviderChecked(checked.map_err(|e| format!("{e:#}"))))
+            }
             Effect::Snapshot { backup } => {
                 let (provider, volumes) = (self.provider.clone(), self.volumes.clone());
                 let created = blocking(move || provider.create(backup.as_str(), &volumes)).await;

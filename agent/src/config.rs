@@ -30,7 +30,7 @@ pub struct Config {
     #[serde(default = "default_max_lease_ms")]
     pub max_lease_ms: u64,
     /// What the provider snapshots: LUN names for mock-san, subvolume paths for btrfs, image
-    /// file paths for reflink.
+    /// file paths for reflink and qcow2, datasets for zfs, `vg/lv` for lvm.
     pub volumes: Vec<String>,
     pub tls: TlsFiles,
     /// Quiescers, frozen in this order and thawed in reverse.
@@ -206,6 +206,8 @@ pub enum SnapshotConfig {
     /// Windows Volume Shadow Copies through vssadmin; Windows only, not built here.
     #[cfg(windows)]
     Vss(crate::snapshot::vss::VssConfig),
+    /// LVM snapshots of `vg/lv` volumes, thick or thin as `lvs` says.
+    Lvm(crate::snapshot::lvm::LvmConfig),
 }
 
 impl Config {
@@ -349,6 +351,7 @@ impl Config {
             SnapshotConfig::Qcow2(c) => c.problems(&self.volumes, out),
             #[cfg(windows)]
             SnapshotConfig::Vss(c) => c.problems(&self.volumes, out),
+            SnapshotConfig::Lvm(lvm) => lvm.problems(&self.volumes, out),
             SnapshotConfig::MockSan { array, .. } => {
                 for (i, v) in self.volumes.iter().enumerate() {
                     if let Err(e) = validate_name("volume", v) {

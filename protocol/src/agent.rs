@@ -193,6 +193,9 @@ pub enum Input {
     },
     /// [`Effect::EnsureGuardian`]: Err says why no guardian runs.
     GuardianChecked(Result<(), String>),
+    /// [`Effect::CheckProvider`]: Ok carries the provider's detail (empty: nothing to report),
+    /// Err why the snapshots would not fit.
+    ProviderChecked(Result<String, String>),
     Armed {
         quiescer: usize,
         result: Result<(), String>,
@@ -303,6 +306,11 @@ pub enum Effect {
     },
     /// Make sure a guardian runs (respawn it if it died); answer [`Input::GuardianChecked`].
     EnsureGuardian,
+    /// Ask the snapshot provider whether every volume's snapshot can be taken now (space,
+    /// pools), before anything freezes; answer [`Input::ProviderChecked`].
+    CheckProvider {
+        backup: BackupId,
+    },
     /// Journal and arm quiescer `quiescer`'s thaw action with the guardian, whose lease ends
     /// at `lease_end_ms` (agent clock); answer [`Input::Armed`].
     Arm {
@@ -567,6 +575,8 @@ enum Work {
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 enum PrepareStage {
     CheckingGuardian,
+    /// The provider checks that the snapshots fit; nothing is armed or frozen yet.
+    CheckingProvider,
     Arming(usize),
     Freezing(usize),
     /// Quiescer `k`'s freeze failed with `reason`; its armed action is being forgotten.
@@ -1513,6 +1523,36 @@ impl Agent {
                     Level::Info,
                     format!("preparing under a lease of {}ms", lease.duration_ms),
                 );
+                *stage = PrepareStage::CheckingProvider;
+                *since = now;
+                out.push(Effect::CheckProvider { backup: id.clone() });
+                return;
+            }
+            (PrepareStage::CheckingProvider, Input::ProviderChecked(result)) => {
+                let took = now.saturating_sub(*since);
+                let provider = self.provider.clone();
+                match result {
+                    Ok(detail) if detail.is_empty() => {}
+                    Ok(detail) => {
+                        log(out, Level::Info, format!("snapshot provider {provider}: {detail}"));
+                        reply.steps.push(step(&provider, "check", &Ok(detail), took));
+                    }
+                    Err(e) => {
+                        // Refused before anything is armed or frozen: nothing to undo.
+                        reply.steps.push(step(&provider, "check", &Err(e.clone()), took));
+                        let reason = format!(
+                            "snapshot provider {provider}: {e}; refusing before freezing anything"
+                        );
+                        log(out, Level::Warn, format!("prepare refused: {reason}"));
+                        let mut reply = std::mem::take(reply);
+                        self.running = None;
+                        reply.prepared = false;
+                        reply.reason = reason.clone();
+                        self.set(id, State::Failed, reason).prepared = Some(reply.clone());
+                        self.reply(out, origin, Reply::Prepared(reply));
+                        return;
+                    }
+                }
             }
             (PrepareStage::Arming(k), Input::Armed { quiescer, result }) if quiescer == k => {
                 let name = self.quiescers[k].name.clone();
@@ -1573,7 +1613,7 @@ impl Agent {
         }
         // Arm the next quiescer, or the freeze is complete.
         let next = match stage {
-            PrepareStage::CheckingGuardian => 0,
+            PrepareStage::CheckingProvider => 0,
             PrepareStage::Freezing(k) => *k + 1,
             _ => return,
         };

@@ -660,6 +660,8 @@ impl Sim {
         match effect {
             Effect::Begin { .. } | Effect::Log { .. } | Effect::StopCopy { .. } => None,
             Effect::EnsureGuardian => Some(Input::GuardianChecked(Ok(()))),
+            // The simulated disk never runs out of room.
+            Effect::CheckProvider { .. } => Some(Input::ProviderChecked(Ok(String::new()))),
             Effect::Arm { backup, quiescer, lease_end_ms } => {
                 // The guardian's lease is what is left of the agent's, on its own clock.
                 let lease_ms = lease_end_ms.saturating_sub(self.local(server));

@@ -24,6 +24,10 @@ impl SnapshotProvider for AllOrNothing {
         self.0.kind()
     }
 
+    fn check(&self, volumes: &[String]) -> anyhow::Result<String> {
+        self.0.check(volumes)
+    }
+
     fn create(&self, backup_id: &str, volumes: &[String]) -> anyhow::Result<Vec<Snapshot>> {
         let err = match self.0.create(backup_id, volumes) {
             Ok(snapshots) => return Ok(snapshots),

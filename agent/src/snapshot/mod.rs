@@ -10,6 +10,7 @@ use crate::Result;
 
 mod all_or_nothing;
 pub mod btrfs;
+pub mod lvm;
 pub mod mock_san;
 pub mod qcow2;
 pub mod reflink;
@@ -29,6 +30,12 @@ pub use all_or_nothing::all_or_nothing;
 pub trait SnapshotProvider: Send + Sync {
     /// The provider kind reported in each `Snapshot`, e.g. "mock-san".
     fn kind(&self) -> &'static str;
+    /// Whether a snapshot of every volume can be taken now (room in the volume group, a thin
+    /// pool below its limit), asked before anything freezes: Ok with a one-line detail for the
+    /// step report (empty: nothing to report), or Err saying what does not fit and what to do.
+    fn check(&self, _volumes: &[String]) -> anyhow::Result<String> {
+        Ok(String::new())
+    }
     fn create(&self, backup_id: &str, volumes: &[String]) -> anyhow::Result<Vec<Snapshot>>;
     fn delete(&self, backup_id: &str) -> anyhow::Result<u32>;
     /// Every snapshot this provider holds for this server, with its backup id.
@@ -49,5 +56,9 @@ pub fn build(config: &Config) -> Result<Arc<dyn SnapshotProvider>> {
         SnapshotConfig::Qcow2(c) => Arc::new(qcow2::Qcow2::new(c, &config.volumes)),
         #[cfg(windows)]
         SnapshotConfig::Vss(c) => Arc::new(vss::Vss::new(c)),
+        SnapshotConfig::Lvm(lvm) => Arc::new(
+            lvm::Lvm::new(lvm, &config.volumes)
+                .map_err(|e| crate::Error::Setup(format!("snapshot: {e:#}")))?,
+        ),
     }))
 }

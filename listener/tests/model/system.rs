@@ -537,6 +537,9 @@ impl World {
             let snaps_so_far = u8::try_from(self.snaps.len()).expect("few snapshots");
             let result = match effect {
                 Effect::EnsureGuardian => Some(Input::GuardianChecked(Ok(()))),
+                // A refused check is a Prepare refused before freezing: the guardian-missing
+                // path already explores that, so the model's provider always has room.
+                Effect::CheckProvider { .. } => Some(Input::ProviderChecked(Ok(String::new()))),
                 Effect::Arm { quiescer, lease_end_ms, .. } => {
                     // The guardian's lease is what is left of the agent's, on the real clock.
                     let left = lease_end_ms.saturating_sub(clock);

@@ -28,6 +28,11 @@ struct World {
     fail_create: Option<String>,
     fail_delete: Option<String>,
     no_guardian: bool,
+    /// The provider check's answer; `Ok("")` (nothing to report) unless set.
+    provider_check: Result<String, String>,
+    /// The backups the provider was asked to check, and the quiescers armed, in order.
+    checked: Vec<BackupId>,
+    armed: Vec<usize>,
     guardian_thawed: bool,
     freeze_ms: BTreeMap<usize, u64>,
     create_ms: u64,
@@ -61,6 +66,9 @@ fn check(n: usize) -> World {
         fail_create: None,
         fail_delete: None,
         no_guardian: false,
+        provider_check: Ok(String::new()),
+        checked: Vec::new(),
+        armed: Vec::new(),
         guardian_thawed: false,
         freeze_ms: BTreeMap::new(),
         create_ms: 0,
@@ -101,7 +109,12 @@ impl World {
             } else {
                 Ok(())
             })),
+            Effect::CheckProvider { backup } => {
+                self.checked.push(backup);
+                Some(Input::ProviderChecked(self.provider_check.clone()))
+            }
             Effect::Arm { quiescer, .. } => {
+                self.armed.push(quiescer);
                 let result = self.fail_arm.get(&quiescer).cloned().map_or(Ok(()), Err);
                 Some(Input::Armed { quiescer, result })
             }
@@ -358,6 +371,10 @@ fn requests_during_an_operation_wait_for_it_and_status_does_not() {
     // The first ends; the second runs at once and is refused as busy.
     assert_eq!(
         agent.handle(2, Input::GuardianChecked(Ok(()))).last(),
+        Some(&Effect::CheckProvider { backup: id("b1") })
+    );
+    assert_eq!(
+        agent.handle(2, Input::ProviderChecked(Ok(String::new()))).last(),
         Some(&Effect::Arm { backup: id("b1"), quiescer: 0, lease_end_ms: LEASE })
     );
     agent.handle(3, Input::Armed { quiescer: 0, result: Ok(()) });
@@ -902,4 +919,58 @@ fn refused_artifacts_at_release_are_reported_and_the_snapshot_stays_for_the_list
     );
     // The listener fails the backup and aborts it: that deletes the snapshot.
     assert_eq!(w.abort("b1").unwrap().snapshots_deleted, 2);
+}
+
+#[test]
+fn a_provider_check_that_fails_refuses_prepare_before_anything_is_armed_or_frozen() {
+    let mut w = check(2);
+    w.provider_check =
+        Err("volume group vg0 has 12.0 MiB free; thick snapshots need 64.0 MiB".into());
+    let p = w.prepare("b1", LEASE);
+    assert!(
+        !p.prepared
+            && p.reason.contains("snapshot provider fake: volume group vg0 has 12.0 MiB free")
+            && p.reason.contains("refusing before freezing anything"),
+        "{}",
+        p.reason
+    );
+    assert_eq!(w.checked, [id("b1")]);
+    assert!(w.armed.is_empty() && w.calls.is_empty(), "{:?} {:?}", w.armed, w.calls);
+    assert!(w.timers.is_empty(), "no lease timer for what never froze");
+    let s: Vec<_> = p.steps.iter().map(|s| (s.name.as_str(), s.action.as_str(), s.ok)).collect();
+    assert_eq!(s, [("fake", "check", false)]);
+    assert_eq!(w.phase("b1"), Some(Phase::Failed));
+    // A repeated Prepare gets the same answer without asking again; a Commit is refused.
+    assert_eq!(w.prepare("b1", LEASE), p);
+    assert_eq!(w.checked.len(), 1);
+    let c = w.commit("b1", None);
+    assert!(!c.committed && c.reason.contains("refusing before freezing"), "{}", c.reason);
+    assert!(w.calls.is_empty(), "{:?}", w.calls);
+}
+
+#[test]
+fn the_provider_is_checked_after_the_guardian_and_before_the_first_arm() {
+    let mut w = check(2);
+    w.provider_check = Ok("vg0: thick snapshots need 64.0 MiB of 180.0 MiB free".into());
+    let p = w.prepare("b1", LEASE);
+    assert!(p.prepared, "{p:?}");
+    assert_eq!(w.checked, [id("b1")]);
+    assert_eq!(w.armed, [0, 1]);
+    let s: Vec<_> = p.steps.iter().map(|s| format!("{} {}", s.action, s.name)).collect();
+    assert_eq!(s, ["check fake", "freeze q0", "freeze q1"]);
+    assert!(p.steps[0].detail.contains("64.0 MiB of 180.0 MiB free"));
+    assert!(
+        w.logs.iter().any(|l| l.contains("snapshot provider fake: vg0: thick")),
+        "{:?}",
+        w.logs
+    );
+    // A provider with nothing to say adds no step.
+    let mut w = check(1);
+    let p = w.prepare("b1", LEASE);
+    assert!(p.prepared && p.steps.len() == 1 && p.steps[0].action == "freeze", "{p:?}");
+    // No guardian: refused before the provider is even asked.
+    let mut w = check(1);
+    w.no_guardian = true;
+    assert!(!w.prepare("b1", LEASE).prepared);
+    assert!(w.checked.is_empty());
 }

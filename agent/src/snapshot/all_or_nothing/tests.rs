@@ -42,3 +42,29 @@ fn a_create_that_succeeds_is_untouched() {
     assert_eq!(made.len(), 2);
     assert_eq!(calls.all(), ["create b1"]);
 }
+
+/// The wrapper must not hide a provider's check behind the trait's default (an LVM budget
+/// refused before the freeze would otherwise pass unseen).
+#[test]
+fn the_providers_check_is_asked_through_the_wrapper() {
+    struct Full;
+    impl SnapshotProvider for Full {
+        fn kind(&self) -> &'static str {
+            "full"
+        }
+        fn check(&self, volumes: &[String]) -> anyhow::Result<String> {
+            Err(anyhow!("no room for {}", volumes.join(",")))
+        }
+        fn create(&self, _: &str, _: &[String]) -> anyhow::Result<Vec<Snapshot>> {
+            Ok(Vec::new())
+        }
+        fn delete(&self, _: &str) -> anyhow::Result<u32> {
+            Ok(0)
+        }
+        fn list(&self) -> anyhow::Result<Vec<(String, Snapshot)>> {
+            Ok(Vec::new())
+        }
+    }
+    let err = all_or_nothing(Arc::new(Full)).check(&volumes()).unwrap_err();
+    assert_eq!(format!("{err:#}"), "no room for data,logs");
+}
