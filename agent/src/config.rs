@@ -192,7 +192,8 @@ impl Config {
     }
 
     /// Every problem with this config, one line each naming the field; empty when it is usable.
-    /// Checks files and directories exist, but changes nothing.
+    /// Checks files and directories exist, but changes nothing (the mock SAN's reflink probe
+    /// makes and removes two small files in the array).
     pub fn problems(&self) -> Vec<String> {
         let mut out = Vec::new();
         if let Err(e) = validate_name("server", &self.server) {
@@ -294,6 +295,9 @@ impl Config {
                 match stillpoint_core::san::Array::open(array) {
                     Err(e) => out.push(format!("snapshot.array: {e}")),
                     Ok(a) => {
+                        if let Err(e) = a.check_clones() {
+                            out.push(format!("snapshot.array: {e}"));
+                        }
                         for v in &self.volumes {
                             match a.lun_path(&self.server, v) {
                                 Ok(p) if !p.is_file() => out.push(format!(

@@ -1,6 +1,8 @@
 //! `Cluster`: a listener, agents and the causal writer as real processes from the target dir,
-//! over loopback mTLS, on a mock SAN array in a temp dir. Everything it starts is killed on
-//! drop. Readiness is a health RPC with a deadline, never a bare sleep.
+//! over loopback mTLS, on a mock SAN array in a temp dir (in a loop-mounted XFS image where the
+//! temp dir cannot reflink, as `backupctl san init` makes it). Everything it starts is killed,
+//! and the array unmounted, on drop. Readiness is a health RPC with a deadline, never a bare
+//! sleep.
 
 use std::fs;
 use std::net::SocketAddr;
@@ -11,7 +13,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 use stillpoint_core::certs;
 use stillpoint_core::identity::Role;
-use stillpoint_core::san::Array;
+use stillpoint_core::testing::TestArray;
 use stillpoint_core::tls::TlsFiles;
 use stillpoint_proto as pb;
 
@@ -180,7 +182,8 @@ pub struct Cluster {
     pub root: tempfile::TempDir,
     pub spec: Spec,
     pub certs: PathBuf,
-    pub array: Array,
+    /// The array, whose snapshots are reflink clones; unmounted when the cluster drops.
+    pub array: TestArray,
     pub listener_addr: SocketAddr,
     pub listener_config: PathBuf,
     pub listener: Option<Proc>,
@@ -263,7 +266,7 @@ impl Cluster {
         }
         fs::create_dir_all(path.join("control")).expect("control dir");
         fs::create_dir_all(path.join("copies")).expect("copies dir");
-        let array = Array::init(&path.join("array")).expect("array");
+        let array = TestArray::new(&path);
         let probe = spec.probes.then(|| Probe::make(&path));
         let saveset = match &spec.copy {
             Copy::Saveset { .. } | Copy::SavesetOnAgent { .. } => {
@@ -594,6 +597,10 @@ impl Drop for Cluster {
         self.listener.take();
         self.agents.clear();
         self.probe.take();
+        // Before the temp dir goes, so it can remove the mount point too.
+        if let Some(mount) = self.array.image() {
+            mount.unmount_for_cleanup();
+        }
     }
 }
 
