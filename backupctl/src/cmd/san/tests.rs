@@ -71,6 +71,10 @@ fn init_create_list_snapshot_present_and_delete() {
     assert!(said.starts_with(&format!("mock SAN array ready at {}", root.display())), "{said}");
     let again = check(San::Init(InitArgs { dir: root.clone(), image: None, image_size: None }));
     assert!(again.contains("it was there") && again.contains("reflink clones"), "{again}");
+    assert!(!again.contains("no image made"), "{again}");
+    let sized =
+        check(San::Init(InitArgs { dir: root.clone(), image: None, image_size: Some(1 << 30) }));
+    assert!(sized.contains("(no image made: --image and --image-size apply only where"), "{sized}");
     let lun = check(San::CreateLun(CreateLunArgs {
         array: root.clone(),
         server: "srv-a".into(),
