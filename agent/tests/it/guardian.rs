@@ -8,6 +8,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use stillpoint_agent::config::{QuiescerConfig, SnapshotConfig};
+use stillpoint_core::san::Array;
 use stillpoint_core::testing::TestArray;
 use stillpoint_proto::agent_client::AgentClient;
 use stillpoint_proto::{AbortRequest, CommitRequest, PrepareRequest, StatusRequest};
@@ -143,7 +144,7 @@ fn xfs_lun(dir: &Path, server: &str) -> (TestArray, LoopMount) {
     (array, live)
 }
 
-fn mock_san_toml(array: &TestArray) -> String {
+fn mock_san_toml(array: &Array) -> String {
     format!("provider = \"mock-san\"\narray = {:?}\n", array.root())
 }
 
