@@ -1,8 +1,6 @@
-//! Helpers for tests (and nothing else): loopback ports for servers started as separate
-//! processes, and mock SAN arrays that clone wherever the tests' temp dir is.
+//! Helpers for tests (and nothing else) that start servers as separate processes.
 
 use std::net::TcpListener;
-use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
 
 /// A free loopback TCP port for a server that a test starts as another process.
@@ -48,56 +46,6 @@ fn any_free_port() -> u16 {
         .and_then(|socket| socket.local_addr())
         .map(|addr| addr.port())
         .unwrap_or(0)
-}
-
-/// A mock SAN array for a test, in `<dir>/array`, made by [`Array::init`] as `backupctl san init`
-/// makes one: in the directory when its filesystem can reflink, else (the usual case: ext4
-/// under `/tmp`) in a 2 GiB sparse XFS image `<dir>/array.img` loop-mounted there. Dropping it
-/// unmounts the image, detaching its loop device, even when the test failed; drop it before
-/// the temp dir (declare it after) and after the processes using the array.
-///
-/// [`Array::init`]: crate::san::Array::init
-pub struct TestArray {
-    array: crate::san::Array,
-}
-
-impl TestArray {
-    /// Makes the array; panics saying why when this machine cannot give a test a cloning
-    /// array (not root and no reflink filesystem, or no `mkfs.xfs`).
-    pub fn new(dir: &Path) -> TestArray {
-        let options = crate::san::InitOptions {
-            image: Some(dir.join("array.img")),
-            image_size: Some(2 << 30),
-        };
-        match crate::san::Array::init(&dir.join("array"), &options) {
-            Ok((array, _)) => TestArray { array },
-            Err(e) => panic!("a test needs a mock SAN array that can clone: {e}"),
-        }
-    }
-
-    pub fn array(&self) -> &crate::san::Array {
-        &self.array
-    }
-
-    pub fn root(&self) -> PathBuf {
-        self.array.root().to_path_buf()
-    }
-}
-
-impl std::ops::Deref for TestArray {
-    type Target = crate::san::Array;
-
-    fn deref(&self) -> &crate::san::Array {
-        &self.array
-    }
-}
-
-impl Drop for TestArray {
-    fn drop(&mut self) {
-        if let Some(mount) = self.array.image() {
-            mount.unmount_for_cleanup();
-        }
-    }
 }
 
 #[cfg(test)]

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 use stillpoint_core::certs;
 use stillpoint_core::identity::Role;
-use stillpoint_core::testing::TestArray;
+use stillpoint_core::san::Array;
 use stillpoint_core::tls::TlsFiles;
 use stillpoint_proto as pb;
 
@@ -183,7 +183,7 @@ pub struct Cluster {
     pub spec: Spec,
     pub certs: PathBuf,
     /// The array, whose snapshots are reflink clones; unmounted when the cluster drops.
-    pub array: TestArray,
+    pub array: Array,
     pub listener_addr: SocketAddr,
     pub listener_config: PathBuf,
     pub listener: Option<Proc>,
@@ -266,7 +266,7 @@ impl Cluster {
         }
         fs::create_dir_all(path.join("control")).expect("control dir");
         fs::create_dir_all(path.join("copies")).expect("copies dir");
-        let array = TestArray::new(&path);
+        let array = Array::init(&path.join("array")).expect("array");
         let probe = spec.probes.then(|| Probe::make(&path));
         let saveset = match &spec.copy {
             Copy::Saveset { .. } | Copy::SavesetOnAgent { .. } => {

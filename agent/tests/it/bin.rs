@@ -6,7 +6,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use stillpoint_core::testing::TestArray;
+use stillpoint_core::san::Array;
 use stillpoint_proto::{PrepareRequest, StatusRequest};
 
 use crate::support::{run, Certs};
@@ -82,7 +82,7 @@ fn an_array_that_cannot_clone_stops_the_start_saying_how_to_move_it() {
 async fn the_binary_serves_until_sigterm_and_thaws_on_the_way_out() {
     let dir = tempfile::tempdir().unwrap();
     let certs = Certs::new("srv-a");
-    let array = TestArray::new(dir.path());
+    let array = Array::init(&dir.path().join("array")).unwrap();
     array.create_lun("srv-a", "data", 1 << 20).unwrap();
     let port = stillpoint_core::testing::spare_loopback_port();
     let tls = certs.files("srv-a");

@@ -7,7 +7,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use stillpoint_agent::config::{SavesetConfig, SnapshotConfig};
-use stillpoint_core::testing::TestArray;
+use stillpoint_core::san::Array;
 use stillpoint_proto::agent_client::AgentClient;
 use stillpoint_proto::{
     copy_event, AbortRequest, CleanupRequest, CommitRequest, CopyDone, CopyRequest, PrepareRequest,
@@ -21,8 +21,8 @@ const PASSPHRASE: &str = "agent copy words";
 
 /// A mock SAN with `data` and `logs` LUNs of 1 MiB for srv-a, each with distinct bytes in its
 /// first half, and a saveset repository; returns the array and the `[saveset]` table.
-fn setup(dir: &Path, delay_ms_per_mib: u64) -> (TestArray, SavesetConfig) {
-    let array = TestArray::new(dir);
+fn setup(dir: &Path, delay_ms_per_mib: u64) -> (Array, SavesetConfig) {
+    let array = Array::init(&dir.join("array")).unwrap();
     for (i, lun) in ["data", "logs"].into_iter().enumerate() {
         let created = array.create_lun("srv-a", lun, 1 << 20).unwrap();
         let bytes: Vec<u8> = (0..512 << 10).map(|j: u32| (j * 7 + i as u32 * 13) as u8).collect();

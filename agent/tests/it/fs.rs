@@ -6,7 +6,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use stillpoint_agent::config::{QuiescerConfig, SnapshotConfig};
-use stillpoint_core::testing::TestArray;
+use stillpoint_core::san::Array;
 use stillpoint_proto::{CleanupRequest, CommitRequest, PrepareRequest};
 
 use crate::support::{config, run, sparse_image, write_synced, Agent, Certs, LoopMount};
@@ -15,7 +15,7 @@ use crate::support::{config, run, sparse_image, write_synced, Agent, Certs, Loop
 async fn fsfreeze_on_xfs_in_a_mock_san_lun_holds_writes_until_commit() {
     let dir = tempfile::tempdir().unwrap();
     let certs = Certs::new("srv-x");
-    let array = TestArray::new(dir.path());
+    let array = Array::init(&dir.path().join("array")).unwrap();
     let lun = array.create_lun("srv-x", "data", 320 << 20).unwrap();
     run("mkfs.xfs", &["-q", "-f", lun.path.to_str().unwrap()]);
     let live = LoopMount::new(&lun.path, &dir.path().join("live"), false, "rw");
@@ -77,7 +77,7 @@ async fn fsfreeze_on_xfs_in_a_mock_san_lun_holds_writes_until_commit() {
 async fn fsfreeze_of_a_filesystem_someone_else_froze_is_refused_and_left_frozen() {
     let dir = tempfile::tempdir().unwrap();
     let certs = Certs::new("srv-y");
-    let array = TestArray::new(dir.path());
+    let array = Array::init(&dir.path().join("array")).unwrap();
     let lun = array.create_lun("srv-y", "data", 320 << 20).unwrap();
     run("mkfs.xfs", &["-q", "-f", lun.path.to_str().unwrap()]);
     let live = LoopMount::new(&lun.path, &dir.path().join("live"), false, "rw");

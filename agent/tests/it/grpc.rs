@@ -5,7 +5,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use stillpoint_agent::config::{QuiescerConfig, SnapshotConfig};
-use stillpoint_core::testing::TestArray;
+use stillpoint_core::san::Array;
 use stillpoint_proto::{
     AbortRequest, CleanupRequest, CommitRequest, HoldClass, PrepareRequest, ReleaseRequest,
     StatusRequest,
@@ -14,8 +14,8 @@ use stillpoint_proto::{
 use crate::support::{config, marker_quiescer, wait_for_phase, Agent, Certs};
 
 /// A mock SAN array in `dir` with LUNs `data` and `logs` for `server`.
-fn array(dir: &Path, server: &str) -> TestArray {
-    let array = TestArray::new(dir);
+fn array(dir: &Path, server: &str) -> Array {
+    let array = Array::init(&dir.join("array")).unwrap();
     array.create_lun(server, "data", 1 << 20).unwrap();
     array.create_lun(server, "logs", 1 << 20).unwrap();
     array

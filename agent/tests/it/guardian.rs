@@ -9,7 +9,6 @@ use std::time::{Duration, Instant};
 
 use stillpoint_agent::config::{QuiescerConfig, SnapshotConfig};
 use stillpoint_core::san::Array;
-use stillpoint_core::testing::TestArray;
 use stillpoint_proto::agent_client::AgentClient;
 use stillpoint_proto::{AbortRequest, CommitRequest, PrepareRequest, StatusRequest};
 use tonic::transport::Channel;
@@ -136,8 +135,8 @@ impl Drop for Sleeper {
 }
 
 /// A mock SAN array with an XFS LUN `data` of `server`, mounted under `dir/live`.
-fn xfs_lun(dir: &Path, server: &str) -> (TestArray, LoopMount) {
-    let array = TestArray::new(dir);
+fn xfs_lun(dir: &Path, server: &str) -> (Array, LoopMount) {
+    let array = Array::init(&dir.join("array")).unwrap();
     let lun = array.create_lun(server, "data", 320 << 20).unwrap();
     run("mkfs.xfs", &["-q", "-f", lun.path.to_str().unwrap()]);
     let live = LoopMount::new(&lun.path, &dir.join("live"), false, "rw");
@@ -287,7 +286,7 @@ fn stop_quiescer(pidfile: &Path) -> QuiescerConfig {
 async fn stop_quiescer_stops_the_app_while_frozen_and_resumes_it_after_commit() {
     let dir = tempfile::tempdir().unwrap();
     let certs = Certs::new("srv-p");
-    let array = TestArray::new(dir.path());
+    let array = Array::init(&dir.path().join("array")).unwrap();
     array.create_lun("srv-p", "data", 1 << 20).unwrap();
     let app = Sleeper::start(dir.path());
     let snapshot =
@@ -322,7 +321,7 @@ async fn stop_quiescer_stops_the_app_while_frozen_and_resumes_it_after_commit() 
 async fn stop_quiescer_app_is_resumed_by_the_guardian_when_the_agent_is_killed() {
     let dir = tempfile::tempdir().unwrap();
     let certs = Certs::new("srv-q");
-    let array = TestArray::new(dir.path());
+    let array = Array::init(&dir.path().join("array")).unwrap();
     array.create_lun("srv-q", "data", 1 << 20).unwrap();
     let app = Sleeper::start(dir.path());
     let quiescers =
@@ -349,7 +348,7 @@ async fn stop_quiescer_app_is_resumed_by_the_guardian_when_the_agent_is_killed()
 async fn a_snapshot_that_outlives_the_lease_is_deleted_and_commit_refused() {
     let dir = tempfile::tempdir().unwrap();
     let certs = Certs::new("srv-w");
-    let array = TestArray::new(dir.path());
+    let array = Array::init(&dir.path().join("array")).unwrap();
     array.create_lun("srv-w", "data", 1 << 20).unwrap();
     let counter = dir.path().join("post-thaw.count");
     let app = QuiescerConfig::Exec {

@@ -157,7 +157,7 @@ pub fn run(san: San, out: &mut dyn Write) -> Result<()> {
         San::Init(args) => {
             let asked_image = args.image.is_some() || args.image_size.is_some();
             let options = InitOptions { image: args.image, image_size: args.image_size };
-            let (array, how) = Array::init(&args.dir, &options)?;
+            let (array, how) = Array::create(&args.dir, &options)?;
             write!(out, "{}", init_human(&array, &how))?;
             if asked_image && matches!(how, Init::Directory | Init::Existing) {
                 writeln!(out, "(no image made: --image and --image-size apply only where the directory cannot reflink)")?;

@@ -2,7 +2,7 @@
 //! try stillpoint without real storage. It holds LUNs (image files) per server, makes
 //! point-in-time copies of them by reflink clone only (like a real array, a snapshot never copies
 //! the LUN, so it takes milliseconds whatever the LUN's size), names and lists snapshots by backup
-//! id, and presents a snapshot read-only to a copier. `init` puts the array where it can clone
+//! id, and presents a snapshot read-only to a copier. `create` puts the array where it can clone
 //! (`image.rs`: an XFS image when its directory cannot). The layout is documented in
 //! `deploy/MOCK-SAN.md`; it does not know about backups' states, only about files.
 
@@ -53,12 +53,12 @@ pub struct Lun {
 #[derive(Serialize, Deserialize)]
 struct ArrayMarker {
     format: u32,
-    /// The XFS image the array lives in, when `init` made one (mounted at the array's root).
+    /// The XFS image the array lives in, when `create` made one (mounted at the array's root).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     image: Option<PathBuf>,
 }
 
-/// What `Array::init` did.
+/// What `Array::create` did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Init {
     /// The array was already there (and its filesystem clones).
@@ -72,7 +72,7 @@ pub enum Init {
     Mounted(ImageMount),
 }
 
-/// Where `Array::init` puts an XFS image when it needs one.
+/// Where `Array::create` puts an XFS image when it needs one.
 #[derive(Debug, Clone, Default)]
 pub struct InitOptions {
     /// The image file; by default `<dir>.img` beside the array's directory.
@@ -86,14 +86,40 @@ pub struct InitOptions {
 pub struct Array {
     root: PathBuf,
     image: Option<ImageMount>,
+    /// Set by [`Array::init`] when it mounted the array's image: unmounts it once the last clone
+    /// of this handle goes.
+    mounted: Option<std::sync::Arc<MountGuard>>,
+}
+
+/// Unmounts an image when dropped (the loop device goes with it).
+#[derive(Debug)]
+struct MountGuard(ImageMount);
+
+impl Drop for MountGuard {
+    fn drop(&mut self) {
+        self.0.unmount_for_cleanup();
+    }
 }
 
 impl Array {
+    /// Makes an array at `root` for as long as the returned handle lives, as [`Array::create`]
+    /// makes it with the default options (so its image is `<root>.img`): an image it had to
+    /// mount is unmounted once the last clone of the handle goes, so tests and tools leave no
+    /// mount behind. `backupctl san init` uses `create`, which leaves the image mounted.
+    pub fn init(root: &Path) -> Result<Array> {
+        let (mut array, how) = Array::create(root, &InitOptions::default())?;
+        if let Init::Image(mount) | Init::Mounted(mount) = how {
+            array.mounted = Some(std::sync::Arc::new(MountGuard(mount)));
+        }
+        Ok(array)
+    }
+
     /// Makes an array at `root` whose snapshots are reflink clones, or opens the one there.
     /// When `root`'s filesystem can reflink the array lives in it; else, as root, in a new
-    /// sparse XFS image (`mkfs.xfs -m reflink=1`) loop-mounted at `root`; else this refuses,
-    /// saying why and what to do. An image-backed array found unmounted is mounted again.
-    pub fn init(root: &Path, options: &InitOptions) -> Result<(Array, Init)> {
+    /// sparse XFS image (`mkfs.xfs -m reflink=1`) loop-mounted at `root`, which stays mounted;
+    /// else this refuses, saying why and what to do. An image-backed array found unmounted is
+    /// mounted again.
+    pub fn create(root: &Path, options: &InitOptions) -> Result<(Array, Init)> {
         if root.join(MARKER).is_file() {
             let array = Array::open(root)?;
             array.check_clones()?;
@@ -253,7 +279,7 @@ impl Array {
         let marker: ArrayMarker = serde_json::from_slice(&body)
             .map_err(|e| Error::San(format!("{}: {e}", root.join(MARKER).display())))?;
         let image = marker.image.map(|image| ImageMount { image, mount: absolute(root) });
-        Ok(Array { root: root.to_path_buf(), image })
+        Ok(Array { root: root.to_path_buf(), image, mounted: None })
     }
 
     /// Whether the array can take snapshots: its filesystem must reflink, since a snapshot
@@ -278,7 +304,7 @@ impl Array {
         ))
     }
 
-    /// The XFS image this array lives in, when `init` made one.
+    /// The XFS image this array lives in, when `create` made one.
     pub fn image(&self) -> Option<&ImageMount> {
         self.image.as_ref()
     }

@@ -1,13 +1,12 @@
 //! Mock SAN behaviour on arrays made as `backupctl san init` makes them (in the temp dir where it
-//! can reflink, else in a loop-mounted XFS image), and its refusals on a filesystem that cannot
-//! clone (a tmpfs mounted for the test).
+//! can reflink, else in a loop-mounted XFS image, unmounted when the test's handle goes), and its
+//! refusals on a filesystem that cannot clone (a tmpfs mounted for the test).
 
 use std::io::{Seek, SeekFrom, Write};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use super::*;
-use crate::testing::TestArray;
 
 fn write_at(path: &Path, offset: u64, bytes: &[u8]) {
     let mut f = OpenOptions::new().write(true).open(path).unwrap();
@@ -18,7 +17,7 @@ fn write_at(path: &Path, offset: u64, bytes: &[u8]) {
 #[test]
 fn snapshot_is_point_in_time_and_read_only() {
     let dir = tempfile::tempdir().unwrap();
-    let array = TestArray::new(dir.path());
+    let array = Array::init(&dir.path().join("array")).unwrap();
     let lun = array.create_lun("srv-a", "data", 8 << 20).unwrap();
     write_at(&lun.path, 4096, b"before");
     let snap = array.snapshot("b1", "srv-a", "data").unwrap();
@@ -33,7 +32,7 @@ fn snapshot_is_point_in_time_and_read_only() {
 #[test]
 fn snapshot_is_idempotent_and_delete_is_too() {
     let dir = tempfile::tempdir().unwrap();
-    let array = TestArray::new(dir.path());
+    let array = Array::init(&dir.path().join("array")).unwrap();
     array.create_lun("srv-a", "data", 1 << 20).unwrap();
     array.create_lun("srv-a", "logs", 1 << 20).unwrap();
     array.snapshot("b1", "srv-a", "data").unwrap();
@@ -66,7 +65,7 @@ fn bad_names_and_missing_arrays_are_refused_clearly() {
     let dir = tempfile::tempdir().unwrap();
     let err = Array::open(dir.path()).unwrap_err().to_string();
     assert!(err.contains("is not a mock SAN array"), "{err}");
-    let array = TestArray::new(dir.path());
+    let array = Array::init(&dir.path().join("array")).unwrap();
     let err = array.create_lun("../etc", "x", 10).unwrap_err().to_string();
     assert!(err.contains("not a valid name"), "{err}");
     array.create_lun("srv-a", "data", 10).unwrap();
@@ -151,7 +150,7 @@ fn an_array_where_the_filesystem_cannot_reflink_refuses_to_copy_and_says_what_to
     // Listing still works on it, so an operator can see what to move.
     assert_eq!(array.luns(None).unwrap().len(), 1);
     // `init` on it refuses too, rather than mounting over its LUNs.
-    let err = Array::init(array.root(), &InitOptions::default()).unwrap_err().to_string();
+    let err = Array::create(array.root(), &InitOptions::default()).unwrap_err().to_string();
     assert!(err.contains("cannot reflink"), "{err}");
 }
 
@@ -160,7 +159,7 @@ fn init_makes_an_xfs_image_where_the_directory_cannot_reflink_and_mounts_it_agai
     let dir = tempfile::tempdir().unwrap();
     let tmpfs = Tmpfs::mount(&dir.path().join("tmpfs"));
     let root = tmpfs.dir.join("array");
-    let (array, how) = Array::init(&root, &InitOptions::default()).unwrap();
+    let (array, how) = Array::create(&root, &InitOptions::default()).unwrap();
     let Init::Image(mount) = how else { panic!("expected an image, got {how:?}") };
     let _unmount = Unmount(Some(mount.clone()));
     assert_eq!(mount.image, tmpfs.dir.join("array.img"), "the default image sits beside the dir");
@@ -185,7 +184,7 @@ fn init_makes_an_xfs_image_where_the_directory_cannot_reflink_and_mounts_it_agai
     assert!(took < Duration::from_millis(500), "a 1 GiB clone took {took:?}");
     assert_eq!(fs::read(&snap.path).unwrap(), fs::read(&lun.path).unwrap());
     // Idempotent on a mounted image-backed array.
-    let (_, again) = Array::init(&root, &InitOptions::default()).unwrap();
+    let (_, again) = Array::create(&root, &InitOptions::default()).unwrap();
     assert_eq!(again, Init::Existing);
 
     mount.unmount().unwrap();
@@ -196,7 +195,7 @@ fn init_makes_an_xfs_image_where_the_directory_cannot_reflink_and_mounts_it_agai
     assert!(err.contains(&mount.fstab_line()), "{err}");
 
     // After a "reboot", init (like `san mount`) mounts it again, with the LUN and snapshot.
-    let (array, how) = Array::init(&root, &InitOptions::default()).unwrap();
+    let (array, how) = Array::create(&root, &InitOptions::default()).unwrap();
     assert_eq!(how, Init::Mounted(mount.clone()));
     assert_eq!(array.snapshots(None).unwrap().len(), 1);
     let mut start = vec![0u8; 4];
@@ -212,12 +211,12 @@ fn init_refuses_to_mount_over_files_or_make_a_tiny_image() {
     let busy = tmpfs.dir.join("busy");
     fs::create_dir_all(&busy).unwrap();
     fs::write(busy.join("precious"), b"x").unwrap();
-    let err = Array::init(&busy, &InitOptions::default()).unwrap_err().to_string();
+    let err = Array::create(&busy, &InitOptions::default()).unwrap_err().to_string();
     assert!(err.contains("is not empty"), "{err}");
     assert!(busy.join("precious").is_file());
 
     let small = InitOptions { image: None, image_size: Some(100 << 20) };
-    let err = Array::init(&tmpfs.dir.join("small"), &small).unwrap_err().to_string();
+    let err = Array::create(&tmpfs.dir.join("small"), &small).unwrap_err().to_string();
     assert!(err.contains("too small"), "{err}");
     assert!(!tmpfs.dir.join("small.img").exists());
     assert!(!image::is_mount_point(&tmpfs.dir.join("small")));
@@ -230,4 +229,26 @@ fn mount_points_are_read_from_mountinfo_with_its_escapes() {
     assert!(image::is_mount_point(Path::new("/")));
     let dir = tempfile::tempdir().unwrap();
     assert!(!image::is_mount_point(dir.path()));
+}
+
+#[test]
+fn init_unmounts_the_image_it_mounted_once_the_last_handle_goes() {
+    let dir = tempfile::tempdir().unwrap();
+    let tmpfs = Tmpfs::mount(&dir.path().join("tmpfs"));
+    let root = tmpfs.dir.join("array");
+    let array = Array::init(&root).unwrap();
+    let mount = array.image().cloned().expect("tmpfs cannot reflink: init made an image");
+    let _unmount = Unmount(Some(mount.clone()));
+    let clone = array.clone();
+    let opened = Array::open(&root).unwrap();
+    drop(array);
+    assert!(mount.is_mounted(), "a clone still holds it");
+    drop(opened);
+    assert!(mount.is_mounted(), "a handle from open does not own the mount");
+    drop(clone);
+    assert!(!mount.is_mounted(), "the last handle from init unmounted it");
+    assert!(mount.image.is_file(), "the image stays, with its LUNs");
+    let (_, how) = Array::create(&root, &InitOptions::default()).unwrap();
+    assert_eq!(how, Init::Mounted(mount.clone()));
+    assert!(mount.is_mounted(), "create leaves it mounted");
 }
