@@ -192,8 +192,7 @@ impl Config {
     }
 
     /// Every problem with this config, one line each naming the field; empty when it is usable.
-    /// Checks files and directories exist, but changes nothing (the mock SAN's reflink probe
-    /// makes and removes two small files in the array).
+    /// Checks files and directories exist, but changes nothing.
     pub fn problems(&self) -> Vec<String> {
         let mut out = Vec::new();
         if let Err(e) = validate_name("server", &self.server) {
