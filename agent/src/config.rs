@@ -361,6 +361,9 @@ impl Config {
                 match stillpoint_core::san::Array::open(array) {
                     Err(e) => out.push(format!("snapshot.array: {e}")),
                     Ok(a) => {
+                        if let Err(e) = a.check_clones() {
+                            out.push(format!("snapshot.array: {e}"));
+                        }
                         for v in &self.volumes {
                             match a.lun_path(&self.server, v) {
                                 Ok(p) if !p.is_file() => out.push(format!(

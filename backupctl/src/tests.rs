@@ -100,7 +100,14 @@ fn certs_and_san_parse() {
     );
     check_refused(&["certs", "init", "--dir", "d", "--days", "0"], "--days");
     assert!(
-        matches!(command(&["san", "init", "arr"]), Command::San(San::Init { dir }) if dir == std::path::Path::new("arr"))
+        matches!(command(&["san", "init", "arr"]), Command::San(San::Init(a)) if a.dir == std::path::Path::new("arr") && a.image.is_none() && a.image_size.is_none())
+    );
+    assert!(matches!(command(&["san", "init", "arr", "--image", "/x.img", "--image-size", "8G"]),
+        Command::San(San::Init(a)) if a.image.as_deref() == Some(std::path::Path::new("/x.img")) && a.image_size == Some(8 << 30)));
+    assert!(matches!(command(&["san", "umount", "arr"]), Command::San(San::Umount { .. })));
+    assert!(
+        matches!(command(&["san", "snapshot", "--array", "a", "--backup", "b", "--server", "s", "--lun", "l", "--json"]),
+        Command::San(San::Snapshot(a)) if a.json && a.lun == "l")
     );
     assert!(
         matches!(command(&["san", "create-lun", "--array", "a", "--server", "s", "--lun", "l", "--size", "1G"]),

@@ -79,6 +79,33 @@ pub fn preallocate(file: &File, offset: u64, len: u64) -> io::Result<()> {
     check(unsafe { libc::fallocate(file.as_raw_fd(), 0, offset, len) })
 }
 
+/// What `fstatfs(2)` says of the filesystem a file or directory is on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FsStat {
+    /// The filesystem's magic number (`f_type`), e.g. 0xEF53 for ext2/3/4, 0x58465342 for XFS.
+    pub magic: u64,
+    /// Bytes an unprivileged user may still write (`f_bavail * f_bsize`).
+    pub available_bytes: u64,
+}
+
+/// The filesystem under `file` (`fstatfs(2)`).
+pub fn fs_stat(file: &File) -> io::Result<FsStat> {
+    let mut buf = std::mem::MaybeUninit::<libc::statfs>::zeroed();
+    // SAFETY: fstatfs writes one `struct statfs` into the buffer we own; the fd is valid.
+    check(unsafe { libc::fstatfs(file.as_raw_fd(), buf.as_mut_ptr()) })?;
+    // SAFETY: the call succeeded, so the kernel filled the struct (and it was zeroed before).
+    let st = unsafe { buf.assume_init() };
+    #[allow(clippy::unnecessary_cast, clippy::useless_conversion)]
+    let (magic, avail, bsize) = (st.f_type as u64, u64::from(st.f_bavail), st.f_bsize as u64);
+    Ok(FsStat { magic, available_bytes: avail.saturating_mul(bsize) })
+}
+
+/// Whether this process runs with effective user id 0 (what mounting a filesystem needs).
+pub fn is_root() -> bool {
+    // SAFETY: geteuid has no arguments and cannot fail.
+    unsafe { libc::geteuid() == 0 }
+}
+
 /// The signals the agent sends.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Signal {

@@ -1,6 +1,8 @@
 //! `Cluster`: a listener, agents and the causal writer as real processes from the target dir,
-//! over loopback mTLS, on a mock SAN array in a temp dir. Everything it starts is killed on
-//! drop. Readiness is a health RPC with a deadline, never a bare sleep.
+//! over loopback mTLS, on a mock SAN array in a temp dir (in a loop-mounted XFS image where the
+//! temp dir cannot reflink, as `backupctl san init` makes it). Everything it starts is killed,
+//! and the array unmounted, on drop. Readiness is a health RPC with a deadline, never a bare
+//! sleep.
 
 use std::fs;
 use std::net::SocketAddr;
@@ -180,6 +182,7 @@ pub struct Cluster {
     pub root: tempfile::TempDir,
     pub spec: Spec,
     pub certs: PathBuf,
+    /// The array, whose snapshots are reflink clones; unmounted when the cluster drops.
     pub array: Array,
     pub listener_addr: SocketAddr,
     pub listener_config: PathBuf,
@@ -594,6 +597,10 @@ impl Drop for Cluster {
         self.listener.take();
         self.agents.clear();
         self.probe.take();
+        // Before the temp dir goes, so it can remove the mount point too.
+        if let Some(mount) = self.array.image() {
+            mount.unmount_for_cleanup();
+        }
     }
 }
 

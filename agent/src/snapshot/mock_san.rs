@@ -1,4 +1,5 @@
-//! The mock SAN provider: snapshots this server's LUNs in a `stillpoint_core::san::Array`. The
+//! The mock SAN provider: snapshots this server's LUNs in a `stillpoint_core::san::Array`, by
+//! reflink clone only (an array that cannot clone is refused when the provider is built). The
 //! volume is the LUN name and the locator is the snapshot file's path. An optional delay before
 //! each snapshot plays a slow array (a test and demo knob).
 
@@ -20,12 +21,12 @@ pub struct MockSan {
 }
 
 impl MockSan {
+    /// Opens the array and checks it can clone, so an agent on an array whose snapshots would
+    /// copy the LUNs inside the freeze refuses to start instead of failing every backup.
     pub fn open(root: &Path, server: &str) -> crate::Result<MockSan> {
-        Ok(MockSan {
-            array: Array::open(root)?,
-            server: server.to_string(),
-            delay: std::time::Duration::ZERO,
-        })
+        let array = Array::open(root)?;
+        array.check_clones()?;
+        Ok(MockSan { array, server: server.to_string(), delay: std::time::Duration::ZERO })
     }
 
     /// Sleeps `delay` before creating each snapshot.
@@ -45,7 +46,7 @@ impl SnapshotProvider for MockSan {
             .iter()
             .map(|lun| {
                 std::thread::sleep(self.delay);
-                let (snap, _) = self
+                let snap = self
                     .array
                     .snapshot(backup_id, &self.server, lun)
                     .with_context(|| format!("snapshot LUN {}/{lun}", self.server))?;

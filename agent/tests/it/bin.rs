@@ -1,5 +1,6 @@
-//! The `stillpoint-agent` binary itself: a bad config exits 2 naming every problem; a good one
-//! serves until SIGTERM, thaws what it froze, and exits 0.
+//! The `stillpoint-agent` binary itself: a bad config exits 2 naming every problem (an array
+//! whose snapshots would copy is one); a good one serves until SIGTERM, thaws what it froze,
+//! and exits 0.
 
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -27,6 +28,54 @@ fn a_bad_config_exits_2_naming_every_problem() {
     for field in ["server:", "listen:", "volumes:", "tls.ca:", "snapshot.array:"] {
         assert!(stderr.contains(field), "no {field} in {stderr}");
     }
+}
+
+/// A mock SAN array made before snapshots had to clone, on a filesystem that cannot (a tmpfs):
+/// the agent refuses to start, saying why and what to do, before any backup could hold the
+/// server's writes through a copy of its LUNs.
+#[test]
+fn an_array_that_cannot_clone_stops_the_start_saying_how_to_move_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let tmpfs = dir.path().join("tmpfs");
+    std::fs::create_dir_all(&tmpfs).unwrap();
+    run("mount", &["-t", "tmpfs", "-o", "size=64m", "tmpfs", tmpfs.to_str().unwrap()]);
+    struct Unmount<'a>(&'a Path);
+    impl Drop for Unmount<'_> {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg("-l").arg(self.0).output();
+        }
+    }
+    let _unmount = Unmount(&tmpfs);
+    let array = tmpfs.join("array");
+    std::fs::create_dir_all(array.join("luns/srv-a")).unwrap();
+    std::fs::create_dir_all(array.join("snapshots")).unwrap();
+    std::fs::write(array.join("stillpoint-array.json"), "{\"format\": 1}").unwrap();
+    std::fs::File::create(array.join("luns/srv-a/data.lun")).unwrap().set_len(1 << 20).unwrap();
+    let certs = Certs::new("srv-a");
+    let tls = certs.files("srv-a");
+    let path = dir.path().join("agent.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "server = \"srv-a\"\nlisten = \"127.0.0.1:1\"\nvolumes = [\"data\"]\nstate_dir = {:?}\n\
+             [tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\n[snapshot]\nprovider = \"mock-san\"\narray = {array:?}\n",
+            dir.path().join("state"),
+            tls.ca,
+            tls.cert,
+            tls.key,
+        ),
+    )
+    .unwrap();
+    let out = Command::new(BIN).arg("--config").arg(&path).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let expected = format!(
+        "snapshot.array: mock SAN: the array at {} is on tmpfs, which cannot reflink",
+        array.display()
+    );
+    assert!(stderr.contains(&expected), "{stderr}");
+    assert!(stderr.contains("backupctl san init DIR"), "{stderr}");
+    assert_eq!(stderr.matches("snapshot.array:").count(), 1, "{stderr}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -101,7 +101,7 @@ async fn lease_expiry_thaws_and_a_late_commit_is_refused_without_a_snapshot() {
 async fn a_failing_second_quiescer_thaws_the_first_and_names_itself() {
     let dir = tempfile::tempdir().unwrap();
     let certs = Certs::new("srv-a");
-    array(dir.path(), "srv-a");
+    let _array = array(dir.path(), "srv-a");
     let first = marker_quiescer("first", dir.path());
     let second = QuiescerConfig::Exec {
         name: "second".into(),
@@ -141,7 +141,7 @@ async fn a_failing_second_quiescer_thaws_the_first_and_names_itself() {
 async fn viewers_and_operators_are_refused() {
     let dir = tempfile::tempdir().unwrap();
     let certs = Certs::new("srv-a");
-    array(dir.path(), "srv-a");
+    let _array = array(dir.path(), "srv-a");
     let agent = Agent::start(config(&certs, &["data"], vec![], mock_san(dir.path()))).await;
     for who in ["viewer", "operator"] {
         let mut client = agent.client(&certs, who);
@@ -160,7 +160,7 @@ async fn viewers_and_operators_are_refused() {
 async fn bad_arguments_are_invalid_argument_naming_the_field() {
     let dir = tempfile::tempdir().unwrap();
     let certs = Certs::new("srv-a");
-    array(dir.path(), "srv-a");
+    let _array = array(dir.path(), "srv-a");
     let agent = Agent::start(config(&certs, &["data"], vec![], mock_san(dir.path()))).await;
     let mut client = agent.client(&certs, "listener");
     let err = client.prepare(prepare("../x", 10_000)).await.unwrap_err();
@@ -255,7 +255,7 @@ async fn abort_thaws_deletes_snapshots_and_is_idempotent() {
 async fn shutdown_thaws_what_is_still_frozen() {
     let dir = tempfile::tempdir().unwrap();
     let certs = Certs::new("srv-a");
-    array(dir.path(), "srv-a");
+    let _array = array(dir.path(), "srv-a");
     let app = marker_quiescer("app", dir.path());
     let agent = Agent::start(config(&certs, &["data"], vec![app], mock_san(dir.path()))).await;
     let mut client = agent.client(&certs, "listener");

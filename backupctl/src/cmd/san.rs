@@ -1,18 +1,29 @@
-//! `san init|create-lun|list|present`: the mock SAN array in a directory, via
-//! `stillpoint_core::san::Array`. Offline; it knows files, not backups' states.
+//! `san init|mount|umount|create-lun|list|present|snapshot|delete`: the mock SAN array in a
+//! directory (or in an XFS image mounted there), via `stillpoint_core::san::Array`. Offline; it
+//! knows files, not backups' states.
 
 use std::io::Write;
 use std::path::PathBuf;
+use std::time::Instant;
 
-use stillpoint_core::san::Array;
+use serde::Serialize;
+use stillpoint_core::san::{Array, Init, InitOptions};
 
 use crate::error::Result;
 use crate::view::{self, human_bytes, LunSnapshotView, LunView, SanListView};
 
 #[derive(Debug, clap::Subcommand)]
 pub enum San {
-    /// Create an array's layout in DIR (idempotent)
-    Init {
+    /// Make an array in DIR whose snapshots are reflink clones (idempotent). Where DIR's
+    /// filesystem cannot reflink, as root: in a sparse XFS image loop-mounted at DIR
+    Init(InitArgs),
+    /// Mount the XFS image of an array at DIR again (after a reboot)
+    Mount {
+        /// Array directory
+        dir: PathBuf,
+    },
+    /// Unmount the XFS image of the array at DIR (stop its agents first)
+    Umount {
         /// Array directory
         dir: PathBuf,
     },
@@ -22,6 +33,60 @@ pub enum San {
     List(ListArgs),
     /// Check a backup's snapshot of a LUN is there and read-only; print its path
     Present(PresentArgs),
+    /// Take a snapshot of a LUN now, as an agent does inside a freeze (to try the array or time
+    /// it); prints its path and how long it took
+    Snapshot(SnapshotArgs),
+    /// Delete a server's snapshots of a backup (what an agent's cleanup does)
+    Delete(DeleteArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct InitArgs {
+    /// Array directory
+    pub dir: PathBuf,
+    /// Where to make the XFS image if one is needed [default: DIR.img beside DIR]
+    #[arg(long, value_name = "FILE")]
+    pub image: Option<PathBuf>,
+    /// The image's size (sparse: it takes space only as LUNs fill) [default: 64G, or the free
+    /// space where the image goes if less]
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    pub image_size: Option<u64>,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct SnapshotArgs {
+    /// Array directory
+    #[arg(long, value_name = "DIR")]
+    pub array: PathBuf,
+    #[arg(long, value_name = "B")]
+    pub backup: String,
+    #[arg(long, value_name = "S")]
+    pub server: String,
+    #[arg(long, value_name = "L")]
+    pub lun: String,
+    /// Print {"path", "size_bytes", "took_us"} as JSON
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct DeleteArgs {
+    /// Array directory
+    #[arg(long, value_name = "DIR")]
+    pub array: PathBuf,
+    #[arg(long, value_name = "B")]
+    pub backup: String,
+    #[arg(long, value_name = "S")]
+    pub server: String,
+}
+
+/// What `san snapshot --json` prints.
+#[derive(Debug, Serialize)]
+struct SnapshotTaken {
+    path: String,
+    size_bytes: u64,
+    /// Microseconds the array's snapshot call took (clone, sync, rename), as inside a freeze.
+    took_us: u64,
 }
 
 #[derive(Debug, clap::Args)]
@@ -89,9 +154,61 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
 
 pub fn run(san: San, out: &mut dyn Write) -> Result<()> {
     match san {
-        San::Init { dir } => {
-            let array = Array::init(&dir)?;
-            writeln!(out, "mock SAN array ready at {}", array.root().display())?;
+        San::Init(args) => {
+            let asked_image = args.image.is_some() || args.image_size.is_some();
+            let options = InitOptions { image: args.image, image_size: args.image_size };
+            let (array, how) = Array::create(&args.dir, &options)?;
+            write!(out, "{}", init_human(&array, &how))?;
+            if asked_image && matches!(how, Init::Directory | Init::Existing) {
+                writeln!(out, "(no image made: --image and --image-size apply only where the directory cannot reflink)")?;
+            }
+        }
+        San::Mount { dir } => {
+            let (array, mounted) = Array::mount(&dir)?;
+            let image = array.image().map(|m| m.image.display().to_string()).unwrap_or_default();
+            let how = if mounted { "mounted" } else { "already mounted" };
+            writeln!(out, "mock SAN array at {} {how} (image {image})", array.root().display())?;
+        }
+        San::Umount { dir } => {
+            let was = Array::unmount(&dir)?;
+            let how = if was { "unmounted" } else { "was not mounted" };
+            writeln!(
+                out,
+                "mock SAN array at {} {how}; `backupctl san mount {}` mounts it again",
+                dir.display(),
+                dir.display()
+            )?;
+        }
+        San::Snapshot(args) => {
+            let array = Array::open(&args.array)?;
+            let started = Instant::now();
+            let snap = array.snapshot(&args.backup, &args.server, &args.lun)?;
+            let took_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+            let taken = SnapshotTaken {
+                path: snap.path.display().to_string(),
+                size_bytes: snap.size_bytes,
+                took_us,
+            };
+            if args.json {
+                writeln!(out, "{}", view::json(&taken))?;
+            } else {
+                #[allow(clippy::cast_precision_loss)]
+                let ms = took_us as f64 / 1000.0;
+                writeln!(
+                    out,
+                    "{} ({}, reflink clone in {ms:.1} ms)",
+                    taken.path,
+                    human_bytes(taken.size_bytes)
+                )?;
+            }
+        }
+        San::Delete(args) => {
+            let deleted = Array::open(&args.array)?.delete_snapshots(&args.backup, &args.server)?;
+            writeln!(
+                out,
+                "deleted {deleted} snapshot(s) of {} for backup {}",
+                args.server, args.backup
+            )?;
         }
         San::CreateLun(args) => {
             let lun = Array::open(&args.array)?.create_lun(&args.server, &args.lun, args.size)?;
@@ -115,6 +232,38 @@ pub fn run(san: San, out: &mut dyn Write) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// What `san init` did, and for an image how to mount it at boot and unmount it.
+fn init_human(array: &Array, how: &Init) -> String {
+    let root = array.root().display();
+    let fs = stillpoint_core::san::image::fs_name(array.root());
+    match how {
+        Init::Existing => format!(
+            "mock SAN array ready at {root} (it was there; {fs}: snapshots are reflink clones)\n"
+        ),
+        Init::Directory => {
+            format!("mock SAN array ready at {root} ({fs}: snapshots are reflink clones)\n")
+        }
+        Init::Image(mount) | Init::Mounted(mount) => {
+            let size =
+                std::fs::metadata(&mount.image).map(|m| human_bytes(m.len())).unwrap_or_default();
+            let what = if matches!(how, Init::Image(_)) {
+                format!("its filesystem cannot reflink, so the array lives in a new XFS image with reflink, {} ({size}, sparse), loop-mounted there", mount.image.display())
+            } else {
+                format!(
+                    "its XFS image {} ({size}) was not mounted; mounted it again",
+                    mount.image.display()
+                )
+            };
+            format!(
+                "mock SAN array ready at {root}: {what}.\n\
+                 To mount it at boot, add this line to /etc/fstab:\n  {fstab}\n\
+                 (or run `backupctl san mount {root}` after a reboot); `backupctl san umount {root}` unmounts it.\n",
+                fstab = mount.fstab_line()
+            )
+        }
+    }
 }
 
 fn list_human(list: &SanListView) -> String {

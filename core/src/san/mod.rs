@@ -1,9 +1,10 @@
 //! The mock SAN: a simulated storage array in a directory that several agents share, so users can
 //! try stillpoint without real storage. It holds LUNs (image files) per server, makes
-//! point-in-time copies of them by reflink clone (or a sparse-aware copy where the filesystem
-//! cannot clone), names and lists snapshots by backup id, and presents a snapshot read-only to a
-//! copier. The layout is documented in `deploy/MOCK-SAN.md`; it does not know about backups'
-//! states, only about files.
+//! point-in-time copies of them by reflink clone only (like a real array, a snapshot never copies
+//! the LUN, so it takes milliseconds whatever the LUN's size), names and lists snapshots by backup
+//! id, and presents a snapshot read-only to a copier. `create` puts the array where it can clone
+//! (`image.rs`: an XFS image when its directory cannot). The layout is documented in
+//! `deploy/MOCK-SAN.md`; it does not know about backups' states, only about files.
 
 use std::fs::{self, File, OpenOptions};
 use std::os::unix::fs::PermissionsExt;
@@ -13,10 +14,14 @@ use serde::{Deserialize, Serialize};
 
 use crate::{validate_name, Error, Result};
 
+pub mod image;
+
+pub use image::ImageMount;
+
 const MARKER: &str = "stillpoint-array.json";
 const LUN_EXT: &str = "lun";
 
-/// How a point-in-time copy was made.
+/// How [`clone_or_copy`] made a copy.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum CopyMethod {
@@ -48,39 +53,260 @@ pub struct Lun {
 #[derive(Serialize, Deserialize)]
 struct ArrayMarker {
     format: u32,
+    /// The XFS image the array lives in, when `create` made one (mounted at the array's root).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    image: Option<PathBuf>,
+}
+
+/// What `Array::create` did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Init {
+    /// The array was already there (and its filesystem clones).
+    Existing,
+    /// The array was made in the directory, whose filesystem clones.
+    Directory,
+    /// The directory's filesystem cannot clone: the array was made in a new XFS image,
+    /// loop-mounted at the directory.
+    Image(ImageMount),
+    /// The array's image was there but not mounted (after a reboot): it was mounted again.
+    Mounted(ImageMount),
+}
+
+/// Where `Array::create` puts an XFS image when it needs one.
+#[derive(Debug, Clone, Default)]
+pub struct InitOptions {
+    /// The image file; by default `<dir>.img` beside the array's directory.
+    pub image: Option<PathBuf>,
+    /// Its size (sparse); by default 64 GiB, or the space left where the image lives if less.
+    pub image_size: Option<u64>,
 }
 
 /// An array directory.
 #[derive(Debug, Clone)]
 pub struct Array {
     root: PathBuf,
+    image: Option<ImageMount>,
+    /// Set by [`Array::init`] when it mounted the array's image: unmounts it once the last clone
+    /// of this handle goes.
+    mounted: Option<std::sync::Arc<MountGuard>>,
+}
+
+/// Unmounts an image when dropped (the loop device goes with it).
+#[derive(Debug)]
+struct MountGuard(ImageMount);
+
+impl Drop for MountGuard {
+    fn drop(&mut self) {
+        self.0.unmount_for_cleanup();
+    }
 }
 
 impl Array {
-    /// Creates the array's layout in `root` if it is not there yet.
+    /// Makes an array at `root` for as long as the returned handle lives, as [`Array::create`]
+    /// makes it with the default options (so its image is `<root>.img`): an image it had to
+    /// mount is unmounted once the last clone of the handle goes, so tests and tools leave no
+    /// mount behind. `backupctl san init` uses `create`, which leaves the image mounted.
     pub fn init(root: &Path) -> Result<Array> {
+        let (mut array, how) = Array::create(root, &InitOptions::default())?;
+        if let Init::Image(mount) | Init::Mounted(mount) = how {
+            array.mounted = Some(std::sync::Arc::new(MountGuard(mount)));
+        }
+        Ok(array)
+    }
+
+    /// Makes an array at `root` whose snapshots are reflink clones, or opens the one there.
+    /// When `root`'s filesystem can reflink the array lives in it; else, as root, in a new
+    /// sparse XFS image (`mkfs.xfs -m reflink=1`) loop-mounted at `root`, which stays mounted;
+    /// else this refuses, saying why and what to do. An image-backed array found unmounted is
+    /// mounted again.
+    pub fn create(root: &Path, options: &InitOptions) -> Result<(Array, Init)> {
+        if root.join(MARKER).is_file() {
+            let array = Array::open(root)?;
+            array.check_clones()?;
+            return Ok((array, Init::Existing));
+        }
+        if let Some(mount) = ImageMount::read_note(root)? {
+            mount.mount()?;
+            let array = Array::open(root)?;
+            array.check_clones()?;
+            return Ok((array, Init::Mounted(mount)));
+        }
+        fs::create_dir_all(root).map_err(|e| Error::io(root, e))?;
+        let root = fs::canonicalize(root).map_err(|e| Error::io(root, e))?;
+        if image::can_reflink(&root)? {
+            return Ok((Array::make_layout(&root, None)?, Init::Directory));
+        }
+        let fs_name = image::fs_name(&root);
+        if !crate::sys::is_root() {
+            return Err(Error::San(format!(
+                "{} is on {fs_name}, which cannot reflink, and making an XFS image for the array \
+                 needs root: run `backupctl san init {}` as root, or give a directory on XFS \
+                 (mkfs.xfs -m reflink=1) or btrfs",
+                root.display(),
+                root.display()
+            )));
+        }
+        if fs::read_dir(&root).map_err(|e| Error::io(&root, e))?.next().is_some() {
+            return Err(Error::San(format!(
+                "{} is on {fs_name}, which cannot reflink, and is not empty: the array's XFS \
+                 image would be mounted over its files. Give an empty or new directory",
+                root.display()
+            )));
+        }
+        let mount = ImageMount { image: image_path(&root, options)?, mount: root.clone() };
+        let size = match options.image_size {
+            Some(size) => size,
+            None => {
+                let dir = mount.image.parent().unwrap_or(Path::new("/"));
+                let available = image::available_bytes(dir)?;
+                let size = image::DEFAULT_IMAGE_BYTES.min(available) & !((1 << 30) - 1);
+                if size < image::MIN_IMAGE_BYTES {
+                    return Err(Error::San(format!(
+                        "only {} MiB free in {} for the array's image: free some space or give \
+                         another place (--image)",
+                        available >> 20,
+                        dir.display()
+                    )));
+                }
+                size
+            }
+        };
+        image::make_xfs_image(&mount.image, size)?;
+        let made = mount.write_note().and_then(|()| mount.mount()).and_then(|()| {
+            let array = Array::make_layout(&root, Some(&mount))?;
+            array.check_clones()?;
+            Ok(array)
+        });
+        match made {
+            Ok(array) => Ok((array, Init::Image(mount))),
+            Err(e) => {
+                mount.unmount_for_cleanup();
+                let _ = fs::remove_file(root.join(image::MOUNT_NOTE));
+                let _ = fs::remove_file(&mount.image);
+                Err(e)
+            }
+        }
+    }
+
+    /// Mounts the image of the image-backed array at `root` again (after a reboot); returns the
+    /// array and whether it mounted anything (an array already mounted is fine).
+    pub fn mount(root: &Path) -> Result<(Array, bool)> {
+        if root.join(MARKER).is_file() {
+            let array = Array::open(root)?;
+            return match array.image() {
+                Some(_) => Ok((array, false)),
+                None => Err(Error::San(format!(
+                    "the array at {} lives in its directory, not in an image: nothing to mount",
+                    root.display()
+                ))),
+            };
+        }
+        let Some(mount) = ImageMount::read_note(root)? else {
+            return Err(Error::San(format!(
+                "{} is not the mount point of a mock SAN array's image (no {}); make an array \
+                 with `backupctl san init {}`",
+                root.display(),
+                image::MOUNT_NOTE,
+                root.display()
+            )));
+        };
+        mount.mount()?;
+        Ok((Array::open(root)?, true))
+    }
+
+    /// Unmounts the image of the image-backed array at `root` (its loop device goes too);
+    /// returns whether it was mounted. Refuses while something has a file in it open.
+    pub fn unmount(root: &Path) -> Result<bool> {
+        if let Some(mount) = ImageMount::read_note(root)? {
+            if !mount.is_mounted() {
+                return Ok(false);
+            }
+        }
+        let array = Array::open(root)?;
+        let Some(mount) = array.image() else {
+            return Err(Error::San(format!(
+                "the array at {} lives in its directory, not in an image: nothing to unmount",
+                root.display()
+            )));
+        };
+        mount.unmount()?;
+        Ok(true)
+    }
+
+    /// Creates the array's layout in `root` if it is not there yet.
+    fn make_layout(root: &Path, image: Option<&ImageMount>) -> Result<Array> {
         for dir in ["luns", "snapshots"] {
             fs::create_dir_all(root.join(dir)).map_err(|e| Error::io(root.join(dir), e))?;
         }
         let marker = root.join(MARKER);
         if !marker.exists() {
-            let body = serde_json::to_vec_pretty(&ArrayMarker { format: 1 })
-                .map_err(|e| Error::San(e.to_string()))?;
+            let body = serde_json::to_vec_pretty(&ArrayMarker {
+                format: 1,
+                image: image.map(|m| m.image.clone()),
+            })
+            .map_err(|e| Error::San(e.to_string()))?;
             fs::write(&marker, body).map_err(|e| Error::io(&marker, e))?;
         }
-        Ok(Array { root: root.to_path_buf() })
+        Array::open(root)
     }
 
-    /// Opens an existing array; says how to make one when `root` is not an array.
+    /// Opens an existing array (whatever its filesystem: listing, presenting and deleting work
+    /// anywhere; [`Array::check_clones`] says whether it can take snapshots); says how to make
+    /// one when `root` is not an array, and how to mount it when its image is not mounted.
     pub fn open(root: &Path) -> Result<Array> {
-        if !root.join(MARKER).is_file() {
-            return Err(Error::San(format!(
-                "{} is not a mock SAN array (no {MARKER}); create one with `backupctl san init {}`",
-                root.display(),
-                root.display()
-            )));
+        let marker = root.join(MARKER);
+        let body = match fs::read(&marker) {
+            Ok(body) => body,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                if let Some(mount) = ImageMount::read_note(root)? {
+                    return Err(Error::San(format!(
+                        "the array at {} lives in the image {}, which is not mounted: \
+                         mount it with `backupctl san mount {}` (at boot: the fstab line `{}`)",
+                        root.display(),
+                        mount.image.display(),
+                        root.display(),
+                        mount.fstab_line()
+                    )));
+                }
+                return Err(Error::San(format!(
+                    "{} is not a mock SAN array (no {MARKER}); create one with `backupctl san init {}`",
+                    root.display(),
+                    root.display()
+                )));
+            }
+            Err(e) => return Err(Error::io(&marker, e)),
+        };
+        let marker: ArrayMarker = serde_json::from_slice(&body)
+            .map_err(|e| Error::San(format!("{}: {e}", root.join(MARKER).display())))?;
+        let image = marker.image.map(|image| ImageMount { image, mount: absolute(root) });
+        Ok(Array { root: root.to_path_buf(), image, mounted: None })
+    }
+
+    /// Whether the array can take snapshots: its filesystem must reflink, since a snapshot
+    /// never copies a LUN (a copy would hold the servers' writes for as long as it takes). The
+    /// error says why and how to move the array to where it can.
+    pub fn check_clones(&self) -> Result<()> {
+        if image::can_reflink(&self.root)? {
+            return Ok(());
         }
-        Ok(Array { root: root.to_path_buf() })
+        Err(self.cannot_clone())
+    }
+
+    fn cannot_clone(&self) -> Error {
+        Error::San(format!(
+            "the array at {} is on {}, which cannot reflink, so a snapshot would copy each whole \
+             LUN while its server's writes are held; the array takes no copy snapshots. Make the \
+             array where it clones (`backupctl san init DIR` as root makes it in an XFS image; or \
+             a DIR on XFS with reflink or btrfs) and move the LUNs there (deploy/MOCK-SAN.md, \
+             \"Moving an array\")",
+            self.root.display(),
+            image::fs_name(&self.root)
+        ))
+    }
+
+    /// The XFS image this array lives in, when `create` made one.
+    pub fn image(&self) -> Option<&ImageMount> {
+        self.image.as_ref()
     }
 
     pub fn root(&self) -> &Path {
@@ -150,15 +376,11 @@ impl Array {
         Ok(out)
     }
 
-    /// Takes a point-in-time copy of one LUN for a backup. Idempotent: an existing snapshot for
-    /// the same backup is returned as it is. The copy is written under a temporary name, synced,
+    /// Takes a point-in-time copy of one LUN for a backup: a reflink clone, never a copy (where
+    /// the filesystem cannot clone this fails, saying so). Idempotent: an existing snapshot for
+    /// the same backup is returned as it is. The clone is made under a temporary name, synced,
     /// made read-only and renamed, so a crash never leaves a half snapshot under the real name.
-    pub fn snapshot(
-        &self,
-        backup_id: &str,
-        server: &str,
-        lun: &str,
-    ) -> Result<(LunSnapshot, CopyMethod)> {
+    pub fn snapshot(&self, backup_id: &str, server: &str, lun: &str) -> Result<LunSnapshot> {
         let source = self.lun_path(server, lun)?;
         let target = self.snapshot_path(backup_id, server, lun)?;
         let snap = |size_bytes| LunSnapshot {
@@ -169,10 +391,29 @@ impl Array {
             size_bytes,
         };
         if let Ok(meta) = fs::metadata(&target) {
-            return Ok((snap(meta.len()), CopyMethod::Reflink));
+            return Ok(snap(meta.len()));
         }
-        let (size, method) = clone_or_copy(&source, &target, 0o444)?;
-        Ok((snap(size), method))
+        let src = File::open(&source).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::NotFound {
+                Error::San(format!(
+                    "no LUN {server}/{lun} at {}; create it with `backupctl san create-lun`",
+                    source.display()
+                ))
+            } else {
+                Error::io(&source, e)
+            }
+        })?;
+        let size = src.metadata().map_err(|e| Error::io(&source, e))?.len();
+        let written = write_atomically(&target, 0o444, |dst, tmp| {
+            crate::sys::clone_file(&src, dst).map_err(|e| {
+                if image::cannot_reflink(&e) {
+                    self.cannot_clone()
+                } else {
+                    Error::San(format!("clone {} to {}: {e}", source.display(), tmp.display()))
+                }
+            })
+        });
+        written.map(|()| snap(size))
     }
 
     /// Every snapshot in the array, optionally only one backup's.
@@ -243,13 +484,31 @@ impl Array {
     }
 }
 
-/// Makes `target` a point-in-time copy of `source`: a reflink clone where the filesystem can
-/// share extents, else a sparse copy. Written under a temporary name, synced, given `mode` and
-/// renamed, so a crash never leaves a half copy under the real name. Used for the array's
-/// snapshots and for IDR images (a mountable copy of a server's disk).
+/// Makes `target` a copy of `source`: a reflink clone where the filesystem can share extents,
+/// else a sparse copy that takes as long as the data. Written under a temporary name, synced,
+/// given `mode` and renamed, so a crash never leaves a half copy under the real name. For IDR
+/// images (a mountable copy of a server's disk, made after the freeze), never for snapshots.
 pub fn clone_or_copy(source: &Path, target: &Path, mode: u32) -> Result<(u64, CopyMethod)> {
     let src = File::open(source).map_err(|e| Error::io(source, e))?;
     let size = src.metadata().map_err(|e| Error::io(source, e))?.len();
+    let mut method = CopyMethod::Reflink;
+    write_atomically(target, mode, |dst, tmp| {
+        if crate::sys::clone_file(&src, dst).is_err() {
+            sparse_copy(&src, dst, size).map_err(|e| Error::io(tmp, e))?;
+            method = CopyMethod::SparseCopy;
+        }
+        Ok(())
+    })?;
+    Ok((size, method))
+}
+
+/// Fills `target` through `fill` under a temporary name beside it, then syncs it, gives it
+/// `mode` and renames it into place; on failure the temporary file is removed.
+fn write_atomically(
+    target: &Path,
+    mode: u32,
+    fill: impl FnOnce(&File, &Path) -> Result<()>,
+) -> Result<()> {
     let dir = target.parent().unwrap_or(Path::new("."));
     fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     let name = target.file_name().and_then(|n| n.to_str()).unwrap_or("copy");
@@ -260,18 +519,18 @@ pub fn clone_or_copy(source: &Path, target: &Path, mode: u32) -> Result<(u64, Co
         .truncate(true)
         .open(&tmp)
         .map_err(|e| Error::io(&tmp, e))?;
-    let method = match crate::sys::clone_file(&src, &dst) {
-        Ok(()) => CopyMethod::Reflink,
-        Err(_) => {
-            sparse_copy(&src, &dst, size).map_err(|e| Error::io(&tmp, e))?;
-            CopyMethod::SparseCopy
-        }
-    };
-    dst.sync_all().map_err(|e| Error::io(&tmp, e))?;
-    fs::set_permissions(&tmp, fs::Permissions::from_mode(mode)).map_err(|e| Error::io(&tmp, e))?;
-    fs::rename(&tmp, target).map_err(|e| Error::io(target, e))?;
-    sync_dir(dir)?;
-    Ok((size, method))
+    let done = fill(&dst, &tmp)
+        .and_then(|()| dst.sync_all().map_err(|e| Error::io(&tmp, e)))
+        .and_then(|()| {
+            fs::set_permissions(&tmp, fs::Permissions::from_mode(mode))
+                .map_err(|e| Error::io(&tmp, e))
+        })
+        .and_then(|()| fs::rename(&tmp, target).map_err(|e| Error::io(target, e)));
+    if done.is_err() {
+        let _ = fs::remove_file(&tmp);
+        return done;
+    }
+    sync_dir(dir)
 }
 
 /// Copies `size` bytes, leaving holes where the source has holes (found with SEEK_DATA, so a
@@ -322,6 +581,22 @@ fn sorted_entries(dir: &Path) -> Result<Vec<PathBuf>> {
 
 fn sorted_dirs(dir: &Path) -> Result<Vec<PathBuf>> {
     Ok(sorted_entries(dir)?.into_iter().filter(|p| p.is_dir()).collect())
+}
+
+/// `path` made absolute against the working directory (without resolving links).
+fn absolute(path: &Path) -> PathBuf {
+    std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf())
+}
+
+/// Where `init` puts the image: the option, else `<dir>.img` beside the directory.
+fn image_path(root: &Path, options: &InitOptions) -> Result<PathBuf> {
+    if let Some(image) = &options.image {
+        return Ok(absolute(image));
+    }
+    let name = root.file_name().and_then(|n| n.to_str()).ok_or_else(|| {
+        Error::San(format!("{} has no name to name its image after; give --image", root.display()))
+    })?;
+    Ok(root.with_file_name(format!("{name}.img")))
 }
 
 fn file_name(path: &Path) -> String {

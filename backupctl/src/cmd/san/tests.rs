@@ -1,6 +1,9 @@
-//! Size parsing and the `san` verbs on a temporary array.
+//! Size parsing and the `san` verbs on a temporary array: `init` in a temp dir (an XFS image
+//! where `/tmp` cannot reflink, as on this project's machines), then the rest on it.
 
 use std::path::Path;
+
+use stillpoint_core::san::ImageMount;
 
 use super::*;
 
@@ -42,11 +45,36 @@ fn array(dir: &Path) -> PathBuf {
     dir.join("array")
 }
 
+/// Unmounts an array's image when the test ends, even on failure.
+struct Unmount(Option<ImageMount>);
+
+impl Drop for Unmount {
+    fn drop(&mut self) {
+        if let Some(mount) = &self.0 {
+            mount.unmount_for_cleanup();
+        }
+    }
+}
+
+fn init(root: &Path) -> (String, Unmount) {
+    let args = InitArgs { dir: root.into(), image: None, image_size: Some(1 << 30) };
+    let out = check(San::Init(args));
+    let mount = Array::open(root).unwrap().image().cloned();
+    (out, Unmount(mount))
+}
+
 #[test]
-fn init_create_list_and_present() {
+fn init_create_list_snapshot_present_and_delete() {
     let dir = tempfile::tempdir().unwrap();
     let root = array(dir.path());
-    assert!(check(San::Init { dir: root.clone() }).starts_with("mock SAN array ready at "));
+    let (said, _unmount) = init(&root);
+    assert!(said.starts_with(&format!("mock SAN array ready at {}", root.display())), "{said}");
+    let again = check(San::Init(InitArgs { dir: root.clone(), image: None, image_size: None }));
+    assert!(again.contains("it was there") && again.contains("reflink clones"), "{again}");
+    assert!(!again.contains("no image made"), "{again}");
+    let sized =
+        check(San::Init(InitArgs { dir: root.clone(), image: None, image_size: Some(1 << 30) }));
+    assert!(sized.contains("(no image made: --image and --image-size apply only where"), "{sized}");
     let lun = check(San::CreateLun(CreateLunArgs {
         array: root.clone(),
         server: "srv-a".into(),
@@ -70,7 +98,21 @@ fn init_create_list_and_present() {
     assert_eq!(err.exit_code(), crate::EXIT_USAGE);
     assert!(err.to_string().contains("no snapshot of srv-a/data for backup b-1"), "{err}");
 
-    Array::open(&root).unwrap().snapshot("b-1", "srv-a", "data").unwrap();
+    let snapshot = |json| {
+        San::Snapshot(SnapshotArgs {
+            array: root.clone(),
+            backup: "b-1".into(),
+            server: "srv-a".into(),
+            lun: "data".into(),
+            json,
+        })
+    };
+    let taken: serde_json::Value = serde_json::from_str(&check(snapshot(true))).unwrap();
+    assert_eq!(taken["path"], root.join("snapshots/b-1/srv-a/data.lun").display().to_string());
+    assert_eq!(taken["size_bytes"], 64 << 20);
+    assert!(taken["took_us"].as_u64().unwrap() < 1_000_000, "{taken}");
+    let human = check(snapshot(false));
+    assert!(human.contains("(64.0 MiB, reflink clone in "), "{human}");
     let json = check(San::List(ListArgs { array: root.clone(), json: true }));
     let v: serde_json::Value = serde_json::from_str(&json).unwrap();
     assert_eq!(v["luns"][0]["size_bytes"], 64 << 20);
@@ -93,6 +135,52 @@ fn init_create_list_and_present() {
     .unwrap();
     let path = String::from_utf8(out).unwrap();
     assert_eq!(path.trim_end(), root.join("snapshots/b-1/srv-a/data.lun").display().to_string());
+
+    let delete = || {
+        check(San::Delete(DeleteArgs {
+            array: root.clone(),
+            backup: "b-1".into(),
+            server: "srv-a".into(),
+        }))
+    };
+    assert_eq!(delete(), "deleted 1 snapshot(s) of srv-a for backup b-1\n");
+    assert_eq!(delete(), "deleted 0 snapshot(s) of srv-a for backup b-1\n");
+}
+
+/// On this machine `/tmp` is ext4: init makes the image, prints the fstab line, and umount and
+/// mount take the array away and bring it back with its LUNs.
+#[test]
+fn init_in_an_image_prints_the_fstab_line_and_umount_and_mount_work() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = array(dir.path());
+    if stillpoint_core::san::image::can_reflink(dir.path()).unwrap() {
+        eprintln!("skipped: {} can reflink, so init makes no image there", dir.path().display());
+        return;
+    }
+    let (said, _unmount) = init(&root);
+    let image = dir.path().join("array.img");
+    assert!(
+        said.contains(&format!(
+            "new XFS image with reflink, {} (1.0 GiB, sparse)",
+            image.display()
+        )),
+        "{said}"
+    );
+    let fstab = format!("{} {} xfs loop,discard,nofail 0 0", image.display(), root.display());
+    assert!(said.contains(&format!("add this line to /etc/fstab:\n  {fstab}\n")), "{said}");
+    Array::open(&root).unwrap().create_lun("srv-a", "data", 1 << 20).unwrap();
+
+    let umount = check(San::Umount { dir: root.clone() });
+    assert!(umount.contains("unmounted"), "{umount}");
+    let err = run(San::List(ListArgs { array: root.clone(), json: false }), &mut Vec::new())
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("not mounted") && err.contains("backupctl san mount"), "{err}");
+    assert!(check(San::Umount { dir: root.clone() }).contains("was not mounted"));
+    assert!(check(San::Mount { dir: root.clone() }).contains(" mounted (image "));
+    assert!(check(San::Mount { dir: root.clone() }).contains("already mounted"));
+    let list = check(San::List(ListArgs { array: root.clone(), json: true }));
+    assert!(list.contains("\"server\":\"srv-a\""), "{list}");
 }
 
 #[test]
