@@ -1,7 +1,8 @@
 //! The only unsafe code in stillpoint: thin wrappers over the Linux syscalls we need (the
-//! FIFREEZE, FITHAW and FICLONE ioctls, SEEK_DATA/SEEK_HOLE, fallocate, kill, pidfds and
-//! shutdown). Each returns the raw `io::Error` so callers can tell EBUSY (someone else's freeze),
-//! EINVAL (not frozen) and ESRCH (no such process) apart. Depends on `libc` alone, so any crate may use it.
+//! FIFREEZE, FITHAW and FICLONE ioctls, SEEK_DATA/SEEK_HOLE, fallocate, fstatfs, geteuid, kill,
+//! pidfds and shutdown). Each returns the raw `io::Error` so callers can tell EBUSY (someone
+//! else's freeze), EINVAL (not frozen) and ESRCH (no such process) apart. Depends on `libc`
+//! alone, so any crate may use it.
 #![allow(unsafe_code)]
 
 use std::fs::File;
