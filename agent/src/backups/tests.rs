@@ -136,14 +136,23 @@ async fn failing_quiescer_thaws_the_earlier_ones_in_reverse_and_fails_the_backup
     assert!(f.backups.prepare(&id("b2"), LEASE, Hold::StorageOnly).await.unwrap().prepared);
 }
 
+/// Waits up to 10 s for `backup` to reach `phase`, then asserts it: polled, not slept, since a
+/// loaded machine may run a lease timer late.
+async fn wait_phase(f: &Fixture, backup: &str, phase: &str) {
+    let started = std::time::Instant::now();
+    while f.phase(backup) != phase && started.elapsed() < Duration::from_secs(10) {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(f.phase(backup), phase);
+}
+
 #[tokio::test]
 async fn lease_expiry_thaws_in_reverse_and_marks_thawed_expired() {
     let f = check(2);
     assert!(f.backups.prepare(&id("b1"), 150, Hold::StorageOnly).await.unwrap().prepared);
     let remaining = f.backups.status()[0].lease_remaining_ms;
     assert!(remaining > 0 && remaining <= 150, "{remaining}");
-    tokio::time::sleep(Duration::from_millis(400)).await;
-    assert_eq!(f.phase("b1"), "thawed-expired");
+    wait_phase(&f, "b1", "thawed-expired").await;
     assert_eq!(f.calls.starting("thaw"), ["thaw q1 b1", "thaw q0 b1"]);
     let c = f.backups.commit(&id("b1"), None, false).await.unwrap();
     assert!(!c.committed);
@@ -466,14 +475,13 @@ async fn the_lease_lines_do_not_nest_under_the_prepare_that_froze() {
     let rpc = tracing::info_span!("rpc");
     assert!(
         f.backups
-            .prepare(&id("b1"), 100, Hold::StorageOnly)
+            .prepare(&id("b1"), 300, Hold::StorageOnly)
             .instrument(rpc)
             .await
             .unwrap()
             .prepared
     );
-    tokio::time::sleep(Duration::from_millis(400)).await;
-    assert_eq!(f.phase("b1"), "thawed-expired");
+    wait_phase(&f, "b1", "thawed-expired").await;
     let spans = lock(&parents.0).clone();
     assert!(spans.contains(&("op".into(), Some("rpc".into()))), "{spans:?}");
     let lease: Vec<_> = spans.iter().filter(|(n, _)| n == "lease").collect();
