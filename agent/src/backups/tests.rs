@@ -164,10 +164,11 @@ async fn lease_expiry_thaws_in_reverse_and_marks_thawed_expired() {
 #[tokio::test]
 async fn commit_checks_the_clock_before_the_timer_has_thawed() {
     let f = check(1);
-    assert!(f.backups.prepare(&id("b1"), 100, Hold::StorageOnly).await.unwrap().prepared);
+    // A lease a slow journal fsync cannot use up inside the Prepare on a loaded machine.
+    assert!(f.backups.prepare(&id("b1"), 1000, Hold::StorageOnly).await.unwrap().prepared);
     // A slow cleanup of another backup holds the operations lock past the lease; the Commit
     // queued before the timer must see the lease ran out by the clock alone.
-    f.provider.delete_delay(Duration::from_millis(300));
+    f.provider.delete_delay(Duration::from_millis(1600));
     let cleanup = tokio::spawn({
         let b = f.backups.clone();
         async move { b.cleanup(&id("b0")).await.unwrap() }
@@ -177,14 +178,14 @@ async fn commit_checks_the_clock_before_the_timer_has_thawed() {
     cleanup.await.unwrap();
     assert!(!c.committed);
     assert!(
-        c.reason.contains("lease expired after 100ms; thawed without a snapshot"),
+        c.reason.contains("lease expired after 1000ms; thawed without a snapshot"),
         "{}",
         c.reason
     );
     assert!(f.calls.starting("create").is_empty());
+    wait_phase(&f, "b1", "thawed-expired").await;
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert_eq!(f.calls.starting("thaw"), ["thaw q0 b1"], "thawed exactly once");
-    assert_eq!(f.phase("b1"), "thawed-expired");
 }
 
 #[tokio::test]
