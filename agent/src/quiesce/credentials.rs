@@ -1,5 +1,5 @@
-//! Database credentials for the connection-based quiescers (mysql, redis): a user name and a
-//! password read at connect time from a file, an environment variable or a MySQL option file,
+//! Database credentials for the connection-based quiescers (mysql, redis), and where their
+//! server listens: a user name and a password read at connect time from a file, an environment variable or a MySQL option file,
 //! never from the agent's config itself. The password's `Debug` is redacted and no error here
 //! ever quotes a file's contents.
 
@@ -163,6 +163,47 @@ fn unquote(value: &str) -> &str {
         }
     }
     value
+}
+
+/// Where a server listens, for messages: the socket path or `host:port` (`default_port` when
+/// the port is unset).
+pub fn address(
+    socket: Option<&Path>,
+    host: Option<&str>,
+    port: Option<u16>,
+    default_port: u16,
+) -> String {
+    match (socket, host) {
+        (Some(socket), _) => socket.display().to_string(),
+        (None, Some(host)) => format!("{host}:{}", port.unwrap_or(default_port)),
+        (None, None) => "(no socket or host)".into(),
+    }
+}
+
+/// The problems of a server's `socket` / `host` / `port` fields, one line each prefixed with
+/// `at`: exactly one of socket and host, an absolute socket path, a port only with a host.
+pub fn endpoint_problems(
+    at: &str,
+    socket: Option<&Path>,
+    host: Option<&str>,
+    port: Option<u16>,
+    out: &mut Vec<String>,
+) {
+    match (socket, host) {
+        (Some(_), Some(_)) | (None, None) => {
+            out.push(format!("{at}: give the server's socket or its host (not both)"))
+        }
+        (Some(socket), None) if !socket.is_absolute() => {
+            out.push(format!("{at}.socket: {} is not an absolute path", socket.display()))
+        }
+        (Some(_), None) if port.is_some() => {
+            out.push(format!("{at}.port: a port goes with host, not with socket"))
+        }
+        (None, Some(host)) if host.trim().is_empty() => {
+            out.push(format!("{at}.host: empty; name the server's host or address"))
+        }
+        _ => {}
+    }
 }
 
 #[cfg(test)]

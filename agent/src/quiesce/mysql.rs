@@ -81,11 +81,7 @@ impl MysqlConfig {
 
     /// Where the server is, for messages: the socket path or `host:port`.
     pub fn address(&self) -> String {
-        match (&self.socket, &self.host) {
-            (Some(socket), _) => socket.display().to_string(),
-            (None, Some(host)) => format!("{host}:{}", self.port.unwrap_or(3306)),
-            (None, None) => "(no socket or host)".into(),
-        }
+        super::credentials::address(self.socket.as_deref(), self.host.as_deref(), self.port, 3306)
     }
 
     /// Field problems, one line each prefixed with `at`.
@@ -93,21 +89,8 @@ impl MysqlConfig {
         if let Err(e) = stillpoint_core::validate_name("quiescer name", &self.name) {
             out.push(format!("{at}.name: {e}"));
         }
-        match (&self.socket, &self.host) {
-            (Some(_), Some(_)) | (None, None) => {
-                out.push(format!("{at}: give the server's socket or its host (not both)"))
-            }
-            (Some(socket), None) if !socket.is_absolute() => {
-                out.push(format!("{at}.socket: {} is not an absolute path", socket.display()))
-            }
-            (Some(_), None) if self.port.is_some() => {
-                out.push(format!("{at}.port: a port goes with host, not with socket"))
-            }
-            (None, Some(host)) if host.trim().is_empty() => {
-                out.push(format!("{at}.host: empty; name the server's host or address"))
-            }
-            _ => {}
-        }
+        let (socket, host) = (self.socket.as_deref(), self.host.as_deref());
+        super::credentials::endpoint_problems(at, socket, host, self.port, out);
         if self.timeout_ms < 1000 {
             out.push(format!(
                 "{at}.timeout_ms: {} is below 1000 (lock_wait_timeout counts whole seconds)",
