@@ -7,8 +7,6 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use mysql::prelude::Queryable;
@@ -18,7 +16,7 @@ use stillpoint_agent::quiesce::Quiescer;
 use stillpoint_proto::{CleanupRequest, CommitRequest, PrepareRequest};
 use tonic::transport::Channel;
 
-use crate::support::{config, run, sparse_image, Agent, Certs, LoopMount};
+use crate::support::{config, run, sparse_image, Agent, Certs, LoopMount, Writer};
 
 const STILLPOINT_PASSWORD: &str = "sp-Secret-4711";
 const APP_PASSWORD: &str = "app-pw";
@@ -167,79 +165,15 @@ impl Drop for Mariadb {
     }
 }
 
-/// A thread committing rows as `app`: row `i` into the InnoDB table, then into the Aria one,
-/// each in autocommit; `acked` is the last `i` whose both inserts were acknowledged.
-struct Writer {
-    acked: Arc<AtomicU64>,
-    /// When the statement now running was sent, if one is.
-    waiting_since: Arc<Mutex<Option<Instant>>>,
-    errors: Arc<Mutex<Vec<String>>>,
-    stop: Arc<AtomicBool>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl Writer {
-    fn start(mut conn: mysql::Conn) -> Writer {
-        let acked = Arc::new(AtomicU64::new(0));
-        let waiting_since = Arc::new(Mutex::new(None));
-        let errors = Arc::new(Mutex::new(Vec::new()));
-        let stop = Arc::new(AtomicBool::new(false));
-        let thread = std::thread::spawn({
-            let (acked, waiting_since, errors, stop) =
-                (acked.clone(), waiting_since.clone(), errors.clone(), stop.clone());
-            move || {
-                let mut i = 0u64;
-                while !stop.load(Ordering::SeqCst) {
-                    i += 1;
-                    *waiting_since.lock().unwrap() = Some(Instant::now());
-                    let done = conn
-                        .exec_drop("INSERT INTO app.t (n) VALUES (?)", (i,))
-                        .and_then(|()| conn.exec_drop("INSERT INTO app.a (n) VALUES (?)", (i,)));
-                    *waiting_since.lock().unwrap() = None;
-                    match done {
-                        Ok(()) => acked.store(i, Ordering::SeqCst),
-                        Err(e) => {
-                            errors.lock().unwrap().push(format!("row {i}: {e}"));
-                            return;
-                        }
-                    }
-                }
-            }
-        });
-        Writer { acked, waiting_since, errors, stop, thread: Some(thread) }
-    }
-
-    fn acked(&self) -> u64 {
-        self.acked.load(Ordering::SeqCst)
-    }
-
-    fn wait_for(&self, at_least: u64, within: Duration) {
-        let deadline = Instant::now() + within;
-        while self.acked() < at_least {
-            assert!(self.errors.lock().unwrap().is_empty(), "{:?}", self.errors.lock().unwrap());
-            assert!(Instant::now() < deadline, "the writer stalled at row {}", self.acked());
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-
-    /// How long the statement now running has waited.
-    fn waiting(&self) -> Option<Duration> {
-        self.waiting_since.lock().unwrap().map(|t| t.elapsed())
-    }
-
-    fn stop(mut self) -> Vec<String> {
-        self.stop.store(true, Ordering::SeqCst);
-        if let Some(t) = self.thread.take() {
-            t.join().unwrap();
-        }
-        self.errors.lock().unwrap().clone()
-    }
-}
-
-impl Drop for Writer {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-    }
+/// A writer committing rows as `app`: row `i` into the InnoDB table, then into the Aria one,
+/// each in autocommit; what it acknowledges is the last `i` whose both inserts were.
+fn writer(mut conn: mysql::Conn) -> Writer {
+    Writer::start(move |i| {
+        conn.exec_drop("INSERT INTO app.t (n) VALUES (?)", (i,))
+            .and_then(|()| conn.exec_drop("INSERT INTO app.a (n) VALUES (?)", (i,)))
+            .map(|()| i)
+            .map_err(|e| format!("row {i}: {e}"))
+    })
 }
 
 fn password_file(dir: &Path, password: &str) -> PathBuf {
@@ -283,7 +217,7 @@ async fn mariadb_commits_wait_while_held_and_the_btrfs_snapshot_restores_every_r
     let agent = Agent::start(cfg).await;
     let mut client = agent.client(&certs, "listener");
 
-    let writer = Writer::start(server.app());
+    let writer = writer(server.app());
     writer.wait_for(50, Duration::from_secs(30));
 
     let p = client
@@ -305,7 +239,7 @@ async fn mariadb_commits_wait_while_held_and_the_btrfs_snapshot_restores_every_r
     let waiting = writer.waiting();
     assert!(writer.acked() <= at_freeze + 1, "rows committed while held: {}", writer.acked());
     assert!(waiting.is_some_and(|w| w >= Duration::from_millis(500)), "{waiting:?}");
-    assert!(writer.errors.lock().unwrap().is_empty(), "{:?}", writer.errors.lock().unwrap());
+    assert!(writer.errors().is_empty(), "{:?}", writer.errors());
 
     let c = client
         .commit(CommitRequest {

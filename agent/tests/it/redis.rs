@@ -5,12 +5,12 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use stillpoint_agent::quiesce::redis::{Redis, RedisConfig};
 use stillpoint_agent::quiesce::Quiescer;
+
+use crate::support::Writer;
 
 const PASSWORD: &str = "redis-Secret-2718";
 
@@ -98,73 +98,11 @@ impl Drop for Server {
     }
 }
 
-/// A thread running `INCR counter` as fast as answers come; `acked` is the last value answered.
-struct Writer {
-    acked: Arc<AtomicU64>,
-    waiting_since: Arc<Mutex<Option<Instant>>>,
-    errors: Arc<Mutex<Vec<String>>>,
-    stop: Arc<AtomicBool>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl Writer {
-    fn start(mut conn: redis::Connection) -> Writer {
-        let acked = Arc::new(AtomicU64::new(0));
-        let waiting_since = Arc::new(Mutex::new(None));
-        let errors = Arc::new(Mutex::new(Vec::new()));
-        let stop = Arc::new(AtomicBool::new(false));
-        let thread = std::thread::spawn({
-            let (acked, waiting_since, errors, stop) =
-                (acked.clone(), waiting_since.clone(), errors.clone(), stop.clone());
-            move || {
-                while !stop.load(Ordering::SeqCst) {
-                    *waiting_since.lock().unwrap() = Some(Instant::now());
-                    let done = redis::cmd("INCR").arg("counter").query::<u64>(&mut conn);
-                    *waiting_since.lock().unwrap() = None;
-                    match done {
-                        Ok(v) => acked.store(v, Ordering::SeqCst),
-                        Err(e) => {
-                            errors.lock().unwrap().push(e.to_string());
-                            return;
-                        }
-                    }
-                }
-            }
-        });
-        Writer { acked, waiting_since, errors, stop, thread: Some(thread) }
-    }
-
-    fn acked(&self) -> u64 {
-        self.acked.load(Ordering::SeqCst)
-    }
-
-    fn wait_for(&self, at_least: u64, within: Duration) -> Duration {
-        let started = Instant::now();
-        while self.acked() < at_least {
-            assert!(self.errors.lock().unwrap().is_empty(), "{:?}", self.errors.lock().unwrap());
-            assert!(started.elapsed() < within, "the writer stalled at {}", self.acked());
-            std::thread::sleep(Duration::from_millis(2));
-        }
-        started.elapsed()
-    }
-
-    fn waiting(&self) -> Option<Duration> {
-        self.waiting_since.lock().unwrap().map(|t| t.elapsed())
-    }
-
-    fn stop(mut self) -> Vec<String> {
-        self.stop.store(true, Ordering::SeqCst);
-        if let Some(t) = self.thread.take() {
-            t.join().unwrap();
-        }
-        self.errors.lock().unwrap().clone()
-    }
-}
-
-impl Drop for Writer {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-    }
+/// A writer running `INCR counter` as fast as answers come; it acknowledges the value answered.
+fn writer(mut conn: redis::Connection) -> Writer {
+    Writer::start(move |_| {
+        redis::cmd("INCR").arg("counter").query::<u64>(&mut conn).map_err(|e| e.to_string())
+    })
 }
 
 fn password_file(dir: &Path, password: &str) -> PathBuf {
@@ -195,7 +133,7 @@ fn freeze_copy_thaw_restore(aof: bool, save_while_paused: bool) -> (u64, u64, u6
     let config = server.quiescer(&password_file(dir.path(), PASSWORD), 10_000);
     let q = Redis::new(RedisConfig { save_while_paused, ..config });
     assert!(q.thaw_action("b1").unwrap().is_none(), "the pause ends by itself");
-    let writer = Writer::start(server.connect());
+    let writer = writer(server.connect());
     writer.wait_for(1_000, Duration::from_secs(10));
 
     let before = writer.acked();
@@ -257,7 +195,7 @@ fn redis_pause_ends_by_itself_and_a_late_thaw_says_so() {
     let dir = tempfile::tempdir().unwrap();
     let server = Server::start(&dir.path().join("live"), false);
     let q = Redis::new(server.quiescer(&password_file(dir.path(), PASSWORD), 700));
-    let writer = Writer::start(server.connect());
+    let writer = writer(server.connect());
     writer.wait_for(100, Duration::from_secs(10));
     q.freeze("b1").unwrap();
     let paused = Instant::now();
@@ -330,7 +268,7 @@ async fn redis_through_the_agent_pauses_writes_from_prepare_to_commit() {
     ))
     .await;
     let mut client = agent.client(&certs, "listener");
-    let writer = Writer::start(server.connect());
+    let writer = writer(server.connect());
     writer.wait_for(100, Duration::from_secs(10));
 
     let p = client

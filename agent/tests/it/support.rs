@@ -228,3 +228,94 @@ pub fn write_synced(dir: &Path, name: &str, body: &str) {
     f.write_all(body.as_bytes()).unwrap();
     f.sync_all().unwrap();
 }
+
+/// A thread making one acknowledged write after another against an application under test:
+/// `write(i)` makes write `i` (1, 2, ...) and returns what to record as acknowledged, or an
+/// error that ends the thread. Tests watch whether writes wait (not fail) while frozen.
+pub struct Writer {
+    acked: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    /// When the write now running was sent, if one is.
+    waiting_since: std::sync::Arc<std::sync::Mutex<Option<Instant>>>,
+    errors: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Writer {
+    pub fn start(mut write: impl FnMut(u64) -> Result<u64, String> + Send + 'static) -> Writer {
+        use std::sync::atomic::Ordering;
+        let mut writer = Writer {
+            acked: Default::default(),
+            waiting_since: Default::default(),
+            errors: Default::default(),
+            stop: Default::default(),
+            thread: None,
+        };
+        let (acked, waiting_since, errors, stop) = (
+            writer.acked.clone(),
+            writer.waiting_since.clone(),
+            writer.errors.clone(),
+            writer.stop.clone(),
+        );
+        let thread = std::thread::spawn(move || {
+            let mut i = 0u64;
+            while !stop.load(Ordering::SeqCst) {
+                i += 1;
+                *waiting_since.lock().unwrap() = Some(Instant::now());
+                let done = write(i);
+                *waiting_since.lock().unwrap() = None;
+                match done {
+                    Ok(value) => acked.store(value, Ordering::SeqCst),
+                    Err(e) => {
+                        errors.lock().unwrap().push(e);
+                        return;
+                    }
+                }
+            }
+        });
+        writer.thread = Some(thread);
+        writer
+    }
+
+    /// The last value acknowledged.
+    pub fn acked(&self) -> u64 {
+        self.acked.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Waits until `at_least` is acknowledged; how long that took. Fails on a write error or
+    /// after `within`.
+    pub fn wait_for(&self, at_least: u64, within: Duration) -> Duration {
+        let started = Instant::now();
+        while self.acked() < at_least {
+            assert!(self.errors.lock().unwrap().is_empty(), "{:?}", self.errors.lock().unwrap());
+            assert!(started.elapsed() < within, "the writer stalled at {}", self.acked());
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        started.elapsed()
+    }
+
+    /// The errors met so far (a write error ends the thread).
+    pub fn errors(&self) -> Vec<String> {
+        self.errors.lock().unwrap().clone()
+    }
+
+    /// How long the write now running has waited.
+    pub fn waiting(&self) -> Option<Duration> {
+        self.waiting_since.lock().unwrap().map(|t| t.elapsed())
+    }
+
+    /// Stops the thread; the errors it met.
+    pub fn stop(mut self) -> Vec<String> {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            t.join().unwrap();
+        }
+        self.errors.lock().unwrap().clone()
+    }
+}
+
+impl Drop for Writer {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
