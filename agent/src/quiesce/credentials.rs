@@ -93,8 +93,13 @@ impl Source {
             password = Some(password_file(path)?);
         }
         if let Some(var) = &self.password_env {
-            let value = std::env::var(var).map_err(|_| {
-                anyhow!("password_env: the agent's environment has no variable {var}")
+            let value = std::env::var(var).map_err(|e| match e {
+                std::env::VarError::NotPresent => {
+                    anyhow!("password_env: the agent's environment has no variable {var}")
+                }
+                std::env::VarError::NotUnicode(_) => {
+                    anyhow!("password_env: the variable {var} does not hold UTF-8 text")
+                }
             })?;
             password = Some(Password::new(value));
         }

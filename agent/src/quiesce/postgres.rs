@@ -3,7 +3,6 @@
 //! (and tablespace map) become the backup's artifacts. `mode = "atomic"`: a CHECKPOINT only, for
 //! data and WAL on one atomic snapshot. It does not restore, archive WAL or speak TLS.
 
-use std::fmt;
 use std::future::Future;
 use std::net::ToSocketAddrs;
 use std::os::fd::{AsFd, OwnedFd};
@@ -19,6 +18,7 @@ use tokio::task::JoinHandle;
 use tokio_postgres::{Client, NoTls};
 use tracing::{info, warn};
 
+use super::credentials::{Password, Source};
 use super::{Artifact, Hold, Quiescer};
 use crate::guardian::Action;
 
@@ -107,6 +107,16 @@ fn default_timeout_ms() -> u64 {
 }
 
 impl PostgresConfig {
+    /// Where the password comes from (the user is the config's own `user`).
+    fn credentials(&self) -> Source {
+        Source {
+            user: None,
+            password_file: self.password_file.clone(),
+            password_env: self.password_env.clone(),
+            option_file: None,
+        }
+    }
+
     fn timeout(&self) -> Duration {
         Duration::from_millis(self.timeout_ms)
     }
@@ -153,18 +163,7 @@ impl PostgresConfig {
                 out.push(format!("{at}.{field}: empty"));
             }
         }
-        match (&self.password_file, &self.password_env) {
-            (Some(_), Some(_)) => {
-                out.push(format!("{at}: give password_file or password_env, not both"))
-            }
-            (Some(file), None) if !file.is_absolute() => {
-                out.push(format!("{at}.password_file: {} is not an absolute path", file.display()))
-            }
-            (None, Some(var)) if var.is_empty() || var.contains('=') => {
-                out.push(format!("{at}.password_env: {var:?} is not an environment variable name"))
-            }
-            _ => {}
-        }
+        self.credentials().problems(at, out);
         if self.mode == Mode::Atomic {
             for (field, set) in [
                 ("checkpoint", self.checkpoint.is_some()),
@@ -178,15 +177,6 @@ impl PostgresConfig {
         if self.timeout_ms == 0 {
             out.push(format!("{at}.timeout_ms: must be above 0"));
         }
-    }
-}
-
-/// A password read for one connection; never shown.
-struct Password(Vec<u8>);
-
-impl fmt::Debug for Password {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("Password(<redacted>)")
     }
 }
 
@@ -271,26 +261,9 @@ impl Postgres {
         format!("stillpoint {backup_id}")
     }
 
+    /// The password, read now (at every connect, so a rotated password is picked up).
     fn password(&self) -> anyhow::Result<Option<Password>> {
-        if let Some(file) = &self.config.password_file {
-            let mut bytes = std::fs::read(file)
-                .map_err(|e| anyhow!("password_file {}: {e}", file.display()))?;
-            if bytes.last() == Some(&b'\n') {
-                bytes.pop();
-                if bytes.last() == Some(&b'\r') {
-                    bytes.pop();
-                }
-            }
-            return Ok(Some(Password(bytes)));
-        }
-        if let Some(var) = &self.config.password_env {
-            use std::os::unix::ffi::OsStringExt;
-            let value = std::env::var_os(var).ok_or_else(|| {
-                anyhow!("password_env: {var} is not set in the agent's environment")
-            })?;
-            return Ok(Some(Password(value.into_vec())));
-        }
-        Ok(None)
+        Ok(self.config.credentials().read()?.password)
     }
 
     /// Opens a connection for `backup`: our own socket (so its fd is known), then the startup
@@ -311,7 +284,7 @@ impl Postgres {
             "-c statement_timeout={ms} -c lock_timeout={ms} -c idle_in_transaction_session_timeout=0"
         ));
         if let Some(password) = self.password()? {
-            config.password(password.0);
+            config.password(password.expose());
         }
         let refused = |e: std::io::Error| {
             anyhow!("connect to postgres at {endpoint}: {e}; is PostgreSQL running and listening there?")

@@ -68,7 +68,7 @@ fn config_problems_name_each_field() {
         assert!(p.iter().any(|l| l.starts_with(want)), "{want} missing from {p:?}");
     }
     let p = problems("password_file = \"/x\"\npassword_env = \"PW\"");
-    assert_eq!(p, ["quiescer[0]: give password_file or password_env, not both"]);
+    assert!(p[0].contains("give at most one of password_file, password_env"), "{p:?}");
     let p = problems("host = \"db\"\nmode = \"atomic\"\ncheckpoint = \"spread\"");
     assert!(p[0].starts_with("quiescer[0].checkpoint: applies to mode = \"backup\""), "{p:?}");
     assert!(problems("host = \"127.0.0.1\"").is_empty());
@@ -274,7 +274,10 @@ fn a_wrong_password_says_so_without_showing_it() {
     let pg =
         Postgres::new(config("host = \"127.0.0.1\"\npassword_env = \"STILLPOINT_TEST_PG_UNSET\""));
     let err = format!("{:#}", pg.freeze("w3").map(|_| ()).expect_err("no password"));
-    assert_eq!(err, "password_env: STILLPOINT_TEST_PG_UNSET is not set in the agent's environment");
+    assert_eq!(
+        err,
+        "password_env: the agent's environment has no variable STILLPOINT_TEST_PG_UNSET"
+    );
 }
 
 #[test]
