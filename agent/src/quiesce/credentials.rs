@@ -1,6 +1,6 @@
 //! Database credentials for the connection-based quiescers (postgres, mysql, redis), and where
-//! their server listens: a user name and a password read at connect time from a file, an environment variable or a MySQL option file,
-//! never from the agent's config itself. The password's `Debug` is redacted and no error here
+//! their server listens: a user name and a password read at connect time from a file, an
+//! environment variable or a MySQL option file, never from the agent's config itself. The password's `Debug` is redacted and no error here
 //! ever quotes a file's contents.
 
 use std::fmt;
