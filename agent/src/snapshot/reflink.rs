@@ -99,40 +99,20 @@ impl ReflinkConfig {
 /// Clones a probe file made in `volume_dir` into `snapshot_dir`; the error says why reflinks
 /// cannot work there and what to do.
 fn probe(volume_dir: &Path, snapshot_dir: &Path) -> anyhow::Result<()> {
-    let name = format!(".stillpoint-reflink-probe-{}", std::process::id());
-    let (src_path, dst_path) = (volume_dir.join(&name), snapshot_dir.join(&name));
-    let result = (|| {
-        let src = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .open(&src_path)
-            .with_context(|| format!("make a probe file in {}", volume_dir.display()))?;
-        std::io::Write::write_all(&mut &src, &[0x5a; 4096])
-            .and_then(|()| src.sync_all())
-            .with_context(|| format!("write probe file {}", src_path.display()))?;
-        let dst = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&dst_path)
-            .with_context(|| format!("make a probe file in {}", snapshot_dir.display()))?;
-        stillpoint_core::sys::clone_file(&src, &dst).map_err(|e| {
-            let why = match e.raw_os_error() {
-                Some(libc::EXDEV) => "it is on another filesystem or mount than the volumes; put snapshot_dir on the same mount".to_string(),
-                Some(libc::EOPNOTSUPP) | Some(libc::EINVAL) | Some(libc::ENOTTY) => "the filesystem cannot reflink; use XFS made with reflink=1 (mkfs.xfs -m reflink=1, the default since xfsprogs 5.1) or btrfs".to_string(),
-                _ => e.to_string(),
-            };
-            anyhow!(
-                "probe clone from {} into snapshot_dir {} failed: {why}",
-                volume_dir.display(),
-                snapshot_dir.display()
-            )
-        })?;
-        Ok(())
-    })();
-    let _ = std::fs::remove_file(&src_path);
-    let _ = std::fs::remove_file(&dst_path);
-    result
+    let cloned = stillpoint_core::san::image::probe_clone(volume_dir, snapshot_dir)
+        .with_context(|| format!("probe clone into snapshot_dir {}", snapshot_dir.display()))?;
+    cloned.map_err(|e| {
+        let why = match e.raw_os_error() {
+            Some(libc::EXDEV) => "it is on another filesystem or mount than the volumes; put snapshot_dir on the same mount".to_string(),
+            Some(libc::EOPNOTSUPP) | Some(libc::EINVAL) | Some(libc::ENOTTY) => "the filesystem cannot reflink; use XFS made with reflink=1 (mkfs.xfs -m reflink=1, the default since xfsprogs 5.1) or btrfs".to_string(),
+            _ => e.to_string(),
+        };
+        anyhow!(
+            "probe clone from {} into snapshot_dir {} failed: {why}",
+            volume_dir.display(),
+            snapshot_dir.display()
+        )
+    })
 }
 
 /// Clones image files into `snapshot_dir`.

@@ -149,10 +149,22 @@ pub(crate) fn make_xfs_image(image: &Path, size_bytes: u64) -> Result<()> {
 /// both removed. `Ok(false)` when the filesystem says it cannot; other errors (a full or
 /// read-only filesystem) are errors.
 pub fn can_reflink(dir: &Path) -> Result<bool> {
+    match probe_clone(dir, dir)? {
+        Ok(()) => Ok(true),
+        Err(e) if cannot_reflink(&e) => Ok(false),
+        Err(e) => Err(Error::io(dir, e)),
+    }
+}
+
+/// Clones a 4 KiB probe file made in `from` into a new file in `to`, then removes both. The
+/// outer error: a probe file could not be made or written (it names which); the inner one is
+/// FICLONE's own, whose errno says why (EXDEV: another filesystem or mount; EOPNOTSUPP, EINVAL,
+/// ENOTTY: this filesystem cannot share extents).
+pub fn probe_clone(from: &Path, to: &Path) -> Result<std::io::Result<()>> {
     static PROBES: AtomicU32 = AtomicU32::new(0);
     let n = PROBES.fetch_add(1, Ordering::Relaxed);
     let base = format!(".stillpoint-reflink-probe-{}-{n}", std::process::id());
-    let (src_path, dst_path) = (dir.join(&base), dir.join(format!("{base}.clone")));
+    let (src_path, dst_path) = (from.join(&base), to.join(format!("{base}.clone")));
     let result = (|| {
         let mut src = OpenOptions::new()
             .read(true)
@@ -166,11 +178,7 @@ pub fn can_reflink(dir: &Path) -> Result<bool> {
             .create_new(true)
             .open(&dst_path)
             .map_err(|e| Error::io(&dst_path, e))?;
-        match crate::sys::clone_file(&src, &dst) {
-            Ok(()) => Ok(true),
-            Err(e) if cannot_reflink(&e) => Ok(false),
-            Err(e) => Err(Error::io(&dst_path, e)),
-        }
+        Ok(crate::sys::clone_file(&src, &dst))
     })();
     let _ = fs::remove_file(&src_path);
     let _ = fs::remove_file(&dst_path);
