@@ -519,7 +519,7 @@ async fn postgres_twice_and_mariadb_under_load_restore_from_one_consistent_cut()
             APPS[i], SERVERS[i], holds[i]
         );
     }
-    for (i, want) in ["application", "filesystem-freeze", "application"].iter().enumerate() {
+    for (i, want) in ["filesystem-freeze", "filesystem-freeze", "application"].iter().enumerate() {
         assert!(
             holds[i].iter().all(|h| h == want),
             "{}: holds {:?}, want {want}",
