@@ -472,6 +472,18 @@ impl Cluster {
         self.wait_agent_ready(agent).await;
     }
 
+    /// Appends `toml` (e.g. `[[quiescer]]` tables for applications the test started after the
+    /// cluster) to a server's agent config, and restarts that agent on it.
+    pub async fn add_to_agent_config(&mut self, server: &str, toml: &str) {
+        use std::io::Write;
+        let config = self.agent(server).config.clone();
+        let mut file = fs::OpenOptions::new().append(true).open(&config).expect("agent config");
+        file.write_all(format!("\n{toml}\n").as_bytes()).expect("append to agent config");
+        drop(file);
+        self.kill_agent(server);
+        self.restart_agent(server).await;
+    }
+
     pub fn agent(&self, server: &str) -> &Agent {
         self.agents.iter().find(|a| a.name == server).expect("known agent")
     }

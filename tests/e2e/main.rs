@@ -5,6 +5,7 @@ mod harness;
 
 mod agent_copy;
 mod apps;
+mod apps_cut;
 mod artifacts;
 mod consistency;
 mod failures;

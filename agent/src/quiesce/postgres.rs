@@ -591,13 +591,13 @@ impl Quiescer for Postgres {
         &self.config.name
     }
 
-    /// Backup mode: PostgreSQL itself holds the backup consistent (application). Atomic mode
-    /// holds nothing: the snapshot's atomicity is all there is (storage-only).
+    /// Storage-only in both modes: neither holds a write. Backup mode lets every commit through
+    /// (measured by `tests/e2e/apps_cut.rs`: only an fsfreeze after it stopped them), and its
+    /// label restores to the backup's end, `pg_backup_stop` after the thaw, so claiming writes
+    /// held (application) was false. Atomic mode holds nothing: the snapshot's atomicity is all
+    /// there is.
     fn hold(&self) -> Hold {
-        match self.config.mode {
-            Mode::Backup => Hold::Application,
-            Mode::Atomic => Hold::StorageOnly,
-        }
+        Hold::StorageOnly
     }
 
     fn thaw_action(&self, backup_id: &str) -> anyhow::Result<Option<Action>> {

@@ -6,6 +6,7 @@ mod copy;
 mod fs;
 mod grpc;
 mod guardian;
+mod mariadb;
 mod mysql;
 mod postgres;
 mod process;

@@ -50,7 +50,7 @@ fn defaults_are_a_fast_backup_over_the_local_socket() {
     assert_eq!((c.mode, c.checkpoint.unwrap_or_default()), (Mode::Backup, Checkpoint::Fast));
     assert!(c.wait_for_archive());
     assert_eq!(config("host = \"db1\"\nport = 6432").endpoint(), "db1:6432");
-    assert_eq!(Postgres::new(c).hold(), Hold::Application);
+    assert_eq!(Postgres::new(c).hold(), Hold::StorageOnly, "backup mode holds no write");
     assert_eq!(Postgres::new(config("mode = \"atomic\"")).hold(), Hold::StorageOnly);
 }
 

@@ -204,7 +204,12 @@ impl Cluster {
 
     /// pgbench with 4 clients for `seconds`, in the background until dropped.
     pub fn pgbench(&self, seconds: u32) -> Bench {
-        let args = self.bench_args(&["-c", "4", "-T", &seconds.to_string(), "-n"]);
+        self.pgbench_with(&["-c", "4", "-T", &seconds.to_string(), "-n"])
+    }
+
+    /// pgbench with these options (clients, duration, a rate), in the background until dropped.
+    pub fn pgbench_with(&self, options: &[&str]) -> Bench {
+        let args = self.bench_args(options);
         let child = Command::new(format!("{BIN}/pgbench"))
             .args(&args)
             .stdin(Stdio::null())
