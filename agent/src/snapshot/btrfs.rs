@@ -10,7 +10,7 @@ use anyhow::{anyhow, Context};
 use stillpoint_core::validate_name;
 use stillpoint_proto::Snapshot;
 
-use super::SnapshotProvider;
+use super::{basename, SnapshotProvider};
 
 const KIND: &str = "btrfs";
 
@@ -28,15 +28,6 @@ impl Btrfs {
         validate_name("backup id", backup_id)?;
         Ok(self.snapshot_dir.join(backup_id))
     }
-}
-
-fn basename(volume: &str) -> anyhow::Result<&str> {
-    let base = Path::new(volume)
-        .file_name()
-        .and_then(|b| b.to_str())
-        .ok_or_else(|| anyhow!("volume {volume}: has no basename"))?;
-    validate_name("volume basename", base)?;
-    Ok(base)
 }
 
 /// Runs `btrfs <args>`, turning a failure into an error with its stderr.

@@ -42,6 +42,16 @@ pub trait SnapshotProvider: Send + Sync {
     fn list(&self) -> anyhow::Result<Vec<(String, Snapshot)>>;
 }
 
+/// The file name a volume's snapshot is named by (btrfs, reflink, qcow2), checked as a name.
+pub(crate) fn basename(volume: &str) -> anyhow::Result<&str> {
+    let base = std::path::Path::new(volume)
+        .file_name()
+        .and_then(|b| b.to_str())
+        .ok_or_else(|| anyhow::anyhow!("volume {volume}: has no basename"))?;
+    stillpoint_core::validate_name("volume basename", base)?;
+    Ok(base)
+}
+
 /// Builds the configured provider, all or nothing: a `create` failing part-way deletes what it
 /// made before returning the error (`all_or_nothing.rs`).
 pub fn build(config: &Config) -> Result<Arc<dyn SnapshotProvider>> {

@@ -14,7 +14,7 @@ use serde::Deserialize;
 use stillpoint_core::validate_name;
 use stillpoint_proto::Snapshot;
 
-use super::SnapshotProvider;
+use super::{basename, SnapshotProvider};
 
 const KIND: &str = "qcow2";
 const TAG_PREFIX: &str = "stillpoint-";
@@ -49,15 +49,6 @@ impl Qcow2Config {
             }
         }
     }
-}
-
-fn basename(volume: &str) -> anyhow::Result<&str> {
-    let base = Path::new(volume)
-        .file_name()
-        .and_then(|b| b.to_str())
-        .ok_or_else(|| anyhow!("volume {volume}: has no basename"))?;
-    validate_name("volume basename", base)?;
-    Ok(base)
 }
 
 fn tag(backup_id: &str) -> String {

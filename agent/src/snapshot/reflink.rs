@@ -13,7 +13,7 @@ use serde::Deserialize;
 use stillpoint_core::validate_name;
 use stillpoint_proto::Snapshot;
 
-use super::SnapshotProvider;
+use super::{basename, SnapshotProvider};
 
 const KIND: &str = "reflink";
 
@@ -129,15 +129,6 @@ impl Reflink {
         validate_name("backup id", backup_id)?;
         Ok(self.snapshot_dir.join(backup_id))
     }
-}
-
-fn basename(volume: &str) -> anyhow::Result<&str> {
-    let base = Path::new(volume)
-        .file_name()
-        .and_then(|b| b.to_str())
-        .ok_or_else(|| anyhow!("volume {volume}: has no basename"))?;
-    validate_name("volume basename", base)?;
-    Ok(base)
 }
 
 fn snapshot_of(name: &str, path: &Path) -> anyhow::Result<Snapshot> {
