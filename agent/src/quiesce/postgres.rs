@@ -180,12 +180,33 @@ impl PostgresConfig {
     }
 }
 
+/// The task driving a connection's IO; it ends with the connection.
+type Driver = JoinHandle<Result<(), tokio_postgres::Error>>;
+
+/// PostgreSQL's startup handshake over `stream` within `timeout`, then the connection driven on
+/// `runtime`. Err(None): no handshake in time; Err(Some(e)): the server's answer.
+fn start_up<S>(
+    runtime: &Runtime,
+    config: &tokio_postgres::Config,
+    stream: S,
+    timeout: Duration,
+) -> Result<(Client, Driver), Option<tokio_postgres::Error>>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (client, connection) = runtime
+        .block_on(async { tokio::time::timeout(timeout, config.connect_raw(stream, NoTls)).await })
+        .map_err(|_| None)?
+        .map_err(Some)?;
+    Ok((client, runtime.spawn(connection)))
+}
+
 /// One open connection and the runtime that drives it.
 struct Session {
     backup: String,
     runtime: Option<Runtime>,
     client: Option<Client>,
-    connection: Option<JoinHandle<Result<(), tokio_postgres::Error>>>,
+    connection: Option<Driver>,
     /// A duplicate of the connection's socket, for the guardian's Hangup (shutting down a
     /// duplicate ends the one connection: both name the same socket).
     socket: OwnedFd,
@@ -319,14 +340,11 @@ impl Postgres {
                 let stream = std::os::unix::net::UnixStream::connect(&path).map_err(refused)?;
                 let socket = OwnedFd::from(stream.try_clone().context("duplicate the socket")?);
                 stream.set_nonblocking(true).context("make the socket non-blocking")?;
-                let (client, connection) = runtime.block_on(async {
-                    let stream = tokio::net::UnixStream::from_std(stream)?;
-                    tokio::time::timeout(timeout, config.connect_raw(stream, NoTls))
-                        .await
-                        .map_err(|_| within("no handshake"))?
-                        .map_err(handshake)
-                })?;
-                (client, runtime.spawn(connection), socket)
+                let stream =
+                    runtime.block_on(async { tokio::net::UnixStream::from_std(stream) })?;
+                let (client, connection) = start_up(&runtime, &config, stream, timeout)
+                    .map_err(|e| e.map_or_else(|| within("no handshake"), handshake))?;
+                (client, connection, socket)
             }
             None => {
                 let addrs: Vec<_> = (c.host.as_str(), c.port)
@@ -356,14 +374,10 @@ impl Postgres {
                 let _ = stream.set_nodelay(true);
                 let socket = OwnedFd::from(stream.try_clone().context("duplicate the socket")?);
                 stream.set_nonblocking(true).context("make the socket non-blocking")?;
-                let (client, connection) = runtime.block_on(async {
-                    let stream = tokio::net::TcpStream::from_std(stream)?;
-                    tokio::time::timeout(timeout, config.connect_raw(stream, NoTls))
-                        .await
-                        .map_err(|_| within("no handshake"))?
-                        .map_err(handshake)
-                })?;
-                (client, runtime.spawn(connection), socket)
+                let stream = runtime.block_on(async { tokio::net::TcpStream::from_std(stream) })?;
+                let (client, connection) = start_up(&runtime, &config, stream, timeout)
+                    .map_err(|e| e.map_or_else(|| within("no handshake"), handshake))?;
+                (client, connection, socket)
             }
         };
         Ok(Session {
