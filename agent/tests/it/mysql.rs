@@ -278,7 +278,8 @@ fn mariadb_freeze_gives_up_at_its_timeout_and_leaves_nothing_held() {
     }
     let started = Instant::now();
     server.app().query_drop("INSERT INTO app.t (n) VALUES (1)").unwrap();
-    assert!(started.elapsed() < Duration::from_secs(1), "{:?}", started.elapsed());
+    // Held, it would wait until lock_wait_timeout; a loaded machine may take a moment anyway.
+    assert!(started.elapsed() < Duration::from_secs(5), "{:?}", started.elapsed());
     assert!(q.artifacts("b1").is_empty());
 }
 

@@ -228,7 +228,8 @@ fn redis_failed_save_fails_the_freeze_and_pauses_nothing() {
         // Writes are not paused.
         let started = Instant::now();
         redis::cmd("INCR").arg("counter").query::<u64>(&mut server.connect()).unwrap();
-        assert!(started.elapsed() < Duration::from_millis(500), "{:?}", started.elapsed());
+        // Paused, it would wait the 10 s pause; a loaded machine may take a moment anyway.
+        assert!(started.elapsed() < Duration::from_secs(5), "{:?}", started.elapsed());
         q.thaw("b1").unwrap();
     }
 }
