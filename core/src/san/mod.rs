@@ -257,29 +257,24 @@ impl Array {
         let marker = root.join(MARKER);
         let body = match fs::read(&marker) {
             Ok(body) => body,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                if let Some(mount) = ImageMount::read_note(root)? {
-                    return Err(Error::San(format!(
-                        "the array at {} lives in the image {}, which is not mounted: \
-                         mount it with `backupctl san mount {}` (at boot: the fstab line `{}`)",
-                        root.display(),
-                        mount.image.display(),
-                        root.display(),
-                        mount.fstab_line()
-                    )));
-                }
-                return Err(Error::San(format!(
-                    "{} is not a mock SAN array (no {MARKER}); create one with `backupctl san init {}`",
-                    root.display(),
-                    root.display()
-                )));
-            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(absent(root)),
             Err(e) => return Err(Error::io(&marker, e)),
         };
         let marker: ArrayMarker = serde_json::from_slice(&body)
             .map_err(|e| Error::San(format!("{}: {e}", root.join(MARKER).display())))?;
         let image = marker.image.map(|image| ImageMount { image, mount: absolute(root) });
         Ok(Array { root: root.to_path_buf(), image, mounted: None })
+    }
+
+    /// Errors unless the array is still at its root. An array whose image was unmounted under
+    /// this handle (or whose directory was emptied) would otherwise look empty: a delete would
+    /// report nothing deleted while the snapshots sit in the unmounted image, a list would show
+    /// none, and a new LUN would land on the filesystem under the mount point.
+    fn here(&self) -> Result<()> {
+        if self.root.join(MARKER).is_file() {
+            return Ok(());
+        }
+        Err(absent(&self.root))
     }
 
     /// Whether the array can take snapshots: its filesystem must reflink, since a snapshot
@@ -336,6 +331,7 @@ impl Array {
     /// unless its size differs, which is an error.
     pub fn create_lun(&self, server: &str, lun: &str, size_bytes: u64) -> Result<Lun> {
         let path = self.lun_path(server, lun)?;
+        self.here()?;
         if let Ok(meta) = fs::metadata(&path) {
             if meta.len() != size_bytes {
                 return Err(Error::San(format!(
@@ -358,6 +354,7 @@ impl Array {
 
     /// Every LUN of `server` (or of all servers when `None`), sorted.
     pub fn luns(&self, server: Option<&str>) -> Result<Vec<Lun>> {
+        self.here()?;
         let mut out = Vec::new();
         for server_dir in sorted_dirs(&self.root.join("luns"))? {
             let name = file_name(&server_dir);
@@ -395,6 +392,9 @@ impl Array {
         }
         let src = File::open(&source).map_err(|e| {
             if e.kind() == std::io::ErrorKind::NotFound {
+                if let Err(absent) = self.here() {
+                    return absent;
+                }
                 Error::San(format!(
                     "no LUN {server}/{lun} at {}; create it with `backupctl san create-lun`",
                     source.display()
@@ -418,6 +418,7 @@ impl Array {
 
     /// Every snapshot in the array, optionally only one backup's.
     pub fn snapshots(&self, backup_id: Option<&str>) -> Result<Vec<LunSnapshot>> {
+        self.here()?;
         let mut out = Vec::new();
         for backup_dir in sorted_dirs(&self.root.join("snapshots"))? {
             let backup = file_name(&backup_dir);
@@ -450,6 +451,7 @@ impl Array {
     /// Idempotent: deleting what is not there deletes nothing.
     pub fn delete_snapshots(&self, backup_id: &str, server: &str) -> Result<u32> {
         let dir = self.snapshot_dir(backup_id, server)?;
+        self.here()?;
         let mut deleted = 0;
         if dir.is_dir() {
             for path in sorted_entries(&dir)? {
@@ -472,6 +474,9 @@ impl Array {
     pub fn present(&self, backup_id: &str, server: &str, lun: &str) -> Result<PathBuf> {
         let path = self.snapshot_path(backup_id, server, lun)?;
         let meta = fs::metadata(&path).map_err(|_| {
+            if let Err(absent) = self.here() {
+                return absent;
+            }
             Error::San(format!("no snapshot of {server}/{lun} for backup {backup_id}; list them with `backupctl san list`"))
         })?;
         if meta.permissions().mode() & 0o222 != 0 {
@@ -581,6 +586,27 @@ fn sorted_entries(dir: &Path) -> Result<Vec<PathBuf>> {
 
 fn sorted_dirs(dir: &Path) -> Result<Vec<PathBuf>> {
     Ok(sorted_entries(dir)?.into_iter().filter(|p| p.is_dir()).collect())
+}
+
+/// Why `root` holds no array: its image is not mounted (with how to mount it), or it is not an
+/// array at all (with how to make one).
+fn absent(root: &Path) -> Error {
+    match ImageMount::read_note(root) {
+        Ok(Some(mount)) => Error::San(format!(
+            "the array at {} lives in the image {}, which is not mounted: \
+             mount it with `backupctl san mount {}` (at boot: the fstab line `{}`)",
+            root.display(),
+            mount.image.display(),
+            root.display(),
+            mount.fstab_line()
+        )),
+        Ok(None) => Error::San(format!(
+            "{} is not a mock SAN array (no {MARKER}); create one with `backupctl san init {}`",
+            root.display(),
+            root.display()
+        )),
+        Err(e) => e,
+    }
 }
 
 /// `path` made absolute against the working directory (without resolving links).

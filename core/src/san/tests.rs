@@ -193,6 +193,16 @@ fn init_makes_an_xfs_image_where_the_directory_cannot_reflink_and_mounts_it_agai
     assert!(err.contains("which is not mounted"), "{err}");
     assert!(err.contains(&format!("backupctl san mount {}", root.display())), "{err}");
     assert!(err.contains(&mount.fstab_line()), "{err}");
+    // A handle opened while it was mounted says so too, rather than reporting an empty array:
+    // no "deleted 0" while the snapshot sits in the image, no LUN made under the mount point.
+    let unmounted = |e: Error| assert!(e.to_string().contains("which is not mounted"), "{e}");
+    unmounted(array.delete_snapshots("b1", "srv-a").unwrap_err());
+    unmounted(array.snapshots(None).unwrap_err());
+    unmounted(array.luns(None).unwrap_err());
+    unmounted(array.snapshot("b2", "srv-a", "data").unwrap_err());
+    unmounted(array.present("b1", "srv-a", "data").unwrap_err());
+    unmounted(array.create_lun("srv-a", "more", 1 << 20).unwrap_err());
+    assert!(!root.join("luns").exists() && !root.join("snapshots").exists());
 
     // After a "reboot", init (like `san mount`) mounts it again, with the LUN and snapshot.
     let (array, how) = Array::create(&root, &InitOptions::default()).unwrap();
