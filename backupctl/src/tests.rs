@@ -107,7 +107,7 @@ fn certs_and_san_parse() {
     assert!(matches!(command(&["san", "umount", "arr"]), Command::San(San::Umount { .. })));
     assert!(
         matches!(command(&["san", "snapshot", "--array", "a", "--backup", "b", "--server", "s", "--lun", "l", "--json"]),
-        Command::San(San::Snapshot(a)) if a.json && a.lun == "l")
+        Command::San(San::Snapshot(a)) if a.json && a.of.lun == "l")
     );
     assert!(
         matches!(command(&["san", "create-lun", "--array", "a", "--server", "s", "--lun", "l", "--size", "1G"]),

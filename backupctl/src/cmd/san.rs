@@ -32,7 +32,7 @@ pub enum San {
     /// List the array's LUNs and snapshots
     List(ListArgs),
     /// Check a backup's snapshot of a LUN is there and read-only; print its path
-    Present(PresentArgs),
+    Present(LunSnapshotArgs),
     /// Take a snapshot of a LUN now, as an agent does inside a freeze (to try the array or time
     /// it); prints its path and how long it took
     Snapshot(SnapshotArgs),
@@ -53,8 +53,9 @@ pub struct InitArgs {
     pub image_size: Option<u64>,
 }
 
+/// One backup's snapshot of one LUN in an array (`san snapshot`, `san present`).
 #[derive(Debug, clap::Args)]
-pub struct SnapshotArgs {
+pub struct LunSnapshotArgs {
     /// Array directory
     #[arg(long, value_name = "DIR")]
     pub array: PathBuf,
@@ -64,7 +65,13 @@ pub struct SnapshotArgs {
     pub server: String,
     #[arg(long, value_name = "L")]
     pub lun: String,
-    /// Print {"path", "size_bytes", "took_us"} as JSON
+}
+
+#[derive(Debug, clap::Args)]
+pub struct SnapshotArgs {
+    #[command(flatten)]
+    pub of: LunSnapshotArgs,
+    /// Print {"path", "size_bytes", "took_us", "existed"} as JSON
     #[arg(long)]
     pub json: bool,
 }
@@ -85,8 +92,11 @@ pub struct DeleteArgs {
 struct SnapshotTaken {
     path: String,
     size_bytes: u64,
-    /// Microseconds the array's snapshot call took (clone, sync, rename), as inside a freeze.
+    /// Microseconds the array's snapshot call took (clone, sync, rename), as inside a freeze;
+    /// only a lookup when the snapshot `existed`.
     took_us: u64,
+    /// The backup had this snapshot already: it was returned as it was, nothing was cloned.
+    existed: bool,
 }
 
 #[derive(Debug, clap::Args)]
@@ -111,19 +121,6 @@ pub struct ListArgs {
     /// Print {"luns": [...], "snapshots": [...]} as JSON
     #[arg(long)]
     pub json: bool,
-}
-
-#[derive(Debug, clap::Args)]
-pub struct PresentArgs {
-    /// Array directory
-    #[arg(long, value_name = "DIR")]
-    pub array: PathBuf,
-    #[arg(long, value_name = "B")]
-    pub backup: String,
-    #[arg(long, value_name = "S")]
-    pub server: String,
-    #[arg(long, value_name = "L")]
-    pub lun: String,
 }
 
 /// A size in bytes: digits and an optional binary unit, `K`, `M`, `G` or `T` (case-insensitive,
@@ -159,7 +156,7 @@ pub fn run(san: San, out: &mut dyn Write) -> Result<()> {
             let options = InitOptions { image: args.image, image_size: args.image_size };
             let (array, how) = Array::create(&args.dir, &options)?;
             write!(out, "{}", init_human(&array, &how))?;
-            if asked_image && matches!(how, Init::Directory | Init::Existing) {
+            if asked_image && !matches!(how, Init::Image(_)) {
                 writeln!(out, "(no image made: --image and --image-size apply only where the directory cannot reflink)")?;
             }
         }
@@ -179,27 +176,32 @@ pub fn run(san: San, out: &mut dyn Write) -> Result<()> {
                 dir.display()
             )?;
         }
-        San::Snapshot(args) => {
-            let array = Array::open(&args.array)?;
+        San::Snapshot(SnapshotArgs { of, json }) => {
+            let array = Array::open(&of.array)?;
+            // The array returns an existing snapshot as it is: say so rather than time a clone.
+            let existed = array.snapshot_path(&of.backup, &of.server, &of.lun)?.is_file();
             let started = Instant::now();
-            let snap = array.snapshot(&args.backup, &args.server, &args.lun)?;
+            let snap = array.snapshot(&of.backup, &of.server, &of.lun)?;
             let took_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
             let taken = SnapshotTaken {
                 path: snap.path.display().to_string(),
                 size_bytes: snap.size_bytes,
                 took_us,
+                existed,
             };
-            if args.json {
+            let size = human_bytes(taken.size_bytes);
+            if json {
                 writeln!(out, "{}", view::json(&taken))?;
+            } else if existed {
+                writeln!(
+                    out,
+                    "{} ({size}, taken before for this backup; nothing cloned)",
+                    taken.path
+                )?;
             } else {
                 #[allow(clippy::cast_precision_loss)]
                 let ms = took_us as f64 / 1000.0;
-                writeln!(
-                    out,
-                    "{} ({}, reflink clone in {ms:.1} ms)",
-                    taken.path,
-                    human_bytes(taken.size_bytes)
-                )?;
+                writeln!(out, "{} ({size}, reflink clone in {ms:.1} ms)", taken.path)?;
             }
         }
         San::Delete(args) => {
@@ -226,8 +228,8 @@ pub fn run(san: San, out: &mut dyn Write) -> Result<()> {
                 write!(out, "{}", list_human(&list))?;
             }
         }
-        San::Present(args) => {
-            let path = Array::open(&args.array)?.present(&args.backup, &args.server, &args.lun)?;
+        San::Present(of) => {
+            let path = Array::open(&of.array)?.present(&of.backup, &of.server, &of.lun)?;
             writeln!(out, "{}", path.display())?;
         }
     }

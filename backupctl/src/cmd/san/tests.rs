@@ -85,7 +85,7 @@ fn init_create_list_snapshot_present_and_delete() {
 
     let present = |backup: &str| {
         run(
-            San::Present(PresentArgs {
+            San::Present(LunSnapshotArgs {
                 array: root.clone(),
                 backup: backup.into(),
                 server: "srv-a".into(),
@@ -98,21 +98,34 @@ fn init_create_list_snapshot_present_and_delete() {
     assert_eq!(err.exit_code(), crate::EXIT_USAGE);
     assert!(err.to_string().contains("no snapshot of srv-a/data for backup b-1"), "{err}");
 
-    let snapshot = |json| {
+    let snapshot = |backup: &str, json| {
         San::Snapshot(SnapshotArgs {
-            array: root.clone(),
-            backup: "b-1".into(),
-            server: "srv-a".into(),
-            lun: "data".into(),
+            of: LunSnapshotArgs {
+                array: root.clone(),
+                backup: backup.into(),
+                server: "srv-a".into(),
+                lun: "data".into(),
+            },
             json,
         })
     };
-    let taken: serde_json::Value = serde_json::from_str(&check(snapshot(true))).unwrap();
+    let taken: serde_json::Value = serde_json::from_str(&check(snapshot("b-1", true))).unwrap();
     assert_eq!(taken["path"], root.join("snapshots/b-1/srv-a/data.lun").display().to_string());
     assert_eq!(taken["size_bytes"], 64 << 20);
     assert!(taken["took_us"].as_u64().unwrap() < 1_000_000, "{taken}");
-    let human = check(snapshot(false));
+    assert_eq!(taken["existed"], false);
+    let human = check(snapshot("b-0", false));
     assert!(human.contains("(64.0 MiB, reflink clone in "), "{human}");
+    // Taken again for the same backup: the array returns it as it is, and nothing is cloned.
+    let again = check(snapshot("b-1", false));
+    assert!(again.contains("(64.0 MiB, taken before for this backup; nothing cloned)"), "{again}");
+    let again: serde_json::Value = serde_json::from_str(&check(snapshot("b-1", true))).unwrap();
+    assert_eq!(again["existed"], true);
+    check(San::Delete(DeleteArgs {
+        array: root.clone(),
+        backup: "b-0".into(),
+        server: "srv-a".into(),
+    }));
     let json = check(San::List(ListArgs { array: root.clone(), json: true }));
     let v: serde_json::Value = serde_json::from_str(&json).unwrap();
     assert_eq!(v["luns"][0]["size_bytes"], 64 << 20);
@@ -124,7 +137,7 @@ fn init_create_list_snapshot_present_and_delete() {
 
     let mut out = Vec::new();
     run(
-        San::Present(PresentArgs {
+        San::Present(LunSnapshotArgs {
             array: root.clone(),
             backup: "b-1".into(),
             server: "srv-a".into(),
