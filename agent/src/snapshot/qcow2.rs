@@ -288,19 +288,28 @@ fn stop(file: &Path, dir: &Path, pids: Vec<u32>) {
     let _ = Command::new("umount").arg(file).stderr(Stdio::null()).status();
     for pid in pids {
         let alive = || Path::new(&format!("/proc/{pid}")).exists();
+        // Waits up to STOP_WITHIN for it to go: the disk's lock is free only once it is gone.
+        let gone = || {
+            let deadline = Instant::now() + STOP_WITHIN;
+            while alive() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            !alive()
+        };
+        let signal = |sig: &str| {
+            let _ =
+                Command::new("kill").args([sig, &pid.to_string()]).stderr(Stdio::null()).status();
+        };
         // It may be gone already: qemu-nbd ends when its one client does.
-        let _ =
-            Command::new("kill").args(["-TERM", &pid.to_string()]).stderr(Stdio::null()).status();
-        let deadline = Instant::now() + STOP_WITHIN;
-        while alive() && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(10));
+        signal("-TERM");
+        if gone() {
+            continue;
         }
-        if alive() {
-            let _ = Command::new("kill")
-                .args(["-KILL", &pid.to_string()])
-                .stderr(Stdio::null())
-                .status();
+        signal("-KILL");
+        if gone() {
             tracing::warn!(pid, "a qcow2 export's daemon did not stop on SIGTERM; killed it");
+        } else {
+            tracing::warn!(pid, "a qcow2 export's daemon survived SIGTERM and SIGKILL; it may still hold the disk's lock");
         }
     }
     let _ = Command::new("umount").arg("-l").arg(file).stderr(Stdio::null()).status();
