@@ -453,21 +453,21 @@ impl Inner {
             }
             Effect::Thaw { backup, quiescer, thawed_elsewhere } => {
                 let q = self.quiescers.get(quiescer)?.clone();
-                // After a successful thaw the quiescer hands over what a restore needs.
-                let (result, artifacts) = if thawed_elsewhere {
-                    q.thawed_elsewhere(backup.as_str());
-                    let artifacts = blocking(move || Ok(q.artifacts(backup.as_str()))).await;
-                    (Ok("thawed by the guardian".to_string()), artifacts.unwrap_or_default())
-                } else {
-                    let thawed = blocking(move || {
+                // After a successful thaw (ours or the guardian's) the quiescer hands over what
+                // a restore needs.
+                let thawed = blocking(move || {
+                    if thawed_elsewhere {
+                        q.thawed_elsewhere(backup.as_str());
+                    } else {
                         q.thaw(backup.as_str())?;
-                        Ok(q.artifacts(backup.as_str()))
-                    })
-                    .await;
-                    match thawed {
-                        Ok(artifacts) => (Ok(String::new()), artifacts),
-                        Err(e) => (Err(format!("{e:#}")), Vec::new()),
                     }
+                    Ok(q.artifacts(backup.as_str()))
+                })
+                .await;
+                let done = if thawed_elsewhere { "thawed by the guardian" } else { "" };
+                let (result, artifacts) = match thawed {
+                    Ok(artifacts) => (Ok(done.to_string()), artifacts),
+                    Err(e) => (Err(format!("{e:#}")), Vec::new()),
                 };
                 Some(Input::Thawed { quiescer, result, artifacts })
             }

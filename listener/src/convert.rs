@@ -201,14 +201,8 @@ pub fn artifacts(
     r: &BackupRecord,
     server: Option<&str>,
 ) -> crate::Result<pb::GetArtifactsResponse> {
-    if let Some(server) = server {
-        if !r.servers.iter().any(|s| s.server == server) {
-            return Err(crate::Error::UnknownServer {
-                backup: r.id.clone(),
-                server: server.to_string(),
-                known: r.servers.iter().map(|s| s.server.as_str()).collect::<Vec<_>>().join(", "),
-            });
-        }
+    if let Some(server) = server.filter(|want| !r.servers.iter().any(|s| s.server == *want)) {
+        return Err(crate::Error::unknown_server(r, server));
     }
     let servers = r
         .servers

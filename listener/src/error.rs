@@ -38,6 +38,18 @@ pub enum Error {
     Transport(#[from] tonic::transport::Error),
 }
 
+impl Error {
+    /// `server` is not one of `record`'s servers; the error names those it has.
+    pub fn unknown_server(record: &crate::model::BackupRecord, server: &str) -> Error {
+        let known = record.servers.iter().map(|s| s.server.as_str()).collect::<Vec<_>>();
+        Error::UnknownServer {
+            backup: record.id.clone(),
+            server: server.to_string(),
+            known: known.join(", "),
+        }
+    }
+}
+
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// Every refusal carries rich details (`google.rpc`, read with `tonic_types::StatusExt`):

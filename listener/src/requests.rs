@@ -101,16 +101,7 @@ impl Reports {
         let store = runtime.store();
         let record = store.get(backup_id)?;
         let Some(current) = record.servers.iter().find(|s| s.server == server) else {
-            return Err(Error::UnknownServer {
-                backup: record.id.clone(),
-                server: server.to_string(),
-                known: record
-                    .servers
-                    .iter()
-                    .map(|s| s.server.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", "),
-            });
+            return Err(Error::unknown_server(&record, server));
         };
         if let Some(first) = store.copy_report(backup_id, server)? {
             if first.ok == ok {
@@ -171,11 +162,7 @@ pub async fn progress(
 ) -> Result<BackupRecord> {
     let record = runtime.store().get(backup_id)?;
     let Some(current) = record.servers.iter().find(|s| s.server == server) else {
-        return Err(Error::UnknownServer {
-            backup: record.id.clone(),
-            server: server.to_string(),
-            known: record.servers.iter().map(|s| s.server.as_str()).collect::<Vec<_>>().join(", "),
-        });
+        return Err(Error::unknown_server(&record, server));
     };
     if runtime.store().copy_report(backup_id, server)?.is_some() {
         return Ok(record);

@@ -511,6 +511,8 @@ struct Thawing {
     stage: ThawStage,
     /// What the quiescers handed over so far, and why some could not be kept.
     kept: Kept,
+    /// A quiescer's thaw itself failed (not only its artifacts refused).
+    thaw_failed: bool,
 }
 
 /// The quiescers' artifacts of one thaw: those kept, and the first reason one was refused (then
@@ -518,7 +520,15 @@ struct Thawing {
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Default)]
 struct Kept {
     artifacts: Vec<Artifact>,
-    refused: Option<String>,
+    /// The quiescer whose artifacts were refused first, and why.
+    refused: Option<(String, String)>,
+}
+
+impl Kept {
+    /// The refusal as Release reports it: "quiescer pg: artifact ... is ..."; empty if none.
+    fn refused_text(&self) -> String {
+        self.refused.as_ref().map(|(q, e)| format!("quiescer {q}: {e}")).unwrap_or_default()
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -602,7 +612,7 @@ enum CommitStage {
     Deleting {
         since: u64,
         failed: Option<String>,
-        refused: Option<String>,
+        refused: Option<(String, String)>,
     },
 }
 
@@ -650,12 +660,8 @@ fn step(name: &str, action: &str, result: &Result<String, String>, took: u64) ->
 }
 
 /// "the artifacts of quiescer pg were refused (artifact backup_label is ...)".
-fn refused_text(why: Option<&str>) -> String {
-    let why = why.unwrap_or_default();
-    match why.split_once(": ") {
-        Some((quiescer, e)) => format!("the artifacts of {quiescer} were refused ({e})"),
-        None => format!("artifacts were refused ({why})"),
-    }
+fn refused_text((quiescer, why): &(String, String)) -> String {
+    format!("the artifacts of quiescer {quiescer} were refused ({why})")
 }
 
 fn log(out: &mut Vec<Effect>, level: Level, text: String) {
@@ -880,6 +886,7 @@ impl Agent {
             steps: Vec::new(),
             stage: ThawStage::Releasing,
             kept: Kept::default(),
+            thaw_failed: false,
         });
         out.push(Effect::Release { backup });
     }
@@ -1275,6 +1282,7 @@ impl Agent {
                 let took = if t.elsewhere { 0 } else { now.saturating_sub(t.since) };
                 let name = &self.quiescers[quiescer].name;
                 if let Err(e) = &result {
+                    t.thaw_failed = true;
                     log(out, Level::Error, format!("thaw of quiescer {name} failed: {e}"));
                 }
                 // The machine knows who handed them over.
@@ -1292,16 +1300,15 @@ impl Agent {
                         })
                     }
                     (Ok(_), Err(e)) => {
-                        let why = format!("quiescer {name}: {e}");
                         log(
                             out,
                             Level::Error,
-                            format!("thawed, but refused the artifacts of {why}"),
+                            format!("thawed, but refused the artifacts of quiescer {name}: {e}"),
                         );
                         let text = format!(
                             "thawed, but its artifacts were refused ({e}): the backup would lack a file its restore needs"
                         );
-                        t.kept.refused.get_or_insert(why);
+                        t.kept.refused.get_or_insert((name.clone(), e));
                         Err(text)
                     }
                     (Err(e), _) => Err(e),
@@ -1310,8 +1317,7 @@ impl Agent {
             }
             (ThawStage::Forgetting, Input::Forgotten) => {
                 let Some(t) = r.thaw.take() else { return };
-                let took = now.saturating_sub(t.started);
-                self.thawed(now, (t.steps, t.kept), took, t.elsewhere, out);
+                self.thawed(now, t, out);
                 return;
             }
             _ => return, // not what this thaw waits for
@@ -1326,20 +1332,15 @@ impl Agent {
         }
     }
 
-    /// A thaw of the running operation's backup ended: its steps, how long it took, and
-    /// whether the guardian had thawed first (the lease ran out).
-    fn thawed(
-        &mut self,
-        now: u64,
-        (steps, kept): (Vec<Step>, Kept),
-        thaw_ms: u64,
-        elsewhere: bool,
-        out: &mut Vec<Effect>,
-    ) {
+    /// A thaw of the running operation's backup ended: its steps, what the quiescers handed
+    /// over, and whether the guardian had thawed first (the lease ran out).
+    fn thawed(&mut self, now: u64, t: Thawing, out: &mut Vec<Effect>) {
         let Some(r) = self.running.as_mut() else { return };
         let Some(id) = r.backup.clone() else { return };
         let origin = r.origin;
-        let thaw_ok = steps.iter().all(|s| s.ok);
+        let thaw_ms = now.saturating_sub(t.started);
+        // Refused artifacts fail their thaw step, but the thaw itself went through.
+        let (steps, kept, elsewhere, thaw_ok) = (t.steps, t.kept, t.elsewhere, !t.thaw_failed);
         match &mut r.work {
             Work::Prepare { lease, reply, stage, .. } => {
                 reply.steps.extend(steps);
@@ -1428,8 +1429,8 @@ impl Agent {
                         held_ms: held_from.map_or(0, |h| now.saturating_sub(h)),
                         thaw_ms,
                         steps,
+                        artifacts_refused: kept.refused_text(),
                         artifacts: kept.artifacts,
-                        artifacts_refused: kept.refused.unwrap_or_default(),
                     };
                     self.set(&id, State::Snapshotted { snapshots }, reason).released =
                         Some(released);
@@ -1456,8 +1457,8 @@ impl Agent {
                     held_ms: held_from.map_or(0, |h| until.saturating_sub(h)),
                     thaw_ms,
                     steps,
+                    artifacts_refused: kept.refused_text(),
                     artifacts: kept.artifacts,
-                    artifacts_refused: kept.refused.unwrap_or_default(),
                 };
                 self.running = None;
                 if held {
@@ -1711,27 +1712,27 @@ impl Agent {
                     .map(|n| format!("deleted {n}{partial} snapshot(s)"))
                     .map_err(Clone::clone);
                 reply.steps.push(step(&provider, "delete", &done, took));
-                reply.reason = match (failed, deleted) {
-                    (None, Ok(_)) if refused.is_some() => format!(
+                reply.reason = match (failed, deleted, refused) {
+                    (None, Ok(_), Some(refused)) => format!(
                         "thawed, but {}: a snapshot without them cannot be restored; deleted it",
-                        refused_text(refused.as_deref())
+                        refused_text(&refused)
                     ),
-                    (None, Err(d)) if refused.is_some() => format!(
+                    (None, Err(d), Some(refused)) => format!(
                         "thawed, but {}: a snapshot without them cannot be restored; deleting it failed: {d}",
-                        refused_text(refused.as_deref())
+                        refused_text(&refused)
                     ),
-                    (None, Ok(_)) => format!(
+                    (None, Ok(_), None) => format!(
                         "snapshot took {}ms and outlived the lease of {}ms; deleted",
                         reply.snapshot_ms, lease.duration_ms
                     ),
-                    (None, Err(d)) => format!(
-                        "snapshot took {}ms and outlived the lease of {}ms; deleted, but deleting failed: {d}",
+                    (None, Err(d), None) => format!(
+                        "snapshot took {}ms and outlived the lease of {}ms; deleting it failed: {d}",
                         reply.snapshot_ms, lease.duration_ms
                     ),
-                    (Some(e), Ok(_)) => {
+                    (Some(e), Ok(_), _) => {
                         format!("snapshot failed: {e}; thawed and deleted partial snapshots")
                     }
-                    (Some(e), Err(d)) => format!(
+                    (Some(e), Err(d), _) => format!(
                         "snapshot failed: {e}; thawed, but deleting partial snapshots failed too: {d}"
                     ),
                 };

@@ -735,8 +735,14 @@ impl Coordinator {
                 s.cut.thaw_ms = r.thaw_ms;
                 s.cut.steps.extend(r.steps);
                 s.step = ServerStep::CommitFailed;
+                // Thawed at Release only if held until it; else when its lease ran out.
+                let thawed = if r.held_until_release {
+                    "released and thawed".to_string()
+                } else {
+                    format!("not held until every snapshot existed: {}", r.reason)
+                };
                 s.detail = format!(
-                    "released and thawed, but its quiescers' artifacts were refused: {}",
+                    "{thawed}, but its quiescers' artifacts were refused: {}",
                     r.artifacts_refused
                 );
                 let reason = format!(

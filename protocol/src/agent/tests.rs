@@ -922,6 +922,34 @@ fn refused_artifacts_at_release_are_reported_and_the_snapshot_stays_for_the_list
 }
 
 #[test]
+fn a_lease_thaw_under_the_barrier_whose_artifacts_are_refused_still_logs_the_thaw_as_ok() {
+    let mut w = check(1);
+    w.artifacts.insert(0, vec![artifact("a/b", b"x")]);
+    w.prepare("b1", 500);
+    assert!(w.commit_holding("b1", None, true).still_held);
+    w.advance_to(1_000 + 500);
+    let broken = w.logs.iter().find(|l| l.starts_with("thaw barrier broken")).unwrap();
+    assert!(broken.contains("thaw ok: true"), "the thaw went through: {broken}");
+    let r = w.release("b1").unwrap();
+    assert!(r.artifacts_refused.starts_with("quiescer q0: artifact"), "{r:?}");
+}
+
+#[test]
+fn a_snapshot_that_outlived_the_lease_and_could_not_be_deleted_does_not_say_deleted() {
+    let mut w = check(1);
+    w.create_ms = LEASE;
+    w.fail_delete = Some("device busy".into());
+    w.prepare("b1", LEASE);
+    let c = w.commit("b1", None);
+    assert!(
+        !c.committed
+            && c.reason.ends_with("outlived the lease of 10000ms; deleting it failed: device busy"),
+        "{}",
+        c.reason
+    );
+}
+
+#[test]
 fn a_provider_check_that_fails_refuses_prepare_before_anything_is_armed_or_frozen() {
     let mut w = check(2);
     w.provider_check =

@@ -1040,3 +1040,23 @@ fn artifacts_refused_at_release_fail_the_backup_and_abort_everyone() {
     assert_eq!(acts(cmds), aborts(&["a", "b", "c"], why));
     assert_eq!(c.record.servers[1].step, ServerStep::CommitFailed);
 }
+
+#[test]
+fn artifacts_refused_after_a_lease_thaw_do_not_say_released_and_thawed() {
+    let mut c = releasing(Hold::FilesystemFreeze);
+    let reply = release_ok(false).map(|r| ReleaseReply {
+        reason: "lease of 500ms ran out before release; thawed then, not at release".into(),
+        artifacts_refused: "quiescer pg: artifact a/b is not a plain file name".into(),
+        ..r
+    });
+    released(&mut c, "b", reply);
+    let detail = &c.record.servers[1].detail;
+    assert!(!detail.contains("released"), "it thawed at its lease's end: {detail}");
+    assert!(
+        detail.starts_with("not held until every snapshot existed: lease of 500ms ran out")
+            && detail.ends_with(
+                "artifacts were refused: quiescer pg: artifact a/b is not a plain file name"
+            ),
+        "{detail}"
+    );
+}
