@@ -221,6 +221,13 @@ pub fn sparse_image(path: &Path, size: u64) {
     std::fs::File::create(path).unwrap().set_len(size).unwrap();
 }
 
+/// A file `dir/password` holding `password`, as a quiescer's `password_file` reads it.
+pub fn password_file(dir: &Path, password: &str) -> PathBuf {
+    let path = dir.join("password");
+    std::fs::write(&path, format!("{password}\n")).unwrap();
+    path
+}
+
 /// Writes `name` with `body` in `dir` and fsyncs it.
 pub fn write_synced(dir: &Path, name: &str, body: &str) {
     use std::io::Write;
