@@ -53,7 +53,8 @@ async fn a_stalled_agent_loses_backup_mode_at_its_lease() {
     assert!(p.prepared, "{p:?}");
     assert_eq!(pg.psql(SESSIONS), "1", "backup mode is held on the agent's connection");
     run("kill", &["-STOP", &agent.pid()]);
-    pg.wait_for(SESSIONS, "0", Duration::from_secs(4)).expect("the session ended at the lease");
+    // The lease plus the 3 s the fault suite allows a loaded machine.
+    pg.wait_for(SESSIONS, "0", Duration::from_secs(5)).expect("the session ended at the lease");
     let ended = sent.elapsed();
     eprintln!("backup mode ended {}ms after Prepare with a 2000ms lease", ended.as_millis());
     assert!(ended >= Duration::from_millis(1900), "ended before the lease");
@@ -62,7 +63,7 @@ async fn a_stalled_agent_loses_backup_mode_at_its_lease() {
         Some('T'),
         "the agent was stopped the whole time"
     );
-    let log = agent.wait_log("closed the connection of quiescer pg", Duration::from_secs(1));
+    let log = agent.wait_log("closed the connection of quiescer pg", Duration::from_secs(5));
     assert!(log.contains("guardian: lease of"), "{log}");
     assert!(
         pg.log_text()
