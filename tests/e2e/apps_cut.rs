@@ -536,23 +536,8 @@ async fn postgres_twice_and_mariadb_under_load_restore_from_one_consistent_cut()
     // Restore the last backup with backupctl, each server's LUN and artifacts.
     let restored = d.join("restored");
     fs::create_dir(&restored).expect("restore dir");
-    let repo = cluster.root().join("saveset").display().to_string();
-    let pass = cluster.root().join("saveset.pass").display().to_string();
-    let to = restored.display().to_string();
     for server in SERVERS {
-        let args = [
-            "restore",
-            &id,
-            "--server",
-            server,
-            "--to",
-            &to,
-            "--repo",
-            &repo,
-            "--passphrase-file",
-            &pass,
-        ];
-        let out = cluster.backupctl("operator", &args);
+        let out = cluster.restore(&id, server, &restored);
         let said = String::from_utf8_lossy(&out.stdout);
         assert!(out.status.success(), "{said}\n{}", String::from_utf8_lossy(&out.stderr));
         eprintln!("restore of {server}:\n{}", said.trim_end());
