@@ -192,8 +192,10 @@ fn redis_pause_ends_by_itself_and_a_late_thaw_says_so() {
     let q = Redis::new(server.quiescer(&password_file(dir.path(), PASSWORD), 700));
     let writer = writer(server.connect());
     writer.wait_for(100, Duration::from_secs(10));
-    q.freeze("b1").unwrap();
+    // Timed from before the freeze: the pause cannot start earlier, while the freeze's return
+    // can come late on a loaded machine, which would shorten the pause as measured from it.
     let paused = Instant::now();
+    q.freeze("b1").unwrap();
     let at_freeze = writer.acked();
     // Never thawed: the server lets writes go by itself once pause_ms has passed.
     writer.wait_for(at_freeze + 2, Duration::from_secs(5));
