@@ -329,7 +329,7 @@ fn reflink_clones_are_point_in_time_on_btrfs_while_a_writer_runs() {
     clones_are_point_in_time(&btrfs(dir.path(), 512 << 20));
 }
 
-/// How long one clone of `volume` takes, the best of five.
+/// How long one clone of `volume` takes, the best of three.
 fn clone_time(provider: &dyn SnapshotProvider, volume: &str) -> Duration {
     (0..3)
         .map(|n| {
