@@ -13,7 +13,7 @@ use crate::support::{run, Certs};
 #[path = "../../src/quiesce/postgres/tests/cluster.rs"]
 #[allow(dead_code)]
 mod cluster;
-use cluster::{give_to_postgres, Cluster};
+use cluster::Cluster;
 
 const SESSIONS: &str =
     "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'stillpoint'";
@@ -21,12 +21,7 @@ const SESSIONS: &str =
 /// A cluster that archives nowhere (enough to be allowed backup mode), and an agent holding it
 /// through its socket, its snapshots on a mock SAN LUN nothing writes to.
 async fn setup(dir: &Path, certs: &Certs) -> (Cluster, Array, BinAgent) {
-    give_to_postgres(dir);
-    let pg = Cluster::init(
-        &dir.join("pg/data"),
-        &dir.join("sock"),
-        "archive_mode = on\narchive_command = '/bin/true'",
-    );
+    let pg = Cluster::archiving(dir);
     let array = Array::init(&dir.join("array")).expect("array");
     array.create_lun(&certs.server, "data", 4 << 20).expect("lun");
     let quiescer = format!(
@@ -89,7 +84,8 @@ async fn a_killed_agent_loses_backup_mode_at_once() {
     assert_eq!(pg.psql(SESSIONS), "1");
     let killed = Instant::now();
     run("kill", &["-KILL", &agent.pid()]);
-    pg.wait_for(SESSIONS, "0", Duration::from_secs(1)).expect("the session ended with the agent");
+    // Well inside the 30 s lease, so not the guardian's doing; a loaded machine may be slow.
+    pg.wait_for(SESSIONS, "0", Duration::from_secs(10)).expect("the session ended with the agent");
     eprintln!("backup mode ended {}ms after SIGKILL", killed.elapsed().as_millis());
     drop(agent);
 }

@@ -36,15 +36,10 @@ fn over_tcp(cluster: &Cluster, dir: &Path, mode: &str) -> Postgres {
     )))
 }
 
-/// A cluster in a fresh temp dir, archiving (to nowhere) as backup mode needs.
+/// An archiving cluster (see `Cluster::archiving`) in a fresh temp dir.
 fn archiving_cluster() -> (tempfile::TempDir, Cluster) {
     let dir = tempfile::tempdir().expect("tempdir");
-    give_to_postgres(dir.path());
-    let cluster = Cluster::init(
-        &dir.path().join("pg/data"),
-        &dir.path().join("sock"),
-        "archive_mode = on\narchive_command = '/bin/true'",
-    );
+    let cluster = Cluster::archiving(dir.path());
     (dir, cluster)
 }
 

@@ -66,6 +66,17 @@ pub struct Cluster {
 }
 
 impl Cluster {
+    /// A new cluster in `dir` (given to postgres), archiving nowhere: enough to be allowed
+    /// backup mode.
+    pub fn archiving(dir: &Path) -> Cluster {
+        give_to_postgres(dir);
+        Cluster::init(
+            &dir.join("pg/data"),
+            &dir.join("sock"),
+            "archive_mode = on\narchive_command = '/bin/true'",
+        )
+    }
+
     /// A new cluster in `data` (which must not exist yet, under a directory postgres can
     /// reach), sockets in `socket_dir`, with `extra` lines added to its configuration.
     pub fn init(data: &Path, socket_dir: &Path, extra: &str) -> Cluster {
