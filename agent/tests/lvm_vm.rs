@@ -147,7 +147,8 @@ fn host() -> anyhow::Result<usize> {
     drop(tx);
     let mut console = Vec::new();
     let mut booted = None;
-    let finished = loop {
+    // Why the console ended: the guest's EXIT line, or else what cut it short.
+    let unfinished = loop {
         let left = VM_DEADLINE.saturating_sub(started.elapsed());
         match rx.recv_timeout(left) {
             Ok(line) => {
@@ -157,21 +158,25 @@ fn host() -> anyhow::Result<usize> {
                 let end = line.contains(&format!("{MARK} EXIT"));
                 console.push(line);
                 if end {
-                    break true;
+                    break None;
                 }
             }
-            Err(mpsc::RecvTimeoutError::Timeout) => break false,
-            Err(mpsc::RecvTimeoutError::Disconnected) => break false,
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                break Some(format!("the VM did not finish within {}s", VM_DEADLINE.as_secs()))
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                break Some(format!(
+                    "qemu exited ({}) before the guest finished",
+                    vm.0.wait().map_or_else(|e| e.to_string(), |s| s.to_string())
+                ))
+            }
         }
     };
     let wall = started.elapsed();
     drop(vm);
     let log = console.join("\n");
-    if !finished {
-        bail!(
-            "the VM did not finish within {}s (or qemu exited early); console:\n{log}",
-            VM_DEADLINE.as_secs()
-        );
+    if let Some(why) = unfinished {
+        bail!("{why}; console:\n{log}");
     }
     let mut passed = 0;
     let mut problems = Vec::new();

@@ -116,17 +116,6 @@ async fn pg_client(port: u16) -> Result<tokio_postgres::Client, String> {
     Ok(client)
 }
 
-/// A connection to the test's MariaDB as its `app` user over loopback TCP.
-fn maria_conn(port: u16) -> Result<mysql::Conn, String> {
-    let opts = mysql::OptsBuilder::new()
-        .ip_or_hostname(Some("127.0.0.1"))
-        .tcp_port(port)
-        .user(Some("app"))
-        .pass(Some(mariadb::APP_PASSWORD))
-        .prefer_socket(false);
-    mysql::Conn::new(opts).map_err(|e| format!("mariadb on port {port}: {e}"))
-}
-
 fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread().enable_all().build().expect("a tokio runtime")
 }
@@ -170,7 +159,7 @@ impl ChainWriter {
                 let run = runtime().block_on(async {
                     let a = pg_client(ports[0]).await?;
                     let b = pg_client(ports[1]).await?;
-                    let mut c = maria_conn(ports[2])?;
+                    let mut c = mariadb::app_conn(ports[2])?;
                     let mut i: i64 = 0;
                     while !shared.stopping() {
                         i += 1;
@@ -262,7 +251,7 @@ impl CommitProbe {
                         Ok::<(), String>(())
                     }),
                     Db::Mariadb(port) => (|| {
-                        let mut conn = maria_conn(port)?;
+                        let mut conn = mariadb::app_conn(port)?;
                         while !shared.stopping() {
                             conn.query_drop("UPDATE app.probe SET n = n + 1 WHERE id = 1")
                                 .map_err(|e| e.to_string())?;
@@ -536,23 +525,8 @@ async fn postgres_twice_and_mariadb_under_load_restore_from_one_consistent_cut()
     // Restore the last backup with backupctl, each server's LUN and artifacts.
     let restored = d.join("restored");
     fs::create_dir(&restored).expect("restore dir");
-    let repo = cluster.root().join("saveset").display().to_string();
-    let pass = cluster.root().join("saveset.pass").display().to_string();
-    let to = restored.display().to_string();
     for server in SERVERS {
-        let args = [
-            "restore",
-            &id,
-            "--server",
-            server,
-            "--to",
-            &to,
-            "--repo",
-            &repo,
-            "--passphrase-file",
-            &pass,
-        ];
-        let out = cluster.backupctl("operator", &args);
+        let out = cluster.restore(&id, server, &restored);
         let said = String::from_utf8_lossy(&out.stdout);
         assert!(out.status.success(), "{said}\n{}", String::from_utf8_lossy(&out.stderr));
         eprintln!("restore of {server}:\n{}", said.trim_end());

@@ -48,22 +48,7 @@ async fn check(copy: Copy) {
 
     let to = cluster.root().join("restored");
     std::fs::create_dir(&to).unwrap();
-    let repo = cluster.root().join("saveset");
-    let pass = cluster.root().join("saveset.pass");
-    let (repo, pass, to_s) = (repo.to_str().unwrap(), pass.to_str().unwrap(), to.to_str().unwrap());
-    let args = [
-        "restore",
-        &id,
-        "--server",
-        "srv-a",
-        "--to",
-        to_s,
-        "--repo",
-        repo,
-        "--passphrase-file",
-        pass,
-    ];
-    let out = cluster.backupctl("operator", &args);
+    let out = cluster.restore(&id, "srv-a", &to);
     let said = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{said}\n{}", String::from_utf8_lossy(&out.stderr));
     let file = to.join("srv-a/artifacts/app/position");

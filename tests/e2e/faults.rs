@@ -241,7 +241,7 @@ async fn assert_clean(
     if let Some(((ms, stalled), server)) = worst {
         eprintln!("longest freeze in this case: {ms}ms on {server}");
         if stalled > 0 {
-            eprintln!("(not counting {stalled}ms in which this machine ran no process)");
+            eprintln!("(not counting {stalled}ms in which the stall watcher, due every 50 ms, did not get to run)");
         }
         // FAULTS.md's grace for scheduling noise on the 2-core box.
         let bound = cluster.spec.lease_ms + 3_000;

@@ -521,6 +521,27 @@ impl Cluster {
             .expect("run backupctl")
     }
 
+    /// `backupctl restore` as the operator of `server`'s volumes and artifacts in backup `id`
+    /// into `to`, from the cluster's saveset repository.
+    pub fn restore(&self, id: &str, server: &str, to: &Path) -> Output {
+        let repo = self.root().join("saveset").display().to_string();
+        let pass = self.root().join("saveset.pass").display().to_string();
+        let to = to.display().to_string();
+        let args = [
+            "restore",
+            id,
+            "--server",
+            server,
+            "--to",
+            &to,
+            "--repo",
+            &repo,
+            "--passphrase-file",
+            &pass,
+        ];
+        self.backupctl("operator", &args)
+    }
+
     /// `backupctl ... --json` as the operator; returns the exit code and the parsed JSON.
     pub fn backupctl_json(&self, args: &[&str]) -> (i32, Value) {
         let mut all = args.to_vec();

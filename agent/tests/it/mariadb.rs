@@ -126,13 +126,7 @@ impl Mariadb {
 
     /// A connection as the app user over TCP.
     pub fn app(&self) -> mysql::Conn {
-        let opts = mysql::OptsBuilder::new()
-            .ip_or_hostname(Some("127.0.0.1"))
-            .tcp_port(self.port)
-            .user(Some("app"))
-            .pass(Some(APP_PASSWORD))
-            .prefer_socket(false);
-        mysql::Conn::new(opts).expect("connect as app")
+        app_conn(self.port).expect("connect as app")
     }
 
     /// The quiescer's config: the socket, user `stillpoint`, the password in `password_file`.
@@ -149,6 +143,17 @@ impl Mariadb {
             timeout_ms,
         }
     }
+}
+
+/// A connection as the app user to the test server on loopback `port`.
+pub fn app_conn(port: u16) -> Result<mysql::Conn, String> {
+    let opts = mysql::OptsBuilder::new()
+        .ip_or_hostname(Some("127.0.0.1"))
+        .tcp_port(port)
+        .user(Some("app"))
+        .pass(Some(APP_PASSWORD))
+        .prefer_socket(false);
+    mysql::Conn::new(opts).map_err(|e| format!("mariadb on port {port}: {e}"))
 }
 
 impl Drop for Mariadb {

@@ -13,7 +13,7 @@ use crate::support::{run, Certs};
 #[path = "../../src/quiesce/postgres/tests/cluster.rs"]
 #[allow(dead_code)]
 mod cluster;
-use cluster::{give_to_postgres, Cluster};
+use cluster::Cluster;
 
 const SESSIONS: &str =
     "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'stillpoint'";
@@ -21,12 +21,7 @@ const SESSIONS: &str =
 /// A cluster that archives nowhere (enough to be allowed backup mode), and an agent holding it
 /// through its socket, its snapshots on a mock SAN LUN nothing writes to.
 async fn setup(dir: &Path, certs: &Certs) -> (Cluster, Array, BinAgent) {
-    give_to_postgres(dir);
-    let pg = Cluster::init(
-        &dir.join("pg/data"),
-        &dir.join("sock"),
-        "archive_mode = on\narchive_command = '/bin/true'",
-    );
+    let pg = Cluster::archiving(dir);
     let array = Array::init(&dir.join("array")).expect("array");
     array.create_lun(&certs.server, "data", 4 << 20).expect("lun");
     let quiescer = format!(
@@ -53,7 +48,8 @@ async fn a_stalled_agent_loses_backup_mode_at_its_lease() {
     assert!(p.prepared, "{p:?}");
     assert_eq!(pg.psql(SESSIONS), "1", "backup mode is held on the agent's connection");
     run("kill", &["-STOP", &agent.pid()]);
-    pg.wait_for(SESSIONS, "0", Duration::from_secs(4)).expect("the session ended at the lease");
+    // The lease plus the 3 s the fault suite allows a loaded machine.
+    pg.wait_for(SESSIONS, "0", Duration::from_secs(5)).expect("the session ended at the lease");
     let ended = sent.elapsed();
     eprintln!("backup mode ended {}ms after Prepare with a 2000ms lease", ended.as_millis());
     assert!(ended >= Duration::from_millis(1900), "ended before the lease");
@@ -62,7 +58,7 @@ async fn a_stalled_agent_loses_backup_mode_at_its_lease() {
         Some('T'),
         "the agent was stopped the whole time"
     );
-    let log = agent.wait_log("closed the connection of quiescer pg", Duration::from_secs(1));
+    let log = agent.wait_log("closed the connection of quiescer pg", Duration::from_secs(5));
     assert!(log.contains("guardian: lease of"), "{log}");
     assert!(
         pg.log_text()
@@ -88,7 +84,8 @@ async fn a_killed_agent_loses_backup_mode_at_once() {
     assert_eq!(pg.psql(SESSIONS), "1");
     let killed = Instant::now();
     run("kill", &["-KILL", &agent.pid()]);
-    pg.wait_for(SESSIONS, "0", Duration::from_secs(1)).expect("the session ended with the agent");
+    // Well inside the 30 s lease, so not the guardian's doing; a loaded machine may be slow.
+    pg.wait_for(SESSIONS, "0", Duration::from_secs(10)).expect("the session ended with the agent");
     eprintln!("backup mode ended {}ms after SIGKILL", killed.elapsed().as_millis());
     drop(agent);
 }

@@ -84,19 +84,28 @@ impl App {
 
     fn config(&self) -> ProcessConfig {
         ProcessConfig {
-            name: "app".into(),
             comm: Some(self.name.clone()),
-            exe: None,
-            pidfile: None,
-            notify: None,
-            stop_signal: None,
-            stop_command: None,
-            grace_ms: 0,
             lockout_executable: Some(self.script.clone()),
-            lock_command: None,
-            unlock_command: None,
-            timeout_ms: 5000,
+            ..config("app")
         }
+    }
+}
+
+/// A process quiescer called `name` that finds nothing yet and has a 5 s timeout.
+fn config(name: &str) -> ProcessConfig {
+    ProcessConfig {
+        name: name.into(),
+        comm: None,
+        exe: None,
+        pidfile: None,
+        notify: None,
+        stop_signal: None,
+        stop_command: None,
+        grace_ms: 0,
+        lockout_executable: None,
+        lock_command: None,
+        unlock_command: None,
+        timeout_ms: 5000,
     }
 }
 
@@ -168,7 +177,7 @@ fn a_program_found_by_name_is_stopped_locked_out_and_resumed_at_thaw() {
     assert_eq!(again.map(|_| ()).unwrap_err().kind(), std::io::ErrorKind::PermissionDenied);
 
     q.thaw("b1").unwrap();
-    wait_state(pid, true, Duration::from_secs(1));
+    wait_state(pid, true, Duration::from_secs(5));
     app.wait_growing(lines, Duration::from_secs(2));
     assert_eq!(app.mode(), 0o755);
     q.thaw("b1").unwrap();
@@ -196,7 +205,7 @@ fn a_polite_stop_and_grace_come_first_and_only_what_remains_is_stopped() {
     assert!(ProcRef::of(first).is_none(), "the polite one should have exited");
     assert_eq!(ProcRef::of(second).unwrap().stopped(), Some(true));
     q.thaw("b1").unwrap();
-    wait_state(second, true, Duration::from_secs(1));
+    wait_state(second, true, Duration::from_secs(5));
 }
 
 #[test]
@@ -252,7 +261,7 @@ async fn the_guardian_resumes_and_unlocks_when_the_agent_is_killed() {
     assert_eq!(app.mode(), 0o644);
     let killed = Instant::now();
     agent.kill9();
-    wait_state(pid, true, Duration::from_secs(1));
+    wait_state(pid, true, Duration::from_secs(5));
     eprintln!("guardian resumed the app {}ms after SIGKILL", killed.elapsed().as_millis());
     agent.wait_log(
         &format!(
@@ -321,21 +330,7 @@ fn every_thread_of_a_process_found_by_pidfile_shows_stopped_before_the_freeze_re
         assert!(since.elapsed() < Duration::from_secs(5), "never saw two threads");
         std::thread::sleep(Duration::from_millis(5));
     }
-    let config = ProcessConfig {
-        name: "threaded".into(),
-        comm: None,
-        exe: None,
-        pidfile: Some(pidfile),
-        notify: None,
-        stop_signal: None,
-        stop_command: None,
-        grace_ms: 0,
-        lockout_executable: None,
-        lock_command: None,
-        unlock_command: None,
-        timeout_ms: 5000,
-    };
-    let q = Process::new(config, "srv");
+    let q = Process::new(ProcessConfig { pidfile: Some(pidfile), ..config("threaded") }, "srv");
     let action = q.thaw_action("b1").unwrap().unwrap();
     assert_eq!(action, Action::ResumeAll { procs: vec![p] });
     let detail = q.freeze("b1").unwrap();
@@ -349,7 +344,7 @@ fn every_thread_of_a_process_found_by_pidfile_shows_stopped_before_the_freeze_re
         assert_eq!(stillpoint_agent::quiesce::procs::parse_stat(&stat).unwrap().state, 'T');
     }
     q.thaw("b1").unwrap();
-    wait_state(pid, true, Duration::from_secs(1));
+    wait_state(pid, true, Duration::from_secs(5));
     drop(child.stdin.take());
     let _ = child.wait();
 }
@@ -361,7 +356,7 @@ fn a_process_someone_else_stopped_is_left_for_them_to_resume() {
     let theirs = app.start();
     let ours = app.start();
     run("kill", &["-STOP", &theirs.to_string()]);
-    wait_state(theirs, false, Duration::from_secs(1));
+    wait_state(theirs, false, Duration::from_secs(5));
     let q = Process::new(app.config(), "srv");
     let action = q.thaw_action("b1").unwrap().unwrap();
     assert_eq!(resumed_by(&action), vec![ours], "the guardian must never resume theirs");
@@ -369,7 +364,7 @@ fn a_process_someone_else_stopped_is_left_for_them_to_resume() {
     assert!(detail.contains("left 1 process that someone else had stopped as it was"), "{detail}");
     assert!(detail.contains(&format!("stopped 1 process [{ours} ")), "{detail}");
     q.thaw("b1").unwrap();
-    wait_state(ours, true, Duration::from_secs(1));
+    wait_state(ours, true, Duration::from_secs(5));
     std::thread::sleep(Duration::from_millis(100));
     assert_eq!(state(theirs), Some('T'), "thaw resumed a process it had not stopped");
 }
@@ -383,7 +378,7 @@ fn a_stopped_process_resumed_by_someone_else_makes_the_thaw_say_the_hold_broke()
     q.thaw_action("b1").unwrap();
     q.freeze("b1").unwrap();
     run("kill", &["-CONT", &pid.to_string()]);
-    wait_state(pid, true, Duration::from_secs(1));
+    wait_state(pid, true, Duration::from_secs(5));
     let e = q.thaw("b1").unwrap_err().to_string();
     assert!(
         e.starts_with(&format!("process [{pid}] ran again before the thaw"))

@@ -329,7 +329,7 @@ fn reflink_clones_are_point_in_time_on_btrfs_while_a_writer_runs() {
     clones_are_point_in_time(&btrfs(dir.path(), 512 << 20));
 }
 
-/// How long one clone of `volume` takes, the best of five.
+/// How long one clone of `volume` takes, the best of three.
 fn clone_time(provider: &dyn SnapshotProvider, volume: &str) -> Duration {
     (0..3)
         .map(|n| {
@@ -520,24 +520,31 @@ fn conformance_qcow2() {
     conformance(&*provider, &good, &broken, &residue);
 }
 
-#[test]
-fn qcow2_refuses_a_disk_a_running_vm_has_open_and_says_so() {
-    let _one_at_a_time = QCOW2.blocking_lock();
-    let dir = tempfile::tempdir().unwrap();
-    let disk = qcow2_disk(&dir.path().join("vm.qcow2"), "8M");
-    let provider = built(std::slice::from_ref(&disk), SnapshotConfig::Qcow2(Default::default()));
-    // A qemu serving the disk read-write holds its write lock, as a running VM does.
-    let socket = dir.path().join("vm.sock");
-    let mut vm = std::process::Command::new("qemu-nbd")
+/// A qemu-nbd serving `disk` read-write on `socket`, holding its write lock as a running VM
+/// does; waits (up to 10 s) for the socket.
+fn running_vm(disk: &str, socket: &Path) -> std::process::Child {
+    let _ = std::fs::remove_file(socket);
+    let vm = std::process::Command::new("qemu-nbd")
         .args(["--format=qcow2", "--persistent"])
         .arg(format!("--socket={}", socket.display()))
-        .arg(&disk)
+        .arg(disk)
         .spawn()
         .unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
     while !socket.exists() && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(10));
     }
+    vm
+}
+
+#[test]
+fn qcow2_refuses_a_disk_a_running_vm_has_open_and_says_so() {
+    let _one_at_a_time = QCOW2.blocking_lock();
+    let dir = tempfile::tempdir().unwrap();
+    let disk = qcow2_disk(&dir.path().join("vm.qcow2"), "8M");
+    let provider = built(std::slice::from_ref(&disk), SnapshotConfig::Qcow2(Default::default()));
+    let socket = dir.path().join("vm.sock");
+    let mut vm = running_vm(&disk, &socket);
     let err = provider.create("b1", std::slice::from_ref(&disk));
     let _ = vm.kill();
     let _ = vm.wait();
@@ -549,17 +556,7 @@ fn qcow2_refuses_a_disk_a_running_vm_has_open_and_says_so() {
     let snaps = provider.create("b1", std::slice::from_ref(&disk)).unwrap();
     assert_eq!(qcow2_tags(&disk), ["stillpoint-b1"]);
     // A VM started before the copy keeps the copy from reading the snapshot, and says why.
-    let _ = std::fs::remove_file(&socket);
-    let mut vm = std::process::Command::new("qemu-nbd")
-        .args(["--format=qcow2", "--persistent"])
-        .arg(format!("--socket={}", socket.display()))
-        .arg(&disk)
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !socket.exists() && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    let mut vm = running_vm(&disk, &socket);
     let export = qcow2::export_for_copy(snaps);
     let _ = vm.kill();
     let _ = vm.wait();

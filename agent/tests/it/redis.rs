@@ -10,7 +10,8 @@ use std::time::{Duration, Instant};
 use stillpoint_agent::quiesce::redis::{Redis, RedisConfig};
 use stillpoint_agent::quiesce::Quiescer;
 
-use crate::support::Writer;
+use crate::guardian::prepare;
+use crate::support::{password_file, Writer};
 
 const PASSWORD: &str = "redis-Secret-2718";
 
@@ -105,12 +106,6 @@ fn writer(mut conn: redis::Connection) -> Writer {
     })
 }
 
-fn password_file(dir: &Path, password: &str) -> PathBuf {
-    let path = dir.join("redis.password");
-    std::fs::write(&path, format!("{password}\n")).unwrap();
-    path
-}
-
 /// Copies `from` into `to` recursively (the server's files, as a snapshot would hold them).
 fn copy_dir(from: &Path, to: &Path) {
     std::fs::create_dir_all(to).unwrap();
@@ -197,8 +192,10 @@ fn redis_pause_ends_by_itself_and_a_late_thaw_says_so() {
     let q = Redis::new(server.quiescer(&password_file(dir.path(), PASSWORD), 700));
     let writer = writer(server.connect());
     writer.wait_for(100, Duration::from_secs(10));
-    q.freeze("b1").unwrap();
+    // Timed from before the freeze: the pause cannot start earlier, while the freeze's return
+    // can come late on a loaded machine, which would shorten the pause as measured from it.
     let paused = Instant::now();
+    q.freeze("b1").unwrap();
     let at_freeze = writer.acked();
     // Never thawed: the server lets writes go by itself once pause_ms has passed.
     writer.wait_for(at_freeze + 2, Duration::from_secs(5));
@@ -250,7 +247,7 @@ fn redis_wrong_password_is_refused_without_showing_it() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_through_the_agent_pauses_writes_from_prepare_to_commit() {
     use stillpoint_agent::config::{QuiescerConfig, SnapshotConfig};
-    use stillpoint_proto::{CommitRequest, PrepareRequest};
+    use stillpoint_proto::CommitRequest;
 
     let dir = tempfile::tempdir().unwrap();
     let server = Server::start(&dir.path().join("live"), false);
@@ -272,11 +269,7 @@ async fn redis_through_the_agent_pauses_writes_from_prepare_to_commit() {
     let writer = writer(server.connect());
     writer.wait_for(100, Duration::from_secs(10));
 
-    let p = client
-        .prepare(PrepareRequest { backup_id: "b1".into(), lease_ms: 30_000, ..Default::default() })
-        .await
-        .unwrap()
-        .into_inner();
+    let p = client.prepare(prepare("b1", 30_000)).await.unwrap().into_inner();
     assert!(p.prepared, "{p:?}");
     let at_freeze = writer.acked();
     assert_eq!(p.steps[0].name, "cache");

@@ -4,9 +4,6 @@
 //! dropping the quiescer and by a real guardian at the lease.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
-use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use rusqlite::Connection;
@@ -17,7 +14,7 @@ use stillpoint_agent::quiesce::sqlite::{Sqlite, SqliteConfig};
 use stillpoint_agent::quiesce::Quiescer;
 
 use crate::guardian::{mock_san_toml, prepare, BinAgent};
-use crate::support::{run, Certs};
+use crate::support::{self, run, Certs};
 
 const BIN: &str = env!("CARGO_BIN_EXE_stillpoint-agent");
 
@@ -27,13 +24,7 @@ use stillpoint_core::san::Array;
 /// a 30 s busy timeout: a held write lock blocks it, never fails it. Stopped on Drop.
 struct Writer {
     db: PathBuf,
-    /// The id of the last row whose commit returned.
-    committed: Arc<AtomicI64>,
-    /// The longest a single insert took, in ms.
-    longest_ms: Arc<AtomicI64>,
-    error: Arc<Mutex<Option<String>>>,
-    stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<()>>,
+    rows: support::Writer,
 }
 
 impl Writer {
@@ -43,60 +34,38 @@ impl Writer {
         let mode: String = conn.query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0)).unwrap();
         assert_eq!(mode, "wal");
         conn.execute_batch("CREATE TABLE rows(id INTEGER PRIMARY KEY, at TEXT NOT NULL)").unwrap();
-        let committed = Arc::new(AtomicI64::new(0));
-        let longest_ms = Arc::new(AtomicI64::new(0));
-        let error = Arc::new(Mutex::new(None));
-        let stop = Arc::new(AtomicBool::new(false));
-        let thread = std::thread::spawn({
-            let (committed, longest_ms) = (committed.clone(), longest_ms.clone());
-            let (error, stop) = (error.clone(), stop.clone());
-            move || {
-                conn.busy_timeout(Duration::from_secs(30)).unwrap();
-                let mut id = 0i64;
-                while !stop.load(Ordering::SeqCst) {
-                    id += 1;
-                    let began = Instant::now();
-                    let inserted = conn.execute(
-                        "INSERT INTO rows(id, at) VALUES (?1, strftime('%Y-%m-%d %H:%M:%f','now'))",
-                        [id],
-                    );
-                    if let Err(e) = inserted {
-                        *error.lock().unwrap() = Some(format!("insert {id}: {e}"));
-                        return;
-                    }
-                    committed.store(id, Ordering::SeqCst);
-                    let took = i64::try_from(began.elapsed().as_millis()).unwrap();
-                    longest_ms.fetch_max(took, Ordering::SeqCst);
-                    std::thread::sleep(Duration::from_millis(1));
-                }
-            }
+        conn.busy_timeout(Duration::from_secs(30)).unwrap();
+        let rows = support::Writer::start(move |id| {
+            // A breath between transactions, so others get the write lock.
+            std::thread::sleep(Duration::from_millis(1));
+            conn.execute(
+                "INSERT INTO rows(id, at) VALUES (?1, strftime('%Y-%m-%d %H:%M:%f','now'))",
+                [id],
+            )
+            .map(|_| id)
+            .map_err(|e| format!("insert {id}: {e}"))
         });
-        let writer = Writer { db, committed, longest_ms, error, stop, thread: Some(thread) };
+        let writer = Writer { db, rows };
         writer.wait_for(50, Duration::from_secs(10));
         writer
     }
 
-    fn committed(&self) -> i64 {
-        self.committed.load(Ordering::SeqCst)
+    /// The id of the last row whose commit returned.
+    fn committed(&self) -> u64 {
+        self.rows.acked()
     }
 
     fn error(&self) -> Option<String> {
-        self.error.lock().unwrap().clone()
+        self.rows.errors().into_iter().next()
     }
 
     /// Waits until at least `rows` rows are committed.
-    fn wait_for(&self, rows: i64, within: Duration) -> Duration {
-        let since = Instant::now();
-        while self.committed() < rows {
-            assert_eq!(self.error(), None);
-            assert!(since.elapsed() < within, "the writer is stuck at {}", self.committed());
-            std::thread::sleep(Duration::from_millis(2));
-        }
-        since.elapsed()
+    fn wait_for(&self, rows: u64, within: Duration) -> Duration {
+        self.rows.wait_for(rows, within)
     }
 
     /// Asserts the writer commits nothing for `pause` (it is blocked) and has not failed.
-    fn assert_blocked(&self, pause: Duration) -> i64 {
+    fn assert_blocked(&self, pause: Duration) -> u64 {
         // A commit that returned just before the hold has stored its id by now.
         std::thread::sleep(Duration::from_millis(50));
         let before = self.committed();
@@ -110,15 +79,6 @@ impl Writer {
     fn files(&self) -> (Vec<u8>, Vec<u8>) {
         let wal = PathBuf::from(format!("{}-wal", self.db.display()));
         (std::fs::read(&self.db).unwrap(), std::fs::read(wal).unwrap_or_default())
-    }
-}
-
-impl Drop for Writer {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
     }
 }
 
@@ -171,10 +131,11 @@ fn a_held_sqlite_database_stays_still_blocks_the_writer_and_snapshots_every_comm
     eprintln!(
         "sqlite hold: {held} rows in the snapshot; writer resumed {}ms after thaw, its longest insert {}ms",
         resumed.as_millis(),
-        writer.longest_ms.load(Ordering::SeqCst)
+        writer.rows.longest().as_millis()
     );
-    assert!(writer.longest_ms.load(Ordering::SeqCst) >= 600, "the writer was never blocked");
-    assert!(thawed.elapsed() < Duration::from_secs(2));
+    assert!(writer.rows.longest() >= Duration::from_millis(600), "the writer was never blocked");
+    // Not released, the writer would wait out its 30 s busy timeout and fail.
+    assert!(thawed.elapsed() < Duration::from_secs(5), "{:?}", thawed.elapsed());
     wait_gone(&holder);
     // Thaw again: nothing left to do.
     q.thaw("b1").unwrap();
@@ -200,7 +161,8 @@ fn the_sqlite_hold_ends_when_its_holder_is_killed_or_the_agent_side_lets_go() {
     q.freeze("b1").unwrap();
     let held = writer.assert_blocked(Duration::from_millis(200));
     run("kill", &["-KILL", &holder.pid.to_string()]);
-    let took = writer.wait_for(held + 1, Duration::from_secs(2));
+    // Well inside the writer's 30 s busy timeout; a loaded machine may be slow.
+    let took = writer.wait_for(held + 1, Duration::from_secs(5));
     eprintln!("writer resumed {}ms after SIGKILL of the holder", took.as_millis());
     // The thaw says the hold broke: the freeze's claim did not last.
     let e = q.thaw("b1").unwrap_err().to_string();
@@ -212,7 +174,7 @@ fn the_sqlite_hold_ends_when_its_holder_is_killed_or_the_agent_side_lets_go() {
     q.freeze("b2").unwrap();
     let held = writer.assert_blocked(Duration::from_millis(200));
     drop(q);
-    let took = writer.wait_for(held + 1, Duration::from_secs(2));
+    let took = writer.wait_for(held + 1, Duration::from_secs(5));
     eprintln!("writer resumed {}ms after the quiescer was dropped", took.as_millis());
     wait_gone(&holder);
     assert_eq!(writer.error(), None);
@@ -254,7 +216,8 @@ fn a_write_lock_held_past_the_timeout_fails_the_freeze_and_leaves_no_holder() {
     let started = Instant::now();
     let e = format!("{:#}", q.freeze("b1").unwrap_err());
     assert!(e.contains("busy.db") && e.contains("kept the write lock past the timeout"), "{e}");
-    assert!(started.elapsed() < Duration::from_secs(3), "{:?}", started.elapsed());
+    // Without its 300 ms timeout the freeze would wait until `other` commits, after this check.
+    assert!(started.elapsed() < Duration::from_secs(5), "{:?}", started.elapsed());
     wait_gone(&holder);
     other.execute_batch("COMMIT").unwrap();
     q.thaw("b1").unwrap();

@@ -221,6 +221,13 @@ pub fn sparse_image(path: &Path, size: u64) {
     std::fs::File::create(path).unwrap().set_len(size).unwrap();
 }
 
+/// A file `dir/password` holding `password`, as a quiescer's `password_file` reads it.
+pub fn password_file(dir: &Path, password: &str) -> PathBuf {
+    let path = dir.join("password");
+    std::fs::write(&path, format!("{password}\n")).unwrap();
+    path
+}
+
 /// Writes `name` with `body` in `dir` and fsyncs it.
 pub fn write_synced(dir: &Path, name: &str, body: &str) {
     use std::io::Write;
@@ -236,6 +243,8 @@ pub struct Writer {
     acked: std::sync::Arc<std::sync::atomic::AtomicU64>,
     /// When the write now running was sent, if one is.
     waiting_since: std::sync::Arc<std::sync::Mutex<Option<Instant>>>,
+    /// The longest a single write took.
+    longest: std::sync::Arc<std::sync::Mutex<Duration>>,
     errors: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
     thread: Option<std::thread::JoinHandle<()>>,
@@ -247,13 +256,15 @@ impl Writer {
         let mut writer = Writer {
             acked: Default::default(),
             waiting_since: Default::default(),
+            longest: Default::default(),
             errors: Default::default(),
             stop: Default::default(),
             thread: None,
         };
-        let (acked, waiting_since, errors, stop) = (
+        let (acked, waiting_since, longest, errors, stop) = (
             writer.acked.clone(),
             writer.waiting_since.clone(),
+            writer.longest.clone(),
             writer.errors.clone(),
             writer.stop.clone(),
         );
@@ -261,9 +272,14 @@ impl Writer {
             let mut i = 0u64;
             while !stop.load(Ordering::SeqCst) {
                 i += 1;
-                *waiting_since.lock().unwrap() = Some(Instant::now());
+                let began = Instant::now();
+                *waiting_since.lock().unwrap() = Some(began);
                 let done = write(i);
                 *waiting_since.lock().unwrap() = None;
+                let took = began.elapsed();
+                let mut held = longest.lock().unwrap();
+                *held = (*held).max(took);
+                drop(held);
                 match done {
                     Ok(value) => acked.store(value, Ordering::SeqCst),
                     Err(e) => {
@@ -297,6 +313,11 @@ impl Writer {
     /// The errors met so far (a write error ends the thread).
     pub fn errors(&self) -> Vec<String> {
         self.errors.lock().unwrap().clone()
+    }
+
+    /// The longest a single write has taken so far.
+    pub fn longest(&self) -> Duration {
+        *self.longest.lock().unwrap()
     }
 
     /// How long the write now running has waited.

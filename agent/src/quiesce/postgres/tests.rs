@@ -36,6 +36,13 @@ fn over_tcp(cluster: &Cluster, dir: &Path, mode: &str) -> Postgres {
     )))
 }
 
+/// An archiving cluster (see `Cluster::archiving`) in a fresh temp dir.
+fn archiving_cluster() -> (tempfile::TempDir, Cluster) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cluster = Cluster::archiving(dir.path());
+    (dir, cluster)
+}
+
 fn problems(text: &str) -> Vec<String> {
     let mut out = Vec::new();
     config(text).problems("quiescer[0]", &mut out);
@@ -238,13 +245,7 @@ fn an_atomic_snapshot_of_data_and_wal_recovers_with_every_committed_row() {
 #[test]
 fn a_wrong_password_says_so_without_showing_it() {
     require_postgres!();
-    let dir = tempfile::tempdir().expect("tempdir");
-    give_to_postgres(dir.path());
-    let source = Cluster::init(
-        &dir.path().join("pg/data"),
-        &dir.path().join("sock"),
-        "archive_mode = on\narchive_command = '/bin/true'",
-    );
+    let (dir, source) = archiving_cluster();
     let file = dir.path().join("wrong");
     std::fs::write(&file, "not-the-Secret-42\n").expect("password file");
     let pg = Postgres::new(config(&format!(
@@ -307,13 +308,7 @@ fn a_server_that_is_down_is_named() {
 #[test]
 fn a_connection_killed_while_held_fails_the_thaw_clearly() {
     require_postgres!();
-    let dir = tempfile::tempdir().expect("tempdir");
-    give_to_postgres(dir.path());
-    let source = Cluster::init(
-        &dir.path().join("pg/data"),
-        &dir.path().join("sock"),
-        "archive_mode = on\narchive_command = '/bin/true'",
-    );
+    let (dir, source) = archiving_cluster();
     let pg = over_tcp(&source, dir.path(), "backup");
     pg.thaw_action("k1").expect("armed");
     let detail = pg.freeze("k1").expect("freeze");
@@ -342,13 +337,7 @@ fn a_connection_killed_while_held_fails_the_thaw_clearly() {
 #[test]
 fn the_guardians_hangup_ends_backup_mode_on_the_server() {
     require_postgres!();
-    let dir = tempfile::tempdir().expect("tempdir");
-    give_to_postgres(dir.path());
-    let source = Cluster::init(
-        &dir.path().join("pg/data"),
-        &dir.path().join("sock"),
-        "archive_mode = on\narchive_command = '/bin/true'",
-    );
+    let (dir, source) = archiving_cluster();
     let pg = over_tcp(&source, dir.path(), "backup");
     let action = pg.thaw_action("h1").expect("an action").expect("armed");
     pg.freeze("h1").expect("freeze");

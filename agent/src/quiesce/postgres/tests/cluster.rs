@@ -66,6 +66,17 @@ pub struct Cluster {
 }
 
 impl Cluster {
+    /// A new cluster in `dir` (given to postgres), archiving nowhere: enough to be allowed
+    /// backup mode.
+    pub fn archiving(dir: &Path) -> Cluster {
+        give_to_postgres(dir);
+        Cluster::init(
+            &dir.join("pg/data"),
+            &dir.join("sock"),
+            "archive_mode = on\narchive_command = '/bin/true'",
+        )
+    }
+
     /// A new cluster in `data` (which must not exist yet, under a directory postgres can
     /// reach), sockets in `socket_dir`, with `extra` lines added to its configuration.
     pub fn init(data: &Path, socket_dir: &Path, extra: &str) -> Cluster {
@@ -149,28 +160,20 @@ impl Cluster {
 
     /// Runs SQL as the superuser over the socket; the rows, `|`-separated.
     pub fn try_psql(&self, sql: &str) -> Result<String, String> {
-        run(
-            &format!("{BIN}/psql"),
-            &[
-                "-h",
-                &self.socket_dir.display().to_string(),
-                "-p",
-                &self.port.to_string(),
-                "-U",
-                "postgres",
-                "-d",
-                "postgres",
-                "-X",
-                "-A",
-                "-t",
-                "-q",
-                "-v",
-                "ON_ERROR_STOP=1",
-                "-c",
-                sql,
-            ],
-        )
-        .map(|s| s.trim().to_string())
+        let args = self.superuser_args(&[
+            "-d",
+            "postgres",
+            "-X",
+            "-A",
+            "-t",
+            "-q",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-c",
+            sql,
+        ]);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        run(&format!("{BIN}/psql"), &args).map(|s| s.trim().to_string())
     }
 
     pub fn psql(&self, sql: &str) -> String {
@@ -185,19 +188,23 @@ impl Cluster {
         self.psql("CREATE TABLE marks (id int PRIMARY KEY)");
     }
 
-    fn bench_args(&self, extra: &[&str]) -> Vec<String> {
-        let mut args: Vec<String> = [
-            "-h",
-            &self.socket_dir.display().to_string(),
-            "-p",
-            &self.port.to_string(),
-            "-U",
-            "postgres",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
+    /// Arguments to reach the cluster as the superuser over its socket, then `extra`.
+    fn superuser_args(&self, extra: &[&str]) -> Vec<String> {
+        let mut args: Vec<String> = vec![
+            "-h".into(),
+            self.socket_dir.display().to_string(),
+            "-p".into(),
+            self.port.to_string(),
+            "-U".into(),
+            "postgres".into(),
+        ];
         args.extend(extra.iter().map(|s| s.to_string()));
+        args
+    }
+
+    /// pgbench's arguments: `extra`, then the database.
+    fn bench_args(&self, extra: &[&str]) -> Vec<String> {
+        let mut args = self.superuser_args(extra);
         args.push("postgres".into());
         args
     }
@@ -242,21 +249,10 @@ impl Cluster {
             rows >= history,
             "restored {rows} pgbench transactions, {history} were committed before the freeze"
         );
-        run(
-            &format!("{BIN}/pg_amcheck"),
-            &[
-                "-h",
-                &self.socket_dir.display().to_string(),
-                "-p",
-                &self.port.to_string(),
-                "-U",
-                "postgres",
-                "--all",
-                "--install-missing",
-                "--heapallindexed",
-            ],
-        )
-        .expect("pg_amcheck --all passes on the restored copy");
+        let args = self.superuser_args(&["--all", "--install-missing", "--heapallindexed"]);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        run(&format!("{BIN}/pg_amcheck"), &args)
+            .expect("pg_amcheck --all passes on the restored copy");
     }
 
     /// Writes a file into the data directory, owned by postgres and private to it.
