@@ -205,7 +205,10 @@ fn hangup(pid: i32, fd: i32, inode: u64) -> anyhow::Result<Ran> {
     // Checked after the pidfd pins the process: the same pid, fd and socket inode as armed.
     match socket_inode(pid, fd) {
         Ok(Some(now)) if now == inode => {}
-        Ok(_) | Err(_) => return gone("its file descriptor names another file now"),
+        Ok(_) => return gone("its file descriptor names another file now"),
+        Err(e) if e.kind() == ErrorKind::NotFound => return gone("no such descriptor"),
+        // Not a sign the connection closed: it may still hold the application.
+        Err(e) => return Err(anyhow!("read socket {fd} of process {pid}: {e}")),
     }
     let socket = match sys::pidfd_getfd(&pidfd, fd) {
         Ok(socket) => socket,
