@@ -496,10 +496,12 @@ impl Quiescer for Process {
             }
             Err(e) => {
                 // A failed freeze is disarmed, never thawed: undo what it did now.
+                let locked_out = frozen.locked.is_some() || frozen.lock_ran;
                 match self.undo(&mut frozen) {
-                    Ok(()) => {
-                        Err(anyhow!("{e:#}; resumed what it had stopped, undid the lock-out"))
-                    }
+                    Ok(()) => Err(anyhow!(
+                        "{e:#}; resumed what it had stopped{}",
+                        if locked_out { ", undid the lock-out" } else { "" }
+                    )),
                     Err(u) => {
                         state.frozen = Some(frozen);
                         Err(anyhow!("{e:#}; and undoing it failed: {u:#}"))

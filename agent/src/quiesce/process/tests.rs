@@ -99,3 +99,18 @@ fn the_deploy_example_parses_into_this_config() {
         vec!["quiescer[1].lockout_executable: /opt/avimark/bin/avimark is not an existing file"]
     );
 }
+
+/// A failed freeze says it undid a lock-out only when there was one to undo.
+#[test]
+fn a_failed_freeze_without_a_lockout_claims_none_undone() {
+    let c = ProcessConfig {
+        comm: Some("no-such-app-9z".into()),
+        stop_command: Some(vec!["/bin/false".into()]),
+        ..config()
+    };
+    let q = Process::new(c, "srv");
+    q.thaw_action("b1").expect("armed");
+    let e = format!("{:#}", q.freeze("b1").expect_err("stop_command fails"));
+    assert!(e.ends_with("; resumed what it had stopped"), "{e}");
+    q.thaw("b1").expect("nothing to thaw");
+}
