@@ -404,13 +404,22 @@ impl Quiescer for Mysql {
     /// held) and returns the hangup of that connection.
     fn thaw_action(&self, backup_id: &str) -> anyhow::Result<Option<Action>> {
         let mut state = self.state();
-        if let Some(old) = state.session.take() {
+        if let Some(mut old) = state.session.take() {
             if old.backup == backup_id && old.held.is_some() {
-                let action = Action::hangup_own_raw(old.conn.as_raw_fd());
-                state.session = Some(old);
-                return action.map(Some);
-            }
-            if old.backup != backup_id {
+                match old.conn.ping() {
+                    Ok(()) => {
+                        let action = Action::hangup_own_raw(old.conn.as_raw_fd());
+                        state.session = Some(old);
+                        return action.map(Some);
+                    }
+                    // The lock went with the connection: connect again for a new freeze.
+                    Err(e) => warn!(
+                        quiescer = %self.config.name, backup = backup_id,
+                        "the connection holding the lock was lost ({}), and the lock with it; connecting again",
+                        show(&e)
+                    ),
+                }
+            } else if old.backup != backup_id {
                 warn!(quiescer = %self.config.name, "closed a connection left from backup {}", old.backup);
             }
         }
@@ -423,13 +432,24 @@ impl Quiescer for Mysql {
     fn freeze(&self, backup_id: &str) -> anyhow::Result<String> {
         let mut state = self.state();
         let mut session = match state.session.take() {
-            Some(s) if s.backup == backup_id => {
-                if let Some((position, since)) = &s.held {
+            Some(mut s) if s.backup == backup_id => {
+                if let Some((position, since)) = s.held.clone() {
+                    let statement =
+                        s.server.freeze_statements().last().copied().unwrap_or_default();
+                    if let Err(e) = s.conn.ping() {
+                        // Dropping the session closes what is left of the connection.
+                        bail!(
+                            "freeze {} at {}: the connection holding {statement} for backup {backup_id} since {}ms ago was lost ({}), and the lock with it; arm and freeze again",
+                            self.config.name,
+                            self.config.address(),
+                            since.elapsed().as_millis(),
+                            show(&e)
+                        );
+                    }
                     let detail = format!(
-                        "{} already held for backup {backup_id} ({}ms; {})",
-                        s.server.freeze_statements().last().copied().unwrap_or_default(),
+                        "{statement} already held for backup {backup_id} ({}ms; {})",
                         since.elapsed().as_millis(),
-                        one_line(position)
+                        one_line(&position)
                     );
                     state.session = Some(s);
                     return Ok(detail);
