@@ -318,18 +318,22 @@ impl Mysql {
 
     /// Ends a session that failed to lock: the server releases whatever it held with the
     /// connection. A statement the server may still be running (the reply timed out) is killed
-    /// from a second connection, so no lock arrives after we gave up.
-    fn abandon(&self, session: Session, reply_timed_out: bool) {
+    /// from a second connection, so no lock arrives after we gave up. Says what is held now.
+    fn abandon(&self, session: Session, reply_timed_out: bool) -> String {
         let id = session.conn.connection_id();
         drop(session);
-        if reply_timed_out {
-            match self.connect() {
-                Ok((mut conn, _)) => {
-                    if let Err(e) = conn.query_drop(format!("KILL {id}")) {
-                        warn!(quiescer = %self.config.name, "kill connection {id}: {}", show(&e));
-                    }
-                }
-                Err(e) => warn!(quiescer = %self.config.name, "kill connection {id}: {e:#}"),
+        let nothing = "closed the connection, so nothing is held".to_string();
+        if !reply_timed_out {
+            return nothing;
+        }
+        let killed = self.connect().and_then(|(mut conn, _)| {
+            conn.query_drop(format!("KILL {id}")).map_err(|e| anyhow!("{}", show(&e)))
+        });
+        match killed {
+            Ok(()) => nothing,
+            Err(e) => {
+                warn!(quiescer = %self.config.name, "kill connection {id}: {e:#}");
+                format!("closed the connection, but could not kill its statement ({e:#}): the server may still take the lock and hold it until it notices the connection closed")
             }
         }
     }
@@ -480,9 +484,9 @@ impl Quiescer for Mysql {
             }
             Err(e) => {
                 let timed_out = started.elapsed() >= self.timeout() + BACKSTOP;
-                self.abandon(session, timed_out);
+                let held = self.abandon(session, timed_out);
                 Err(e.context(format!(
-                    "freeze {} at {}; closed the connection, so nothing is held",
+                    "freeze {} at {}; {held}",
                     self.config.name,
                     self.config.address()
                 )))
@@ -504,10 +508,17 @@ impl Quiescer for Mysql {
                 quiescer = %self.config.name, backup = backup_id,
                 "{statement} after {}ms held", since.elapsed().as_millis()
             ),
-            // The lock lives only as long as the connection, which this drop closes.
-            Err(e) => warn!(
+            // The server answered: the lock held until now, and lives only as long as the
+            // connection, which this drop closes.
+            Err(e @ mysql::Error::MySqlError(_)) => warn!(
                 quiescer = %self.config.name, backup = backup_id,
                 "{statement}: {}; closed the connection instead, which ends the lock",
+                show(&e)
+            ),
+            // No answer: the connection was lost, and the lock with it, at a time not known.
+            Err(e) => warn!(
+                quiescer = %self.config.name, backup = backup_id,
+                "{statement}: {}; the connection holding the lock was lost, so the lock ended then, maybe before the snapshot",
                 show(&e)
             ),
         }
