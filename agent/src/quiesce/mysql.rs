@@ -256,7 +256,7 @@ impl Mysql {
             mysql::Error::MySqlError(m) if m.code == 1045 || m.code == 1698 => anyhow!(
                 "log in to {address} as {who}: {}; check the user and its password ({})",
                 show(&e),
-                self.password_source()
+                self.config.source().password_origin()
             ),
             _ => anyhow!("connect to {address} as {who}: {}", show(&e)),
         })?;
@@ -267,17 +267,6 @@ impl Mysql {
         let mut server = Server::parse(&version)?;
         server.lock = self.lock.unwrap_or(server.lock);
         Ok((conn, server))
-    }
-
-    /// Where the password came from, for an error: the field, never the value.
-    fn password_source(&self) -> String {
-        let c = &self.config;
-        match (&c.password_file, &c.password_env, &c.option_file) {
-            (Some(f), _, _) => format!("password_file {}", f.display()),
-            (_, Some(v), _) => format!("password_env {v}"),
-            (_, _, Some(f)) => format!("option_file {}", f.display()),
-            _ => "no password configured".into(),
-        }
     }
 
     /// Takes the lock on `session` within the timeout, then reads the binlog position.

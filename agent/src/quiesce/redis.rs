@@ -162,11 +162,7 @@ impl Redis {
             if e.kind() == redis::ErrorKind::AuthenticationFailed
                 || e.code().is_some_and(|c| c == "WRONGPASS" || c == "NOAUTH")
             {
-                let from = match (&self.config.password_file, &self.config.password_env) {
-                    (Some(f), _) => format!("password_file {}", f.display()),
-                    (_, Some(v)) => format!("password_env {v}"),
-                    _ => "no password configured".into(),
-                };
+                let from = self.config.source().password_origin();
                 anyhow!(
                     "log in to {address} as {who}: {e}; check the user and its password ({from})"
                 )
