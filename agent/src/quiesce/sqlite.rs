@@ -61,28 +61,6 @@ impl SqliteConfig {
     }
 }
 
-/// Problems for quiescer `i` when one of `paths` lies on a filesystem an fsfreeze quiescer
-/// before it freezes: its own freeze would then write there and wait for a thaw that waits for
-/// it. Shared by the sqlite (checkpoints) and process (chmod lock-out) quiescers.
-pub fn after_fsfreeze(config: &crate::Config, i: usize, at: &str, paths: &[&Path]) -> Vec<String> {
-    use std::os::unix::fs::MetadataExt;
-    let mut out = Vec::new();
-    for q in config.quiescers.iter().take(i) {
-        let crate::config::QuiescerConfig::Fsfreeze { mount } = q else { continue };
-        let Ok(frozen) = std::fs::metadata(mount) else { continue };
-        for path in paths {
-            if std::fs::metadata(path).is_ok_and(|m| m.dev() == frozen.dev()) {
-                out.push(format!(
-                    "{at}: {} is on the filesystem that fsfreeze {} freezes before it; list this quiescer before the fsfreeze (its freeze writes there)",
-                    path.display(),
-                    mount.display()
-                ));
-            }
-        }
-    }
-    out
-}
-
 /// How long the holder may take beyond its busy timeouts to say it holds (start, open).
 const HOLD_SLACK: Duration = Duration::from_secs(3);
 /// How long a released holder may take to roll back and exit before it is killed.
