@@ -532,16 +532,21 @@ impl Quiescer for Process {
         if undone.is_err() {
             state.frozen = Some(frozen);
         }
-        undone?;
-        if !broken.is_empty() {
-            return Err(anyhow!(
+        // Both are said when both happened: a failed undo must not hide a broken hold.
+        let broken = (!broken.is_empty()).then(|| {
+            format!(
                 "process{} [{}] ran again before the thaw (someone else resumed {}); writes were not held for the whole freeze, so its files in the snapshot are only crash-consistent",
                 plural(broken.len()),
                 broken.join(", "),
                 if broken.len() == 1 { "it" } else { "them" }
-            ));
+            )
+        });
+        match (undone, broken) {
+            (Ok(()), None) => Ok(()),
+            (Ok(()), Some(broken)) => Err(anyhow!("{broken}")),
+            (Err(e), None) => Err(e),
+            (Err(e), Some(broken)) => Err(anyhow!("{e:#}; and {broken}")),
         }
-        Ok(())
     }
 
     fn thawed_elsewhere(&self, backup_id: &str) {
