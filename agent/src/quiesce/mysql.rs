@@ -206,6 +206,21 @@ struct State {
     artifact: Option<(String, String)>,
 }
 
+impl State {
+    /// Refuses to replace a session that holds the lock for another backup: dropping it would
+    /// end that backup's hold while its freeze stands reported as held.
+    fn refuse_other(&self, backup_id: &str) -> anyhow::Result<()> {
+        match &self.session {
+            Some(s) if s.backup != backup_id && s.held.is_some() => bail!(
+                "{} still held for backup {}; thaw it first",
+                s.server.freeze_statements().last().copied().unwrap_or_default(),
+                s.backup
+            ),
+            _ => Ok(()),
+        }
+    }
+}
+
 /// Holds a MySQL or MariaDB server still through its backup lock.
 pub struct Mysql {
     config: MysqlConfig,
@@ -397,6 +412,7 @@ impl Quiescer for Mysql {
     /// held) and returns the hangup of that connection.
     fn thaw_action(&self, backup_id: &str) -> anyhow::Result<Option<Action>> {
         let mut state = self.state();
+        state.refuse_other(backup_id)?;
         if let Some(mut old) = state.session.take() {
             if old.backup == backup_id && old.held.is_some() {
                 match old.conn.ping() {
@@ -424,6 +440,7 @@ impl Quiescer for Mysql {
 
     fn freeze(&self, backup_id: &str) -> anyhow::Result<String> {
         let mut state = self.state();
+        state.refuse_other(backup_id)?;
         let mut session = match state.session.take() {
             Some(mut s) if s.backup == backup_id => {
                 if let Some((position, since)) = s.held.clone() {

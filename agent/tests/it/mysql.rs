@@ -261,7 +261,14 @@ fn mariadb_repeated_freeze_after_the_connection_died_says_the_lock_was_lost() {
     assert!(err.contains("was lost") && err.contains("and the lock with it"), "{err}");
     q.thaw_action("b1").unwrap().expect("armed on a new connection");
     assert!(q.freeze("b1").unwrap().contains("held after"), "a new lock");
+    // Another backup never takes the connection that holds this one's lock.
+    let err = format!("{:#}", q.thaw_action("b2").unwrap_err());
+    assert!(err.contains("still held for backup b1; thaw it first"), "{err}");
+    let err = format!("{:#}", q.freeze("b2").unwrap_err());
+    assert!(err.contains("still held for backup b1"), "{err}");
+    assert!(q.freeze("b1").unwrap().contains("already held"), "b1 still holds");
     q.thaw("b1").unwrap();
+    assert_eq!(q.artifacts("b1").len(), 1);
 }
 
 #[test]
