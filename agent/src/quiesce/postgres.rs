@@ -642,14 +642,16 @@ impl Quiescer for Postgres {
                     Err(e) => e,
                 };
                 let s = slot.take().expect("matched just above");
-                let why = if s.is_closed() {
-                    connection_end(s)
-                } else {
-                    s.close(); // which ends backup mode on the server
-                    String::new()
-                };
+                let held = format!("backup mode of backup {backup_id} (started at LSN {lsn})");
+                if s.is_closed() {
+                    let why = connection_end(s);
+                    bail!(
+                        "the connection holding {held} was lost ({e:#}){why}, and PostgreSQL left backup mode with it; arm and freeze again"
+                    );
+                }
+                s.close(); // which ends backup mode on the server
                 bail!(
-                    "the connection holding backup mode of backup {backup_id} (started at LSN {lsn}) was lost ({e:#}){why}, and PostgreSQL left backup mode with it; arm and freeze again"
+                    "the connection holding {held} did not answer ({e:#}); closed it, which ends backup mode; arm and freeze again"
                 );
             }
         }
