@@ -127,10 +127,15 @@ impl HeldDb {
         let path = self.path.display();
         match (self.checkpoint, self.truncated, self.under_hold) {
             (Some((_, log, done)), Some(truncated), Some((_, log2, done2))) => {
-                let truncated = if truncated {
-                    "wal truncated"
+                // After a truncation the WAL holds only what was committed since; otherwise it
+                // still holds the frames counted before, so none of them is "more".
+                let (truncated, then) = if truncated {
+                    ("wal truncated", format!("then {done2} more committed before the hold"))
                 } else {
-                    "wal not truncated (readers or writers kept it busy)"
+                    (
+                        "wal not truncated (readers or writers kept it busy)",
+                        format!("then {done2} of {log2} checkpointed under the hold"),
+                    )
                 };
                 let left = log2 - done2;
                 let left = if left == 0 {
@@ -139,7 +144,7 @@ impl HeldDb {
                     format!("{left} frames only in {path}-wal (a reader pinned them)")
                 };
                 format!(
-                    "{path} (wal: checkpointed {done} of {log} frames, {truncated}, then {done2} more committed before the hold; {left})"
+                    "{path} (wal: checkpointed {done} of {log} frames, {truncated}, {then}; {left})"
                 )
             }
             _ => format!("{path} ({} journal)", self.journal_mode),
