@@ -481,7 +481,7 @@ impl Quiescer for Process {
         if state.frozen.as_ref().is_some_and(|f| f.backup == backup_id) {
             return Ok(format!("already frozen for backup {backup_id}"));
         }
-        let Some(armed) = state.armed.take().filter(|a| a.backup == backup_id) else {
+        let Some(armed) = state.armed.take_if(|a| a.backup == backup_id) else {
             return Err(anyhow!(
                 "nothing was armed with the guardian for backup {backup_id}; not stopping anything"
             ));

@@ -114,3 +114,15 @@ fn a_failed_freeze_without_a_lockout_claims_none_undone() {
     assert!(e.ends_with("; resumed what it had stopped"), "{e}");
     q.thaw("b1").expect("nothing to thaw");
 }
+
+/// A freeze for another backup leaves what was armed for this one in place.
+#[test]
+fn a_freeze_for_another_backup_keeps_this_ones_arm() {
+    let q = Process::new(ProcessConfig { comm: Some("no-such-app-9z".into()), ..config() }, "srv");
+    q.thaw_action("b1").expect("armed");
+    let e = format!("{:#}", q.freeze("b2").expect_err("b2 was never armed"));
+    assert!(e.contains("nothing was armed with the guardian for backup b2"), "{e}");
+    let detail = q.freeze("b1").expect("b1 is still armed");
+    assert!(detail.contains("no process matching"), "{detail}");
+    q.thaw("b1").expect("thaw");
+}
