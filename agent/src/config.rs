@@ -309,13 +309,13 @@ impl Config {
                 QuiescerConfig::Sqlite(c) => {
                     c.problems(&at, out);
                     let paths: Vec<&Path> = c.databases.iter().map(PathBuf::as_path).collect();
-                    out.extend(crate::quiesce::sqlite::after_fsfreeze(self, i, &at, &paths));
+                    out.extend(self.after_fsfreeze(i, &at, &paths));
                 }
                 QuiescerConfig::Process(c) => {
                     c.problems(&at, self.max_lease_ms, out);
                     let paths: Vec<&Path> =
                         c.lockout_executable.iter().map(PathBuf::as_path).collect();
-                    out.extend(crate::quiesce::sqlite::after_fsfreeze(self, i, &at, &paths));
+                    out.extend(self.after_fsfreeze(i, &at, &paths));
                 }
                 QuiescerConfig::Mysql(c) => c.problems(&at, self.max_lease_ms, out),
                 QuiescerConfig::Redis(c) => c.problems(&at, self.max_lease_ms, out),
@@ -331,6 +331,27 @@ impl Config {
                 }
             }
         }
+    }
+
+    /// Problems for quiescer `i` when one of `paths` lies on a filesystem an fsfreeze quiescer
+    /// before it freezes: its own freeze would then write there and wait for a thaw that waits
+    /// for it. For the sqlite (checkpoints) and process (chmod lock-out) quiescers.
+    fn after_fsfreeze(&self, i: usize, at: &str, paths: &[&Path]) -> Vec<String> {
+        let mut out = Vec::new();
+        for q in self.quiescers.iter().take(i) {
+            let QuiescerConfig::Fsfreeze { mount } = q else { continue };
+            let Ok(frozen) = std::fs::metadata(mount) else { continue };
+            for path in paths {
+                if std::fs::metadata(path).is_ok_and(|m| m.dev() == frozen.dev()) {
+                    out.push(format!(
+                        "{at}: {} is on the filesystem that fsfreeze {} freezes before it; list this quiescer before the fsfreeze (its freeze writes there)",
+                        path.display(),
+                        mount.display()
+                    ));
+                }
+            }
+        }
+        out
     }
 
     /// The mounts that fsfreeze quiescers freeze.

@@ -81,13 +81,39 @@ impl Action {
     /// Runs the action, blocking; returns a one-line detail.
     pub fn execute(&self) -> anyhow::Result<String> {
         match self {
+            Action::Each { actions } => each(actions, Action::execute),
+            leaf => leaf.run().map(|ran| ran.detail),
+        }
+    }
+
+    /// Runs the action, blocking, and says for the log what it undid of quiescer `key`'s freeze:
+    /// [`Action::done`] when it did all that says, else its own detail (a process already gone,
+    /// a connection already closed), so the log never claims an undo that did not happen.
+    pub fn undo(&self, key: &str) -> anyhow::Result<String> {
+        match self {
+            Action::Each { actions } => each(actions, |a| a.undo(key)),
+            leaf => leaf.run().map(|ran| {
+                if ran.did {
+                    leaf.done(key)
+                } else {
+                    format!("quiescer {key}: {}", ran.detail)
+                }
+            }),
+        }
+    }
+
+    /// Runs one action (an `Each` runs its parts, and counts as not all done).
+    fn run(&self) -> anyhow::Result<Ran> {
+        let did = |detail: String| Ran { did: true, detail };
+        let found = |detail: String| Ran { did: false, detail };
+        match self {
             Action::Fithaw { mount } => {
                 let dir = File::open(mount)
                     .map_err(|e| anyhow!("thaw {}: open: {e}", mount.display()))?;
                 match stillpoint_core::sys::thaw(&dir) {
-                    Ok(()) => Ok(format!("thawed {}", mount.display())),
+                    Ok(()) => Ok(did(format!("thawed {}", mount.display()))),
                     Err(e) if e.kind() == ErrorKind::InvalidInput => {
-                        Ok(format!("{} was not frozen", mount.display()))
+                        Ok(found(format!("{} was not frozen", mount.display())))
                     }
                     Err(e) => Err(anyhow!("thaw {}: {e}", mount.display())),
                 }
@@ -97,32 +123,26 @@ impl Action {
                 argv,
                 env,
                 Duration::from_millis(*timeout_ms),
-            ),
+            )
+            .map(did),
             Action::Resume { pid } => match sys::kill(*pid, Signal::Cont) {
-                Ok(()) => Ok(format!("resumed process {pid}")),
+                Ok(()) => Ok(did(format!("resumed process {pid}"))),
                 Err(e) if e.raw_os_error() == Some(libc::ESRCH) => {
-                    Ok(format!("process {pid} is gone"))
+                    Ok(found(format!("process {pid} is gone")))
                 }
                 Err(e) => Err(anyhow!("resume process {pid}: {e}")),
             },
             Action::Hangup { pid, fd, inode } => hangup(*pid, *fd, *inode),
-            Action::Kill { pid, start } => procs::kill(&ProcRef { pid: *pid, start: *start }),
-            Action::ResumeAll { procs } => procs::resume_all(procs),
-            Action::RestoreMode { path, mode } => procs::restore_mode(path, *mode),
-            Action::Each { actions } => {
-                let (mut done, mut failed) = (Vec::new(), Vec::new());
-                for a in actions {
-                    match a.execute() {
-                        Ok(d) => done.push(d),
-                        Err(e) => failed.push(format!("{e:#}")),
-                    }
-                }
-                if failed.is_empty() {
-                    Ok(done.join("; "))
-                } else {
-                    Err(anyhow!("{} (done: {})", failed.join("; "), done.join("; ")))
-                }
+            Action::Kill { pid, start } => {
+                let (killed, detail) = procs::kill_once(&ProcRef { pid: *pid, start: *start })?;
+                Ok(Ran { did: killed, detail })
             }
+            Action::ResumeAll { procs } => {
+                let (all, detail) = procs::resume_each(procs)?;
+                Ok(Ran { did: all, detail })
+            }
+            Action::RestoreMode { path, mode } => procs::restore_mode(path, *mode).map(did),
+            Action::Each { actions } => each(actions, Action::execute).map(found),
         }
     }
 
@@ -140,6 +160,31 @@ impl Action {
     }
 }
 
+/// What running one action found: its detail, and whether it did all that [`Action::done`] says.
+struct Ran {
+    did: bool,
+    detail: String,
+}
+
+/// Runs every action in order, each even when another fails, joining what `run` says of them.
+fn each(
+    actions: &[Action],
+    run: impl Fn(&Action) -> anyhow::Result<String>,
+) -> anyhow::Result<String> {
+    let (mut done, mut failed) = (Vec::new(), Vec::new());
+    for a in actions {
+        match run(a) {
+            Ok(d) => done.push(d),
+            Err(e) => failed.push(format!("{e:#}")),
+        }
+    }
+    if failed.is_empty() {
+        Ok(done.join("; "))
+    } else {
+        Err(anyhow!("{} (done: {})", failed.join("; "), done.join("; ")))
+    }
+}
+
 /// The inode of the socket open as `fd` in process `pid`, `None` when that fd is something else.
 fn socket_inode(pid: i32, fd: i32) -> std::io::Result<Option<u64>> {
     let link = std::fs::read_link(format!("/proc/{pid}/fd/{fd}"))?;
@@ -148,8 +193,10 @@ fn socket_inode(pid: i32, fd: i32) -> std::io::Result<Option<u64>> {
 }
 
 /// Shuts down socket `fd` of process `pid` if it is still the socket `inode`.
-fn hangup(pid: i32, fd: i32, inode: u64) -> anyhow::Result<String> {
-    let gone = |what: &str| Ok(format!("the connection is already closed ({what})"));
+fn hangup(pid: i32, fd: i32, inode: u64) -> anyhow::Result<Ran> {
+    let gone = |what: &str| {
+        Ok(Ran { did: false, detail: format!("the connection is already closed ({what})") })
+    };
     let pidfd = match sys::pidfd_open(pid) {
         Ok(pidfd) => pidfd,
         Err(e) if e.raw_os_error() == Some(libc::ESRCH) => return gone("its process is gone"),
@@ -158,7 +205,10 @@ fn hangup(pid: i32, fd: i32, inode: u64) -> anyhow::Result<String> {
     // Checked after the pidfd pins the process: the same pid, fd and socket inode as armed.
     match socket_inode(pid, fd) {
         Ok(Some(now)) if now == inode => {}
-        Ok(_) | Err(_) => return gone("its file descriptor names another file now"),
+        Ok(_) => return gone("its file descriptor names another file now"),
+        Err(e) if e.kind() == ErrorKind::NotFound => return gone("no such descriptor"),
+        // Not a sign the connection closed: it may still hold the application.
+        Err(e) => return Err(anyhow!("read socket {fd} of process {pid}: {e}")),
     }
     let socket = match sys::pidfd_getfd(&pidfd, fd) {
         Ok(socket) => socket,
@@ -169,7 +219,10 @@ fn hangup(pid: i32, fd: i32, inode: u64) -> anyhow::Result<String> {
         return gone("its file descriptor names another file now");
     }
     match sys::shutdown(&socket) {
-        Ok(()) => Ok(format!("closed connection (socket {fd} of process {pid})")),
+        Ok(()) => Ok(Ran {
+            did: true,
+            detail: format!("closed connection (socket {fd} of process {pid})"),
+        }),
         Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => gone("not connected"),
         Err(e) => Err(anyhow!("shut down socket {fd} of process {pid}: {e}")),
     }
@@ -200,8 +253,8 @@ fn ms(d: Duration) -> u64 {
 fn fire(held: &[Held], why: &str, journal: Option<&Path>) {
     for h in held {
         for (key, action) in &h.actions {
-            match action.execute() {
-                Ok(_) => warn!("guardian: {why}; {} for backup {}", action.done(key), h.backup),
+            match action.undo(key) {
+                Ok(undone) => warn!("guardian: {why}; {undone} for backup {}", h.backup),
                 Err(e) => error!(
                     "guardian: {why}; could not undo quiescer {key} for backup {}: {e:#}",
                     h.backup

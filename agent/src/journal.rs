@@ -172,11 +172,11 @@ pub fn recover(path: &Path) -> io::Result<Journal> {
     }
     for backup in backups.iter().rev() {
         for e in found.entries.iter().rev().filter(|e| e.backup == *backup) {
-            match (&e.action, e.action.execute()) {
-                (Action::Fithaw { mount }, Ok(_)) => {
+            match (&e.action, e.action.undo(&e.key)) {
+                (Action::Fithaw { mount }, Ok(undone)) if undone == e.action.done(&e.key) => {
                     warn!("recovered frozen mount {} of backup {backup}", mount.display())
                 }
-                (action, Ok(_)) => warn!("{} for backup {backup}", action.done(&e.key)),
+                (_, Ok(undone)) => warn!("{undone} for backup {backup}"),
                 (_, Err(err)) => error!(
                     "recovery: could not undo quiescer {} of backup {backup}: {err:#}",
                     e.key

@@ -259,3 +259,25 @@ fn mysql_and_redis_quiescers_parse_and_their_mistakes_are_reported_by_field() {
         assert!(problems.iter().any(|p| p.starts_with(expected)), "{expected}\n{problems:#?}");
     }
 }
+
+/// A sqlite database on a filesystem an earlier fsfreeze froze is refused (its checkpoint would
+/// wait for the thaw); listed before the fsfreeze it is fine.
+#[test]
+fn a_quiescer_writing_where_an_earlier_fsfreeze_froze_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("app.db");
+    std::fs::write(&db, b"").unwrap();
+    let fsfreeze =
+        format!("[[quiescer]]\nkind = \"fsfreeze\"\nmount = \"{}\"\n", dir.path().display());
+    let sqlite = format!(
+        "[[quiescer]]\nkind = \"sqlite\"\nname = \"db\"\ndatabases = [\"{}\"]\n",
+        db.display()
+    );
+    let after = with_quiescers(&format!("{fsfreeze}{sqlite}")).problems();
+    assert!(
+        after.iter().any(|p| p.starts_with("quiescer[1]: ") && p.contains("freezes before it")),
+        "{after:#?}"
+    );
+    let before = with_quiescers(&format!("{sqlite}{fsfreeze}")).problems();
+    assert!(!before.iter().any(|p| p.contains("freezes before it")), "{before:#?}");
+}

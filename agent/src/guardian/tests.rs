@@ -177,3 +177,31 @@ fn hangup_of_a_process_that_is_gone_is_done() {
     let detail = Action::Hangup { pid: i32::MAX - 1, fd: 3, inode: 1 }.execute().expect("done");
     assert!(detail.contains("already closed"), "{detail}");
 }
+
+/// The log says what an undo did: "killed" or "resumed" only when the signal went out, and
+/// what was found instead when the process was already gone.
+#[test]
+fn undo_claims_only_what_it_did() {
+    let mut child = std::process::Command::new("sleep").arg("60").spawn().expect("spawn sleep");
+    let pid = i32::try_from(child.id()).unwrap();
+    let me = ProcRef::of(pid).expect("the child runs");
+    let kill = Action::Kill { pid, start: me.start };
+    assert_eq!(kill.undo("db").unwrap(), kill.done("db"));
+    child.wait().expect("reap");
+    assert_eq!(kill.undo("db").unwrap(), format!("quiescer db: holder process {pid} is gone"));
+    let resume = Action::ResumeAll { procs: vec![me] };
+    assert_eq!(
+        resume.undo("app").unwrap(),
+        "quiescer app: resumed processes [] (1 gone)",
+        "never \"{}\"",
+        resume.done("app")
+    );
+    let both = Action::Each { actions: vec![kill, Action::Resume { pid: i32::MAX - 1 }] };
+    assert_eq!(
+        both.undo("x").unwrap(),
+        format!(
+            "quiescer x: holder process {pid} is gone; quiescer x: process {} is gone",
+            i32::MAX - 1
+        )
+    );
+}

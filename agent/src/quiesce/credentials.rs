@@ -85,6 +85,16 @@ impl Source {
         }
     }
 
+    /// Where the password comes from, for an error: the field, never the value.
+    pub fn password_origin(&self) -> String {
+        match (&self.password_file, &self.password_env, &self.option_file) {
+            (Some(f), _, _) => format!("password_file {}", f.display()),
+            (_, Some(v), _) => format!("password_env {v}"),
+            (_, _, Some(f)) => format!("option_file {}", f.display()),
+            _ => "no password configured".into(),
+        }
+    }
+
     /// Reads the credentials now (at every connect, so a rotated password is picked up).
     pub fn read(&self) -> anyhow::Result<Credentials> {
         let mut user = self.user.clone();

@@ -206,6 +206,21 @@ struct State {
     artifact: Option<(String, String)>,
 }
 
+impl State {
+    /// Refuses to replace a session that holds the lock for another backup: dropping it would
+    /// end that backup's hold while its freeze stands reported as held.
+    fn refuse_other(&self, backup_id: &str) -> anyhow::Result<()> {
+        match &self.session {
+            Some(s) if s.backup != backup_id && s.held.is_some() => bail!(
+                "{} still held for backup {}; thaw it first",
+                s.server.freeze_statements().last().copied().unwrap_or_default(),
+                s.backup
+            ),
+            _ => Ok(()),
+        }
+    }
+}
+
 /// Holds a MySQL or MariaDB server still through its backup lock.
 pub struct Mysql {
     config: MysqlConfig,
@@ -256,7 +271,7 @@ impl Mysql {
             mysql::Error::MySqlError(m) if m.code == 1045 || m.code == 1698 => anyhow!(
                 "log in to {address} as {who}: {}; check the user and its password ({})",
                 show(&e),
-                self.password_source()
+                self.config.source().password_origin()
             ),
             _ => anyhow!("connect to {address} as {who}: {}", show(&e)),
         })?;
@@ -267,17 +282,6 @@ impl Mysql {
         let mut server = Server::parse(&version)?;
         server.lock = self.lock.unwrap_or(server.lock);
         Ok((conn, server))
-    }
-
-    /// Where the password came from, for an error: the field, never the value.
-    fn password_source(&self) -> String {
-        let c = &self.config;
-        match (&c.password_file, &c.password_env, &c.option_file) {
-            (Some(f), _, _) => format!("password_file {}", f.display()),
-            (_, Some(v), _) => format!("password_env {v}"),
-            (_, _, Some(f)) => format!("option_file {}", f.display()),
-            _ => "no password configured".into(),
-        }
     }
 
     /// Takes the lock on `session` within the timeout, then reads the binlog position.
@@ -318,18 +322,22 @@ impl Mysql {
 
     /// Ends a session that failed to lock: the server releases whatever it held with the
     /// connection. A statement the server may still be running (the reply timed out) is killed
-    /// from a second connection, so no lock arrives after we gave up.
-    fn abandon(&self, session: Session, reply_timed_out: bool) {
+    /// from a second connection, so no lock arrives after we gave up. Says what is held now.
+    fn abandon(&self, session: Session, reply_timed_out: bool) -> String {
         let id = session.conn.connection_id();
         drop(session);
-        if reply_timed_out {
-            match self.connect() {
-                Ok((mut conn, _)) => {
-                    if let Err(e) = conn.query_drop(format!("KILL {id}")) {
-                        warn!(quiescer = %self.config.name, "kill connection {id}: {}", show(&e));
-                    }
-                }
-                Err(e) => warn!(quiescer = %self.config.name, "kill connection {id}: {e:#}"),
+        let nothing = "closed the connection, so nothing is held".to_string();
+        if !reply_timed_out {
+            return nothing;
+        }
+        let killed = self.connect().and_then(|(mut conn, _)| {
+            conn.query_drop(format!("KILL {id}")).map_err(|e| anyhow!("{}", show(&e)))
+        });
+        match killed {
+            Ok(()) => nothing,
+            Err(e) => {
+                warn!(quiescer = %self.config.name, "kill connection {id}: {e:#}");
+                format!("closed the connection, but could not kill its statement ({e:#}): the server may still take the lock and hold it until it notices the connection closed")
             }
         }
     }
@@ -404,13 +412,23 @@ impl Quiescer for Mysql {
     /// held) and returns the hangup of that connection.
     fn thaw_action(&self, backup_id: &str) -> anyhow::Result<Option<Action>> {
         let mut state = self.state();
-        if let Some(old) = state.session.take() {
+        state.refuse_other(backup_id)?;
+        if let Some(mut old) = state.session.take() {
             if old.backup == backup_id && old.held.is_some() {
-                let action = Action::hangup_own_raw(old.conn.as_raw_fd());
-                state.session = Some(old);
-                return action.map(Some);
-            }
-            if old.backup != backup_id {
+                match old.conn.ping() {
+                    Ok(()) => {
+                        let action = Action::hangup_own_raw(old.conn.as_raw_fd());
+                        state.session = Some(old);
+                        return action.map(Some);
+                    }
+                    // The lock went with the connection: connect again for a new freeze.
+                    Err(e) => warn!(
+                        quiescer = %self.config.name, backup = backup_id,
+                        "the connection holding the lock was lost ({}), and the lock with it; connecting again",
+                        show(&e)
+                    ),
+                }
+            } else if old.backup != backup_id {
                 warn!(quiescer = %self.config.name, "closed a connection left from backup {}", old.backup);
             }
         }
@@ -422,14 +440,26 @@ impl Quiescer for Mysql {
 
     fn freeze(&self, backup_id: &str) -> anyhow::Result<String> {
         let mut state = self.state();
+        state.refuse_other(backup_id)?;
         let mut session = match state.session.take() {
-            Some(s) if s.backup == backup_id => {
-                if let Some((position, since)) = &s.held {
+            Some(mut s) if s.backup == backup_id => {
+                if let Some((position, since)) = s.held.clone() {
+                    let statement =
+                        s.server.freeze_statements().last().copied().unwrap_or_default();
+                    if let Err(e) = s.conn.ping() {
+                        // Dropping the session closes what is left of the connection.
+                        bail!(
+                            "freeze {} at {}: the connection holding {statement} for backup {backup_id} since {}ms ago was lost ({}), and the lock with it; arm and freeze again",
+                            self.config.name,
+                            self.config.address(),
+                            since.elapsed().as_millis(),
+                            show(&e)
+                        );
+                    }
                     let detail = format!(
-                        "{} already held for backup {backup_id} ({}ms; {})",
-                        s.server.freeze_statements().last().copied().unwrap_or_default(),
+                        "{statement} already held for backup {backup_id} ({}ms; {})",
                         since.elapsed().as_millis(),
-                        one_line(position)
+                        one_line(&position)
                     );
                     state.session = Some(s);
                     return Ok(detail);
@@ -460,9 +490,9 @@ impl Quiescer for Mysql {
             }
             Err(e) => {
                 let timed_out = started.elapsed() >= self.timeout() + BACKSTOP;
-                self.abandon(session, timed_out);
+                let held = self.abandon(session, timed_out);
                 Err(e.context(format!(
-                    "freeze {} at {}; closed the connection, so nothing is held",
+                    "freeze {} at {}; {held}",
                     self.config.name,
                     self.config.address()
                 )))
@@ -484,10 +514,17 @@ impl Quiescer for Mysql {
                 quiescer = %self.config.name, backup = backup_id,
                 "{statement} after {}ms held", since.elapsed().as_millis()
             ),
-            // The lock lives only as long as the connection, which this drop closes.
-            Err(e) => warn!(
+            // The server answered: the lock held until now, and lives only as long as the
+            // connection, which this drop closes.
+            Err(e @ mysql::Error::MySqlError(_)) => warn!(
                 quiescer = %self.config.name, backup = backup_id,
                 "{statement}: {}; closed the connection instead, which ends the lock",
+                show(&e)
+            ),
+            // No answer: the connection was lost, and the lock with it, at a time not known.
+            Err(e) => warn!(
+                quiescer = %self.config.name, backup = backup_id,
+                "{statement}: {}; the connection holding the lock was lost, so the lock ended then, maybe before the snapshot",
                 show(&e)
             ),
         }

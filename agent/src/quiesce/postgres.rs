@@ -629,10 +629,30 @@ impl Quiescer for Postgres {
         }
         let mut slot = self.session.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(s) = slot.as_ref().filter(|s| s.backup == backup_id) {
-            if let Some((lsn, _)) = &s.started {
-                return Ok(format!(
-                    "backup mode already started at LSN {lsn} for backup {backup_id}"
-                ));
+            if let Some((lsn, _)) = s.started.clone() {
+                // Backup mode lives as long as its connection: say "started" only while it runs.
+                let check = s.client().simple_query("SELECT 1");
+                let alive = s.run(self.config.timeout(), "check the connection", check);
+                let e = match alive {
+                    Ok(_) => {
+                        return Ok(format!(
+                            "backup mode already started at LSN {lsn} for backup {backup_id}"
+                        ))
+                    }
+                    Err(e) => e,
+                };
+                let s = slot.take().expect("matched just above");
+                let held = format!("backup mode of backup {backup_id} (started at LSN {lsn})");
+                if s.is_closed() {
+                    let why = connection_end(s);
+                    bail!(
+                        "the connection holding {held} was lost ({e:#}){why}, and PostgreSQL left backup mode with it; arm and freeze again"
+                    );
+                }
+                s.close(); // which ends backup mode on the server
+                bail!(
+                    "the connection holding {held} did not answer ({e:#}); closed it, which ends backup mode; arm and freeze again"
+                );
             }
         }
         let result = self.freeze_backup(&mut slot, backup_id);

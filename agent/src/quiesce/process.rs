@@ -481,7 +481,7 @@ impl Quiescer for Process {
         if state.frozen.as_ref().is_some_and(|f| f.backup == backup_id) {
             return Ok(format!("already frozen for backup {backup_id}"));
         }
-        let Some(armed) = state.armed.take().filter(|a| a.backup == backup_id) else {
+        let Some(armed) = state.armed.take_if(|a| a.backup == backup_id) else {
             return Err(anyhow!(
                 "nothing was armed with the guardian for backup {backup_id}; not stopping anything"
             ));
@@ -496,10 +496,12 @@ impl Quiescer for Process {
             }
             Err(e) => {
                 // A failed freeze is disarmed, never thawed: undo what it did now.
+                let locked_out = frozen.locked.is_some() || frozen.lock_ran;
                 match self.undo(&mut frozen) {
-                    Ok(()) => {
-                        Err(anyhow!("{e:#}; resumed what it had stopped, undid the lock-out"))
-                    }
+                    Ok(()) => Err(anyhow!(
+                        "{e:#}; resumed what it had stopped{}",
+                        if locked_out { ", undid the lock-out" } else { "" }
+                    )),
                     Err(u) => {
                         state.frozen = Some(frozen);
                         Err(anyhow!("{e:#}; and undoing it failed: {u:#}"))
@@ -530,16 +532,21 @@ impl Quiescer for Process {
         if undone.is_err() {
             state.frozen = Some(frozen);
         }
-        undone?;
-        if !broken.is_empty() {
-            return Err(anyhow!(
+        // Both are said when both happened: a failed undo must not hide a broken hold.
+        let broken = (!broken.is_empty()).then(|| {
+            format!(
                 "process{} [{}] ran again before the thaw (someone else resumed {}); writes were not held for the whole freeze, so its files in the snapshot are only crash-consistent",
                 plural(broken.len()),
                 broken.join(", "),
                 if broken.len() == 1 { "it" } else { "them" }
-            ));
+            )
+        });
+        match (undone, broken) {
+            (Ok(()), None) => Ok(()),
+            (Ok(()), Some(broken)) => Err(anyhow!("{broken}")),
+            (Err(e), None) => Err(e),
+            (Err(e), Some(broken)) => Err(anyhow!("{e:#}; and {broken}")),
         }
-        Ok(())
     }
 
     fn thawed_elsewhere(&self, backup_id: &str) {

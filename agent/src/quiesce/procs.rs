@@ -190,6 +190,11 @@ impl Matcher {
 
 /// SIGCONTs each process that is still the one stopped; for the guardian and the journal.
 pub fn resume_all(procs: &[ProcRef]) -> anyhow::Result<String> {
+    resume_each(procs).map(|(_, detail)| detail)
+}
+
+/// [`resume_all`], also saying whether every process was resumed (none was gone).
+pub fn resume_each(procs: &[ProcRef]) -> anyhow::Result<(bool, String)> {
     let (mut resumed, mut gone, mut failed) = (Vec::new(), 0, Vec::new());
     for p in procs {
         match p.signal(Signal::Cont) {
@@ -201,14 +206,19 @@ pub fn resume_all(procs: &[ProcRef]) -> anyhow::Result<String> {
     if !failed.is_empty() {
         return Err(anyhow::anyhow!("resume processes: {}", failed.join(", ")));
     }
-    Ok(format!("resumed processes [{}] ({gone} gone)", resumed.join(", ")))
+    Ok((gone == 0, format!("resumed processes [{}] ({gone} gone)", resumed.join(", "))))
 }
 
 /// SIGKILLs a holder process if it is still the one started; gone counts as done.
 pub fn kill(p: &ProcRef) -> anyhow::Result<String> {
+    kill_once(p).map(|(_, detail)| detail)
+}
+
+/// [`kill`], also saying whether this call killed it (not already gone).
+pub fn kill_once(p: &ProcRef) -> anyhow::Result<(bool, String)> {
     match p.signal(Signal::Kill) {
-        Ok(true) => Ok(format!("killed holder process {}", p.pid)),
-        Ok(false) => Ok(format!("holder process {} is gone", p.pid)),
+        Ok(true) => Ok((true, format!("killed holder process {}", p.pid))),
+        Ok(false) => Ok((false, format!("holder process {} is gone", p.pid))),
         Err(e) => Err(anyhow::anyhow!("kill holder process {}: {e}", p.pid)),
     }
 }

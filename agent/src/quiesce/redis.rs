@@ -111,6 +111,8 @@ struct Paused {
     conn: redis::Connection,
     /// When CLIENT PAUSE was sent: the pause ends by itself no earlier than `pause_ms` later.
     sent: Instant,
+    /// The server's `run_id` at the freeze: a restart, which ends the pause, changes it.
+    run_id: Option<String>,
 }
 
 /// Holds a Redis server's writes with a save and a self-ending pause.
@@ -162,11 +164,7 @@ impl Redis {
             if e.kind() == redis::ErrorKind::AuthenticationFailed
                 || e.code().is_some_and(|c| c == "WRONGPASS" || c == "NOAUTH")
             {
-                let from = match (&self.config.password_file, &self.config.password_env) {
-                    (Some(f), _) => format!("password_file {}", f.display()),
-                    (_, Some(v)) => format!("password_env {v}"),
-                    _ => "no password configured".into(),
-                };
+                let from = self.config.source().password_origin();
                 anyhow!(
                     "log in to {address} as {who}: {e}; check the user and its password ({from})"
                 )
@@ -325,7 +323,8 @@ impl Quiescer for Redis {
             (sent, format!("redis {v}: {saved}; writes paused (CLIENT PAUSE WRITE, ends by itself after {pause_ms}ms)"))
         };
         info!(quiescer = %self.config.name, backup = backup_id, "{detail}");
-        *paused = Some(Paused { backup: backup_id.to_string(), conn, sent });
+        let run_id = server.get("run_id").cloned();
+        *paused = Some(Paused { backup: backup_id.to_string(), conn, sent, run_id });
         Ok(detail)
     }
 
@@ -339,12 +338,23 @@ impl Quiescer for Redis {
         let unpause =
             |conn: &mut redis::Connection| redis::cmd("CLIENT").arg("UNPAUSE").query::<()>(conn);
         if let Err(first) = unpause(&mut p.conn) {
-            let again = self.connect().and_then(|mut c| unpause(&mut c).map_err(Into::into));
-            if let Err(e) = again {
-                bail!(
+            // The held connection failed: on a new one, also ask whether the server restarted
+            // (which ended the pause), not only whether it is still up.
+            let again = self.connect().and_then(|mut c| {
+                let run_id = info(&mut c, "server")?.get("run_id").cloned();
+                unpause(&mut c)?;
+                Ok(run_id)
+            });
+            match again {
+                Err(e) => bail!(
                     "{address}: CLIENT UNPAUSE: {first}; again on a new connection: {e:#}; the pause ends by itself {}ms after the freeze",
                     self.config.pause_ms
-                );
+                ),
+                Ok(run_id) if run_id != p.run_id => bail!(
+                    "{address}: the server restarted during the hold (its run_id changed; the held connection said: {first}), which ended the write pause {}ms or less after the freeze, so writes may have resumed before the snapshot",
+                    held.as_millis()
+                ),
+                Ok(_) => {}
             }
         }
         if held >= Duration::from_millis(self.config.pause_ms) {

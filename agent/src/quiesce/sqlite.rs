@@ -61,28 +61,6 @@ impl SqliteConfig {
     }
 }
 
-/// Problems for quiescer `i` when one of `paths` lies on a filesystem an fsfreeze quiescer
-/// before it freezes: its own freeze would then write there and wait for a thaw that waits for
-/// it. Shared by the sqlite (checkpoints) and process (chmod lock-out) quiescers.
-pub fn after_fsfreeze(config: &crate::Config, i: usize, at: &str, paths: &[&Path]) -> Vec<String> {
-    use std::os::unix::fs::MetadataExt;
-    let mut out = Vec::new();
-    for q in config.quiescers.iter().take(i) {
-        let crate::config::QuiescerConfig::Fsfreeze { mount } = q else { continue };
-        let Ok(frozen) = std::fs::metadata(mount) else { continue };
-        for path in paths {
-            if std::fs::metadata(path).is_ok_and(|m| m.dev() == frozen.dev()) {
-                out.push(format!(
-                    "{at}: {} is on the filesystem that fsfreeze {} freezes before it; list this quiescer before the fsfreeze (its freeze writes there)",
-                    path.display(),
-                    mount.display()
-                ));
-            }
-        }
-    }
-    out
-}
-
 /// How long the holder may take beyond its busy timeouts to say it holds (start, open).
 const HOLD_SLACK: Duration = Duration::from_secs(3);
 /// How long a released holder may take to roll back and exit before it is killed.
@@ -149,10 +127,15 @@ impl HeldDb {
         let path = self.path.display();
         match (self.checkpoint, self.truncated, self.under_hold) {
             (Some((_, log, done)), Some(truncated), Some((_, log2, done2))) => {
-                let truncated = if truncated {
-                    "wal truncated"
+                // After a truncation the WAL holds only what was committed since; otherwise it
+                // still holds the frames counted before, so none of them is "more".
+                let (truncated, then) = if truncated {
+                    ("wal truncated", format!("then {done2} more committed before the hold"))
                 } else {
-                    "wal not truncated (readers or writers kept it busy)"
+                    (
+                        "wal not truncated (readers or writers kept it busy)",
+                        format!("then {done2} of {log2} checkpointed under the hold"),
+                    )
                 };
                 let left = log2 - done2;
                 let left = if left == 0 {
@@ -161,7 +144,7 @@ impl HeldDb {
                     format!("{left} frames only in {path}-wal (a reader pinned them)")
                 };
                 format!(
-                    "{path} (wal: checkpointed {done} of {log} frames, {truncated}, then {done2} more committed before the hold; {left})"
+                    "{path} (wal: checkpointed {done} of {log} frames, {truncated}, {then}; {left})"
                 )
             }
             _ => format!("{path} ({} journal)", self.journal_mode),

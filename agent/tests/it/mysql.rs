@@ -233,6 +233,33 @@ fn mariadb_hold_ends_with_the_guardians_hangup_and_the_binlog_position_is_an_art
     assert!(text.contains("lock: FLUSH TABLES WITH READ LOCK\n"), "{text}");
 }
 
+/// A repeated freeze says "already held" only while the connection holding the lock lives:
+/// after a hangup it fails and says the lock went with it, and a new arm connects again.
+#[test]
+fn mariadb_repeated_freeze_after_the_connection_died_says_the_lock_was_lost() {
+    let dir = tempfile::tempdir().unwrap();
+    let datadir = dir.path().join("data");
+    install(&datadir);
+    let server = Mariadb::start(&datadir, &dir.path().join("run"));
+    server.setup();
+    let q = Mysql::new(server.quiescer(&password_file(dir.path(), STILLPOINT_PASSWORD), 5_000));
+    let action = q.thaw_action("b1").unwrap().expect("a hangup");
+    q.freeze("b1").unwrap();
+    assert!(action.execute().unwrap().starts_with("closed connection"));
+    let err = format!("{:#}", q.freeze("b1").unwrap_err());
+    assert!(err.contains("was lost") && err.contains("and the lock with it"), "{err}");
+    q.thaw_action("b1").unwrap().expect("armed on a new connection");
+    assert!(q.freeze("b1").unwrap().contains("held after"), "a new lock");
+    // Another backup never takes the connection that holds this one's lock.
+    let err = format!("{:#}", q.thaw_action("b2").unwrap_err());
+    assert!(err.contains("still held for backup b1; thaw it first"), "{err}");
+    let err = format!("{:#}", q.freeze("b2").unwrap_err());
+    assert!(err.contains("still held for backup b1"), "{err}");
+    assert!(q.freeze("b1").unwrap().contains("already held"), "b1 still holds");
+    q.thaw("b1").unwrap();
+    assert_eq!(q.artifacts("b1").len(), 1);
+}
+
 #[test]
 fn mariadb_freeze_gives_up_at_its_timeout_and_leaves_nothing_held() {
     let dir = tempfile::tempdir().unwrap();

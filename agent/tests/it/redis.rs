@@ -28,8 +28,12 @@ struct Server {
 impl Server {
     /// Starts a server on `dir` (no save points; `aof` turns on the AOF with fsync always).
     fn start(dir: &Path, aof: bool) -> Server {
+        Server::start_on(dir, aof, stillpoint_core::testing::spare_loopback_port())
+    }
+
+    /// [`Server::start`] on `port` (to start it again where a quiescer points).
+    fn start_on(dir: &Path, aof: bool, port: u16) -> Server {
         std::fs::create_dir_all(dir).unwrap();
-        let port = stillpoint_core::testing::spare_loopback_port();
         let child = Command::new("redis-server")
             .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
             .args(["--dir", dir.to_str().unwrap(), "--save", ""])
@@ -206,6 +210,22 @@ fn redis_pause_ends_by_itself_and_a_late_thaw_says_so() {
     assert!(err.contains("ended by itself after pause_ms 700 before this thaw"), "{err}");
     assert!(q.thaw("b1").is_ok(), "nothing left to thaw");
     assert!(writer.stop().is_empty());
+}
+
+/// A server restarted during the hold lost the pause with it: the thaw says so, even though
+/// unpausing on a new connection works.
+#[test]
+fn redis_restarted_during_the_hold_fails_the_thaw() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&dir.path().join("live"), false);
+    let q = Redis::new(server.quiescer(&password_file(dir.path(), PASSWORD), 10_000));
+    q.freeze("b1").unwrap();
+    let port = server.port;
+    drop(server);
+    let _again = Server::start_on(&dir.path().join("live"), false, port);
+    let err = format!("{:#}", q.thaw("b1").unwrap_err());
+    assert!(err.contains("the server restarted during the hold"), "{err}");
+    assert!(q.thaw("b1").is_ok(), "nothing left to thaw");
 }
 
 #[test]

@@ -366,3 +366,30 @@ fn the_guardians_hangup_ends_backup_mode_on_the_server() {
 fn lsn(detail: &str) -> &str {
     detail.split("at LSN ").nth(1).and_then(|s| s.split(' ').next()).unwrap_or_default()
 }
+
+/// A repeated freeze says "already started" only while the connection holding backup mode
+/// lives; once the server ended it, the freeze fails and says backup mode went with it.
+#[test]
+fn a_repeated_freeze_after_the_connection_died_says_backup_mode_was_lost() {
+    require_postgres!();
+    let dir = tempfile::tempdir().expect("tempdir");
+    give_to_postgres(dir.path());
+    let source = Cluster::init(
+        &dir.path().join("pg/data"),
+        &dir.path().join("sock"),
+        "archive_mode = on\narchive_command = '/bin/true'",
+    );
+    let pg = over_tcp(&source, dir.path(), "backup");
+    pg.thaw_action("d1").expect("an action").expect("armed");
+    pg.freeze("d1").expect("freeze");
+    source.psql(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = 'stillpoint'",
+    );
+    let err = format!("{:#}", pg.freeze("d1").expect_err("backup mode is gone"));
+    assert!(err.contains("was lost") && err.contains("left backup mode"), "{err}");
+    pg.thaw("d1").expect("nothing left to thaw");
+    pg.thaw_action("d1").expect("an action").expect("armed again");
+    pg.freeze("d1").expect("a new backup mode");
+    pg.thaw("d1").expect("thaw");
+    assert_eq!(pg.artifacts("d1").len(), 1);
+}

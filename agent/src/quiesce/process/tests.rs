@@ -99,3 +99,30 @@ fn the_deploy_example_parses_into_this_config() {
         vec!["quiescer[1].lockout_executable: /opt/avimark/bin/avimark is not an existing file"]
     );
 }
+
+/// A failed freeze says it undid a lock-out only when there was one to undo.
+#[test]
+fn a_failed_freeze_without_a_lockout_claims_none_undone() {
+    let c = ProcessConfig {
+        comm: Some("no-such-app-9z".into()),
+        stop_command: Some(vec!["/bin/false".into()]),
+        ..config()
+    };
+    let q = Process::new(c, "srv");
+    q.thaw_action("b1").expect("armed");
+    let e = format!("{:#}", q.freeze("b1").expect_err("stop_command fails"));
+    assert!(e.ends_with("; resumed what it had stopped"), "{e}");
+    q.thaw("b1").expect("nothing to thaw");
+}
+
+/// A freeze for another backup leaves what was armed for this one in place.
+#[test]
+fn a_freeze_for_another_backup_keeps_this_ones_arm() {
+    let q = Process::new(ProcessConfig { comm: Some("no-such-app-9z".into()), ..config() }, "srv");
+    q.thaw_action("b1").expect("armed");
+    let e = format!("{:#}", q.freeze("b2").expect_err("b2 was never armed"));
+    assert!(e.contains("nothing was armed with the guardian for backup b2"), "{e}");
+    let detail = q.freeze("b1").expect("b1 is still armed");
+    assert!(detail.contains("no process matching"), "{detail}");
+    q.thaw("b1").expect("thaw");
+}

@@ -158,3 +158,23 @@ fn a_database_on_a_filesystem_frozen_before_it_is_a_config_problem() {
         .starts_with(&format!("quiescer[1]: {} is on the filesystem that fsfreeze", db.display())));
     assert!(ours(quiescers("sqlite", "fsfreeze")).is_empty());
 }
+
+/// Frames counted before an untruncated WAL are not said to be "more" committed before the hold.
+#[test]
+fn a_wal_not_truncated_is_described_without_more_frames() {
+    let db = |truncated, under_hold| HeldDb {
+        path: "/d/app.db".into(),
+        journal_mode: "wal".into(),
+        checkpoint: Some((0, 30, 30)),
+        truncated: Some(truncated),
+        under_hold: Some(under_hold),
+    };
+    let kept = db(false, (0, 34, 34)).describe();
+    assert!(
+        kept.contains("not truncated")
+            && kept.contains("then 34 of 34 checkpointed under the hold"),
+        "{kept}"
+    );
+    let cut = db(true, (0, 4, 4)).describe();
+    assert!(cut.contains("wal truncated, then 4 more committed before the hold"), "{cut}");
+}
