@@ -457,7 +457,7 @@ impl Inner {
                 // a restore needs.
                 let thawed = blocking(move || {
                     if thawed_elsewhere {
-                        q.thawed_elsewhere(backup.as_str());
+                        q.thawed_elsewhere(backup.as_str())?;
                     } else {
                         q.thaw(backup.as_str())?;
                     }

@@ -180,11 +180,12 @@ impl Quiescer for Exec {
         }))
     }
 
-    fn thawed_elsewhere(&self, backup_id: &str) {
+    fn thawed_elsewhere(&self, backup_id: &str) -> anyhow::Result<()> {
         let mut frozen_for = self.frozen_for.lock().unwrap_or_else(|p| p.into_inner());
         if frozen_for.as_deref() == Some(backup_id) {
             *frozen_for = None;
         }
+        Ok(())
     }
 
     /// The regular files directly in the backup's directory, by name; the directory goes

@@ -76,7 +76,8 @@ impl Quiescer for FsFreeze {
         Ok(Some(Action::Fithaw { mount: self.mount.clone() }))
     }
 
-    fn thawed_elsewhere(&self, _backup_id: &str) {
+    fn thawed_elsewhere(&self, _backup_id: &str) -> anyhow::Result<()> {
         *self.ours.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        Ok(())
     }
 }

@@ -45,8 +45,11 @@ pub trait Quiescer: Send + Sync {
         Ok(None)
     }
     /// The guardian (or a restarted agent) already ran this quiescer's thaw action for
-    /// `backup_id`: forget the freeze without undoing it again.
-    fn thawed_elsewhere(&self, _backup_id: &str) {}
+    /// `backup_id`: forget the freeze without undoing it again. An error says what that undo
+    /// cost the backup (a backup label lost with the connection), and fails the thaw step.
+    fn thawed_elsewhere(&self, _backup_id: &str) -> anyhow::Result<()> {
+        Ok(())
+    }
     /// Files a restore of `backup_id` needs that this quiescer's freeze or thaw produced (a
     /// backup label), handed over once after a successful `thaw`; later calls return nothing.
     fn artifacts(&self, _backup_id: &str) -> Vec<Artifact> {

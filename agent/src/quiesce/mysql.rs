@@ -533,7 +533,7 @@ impl Quiescer for Mysql {
         Ok(())
     }
 
-    fn thawed_elsewhere(&self, backup_id: &str) {
+    fn thawed_elsewhere(&self, backup_id: &str) -> anyhow::Result<()> {
         let mut state = self.state();
         if let Some(session) = state.session.take_if(|s| s.backup == backup_id) {
             if let Some((position, _)) = session.held {
@@ -541,6 +541,7 @@ impl Quiescer for Mysql {
                 state.artifact = Some((backup_id.to_string(), position));
             }
         }
+        Ok(())
     }
 
     fn artifacts(&self, backup_id: &str) -> Vec<Artifact> {

@@ -16,7 +16,7 @@ use stillpoint_core::validate_name;
 use tokio::runtime::Runtime;
 use tokio::task::JoinHandle;
 use tokio_postgres::{Client, NoTls};
-use tracing::{info, warn};
+use tracing::info;
 
 use super::credentials::{Password, Source};
 use super::{Artifact, Hold, Quiescer};
@@ -679,17 +679,15 @@ impl Quiescer for Postgres {
         }
     }
 
-    fn thawed_elsewhere(&self, backup_id: &str) {
+    fn thawed_elsewhere(&self, backup_id: &str) -> anyhow::Result<()> {
         let mut slot = self.session.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(s) = slot.as_ref().filter(|s| s.backup == backup_id) {
-            if let Some((lsn, _)) = &s.started {
-                warn!(
-                    quiescer = %self.config.name,
-                    backup = %backup_id,
-                    "the guardian closed the connection holding backup mode (started at LSN {lsn}): PostgreSQL left backup mode without a backup label, so this server's snapshot is not restorable as a base backup"
-                );
-            }
-            *slot = None;
+        let Some(session) = slot.take_if(|s| s.backup == backup_id) else { return Ok(()) };
+        match &session.started {
+            // The thaw step fails with this, so the backup says its label is missing.
+            Some((lsn, _)) => bail!(
+                "the guardian closed the connection holding backup mode (started at LSN {lsn}): PostgreSQL left backup mode without a backup label, so this server's snapshot is not restorable as a base backup (only by crash recovery, where data and WAL are on one snapshot)"
+            ),
+            None => Ok(()),
         }
     }
 

@@ -549,7 +549,7 @@ impl Quiescer for Process {
         }
     }
 
-    fn thawed_elsewhere(&self, backup_id: &str) {
+    fn thawed_elsewhere(&self, backup_id: &str) -> anyhow::Result<()> {
         let mut state = self.lock();
         if state.armed.as_ref().is_some_and(|a| a.backup == backup_id) {
             state.armed = None;
@@ -557,6 +557,7 @@ impl Quiescer for Process {
         if state.frozen.as_ref().is_some_and(|f| f.backup == backup_id) {
             state.frozen = None;
         }
+        Ok(())
     }
 }
 

@@ -368,12 +368,13 @@ impl Quiescer for Redis {
         Ok(())
     }
 
-    fn thawed_elsewhere(&self, backup_id: &str) {
+    fn thawed_elsewhere(&self, backup_id: &str) -> anyhow::Result<()> {
         // Nothing runs elsewhere for redis (no thaw action), but forget the pause all the same:
         // it ends by itself.
         if self.paused().take_if(|p| p.backup == backup_id).is_some() {
             warn!(quiescer = %self.config.name, backup = backup_id, "forgot the write pause; it ends by itself after {}ms", self.config.pause_ms);
         }
+        Ok(())
     }
 }
 

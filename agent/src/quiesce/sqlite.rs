@@ -323,7 +323,7 @@ impl Quiescer for Sqlite {
         Ok(())
     }
 
-    fn thawed_elsewhere(&self, backup_id: &str) {
+    fn thawed_elsewhere(&self, backup_id: &str) -> anyhow::Result<()> {
         let mut slot = self.lock();
         if slot.as_ref().is_some_and(|h| h.backup == backup_id) {
             if let Some(h) = slot.take() {
@@ -331,6 +331,7 @@ impl Quiescer for Sqlite {
                 h.end(Duration::from_secs(1));
             }
         }
+        Ok(())
     }
 }
 

@@ -125,10 +125,11 @@ impl Quiescer for Stop {
         Ok(())
     }
 
-    fn thawed_elsewhere(&self, backup_id: &str) {
+    fn thawed_elsewhere(&self, backup_id: &str) -> anyhow::Result<()> {
         let mut stopped = self.stopped.lock().unwrap_or_else(|p| p.into_inner());
         if stopped.as_ref().is_some_and(|(b, _)| b == backup_id) {
             *stopped = None;
         }
+        Ok(())
     }
 }

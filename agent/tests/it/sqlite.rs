@@ -199,7 +199,7 @@ fn the_guardian_ends_the_sqlite_hold_at_the_lease() {
     eprintln!("guardian ended the hold {}ms after arming a lease of 800ms", after.as_millis());
     assert!(after >= Duration::from_millis(750), "released before the lease: {after:?}");
     wait_gone(&holder);
-    q.thawed_elsewhere("b1");
+    q.thawed_elsewhere("b1").unwrap();
     q.thaw("b1").unwrap();
     guardian.close(Duration::from_secs(2));
     assert_eq!(writer.error(), None);

@@ -353,7 +353,10 @@ fn the_guardians_hangup_ends_backup_mode_on_the_server() {
         "{}",
         source.log_text()
     );
-    pg.thawed_elsewhere("h1");
+    // The guardian's undo cost the backup its label, and the thaw step says so.
+    let lost = format!("{:#}", pg.thawed_elsewhere("h1").unwrap_err());
+    assert!(lost.contains("without a backup label"), "{lost}");
+    pg.thawed_elsewhere("h1").expect("told once; nothing more to say");
     pg.thaw("h1").expect("nothing left to thaw");
     assert!(pg.artifacts("h1").is_empty());
     // A new backup mode starts, on a new connection.
