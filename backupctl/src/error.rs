@@ -8,6 +8,8 @@ pub const EXIT_OK: u8 = 0;
 pub const EXIT_BACKUP_FAILED: u8 = 1;
 /// Exit code: bad usage, missing identity, or the listener could not be reached or refused.
 pub const EXIT_USAGE: u8 = 2;
+/// Exit code: the listener answered but an agent did not (`agents`), named on stderr.
+pub const EXIT_AGENT_UNREACHABLE: u8 = 3;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -37,6 +39,9 @@ pub enum Error {
     /// The backup ended FAILED or ABORTED, or the watch ended before the state waited for.
     #[error("backup {id} {state}{}", if .reason.is_empty() { String::new() } else { format!(": {}", .reason) })]
     BackupFailed { id: String, state: String, reason: String },
+    /// `agents`: the listener could not reach these agents (the table was printed).
+    #[error("{0}")]
+    AgentsUnreachable(String),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -50,6 +55,7 @@ impl Error {
             }
             Error::Repository(stillpoint_saveset::Error::Damaged { .. }) => EXIT_BACKUP_FAILED,
             Error::Repository(_) => EXIT_USAGE,
+            Error::AgentsUnreachable(_) => EXIT_AGENT_UNREACHABLE,
             Error::Usage(_) | Error::Rpc { .. } | Error::Core(_) | Error::Output(_) => EXIT_USAGE,
         }
     }

@@ -15,10 +15,11 @@ pub mod bar;
 pub mod client;
 pub mod cmd;
 pub mod error;
+pub mod live;
 pub mod view;
 
 pub use client::Connection;
-pub use error::{Error, Result, EXIT_BACKUP_FAILED, EXIT_OK, EXIT_USAGE};
+pub use error::{Error, Result, EXIT_AGENT_UNREACHABLE, EXIT_BACKUP_FAILED, EXIT_OK, EXIT_USAGE};
 
 const EXIT_CODES: &str = "\
 Exit codes:
@@ -28,7 +29,8 @@ Exit codes:
      holds only part of the backup: no backup manifest, no cut (verify, restore; pass
      --incomplete to check or restore that part anyway)
   2  bad usage, no identity, the listener unreachable or refusing, a wrong repository secret,
-     a restore target that is not empty, or a local error";
+     a restore target that is not empty, or a local error
+  3  agents: the listener answered but one or more agents did not (named on stderr)";
 
 /// The command line: global connection options and one verb.
 #[derive(Debug, clap::Parser)]

@@ -541,6 +541,22 @@ fn order_only(cut: &Cut) -> bool {
     cut.servers.iter().any(|s| !s.hold().holds_writes()) && !barrier_held
 }
 
+/// The line `watch` ends its table with: the outcome, how long it took and the cut's verdict.
+pub fn verdict_line(b: &Backup) -> String {
+    let mut line = format!("{} after {}", state_name(b.state), duration_of(b));
+    match (b.failed_phase.as_str(), b.reason.as_str()) {
+        ("", "") => {}
+        ("", reason) => line.push_str(&format!(": {reason}")),
+        (phase, reason) => line.push_str(&format!(" in {phase}: {reason}")),
+    }
+    let cut = match consistent_of(b) {
+        "-" => "not judged",
+        judged => judged,
+    };
+    line.push_str(&format!("; consistent cut: {cut}"));
+    line
+}
+
 /// `status`: the backup, its servers' progress and its cut.
 pub fn backup_human(b: &Backup) -> String {
     let mut out = String::new();

@@ -28,6 +28,8 @@ struct Fake {
     headers: Arc<Mutex<Vec<String>>>,
     /// The request id of every StartBackup, in order.
     request_ids: Arc<Mutex<Vec<String>>>,
+    /// What ListAgents answers.
+    agents: Arc<Mutex<Vec<AgentInfo>>>,
 }
 
 fn backup(id: &str, group: &str, state: BackupState) -> Backup {
@@ -213,7 +215,7 @@ impl Listener for Fake {
         &self,
         _: Request<ListAgentsRequest>,
     ) -> Result<Response<ListAgentsResponse>, Status> {
-        Ok(Response::new(ListAgentsResponse::default()))
+        Ok(Response::new(ListAgentsResponse { agents: self.agents.lock().unwrap().clone() }))
     }
 
     async fn report_copy(&self, r: Request<ReportCopyRequest>) -> Result<Response<Backup>, Status> {
@@ -372,6 +374,31 @@ async fn refusals_and_unknown_backups_exit_2() {
     assert_eq!(h.run(&["status", "nope"]).await.0, 2);
     assert_eq!(h.run(&["status", "--json"]).await, (0, "null\n".into()));
     assert_eq!(h.run(&["agents"]).await, (0, "no agents\n".into()));
+}
+
+#[tokio::test]
+async fn agents_exits_3_naming_every_agent_that_does_not_answer() {
+    let h = harness().await;
+    let agent = |server: &str, reachable: bool, error: &str| AgentInfo {
+        server: server.into(),
+        address: format!("{server}:7501"),
+        reachable,
+        error: error.into(),
+        ..AgentInfo::default()
+    };
+    *h.fake.agents.lock().unwrap() = vec![agent("srv-a", true, ""), agent("srv-b", true, "")];
+    assert_eq!(h.run(&["agents"]).await.0, 0);
+    h.fake.agents.lock().unwrap()[1] = agent("srv-b", false, "connection refused");
+    let (code, out) = h.run(&["agents"]).await;
+    assert_eq!(code, backupctl::EXIT_AGENT_UNREACHABLE, "{out}");
+    // The table still lists both, saying which one does not answer.
+    assert!(
+        out.lines().any(|l| l.starts_with("srv-b") && l.contains("connection refused")),
+        "{out}"
+    );
+    let (code, out) = h.run(&["agents", "--json"]).await;
+    assert_eq!(code, 3);
+    assert!(out.contains("\"reachable\":false"), "{out}");
 }
 
 #[tokio::test]

@@ -266,6 +266,7 @@ impl Listener for ListenerService {
         Ok(Response::new(pb::HealthResponse {
             version: env!("CARGO_PKG_VERSION").into(),
             caller: caller(&request),
+            lease_ms: self.runtime.config().timeouts.lease_ms,
         }))
     }
 }

@@ -31,5 +31,20 @@ pub async fn run(conn: &Connection, args: Args, out: &mut dyn Write) -> Result<(
     } else {
         write!(out, "{}", view::agents_human(&agents))?;
     }
+    let down: Vec<String> = agents
+        .iter()
+        .filter(|a| !a.reachable)
+        .map(|a| {
+            format!("{} ({})", a.server, if a.error.is_empty() { "no answer" } else { &a.error })
+        })
+        .collect();
+    if !down.is_empty() {
+        return Err(Error::AgentsUnreachable(format!(
+            "{} of {} agents not reachable: {}",
+            down.len(),
+            agents.len(),
+            down.join("; ")
+        )));
+    }
     Ok(())
 }

@@ -6,10 +6,15 @@ use std::collections::HashMap;
 use std::io::Write;
 use std::time::Duration;
 
-use stillpoint_proto::{Backup, WatchBackupRequest, WatchBackupsRequest, WatchEvent};
+use std::io::IsTerminal;
+
+use stillpoint_proto::{
+    Backup, HealthRequest, WatchBackupRequest, WatchBackupsRequest, WatchEvent,
+};
 
 use crate::client::{self, about, Client, Connection};
 use crate::error::{Error, Result};
+use crate::live::{self, Screen};
 use crate::view::{self, is_failed, is_terminal, Progress, WatchEventView};
 
 /// Exit 0 when the backup ends SUCCEEDED, 1 when it ends FAILED or ABORTED. With --all or
@@ -29,6 +34,9 @@ pub struct Args {
     /// One JSON object per event, newline-delimited
     #[arg(long)]
     pub json: bool,
+    /// Plain lines even on a terminal (the default into pipes and files)
+    #[arg(long, conflicts_with = "json")]
+    pub plain: bool,
 }
 
 pub async fn run(conn: &Connection, args: Args, out: &mut dyn Write) -> Result<()> {
@@ -43,6 +51,10 @@ pub async fn run(conn: &Connection, args: Args, out: &mut dyn Write) -> Result<(
             None => return Err(Error::Usage("no backups yet: nothing to watch".into())),
         },
     };
+    if !args.json && !args.plain && std::io::stdout().is_terminal() {
+        let backup = table(&mut client, &id, out).await?;
+        return outcome(&backup);
+    }
     let mut progress = Progress::default();
     let backup = follow(
         &mut client,
@@ -62,6 +74,55 @@ pub async fn run(conn: &Connection, args: Args, out: &mut dyn Write) -> Result<(
     )
     .await?;
     outcome(&backup)
+}
+
+/// The live table (`live`): events from a task following the stream, and a redraw every 250 ms
+/// between them so countdowns and rates move; the last table stays on screen with the outcome.
+async fn table(client: &mut Client, id: &str, out: &mut dyn Write) -> Result<Backup> {
+    let lease_ms = client.health(HealthRequest {}).await.ok().map(|r| r.into_inner().lease_ms);
+    let mut screen = Screen::new(lease_ms);
+    let (events, mut incoming) = tokio::sync::mpsc::unbounded_channel();
+    let mut follower = client.clone();
+    let id_owned = id.to_string();
+    let task = tokio::spawn(async move {
+        follow(
+            &mut follower,
+            &id_owned,
+            |event| {
+                let _ = events.send(event.clone());
+                Ok(())
+            },
+            |_| false,
+        )
+        .await
+    });
+    let width = || console_width().unwrap_or(120);
+    let mut drawn = 0;
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
+    loop {
+        tokio::select! {
+            event = incoming.recv() => match event {
+                Some(event) => screen.observe(&event, now_ms()),
+                None => break,
+            },
+            _ = tick.tick() => {}
+        }
+        drawn = live::draw(out, &screen.render(now_ms()), drawn, width())?;
+    }
+    let backup = task.await.map_err(|e| Error::Usage(format!("watch {id}: {e}")))??;
+    live::draw(out, &screen.render(now_ms()), drawn, width())?;
+    writeln!(out, "{}", view::verdict_line(&backup))?;
+    Ok(backup)
+}
+
+fn now_ms() -> i64 {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH);
+    now.map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+/// The terminal's width in columns, asked of the terminal itself.
+fn console_width() -> Option<usize> {
+    console::Term::stdout().size_checked().map(|(_, cols)| usize::from(cols))
 }
 
 /// Prints WatchBackups' events until the listener cannot be reached again. A stream that ends
