@@ -64,6 +64,12 @@ pub struct Connection {
         value_parser = clap::value_parser!(u64).range(1..)
     )]
     pub timeout: u64,
+    /// Profile to read the options above from (see `backupctl config show`)
+    #[arg(long, global = true, env = "STILLPOINT_PROFILE", value_name = "NAME")]
+    pub profile: Option<String>,
+    /// Where each option came from, once `profile::apply` resolved them.
+    #[arg(skip)]
+    pub sources: Vec<(&'static str, crate::profile::Source)>,
 }
 
 const IDENTITY_HELP: &str = "pass --certs DIR --identity NAME (or set STILLPOINT_CERTS and \

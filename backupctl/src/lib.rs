@@ -16,6 +16,7 @@ pub mod client;
 pub mod cmd;
 pub mod error;
 pub mod live;
+pub mod profile;
 pub mod view;
 
 pub use client::Connection;
@@ -85,6 +86,10 @@ pub enum Command {
     Restore(cmd::restore::Args),
     /// Write the files a backup's quiescers made for a restore, from the listener's catalog
     Artifacts(cmd::artifacts::Args),
+    /// Show the connection settings in effect and where each came from (flag, environment,
+    /// profile, default)
+    #[command(subcommand)]
+    Config(cmd::config::Config),
 }
 
 /// Runs one command, writing results to `out` and diagnostics to stderr; returns the exit code.
@@ -124,6 +129,7 @@ async fn dispatch(cli: Cli, out: &mut dyn Write) -> Result<()> {
         Command::Verify(args) => cmd::verify::run(args, out),
         Command::Restore(args) => cmd::restore::run(args, out),
         Command::Artifacts(args) => cmd::artifacts::run(conn, args, out).await,
+        Command::Config(config) => cmd::config::run(conn, config, out),
     }
 }
 

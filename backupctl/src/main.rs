@@ -3,10 +3,20 @@
 
 use std::process::ExitCode;
 
-use clap::Parser;
+use clap::{CommandFactory, FromArgMatches};
 
 fn main() -> ExitCode {
-    let cli = backupctl::Cli::parse();
+    let matches = backupctl::Cli::command().get_matches();
+    let mut cli = match backupctl::Cli::from_arg_matches(&matches) {
+        Ok(cli) => cli,
+        Err(e) => e.exit(),
+    };
+    if let Err(e) =
+        backupctl::profile::apply(&mut cli.connection, &matches, backupctl::profile::path())
+    {
+        eprintln!("backupctl: {e}");
+        return ExitCode::from(backupctl::EXIT_USAGE);
+    }
     let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(runtime) => runtime,
         Err(e) => {

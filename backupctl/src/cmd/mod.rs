@@ -6,6 +6,7 @@ pub mod abort;
 pub mod agents;
 pub mod artifacts;
 pub mod certs;
+pub mod config;
 pub mod copied;
 pub mod copying;
 pub mod list;
