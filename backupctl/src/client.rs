@@ -112,9 +112,26 @@ impl Connection {
                 )));
             }
         }
+        warn_if_expiring(&files.cert);
         let timeout = Duration::from_secs(self.timeout);
         let channel = tls::channel(&self.listener, &self.listener_name, &files, timeout)?;
         Ok(ListenerClient::new(channel))
+    }
+}
+
+/// Says on stderr when our own certificate expires within `certs check`'s warning window, so
+/// a person renews it before the listener starts refusing the hook at 2 a.m.
+fn warn_if_expiring(cert: &std::path::Path) {
+    let Ok(info) = stillpoint_core::certs::inspect(cert) else { return };
+    let left = info.days_left(time::OffsetDateTime::now_utc());
+    if left < crate::cmd::certs::WARN_DAYS {
+        let when = if left < 0 { "expired".to_string() } else { format!("expires in {left} days") };
+        crate::cmd::note(&format!(
+            "backupctl: warning: certificate {} {when} ({}); renew it with `backupctl certs renew --dir DIR --name {}` on the CA's host",
+            cert.display(),
+            info.not_after.date(),
+            info.name
+        ));
     }
 }
 
@@ -148,4 +165,48 @@ pub async fn get(client: &mut Client, id: &str) -> Result<Backup> {
     let request = about(id, GetBackupRequest { backup_id: id.into() });
     let reply = client.get_backup(request).await;
     Ok(reply.map_err(|s| Error::rpc(format!("get backup {id}"), s))?.into_inner())
+}
+
+/// The whole id a person meant by `id`: itself when it has the listener's shape, else the one
+/// backup whose id ends with `-ID` or starts with `ID` (as `list` shows them). None matching is
+/// left to the listener to refuse; several is a usage error naming them.
+pub async fn resolve(conn: &Connection, id: &str) -> Result<String> {
+    if crate::view::is_full_id(id) || id.is_empty() {
+        return Ok(id.to_string());
+    }
+    let mut client = conn.connect()?;
+    let mut found = Vec::new();
+    let mut page_token = String::new();
+    loop {
+        let request = ListBackupsRequest {
+            page_size: 500,
+            page_token: page_token.clone(),
+            ..ListBackupsRequest::default()
+        };
+        let reply = client
+            .list_backups(request)
+            .await
+            .map_err(|s| Error::rpc(format!("look up backup {id}"), s))?
+            .into_inner();
+        found.extend(
+            reply
+                .backups
+                .into_iter()
+                .map(|b| b.backup_id)
+                .filter(|b| b == id || b.ends_with(&format!("-{id}")) || b.starts_with(id)),
+        );
+        if reply.next_page_token.is_empty() || found.len() > 5 {
+            break;
+        }
+        page_token = reply.next_page_token;
+    }
+    match found.len() {
+        0 => Ok(id.to_string()),
+        1 => Ok(found.remove(0)),
+        _ => Err(Error::Usage(format!(
+            "{id:?} names several backups ({}{}): give more of the id",
+            found.iter().take(5).cloned().collect::<Vec<_>>().join(", "),
+            if found.len() > 5 { ", ..." } else { "" }
+        ))),
+    }
 }

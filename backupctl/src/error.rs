@@ -39,6 +39,9 @@ pub enum Error {
     /// The backup ended FAILED or ABORTED, or the watch ended before the state waited for.
     #[error("backup {id} {state}{}", if .reason.is_empty() { String::new() } else { format!(": {}", .reason) })]
     BackupFailed { id: String, state: String, reason: String },
+    /// `certs check`: a certificate expires soon (the table was printed).
+    #[error("{0}")]
+    CertsExpiring(String),
     /// `agents`: the listener could not reach these agents (the table was printed).
     #[error("{0}")]
     AgentsUnreachable(String),
@@ -50,9 +53,10 @@ impl Error {
     /// The process exit code for this error.
     pub fn exit_code(&self) -> u8 {
         match self {
-            Error::BackupFailed { .. } | Error::Damaged(_) | Error::Incomplete(_) => {
-                EXIT_BACKUP_FAILED
-            }
+            Error::BackupFailed { .. }
+            | Error::Damaged(_)
+            | Error::Incomplete(_)
+            | Error::CertsExpiring(_) => EXIT_BACKUP_FAILED,
             Error::Repository(stillpoint_saveset::Error::Damaged { .. }) => EXIT_BACKUP_FAILED,
             Error::Repository(_) => EXIT_USAGE,
             Error::AgentsUnreachable(_) => EXIT_AGENT_UNREACHABLE,

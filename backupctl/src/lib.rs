@@ -112,7 +112,20 @@ pub async fn run(cli: Cli, out: &mut dyn Write) -> u8 {
 
 async fn dispatch(cli: Cli, out: &mut dyn Write) -> Result<()> {
     let conn = &cli.connection;
-    match cli.command {
+    let mut command = cli.command;
+    // Short ids (as tables show them) become whole ones before any verb sees them.
+    match &mut command {
+        Command::Status(a) => resolve_some(conn, &mut a.id).await?,
+        Command::Watch(a) => resolve_some(conn, &mut a.id).await?,
+        Command::Wait(a) => a.id = client::resolve(conn, &a.id).await?,
+        Command::Log(a) => a.id = client::resolve(conn, &a.id).await?,
+        Command::Abort(a) => a.id = client::resolve(conn, &a.id).await?,
+        Command::Copied(a) => a.id = client::resolve(conn, &a.id).await?,
+        Command::Copying(a) => a.id = client::resolve(conn, &a.id).await?,
+        Command::Artifacts(a) => a.id = client::resolve(conn, &a.id).await?,
+        _ => {}
+    }
+    match command {
         Command::Start(args) => cmd::start::run(conn, args, out).await,
         Command::Status(args) => cmd::status::run(conn, args, out).await,
         Command::List(args) => cmd::list::run(conn, args, out).await,
@@ -131,6 +144,13 @@ async fn dispatch(cli: Cli, out: &mut dyn Write) -> Result<()> {
         Command::Artifacts(args) => cmd::artifacts::run(conn, args, out).await,
         Command::Config(config) => cmd::config::run(conn, config, out),
     }
+}
+
+async fn resolve_some(conn: &Connection, id: &mut Option<String>) -> Result<()> {
+    if let Some(short) = id.as_deref() {
+        *id = Some(client::resolve(conn, short).await?);
+    }
+    Ok(())
 }
 
 #[cfg(test)]

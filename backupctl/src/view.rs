@@ -730,13 +730,44 @@ pub fn cut_human(cut: &Cut, state: i32) -> String {
     out
 }
 
+/// Whether `id` has the listener's shape, `20240501T123456Z-1a2b3c`: such an id is used as it
+/// is; anything else is a short id to look up.
+pub fn is_full_id(id: &str) -> bool {
+    let Some((stamp, random)) = id.split_once('-') else { return false };
+    stamp.len() == 16
+        && stamp.as_bytes()[8] == b'T'
+        && stamp.ends_with('Z')
+        && random.len() == 6
+        && random.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+/// Ids as a table shows them: the 6 random hex digits where no other id shown shares them (the
+/// time is in its own column), the whole id otherwise. Every verb taking an id accepts both.
+pub fn short_ids(ids: &[&str]) -> Vec<String> {
+    let tail = |id: &str| id.rsplit_once('-').map(|(_, r)| r.to_string());
+    ids.iter()
+        .map(|id| match tail(id) {
+            Some(t)
+                if is_full_id(id)
+                    && ids.iter().filter(|o| tail(o).as_ref() == Some(&t)).count() == 1 =>
+            {
+                t
+            }
+            _ => id.to_string(),
+        })
+        .collect()
+}
+
 /// `list`: one row per backup, newest first as the listener returns them.
 pub fn list_human(backups: &[Backup]) -> String {
+    let ids: Vec<&str> = backups.iter().map(|b| b.backup_id.as_str()).collect();
+    let short = short_ids(&ids);
     let rows: Vec<Vec<String>> = backups
         .iter()
-        .map(|b| {
+        .zip(short)
+        .map(|(b, id)| {
             vec![
-                b.backup_id.clone(),
+                id,
                 b.group.clone(),
                 state_name(b.state),
                 short_time(b.created_unix_ms),

@@ -17,6 +17,7 @@ async fn a_profile_file_is_all_a_shell_needs() {
         cluster.certs.display()
     );
     std::fs::write(&file, profiles).unwrap();
+    let certs = cluster.certs.clone();
     let backupctl = move |args: &[&str]| {
         let mut command = Command::new(env!("CARGO_BIN_EXE_backupctl"));
         for (var, _) in std::env::vars().filter(|(v, _)| v.starts_with("STILLPOINT_")) {
@@ -31,11 +32,20 @@ async fn a_profile_file_is_all_a_shell_needs() {
             backupctl(&["agents"]),
             backupctl(&["config", "show"]),
             backupctl(&["--profile", "ghost", "agents"]),
+            // A renewed certificate still authenticates.
+            {
+                let certs = certs.display().to_string();
+                backupctl(&["certs", "renew", "--dir", &certs, "--name", "operator"])
+            },
+            backupctl(&["agents"]),
         )
     })
     .await
     .unwrap();
-    let ((code, agents, err), (_, show, _), (ghost_code, _, ghost_err)) = out;
+    let ((code, agents, err), (_, show, _), (ghost_code, _, ghost_err), renewed, again) = out;
+    assert_eq!(renewed.0, Some(0), "{renewed:?}");
+    assert_eq!(again.0, Some(0), "{again:?}");
+    assert!(cluster.certs.join("operator.pem.old").is_file());
     assert_eq!(code, Some(0), "{agents}{err}");
     assert!(agents.lines().any(|l| l.starts_with("srv-a")), "{agents}");
     assert!(

@@ -281,3 +281,23 @@ async fn status_lists_the_artifacts_and_artifacts_writes_them_from_the_catalog()
     let (code, _) = real.run("viewer", &["artifacts", &id, "--to", to]).await;
     assert_eq!(code, 2, "a viewer may not read their bytes");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn list_shows_short_ids_and_every_verb_takes_them() {
+    let real = Real::start(Spec::default()).await;
+    let (code, id) = real.run("hook", &["start", "--group", "h"]).await;
+    assert_eq!(code, 0);
+    let id = id.trim().to_string();
+    let short = id.rsplit_once('-').map(|(_, r)| r.to_string()).unwrap();
+    let (_, list) = real.run("viewer", &["list"]).await;
+    assert!(list.lines().any(|l| l.starts_with(&format!("{short} "))), "{list}");
+    let (code, status) = real.run("viewer", &["status", &short, "--json"]).await;
+    assert_eq!(code, 0, "{status}");
+    assert_eq!(json(&status)["backup_id"], id.as_str());
+    let (code, log) = real.run("viewer", &["log", &short]).await;
+    assert_eq!(code, 0);
+    assert!(!log.is_empty());
+    // Whole ids in --json, always.
+    let (_, list) = real.run("viewer", &["list", "--json"]).await;
+    assert_eq!(json(&list)[0]["backup_id"], id.as_str());
+}

@@ -132,3 +132,105 @@ fn tls_err(what: &str, e: rcgen::Error) -> Error {
 fn cert_err(path: &Path, e: rcgen::Error) -> Error {
     Error::Certificate { path: path.to_path_buf(), reason: e.to_string() }
 }
+
+/// What a certificate file says about its holder: enough to renew it as it was and to warn
+/// before it expires.
+#[derive(Debug, Clone)]
+pub struct CertInfo {
+    pub path: PathBuf,
+    /// `None` for the CA (it has no role).
+    pub role: Option<Role>,
+    pub name: String,
+    /// Its other DNS names and IP addresses (the holder's name is always the first SAN).
+    pub hosts: Vec<String>,
+    pub not_after: OffsetDateTime,
+}
+
+impl CertInfo {
+    /// Whole days left from `now` (negative once expired).
+    pub fn days_left(&self, now: OffsetDateTime) -> i64 {
+        (self.not_after - now).whole_days()
+    }
+}
+
+/// Reads the first certificate of a PEM file.
+pub fn inspect(path: &Path) -> Result<CertInfo> {
+    let pem = fs::read(path).map_err(|e| Error::io(path, e))?;
+    let der = rustls_pemfile::certs(&mut pem.as_slice())
+        .next()
+        .ok_or_else(|| Error::Certificate {
+            path: path.to_path_buf(),
+            reason: "no certificate in this PEM file".into(),
+        })?
+        .map_err(|e| Error::Certificate { path: path.to_path_buf(), reason: e.to_string() })?;
+    let bad = |reason: String| Error::Certificate { path: path.to_path_buf(), reason };
+    let (_, cert) =
+        x509_parser::parse_x509_certificate(&der).map_err(|e| bad(format!("unreadable: {e}")))?;
+    let subject = cert.subject();
+    let name = subject
+        .iter_common_name()
+        .next()
+        .and_then(|cn| cn.as_str().ok())
+        .unwrap_or_default()
+        .to_string();
+    let role = match subject.iter_organizational_unit().next().and_then(|ou| ou.as_str().ok()) {
+        Some(ou) => Some(ou.parse::<Role>().map_err(bad)?),
+        None => None,
+    };
+    let mut hosts = Vec::new();
+    if let Ok(Some(san)) = cert.subject_alternative_name() {
+        for general in &san.value.general_names {
+            match general {
+                x509_parser::extensions::GeneralName::DNSName(dns) if *dns != name => {
+                    hosts.push((*dns).to_string());
+                }
+                x509_parser::extensions::GeneralName::IPAddress(ip) => {
+                    let addr = match ip.len() {
+                        4 => <[u8; 4]>::try_from(*ip)
+                            .ok()
+                            .map(|b| std::net::IpAddr::from(b).to_string()),
+                        16 => <[u8; 16]>::try_from(*ip)
+                            .ok()
+                            .map(|b| std::net::IpAddr::from(b).to_string()),
+                        _ => None,
+                    };
+                    hosts.extend(addr);
+                }
+                _ => {}
+            }
+        }
+    }
+    let not_after = cert.validity().not_after.to_datetime();
+    Ok(CertInfo { path: path.to_path_buf(), role, name, hosts, not_after })
+}
+
+/// Reissues `NAME.pem` in `dir` from the CA there, with the role and names it had, a new key and
+/// `days` of validity. The old files stay beside it as `NAME.pem.old` and `NAME.key.old` until
+/// the next renewal, so a holder not yet given the new files can be put back.
+pub fn renew(dir: &Path, name: &str, days: i64) -> Result<(CertInfo, IssuedFiles)> {
+    validate_name("certificate name", name)?;
+    let cert = dir.join(format!("{name}.pem"));
+    let old = inspect(&cert)?;
+    let Some(role) = old.role else {
+        return Err(Error::Certificate {
+            path: cert,
+            reason: "it has no role (is it the CA?): renew a role certificate, or make a new CA with `backupctl certs init`".into(),
+        });
+    };
+    if old.name != name {
+        return Err(Error::Certificate {
+            path: cert,
+            reason: format!(
+                "it was issued to {:?}, not {name:?}: its file name and holder disagree",
+                old.name
+            ),
+        });
+    }
+    for ext in ["pem", "key"] {
+        let from = dir.join(format!("{name}.{ext}"));
+        let to = dir.join(format!("{name}.{ext}.old"));
+        fs::copy(&from, &to).map_err(|e| Error::io(&from, e))?;
+    }
+    let files = issue(dir, role, name, &old.hosts, days)?;
+    Ok((old, files))
+}

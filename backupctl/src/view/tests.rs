@@ -435,3 +435,20 @@ fn status_says_whether_an_ended_backup_is_settled_and_whom_it_gave_up_on() {
     backup.state = BackupState::Copying as i32;
     assert!(!backup_human(&backup).contains("settled"), "a running backup is not judged");
 }
+
+#[test]
+fn ids_are_shortened_only_where_unambiguous() {
+    let ids =
+        ["20261203T131500Z-abc123", "20261202T220000Z-0f9e8d", "20261201T220000Z-abc123", "b-1"];
+    assert_eq!(
+        short_ids(&ids),
+        vec![
+            "20261203T131500Z-abc123".to_string(),
+            "0f9e8d".into(),
+            "20261201T220000Z-abc123".into(),
+            "b-1".into(),
+        ]
+    );
+    assert!(is_full_id("20261203T131500Z-abc123"));
+    assert!(!is_full_id("abc123") && !is_full_id("20261203T131500Z-abc12") && !is_full_id("b-1"));
+}

@@ -56,3 +56,48 @@ fn issue_refuses_bad_names_and_a_missing_ca() {
     let err = issue("../evil").unwrap_err();
     assert!(err.to_string().contains("not a valid name"), "{err}");
 }
+
+#[test]
+fn renew_keeps_role_and_names_and_check_warns_before_expiry() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_path_buf();
+    check(Certs::Init(InitArgs { dir: d.clone(), days: 3650, json: false })).unwrap();
+    let issue = IssueArgs {
+        dir: d.clone(),
+        role: Role::Listener,
+        name: "listener".into(),
+        hosts: vec!["backup.clinic.lan".into(), "10.0.0.5".into()],
+        days: 10,
+        json: false,
+    };
+    check(Certs::Issue(issue)).unwrap();
+    let old_key = std::fs::read(d.join("listener.key")).unwrap();
+
+    let checked = || {
+        run(Certs::Check(CheckArgs { dir: d.clone(), warn_days: 30, json: false }), &mut Vec::new())
+    };
+    let err = checked().unwrap_err();
+    assert_eq!(err.exit_code(), crate::EXIT_BACKUP_FAILED);
+    assert!(err.to_string().contains("listener.pem (9 days)"), "{err}");
+
+    let text = check(Certs::Renew(RenewArgs {
+        dir: d.clone(),
+        name: "listener".into(),
+        days: 825,
+        json: false,
+    }))
+    .unwrap();
+    assert!(text.starts_with("renewed listener:listener (was valid until "), "{text}");
+    let new = inspect(&d.join("listener.pem")).unwrap();
+    assert_eq!(new.role, Some(Role::Listener));
+    assert_eq!(new.hosts, vec!["backup.clinic.lan".to_string(), "10.0.0.5".to_string()]);
+    assert!(new.days_left(time::OffsetDateTime::now_utc()) >= 824);
+    assert_ne!(std::fs::read(d.join("listener.key")).unwrap(), old_key, "a new key");
+    assert_eq!(std::fs::read(d.join("listener.key.old")).unwrap(), old_key, "the old one kept");
+    checked().unwrap();
+
+    let err =
+        check(Certs::Renew(RenewArgs { dir: d.clone(), name: "ca".into(), days: 10, json: false }))
+            .unwrap_err();
+    assert!(err.to_string().contains("no role"), "{err}");
+}
