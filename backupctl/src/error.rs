@@ -34,6 +34,10 @@ pub enum Error {
     /// manifest), without `--incomplete`.
     #[error("{0}")]
     Incomplete(String),
+    /// `drill` ran and a restore or a check failed (the report was printed), or the backup
+    /// lacks a server the drill file names.
+    #[error("{0}")]
+    DrillFailed(String),
     /// The backup ended FAILED or ABORTED, or the watch ended before the state waited for.
     #[error("backup {id} {state}{}", if .reason.is_empty() { String::new() } else { format!(": {}", .reason) })]
     BackupFailed { id: String, state: String, reason: String },
@@ -45,9 +49,10 @@ impl Error {
     /// The process exit code for this error.
     pub fn exit_code(&self) -> u8 {
         match self {
-            Error::BackupFailed { .. } | Error::Damaged(_) | Error::Incomplete(_) => {
-                EXIT_BACKUP_FAILED
-            }
+            Error::BackupFailed { .. }
+            | Error::Damaged(_)
+            | Error::Incomplete(_)
+            | Error::DrillFailed(_) => EXIT_BACKUP_FAILED,
             Error::Repository(stillpoint_saveset::Error::Damaged { .. }) => EXIT_BACKUP_FAILED,
             Error::Repository(_) => EXIT_USAGE,
             Error::Usage(_) | Error::Rpc { .. } | Error::Core(_) | Error::Output(_) => EXIT_USAGE,

@@ -8,6 +8,7 @@ pub mod artifacts;
 pub mod certs;
 pub mod copied;
 pub mod copying;
+pub mod drill;
 pub mod list;
 pub mod log;
 pub mod repo;
