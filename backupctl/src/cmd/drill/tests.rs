@@ -212,3 +212,11 @@ fn a_tail_keeps_the_last_non_empty_lines() {
     let long = "x".repeat(400);
     assert_eq!(tail(&long, 1)[0].chars().count(), 301);
 }
+
+#[test]
+fn the_example_drill_file_parses_without_problems() {
+    let config = check_config(include_str!("../../../../deploy/drill.example.toml")).unwrap();
+    let kinds: Vec<&str> =
+        config.servers.iter().flat_map(|s| &s.checks).map(|c| c.kind.name()).collect();
+    assert_eq!(kinds, ["mount", "fsck", "postgres", "sqlite", "command", "mysql"]);
+}

@@ -1,0 +1,214 @@
+//! `backupctl drill` as the real binary, as root, on real things: an XFS image holding a
+//! PostgreSQL 15 data directory with rows (stopped by a crash) and an SQLite database, copied
+//! with `repo backup` and sealed with a backup manifest of group `g1`; then drilled with fsck,
+//! mount, postgres and sqlite checks. It passes; a query with no rows and a flipped byte in a
+//! pack each fail it with exit 1 naming what failed; nothing stays mounted or attached.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use stillpoint_saveset::{BackupManifest, Manifest, ManifestId, Repository, Secret};
+
+#[allow(dead_code)]
+#[path = "../../agent/src/quiesce/postgres/tests/cluster.rs"]
+mod pg;
+
+const BIN: &str = env!("CARGO_BIN_EXE_backupctl");
+const PASSPHRASE: &str = "drill passphrase";
+
+fn backupctl(dir: &Path, args: &[&str]) -> Output {
+    Command::new(BIN)
+        .args(args)
+        .env("STILLPOINT_REPO", dir.join("repo"))
+        .env("STILLPOINT_REPO_PASSPHRASE_FILE", dir.join("pass"))
+        .env_remove("STILLPOINT_REPO_KEY_FILE")
+        .output()
+        .unwrap()
+}
+
+fn said(out: &Output) -> String {
+    format!(
+        "exit {:?}\nstdout:\n{}\nstderr:\n{}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// Neither a mount nor a loop device refers to anything under `dir` any more.
+fn nothing_left_under(dir: &Path) {
+    let dir = dir.display().to_string();
+    let mounts = fs::read_to_string("/proc/self/mounts").unwrap();
+    assert!(!mounts.contains(&dir), "still mounted under {dir}:\n{mounts}");
+    let loops = pg::run("losetup", &["-a"]).unwrap();
+    assert!(!loops.contains(&dir), "loop devices still attached under {dir}:\n{loops}");
+}
+
+/// The image: XFS with `pg/data` (table `marks`, ids 1..=100, server killed, not stopped) and
+/// `app/app.db` (SQLite, 3 rows).
+fn make_image(dir: &Path, image: &Path) {
+    let mount = dir.join("mnt");
+    let mounted = pg::Mounted::new(image, &mount, 300, &["mkfs.xfs", "-q"]);
+    let cluster = pg::Cluster::init(&mount.join("pg/data"), &dir.join("sock"), "");
+    cluster.psql("CREATE TABLE marks (id int PRIMARY KEY)");
+    cluster.mark(1, 100);
+    // Dropping the cluster stops it with `-m immediate`: the drill's server starts by crash
+    // recovery.
+    drop(cluster);
+    fs::create_dir(mount.join("app")).unwrap();
+    let db = mount.join("app/app.db").display().to_string();
+    pg::run(
+        "sqlite3",
+        &[&db, "PRAGMA journal_mode=WAL; CREATE TABLE t(x); INSERT INTO t VALUES (1),(2),(3);"],
+    )
+    .unwrap();
+    drop(mounted);
+}
+
+fn drill_config(dir: &Path, name: &str, query: &str) -> PathBuf {
+    let path = dir.join(name);
+    fs::write(
+        &path,
+        format!(
+            r#"
+timeout_s = 120
+[[server]]
+name = "db1"
+[[server.check]]
+kind = "fsck"
+[[server.check]]
+kind = "mount"
+[[server.check]]
+kind = "postgres"
+data_dir = "pg/data"
+query = "{query}"
+[[server.check]]
+kind = "sqlite"
+path = "app/app.db"
+"#
+        ),
+    )
+    .unwrap();
+    path
+}
+
+#[test]
+fn a_drill_restores_starts_and_checks_and_fails_on_a_bad_query_or_damage() {
+    if let Some(why) = pg::missing() {
+        panic!("this test needs PostgreSQL 15: {why}");
+    }
+    assert!(stillpoint_core::sys::is_root(), "the drill test loop-mounts: run it as root");
+    let temp = tempfile::tempdir().unwrap();
+    let d = temp.path();
+    // The postgres user must reach the sockets and data directories below.
+    pg::give_to_postgres(d);
+    fs::write(d.join("pass"), PASSPHRASE).unwrap();
+    let image = d.join("db1-data.img");
+    make_image(d, &image);
+
+    let out = backupctl(d, &["repo", "init"]);
+    assert!(out.status.success(), "{}", said(&out));
+    let image_s = image.display().to_string();
+    let args = ["repo", "backup", "--backup", "b-1", "--server", "db1", "--volume", "data"];
+    let out = backupctl(d, &[&args[..], &["--json", &image_s]].concat());
+    assert!(out.status.success(), "{}", said(&out));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let volume: ManifestId = v["manifest"].as_str().unwrap().parse().unwrap();
+    // The seal the listener writes, with its cut naming the group.
+    let repo = Repository::open(&d.join("repo"), &Secret::passphrase(PASSPHRASE)).unwrap();
+    repo.write_manifest(&Manifest::Backup(BackupManifest {
+        backup: "b-1".into(),
+        volumes: vec![volume],
+        cut: serde_json::json!({"backup": "b-1", "group": "g1", "servers": []}),
+        created_unix_ms: 1,
+        artifacts: Vec::new(),
+    }))
+    .unwrap();
+    drop(repo);
+    let scratch = d.join("scratch");
+    fs::create_dir(&scratch).unwrap();
+    let scratch_s = scratch.display().to_string();
+
+    // The drill passes: every check, in order, and the rows are there.
+    let good = drill_config(d, "good.toml", "SELECT id FROM marks WHERE id = 100");
+    let good_s = good.display().to_string();
+    let run = ["drill", "--latest", "--group", "g1", "--scratch", &scratch_s, "--config"];
+    let out = backupctl(d, &[&run[..], &[&good_s, "--json"]].concat());
+    assert_eq!(out.status.code(), Some(0), "{}", said(&out));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["backup"], "b-1");
+    assert_eq!(report["group"], "g1");
+    assert_eq!(report["passed"], true);
+    let server = &report["servers"][0];
+    assert_eq!(server["server"], "db1");
+    assert!(server["volumes"][0]["error"].is_null(), "{server}");
+    let checks: Vec<(&str, &str)> = server["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| (c["check"].as_str().unwrap(), c["outcome"].as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        checks,
+        [("fsck", "passed"), ("mount", "passed"), ("postgres", "passed"), ("sqlite", "passed")],
+        "{server}"
+    );
+    let detail = server["checks"][2]["detail"].as_str().unwrap();
+    assert!(
+        detail.contains("crash recovery") && detail.contains("pg_amcheck --all ok"),
+        "{detail}"
+    );
+    assert!(detail.contains("query returned 1 row(s)"), "{detail}");
+    assert_eq!(fs::read_dir(&scratch).unwrap().count(), 0, "the scratch directory was removed");
+    nothing_left_under(&scratch);
+
+    // A query that finds nothing fails the drill (exit 1), naming the check; human report.
+    let bad = drill_config(d, "bad.toml", "SELECT id FROM marks WHERE id = 1000");
+    let bad_s = bad.display().to_string();
+    let out = backupctl(d, &["drill", "b-1", "--scratch", &scratch_s, "--config", &bad_s]);
+    assert_eq!(out.status.code(), Some(1), "{}", said(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    eprintln!("{stdout}");
+    assert!(stdout.starts_with("drill of backup b-1 (group g1)"), "{}", said(&out));
+    let line = stdout.lines().find(|l| l.trim_start().starts_with("postgres")).unwrap();
+    assert!(line.contains("FAILED") && line.contains("query returned no rows"), "{line}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("drill of backup b-1 failed: db1: postgres check"), "{stderr}");
+    assert_eq!(fs::read_dir(&scratch).unwrap().count(), 0, "removed after a failure too");
+    nothing_left_under(&scratch);
+
+    // A flipped byte in a pack: the restore fails, the checks are skipped, exit 1; --keep
+    // leaves the scratch directory, still with nothing mounted.
+    let pack = walk(&d.join("repo/packs")).pop().expect("a pack was written");
+    let mut bytes = fs::read(&pack).unwrap();
+    bytes[100] ^= 0x40;
+    fs::write(&pack, bytes).unwrap();
+    let out = backupctl(d, &[&run[..], &[&good_s, "--json", "--keep"]].concat());
+    assert_eq!(out.status.code(), Some(1), "{}", said(&out));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["passed"], false);
+    let server = &report["servers"][0];
+    let error = server["volumes"][0]["error"].as_str().unwrap_or_else(|| panic!("{server}"));
+    assert!(error.contains("damaged"), "{error}");
+    assert!(server["checks"].as_array().unwrap().iter().all(|c| c["outcome"] == "skipped"));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("db1: restore of data"), "{stderr}");
+    assert_eq!(report["scratch_kept"], true);
+    assert!(Path::new(report["scratch"].as_str().unwrap()).is_dir());
+    nothing_left_under(&scratch);
+}
+
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut files = Vec::new();
+    for entry in fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            files.extend(walk(&path));
+        } else {
+            files.push(path);
+        }
+    }
+    files.sort();
+    files
+}
