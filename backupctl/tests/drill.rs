@@ -164,7 +164,21 @@ fn a_drill_restores_starts_and_checks_and_fails_on_a_bad_query_or_damage() {
     nothing_left_under(&scratch);
 
     // A query that finds nothing fails the drill (exit 1), naming the check; human report.
+    // Also: a command sees the mounted image, and one that outlives its timeout is killed.
     let bad = drill_config(d, "bad.toml", "SELECT id FROM marks WHERE id = 1000");
+    let mut text = fs::read_to_string(&bad).unwrap();
+    text.push_str(
+        r#"
+[[server.check]]
+kind = "command"
+command = ["sh", "-c", "test -f \"$STILLPOINT_DRILL_ROOT/pg/data/PG_VERSION\" && test \"$STILLPOINT_SERVER\" = db1"]
+[[server.check]]
+kind = "command"
+command = ["sleep", "60"]
+timeout_s = 1
+"#,
+    );
+    fs::write(&bad, text).unwrap();
     let bad_s = bad.display().to_string();
     let out = backupctl(d, &["drill", "b-1", "--scratch", &scratch_s, "--config", &bad_s]);
     assert_eq!(out.status.code(), Some(1), "{}", said(&out));
@@ -173,8 +187,16 @@ fn a_drill_restores_starts_and_checks_and_fails_on_a_bad_query_or_damage() {
     assert!(stdout.starts_with("drill of backup b-1 (group g1)"), "{}", said(&out));
     let line = stdout.lines().find(|l| l.trim_start().starts_with("postgres")).unwrap();
     assert!(line.contains("FAILED") && line.contains("query returned no rows"), "{line}");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("drill of backup b-1 failed: db1: postgres check"), "{stderr}");
+    let lines: Vec<&str> =
+        stdout.lines().filter(|l| l.trim_start().starts_with("command")).collect();
+    assert_eq!(lines.len(), 2, "{stdout}");
+    assert!(lines[0].contains(" ok ") && lines[0].contains("sh exited 0"), "{lines:?}");
+    assert!(lines[1].contains("FAILED") && lines[1].contains("sleep: timed out"), "{lines:?}");
+    assert!(
+        stderr_has(&out, "drill of backup b-1 failed: db1: postgres check, command check"),
+        "{}",
+        said(&out)
+    );
     assert_eq!(fs::read_dir(&scratch).unwrap().count(), 0, "removed after a failure too");
     nothing_left_under(&scratch);
 
@@ -197,6 +219,10 @@ fn a_drill_restores_starts_and_checks_and_fails_on_a_bad_query_or_damage() {
     assert_eq!(report["scratch_kept"], true);
     assert!(Path::new(report["scratch"].as_str().unwrap()).is_dir());
     nothing_left_under(&scratch);
+}
+
+fn stderr_has(out: &Output, text: &str) -> bool {
+    String::from_utf8_lossy(&out.stderr).contains(text)
 }
 
 fn walk(dir: &Path) -> Vec<PathBuf> {

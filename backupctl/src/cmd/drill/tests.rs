@@ -220,3 +220,14 @@ fn the_example_drill_file_parses_without_problems() {
         config.servers.iter().flat_map(|s| &s.checks).map(|c| c.kind.name()).collect();
     assert_eq!(kinds, ["mount", "fsck", "postgres", "sqlite", "command", "mysql"]);
 }
+
+#[test]
+fn a_missing_tool_is_named_with_its_package() {
+    let e = super::exec::find("/nonexistent/bin/pg_amcheck").unwrap_err();
+    assert!(e.detail.starts_with("pg_amcheck is not installed (no /nonexistent/bin/pg_amcheck)"));
+    assert!(e.detail.contains("install postgresql-15"), "{e}");
+    let e = super::exec::find("mariadb-check-not-here").unwrap_err();
+    assert!(e.detail.contains("mariadb-check-not-here is not installed"), "{e}");
+    assert_eq!(super::exec::package_of("xfs_repair"), "xfsprogs");
+    assert!(super::exec::find("sh").is_ok());
+}
