@@ -221,6 +221,100 @@ timeout_s = 1
     nothing_left_under(&scratch);
 }
 
+/// A MariaDB data directory on XFS (table `app.t`, 3 rows; the server killed, not stopped),
+/// backed up by `repo backup` and drilled by id with `--incomplete`: mariadb-check passes every
+/// table and the query finds its row; a query that finds none fails the drill.
+#[test]
+fn a_mariadb_drill_checks_every_table() {
+    assert!(stillpoint_core::sys::is_root(), "the drill test loop-mounts: run it as root");
+    let temp = tempfile::tempdir().unwrap();
+    let d = temp.path();
+    fs::write(d.join("pass"), PASSPHRASE).unwrap();
+    let image = d.join("db2-data.img");
+    let mount = d.join("mnt");
+    let mounted = pg::Mounted::new(&image, &mount, 300, &["mkfs.xfs", "-q"]);
+    let data = mount.join("mariadb");
+    let run_dir = d.join("run");
+    fs::create_dir_all(&run_dir).unwrap();
+    pg::run(
+        "mariadb-install-db",
+        &[
+            "--no-defaults",
+            &format!("--datadir={}", data.display()),
+            "--user=root",
+            "--skip-test-db",
+            &format!("--tmpdir={}", run_dir.display()),
+        ],
+    )
+    .unwrap();
+    let socket = run_dir.join("mysqld.sock");
+    let mut server = Command::new("mariadbd")
+        .arg("--no-defaults")
+        .arg(format!("--datadir={}", data.display()))
+        .arg("--user=root")
+        .arg(format!("--socket={}", socket.display()))
+        .arg("--skip-networking")
+        .arg(format!("--log-error={}", run_dir.join("error.log").display()))
+        .arg(format!("--tmpdir={}", run_dir.display()))
+        .stdin(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let sql = |q: &str| {
+        pg::run(
+            "mariadb",
+            &["--no-defaults", "-uroot", &format!("--socket={}", socket.display()), "-e", q],
+        )
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while sql("SELECT 1").is_err() {
+        assert!(std::time::Instant::now() < deadline, "mariadbd did not answer within 60 s");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    sql("CREATE DATABASE app; CREATE TABLE app.t (id INT PRIMARY KEY) ENGINE=InnoDB; \
+         INSERT INTO app.t VALUES (1),(2),(3);")
+    .unwrap();
+    server.kill().unwrap();
+    server.wait().unwrap();
+    drop(mounted);
+
+    assert!(backupctl(d, &["repo", "init"]).status.success());
+    let image_s = image.display().to_string();
+    let args = ["repo", "backup", "--backup", "b-2", "--server", "db2", "--volume", "data"];
+    let out = backupctl(d, &[&args[..], &[&image_s]].concat());
+    assert!(out.status.success(), "{}", said(&out));
+    let scratch = d.join("scratch");
+    fs::create_dir(&scratch).unwrap();
+    let scratch_s = scratch.display().to_string();
+    let config = |name: &str, query: &str| {
+        let path = d.join(name);
+        let text = format!(
+            "[[server]]\nname = \"db2\"\n[[server.check]]\nkind = \"mysql\"\n\
+             data_dir = \"mariadb\"\nquery = \"{query}\"\ntimeout_s = 120\n"
+        );
+        fs::write(&path, text).unwrap();
+        path.display().to_string()
+    };
+    let run = ["drill", "b-2", "--incomplete", "--scratch", &scratch_s, "--config"];
+
+    let good = config("good.toml", "SELECT id FROM app.t WHERE id = 3");
+    let out = backupctl(d, &[&run[..], &[&good]].concat());
+    assert_eq!(out.status.code(), Some(0), "{}", said(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    eprintln!("{stdout}");
+    assert!(stdout.starts_with("drill of INCOMPLETE backup b-2"), "{stdout}");
+    let line = stdout.lines().find(|l| l.trim_start().starts_with("mysql")).unwrap();
+    assert!(line.contains(" ok ") && line.contains("query returned 1 row(s)"), "{line}");
+    assert!(!line.contains(" 0 table(s)"), "mariadb-check checked the tables: {line}");
+    nothing_left_under(&scratch);
+
+    let bad = config("bad.toml", "SELECT id FROM app.t WHERE id = 4");
+    let out = backupctl(d, &[&run[..], &[&bad]].concat());
+    assert_eq!(out.status.code(), Some(1), "{}", said(&out));
+    assert!(stderr_has(&out, "db2: mysql check"), "{}", said(&out));
+    assert_eq!(fs::read_dir(&scratch).unwrap().count(), 0, "scratch removed");
+    nothing_left_under(&scratch);
+}
+
 fn stderr_has(out: &Output, text: &str) -> bool {
     String::from_utf8_lossy(&out.stderr).contains(text)
 }
