@@ -34,8 +34,7 @@ pub enum Error {
     /// manifest), without `--incomplete`.
     #[error("{0}")]
     Incomplete(String),
-    /// `drill` ran and a restore or a check failed (the report was printed), or the backup
-    /// lacks a server the drill file names.
+    /// `drill` ran and a restore or a check failed (the report was printed).
     #[error("{0}")]
     DrillFailed(String),
     /// The backup ended FAILED or ABORTED, or the watch ended before the state waited for.

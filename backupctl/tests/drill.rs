@@ -176,6 +176,8 @@ command = ["sh", "-c", "test -f \"$STILLPOINT_DRILL_ROOT/pg/data/PG_VERSION\" &&
 kind = "command"
 command = ["sleep", "60"]
 timeout_s = 1
+[[server]]
+name = "db9"
 "#,
     );
     fs::write(&bad, text).unwrap();
@@ -193,10 +195,14 @@ timeout_s = 1
     assert!(lines[0].contains(" ok ") && lines[0].contains("sh exited 0"), "{lines:?}");
     assert!(lines[1].contains("FAILED") && lines[1].contains("sleep: timed out"), "{lines:?}");
     assert!(
-        stderr_has(&out, "drill of backup b-1 failed: db1: postgres check, command check"),
+        stderr_has(
+            &out,
+            "drill of backup b-1 failed: db1: postgres check, command check; db9: restore of *"
+        ),
         "{}",
         said(&out)
     );
+    assert!(stdout.contains("the backup has no volume of server db9 (it has db1)"), "{stdout}");
     assert_eq!(fs::read_dir(&scratch).unwrap().count(), 0, "removed after a failure too");
     nothing_left_under(&scratch);
 

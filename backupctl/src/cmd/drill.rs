@@ -57,6 +57,26 @@ pub struct Args {
 }
 
 pub fn run(args: Args, out: &mut dyn Write) -> Result<()> {
+    let report = execute(&args)?;
+    if args.json {
+        writeln!(out, "{}", view::json(&report))?;
+    } else {
+        write!(out, "{}", report.render())?;
+    }
+    if report.passed {
+        Ok(())
+    } else {
+        Err(Error::DrillFailed(format!(
+            "drill of backup {} failed: {}",
+            report.backup,
+            report.failures().join("; ")
+        )))
+    }
+}
+
+/// Runs the drill and returns its report (whether it passed or not); `Err` only for what stops
+/// a drill before it starts: the drill file, the repository, no such backup, not root.
+pub fn execute(args: &Args) -> Result<DrillReport> {
     let config = load_config(&args.config)?;
     let repo = args.repo.open()?;
     let (id, group) = match (&args.id, args.latest) {
@@ -98,8 +118,7 @@ pub fn run(args: Args, out: &mut dyn Write) -> Result<()> {
         ));
     }
     let passed = servers.iter().all(ServerReport::passed);
-    let kept = args.keep;
-    if !kept {
+    if !args.keep {
         if let Err(e) = std::fs::remove_dir_all(&scratch) {
             crate::cmd::note(&format!(
                 "backupctl: drill: remove scratch {}: {e}; remove it by hand",
@@ -107,31 +126,18 @@ pub fn run(args: Args, out: &mut dyn Write) -> Result<()> {
             ));
         }
     }
-    let report = DrillReport {
-        backup: id.clone(),
+    Ok(DrillReport {
+        backup: id,
         group,
         repository: args.repo.repo.display().to_string(),
         complete,
         started_unix_ms,
         duration_ms: millis(started),
         scratch: scratch.display().to_string(),
-        scratch_kept: kept,
+        scratch_kept: args.keep,
         servers,
         passed,
-    };
-    if args.json {
-        writeln!(out, "{}", view::json(&report))?;
-    } else {
-        write!(out, "{}", report.render())?;
-    }
-    if report.passed {
-        Ok(())
-    } else {
-        Err(Error::DrillFailed(format!(
-            "drill of backup {id} failed: {}",
-            report.failures().join("; ")
-        )))
-    }
+    })
 }
 
 fn load_config(path: &Path) -> Result<DrillConfig> {
@@ -180,7 +186,9 @@ fn group_of(repo: &Repository, manifest: Option<ManifestId>) -> Option<String> {
 }
 
 /// Each server to drill and its checks: the config's servers, or every server of the backup
-/// (no checks) when it names none. A server the config names but the backup lacks is refused.
+/// (no checks) when it names none. A server the config names but the backup lacks stays in the
+/// plan: its report says so and fails the drill (a backup that lost a server is what a drill
+/// is for), while a check naming a volume the server lacks is a mistake in the file (exit 2).
 fn plan(
     config: &DrillConfig,
     volumes: &[&(ManifestId, VolumeSummary)],
@@ -193,11 +201,8 @@ fn plan(
     let mut plan = Vec::new();
     for s in &config.servers {
         if !in_backup.contains(&s.name.as_str()) {
-            return Err(Error::DrillFailed(format!(
-                "the drill config names server {} but the backup has no volume of it (it has {})",
-                s.name,
-                in_backup.join(", ")
-            )));
+            plan.push((s.name.clone(), s.checks.clone()));
+            continue;
         }
         let server_volumes: Vec<&str> = volumes
             .iter()
@@ -271,6 +276,21 @@ fn drill_server(
         return report;
     }
     let mut images = Vec::new();
+    if !volumes.iter().any(|(_, v)| v.meta.server == server) {
+        let mut has: Vec<&str> = volumes.iter().map(|(_, v)| v.meta.server.as_str()).collect();
+        has.dedup();
+        report.volumes.push(VolumeReport {
+            volume: "*".into(),
+            image: String::new(),
+            size: 0,
+            bytes_written: 0,
+            duration_ms: 0,
+            error: Some(format!(
+                "the backup has no volume of server {server} (it has {})",
+                has.join(", ")
+            )),
+        });
+    }
     for (mid, v) in volumes.iter().filter(|(_, v)| v.meta.server == server) {
         let image = work.join(format!("{}.img", safe_name(&v.meta.volume)));
         let started = Instant::now();
