@@ -227,6 +227,127 @@ name = "db9"
     nothing_left_under(&scratch);
 }
 
+/// A snapshot taken in PostgreSQL's backup mode (fsfreeze around the copy), its `backup_label`
+/// sealed into the backup manifest as the quiescer's artifact: with `wal_archive` the drill
+/// recovers from the label to the backup's end, so rows committed after the snapshot but
+/// before `pg_backup_stop` are there; without it, crash recovery ends at the snapshot and the
+/// same query fails, the report saying the label was not used.
+#[test]
+fn a_postgres_drill_recovers_from_the_backup_label_and_the_archive() {
+    use std::io::{Read as _, Write as _};
+    if let Some(why) = pg::missing() {
+        panic!("this test needs PostgreSQL 15: {why}");
+    }
+    let temp = tempfile::tempdir().unwrap();
+    let d = temp.path();
+    pg::give_to_postgres(d);
+    fs::write(d.join("pass"), PASSPHRASE).unwrap();
+    let archive = d.join("archive");
+    fs::create_dir(&archive).unwrap();
+    pg::give_to_postgres(&archive);
+    let (image, copy) = (d.join("live.img"), d.join("db1-data.img"));
+    let mount = d.join("mnt");
+    let mounted = pg::Mounted::new(&image, &mount, 300, &["mkfs.xfs", "-q"]);
+    let extra = format!("archive_mode = on\narchive_command = 'cp %p {}/%f'", archive.display());
+    let cluster = pg::Cluster::init(&mount.join("pg/data"), &d.join("sock"), &extra);
+    cluster.psql("CREATE TABLE marks (id int PRIMARY KEY)");
+    cluster.mark(1, 100);
+    // Backup mode on one session, as the quiescer holds it.
+    let mut session = Command::new(format!("{}/psql", pg::BIN))
+        .args(["-h", &cluster.socket_dir.display().to_string(), "-p", &cluster.port.to_string()])
+        .args(["-U", "postgres", "-d", "postgres", "-X", "-A", "-t", "-q", "-v", "ON_ERROR_STOP=1"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut input = session.stdin.take().unwrap();
+    input.write_all(b"SELECT pg_backup_start('drill', true);\n").unwrap();
+    input.flush().unwrap();
+    cluster
+        .wait_for(
+            "SELECT count(*) FROM pg_stat_activity WHERE query LIKE 'SELECT pg_backup_start%' \
+             AND state = 'idle' AND pid <> pg_backend_pid()",
+            "1",
+            std::time::Duration::from_secs(60),
+        )
+        .unwrap();
+    let mount_s = mount.display().to_string();
+    pg::run("fsfreeze", &["-f", &mount_s]).unwrap();
+    let copied = pg::run(
+        "cp",
+        &["--sparse=always", &image.display().to_string(), &copy.display().to_string()],
+    );
+    pg::run("fsfreeze", &["-u", &mount_s]).unwrap();
+    copied.unwrap();
+    // Committed after the snapshot, before the backup's end: only the label's recovery has it.
+    cluster.mark(101, 300);
+    input.write_all(b"SELECT labelfile FROM pg_backup_stop(true);\n").unwrap();
+    drop(input);
+    let mut stopped = String::new();
+    session.stdout.take().unwrap().read_to_string(&mut stopped).unwrap();
+    assert!(session.wait().unwrap().success(), "{stopped}");
+    let start =
+        stopped.find("START WAL LOCATION").unwrap_or_else(|| panic!("no label in {stopped:?}"));
+    let label = format!("{}\n", stopped[start..].trim_end());
+    drop(cluster);
+    drop(mounted);
+
+    assert!(backupctl(d, &["repo", "init"]).status.success());
+    let args = ["repo", "backup", "--backup", "b-3", "--server", "db1", "--volume", "data"];
+    let out = backupctl(d, &[&args[..], &["--json", &copy.display().to_string()]].concat());
+    assert!(out.status.success(), "{}", said(&out));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let repo = Repository::open(&d.join("repo"), &Secret::passphrase(PASSPHRASE)).unwrap();
+    repo.write_manifest(&Manifest::Backup(BackupManifest {
+        backup: "b-3".into(),
+        volumes: vec![v["manifest"].as_str().unwrap().parse().unwrap()],
+        cut: serde_json::json!({"backup": "b-3", "group": "g3", "servers": []}),
+        created_unix_ms: 1,
+        artifacts: vec![stillpoint_saveset::BackupArtifact {
+            server: "db1".into(),
+            quiescer: "pg".into(),
+            name: "backup_label".into(),
+            bytes: label.into_bytes(),
+        }],
+    }))
+    .unwrap();
+    drop(repo);
+    let scratch = d.join("scratch");
+    fs::create_dir(&scratch).unwrap();
+    let scratch_s = scratch.display().to_string();
+    let config = |name: &str, archive_line: &str| {
+        let path = d.join(name);
+        let text = format!(
+            "[[server]]\nname = \"db1\"\n[[server.check]]\nkind = \"postgres\"\n\
+             data_dir = \"pg/data\"\nquery = \"SELECT id FROM marks WHERE id = 300\"\n\
+             timeout_s = 120\n{archive_line}\n"
+        );
+        fs::write(&path, text).unwrap();
+        path.display().to_string()
+    };
+    let run = ["drill", "b-3", "--scratch", &scratch_s, "--config"];
+
+    let with = config("label.toml", &format!("wal_archive = \"{}\"", archive.display()));
+    let out = backupctl(d, &[&run[..], &[&with]].concat());
+    assert_eq!(out.status.code(), Some(0), "{}", said(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    eprintln!("{stdout}");
+    assert!(stdout.contains("recovery from pg's backup_label and the WAL archive"), "{stdout}");
+    nothing_left_under(&scratch);
+
+    let without = config("crash.toml", "");
+    let out = backupctl(d, &[&run[..], &[&without]].concat());
+    assert_eq!(out.status.code(), Some(1), "{}", said(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    eprintln!("{stdout}");
+    assert!(stdout.contains("query returned no rows"), "{stdout}");
+    assert!(
+        stdout.contains("the backup_label artifact was not used: no wal_archive set"),
+        "{stdout}"
+    );
+    nothing_left_under(&scratch);
+}
+
 /// A MariaDB data directory on XFS (table `app.t`, 3 rows; the server killed, not stopped),
 /// backed up by `repo backup` and drilled by id with `--incomplete`: mariadb-check passes every
 /// table and the query finds its row; a query that finds none fails the drill.

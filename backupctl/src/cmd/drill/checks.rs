@@ -287,15 +287,21 @@ fn postgres(pg: &PostgresCheck, t: &Target<'_>) -> Result<String, Failed> {
         .iter()
         .map(|s| s.to_string())
         .collect();
-    check.check(t.deadline)?;
+    // A failure from here on says how the server came up: a missing row after crash recovery
+    // may be the unused label's, not the backup's.
+    let context = |mut f: Failed| {
+        f.detail = format!("{} (PostgreSQL up by {recovery})", f.detail);
+        f
+    };
+    check.check(t.deadline).map_err(context)?;
     let mut detail = format!(
         "PostgreSQL up by {recovery} in {}; pg_amcheck --all ok",
         super::report::ms(u64::try_from(ready.as_millis()).unwrap_or(u64::MAX))
     );
     if let Some(query) = &pg.query {
-        let rows = psql(query, &pg.database)?;
+        let rows = psql(query, &pg.database).map_err(context)?;
         if rows.is_empty() {
-            return Err(Failed::new(format!("query returned no rows: {query}")));
+            return Err(context(Failed::new(format!("query returned no rows: {query}"))));
         }
         detail.push_str(&format!("; query returned {} row(s)", rows.lines().count()));
     }
