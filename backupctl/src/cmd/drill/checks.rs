@@ -221,57 +221,33 @@ fn postgres(pg: &PostgresCheck, t: &Target<'_>) -> Result<String, Failed> {
     give_to(&pg.os_user, &data, t)?;
     let (pg_ctl, data_s) = (bin("pg_ctl"), data.display().to_string());
     let started = Instant::now();
-    let mut start = Run::new(&pg_ctl, &[], t.log);
-    start.as_user = Some(&pg.os_user);
-    start.args = vec![
-        "-D".into(),
-        data_s.clone(),
-        "-l".into(),
-        server_log.display().to_string(),
-        "-o".into(),
-        options.join(" "),
-        "-w".into(),
-        "-t".into(),
-        secs_left(t.deadline).to_string(),
-        "start".into(),
-    ];
-    let server = PgServer { pg_ctl: pg_ctl.clone(), data: data_s, user: pg.os_user.clone() };
+    let (log_s, options, wait) =
+        (server_log.display().to_string(), options.join(" "), secs_left(t.deadline).to_string());
+    let start = Run::new(
+        &pg_ctl,
+        &["-D", &data_s, "-l", &log_s, "-o", &options, "-w", "-t", &wait, "start"],
+        t.log,
+    )
+    .as_user(&pg.os_user);
+    let server =
+        PgServer { pg_ctl: pg_ctl.clone(), data: data_s.clone(), user: pg.os_user.clone() };
     if let Err(mut e) = start.check(t.deadline) {
         let log = std::fs::read_to_string(&server_log).unwrap_or_default();
         e.detail = format!("PostgreSQL did not start ({recovery}): {}", e.detail);
         e.output = super::report::tail(&log, super::report::TAIL_LINES);
         return Err(e);
     }
-    let psql = |sql: &str, database: &str| {
-        let mut run = Run::new("", &[], t.log);
-        let psql = bin("psql");
-        run.program = &psql;
-        run.as_user = Some(&pg.os_user);
-        run.args = [
-            "-h",
-            &sock.display().to_string(),
-            "-p",
-            "5432",
-            "-U",
-            &pg.role,
-            "-d",
-            database,
-            "-X",
-            "-A",
-            "-t",
-            "-q",
-            "-v",
-            "ON_ERROR_STOP=1",
-            "-c",
-            sql,
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-        run.stdout(t.deadline).map(|s| s.trim().to_string())
+    let (psql_bin, sock_s) = (bin("psql"), sock.display().to_string());
+    let psql = |sql: &str| {
+        let args = ["-h", &sock_s, "-p", "5432", "-U", &pg.role, "-d", &pg.database];
+        let quiet = ["-X", "-A", "-t", "-q", "-v", "ON_ERROR_STOP=1", "-c", sql];
+        Run::new(&psql_bin, &[&args[..], &quiet[..]].concat(), t.log)
+            .as_user(&pg.os_user)
+            .stdout(t.deadline)
+            .map(|s| s.trim().to_string())
     };
     // Recovery to the label's end ends in a promotion; wait for it.
-    while psql("SELECT pg_is_in_recovery()", "postgres")? != "f" {
+    while psql("SELECT pg_is_in_recovery()")? != "f" {
         if Instant::now() >= t.deadline {
             let log = std::fs::read_to_string(&server_log).unwrap_or_default();
             return Err(Failed::with_output("PostgreSQL still in recovery at the timeout", &log));
@@ -280,13 +256,12 @@ fn postgres(pg: &PostgresCheck, t: &Target<'_>) -> Result<String, Failed> {
     }
     let ready = started.elapsed();
     let amcheck = bin("pg_amcheck");
-    let sock_s = sock.display().to_string();
-    let mut check = Run::new(&amcheck, &[], t.log);
-    check.as_user = Some(&pg.os_user);
-    check.args = ["-h", &sock_s, "-p", "5432", "-U", &pg.role, "--all", "--install-missing"]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
+    let check = Run::new(
+        &amcheck,
+        &["-h", &sock_s, "-p", "5432", "-U", &pg.role, "--all", "--install-missing"],
+        t.log,
+    )
+    .as_user(&pg.os_user);
     // A failure from here on says how the server came up: a missing row after crash recovery
     // may be the unused label's, not the backup's.
     let context = |mut f: Failed| {
@@ -299,7 +274,7 @@ fn postgres(pg: &PostgresCheck, t: &Target<'_>) -> Result<String, Failed> {
         super::report::ms(u64::try_from(ready.as_millis()).unwrap_or(u64::MAX))
     );
     if let Some(query) = &pg.query {
-        let rows = psql(query, &pg.database).map_err(context)?;
+        let rows = psql(query).map_err(context)?;
         if rows.is_empty() {
             return Err(context(Failed::new(format!("query returned no rows: {query}"))));
         }

@@ -100,8 +100,8 @@ pub struct Ran {
     pub output: String,
 }
 
-impl Run<'_> {
-    pub fn new<'a>(program: &'a str, args: &[&str], log: &'a Path) -> Run<'a> {
+impl<'a> Run<'a> {
+    pub fn new(program: &'a str, args: &[&str], log: &'a Path) -> Run<'a> {
         Run {
             program,
             args: args.iter().map(|s| s.to_string()).collect(),
@@ -110,6 +110,12 @@ impl Run<'_> {
             log,
             stdout_to: None,
         }
+    }
+
+    /// The same program run as `user` (through `runuser`).
+    pub fn as_user(mut self, user: &'a str) -> Run<'a> {
+        self.as_user = Some(user);
+        self
     }
 
     /// Runs it until it exits or `deadline`, when its process group is killed and the check
