@@ -231,3 +231,56 @@ fn a_missing_tool_is_named_with_its_package() {
     assert_eq!(super::exec::package_of("xfs_repair"), "xfsprogs");
     assert!(super::exec::find("sh").is_ok());
 }
+
+fn volumes(
+    list: &[(&str, &str)],
+) -> Vec<(stillpoint_saveset::ManifestId, stillpoint_saveset::VolumeSummary)> {
+    list.iter()
+        .enumerate()
+        .map(|(i, (server, volume))| {
+            let meta = stillpoint_saveset::VolumeMeta {
+                backup: "b-1".into(),
+                server: server.to_string(),
+                volume: volume.to_string(),
+            };
+            let summary = stillpoint_saveset::VolumeSummary {
+                meta,
+                size: 1,
+                chunk_size: 4096,
+                created_unix_ms: 1,
+            };
+            (stillpoint_saveset::ManifestId([i as u8; 32]), summary)
+        })
+        .collect()
+}
+
+#[test]
+fn the_plan_takes_the_files_servers_or_every_server_and_checks_volume_names() {
+    let held = volumes(&[("db1", "data"), ("db1", "wal"), ("web", "root")]);
+    let held: Vec<_> = held.iter().collect();
+    let every = super::plan(&check_config("").unwrap(), &held).unwrap();
+    let names: Vec<&str> = every
+        .iter()
+        .map(|(s, c)| {
+            assert!(c.is_empty());
+            s.as_str()
+        })
+        .collect();
+    assert_eq!(names, ["db1", "web"]);
+
+    // A server the backup lacks stays, for the report to fail; a check on a volume it lacks,
+    // or without a volume on a server with two, is a mistake in the file.
+    let config = check_config("[[server]]\nname = \"gone\"\n[[server]]\nname = \"web\"\n[[server.check]]\nkind = \"mount\"\n").unwrap();
+    let plan = super::plan(&config, &held).unwrap();
+    assert_eq!(plan.iter().map(|(s, _)| s.as_str()).collect::<Vec<_>>(), ["gone", "web"]);
+    let unnamed =
+        check_config("[[server]]\nname = \"db1\"\n[[server.check]]\nkind = \"fsck\"\n").unwrap();
+    let e = super::plan(&unnamed, &held).unwrap_err().to_string();
+    assert!(e.contains("server db1's fsck check must say `volume =` (it has data, wal)"), "{e}");
+    let wrong = check_config(
+        "[[server]]\nname = \"db1\"\n[[server.check]]\nkind = \"fsck\"\nvolume = \"logs\"\n",
+    )
+    .unwrap();
+    let e = super::plan(&wrong, &held).unwrap_err().to_string();
+    assert!(e.contains("server db1 has no volume logs in the backup (it has data, wal)"), "{e}");
+}
