@@ -36,6 +36,9 @@ pub enum Error {
     /// manifest), without `--incomplete`.
     #[error("{0}")]
     Incomplete(String),
+    /// `drill` ran and a restore or a check failed (the report was printed).
+    #[error("{0}")]
+    DrillFailed(String),
     /// The backup ended FAILED or ABORTED, or the watch ended before the state waited for.
     #[error("backup {id} {state}{}", if .reason.is_empty() { String::new() } else { format!(": {}", .reason) })]
     BackupFailed { id: String, state: String, reason: String },
@@ -56,7 +59,8 @@ impl Error {
             Error::BackupFailed { .. }
             | Error::Damaged(_)
             | Error::Incomplete(_)
-            | Error::CertsExpiring(_) => EXIT_BACKUP_FAILED,
+            | Error::CertsExpiring(_)
+            | Error::DrillFailed(_) => EXIT_BACKUP_FAILED,
             Error::Repository(stillpoint_saveset::Error::Damaged { .. }) => EXIT_BACKUP_FAILED,
             Error::Repository(_) => EXIT_USAGE,
             Error::AgentsUnreachable(_) => EXIT_AGENT_UNREACHABLE,

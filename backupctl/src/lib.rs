@@ -28,7 +28,7 @@ Exit codes:
   1  the backup failed or was aborted (start --wait, wait, watch), or wait --within passed
      first; the repository is damaged, or
      holds only part of the backup: no backup manifest, no cut (verify, restore; pass
-     --incomplete to check or restore that part anyway)
+     --incomplete to check or restore that part anyway); a drill's restore or check failed
   2  bad usage, no identity, the listener unreachable or refusing, a wrong repository secret,
      a restore target that is not empty, or a local error
   3  agents: the listener answered but one or more agents did not (named on stderr)";
@@ -90,6 +90,9 @@ pub enum Command {
     /// profile, default)
     #[command(subcommand)]
     Config(cmd::config::Config),
+    /// Restore a backup into scratch space and check it: fsck, mount, start its databases
+    /// (offline)
+    Drill(cmd::drill::Args),
 }
 
 /// Runs one command, writing results to `out` and diagnostics to stderr; returns the exit code.
@@ -143,6 +146,7 @@ async fn dispatch(cli: Cli, out: &mut dyn Write) -> Result<()> {
         Command::Restore(args) => cmd::restore::run(args, out),
         Command::Artifacts(args) => cmd::artifacts::run(conn, args, out).await,
         Command::Config(config) => cmd::config::run(conn, config, out),
+        Command::Drill(args) => cmd::drill::run(args, out),
     }
 }
 

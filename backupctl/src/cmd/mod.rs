@@ -9,6 +9,7 @@ pub mod certs;
 pub mod config;
 pub mod copied;
 pub mod copying;
+pub mod drill;
 pub mod list;
 pub mod log;
 pub mod repo;
