@@ -12,8 +12,12 @@ import json
 import ssl
 import sys
 import threading
+import warnings
 
 from aiosmtpd.smtp import SMTP, AuthResult
+
+# aiosmtpd warns about its own use of a deprecated field on every AUTH.
+warnings.filterwarnings("ignore", message="Session.login_data")
 
 lock = threading.Lock()
 
