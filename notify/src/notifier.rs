@@ -117,6 +117,29 @@ impl Notifier {
     }
 }
 
+/// What became of one message at one target, from [`send_and_wait`].
+#[derive(Debug)]
+pub struct Delivery {
+    pub target: String,
+    /// How many tries it took, or the last error and after how many tries it was given up.
+    pub result: std::result::Result<u32, (u32, crate::Error)>,
+}
+
+/// Sends `event` to every target now, in parallel, and waits for each (with its retries); for
+/// a one-shot process such as `backupctl`, which would exit before a queue drained. Nothing
+/// when `on` does not want it.
+pub async fn send_and_wait(config: &NotifyConfig, event: &Event) -> Result<Vec<Delivery>> {
+    if !config.on.sends(event.is_failure()) {
+        return Ok(Vec::new());
+    }
+    let (_, workers) = Notifier::new(config)?;
+    let message = Message::of(event);
+    let sends = workers.workers.iter().map(|w| async {
+        Delivery { target: w.target.name().to_string(), result: w.deliver(&message).await }
+    });
+    Ok(futures::future::join_all(sends).await)
+}
+
 impl Workers {
     /// Starts one task per target; they end when `stop` is cancelled (what is queued then is
     /// not sent) or every `Notifier` handle is gone and the queue is drained.

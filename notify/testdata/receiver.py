@@ -12,12 +12,12 @@ import json
 import ssl
 import sys
 import threading
-import warnings
+import logging
 
 from aiosmtpd.smtp import SMTP, AuthResult
 
-# aiosmtpd warns about its own use of a deprecated field on every AUTH.
-warnings.filterwarnings("ignore", message="Session.login_data")
+# aiosmtpd logs a warning about its own use of a deprecated field on every AUTH.
+logging.getLogger("mail.log").setLevel(logging.ERROR)
 
 lock = threading.Lock()
 

@@ -205,3 +205,42 @@ async fn a_server_without_our_ca_is_not_trusted() {
     assert!(error.to_string().to_lowercase().contains("certificate"), "{error}");
     assert!(receiver.mails().is_empty());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_webhook_does_not_hold_up_the_email() {
+    let dir = tempfile::tempdir().unwrap();
+    let receiver = Receiver::start(dir.path(), 0);
+    let mut config = receiver.config(On::Failure);
+    // A port nobody listens on: every try is refused, with backoff between them.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    config.webhook[0].url = format!("https://{closed}/hook");
+    config.tries = 100;
+    config.backoff = stillpoint_notify::Period(Duration::from_secs(60));
+    let (notifier, workers) = Notifier::new(&config).expect("notifier");
+    let stop = CancellationToken::new();
+    workers.spawn(stop.clone());
+    notifier.send(&failure());
+    notifier.send(&alert());
+    receiver.mail(|m| m.subject.contains("FAILED")).await;
+    receiver.mail(|m| m.subject.contains("ALERT")).await;
+    assert!(receiver.hooks().is_empty());
+    stop.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_one_shot_sender_waits_for_every_target() {
+    let dir = tempfile::tempdir().unwrap();
+    let receiver = Receiver::start(dir.path(), 1);
+    let config = receiver.config(On::Failure);
+    let success = stillpoint_notify::send_and_wait(&config, &backup(State::Succeeded)).await;
+    assert!(success.expect("config").is_empty(), "on = failure sends no success");
+    let sent = stillpoint_notify::send_and_wait(&config, &missed()).await.expect("config");
+    let results: Vec<_> =
+        sent.iter().map(|d| (d.target.as_str(), d.result.as_ref().ok())).collect();
+    let email = format!("email 127.0.0.1:{}", receiver.smtp_port);
+    let webhook = format!("webhook https://127.0.0.1:{}/hook", receiver.http_port);
+    // The webhook's first try is answered 503: it took two.
+    assert_eq!(results, [(email.as_str(), Some(&1)), (webhook.as_str(), Some(&2))]);
+    assert_eq!(receiver.mails().len(), 1);
+    assert_eq!(receiver.hooks().iter().map(|h| h.status).collect::<Vec<_>>(), [503, 200]);
+}
