@@ -31,6 +31,9 @@ pub struct Config {
     #[serde(rename = "group", default)]
     pub groups: Vec<GroupConfig>,
     pub copy: CopyConfig,
+    /// `[notify]`: e-mail and webhooks on failure, success or both, and alerts.
+    #[serde(default)]
+    pub notify: Option<stillpoint_notify::NotifyConfig>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -55,6 +58,10 @@ pub struct GroupConfig {
     /// `after-every-snapshot` (the thaw barrier: none thaws before every snapshot exists).
     #[serde(default)]
     pub thaw: Option<String>,
+    /// Alert (`[notify]`) once this group has had no good backup for this long ("26h"); a
+    /// group that never had one counts from the listener's start.
+    #[serde(default)]
+    pub no_good_backup_after: Option<stillpoint_notify::Period>,
 }
 
 /// The group's `thaw` values.
@@ -314,6 +321,16 @@ impl Config {
             if unique.len() != g.servers.len() {
                 out.push(format!("group {}: a server is listed twice", g.name));
             }
+        }
+        if let Some(notify) = &self.notify {
+            out.extend(notify.problems());
+        }
+        let alerts = self.notify.as_ref().is_some_and(|n| n.has_targets() && n.on.sends(true));
+        for g in self.groups.iter().filter(|g| g.no_good_backup_after.is_some() && !alerts) {
+            out.push(format!(
+                "group {}: no_good_backup_after needs [notify] with an [[notify.email]] or [[notify.webhook]] and on = \"failure\" or \"both\"",
+                g.name
+            ));
         }
         if self.groups.is_empty() {
             out.push("group: no groups configured; add a [[group]] with name and servers".into());

@@ -24,12 +24,14 @@ use crate::requests::RequestId;
 use crate::store::Store;
 
 mod clock;
+mod notify;
 mod registry;
 mod run;
 mod sweep;
 mod watch;
 
 pub use clock::Clock;
+pub use notify::Notifications;
 pub use run::{start_wait, Feed, PROGRESS_SAVE_EVERY};
 pub use watch::Watched;
 
@@ -59,6 +61,8 @@ pub struct Runtime {
     /// Watch streams being served (their tasks alive).
     watchers: AtomicUsize,
     sweep: sweep::Sweep,
+    /// `[notify]`'s senders and watchdog; `None` without targets.
+    notify: Option<Arc<Notifications>>,
 }
 
 impl Runtime {
@@ -73,10 +77,12 @@ impl Runtime {
         let agents = Arc::new(Agents::new(&config)?);
         let copier = Copier::open(&config, Arc::clone(&agents))?;
         let (updates, _) = broadcast::channel(1024);
+        let clock = Clock::start();
+        let notify = Notifications::open(&config, &store, clock.now())?;
         Ok(Arc::new(Runtime {
             config,
             store,
-            clock: Clock::start(),
+            clock,
             agents,
             copier,
             runs: registry::Runs::default(),
@@ -84,6 +90,7 @@ impl Runtime {
             shutdown: CancellationToken::new(),
             watchers: AtomicUsize::new(0),
             sweep: sweep::Sweep::default(),
+            notify,
         }))
     }
 

@@ -28,6 +28,9 @@ pub struct Spec {
     pub groups: Vec<(String, Vec<String>)>,
     pub copy: CopyConfig,
     pub timeouts: TimeoutConfig,
+    /// `[notify]`, and each group's `no_good_backup_after` by name.
+    pub notify: Option<stillpoint_notify::NotifyConfig>,
+    pub no_good_backup_after: Vec<(String, std::time::Duration)>,
 }
 
 impl Default for Spec {
@@ -39,6 +42,8 @@ impl Default for Spec {
             copy: CopyConfig::Report,
             // No sweep during a test: scripted agents hold nothing.
             timeouts: TimeoutConfig { sweep_interval_ms: 3_600_000, ..TimeoutConfig::default() },
+            notify: None,
+            no_good_backup_after: Vec::new(),
         }
     }
 }
@@ -275,6 +280,9 @@ impl Cluster {
                 .groups
                 .into_iter()
                 .map(|(name, servers)| GroupConfig {
+                    no_good_backup_after: (spec.no_good_backup_after.iter())
+                        .find(|(group, _)| *group == name)
+                        .map(|(_, after)| stillpoint_notify::Period(*after)),
                     name,
                     servers,
                     require_hold: None,
@@ -282,6 +290,7 @@ impl Cluster {
                 })
                 .collect(),
             copy: spec.copy,
+            notify: spec.notify,
         };
         let mut cluster =
             Cluster { root: root.to_path_buf(), certs, config, agents, listener: None };

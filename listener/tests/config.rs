@@ -227,3 +227,39 @@ fn a_group_states_the_hold_it_requires_and_its_thaw() {
     assert!(g.thaw_barrier());
     assert!(!strict.problems().iter().any(|p| p.starts_with("group")), "{:?}", strict.problems());
 }
+
+#[test]
+fn the_commented_notify_example_parses_and_a_watch_needs_somewhere_to_alert() {
+    #[derive(serde::Deserialize)]
+    struct Notify {
+        notify: stillpoint_notify::NotifyConfig,
+    }
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/listener.example.toml");
+    let text = std::fs::read_to_string(path).expect("read example");
+    let lines: Vec<&str> = text.lines().collect();
+    let at = lines.iter().position(|l| *l == "# [notify]").expect("notify example");
+    let block: String = lines[at..]
+        .iter()
+        .take_while(|l| l.starts_with("# "))
+        .map(|l| format!("{}\n", &l[2..]))
+        .collect();
+    let parsed: Notify = toml::from_str(&block).unwrap_or_else(|e| panic!("{e}:\n{block}"));
+    assert_eq!(parsed.notify.email[0].to.len(), 2);
+    assert_eq!(parsed.notify.webhook.len(), 1);
+
+    let group = |extra: &str| {
+        format!(
+            "data_dir = \"/x\"\nlisten = \"127.0.0.1:1\"\n[tls]\nca = \"/c\"\ncert = \"/c\"\nkey = \"/k\"\n[[server]]\nname = \"a\"\naddress = \"a:1\"\n[[group]]\nname = \"g\"\nservers = [\"a\"]\n{extra}\n[copy]\nmode = \"report\"\n"
+        )
+    };
+    let watched = parse(&group("no_good_backup_after = \"26h\""));
+    let after = watched.group("g").expect("group").no_good_backup_after.expect("set");
+    assert_eq!(after.0, std::time::Duration::from_secs(26 * 3600));
+    let problems = watched.problems().join("\n");
+    assert!(
+        problems.contains("group g: no_good_backup_after needs [notify] with an [[notify.email]] or [[notify.webhook]]"),
+        "{problems}"
+    );
+    let err = toml::from_str::<Config>(&group("no_good_backup_after = \"a day\"")).unwrap_err();
+    assert!(err.to_string().contains("\"a day\""), "{err}");
+}

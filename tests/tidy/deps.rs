@@ -85,6 +85,12 @@ const RULES: &[CrateRule] = &[
         optional: false,
         rule: Rule::Never(&["stillpoint-agent", "stillpoint-listener"]),
     },
+    // Notifications are shared by the listener and backupctl, and speak SMTP and HTTP only.
+    CrateRule {
+        dir: "notify",
+        optional: false,
+        rule: Rule::Never(&["stillpoint-listener", "stillpoint-agent", "backupctl", "tonic"]),
+    },
     // The end-to-end tests drive every binary and library.
     CrateRule { dir: "tests", optional: false, rule: Rule::Never(&[]) },
 ];

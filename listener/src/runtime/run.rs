@@ -207,8 +207,12 @@ impl Runtime {
         reply: Option<oneshot::Sender<BackupRecord>>,
     ) {
         let progress = matches!(event, Event::CopyProgress { .. });
+        let was_terminal = coordinator.record.state.is_terminal();
         let commands = coordinator.handle(self.clock.now(), event);
         self.apply(&coordinator.record, commands, progress, run).await;
+        if !was_terminal && coordinator.record.state.is_terminal() {
+            self.notify_ended(&coordinator.record);
+        }
         if coordinator.record.state.is_terminal() {
             // Copies and the seal stop; replies already on the way (abort results, late
             // replies) are still handled until no helper is left.
