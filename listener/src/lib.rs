@@ -14,6 +14,7 @@ pub mod feed;
 pub mod pages;
 pub mod requests;
 pub mod runtime;
+pub mod schedule;
 pub mod service;
 pub mod store;
 pub mod testing;
