@@ -67,6 +67,7 @@ pub async fn serve(
         tracing::warn!(recovered, "took over backups left unfinished by the previous run");
     }
     runtime.spawn_sweeper();
+    runtime.spawn_scheduler();
     // The standard probe beside our own Health: "" and the Listener serve once recovery is done.
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<ListenerServer<service::ListenerService>>().await;

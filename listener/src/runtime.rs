@@ -26,6 +26,7 @@ use crate::store::Store;
 mod clock;
 mod registry;
 mod run;
+mod scheduler;
 mod sweep;
 mod watch;
 
@@ -59,6 +60,7 @@ pub struct Runtime {
     /// Watch streams being served (their tasks alive).
     watchers: AtomicUsize,
     sweep: sweep::Sweep,
+    schedules: scheduler::Schedules,
 }
 
 impl Runtime {
@@ -73,10 +75,12 @@ impl Runtime {
         let agents = Arc::new(Agents::new(&config)?);
         let copier = Copier::open(&config, Arc::clone(&agents))?;
         let (updates, _) = broadcast::channel(1024);
+        let clock = Clock::start();
+        let schedules = scheduler::Schedules::open(&config, clock.now())?;
         Ok(Arc::new(Runtime {
             config,
             store,
-            clock: Clock::start(),
+            clock,
             agents,
             copier,
             runs: registry::Runs::default(),
@@ -84,6 +88,7 @@ impl Runtime {
             shutdown: CancellationToken::new(),
             watchers: AtomicUsize::new(0),
             sweep: sweep::Sweep::default(),
+            schedules,
         }))
     }
 
