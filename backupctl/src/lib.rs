@@ -83,6 +83,8 @@ pub enum Command {
     Restore(cmd::restore::Args),
     /// Write the files a backup's quiescers made for a restore, from the listener's catalog
     Artifacts(cmd::artifacts::Args),
+    /// List the listener's schedules (next run, last outcome); suspend or resume one
+    Schedules(cmd::schedules::Args),
 }
 
 /// Runs one command, writing results to `out` and diagnostics to stderr; returns the exit code.
@@ -122,6 +124,7 @@ async fn dispatch(cli: Cli, out: &mut dyn Write) -> Result<()> {
         Command::Verify(args) => cmd::verify::run(args, out),
         Command::Restore(args) => cmd::restore::run(args, out),
         Command::Artifacts(args) => cmd::artifacts::run(conn, args, out).await,
+        Command::Schedules(args) => cmd::schedules::run(conn, args, out).await,
     }
 }
 

@@ -234,7 +234,7 @@ pub struct Cluster {
     listener: Option<Running>,
     /// The running listener's runtime and the tokio runtime it runs on (weak: a restart drops
     /// it as a crash would).
-    live: Arc<Mutex<Option<(std::sync::Weak<crate::runtime::Runtime>, tokio::runtime::Handle)>>>,
+    live: Arc<Mutex<Option<Live>>>,
 }
 
 impl Cluster {
@@ -430,12 +430,15 @@ impl Cluster {
     }
 }
 
+/// A running listener's runtime (weak) and the tokio runtime it runs on.
+type Live = (std::sync::Weak<crate::runtime::Runtime>, tokio::runtime::Handle);
+
 /// `crate::run`, keeping a weak handle on the runtime for [`Cluster::tick_schedules`].
 async fn run_keeping(
     config: Config,
     socket: tokio::net::TcpListener,
     shutdown: impl std::future::Future<Output = ()>,
-    live: &Mutex<Option<(std::sync::Weak<crate::runtime::Runtime>, tokio::runtime::Handle)>>,
+    live: &Mutex<Option<Live>>,
 ) -> crate::Result<()> {
     let runtime = tokio::task::spawn_blocking(move || crate::runtime::Runtime::open(config))
         .await
