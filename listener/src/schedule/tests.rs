@@ -1,3 +1,6 @@
+//! The scheduler machine, time an input: due starts, a busy group's skip, suspend and resume
+//! without a burst, runs missed while the listener was down as one report, the catch-up window.
+
 use super::*;
 
 /// Unix ms of a UTC time written `2026-12-03T22:00`.

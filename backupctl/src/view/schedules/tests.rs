@@ -1,3 +1,6 @@
+//! `backupctl schedules`: the table (local times in the listener's zone, "in 3h 12m") pinned
+//! as text, and the `--json` shape pinned key by key.
+
 use stillpoint_proto::{ListSchedulesResponse, Schedule, ScheduleRun};
 
 use super::*;

@@ -1,3 +1,6 @@
+//! Cron expressions: weekdays, steps, chosen days, month ends, shorthands, DST in Berlin and
+//! New York, and errors that name the field and what it allows.
+
 use jiff::ZonedDateTime as Zoned;
 
 use super::*;
