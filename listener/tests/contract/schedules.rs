@@ -119,3 +119,38 @@ async fn suspend_and_resume_are_for_operators_and_hold_across_a_restart() {
     let kept = nightly(&mut viewer).await.last.expect("a last run");
     assert_eq!((kept.outcome, kept.backup_id), (last.outcome, last.backup_id));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runs_missed_while_the_listener_was_down_are_reported_once_not_run() {
+    let dir = tempfile::tempdir().unwrap();
+    // Hourly, half an hour away from now: every due time in the last three hours is well
+    // outside the 5-minute catch-up window.
+    let now_ms = i64::try_from(
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis(),
+    )
+    .unwrap();
+    let minute = (now_ms / 60_000 + 30) % 60;
+    let mut cluster = Cluster::start(dir.path(), spec(&format!("{minute} * * * *"))).await;
+    assert!(cluster.shut_down_listener(std::time::Duration::from_secs(30)).await);
+    // As if the listener had been down for three hours: the schedule last got to then.
+    let file = cluster.config.data_dir.join("schedules.json");
+    let mut state: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&file).expect("the schedules' state")).unwrap();
+    state["schedules"]["nightly"]["after"] = serde_json::json!(now_ms - 3 * 3600 * 1000);
+    std::fs::write(&file, serde_json::to_vec(&state).unwrap()).unwrap();
+
+    cluster.start_listener().await;
+    let mut viewer = cluster.client("viewer");
+    // The first tick runs as the listener starts; wait for its report (a few seconds at most).
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+    let last = loop {
+        if let Some(last) = nightly(&mut viewer).await.last {
+            break last;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no report of the missed runs");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
+    assert_eq!((last.outcome.as_str(), last.missed), ("missed", 3), "{last:#?}");
+    assert_eq!(last.text, "missed 3 run(s) while the listener was down");
+    assert!(backups(&mut viewer).await.is_empty(), "nothing runs late");
+}
