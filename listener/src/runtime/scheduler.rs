@@ -218,7 +218,13 @@ impl Runtime {
             machine.handle(now, input)
         };
         if !actions.is_empty() {
-            self.schedules.save().await?;
+            let done = if suspend { "suspended" } else { "resumed" };
+            self.schedules.save().await.map_err(|e| Error::Store {
+                path: self.schedules.file.display().to_string(),
+                reason: format!(
+                    "schedule {name} is {done} until the listener restarts, but could not be saved: {e}"
+                ),
+            })?;
             tracing::info!(
                 schedule = name,
                 suspended = suspend,
