@@ -93,6 +93,8 @@ pub enum Command {
     /// Restore a backup into scratch space and check it: fsck, mount, start its databases
     /// (offline)
     Drill(cmd::drill::Args),
+    /// List the listener's schedules (next run, last outcome); suspend or resume one
+    Schedules(cmd::schedules::Args),
 }
 
 /// Runs one command, writing results to `out` and diagnostics to stderr; returns the exit code.
@@ -147,6 +149,7 @@ async fn dispatch(cli: Cli, out: &mut dyn Write) -> Result<()> {
         Command::Artifacts(args) => cmd::artifacts::run(conn, args, out).await,
         Command::Config(config) => cmd::config::run(conn, config, out),
         Command::Drill(args) => cmd::drill::run(args, out),
+        Command::Schedules(args) => cmd::schedules::run(conn, args, out).await,
     }
 }
 

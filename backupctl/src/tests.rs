@@ -221,3 +221,17 @@ fn saveset_verbs_parse_their_repository_options() {
     }
     check_refused(&["restore", "b-1", "--repo", "/r", "--to", "/t"], "--server");
 }
+
+#[test]
+fn schedules_lists_suspends_and_resumes() {
+    use crate::cmd::schedules::Action;
+    assert!(
+        matches!(command(&["schedules"]), Command::Schedules(a) if a.action.is_none() && !a.json)
+    );
+    assert!(matches!(command(&["schedules", "--json"]), Command::Schedules(a) if a.json));
+    assert!(matches!(command(&["schedules", "suspend", "nightly"]),
+        Command::Schedules(a) if matches!(&a.action, Some(Action::Suspend(n)) if n.name == "nightly")));
+    assert!(matches!(command(&["schedules", "resume", "nightly", "--json"]),
+        Command::Schedules(a) if matches!(&a.action, Some(Action::Resume(n)) if n.name == "nightly" && n.json)));
+    check_refused(&["schedules", "suspend"], "<NAME>");
+}

@@ -858,6 +858,7 @@ impl Progress {
 }
 
 mod refusal;
+pub mod schedules;
 pub use refusal::{code_name, ErrorDocument, FieldView, RefusalView};
 
 #[cfg(test)]

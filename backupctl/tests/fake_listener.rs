@@ -240,6 +240,27 @@ impl Listener for Fake {
         Ok(Response::new(GetArtifactsResponse::default()))
     }
 
+    async fn list_schedules(
+        &self,
+        _: Request<stillpoint_proto::ListSchedulesRequest>,
+    ) -> Result<Response<stillpoint_proto::ListSchedulesResponse>, Status> {
+        Ok(Response::new(stillpoint_proto::ListSchedulesResponse::default()))
+    }
+
+    async fn suspend_schedule(
+        &self,
+        _: Request<stillpoint_proto::SuspendScheduleRequest>,
+    ) -> Result<Response<stillpoint_proto::Schedule>, Status> {
+        Err(Status::not_found("the fake listener has no schedules"))
+    }
+
+    async fn resume_schedule(
+        &self,
+        _: Request<stillpoint_proto::ResumeScheduleRequest>,
+    ) -> Result<Response<stillpoint_proto::Schedule>, Status> {
+        Err(Status::not_found("the fake listener has no schedules"))
+    }
+
     async fn health(&self, _: Request<HealthRequest>) -> Result<Response<HealthResponse>, Status> {
         Ok(Response::new(HealthResponse::default()))
     }

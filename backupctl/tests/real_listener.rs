@@ -300,4 +300,50 @@ async fn list_shows_short_ids_and_every_verb_takes_them() {
     // Whole ids in --json, always.
     let (_, list) = real.run("viewer", &["list", "--json"]).await;
     assert_eq!(json(&list)[0]["backup_id"], id.as_str());
+async fn schedules_shows_next_and_last_run_and_operators_suspend_and_resume() {
+    let spec = Spec {
+        timezone: Some("Europe/Berlin".into()),
+        schedules: vec![stillpoint_listener::config::ScheduleConfig {
+            name: "nightly".into(),
+            group: "g".into(),
+            cron: "0 22 * * *".into(),
+            enabled: None,
+        }],
+        ..Spec::default()
+    };
+    let real = Real::start(spec).await;
+    let (code, out) = real.run("viewer", &["schedules", "--json"]).await;
+    assert_eq!(code, 0);
+    let listed = json(&out);
+    let next = listed[0]["next_unix_ms"].as_i64().expect("a next run");
+    assert_eq!(listed[0]["time_zone"], "Europe/Berlin");
+    assert!(listed[0]["last"].is_null());
+    // The schedule fires at its time (the test gives the time), by StartBackup's path.
+    real.cluster.tick_schedules(next).await;
+    let (code, out) = real.run("viewer", &["schedules"]).await;
+    assert_eq!(code, 0);
+    assert!(out.starts_with("time zone: Europe/Berlin\nNAME "), "{out}");
+    let row = out.lines().nth(2).expect("a row");
+    assert!(row.starts_with("nightly  g      0 22 * * *"), "{out}");
+    assert!(row.contains(" 22:00 CET (in ") || row.contains(" 22:00 CEST (in "), "{out}");
+    assert!(row.contains("  started "), "{out}");
+    assert!(row.ends_with("  no"), "{out}");
+    let (code, out) = real.run("viewer", &["list", "--json"]).await;
+    assert_eq!(code, 0);
+    assert_eq!(json(&out)[0]["started_by"], "schedule:nightly");
+
+    let (code, _) = real.run("viewer", &["schedules", "suspend", "nightly"]).await;
+    assert_eq!(code, 2, "viewers may not suspend");
+    let (code, out) = real.run("operator", &["schedules", "suspend", "nightly"]).await;
+    assert_eq!(
+        (code, out.as_str()),
+        (0, "schedule nightly suspended: it starts nothing until resumed\n")
+    );
+    let (code, out) = real.run("operator", &["schedules", "resume", "nightly", "--json"]).await;
+    assert_eq!(code, 0);
+    let resumed = json(&out);
+    assert_eq!(resumed["suspended"], false);
+    assert!(resumed["next_unix_ms"].as_i64().is_some(), "{resumed}");
+    let (code, _) = real.run("operator", &["schedules", "resume", "weekly"]).await;
+    assert_eq!(code, 2, "an unknown schedule is refused");
 }

@@ -34,6 +34,27 @@ pub struct Config {
     /// `[notify]`: e-mail and webhooks on failure, success or both, and alerts.
     #[serde(default)]
     pub notify: Option<stillpoint_notify::NotifyConfig>,
+    /// The IANA time zone schedules run in (`Europe/Berlin`); absent: the system's local zone.
+    #[serde(default)]
+    pub timezone: Option<String>,
+    /// Backups started at the times of a cron expression (`crate::schedule`).
+    #[serde(rename = "schedule", default)]
+    pub schedules: Vec<ScheduleConfig>,
+}
+
+/// One `[[schedule]]`: back up `group` at the times `cron` gives, in `timezone`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScheduleConfig {
+    /// Unique; backups it starts say `started_by = "schedule:<name>"`.
+    pub name: String,
+    pub group: String,
+    /// `minute hour day-of-month month day-of-week`, or `@hourly`, `@daily`, `@weekly`,
+    /// `@monthly`, `@yearly`.
+    pub cron: String,
+    /// `false`: starts suspended until `backupctl schedules resume NAME`.
+    #[serde(default)]
+    pub enabled: Option<bool>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -383,7 +404,62 @@ impl Config {
             }
             CopyConfig::Command { .. } | CopyConfig::Report | CopyConfig::Image { .. } => {}
         }
+        self.schedule_problems(&mut out);
         out
+    }
+
+    /// The time zone schedules run in: `timezone`, or the system's (UTC when it has none).
+    pub fn time_zone(&self) -> std::result::Result<jiff::tz::TimeZone, String> {
+        match &self.timezone {
+            Some(name) => jiff::tz::TimeZone::get(name).map_err(|e| {
+                format!(
+                    "timezone: {}: {e}; use an IANA name such as \"Europe/Berlin\" or \"UTC\"",
+                    stillpoint_protocol::text::clip(name, 40)
+                )
+            }),
+            None => Ok(jiff::tz::TimeZone::system()),
+        }
+    }
+
+    /// The schedules, parsed (a validated config has none that fail; those are left out).
+    pub fn schedules(&self) -> Vec<crate::schedule::Schedule> {
+        self.schedules
+            .iter()
+            .filter_map(|s| {
+                let cron = crate::schedule::Cron::parse(&s.cron).ok()?;
+                Some(crate::schedule::Schedule {
+                    name: s.name.clone(),
+                    group: s.group.clone(),
+                    cron,
+                    enabled: s.enabled.unwrap_or(true),
+                })
+            })
+            .collect()
+    }
+
+    fn schedule_problems(&self, out: &mut Vec<String>) {
+        if let Err(e) = self.time_zone() {
+            out.push(e);
+        }
+        let mut names = HashSet::new();
+        for s in &self.schedules {
+            if let Err(e) = stillpoint_core::validate_name("schedule", &s.name) {
+                out.push(format!("schedule.name: {e}"));
+            }
+            if !names.insert(s.name.as_str()) {
+                out.push(format!("schedule.name: {:?} is listed twice", s.name));
+            }
+            if !self.groups.iter().any(|g| g.name == s.group) {
+                out.push(format!(
+                    "schedule {}: group {} is not configured ([[group]])",
+                    s.name,
+                    stillpoint_protocol::text::clip(&s.group, 40)
+                ));
+            }
+            if let Err(e) = crate::schedule::Cron::parse(&s.cron) {
+                out.push(format!("schedule {}: cron: {e}", s.name));
+            }
+        }
     }
 
     pub fn group(&self, name: &str) -> Result<&GroupConfig> {

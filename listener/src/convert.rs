@@ -338,3 +338,31 @@ fn state_name(raw: i32) -> Option<StateName> {
         pb::BackupState::Aborted => StateName::Aborted,
     })
 }
+
+/// A schedule as `ListSchedules` shows it.
+pub fn schedule(v: &crate::schedule::View) -> pb::Schedule {
+    use crate::schedule::Outcome;
+    pb::Schedule {
+        name: v.name.clone(),
+        group: v.group.clone(),
+        cron: v.cron.clone(),
+        next_unix_ms: v.next.unwrap_or(0),
+        suspended: v.suspended,
+        last: v.last.as_ref().map(|last| {
+            let (outcome, backup_id, missed) = match &last.outcome {
+                Outcome::Started { backup } => ("started", backup.clone(), 0),
+                Outcome::SkippedBusy { by } => ("skipped-busy", by.clone(), 0),
+                Outcome::Failed { .. } => ("failed", String::new(), 0),
+                Outcome::Missed { count, .. } => ("missed", String::new(), *count),
+            };
+            pb::ScheduleRun {
+                due_unix_ms: last.due,
+                at_unix_ms: last.at,
+                outcome: outcome.into(),
+                backup_id,
+                text: last.outcome.text(),
+                missed,
+            }
+        }),
+    }
+}

@@ -16,6 +16,8 @@ pub enum Error {
     UnknownBackup(String),
     #[error("unknown group {}; configured groups: {known}", clip(.group, SHOWN))]
     UnknownGroup { group: String, known: String },
+    #[error("unknown schedule {}; configured schedules: {known}", clip(.schedule, SHOWN))]
+    UnknownSchedule { schedule: String, known: String },
     #[error("backup {backup} has no server {}; its servers: {known}", clip(.server, SHOWN))]
     UnknownServer { backup: String, server: String, known: String },
     #[error("group {group} already has backup {backup} in flight; wait for it or abort it")]
@@ -79,6 +81,15 @@ impl From<Error> for tonic::Status {
                     details::shown(&group),
                     "",
                     format!("not configured; configured groups: {known}"),
+                )),
+            ),
+            Error::UnknownSchedule { schedule, known } => (
+                Code::NotFound,
+                Some(ErrorDetails::with_resource_info(
+                    "schedule",
+                    details::shown(&schedule),
+                    "",
+                    format!("not configured; configured schedules: {known}"),
                 )),
             ),
             Error::UnknownServer { backup, server, known } => (

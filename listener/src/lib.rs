@@ -14,6 +14,7 @@ pub mod feed;
 pub mod pages;
 pub mod requests;
 pub mod runtime;
+pub mod schedule;
 pub mod service;
 pub mod store;
 pub mod testing;
@@ -67,6 +68,7 @@ pub async fn serve(
     }
     runtime.spawn_sweeper();
     runtime.spawn_notify();
+    runtime.spawn_scheduler();
     // The standard probe beside our own Health: "" and the Listener serve once recovery is done.
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<ListenerServer<service::ListenerService>>().await;

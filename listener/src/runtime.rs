@@ -27,6 +27,7 @@ mod clock;
 mod notify;
 mod registry;
 mod run;
+mod scheduler;
 mod sweep;
 mod watch;
 
@@ -63,6 +64,7 @@ pub struct Runtime {
     sweep: sweep::Sweep,
     /// `[notify]`'s senders and watchdog; `None` without targets.
     notify: Option<Arc<Notifications>>,
+    schedules: scheduler::Schedules,
 }
 
 impl Runtime {
@@ -79,6 +81,7 @@ impl Runtime {
         let (updates, _) = broadcast::channel(1024);
         let clock = Clock::start();
         let notify = Notifications::open(&config, &store, clock.now())?;
+        let schedules = scheduler::Schedules::open(&config, clock.now())?;
         Ok(Arc::new(Runtime {
             config,
             store,
@@ -91,6 +94,7 @@ impl Runtime {
             watchers: AtomicUsize::new(0),
             sweep: sweep::Sweep::default(),
             notify,
+            schedules,
         }))
     }
 

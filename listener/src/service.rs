@@ -36,6 +36,7 @@ pub fn policy(path: &str, role: Role) -> bool {
             | "WatchBackups"
             | "ListAgents"
             | "Health"
+            | "ListSchedules"
     );
     match role {
         Role::Operator => true,
@@ -259,6 +260,36 @@ impl Listener for ListenerService {
         Ok(Response::new(convert::backup(&record)))
     }
 
+    async fn list_schedules(
+        &self,
+        _: Request<pb::ListSchedulesRequest>,
+    ) -> Result<Response<pb::ListSchedulesResponse>, Status> {
+        let (views, time_zone) = self.runtime.schedules();
+        Ok(Response::new(pb::ListSchedulesResponse {
+            schedules: views.iter().map(convert::schedule).collect(),
+            time_zone,
+            now_unix_ms: self.runtime.now(),
+        }))
+    }
+
+    async fn suspend_schedule(
+        &self,
+        request: Request<pb::SuspendScheduleRequest>,
+    ) -> Result<Response<pb::Schedule>, Status> {
+        let name = request.into_inner().name;
+        let view = self.runtime.suspend_schedule(&name, true).await?;
+        Ok(Response::new(convert::schedule(&view)))
+    }
+
+    async fn resume_schedule(
+        &self,
+        request: Request<pb::ResumeScheduleRequest>,
+    ) -> Result<Response<pb::Schedule>, Status> {
+        let name = request.into_inner().name;
+        let view = self.runtime.suspend_schedule(&name, false).await?;
+        Ok(Response::new(convert::schedule(&view)))
+    }
+
     async fn health(
         &self,
         request: Request<pb::HealthRequest>,
@@ -295,5 +326,12 @@ mod tests {
         assert!(!policy("/stillpoint.v1.Agent/Prepare", Role::Operator));
         assert!(policy("/grpc.health.v1.Health/Check", Role::Agent));
         assert!(policy("/grpc.health.v1.Health/Watch", Role::Viewer));
+        assert!(policy(&path("ListSchedules"), Role::Viewer));
+        assert!(policy(&path("SuspendSchedule"), Role::Operator));
+        assert!(policy(&path("ResumeSchedule"), Role::Operator));
+        for role in [Role::Viewer, Role::Hook, Role::Agent] {
+            assert!(!policy(&path("SuspendSchedule"), role), "{role:?} must not suspend");
+            assert!(!policy(&path("ResumeSchedule"), role), "{role:?} must not resume");
+        }
     }
 }

@@ -18,7 +18,7 @@ use tokio::sync::{oneshot, watch};
 use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
-use crate::config::{Config, CopyConfig, GroupConfig, ServerConfig, TimeoutConfig};
+use crate::config::{Config, CopyConfig, GroupConfig, ScheduleConfig, ServerConfig, TimeoutConfig};
 
 /// What a test cluster is made of. The default: servers `srv-a`, `srv-b`, `srv-c`; group `g`
 /// of `srv-a` and `srv-b`, group `h` of `srv-c`; the backup software reports copies.
@@ -31,6 +31,9 @@ pub struct Spec {
     /// `[notify]`, and each group's `no_good_backup_after` by name.
     pub notify: Option<stillpoint_notify::NotifyConfig>,
     pub no_good_backup_after: Vec<(String, std::time::Duration)>,
+    /// The listener's `timezone` (none: the system's) and its `[[schedule]]`s (none).
+    pub timezone: Option<String>,
+    pub schedules: Vec<ScheduleConfig>,
 }
 
 impl Default for Spec {
@@ -44,6 +47,8 @@ impl Default for Spec {
             timeouts: TimeoutConfig { sweep_interval_ms: 3_600_000, ..TimeoutConfig::default() },
             notify: None,
             no_good_backup_after: Vec::new(),
+            timezone: None,
+            schedules: Vec::new(),
         }
     }
 }
@@ -232,6 +237,9 @@ pub struct Cluster {
     pub config: Config,
     pub agents: Vec<ScriptedAgent>,
     listener: Option<Running>,
+    /// The running listener's runtime and the tokio runtime it runs on (weak: a restart drops
+    /// it as a crash would).
+    live: Arc<Mutex<Option<Live>>>,
 }
 
 impl Cluster {
@@ -291,9 +299,17 @@ impl Cluster {
                 .collect(),
             copy: spec.copy,
             notify: spec.notify,
+            timezone: spec.timezone,
+            schedules: spec.schedules,
         };
-        let mut cluster =
-            Cluster { root: root.to_path_buf(), certs, config, agents, listener: None };
+        let mut cluster = Cluster {
+            root: root.to_path_buf(),
+            certs,
+            config,
+            agents,
+            listener: None,
+            live: Arc::default(),
+        };
         cluster.start_listener().await;
         cluster
     }
@@ -337,6 +353,7 @@ impl Cluster {
         let config = self.config.clone();
         let (stop, stopped) = oneshot::channel::<()>();
         let (graceful, terminated) = oneshot::channel::<()>();
+        let live = Arc::clone(&self.live);
         let thread = std::thread::spawn(move || {
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
@@ -355,7 +372,7 @@ impl Cluster {
                         let _ = (&mut terminated).await;
                     };
                     tokio::select! {
-                        result = crate::run(config.clone(), socket, shutdown) => match result {
+                        result = run_keeping(config.clone(), socket, shutdown, &live) => match result {
                             Err(crate::Error::Store { .. }) if attempt < 49 => {
                                 tokio::time::sleep(Duration::from_millis(100)).await;
                             }
@@ -398,6 +415,15 @@ impl Cluster {
         stopped
     }
 
+    /// Ticks the listener's schedules at `now` (Unix ms) as its scheduler task would at that
+    /// time, on the listener's own runtime: time is an input, a test need not wait for it.
+    pub async fn tick_schedules(&self, now: i64) {
+        let live = self.live.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let (runtime, handle) = live.expect("the listener is running");
+        let runtime = runtime.upgrade().expect("the listener's runtime is alive");
+        handle.spawn(async move { runtime.tick_schedules(now).await }).await.expect("the tick ran");
+    }
+
     async fn wait_serving(&self) {
         use tonic_health::pb::health_client::HealthClient;
         let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
@@ -411,4 +437,22 @@ impl Cluster {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
+}
+
+/// A running listener's runtime (weak) and the tokio runtime it runs on.
+type Live = (std::sync::Weak<crate::runtime::Runtime>, tokio::runtime::Handle);
+
+/// `crate::run`, keeping a weak handle on the runtime for [`Cluster::tick_schedules`].
+async fn run_keeping(
+    config: Config,
+    socket: tokio::net::TcpListener,
+    shutdown: impl std::future::Future<Output = ()>,
+    live: &Mutex<Option<Live>>,
+) -> crate::Result<()> {
+    let runtime = tokio::task::spawn_blocking(move || crate::runtime::Runtime::open(config))
+        .await
+        .map_err(|e| crate::Error::Io(std::io::Error::other(e)))??;
+    *live.lock().unwrap_or_else(|p| p.into_inner()) =
+        Some((Arc::downgrade(&runtime), tokio::runtime::Handle::current()));
+    crate::serve(runtime, socket, shutdown).await
 }

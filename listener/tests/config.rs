@@ -262,4 +262,46 @@ fn the_commented_notify_example_parses_and_a_watch_needs_somewhere_to_alert() {
     );
     let err = toml::from_str::<Config>(&group("no_good_backup_after = \"a day\"")).unwrap_err();
     assert!(err.to_string().contains("\"a day\""), "{err}");
+fn schedules_are_checked_by_name_group_cron_and_time_zone() {
+    let base = "data_dir = \"/tmp/x\"\nlisten = \"127.0.0.1:0\"\n";
+    let rest = "[tls]\nca = \"c\"\ncert = \"c\"\nkey = \"k\"\n[[server]]\nname = \"a\"\naddress = \"127.0.0.1:1\"\n[[group]]\nname = \"g\"\nservers = [\"a\"]\n[copy]\nmode = \"report\"\n";
+    let schedule = |name: &str, group: &str, cron: &str| {
+        format!("[[schedule]]\nname = \"{name}\"\ngroup = \"{group}\"\ncron = \"{cron}\"\n")
+    };
+    let good = parse(&format!(
+        "{base}timezone = \"Europe/Berlin\"\n{rest}{}{}enabled = false\n",
+        schedule("nightly", "g", "0 22 * * mon-fri"),
+        schedule("every-4h", "g", "0 */4 * * *"),
+    ));
+    let schedule_problems = |c: &Config| {
+        c.problems().into_iter().filter(|p| !p.starts_with("tls.")).collect::<Vec<_>>()
+    };
+    assert_eq!(schedule_problems(&good), Vec::<String>::new());
+    let parsed = good.schedules();
+    assert_eq!(parsed.len(), 2);
+    assert!(parsed[0].enabled && !parsed[1].enabled, "enabled = false starts suspended");
+
+    let bad = parse(&format!(
+        "{base}timezone = \"Mars/Olympus\"\n{rest}{}{}{}",
+        schedule("nightly", "g", "0 25 * * *"),
+        schedule("nightly", "nope", "@daily"),
+        schedule("bad name", "g", "@daily"),
+    ));
+    let problems = schedule_problems(&bad).join("\n");
+    for says in [
+        "timezone: \"Mars/Olympus\": failed to find time zone",
+        "use an IANA name such as \"Europe/Berlin\"",
+        "schedule nightly: cron: hour field \"25\": 25 is outside 0-23",
+        "schedule.name: \"nightly\" is listed twice",
+        "schedule nightly: group \"nope\" is not configured ([[group]])",
+        "schedule.name: ",
+    ] {
+        assert!(problems.contains(says), "{problems}\nlacks {says:?}");
+    }
+    // No timezone: the system's zone, no problem.
+    let local = parse(&format!("{base}{rest}{}", schedule("nightly", "g", "@daily")));
+    assert!(local.time_zone().is_ok());
+    // Unknown keys in a schedule are refused.
+    let text = format!("{base}{rest}{}color = \"red\"\n", schedule("n", "g", "@daily"));
+    assert!(toml::from_str::<Config>(&text).is_err());
 }

@@ -15,6 +15,7 @@ pub mod log;
 pub mod repo;
 pub mod restore;
 pub mod san;
+pub mod schedules;
 pub mod start;
 pub mod status;
 pub mod verify;
