@@ -11,6 +11,7 @@ pub mod copying;
 pub mod list;
 pub mod log;
 pub mod repo;
+pub mod repo_list;
 pub mod restore;
 pub mod san;
 pub mod start;
