@@ -174,4 +174,28 @@ async fn the_catalog_is_rebuilt_from_the_repository_after_its_data_directory_was
     let out = cluster.backupctl("viewer", &["log", &second]);
     let said = String::from_utf8_lossy(&out.stdout);
     assert!(said.contains("recovered from the repository"), "{said}");
+
+    // Volumes no backup manifest names are listed as an incomplete backup.
+    let lun = cluster.array.lun_path("srv-b", "data").expect("lun path");
+    let mut args: Vec<String> =
+        ["repo", "backup", "--backup", "loose", "--server", "srv-b"].map(String::from).into();
+    args.extend(["--volume".into(), "data".into(), lun.display().to_string()]);
+    args.extend(repo_args(&cluster));
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = cluster.backupctl("operator", &refs);
+    assert!(out.status.success(), "{}", text(&out));
+    let mut args: Vec<String> = vec!["repo".into(), "list".into()];
+    args.extend(repo_args(&cluster));
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (_, listed) = cluster.backupctl_json(&refs);
+    let loose = listed.as_array().and_then(|l| l.iter().find(|b| b["backup"] == "loose"));
+    let loose = loose.unwrap_or_else(|| panic!("{listed:#}"));
+    assert_eq!(loose["complete"], false, "{loose:#}");
+    assert_eq!(loose["servers"], serde_json::json!(["srv-b"]));
+    let human = cluster.backupctl("viewer", &refs);
+    let human = String::from_utf8_lossy(&human.stdout);
+    assert!(
+        human.contains("INCOMPLETE") && human.contains("3 backup(s), 1 of them incomplete"),
+        "{human}"
+    );
 }
