@@ -271,6 +271,9 @@ pub fn rebuild_command(config: &Config, force: bool) -> Result<String> {
                 file.display()
             )));
         }
+        // Refused while a listener serves from it (redb locks the file): renaming an open
+        // catalog would leave two that both go on.
+        drop(Store::open(&config.data_dir)?);
         let to = file.with_extension(format!("redb.replaced-{}", stillpoint_core::unix_ms()));
         std::fs::rename(&file, &to)?;
         aside = Some(to);
