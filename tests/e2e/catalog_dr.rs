@@ -13,8 +13,16 @@ use std::time::Duration;
 
 use crate::harness::{bin, incompressible, wait_for, Cluster, Copy, Spec};
 
-fn no_quiescers(_: &str, _: &Path) -> String {
-    String::new()
+/// srv-a's hook leaves an artifact naming the backup; srv-b has no quiescer.
+fn quiescers(server: &str, root: &Path) -> String {
+    if server != "srv-a" {
+        return String::new();
+    }
+    let post = "printf 'thawed for %s\\n' \"$STILLPOINT_BACKUP_ID\" > \"$STILLPOINT_ARTIFACTS_DIR/position\"";
+    format!(
+        "[[quiescer]]\nkind = \"exec\"\nname = \"app\"\ntimeout_ms = 10000\npost_thaw = [\"/bin/sh\", \"-c\", {post:?}]\nartifacts_dir = {dir:?}\n",
+        dir = root.join("artifacts").display().to_string(),
+    )
 }
 
 /// Writes `seed`'s bytes at `offset` of srv-a's LUN and returns the whole LUN as it is then.
@@ -84,6 +92,15 @@ fn check_listener(cluster: &Cluster, ids: &[&str; 2], restore: (&str, &[u8])) {
     }
     let (code, status) = cluster.backupctl_json(&["status", ids[0]]);
     assert_eq!(code, 0, "{status:#}");
+    // The artifacts come back from the catalog, for a backup from the saved catalog and for
+    // one recovered from its backup manifest alike.
+    for id in ids {
+        let to = cluster.root().join(format!("fetched-{id}-{}", restore.0));
+        let out = cluster.backupctl("hook", &["artifacts", id, "--to", to.to_str().unwrap()]);
+        assert!(out.status.success(), "{}", text(&out));
+        let got = fs::read_to_string(to.join("srv-a/artifacts/app/position")).unwrap();
+        assert_eq!(got, format!("thawed for {id}\n"));
+    }
     let (id, want) = restore;
     let to = cluster.root().join(format!("restored-{id}-{}", want.len() ^ id.len()));
     let _ = fs::remove_dir_all(&to);
@@ -95,7 +112,7 @@ fn check_listener(cluster: &Cluster, ids: &[&str; 2], restore: (&str, &[u8])) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_catalog_is_rebuilt_from_the_repository_after_its_data_directory_was_deleted() {
-    let mut spec = Spec::three(no_quiescers);
+    let mut spec = Spec::three(quiescers);
     spec.servers = vec!["srv-a".into(), "srv-b".into()];
     spec.copy = Copy::Saveset { verify: "index" };
     let mut cluster = Cluster::start(spec).await;
