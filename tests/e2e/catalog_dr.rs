@@ -2,8 +2,9 @@
 //! repository, the listener stopped and its data directory deleted, then the catalog rebuilt
 //! from the repository, by `--rebuild-catalog` and by a plain start (with the newest saved
 //! catalog gone too, so the second backup comes back from its backup manifest alone). After
-//! each, `backupctl list` knows both backups and `backupctl restore` writes them bit for bit;
-//! `backupctl repo list` shows them with no listener at all.
+//! each, `backupctl list` knows both backups, `artifacts` fetches their files and `backupctl
+//! restore` writes them bit for bit; `backupctl repo list` shows them with no listener at all,
+//! and volumes without a backup manifest as an incomplete backup.
 
 use std::fs;
 use std::io::{Seek, SeekFrom, Write};
