@@ -155,3 +155,11 @@ pub fn explain(status: &tonic::Status) -> String {
     }
     line
 }
+
+/// The identity (role and name) our own certificate carries, as peers see it: the listener
+/// names its saved catalogs with it.
+pub fn own_identity(files: &TlsFiles) -> Result<crate::identity::Identity> {
+    let certs = certs_from(&files.cert)?;
+    crate::identity::Identity::from_der(&certs[0])
+        .map_err(|reason| Error::Certificate { path: files.cert.clone(), reason })
+}

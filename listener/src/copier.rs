@@ -76,6 +76,14 @@ impl Copier {
         }
     }
 
+    /// The saveset repository this listener copies into, if it does.
+    pub fn saveset(&self) -> Option<&Arc<Saveset>> {
+        match self {
+            Copier::Saveset { saveset } | Copier::SavesetOnAgents { saveset, .. } => Some(saveset),
+            Copier::Report | Copier::Command { .. } | Copier::Image { .. } => None,
+        }
+    }
+
     /// Whether a backup's copies are sealed into one backup (the saveset's backup manifest).
     pub fn seals(&self) -> bool {
         matches!(self, Copier::Saveset { .. } | Copier::SavesetOnAgents { .. })

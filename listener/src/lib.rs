@@ -12,6 +12,7 @@ pub mod details;
 pub mod error;
 pub mod feed;
 pub mod pages;
+pub mod repo_catalog;
 pub mod requests;
 pub mod runtime;
 pub mod schedule;

@@ -1,4 +1,5 @@
-//! `stillpoint-listener --config FILE`: loads the config, binds, serves until SIGINT or SIGTERM.
+//! `stillpoint-listener --config FILE`: loads the config, binds, serves until SIGINT or SIGTERM;
+//! with `--rebuild-catalog [--force]` rebuilds the catalog from the repository and exits.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -11,6 +12,12 @@ struct Args {
     /// Path to the listener's TOML config.
     #[arg(long, env = "STILLPOINT_LISTENER_CONFIG")]
     config: PathBuf,
+    /// Rebuild the catalog from the saveset repository's saved one, then exit.
+    #[arg(long)]
+    rebuild_catalog: bool,
+    /// With --rebuild-catalog: move an existing catalog aside instead of refusing.
+    #[arg(long, requires = "rebuild_catalog")]
+    force: bool,
 }
 
 #[tokio::main]
@@ -30,6 +37,26 @@ async fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if args.rebuild_catalog {
+        let force = args.force;
+        let rebuilt = tokio::task::spawn_blocking(move || {
+            stillpoint_listener::repo_catalog::rebuild_command(&config, force)
+        });
+        return match rebuilt.await {
+            Ok(Ok(done)) => {
+                println!("{done}");
+                ExitCode::SUCCESS
+            }
+            Ok(Err(e)) => {
+                eprintln!("stillpoint-listener: {e}");
+                ExitCode::from(2)
+            }
+            Err(e) => {
+                eprintln!("stillpoint-listener: rebuild: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let socket = match tokio::net::TcpListener::bind(config.listen).await {
         Ok(s) => s,
         Err(e) => {

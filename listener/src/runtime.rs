@@ -71,8 +71,25 @@ impl Runtime {
     /// Opens the catalog in the data directory and builds the runtime. Blocking (the store, and
     /// in saveset mode unlocking the repository).
     pub fn open(config: Config) -> Result<Arc<Runtime>> {
+        // A catalog made by this start is rebuilt from the repository's saved one, if any.
+        let file = crate::repo_catalog::catalog_file(&config.data_dir);
+        let fresh = !file.exists();
         let store = Store::open(&config.data_dir)?;
-        Runtime::new(config, store)
+        let opened = Runtime::new(config, store).and_then(|rt| {
+            if fresh {
+                crate::repo_catalog::rebuild_at_start(
+                    &rt.store,
+                    rt.copier.saveset().map(|s| &**s),
+                    &rt.config,
+                )?;
+            }
+            Ok(rt)
+        });
+        if fresh && opened.is_err() {
+            // So the next start rebuilds again, rather than serve an empty catalog.
+            let _ = std::fs::remove_file(&file);
+        }
+        opened
     }
 
     pub fn new(config: Config, store: Store) -> Result<Arc<Runtime>> {

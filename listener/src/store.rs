@@ -15,7 +15,10 @@ use crate::error::{Error, Result};
 use crate::model::{BackupRecord, LogEntry};
 use crate::requests::CopyReport;
 
+mod dump;
 mod record;
+
+pub use dump::{parse_dump, Dumped};
 
 pub use record::{CatalogRecord, VERSION};
 

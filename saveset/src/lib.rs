@@ -10,6 +10,7 @@
 //! - `manifest.rs`: ids and manifests (plain data); `crypto.rs`: KDF, sealing, chunk ids.
 
 mod backup;
+mod catalog;
 mod claims;
 mod crypto;
 mod direct;
@@ -24,11 +25,12 @@ mod storage;
 mod verify;
 
 pub use backup::{BackupStats, Progress, VolumeBackup};
+pub use catalog::CatalogHeader;
 pub use crypto::{KdfParams, Secret};
 pub use error::{Error, Result};
 pub use manifest::{
-    BackupArtifact, BackupManifest, ChunkId, Manifest, ManifestId, ManifestSummary, PackId,
-    VolumeManifest, VolumeMeta, VolumeSummary,
+    BackupArtifact, BackupManifest, CatalogId, ChunkId, Manifest, ManifestId, ManifestSummary,
+    PackId, VolumeManifest, VolumeMeta, VolumeSummary,
 };
 pub use pool::{secret_from_files, Pool, SecretFileError};
 pub use repo::{InitOptions, Repository, FORMAT_VERSION};

@@ -70,6 +70,10 @@ id_type!(
     /// A manifest file's random name.
     ManifestId
 );
+id_type!(
+    /// A saved catalog's random name (`catalog/<id>`).
+    CatalogId
+);
 
 /// Who a volume backup belongs to; chosen by the caller (the listener's copy phase).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -7,6 +7,7 @@ mod agent_copy;
 mod apps;
 mod apps_cut;
 mod artifacts;
+mod catalog_dr;
 mod consistency;
 mod failures;
 mod faults;

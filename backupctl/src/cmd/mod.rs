@@ -13,6 +13,7 @@ pub mod drill;
 pub mod list;
 pub mod log;
 pub mod repo;
+pub mod repo_list;
 pub mod restore;
 pub mod san;
 pub mod schedules;

@@ -67,6 +67,10 @@ pub enum Repo {
     Init(InitArgs),
     /// Copy one snapshot or image into the repository as a volume of a backup
     Backup(BackupArgs),
+    /// List the backups the repository holds (and incomplete ones), without any listener
+    List(crate::cmd::repo_list::ListArgs),
+    /// Show one backup in the repository: servers, volumes, the cut, artifacts
+    Show(crate::cmd::repo_list::ShowArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -125,6 +129,8 @@ pub fn run(repo: Repo, out: &mut dyn Write) -> Result<()> {
     match repo {
         Repo::Init(args) => init(args, out),
         Repo::Backup(args) => backup(args, out),
+        Repo::List(args) => crate::cmd::repo_list::list(args, out),
+        Repo::Show(args) => crate::cmd::repo_list::show(args, out),
     }
 }
 
@@ -275,7 +281,7 @@ pub fn require_complete(found: &Found, id: &str, allow: bool, doing: &str) -> Re
 }
 
 /// The summary of every manifest in `ids`, in order, read by one thread per core.
-fn load_summaries(
+pub(crate) fn load_summaries(
     repo: &Repository,
     ids: Vec<ManifestId>,
 ) -> Vec<(ManifestId, stillpoint_saveset::Result<ManifestSummary>)> {

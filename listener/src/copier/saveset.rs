@@ -24,6 +24,9 @@ pub struct Saveset {
     config: SavesetConfig,
     /// Copies of different servers write concurrently, each through a handle of its own.
     pool: Pool,
+    /// Held while a catalog is dumped and saved (`crate::repo_catalog`), so the newest saved
+    /// catalog is always the newest dump.
+    catalog: std::sync::Mutex<()>,
 }
 
 impl std::fmt::Debug for Saveset {
@@ -71,14 +74,21 @@ impl Saveset {
     pub fn open(config: &SavesetConfig) -> Result<Saveset, String> {
         let pool = config.open()?;
         tracing::info!(repository = %config.repository.display(), verify = ?config.verify, "saveset repository unlocked");
-        Ok(Saveset { config: config.clone(), pool })
+        Ok(Saveset { config: config.clone(), pool, catalog: std::sync::Mutex::default() })
     }
 
-    fn with_repo<T>(
+    /// Runs `f` on one of the pool's unlocked handles.
+    pub fn with_repo<T>(
         &self,
         f: impl FnOnce(&mut Repository) -> Result<T, String>,
     ) -> Result<T, String> {
         self.pool.with_repo(|e| format!("copy.repository: {e}"), f)
+    }
+
+    /// Runs `save` (dump the catalog, write it) with no other catalog save running at once.
+    pub fn saving_catalog<T>(&self, save: impl FnOnce() -> T) -> T {
+        let _one = self.catalog.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        save()
     }
 
     /// Backs up every snapshot of `server` (its locator is read as a file or block device).

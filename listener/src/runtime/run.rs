@@ -188,6 +188,15 @@ impl Runtime {
             self.save_progress(&coordinator.record, &mut run).await;
         }
         self.runs.remove(&id);
+        if let Some(saveset) = self.copier.saveset() {
+            let writer = crate::repo_catalog::Writer::of(&self.config);
+            crate::repo_catalog::save_in_background(
+                self.store.clone(),
+                Arc::clone(saveset),
+                writer,
+                id.clone(),
+            );
+        }
         let record = Arc::new(coordinator.record);
         let _ = self.updates.send(Arc::new(Update {
             backup_id: id,

@@ -149,3 +149,34 @@ fn a_record_from_a_newer_listener_is_a_clear_error() {
     );
     assert!(store.list().unwrap().is_empty(), "skipped in lists, not fatal");
 }
+
+#[tokio::test]
+async fn a_dump_imports_into_an_empty_catalog_as_it_was() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&dir.path().join("old")).unwrap();
+    let mut done = BackupRecord::new("b1", "g", &["a".to_string()], "operator:x", 5);
+    done.state = State::Succeeded;
+    done.servers[0].artifacts =
+        vec![Artifact { quiescer: "pg".into(), name: "label".into(), bytes: vec![0, 1, 255] }];
+    store.save(&done, &[entry("one"), entry("two")]).await.unwrap();
+    let other = BackupRecord::new("b2", "g", &["a".to_string()], "operator:x", 6);
+    store.save(&other, &[entry("three")]).await.unwrap();
+    let (bytes, n) = store.dump().unwrap();
+    assert_eq!(n, 2);
+
+    let dumped = parse_dump(&bytes).unwrap();
+    let fresh = Store::open(&dir.path().join("new")).unwrap();
+    fresh.import(&dumped).unwrap();
+    assert_eq!(fresh.get("b1").unwrap(), done);
+    assert_eq!(fresh.get("b2").unwrap(), other);
+    assert_eq!(fresh.log("b1", 0).unwrap(), vec![(0, entry("one")), (1, entry("two"))]);
+    // The log goes on after the imported lines.
+    assert_eq!(fresh.save(&done, &[entry("four")]).await.unwrap(), 3);
+}
+
+#[test]
+fn a_dump_line_this_listener_cannot_read_names_its_backup() {
+    let line = br#"{"id":"b9","record":{"version":99,"id":"b9"},"log":[]}"#;
+    let err = parse_dump(line).unwrap_err();
+    assert!(err.contains("backup b9") && err.contains("version 99"), "{err}");
+}
