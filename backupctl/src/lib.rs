@@ -26,7 +26,7 @@ Exit codes:
   1  the backup failed or was aborted (start --wait, wait, watch), or wait --within passed
      first; the repository is damaged, or
      holds only part of the backup: no backup manifest, no cut (verify, restore; pass
-     --incomplete to check or restore that part anyway)
+     --incomplete to check or restore that part anyway); preflight found an error
   2  bad usage, no identity, the listener unreachable or refusing, a wrong repository secret,
      a restore target that is not empty, or a local error";
 
@@ -83,6 +83,8 @@ pub enum Command {
     Restore(cmd::restore::Args),
     /// Write the files a backup's quiescers made for a restore, from the listener's catalog
     Artifacts(cmd::artifacts::Args),
+    /// Check a group's agents before its first backup: reachable, tools, privileges, guardian
+    Preflight(cmd::preflight::Args),
 }
 
 /// Runs one command, writing results to `out` and diagnostics to stderr; returns the exit code.
@@ -122,6 +124,7 @@ async fn dispatch(cli: Cli, out: &mut dyn Write) -> Result<()> {
         Command::Verify(args) => cmd::verify::run(args, out),
         Command::Restore(args) => cmd::restore::run(args, out),
         Command::Artifacts(args) => cmd::artifacts::run(conn, args, out).await,
+        Command::Preflight(args) => cmd::preflight::run(conn, args, out).await,
     }
 }
 

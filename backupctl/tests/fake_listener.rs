@@ -238,6 +238,13 @@ impl Listener for Fake {
         Ok(Response::new(GetArtifactsResponse::default()))
     }
 
+    async fn preflight(
+        &self,
+        _: Request<PreflightRequest>,
+    ) -> Result<Response<PreflightResponse>, Status> {
+        Err(Status::unimplemented("fake listener"))
+    }
+
     async fn health(&self, _: Request<HealthRequest>) -> Result<Response<HealthResponse>, Status> {
         Ok(Response::new(HealthResponse::default()))
     }

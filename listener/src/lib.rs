@@ -2,7 +2,8 @@
 //! cleanup phases, and the catalog of backups with their event logs.
 //!
 //! `coordinator` is the protocol as a pure state machine; `runtime` drives it (persist, then act);
-//! `agents` calls the agents, `copier` copies; `service` is the gRPC face; `store` the catalog.
+//! `agents` calls the agents, `copier` copies; `service` is the gRPC face; `store` the catalog;
+//! `preflight` the checks of `--check` and `backupctl preflight`.
 
 pub mod agents;
 pub mod config;
@@ -12,6 +13,7 @@ pub mod details;
 pub mod error;
 pub mod feed;
 pub mod pages;
+pub mod preflight;
 pub mod requests;
 pub mod runtime;
 pub mod service;

@@ -1,4 +1,5 @@
 //! `stillpoint-listener --config FILE`: loads the config, binds, serves until SIGINT or SIGTERM.
+//! With `--check` it runs the pre-flight checks instead, prints them and exits 0, or 1 on an error.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -11,6 +12,10 @@ struct Args {
     /// Path to the listener's TOML config.
     #[arg(long, env = "STILLPOINT_LISTENER_CONFIG")]
     config: PathBuf,
+    /// Check the config, certificate, directories, copy target and every agent, print what was
+    /// found (ok / warn / error, with what to do), and exit: 0 if nothing is an error, else 1.
+    #[arg(long)]
+    check: bool,
 }
 
 #[tokio::main]
@@ -23,6 +28,15 @@ async fn main() -> ExitCode {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr)
         .init();
+    if args.check {
+        let findings = stillpoint_listener::preflight::check(&args.config).await;
+        print!("{}", stillpoint_core::preflight::render(&findings));
+        return if stillpoint_core::preflight::has_error(&findings) {
+            ExitCode::FAILURE
+        } else {
+            ExitCode::SUCCESS
+        };
+    }
     let config = match stillpoint_listener::Config::load(&args.config) {
         Ok(c) => c,
         Err(e) => {
