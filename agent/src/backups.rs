@@ -343,6 +343,13 @@ impl Backups {
         }
     }
 
+    /// The provider's own check (the budget: room for every snapshot), as a Prepare would ask
+    /// it, for the pre-flight; nothing is armed or frozen.
+    pub async fn check_provider(&self) -> anyhow::Result<String> {
+        let (provider, volumes) = (self.inner.provider.clone(), self.inner.volumes.clone());
+        blocking(move || provider.check(&volumes)).await
+    }
+
     /// The guardian's pid, when it runs.
     pub async fn guardian_pid(&self) -> Option<u32> {
         self.inner.with_armed(|a| Ok(a.guardian_pid())).await.ok().flatten()

@@ -148,13 +148,35 @@ fn other_agent_alive(pid: u32) -> bool {
             .is_ok_and(|c| c.starts_with("stillpoint-agen"))
 }
 
+/// The running agent that wrote `journal`, if it still runs (then its entries are its own).
+pub fn owner_alive(journal: &Journal) -> Option<u32> {
+    other_agent_alive(journal.owner_pid).then_some(journal.owner_pid)
+}
+
+/// What [`replay`] found and did.
+#[derive(Debug, Default)]
+pub struct Replayed {
+    /// The running agent that owns the journal: nothing was run.
+    pub live_owner: Option<u32>,
+    /// One line per action that ran (or found nothing left to undo), for the log.
+    pub undone: Vec<String>,
+    /// One line per action that failed: what may still be frozen or stopped.
+    pub failed: Vec<String>,
+}
+
 /// Runs every thaw action a previous agent journalled at `path` (newest backup first, actions
 /// in reverse order), logs each, and returns the journal emptied and owned by this process.
 /// A journal whose writer still runs is not ours to replay: it is left alone, with a warning.
 pub fn recover(path: &Path) -> io::Result<Journal> {
+    replay(path).map(|(journal, _)| journal)
+}
+
+/// [`recover`], also saying what it did: `stillpoint-agent replay-journal` prints it.
+pub fn replay(path: &Path) -> io::Result<(Journal, Replayed)> {
     let found = Journal::open(path)?;
+    let mut replayed = Replayed::default();
     if found.entries.is_empty() {
-        return Ok(Journal::new(path));
+        return Ok((Journal::new(path), replayed));
     }
     if other_agent_alive(found.owner_pid) {
         warn!(
@@ -162,7 +184,8 @@ pub fn recover(path: &Path) -> io::Result<Journal> {
             owner = found.owner_pid,
             "journal belongs to a running agent; not replaying it (give each agent its own state_dir)"
         );
-        return Ok(Journal::new(path));
+        replayed.live_owner = Some(found.owner_pid);
+        return Ok((Journal::new(path), replayed));
     }
     let mut backups: Vec<&str> = Vec::new();
     for e in &found.entries {
@@ -174,20 +197,31 @@ pub fn recover(path: &Path) -> io::Result<Journal> {
         for e in found.entries.iter().rev().filter(|e| e.backup == *backup) {
             match (&e.action, e.action.undo(&e.key)) {
                 (Action::Fithaw { mount }, Ok(undone)) if undone == e.action.done(&e.key) => {
-                    warn!("recovered frozen mount {} of backup {backup}", mount.display())
+                    let line =
+                        format!("recovered frozen mount {} of backup {backup}", mount.display());
+                    warn!("{line}");
+                    replayed.undone.push(line);
                 }
-                (_, Ok(undone)) => warn!("{undone} for backup {backup}"),
-                (_, Err(err)) => error!(
-                    "recovery: could not undo quiescer {} of backup {backup}: {err:#}",
-                    e.key
-                ),
+                (_, Ok(undone)) => {
+                    let line = format!("{undone} for backup {backup}");
+                    warn!("{line}");
+                    replayed.undone.push(line);
+                }
+                (_, Err(err)) => {
+                    let line = format!(
+                        "recovery: could not undo quiescer {} of backup {backup}: {err:#}",
+                        e.key
+                    );
+                    error!("{line}");
+                    replayed.failed.push(line);
+                }
             }
         }
     }
     let mut journal = Journal::new(path);
     journal.entries = found.entries;
     journal.clear()?;
-    Ok(journal)
+    Ok((journal, replayed))
 }
 
 #[cfg(test)]

@@ -5,7 +5,8 @@
 //! `config` (TOML), `lease` (pure lease math), `quiesce` and `snapshot` (plug-in traits, one
 //! file per kind), `backups` (the state table and operations), `guardian` (the second process
 //! that thaws when the agent cannot) with `journal` and `armed`, `copy` (the saveset copier
-//! behind Copy), `service` (gRPC), `sys` (`kill(2)`, from `stillpoint-sys`), `testing` (fakes).
+//! behind Copy), `replay` (the journal replayed after a stop), `preflight` (the agent's own
+//! checks), `service` (gRPC), `sys` (`kill(2)`, from `stillpoint-sys`), `testing` (fakes).
 //! [`run`] wires them behind mutual TLS; `main.rs` only parses arguments.
 
 pub mod armed;
@@ -16,7 +17,9 @@ pub mod copy;
 pub mod error;
 pub mod guardian;
 pub mod journal;
+pub mod preflight;
 pub mod quiesce;
+pub mod replay;
 pub mod service;
 pub mod snapshot;
 pub mod sys;
@@ -54,7 +57,7 @@ pub fn recover(config: &Config) -> Result<journal::Journal> {
     journal::recover(&path).map_err(|e| Error::Setup(format!("journal: {e}")))
 }
 
-fn pidfile(state_dir: &Path, server: &str) -> PathBuf {
+pub(crate) fn pidfile(state_dir: &Path, server: &str) -> PathBuf {
     state_dir.join(format!("{server}.guardian.pid"))
 }
 
@@ -119,7 +122,8 @@ pub async fn run_with_guardian(
             }
         }
     });
-    let service = service::AgentService::new(backups.clone(), config.max_lease_ms, saveset);
+    let service =
+        service::AgentService::new(backups.clone(), std::sync::Arc::new(config.clone()), saveset);
     // Long enough for the slowest Prepare (every exec timeout) plus a Commit's snapshots.
     let exec_ms: u64 = config
         .quiescers

@@ -1,7 +1,8 @@
 //! The `stillpoint-agent` binary: parses arguments, sets up logging, loads and validates the
 //! config, replays the freeze journal, binds, and runs the agent until SIGINT or SIGTERM. The
 //! hidden `guardian` subcommand is the agent's own thaw guardian; `hold-sqlite` holds the
-//! sqlite quiescer's transactions. Exit codes: 0 ok, 1 failed, 2 usage.
+//! sqlite quiescer's transactions. `replay-journal` (systemd's `ExecStopPost=`) thaws what a
+//! stopped agent's journal still lists. Exit codes: 0 ok, 1 failed, 2 usage.
 
 use std::process::ExitCode;
 
@@ -18,11 +19,11 @@ struct Args {
     #[arg(long, required = true)]
     config: Option<std::path::PathBuf>,
     #[command(subcommand)]
-    guardian: Option<Guardian>,
+    guardian: Option<Sub>,
 }
 
 #[derive(clap::Subcommand)]
-enum Guardian {
+enum Sub {
     /// Started by the agent itself: thaws what it froze if it dies or its lease runs out.
     #[command(hide = true)]
     Guardian {
@@ -38,6 +39,14 @@ enum Guardian {
         #[arg(required = true)]
         databases: Vec<std::path::PathBuf>,
     },
+    /// Runs every thaw action this agent's journal still lists (a stopped or killed agent and
+    /// guardian left them), then exits: 0 when nothing is left frozen. A running agent's
+    /// journal is left alone. For systemd's ExecStopPost=.
+    ReplayJournal {
+        /// The agent's TOML config file (its server name and state_dir).
+        #[arg(long)]
+        config: std::path::PathBuf,
+    },
 }
 
 fn main() -> ExitCode {
@@ -51,13 +60,14 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     match args.guardian {
-        Some(Guardian::Guardian { journal }) => {
+        Some(Sub::Guardian { journal }) => {
             stillpoint_agent::guardian::main(journal.as_deref());
             return ExitCode::SUCCESS;
         }
-        Some(Guardian::HoldSqlite { timeout_ms, databases }) => {
+        Some(Sub::HoldSqlite { timeout_ms, databases }) => {
             return stillpoint_agent::quiesce::sqlite::hold_main(&databases, timeout_ms);
         }
+        Some(Sub::ReplayJournal { config }) => return replay_journal(&config),
         None => {}
     }
     let config = match args.config.map(|p| Config::load(&p).and_then(|c| c.validate().map(|()| c)))
@@ -77,6 +87,48 @@ fn main() -> ExitCode {
         return ExitCode::FAILURE;
     }
     ExitCode::SUCCESS
+}
+
+/// Parses (not validates: a config broken since the start must not stop the thaw) and replays.
+fn replay_journal(path: &std::path::Path) -> ExitCode {
+    let config = match Config::load(path) {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("stillpoint-agent: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let replayed =
+        stillpoint_agent::replay::replay_journal(&config, stillpoint_agent::replay::GUARDIAN_WAIT);
+    match replayed {
+        Err(e) => {
+            eprintln!("stillpoint-agent: replay-journal: {e}");
+            ExitCode::FAILURE
+        }
+        Ok(stillpoint_agent::journal::Replayed { live_owner: Some(pid), .. }) => {
+            eprintln!("stillpoint-agent: the agent (pid {pid}) still runs; its journal is its own");
+            ExitCode::SUCCESS
+        }
+        // Each action was logged as it ran; this line sums them up.
+        Ok(r) if r.failed.is_empty() => {
+            eprintln!(
+                "stillpoint-agent: journal of {}: {} thaw action(s) run, nothing left frozen",
+                config.server,
+                r.undone.len()
+            );
+            ExitCode::SUCCESS
+        }
+        Ok(r) => {
+            eprintln!(
+                "stillpoint-agent: journal of {}: {} of {} thaw action(s) failed (logged above): \
+                 what they hold may still be frozen or stopped",
+                config.server,
+                r.failed.len(),
+                r.failed.len() + r.undone.len()
+            );
+            ExitCode::FAILURE
+        }
+    }
 }
 
 async fn serve(config: Config) -> anyhow::Result<()> {

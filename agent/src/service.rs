@@ -27,11 +27,17 @@ pub struct AgentService {
     max_lease_ms: u64,
     /// The repository Copy writes into, when `[saveset]` is configured.
     saveset: Option<Arc<Saveset>>,
+    /// What Preflight checks.
+    config: Arc<crate::Config>,
 }
 
 impl AgentService {
-    pub fn new(backups: Backups, max_lease_ms: u64, saveset: Option<Arc<Saveset>>) -> AgentService {
-        AgentService { backups, max_lease_ms, saveset }
+    pub fn new(
+        backups: Backups,
+        config: Arc<crate::Config>,
+        saveset: Option<Arc<Saveset>>,
+    ) -> AgentService {
+        AgentService { backups, max_lease_ms: config.max_lease_ms, saveset, config }
     }
 }
 
@@ -42,6 +48,35 @@ fn backup_id(id: &str) -> Result<BackupId, Status> {
 
 #[tonic::async_trait]
 impl Agent for AgentService {
+    async fn preflight(
+        &self,
+        _: Request<stillpoint_proto::AgentPreflightRequest>,
+    ) -> Result<Response<stillpoint_proto::AgentPreflightResponse>, Status> {
+        use stillpoint_core::preflight::Finding;
+        let config = self.config.clone();
+        let mut findings = tokio::task::spawn_blocking(move || crate::preflight::local(&config))
+            .await
+            .map_err(|e| Status::internal(format!("preflight: {e}")))?;
+        findings.push(match self.backups.check_provider().await {
+            Ok(detail) if detail.is_empty() => Finding::ok("snapshot provider", "check passed"),
+            Ok(detail) => Finding::ok("snapshot provider", detail),
+            Err(e) => Finding::error("snapshot provider", format!("{e:#}")),
+        });
+        let guardian = self.backups.guardian_pid().await;
+        findings.push(match guardian {
+            Some(pid) if std::path::Path::new(&format!("/proc/{pid}")).exists() => {
+                Finding::ok("guardian", format!("freeze guardian runs as pid {pid}"))
+            }
+            _ => Finding::error(
+                "guardian",
+                "no freeze guardian runs: Prepare is refused until one does (see the agent's log)",
+            ),
+        });
+        let server = self.backups.server().to_string();
+        let findings = findings.iter().map(|f| (&f.clone().on(&server)).into()).collect();
+        Ok(Response::new(stillpoint_proto::AgentPreflightResponse { findings }))
+    }
+
     type CopyStream = ReceiverStream<Result<stillpoint_proto::CopyEvent, Status>>;
 
     async fn copy(

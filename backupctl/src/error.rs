@@ -48,6 +48,9 @@ pub enum Error {
     /// `agents`: the listener could not reach these agents (the table was printed).
     #[error("{0}")]
     AgentsUnreachable(String),
+    /// `preflight` found an error; the findings were printed on stdout.
+    #[error("{0}")]
+    Preflight(String),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -60,7 +63,8 @@ impl Error {
             | Error::Damaged(_)
             | Error::Incomplete(_)
             | Error::CertsExpiring(_)
-            | Error::DrillFailed(_) => EXIT_BACKUP_FAILED,
+            | Error::DrillFailed(_)
+            | Error::Preflight(_) => EXIT_BACKUP_FAILED,
             Error::Repository(stillpoint_saveset::Error::Damaged { .. }) => EXIT_BACKUP_FAILED,
             Error::Repository(_) => EXIT_USAGE,
             Error::AgentsUnreachable(_) => EXIT_AGENT_UNREACHABLE,

@@ -29,6 +29,7 @@ Exit codes:
      first; the repository is damaged, or
      holds only part of the backup: no backup manifest, no cut (verify, restore; pass
      --incomplete to check or restore that part anyway); a drill's restore or check failed
+     --incomplete to check or restore that part anyway); preflight found an error
   2  bad usage, no identity, the listener unreachable or refusing, a wrong repository secret,
      a restore target that is not empty, or a local error
   3  agents: the listener answered but one or more agents did not (named on stderr)";
@@ -95,6 +96,8 @@ pub enum Command {
     Drill(cmd::drill::Args),
     /// List the listener's schedules (next run, last outcome); suspend or resume one
     Schedules(cmd::schedules::Args),
+    /// Check a group's agents before its first backup: reachable, tools, privileges, guardian
+    Preflight(cmd::preflight::Args),
 }
 
 /// Runs one command, writing results to `out` and diagnostics to stderr; returns the exit code.
@@ -150,6 +153,7 @@ async fn dispatch(cli: Cli, out: &mut dyn Write) -> Result<()> {
         Command::Config(config) => cmd::config::run(conn, config, out),
         Command::Drill(args) => cmd::drill::run(args, out),
         Command::Schedules(args) => cmd::schedules::run(conn, args, out).await,
+        Command::Preflight(args) => cmd::preflight::run(conn, args, out).await,
     }
 }
 

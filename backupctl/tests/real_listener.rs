@@ -346,4 +346,33 @@ async fn schedules_shows_next_and_last_run_and_operators_suspend_and_resume() {
     assert!(resumed["next_unix_ms"].as_i64().is_some(), "{resumed}");
     let (code, _) = real.run("operator", &["schedules", "resume", "weekly"]).await;
     assert_eq!(code, 2, "an unknown schedule is refused");
+/// `backupctl preflight GROUP` goes through the listener to every agent of the group: each is
+/// reached with the certificate of its name and its own findings come back under its name; an
+/// unknown group and a viewer are refused (exit 2).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn preflight_reaches_each_agent_of_the_group_by_name_for_operators_only() {
+    let real = Real::start(Spec::default()).await;
+    let (code, out) = real.run("operator", &["preflight", "g"]).await;
+    assert_eq!(code, 0, "{out}");
+    // The default group `g` is srv-a and srv-b; srv-c is in the inventory but not asked.
+    assert!(!out.contains("srv-c"), "{out}");
+    for server in ["srv-a", "srv-b"] {
+        let reachable = out
+            .lines()
+            .find(|l| l.contains(server) && l.contains("reachable"))
+            .unwrap_or_else(|| panic!("no reachable line for {server}:\n{out}"));
+        assert!(reachable.starts_with("ok "), "{reachable}");
+        assert!(reachable.contains(&format!("with the certificate of {server}")), "{reachable}");
+        assert!(out.lines().any(|l| l.contains(server) && l.contains("a scripted agent")), "{out}");
+    }
+    assert!(out.ends_with("4 ok, 0 warning(s), 0 error(s)\n"), "{out}");
+
+    let (code, out) = real.run("operator", &["preflight", "g", "--json"]).await;
+    assert_eq!(code, 0);
+    let rows = json(&out);
+    assert_eq!(rows.as_array().unwrap().len(), 4, "{out}");
+    assert_eq!(rows[0]["level"], "ok");
+
+    assert_eq!(real.run("operator", &["preflight", "nope"]).await.0, 2);
+    assert_eq!(real.run("viewer", &["preflight", "g"]).await.0, 2);
 }

@@ -6,6 +6,7 @@ pub mod certs;
 pub mod error;
 pub mod identity;
 pub mod layers;
+pub mod preflight;
 pub mod san;
 pub mod testing;
 pub mod tls;

@@ -54,7 +54,7 @@ fn read(path: &Path) -> Result<Vec<u8>> {
     fs::read(path).map_err(|e| Error::io(path, e))
 }
 
-fn certs_from(path: &Path) -> Result<Vec<CertificateDer<'static>>> {
+pub(crate) fn certs_from(path: &Path) -> Result<Vec<CertificateDer<'static>>> {
     let pem = read(path)?;
     let certs = rustls_pemfile::certs(&mut pem.as_slice())
         .collect::<std::result::Result<Vec<_>, _>>()
@@ -68,7 +68,7 @@ fn certs_from(path: &Path) -> Result<Vec<CertificateDer<'static>>> {
     Ok(certs)
 }
 
-fn key_from(path: &Path) -> Result<PrivateKeyDer<'static>> {
+pub(crate) fn key_from(path: &Path) -> Result<PrivateKeyDer<'static>> {
     let pem = read(path)?;
     rustls_pemfile::private_key(&mut pem.as_slice())
         .map_err(|e| Error::Certificate { path: path.into(), reason: e.to_string() })?

@@ -2,7 +2,8 @@
 //! cleanup phases, and the catalog of backups with their event logs.
 //!
 //! `coordinator` is the protocol as a pure state machine; `runtime` drives it (persist, then act);
-//! `agents` calls the agents, `copier` copies; `service` is the gRPC face; `store` the catalog.
+//! `agents` calls the agents, `copier` copies; `service` is the gRPC face; `store` the catalog;
+//! `preflight` the checks of `--check` and `backupctl preflight`.
 
 pub mod agents;
 pub mod config;
@@ -13,6 +14,7 @@ pub mod error;
 pub mod feed;
 pub mod pages;
 pub mod repo_catalog;
+pub mod preflight;
 pub mod requests;
 pub mod runtime;
 pub mod schedule;

@@ -1,5 +1,6 @@
 //! `stillpoint-listener --config FILE`: loads the config, binds, serves until SIGINT or SIGTERM;
 //! with `--rebuild-catalog [--force]` rebuilds the catalog from the repository and exits.
+//! With `--check` it runs the pre-flight checks instead, prints them and exits 0, or 1 on an error.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -18,6 +19,10 @@ struct Args {
     /// With --rebuild-catalog: move an existing catalog aside instead of refusing.
     #[arg(long, requires = "rebuild_catalog")]
     force: bool,
+    /// Check the config, certificate, directories, copy target and every agent, print what was
+    /// found (ok / warn / error, with what to do), and exit: 0 if nothing is an error, else 1.
+    #[arg(long, conflicts_with = "rebuild_catalog")]
+    check: bool,
 }
 
 #[tokio::main]
@@ -30,6 +35,15 @@ async fn main() -> ExitCode {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr)
         .init();
+    if args.check {
+        let findings = stillpoint_listener::preflight::check(&args.config).await;
+        print!("{}", stillpoint_core::preflight::render(&findings));
+        return if stillpoint_core::preflight::has_error(&findings) {
+            ExitCode::FAILURE
+        } else {
+            ExitCode::SUCCESS
+        };
+    }
     let config = match stillpoint_listener::Config::load(&args.config) {
         Ok(c) => c,
         Err(e) => {

@@ -104,6 +104,17 @@ impl Listener for ListenerService {
         Ok(Response::new(convert::backup(&self.runtime.backup(&id)?)))
     }
 
+    async fn preflight(
+        &self,
+        request: Request<pb::PreflightRequest>,
+    ) -> Result<Response<pb::PreflightResponse>, Status> {
+        let group = request.into_inner().group;
+        let found = crate::preflight::group(self.runtime.config(), &group).await?;
+        Ok(Response::new(pb::PreflightResponse {
+            findings: found.iter().map(Into::into).collect(),
+        }))
+    }
+
     async fn get_artifacts(
         &self,
         request: Request<pb::GetArtifactsRequest>,

@@ -126,6 +126,16 @@ type CopyEvents = Pin<Box<dyn tokio_stream::Stream<Item = Result<pb::CopyEvent, 
 
 #[tonic::async_trait]
 impl Agent for ScriptedAgent {
+    /// One ok finding naming the agent, so a pre-flight through the listener can be followed.
+    async fn preflight(
+        &self,
+        _: Request<pb::AgentPreflightRequest>,
+    ) -> Result<Response<pb::AgentPreflightResponse>, Status> {
+        let finding = stillpoint_core::preflight::Finding::ok("scripted", "a scripted agent")
+            .on(&self.server);
+        Ok(Response::new(pb::AgentPreflightResponse { findings: vec![(&finding).into()] }))
+    }
+
     async fn prepare(
         &self,
         request: Request<pb::PrepareRequest>,

@@ -1,6 +1,6 @@
 //! The freeze guardian and journal against real processes: the agent binary SIGKILLed or
 //! SIGSTOPped while an XFS loop mount is frozen, both agent and guardian killed, the stop
-//! quiescer, and a snapshot slower than the lease. Teardown always thaws and resumes.
+//! quiescer, a snapshot slower than the lease, and `replay-journal` (systemd's ExecStopPost). Teardown always thaws and resumes.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -22,6 +22,8 @@ pub(crate) struct BinAgent {
     pub(crate) child: Child,
     log: PathBuf,
     port: u16,
+    /// Its config file, for `replay-journal --config`.
+    pub(crate) config: PathBuf,
 }
 
 impl BinAgent {
@@ -51,7 +53,7 @@ impl BinAgent {
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
             .unwrap();
-        let agent = BinAgent { child, log, port };
+        let agent = BinAgent { child, log, port, config: path };
         let mut client = agent.client(certs);
         let deadline = Instant::now() + Duration::from_secs(10);
         while let Err(e) = client.status(StatusRequest {}).await {
@@ -394,4 +396,88 @@ async fn a_snapshot_that_outlives_the_lease_is_deleted_and_commit_refused() {
         .into_inner();
     assert_eq!(a.snapshots_deleted, 0);
     agent.stop().await;
+}
+
+/// `stillpoint-agent replay-journal --config F`: its exit code and stderr.
+fn replay_journal(config: &Path) -> (Option<i32>, String) {
+    let out = Command::new(BIN)
+        .args(["replay-journal", "--config"])
+        .arg(config)
+        .env("NO_COLOR", "1")
+        .output()
+        .unwrap();
+    (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+/// The degraded case systemd's `ExecStopPost=` covers: agent and guardian both killed while an
+/// XFS mount is frozen. `replay-journal` thaws it at once, without starting an agent, and a
+/// second run finds nothing left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replay_journal_thaws_what_a_killed_agent_and_guardian_left_frozen() {
+    let dir = tempfile::tempdir().unwrap();
+    let certs = Certs::new("srv-r");
+    let (array, live) = xfs_lun(dir.path(), "srv-r");
+    let state = dir.path().join("state");
+    let (quiescers, snapshot) = (fsfreeze_toml(&live.mount), mock_san_toml(&array));
+    let mut agent = BinAgent::start(dir.path(), &certs, &state, &quiescers, &snapshot).await;
+    let p = agent.client(&certs).prepare(prepare("b1", 30_000)).await.unwrap().into_inner();
+    assert!(p.prepared, "{p:?}");
+    let guardian = std::fs::read_to_string(state.join("srv-r.guardian.pid")).unwrap();
+    run("kill", &["-STOP", &agent.pid()]);
+    run("kill", &["-KILL", guardian.trim()]);
+    agent.kill9();
+    let written = write_in_thread(&live.mount, "during");
+    assert!(
+        written.recv_timeout(Duration::from_millis(300)).is_err(),
+        "thawed with no agent and no guardian"
+    );
+
+    let (code, stderr) = replay_journal(&agent.config);
+    assert_eq!(code, Some(0), "{stderr}");
+    written.recv_timeout(Duration::from_secs(5)).expect("replay-journal thaws it");
+    let expected = format!("recovered frozen mount {} of backup b1", live.mount.display());
+    assert!(stderr.contains(&expected), "{stderr}");
+    assert!(stderr.contains("1 thaw action(s) run, nothing left frozen"), "{stderr}");
+
+    let (code, stderr) = replay_journal(&agent.config);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(stderr.contains("0 thaw action(s) run, nothing left frozen"), "{stderr}");
+    assert!(!stderr.contains("recovered"), "{stderr}");
+    drop(agent);
+    drop(live);
+}
+
+/// Run while the agent lives (a mistaken manual run, or ExecStopPost racing a restart), it
+/// leaves the agent's freeze alone and says whose journal it is; the agent's own abort thaws.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replay_journal_leaves_a_live_agents_freeze_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let certs = Certs::new("srv-l");
+    let (array, live) = xfs_lun(dir.path(), "srv-l");
+    let state = dir.path().join("state");
+    let agent = BinAgent::start(
+        dir.path(),
+        &certs,
+        &state,
+        &fsfreeze_toml(&live.mount),
+        &mock_san_toml(&array),
+    )
+    .await;
+    let mut client = agent.client(&certs);
+    let p = client.prepare(prepare("b1", 30_000)).await.unwrap().into_inner();
+    assert!(p.prepared, "{p:?}");
+
+    let (code, stderr) = replay_journal(&agent.config);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(stderr.contains(&format!("the agent (pid {}) still runs", agent.pid())), "{stderr}");
+    let written = write_in_thread(&live.mount, "during");
+    assert!(
+        written.recv_timeout(Duration::from_millis(300)).is_err(),
+        "replay thawed a live freeze"
+    );
+
+    client.abort(AbortRequest { backup_id: "b1".into(), reason: "test".into() }).await.unwrap();
+    written.recv_timeout(Duration::from_secs(5)).expect("the agent's abort thaws it");
+    drop(agent);
+    drop(live);
 }

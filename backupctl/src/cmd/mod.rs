@@ -12,6 +12,7 @@ pub mod copying;
 pub mod drill;
 pub mod list;
 pub mod log;
+pub mod preflight;
 pub mod repo;
 pub mod repo_list;
 pub mod restore;

@@ -232,6 +232,12 @@ impl Agent for QuietAgent {
     async fn status(&self, _: Request<StatusRequest>) -> Result<Response<StatusResponse>, Status> {
         Err(Status::unimplemented("test agent"))
     }
+    async fn preflight(
+        &self,
+        _: Request<stillpoint_proto::AgentPreflightRequest>,
+    ) -> Result<Response<stillpoint_proto::AgentPreflightResponse>, Status> {
+        Err(Status::unimplemented("test agent"))
+    }
 
     type CopyStream = ReceiverStream<Result<CopyEvent, Status>>;
 
