@@ -6,6 +6,8 @@ pub mod certs;
 pub mod error;
 pub mod identity;
 pub mod layers;
+pub mod logs;
+pub mod metrics;
 pub mod san;
 pub mod testing;
 pub mod tls;

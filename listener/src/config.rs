@@ -31,6 +31,9 @@ pub struct Config {
     #[serde(rename = "group", default)]
     pub groups: Vec<GroupConfig>,
     pub copy: CopyConfig,
+    /// `[metrics]`: the Prometheus endpoint; absent, there is none.
+    #[serde(default)]
+    pub metrics: Option<stillpoint_core::metrics::MetricsConfig>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -261,6 +264,9 @@ impl Config {
     /// Every problem in the config, one line each.
     pub fn problems(&self) -> Vec<String> {
         let mut out = self.tls.problems("tls");
+        if let Some(metrics) = &self.metrics {
+            out.extend(metrics.problems(Some(self.listen)));
+        }
         let mut names = HashSet::new();
         for s in &self.servers {
             if let Err(e) = stillpoint_core::validate_name("server", &s.name) {

@@ -11,18 +11,15 @@ struct Args {
     /// Path to the listener's TOML config.
     #[arg(long, env = "STILLPOINT_LISTENER_CONFIG")]
     config: PathBuf,
+    /// Log lines as `text` or `json` (one object a line, with the fields of their spans).
+    #[arg(long, env = "STILLPOINT_LOG_FORMAT", default_value = "text")]
+    log_format: stillpoint_core::logs::LogFormat,
 }
 
 #[tokio::main]
 async fn main() -> ExitCode {
     let args = Args::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr)
-        .init();
+    stillpoint_core::logs::init(args.log_format);
     let config = match stillpoint_listener::Config::load(&args.config) {
         Ok(c) => c,
         Err(e) => {

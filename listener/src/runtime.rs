@@ -59,6 +59,7 @@ pub struct Runtime {
     /// Watch streams being served (their tasks alive).
     watchers: AtomicUsize,
     sweep: sweep::Sweep,
+    metrics: crate::metrics::Metrics,
 }
 
 impl Runtime {
@@ -73,6 +74,7 @@ impl Runtime {
         let agents = Arc::new(Agents::new(&config)?);
         let copier = Copier::open(&config, Arc::clone(&agents))?;
         let (updates, _) = broadcast::channel(1024);
+        let metrics = crate::metrics::Metrics::new(&config.tls, &store.list()?);
         Ok(Arc::new(Runtime {
             config,
             store,
@@ -84,11 +86,16 @@ impl Runtime {
             shutdown: CancellationToken::new(),
             watchers: AtomicUsize::new(0),
             sweep: sweep::Sweep::default(),
+            metrics,
         }))
     }
 
     pub fn store(&self) -> &Store {
         &self.store
+    }
+
+    pub fn metrics(&self) -> &crate::metrics::Metrics {
+        &self.metrics
     }
 
     pub fn config(&self) -> &Config {

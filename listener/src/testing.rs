@@ -282,6 +282,7 @@ impl Cluster {
                 })
                 .collect(),
             copy: spec.copy,
+            metrics: None,
         };
         let mut cluster =
             Cluster { root: root.to_path_buf(), certs, config, agents, listener: None };

@@ -11,6 +11,7 @@ mod consistency;
 mod failures;
 mod faults;
 mod hostile;
+mod metrics;
 mod security;
 mod truth;
 mod wait;

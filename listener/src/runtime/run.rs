@@ -207,7 +207,9 @@ impl Runtime {
         reply: Option<oneshot::Sender<BackupRecord>>,
     ) {
         let progress = matches!(event, Event::CopyProgress { .. });
+        let before = self.metrics.before(&coordinator.record, &event);
         let commands = coordinator.handle(self.clock.now(), event);
+        self.metrics.after(before, self.clock.now(), &coordinator.record);
         self.apply(&coordinator.record, commands, progress, run).await;
         if coordinator.record.state.is_terminal() {
             // Copies and the seal stop; replies already on the way (abort results, late
