@@ -46,6 +46,11 @@ impl CopyHold {
     pub fn stop_flag(&self) -> Arc<AtomicBool> {
         self.stop.clone()
     }
+
+    /// Where the copy counts its bytes.
+    pub fn metrics(&self) -> Arc<crate::metrics::Metrics> {
+        self.inner.metrics.clone()
+    }
 }
 
 impl Drop for CopyHold {
@@ -89,6 +94,8 @@ struct Inner {
     /// The stop flag of each running copy.
     copies: Mutex<HashMap<BackupId, Arc<AtomicBool>>>,
     runtime: Option<tokio::runtime::Handle>,
+    /// Read around every input the machine takes.
+    metrics: Arc<crate::metrics::Metrics>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -156,12 +163,27 @@ impl Backups {
                 timers: Mutex::new(HashMap::new()),
                 copies: Mutex::new(HashMap::new()),
                 runtime: tokio::runtime::Handle::try_current().ok(),
+                metrics: Arc::new(crate::metrics::Metrics::new(&[])),
             }),
         }
     }
 
     pub fn server(&self) -> &str {
         &self.inner.server
+    }
+
+    /// The same table, counting into `metrics` (the daemon's, with its certificates) instead
+    /// of a set of its own. Call before the table is shared.
+    pub fn with_metrics(mut self, metrics: Arc<crate::metrics::Metrics>) -> Backups {
+        match Arc::get_mut(&mut self.inner) {
+            Some(inner) => inner.metrics = metrics,
+            None => warn!("metrics given to a table already shared; they count nothing"),
+        }
+        self
+    }
+
+    pub fn metrics(&self) -> &crate::metrics::Metrics {
+        &self.inner.metrics
     }
 
     /// What this agent's quiescers hold when they freeze (configured, not measured).
@@ -372,7 +394,11 @@ impl Inner {
     /// One input to the machine, at the agent's clock.
     fn handle(&self, input: Input) -> Vec<Effect> {
         let now = self.now_ms();
-        lock(&self.machine).handle(now, input)
+        let mut machine = lock(&self.machine);
+        let before = self.metrics.before(&machine, &input);
+        let effects = machine.handle(now, input);
+        self.metrics.after(before, &machine, &effects);
+        effects
     }
 
     async fn feed(self: &Arc<Self>, input: Input) {

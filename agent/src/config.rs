@@ -44,6 +44,9 @@ pub struct Config {
     /// `[copy] mode = "saveset"` runs `on = "agent"`; without it Copy is refused.
     #[serde(default)]
     pub saveset: Option<SavesetConfig>,
+    /// `[metrics]`: the Prometheus endpoint; absent, there is none.
+    #[serde(default)]
+    pub metrics: Option<stillpoint_core::metrics::MetricsConfig>,
 }
 
 /// `[saveset]`: where the repository is and what unlocks it. The copy runs on this host, so
@@ -251,6 +254,9 @@ impl Config {
         self.snapshot_problems(&mut out);
         if let Some(saveset) = &self.saveset {
             saveset.problems(&mut out);
+        }
+        if let Some(metrics) = &self.metrics {
+            out.extend(metrics.problems(self.listen.parse().ok()));
         }
         out
     }

@@ -172,6 +172,7 @@ pub fn spawn(
     let (progress_tx, mut progress_rx) = watch::channel(0u64);
     let stop = hold.stop_flag();
     let stopped = hold.stop_flag();
+    let metrics = hold.metrics();
     let blocking_span = span.clone();
     let mut blocking = tokio::task::spawn_blocking(move || {
         let _span = blocking_span.enter();
@@ -217,6 +218,8 @@ pub fn spawn(
                 Ok(done) => {
                     let took_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
                     info!(took_ms, "copy done");
+                    let stats = done.stats.unwrap_or_default();
+                    metrics.copied(stats.bytes_read, stats.bytes_stored);
                     let _ = tx.send(progress_event(total, total)).await;
                     Ok(CopyEvent { event: Some(copy_event::Event::Done(done)) })
                 }

@@ -18,6 +18,7 @@ pub mod error;
 pub mod guardian;
 pub mod journal;
 pub mod preflight;
+pub mod metrics;
 pub mod quiesce;
 pub mod replay;
 pub mod service;
@@ -109,8 +110,14 @@ pub async fn run_with_guardian(
         tokio::task::spawn_blocking(move || armed::Armed::start(program, recovered, Some(pidfile)))
             .await
             .map_err(|e| Error::Internal(format!("start guardian: {e}")))?;
+    let certs = [("agent", config.tls.cert.as_path()), ("ca", config.tls.ca.as_path())];
     let backups =
-        backups::Backups::new(&config.server, config.volumes.clone(), quiescers, provider, armed);
+        backups::Backups::new(&config.server, config.volumes.clone(), quiescers, provider, armed)
+            .with_metrics(std::sync::Arc::new(metrics::Metrics::new(&certs)));
+    let _metrics = match &config.metrics {
+        Some(m) => Some(stillpoint_core::metrics::serve(m, backups.metrics().registry()).await?),
+        None => None,
+    };
     let guardian_pid = backups.guardian_pid().await;
     info!(?guardian_pid, "freeze guardian running");
     let watch = tokio::spawn({

@@ -20,6 +20,9 @@ struct Args {
     config: Option<std::path::PathBuf>,
     #[command(subcommand)]
     guardian: Option<Sub>,
+    /// Log lines as `text` or `json` (one object a line, with the fields of their spans).
+    #[arg(long, global = true, env = "STILLPOINT_LOG_FORMAT", default_value = "text")]
+    log_format: stillpoint_core::logs::LogFormat,
 }
 
 #[derive(clap::Subcommand)]
@@ -51,14 +54,7 @@ enum Sub {
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(ansi)
-        .with_writer(std::io::stderr)
-        .init();
+    stillpoint_core::logs::init(args.log_format);
     match args.guardian {
         Some(Sub::Guardian { journal }) => {
             stillpoint_agent::guardian::main(journal.as_deref());

@@ -259,6 +259,8 @@ impl Listener for Fake {
         _: Request<stillpoint_proto::ResumeScheduleRequest>,
     ) -> Result<Response<stillpoint_proto::Schedule>, Status> {
         Err(Status::not_found("the fake listener has no schedules"))
+    }
+
     async fn preflight(
         &self,
         _: Request<PreflightRequest>,

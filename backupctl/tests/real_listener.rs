@@ -300,6 +300,9 @@ async fn list_shows_short_ids_and_every_verb_takes_them() {
     // Whole ids in --json, always.
     let (_, list) = real.run("viewer", &["list", "--json"]).await;
     assert_eq!(json(&list)[0]["backup_id"], id.as_str());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn schedules_shows_next_and_last_run_and_operators_suspend_and_resume() {
     let spec = Spec {
         timezone: Some("Europe/Berlin".into()),
@@ -346,6 +349,8 @@ async fn schedules_shows_next_and_last_run_and_operators_suspend_and_resume() {
     assert!(resumed["next_unix_ms"].as_i64().is_some(), "{resumed}");
     let (code, _) = real.run("operator", &["schedules", "resume", "weekly"]).await;
     assert_eq!(code, 2, "an unknown schedule is refused");
+}
+
 /// `backupctl preflight GROUP` goes through the listener to every agent of the group: each is
 /// reached with the certificate of its name and its own findings come back under its name; an
 /// unknown group and a viewer are refused (exit 2).

@@ -7,6 +7,8 @@ pub mod error;
 pub mod identity;
 pub mod layers;
 pub mod preflight;
+pub mod logs;
+pub mod metrics;
 pub mod san;
 pub mod testing;
 pub mod tls;

@@ -65,3 +65,107 @@ mod tests {
         }
     }
 }
+
+/// `GET path` over plain HTTP/1.1 (what a Prometheus server sends): the status code and body.
+/// Blocking; for the metrics endpoints' tests.
+pub fn http_get(addr: std::net::SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut stream =
+        std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_secs(5))?;
+    stream.set_read_timeout(Some(std::time::Duration::from_secs(10)))?;
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n")?;
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw)?;
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let bad = || std::io::Error::other(format!("not an HTTP response: {text:?}"));
+    let (head, body) = text.split_once("\r\n\r\n").ok_or_else(bad)?;
+    let status = head.split(' ').nth(1).and_then(|s| s.parse().ok()).ok_or_else(bad)?;
+    Ok((status, body.to_string()))
+}
+
+/// One sample of a text exposition: `name{labels} value`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sample {
+    pub name: String,
+    pub labels: std::collections::BTreeMap<String, String>,
+    pub value: f64,
+}
+
+/// A parsed Prometheus / OpenMetrics text exposition, for tests to assert values on.
+#[derive(Debug, Clone, Default)]
+pub struct Exposition {
+    pub samples: Vec<Sample>,
+}
+
+impl Exposition {
+    /// Parses the text format; comments (`# TYPE`, `# HELP`, `# EOF`) are skipped. Fails on a
+    /// line it cannot read, naming it.
+    pub fn parse(text: &str) -> Result<Exposition, String> {
+        let mut samples = Vec::new();
+        for line in text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')) {
+            samples.push(parse_sample(line).ok_or_else(|| format!("cannot parse {line:?}"))?);
+        }
+        Ok(Exposition { samples })
+    }
+
+    /// The samples named `name` whose labels include every pair of `labels`.
+    pub fn matching<'a>(
+        &'a self,
+        name: &'a str,
+        labels: &'a [(&str, &str)],
+    ) -> impl Iterator<Item = &'a Sample> + 'a {
+        self.samples.iter().filter(move |s| {
+            s.name == name
+                && labels.iter().all(|(k, v)| s.labels.get(*k).map(String::as_str) == Some(*v))
+        })
+    }
+
+    /// The value of the one sample named `name` with these labels (among others); `None` when
+    /// there is none, or more than one.
+    pub fn get(&self, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+        let mut found = self.matching(name, labels);
+        let first = found.next()?;
+        found.next().is_none().then_some(first.value)
+    }
+}
+
+fn parse_sample(line: &str) -> Option<Sample> {
+    let (name, rest) = match line.find(['{', ' ']) {
+        Some(at) => line.split_at(at),
+        None => return None,
+    };
+    let mut labels = std::collections::BTreeMap::new();
+    let rest = if let Some(mut inner) = rest.strip_prefix('{') {
+        loop {
+            if let Some(after) = inner.strip_prefix('}') {
+                break after;
+            }
+            let (key, after) = inner.split_once("=\"")?;
+            let mut value = String::new();
+            let mut chars = after.char_indices();
+            let end = loop {
+                match chars.next()? {
+                    (i, '"') => break i,
+                    (_, '\\') => match chars.next()?.1 {
+                        'n' => value.push('\n'),
+                        c => value.push(c),
+                    },
+                    (_, c) => value.push(c),
+                }
+            };
+            labels.insert(key.trim_start_matches(',').to_string(), value);
+            inner = &after[end + 1..];
+            inner = inner.strip_prefix(',').unwrap_or(inner);
+        }
+    } else {
+        rest
+    };
+    // The value, then an optional timestamp or exemplar.
+    let value = rest.split_whitespace().next()?;
+    let value = match value {
+        "+Inf" => f64::INFINITY,
+        "-Inf" => f64::NEG_INFINITY,
+        v => v.parse().ok()?,
+    };
+    Some(Sample { name: name.to_string(), labels, value })
+}

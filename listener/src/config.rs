@@ -40,6 +40,9 @@ pub struct Config {
     /// Backups started at the times of a cron expression (`crate::schedule`).
     #[serde(rename = "schedule", default)]
     pub schedules: Vec<ScheduleConfig>,
+    /// `[metrics]`: the Prometheus endpoint; absent, there is none.
+    #[serde(default)]
+    pub metrics: Option<stillpoint_core::metrics::MetricsConfig>,
 }
 
 /// One `[[schedule]]`: back up `group` at the times `cron` gives, in `timezone`.
@@ -289,6 +292,9 @@ impl Config {
     /// Every problem in the config, one line each.
     pub fn problems(&self) -> Vec<String> {
         let mut out = self.tls.problems("tls");
+        if let Some(metrics) = &self.metrics {
+            out.extend(metrics.problems(Some(self.listen)));
+        }
         let mut names = HashSet::new();
         for s in &self.servers {
             if let Err(e) = stillpoint_core::validate_name("server", &s.name) {

@@ -12,6 +12,7 @@ pub mod copier;
 pub mod details;
 pub mod error;
 pub mod feed;
+pub mod metrics;
 pub mod pages;
 pub mod repo_catalog;
 pub mod preflight;
@@ -61,6 +62,10 @@ pub async fn serve(
     let _stop = runtime.stop_on_drop();
     let config = runtime.config();
     let tls = stillpoint_core::tls::server_config(&config.tls)?;
+    let _metrics = match &config.metrics {
+        Some(m) => Some(stillpoint_core::metrics::serve(m, runtime.metrics().registry()).await?),
+        None => None,
+    };
     // Long enough for the longest WaitBackup; every other handler is bounded by the RPCs it
     // makes (rpc_ms, lease_ms).
     let rpc_timeout = Duration::from_millis(config.timeouts.rpc_ms.max(config.timeouts.lease_ms))

@@ -23,18 +23,15 @@ struct Args {
     /// found (ok / warn / error, with what to do), and exit: 0 if nothing is an error, else 1.
     #[arg(long, conflicts_with = "rebuild_catalog")]
     check: bool,
+    /// Log lines as `text` or `json` (one object a line, with the fields of their spans).
+    #[arg(long, env = "STILLPOINT_LOG_FORMAT", default_value = "text")]
+    log_format: stillpoint_core::logs::LogFormat,
 }
 
 #[tokio::main]
 async fn main() -> ExitCode {
     let args = Args::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr)
-        .init();
+    stillpoint_core::logs::init(args.log_format);
     if args.check {
         let findings = stillpoint_listener::preflight::check(&args.config).await;
         print!("{}", stillpoint_core::preflight::render(&findings));

@@ -65,6 +65,7 @@ pub struct Runtime {
     /// `[notify]`'s senders and watchdog; `None` without targets.
     notify: Option<Arc<Notifications>>,
     schedules: scheduler::Schedules,
+    metrics: crate::metrics::Metrics,
 }
 
 impl Runtime {
@@ -99,6 +100,7 @@ impl Runtime {
         let clock = Clock::start();
         let notify = Notifications::open(&config, &store, clock.now())?;
         let schedules = scheduler::Schedules::open(&config, clock.now())?;
+        let metrics = crate::metrics::Metrics::new(&config.tls, &store.list()?);
         Ok(Arc::new(Runtime {
             config,
             store,
@@ -112,11 +114,16 @@ impl Runtime {
             sweep: sweep::Sweep::default(),
             notify,
             schedules,
+            metrics,
         }))
     }
 
     pub fn store(&self) -> &Store {
         &self.store
+    }
+
+    pub fn metrics(&self) -> &crate::metrics::Metrics {
+        &self.metrics
     }
 
     pub fn config(&self) -> &Config {

@@ -311,6 +311,7 @@ impl Cluster {
             notify: spec.notify,
             timezone: spec.timezone,
             schedules: spec.schedules,
+            metrics: None,
         };
         let mut cluster = Cluster {
             root: root.to_path_buf(),

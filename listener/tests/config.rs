@@ -262,6 +262,9 @@ fn the_commented_notify_example_parses_and_a_watch_needs_somewhere_to_alert() {
     );
     let err = toml::from_str::<Config>(&group("no_good_backup_after = \"a day\"")).unwrap_err();
     assert!(err.to_string().contains("\"a day\""), "{err}");
+}
+
+#[test]
 fn schedules_are_checked_by_name_group_cron_and_time_zone() {
     let base = "data_dir = \"/tmp/x\"\nlisten = \"127.0.0.1:0\"\n";
     let rest = "[tls]\nca = \"c\"\ncert = \"c\"\nkey = \"k\"\n[[server]]\nname = \"a\"\naddress = \"127.0.0.1:1\"\n[[group]]\nname = \"g\"\nservers = [\"a\"]\n[copy]\nmode = \"report\"\n";

@@ -111,11 +111,14 @@ pub struct CopyDone {
     pub detail: String,
     /// What the copy stored that the seal must name (saveset: each volume manifest's id).
     pub stored: Vec<String>,
+    /// Bytes the copy added to the repository, where the copier knows (saveset): for the
+    /// listener's metrics only; the coordinator neither decides on it nor records it.
+    pub stored_bytes: Option<u64>,
 }
 
 impl CopyDone {
     pub fn said(detail: impl Into<String>) -> CopyDone {
-        CopyDone { detail: detail.into(), stored: Vec::new() }
+        CopyDone { detail: detail.into(), stored: Vec::new(), stored_bytes: None }
     }
 }
 

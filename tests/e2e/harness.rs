@@ -83,6 +83,11 @@ pub struct Spec {
     pub listener_extra: String,
     /// Extra lines for group `g` (e.g. `require_hold`, `thaw`).
     pub group_extra: &'static str,
+    /// Give the listener and every agent a `[metrics]` endpoint on a loopback port of its own
+    /// (`Cluster::listener_metrics`, `Agent::metrics`).
+    pub metrics: bool,
+    /// Run the listener with `--log-format json`.
+    pub json_logs: bool,
 }
 
 fn nothing(_: &str) -> String {
@@ -114,6 +119,8 @@ impl Spec {
             probes: false,
             listener_extra: String::new(),
             group_extra: "",
+            metrics: false,
+            json_logs: false,
         }
     }
 }
@@ -176,6 +183,8 @@ pub struct Agent {
     pub proc: Proc,
     /// The chaos proxy on the listener's link to this agent, when the spec asked for one.
     pub proxy: Option<stillpoint_tests::proxy::Proxy>,
+    /// Its metrics endpoint, when the spec asked for them.
+    pub metrics: Option<SocketAddr>,
 }
 
 pub struct Cluster {
@@ -190,6 +199,8 @@ pub struct Cluster {
     pub agents: Vec<Agent>,
     pub writer: Option<Proc>,
     pub probe: Option<Probe>,
+    /// The listener's metrics endpoint, when the spec asked for them.
+    pub listener_metrics: Option<SocketAddr>,
 }
 
 /// A small ext4 filesystem on a loop device that srv-a's agent freezes, and a process it stops.
@@ -312,6 +323,11 @@ impl Cluster {
                 },
                 Copy::Command { .. } | Copy::Report | Copy::Saveset { .. } | Copy::Image => body,
             };
+            let metrics = spec.metrics.then(free_port);
+            let body = match metrics {
+                Some(at) => format!("{body}\n[metrics]\nlisten = \"{at}\"\n"),
+                None => body,
+            };
             fs::write(&config, body).expect("write agent config");
             let proc = spawn_agent(
                 &(spec.agent_wrapper)(server),
@@ -323,7 +339,7 @@ impl Cluster {
             } else {
                 None
             };
-            agents.push(Agent { name: server.clone(), addr, config, proc, proxy });
+            agents.push(Agent { name: server.clone(), addr, config, proc, proxy, metrics });
         }
 
         let listener_addr = free_port();
@@ -369,6 +385,11 @@ impl Cluster {
             group_extra = spec.group_extra,
         );
         let body = format!("{body}\n{}", spec.listener_extra);
+        let listener_metrics = spec.metrics.then(free_port);
+        let body = match listener_metrics {
+            Some(at) => format!("{body}\n[metrics]\nlisten = \"{at}\"\n"),
+            None => body,
+        };
         fs::write(&listener_config, body).expect("write listener config");
 
         let mut cluster = Cluster {
@@ -382,6 +403,7 @@ impl Cluster {
             agents,
             writer: None,
             probe,
+            listener_metrics,
         };
         for agent in &cluster.agents {
             cluster.wait_agent_ready(agent).await;
@@ -397,6 +419,9 @@ impl Cluster {
     pub async fn start_listener(&mut self) {
         let mut command = Command::new(bin("stillpoint-listener"));
         command.arg("--config").arg(&self.listener_config).env("RUST_LOG", "info");
+        if self.spec.json_logs {
+            command.args(["--log-format", "json"]);
+        }
         self.listener = Some(Proc::spawn(command, self.root().join("listener.log")));
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {

@@ -12,6 +12,7 @@ mod consistency;
 mod failures;
 mod faults;
 mod hostile;
+mod metrics;
 mod security;
 mod truth;
 mod wait;

@@ -59,6 +59,7 @@ pub fn config(
         snapshot,
         state_dir: certs.dir.path().join("state"),
         saveset: None,
+        metrics: None,
     }
 }
 

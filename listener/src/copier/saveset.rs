@@ -65,7 +65,11 @@ impl ServerCopy {
     /// names.
     pub fn done(self) -> CopyDone {
         let detail = self.detail();
-        CopyDone { detail, stored: self.volumes.iter().map(|(_, id)| id.to_string()).collect() }
+        CopyDone {
+            detail,
+            stored: self.volumes.iter().map(|(_, id)| id.to_string()).collect(),
+            stored_bytes: Some(self.stats.bytes_stored),
+        }
     }
 }
 

@@ -217,7 +217,9 @@ impl Runtime {
     ) {
         let progress = matches!(event, Event::CopyProgress { .. });
         let was_terminal = coordinator.record.state.is_terminal();
+        let before = self.metrics.before(&coordinator.record, &event);
         let commands = coordinator.handle(self.clock.now(), event);
+        self.metrics.after(before, self.clock.now(), &coordinator.record);
         self.apply(&coordinator.record, commands, progress, run).await;
         if !was_terminal && coordinator.record.state.is_terminal() {
             self.notify_ended(&coordinator.record);

@@ -45,7 +45,9 @@ impl Runtime {
     /// One sweep over every agent; returns how many leftovers were aborted.
     pub async fn sweep(self: &Arc<Self>) -> usize {
         let mut swept = 0;
-        for agent in self.agents.status().await {
+        let agents = self.agents.status().await;
+        self.metrics.agents(&agents);
+        for agent in agents {
             for held in agent.backups {
                 let id = held.backup_id.as_str();
                 let holds = matches!(held.phase(), pb::AgentPhase::Frozen | pb::AgentPhase::Orphan)

@@ -345,6 +345,7 @@ fn copied(c: &mut Coordinator, now: Millis, server: &str, stored: &[&str]) -> Ve
     let done = CopyDone {
         detail: format!("{server} copied"),
         stored: stored.iter().map(|s| s.to_string()).collect(),
+        stored_bytes: None,
     };
     c.handle(now, Event::Copied { server: server.into(), result: Ok(done) })
 }
