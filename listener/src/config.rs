@@ -55,6 +55,10 @@ pub struct GroupConfig {
     /// `after-every-snapshot` (the thaw barrier: none thaws before every snapshot exists).
     #[serde(default)]
     pub thaw: Option<String>,
+    /// Which backups to keep (`[group.retention]`, README "Retention"); absent: every backup
+    /// is kept, nothing is forgotten.
+    #[serde(default)]
+    pub retention: Option<crate::retention::RetentionConfig>,
 }
 
 /// The group's `thaw` values.
@@ -309,6 +313,11 @@ impl Config {
                     g.name,
                     stillpoint_protocol::text::clip(thaw, 40)
                 ));
+            }
+            if let Some(Err(problems)) = g.retention.as_ref().map(|r| r.rules()) {
+                for p in problems {
+                    out.push(format!("group {}: retention: {p}", g.name));
+                }
             }
             let unique: HashSet<_> = g.servers.iter().collect();
             if unique.len() != g.servers.len() {

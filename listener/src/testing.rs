@@ -28,6 +28,8 @@ pub struct Spec {
     pub groups: Vec<(String, Vec<String>)>,
     pub copy: CopyConfig,
     pub timeouts: TimeoutConfig,
+    /// Groups with `[group.retention]`, by name; the others keep everything.
+    pub retention: Vec<(String, crate::retention::RetentionConfig)>,
 }
 
 impl Default for Spec {
@@ -39,6 +41,7 @@ impl Default for Spec {
             copy: CopyConfig::Report,
             // No sweep during a test: scripted agents hold nothing.
             timeouts: TimeoutConfig { sweep_interval_ms: 3_600_000, ..TimeoutConfig::default() },
+            retention: Vec::new(),
         }
     }
 }
@@ -275,6 +278,11 @@ impl Cluster {
                 .groups
                 .into_iter()
                 .map(|(name, servers)| GroupConfig {
+                    retention: spec
+                        .retention
+                        .iter()
+                        .find(|(g, _)| *g == name)
+                        .map(|(_, r)| r.clone()),
                     name,
                     servers,
                     require_hold: None,

@@ -14,6 +14,7 @@ mod claims;
 mod crypto;
 mod direct;
 mod error;
+mod forget;
 mod index;
 mod jobs;
 mod manifest;
@@ -26,6 +27,7 @@ mod verify;
 pub use backup::{BackupStats, Progress, VolumeBackup};
 pub use crypto::{KdfParams, Secret};
 pub use error::{Error, Result};
+pub use forget::Forgotten;
 pub use manifest::{
     BackupArtifact, BackupManifest, ChunkId, Manifest, ManifestId, ManifestSummary, PackId,
     VolumeManifest, VolumeMeta, VolumeSummary,

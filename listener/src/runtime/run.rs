@@ -188,6 +188,7 @@ impl Runtime {
             self.save_progress(&coordinator.record, &mut run).await;
         }
         self.runs.remove(&id);
+        crate::forget::after_backup(&self, &coordinator.record.group);
         let record = Arc::new(coordinator.record);
         let _ = self.updates.send(Arc::new(Update {
             backup_id: id,
