@@ -19,6 +19,8 @@ mod idempotency;
 mod pages;
 #[path = "contract/progress.rs"]
 mod progress;
+#[path = "contract/retention.rs"]
+mod retention;
 #[path = "contract/wait.rs"]
 mod wait;
 #[path = "contract/watch.rs"]
