@@ -37,6 +37,9 @@ pub enum Error {
     /// The backup ended FAILED or ABORTED, or the watch ended before the state waited for.
     #[error("backup {id} {state}{}", if .reason.is_empty() { String::new() } else { format!(": {}", .reason) })]
     BackupFailed { id: String, state: String, reason: String },
+    /// `retention` dropped backups it could not forget (each printed with why).
+    #[error("{0}")]
+    NotForgotten(String),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -45,9 +48,10 @@ impl Error {
     /// The process exit code for this error.
     pub fn exit_code(&self) -> u8 {
         match self {
-            Error::BackupFailed { .. } | Error::Damaged(_) | Error::Incomplete(_) => {
-                EXIT_BACKUP_FAILED
-            }
+            Error::BackupFailed { .. }
+            | Error::Damaged(_)
+            | Error::Incomplete(_)
+            | Error::NotForgotten(_) => EXIT_BACKUP_FAILED,
             Error::Repository(stillpoint_saveset::Error::Damaged { .. }) => EXIT_BACKUP_FAILED,
             Error::Repository(_) => EXIT_USAGE,
             Error::Usage(_) | Error::Rpc { .. } | Error::Core(_) | Error::Output(_) => EXIT_USAGE,

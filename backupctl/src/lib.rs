@@ -83,6 +83,12 @@ pub enum Command {
     Restore(cmd::restore::Args),
     /// Write the files a backup's quiescers made for a restore, from the listener's catalog
     Artifacts(cmd::artifacts::Args),
+    /// Pin a backup: retention never forgets it
+    Pin(cmd::pin::Args),
+    /// Take a backup's pin away: retention decides it by its group's rules again
+    Unpin(cmd::pin::Args),
+    /// Apply a group's retention rules now (or only show them with --dry-run)
+    Retention(cmd::retention::Args),
 }
 
 /// Runs one command, writing results to `out` and diagnostics to stderr; returns the exit code.
@@ -122,6 +128,9 @@ async fn dispatch(cli: Cli, out: &mut dyn Write) -> Result<()> {
         Command::Verify(args) => cmd::verify::run(args, out),
         Command::Restore(args) => cmd::restore::run(args, out),
         Command::Artifacts(args) => cmd::artifacts::run(conn, args, out).await,
+        Command::Pin(args) => cmd::pin::run(conn, args, true, out).await,
+        Command::Unpin(args) => cmd::pin::run(conn, args, false, out).await,
+        Command::Retention(args) => cmd::retention::run(conn, args, out).await,
     }
 }
 
