@@ -51,6 +51,9 @@ pub enum Error {
     /// `preflight` found an error; the findings were printed on stdout.
     #[error("{0}")]
     Preflight(String),
+    /// `retention` dropped backups it could not forget (each printed with why).
+    #[error("{0}")]
+    NotForgotten(String),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -64,7 +67,8 @@ impl Error {
             | Error::Incomplete(_)
             | Error::CertsExpiring(_)
             | Error::DrillFailed(_)
-            | Error::Preflight(_) => EXIT_BACKUP_FAILED,
+            | Error::Preflight(_)
+            | Error::NotForgotten(_) => EXIT_BACKUP_FAILED,
             Error::Repository(stillpoint_saveset::Error::Damaged { .. }) => EXIT_BACKUP_FAILED,
             Error::Repository(_) => EXIT_USAGE,
             Error::AgentsUnreachable(_) => EXIT_AGENT_UNREACHABLE,

@@ -98,6 +98,12 @@ pub enum Command {
     Schedules(cmd::schedules::Args),
     /// Check a group's agents before its first backup: reachable, tools, privileges, guardian
     Preflight(cmd::preflight::Args),
+    /// Pin a backup: retention never forgets it
+    Pin(cmd::pin::Args),
+    /// Take a backup's pin away: retention decides it by its group's rules again
+    Unpin(cmd::pin::Args),
+    /// Apply a group's retention rules now (or only show them with --dry-run)
+    Retention(cmd::retention::Args),
 }
 
 /// Runs one command, writing results to `out` and diagnostics to stderr; returns the exit code.
@@ -154,6 +160,9 @@ async fn dispatch(cli: Cli, out: &mut dyn Write) -> Result<()> {
         Command::Drill(args) => cmd::drill::run(args, out),
         Command::Schedules(args) => cmd::schedules::run(conn, args, out).await,
         Command::Preflight(args) => cmd::preflight::run(conn, args, out).await,
+        Command::Pin(args) => cmd::pin::run(conn, args, true, out).await,
+        Command::Unpin(args) => cmd::pin::run(conn, args, false, out).await,
+        Command::Retention(args) => cmd::retention::run(conn, args, out).await,
     }
 }
 

@@ -35,6 +35,11 @@ pub struct BackupView {
     pub duration_ms: Option<i64>,
     pub servers: Vec<ServerView>,
     pub cut: Option<CutView>,
+    /// Pinned by an operator: retention never forgets it.
+    pub pinned: bool,
+    /// When retention forgot it (its stored copy deleted); null while kept.
+    pub expired_unix_ms: Option<i64>,
+    pub expired: Option<String>,
 }
 
 /// One server's progress within a backup.
@@ -365,6 +370,9 @@ impl From<&Backup> for BackupView {
             duration_ms,
             servers: b.servers.iter().map(ServerView::from).collect(),
             cut: b.cut.as_ref().map(CutView::from),
+            pinned: b.pinned,
+            expired_unix_ms: ms(b.expired_unix_ms),
+            expired: rfc3339(b.expired_unix_ms),
         }
     }
 }
@@ -586,6 +594,15 @@ pub fn backup_human(b: &Backup) -> String {
     for line in &b.unconfirmed {
         field("", format!("  {line}"));
     }
+    if b.pinned {
+        field("pinned", "yes: retention never forgets it (`backupctl unpin` to undo)".into());
+    }
+    if b.expired_unix_ms > 0 {
+        field(
+            "expired",
+            format!("{}: forgotten by retention, its copy deleted", short_time(b.expired_unix_ms)),
+        );
+    }
     if !b.servers.is_empty() {
         out.push('\n');
         out.push_str(&servers_human(&b.servers));
@@ -769,7 +786,7 @@ pub fn list_human(backups: &[Backup]) -> String {
             vec![
                 id,
                 b.group.clone(),
-                state_name(b.state),
+                state_with_marks(b),
                 short_time(b.created_unix_ms),
                 duration_of(b),
                 consistent_of(b).into(),
@@ -778,6 +795,15 @@ pub fn list_human(backups: &[Backup]) -> String {
         })
         .collect();
     table(&["ID", "GROUP", "STATE", "CREATED", "DURATION", "CONSISTENT", "REASON"], &rows)
+}
+
+/// The state, with `pinned` or `expired` beside it when retention has a say.
+fn state_with_marks(b: &Backup) -> String {
+    match (b.pinned, b.expired_unix_ms > 0) {
+        (_, true) => format!("{} (expired)", state_name(b.state)),
+        (true, false) => format!("{} (pinned)", state_name(b.state)),
+        (false, false) => state_name(b.state),
+    }
 }
 
 /// `log`: `2024-05-01T12:34:56.789Z  info   srv-a  message`.

@@ -268,6 +268,29 @@ impl Listener for Fake {
         Err(Status::unimplemented("fake listener"))
     }
 
+    async fn pin_backup(
+        &self,
+        r: Request<stillpoint_proto::PinBackupRequest>,
+    ) -> Result<Response<Backup>, Status> {
+        self.record(&r);
+        self.get(&r.into_inner().backup_id).map(Response::new)
+    }
+
+    async fn unpin_backup(
+        &self,
+        r: Request<stillpoint_proto::UnpinBackupRequest>,
+    ) -> Result<Response<Backup>, Status> {
+        self.record(&r);
+        self.get(&r.into_inner().backup_id).map(Response::new)
+    }
+
+    async fn apply_retention(
+        &self,
+        _: Request<stillpoint_proto::ApplyRetentionRequest>,
+    ) -> Result<Response<stillpoint_proto::ApplyRetentionResponse>, Status> {
+        Err(Status::unimplemented("the fake keeps everything"))
+    }
+
     async fn health(&self, _: Request<HealthRequest>) -> Result<Response<HealthResponse>, Status> {
         Ok(Response::new(HealthResponse::default()))
     }

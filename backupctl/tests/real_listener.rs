@@ -381,3 +381,62 @@ async fn preflight_reaches_each_agent_of_the_group_by_name_for_operators_only() 
     assert_eq!(real.run("operator", &["preflight", "nope"]).await.0, 2);
     assert_eq!(real.run("viewer", &["preflight", "g"]).await.0, 2);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_forgets_after_a_backup_and_pin_list_status_retention_say_so() {
+    use stillpoint_listener::config::CopyConfig;
+    use stillpoint_listener::retention::RetentionConfig;
+    let spec = Spec {
+        copy: CopyConfig::Command { command: vec!["/bin/true".into()] },
+        retention: vec![("h".into(), RetentionConfig { keep_recent: 1, ..Default::default() })],
+        ..Spec::default()
+    };
+    let real = Real::start(spec).await;
+    let (code, b1) = real.run("operator", &["start", "--group", "h", "--wait", "complete"]).await;
+    assert_eq!(code, 0, "{b1}");
+    let b1 = b1.trim().to_string();
+    let (code, b2) = real.run("operator", &["start", "--group", "h", "--wait", "complete"]).await;
+    assert_eq!(code, 0, "{b2}");
+    let b2 = b2.trim().to_string();
+
+    // After b2 ended, the group's rules (1 recent) forgot b1 by themselves.
+    let mut client = real.cluster.client("operator");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let request = stillpoint_proto::GetBackupRequest { backup_id: b1.clone() };
+        if client.get_backup(request).await.unwrap().into_inner().expired_unix_ms > 0 {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "retention never forgot {b1}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (code, out) = real.run("operator", &["retention", "h", "--dry-run"]).await;
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(
+        out,
+        format!(
+            "keep       {b2}  SUCCEEDED  last good, recent 1/1\n\
+             dry run: 0 backup(s) would be forgotten, nothing changed; forgetting deletes nothing: in copy mode command the listener stores no copy; the catalog marks it expired and the copies made elsewhere are not touched\n"
+        )
+    );
+    let (_, listed) = real.run("viewer", &["list", "--group", "h"]).await;
+    assert!(listed.contains(&b2) && !listed.contains(&b1), "{listed}");
+    let (_, listed) = real.run("viewer", &["list", "--group", "h", "--all"]).await;
+    assert!(listed.contains(&b1) && listed.contains("SUCCEEDED (expired)"), "{listed}");
+    let (_, status) = real.run("viewer", &["status", &b1]).await;
+    assert!(status.contains("forgotten by retention, its copy deleted"), "{status}");
+
+    let (code, out) = real.run("operator", &["pin", &b2]).await;
+    assert_eq!((code, out), (0, format!("backup {b2} pinned: retention never forgets it\n")));
+    let (_, listed) = real.run("viewer", &["list", "--group", "h"]).await;
+    assert!(listed.contains("SUCCEEDED (pinned)"), "{listed}");
+    let (code, out) = real.run("operator", &["pin", &b2, "--json"]).await;
+    assert_eq!((code, json(&out)["pinned"].as_bool()), (0, Some(true)), "pinning twice is fine");
+    let (code, _) = real.run("operator", &["pin", &b1]).await;
+    assert_eq!(code, 2, "a forgotten backup cannot be pinned");
+    let (code, _) = real.run("viewer", &["unpin", &b2]).await;
+    assert_eq!(code, 2, "operators only");
+    let (code, out) = real.run("operator", &["unpin", &b2]).await;
+    assert_eq!(code, 0);
+    assert_eq!(out, format!("backup {b2} not pinned: retention decides it by its group's rules\n"));
+}

@@ -86,6 +86,10 @@ pub struct GroupConfig {
     /// group that never had one counts from the listener's start.
     #[serde(default)]
     pub no_good_backup_after: Option<stillpoint_notify::Period>,
+    /// Which backups to keep (`[group.retention]`, README "Retention"); absent: every backup
+    /// is kept, nothing is forgotten.
+    #[serde(default)]
+    pub retention: Option<crate::retention::RetentionConfig>,
 }
 
 /// The group's `thaw` values.
@@ -343,6 +347,11 @@ impl Config {
                     g.name,
                     stillpoint_protocol::text::clip(thaw, 40)
                 ));
+            }
+            if let Some(Err(problems)) = g.retention.as_ref().map(|r| r.rules()) {
+                for p in problems {
+                    out.push(format!("group {}: retention: {p}", g.name));
+                }
             }
             let unique: HashSet<_> = g.servers.iter().collect();
             if unique.len() != g.servers.len() {

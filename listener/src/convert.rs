@@ -120,6 +120,8 @@ pub fn backup(r: &BackupRecord) -> pb::Backup {
         }),
         settled: r.settled.is_some(),
         unconfirmed: r.unconfirmed(),
+        pinned: r.pinned,
+        expired_unix_ms: r.expired.unwrap_or_default(),
     }
 }
 
@@ -364,5 +366,26 @@ pub fn schedule(v: &crate::schedule::View) -> pb::Schedule {
                 missed,
             }
         }),
+    }
+}
+
+/// A retention run as ApplyRetention answers it.
+pub fn retention(outcome: &crate::forget::Outcome) -> pb::ApplyRetentionResponse {
+    pb::ApplyRetentionResponse {
+        decisions: outcome
+            .backups
+            .iter()
+            .map(|a| pb::RetentionDecision {
+                backup_id: a.record.id.clone(),
+                state: state(a.record.state.name()) as i32,
+                created_unix_ms: a.record.created,
+                keep: a.decision.keep(),
+                reasons: a.decision.reasons.iter().map(ToString::to_string).collect(),
+                dropped: a.decision.dropped.clone(),
+                forgotten: a.forgotten,
+                error: a.error.clone().unwrap_or_default(),
+            })
+            .collect(),
+        forgets: outcome.forgets.clone(),
     }
 }

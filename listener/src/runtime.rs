@@ -66,6 +66,8 @@ pub struct Runtime {
     notify: Option<Arc<Notifications>>,
     schedules: scheduler::Schedules,
     metrics: crate::metrics::Metrics,
+    /// One retention run at a time (`forget.rs`).
+    pub(crate) retention: tokio::sync::Mutex<()>,
 }
 
 impl Runtime {
@@ -115,6 +117,7 @@ impl Runtime {
             notify,
             schedules,
             metrics,
+            retention: tokio::sync::Mutex::new(()),
         }))
     }
 
@@ -128,6 +131,15 @@ impl Runtime {
 
     pub fn config(&self) -> &Config {
         &self.config
+    }
+
+    pub fn copier(&self) -> &Copier {
+        &self.copier
+    }
+
+    /// Cancelled when the listener stops, for tasks started outside the runtime.
+    pub(crate) fn shutdown_token(&self) -> CancellationToken {
+        self.shutdown.clone()
     }
 
     pub fn now(&self) -> Millis {
@@ -239,7 +251,8 @@ impl Runtime {
     /// else from the catalog.
     pub fn backup(&self, backup_id: &str) -> Result<BackupRecord> {
         match self.runs.record(backup_id) {
-            Some(record) => Ok((*record).clone()),
+            // A pin is written to the catalog only, never by the backup's task.
+            Some(record) => Ok(crate::forget::with_marks(&self.store, (*record).clone())),
             None => self.store.get(backup_id),
         }
     }

@@ -143,7 +143,10 @@ impl Listener for ListenerService {
         request: Request<pb::ListBackupsRequest>,
     ) -> Result<Response<pb::ListBackupsResponse>, Status> {
         let query = convert::list_query(request.get_ref())?;
-        let (page, next) = pages::page(self.runtime.store().list()?, &query);
+        let mut all = self.runtime.store().list()?;
+        // Forgotten backups stay as history, listed only when asked for.
+        all.retain(|r| request.get_ref().include_expired || r.expired.is_none());
+        let (page, next) = pages::page(all, &query);
         Ok(Response::new(pb::ListBackupsResponse {
             backups: page.iter().map(convert::backup).collect(),
             next_page_token: next.unwrap_or_default(),
@@ -301,6 +304,37 @@ impl Listener for ListenerService {
         Ok(Response::new(convert::schedule(&view)))
     }
 
+    async fn pin_backup(
+        &self,
+        request: Request<pb::PinBackupRequest>,
+    ) -> Result<Response<pb::Backup>, Status> {
+        let by = caller(&request);
+        let id = request.into_inner().backup_id;
+        backup_id(&id)?;
+        Ok(Response::new(convert::backup(&crate::pins::pin(&self.runtime, &id, true, &by).await?)))
+    }
+
+    async fn unpin_backup(
+        &self,
+        request: Request<pb::UnpinBackupRequest>,
+    ) -> Result<Response<pb::Backup>, Status> {
+        let by = caller(&request);
+        let id = request.into_inner().backup_id;
+        backup_id(&id)?;
+        Ok(Response::new(convert::backup(&crate::pins::pin(&self.runtime, &id, false, &by).await?)))
+    }
+
+    async fn apply_retention(
+        &self,
+        request: Request<pb::ApplyRetentionRequest>,
+    ) -> Result<Response<pb::ApplyRetentionResponse>, Status> {
+        let by = caller(&request);
+        let request = request.into_inner();
+        let outcome =
+            crate::forget::apply(&self.runtime, &request.group, request.dry_run, &by).await?;
+        Ok(Response::new(convert::retention(&outcome)))
+    }
+
     async fn health(
         &self,
         request: Request<pb::HealthRequest>,
@@ -332,6 +366,11 @@ mod tests {
         assert!(policy(&path("GetArtifacts"), Role::Operator));
         assert!(!policy(&path("GetArtifacts"), Role::Viewer), "they are data, not status");
         assert!(policy(&path("AbortBackup"), Role::Operator));
+        for retention in ["PinBackup", "UnpinBackup", "ApplyRetention"] {
+            assert!(policy(&path(retention), Role::Operator));
+            assert!(!policy(&path(retention), Role::Hook), "{retention}: operators only");
+            assert!(!policy(&path(retention), Role::Viewer), "{retention}: operators only");
+        }
         assert!(!policy(&path("StartBackup"), Role::Agent));
         assert!(policy(&path("Health"), Role::Agent));
         assert!(!policy("/stillpoint.v1.Agent/Prepare", Role::Operator));

@@ -20,7 +20,7 @@ mod record;
 
 pub use dump::{parse_dump, Dumped};
 
-pub use record::{CatalogRecord, VERSION};
+pub use record::{CatalogRecord, Mark, VERSION};
 
 const BACKUPS: TableDefinition<&str, &[u8]> = TableDefinition::new("backups");
 const LOG: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("log");
@@ -46,13 +46,23 @@ struct Write {
     request_id: Option<String>,
     /// A server's first copy report, as JSON.
     copy_report: Option<(String, Vec<u8>)>,
+    /// A pin, unpin or expiry of the record already stored.
+    mark: Option<Mark>,
     done: oneshot::Sender<std::result::Result<u64, String>>,
 }
 
 impl Write {
     fn new(id: &str, record: Option<Vec<u8>>, entries: Vec<Vec<u8>>) -> Write {
         let (done, _) = oneshot::channel();
-        Write { id: id.to_string(), record, entries, request_id: None, copy_report: None, done }
+        Write {
+            id: id.to_string(),
+            record,
+            entries,
+            request_id: None,
+            copy_report: None,
+            mark: None,
+            done,
+        }
     }
 
     fn with_answer(mut self) -> (Write, oneshot::Receiver<std::result::Result<u64, String>>) {
@@ -128,6 +138,20 @@ impl Store {
         let mut write = Write::new(id, None, Vec::new());
         write.copy_report = Some((server.to_string(), body));
         self.write(write).await.map(|_| ())
+    }
+
+    /// Pins, unpins or expires backup `id` and appends `entries` to its log, in one transaction.
+    /// Only these writes change a pin or an expiry: every other save of the record keeps them.
+    pub async fn mark(&self, id: &str, mark: Mark, entries: &[LogEntry]) -> Result<BackupRecord> {
+        self.get(id)?;
+        let mut lines = Vec::with_capacity(entries.len());
+        for entry in entries {
+            lines.push(record::encode_entry(entry).map_err(|e| self.err(e))?);
+        }
+        let mut write = Write::new(id, None, lines);
+        write.mark = Some(mark);
+        self.write(write).await?;
+        self.get(id)
     }
 
     fn encode(&self, record: &BackupRecord) -> Result<Vec<u8>> {
@@ -247,7 +271,23 @@ fn commit(db: &Database, batch: &[Write]) -> std::result::Result<Vec<u64>, Strin
         for write in batch {
             let id = write.id.as_str();
             if let Some(body) = &write.record {
+                let old = backups.get(id).map_err(|e| s(&e))?.map(|v| v.value().to_vec());
+                let body = match old {
+                    Some(old) => {
+                        record::carry_marks(&old, body).map_err(|e| format!("backup {id}: {e}"))?
+                    }
+                    None => body.clone(),
+                };
                 backups.insert(id, body.as_slice()).map_err(|e| s(&e))?;
+            }
+            if let Some(mark) = write.mark {
+                // The record exists (checked before the write; records are never deleted).
+                let old = backups.get(id).map_err(|e| s(&e))?.map(|v| v.value().to_vec());
+                if let Some(old) = old {
+                    let body =
+                        record::apply_mark(&old, mark).map_err(|e| format!("backup {id}: {e}"))?;
+                    backups.insert(id, body.as_slice()).map_err(|e| s(&e))?;
+                }
             }
             if let Some(request_id) = &write.request_id {
                 requests.insert(request_id.as_str(), id).map_err(|e| s(&e))?;

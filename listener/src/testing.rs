@@ -34,6 +34,8 @@ pub struct Spec {
     /// The listener's `timezone` (none: the system's) and its `[[schedule]]`s (none).
     pub timezone: Option<String>,
     pub schedules: Vec<ScheduleConfig>,
+    /// Groups with `[group.retention]`, by name; the others keep everything.
+    pub retention: Vec<(String, crate::retention::RetentionConfig)>,
 }
 
 impl Default for Spec {
@@ -49,6 +51,7 @@ impl Default for Spec {
             no_good_backup_after: Vec::new(),
             timezone: None,
             schedules: Vec::new(),
+            retention: Vec::new(),
         }
     }
 }
@@ -70,6 +73,8 @@ pub struct ScriptedAgent {
     calls: Arc<Mutex<Vec<String>>>,
     gates: Arc<[watch::Sender<bool>; 3]>,
     artifacts: Arc<Mutex<Vec<pb::Artifact>>>,
+    /// Where Commit writes each snapshot as a real file (its locator); none: a made-up locator.
+    snapshot_dir: Arc<Mutex<Option<PathBuf>>>,
 }
 
 impl ScriptedAgent {
@@ -79,7 +84,25 @@ impl ScriptedAgent {
             calls: Arc::default(),
             gates: Arc::new([0, 1, 2].map(|_| watch::channel(true).0)),
             artifacts: Arc::default(),
+            snapshot_dir: Arc::default(),
         }
+    }
+
+    /// From now on Commit writes each snapshot as a real 1 MiB file in `dir`,
+    /// `<backup>-<server>.img` (its bytes name both), so a copier on the listener can read it.
+    pub fn write_snapshots_in(&self, dir: &Path) {
+        *self.snapshot_dir.lock().unwrap_or_else(|p| p.into_inner()) = Some(dir.to_path_buf());
+    }
+
+    fn snapshot_locator(&self, id: &str) -> Result<String, Status> {
+        let dir = self.snapshot_dir.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let Some(dir) = dir else { return Ok(format!("/scripted/{id}/{}", self.server)) };
+        let path = dir.join(format!("{id}-{}.img", self.server));
+        let line = format!("{id} {} ", self.server);
+        let bytes: Vec<u8> = line.bytes().cycle().take(1 << 20).collect();
+        std::fs::write(&path, bytes)
+            .map_err(|e| Status::internal(format!("snapshot file: {e}")))?;
+        Ok(path.display().to_string())
     }
 
     /// What its quiescers hand over from now on: `(quiescer, name, bytes)`.
@@ -160,7 +183,7 @@ impl Agent for ScriptedAgent {
         let snapshot = pb::Snapshot {
             volume: "data".into(),
             provider: "scripted".into(),
-            locator: format!("/scripted/{id}/{}", self.server),
+            locator: self.snapshot_locator(&id)?,
             size_bytes: 1 << 20,
         };
         Ok(Response::new(pb::CommitResponse {
@@ -301,6 +324,11 @@ impl Cluster {
                     no_good_backup_after: (spec.no_good_backup_after.iter())
                         .find(|(group, _)| *group == name)
                         .map(|(_, after)| stillpoint_notify::Period(*after)),
+                    retention: spec
+                        .retention
+                        .iter()
+                        .find(|(g, _)| *g == name)
+                        .map(|(_, r)| r.clone()),
                     name,
                     servers,
                     require_hold: None,

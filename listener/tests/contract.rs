@@ -21,6 +21,8 @@ mod pages;
 mod progress;
 #[path = "contract/schedules.rs"]
 mod schedules;
+#[path = "contract/retention.rs"]
+mod retention;
 #[path = "contract/wait.rs"]
 mod wait;
 #[path = "contract/watch.rs"]

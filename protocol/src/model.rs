@@ -369,6 +369,13 @@ pub struct BackupRecord {
     /// The group's thaw barrier: no server thaws before every snapshot exists.
     #[serde(default)]
     pub thaw_barrier: bool,
+    /// Pinned by an operator: retention never forgets it. The catalog writes it only on a pin
+    /// or unpin, never from the coordinator's saves.
+    #[serde(default)]
+    pub pinned: bool,
+    /// When retention forgot the backup (its stored copy deleted); the record stays as history.
+    #[serde(default)]
+    pub expired: Option<Millis>,
 }
 
 impl BackupRecord {
@@ -386,6 +393,8 @@ impl BackupRecord {
             thaw_barrier: false,
             never_judged: None,
             settled: None,
+            pinned: false,
+            expired: None,
         }
     }
 

@@ -15,6 +15,7 @@ mod claims;
 mod crypto;
 mod direct;
 mod error;
+mod forget;
 mod index;
 mod jobs;
 mod manifest;
@@ -28,6 +29,7 @@ pub use backup::{BackupStats, Progress, VolumeBackup};
 pub use catalog::CatalogHeader;
 pub use crypto::{KdfParams, Secret};
 pub use error::{Error, Result};
+pub use forget::Forgotten;
 pub use manifest::{
     BackupArtifact, BackupManifest, CatalogId, ChunkId, Manifest, ManifestId, ManifestSummary,
     PackId, VolumeManifest, VolumeMeta, VolumeSummary,

@@ -426,6 +426,47 @@ fn backup_manifest_records_the_cut_and_the_artifacts_as_given() {
     assert_eq!(report.damage, vec![Damage::VolumeManifestMissing { backup: id, volume: v.id }]);
 }
 
+#[test]
+fn forget_backup_deletes_its_manifests_backup_manifest_first_and_leaves_others_whole() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (one, two) = (image(tmp.path(), "one", 4, 21), image(tmp.path(), "two", 4, 22));
+    let repo_dir = tmp.path().join("repo");
+    let mut repo = Repository::init_with(&repo_dir, &secret(), opts()).unwrap();
+    let a = repo.backup_volume(&one, meta("b1", "srv-a"), &mut |_| {}).unwrap();
+    let b = repo.backup_volume(&two, meta("b1", "srv-b"), &mut |_| {}).unwrap();
+    let c = repo.backup_volume(&one, meta("b2", "srv-a"), &mut |_| {}).unwrap();
+    let sealed = |backup: &str, volumes| BackupManifest {
+        backup: backup.into(),
+        volumes,
+        cut: serde_json::json!({}),
+        created_unix_ms: 1,
+        artifacts: Vec::new(),
+    };
+    let b1 = repo.write_manifest(&Manifest::Backup(sealed("b1", vec![a.id, b.id]))).unwrap();
+    let b2 = repo.write_manifest(&Manifest::Backup(sealed("b2", vec![c.id]))).unwrap();
+
+    let gone = repo.forget_backup("b1").unwrap();
+    assert_eq!(gone.backup_manifests, vec![b1]);
+    let mut volumes = gone.volume_manifests.clone();
+    volumes.sort();
+    let mut want = vec![a.id, b.id];
+    want.sort();
+    assert_eq!(volumes, want);
+    assert!(gone.unreadable.is_empty());
+    let mut left = repo.list_manifests().unwrap();
+    left.sort();
+    let mut want = vec![c.id, b2];
+    want.sort();
+    assert_eq!(left, want, "only b2's manifests remain");
+    // What is left is a valid repository and b2 still restores bit for bit.
+    assert!(repo.verify(true).unwrap().is_ok());
+    let out = tmp.path().join("restored");
+    repo.restore_volume(c.id, &out, false).unwrap();
+    assert_eq!(b3(&out), b3(&one));
+    // Again: nothing more to forget.
+    assert_eq!(repo.forget_backup("b1").unwrap(), Default::default());
+}
+
 const CRASH_ENV: &str = "SAVESET_CRASH_CHILD";
 
 /// Not a test on its own: the child process of `sigkill_mid_backup_leaves_a_valid_repository`.

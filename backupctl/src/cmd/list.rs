@@ -31,6 +31,9 @@ pub struct Args {
     /// Print a JSON array of backups
     #[arg(long)]
     pub json: bool,
+    /// Also list backups retention forgot (their records stay as history)
+    #[arg(long)]
+    pub all: bool,
 }
 
 /// A lower bound on creation time, as given.
@@ -89,6 +92,7 @@ pub async fn run(conn: &Connection, args: Args, out: &mut dyn Write) -> Result<(
         group: args.group.unwrap_or_default(),
         states: args.state.iter().map(|s| *s as i32).collect(),
         created_after_unix_ms: args.since.map_or(0, Since::unix_ms),
+        include_expired: args.all,
         ..ListBackupsRequest::default()
     };
     let mut backups = Vec::new();

@@ -51,6 +51,8 @@ fn sample() -> Backup {
         }),
         settled: true,
         unconfirmed: Vec::new(),
+        pinned: false,
+        expired_unix_ms: 0,
     }
 }
 
@@ -118,6 +120,9 @@ fn backup_json_shape_is_stable() {
             "duration_ms",
             "servers",
             "cut",
+            "pinned",
+            "expired_unix_ms",
+            "expired",
         ],
     );
     check_keys(

@@ -95,6 +95,11 @@ impl Saveset {
         save()
     }
 
+    /// Deletes backup `backup_id`'s manifests (retention's forget; the packs wait for a prune).
+    pub fn forget_backup(&self, backup_id: &str) -> Result<stillpoint_saveset::Forgotten, String> {
+        self.with_repo(|repo| repo.forget_backup(backup_id).map_err(|e| e.to_string()))
+    }
+
     /// Backs up every snapshot of `server` (its locator is read as a file or block device).
     /// `progress(done, total)` is called with bytes of the whole server, at most every
     /// [`PROGRESS_EVERY`] and once at the end with `done == total`. `stop` is asked between

@@ -197,6 +197,7 @@ impl Runtime {
                 id.clone(),
             );
         }
+        crate::forget::after_backup(&self, &coordinator.record.group);
         let record = Arc::new(coordinator.record);
         let _ = self.updates.send(Arc::new(Update {
             backup_id: id,

@@ -4,7 +4,8 @@
 //! listeners wrote (the coordinator's record itself) as version 0; refuses newer versions.
 //! Version 2 is written only for a record that holds quiescer artifacts, so a listener that
 //! reads up to 1 refuses it (and never rewrites it without them) while every other record stays
-//! readable by it.
+//! readable by it. Version 3 likewise only for a record pinned or expired by retention, so an
+//! older listener never rewrites it without its pin.
 
 use base64::engine::general_purpose::STANDARD as BASE64;
 use base64::Engine as _;
@@ -18,7 +19,9 @@ use crate::model::{
 };
 
 /// The newest version this listener writes and reads.
-pub const VERSION: u32 = 2;
+pub const VERSION: u32 = 3;
+/// The version of a record with artifacts but neither pin nor expiry.
+const VERSION_WITH_ARTIFACTS: u32 = 2;
 /// The version of a record without artifacts.
 const VERSION_WITHOUT_ARTIFACTS: u32 = 1;
 
@@ -45,6 +48,12 @@ pub struct CatalogRecord {
     pub require_hold: Option<String>,
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub thaw_barrier: bool,
+    /// Since version 3: an operator's pin (retention never forgets it).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub pinned: bool,
+    /// Since version 3: when retention forgot the backup's stored copy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expired: Option<Millis>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -278,6 +287,45 @@ pub fn decode(bytes: &[u8]) -> Result<BackupRecord, String> {
     Ok(record)
 }
 
+/// What only an operator or retention changes on a record, never the coordinator's saves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mark {
+    Pin(bool),
+    Expire(Millis),
+}
+
+/// `new` (a record as the coordinator saves it) with the pin and expiry `old` holds, so a save
+/// racing a pin never undoes it.
+pub fn carry_marks(old: &[u8], new: &[u8]) -> Result<Vec<u8>, String> {
+    #[derive(Deserialize)]
+    struct Marks {
+        #[serde(default)]
+        pinned: bool,
+        #[serde(default)]
+        expired: Option<Millis>,
+    }
+    let Ok(Marks { pinned, expired }) = serde_json::from_slice(old) else {
+        return Ok(new.to_vec());
+    };
+    if !pinned && expired.is_none() {
+        return Ok(new.to_vec());
+    }
+    let mut record = decode(new)?;
+    record.pinned = pinned;
+    record.expired = expired;
+    encode(&record)
+}
+
+/// `old` with `mark` applied.
+pub fn apply_mark(old: &[u8], mark: Mark) -> Result<Vec<u8>, String> {
+    let mut record = decode(old)?;
+    match mark {
+        Mark::Pin(on) => record.pinned = on,
+        Mark::Expire(at) => record.expired = Some(at),
+    }
+    encode(&record)
+}
+
 pub fn encode_entry(entry: &LogEntry) -> Result<Vec<u8>, String> {
     let stored = StoredEntry {
         at: entry.at,
@@ -312,7 +360,13 @@ impl From<&BackupRecord> for CatalogRecord {
     fn from(r: &BackupRecord) -> Self {
         let has_artifacts = r.servers.iter().any(|s| !s.artifacts.is_empty());
         CatalogRecord {
-            version: if has_artifacts { VERSION } else { VERSION_WITHOUT_ARTIFACTS },
+            version: if r.pinned || r.expired.is_some() {
+                VERSION
+            } else if has_artifacts {
+                VERSION_WITH_ARTIFACTS
+            } else {
+                VERSION_WITHOUT_ARTIFACTS
+            },
             id: r.id.clone(),
             group: r.group.clone(),
             state: match &r.state {
@@ -348,6 +402,8 @@ impl From<&BackupRecord> for CatalogRecord {
             require_hold: (r.require_hold != Hold::StorageOnly)
                 .then(|| r.require_hold.as_str().to_string()),
             thaw_barrier: r.thaw_barrier,
+            pinned: r.pinned,
+            expired: r.expired,
         }
     }
 }
@@ -391,6 +447,8 @@ impl From<CatalogRecord> for BackupRecord {
                 .as_deref()
                 .map_or(Hold::StorageOnly, |h| h.parse().unwrap_or(Hold::Application)),
             thaw_barrier: r.thaw_barrier,
+            pinned: r.pinned,
+            expired: r.expired,
         }
     }
 }

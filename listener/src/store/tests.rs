@@ -93,8 +93,7 @@ async fn a_record_with_artifacts_is_version_2_and_keeps_their_bytes() {
     let table = txn.open_table(BACKUPS).unwrap();
     let raw: serde_json::Value =
         serde_json::from_slice(table.get("b1").unwrap().unwrap().value()).unwrap();
-    assert_eq!(raw["version"], VERSION);
-    assert_eq!(VERSION, 2);
+    assert_eq!(raw["version"], 2, "no pin: still readable by listeners that read up to 2");
     let stored = &raw["servers"][1]["artifacts"][0];
     assert_eq!(stored["name"], "backup_label");
     assert!(stored["base64"].as_str().unwrap().starts_with("AAECAwQF"), "{stored}");
@@ -144,7 +143,7 @@ fn a_record_from_a_newer_listener_is_a_clear_error() {
     let Err(e) = store.get("b9") else { panic!("a newer record was read") };
     assert!(
         e.to_string()
-            .contains("catalog record version 7 is newer than this listener reads (up to 2)"),
+            .contains("catalog record version 7 is newer than this listener reads (up to 3)"),
         "{e}"
     );
     assert!(store.list().unwrap().is_empty(), "skipped in lists, not fatal");
@@ -179,4 +178,34 @@ fn a_dump_line_this_listener_cannot_read_names_its_backup() {
     let line = br#"{"id":"b9","record":{"version":99,"id":"b9"},"log":[]}"#;
     let err = parse_dump(line).unwrap_err();
     assert!(err.contains("backup b9") && err.contains("version 99"), "{err}");
+}
+
+#[tokio::test]
+async fn a_pin_survives_the_backups_own_saves_and_makes_the_record_version_3() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let mut record = BackupRecord::new("b1", "g", &["a".to_string()], "operator:x", 5);
+    store.save(&record, &[]).await.unwrap();
+    let pinned = store.mark("b1", Mark::Pin(true), &[entry("pinned")]).await.unwrap();
+    assert!(pinned.pinned);
+    // The backup's task saves its own record, which never holds the pin: the pin stays.
+    record.state = State::Succeeded;
+    assert!(!record.pinned);
+    store.save(&record, &[entry("done")]).await.unwrap();
+    let read = store.get("b1").unwrap();
+    assert!(read.pinned && read.state == State::Succeeded);
+    assert_eq!(store.log("b1", 0).unwrap().len(), 2);
+    let raw = |store: &Store| -> serde_json::Value {
+        let txn = store.db.begin_read().unwrap();
+        let table = txn.open_table(BACKUPS).unwrap();
+        serde_json::from_slice(table.get("b1").unwrap().unwrap().value()).unwrap()
+    };
+    assert_eq!(raw(&store)["version"], 3, "an older listener must not rewrite it without the pin");
+    store.mark("b1", Mark::Expire(77), &[]).await.unwrap();
+    store.mark("b1", Mark::Pin(false), &[]).await.unwrap();
+    let read = store.get("b1").unwrap();
+    assert_eq!((read.pinned, read.expired), (false, Some(77)));
+    store.save(&record, &[]).await.unwrap();
+    assert_eq!(store.get("b1").unwrap().expired, Some(77), "an expiry is never undone by a save");
+    assert!(matches!(store.mark("nope", Mark::Pin(true), &[]).await, Err(Error::UnknownBackup(_))));
 }
