@@ -10,6 +10,7 @@ pub mod copied;
 pub mod copying;
 pub mod list;
 pub mod log;
+pub mod prune;
 pub mod repo;
 pub mod restore;
 pub mod san;

@@ -67,6 +67,9 @@ pub enum Repo {
     Init(InitArgs),
     /// Copy one snapshot or image into the repository as a volume of a backup
     Backup(BackupArgs),
+    /// Free what no manifest references: delete unused packs, repack partly used ones, clear
+    /// tmp/ (safe while backups run)
+    Prune(crate::cmd::prune::PruneArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -125,6 +128,7 @@ pub fn run(repo: Repo, out: &mut dyn Write) -> Result<()> {
     match repo {
         Repo::Init(args) => init(args, out),
         Repo::Backup(args) => backup(args, out),
+        Repo::Prune(args) => crate::cmd::prune::run(args, out),
     }
 }
 
