@@ -105,6 +105,11 @@ impl WriterLock {
         Ok(WriterLock { name, storage, stop: Some(stop), thread: Some(thread), last_ok })
     }
 
+    /// The lock's id (its name under `locks/`).
+    pub(crate) fn name(&self) -> &str {
+        &self.name
+    }
+
     /// An error if the lock has not been refreshed for [`LOCK_TRUST`]: a prune may have
     /// taken this writer for dead, so what it references may be gone.
     pub(crate) fn check(&self) -> Result<()> {

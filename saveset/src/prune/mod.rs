@@ -14,7 +14,11 @@ use serde::{Deserialize, Serialize};
 use crate::crypto::{self, hex};
 use crate::error::{Error, Result};
 use crate::index::IdSet;
-use crate::lock::{self, LOCK_STALE};
+use crate::lock::{self, WriterLock, LOCK_REFRESH, LOCK_STALE};
+
+/// `tmp/` files younger than this stay whatever the grace: a write in flight (a lock's, a
+/// backup manifest's, which no lock covers) takes seconds.
+const TMP_MIN_AGE: Duration = Duration::from_secs(15 * 60);
 use crate::manifest::{ChunkId, Manifest, ManifestId, PackId};
 use crate::repo::{now_ms, pack_key, runs, ChunkLoc, Repository};
 use plan::{Class, Entry};
@@ -128,6 +132,8 @@ fn ms(d: Duration) -> u64 {
 /// One run's state: the counter of changes (the failpoint) and the report.
 struct Run<'a> {
     opts: &'a PruneOptions,
+    /// This prune's own lock (it writes packs when it repacks), not waited for.
+    own_lock: Option<String>,
     note: &'a mut dyn FnMut(&str),
     report: PruneReport,
 }
@@ -158,8 +164,19 @@ impl Repository {
         opts: &PruneOptions,
         note: &mut dyn FnMut(&str),
     ) -> Result<PruneReport> {
-        let mut run =
-            Run { opts, note, report: PruneReport { dry_run: opts.dry_run, ..Default::default() } };
+        // Held like a backup's: another prune must not take the packs it repacks into, before
+        // their index is written, for a dead writer's.
+        let lock = if opts.dry_run {
+            None
+        } else {
+            Some(WriterLock::take(std::sync::Arc::clone(&self.storage), &self.key, LOCK_REFRESH)?)
+        };
+        let mut run = Run {
+            opts,
+            own_lock: lock.as_ref().map(|l| l.name().to_owned()),
+            note,
+            report: PruneReport { dry_run: opts.dry_run, ..Default::default() },
+        };
         let now = now_ms();
         let grace = ms(opts.grace);
         // 1. Scan: records, packs (before index files: a pack listed without index is an
@@ -264,7 +281,7 @@ impl Repository {
             }
             records.push((name, record));
         }
-        let live_locks = self.live_locks(now, &mut run.report)?;
+        let live_locks = self.live_locks(now, run.own_lock.as_deref(), &mut run.report)?;
         for (name, record) in &mut records {
             if record.locks.is_none() {
                 record.locks = Some(live_locks.clone());
@@ -333,6 +350,7 @@ impl Repository {
         }
         // 7. Packs without an index, and temp files, older than the grace.
         self.orphans(&mut run, &packs, &indexed, now, grace)?;
+        drop(lock);
         Ok(run.report)
     }
 
@@ -374,11 +392,19 @@ impl Repository {
     }
 
     /// The ids of the writer locks live now; fills `report.locks`.
-    fn live_locks(&self, now: u64, report: &mut PruneReport) -> Result<Vec<String>> {
+    fn live_locks(
+        &self,
+        now: u64,
+        own: Option<&str>,
+        report: &mut PruneReport,
+    ) -> Result<Vec<String>> {
         let mut live = Vec::new();
         report.locks.clear();
         for (key, _) in self.storage.list("locks/")? {
             let name = &key["locks/".len()..];
+            if Some(name) == own {
+                continue;
+            }
             let Some(lock) = lock::read(&*self.storage, &self.key, name)? else { continue };
             if plan::lock_is_live(&lock, now, ms(LOCK_STALE)) {
                 report.locks.push(match &lock {
@@ -511,7 +537,7 @@ impl Repository {
         candidates.sort_by_key(|c| c.0);
         if !candidates.is_empty() {
             let mut scratch = PruneReport::default();
-            let writing = !self.live_locks(now, &mut scratch)?.is_empty();
+            let writing = !self.live_locks(now, run.own_lock.as_deref(), &mut scratch)?.is_empty();
             for (id, len, at) in candidates {
                 // A running writer stores a pack's index right after the pack.
                 if writing && !old(at, ms(LOCK_STALE)) {
@@ -530,7 +556,7 @@ impl Repository {
         let mut tmp = self.storage.list_tmp()?;
         tmp.sort();
         for (key, len, at) in tmp {
-            if !old(at, grace) {
+            if !old(at, grace.max(ms(TMP_MIN_AGE))) {
                 continue;
             }
             if run.act(&format!("delete {key} ({len} bytes)"))? {
