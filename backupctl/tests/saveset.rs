@@ -547,3 +547,96 @@ fn an_artifact_name_that_is_a_path_is_refused_before_anything_is_written() {
     assert!(stderr(&out).contains("refusing to write artifacts of srv-a"), "{}", stderr(&out));
     assert!(!f.path("escape").exists() && !to.exists());
 }
+
+/// Every file under `dir` with its size.
+fn tree(dir: &Path) -> Vec<(PathBuf, u64)> {
+    let mut out: Vec<(PathBuf, u64)> =
+        walk(dir).into_iter().map(|p| (p.clone(), fs::metadata(&p).unwrap().len())).collect();
+    out.sort();
+    out
+}
+
+#[test]
+fn prune_dry_run_changes_nothing_and_a_sigkilled_prune_leaves_a_repository_that_restores() {
+    use std::io::{BufRead, BufReader};
+    let f = Fixture::new();
+    make_image(&f.path("a.img"), 11);
+    make_image(&f.path("b.img"), 12);
+    let a = f.backup("b-1", "srv-a", "disk", &f.path("a.img"));
+    f.finish("b-1", &[&a]);
+    let b = f.backup("b-2", "srv-a", "disk", &f.path("b.img"));
+    let b_backup = f.finish("b-2", &[&b]);
+    // What `forget b-2` does: its manifests go.
+    for id in [&b, &b_backup] {
+        fs::remove_file(f.repo().join("manifests").join(id)).unwrap();
+    }
+
+    let before = tree(&f.repo());
+    let out = f.ok(&["repo", "prune", "--dry-run", "--grace", "0"]);
+    assert!(out.starts_with("dry run, nothing changed: scanned 2 manifests, 2 packs"), "{out}");
+    assert!(out.contains("would delete: 1 packs and 1 index files"), "{out}");
+    assert_eq!(tree(&f.repo()), before, "a dry run changes nothing");
+    let args = ["repo", "prune", "--grace", "soon"];
+    let refused = f.run(&args);
+    check_exit(&refused, 2, &args);
+    assert!(stderr(&refused).contains("\"soon\" is not a duration"), "{}", stderr(&refused));
+
+    // Killed after it deleted the index file and before the pack (change 4 of 5).
+    let mut child = Command::new(BIN)
+        .args(["repo", "prune", "--grace", "0"])
+        .env("STILLPOINT_REPO", f.repo())
+        .env("STILLPOINT_REPO_PASSPHRASE_FILE", f.path("pass"))
+        .env("STILLPOINT_PRUNE_TEST_STALL_AT", "4")
+        .stderr(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut said = Vec::new();
+    for line in BufReader::new(child.stderr.take().unwrap()).lines() {
+        let line = line.unwrap();
+        let stalled = line.contains("stalled");
+        said.push(line);
+        if stalled {
+            break;
+        }
+    }
+    assert!(said.iter().any(|l| l.starts_with("prune: step 3: delete index/")), "{said:?}");
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    assert_eq!(walk(&f.repo().join("index")).len(), 1, "the index file went first");
+    assert_eq!(walk(&f.repo().join("packs")).len(), 2, "the pack did not");
+
+    let out = f.ok(&["verify", "b-1", "--read-data", "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["ok"], true, "{v}");
+    let target = f.path("restored.img");
+    f.ok(&["restore", "b-1", "--server", "srv-a", "--to", target.to_str().unwrap()]);
+    assert_restored(&target, &f.path("a.img"));
+
+    // The killed prune's lock looks like a running writer's for 30 minutes: the next prune
+    // says so and leaves the pack without index alone (it could be that writer's).
+    let out = f.ok(&["repo", "prune", "--grace", "0"]);
+    assert!(
+        out.contains("0 packs without index") && out.contains("running backup: locks/"),
+        "{out}"
+    );
+    assert_eq!(walk(&f.repo().join("packs")).len(), 2);
+    // As the README says: no backup runs, so the lock goes by hand; then the job is finished,
+    // and a backup after it dedups against what stayed.
+    for lock in walk(&f.repo().join("locks")) {
+        fs::remove_file(lock).unwrap();
+    }
+    let out = f.ok(&["repo", "prune", "--grace", "0", "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(
+        (v["orphan_packs_deleted"].as_u64(), v["dry_run"].as_bool()),
+        (Some(1), Some(false)),
+        "{v}"
+    );
+    assert!(v["bytes_freed"].as_u64().unwrap() > 100_000, "{v}");
+    assert_eq!(walk(&f.repo().join("packs")).len(), 1);
+    f.ok(&["verify", "b-1", "--read-data"]);
+    let again = f.backup("b-3", "srv-a", "disk", &f.path("a.img"));
+    let _ = again;
+    assert_eq!(walk(&f.repo().join("packs")).len(), 1, "nothing new stored");
+}

@@ -16,6 +16,7 @@ use stillpoint_sys::{next_data, next_hole};
 use crate::claims::{Claimed, Claims, CopyToken};
 use crate::error::{Error, IoContext, Result};
 use crate::index::IdSet;
+use crate::lock::{WriterLock, LOCK_REFRESH};
 use crate::manifest::{ChunkId, Manifest, ManifestId, VolumeManifest, VolumeMeta};
 use crate::repo::{now_ms, PackWriter, Repository, StoredPack};
 
@@ -132,6 +133,9 @@ impl Repository {
         meta: VolumeMeta,
         progress: &mut dyn FnMut(Progress),
     ) -> Result<VolumeBackup> {
+        // Held from before the index is loaded until the manifest is written: a prune deletes
+        // no pack this backup may have deduplicated against meanwhile (FORMAT.md, "Prune").
+        let lock = WriterLock::take(Arc::clone(&self.storage), &self.key, LOCK_REFRESH)?;
         self.refresh_index()?;
         let mut file = File::open(source).ctx("open", source)?;
         let size = file.seek(SeekFrom::End(0)).ctx("seek", source)?;
@@ -181,7 +185,9 @@ impl Repository {
         }
         manifest.created_unix_ms = now_ms();
         let whole = Manifest::Volume(manifest);
+        lock.check()?;
         let id = self.write_manifest(&whole)?;
+        drop(lock);
         let Manifest::Volume(manifest) = whole else { unreachable!("built as a volume manifest") };
         tracing::debug!(manifest = %id, source = %source.display(), ?stats, "volume backed up");
         Ok(VolumeBackup { id, manifest, stats })

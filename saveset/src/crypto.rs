@@ -225,6 +225,7 @@ impl ChunkOpener<'_> {
 }
 
 /// The repository's keys, unlocked from the config: one for sealing, one for chunk ids.
+#[derive(Clone)]
 pub(crate) struct MasterKey {
     seal: Cipher,
     id_key: [u8; 32],

@@ -26,6 +26,14 @@ pub enum Error {
     /// A stored file or chunk fails to decrypt, decode or match its hash.
     #[error("{what}: damaged ({reason})")]
     Damaged { what: String, reason: String },
+    /// A backup could not refresh its writer lock for too long, so a prune may have taken it
+    /// for dead: it writes no manifest (rerun it).
+    #[error("lock {}: not refreshed for {secs} s (the repository was unreachable?), so a prune may \
+             have deleted what this backup references; no manifest was written, rerun the backup", lock.display())]
+    LockLost { lock: PathBuf, secs: u64 },
+    /// A prune stopped on purpose after step `step` (tests' failpoint).
+    #[error("prune stopped after step {step} (failpoint)")]
+    PruneStopped { step: usize },
     /// A filesystem operation failed.
     #[error("{op} {}: {source}", path.display())]
     Io {

@@ -48,6 +48,9 @@ pub(crate) struct Index {
     map: IdMap<ChunkId, Slot>,
     packs: Vec<PackId>,
     numbers: IdMap<PackId, u32>,
+    /// By pack number: packs a prune marked for deletion, or whose index file is gone. New
+    /// backups do not dedup against their chunks (FORMAT.md, "Prune").
+    excluded: Vec<bool>,
 }
 
 impl Index {
@@ -59,8 +62,20 @@ impl Index {
         })
     }
 
+    /// True when a backup may reference `id` without storing it: it is indexed in a pack that
+    /// is neither marked for deletion nor gone.
     pub(crate) fn contains_key(&self, id: &ChunkId) -> bool {
-        self.map.contains_key(id)
+        self.map.get(id).is_some_and(|s| !self.is_excluded(s.pack))
+    }
+
+    fn is_excluded(&self, number: u32) -> bool {
+        self.excluded.get(number as usize).copied().unwrap_or(false)
+    }
+
+    /// Marks exactly the packs for which `excluded` is true as excluded from dedup (the others
+    /// are included again, as after a prune rescued them).
+    pub(crate) fn set_excluded(&mut self, excluded: impl Fn(&PackId) -> bool) {
+        self.excluded = self.packs.iter().map(excluded).collect();
     }
 
     /// True once the index of pack `id` has been added.
@@ -90,9 +105,20 @@ impl Index {
             self.packs.push(pack);
             next
         });
+        let excluded = &self.excluded;
+        let gone = |n: u32| excluded.get(n as usize).copied().unwrap_or(false);
         for (chunk, offset, len) in entries {
             let offset = u32::try_from(offset).expect("pack offsets fit in u32");
-            self.map.entry(chunk).or_insert(Slot { pack: number, offset, len });
+            let slot = Slot { pack: number, offset, len };
+            // A location in a pack marked for deletion gives way to one that stays.
+            self.map
+                .entry(chunk)
+                .and_modify(|s| {
+                    if gone(s.pack) && !gone(number) {
+                        *s = slot;
+                    }
+                })
+                .or_insert(slot);
         }
     }
 }

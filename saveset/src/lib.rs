@@ -7,6 +7,7 @@
 //! - `storage.rs`: the `Storage` seam (atomic put, ranged get, list) and its local and S3 sides.
 //! - `repo.rs`: config and keys, the in-memory index, packs.
 //! - `backup.rs`, `restore.rs`, `verify.rs`: the three operations on volumes.
+//! - `prune.rs` (`prune/`): freeing what no manifest references; `lock.rs`: writer locks.
 //! - `manifest.rs`: ids and manifests (plain data); `crypto.rs`: KDF, sealing, chunk ids.
 
 mod backup;
@@ -18,8 +19,10 @@ mod error;
 mod forget;
 mod index;
 mod jobs;
+mod lock;
 mod manifest;
 mod pool;
+mod prune;
 mod repo;
 mod restore;
 mod storage;
@@ -35,6 +38,7 @@ pub use manifest::{
     PackId, VolumeManifest, VolumeMeta, VolumeSummary,
 };
 pub use pool::{secret_from_files, Pool, SecretFileError};
+pub use prune::{PruneOptions, PruneReport};
 pub use repo::{InitOptions, Repository, FORMAT_VERSION};
 pub use restore::{RestoreProgress, RestoreStats};
 pub use storage::{Location, S3Location, Storage};

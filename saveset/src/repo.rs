@@ -83,7 +83,7 @@ pub(crate) struct ChunkLoc {
 pub struct Repository {
     /// How messages name the repository: its directory or `s3://bucket/prefix`.
     pub(crate) root: PathBuf,
-    pub(crate) storage: Box<dyn Storage>,
+    pub(crate) storage: Arc<dyn Storage>,
     config: Config,
     pub(crate) key: MasterKey,
     /// Every chunk some index file names, with the first location seen, and the index files
@@ -118,7 +118,7 @@ impl Repository {
             opts.chunk_size >= 4096 && opts.chunk_size & 4095 == 0,
             "chunk size must be a multiple of 4096"
         );
-        let storage = storage::connect(location, true)?;
+        let storage: Arc<dyn Storage> = storage::connect(location, true)?.into();
         let master: [u8; 64] = crypto::random();
         let salt: [u8; 16] = crypto::random();
         let kek = crypto::derive_kek(secret, &salt, opts.kdf)?;
@@ -169,7 +169,7 @@ impl Repository {
         let path = PathBuf::from(location.to_string());
         let path = path.as_path();
         let not_repo = |reason: String| Error::NotARepository { path: path.to_owned(), reason };
-        let storage = storage::connect(location, false)?;
+        let storage: Arc<dyn Storage> = storage::connect(location, false)?.into();
         let text = match storage.get("config") {
             Ok(Some(t)) => t,
             Ok(None) => return Err(not_repo("no config".into())),
@@ -226,22 +226,36 @@ impl Repository {
 
     /// Loads index files written since the last call (by this or another writer). An index
     /// file that does not decrypt is skipped here; `verify` reports it.
+    ///
+    /// Packs a prune marked for deletion (`pending/`) and packs whose index file is gone are
+    /// excluded from dedup, and their index files are loaded after the others so that a chunk
+    /// also stored elsewhere is read from the copy that stays. Pending records are listed
+    /// before the index files: a record deleted in between had its packs' index files deleted
+    /// before it (FORMAT.md, "Prune").
     pub fn refresh_index(&mut self) -> Result<()> {
+        let pending = crate::prune::pending_packs(self)?;
         let mut new = Vec::new();
         let mut entries = 0;
+        let mut listed = crate::index::IdSet::default();
         for (key, len) in self.storage.list("index/")? {
             let Ok(id) = key["index/".len()..].parse::<PackId>() else { continue };
+            listed.insert(id);
             if !self.index.has_pack(&id) {
                 new.push(id);
                 entries += usize::try_from(len).unwrap_or(0) / INDEX_ENTRY;
             }
         }
+        let excluded = |id: &PackId| pending.contains(id) || !listed.contains(id);
+        self.index.set_excluded(excluded);
+        // Packs that stay first, so that their locations win.
+        new.sort_by_key(|id| pending.contains(id));
         self.index.reserve(entries);
         for id in new {
             if let Ok(entries) = self.read_index(id) {
                 self.index.add_pack(id, entries.into_iter().map(|(c, l)| (c, l.offset, l.len)));
             }
         }
+        self.index.set_excluded(excluded);
         Ok(())
     }
 
@@ -456,7 +470,7 @@ impl Repository {
 }
 
 /// The object key of a pack: `packs/<first 2 hex digits>/<id>`.
-fn pack_key(id: PackId) -> String {
+pub(crate) fn pack_key(id: PackId) -> String {
     let name = id.to_string();
     format!("packs/{}/{name}", &name[..2])
 }
@@ -485,7 +499,7 @@ pub(crate) fn runs(locs: &[ChunkLoc], gap: u64, max: u64) -> Vec<Range<usize>> {
 }
 
 /// Bytes per index entry: chunk id, offset (u64 LE), length (u32 LE).
-const INDEX_ENTRY: usize = 32 + 8 + 4;
+pub(crate) const INDEX_ENTRY: usize = 32 + 8 + 4;
 
 /// A pack being assembled in memory (at most `pack_size` plus one chunk), in `buf[start..]`.
 pub(crate) struct PackWriter {
@@ -498,11 +512,16 @@ pub(crate) struct PackWriter {
 
 /// A pack and its index, durable in the repository.
 pub(crate) struct StoredPack {
-    id: PackId,
+    pub(crate) id: PackId,
     entries: Vec<(ChunkId, u64, u32)>,
 }
 
 impl StoredPack {
+    /// The chunks in this pack: `(id, offset, sealed length)`.
+    pub(crate) fn entries_vec(self) -> Vec<(ChunkId, u64, u32)> {
+        self.entries
+    }
+
     /// The chunks in this pack.
     pub(crate) fn chunk_ids(&self) -> impl Iterator<Item = ChunkId> + '_ {
         self.entries.iter().map(|(id, _, _)| *id)

@@ -8,6 +8,7 @@ use std::ops::Range;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
+use std::time::SystemTime;
 
 use crate::crypto::{self, hex, Secret};
 use crate::direct;
@@ -115,6 +116,13 @@ pub trait Storage: Send + Sync {
     }
     /// Every object whose key starts with `prefix`, with its size, in no particular order.
     fn list(&self, prefix: &str) -> Result<Vec<(String, u64)>>;
+    /// [`Storage::list`] with each object's last modification time (prune's grace period).
+    fn list_dated(&self, prefix: &str) -> Result<Vec<(String, u64, SystemTime)>>;
+    /// Files in `tmp/` (local repositories only; S3 has none), as keys `tmp/<name>` that
+    /// [`Storage::delete`] takes, with size and modification time.
+    fn list_tmp(&self) -> Result<Vec<(String, u64, SystemTime)>> {
+        Ok(Vec::new())
+    }
     fn delete(&self, key: &str) -> Result<()>;
     fn exists(&self, key: &str) -> Result<bool>;
     /// How messages and [`crate::Damage`] name the object.
@@ -145,7 +153,7 @@ impl LocalStorage {
         LocalStorage { root: root.to_owned() }
     }
 
-    fn walk(&self, dir: &Path, out: &mut Vec<(String, u64)>) -> Result<()> {
+    fn walk(&self, dir: &Path, out: &mut Vec<(String, u64, SystemTime)>) -> Result<()> {
         let entries = match fs::read_dir(dir) {
             Ok(e) => e,
             Err(e) if e.kind() == ErrorKind::NotFound => return Ok(()),
@@ -163,7 +171,8 @@ impl LocalStorage {
                 .and_then(|k| k.to_str())
                 .filter(|k| !k.starts_with("tmp/"))
             {
-                out.push((key.to_owned(), meta.len()));
+                let modified = meta.modified().ctx("stat", &path)?;
+                out.push((key.to_owned(), meta.len(), modified));
             }
         }
         Ok(())
@@ -233,6 +242,10 @@ impl Storage for LocalStorage {
     }
 
     fn list(&self, prefix: &str) -> Result<Vec<(String, u64)>> {
+        Ok(self.list_dated(prefix)?.into_iter().map(|(k, n, _)| (k, n)).collect())
+    }
+
+    fn list_dated(&self, prefix: &str) -> Result<Vec<(String, u64, SystemTime)>> {
         // Walk the deepest directory the prefix names, then filter.
         let dir = match prefix.rfind('/') {
             Some(i) => self.root.join(&prefix[..i]),
@@ -240,7 +253,28 @@ impl Storage for LocalStorage {
         };
         let mut out = Vec::new();
         self.walk(&dir, &mut out)?;
-        out.retain(|(k, _)| k.starts_with(prefix));
+        out.retain(|(k, _, _)| k.starts_with(prefix));
+        Ok(out)
+    }
+
+    fn list_tmp(&self) -> Result<Vec<(String, u64, SystemTime)>> {
+        let dir = self.root.join("tmp");
+        let entries = match fs::read_dir(&dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(e).ctx("read", dir),
+        };
+        let mut out = Vec::new();
+        for entry in entries {
+            let entry = entry.ctx("read", &dir)?;
+            let path = entry.path();
+            // A temp file renamed into place meanwhile is not an error.
+            let Ok(meta) = entry.metadata() else { continue };
+            let (Ok(modified), Some(name)) = (meta.modified(), path.file_name()) else { continue };
+            if meta.is_file() {
+                out.push((format!("tmp/{}", name.to_string_lossy()), meta.len(), modified));
+            }
+        }
         Ok(out)
     }
 
@@ -386,6 +420,10 @@ impl Storage for S3Storage {
     }
 
     fn list(&self, prefix: &str) -> Result<Vec<(String, u64)>> {
+        Ok(self.list_dated(prefix)?.into_iter().map(|(k, n, _)| (k, n)).collect())
+    }
+
+    fn list_dated(&self, prefix: &str) -> Result<Vec<(String, u64, SystemTime)>> {
         use futures::TryStreamExt;
         use object_store::ObjectStore;
         // object_store lists whole path segments: list the prefix's directory, then filter.
@@ -403,7 +441,7 @@ impl Storage for S3Storage {
             .into_iter()
             .filter_map(|m| {
                 let key = m.location.as_ref().get(strip..)?.to_owned();
-                key.starts_with(prefix).then_some((key, m.size))
+                key.starts_with(prefix).then_some((key, m.size, SystemTime::from(m.last_modified)))
             })
             .collect())
     }

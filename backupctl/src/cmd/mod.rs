@@ -14,6 +14,7 @@ pub mod list;
 pub mod log;
 pub mod preflight;
 pub mod pin;
+pub mod prune;
 pub mod repo;
 pub mod repo_list;
 pub mod restore;

@@ -71,6 +71,9 @@ pub enum Repo {
     List(crate::cmd::repo_list::ListArgs),
     /// Show one backup in the repository: servers, volumes, the cut, artifacts
     Show(crate::cmd::repo_list::ShowArgs),
+    /// Free what no manifest references: delete unused packs, repack partly used ones, clear
+    /// tmp/ (safe while backups run)
+    Prune(crate::cmd::prune::PruneArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -131,6 +134,7 @@ pub fn run(repo: Repo, out: &mut dyn Write) -> Result<()> {
         Repo::Backup(args) => backup(args, out),
         Repo::List(args) => crate::cmd::repo_list::list(args, out),
         Repo::Show(args) => crate::cmd::repo_list::show(args, out),
+        Repo::Prune(args) => crate::cmd::prune::run(args, out),
     }
 }
 

@@ -12,13 +12,13 @@ use stillpoint_saveset::{Damage, Error, Location, Repository, S3Location, Secret
 use super::{b3, image, meta, mutated, opts, secret};
 
 /// A moto S3 server on a free loopback port, killed (by its pid) when dropped.
-struct Moto {
+pub(crate) struct Moto {
     child: Child,
-    endpoint: String,
+    pub(crate) endpoint: String,
 }
 
 impl Moto {
-    fn start() -> Moto {
+    pub(crate) fn start() -> Moto {
         let port = stillpoint_core::testing::spare_loopback_port();
         let mut child = Command::new("python3")
             .args(["-m", "moto.server", "-H", "127.0.0.1", "-p", &port.to_string()])
@@ -39,7 +39,7 @@ impl Moto {
     }
 
     /// Creates a bucket with a plain unsigned PUT (object_store cannot create buckets).
-    fn bucket(&self, name: &str) {
+    pub(crate) fn bucket(&self, name: &str) {
         let host = self.endpoint.trim_start_matches("http://");
         let mut s = TcpStream::connect(host).unwrap();
         write!(
@@ -52,7 +52,7 @@ impl Moto {
         assert!(reply.starts_with("HTTP/1.1 200"), "create bucket {name}: {reply}");
     }
 
-    fn location(&self, bucket: &str, prefix: &str) -> Location {
+    pub(crate) fn location(&self, bucket: &str, prefix: &str) -> Location {
         Location::S3(S3Location {
             endpoint: Some(self.endpoint.clone()),
             region: Some("us-east-1".into()),

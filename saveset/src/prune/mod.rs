@@ -1,0 +1,570 @@
+//! Prune: frees packs no manifest references, repacks partly used ones and clears `tmp/`,
+//! safely while backups in this and other processes write to the same repository. Packs are
+//! first marked in a pending-deletion record and deleted once every backup that might not have
+//! seen the mark has finished, after re-checking the manifests (FORMAT.md, "Prune"). Decisions
+//! are in `plan.rs`; this module lists, reads and executes, one numbered mutation at a time.
+
+mod plan;
+
+use std::collections::HashMap;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+
+use crate::crypto::{self, hex};
+use crate::error::{Error, Result};
+use crate::index::IdSet;
+use crate::lock::{self, WriterLock, LOCK_REFRESH, LOCK_STALE};
+
+/// `tmp/` files younger than this stay whatever the grace: a write in flight (a lock's, a
+/// backup manifest's, which no lock covers) takes seconds.
+const TMP_MIN_AGE: Duration = Duration::from_secs(15 * 60);
+use crate::manifest::{ChunkId, Manifest, ManifestId, PackId};
+use crate::repo::{now_ms, pack_key, runs, ChunkLoc, Repository};
+use plan::{Class, Entry};
+
+/// How a prune runs.
+#[derive(Clone, Debug)]
+pub struct PruneOptions {
+    /// Decide and report, change nothing.
+    pub dry_run: bool,
+    /// How old a pending-deletion record, a `tmp/` file or a pack without index must be before
+    /// it is deleted (FORMAT.md, "Prune").
+    pub grace: Duration,
+    /// Tests only: fail with [`Error::PruneStopped`] once this many changes are made.
+    #[doc(hidden)]
+    pub stop_after: Option<usize>,
+}
+
+impl Default for PruneOptions {
+    fn default() -> Self {
+        PruneOptions { dry_run: false, grace: Duration::from_secs(3600), stop_after: None }
+    }
+}
+
+/// What a prune did (or, in a dry run, would do).
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct PruneReport {
+    pub dry_run: bool,
+    /// Manifests read.
+    pub manifests: usize,
+    /// Packs in the repository when it started, and their bytes.
+    pub packs: usize,
+    pub pack_bytes: u64,
+    /// Distinct chunks the manifests reference.
+    pub referenced_chunks: usize,
+    /// Packs none of whose chunks is used, found by this run (marked for deletion).
+    pub packs_unused: usize,
+    /// Packs partly used: their used chunks copied into new packs, then marked.
+    pub packs_repacked: usize,
+    /// Bytes copied into new packs by the repack, and the packs written.
+    pub bytes_rewritten: u64,
+    pub packs_written: usize,
+    /// Packs marked for deletion by this run, and their bytes.
+    pub packs_marked: usize,
+    pub bytes_marked: u64,
+    /// Packs deleted (with their index files), and their bytes.
+    pub packs_deleted: usize,
+    pub index_files_deleted: usize,
+    /// Marked packs kept because a manifest written meanwhile uses them.
+    pub packs_rescued: usize,
+    /// Packs without an index (a dead writer's, or a killed prune's) deleted.
+    pub orphan_packs_deleted: usize,
+    pub tmp_files_deleted: usize,
+    /// Bytes of everything deleted: packs, index files, temp files.
+    pub bytes_freed: u64,
+    /// Pending-deletion records left for a later run, each with why.
+    pub waiting: Vec<String>,
+    /// Live writer locks seen, as `host pid N, started T` (or why unreadable).
+    pub locks: Vec<String>,
+    /// Changes made (or, in a dry run, that would be made).
+    pub steps: usize,
+}
+
+/// A pending-deletion record, `pending/<id>`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct Record {
+    created_unix_ms: u64,
+    packs: Vec<PackId>,
+    /// The writer locks live once the record was durable; `None` until listed.
+    locks: Option<Vec<String>>,
+}
+
+fn read_record(repo: &Repository, name: &str) -> Result<Option<Record>> {
+    let key = format!("pending/{name}");
+    let Some(blob) = repo.storage.get(&key)? else { return Ok(None) };
+    let damaged = |reason: String| Error::Damaged {
+        what: format!("pending-deletion record {}", repo.storage.describe(&key).display()),
+        reason,
+    };
+    let plain =
+        repo.key.open(key.as_bytes(), &blob).ok_or_else(|| damaged("does not decrypt".into()))?;
+    serde_json::from_slice(&plain).map(Some).map_err(|e| damaged(e.to_string()))
+}
+
+/// Every pending-deletion record: name → record. One that does not decrypt is an error (its
+/// packs would otherwise be dedup candidates again).
+fn read_records(repo: &Repository) -> Result<Vec<(String, Record)>> {
+    let mut out = Vec::new();
+    for (key, _) in repo.storage.list("pending/")? {
+        let name = key["pending/".len()..].to_owned();
+        if let Some(r) = read_record(repo, &name)? {
+            out.push((name, r));
+        }
+    }
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    Ok(out)
+}
+
+/// The packs some pending-deletion record names: writers do not dedup against them.
+pub(crate) fn pending_packs(repo: &Repository) -> Result<IdSet<PackId>> {
+    Ok(read_records(repo)?.into_iter().flat_map(|(_, r)| r.packs).collect())
+}
+
+fn unix_ms(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH).map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+fn ms(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// One run's state: the counter of changes (the failpoint) and the report.
+struct Run<'a> {
+    opts: &'a PruneOptions,
+    /// This prune's own lock (it writes packs when it repacks), not waited for.
+    own_lock: Option<String>,
+    note: &'a mut dyn FnMut(&str),
+    report: PruneReport,
+}
+
+impl Run<'_> {
+    /// Before each change: counts it, notes it, stops at the failpoint. False in a dry run
+    /// (the change is only counted).
+    fn act(&mut self, what: &str) -> Result<bool> {
+        if self.opts.stop_after == Some(self.report.steps) {
+            return Err(Error::PruneStopped { step: self.report.steps });
+        }
+        self.report.steps += 1;
+        let verb = if self.opts.dry_run { "would" } else { "step" };
+        (self.note)(&format!("{verb} {}: {what}", self.report.steps));
+        Ok(!self.opts.dry_run)
+    }
+}
+
+impl Repository {
+    /// Frees what no manifest references (FORMAT.md, "Prune"): marks unused packs (and
+    /// partly used ones, after copying their used chunks into new packs) for deletion, deletes
+    /// the packs of marks made earlier (or in this run) once every backup that was running is
+    /// done and the grace period passed, and clears old `tmp/` files and packs without index.
+    /// Safe while backups write, in this or any other process; a kill at any point leaves a
+    /// valid repository. `note` receives progress lines (one per change, and phases).
+    pub fn prune(
+        &mut self,
+        opts: &PruneOptions,
+        note: &mut dyn FnMut(&str),
+    ) -> Result<PruneReport> {
+        // Held like a backup's: another prune must not take the packs it repacks into, before
+        // their index is written, for a dead writer's.
+        let lock = if opts.dry_run {
+            None
+        } else {
+            Some(WriterLock::take(std::sync::Arc::clone(&self.storage), &self.key, LOCK_REFRESH)?)
+        };
+        let mut run = Run {
+            opts,
+            own_lock: lock.as_ref().map(|l| l.name().to_owned()),
+            note,
+            report: PruneReport { dry_run: opts.dry_run, ..Default::default() },
+        };
+        let now = now_ms();
+        let grace = ms(opts.grace);
+        // 1. Scan: records, packs (before index files: a pack listed without index is an
+        // orphan candidate only), index files, manifests.
+        let mut records = read_records(self)?;
+        let pending: IdSet<PackId> = records.iter().flat_map(|(_, r)| r.packs.clone()).collect();
+        let mut packs: HashMap<PackId, (u64, SystemTime)> = HashMap::new();
+        for (key, len, at) in self.storage.list_dated("packs/")? {
+            if let Some(id) = key.rsplit('/').next().and_then(|n| n.parse().ok()) {
+                packs.insert(id, (len, at));
+            }
+        }
+        let index_ids: Vec<PackId> = self.list_ids("index")?;
+        let indexed: IdSet<PackId> = index_ids.iter().copied().collect();
+        run.report.packs = packs.len();
+        run.report.pack_bytes = packs.values().map(|(n, _)| n).sum();
+        (run.note)(&format!(
+            "scanning {} packs ({} bytes), {} index files",
+            packs.len(),
+            run.report.pack_bytes,
+            index_ids.len()
+        ));
+        let mut seen_manifests: IdSet<ManifestId> = IdSet::default();
+        let mut referenced = Vec::new();
+        self.read_referenced(&self.list_manifests()?, &mut seen_manifests, &mut referenced)?;
+        run.report.manifests = seen_manifests.len();
+        run.report.referenced_chunks = referenced.len();
+        // Every index entry, by pack number; packs whose index does not decrypt are left alone.
+        let mut numbers: Vec<PackId> = Vec::new();
+        let mut entries: Vec<Entry> = Vec::new();
+        for &id in &index_ids {
+            let Ok(list) = self.read_index(id) else {
+                tracing::warn!(pack = %id, "index file does not decrypt; its pack is kept");
+                continue;
+            };
+            let n = u32::try_from(numbers.len()).expect("fewer than 4 G packs");
+            numbers.push(id);
+            entries.extend(list.into_iter().map(|(chunk, l)| Entry {
+                chunk,
+                pack: n,
+                offset: u32::try_from(l.offset).unwrap_or(u32::MAX),
+                len: l.len,
+            }));
+        }
+        entries.sort_unstable_by_key(|e| (e.chunk, e.pack));
+        // 2. Classify the packs that are not pending already.
+        let is_pending: Vec<bool> = numbers.iter().map(|id| pending.contains(id)).collect();
+        let live = plan::counting(&entries, &referenced, &is_pending);
+        let mut used = vec![0u64; numbers.len()];
+        for (e, &l) in entries.iter().zip(&live) {
+            if l {
+                used[e.pack as usize] += u64::from(e.len);
+            }
+        }
+        let mut mark: Vec<PackId> = Vec::new();
+        let mut repack: Vec<u32> = Vec::new();
+        for (n, id) in numbers.iter().enumerate() {
+            // An index without its pack is damage for verify to report, not prune's to touch.
+            let Some(&(size, _)) = packs.get(id) else { continue };
+            if is_pending[n] {
+                continue;
+            }
+            match plan::classify(size, used[n]) {
+                Class::Keep => {}
+                Class::Unused => {
+                    run.report.packs_unused += 1;
+                    mark.push(*id);
+                }
+                Class::Repack => {
+                    run.report.packs_repacked += 1;
+                    repack.push(u32::try_from(n).expect("a pack number"));
+                }
+            }
+        }
+        // 3. Repack: the counting chunks of partly used packs into new packs.
+        if !repack.is_empty() {
+            let new = self.repack(&mut run, &entries, &live, &numbers, &repack)?;
+            for (pack, list) in new {
+                let n = u32::try_from(numbers.len()).expect("fewer than 4 G packs");
+                numbers.push(pack);
+                entries.extend(list.into_iter().map(|(chunk, offset, len)| Entry {
+                    chunk,
+                    pack: n,
+                    offset: u32::try_from(offset).unwrap_or(u32::MAX),
+                    len,
+                }));
+            }
+            entries.sort_unstable_by_key(|e| (e.chunk, e.pack));
+            mark.extend(repack.iter().map(|&n| numbers[n as usize]));
+        }
+        // 4. Mark: the record, then the locks live once it is durable, then the record again.
+        if !mark.is_empty() {
+            mark.sort();
+            run.report.packs_marked = mark.len();
+            run.report.bytes_marked = mark.iter().filter_map(|p| packs.get(p)).map(|p| p.0).sum();
+            let name = hex(&crypto::random::<32>());
+            let record = Record { created_unix_ms: now, packs: mark, locks: None };
+            if run
+                .act(&format!("mark {} packs for deletion in pending/{name}", record.packs.len()))?
+            {
+                self.put_record(&name, &record)?;
+            }
+            records.push((name, record));
+        }
+        let live_locks = self.live_locks(now, run.own_lock.as_deref(), &mut run.report)?;
+        for (name, record) in &mut records {
+            if record.locks.is_none() {
+                record.locks = Some(live_locks.clone());
+                let what =
+                    format!("record the {} running backups in pending/{name}", live_locks.len());
+                if run.act(&what)? {
+                    self.put_record(name, record)?;
+                }
+            }
+        }
+        // 5. Check: the ripe records' packs, after re-reading manifests written meanwhile.
+        let mut ripe: Vec<&(String, Record)> = Vec::new();
+        for r in &records {
+            let (name, record) = r;
+            match plan::not_ripe(
+                record.created_unix_ms,
+                record.locks.as_deref(),
+                &live_locks,
+                now,
+                grace,
+            ) {
+                None => ripe.push(r),
+                Some(why) => run
+                    .report
+                    .waiting
+                    .push(format!("pending/{name}: {} packs wait: {why}", record.packs.len())),
+            }
+        }
+        let doomed_ids: IdSet<PackId> =
+            ripe.iter().flat_map(|(_, r)| r.packs.iter().copied()).collect();
+        let mut doomed: Vec<bool> = numbers.iter().map(|id| doomed_ids.contains(id)).collect();
+        if doomed.iter().any(|&d| d) {
+            self.read_referenced(&self.list_manifests()?, &mut seen_manifests, &mut referenced)?;
+            for n in plan::rescue(&entries, &referenced, &doomed) {
+                doomed[n as usize] = false;
+                run.report.packs_rescued += 1;
+                (run.note)(&format!(
+                    "rescued pack {}: a manifest uses it again",
+                    numbers[n as usize]
+                ));
+            }
+        }
+        // 6. Delete: each index file before its pack, then the records.
+        for (n, id) in numbers.iter().enumerate() {
+            if !doomed[n] || !indexed.contains(id) {
+                continue;
+            }
+            let key = format!("index/{id}");
+            let index_len = self.storage.list(&key)?.first().map_or(0, |(_, len)| *len);
+            if run.act(&format!("delete {key}"))? {
+                self.storage.delete(&key)?;
+            }
+            run.report.index_files_deleted += 1;
+            run.report.bytes_freed += index_len;
+            let pack_len = packs.get(id).map_or(0, |p| p.0);
+            if run.act(&format!("delete {} ({pack_len} bytes)", pack_key(*id)))? {
+                self.storage.delete(&pack_key(*id))?;
+            }
+            run.report.packs_deleted += 1;
+            run.report.bytes_freed += pack_len;
+        }
+        for (name, _) in &ripe {
+            if run.act(&format!("delete pending/{name}"))? {
+                self.storage.delete(&format!("pending/{name}"))?;
+            }
+        }
+        // 7. Packs without an index, and temp files, older than the grace.
+        self.orphans(&mut run, &packs, &indexed, now, grace)?;
+        drop(lock);
+        Ok(run.report)
+    }
+
+    /// Adds the chunks of the volume manifests in `ids` not in `seen` to `referenced` (kept
+    /// sorted and distinct). A manifest that cannot be read stops the prune: what it references
+    /// is unknown, so nothing could be deleted safely.
+    fn read_referenced(
+        &self,
+        ids: &[ManifestId],
+        seen: &mut IdSet<ManifestId>,
+        referenced: &mut Vec<ChunkId>,
+    ) -> Result<()> {
+        let before = referenced.len();
+        for &id in ids {
+            if !seen.insert(id) {
+                continue;
+            }
+            match self.load_manifest(id) {
+                Ok(Manifest::Volume(m)) => referenced.extend(m.chunks.into_iter().flatten()),
+                Ok(Manifest::Backup(_)) => {}
+                // Forgotten meanwhile: it references nothing any more.
+                Err(Error::UnknownManifest { .. }) => {}
+                Err(e) => {
+                    return Err(Error::Damaged {
+                        what: format!("prune: manifest {id}"),
+                        reason: format!(
+                            "{e}; what it references is unknown, so nothing was deleted (run \
+                             verify, and forget or restore that manifest first)"
+                        ),
+                    })
+                }
+            }
+        }
+        if referenced.len() != before {
+            referenced.sort_unstable();
+            referenced.dedup();
+        }
+        Ok(())
+    }
+
+    /// The ids of the writer locks live now; fills `report.locks`.
+    fn live_locks(
+        &self,
+        now: u64,
+        own: Option<&str>,
+        report: &mut PruneReport,
+    ) -> Result<Vec<String>> {
+        let mut live = Vec::new();
+        report.locks.clear();
+        for (key, _) in self.storage.list("locks/")? {
+            let name = &key["locks/".len()..];
+            if Some(name) == own {
+                continue;
+            }
+            let Some(lock) = lock::read(&*self.storage, &self.key, name)? else { continue };
+            if plan::lock_is_live(&lock, now, ms(LOCK_STALE)) {
+                report.locks.push(match &lock {
+                    Ok(l) => format!(
+                        "locks/{name}: host {} pid {}, started {} ms ago",
+                        l.host,
+                        l.pid,
+                        now.saturating_sub(l.started_unix_ms)
+                    ),
+                    Err(e) => format!(
+                        "locks/{name}: {e} (counted as a running backup; delete it if none runs)"
+                    ),
+                });
+                live.push(name.to_owned());
+            }
+        }
+        live.sort();
+        Ok(live)
+    }
+
+    fn put_record(&self, name: &str, record: &Record) -> Result<()> {
+        let key = format!("pending/{name}");
+        let json = serde_json::to_vec(record).expect("a record serializes");
+        self.storage.put(&key, &self.key.seal(key.as_bytes(), &json))
+    }
+
+    /// Copies the counting chunks of packs `which` (numbers) into new packs, sealed blobs as
+    /// they are; returns each new pack with its entries.
+    #[allow(clippy::type_complexity)]
+    fn repack(
+        &self,
+        run: &mut Run<'_>,
+        entries: &[Entry],
+        live: &[bool],
+        numbers: &[PackId],
+        which: &[u32],
+    ) -> Result<Vec<(PackId, Vec<(ChunkId, u64, u32)>)>> {
+        let chosen: IdSet<u32> = which.iter().copied().collect();
+        let mut todo: Vec<(ChunkLoc, ChunkId)> = entries
+            .iter()
+            .zip(live)
+            .filter(|(e, &l)| l && chosen.contains(&e.pack))
+            .map(|(e, _)| {
+                let loc = ChunkLoc {
+                    pack: numbers[e.pack as usize],
+                    offset: u64::from(e.offset),
+                    len: e.len,
+                };
+                (loc, e.chunk)
+            })
+            .collect();
+        todo.sort_unstable_by_key(|&(l, c)| (l.pack, l.offset, c));
+        let locs: Vec<ChunkLoc> = todo.iter().map(|&(l, _)| l).collect();
+        let bytes: u64 = locs.iter().map(|l| u64::from(l.len)).sum();
+        let what =
+            format!("repacking {} chunks ({bytes} bytes) of {} packs", locs.len(), which.len());
+        (run.note)(&what);
+        let mut out = Vec::new();
+        let mut buf = Vec::new();
+        let mut pack = self.new_pack(None);
+        // The chunks of the pack being filled (a dry run fills none, but counts the same).
+        let mut filled: Vec<(ChunkId, u64, u32)> = Vec::new();
+        let mut filled_len = 0u64;
+        for r in runs(&locs, 64 << 10, 8 << 20) {
+            let (first, last) = (locs[r.start], locs[r.end - 1]);
+            let range = first.offset..last.offset + u64::from(last.len);
+            let got = if run.opts.dry_run {
+                None
+            } else {
+                Some(self.read_pack_into(first.pack, range, &mut buf)?)
+            };
+            for &(loc, chunk) in &todo[r] {
+                if let Some(got) = &got {
+                    let at =
+                        got.start + usize::try_from(loc.offset - first.offset).expect("in the run");
+                    pack.append(chunk, &buf[at..at + loc.len as usize]);
+                }
+                filled.push((chunk, filled_len, loc.len));
+                filled_len += u64::from(loc.len);
+                run.report.bytes_rewritten += u64::from(loc.len);
+            }
+            if filled_len >= self.pack_size() {
+                let full = std::mem::replace(&mut pack, self.new_pack(None));
+                self.store_repacked(run, full, std::mem::take(&mut filled), filled_len, &mut out)?;
+                filled_len = 0;
+            }
+        }
+        if !filled.is_empty() {
+            self.store_repacked(run, pack, filled, filled_len, &mut out)?;
+        }
+        Ok(out)
+    }
+
+    /// Stores one repacked pack (in a dry run, counts it under a made-up id).
+    #[allow(clippy::type_complexity)]
+    fn store_repacked(
+        &self,
+        run: &mut Run<'_>,
+        pack: crate::repo::PackWriter,
+        chunks: Vec<(ChunkId, u64, u32)>,
+        len: u64,
+        out: &mut Vec<(PackId, Vec<(ChunkId, u64, u32)>)>,
+    ) -> Result<()> {
+        run.report.packs_written += 1;
+        if !run.act(&format!("write a repacked pack ({len} bytes) and its index"))? {
+            out.push((PackId(crypto::random()), chunks));
+            return Ok(());
+        }
+        let (stored, _) = self.store_pack(pack)?;
+        out.push((stored.id, stored.entries_vec()));
+        Ok(())
+    }
+
+    /// Step 7: packs listed without an index and older than the grace (if no backup is
+    /// running, or they are older than a lock stays live), and `tmp/` files older than it.
+    fn orphans(
+        &self,
+        run: &mut Run<'_>,
+        packs: &HashMap<PackId, (u64, SystemTime)>,
+        indexed: &IdSet<PackId>,
+        now: u64,
+        grace: u64,
+    ) -> Result<()> {
+        let old = |at: SystemTime, age: u64| now.saturating_sub(unix_ms(at)) >= age;
+        let mut candidates: Vec<(PackId, u64, SystemTime)> = packs
+            .iter()
+            .filter(|(id, (_, at))| !indexed.contains(id) && old(*at, grace))
+            .map(|(id, &(n, at))| (*id, n, at))
+            .collect();
+        candidates.sort_by_key(|c| c.0);
+        if !candidates.is_empty() {
+            let mut scratch = PruneReport::default();
+            let writing = !self.live_locks(now, run.own_lock.as_deref(), &mut scratch)?.is_empty();
+            for (id, len, at) in candidates {
+                // A running writer stores a pack's index right after the pack.
+                if writing && !old(at, ms(LOCK_STALE)) {
+                    continue;
+                }
+                if self.storage.exists(&format!("index/{id}"))? {
+                    continue;
+                }
+                if run.act(&format!("delete {} ({len} bytes, no index)", pack_key(id)))? {
+                    self.storage.delete(&pack_key(id))?;
+                }
+                run.report.orphan_packs_deleted += 1;
+                run.report.bytes_freed += len;
+            }
+        }
+        let mut tmp = self.storage.list_tmp()?;
+        tmp.sort();
+        for (key, len, at) in tmp {
+            if !old(at, grace.max(ms(TMP_MIN_AGE))) {
+                continue;
+            }
+            if run.act(&format!("delete {key} ({len} bytes)"))? {
+                self.storage.delete(&key)?;
+            }
+            run.report.tmp_files_deleted += 1;
+            run.report.bytes_freed += len;
+        }
+        Ok(())
+    }
+}

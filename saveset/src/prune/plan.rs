@@ -1,0 +1,192 @@
+//! Prune's decisions, free of IO: which chunk copy counts, which packs are unused or partly
+//! used, which pending-deletion records are ripe, which packs must be rescued. Time is an
+//! input. The steps that act on these are in `mod.rs`; the design is in FORMAT.md, "Prune".
+
+use crate::lock::LockInfo;
+use crate::manifest::ChunkId;
+
+/// A pack is repacked when at least this share (percent) of its bytes is not used.
+pub(crate) const REPACK_UNUSED_PERCENT: u64 = 20;
+
+/// One index entry: chunk `chunk` at `offset` (sealed length `len`) in pack number `pack`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Entry {
+    pub chunk: ChunkId,
+    pub pack: u32,
+    pub offset: u32,
+    pub len: u32,
+}
+
+/// What to do with a pack that is not already marked for deletion.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Class {
+    Keep,
+    /// No chunk of it counts: mark it for deletion.
+    Unused,
+    /// Copy the chunks that count into new packs, then mark it.
+    Repack,
+}
+
+/// For each entry of `entries` (sorted by chunk, then pack), whether it is the copy that
+/// counts: the chunk is in `referenced` (sorted, distinct) and this is its first entry in a
+/// pack that is not `pending` (by pack number). A chunk held only by pending packs counts
+/// nowhere here; the rescue at deletion time keeps one of them if it is still referenced.
+pub(crate) fn counting(entries: &[Entry], referenced: &[ChunkId], pending: &[bool]) -> Vec<bool> {
+    let mut out = vec![false; entries.len()];
+    let mut r = 0;
+    let mut i = 0;
+    while i < entries.len() {
+        let chunk = entries[i].chunk;
+        let end = i + entries[i..].iter().take_while(|e| e.chunk == chunk).count();
+        while r < referenced.len() && referenced[r] < chunk {
+            r += 1;
+        }
+        if referenced.get(r) == Some(&chunk) {
+            if let Some(k) = (i..end).find(|&k| !pending[entries[k].pack as usize]) {
+                out[k] = true;
+            }
+        }
+        i = end;
+    }
+    out
+}
+
+/// A pack of `size` bytes of which `used` are chunks that count.
+pub(crate) fn classify(size: u64, used: u64) -> Class {
+    if used == 0 {
+        Class::Unused
+    } else if size.saturating_sub(used) * 100 >= size * REPACK_UNUSED_PERCENT {
+        Class::Repack
+    } else {
+        Class::Keep
+    }
+}
+
+/// Whether a lock still holds prune back at `now_ms`: present and refreshed less than
+/// `stale_ms` ago, or present and unreadable (it may be a live writer's).
+pub(crate) fn lock_is_live(
+    lock: &std::result::Result<LockInfo, String>,
+    now_ms: u64,
+    stale_ms: u64,
+) -> bool {
+    match lock {
+        Ok(info) => now_ms.saturating_sub(info.refreshed_unix_ms) < stale_ms,
+        Err(_) => true,
+    }
+}
+
+/// Why a pending-deletion record cannot be acted on yet, or `None` when it is ripe: its lock
+/// list is set, none of `live_locks` (the ids of the locks live now) is in it, and `grace_ms`
+/// has passed since it was created.
+pub(crate) fn not_ripe(
+    created_ms: u64,
+    locks: Option<&[String]>,
+    live_locks: &[String],
+    now_ms: u64,
+    grace_ms: u64,
+) -> Option<String> {
+    let Some(locks) = locks else {
+        return Some("the backups running when it was written are not known yet".into());
+    };
+    let waiting = locks.iter().filter(|l| live_locks.contains(l)).count();
+    if waiting > 0 {
+        return Some(format!("{waiting} backup(s) running when it was written are still running"));
+    }
+    let age = now_ms.saturating_sub(created_ms);
+    if age < grace_ms {
+        return Some(format!("in its grace period for {} s more", (grace_ms - age).div_ceil(1000)));
+    }
+    None
+}
+
+/// The pack numbers to keep although they are `doomed`: for each chunk of `referenced` (sorted,
+/// distinct) that has entries (sorted by chunk) and all of them in doomed packs, the pack of its
+/// first entry.
+pub(crate) fn rescue(entries: &[Entry], referenced: &[ChunkId], doomed: &[bool]) -> Vec<u32> {
+    let mut out = Vec::new();
+    let mut r = 0;
+    let mut i = 0;
+    while i < entries.len() {
+        let chunk = entries[i].chunk;
+        let end = i + entries[i..].iter().take_while(|e| e.chunk == chunk).count();
+        while r < referenced.len() && referenced[r] < chunk {
+            r += 1;
+        }
+        if referenced.get(r) == Some(&chunk)
+            && entries[i..end].iter().all(|e| doomed[e.pack as usize])
+        {
+            out.push(entries[i].pack);
+        }
+        i = end;
+    }
+    out.sort_unstable();
+    out.dedup();
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn c(b: u8) -> ChunkId {
+        ChunkId([b; 32])
+    }
+
+    fn e(chunk: u8, pack: u32) -> Entry {
+        Entry { chunk: c(chunk), pack, offset: 0, len: 10 }
+    }
+
+    #[test]
+    fn a_referenced_chunk_counts_once_in_its_first_pack_that_is_not_pending() {
+        // chunk 1 in packs 0 and 1; chunk 2 in pack 1 (pending) and 2; chunk 3 only pending;
+        // chunk 4 unreferenced.
+        let entries = [e(1, 0), e(1, 1), e(2, 1), e(2, 2), e(3, 1), e(4, 0)];
+        let pending = [false, true, false];
+        let live = counting(&entries, &[c(1), c(2), c(3), c(9)], &pending);
+        assert_eq!(live, [true, false, false, true, false, false]);
+    }
+
+    #[test]
+    fn packs_are_unused_partly_used_or_kept_by_their_unused_share() {
+        assert_eq!(classify(1000, 0), Class::Unused);
+        assert_eq!(classify(1000, 800), Class::Repack, "20% unused");
+        assert_eq!(classify(1000, 801), Class::Keep);
+        assert_eq!(classify(1000, 1000), Class::Keep);
+    }
+
+    #[test]
+    fn locks_are_live_until_stale_and_unreadable_ones_always() {
+        let info = |refreshed| LockInfo {
+            host: "h".into(),
+            pid: 1,
+            started_unix_ms: 0,
+            refreshed_unix_ms: refreshed,
+        };
+        assert!(lock_is_live(&Ok(info(1_000)), 1_999, 1_000));
+        assert!(!lock_is_live(&Ok(info(1_000)), 2_000, 1_000));
+        assert!(lock_is_live(&Ok(info(5_000)), 1_000, 1_000), "refreshed ahead of our clock");
+        assert!(lock_is_live(&Err("does not decrypt".into()), u64::MAX, 1));
+    }
+
+    #[test]
+    fn a_record_is_ripe_once_its_writers_are_gone_and_the_grace_passed() {
+        let live = ["a".to_owned()];
+        let why = not_ripe(0, None, &[], 10, 0).expect("locks unknown");
+        assert!(why.contains("not known"), "{why}");
+        let why = not_ripe(0, Some(&["a".into(), "b".into()]), &live, 10, 0).expect("a runs");
+        assert!(why.contains("1 backup(s)"), "{why}");
+        let why = not_ripe(1_000, Some(&["b".into()]), &live, 1_500, 2_000).expect("young");
+        assert!(why.contains("2 s more"), "{why}");
+        assert_eq!(not_ripe(1_000, Some(&["b".into()]), &live, 3_000, 2_000), None);
+        assert_eq!(not_ripe(1_000, Some(&[]), &live, 1_000, 0), None);
+    }
+
+    #[test]
+    fn a_chunk_still_referenced_only_in_doomed_packs_rescues_its_first_pack() {
+        let entries = [e(1, 0), e(1, 1), e(2, 1), e(2, 2), e(3, 2), e(4, 3)];
+        // Packs 0, 1, 2 doomed, 3 stays.
+        let doomed = [true, true, true, false];
+        assert_eq!(rescue(&entries, &[c(1), c(3), c(4), c(5)], &doomed), vec![0, 2]);
+        assert!(rescue(&entries, &[c(4)], &doomed).is_empty());
+    }
+}
