@@ -19,10 +19,10 @@ mod idempotency;
 mod pages;
 #[path = "contract/progress.rs"]
 mod progress;
-#[path = "contract/schedules.rs"]
-mod schedules;
 #[path = "contract/retention.rs"]
 mod retention;
+#[path = "contract/schedules.rs"]
+mod schedules;
 #[path = "contract/wait.rs"]
 mod wait;
 #[path = "contract/watch.rs"]
