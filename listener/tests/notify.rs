@@ -163,3 +163,50 @@ async fn a_group_without_a_good_backup_alerts_once_per_lapse() {
         .count();
     assert_eq!(before_good, 1);
 }
+
+/// A scheduled run that starts nothing is a failure people hear of: a due time that finds its
+/// group busy, and due times missed while the listener was not running, are mailed and posted
+/// as `schedule_missed` with why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_schedule_that_did_not_run_is_mailed_and_posted() {
+    let dir = tempfile::tempdir().unwrap();
+    let receiver = Receiver::start(&dir.path().join("receiver"), 0);
+    let mut spec = spec(&receiver);
+    spec.timezone = Some("UTC".into());
+    spec.schedules = vec![stillpoint_listener::config::ScheduleConfig {
+        name: "nightly".into(),
+        group: "g".into(),
+        cron: "0 22 * * *".into(),
+        enabled: None,
+    }];
+    let cluster = Cluster::start(dir.path(), spec).await;
+    let mut client = cluster.client("operator");
+    let list = client.list_schedules(pb::ListSchedulesRequest {}).await.unwrap().into_inner();
+    let due = list.schedules[0].next_unix_ms;
+
+    // A backup of g still waits for its copies when the schedule falls due: the start is skipped.
+    let busy = start(&mut client, "g").await;
+    until(&mut client, &busy, |b| state(b) == pb::BackupState::Snapshotted).await;
+    cluster.tick_schedules(due).await;
+    let hook = receiver.hook(|h| h.json()["kind"] == "schedule_missed").await.json();
+    assert_eq!((hook["version"].as_u64(), hook["group"].as_str()), (Some(1), Some("g")));
+    assert_eq!(hook["schedule"], "nightly", "{hook}");
+    assert!(hook["reason"].as_str().unwrap_or("").contains(&busy), "{hook}");
+    let mail = receiver.mail(|m| m.subject.contains("MISSED")).await;
+    assert!(
+        mail.subject.starts_with("[stillpoint] MISSED: schedule nightly of group g due "),
+        "{mail:?}"
+    );
+    assert!(mail.body.contains(&busy), "{}", mail.body);
+
+    // Two days later without a tick in between (the listener was down): missed, not run late.
+    cluster.tick_schedules(due + 2 * 24 * 3600 * 1000 + 3_600_000).await;
+    let missed = receiver
+        .hook(|h| {
+            h.json()["kind"] == "schedule_missed"
+                && h.json()["reason"].as_str().is_some_and(|w| w.contains("not run late"))
+        })
+        .await
+        .json();
+    assert_eq!(missed["group"], "g");
+}

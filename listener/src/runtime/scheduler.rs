@@ -174,6 +174,9 @@ impl Runtime {
                 }
                 Action::Publish(event) => {
                     log(&event);
+                    if let Some(missed) = not_run(&event) {
+                        self.notify_schedule_missed(missed);
+                    }
                     // Nobody listening is fine.
                     let _ = self.schedules.events.send(event);
                 }
@@ -242,6 +245,32 @@ impl Runtime {
     pub fn subscribe_schedules(&self) -> broadcast::Receiver<ScheduleEvent> {
         self.schedules.events.subscribe()
     }
+}
+
+/// A due time that started no backup, as `[notify]` tells people: a busy group, a start refused,
+/// runs missed while the listener was down. A schedule that never ran is a failure too.
+fn not_run(event: &ScheduleEvent) -> Option<stillpoint_notify::ScheduleMissed> {
+    let (schedule, group, due, why) = match event {
+        ScheduleEvent::Fired { .. } => return None,
+        ScheduleEvent::SkippedBusy { schedule, group, due, by } => {
+            (schedule, group, *due, format!("the group was busy with backup {by}; skipped"))
+        }
+        ScheduleEvent::Missed { schedule, group, due, count } => (
+            schedule,
+            group,
+            *due,
+            format!("{count} run(s) missed while the listener was not running; not run late"),
+        ),
+        ScheduleEvent::Failed { schedule, group, due, error } => {
+            (schedule, group, *due, format!("the start was refused: {error}"))
+        }
+    };
+    Some(stillpoint_notify::ScheduleMissed {
+        schedule: schedule.clone(),
+        group: group.clone(),
+        due,
+        why,
+    })
 }
 
 fn log(event: &ScheduleEvent) {
