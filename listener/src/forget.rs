@@ -54,11 +54,34 @@ pub fn after_backup(runtime: &Arc<Runtime>, group: &str) {
     tokio::spawn(async move {
         tokio::select! {
             () = stop.cancelled() => {}
-            applied = apply(&runtime, &group, false, "retention") => if let Err(e) = applied {
-                tracing::warn!(group = %group, error = %e, "retention after a backup failed; the next backup or `backupctl retention` tries again");
+            applied = apply(&runtime, &group, false, "retention") => match applied {
+                Err(e) => tracing::warn!(group = %group, error = %e, "retention after a backup failed; the next backup or `backupctl retention` tries again"),
+                Ok(_) => prune(&runtime, &group).await,
             }
         }
     });
+}
+
+/// After retention in saveset mode: a prune, so what retention forgot is freed without anyone
+/// running `backupctl repo prune` (packs it marks now go at the first prune after the grace).
+async fn prune(runtime: &Arc<Runtime>, group: &str) {
+    let Some(saveset) = runtime.copier().saveset().cloned() else { return };
+    match tokio::task::spawn_blocking(move || saveset.prune()).await {
+        Ok(Ok(r)) => tracing::info!(
+            group,
+            packs_marked = r.packs_marked,
+            bytes_marked = r.bytes_marked,
+            packs_repacked = r.packs_repacked,
+            packs_deleted = r.packs_deleted,
+            bytes_freed = r.bytes_freed,
+            waiting = r.waiting.len(),
+            "prune after retention"
+        ),
+        Ok(Err(e)) => {
+            tracing::warn!(group, error = %e, "prune after retention failed; the next backup's prune or `backupctl repo prune` tries again")
+        }
+        Err(e) => tracing::warn!(group, error = %e, "prune after retention did not finish"),
+    }
 }
 
 /// What forgetting a backup deletes in the listener's copy mode.

@@ -95,6 +95,14 @@ impl Saveset {
         save()
     }
 
+    /// Frees what no manifest references, with prune's default grace (FORMAT.md, "Prune"):
+    /// packs forgotten now are marked, and deleted by a prune at least the grace later, once no
+    /// copy that could still use them runs. Safe beside copies here and on the agents.
+    pub fn prune(&self) -> Result<stillpoint_saveset::PruneReport, String> {
+        let opts = stillpoint_saveset::PruneOptions::default();
+        self.with_repo(|repo| repo.prune(&opts, &mut |_| {}).map_err(|e| e.to_string()))
+    }
+
     /// Deletes backup `backup_id`'s manifests (retention's forget; the packs wait for a prune).
     pub fn forget_backup(&self, backup_id: &str) -> Result<stillpoint_saveset::Forgotten, String> {
         self.with_repo(|repo| repo.forget_backup(backup_id).map_err(|e| e.to_string()))

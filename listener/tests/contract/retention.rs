@@ -127,6 +127,13 @@ async fn retention_forgets_what_the_rules_drop_and_kept_backups_still_restore() 
         "forgotten by retention (no rule keeps it); saveset: deleted 1 backup manifest(s) and 1 volume manifest(s)"
     );
 
+    // The prune after retention marked b2's pack for deletion (freed by a prune after the grace).
+    let marked = || std::fs::read_dir(repository.join("pending")).map(|d| d.count()).unwrap_or(0);
+    while marked() == 0 {
+        assert!(tokio::time::Instant::now() < deadline, "no prune marked b2's data");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
     // What is left is whole, and a kept backup restores bit for bit.
     let repo = Repository::open(&repository, &Secret::passphrase(PASSPHRASE)).unwrap();
     assert!(repo.verify(true).unwrap().is_ok());
