@@ -157,7 +157,7 @@ async fn dispatch(cli: Cli, out: &mut dyn Write) -> Result<()> {
         Command::Restore(args) => cmd::restore::run(args, out),
         Command::Artifacts(args) => cmd::artifacts::run(conn, args, out).await,
         Command::Config(config) => cmd::config::run(conn, config, out),
-        Command::Drill(args) => cmd::drill::run(args, out),
+        Command::Drill(args) => cmd::drill::run(args, out).await,
         Command::Schedules(args) => cmd::schedules::run(conn, args, out).await,
         Command::Preflight(args) => cmd::preflight::run(conn, args, out).await,
         Command::Pin(args) => cmd::pin::run(conn, args, true, out).await,

@@ -14,6 +14,8 @@ use stillpoint_saveset::{BackupManifest, Manifest, ManifestId, Repository, Secre
 #[path = "../../agent/src/quiesce/postgres/tests/cluster.rs"]
 mod pg;
 
+use stillpoint_notify::testing::Receiver;
+
 const BIN: &str = env!("CARGO_BIN_EXE_backupctl");
 const PASSPHRASE: &str = "drill passphrase";
 
@@ -25,6 +27,32 @@ fn backupctl(dir: &Path, args: &[&str]) -> Output {
         .env_remove("STILLPOINT_REPO_KEY_FILE")
         .output()
         .unwrap()
+}
+
+/// A `[notify]` file sending to `receiver`, failures only (as a clinic would set a weekly drill).
+fn notify_file(dir: &Path, receiver: &Receiver) -> String {
+    let config = receiver.config(stillpoint_notify::On::Failure);
+    let (email, hook) = (&config.email[0], &config.webhook[0]);
+    let path =
+        |p: &Option<PathBuf>| p.as_ref().map(|p| p.display().to_string()).unwrap_or_default();
+    let text = format!(
+        "[notify]\non = \"failure\"\ntries = 3\nbackoff = \"100ms\"\n\
+         [[notify.email]]\nserver = \"127.0.0.1\"\nport = {}\ntls = \"starttls\"\nuser = \"{}\"\n\
+         password_file = \"{}\"\nca_file = \"{}\"\nfrom = \"{}\"\nto = [\"{}\"]\n\
+         [[notify.webhook]]\nurl = \"{}\"\nbearer_token_file = \"{}\"\nca_file = \"{}\"\n",
+        email.port.unwrap_or(0),
+        email.user.clone().unwrap_or_default(),
+        path(&email.password_file),
+        path(&email.ca_file),
+        email.from,
+        email.to[0],
+        hook.url,
+        path(&hook.bearer_token_file),
+        path(&hook.ca_file),
+    );
+    let file = dir.join("notify.toml");
+    fs::write(&file, text).unwrap();
+    file.display().to_string()
 }
 
 fn said(out: &Output) -> String {
@@ -182,8 +210,23 @@ name = "db9"
     );
     fs::write(&bad, text).unwrap();
     let bad_s = bad.display().to_string();
-    let out = backupctl(d, &["drill", "b-1", "--scratch", &scratch_s, "--config", &bad_s]);
+    // The failure is mailed and posted to a real SMTP server and HTTPS receiver on loopback.
+    let receiver = Receiver::start(&d.join("receiver"), 0);
+    let notify = notify_file(d, &receiver);
+    let run_bad =
+        ["drill", "b-1", "--scratch", &scratch_s, "--config", &bad_s, "--notify", &notify];
+    let out = backupctl(d, &run_bad);
     assert_eq!(out.status.code(), Some(1), "{}", said(&out));
+    let waiter = tokio::runtime::Runtime::new().unwrap();
+    let mail = waiter.block_on(receiver.mail(|m| m.subject.contains("DRILL FAILED")));
+    assert!(
+        mail.subject.starts_with("[stillpoint] DRILL FAILED for group g1: db1: postgres"),
+        "{mail:?}"
+    );
+    assert!(mail.body.contains("query returned no rows"), "{}", mail.body);
+    let hook = waiter.block_on(receiver.hook(|h| h.json()["kind"] == "drill_failed")).json();
+    assert_eq!((hook["group"].as_str(), hook["backup_id"].as_str()), (Some("g1"), Some("b-1")));
+    assert_eq!(hook["passed"], false);
     let stdout = String::from_utf8_lossy(&out.stdout);
     eprintln!("{stdout}");
     assert!(stdout.starts_with("drill of backup b-1 (group g1)"), "{}", said(&out));

@@ -16,13 +16,19 @@ pub enum Event {
     BackupFailed(BackupReport),
     NoGoodBackup(NoGoodBackup),
     ScheduleMissed(ScheduleMissed),
+    /// A restore drill's result (`backupctl drill --notify`).
+    Drill(DrillResult),
 }
 
 impl Event {
     /// Whether this is a failure (sent with `on = "failure"`) rather than a success. Alerts
     /// count as failures.
     pub fn is_failure(&self) -> bool {
-        !matches!(self, Event::BackupSucceeded(_))
+        match self {
+            Event::BackupSucceeded(_) => false,
+            Event::Drill(d) => !d.passed,
+            _ => true,
+        }
     }
 
     /// The JSON `kind` and the word logs use.
@@ -32,6 +38,8 @@ impl Event {
             Event::BackupFailed(_) => "backup_failed",
             Event::NoGoodBackup(_) => "no_good_backup",
             Event::ScheduleMissed(_) => "schedule_missed",
+            Event::Drill(d) if d.passed => "drill_passed",
+            Event::Drill(_) => "drill_failed",
         }
     }
 
@@ -40,6 +48,7 @@ impl Event {
             Event::BackupSucceeded(r) | Event::BackupFailed(r) => &r.group,
             Event::NoGoodBackup(a) => &a.group,
             Event::ScheduleMissed(m) => &m.group,
+            Event::Drill(d) => &d.group,
         }
     }
 
@@ -194,4 +203,18 @@ pub struct ScheduleMissed {
     pub group: String,
     pub due: Millis,
     pub why: String,
+}
+
+/// What a restore drill found: the backup it restored, whether every restore and check passed,
+/// each failure in a line, and the drill's own report as people read it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DrillResult {
+    /// The backup's group; empty when the drill could not tell.
+    pub group: String,
+    /// The backup restored; empty when the drill failed before choosing one.
+    pub backup: String,
+    pub passed: bool,
+    pub failures: Vec<String>,
+    /// The drill's report (or why it could not run).
+    pub report: String,
 }

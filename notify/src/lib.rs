@@ -20,7 +20,9 @@ pub mod testing;
 
 pub use config::{NotifyConfig, On, Period};
 pub use error::{Error, Result};
-pub use event::{BackupReport, Event, Failure, NoGoodBackup, ScheduleMissed, ServerReport};
+pub use event::{
+    BackupReport, DrillResult, Event, Failure, NoGoodBackup, ScheduleMissed, ServerReport,
+};
 pub use notifier::{send_and_wait, Delivery, Notifier, Workers};
 pub use render::Message;
 pub use watchdog::Watchdog;

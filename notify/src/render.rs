@@ -5,7 +5,9 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 
-use crate::event::{BackupReport, Event, Millis, NoGoodBackup, ScheduleMissed, ServerReport};
+use crate::event::{
+    BackupReport, DrillResult, Event, Millis, NoGoodBackup, ScheduleMissed, ServerReport,
+};
 
 /// The webhook body's version; a change that breaks readers gets a new one.
 pub const JSON_VERSION: u32 = 1;
@@ -26,11 +28,19 @@ impl Message {
             Event::BackupSucceeded(r) | Event::BackupFailed(r) => backup_text(r),
             Event::NoGoodBackup(a) => no_good_text(a),
             Event::ScheduleMissed(m) => missed_text(m),
+            Event::Drill(d) => drill_text(d),
         };
         let mut json = match event {
             Event::BackupSucceeded(r) | Event::BackupFailed(r) => backup_json(r),
             Event::NoGoodBackup(a) => no_good_json(a),
             Event::ScheduleMissed(m) => missed_json(m),
+            Event::Drill(d) => json!({
+                "group": d.group,
+                "backup_id": d.backup,
+                "passed": d.passed,
+                "failures": d.failures,
+                "report": d.report,
+            }),
         };
         if let Value::Object(map) = &mut json {
             map.insert("version".into(), json!(JSON_VERSION));
@@ -242,6 +252,29 @@ fn missed_json(m: &ScheduleMissed) -> Value {
         "due": timestamp(m.due),
         "reason": m.why,
     })
+}
+
+fn drill_text(d: &DrillResult) -> (String, String) {
+    let what =
+        if d.group.is_empty() { "a backup".to_string() } else { format!("group {}", d.group) };
+    let subject = if d.passed {
+        format!("{PREFIX} drill of {what} passed: backup {} restored and checked", d.backup)
+    } else {
+        format!(
+            "{PREFIX} DRILL FAILED for {what}: {}",
+            d.failures.first().map_or("", String::as_str)
+        )
+    };
+    let mut body = String::new();
+    if !d.passed {
+        body.push_str("What failed:\n");
+        for f in &d.failures {
+            body.push_str(&format!("  - {f}\n"));
+        }
+        body.push('\n');
+    }
+    body.push_str(&d.report);
+    (subject, body)
 }
 
 /// RFC 3339 in UTC, to the second: `2026-12-03T14:05:09Z`.

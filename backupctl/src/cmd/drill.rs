@@ -2,7 +2,9 @@
 //! [--json]`: restores a backup's servers from the saveset repository into a fresh scratch
 //! directory, runs each server's checks there (fsck, mount, a private PostgreSQL or MariaDB,
 //! sqlite, a command), prints a [`DrillReport`] and exits 0 only if everything passed. Offline:
-//! only the repository is needed, so it runs on a spare host. Notifying is the caller's.
+//! only the repository is needed, so it runs on a spare host. With `--notify FILE` (a file
+//! with a `[notify]` table, the listener's own config will do) the result is mailed and posted
+//! as the listener notifies backups, a drill that could not run included.
 
 pub mod checks;
 pub mod config;
@@ -54,10 +56,52 @@ pub struct Args {
     /// Print the report as JSON
     #[arg(long)]
     pub json: bool,
+    /// Mail and post the result to the targets of FILE's `[notify]` table (the listener's
+    /// config will do), as `on` there says: a failed drill is a failure
+    #[arg(long, value_name = "FILE")]
+    pub notify: Option<PathBuf>,
 }
 
-pub fn run(args: Args, out: &mut dyn Write) -> Result<()> {
-    let report = execute(&args)?;
+pub async fn run(args: Args, out: &mut dyn Write) -> Result<()> {
+    let notify = match &args.notify {
+        Some(file) => Some(notify_config(file)?),
+        None => None,
+    };
+    // A CLI on one thread: nothing else runs while the drill does.
+    let executed = execute(&args);
+    if let Some(config) = &notify {
+        let result = match &executed {
+            Ok(report) => stillpoint_notify::DrillResult {
+                group: report.group.clone().unwrap_or_default(),
+                backup: report.backup.clone(),
+                passed: report.passed,
+                failures: report.failures(),
+                report: report.render(),
+            },
+            Err(e) => stillpoint_notify::DrillResult {
+                group: args.group.clone().unwrap_or_default(),
+                backup: args.id.clone().unwrap_or_default(),
+                passed: false,
+                failures: vec![format!("the drill could not run: {e}")],
+                report: format!("The drill could not run: {e}\n"),
+            },
+        };
+        let event = stillpoint_notify::Event::Drill(result);
+        match stillpoint_notify::send_and_wait(config, &event).await {
+            Ok(deliveries) => {
+                for d in deliveries {
+                    if let Err((tries, e)) = d.result {
+                        super::note(&format!(
+                            "backupctl: drill: notifying {} failed after {tries} tries: {e}",
+                            d.target
+                        ));
+                    }
+                }
+            }
+            Err(e) => super::note(&format!("backupctl: drill: notifying failed: {e}")),
+        }
+    }
+    let report = executed?;
     if args.json {
         writeln!(out, "{}", view::json(&report))?;
     } else {
@@ -76,6 +120,21 @@ pub fn run(args: Args, out: &mut dyn Write) -> Result<()> {
 
 /// Runs the drill and returns its report (whether it passed or not); `Err` only for what stops
 /// a drill before it starts: the drill file, the repository, no such backup, not root.
+/// The `[notify]` table of `file`; other tables (a whole listener config) are ignored.
+fn notify_config(file: &Path) -> Result<stillpoint_notify::NotifyConfig> {
+    #[derive(serde::Deserialize)]
+    struct WithNotify {
+        notify: Option<stillpoint_notify::NotifyConfig>,
+    }
+    let text = std::fs::read_to_string(file)
+        .map_err(|e| Error::Usage(format!("--notify {}: {e}", file.display())))?;
+    let parsed: WithNotify = toml::from_str(&text)
+        .map_err(|e| Error::Usage(format!("--notify {}: {e}", file.display())))?;
+    parsed.notify.ok_or_else(|| {
+        Error::Usage(format!("--notify {}: no [notify] table in it", file.display()))
+    })
+}
+
 pub fn execute(args: &Args) -> Result<DrillReport> {
     let config = load_config(&args.config)?;
     let repo = args.repo.open()?;
