@@ -80,6 +80,20 @@ run_block operator-preflight
 run_block first-backup
 backupctl list --json | grep -q '"state": *"SUCCEEDED"' || fail "the first backup did not succeed"
 
+run_block schedule
+echo "==> restart the listener with the schedule, as systemctl restart would"
+kill "${PIDS[1]}"; wait "${PIDS[1]}" 2>/dev/null || true
+runuser -u stillpoint -- "$BIN/stillpoint-listener" --config "$ROOT/etc/stillpoint/listener.toml" \
+  >>"$ROOT/listener.log" 2>&1 &
+PIDS[1]=$!
+for _ in $(seq 1 100); do
+  backupctl schedules >/dev/null 2>&1 && break
+  sleep 0.2
+done
+out=$(run_block schedules)
+echo "$out"
+echo "$out" | grep -q "nightly .*clinic .*0 2 \* \* \*" || fail "backupctl schedules does not show nightly: $out"
+
 echo "==> the pre-flight catches a listener certificate of the wrong role"
 bad=$ROOT/etc/stillpoint/bad-role.toml
 sed -e "s#certs/listener.pem#certs/fs1.pem#; s#certs/listener.key#certs/fs1.key#" \
