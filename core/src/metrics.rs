@@ -94,14 +94,7 @@ pub fn register_certificate_expiry(registry: &mut Registry, certs: &[(&str, &Pat
 
 /// The notAfter of the first certificate in a PEM file, in Unix seconds.
 pub fn certificate_expiry(path: &Path) -> Result<i64> {
-    let pem = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-    let bad = |reason: String| Error::Certificate { path: path.into(), reason };
-    let der = rustls_pemfile::certs(&mut pem.as_slice())
-        .next()
-        .ok_or_else(|| bad("no PEM certificate in file".into()))?
-        .map_err(|e| bad(e.to_string()))?;
-    let (_, cert) = x509_parser::parse_x509_certificate(&der).map_err(|e| bad(e.to_string()))?;
-    Ok(cert.validity().not_after.timestamp())
+    Ok(crate::certs::inspect(path)?.not_after.unix_timestamp())
 }
 
 /// The endpoint, serving until dropped: dropping it stops the accept loop and every

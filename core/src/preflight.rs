@@ -168,7 +168,7 @@ fn certificate_problem(
     let days_left = (not_after - now) / 86_400;
     if days_left < EXPIRY_WARNING_DAYS {
         return Ok(Err(format!(
-            "{identity}, key matches, issued by the CA, but expires in {days_left} day(s) ({until}): renew it with `backupctl certs issue`"
+            "{identity}, key matches, issued by the CA, but expires in {days_left} day(s) ({until}): renew it with `backupctl certs renew --name {}` on the CA's host", identity.name
         )));
     }
     Ok(Ok(format!("{identity}, key matches, issued by the CA, valid until {until}")))

@@ -55,7 +55,7 @@ pub struct CheckArgs {
 }
 
 /// How many days before expiry certificates are warned about, here and by the remote verbs.
-pub const WARN_DAYS: i64 = 30;
+pub const WARN_DAYS: i64 = stillpoint_core::preflight::EXPIRY_WARNING_DAYS;
 
 #[derive(Debug, clap::Args)]
 pub struct InitArgs {

@@ -215,8 +215,12 @@ pub fn shortest_unique(id: &str, all: &[&str]) -> String {
 fn local(unix_ms: u64) -> String {
     i64::try_from(unix_ms)
         .ok()
-        .and_then(chrono::DateTime::from_timestamp_millis)
-        .map(|t| t.with_timezone(&chrono::Local).format("%Y-%m-%d %H:%M:%S %z").to_string())
+        .and_then(|ms| jiff::Timestamp::from_millisecond(ms).ok())
+        .map(|t| {
+            t.to_zoned_datetime(jiff::tz::TimeZone::system())
+                .strftime("%Y-%m-%d %H:%M:%S %z")
+                .to_string()
+        })
         .unwrap_or_else(|| "-".into())
 }
 
