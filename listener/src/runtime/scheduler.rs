@@ -259,7 +259,9 @@ fn not_run(event: &ScheduleEvent) -> Option<stillpoint_notify::ScheduleMissed> {
             schedule,
             group,
             *due,
-            format!("{count} run(s) missed while the listener was not running; not run late"),
+            format!(
+                "{count} run(s) found more than 5 minutes late (the listener was not running, or stalled); not run late"
+            ),
         ),
         ScheduleEvent::Failed { schedule, group, due, error } => {
             (schedule, group, *due, format!("the start was refused: {error}"))
