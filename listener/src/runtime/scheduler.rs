@@ -295,7 +295,7 @@ fn log(event: &ScheduleEvent) {
                 group,
                 first_due = due,
                 count,
-                "schedule missed {count} run(s) while the listener was down; not run late"
+                "schedule found {count} run(s) more than 5 minutes late (listener down or stalled); not run late"
             )
         }
         ScheduleEvent::Failed { schedule, group, due, error } => {
