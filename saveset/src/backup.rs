@@ -13,11 +13,12 @@ use std::time::{Duration, Instant};
 
 use stillpoint_sys::{next_data, next_hole};
 
+use crate::chunklist::PageBuilder;
 use crate::claims::{Claimed, Claims, CopyToken};
 use crate::error::{Error, IoContext, Result};
 use crate::index::IdSet;
 use crate::lock::{WriterLock, LOCK_REFRESH};
-use crate::manifest::{ChunkId, Manifest, ManifestId, VolumeManifest, VolumeMeta};
+use crate::manifest::{ChunkId, ChunkList, Manifest, ManifestId, VolumeManifest, VolumeMeta};
 use crate::repo::{now_ms, PackWriter, Repository, StoredPack};
 
 /// Threads compressing and sealing new chunks.
@@ -98,6 +99,10 @@ pub struct BackupStats {
     pub bytes_stored: u64,
     /// Packs written.
     pub packs: u64,
+    /// Bytes of metadata this backup added: its chunk list pages (plaintext) and its manifest
+    /// file. A backup of an unchanged volume adds its manifest only (FORMAT.md, "Chunk list
+    /// pages").
+    pub metadata_bytes: u64,
 }
 
 impl std::ops::AddAssign<&BackupStats> for BackupStats {
@@ -110,6 +115,7 @@ impl std::ops::AddAssign<&BackupStats> for BackupStats {
         self.new_chunks += one.new_chunks;
         self.bytes_stored += one.bytes_stored;
         self.packs += one.packs;
+        self.metadata_bytes += one.metadata_bytes;
     }
 }
 
@@ -133,6 +139,21 @@ impl Repository {
         meta: VolumeMeta,
         progress: &mut dyn FnMut(Progress),
     ) -> Result<VolumeBackup> {
+        self.backup_volume_child(source, meta, None, progress)
+    }
+
+    /// [`Repository::backup_volume`] as the next backup of the volume whose previous backup is
+    /// the volume manifest `parent`: pages of the chunk list that did not change are that
+    /// manifest's, and pages that changed little are deltas against its pages (FORMAT.md,
+    /// "Chunk list pages"). A parent of another size or chunk size, or one that cannot be
+    /// read, is not used (a debug log says why); the backup is the same either way.
+    pub fn backup_volume_child(
+        &mut self,
+        source: &Path,
+        meta: VolumeMeta,
+        parent: Option<ManifestId>,
+        progress: &mut dyn FnMut(Progress),
+    ) -> Result<VolumeBackup> {
         // Held from before the index is loaded until the manifest is written: a prune deletes
         // no pack this backup may have deduplicated against meanwhile (FORMAT.md, "Prune").
         let lock = WriterLock::take(Arc::clone(&self.storage), &self.key, LOCK_REFRESH)?;
@@ -143,9 +164,23 @@ impl Repository {
             meta,
             size,
             chunk_size: self.chunk_size(),
-            chunks: Vec::new(),
+            chunks: ChunkList::Flat(Vec::new()),
             created_unix_ms: 0,
         };
+        let parent = parent.and_then(|id| match self.load_manifest(id) {
+            Ok(Manifest::Volume(m)) if m.size == size && m.chunk_size == manifest.chunk_size => {
+                Some(m)
+            }
+            Ok(_) => {
+                tracing::debug!(parent = %id, "parent is not a volume of this size: not used");
+                None
+            }
+            Err(e) => {
+                tracing::debug!(parent = %id, error = %e, "parent does not load: not used");
+                None
+            }
+        });
+        let mut pages = PageBuilder::new(manifest.chunk_count(), parent.as_ref());
         let mut stats = BackupStats { size, ..BackupStats::default() };
         let claim = self.claims.clone().map(|claims| ClaimGuard { token: claims.begin(), claims });
         let token = claim.as_ref().map(|g| (&*g.claims, g.token));
@@ -155,7 +190,8 @@ impl Repository {
             self.read_chunks(
                 &file,
                 source,
-                &mut manifest,
+                &manifest,
+                &mut pages,
                 &mut stats,
                 token,
                 &mut deferred,
@@ -183,10 +219,13 @@ impl Repository {
                 self.store_again(&file, source, &deferred, &mut stats)?;
             }
         }
+        stats.metadata_bytes = pages.stored_bytes;
+        manifest.chunks = pages.finish();
         manifest.created_unix_ms = now_ms();
         let whole = Manifest::Volume(manifest);
         lock.check()?;
-        let id = self.write_manifest(&whole)?;
+        let (id, manifest_bytes) = self.write_manifest_sized(&whole)?;
+        stats.metadata_bytes += manifest_bytes;
         drop(lock);
         let Manifest::Volume(manifest) = whole else { unreachable!("built as a volume manifest") };
         tracing::debug!(manifest = %id, source = %source.display(), ?stats, "volume backed up");
@@ -268,7 +307,8 @@ impl Repository {
         &self,
         file: &File,
         source: &Path,
-        manifest: &mut VolumeManifest,
+        manifest: &VolumeManifest,
+        pages: &mut PageBuilder<'_>,
         stats: &mut BackupStats,
         claim: Option<(&Claims, CopyToken)>,
         deferred: &mut Vec<(ChunkId, u64, usize)>,
@@ -282,7 +322,6 @@ impl Repository {
         let mut buf = vec![0u8; per_window * cs];
         let mut has_data = vec![false; per_window];
         let mut sent: IdSet<ChunkId> = IdSet::default();
-        manifest.chunks.reserve(usize::try_from(n).unwrap_or(0));
         let mut first = 0u64;
         while first < n {
             let count = per_window.min(usize::try_from(n - first).expect("a window is small"));
@@ -339,7 +378,9 @@ impl Repository {
                     }
                     Some(id)
                 };
-                manifest.chunks.push(entry);
+                if !pages.push(self, entry, &mut |id, page| feed.push(id, page))? {
+                    return Ok(());
+                }
                 progress(Progress { done: off + len as u64, total: manifest.size });
             }
             first += count as u64;

@@ -12,6 +12,7 @@
 
 mod backup;
 mod catalog;
+mod chunklist;
 mod claims;
 mod crypto;
 mod direct;
@@ -21,6 +22,7 @@ mod index;
 mod jobs;
 mod lock;
 mod manifest;
+mod pages;
 mod pool;
 mod prune;
 mod repo;
@@ -34,8 +36,8 @@ pub use crypto::{KdfParams, Secret};
 pub use error::{Error, Result};
 pub use forget::Forgotten;
 pub use manifest::{
-    BackupArtifact, BackupManifest, CatalogId, ChunkId, Manifest, ManifestId, ManifestSummary,
-    PackId, VolumeManifest, VolumeMeta, VolumeSummary,
+    BackupArtifact, BackupManifest, CatalogId, ChunkId, ChunkList, Manifest, ManifestId,
+    ManifestSummary, PackId, VolumeManifest, VolumeMeta, VolumeSummary,
 };
 pub use pool::{secret_from_files, Pool, SecretFileError};
 pub use prune::{PruneOptions, PruneReport};

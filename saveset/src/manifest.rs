@@ -94,13 +94,31 @@ pub struct VolumeManifest {
     pub size: u64,
     /// Chunk size in bytes; the last chunk is shorter when `size` is not a multiple.
     pub chunk_size: u32,
-    /// One entry per chunk, in order; `None` is a hole (unallocated or all zeros).
-    pub chunks: Vec<Option<ChunkId>>,
+    /// The chunk list: the entries themselves (formats 1 and 2) or pages of them (format 3).
+    pub chunks: ChunkList,
     /// When the backup of this volume finished, in Unix milliseconds.
     pub created_unix_ms: u64,
 }
 
+/// A volume's chunk list: one entry per chunk, in order, `None` for a hole (unallocated or all
+/// zeros).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum ChunkList {
+    /// Every entry, in the manifest itself (formats 1 and 2: 32 bytes per data chunk in every
+    /// backup, whatever changed).
+    Flat(Vec<Option<ChunkId>>),
+    /// Format 3: pages of `page_chunks` entries stored as blobs in packs (`pages.rs`), listed by
+    /// id; `None` is a page of holes only, stored nowhere.
+    Paged { page_chunks: u32, pages: Vec<Option<ChunkId>> },
+}
+
 impl VolumeManifest {
+    /// How many chunks the volume has.
+    pub fn chunk_count(&self) -> u64 {
+        self.size.div_ceil(u64::from(self.chunk_size.max(1)))
+    }
+
     /// Byte offset and length of chunk `i`.
     pub fn extent(&self, i: usize) -> (u64, usize) {
         let off = i as u64 * u64::from(self.chunk_size);
@@ -196,6 +214,10 @@ struct Any<C> {
     chunks: Option<C>,
     /// Format 2: the chunk list is not in the JSON but follows it as a binary zstd frame.
     chunk_count: Option<u64>,
+    /// Format 3: the chunk list is in pages of this many entries; the binary frame lists them.
+    page_chunks: Option<u32>,
+    /// Format 3: how many pages the binary frame lists.
+    pages: Option<u64>,
     backup: Option<String>,
     volumes: Option<Vec<ManifestId>>,
     #[serde(default)]
@@ -211,6 +233,8 @@ enum Chunks<C> {
     Inline(C),
     /// In the binary frame after the JSON (format 2): this many chunks.
     Binary(u64),
+    /// In pages (format 3): the binary frame after the JSON lists `pages` page ids.
+    Paged { count: u64, page_chunks: u32, pages: u64 },
 }
 
 /// A parsed manifest header: a volume's fields and where its chunk list is, or a backup
@@ -238,7 +262,11 @@ fn parse<'de, D: Deserializer<'de>, C: Deserialize<'de>>(d: D) -> Result<Parsed<
             },
             match (a.chunks, a.chunk_count) {
                 (Some(inline), None) => Chunks::Inline(inline),
-                (None, Some(count)) => Chunks::Binary(count),
+                (None, Some(count)) => match (a.page_chunks, a.pages) {
+                    (Some(page_chunks), Some(pages)) => Chunks::Paged { count, page_chunks, pages },
+                    (None, None) => Chunks::Binary(count),
+                    _ => return Err(D::Error::custom("`page_chunks` without `pages` or back")),
+                },
                 (Some(_), Some(_)) => {
                     return Err(D::Error::custom("both `chunks` and `chunk_count`"));
                 }
@@ -298,13 +326,25 @@ pub(crate) fn decode_manifest(plain: &[u8]) -> Result<Manifest, String> {
                     v.chunk_size,
                 ));
             }
-            chunks
+            ChunkList::Flat(chunks)
         }
         // Checked before anything is allocated for it.
         Chunks::Binary(count) if count != expected => {
             return Err(format!("says {count} chunks where its size makes {expected}"));
         }
-        Chunks::Binary(count) => read_chunk_list(rest, count)?,
+        Chunks::Binary(count) => ChunkList::Flat(read_chunk_list(rest, count)?),
+        Chunks::Paged { count, .. } if count != expected => {
+            return Err(format!("says {count} chunks where its size makes {expected}"));
+        }
+        Chunks::Paged { count, page_chunks, pages } => {
+            if page_chunks == 0 || count.div_ceil(u64::from(page_chunks)) != pages {
+                return Err(format!(
+                    "lists {pages} pages where {count} chunks in pages of {page_chunks} make {}",
+                    count.div_ceil(u64::from(page_chunks.max(1)))
+                ));
+            }
+            ChunkList::Paged { page_chunks, pages: read_chunk_list(rest, pages)? }
+        }
     };
     Ok(Manifest::Volume(VolumeManifest {
         meta: v.meta,
@@ -391,28 +431,40 @@ pub(crate) fn encode_manifest(manifest: &Manifest, out: Vec<u8>) -> Vec<u8> {
                 size: u64,
                 chunk_size: u32,
                 chunk_count: u64,
+                #[serde(skip_serializing_if = "Option::is_none")]
+                page_chunks: Option<u32>,
+                #[serde(skip_serializing_if = "Option::is_none")]
+                pages: Option<u64>,
                 created_unix_ms: u64,
             }
+            let (list, page_chunks, chunk_count) = match &v.chunks {
+                ChunkList::Flat(chunks) => (chunks, None, chunks.len() as u64),
+                ChunkList::Paged { page_chunks, pages } => {
+                    (pages, Some(*page_chunks), v.chunk_count())
+                }
+            };
             let header = Header {
                 kind: "volume",
                 meta: &v.meta,
                 size: v.size,
                 chunk_size: v.chunk_size,
-                chunk_count: v.chunks.len() as u64,
+                chunk_count,
+                page_chunks,
+                pages: page_chunks.map(|_| list.len() as u64),
                 created_unix_ms: v.created_unix_ms,
             };
             let mut enc = zstd::stream::write::Encoder::new(out, LEVEL).expect(written);
             serde_json::to_writer(&mut enc, &header).expect("manifests serialize");
             let out = enc.finish().expect(written);
-            let mut bitmap = vec![0u8; v.chunks.len().div_ceil(8)];
-            for (i, c) in v.chunks.iter().enumerate() {
+            let mut bitmap = vec![0u8; list.len().div_ceil(8)];
+            for (i, c) in list.iter().enumerate() {
                 if c.is_some() {
                     bitmap[i / 8] |= 1 << (i % 8);
                 }
             }
             let mut enc = zstd::stream::write::Encoder::new(out, LEVEL).expect(written);
             enc.write_all(&bitmap).expect(written);
-            for id in v.chunks.iter().flatten() {
+            for id in list.iter().flatten() {
                 enc.write_all(&id.0).expect(written);
             }
             enc.finish().expect(written)

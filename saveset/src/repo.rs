@@ -259,6 +259,13 @@ impl Repository {
         Ok(())
     }
 
+    /// Loads the index from scratch: every location is one listed by an index file now, and
+    /// locations in packs that stay win over those in packs marked for deletion.
+    pub(crate) fn reload_index(&mut self) -> Result<()> {
+        self.index = Index::default();
+        self.refresh_index()
+    }
+
     /// Names (ids) of the files in `dir` (`index` or `manifests`), sorted.
     pub(crate) fn list_ids<T: std::str::FromStr>(&self, dir: &str) -> Result<Vec<T>> {
         let listed = self.storage.list(&format!("{dir}/"))?;
@@ -356,13 +363,18 @@ impl Repository {
 
     /// Writes a manifest (sealed, compressed) under a fresh random id, durably.
     pub fn write_manifest(&self, manifest: &Manifest) -> Result<ManifestId> {
+        self.write_manifest_sized(manifest).map(|(id, _)| id)
+    }
+
+    /// [`Repository::write_manifest`], also returning the file's size.
+    pub(crate) fn write_manifest_sized(&self, manifest: &Manifest) -> Result<(ManifestId, u64)> {
         let id = ManifestId(crypto::random());
         let name = id.to_string();
         // Encoded after room for the nonce, then sealed in place: the blob exists once.
         let packed = manifest::encode_manifest(manifest, vec![0u8; 24]);
         let blob = self.key.seal_in_place(format!("manifests/{name}").as_bytes(), packed);
         self.storage.put(&format!("manifests/{name}"), &blob)?;
-        Ok(id)
+        Ok((id, blob.len() as u64))
     }
 
     /// Starts a new pack, held in memory until [`Repository::store_pack`], in `recycled` (the

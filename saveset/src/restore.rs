@@ -12,7 +12,7 @@ use crate::crypto::ChunkOpener;
 use crate::direct::{self, AlignedBuf};
 use crate::error::{Error, IoContext, Result};
 use crate::jobs;
-use crate::manifest::{Manifest, ManifestId, VolumeManifest};
+use crate::manifest::{ChunkId, Manifest, ManifestId, VolumeManifest};
 use crate::repo::{runs, Repository};
 
 /// At most this many bytes of a pack are fetched by one read.
@@ -23,6 +23,10 @@ const WINDOW: usize = 4 << 20;
 /// in the benchmark, 48 MiB serve 18% of the data chunks and cut restore CPU by 10%, for 55 MiB
 /// of peak memory (restore then peaks below a backup's 200 MiB).
 const REPEAT_CACHE: usize = 48 << 20;
+/// Chunks of the volume whose entries are held at once (4 GiB of volume in 4 KiB chunks, 33 MiB
+/// of entries): a restore walks the volume a segment at a time, so its memory does not grow
+/// with the volume. The repeat cache plans within a segment.
+const SEGMENT: u64 = 1 << 20;
 
 mod cache;
 #[cfg(test)]
@@ -100,7 +104,7 @@ impl Repository {
         restored
     }
 
-    /// Writes every chunk of `manifest` into the opened target.
+    /// Writes every chunk of `manifest` into the opened target, a segment at a time.
     fn write_volume(
         &self,
         manifest: &VolumeManifest,
@@ -111,20 +115,49 @@ impl Repository {
         progress: &(dyn Fn(RestoreProgress) + Sync),
     ) -> Result<RestoreStats> {
         if sparse {
-            preallocate_data(manifest, file, target)?;
+            self.preallocate_data(manifest, file, target)?;
         }
         // A second handle for direct writes of whole aligned runs (most of the volume).
         let direct = direct::open(target, false).ctx("open", target)?;
-        // The volume is cut into windows of WINDOW bytes; each worker takes the next window,
-        // reads its chunks (neighbours in a pack with one read), decodes them into one buffer
-        // and writes each run of data (or, on a block device, the whole window) with one
-        // positional write. Holes in a regular file are skipped: they stay holes.
-        let per_window = (WINDOW / manifest.chunk_size.max(1) as usize).max(1);
-        let windows = manifest.chunks.len().div_ceil(per_window);
-        let done = AtomicU64::new(0);
-        let workers = jobs::io_workers().min(windows.max(1));
         let out = Out { file, direct: direct.as_ref(), target, sparse };
-        let cache = RepeatCache::new(manifest, cache_budget);
+        let done = AtomicU64::new(0);
+        let mut stats = RestoreStats { size: manifest.size, ..RestoreStats::default() };
+        let count = manifest.chunk_count();
+        let per_window = (WINDOW / manifest.chunk_size.max(1) as usize).max(1) as u64;
+        // Whole windows per segment, so windows never straddle two.
+        let segment = (SEGMENT / per_window).max(1) * per_window;
+        let mut first = 0;
+        while first < count {
+            let end = count.min(first + segment);
+            let chunks = self.chunk_entries(manifest, first..end)?;
+            let seg = Segment { manifest, first, chunks: &chunks };
+            let (written, reused) = self.write_segment(seg, out, cache_budget, &done, progress)?;
+            stats.bytes_written += written;
+            stats.bytes_reused += reused;
+            first = end;
+        }
+        file.sync_all().ctx("fsync", target)?;
+        Ok(stats)
+    }
+
+    /// Writes one segment: cut into windows of WINDOW bytes; each worker takes the next
+    /// window, reads its chunks (neighbours in a pack with one read), decodes them into one
+    /// buffer and writes each run of data (or, on a block device, the whole window) with one
+    /// positional write. Holes in a regular file are skipped: they stay holes. Returns the data
+    /// bytes written and how many of them were copies.
+    fn write_segment(
+        &self,
+        seg: Segment<'_>,
+        out: Out<'_>,
+        cache_budget: usize,
+        done: &AtomicU64,
+        progress: &(dyn Fn(RestoreProgress) + Sync),
+    ) -> Result<(u64, u64)> {
+        let manifest = seg.manifest;
+        let per_window = (WINDOW / manifest.chunk_size.max(1) as usize).max(1);
+        let windows = seg.chunks.len().div_ceil(per_window);
+        let workers = jobs::io_workers().min(windows.max(1));
+        let cache = RepeatCache::new(seg.chunks, manifest.chunk_size, cache_budget);
         // The first chunk of the window each worker is restoring (usize::MAX: none).
         let in_progress: Vec<AtomicUsize> =
             (0..workers).map(|_| AtomicUsize::new(usize::MAX)).collect();
@@ -134,30 +167,79 @@ impl Repository {
                 window: AlignedBuf::new(per_window * manifest.chunk_size as usize),
                 read: Vec::new(),
                 opener: self.key.chunk_opener(),
-                dc: zstd::bulk::Decompressor::new().ctx("decompress", target)?,
+                dc: zstd::bulk::Decompressor::new().ctx("decompress", out.target)?,
                 written: 0,
                 reused: 0,
             })
         };
         let scratches = jobs::share_out(windows, workers, new_scratch, |worker, scratch, w| {
             let first = w * per_window;
-            let last = (first + per_window).min(manifest.chunks.len());
+            let last = (first + per_window).min(seg.chunks.len());
             in_progress[worker].store(first, Ordering::Relaxed);
-            self.restore_window(manifest, first..last, scratch, out, repeats)?;
+            self.restore_window(seg, first..last, scratch, out, repeats)?;
             in_progress[worker].store(usize::MAX, Ordering::Relaxed);
-            let (from, _) = manifest.extent(first);
-            let (end, end_len) = manifest.extent(last - 1);
+            let (from, _) = seg.extent(first);
+            let (end, end_len) = seg.extent(last - 1);
             let bytes = end + end_len as u64 - from;
             let done = done.fetch_add(bytes, Ordering::Relaxed) + bytes;
             progress(RestoreProgress { done, size: manifest.size });
             Ok(())
         })?;
-        file.sync_all().ctx("fsync", target)?;
-        Ok(RestoreStats {
-            size: manifest.size,
-            bytes_written: scratches.iter().map(|s| s.written).sum(),
-            bytes_reused: scratches.iter().map(|s| s.reused).sum(),
-        })
+        Ok((scratches.iter().map(|s| s.written).sum(), scratches.iter().map(|s| s.reused).sum()))
+    }
+
+    /// Allocates every run of data chunks of `manifest` in `file` (a fresh sparse file) before
+    /// the workers write, leaving the holes unallocated, reading the chunk list a page at a time.
+    /// Why: ext4 (and others) serialize direct writes that allocate blocks under the inode's
+    /// exclusive lock, one write at a time, while writes into allocated (unwritten) extents run
+    /// in parallel. A full filesystem is reported here, before gigabytes are written; a
+    /// filesystem that cannot preallocate is written as it is.
+    fn preallocate_data(
+        &self,
+        manifest: &VolumeManifest,
+        file: &File,
+        target: &Path,
+    ) -> Result<()> {
+        // The run of data chunks still open from the previous page: [start, end).
+        let mut open: Option<(u64, u64)> = None;
+        let mut supported = true;
+        let mut allocate = |from: u64, to: u64| -> Result<()> {
+            if !supported {
+                return Ok(());
+            }
+            let (start, _) = manifest.extent(to_usize(from));
+            let (last, last_len) = manifest.extent(to_usize(to - 1));
+            match stillpoint_sys::preallocate(file, start, last + last_len as u64 - start) {
+                Ok(()) => Ok(()),
+                Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => {
+                    Err(e).ctx("allocate space for the restored volume in", target)
+                }
+                Err(_) => {
+                    supported = false;
+                    Ok(())
+                }
+            }
+        };
+        self.for_each_page(manifest, |first, entries, _| {
+            for (k, e) in entries.iter().enumerate() {
+                let i = first + k as u64;
+                match (e, open) {
+                    (Some(_), Some((s, end))) if end == i => open = Some((s, i + 1)),
+                    (Some(_), _) => {
+                        if let Some((s, end)) = open.take() {
+                            allocate(s, end)?;
+                        }
+                        open = Some((i, i + 1));
+                    }
+                    (None, _) => {}
+                }
+            }
+            Ok(())
+        })?;
+        if let Some((s, end)) = open {
+            allocate(s, end)?;
+        }
+        Ok(())
     }
 
     /// Restores chunks `range` of `manifest` (one window) through a worker's scratch, adding
@@ -165,7 +247,7 @@ impl Repository {
     /// to its counts.
     fn restore_window(
         &self,
-        manifest: &VolumeManifest,
+        seg: Segment<'_>,
         range: Range<usize>,
         scratch: &mut Scratch<'_>,
         out: Out<'_>,
@@ -174,10 +256,10 @@ impl Repository {
         let Scratch { window, read, opener, dc, written, reused } = scratch;
         let buf = window.as_mut_slice();
         let sparse = out.sparse;
-        let base = manifest.extent(range.start).0;
+        let base = seg.extent(range.start).0;
         let mut data_chunks = Vec::with_capacity(range.len());
         for i in range.clone() {
-            match &manifest.chunks[i] {
+            match &seg.chunks[i] {
                 Some(id) => {
                     let loc = self.index.get(id).ok_or_else(|| Error::Damaged {
                         what: format!("chunk {id}"),
@@ -186,7 +268,7 @@ impl Repository {
                     data_chunks.push((i, *id, loc));
                 }
                 None if !sparse => {
-                    let (off, len) = manifest.extent(i);
+                    let (off, len) = seg.extent(i);
                     let at = usize::try_from(off - base).expect("inside the window");
                     buf[at..at + len].fill(0);
                 }
@@ -208,7 +290,7 @@ impl Repository {
         // Chunks an earlier window decoded and kept for this use are copied, not read.
         if let Some(cache) = repeats.cache {
             data_chunks.retain(|&(i, id, _)| {
-                let (off, len) = manifest.extent(i);
+                let (off, len) = seg.extent(i);
                 let to = usize::try_from(off - base).expect("inside the window");
                 let next = cache.next_use_from(i, range.end);
                 let hit = cache.take(&id, next, &mut buf[to..to + len]);
@@ -233,7 +315,7 @@ impl Repository {
             for &(i, id, loc) in &data_chunks[run] {
                 let at = usize::try_from(loc.offset - first.offset).expect("inside the run");
                 let blob = &mut bytes[at..at + loc.len as usize];
-                let (off, len) = manifest.extent(i);
+                let (off, len) = seg.extent(i);
                 let to = usize::try_from(off - base).expect("inside the window");
                 let n = self
                     .decode_chunk_into(opener, id, blob, &mut buf[to..to + len], dc)
@@ -260,8 +342,8 @@ impl Repository {
             }
         }
         for (to, from) in copies {
-            let (to_off, len) = manifest.extent(to);
-            let (from_off, from_len) = manifest.extent(from);
+            let (to_off, len) = seg.extent(to);
+            let (from_off, from_len) = seg.extent(from);
             if len != from_len {
                 return Err(Error::Damaged {
                     what: format!("manifest chunk {to}"),
@@ -275,10 +357,10 @@ impl Repository {
             *reused += len as u64;
         }
         // Write: the whole window on a device, each run of data chunks on a sparse file.
-        let writes = if sparse { data_runs(manifest, range) } else { vec![range] };
+        let writes = if sparse { data_runs(seg.chunks, range) } else { vec![range] };
         for run in writes {
-            let (from, _) = manifest.extent(run.start);
-            let (last_off, last_len) = manifest.extent(run.end - 1);
+            let (from, _) = seg.extent(run.start);
+            let (last_off, last_len) = seg.extent(run.end - 1);
             let a = usize::try_from(from - base).expect("inside the window");
             let b = usize::try_from(last_off - base).expect("inside the window") + last_len;
             out.write_at(&buf[a..b], from)?;
@@ -339,37 +421,37 @@ impl Out<'_> {
     }
 }
 
-/// Allocates every run of data chunks of `manifest` in `file` (a fresh sparse file) before the
-/// workers write, leaving the holes unallocated. Why: ext4 (and others) serialize direct writes
-/// that allocate blocks under the inode's exclusive lock, one write at a time, while writes
-/// into allocated (unwritten) extents run in parallel. A full filesystem is reported here,
-/// before gigabytes are written; a filesystem that cannot preallocate is written as it is.
-fn preallocate_data(manifest: &VolumeManifest, file: &File, target: &Path) -> Result<()> {
-    for run in data_runs(manifest, 0..manifest.chunks.len()) {
-        let (from, _) = manifest.extent(run.start);
-        let (last, last_len) = manifest.extent(run.end - 1);
-        match stillpoint_sys::preallocate(file, from, last + last_len as u64 - from) {
-            Ok(()) => {}
-            Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => {
-                return Err(e).ctx("allocate space for the restored volume in", target);
-            }
-            Err(_) => return Ok(()),
-        }
-    }
-    Ok(())
+/// Part of a volume being restored: chunks `first..first + chunks.len()` of `manifest`, with
+/// their entries; positions in a segment count from its first chunk.
+#[derive(Clone, Copy)]
+struct Segment<'a> {
+    manifest: &'a VolumeManifest,
+    first: u64,
+    chunks: &'a [Option<ChunkId>],
 }
 
-/// The runs of consecutive data chunks (not holes) among chunks `range` of `manifest`.
-fn data_runs(manifest: &VolumeManifest, range: Range<usize>) -> Vec<Range<usize>> {
+impl Segment<'_> {
+    /// Byte offset in the volume and length of the segment's chunk `i`.
+    fn extent(&self, i: usize) -> (u64, usize) {
+        self.manifest.extent(to_usize(self.first) + i)
+    }
+}
+
+fn to_usize(n: u64) -> usize {
+    usize::try_from(n).expect("a chunk number fits in memory")
+}
+
+/// The runs of consecutive data chunks (not holes) among `chunks[range]`.
+fn data_runs(chunks: &[Option<ChunkId>], range: Range<usize>) -> Vec<Range<usize>> {
     let mut runs = Vec::new();
     let mut i = range.start;
     while i < range.end {
-        if manifest.chunks[i].is_none() {
+        if chunks[i].is_none() {
             i += 1;
             continue;
         }
         let start = i;
-        while i < range.end && manifest.chunks[i].is_some() {
+        while i < range.end && chunks[i].is_some() {
             i += 1;
         }
         runs.push(start..i);

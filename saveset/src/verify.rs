@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::error::IoContext;
-use crate::index::Index;
+use crate::index::{IdSet, Index};
 use crate::jobs;
 use crate::manifest::{ChunkId, Manifest, ManifestId, PackId};
 use crate::repo::{runs, ChunkLoc, Repository};
@@ -173,6 +173,10 @@ impl Repository {
         todo.reverse(); // popped from the end: checked in the order given
         let mut checked: Vec<ManifestId> = Vec::with_capacity(todo.len());
         let mut seen = std::collections::BTreeSet::new();
+        // Chunk list pages already listed (backups of one volume share most of them), and the
+        // largest blob a list may reference (pages are larger than chunks).
+        let mut pages = IdSet::default();
+        let mut max_blob = self.chunk_size() as usize;
         while let Some(mid) = todo.pop() {
             if !seen.insert(mid) {
                 continue;
@@ -181,7 +185,15 @@ impl Repository {
             report.manifests += 1;
             match self.load_manifest(mid) {
                 Ok(Manifest::Volume(m)) => {
-                    let mut ids: Vec<ChunkId> = m.chunks.into_iter().flatten().collect();
+                    max_blob = max_blob.max(self.max_blob_len(&m));
+                    let mut ids: Vec<ChunkId> = Vec::new();
+                    // Pages that would not read: checked like chunks (not indexed, pack
+                    // missing) and, when their blob is there, reported as corrupt.
+                    let mut unread: Vec<(ChunkId, String)> = Vec::new();
+                    let mut bad = |blob, e: crate::Error| unread.push((blob, e.to_string()));
+                    self.for_each_reference(index, &m, &mut pages, |c| ids.push(c), &mut bad);
+                    ids.extend(unread.iter().map(|(c, _)| *c));
+                    unread.sort_unstable();
                     ids.sort_unstable();
                     ids.dedup();
                     ids.shrink_to_fit();
@@ -206,6 +218,20 @@ impl Repository {
                                     chunk,
                                     pack: self.pack_path(loc.pack),
                                     offset: loc.offset,
+                                },
+                            ));
+                            continue;
+                        }
+                        if let Ok(k) = unread.binary_search_by_key(&chunk, |(c, _)| *c) {
+                            missing.push(chunk);
+                            chunk_damage.push((
+                                chunk,
+                                Damage::ChunkCorrupt {
+                                    manifest: mid,
+                                    chunk,
+                                    pack: self.pack_path(loc.pack),
+                                    offset: loc.offset,
+                                    reason: unread[k].1.clone(),
                                 },
                             ));
                             continue;
@@ -257,7 +283,7 @@ impl Repository {
         let new_scratch = || -> crate::Result<VerifyScratch<'_>> {
             Ok(VerifyScratch {
                 dc: zstd::bulk::Decompressor::new().ctx("decompress", self.root.clone())?,
-                out: vec![0u8; self.chunk_size() as usize],
+                out: vec![0u8; max_blob],
                 opener: self.key.chunk_opener(),
                 read: Vec::new(),
                 corrupt: Vec::new(),
@@ -310,7 +336,16 @@ impl Repository {
         by_chunk.sort_unstable();
         for &mid in &checked {
             if let Ok(Manifest::Volume(m)) = self.load_manifest(mid) {
-                let mut ids: Vec<ChunkId> = m.chunks.into_iter().flatten().collect();
+                let mut ids: Vec<ChunkId> = Vec::new();
+                // A page that does not read was reported with its manifest; its users are
+                // named from what could be read.
+                self.for_each_reference(
+                    index,
+                    &m,
+                    &mut IdSet::default(),
+                    |c| ids.push(c),
+                    &mut |_, _| {},
+                );
                 ids.sort_unstable();
                 ids.dedup();
                 for chunk in ids {

@@ -8,6 +8,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
+mod pages;
 mod prune;
 mod s3;
 
@@ -162,7 +163,8 @@ fn holes_stay_holes_on_backup_and_restore() {
     let mut repo = Repository::init_with(&repo_dir, &secret(), opts()).unwrap();
     let b = repo.backup_volume(&src, meta("b1", "srv-a"), &mut |_| {}).unwrap();
     assert_eq!(b.stats.bytes_read, MIB + 4096, "holes are not read");
-    assert!(b.manifest.chunks.iter().filter(|c| c.is_some()).count() as u64 <= MIB / 4096);
+    let list = repo.chunk_list(&b.manifest).unwrap();
+    assert!(list.iter().filter(|c| c.is_some()).count() as u64 <= MIB / 4096);
     let out = tmp.path().join("out");
     repo.restore_volume(b.id, &out, false).unwrap();
     assert_eq!(b3(&out), b3(&src));
@@ -207,7 +209,9 @@ fn verify_read_data_names_a_flipped_byte() {
             assert_eq!(*manifest, b.id);
             assert_eq!(p, &pack);
             assert!(*offset <= pos as u64);
-            assert!(b.manifest.chunks.contains(&Some(*chunk)));
+            let list = repo.chunk_list(&b.manifest).unwrap_or_default();
+            let pages = repo.page_blobs(&b.manifest).unwrap_or_default();
+            assert!(list.contains(&Some(*chunk)) || pages.contains(chunk));
             let text = report.damage[0].to_string();
             assert!(
                 text.contains(&pack.display().to_string()) && text.contains(&chunk.to_string())
@@ -277,7 +281,8 @@ fn verify_of_one_backup_checks_only_what_it_references() {
     assert!(total <= before.iter().map(|p| fs::metadata(p).unwrap().len()).sum::<u64>());
     assert_eq!(mine.manifests, 1);
     let distinct = |m: &VolumeManifest| {
-        let mut ids: Vec<_> = m.chunks.iter().flatten().collect();
+        let mut ids: Vec<_> = repo.chunk_list(m).unwrap().into_iter().flatten().collect();
+        ids.extend(repo.page_blobs(m).unwrap());
         ids.sort();
         ids.dedup();
         ids.len()
@@ -596,7 +601,7 @@ fn concurrent_copies_of_similar_disks_through_one_pool_store_each_chunk_once() {
     let repo = Repository::open(&repo_dir, &secret()).unwrap();
     let mut distinct = std::collections::HashSet::new();
     for backup in &backups {
-        distinct.extend(backup.manifest.chunks.iter().flatten().copied());
+        distinct.extend(repo.chunk_list(&backup.manifest).unwrap().into_iter().flatten());
     }
     let new: u64 = backups.iter().map(|b| b.stats.new_chunks).sum();
     assert_eq!(

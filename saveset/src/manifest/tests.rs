@@ -7,7 +7,7 @@ fn volume(size: u64, chunks: Vec<Option<ChunkId>>) -> Manifest {
         meta: VolumeMeta { backup: "b1".into(), server: "srv-a".into(), volume: "data".into() },
         size,
         chunk_size: 4096,
-        chunks,
+        chunks: ChunkList::Flat(chunks),
         created_unix_ms: 1_700_000_000_000,
     })
 }
@@ -133,4 +133,37 @@ fn a_cut_or_padded_chunk_list_is_damage() {
 
     let err = decode_manifest(b"not zstd").expect_err("refused");
     assert!(err.contains("zstd frame"), "{err}");
+}
+
+#[test]
+fn a_paged_volume_manifest_round_trips_and_lists_only_its_pages() {
+    // 10 000 chunks in pages of 4096: three pages, the middle one all holes.
+    let pages = vec![Some(id(1)), None, Some(id(3))];
+    let m = Manifest::Volume(VolumeManifest {
+        meta: VolumeMeta { backup: "b1".into(), server: "srv-a".into(), volume: "data".into() },
+        size: 10_000 * 4096,
+        chunk_size: 4096,
+        chunks: ChunkList::Paged { page_chunks: 4096, pages },
+        created_unix_ms: 1_700_000_000_000,
+    });
+    let plain = encode_manifest(&m, Vec::new());
+    assert_eq!(decode_manifest(&plain).expect("decodes"), m);
+    let (_, list) = split_header(&plain).expect("two frames");
+    let list = zstd::stream::decode_all(list).expect("list frame");
+    assert_eq!(list.len(), 1 + 2 * 32);
+    assert!(matches!(decode_summary(&plain), Ok(ManifestSummary::Volume(_))));
+}
+
+#[test]
+fn a_paged_manifest_whose_page_count_disagrees_is_damage() {
+    let m = Manifest::Volume(VolumeManifest {
+        meta: VolumeMeta { backup: "b1".into(), server: "srv-a".into(), volume: "data".into() },
+        size: 10_000 * 4096,
+        chunk_size: 4096,
+        chunks: ChunkList::Paged { page_chunks: 4096, pages: vec![Some(id(1)), None] },
+        created_unix_ms: 1_700_000_000_000,
+    });
+    let plain = encode_manifest(&m, Vec::new());
+    let err = decode_manifest(&plain).unwrap_err();
+    assert!(err.contains("lists 2 pages where 10000 chunks in pages of 4096 make 3"), "{err}");
 }

@@ -179,6 +179,9 @@ impl Repository {
         };
         let now = now_ms();
         let grace = ms(opts.grace);
+        // The index chunk list pages are read through, loaded afresh: a location this handle
+        // loaded earlier may be in a pack a prune has deleted since.
+        self.reload_index()?;
         // 1. Scan: records, packs (before index files: a pack listed without index is an
         // orphan candidate only), index files, manifests.
         let mut records = read_records(self)?;
@@ -201,7 +204,8 @@ impl Repository {
         ));
         let mut seen_manifests: IdSet<ManifestId> = IdSet::default();
         let mut referenced = Vec::new();
-        self.read_referenced(&self.list_manifests()?, &mut seen_manifests, &mut referenced)?;
+        let manifests = self.list_manifests()?;
+        self.read_referenced(&manifests, &mut seen_manifests, &mut referenced)?;
         run.report.manifests = seen_manifests.len();
         run.report.referenced_chunks = referenced.len();
         // Every index entry, by pack number; packs whose index does not decrypt are left alone.
@@ -314,7 +318,8 @@ impl Repository {
             ripe.iter().flat_map(|(_, r)| r.packs.iter().copied()).collect();
         let mut doomed: Vec<bool> = numbers.iter().map(|id| doomed_ids.contains(id)).collect();
         if doomed.iter().any(|&d| d) {
-            self.read_referenced(&self.list_manifests()?, &mut seen_manifests, &mut referenced)?;
+            let manifests = self.list_manifests()?;
+            self.read_referenced(&manifests, &mut seen_manifests, &mut referenced)?;
             for n in plan::rescue(&entries, &referenced, &doomed) {
                 doomed[n as usize] = false;
                 run.report.packs_rescued += 1;
@@ -354,23 +359,58 @@ impl Repository {
         Ok(run.report)
     }
 
+    /// Adds what manifest `id` references to `referenced` (unsorted), the pages not in `pages`.
+    /// `Some(page)`: a page the index does not know (refresh the index and retry).
+    fn list_references(
+        &self,
+        id: ManifestId,
+        pages: &mut IdSet<ChunkId>,
+        referenced: &mut Vec<ChunkId>,
+    ) -> Result<Option<ChunkId>> {
+        let Manifest::Volume(m) = self.load_manifest(id)? else { return Ok(None) };
+        let mut failed = None;
+        let mut unknown = None;
+        let mut bad = |blob, e| {
+            if self.index.get(&blob).is_none() {
+                unknown.get_or_insert(blob);
+            } else {
+                failed.get_or_insert(e);
+            }
+        };
+        self.for_each_reference(&self.index, &m, pages, |c| referenced.push(c), &mut bad);
+        failed.map_or(Ok(unknown), Err)
+    }
+
     /// Adds the chunks of the volume manifests in `ids` not in `seen` to `referenced` (kept
     /// sorted and distinct). A manifest that cannot be read stops the prune: what it references
     /// is unknown, so nothing could be deleted safely.
     fn read_referenced(
-        &self,
+        &mut self,
         ids: &[ManifestId],
         seen: &mut IdSet<ManifestId>,
         referenced: &mut Vec<ChunkId>,
     ) -> Result<()> {
         let before = referenced.len();
+        let mut pages = IdSet::default();
         for &id in ids {
             if !seen.insert(id) {
                 continue;
             }
-            match self.load_manifest(id) {
-                Ok(Manifest::Volume(m)) => referenced.extend(m.chunks.into_iter().flatten()),
-                Ok(Manifest::Backup(_)) => {}
+            let mut listed = self.list_references(id, &mut pages, referenced);
+            if let Ok(Some(_)) = listed {
+                // Its pages are in packs written since this prune read the index files.
+                self.refresh_index()?;
+                listed = self.list_references(id, &mut pages, referenced);
+            }
+            let listed = listed.and_then(|unknown| match unknown {
+                None => Ok(()),
+                Some(blob) => Err(Error::Damaged {
+                    what: format!("chunk list page {blob}"),
+                    reason: "not in any index".into(),
+                }),
+            });
+            match listed {
+                Ok(()) => {}
                 // Forgotten meanwhile: it references nothing any more.
                 Err(Error::UnknownManifest { .. }) => {}
                 Err(e) => {

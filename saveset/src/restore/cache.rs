@@ -14,7 +14,7 @@ use std::collections::BTreeSet;
 use std::sync::Mutex;
 
 use crate::index::IdMap;
-use crate::manifest::{ChunkId, VolumeManifest};
+use crate::manifest::ChunkId;
 
 /// No later use.
 const NEVER: u32 = u32::MAX;
@@ -44,12 +44,13 @@ struct Entry {
 }
 
 impl RepeatCache {
-    /// A cache of at most `budget` bytes for restoring `manifest`, or `None` when no chunk
-    /// repeats (nothing to keep) or the volume is too large to number its chunks in 32 bits.
-    pub(super) fn new(manifest: &VolumeManifest, budget: usize) -> Option<Self> {
-        let chunk_size = manifest.chunk_size as usize;
+    /// A cache of at most `budget` bytes for restoring `chunks` (a segment of a volume in
+    /// chunks of `chunk_size`), or `None` when no chunk repeats (nothing to keep) or the
+    /// segment is too large to number its chunks in 32 bits.
+    pub(super) fn new(chunks: &[Option<ChunkId>], chunk_size: u32, budget: usize) -> Option<Self> {
+        let chunk_size = chunk_size as usize;
         let capacity = budget / chunk_size.max(1);
-        let n = u32::try_from(manifest.chunks.len()).ok().filter(|&n| n < NEVER)?;
+        let n = u32::try_from(chunks.len()).ok().filter(|&n| n < NEVER)?;
         if capacity == 0 {
             return None;
         }
@@ -58,8 +59,7 @@ impl RepeatCache {
         // from id to position took five times that. Ids are uniform, so a shortened id rarely
         // collides, and a collision only costs a miss: entries are looked up by whole id.
         let position_bits = u32::BITS - (n - 1).max(1).leading_zeros();
-        let mut keyed: Vec<u64> = manifest
-            .chunks
+        let mut keyed: Vec<u64> = chunks
             .iter()
             .enumerate()
             .filter_map(|(i, c)| {
@@ -161,16 +161,9 @@ impl RepeatCache {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::manifest::VolumeMeta;
 
-    fn manifest(chunks: Vec<Option<u8>>) -> VolumeManifest {
-        VolumeManifest {
-            meta: VolumeMeta { backup: "b".into(), server: "s".into(), volume: "v".into() },
-            size: chunks.len() as u64 * 4,
-            chunk_size: 4,
-            chunks: chunks.into_iter().map(|c| c.map(|b| ChunkId([b; 32]))).collect(),
-            created_unix_ms: 0,
-        }
+    fn manifest(chunks: Vec<Option<u8>>) -> Vec<Option<ChunkId>> {
+        chunks.into_iter().map(|c| c.map(|b| ChunkId([b; 32]))).collect()
     }
 
     fn id(b: u8) -> ChunkId {
@@ -180,19 +173,19 @@ mod tests {
     #[test]
     fn next_uses_skip_the_current_window_and_holes() {
         let m = manifest(vec![Some(1), Some(2), Some(1), None, Some(1), Some(3)]);
-        let c = RepeatCache::new(&m, 16).expect("chunk 1 repeats");
+        let c = RepeatCache::new(&m, 4, 16).expect("chunk 1 repeats");
         assert_eq!(c.next_use_from(0, 1), Some(2));
         assert_eq!(c.next_use_from(0, 3), Some(4));
         assert_eq!(c.next_use_from(0, 5), None);
         assert_eq!(c.next_use_from(1, 2), None);
-        assert!(RepeatCache::new(&manifest(vec![Some(1), None, Some(2)]), 16).is_none());
+        assert!(RepeatCache::new(&manifest(vec![Some(1), None, Some(2)]), 4, 16).is_none());
     }
 
     #[test]
     fn a_full_cache_keeps_the_chunks_needed_soonest_and_drops_stale_ones() {
         // Chunk 0 repeats, so there is a cache; 8 bytes hold two chunks of 4.
         let m = manifest((0..100).map(|i| Some(i as u8 % 99)).collect());
-        let c = RepeatCache::new(&m, 8).expect("chunk 0 repeats");
+        let c = RepeatCache::new(&m, 4, 8).expect("chunk 0 repeats");
         c.offer(&id(1), 50, 0, b"aaaa");
         c.offer(&id(2), 20, 0, b"bbbb");
         // Full: 3 is needed at 30, sooner than 1 (50), so 1 goes.

@@ -1,0 +1,358 @@
+//! Reading and writing volume chunk lists in pages (`pages.rs` is the encoding): the page blobs
+//! are stored in packs like chunks, so reading a page is an index lookup, a ranged read and a
+//! chunk decode. Readers take the list a page at a time, so their memory follows the page, not
+//! the volume.
+
+use std::ops::Range;
+
+use crate::error::{Error, Result};
+use crate::index::{IdSet, Index};
+use crate::manifest::{ChunkId, ChunkList, VolumeManifest};
+use crate::pages::{self, Page};
+use crate::repo::Repository;
+
+/// One page's entries and the blobs they were read from (the page, and its base for a delta).
+pub(crate) struct PageEntries {
+    pub entries: Vec<Option<ChunkId>>,
+    pub blobs: Vec<ChunkId>,
+}
+
+impl Repository {
+    /// Reads and decodes the page blob `id` of `count` entries.
+    pub(crate) fn load_page(&self, id: ChunkId, count: usize) -> Result<Page> {
+        self.load_page_in(&self.index, id, count)
+    }
+
+    /// [`Repository::load_page`], locating the blob through `index`.
+    fn load_page_in(&self, index: &Index, id: ChunkId, count: usize) -> Result<Page> {
+        let damaged =
+            |reason: String| Error::Damaged { what: format!("chunk list page {id}"), reason };
+        let loc = index.get(&id).ok_or_else(|| damaged("not in any index".into()))?;
+        let mut read = Vec::new();
+        let at =
+            self.read_pack_into(loc.pack, loc.offset..loc.offset + u64::from(loc.len), &mut read)?;
+        let mut out = vec![0u8; pages::max_page_len(count_u32(count))];
+        let mut dc = zstd::bulk::Decompressor::new().map_err(|e| damaged(e.to_string()))?;
+        let mut opener = self.key.chunk_opener();
+        let n = self.decode_chunk_into(&mut opener, id, &mut read[at], &mut out, &mut dc).map_err(
+            |r| {
+                damaged(format!(
+                    "in pack {} at offset {}: {r}",
+                    self.pack_path(loc.pack).display(),
+                    loc.offset
+                ))
+            },
+        )?;
+        pages::decode(&out[..n], count).map_err(damaged)
+    }
+
+    /// The entries of page `p` of a paged list (`page_chunks` per page, `count` chunks in all),
+    /// a delta resolved against its base.
+    pub(crate) fn page_entries(
+        &self,
+        page_chunks: u32,
+        pages: &[Option<ChunkId>],
+        count: u64,
+        p: usize,
+    ) -> Result<PageEntries> {
+        self.page_entries_or_blob(&self.index, page_chunks, pages, count, p).map_err(|(_, e)| e)
+    }
+
+    /// [`Repository::page_entries`], a failure naming the blob that would not read (the page,
+    /// or its base).
+    fn page_entries_or_blob(
+        &self,
+        index: &Index,
+        page_chunks: u32,
+        pages: &[Option<ChunkId>],
+        count: u64,
+        p: usize,
+    ) -> std::result::Result<PageEntries, (ChunkId, Error)> {
+        let len = page_len(page_chunks, count, p);
+        let Some(id) = pages[p] else {
+            return Ok(PageEntries { entries: vec![None; len], blobs: Vec::new() });
+        };
+        match self.load_page_in(index, id, len).map_err(|e| (id, e))? {
+            Page::Full(entries) => Ok(PageEntries { entries, blobs: vec![id] }),
+            Page::Delta { base, count, changes } => {
+                let Page::Full(base_entries) =
+                    self.load_page_in(index, base, len).map_err(|e| (base, e))?
+                else {
+                    return Err((
+                        id,
+                        Error::Damaged {
+                            what: format!("chunk list page {id}"),
+                            reason: format!("its base {base} is itself a delta"),
+                        },
+                    ));
+                };
+                let entries = pages::apply(&base_entries, count, &changes).map_err(|reason| {
+                    (id, Error::Damaged { what: format!("chunk list page {id}"), reason })
+                })?;
+                Ok(PageEntries { entries, blobs: vec![id, base] })
+            }
+        }
+    }
+
+    /// The entries of chunks `range` of `manifest`, reading only the pages that cover them.
+    pub(crate) fn chunk_entries(
+        &self,
+        manifest: &VolumeManifest,
+        range: Range<u64>,
+    ) -> Result<Vec<Option<ChunkId>>> {
+        let count = manifest.chunk_count();
+        let range = range.start.min(count)..range.end.min(count);
+        match &manifest.chunks {
+            ChunkList::Flat(chunks) => {
+                let at = |i: u64| usize::try_from(i).expect("a flat list is in memory");
+                Ok(chunks[at(range.start)..at(range.end)].to_vec())
+            }
+            ChunkList::Paged { page_chunks, pages } => {
+                let per = u64::from(*page_chunks);
+                let mut out =
+                    Vec::with_capacity(usize::try_from(range.end - range.start).unwrap_or(0));
+                let mut p = range.start / per;
+                while p * per < range.end {
+                    let page = self.page_entries(*page_chunks, pages, count, to_usize(p))?;
+                    let first = p * per;
+                    let from = range.start.max(first) - first;
+                    let to = range.end.min(first + per) - first;
+                    out.extend_from_slice(&page.entries[to_usize(from)..to_usize(to)]);
+                    p += 1;
+                }
+                Ok(out)
+            }
+        }
+    }
+
+    /// Calls `f` with each page of `manifest` in order: the index of its first chunk, its
+    /// entries, and the page blobs read for it (none for a flat list, which is cut into pieces
+    /// of the minimum page size).
+    pub(crate) fn for_each_page(
+        &self,
+        manifest: &VolumeManifest,
+        mut f: impl FnMut(u64, &[Option<ChunkId>], &[ChunkId]) -> Result<()>,
+    ) -> Result<()> {
+        match &manifest.chunks {
+            ChunkList::Flat(chunks) => {
+                for (k, piece) in chunks.chunks(pages::MIN_PAGE_CHUNKS as usize).enumerate() {
+                    f(k as u64 * u64::from(pages::MIN_PAGE_CHUNKS), piece, &[])?;
+                }
+                Ok(())
+            }
+            ChunkList::Paged { page_chunks, pages } => {
+                let count = manifest.chunk_count();
+                for p in 0..pages.len() {
+                    let page = self.page_entries(*page_chunks, pages, count, p)?;
+                    f(p as u64 * u64::from(*page_chunks), &page.entries, &page.blobs)?;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Every blob `manifest` references: the page blobs and each page's data chunks, skipping
+    /// pages whose id is in `seen` (already done for another manifest: backups of one volume
+    /// share most of their pages) and adding the others to it. What prune keeps and verify
+    /// checks. `f` may see an id more than once. A page that does not read goes to `bad` with
+    /// the blob that failed (the page or its base), and the walk goes on. Blobs are located
+    /// through `index` (verify's may be fresher than the one loaded at open).
+    pub(crate) fn for_each_reference(
+        &self,
+        index: &Index,
+        manifest: &VolumeManifest,
+        seen: &mut IdSet<ChunkId>,
+        mut f: impl FnMut(ChunkId),
+        bad: &mut dyn FnMut(ChunkId, Error),
+    ) {
+        match &manifest.chunks {
+            ChunkList::Flat(chunks) => chunks.iter().flatten().copied().for_each(f),
+            ChunkList::Paged { page_chunks, pages } => {
+                let count = manifest.chunk_count();
+                for (p, id) in pages.iter().enumerate() {
+                    let Some(id) = id else { continue };
+                    if !seen.insert(*id) {
+                        continue;
+                    }
+                    match self.page_entries_or_blob(index, *page_chunks, pages, count, p) {
+                        Ok(page) => {
+                            page.blobs.iter().copied().for_each(&mut f);
+                            page.entries.iter().flatten().copied().for_each(&mut f);
+                        }
+                        Err((blob, e)) => {
+                            // Not done: a retry (after the index is refreshed) reads it again.
+                            seen.remove(id);
+                            bad(blob, e);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// The whole chunk list of `manifest`, one entry per chunk (`None`: a hole), all in memory
+    /// (33 bytes per chunk): for tools and tests. Restore, verify and prune read it a page at a
+    /// time.
+    pub fn chunk_list(&self, manifest: &VolumeManifest) -> Result<Vec<Option<ChunkId>>> {
+        self.chunk_entries(manifest, 0..manifest.chunk_count())
+    }
+
+    /// The chunk list page blobs `manifest` references (each page, and a delta's base), in
+    /// page order; none for a format 1 or 2 manifest.
+    pub fn page_blobs(&self, manifest: &VolumeManifest) -> Result<Vec<ChunkId>> {
+        let mut blobs = Vec::new();
+        self.for_each_page(manifest, |_, _, b| {
+            blobs.extend_from_slice(b);
+            Ok(())
+        })?;
+        Ok(blobs)
+    }
+
+    /// The largest blob a manifest's list may hold: its pages, or a chunk.
+    pub(crate) fn max_blob_len(&self, manifest: &VolumeManifest) -> usize {
+        let chunk = manifest.chunk_size as usize;
+        match &manifest.chunks {
+            ChunkList::Flat(_) => chunk,
+            ChunkList::Paged { page_chunks, .. } => chunk.max(pages::max_page_len(*page_chunks)),
+        }
+    }
+}
+
+/// How many entries page `p` holds (the last one may be short).
+pub(crate) fn page_len(page_chunks: u32, count: u64, p: usize) -> usize {
+    let first = p as u64 * u64::from(page_chunks);
+    to_usize(count.saturating_sub(first).min(u64::from(page_chunks)))
+}
+
+fn to_usize(n: u64) -> usize {
+    usize::try_from(n).expect("a page index fits in memory")
+}
+
+fn count_u32(n: usize) -> u32 {
+    u32::try_from(n).expect("a page holds fewer than 4 G entries")
+}
+
+/// Builds a backup's chunk list page by page as the reader walks the volume: each finished page
+/// is compared with the parent backup's page at the same place and becomes the parent's page id
+/// (unchanged: nothing stored), a delta against the parent's full base page (few changes), or a
+/// new full page; new page blobs go into the backup's packs through `store`.
+pub(crate) struct PageBuilder<'p> {
+    page_chunks: u32,
+    count: u64,
+    /// The parent's page list, when it has the same size, chunk size and page size.
+    parent: Option<&'p [Option<ChunkId>]>,
+    current: Vec<Option<ChunkId>>,
+    pages: Vec<Option<ChunkId>>,
+    sent: IdSet<ChunkId>,
+    plain: Vec<u8>,
+    /// Plaintext bytes of the page blobs this backup stores.
+    pub stored_bytes: u64,
+}
+
+impl<'p> PageBuilder<'p> {
+    /// A builder for a volume of `count` chunks; `parent` is the parent backup's manifest.
+    pub(crate) fn new(count: u64, parent: Option<&'p VolumeManifest>) -> Self {
+        let page_chunks = pages::page_chunks_for(count);
+        let parent = parent.and_then(|m| match &m.chunks {
+            ChunkList::Paged { page_chunks: pc, pages }
+                if *pc == page_chunks && m.chunk_count() == count =>
+            {
+                Some(pages.as_slice())
+            }
+            _ => None,
+        });
+        PageBuilder {
+            page_chunks,
+            count,
+            parent,
+            current: Vec::with_capacity(page_len(page_chunks, count, 0)),
+            pages: Vec::with_capacity(to_usize(count.div_ceil(u64::from(page_chunks)))),
+            sent: IdSet::default(),
+            plain: Vec::new(),
+            stored_bytes: 0,
+        }
+    }
+
+    /// Adds the next chunk's entry; a page that fills up is finished (`store` gets its blob if
+    /// it is new: `false` from `store` means the pipeline stopped, and so does the builder).
+    pub(crate) fn push(
+        &mut self,
+        repo: &Repository,
+        entry: Option<ChunkId>,
+        store: &mut dyn FnMut(ChunkId, &[u8]) -> bool,
+    ) -> Result<bool> {
+        self.current.push(entry);
+        if self.current.len() < page_len(self.page_chunks, self.count, self.pages.len()) {
+            return Ok(true);
+        }
+        self.finish_page(repo, store)
+    }
+
+    fn finish_page(
+        &mut self,
+        repo: &Repository,
+        store: &mut dyn FnMut(ChunkId, &[u8]) -> bool,
+    ) -> Result<bool> {
+        let p = self.pages.len();
+        let entries = std::mem::take(&mut self.current);
+        self.current = Vec::with_capacity(page_len(self.page_chunks, self.count, p + 1));
+        if entries.iter().all(Option::is_none) {
+            self.pages.push(None);
+            return Ok(true);
+        }
+        // The parent's page here, and the full page it is (or is a delta of): reused as it is
+        // when nothing changed, the base of a delta when little did. Only blobs new backups may
+        // dedup against (not marked by a prune) are referenced again.
+        let mut base = None;
+        if let Some(Some(parent_id)) = self.parent.and_then(|pages| pages.get(p).copied()) {
+            if repo.index.contains_key(&parent_id) {
+                let parent = repo.page_entries(
+                    self.page_chunks,
+                    self.parent.unwrap_or_default(),
+                    self.count,
+                    p,
+                )?;
+                if parent.entries == entries {
+                    self.pages.push(Some(parent_id));
+                    return Ok(true);
+                }
+                let base_id = *parent.blobs.last().expect("a stored page has a blob");
+                if repo.index.contains_key(&base_id) {
+                    let base_entries = if parent.blobs.len() == 1 {
+                        parent.entries
+                    } else {
+                        match repo.load_page(base_id, entries.len())? {
+                            Page::Full(e) => e,
+                            Page::Delta { .. } => {
+                                return Err(Error::Damaged {
+                                    what: format!("chunk list page {base_id}"),
+                                    reason: "a delta's base is itself a delta".into(),
+                                })
+                            }
+                        }
+                    };
+                    base = Some((base_id, base_entries));
+                }
+            }
+        }
+        let limit = entries.len() / pages::DELTA_SHARE;
+        match base.and_then(|(id, b)| Some((id, pages::diff(&b, &entries, limit)?))) {
+            Some((base_id, changes)) => {
+                pages::encode_delta(entries.len(), &base_id, &changes, &mut self.plain)
+            }
+            None => pages::encode_full(&entries, &mut self.plain),
+        }
+        let id = ChunkId(repo.key.chunk_id(&self.plain));
+        self.pages.push(Some(id));
+        if !repo.index.contains_key(&id) && self.sent.insert(id) {
+            self.stored_bytes += self.plain.len() as u64;
+            return Ok(store(id, &self.plain));
+        }
+        Ok(true)
+    }
+
+    /// The chunk list, once every chunk was pushed.
+    pub(crate) fn finish(self) -> ChunkList {
+        ChunkList::Paged { page_chunks: self.page_chunks, pages: self.pages }
+    }
+}
