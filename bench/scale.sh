@@ -214,7 +214,8 @@ run_stillpoint() {
   declare -A man=()
   if [ "$tool" = stillpoint-cbt ]; then
     if ! "$BIN" repo backup --help 2>&1 | grep -q -- '--base-dir'; then
-      echo "stillpoint-cbt: skipped: $BIN has no 'repo backup --base-dir' (change tracking, branch cbt, is not in this build)" | tee -a "$SKIPPED" >&2
+      local why="stillpoint-cbt: skipped at every size: $BIN has no 'repo backup --base-dir' (change tracking, branch cbt, is not in this build)"
+      grep -qxF "$why" "$SKIPPED" || echo "$why" | tee -a "$SKIPPED" >&2
       return
     fi
     # The base must be on the snapshots' filesystem: it is a reflink clone of the last snapshot.
@@ -331,7 +332,7 @@ run_borg() {
 # ---- the run -------------------------------------------------------------------------------------
 {
   echo "scale benchmark, started $(date -u +%Y-%m-%dT%H:%MZ), sizes: ${RUNNABLE[*]}, tools: $TOOLS, $(nproc) cores"
-  echo "backupctl: $BIN ($(cd "$ROOT" && git rev-parse --short HEAD 2>/dev/null || echo '?'))"
+  echo "backupctl: $BIN ($("$BIN" --version 2>/dev/null || echo 'not used')); scripts: $(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo '?')"
   echo "$(restic version | head -1); $(borg --version); $(zstd --version | head -1); $(btrfs --version); $(uname -r)"
 } | tee -a "$LOG" >&2
 for LABEL in "${RUNNABLE[@]}"; do
