@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The scale benchmark (issue 12, "Benchmark (not a test)"): at several sizes, in one run, the full
 # backup, the incrementals (1% scattered, 5% in clusters of 16 blocks), the backup of an unchanged
-# volume, the restore, the verify reading all data and the prune of stillpoint (without and with
+# volume, the prune, the verify reading all data and the restore of stillpoint (without and with
 # change tracking), restic and borg, and btrfs send | zstd for the backups; time, peak RSS, bytes
 # and metadata bytes added; how each grows with the size; the issue's targets. Not run by CI.
 # Usage, disk needs and what each figure means: bench/README.md.
@@ -50,7 +50,7 @@ fits() {
   return 1
 }
 
-echo "== disk check (loop file 1.25x + 1 GiB, one repository 1.1x, one restore 1x, 1 GiB slack; RESERVE=$RESERVE)" >&2
+echo "== disk check (btrfs loop file 1.1x + 1 GiB, one repository 1.6x (or a pruned one 0.6x and a restore 1x), 1 GiB slack; RESERVE=$RESERVE kept free)" >&2
 RUNNABLE=()
 REFUSED_MSGS=()
 for S in $SIZES; do
@@ -233,20 +233,22 @@ run_stillpoint() {
     man[$step]=$(python3 "$HELPER" json-field "$RUN/$tool-$step.json" manifest)
     row "$tool" "$step" $(($(stored "$repo") - before)) $(($(sp_meta "$repo") - mbefore)) "$(sp_note "$RUN/$tool-$step.json")"
   done
-  # `repo backup` alone writes no backup manifest (the listener does, with the cut): restore and
-  # verify are told to go ahead with the volume manifest alone.
+  # Forget the full and the 1% incremental (their volume manifests deleted, as forget does) and
+  # prune; then verify and restore what is left, so the restore also shows the prune kept what S3
+  # needs, and the disk holds the pruned repository beside the restore, not the whole one.
+  # `repo backup` alone writes no backup manifest (the listener does, with the cut): verify and
+  # restore are told to go ahead with the volume manifest alone.
+  before=$(stored "$repo"); mbefore=$(sp_meta "$repo")
+  measure "$tool" prune "rm -f '$repo/manifests/${man[full]}' '$repo/manifests/${man[incr1]}' && '$BIN' repo prune --grace 0 --json"
+  row "$tool" prune $(($(stored "$repo") - before)) $(($(sp_meta "$repo") - mbefore)) "forget full, incr1; prune --grace 0"
+  cold
+  measure "$tool" verify "'$BIN' verify unchanged --incomplete --read-data"
+  row "$tool" verify - - "the chunks of S3 (what its restore reads)"
   mkdir -p "$OUTD"
   cold
   measure "$tool" restore "'$BIN' restore unchanged --incomplete --server bench --to '$OUTD/disk.img' && sync"
   row "$tool" restore - - "$(same "$OUTD/disk.img" "$(snapimg 3)")"
   rm -rf "$OUTD"
-  cold
-  measure "$tool" verify "'$BIN' verify unchanged --incomplete --read-data"
-  row "$tool" verify - - "the chunks of S3 (what its restore reads)"
-  # Forget the full and the 1% incremental (their volume manifests deleted, as forget does).
-  before=$(stored "$repo"); mbefore=$(sp_meta "$repo")
-  measure "$tool" prune "rm -f '$repo/manifests/${man[full]}' '$repo/manifests/${man[incr1]}' && '$BIN' repo prune --grace 0 --json"
-  row "$tool" prune $(($(stored "$repo") - before)) $(($(sp_meta "$repo") - mbefore)) "forget full, incr1; prune --grace 0"
   rm -rf "$repo" "$RUN/cache/$tool" "$MNT/bases-$LABEL"
   unset STILLPOINT_REPO STILLPOINT_REPO_PASSPHRASE_FILE STILLPOINT_CACHE_DIR
 }
@@ -270,18 +272,18 @@ run_restic() {
     umount "$SRC"
     row restic "$step" $(($(stored "$repo") - before)) $(($(restic_meta "$repo") - mbefore)) "index/ + snapshots/ + tree blobs"
   done
+  ids=$(restic -r "$repo" snapshots --json | python3 -c 'import json, sys; print(" ".join(s["id"] for s in json.load(sys.stdin) if set(s.get("tags") or []) & {"full", "incr1"}))')
+  before=$(stored "$repo"); mbefore=$(restic_meta "$repo")
+  measure restic prune "restic -r '$repo' forget $ids && restic -r '$repo' prune"
+  row restic prune $(($(stored "$repo") - before)) $(($(restic_meta "$repo") - mbefore)) "forget full, incr1; prune"
+  cold
+  measure restic verify "restic -r '$repo' check --read-data"
+  row restic verify - - "check --read-data: the whole (pruned) repository"
   mkdir -p "$OUTD"
   cold
   measure restic restore "restic -r '$repo' restore latest --target '$OUTD' && sync"
   row restic restore - - "$(same "$OUTD$SRC/disk.img" "$(snapimg 3)")"
   rm -rf "$OUTD"
-  cold
-  measure restic verify "restic -r '$repo' check --read-data"
-  row restic verify - - "check --read-data: the whole repository"
-  ids=$(restic -r "$repo" snapshots --json | python3 -c 'import json, sys; print(" ".join(s["id"] for s in json.load(sys.stdin) if set(s.get("tags") or []) & {"full", "incr1"}))')
-  before=$(stored "$repo"); mbefore=$(restic_meta "$repo")
-  measure restic prune "restic -r '$repo' forget $ids && restic -r '$repo' prune"
-  row restic prune $(($(stored "$repo") - before)) $(($(restic_meta "$repo") - mbefore)) "forget full, incr1; prune"
   rm -rf "$repo" "$RESTIC_CACHE_DIR"
   unset RESTIC_PASSWORD RESTIC_CACHE_DIR
 }
@@ -314,17 +316,17 @@ run_borg() {
     umount "$SRC"
     row borg "$step" $(($(stored "$repo") - before)) $(($(borg_meta "$repo") - mbefore + $(borg_items "$repo" "$step"))) "new item-stream chunks (plaintext) + repository index"
   done
+  before=$(stored "$repo"); mbefore=$(borg_meta "$repo")
+  measure borg prune "borg delete '$repo' full incr1 && borg compact '$repo'"
+  row borg prune $(($(stored "$repo") - before)) $(($(borg_meta "$repo") - mbefore)) "delete full, incr1; compact"
+  cold
+  measure borg verify "borg check --verify-data '$repo'"
+  row borg verify - - "check --verify-data: the whole (pruned) repository"
   mkdir -p "$OUTD"
   cold
   measure borg restore "cd '$OUTD' && borg extract --sparse '$repo::unchanged' && sync"
   row borg restore - - "$(same "$OUTD/disk.img" "$(snapimg 3)")"
   rm -rf "$OUTD"
-  cold
-  measure borg verify "borg check --verify-data '$repo'"
-  row borg verify - - "check --verify-data: the whole repository"
-  before=$(stored "$repo"); mbefore=$(borg_meta "$repo")
-  measure borg prune "borg delete '$repo' full incr1 && borg compact '$repo'"
-  row borg prune $(($(stored "$repo") - before)) $(($(borg_meta "$repo") - mbefore)) "delete full, incr1; compact"
   rm -rf "$repo" "$BORG_BASE_DIR" "$RUN/borg-items-seen"
   unset BORG_PASSPHRASE BORG_BASE_DIR
 }
