@@ -262,7 +262,7 @@ def targets(R):
             top = max(ys) / 1024
             ok = ratio <= 1.2 and top < 256
             out.append(("peak RSS flat (<= 1.2x) and < 256 MiB", tool,
-                        f"{step}: {ys[0] / 1024:.0f} -> {ys[-1] / 1024:.0f} MiB ({ratio:.2f}x), max {top:.0f} MiB",
+                        f"{step}: {ys[0] / 1024:.0f} -> {ys[-1] / 1024:.0f} MiB ({ratio:.3f}x), max {top:.0f} MiB",
                         "met" if ok else "NOT met"))
         # Metadata added by an unchanged backup under 1 MiB at every size.
         ms = [R.value(s, tool, "unchanged", "meta") for s in R.sizes]
