@@ -52,7 +52,7 @@ fn main() {
     let (mut data, mut metadata) = (0u64, 0u64);
     let mut parent = first.id;
     for k in 1..=n {
-        let runs = ((blocks as f64 * fraction) as u64 / cluster).max(1);
+        let runs = (blocks as f64 * fraction) as u64 / cluster;
         for _ in 0..runs {
             let at = next() % (blocks - cluster);
             let bytes: Vec<u8> = (0..4096 * cluster).map(|_| next() as u8).collect();
