@@ -12,7 +12,7 @@ use crate::crypto::ChunkOpener;
 use crate::direct::{self, AlignedBuf};
 use crate::error::{Error, IoContext, Result};
 use crate::jobs;
-use crate::manifest::{Manifest, ManifestId, VolumeManifest};
+use crate::manifest::{ChunkId, Manifest, ManifestId, VolumeManifest};
 use crate::repo::{runs, Repository};
 
 /// At most this many bytes of a pack are fetched by one read.
@@ -175,11 +175,14 @@ impl Repository {
         let buf = window.as_mut_slice();
         let sparse = out.sparse;
         let base = manifest.extent(range.start).0;
+        // The window's lookups in one batch, in id order: each index block read once.
+        let ids: Vec<ChunkId> = manifest.chunks[range.clone()].iter().flatten().copied().collect();
+        let mut locs = self.index.get_many(&ids).into_iter();
         let mut data_chunks = Vec::with_capacity(range.len());
         for i in range.clone() {
             match &manifest.chunks[i] {
                 Some(id) => {
-                    let loc = self.index.get(id).ok_or_else(|| Error::Damaged {
+                    let loc = locs.next().flatten().ok_or_else(|| Error::Damaged {
                         what: format!("chunk {id}"),
                         reason: "not in any index".into(),
                     })?;
