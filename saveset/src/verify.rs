@@ -297,7 +297,8 @@ impl Repository {
         // at a time. A damaged chunk is attributed to its manifests afterwards.
         let done = AtomicU64::new(0);
         let mut sorted = by_loc.into_sorted_iter()?;
-        let mut scratches: Vec<VerifyScratch<'_>> = Vec::new();
+        // Only what was found damaged outlives a segment (not its workers' read buffers).
+        let mut corrupt: Vec<(ChunkId, ChunkLoc, String)> = Vec::new();
         loop {
             let mut chunks: Vec<(ChunkLoc, ChunkId)> = Vec::with_capacity(SEGMENT);
             for rec in sorted.by_ref() {
@@ -358,9 +359,9 @@ impl Repository {
             };
             let got = jobs::share_out(all_runs.len(), jobs::io_workers(), new_scratch, read_run)?;
             report.chunks_read += chunks.len();
-            scratches.extend(got);
+            corrupt.extend(got.into_iter().flat_map(|s| s.corrupt));
         }
-        let mut corrupt: Vec<_> = scratches.into_iter().flat_map(|s| s.corrupt).collect();
+
         // In (pack, offset) order, as a single reader would have found them.
         corrupt.sort_by_key(|&(chunk, loc, _)| (loc.pack, loc.offset, chunk));
         if corrupt.is_empty() {

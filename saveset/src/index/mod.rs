@@ -289,6 +289,8 @@ impl Index {
         inner.mem_packs.push(number);
         if inner.mem_len >= inner.limits.mem_entries {
             inner.spill()?;
+            inner.merge_if_needed()?;
+            inner.fit();
         }
         Ok(())
     }
@@ -443,7 +445,8 @@ impl Inner {
         }
     }
 
-    /// Writes the in-memory table as a new run.
+    /// Writes the in-memory table as a new run (not read back into memory: at drop nobody
+    /// will look it up).
     fn spill(&mut self) -> Result<()> {
         if self.mem_len == 0 {
             return Ok(());
@@ -500,8 +503,6 @@ impl Inner {
                 }
             }
         }
-        self.merge_if_needed()?;
-        self.fit();
         Ok(())
     }
 
