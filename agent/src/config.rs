@@ -108,9 +108,19 @@ impl SavesetConfig {
     /// Reads the secret and unlocks the repository (one argon2id run); a wrong secret is an
     /// error naming the repository, never the secret.
     pub fn open(&self) -> Result<Pool, String> {
+        self.open_in(None)
+    }
+
+    /// [`SavesetConfig::open`] with the index cache in `cache_dir` (the agent's
+    /// `<state_dir>/cache`; `None`: the user's default cache directory).
+    pub fn open_in(&self, cache_dir: Option<&std::path::Path>) -> Result<Pool, String> {
         let location = self.location()?;
         let secret = self.secret()?;
-        Pool::open(location, secret).map_err(|e| format!("saveset.repository: {e}"))
+        let options = stillpoint_saveset::OpenOptions {
+            cache_dir: cache_dir.map(std::path::Path::to_path_buf),
+            ..Default::default()
+        };
+        Pool::open_with(location, secret, options).map_err(|e| format!("saveset.repository: {e}"))
     }
 
     /// Field problems, without touching the repository (`run` unlocks it once at start).

@@ -45,8 +45,8 @@ impl std::fmt::Debug for Saveset {
 
 impl Saveset {
     /// Reads the secret and unlocks the repository once, so a wrong secret stops the start.
-    pub fn open(config: &SavesetConfig) -> Result<Saveset> {
-        let pool = config.open().map_err(Error::Setup)?;
+    pub fn open(config: &SavesetConfig, cache_dir: Option<&std::path::Path>) -> Result<Saveset> {
+        let pool = config.open_in(cache_dir).map_err(Error::Setup)?;
         info!(repository = %pool.location(), "saveset repository unlocked");
         Ok(Saveset { pool, delay_per_mib: Duration::from_millis(config.copy_delay_ms_per_mib) })
     }

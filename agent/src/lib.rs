@@ -85,11 +85,12 @@ pub async fn run_with_guardian(
 ) -> Result<()> {
     // Unlock the repository first: a wrong secret stops the start before anything runs.
     let saveset = match config.saveset.clone() {
-        Some(c) => Some(std::sync::Arc::new(
-            tokio::task::spawn_blocking(move || copy::Saveset::open(&c))
+        Some(c) => Some(std::sync::Arc::new({
+            let cache = config.state_dir.join("cache");
+            tokio::task::spawn_blocking(move || copy::Saveset::open(&c, Some(&cache)))
                 .await
-                .map_err(|e| Error::Internal(format!("unlock the saveset repository: {e}")))??,
-        )),
+                .map_err(|e| Error::Internal(format!("unlock the saveset repository: {e}")))??
+        })),
         None => None,
     };
     let recovered = {

@@ -256,8 +256,18 @@ impl SavesetConfig {
     }
 
     pub fn open(&self) -> std::result::Result<Pool, String> {
+        self.open_in(None)
+    }
+
+    /// [`SavesetConfig::open`] with the index cache in `cache_dir` (the listener's
+    /// `<data_dir>/cache`; `None`: the user's default cache directory).
+    pub fn open_in(&self, cache_dir: Option<&Path>) -> std::result::Result<Pool, String> {
         let (location, secret) = self.location_and_secret()?;
-        Pool::open(location, secret).map_err(|e| format!("copy.repository: {e}"))
+        let options = stillpoint_saveset::OpenOptions {
+            cache_dir: cache_dir.map(Path::to_path_buf),
+            ..Default::default()
+        };
+        Pool::open_with(location, secret, options).map_err(|e| format!("copy.repository: {e}"))
     }
 
     /// Checks that the secret unlocks the repository, without loading its index: the listener

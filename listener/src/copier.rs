@@ -49,9 +49,9 @@ impl Copier {
             CopyConfig::Command { command } => Copier::Command { command: command.clone() },
             CopyConfig::Image { target } => Copier::Image { target: target.clone() },
             CopyConfig::Saveset(c) => {
-                let saveset = Arc::new(Saveset::open(c).map_err(|problems| Error::Config {
-                    path: c.repository.display().to_string(),
-                    problems,
+                let cache = config.data_dir.join("cache");
+                let saveset = Arc::new(Saveset::open_in(c, Some(&cache)).map_err(|problems| {
+                    Error::Config { path: c.repository.display().to_string(), problems }
                 })?);
                 match c.on {
                     CopyOn::Listener => Copier::Saveset { saveset },

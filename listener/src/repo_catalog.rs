@@ -278,7 +278,7 @@ pub fn rebuild_command(config: &Config, force: bool) -> Result<String> {
         std::fs::rename(&file, &to)?;
         aside = Some(to);
     }
-    let result = Saveset::open(c)
+    let result = Saveset::open_in(c, Some(&config.data_dir.join("cache")))
         .map_err(|problems| format!("copy.repository {}: {problems}", c.repository.display()))
         .and_then(|saveset| {
             let store = Store::open(&config.data_dir).map_err(|e| e.to_string())?;

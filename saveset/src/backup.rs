@@ -33,6 +33,10 @@ const READ_WINDOW: usize = 1 << 20;
 /// How long a copy waits, before writing its manifest, for chunks a sibling copy claimed to be
 /// written (`claims.rs`); then it stores what is still missing itself.
 const SIBLING_WAIT: Duration = Duration::from_secs(10);
+/// Chunks this backup sent for storing are remembered until the index has them (their pack is
+/// stored); the set is trimmed to those still in flight when it reaches this size (or twice
+/// what the last trim left), so it holds a few packs' worth, not the whole volume's new chunks.
+const SENT_TRIM: usize = 1 << 16;
 
 /// Chunks between the stages, back to back in one buffer: from the reader their plaintexts,
 /// from the workers the same chunks compressed and sealed. One allocation per batch, not three
@@ -204,7 +208,7 @@ impl Repository {
         stats.bytes_stored = bytes_stored;
         // Stored packs are valid and reusable even when reading failed.
         for p in packs {
-            self.remember(p);
+            self.remember(p)?;
         }
         read?;
         if let Some(guard) = &claim {
@@ -293,7 +297,7 @@ impl Repository {
         stats.new_chunks += chunks.len() as u64;
         stats.reused_chunks -= chunks.len() as u64;
         for p in packs {
-            self.remember(p);
+            self.remember(p)?;
         }
         Ok(())
     }
@@ -322,6 +326,7 @@ impl Repository {
         let mut buf = vec![0u8; per_window * cs];
         let mut has_data = vec![false; per_window];
         let mut sent: IdSet<ChunkId> = IdSet::default();
+        let mut sent_trim = SENT_TRIM;
         let mut first = 0u64;
         while first < n {
             let count = per_window.min(usize::try_from(n - first).expect("a window is small"));
@@ -361,6 +366,10 @@ impl Repository {
                     } else if let Some((claims, token)) = claim {
                         claims.claim(id, token)
                     } else if sent.insert(id) {
+                        if sent.len() >= sent_trim {
+                            sent.retain(|id| !self.index.contains_key(id));
+                            sent_trim = (sent.len() * 2).max(SENT_TRIM);
+                        }
                         Claimed::Mine
                     } else {
                         Claimed::Again
@@ -426,6 +435,8 @@ impl Repository {
                 let mut stored = Vec::new();
                 for pack in full_rx {
                     let (pack, buf) = self.store_pack(pack)?;
+                    // Durable now: later chunks (and sibling copies) dedup against it.
+                    self.index.add_pack(pack.id, pack.entries())?;
                     if let Some(claims) = &self.claims {
                         claims.stored(pack.chunk_ids());
                     }

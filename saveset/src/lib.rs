@@ -35,13 +35,14 @@ pub use catalog::CatalogHeader;
 pub use crypto::{KdfParams, Secret};
 pub use error::{Error, Result};
 pub use forget::Forgotten;
+pub use index::DEFAULT_MEMORY_BUDGET;
 pub use manifest::{
     BackupArtifact, BackupManifest, CatalogId, ChunkId, ChunkList, Manifest, ManifestId,
     ManifestSummary, PackId, VolumeManifest, VolumeMeta, VolumeSummary,
 };
 pub use pool::{secret_from_files, Pool, SecretFileError};
 pub use prune::{PruneOptions, PruneReport};
-pub use repo::{InitOptions, Repository, FORMAT_VERSION};
+pub use repo::{InitOptions, OpenOptions, Repository, FORMAT_VERSION};
 pub use restore::{RestoreProgress, RestoreStats};
 pub use storage::{Location, S3Location, Storage};
 pub use verify::{Damage, Report, VerifyProgress};

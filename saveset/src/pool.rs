@@ -8,7 +8,8 @@ use std::sync::{Arc, Mutex};
 
 use crate::claims::Claims;
 use crate::error::Result;
-use crate::{Location, Repository, Secret};
+use crate::index::Index;
+use crate::{Location, OpenOptions, Repository, Secret};
 
 /// A repository location, its secret, and the handles not in use.
 pub struct Pool {
@@ -18,6 +19,9 @@ pub struct Pool {
     /// Chunks the pool's copies are storing right now, so concurrent copies of similar disks
     /// store each new chunk once.
     claims: Arc<Claims>,
+    /// One index for every handle: its memory is the process's, not the handle's.
+    index: Arc<Index>,
+    options: OpenOptions,
 }
 
 impl std::fmt::Debug for Pool {
@@ -30,10 +34,17 @@ impl Pool {
     /// Unlocks the repository once, so that a wrong secret or a missing repository shows when
     /// the caller starts rather than at its first copy.
     pub fn open(location: Location, secret: Secret) -> Result<Pool> {
+        Self::open_with(location, secret, OpenOptions::default())
+    }
+
+    /// [`Pool::open`] with the index cache and memory budget of `options`; every handle of
+    /// the pool shares one index.
+    pub fn open_with(location: Location, secret: Secret, options: OpenOptions) -> Result<Pool> {
         let claims = Arc::new(Claims::default());
-        let mut first = Repository::open_at(&location, &secret)?;
+        let mut first = Repository::open_with(&location, &secret, options.clone())?;
         first.claims = Some(Arc::clone(&claims));
-        Ok(Pool { location, secret, idle: Mutex::new(vec![first]), claims })
+        let index = Arc::clone(&first.index);
+        Ok(Pool { location, secret, idle: Mutex::new(vec![first]), claims, index, options })
     }
 
     /// Where the repository is.
@@ -52,7 +63,13 @@ impl Pool {
         let mut repo = match idle {
             Some(r) => r,
             None => {
-                let mut repo = Repository::open_at(&self.location, &self.secret).map_err(open)?;
+                let mut repo = Repository::open_shared(
+                    &self.location,
+                    &self.secret,
+                    &self.options,
+                    Arc::clone(&self.index),
+                )
+                .map_err(open)?;
                 repo.claims = Some(Arc::clone(&self.claims));
                 repo
             }

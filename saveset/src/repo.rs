@@ -71,6 +71,57 @@ struct KdfConfig {
     salt: String,
 }
 
+/// How a repository is opened: where its local index cache lives and how much memory the index
+/// may use. Today's [`Repository::open`] and [`Repository::open_at`] use the default.
+#[derive(Clone, Debug, Default)]
+pub struct OpenOptions {
+    /// The cache directory (the index cache goes in `<dir>/index/<repository tag>`). `None`:
+    /// [`OpenOptions::default_cache_dir`], or a private temp dir removed when the repository
+    /// is dropped when there is none.
+    pub cache_dir: Option<PathBuf>,
+    /// Bytes the index may hold in memory (default [`crate::DEFAULT_MEMORY_BUDGET`]); prune's and
+    /// verify's sets of referenced chunks get as much again.
+    pub memory_budget: Option<u64>,
+}
+
+impl OpenOptions {
+    /// Options with this cache directory.
+    pub fn with_cache_dir(dir: impl Into<PathBuf>) -> Self {
+        OpenOptions { cache_dir: Some(dir.into()), memory_budget: None }
+    }
+
+    /// `$STILLPOINT_CACHE_DIR`, else `$XDG_CACHE_HOME/stillpoint`, else `~/.cache/stillpoint`.
+    pub fn default_cache_dir() -> Option<PathBuf> {
+        let var = |name| std::env::var_os(name).filter(|v| !v.is_empty()).map(PathBuf::from);
+        var("STILLPOINT_CACHE_DIR")
+            .or_else(|| var("XDG_CACHE_HOME").map(|d| d.join("stillpoint")))
+            .or_else(|| var("HOME").map(|d| d.join(".cache").join("stillpoint")))
+    }
+
+    fn index(&self, key: &MasterKey) -> Result<Index> {
+        let tag = cache_tag(key);
+        let budget = self.memory_budget.unwrap_or(crate::index::DEFAULT_MEMORY_BUDGET);
+        let root = self.cache_dir.clone().or_else(Self::default_cache_dir);
+        match root {
+            Some(root) => match Index::open(Some(&root.join("index")), tag, budget) {
+                Ok(index) => Ok(index),
+                // An unusable cache directory costs speed, not the backup: a private one.
+                Err(e) => {
+                    tracing::warn!(error = %e, "index cache unusable; using a temporary one");
+                    Index::open(None, tag, budget)
+                }
+            },
+            None => Index::open(None, tag, budget),
+        }
+    }
+}
+
+/// Names the repository's index cache: a keyed hash, so another repository (another key)
+/// never takes this one's cache for its own.
+fn cache_tag(key: &MasterKey) -> [u8; 16] {
+    key.chunk_id(b"stillpoint index cache v1")[..16].try_into().expect("16 bytes")
+}
+
 /// Where a chunk is stored.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct ChunkLoc {
@@ -88,7 +139,9 @@ pub struct Repository {
     pub(crate) key: MasterKey,
     /// Every chunk some index file names, with the first location seen, and the index files
     /// already loaded (index files are named after their pack).
-    pub(crate) index: Index,
+    pub(crate) index: Arc<Index>,
+    /// How it was opened (a pool opens more handles the same way).
+    pub(crate) options: OpenOptions,
     /// Shared with the other handles of the same [`crate::Pool`]: chunks their copies are
     /// storing right now (`claims.rs`). `None` for a handle of its own.
     pub(crate) claims: Option<Arc<Claims>>,
@@ -131,12 +184,15 @@ impl Repository {
             kdf: KdfConfig { algorithm: "argon2id".into(), params: opts.kdf, salt: hex(&salt) },
             master_key: hex(&sealed),
         };
+        let key = MasterKey::from_bytes(&master);
+        let options = OpenOptions::default();
         let repo = Repository {
             root: PathBuf::from(location.to_string()),
             storage,
             config,
-            key: MasterKey::from_bytes(&master),
-            index: Index::default(),
+            index: Arc::new(options.index(&key)?),
+            key,
+            options,
             claims: None,
         };
         let text = serde_json::to_vec_pretty(&repo.config).expect("config serializes");
@@ -152,7 +208,28 @@ impl Repository {
 
     /// Opens and unlocks the repository at `location`; see [`Repository::open`].
     pub fn open_at(location: &Location, secret: &Secret) -> Result<Self> {
+        Self::open_with(location, secret, OpenOptions::default())
+    }
+
+    /// [`Repository::open_at`] with the index cache and memory budget of `options`.
+    pub fn open_with(location: &Location, secret: &Secret, options: OpenOptions) -> Result<Self> {
         let mut repo = Self::unlock_at(location, secret)?;
+        repo.index = Arc::new(options.index(&repo.key)?);
+        repo.options = options;
+        repo.refresh_index()?;
+        Ok(repo)
+    }
+
+    /// Another handle to a repository, sharing the index `index` of the first (a pool's).
+    pub(crate) fn open_shared(
+        location: &Location,
+        secret: &Secret,
+        options: &OpenOptions,
+        index: Arc<Index>,
+    ) -> Result<Self> {
+        let mut repo = Self::unlock_at(location, secret)?;
+        repo.index = index;
+        repo.options = options.clone();
         repo.refresh_index()?;
         Ok(repo)
     }
@@ -196,9 +273,15 @@ impl Repository {
             storage,
             config,
             key: MasterKey::from_bytes(&master),
-            index: Index::default(),
+            index: Arc::new(Index::default()),
+            options: OpenOptions::default(),
             claims: None,
         })
+    }
+
+    /// The tag of this repository's index cache.
+    pub(crate) fn cache_tag(&self) -> [u8; 16] {
+        cache_tag(&self.key)
     }
 
     /// The repository's directory, or its `s3://bucket/prefix` URL.
@@ -232,38 +315,33 @@ impl Repository {
     /// also stored elsewhere is read from the copy that stays. Pending records are listed
     /// before the index files: a record deleted in between had its packs' index files deleted
     /// before it (FORMAT.md, "Prune").
+    ///
+    /// The index is a local cache (FORMAT.md, "The index cache"): only index files it does not
+    /// hold yet are read; what was read is written to the cache before this returns.
     pub fn refresh_index(&mut self) -> Result<()> {
         let pending = crate::prune::pending_packs(self)?;
         let mut new = Vec::new();
-        let mut entries = 0;
         let mut listed = crate::index::IdSet::default();
-        for (key, len) in self.storage.list("index/")? {
+        for (key, _) in self.storage.list("index/")? {
             let Ok(id) = key["index/".len()..].parse::<PackId>() else { continue };
             listed.insert(id);
             if !self.index.has_pack(&id) {
                 new.push(id);
-                entries += usize::try_from(len).unwrap_or(0) / INDEX_ENTRY;
             }
         }
         let excluded = |id: &PackId| pending.contains(id) || !listed.contains(id);
         self.index.set_excluded(excluded);
         // Packs that stay first, so that their locations win.
         new.sort_by_key(|id| pending.contains(id));
-        self.index.reserve(entries);
         for id in new {
             if let Ok(entries) = self.read_index(id) {
-                self.index.add_pack(id, entries.into_iter().map(|(c, l)| (c, l.offset, l.len)));
+                self.index.add_pack(id, entries.into_iter().map(|(c, l)| (c, l.offset, l.len)))?;
             }
         }
+        self.index.sync()?;
         self.index.set_excluded(excluded);
+        self.index.set_gone(|id| !listed.contains(id));
         Ok(())
-    }
-
-    /// Loads the index from scratch: every location is one listed by an index file now, and
-    /// locations in packs that stay win over those in packs marked for deletion.
-    pub(crate) fn reload_index(&mut self) -> Result<()> {
-        self.index = Index::default();
-        self.refresh_index()
     }
 
     /// Names (ids) of the files in `dir` (`index` or `manifests`), sorted.
@@ -407,10 +485,9 @@ impl Repository {
         Ok((StoredPack { id, entries }, buf))
     }
 
-    /// Adds a stored pack's chunks to the in-memory index.
-    pub(crate) fn remember(&mut self, pack: StoredPack) {
-        self.index.reserve(pack.entries.len());
-        self.index.add_pack(pack.id, pack.entries);
+    /// Adds a stored pack's chunks to the index (nothing if the pack storer did already).
+    pub(crate) fn remember(&self, pack: StoredPack) -> Result<()> {
+        self.index.add_pack(pack.id, pack.entries)
     }
 
     /// Compresses and seals one chunk's plaintext, appending the blob to `out`.
@@ -532,6 +609,11 @@ impl StoredPack {
     /// The chunks in this pack: `(id, offset, sealed length)`.
     pub(crate) fn entries_vec(self) -> Vec<(ChunkId, u64, u32)> {
         self.entries
+    }
+
+    /// The chunks in this pack: `(id, offset, sealed length)`.
+    pub(crate) fn entries(&self) -> impl Iterator<Item = (ChunkId, u64, u32)> + '_ {
+        self.entries.iter().copied()
     }
 
     /// The chunks in this pack.

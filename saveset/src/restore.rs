@@ -257,11 +257,14 @@ impl Repository {
         let buf = window.as_mut_slice();
         let sparse = out.sparse;
         let base = seg.extent(range.start).0;
+        // The window's lookups in one batch, in id order: each index block read once.
+        let ids: Vec<ChunkId> = seg.chunks[range.clone()].iter().flatten().copied().collect();
+        let mut locs = self.index.get_many(&ids).into_iter();
         let mut data_chunks = Vec::with_capacity(range.len());
         for i in range.clone() {
             match &seg.chunks[i] {
                 Some(id) => {
-                    let loc = self.index.get(id).ok_or_else(|| Error::Damaged {
+                    let loc = locs.next().flatten().ok_or_else(|| Error::Damaged {
                         what: format!("chunk {id}"),
                         reason: "not in any index".into(),
                     })?;

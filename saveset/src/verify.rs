@@ -7,10 +7,36 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::error::IoContext;
-use crate::index::{IdSet, Index};
+use crate::index::{ExternalSet, ExternalSort, IdSet, Index};
 use crate::jobs;
 use crate::manifest::{ChunkId, Manifest, ManifestId, PackId};
 use crate::repo::{runs, ChunkLoc, Repository};
+
+/// Referenced chunks looked up in the index per batch.
+const LOOKUP_BATCH: usize = 1 << 16;
+/// Chunks read per segment of the sorted stream (a segment's runs are shared out at once).
+const SEGMENT: usize = 1 << 16;
+/// A chunk by location: pack (32), offset (8, BE), sealed length (4), id (32): ordered
+/// bytewise as (pack, offset, id).
+const LOC_REC: usize = 76;
+
+fn loc_rec(loc: ChunkLoc, chunk: ChunkId) -> [u8; LOC_REC] {
+    let mut r = [0u8; LOC_REC];
+    r[..32].copy_from_slice(&loc.pack.0);
+    r[32..40].copy_from_slice(&loc.offset.to_be_bytes());
+    r[40..44].copy_from_slice(&loc.len.to_be_bytes());
+    r[44..].copy_from_slice(&chunk.0);
+    r
+}
+
+fn from_loc_rec(r: &[u8; LOC_REC]) -> (ChunkLoc, ChunkId) {
+    let loc = ChunkLoc {
+        pack: PackId(r[..32].try_into().expect("32")),
+        offset: u64::from_be_bytes(r[32..40].try_into().expect("8")),
+        len: u32::from_be_bytes(r[40..44].try_into().expect("4")),
+    };
+    (loc, ChunkId(r[44..].try_into().expect("32")))
+}
 
 /// What `verify` found.
 #[derive(Clone, Debug, Default)]
@@ -149,13 +175,13 @@ impl Repository {
             good.len() == self.index.packs().len() && good.iter().all(|id| self.index.has_pack(id));
         let fresh;
         let index = if same {
-            &self.index
+            &*self.index
         } else {
-            let mut idx = Index::default();
+            // In a private temp dir of its own, removed when done: it holds the same budget.
+            let idx = Index::temporary(self.cache_tag(), self.index.budget())?;
             for &id in &good {
                 if let Ok(entries) = self.read_index(id) {
-                    idx.reserve(entries.len());
-                    idx.add_pack(id, entries.into_iter().map(|(c, l)| (c, l.offset, l.len)));
+                    idx.add_pack(id, entries.into_iter().map(|(c, l)| (c, l.offset, l.len)))?;
                 }
             }
             fresh = idx;
@@ -164,8 +190,11 @@ impl Repository {
         let packs = self.list_packs()?;
         let manifest_ids = self.list_manifests()?;
         // One manifest at a time: each distinct chunk it references is checked against the
-        // index and the packs; the present ones are kept (sorted, distinct) for reading.
-        let mut referenced: Vec<ChunkId> = Vec::new();
+        // index and the packs; the present ones go to an external set (sorted, distinct, its
+        // memory bounded by the budget) for reading.
+        let scratch_dir = self.index.scratch_dir()?;
+        let budget = self.index.budget();
+        let mut referenced = ExternalSet::new(&scratch_dir, budget / 2);
         let mut missing: Vec<ChunkId> = Vec::new();
         let mut chunk_damage: Vec<(ChunkId, Damage)> = Vec::new();
         // The manifests to check: all, or the scope plus the volumes its backups name.
@@ -196,11 +225,9 @@ impl Repository {
                     unread.sort_unstable();
                     ids.sort_unstable();
                     ids.dedup();
-                    ids.shrink_to_fit();
-                    // Exact, not doubling: this list is the largest thing verify holds.
-                    referenced.reserve_exact(ids.len());
-                    for chunk in ids {
-                        let Some(loc) = index.get(&chunk) else {
+                    let locs = index.get_many(&ids);
+                    for (chunk, loc) in ids.into_iter().zip(locs) {
+                        let Some(loc) = loc else {
                             missing.push(chunk);
                             chunk_damage
                                 .push((chunk, Damage::ChunkNotIndexed { manifest: mid, chunk }));
@@ -236,11 +263,8 @@ impl Repository {
                             ));
                             continue;
                         }
-                        referenced.push(chunk);
+                        referenced.insert_id(chunk)?;
                     }
-                    referenced.sort_unstable();
-                    referenced.dedup();
-                    referenced.shrink_to_fit();
                 }
                 Ok(Manifest::Backup(b)) => {
                     for v in b.volumes {
@@ -260,73 +284,112 @@ impl Repository {
         }
         missing.sort_unstable();
         missing.dedup();
-        report.chunks = referenced.len() + missing.len();
+        report.chunks = missing.len();
         drop(missing);
         // By chunk, then manifest order (the pushes were in manifest order; the sort is stable).
         chunk_damage.sort_by_key(|(c, _)| *c);
         report.damage.extend(chunk_damage.into_iter().map(|(_, d)| d));
+        // The referenced chunks by location (pack, offset), through a second external sort:
+        // looked up a batch at a time, in id order.
+        let mut by_loc: ExternalSort<LOC_REC> = ExternalSort::new(&scratch_dir, budget / 2);
+        let mut batch: Vec<ChunkId> = Vec::with_capacity(LOOKUP_BATCH);
+        let mut total = 0u64;
+        let mut flush = |batch: &mut Vec<ChunkId>, total: &mut u64| -> crate::Result<()> {
+            for (chunk, loc) in batch.iter().zip(index.get_many(batch)) {
+                if let Some(loc) = loc {
+                    *total += u64::from(loc.len);
+                    by_loc.insert(loc_rec(loc, *chunk))?;
+                }
+            }
+            batch.clear();
+            Ok(())
+        };
+        for chunk in referenced.into_sorted_iter()? {
+            report.chunks += 1;
+            if read_data {
+                batch.push(ChunkId(chunk?));
+                if batch.len() == LOOKUP_BATCH {
+                    flush(&mut batch, &mut total)?;
+                }
+            }
+        }
         if !read_data {
             return Ok(report);
         }
+        flush(&mut batch, &mut total)?;
         // Pack by pack (in id order), each referenced chunk at the location the index chose,
         // in offset order, runs of neighbours with one read; runs are shared out to two workers
-        // per core (one decodes while another waits on a read). A damaged chunk is attributed
-        // to its manifests afterwards.
-        let mut chunks: Vec<(ChunkLoc, ChunkId)> =
-            referenced.iter().filter_map(|&c| Some((index.get(&c)?, c))).collect();
-        drop(referenced);
-        chunks.sort_unstable_by_key(|&(loc, c)| (loc.pack, loc.offset, c));
-        let locs: Vec<ChunkLoc> = chunks.iter().map(|&(loc, _)| loc).collect();
-        let all_runs = runs(&locs, 64 << 10, 8 << 20);
-        let total: u64 = locs.iter().map(|l| u64::from(l.len)).sum();
+        // per core (one decodes while another waits on a read), a segment of the sorted stream
+        // at a time. A damaged chunk is attributed to its manifests afterwards.
         let done = AtomicU64::new(0);
-        let new_scratch = || -> crate::Result<VerifyScratch<'_>> {
-            Ok(VerifyScratch {
-                dc: zstd::bulk::Decompressor::new().ctx("decompress", self.root.clone())?,
-                out: vec![0u8; max_blob],
-                opener: self.key.chunk_opener(),
-                read: Vec::new(),
-                corrupt: Vec::new(),
-            })
-        };
-        let read_run = |_worker, scratch: &mut VerifyScratch<'_>, i: usize| {
-            let run = all_runs[i].clone();
-            let (first, last) = (locs[run.start], locs[run.end - 1]);
-            let end = last.offset + u64::from(last.len);
-            let got = self.read_pack_into(first.pack, first.offset..end, &mut scratch.read);
-            for &(loc, chunk) in &chunks[run.clone()] {
-                let reason = match &got {
-                    Ok(r) => {
-                        let at = r.start
-                            + usize::try_from(loc.offset - first.offset).expect("inside the run");
-                        let blob = &mut scratch.read[at..at + loc.len as usize];
-                        self.decode_chunk_into(
-                            &mut scratch.opener,
-                            chunk,
-                            blob,
-                            &mut scratch.out,
-                            &mut scratch.dc,
-                        )
-                        .err()
-                        .map(str::to_owned)
-                    }
-                    Err(e) => Some(e.to_string()),
-                };
-                if let Some(reason) = reason {
-                    scratch.corrupt.push((chunk, loc, reason));
+        let mut sorted = by_loc.into_sorted_iter()?;
+        // Only what was found damaged outlives a segment (not its workers' read buffers).
+        let mut corrupt: Vec<(ChunkId, ChunkLoc, String)> = Vec::new();
+        loop {
+            let mut chunks: Vec<(ChunkLoc, ChunkId)> = Vec::with_capacity(SEGMENT);
+            for rec in sorted.by_ref() {
+                let (loc, chunk) = from_loc_rec(&rec?);
+                // A segment ends between packs, so a run is never cut in two.
+                let pack_ends = chunks.last().is_some_and(|(l, _)| l.pack != loc.pack);
+                chunks.push((loc, chunk));
+                if chunks.len() >= SEGMENT && pack_ends {
+                    break;
                 }
             }
-            let bytes: u64 = locs[run].iter().map(|l| u64::from(l.len)).sum();
-            let done = done.fetch_add(bytes, Ordering::Relaxed) + bytes;
-            progress(VerifyProgress { done, total });
-            Ok(())
-        };
-        let scratches = jobs::share_out(all_runs.len(), jobs::io_workers(), new_scratch, read_run)?;
-        report.chunks_read = chunks.len();
-        let mut corrupt: Vec<_> = scratches.into_iter().flat_map(|s| s.corrupt).collect();
+            if chunks.is_empty() {
+                break;
+            }
+            let locs: Vec<ChunkLoc> = chunks.iter().map(|&(loc, _)| loc).collect();
+            let all_runs = runs(&locs, 64 << 10, 8 << 20);
+            let new_scratch = || -> crate::Result<VerifyScratch<'_>> {
+                Ok(VerifyScratch {
+                    dc: zstd::bulk::Decompressor::new().ctx("decompress", self.root.clone())?,
+                    out: vec![0u8; max_blob],
+                    opener: self.key.chunk_opener(),
+                    read: Vec::new(),
+                    corrupt: Vec::new(),
+                })
+            };
+            let read_run = |_worker, scratch: &mut VerifyScratch<'_>, i: usize| {
+                let run = all_runs[i].clone();
+                let (first, last) = (locs[run.start], locs[run.end - 1]);
+                let end = last.offset + u64::from(last.len);
+                let got = self.read_pack_into(first.pack, first.offset..end, &mut scratch.read);
+                for &(loc, chunk) in &chunks[run.clone()] {
+                    let reason = match &got {
+                        Ok(r) => {
+                            let at = r.start
+                                + usize::try_from(loc.offset - first.offset)
+                                    .expect("inside the run");
+                            let blob = &mut scratch.read[at..at + loc.len as usize];
+                            self.decode_chunk_into(
+                                &mut scratch.opener,
+                                chunk,
+                                blob,
+                                &mut scratch.out,
+                                &mut scratch.dc,
+                            )
+                            .err()
+                            .map(str::to_owned)
+                        }
+                        Err(e) => Some(e.to_string()),
+                    };
+                    if let Some(reason) = reason {
+                        scratch.corrupt.push((chunk, loc, reason));
+                    }
+                }
+                let bytes: u64 = locs[run].iter().map(|l| u64::from(l.len)).sum();
+                let done = done.fetch_add(bytes, Ordering::Relaxed) + bytes;
+                progress(VerifyProgress { done, total });
+                Ok(())
+            };
+            let got = jobs::share_out(all_runs.len(), jobs::io_workers(), new_scratch, read_run)?;
+            report.chunks_read += chunks.len();
+            corrupt.extend(got.into_iter().flat_map(|s| s.corrupt));
+        }
+
         // In (pack, offset) order, as a single reader would have found them.
         corrupt.sort_by_key(|&(chunk, loc, _)| (loc.pack, loc.offset, chunk));
-        drop(chunks);
         if corrupt.is_empty() {
             return Ok(report);
         }

@@ -76,7 +76,12 @@ impl ServerCopy {
 impl Saveset {
     /// Reads the secret and unlocks the repository once, so a wrong secret stops the start.
     pub fn open(config: &SavesetConfig) -> Result<Saveset, String> {
-        let pool = config.open()?;
+        Self::open_in(config, None)
+    }
+
+    /// [`Saveset::open`] with the repository's index cache in `cache_dir`.
+    pub fn open_in(config: &SavesetConfig, cache_dir: Option<&Path>) -> Result<Saveset, String> {
+        let pool = config.open_in(cache_dir)?;
         tracing::info!(repository = %config.repository.display(), verify = ?config.verify, "saveset repository unlocked");
         Ok(Saveset { config: config.clone(), pool, catalog: std::sync::Mutex::default() })
     }

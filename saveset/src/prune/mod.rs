@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::crypto::{self, hex};
 use crate::error::{Error, Result};
-use crate::index::IdSet;
+use crate::index::{ExternalSet, ExternalSort, IdSet, SortedFile};
 use crate::lock::{self, WriterLock, LOCK_REFRESH, LOCK_STALE};
 
 /// `tmp/` files younger than this stay whatever the grace: a write in flight (a lock's, a
@@ -21,7 +21,17 @@ use crate::lock::{self, WriterLock, LOCK_REFRESH, LOCK_STALE};
 const TMP_MIN_AGE: Duration = Duration::from_secs(15 * 60);
 use crate::manifest::{ChunkId, Manifest, ManifestId, PackId};
 use crate::repo::{now_ms, pack_key, runs, ChunkLoc, Repository};
-use plan::{Class, Entry};
+use plan::{Class, Entry, ENTRY_REC};
+
+/// A sorted file of chunk ids as a stream.
+fn chunk_stream(f: &SortedFile<32>) -> Result<impl Iterator<Item = Result<ChunkId>> + '_> {
+    Ok(f.iter()?.map(|r| r.map(ChunkId)))
+}
+
+/// A sorted file of index entries as a stream.
+fn entry_stream(f: &SortedFile<ENTRY_REC>) -> Result<impl Iterator<Item = Result<Entry>> + '_> {
+    Ok(f.iter()?.map(|r| r.map(|r| Entry::from_rec(&r))))
+}
 
 /// How a prune runs.
 #[derive(Clone, Debug)]
@@ -179,9 +189,9 @@ impl Repository {
         };
         let now = now_ms();
         let grace = ms(opts.grace);
-        // The index chunk list pages are read through, loaded afresh: a location this handle
-        // loaded earlier may be in a pack a prune has deleted since.
-        self.reload_index()?;
+        // The index chunk list pages are read through, brought up to date: a pack a prune
+        // deleted since this handle loaded it is gone, and locations in packs that stay win.
+        self.refresh_index()?;
         // 1. Scan: records, packs (before index files: a pack listed without index is an
         // orphan candidate only), index files, manifests.
         let mut records = read_records(self)?;
@@ -202,15 +212,20 @@ impl Repository {
             run.report.pack_bytes,
             index_ids.len()
         ));
+        // Every referenced chunk and every index entry go through external sorts in the
+        // cache directory: prune holds a budget's worth of them, not the repository's.
+        let dir = self.index.scratch_dir()?;
+        let budget = self.index.budget() / 2;
         let mut seen_manifests: IdSet<ManifestId> = IdSet::default();
-        let mut referenced = Vec::new();
+        let mut refs = ExternalSet::new(&dir, budget);
         let manifests = self.list_manifests()?;
-        self.read_referenced(&manifests, &mut seen_manifests, &mut referenced)?;
+        self.read_referenced(&manifests, &mut seen_manifests, &mut refs)?;
+        let referenced = refs.into_file()?;
         run.report.manifests = seen_manifests.len();
-        run.report.referenced_chunks = referenced.len();
+        run.report.referenced_chunks = usize::try_from(referenced.len()).unwrap_or(usize::MAX);
         // Every index entry, by pack number; packs whose index does not decrypt are left alone.
         let mut numbers: Vec<PackId> = Vec::new();
-        let mut entries: Vec<Entry> = Vec::new();
+        let mut sort: ExternalSort<ENTRY_REC> = ExternalSort::new(&dir, budget);
         for &id in &index_ids {
             let Ok(list) = self.read_index(id) else {
                 tracing::warn!(pack = %id, "index file does not decrypt; its pack is kept");
@@ -218,23 +233,21 @@ impl Repository {
             };
             let n = u32::try_from(numbers.len()).expect("fewer than 4 G packs");
             numbers.push(id);
-            entries.extend(list.into_iter().map(|(chunk, l)| Entry {
-                chunk,
-                pack: n,
-                offset: u32::try_from(l.offset).unwrap_or(u32::MAX),
-                len: l.len,
-            }));
-        }
-        entries.sort_unstable_by_key(|e| (e.chunk, e.pack));
-        // 2. Classify the packs that are not pending already.
-        let is_pending: Vec<bool> = numbers.iter().map(|id| pending.contains(id)).collect();
-        let live = plan::counting(&entries, &referenced, &is_pending);
-        let mut used = vec![0u64; numbers.len()];
-        for (e, &l) in entries.iter().zip(&live) {
-            if l {
-                used[e.pack as usize] += u64::from(e.len);
+            for (chunk, l) in list {
+                let offset = u32::try_from(l.offset).unwrap_or(u32::MAX);
+                sort.insert(Entry { chunk, pack: n, offset, len: l.len }.to_rec())?;
             }
         }
+        let entries = sort.into_file()?;
+        // 2. Classify the packs that are not pending already.
+        let is_pending: Vec<bool> = numbers.iter().map(|id| pending.contains(id)).collect();
+        let mut used = vec![0u64; numbers.len()];
+        plan::counting(
+            entry_stream(&entries)?,
+            chunk_stream(&referenced)?,
+            &is_pending,
+            &mut |e| used[e.pack as usize] += u64::from(e.len),
+        )?;
         let mut mark: Vec<PackId> = Vec::new();
         let mut repack: Vec<u32> = Vec::new();
         for (n, id) in numbers.iter().enumerate() {
@@ -255,20 +268,39 @@ impl Repository {
                 }
             }
         }
-        // 3. Repack: the counting chunks of partly used packs into new packs.
+        // 3. Repack: the counting chunks of partly used packs into new packs. Their entries
+        // (as many as the chunks copied) join the sorted ones for the rescue below.
+        let mut extra: Vec<Entry> = Vec::new();
         if !repack.is_empty() {
-            let new = self.repack(&mut run, &entries, &live, &numbers, &repack)?;
+            let mut chosen = vec![false; numbers.len()];
+            repack.iter().for_each(|&n| chosen[n as usize] = true);
+            let mut todo: Vec<(ChunkLoc, ChunkId)> = Vec::new();
+            plan::counting(
+                entry_stream(&entries)?,
+                chunk_stream(&referenced)?,
+                &is_pending,
+                &mut |e| {
+                    if chosen[e.pack as usize] {
+                        let pack = numbers[e.pack as usize];
+                        todo.push((
+                            ChunkLoc { pack, offset: u64::from(e.offset), len: e.len },
+                            e.chunk,
+                        ));
+                    }
+                },
+            )?;
+            let new = self.repack(&mut run, todo, repack.len())?;
             for (pack, list) in new {
                 let n = u32::try_from(numbers.len()).expect("fewer than 4 G packs");
                 numbers.push(pack);
-                entries.extend(list.into_iter().map(|(chunk, offset, len)| Entry {
+                extra.extend(list.into_iter().map(|(chunk, offset, len)| Entry {
                     chunk,
                     pack: n,
                     offset: u32::try_from(offset).unwrap_or(u32::MAX),
                     len,
                 }));
             }
-            entries.sort_unstable_by_key(|e| (e.chunk, e.pack));
+            extra.sort_unstable();
             mark.extend(repack.iter().map(|&n| numbers[n as usize]));
         }
         // 4. Mark: the record, then the locks live once it is durable, then the record again.
@@ -318,9 +350,14 @@ impl Repository {
             ripe.iter().flat_map(|(_, r)| r.packs.iter().copied()).collect();
         let mut doomed: Vec<bool> = numbers.iter().map(|id| doomed_ids.contains(id)).collect();
         if doomed.iter().any(|&d| d) {
+            let mut more = ExternalSet::new(&dir, budget);
             let manifests = self.list_manifests()?;
-            self.read_referenced(&manifests, &mut seen_manifests, &mut referenced)?;
-            for n in plan::rescue(&entries, &referenced, &doomed) {
+            self.read_referenced(&manifests, &mut seen_manifests, &mut more)?;
+            let more = more.into_file()?;
+            let all_refs = plan::merge_sorted(chunk_stream(&referenced)?, chunk_stream(&more)?);
+            let all_entries =
+                plan::merge_sorted(entry_stream(&entries)?, extra.iter().map(|&e| Ok(e)));
+            for n in plan::rescue(all_entries, all_refs, &doomed)? {
                 doomed[n as usize] = false;
                 run.report.packs_rescued += 1;
                 (run.note)(&format!(
@@ -359,13 +396,13 @@ impl Repository {
         Ok(run.report)
     }
 
-    /// Adds what manifest `id` references to `referenced` (unsorted), the pages not in `pages`.
+    /// Adds what manifest `id` references to `referenced`, the pages not in `pages`.
     /// `Some(page)`: a page the index does not know (refresh the index and retry).
     fn list_references(
         &self,
         id: ManifestId,
         pages: &mut IdSet<ChunkId>,
-        referenced: &mut Vec<ChunkId>,
+        referenced: &mut ExternalSet,
     ) -> Result<Option<ChunkId>> {
         let Manifest::Volume(m) = self.load_manifest(id)? else { return Ok(None) };
         let mut failed = None;
@@ -377,20 +414,26 @@ impl Repository {
                 failed.get_or_insert(e);
             }
         };
-        self.for_each_reference(&self.index, &m, pages, |c| referenced.push(c), &mut bad);
+        let mut spill = Ok(());
+        let insert = |c| {
+            if spill.is_ok() {
+                spill = referenced.insert_id(c);
+            }
+        };
+        self.for_each_reference(&self.index, &m, pages, insert, &mut bad);
+        spill?;
         failed.map_or(Ok(unknown), Err)
     }
 
-    /// Adds the chunks of the volume manifests in `ids` not in `seen` to `referenced` (kept
-    /// sorted and distinct). A manifest that cannot be read stops the prune: what it references
-    /// is unknown, so nothing could be deleted safely.
+    /// Adds the chunks of the volume manifests in `ids` not in `seen` to `referenced`. A
+    /// manifest that cannot be read stops the prune: what it references is unknown, so nothing
+    /// could be deleted safely.
     fn read_referenced(
         &mut self,
         ids: &[ManifestId],
         seen: &mut IdSet<ManifestId>,
-        referenced: &mut Vec<ChunkId>,
+        referenced: &mut ExternalSet,
     ) -> Result<()> {
-        let before = referenced.len();
         let mut pages = IdSet::default();
         for &id in ids {
             if !seen.insert(id) {
@@ -423,10 +466,6 @@ impl Repository {
                     })
                 }
             }
-        }
-        if referenced.len() != before {
-            referenced.sort_unstable();
-            referenced.dedup();
         }
         Ok(())
     }
@@ -471,36 +510,19 @@ impl Repository {
         self.storage.put(&key, &self.key.seal(key.as_bytes(), &json))
     }
 
-    /// Copies the counting chunks of packs `which` (numbers) into new packs, sealed blobs as
-    /// they are; returns each new pack with its entries.
+    /// Copies the chunks `todo` (the counting chunks of `packs` partly used packs) into new
+    /// packs, sealed blobs as they are; returns each new pack with its entries.
     #[allow(clippy::type_complexity)]
     fn repack(
         &self,
         run: &mut Run<'_>,
-        entries: &[Entry],
-        live: &[bool],
-        numbers: &[PackId],
-        which: &[u32],
+        mut todo: Vec<(ChunkLoc, ChunkId)>,
+        packs: usize,
     ) -> Result<Vec<(PackId, Vec<(ChunkId, u64, u32)>)>> {
-        let chosen: IdSet<u32> = which.iter().copied().collect();
-        let mut todo: Vec<(ChunkLoc, ChunkId)> = entries
-            .iter()
-            .zip(live)
-            .filter(|(e, &l)| l && chosen.contains(&e.pack))
-            .map(|(e, _)| {
-                let loc = ChunkLoc {
-                    pack: numbers[e.pack as usize],
-                    offset: u64::from(e.offset),
-                    len: e.len,
-                };
-                (loc, e.chunk)
-            })
-            .collect();
         todo.sort_unstable_by_key(|&(l, c)| (l.pack, l.offset, c));
         let locs: Vec<ChunkLoc> = todo.iter().map(|&(l, _)| l).collect();
         let bytes: u64 = locs.iter().map(|l| u64::from(l.len)).sum();
-        let what =
-            format!("repacking {} chunks ({bytes} bytes) of {} packs", locs.len(), which.len());
+        let what = format!("repacking {} chunks ({bytes} bytes) of {packs} packs", locs.len());
         (run.note)(&what);
         let mut out = Vec::new();
         let mut buf = Vec::new();

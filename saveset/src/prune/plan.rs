@@ -9,7 +9,8 @@ use crate::manifest::ChunkId;
 pub(crate) const REPACK_UNUSED_PERCENT: u64 = 20;
 
 /// One index entry: chunk `chunk` at `offset` (sealed length `len`) in pack number `pack`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// Ordered by chunk, then pack.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub(crate) struct Entry {
     pub chunk: ChunkId,
     pub pack: u32,
@@ -27,28 +28,89 @@ pub(crate) enum Class {
     Repack,
 }
 
-/// For each entry of `entries` (sorted by chunk, then pack), whether it is the copy that
-/// counts: the chunk is in `referenced` (sorted, distinct) and this is its first entry in a
-/// pack that is not `pending` (by pack number). A chunk held only by pending packs counts
-/// nowhere here; the rescue at deletion time keeps one of them if it is still referenced.
-pub(crate) fn counting(entries: &[Entry], referenced: &[ChunkId], pending: &[bool]) -> Vec<bool> {
-    let mut out = vec![false; entries.len()];
-    let mut r = 0;
-    let mut i = 0;
-    while i < entries.len() {
-        let chunk = entries[i].chunk;
-        let end = i + entries[i..].iter().take_while(|e| e.chunk == chunk).count();
-        while r < referenced.len() && referenced[r] < chunk {
-            r += 1;
+/// Bytes of an entry as an external sort holds it: ordered bytewise as (chunk, pack).
+pub(crate) const ENTRY_REC: usize = 44;
+
+impl Entry {
+    pub(crate) fn to_rec(self) -> [u8; ENTRY_REC] {
+        let mut r = [0u8; ENTRY_REC];
+        r[..32].copy_from_slice(&self.chunk.0);
+        r[32..36].copy_from_slice(&self.pack.to_be_bytes());
+        r[36..40].copy_from_slice(&self.offset.to_be_bytes());
+        r[40..44].copy_from_slice(&self.len.to_be_bytes());
+        r
+    }
+
+    pub(crate) fn from_rec(r: &[u8; ENTRY_REC]) -> Entry {
+        let u = |at: usize| u32::from_be_bytes(r[at..at + 4].try_into().expect("4 bytes"));
+        Entry {
+            chunk: ChunkId(r[..32].try_into().expect("32 bytes")),
+            pack: u(32),
+            offset: u(36),
+            len: u(40),
         }
-        if referenced.get(r) == Some(&chunk) {
-            if let Some(k) = (i..end).find(|&k| !pending[entries[k].pack as usize]) {
-                out[k] = true;
+    }
+}
+
+/// Calls `group` with each chunk of `entries` (sorted by chunk, then pack) and all its
+/// entries, and whether `referenced` (sorted, distinct) holds it. Both are streams: neither is
+/// ever whole in memory.
+fn join<E>(
+    entries: impl Iterator<Item = Result<Entry, E>>,
+    referenced: impl Iterator<Item = Result<ChunkId, E>>,
+    group: &mut dyn FnMut(&[Entry], bool),
+) -> Result<(), E> {
+    let mut referenced = referenced.peekable();
+    let mut cur: Vec<Entry> = Vec::new();
+    let mut flush =
+        |cur: &mut Vec<Entry>, referenced: &mut std::iter::Peekable<_>| -> Result<(), E> {
+            let Some(first) = cur.first() else { return Ok(()) };
+            let chunk = first.chunk;
+            let mut hit = false;
+            while referenced
+                .next_if(|r: &Result<ChunkId, E>| r.as_ref().is_ok_and(|r| *r < chunk))
+                .is_some()
+            {}
+            match referenced.peek() {
+                Some(Ok(r)) => hit = *r == chunk,
+                Some(Err(_)) => {
+                    if let Some(Err(e)) = referenced.next() {
+                        return Err(e);
+                    }
+                }
+                None => {}
+            }
+            group(cur, hit);
+            cur.clear();
+            Ok(())
+        };
+    for e in entries {
+        let e = e?;
+        if cur.first().is_some_and(|f| f.chunk != e.chunk) {
+            flush(&mut cur, &mut referenced)?;
+        }
+        cur.push(e);
+    }
+    flush(&mut cur, &mut referenced)
+}
+
+/// Calls `counts` with each entry of `entries` (sorted by chunk, then pack) that is the copy
+/// that counts: its chunk is in `referenced` (sorted, distinct) and this is its first entry in
+/// a pack that is not `pending` (by pack number). A chunk held only by pending packs counts
+/// nowhere here; the rescue at deletion time keeps one of them if it is still referenced.
+pub(crate) fn counting<E>(
+    entries: impl Iterator<Item = Result<Entry, E>>,
+    referenced: impl Iterator<Item = Result<ChunkId, E>>,
+    pending: &[bool],
+    counts: &mut dyn FnMut(&Entry),
+) -> Result<(), E> {
+    join(entries, referenced, &mut |group, hit| {
+        if hit {
+            if let Some(e) = group.iter().find(|e| !pending[e.pack as usize]) {
+                counts(e);
             }
         }
-        i = end;
-    }
-    out
+    })
 }
 
 /// A pack of `size` bytes of which `used` are chunks that count.
@@ -102,26 +164,39 @@ pub(crate) fn not_ripe(
 /// The pack numbers to keep although they are `doomed`: for each chunk of `referenced` (sorted,
 /// distinct) that has entries (sorted by chunk) and all of them in doomed packs, the pack of its
 /// first entry.
-pub(crate) fn rescue(entries: &[Entry], referenced: &[ChunkId], doomed: &[bool]) -> Vec<u32> {
+pub(crate) fn rescue<E>(
+    entries: impl Iterator<Item = Result<Entry, E>>,
+    referenced: impl Iterator<Item = Result<ChunkId, E>>,
+    doomed: &[bool],
+) -> Result<Vec<u32>, E> {
     let mut out = Vec::new();
-    let mut r = 0;
-    let mut i = 0;
-    while i < entries.len() {
-        let chunk = entries[i].chunk;
-        let end = i + entries[i..].iter().take_while(|e| e.chunk == chunk).count();
-        while r < referenced.len() && referenced[r] < chunk {
-            r += 1;
+    join(entries, referenced, &mut |group, hit| {
+        if hit && group.iter().all(|e| doomed[e.pack as usize]) {
+            out.push(group[0].pack);
         }
-        if referenced.get(r) == Some(&chunk)
-            && entries[i..end].iter().all(|e| doomed[e.pack as usize])
-        {
-            out.push(entries[i].pack);
-        }
-        i = end;
-    }
+    })?;
     out.sort_unstable();
     out.dedup();
-    out
+    Ok(out)
+}
+
+/// Merges two streams sorted by the same order into one.
+pub(crate) fn merge_sorted<T: Ord, E>(
+    a: impl Iterator<Item = Result<T, E>>,
+    b: impl Iterator<Item = Result<T, E>>,
+) -> impl Iterator<Item = Result<T, E>> {
+    let (mut a, mut b) = (a.peekable(), b.peekable());
+    std::iter::from_fn(move || match (a.peek(), b.peek()) {
+        (Some(Ok(x)), Some(Ok(y))) => {
+            if x <= y {
+                a.next()
+            } else {
+                b.next()
+            }
+        }
+        (Some(Err(_)), _) | (_, None) => a.next(),
+        _ => b.next(),
+    })
 }
 
 #[cfg(test)]
@@ -130,6 +205,10 @@ mod tests {
 
     fn c(b: u8) -> ChunkId {
         ChunkId([b; 32])
+    }
+
+    fn ok<T: Copy>(items: &[T]) -> impl Iterator<Item = Result<T, ()>> + '_ {
+        items.iter().map(|&x| Ok(x))
     }
 
     fn e(chunk: u8, pack: u32) -> Entry {
@@ -142,8 +221,10 @@ mod tests {
         // chunk 4 unreferenced.
         let entries = [e(1, 0), e(1, 1), e(2, 1), e(2, 2), e(3, 1), e(4, 0)];
         let pending = [false, true, false];
-        let live = counting(&entries, &[c(1), c(2), c(3), c(9)], &pending);
-        assert_eq!(live, [true, false, false, true, false, false]);
+        let mut live = Vec::new();
+        counting(ok(&entries), ok(&[c(1), c(2), c(3), c(9)]), &pending, &mut |e| live.push(*e))
+            .expect("no error");
+        assert_eq!(live, [e(1, 0), e(2, 2)]);
     }
 
     #[test]
@@ -186,7 +267,18 @@ mod tests {
         let entries = [e(1, 0), e(1, 1), e(2, 1), e(2, 2), e(3, 2), e(4, 3)];
         // Packs 0, 1, 2 doomed, 3 stays.
         let doomed = [true, true, true, false];
-        assert_eq!(rescue(&entries, &[c(1), c(3), c(4), c(5)], &doomed), vec![0, 2]);
-        assert!(rescue(&entries, &[c(4)], &doomed).is_empty());
+        assert_eq!(rescue(ok(&entries), ok(&[c(1), c(3), c(4), c(5)]), &doomed), Ok(vec![0, 2]));
+        assert_eq!(rescue(ok(&entries), ok(&[c(4)]), &doomed), Ok(vec![]));
+    }
+
+    #[test]
+    fn merged_streams_stay_sorted_and_entries_survive_their_record_form() {
+        let got: Vec<u8> = merge_sorted(ok(&[1u8, 4, 6]), ok(&[2u8, 3, 7]))
+            .collect::<Result<_, ()>>()
+            .expect("no error");
+        assert_eq!(got, [1, 2, 3, 4, 6, 7]);
+        let x = Entry { chunk: c(3), pack: 70_000, offset: 5, len: 9 };
+        assert_eq!(Entry::from_rec(&x.to_rec()), x);
+        assert!(e(1, 300).to_rec() < e(2, 0).to_rec(), "ordered by chunk, then pack");
     }
 }

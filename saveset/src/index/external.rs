@@ -1,0 +1,203 @@
+//! An external sort of fixed-size records: inserted in any order, read back sorted and
+//! distinct. Memory is bounded by a budget: a full buffer is sorted and spilled as a run file
+//! in the cache directory (0600, removed when the set is dropped), and the runs are merged as a
+//! stream. Prune's and verify's sets of referenced chunks use it, so they hold a budget's
+//! worth of ids, not every id a repository references.
+
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
+use std::fs::File;
+use std::io::{BufReader, BufWriter, Read, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+use crate::crypto::{hex, random};
+use crate::error::{IoContext, Result};
+use crate::manifest::ChunkId;
+
+/// Distinct chunk ids, sorted on the way out.
+pub(crate) type ExternalSet = ExternalSort<32>;
+
+impl ExternalSet {
+    pub(crate) fn insert_id(&mut self, id: ChunkId) -> Result<()> {
+        self.insert(id.0)
+    }
+}
+
+/// Records of `N` bytes, ordered bytewise.
+pub(crate) struct ExternalSort<const N: usize> {
+    dir: PathBuf,
+    buf: Vec<[u8; N]>,
+    cap: usize,
+    runs: Vec<PathBuf>,
+}
+
+impl<const N: usize> ExternalSort<N> {
+    /// A sort spilling to `dir` once it holds `budget` bytes of records.
+    pub(crate) fn new(dir: &Path, budget: u64) -> Self {
+        let cap = usize::try_from(budget / N as u64).unwrap_or(usize::MAX).max(1024);
+        ExternalSort { dir: dir.to_owned(), buf: Vec::new(), cap, runs: Vec::new() }
+    }
+
+    pub(crate) fn insert(&mut self, rec: [u8; N]) -> Result<()> {
+        if self.buf.len() == self.cap {
+            self.buf.sort_unstable();
+            self.buf.dedup();
+            if self.buf.len() > self.cap / 2 {
+                self.spill()?;
+            }
+        }
+        if self.buf.capacity() == 0 {
+            self.buf.reserve_exact(self.cap);
+        }
+        self.buf.push(rec);
+        Ok(())
+    }
+
+    fn spill(&mut self) -> Result<()> {
+        let path = self.dir.join(format!("sort-{}", hex(&random::<16>())));
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)
+            .ctx("create", &path)?;
+        self.runs.push(path.clone());
+        let mut out = BufWriter::with_capacity(1 << 20, file);
+        for rec in self.buf.drain(..) {
+            out.write_all(&rec).ctx("write", &path)?;
+        }
+        out.flush().ctx("write", &path)?;
+        Ok(())
+    }
+
+    /// Runs written so far (tests: that a budget forces spills).
+    #[cfg(test)]
+    pub(crate) fn spilled(&self) -> usize {
+        self.runs.len()
+    }
+
+    /// Every distinct record, in order.
+    pub(crate) fn into_sorted_iter(mut self) -> Result<SortedIter<N>> {
+        self.buf.sort_unstable();
+        self.buf.dedup();
+        let mut sources = Vec::new();
+        for path in std::mem::take(&mut self.runs) {
+            let file = File::open(&path).ctx("open", &path)?;
+            // Unlinked now: the open file stays readable, and nothing is left if we die.
+            let _ = std::fs::remove_file(&path);
+            sources.push(Source::File(BufReader::with_capacity(64 << 10, file), path));
+        }
+        sources.push(Source::Mem(std::mem::take(&mut self.buf).into_iter()));
+        let mut it = SortedIter { sources, heap: BinaryHeap::new(), last: None };
+        for k in 0..it.sources.len() {
+            if let Some(rec) = it.sources[k].next()? {
+                it.heap.push(Reverse((rec, k)));
+            }
+        }
+        Ok(it)
+    }
+}
+
+impl<const N: usize> ExternalSort<N> {
+    /// Every distinct record, in order, in one file that can be read as often as needed.
+    pub(crate) fn into_file(self) -> Result<SortedFile<N>> {
+        let path = self.dir.join(format!("sorted-{}", hex(&random::<16>())));
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)
+            .ctx("create", &path)?;
+        // Removed again if anything below fails.
+        let mut sorted = SortedFile { path: path.clone(), len: 0 };
+        let mut out = BufWriter::with_capacity(1 << 20, file);
+        for rec in self.into_sorted_iter()? {
+            out.write_all(&rec?).ctx("write", &path)?;
+            sorted.len += 1;
+        }
+        out.flush().ctx("write", &path)?;
+        Ok(sorted)
+    }
+}
+
+/// Sorted, distinct records in a file (removed when dropped).
+pub(crate) struct SortedFile<const N: usize> {
+    path: PathBuf,
+    len: u64,
+}
+
+impl<const N: usize> SortedFile<N> {
+    /// How many records.
+    pub(crate) fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// The records, in order.
+    pub(crate) fn iter(&self) -> Result<impl Iterator<Item = Result<[u8; N]>>> {
+        let file = File::open(&self.path).ctx("open", &self.path)?;
+        let mut source = Source::File(BufReader::with_capacity(256 << 10, file), self.path.clone());
+        Ok(std::iter::from_fn(move || source.next().transpose()))
+    }
+}
+
+impl<const N: usize> Drop for SortedFile<N> {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+impl<const N: usize> Drop for ExternalSort<N> {
+    fn drop(&mut self) {
+        for p in &self.runs {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
+enum Source<const N: usize> {
+    File(BufReader<File>, PathBuf),
+    Mem(std::vec::IntoIter<[u8; N]>),
+}
+
+impl<const N: usize> Source<N> {
+    fn next(&mut self) -> Result<Option<[u8; N]>> {
+        match self {
+            Source::Mem(it) => Ok(it.next()),
+            Source::File(r, path) => {
+                let mut rec = [0u8; N];
+                match r.read_exact(&mut rec) {
+                    Ok(()) => Ok(Some(rec)),
+                    Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Ok(None),
+                    Err(e) => Err(e).ctx("read", path.clone()),
+                }
+            }
+        }
+    }
+}
+
+/// The merged stream of an [`ExternalSort`].
+pub(crate) struct SortedIter<const N: usize> {
+    sources: Vec<Source<N>>,
+    heap: BinaryHeap<Reverse<([u8; N], usize)>>,
+    last: Option<[u8; N]>,
+}
+
+impl<const N: usize> Iterator for SortedIter<N> {
+    type Item = Result<[u8; N]>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        loop {
+            let Reverse((rec, k)) = self.heap.pop()?;
+            match self.sources[k].next() {
+                Ok(Some(next)) => self.heap.push(Reverse((next, k))),
+                Ok(None) => {}
+                Err(e) => return Some(Err(e)),
+            }
+            if self.last != Some(rec) {
+                self.last = Some(rec);
+                return Some(Ok(rec));
+            }
+        }
+    }
+}

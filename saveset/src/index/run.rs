@@ -1,0 +1,470 @@
+//! One index run: an immutable file of index entries sorted by chunk id, cut into blocks that
+//! each carry a checksum, followed by what a reader keeps in memory: the run's pack table, the
+//! first id prefix of each block (fence keys) and a Bloom filter. A header checksum covers the
+//! header and those tables; a block's checksum is checked when it is read. Anything that does
+//! not check out makes the run damaged: it is dropped and its packs' index files are read
+//! again from the repository. Runs are written as `tmp-*` and renamed, so a reader never sees
+//! half a run.
+//!
+//! ```text
+//! header (128 bytes): magic "SPIXRUN1", repository tag (16), entries u64, entries per block
+//!     u32, packs u32, filter bytes u64, blocks end u64, checksum (32) of header+tables
+//! blocks: per block up to `block` entries of 44 bytes (chunk id 32, pack u32 (in this run's
+//!     table), offset u32, sealed length u32, all LE), then blake3 of them (first 8 bytes)
+//! pack table: 32 bytes per pack; fences: u64 BE per block; filter: its words, u64 LE
+//! ```
+
+use std::fs::File;
+use std::io::{BufWriter, Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use super::filter::Filter;
+use crate::crypto::{hex, random};
+use crate::manifest::{ChunkId, PackId};
+
+const MAGIC: &[u8; 8] = b"SPIXRUN1";
+const HEADER: usize = 128;
+pub(crate) const ENTRY: usize = 44;
+const BLOCK_SUM: usize = 8;
+/// Entries per block at least: one block is about one 4 KiB page.
+pub(crate) const MIN_BLOCK: u32 = 64;
+
+/// One entry: `id` at `offset` (sealed length `len`) in pack number `pack` of some table.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) struct RawEntry {
+    pub id: ChunkId,
+    pub pack: u32,
+    pub offset: u32,
+    pub len: u32,
+}
+
+impl RawEntry {
+    fn encode(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(&self.id.0);
+        out.extend_from_slice(&self.pack.to_le_bytes());
+        out.extend_from_slice(&self.offset.to_le_bytes());
+        out.extend_from_slice(&self.len.to_le_bytes());
+    }
+
+    fn decode(b: &[u8]) -> RawEntry {
+        let u = |at: usize| u32::from_le_bytes(b[at..at + 4].try_into().expect("4 bytes"));
+        RawEntry {
+            id: ChunkId(b[..32].try_into().expect("32 bytes")),
+            pack: u(32),
+            offset: u(36),
+            len: u(40),
+        }
+    }
+}
+
+fn prefix(id: &ChunkId) -> u64 {
+    u64::from_be_bytes(id.0[..8].try_into().expect("8 bytes"))
+}
+
+fn block_sum(entries: &[u8]) -> [u8; BLOCK_SUM] {
+    blake3::hash(entries).as_bytes()[..BLOCK_SUM].try_into().expect("8 bytes")
+}
+
+/// Entries per block so that the fence keys of `entries` take at most `fence_bytes`.
+pub(crate) fn block_for(entries: u64, fence_bytes: u64) -> u32 {
+    let blocks_allowed = (fence_bytes / 8).max(1);
+    let per = entries.div_ceil(blocks_allowed).max(u64::from(MIN_BLOCK)).next_power_of_two();
+    u32::try_from(per).unwrap_or(1 << 31)
+}
+
+/// Writes a run: entries pushed in id order, then [`RunWriter::finish`].
+pub(crate) struct RunWriter {
+    tmp: TmpFile,
+    out: BufWriter<File>,
+    tag: [u8; 16],
+    packs: Vec<PackId>,
+    block: u32,
+    cur: Vec<u8>,
+    in_block: u32,
+    entries: u64,
+    fences: Vec<u64>,
+    filter: Filter,
+    last: Option<ChunkId>,
+}
+
+impl RunWriter {
+    /// A run in `dir` over the packs `packs` (entries name them by position), sized for about
+    /// `expected` entries.
+    pub(crate) fn create(
+        dir: &Path,
+        tag: [u8; 16],
+        packs: Vec<PackId>,
+        expected: u64,
+        fence_bytes: u64,
+        filter_bits: u64,
+    ) -> std::io::Result<RunWriter> {
+        let tmp = dir.join(format!("tmp-{}", hex(&random::<16>())));
+        let file =
+            std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp)?;
+        let mut out = BufWriter::with_capacity(1 << 20, file);
+        out.write_all(&[0u8; HEADER])?;
+        let block = block_for(expected, fence_bytes);
+        Ok(RunWriter {
+            tmp: TmpFile(tmp),
+            out,
+            tag,
+            packs,
+            block,
+            cur: Vec::with_capacity(block as usize * ENTRY),
+            in_block: 0,
+            entries: 0,
+            fences: Vec::new(),
+            filter: Filter::with_bits(Filter::bits_for(expected, filter_bits)),
+            last: None,
+        })
+    }
+
+    pub(crate) fn push(&mut self, e: &RawEntry) -> std::io::Result<()> {
+        debug_assert!(self.last.is_none_or(|l| l <= e.id), "entries in id order");
+        debug_assert!((e.pack as usize) < self.packs.len());
+        self.last = Some(e.id);
+        if self.in_block == 0 {
+            self.fences.push(prefix(&e.id));
+        }
+        e.encode(&mut self.cur);
+        self.filter.insert(&e.id);
+        self.in_block += 1;
+        self.entries += 1;
+        if self.in_block == self.block {
+            self.end_block()?;
+        }
+        Ok(())
+    }
+
+    fn end_block(&mut self) -> std::io::Result<()> {
+        if self.in_block > 0 {
+            self.out.write_all(&self.cur)?;
+            self.out.write_all(&block_sum(&self.cur))?;
+            self.cur.clear();
+            self.in_block = 0;
+        }
+        Ok(())
+    }
+
+    /// Completes the run and renames it into `dir` as `run-<random>`; returns its path. An
+    /// empty run is removed instead (`None`).
+    pub(crate) fn finish(mut self, dir: &Path) -> std::io::Result<Option<PathBuf>> {
+        if self.entries == 0 {
+            return Ok(None);
+        }
+        self.end_block()?;
+        let mut tables = Vec::new();
+        for p in &self.packs {
+            tables.extend_from_slice(&p.0);
+        }
+        for f in &self.fences {
+            tables.extend_from_slice(&f.to_be_bytes());
+        }
+        for w in self.filter.words() {
+            tables.extend_from_slice(&w.to_le_bytes());
+        }
+        self.out.write_all(&tables)?;
+        let mut file = self.out.into_inner().map_err(|e| e.into_error())?;
+        let blocks_end = file.stream_position()? - tables.len() as u64;
+        let mut header = [0u8; HEADER];
+        header[..8].copy_from_slice(MAGIC);
+        header[8..24].copy_from_slice(&self.tag);
+        header[24..32].copy_from_slice(&self.entries.to_le_bytes());
+        header[32..36].copy_from_slice(&self.block.to_le_bytes());
+        let packs = u32::try_from(self.packs.len()).expect("fewer than 4 G packs");
+        header[36..40].copy_from_slice(&packs.to_le_bytes());
+        header[40..48].copy_from_slice(&self.filter.bytes().to_le_bytes());
+        header[48..56].copy_from_slice(&blocks_end.to_le_bytes());
+        let sum = header_sum(&header, &tables);
+        header[56..88].copy_from_slice(&sum);
+        file.seek(SeekFrom::Start(0))?;
+        file.write_all(&header)?;
+        let path = dir.join(format!("run-{}", hex(&random::<16>())));
+        std::fs::rename(&self.tmp.0, &path)?;
+        std::mem::forget(self.tmp);
+        Ok(Some(path))
+    }
+}
+
+/// A run's temp file, removed unless renamed into place: a run given up half way (an error,
+/// an empty run) leaves nothing.
+struct TmpFile(PathBuf);
+
+impl Drop for TmpFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+fn header_sum(header: &[u8; HEADER], tables: &[u8]) -> [u8; 32] {
+    let mut h = blake3::Hasher::new();
+    h.update(&header[..56]);
+    h.update(tables);
+    *h.finalize().as_bytes()
+}
+
+/// An open run: its tables in memory, its blocks on disk (or, when they fit the budget, in
+/// memory too).
+pub(crate) struct Run {
+    pub(crate) path: PathBuf,
+    file: File,
+    pub(crate) entries: u64,
+    block: u32,
+    blocks_end: u64,
+    pub(crate) packs: Vec<PackId>,
+    fences: Vec<u64>,
+    pub(crate) filter: Filter,
+    /// Every block, checked once, when the run is small enough to keep.
+    resident: Option<Vec<u8>>,
+    /// Set when a block read fails or does not check out: lookups skip the run from then on.
+    dead: AtomicBool,
+}
+
+impl std::fmt::Debug for Run {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Run").field("path", &self.path).field("entries", &self.entries).finish()
+    }
+}
+
+impl Run {
+    /// Opens the run at `path` if it is whole and of the repository `tag`; else why not.
+    pub(crate) fn open(path: &Path, tag: [u8; 16]) -> Result<Run, String> {
+        let mut file = File::open(path).map_err(|e| e.to_string())?;
+        let len = file.metadata().map_err(|e| e.to_string())?.len();
+        let mut header = [0u8; HEADER];
+        file.read_exact(&mut header).map_err(|_| "shorter than its header".to_owned())?;
+        if &header[..8] != MAGIC {
+            return Err("not an index run of this version".into());
+        }
+        if header[8..24] != tag {
+            return Err("of another repository".into());
+        }
+        let u64_at = |at: usize| u64::from_le_bytes(header[at..at + 8].try_into().expect("8"));
+        let u32_at = |at: usize| u32::from_le_bytes(header[at..at + 4].try_into().expect("4"));
+        let (entries, block, packs, filter_bytes, blocks_end) =
+            (u64_at(24), u32_at(32), u32_at(36), u64_at(40), u64_at(48));
+        if block == 0 || entries == 0 || filter_bytes % 8 != 0 {
+            return Err("bad header".into());
+        }
+        let nblocks = entries.div_ceil(u64::from(block));
+        let tables_len = u64::from(packs) * 32 + nblocks * 8 + filter_bytes;
+        let expect_blocks_end = HEADER as u64 + entries * ENTRY as u64 + nblocks * BLOCK_SUM as u64;
+        if blocks_end != expect_blocks_end || blocks_end.checked_add(tables_len) != Some(len) {
+            return Err(format!("bad length {len}"));
+        }
+        let mut tables = vec![0u8; usize::try_from(tables_len).map_err(|_| "too large")?];
+        file.read_exact_at(&mut tables, blocks_end).map_err(|e| e.to_string())?;
+        if header_sum(&header, &tables) != header[56..88] {
+            return Err("checksum mismatch".into());
+        }
+        let (pack_bytes, rest) = tables.split_at(packs as usize * 32);
+        let (fence_bytes, filter_bytes) =
+            rest.split_at(usize::try_from(nblocks * 8).expect("fits"));
+        let packs =
+            pack_bytes.chunks_exact(32).map(|p| PackId(p.try_into().expect("32"))).collect();
+        let fences = fence_bytes
+            .chunks_exact(8)
+            .map(|f| u64::from_be_bytes(f.try_into().expect("8")))
+            .collect();
+        let words = filter_bytes
+            .chunks_exact(8)
+            .map(|w| u64::from_le_bytes(w.try_into().expect("8")))
+            .collect();
+        let filter = Filter::from_words(words).ok_or("bad filter")?;
+        Ok(Run {
+            path: path.to_owned(),
+            file,
+            entries,
+            block,
+            blocks_end,
+            packs,
+            fences,
+            filter,
+            resident: None,
+            dead: AtomicBool::new(false),
+        })
+    }
+
+    /// Bytes of the blocks (what keeping the run in memory costs).
+    pub(crate) fn block_bytes(&self) -> u64 {
+        self.blocks_end - HEADER as u64
+    }
+
+    /// Bytes this run holds in memory.
+    #[cfg(test)]
+    pub(crate) fn memory(&self) -> u64 {
+        self.fences.len() as u64 * 8
+            + self.filter.bytes()
+            + self.packs.len() as u64 * 36
+            + self.resident.as_ref().map_or(0, |r| r.len() as u64)
+    }
+
+    pub(crate) fn is_resident(&self) -> bool {
+        self.resident.is_some()
+    }
+
+    pub(crate) fn mark_dead(&self) {
+        self.dead.store(true, Ordering::Relaxed);
+    }
+
+    pub(crate) fn is_dead(&self) -> bool {
+        self.dead.load(Ordering::Relaxed)
+    }
+
+    /// Reads every block into memory, checking each; a run that fails is damaged.
+    pub(crate) fn make_resident(&mut self) -> Result<(), String> {
+        let mut all = vec![0u8; usize::try_from(self.block_bytes()).map_err(|_| "too large")?];
+        self.file.read_exact_at(&mut all, HEADER as u64).map_err(|e| e.to_string())?;
+        let rec = self.block as usize * ENTRY + BLOCK_SUM;
+        for b in 0..self.fences.len() {
+            let start = b * rec;
+            let n = self.entries_in(b) * ENTRY;
+            let (data, sum) = all[start..start + n + BLOCK_SUM].split_at(n);
+            if block_sum(data) != sum {
+                return Err(format!("block {b}: checksum mismatch"));
+            }
+        }
+        self.resident = Some(all);
+        Ok(())
+    }
+
+    fn entries_in(&self, b: usize) -> usize {
+        let before = b as u64 * u64::from(self.block);
+        usize::try_from((self.entries - before).min(u64::from(self.block))).expect("a block")
+    }
+
+    /// Block `b`'s entries (44 bytes each), from memory, from `cache` when it holds that
+    /// block, or read into it and checked.
+    fn block<'a>(&'a self, b: usize, cache: &'a mut Cached) -> Result<&'a [u8], String> {
+        let rec = self.block as usize * ENTRY + BLOCK_SUM;
+        let n = self.entries_in(b) * ENTRY;
+        if let Some(all) = &self.resident {
+            return Ok(&all[b * rec..b * rec + n]);
+        }
+        if cache.block != Some(b) {
+            cache.block = None;
+            let buf = &mut cache.buf;
+            buf.resize(n + BLOCK_SUM, 0);
+            let at = HEADER as u64 + (b * rec) as u64;
+            let read = self.file.read_exact_at(buf, at);
+            let ok = read.is_ok() && block_sum(&buf[..n]) == buf[n..n + BLOCK_SUM];
+            if !ok {
+                self.dead.store(true, Ordering::Relaxed);
+                let why = match read {
+                    Err(e) => e.to_string(),
+                    Ok(()) => "checksum mismatch".into(),
+                };
+                return Err(format!("block {b}: {why}"));
+            }
+            cache.block = Some(b);
+        }
+        Ok(&cache.buf[..n])
+    }
+
+    /// The block where entries for `id` start, and whether the next one may hold some too.
+    fn first_block(&self, id: &ChunkId) -> usize {
+        let p = prefix(id);
+        self.fences.partition_point(|&f| f < p).saturating_sub(1)
+    }
+
+    /// Calls `found` with every entry of `id` (pack numbers of this run's table). The filter
+    /// answers most misses without a read. `cache` keeps the last block read: ids looked up in
+    /// sorted order read each block once.
+    pub(crate) fn lookup(
+        &self,
+        id: &ChunkId,
+        cache: &mut Cached,
+        found: &mut dyn FnMut(RawEntry),
+    ) -> Result<(), String> {
+        if self.is_dead() || !self.filter.may_contain(id) {
+            return Ok(());
+        }
+        let p = prefix(id);
+        let mut b = self.first_block(id);
+        loop {
+            let entries = self.block(b, cache)?;
+            let n = entries.len() / ENTRY;
+            let key = |i: usize| &entries[i * ENTRY..i * ENTRY + 32];
+            let mut i = partition(n, |i| key(i) < &id.0[..]);
+            while i < n && key(i) == &id.0[..] {
+                found(RawEntry::decode(&entries[i * ENTRY..(i + 1) * ENTRY]));
+                i += 1;
+            }
+            // Entries of `id` go on in the next block only if this one ended on them or
+            // before them and the next block starts with the same prefix.
+            if i == n && b + 1 < self.fences.len() && self.fences[b + 1] <= p {
+                b += 1;
+            } else {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Every entry in order, block by block (for merging); a damaged block ends it with an
+    /// error.
+    pub(crate) fn iter(&self) -> RunIter<'_> {
+        RunIter { run: self, block: 0, cache: Cached::default(), at: 0, len: 0 }
+    }
+}
+
+fn partition(n: usize, pred: impl Fn(usize) -> bool) -> usize {
+    let (mut lo, mut hi) = (0, n);
+    while lo < hi {
+        let mid = (lo + hi) / 2;
+        if pred(mid) {
+            lo = mid + 1;
+        } else {
+            hi = mid;
+        }
+    }
+    lo
+}
+
+/// The entries of a run in order.
+pub(crate) struct RunIter<'a> {
+    run: &'a Run,
+    block: usize,
+    cache: Cached,
+    at: usize,
+    len: usize,
+}
+
+/// The last block a reader read, for the next lookup in it.
+#[derive(Default)]
+pub(crate) struct Cached {
+    block: Option<usize>,
+    buf: Vec<u8>,
+}
+
+impl Iterator for RunIter<'_> {
+    type Item = Result<RawEntry, String>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        while self.at == self.len {
+            if self.block == self.run.fences.len() {
+                return None;
+            }
+            match self.run.block(self.block, &mut self.cache).map(<[u8]>::len) {
+                Ok(len) => {
+                    self.len = len;
+                    self.at = 0;
+                    self.block += 1;
+                }
+                Err(e) => {
+                    self.block = self.run.fences.len();
+                    return Some(Err(e));
+                }
+            }
+        }
+        let rec = self.run.block as usize * ENTRY + BLOCK_SUM;
+        let bytes = match &self.run.resident {
+            Some(all) => &all[(self.block - 1) * rec..],
+            None => &self.cache.buf[..],
+        };
+        let e = RawEntry::decode(&bytes[self.at..self.at + ENTRY]);
+        self.at += ENTRY;
+        Some(Ok(e))
+    }
+}

@@ -1,0 +1,217 @@
+//! The index cache on a real directory: spills, merges, reopening, damaged and foreign runs,
+//! the exclusion rule, and the external sort.
+
+use super::*;
+
+fn id(n: u64) -> ChunkId {
+    ChunkId(*blake3::hash(&n.to_le_bytes()).as_bytes())
+}
+
+fn pack(n: u64) -> PackId {
+    PackId(*blake3::hash(format!("pack {n}").as_bytes()).as_bytes())
+}
+
+/// Pack `p` holds chunks `p*100 .. p*100+100`, chunk `k` at offset `k * 10`.
+fn entries(p: u64) -> Vec<(ChunkId, u64, u32)> {
+    (0..100).map(|k| (id(p * 100 + k), k * 10, 10)).collect()
+}
+
+const TAG: [u8; 16] = [7; 16];
+/// A budget whose in-memory table holds 64 entries: every pack spills.
+const TINY: u64 = 64 << 10;
+
+fn check_all(index: &Index, packs: u64) {
+    let ids: Vec<ChunkId> = (0..packs * 100).map(id).collect();
+    let got = index.get_many(&ids);
+    for (n, loc) in got.into_iter().enumerate() {
+        let n = n as u64;
+        let want = ChunkLoc { pack: pack(n / 100), offset: (n % 100) * 10, len: 10 };
+        assert_eq!(loc, Some(want), "chunk {n}");
+    }
+    for n in packs * 100..packs * 100 + 1000 {
+        assert!(!index.contains_key(&id(n)), "chunk {n} was never added");
+    }
+}
+
+#[test]
+fn a_tiny_budget_spills_and_merges_and_every_lookup_still_answers() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let index = Index::open(Some(dir.path()), TAG, TINY).expect("open");
+    for p in 0..40 {
+        index.add_pack(pack(p), entries(p)).expect("add");
+        assert!(index.run_count() <= MAX_RUNS, "merged once past the limit");
+    }
+    index.sync().expect("sync");
+    assert!(index.run_count() > 1 && index.run_count() <= MAX_RUNS);
+    check_all(&index, 40);
+    assert!((0..40).all(|p| index.has_pack(&pack(p))));
+    assert!(index.memory() <= TINY, "{} bytes in memory", index.memory());
+    // Lookups one at a time agree with the batch.
+    assert!(index.contains_key(&id(1234)));
+}
+
+#[test]
+fn a_reopened_cache_holds_what_was_added_and_what_this_process_had_in_memory() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    {
+        let index = Index::open(Some(dir.path()), TAG, DEFAULT_MEMORY_BUDGET).expect("open");
+        for p in 0..5 {
+            index.add_pack(pack(p), entries(p)).expect("add");
+        }
+        assert_eq!(index.run_count(), 0, "nothing spilled yet");
+    } // dropped: the in-memory table goes to a run
+    let index = Index::open(Some(dir.path()), TAG, DEFAULT_MEMORY_BUDGET).expect("reopen");
+    assert_eq!(index.run_count(), 1);
+    assert!((0..5).all(|p| index.has_pack(&pack(p))));
+    check_all(&index, 5);
+    let mut files: Vec<_> = std::fs::read_dir(dir.path().join(hex(&TAG)))
+        .expect("list")
+        .map(|e| e.expect("entry").path())
+        .collect();
+    files.retain(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("run-")));
+    use std::os::unix::fs::PermissionsExt;
+    let mode = |p: &Path| std::fs::metadata(p).expect("stat").permissions().mode() & 0o777;
+    assert_eq!(mode(&files[0]), 0o600, "runs hold keyed ids and locations: owner only");
+    assert_eq!(mode(&dir.path().join(hex(&TAG))), 0o700);
+}
+
+fn run_files(dir: &Path) -> Vec<PathBuf> {
+    let mut files: Vec<_> = std::fs::read_dir(dir.join(hex(&TAG)))
+        .expect("list")
+        .map(|e| e.expect("entry").path())
+        .filter(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("run-")))
+        .collect();
+    files.sort();
+    files
+}
+
+#[test]
+fn a_damaged_run_is_dropped_and_its_packs_are_no_longer_held() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    {
+        let index = Index::open(Some(dir.path()), TAG, DEFAULT_MEMORY_BUDGET).expect("open");
+        for p in 0..3 {
+            index.add_pack(pack(p), entries(p)).expect("add");
+        }
+    }
+    let run = &run_files(dir.path())[0];
+    // A flipped byte in the tables (header checksum) and, separately, in a block.
+    let mut bytes = std::fs::read(run).expect("read");
+    let last = bytes.len() - 1;
+    bytes[last] ^= 1;
+    std::fs::write(run, &bytes).expect("write");
+    let index = Index::open(Some(dir.path()), TAG, DEFAULT_MEMORY_BUDGET).expect("reopen");
+    assert_eq!(index.run_count(), 0, "damaged: not trusted");
+    assert!(!index.has_pack(&pack(0)), "its packs are read from the repository again");
+    assert!(run_files(dir.path()).is_empty(), "and the run is removed");
+    // A block damaged where the header checksum cannot see it: found when read.
+    for p in 0..3 {
+        index.add_pack(pack(p), entries(p)).expect("add");
+    }
+    drop(index);
+    let run = &run_files(dir.path())[0];
+    let mut bytes = std::fs::read(run).expect("read");
+    bytes[200] ^= 1;
+    std::fs::write(run, &bytes).expect("write");
+    // A budget too small to keep the run in memory, so blocks are checked as they are read.
+    let index = Index::open(Some(dir.path()), TAG, 64 << 10).expect("reopen");
+    let all: Vec<ChunkId> = (0..300).map(id).collect();
+    let found = index.get_many(&all).into_iter().filter(Option::is_some).count();
+    assert!(found < 300, "the damaged block answers nothing");
+    index.sync().expect("sync");
+    assert_eq!(index.run_count(), 0);
+    assert!(!index.has_pack(&pack(0)));
+}
+
+#[test]
+fn a_run_of_another_repository_is_never_used() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    {
+        let index = Index::open(Some(dir.path()), [9; 16], DEFAULT_MEMORY_BUDGET).expect("open");
+        index.add_pack(pack(0), entries(0)).expect("add");
+    }
+    // Copied into this repository's directory.
+    let theirs = std::fs::read_dir(dir.path().join(hex(&[9u8; 16])))
+        .expect("list")
+        .map(|e| e.expect("entry").path())
+        .find(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("run-")))
+        .expect("a run");
+    private_dir(&dir.path().join(hex(&TAG))).expect("mkdir");
+    std::fs::copy(&theirs, dir.path().join(hex(&TAG)).join("run-copied")).expect("copy");
+    let index = Index::open(Some(dir.path()), TAG, DEFAULT_MEMORY_BUDGET).expect("open");
+    assert_eq!(index.run_count(), 0);
+    assert!(!index.has_pack(&pack(0)));
+    assert!(!index.contains_key(&id(5)));
+}
+
+#[test]
+fn a_copy_in_a_pack_that_stays_wins_over_one_marked_for_deletion() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let index = Index::open(Some(dir.path()), TAG, TINY).expect("open");
+    let shared = id(1_000_000);
+    index.add_pack(pack(0), [(shared, 0, 10)]).expect("add");
+    index.sync().expect("spill pack 0 to a run");
+    index.add_pack(pack(1), [(shared, 50, 10)]).expect("add");
+    let at = |p: u64, off: u64| Some(ChunkLoc { pack: pack(p), offset: off, len: 10 });
+    assert_eq!(index.get_many(&[shared])[0], at(0, 0), "the first pack seen");
+    index.set_excluded(|p| *p == pack(0));
+    assert_eq!(index.get_many(&[shared])[0], at(1, 50));
+    assert!(index.contains_key(&shared));
+    index.set_excluded(|_| true);
+    assert!(!index.contains_key(&shared), "only in excluded packs: store it again");
+    assert!(index.get_many(&[shared])[0].is_some(), "but still readable");
+}
+
+#[test]
+fn merges_drop_the_entries_of_packs_whose_index_file_is_gone() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let index = Index::open(Some(dir.path()), TAG, TINY).expect("open");
+    index.add_pack(pack(0), entries(0)).expect("add");
+    index.set_gone(|p| *p == pack(0));
+    for p in 1..80 {
+        index.add_pack(pack(p), entries(p)).expect("add");
+    }
+    index.sync().expect("sync");
+    assert!(!index.has_pack(&pack(0)), "merged away");
+    assert!(index.packs().iter().all(|p| *p != pack(0)));
+    assert!((1..80).all(|p| index.has_pack(&pack(p))));
+}
+
+#[test]
+fn the_external_set_spills_under_its_budget_and_yields_each_id_once_in_order() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut set = ExternalSet::new(dir.path(), 32 * 1024);
+    let mut want = Vec::new();
+    for n in 0..20_000u64 {
+        let i = id(n % 7_000);
+        set.insert_id(i).expect("insert");
+        want.push(i);
+    }
+    assert!(set.spilled() >= 2, "a 1024-id budget spills");
+    want.sort_unstable();
+    want.dedup();
+    let got: Vec<ChunkId> =
+        set.into_sorted_iter().expect("merge").map(|r| ChunkId(r.expect("read"))).collect();
+    assert_eq!(got, want);
+    let left = std::fs::read_dir(dir.path()).expect("list").count();
+    assert_eq!(left, 0, "spilled runs are removed");
+}
+
+#[test]
+fn runs_too_large_to_keep_in_memory_are_read_block_by_block_and_answer_the_same() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let index = Index::open(Some(dir.path()), TAG, TINY).expect("open");
+    // Runs of ~300 entries each, 40 packs: merged runs are far above the 16 KiB kept whole.
+    for p in 0..40 {
+        index.add_pack(pack(p), entries(p)).expect("add");
+    }
+    index.sync().expect("sync");
+    drop(index);
+    let index = Index::open(Some(dir.path()), TAG, TINY).expect("reopen");
+    assert!(index.run_count() > 1);
+    check_all(&index, 40);
+    // One at a time too (each run's block numbers are its own).
+    for n in (0..4000).step_by(37) {
+        assert!(index.contains_key(&id(n)), "chunk {n}");
+    }
+}
