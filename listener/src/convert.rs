@@ -252,6 +252,7 @@ pub fn copy_done(done: pb::CopyDone) -> Result<crate::copier::ServerCopy, String
         new_chunks: s.new_chunks,
         bytes_stored: s.bytes_stored,
         packs: s.packs,
+        ..Default::default()
     };
     Ok(crate::copier::ServerCopy { volumes, stats })
 }
