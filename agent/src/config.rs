@@ -65,6 +65,18 @@ pub struct SavesetConfig {
     /// test can act while a copy runs.
     #[serde(default)]
     pub copy_delay_ms_per_mib: u64,
+    /// Where the copier keeps each volume's base (a reflink clone of the snapshot it last
+    /// backed up), so the next backup reads only what changed (FIEMAP); on the snapshots'
+    /// filesystem. Absent: no change tracking.
+    pub base_dir: Option<PathBuf>,
+    /// Percent of the chunks skipped thanks to a change map that are re-read and compared
+    /// (the sampling verify; at least 64, at most 64 MiB); 0 disables.
+    #[serde(default = "default_sample")]
+    pub sample: f64,
+}
+
+fn default_sample() -> f64 {
+    stillpoint_saveset::DEFAULT_SAMPLE_PERCENT
 }
 
 impl SavesetConfig {
@@ -125,6 +137,9 @@ impl SavesetConfig {
 
     /// Field problems, without touching the repository (`run` unlocks it once at start).
     fn problems(&self, out: &mut Vec<String>) {
+        if !(0.0..=100.0).contains(&self.sample) {
+            out.push(format!("saveset.sample: {} is not a percentage from 0 to 100", self.sample));
+        }
         if let Err(e) = self.location() {
             out.push(e);
         }

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use stillpoint_proto::{
     copy_event, CopiedVolume, CopyDone, CopyEvent, CopyProgress, CopyStats, Snapshot,
 };
-use stillpoint_saveset::{BackupStats, Pool, Progress, Repository, VolumeMeta};
+use stillpoint_saveset::{BackupStats, BaseKey, BaseStore, Pool, Progress, Repository, VolumeMeta};
 use tokio::sync::{mpsc, watch};
 use tonic::Status;
 use tracing::{info, warn, Instrument};
@@ -35,6 +35,9 @@ pub struct Saveset {
     pool: Pool,
     /// `copy_delay_ms_per_mib`: zero but in tests.
     delay_per_mib: Duration,
+    /// Each volume's kept base, with `base_dir` (change tracking). The Copy RPC does not name
+    /// the group, so the agent keeps one base per volume whatever group backed it up.
+    bases: Option<BaseStore>,
 }
 
 impl std::fmt::Debug for Saveset {
@@ -48,7 +51,19 @@ impl Saveset {
     pub fn open(config: &SavesetConfig, cache_dir: Option<&std::path::Path>) -> Result<Saveset> {
         let pool = config.open_in(cache_dir).map_err(Error::Setup)?;
         info!(repository = %pool.location(), "saveset repository unlocked");
-        Ok(Saveset { pool, delay_per_mib: Duration::from_millis(config.copy_delay_ms_per_mib) })
+        let bases = match &config.base_dir {
+            None => None,
+            Some(dir) => Some(
+                BaseStore::open(dir)
+                    .map_err(|e| Error::Setup(format!("saveset.base_dir: {e}")))?
+                    .with_sample(config.sample),
+            ),
+        };
+        Ok(Saveset {
+            pool,
+            delay_per_mib: Duration::from_millis(config.copy_delay_ms_per_mib),
+            bases,
+        })
     }
 
     fn with_repo<T>(
@@ -85,16 +100,27 @@ impl Saveset {
                     }
                     progress(done);
                 };
-                let volume = repo
-                    .backup_volume(Path::new(&snap.locator), meta, &mut report)
-                    .map_err(|e| format!("volume {}: {e}", snap.volume))?;
+                let source = Path::new(&snap.locator);
+                let volume = match &self.bases {
+                    None => repo.backup_volume(source, meta, &mut report),
+                    Some(bases) => {
+                        let key = BaseKey {
+                            group: String::new(),
+                            server: meta.server.clone(),
+                            volume: snap.volume.clone(),
+                        };
+                        bases.backup(repo, &key, source, meta, &mut report)
+                    }
+                }
+                .map_err(|e| format!("volume {}: {e}", snap.volume))?;
                 stats += &volume.stats;
                 done.volumes.push(CopiedVolume {
                     volume: snap.volume.clone(),
                     manifest_id: volume.id.to_string(),
                 });
                 base += size;
-                info!(volume = %snap.volume, manifest = %volume.id, "volume copied");
+                let s = &volume.stats;
+                info!(volume = %snap.volume, manifest = %volume.id, bytes_read = s.bytes_read, bytes_skipped = s.bytes_skipped, change_map = %s.change_map, sampled = s.sampled_chunks, sample_mismatches = s.sample_mismatches, "volume copied");
             }
             Ok(())
         })?;

@@ -640,3 +640,95 @@ fn prune_dry_run_changes_nothing_and_a_sigkilled_prune_leaves_a_repository_that_
     let _ = again;
     assert_eq!(walk(&f.repo().join("packs")).len(), 1, "nothing new stored");
 }
+
+/// `repo backup --base-dir DIR --json` (what `bench/scale.sh` calls): the first backup keeps a
+/// base, the next reads only what changed since, and the JSON carries the change-tracking
+/// figures; a base dir that cannot clone (ext4 here) still backs up, reading everything.
+#[test]
+fn repo_backup_with_a_base_dir_reads_only_what_changed_and_says_so_in_json() {
+    let f = Fixture::new();
+    let img = f.path("xfs.img");
+    File::create(&img).unwrap().set_len(320 * MIB).unwrap();
+    let mkfs = Command::new("mkfs.xfs").args(["-q", "-m", "reflink=1"]).arg(&img).status();
+    assert!(mkfs.unwrap().success());
+    let mnt = f.path("mnt");
+    fs::create_dir(&mnt).unwrap();
+    assert!(Command::new("mount")
+        .arg("-o")
+        .arg("loop")
+        .arg(&img)
+        .arg(&mnt)
+        .status()
+        .unwrap()
+        .success());
+    struct Unmount(PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg(&self.0).status();
+        }
+    }
+    let _unmount = Unmount(mnt.clone());
+
+    let lun = mnt.join("lun");
+    make_image(&lun, 5);
+    let bases = mnt.join("bases");
+    let backup = |name: &str, snap: &Path, extra: &[&str]| -> serde_json::Value {
+        let snap = snap.to_str().unwrap();
+        let args = [
+            &["repo", "backup", "--backup", name, "--server", "s", "--volume", "v", "--json"][..],
+            extra,
+            &[snap],
+        ]
+        .concat();
+        serde_json::from_str(&f.ok(&args)).unwrap()
+    };
+    let clone = |to: &str| {
+        let snap = mnt.join(to);
+        assert!(Command::new("cp")
+            .arg("--reflink=always")
+            .arg(&lun)
+            .arg(&snap)
+            .status()
+            .unwrap()
+            .success());
+        snap
+    };
+    let base_args = ["--base-dir", bases.to_str().unwrap(), "--group", "g"];
+    let first = backup("b1", &clone("s1"), &base_args);
+    assert_eq!(first["change_map"], "none: no base kept yet", "{first}");
+    File::options().write(true).open(&lun).unwrap().write_all_at(&[7u8; 8192], 2 * MIB).unwrap();
+    let s2 = clone("s2");
+    let second = backup("b2", &s2, &base_args);
+    assert!(second["change_map"].as_str().unwrap().starts_with("fiemap: "), "{second}");
+    assert_eq!(second["bytes_read"], 8192, "{second}");
+    assert_eq!(second["bytes_skipped"], 8 * MIB - 8192, "{second}");
+    assert!(second["sampled_chunks"].as_u64().unwrap() >= 64, "{second}");
+    assert_eq!(second["sample_mismatches"], 0, "{second}");
+    f.finish("b2", &[second["manifest"].as_str().unwrap()]);
+    let out = f.path("restored");
+    f.ok(&["restore", "b2", "--server", "s", "--to", out.to_str().unwrap()]);
+    assert_restored(&out, &s2);
+
+    // A base dir on another filesystem: nothing kept, everything read, success.
+    let elsewhere = f.path("bases-on-ext4");
+    let other = ["--base-dir", elsewhere.to_str().unwrap()];
+    backup("x1", &s2, &other);
+    let x2 = backup("x2", &s2, &other);
+    assert_eq!(x2["change_map"], "none: no base kept yet", "{x2}");
+    assert_eq!(x2["bytes_skipped"], 0, "{x2}");
+
+    let bad = f.run(&[
+        "repo",
+        "backup",
+        "--backup",
+        "y",
+        "--server",
+        "s",
+        "--volume",
+        "v",
+        "--sample",
+        "101",
+        s2.to_str().unwrap(),
+    ]);
+    check_exit(&bad, 2, &["--sample 101"]);
+}

@@ -211,6 +211,18 @@ pub struct SavesetConfig {
     /// What to check after each backup's manifest is written.
     #[serde(default)]
     pub verify: VerifyMode,
+    /// Where the copier keeps each volume's base (a reflink clone of the snapshot it last
+    /// backed up), so the next backup reads only what changed (FIEMAP); on the snapshots'
+    /// filesystem. Absent: no change tracking, every backup reads everything.
+    pub base_dir: Option<PathBuf>,
+    /// Percent of the chunks skipped thanks to a change map that are re-read and compared
+    /// with the parent (the sampling verify; at least 64, at most 64 MiB); 0 disables.
+    #[serde(default = "default_sample")]
+    pub sample: f64,
+}
+
+fn default_sample() -> f64 {
+    stillpoint_saveset::DEFAULT_SAMPLE_PERCENT
 }
 
 /// Which host reads the snapshots and writes them into the repository.
@@ -273,6 +285,9 @@ impl SavesetConfig {
     /// Checks that the secret unlocks the repository, without loading its index: the listener
     /// opens it for real when it starts.
     pub fn check(&self) -> std::result::Result<(), String> {
+        if !(0.0..=100.0).contains(&self.sample) {
+            return Err(format!("copy.sample: {} is not a percentage from 0 to 100", self.sample));
+        }
         let (location, secret) = self.location_and_secret()?;
         Repository::check_secret(&location, &secret).map_err(|e| format!("copy.repository: {e}"))
     }

@@ -99,7 +99,7 @@ impl Copier {
     /// is cancelled (the backup ended, the listener stops) the copy stops and says nothing.
     pub fn start(
         &self,
-        backup_id: &str,
+        (backup_id, group): (&str, &str),
         server: String,
         snapshots: Vec<SnapshotRef>,
         feed: Feed,
@@ -138,12 +138,13 @@ impl Copier {
                 }
                 Copier::Saveset { saveset } => {
                     let (saveset, server) = (Arc::clone(saveset), server.clone());
-                    let stopped = stop.clone();
+                    let (stopped, group) = (stop.clone(), group.to_string());
                     blocking(move || {
                         let mut progress = progress;
                         let stop = || stopped.is_cancelled();
+                        let ids = (backup_id.as_str(), group.as_str());
                         saveset
-                            .copy_server(&backup_id, &server, &snapshots, &mut progress, &stop)
+                            .copy_server(ids, &server, &snapshots, &mut progress, &stop)
                             .map(ServerCopy::done)
                     })
                 }

@@ -1,10 +1,13 @@
 //! Backing up one volume (a file or block device, typically a snapshot): fixed-size chunks,
 //! holes from SEEK_DATA/SEEK_HOLE and all-zero chunks, dedup against the index, packs, then the
 //! manifest. A pipeline: this thread reads and hashes, `WORKERS` threads compress and seal new
-//! chunks, one thread assembles and stores packs; bounded channels keep memory bounded.
+//! chunks, one thread assembles and stores packs; bounded channels keep memory bounded. With a
+//! parent and a change map, chunks outside the changed ranges are taken from the parent
+//! unread, and a random sample of them is re-read and compared (the sampling verify).
 
 use std::fs::File;
 use std::io::{Seek, SeekFrom};
+use std::ops::Range;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
@@ -13,13 +16,21 @@ use std::time::{Duration, Instant};
 
 use stillpoint_sys::{next_data, next_hole};
 
-use crate::chunklist::PageBuilder;
+use crate::changes::ChangeMap;
+use crate::chunklist::{PageBuilder, ParentEntries};
 use crate::claims::{Claimed, Claims, CopyToken};
 use crate::error::{Error, IoContext, Result};
 use crate::index::IdSet;
 use crate::lock::{WriterLock, LOCK_REFRESH};
 use crate::manifest::{ChunkId, ChunkList, Manifest, ManifestId, VolumeManifest, VolumeMeta};
 use crate::repo::{now_ms, PackWriter, Repository, StoredPack};
+
+/// The share of skipped chunks the sampling verify re-reads by default, in percent.
+pub const DEFAULT_SAMPLE_PERCENT: f64 = 1.0;
+/// The sampling verify reads at least this many chunks (or every skipped one, if fewer)...
+const SAMPLE_MIN_CHUNKS: u64 = 64;
+/// ...and at most this many bytes, unless asked for 100%.
+const SAMPLE_MAX_BYTES: u64 = 64 << 20;
 
 /// Threads compressing and sealing new chunks.
 const WORKERS: usize = 2;
@@ -87,12 +98,23 @@ pub struct Progress {
 }
 
 /// What one volume backup read and stored.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub struct BackupStats {
     /// Logical size of the volume.
     pub size: u64,
-    /// Bytes actually read (holes are skipped).
+    /// Bytes actually read to back it up (holes and chunks taken from the parent are not; the
+    /// sampling verify's re-reads are counted in `sampled_chunks`, not here).
     pub bytes_read: u64,
+    /// Bytes not read because the change map said they had not changed since the parent.
+    pub bytes_skipped: u64,
+    /// The change map used: `fiemap: N ranges, X bytes`, `unknown: why` or `none` (with why
+    /// when a base was expected); several volumes' joined by `; `.
+    pub change_map: String,
+    /// Skipped chunks re-read by the sampling verify.
+    pub sampled_chunks: u64,
+    /// Of those, how many differed from the parent: the map was wrong (the volume was then
+    /// read whole).
+    pub sample_mismatches: u64,
     /// Chunks recorded as holes (unallocated or all zeros).
     pub hole_chunks: u64,
     /// Chunks already in the repository (or earlier in this backup).
@@ -114,6 +136,14 @@ impl std::ops::AddAssign<&BackupStats> for BackupStats {
     fn add_assign(&mut self, one: &BackupStats) {
         self.size += one.size;
         self.bytes_read += one.bytes_read;
+        self.bytes_skipped += one.bytes_skipped;
+        self.sampled_chunks += one.sampled_chunks;
+        self.sample_mismatches += one.sample_mismatches;
+        if self.change_map.is_empty() {
+            self.change_map.clone_from(&one.change_map);
+        } else if !one.change_map.is_empty() {
+            self.change_map = format!("{}; {}", self.change_map, one.change_map);
+        }
         self.hole_chunks += one.hole_chunks;
         self.reused_chunks += one.reused_chunks;
         self.new_chunks += one.new_chunks;
@@ -121,6 +151,91 @@ impl std::ops::AddAssign<&BackupStats> for BackupStats {
         self.packs += one.packs;
         self.metadata_bytes += one.metadata_bytes;
     }
+}
+
+/// A volume's previous backup and what may have changed since: chunks outside `changed` are
+/// taken from `manifest` without being read.
+#[derive(Clone, Debug)]
+pub struct Parent {
+    /// The parent's volume manifest: what the base the map was computed against holds.
+    pub manifest: ManifestId,
+    pub changed: ChangeMap,
+    /// Percent of the skipped chunks re-read and compared with the parent (at least 64
+    /// chunks, at most 64 MiB, all of them at 100); 0 disables the sampling verify.
+    pub sample_percent: f64,
+}
+
+impl Parent {
+    /// A parent with the default sampling verify.
+    pub fn new(manifest: ManifestId, changed: ChangeMap) -> Self {
+        Parent { manifest, changed, sample_percent: DEFAULT_SAMPLE_PERCENT }
+    }
+}
+
+/// Chunks a sibling copy is storing: (id, offset, length), made sure of before the manifest.
+type Deferred = Vec<(ChunkId, u64, usize)>;
+
+/// What a pass with a parent skips: the changed chunk ranges and the parent's entries.
+struct Skip<'a> {
+    /// Sorted, disjoint ranges of chunk indices to read.
+    changed: &'a [Range<u64>],
+    entries: Box<dyn Iterator<Item = Option<ChunkId>> + 'a>,
+    sample: Sampler,
+}
+
+/// A uniform random sample of the skipped chunks (reservoir sampling, algorithm R), so the
+/// sample is drawn while reading, in memory bounded by its size.
+struct Sampler {
+    want: usize,
+    seen: u64,
+    /// (offset, length, the parent's entry).
+    picked: Vec<(u64, usize, Option<ChunkId>)>,
+    rng: u64,
+}
+
+impl Sampler {
+    fn new(want: usize) -> Self {
+        let seed = u64::from_le_bytes(crate::crypto::random::<8>());
+        Sampler { want, seen: 0, picked: Vec::with_capacity(want.min(1 << 16)), rng: seed }
+    }
+
+    fn offer(&mut self, item: (u64, usize, Option<ChunkId>)) {
+        if self.want == 0 {
+            return;
+        }
+        self.seen += 1;
+        if self.picked.len() < self.want {
+            self.picked.push(item);
+        } else {
+            let j = self.next() % self.seen;
+            if let Some(slot) = usize::try_from(j).ok().and_then(|j| self.picked.get_mut(j)) {
+                *slot = item;
+            }
+        }
+    }
+
+    /// splitmix64: statistical quality is all a sample needs.
+    fn next(&mut self) -> u64 {
+        self.rng = self.rng.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.rng;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+}
+
+/// How many skipped chunks to sample out of `skipped`.
+fn sample_size(skipped: u64, percent: f64, chunk_size: u32) -> u64 {
+    if percent.is_nan() || percent <= 0.0 || skipped == 0 {
+        return 0;
+    }
+    if percent >= 100.0 {
+        return skipped;
+    }
+    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss, clippy::cast_precision_loss)]
+    let share = (skipped as f64 * percent / 100.0).ceil() as u64;
+    let most = (SAMPLE_MAX_BYTES / u64::from(chunk_size.max(1))).max(SAMPLE_MIN_CHUNKS);
+    share.max(SAMPLE_MIN_CHUNKS).min(most).min(skipped)
 }
 
 /// The result of [`Repository::backup_volume`].
@@ -143,19 +258,36 @@ impl Repository {
         meta: VolumeMeta,
         progress: &mut dyn FnMut(Progress),
     ) -> Result<VolumeBackup> {
-        self.backup_volume_child(source, meta, None, progress)
+        self.backup_volume_with(source, meta, None, progress)
     }
 
     /// [`Repository::backup_volume`] as the next backup of the volume whose previous backup is
-    /// the volume manifest `parent`: pages of the chunk list that did not change are that
-    /// manifest's, and pages that changed little are deltas against its pages (FORMAT.md,
-    /// "Chunk list pages"). A parent of another size or chunk size, or one that cannot be
-    /// read, is not used (a debug log says why); the backup is the same either way.
+    /// the volume manifest `parent`, with no change map: every chunk is read, and the chunk
+    /// list's pages are shared with the parent's or written as deltas against them (FORMAT.md,
+    /// "Chunk list pages").
     pub fn backup_volume_child(
         &mut self,
         source: &Path,
         meta: VolumeMeta,
         parent: Option<ManifestId>,
+        progress: &mut dyn FnMut(Progress),
+    ) -> Result<VolumeBackup> {
+        let parent = parent.map(|m| Parent::new(m, ChangeMap::Unknown("no change map".into())));
+        self.backup_volume_with(source, meta, parent.as_ref(), progress)
+    }
+
+    /// [`Repository::backup_volume`], reading only what `parent`'s change map says may have
+    /// changed and taking every other chunk from the parent's manifest. The parent is ignored
+    /// (and the stats say why) when its map is unknown, its manifest cannot be read, or its
+    /// size or chunk size differ. Then a sample of the skipped chunks is re-read: if any differs
+    /// from the parent, the map was wrong and the volume is read again whole, so the manifest
+    /// is right either way. With or without a map, the chunk list's pages are shared with the
+    /// parent's where they did not change (FORMAT.md, "Chunk list pages").
+    pub fn backup_volume_with(
+        &mut self,
+        source: &Path,
+        meta: VolumeMeta,
+        parent: Option<&Parent>,
         progress: &mut dyn FnMut(Progress),
     ) -> Result<VolumeBackup> {
         // Held from before the index is loaded until the manifest is written: a prune deletes
@@ -171,46 +303,113 @@ impl Repository {
             chunks: ChunkList::Flat(Vec::new()),
             created_unix_ms: 0,
         };
-        let parent = parent.and_then(|id| match self.load_manifest(id) {
-            Ok(Manifest::Volume(m)) if m.size == size && m.chunk_size == manifest.chunk_size => {
-                Some(m)
-            }
-            Ok(_) => {
-                tracing::debug!(parent = %id, "parent is not a volume of this size: not used");
-                None
-            }
-            Err(e) => {
-                tracing::debug!(parent = %id, error = %e, "parent does not load: not used");
-                None
-            }
-        });
-        let mut pages = PageBuilder::new(manifest.chunk_count(), parent.as_ref());
-        let mut stats = BackupStats { size, ..BackupStats::default() };
+        let n = manifest.chunk_count();
+        let mut stats = BackupStats { size, change_map: "none".into(), ..BackupStats::default() };
         let claim = self.claims.clone().map(|claims| ClaimGuard { token: claims.begin(), claims });
         let token = claim.as_ref().map(|g| (&*g.claims, g.token));
         // Chunks a sibling copy is storing: referenced now, made sure of before the manifest.
         let mut deferred = Vec::new();
-        let (read, stored) = self.pipeline(|feed| {
-            self.read_chunks(
+        let usable = match parent {
+            Some(p) => self.usable_parent(p, size, source),
+            None => Err("none".to_string()),
+        };
+        // The parent's pages, shared where nothing changed, whether or not its map is usable.
+        let page_parent: Option<VolumeManifest> = match &usable {
+            Ok((_, m, _)) => Some(m.clone()),
+            Err(_) => parent.and_then(|p| match self.load_manifest(p.manifest) {
+                Ok(Manifest::Volume(m))
+                    if m.size == size && m.chunk_size == manifest.chunk_size =>
+                {
+                    Some(m)
+                }
+                _ => None,
+            }),
+        };
+        let mut pages = PageBuilder::new(n, page_parent.as_ref());
+        let mut whole = true;
+        match usable {
+            Err(why) => stats.change_map = why,
+            Ok((p, parent_manifest, changed)) => {
+                stats.change_map = p.changed.describe();
+                let read: u64 = changed.iter().map(|r| r.end.min(n) - r.start.min(n)).sum();
+                let want = sample_size(n - read, p.sample_percent, manifest.chunk_size);
+                let entries = ParentEntries::new(self, &parent_manifest);
+                let failed = entries.failed();
+                let mut skip = Skip {
+                    changed: &changed,
+                    entries: Box::new(entries),
+                    sample: Sampler::new(usize::try_from(want).unwrap_or(usize::MAX)),
+                };
+                self.read_pass(
+                    &file,
+                    source,
+                    &manifest,
+                    &mut pages,
+                    &mut stats,
+                    (token, &mut deferred),
+                    Some(&mut skip),
+                    progress,
+                )?;
+                let mut picked = std::mem::take(&mut skip.sample.picked);
+                picked.sort_unstable_by_key(|&(off, _, _)| off);
+                let wrong = self.sample_differs(&file, source, &picked)?;
+                stats.sampled_chunks = picked.len() as u64;
+                stats.sample_mismatches = wrong;
+                let unread = failed.take();
+                whole = wrong > 0 || unread.is_some();
+                if let Some(why) = unread {
+                    tracing::warn!(
+                        source = %source.display(),
+                        parent = %p.manifest,
+                        "the parent's chunk list did not read ({why}); read the whole volume"
+                    );
+                    stats.change_map = format!(
+                        "{} (parent's list did not read; whole volume read)",
+                        stats.change_map
+                    );
+                } else if wrong > 0 {
+                    tracing::warn!(
+                        source = %source.display(),
+                        parent = %p.manifest,
+                        "change map wrong: {wrong} of {} sampled chunks differ; read the whole volume",
+                        picked.len()
+                    );
+                    stats.change_map = format!(
+                        "{} (wrong: {wrong} of {} sampled chunks differ; whole volume read)",
+                        stats.change_map,
+                        picked.len()
+                    );
+                }
+            }
+        }
+        if whole {
+            // Without a usable map, or again after a wrong one: chunks the first pass stored
+            // are found in the index now, so they count as new once, not twice.
+            let first = std::mem::take(&mut stats);
+            let first_pages = pages.stored_bytes;
+            pages = PageBuilder::new(n, page_parent.as_ref());
+            pages.stored_bytes = first_pages;
+            let mut fresh = BackupStats { size, ..BackupStats::default() };
+            self.read_pass(
                 &file,
                 source,
                 &manifest,
                 &mut pages,
-                &mut stats,
-                token,
-                &mut deferred,
-                feed,
+                &mut fresh,
+                (token, &mut deferred),
+                None,
                 progress,
-            )
-        });
-        let (packs, bytes_stored) = stored?;
-        stats.packs = packs.len() as u64;
-        stats.bytes_stored = bytes_stored;
-        // Stored packs are valid and reusable even when reading failed.
-        for p in packs {
-            self.remember(p)?;
+            )?;
+            fresh.reused_chunks = fresh.reused_chunks.saturating_sub(first.new_chunks);
+            fresh.new_chunks += first.new_chunks;
+            fresh.bytes_read += first.bytes_read;
+            fresh.bytes_stored += first.bytes_stored;
+            fresh.packs += first.packs;
+            fresh.change_map = first.change_map;
+            fresh.sampled_chunks = first.sampled_chunks;
+            fresh.sample_mismatches = first.sample_mismatches;
+            stats = fresh;
         }
-        read?;
         if let Some(guard) = &claim {
             if !deferred.is_empty() {
                 // Once per chunk, wherever it repeats.
@@ -234,6 +433,94 @@ impl Repository {
         let Manifest::Volume(manifest) = whole else { unreachable!("built as a volume manifest") };
         tracing::debug!(manifest = %id, source = %source.display(), ?stats, "volume backed up");
         Ok(VolumeBackup { id, manifest, stats })
+    }
+
+    /// The parent's manifest and its changed chunk ranges, or why it cannot be used (the
+    /// `change_map` text then).
+    fn usable_parent<'p>(
+        &self,
+        parent: &'p Parent,
+        size: u64,
+        source: &Path,
+    ) -> std::result::Result<(&'p Parent, VolumeManifest, Vec<Range<u64>>), String> {
+        let ignored = |why: String| {
+            tracing::info!(source = %source.display(), parent = %parent.manifest, "change map not used: {why}; reading the whole volume");
+            why
+        };
+        let Some(changed) = parent.changed.chunk_ranges(self.chunk_size()) else {
+            return Err(ignored(parent.changed.describe()));
+        };
+        let manifest = match self.load_manifest(parent.manifest) {
+            Ok(Manifest::Volume(m)) => m,
+            Ok(Manifest::Backup(_)) => {
+                return Err(ignored(format!(
+                    "none: parent {} is a backup manifest",
+                    parent.manifest
+                )))
+            }
+            Err(e) => return Err(ignored(format!("none: parent {}: {e}", parent.manifest))),
+        };
+        if manifest.size != size || manifest.chunk_size != self.chunk_size() {
+            return Err(ignored(format!(
+                "none: parent {} has size {} and chunk size {}, the volume {} and {}",
+                parent.manifest,
+                manifest.size,
+                manifest.chunk_size,
+                size,
+                self.chunk_size()
+            )));
+        }
+        Ok((parent, manifest, changed))
+    }
+
+    /// Reads the sampled chunks again and counts those that differ from the parent's entry
+    /// (an id, or `None` for a chunk that must read as zeros).
+    fn sample_differs(
+        &self,
+        file: &File,
+        source: &Path,
+        picked: &[(u64, usize, Option<ChunkId>)],
+    ) -> Result<u64> {
+        let mut data = vec![0u8; self.chunk_size() as usize];
+        let mut wrong = 0;
+        for &(off, len, entry) in picked {
+            let data = &mut data[..len];
+            file.read_exact_at(data, off).ctx("read", source)?;
+            let now = if is_zero(data) { None } else { Some(ChunkId(self.key.chunk_id(data))) };
+            if now != entry {
+                wrong += 1;
+            }
+        }
+        Ok(wrong)
+    }
+
+    /// One pass of the reader over the volume with its pipeline; the packs it stored are
+    /// remembered even when reading failed.
+    #[allow(clippy::too_many_arguments)]
+    fn read_pass(
+        &self,
+        file: &File,
+        source: &Path,
+        manifest: &VolumeManifest,
+        pages: &mut PageBuilder<'_>,
+        stats: &mut BackupStats,
+        (token, deferred): (Option<(&Claims, CopyToken)>, &mut Deferred),
+        skip: Option<&mut Skip<'_>>,
+        progress: &mut dyn FnMut(Progress),
+    ) -> Result<()> {
+        let (read, stored) = self.pipeline(|feed| {
+            self.read_chunks(
+                file, source, manifest, pages, stats, token, deferred, skip, feed, progress,
+            )
+        });
+        let (packs, bytes_stored) = stored?;
+        stats.packs += packs.len() as u64;
+        stats.bytes_stored += bytes_stored;
+        // Stored packs are valid and reusable even when reading failed.
+        for p in packs {
+            self.remember(p)?;
+        }
+        read
     }
 
     /// Runs the pipeline behind a reader: `WORKERS` threads seal the chunks `feed` pushes (the
@@ -316,10 +603,14 @@ impl Repository {
         stats: &mut BackupStats,
         claim: Option<(&Claims, CopyToken)>,
         deferred: &mut Vec<(ChunkId, u64, usize)>,
+        mut skip: Option<&mut Skip<'_>>,
         feed: &mut Feed,
         progress: &mut dyn FnMut(Progress),
     ) -> Result<()> {
         let cs = manifest.chunk_size as usize;
+        // With a parent: the next changed range, and each chunk's entry taken unread (`Some`).
+        let mut changed_at = 0usize;
+        let mut taken: Vec<Option<Option<ChunkId>>> = vec![None; (READ_WINDOW / cs).max(1)];
         let n = manifest.size.div_ceil(cs as u64);
         let mut extents = Extents { file, size: manifest.size, seg: None, supported: true };
         let per_window = (READ_WINDOW / cs).max(1);
@@ -332,10 +623,21 @@ impl Repository {
             let count = per_window.min(usize::try_from(n - first).expect("a window is small"));
             let base = first * cs as u64;
             let end = manifest.size.min(base + (count * cs) as u64);
-            // Which chunks hold data, then one read per run of them.
+            // Which chunks the parent gives unread, which hold data, then one read per run.
             for (j, h) in has_data[..count].iter_mut().enumerate() {
                 let off = base + (j * cs) as u64;
-                *h = extents.has_data(off, end.min(off + cs as u64));
+                taken[j] = skip.as_deref_mut().and_then(|skip| {
+                    let i = first + j as u64;
+                    let entry = skip.entries.next().flatten();
+                    while skip.changed.get(changed_at).is_some_and(|r| r.end <= i) {
+                        changed_at += 1;
+                    }
+                    let changed = skip.changed.get(changed_at).is_some_and(|r| r.start <= i);
+                    // A parent's chunk the index lacks (its pack marked by a prune) is read.
+                    let known = entry.is_none_or(|id| self.index.contains_key(&id));
+                    (!changed && known).then_some(entry)
+                });
+                *h = taken[j].is_none() && extents.has_data(off, end.min(off + cs as u64));
             }
             let mut j = 0;
             while j < count {
@@ -355,7 +657,18 @@ impl Repository {
                 let off = base + (j * cs) as u64;
                 let len = usize::try_from(end.min(off + cs as u64) - off).expect("a chunk");
                 let data = &buf[j * cs..j * cs + len];
-                let entry = if !h || is_zero(data) {
+                let entry = if let Some(entry) = taken[j] {
+                    stats.bytes_skipped += len as u64;
+                    if entry.is_some() {
+                        stats.reused_chunks += 1;
+                    } else {
+                        stats.hole_chunks += 1;
+                    }
+                    if let Some(skip) = skip.as_deref_mut() {
+                        skip.sample.offer((off, len, entry));
+                    }
+                    entry
+                } else if !h || is_zero(data) {
                     stats.hole_chunks += 1;
                     None
                 } else {

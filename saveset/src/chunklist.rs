@@ -218,6 +218,64 @@ impl Repository {
     }
 }
 
+/// A parent's entries in chunk order, its pages read one at a time as they are reached. A page
+/// that does not read ends the entries as holes and is recorded in [`ParentEntries::failed`]:
+/// the caller must then not use what it took from the parent.
+pub(crate) struct ParentEntries<'r> {
+    repo: &'r Repository,
+    manifest: &'r VolumeManifest,
+    next_page: usize,
+    page: std::vec::IntoIter<Option<ChunkId>>,
+    failed: std::rc::Rc<std::cell::Cell<Option<String>>>,
+}
+
+impl<'r> ParentEntries<'r> {
+    pub(crate) fn new(repo: &'r Repository, manifest: &'r VolumeManifest) -> Self {
+        ParentEntries {
+            repo,
+            manifest,
+            next_page: 0,
+            page: Vec::new().into_iter(),
+            failed: std::rc::Rc::default(),
+        }
+    }
+
+    /// Where a page that did not read is recorded (why), shared with the caller.
+    pub(crate) fn failed(&self) -> std::rc::Rc<std::cell::Cell<Option<String>>> {
+        std::rc::Rc::clone(&self.failed)
+    }
+}
+
+impl Iterator for ParentEntries<'_> {
+    type Item = Option<ChunkId>;
+
+    fn next(&mut self) -> Option<Option<ChunkId>> {
+        loop {
+            if let Some(e) = self.page.next() {
+                return Some(e);
+            }
+            let (per, pages) = match &self.manifest.chunks {
+                ChunkList::Flat(chunks) => (chunks.len().max(1), 1),
+                ChunkList::Paged { page_chunks, pages } => (*page_chunks as usize, pages.len()),
+            };
+            if self.next_page >= pages {
+                return None;
+            }
+            let p = self.next_page;
+            self.next_page += 1;
+            let first = (p * per) as u64;
+            let last = self.manifest.chunk_count().min(first + per as u64);
+            match self.repo.chunk_entries(self.manifest, first..last) {
+                Ok(entries) => self.page = entries.into_iter(),
+                Err(e) => {
+                    self.failed.set(Some(e.to_string()));
+                    self.page = vec![None; usize::try_from(last - first).unwrap_or(0)].into_iter();
+                }
+            }
+        }
+    }
+}
+
 /// How many entries page `p` holds (the last one may be short).
 pub(crate) fn page_len(page_chunks: u32, count: u64, p: usize) -> usize {
     let first = p as u64 * u64::from(page_chunks);

@@ -7,11 +7,14 @@
 //! - `storage.rs`: the `Storage` seam (atomic put, ranged get, list) and its local and S3 sides.
 //! - `repo.rs`: config and keys, the in-memory index, packs.
 //! - `backup.rs`, `restore.rs`, `verify.rs`: the three operations on volumes.
+//! - `changes.rs`: change maps from FIEMAP; `base.rs`: the copier's kept base per volume.
 //! - `prune.rs` (`prune/`): freeing what no manifest references; `lock.rs`: writer locks.
 //! - `manifest.rs`: ids and manifests (plain data); `crypto.rs`: KDF, sealing, chunk ids.
 
 mod backup;
+mod base;
 mod catalog;
+mod changes;
 mod chunklist;
 mod claims;
 mod crypto;
@@ -30,8 +33,10 @@ mod restore;
 mod storage;
 mod verify;
 
-pub use backup::{BackupStats, Progress, VolumeBackup};
+pub use backup::{BackupStats, Parent, Progress, VolumeBackup, DEFAULT_SAMPLE_PERCENT};
+pub use base::{BaseKey, BaseStore};
 pub use catalog::CatalogHeader;
+pub use changes::{changes_between, ChangeMap, DROP_RANGE, FAILPOINT_ENV};
 pub use crypto::{KdfParams, Secret};
 pub use error::{Error, Result};
 pub use forget::Forgotten;

@@ -1,6 +1,6 @@
 //! Integration tests of the saveset repository on real (small) mkimage disk images: restores
 //! bit for bit, dedup, holes, verify naming damage, wrong secrets, crashes and concurrent writers;
-//! `s3/` runs the same against a real S3 server on loopback.
+//! `s3/` runs the same against a real S3 server on loopback; `changes/` changed-block tracking.
 
 use std::fs;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -8,6 +8,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
+mod changes;
 mod index_cache;
 mod pages;
 mod prune;
@@ -609,7 +610,7 @@ fn concurrent_copies_of_similar_disks_through_one_pool_store_each_chunk_once() {
         new,
         distinct.len() as u64,
         "{:?}",
-        backups.iter().map(|b| b.stats).collect::<Vec<_>>()
+        backups.iter().map(|b| b.stats.clone()).collect::<Vec<_>>()
     );
     let report = repo.verify(true).unwrap();
     assert!(report.is_ok(), "{:?}", report.damage);

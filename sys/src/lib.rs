@@ -1,6 +1,6 @@
 //! The only unsafe code in stillpoint: thin wrappers over the Linux syscalls we need (the
-//! FIFREEZE, FITHAW and FICLONE ioctls, SEEK_DATA/SEEK_HOLE, fallocate, fstatfs, geteuid, kill,
-//! pidfds and shutdown). Each returns the raw `io::Error` so callers can tell EBUSY (someone
+//! FIFREEZE, FITHAW, FICLONE, FIEMAP and btrfs FS_INFO ioctls, SEEK_DATA/SEEK_HOLE, fallocate,
+//! fstatfs, geteuid, kill, pidfds and shutdown). Each returns the raw `io::Error` so callers can tell EBUSY (someone
 //! else's freeze), EINVAL (not frozen) and ESRCH (no such process) apart. Depends on `libc`
 //! alone, so any crate may use it.
 #![allow(unsafe_code)]
@@ -13,6 +13,10 @@ use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 const FIFREEZE: libc::c_ulong = 0xC004_5877;
 const FITHAW: libc::c_ulong = 0xC004_5878;
 const FICLONE: libc::c_ulong = 0x4004_9409;
+// _IOWR('f', 11, struct fiemap) from linux/fs.h (struct fiemap is 32 bytes without extents).
+const FS_IOC_FIEMAP: libc::c_ulong = 0xC020_660B;
+// _IOR(0x94, 31, struct btrfs_ioctl_fs_info_args) from linux/btrfs.h (1024 bytes).
+const BTRFS_IOC_FS_INFO: libc::c_ulong = 0x8400_941F;
 
 fn check(rc: libc::c_int) -> io::Result<()> {
     if rc == -1 {
@@ -66,6 +70,107 @@ fn seek(file: &File, from: u64, whence: libc::c_int) -> io::Result<Option<u64>> 
 pub fn clone_file(src: &File, dst: &File) -> io::Result<()> {
     // SAFETY: FICLONE takes the source fd by value; both fds are valid for the call.
     check(unsafe { libc::ioctl(dst.as_raw_fd(), FICLONE as _, src.as_raw_fd()) })
+}
+
+/// One extent of a file as FIEMAP reports it (`struct fiemap_extent`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FiemapExtent {
+    /// Byte offset in the file.
+    pub logical: u64,
+    /// Byte address on the device (btrfs: in the filesystem's own address space).
+    pub physical: u64,
+    pub length: u64,
+    /// `FIEMAP_EXTENT_*` bits.
+    pub flags: u32,
+}
+
+/// `FIEMAP_EXTENT_*` flags from linux/fiemap.h.
+pub mod fiemap_flags {
+    /// The last extent of the file.
+    pub const LAST: u32 = 0x0001;
+    /// The data's location is not known yet.
+    pub const UNKNOWN: u32 = 0x0002;
+    /// Delayed allocation: no location yet (implies UNKNOWN).
+    pub const DELALLOC: u32 = 0x0004;
+    /// Not readable as is (compressed, for instance).
+    pub const ENCODED: u32 = 0x0008;
+    pub const DATA_ENCRYPTED: u32 = 0x0080;
+    /// Not block aligned.
+    pub const NOT_ALIGNED: u32 = 0x0100;
+    /// Data stored with the metadata, no address of its own.
+    pub const DATA_INLINE: u32 = 0x0200;
+    /// Several files' tails packed together.
+    pub const DATA_TAIL: u32 = 0x0400;
+    /// Allocated but not written: reads as zeros.
+    pub const UNWRITTEN: u32 = 0x0800;
+    /// Made of several blocks merged (the filesystem has no extents).
+    pub const MERGED: u32 = 0x1000;
+    /// Shared with another file (reflink, snapshot).
+    pub const SHARED: u32 = 0x2000;
+}
+
+/// Appends to `out` the extents of `file` that overlap `[start, start + len)`, at most `max` of
+/// them (`FS_IOC_FIEMAP`, with `FIEMAP_FLAG_SYNC` so dirty data has a place first). Returns how
+/// many it appended: fewer than `max` (or one flagged `LAST`) means there are no more in the
+/// range; otherwise ask again from the end of the last one. EOPNOTSUPP: the filesystem cannot.
+pub fn fiemap(
+    file: &File,
+    start: u64,
+    len: u64,
+    max: u32,
+    out: &mut Vec<FiemapExtent>,
+) -> io::Result<usize> {
+    // struct fiemap: fm_start, fm_length (u64), fm_flags, fm_mapped_extents, fm_extent_count,
+    // fm_reserved (u32), then fm_extent_count struct fiemap_extent of 56 bytes each: logical,
+    // physical, length, 2 reserved (u64), flags, 3 reserved (u32). Built in u64 words so it is
+    // aligned for the kernel's reads.
+    const HEAD: usize = 4;
+    const EXTENT: usize = 7;
+    let count = usize::try_from(max).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    let mut buf = vec![0u64; HEAD + count * EXTENT];
+    buf[0] = start;
+    buf[1] = len;
+    // fm_flags = FIEMAP_FLAG_SYNC (1), fm_mapped_extents = 0: the low and high halves of word 2
+    // in the machine's byte order; fm_extent_count, fm_reserved = 0 in word 3 likewise.
+    buf[2] = u64::from_ne_bytes(pack_u32s(1, 0));
+    buf[3] = u64::from_ne_bytes(pack_u32s(max, 0));
+    // SAFETY: the buffer holds a struct fiemap followed by room for `max` extents, as
+    // fm_extent_count says; the kernel writes no further. The fd is valid for the call.
+    check(unsafe { libc::ioctl(file.as_raw_fd(), FS_IOC_FIEMAP as _, buf.as_mut_ptr()) })?;
+    let (_, mapped) = unpack_u32s(buf[2].to_ne_bytes());
+    let mapped = usize::try_from(mapped).unwrap_or(usize::MAX).min(count);
+    for e in buf[HEAD..].chunks_exact(EXTENT).take(mapped) {
+        let (flags, _) = unpack_u32s(e[5].to_ne_bytes());
+        out.push(FiemapExtent { logical: e[0], physical: e[1], length: e[2], flags });
+    }
+    Ok(mapped)
+}
+
+/// Two u32 fields laid out as in a C struct: `first` at the lower address.
+fn pack_u32s(first: u32, second: u32) -> [u8; 8] {
+    let mut b = [0u8; 8];
+    b[..4].copy_from_slice(&first.to_ne_bytes());
+    b[4..].copy_from_slice(&second.to_ne_bytes());
+    b
+}
+
+fn unpack_u32s(b: [u8; 8]) -> (u32, u32) {
+    let first = u32::from_ne_bytes([b[0], b[1], b[2], b[3]]);
+    let second = u32::from_ne_bytes([b[4], b[5], b[6], b[7]]);
+    (first, second)
+}
+
+/// The id of the btrfs filesystem `file` is on (`BTRFS_IOC_FS_INFO`'s fsid): the same for
+/// every subvolume of it, where `st_dev` differs per subvolume. ENOTTY: not btrfs.
+pub fn btrfs_fsid(file: &File) -> io::Result<[u8; 16]> {
+    // struct btrfs_ioctl_fs_info_args: max_id, num_devices (u64), then fsid[16]: 1024 bytes.
+    let mut buf = vec![0u64; 128];
+    // SAFETY: the ioctl writes one 1024-byte struct into the buffer we own; the fd is valid.
+    check(unsafe { libc::ioctl(file.as_raw_fd(), BTRFS_IOC_FS_INFO as _, buf.as_mut_ptr()) })?;
+    let mut fsid = [0u8; 16];
+    fsid[..8].copy_from_slice(&buf[2].to_ne_bytes());
+    fsid[8..].copy_from_slice(&buf[3].to_ne_bytes());
+    Ok(fsid)
 }
 
 /// Allocates `len` bytes of `file` at `offset` as unwritten extents, without changing its size

@@ -88,6 +88,10 @@ pub struct Spec {
     pub metrics: bool,
     /// Run the listener with `--log-format json`.
     pub json_logs: bool,
+    /// With `Copy::Saveset`: change tracking, bases kept in `<array>/bases` (`[copy] base_dir`).
+    pub saveset_base_dir: bool,
+    /// Environment variables for the listener (e.g. a failpoint).
+    pub listener_env: Vec<(String, String)>,
 }
 
 fn nothing(_: &str) -> String {
@@ -121,6 +125,8 @@ impl Spec {
             group_extra: "",
             metrics: false,
             json_logs: false,
+            saveset_base_dir: false,
+            listener_env: Vec::new(),
         }
     }
 }
@@ -359,7 +365,12 @@ impl Cluster {
                 format!("[copy]\nmode = \"image\"\ntarget = {:?}\n", target.display().to_string())
             }
             Copy::Saveset { verify } => {
-                format!("[copy]\nmode = \"saveset\"\n{saveset}verify = {verify:?}\n")
+                let bases = if spec.saveset_base_dir {
+                    format!("base_dir = {:?}\n", array.root().join("bases").display().to_string())
+                } else {
+                    String::new()
+                };
+                format!("[copy]\nmode = \"saveset\"\n{saveset}verify = {verify:?}\n{bases}")
             }
             Copy::SavesetOnAgent { verify, .. } => format!(
                 "[copy]\nmode = \"saveset\"\non = \"agent\"\n{saveset}verify = {verify:?}\n"
@@ -419,6 +430,7 @@ impl Cluster {
     pub async fn start_listener(&mut self) {
         let mut command = Command::new(bin("stillpoint-listener"));
         command.arg("--config").arg(&self.listener_config).env("RUST_LOG", "info");
+        command.envs(self.spec.listener_env.iter().map(|(k, v)| (k, v)));
         if self.spec.json_logs {
             command.args(["--log-format", "json"]);
         }

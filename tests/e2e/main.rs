@@ -8,6 +8,7 @@ mod apps;
 mod apps_cut;
 mod artifacts;
 mod catalog_dr;
+mod cbt;
 mod consistency;
 mod failures;
 mod faults;

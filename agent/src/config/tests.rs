@@ -194,6 +194,8 @@ fn saveset_unlocks_with_the_right_secret_only_and_never_shows_it() {
         passphrase_file: Some(file.to_path_buf()),
         key_file: None,
         copy_delay_ms_per_mib: 0,
+        base_dir: None,
+        sample: stillpoint_saveset::DEFAULT_SAMPLE_PERCENT,
     };
     assert!(section(&pass).open().is_ok());
     let err = section(&wrong).open().map(|_| ()).unwrap_err();

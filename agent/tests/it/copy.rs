@@ -42,6 +42,8 @@ fn setup(dir: &Path, delay_ms_per_mib: u64) -> (Array, SavesetConfig) {
         passphrase_file: Some(pass),
         key_file: None,
         copy_delay_ms_per_mib: delay_ms_per_mib,
+        base_dir: None,
+        sample: stillpoint_saveset::DEFAULT_SAMPLE_PERCENT,
     };
     (array, saveset)
 }

@@ -616,6 +616,8 @@ async fn qcow2_backup_through_the_agent_restores_bit_identical_guest_data() {
         passphrase_file: Some(pass),
         key_file: None,
         copy_delay_ms_per_mib: 0,
+        base_dir: None,
+        sample: stillpoint_saveset::DEFAULT_SAMPLE_PERCENT,
     });
     let agent = crate::support::Agent::start(c).await;
     let mut client = agent.client(&certs, "listener");

@@ -7,8 +7,8 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use stillpoint_saveset::{
-    BackupArtifact, BackupManifest, BackupStats, Manifest, ManifestId, Pool, Progress, Repository,
-    VolumeMeta,
+    BackupArtifact, BackupManifest, BackupStats, BaseKey, BaseStore, Manifest, ManifestId, Pool,
+    Progress, Repository, VolumeMeta,
 };
 
 use crate::config::{SavesetConfig, VerifyMode};
@@ -27,6 +27,8 @@ pub struct Saveset {
     /// Held while a catalog is dumped and saved (`crate::repo_catalog`), so the newest saved
     /// catalog is always the newest dump.
     catalog: std::sync::Mutex<()>,
+    /// Each volume's kept base, with `base_dir` (change tracking).
+    bases: Option<BaseStore>,
 }
 
 impl std::fmt::Debug for Saveset {
@@ -51,13 +53,14 @@ impl ServerCopy {
             self.volumes.iter().map(|(v, id)| format!("{v} manifest {id}")).collect();
         let s = &self.stats;
         format!(
-            "saveset: {}; {} bytes read, {} stored ({} new chunks, {} reused, {} holes)",
+            "saveset: {}; {} bytes read, {} stored ({} new chunks, {} reused, {} holes){}",
             volumes.join(", "),
             s.bytes_read,
             s.bytes_stored,
             s.new_chunks,
             s.reused_chunks,
-            s.hole_chunks
+            s.hole_chunks,
+            changes(s)
         )
     }
 
@@ -83,7 +86,15 @@ impl Saveset {
     pub fn open_in(config: &SavesetConfig, cache_dir: Option<&Path>) -> Result<Saveset, String> {
         let pool = config.open_in(cache_dir)?;
         tracing::info!(repository = %config.repository.display(), verify = ?config.verify, "saveset repository unlocked");
-        Ok(Saveset { config: config.clone(), pool, catalog: std::sync::Mutex::default() })
+        let bases = match &config.base_dir {
+            None => None,
+            Some(dir) => Some(
+                BaseStore::open(dir)
+                    .map_err(|e| format!("copy.base_dir: {e}"))?
+                    .with_sample(config.sample),
+            ),
+        };
+        Ok(Saveset { config: config.clone(), pool, catalog: std::sync::Mutex::default(), bases })
     }
 
     /// Runs `f` on one of the pool's unlocked handles.
@@ -119,7 +130,7 @@ impl Saveset {
     /// volumes: a backup that ended meanwhile gets no more volumes.
     pub fn copy_server(
         &self,
-        backup_id: &str,
+        (backup_id, group): (&str, &str),
         server: &str,
         snapshots: &[SnapshotRef],
         progress: &mut dyn FnMut(u64, u64),
@@ -149,9 +160,22 @@ impl Saveset {
                         progress((base + p.done).min(total), total);
                     }
                 };
-                let done = repo
-                    .backup_volume(Path::new(&snap.locator), meta, &mut report)
-                    .map_err(|e| format!("volume {}: {e}", snap.volume))?;
+                let source = Path::new(&snap.locator);
+                let done = match &self.bases {
+                    None => repo.backup_volume(source, meta, &mut report),
+                    Some(bases) => {
+                        let key = BaseKey {
+                            group: group.to_string(),
+                            server: server.to_string(),
+                            volume: snap.volume.clone(),
+                        };
+                        bases.backup(repo, &key, source, meta, &mut report)
+                    }
+                }
+                .map_err(|e| format!("volume {}: {e}", snap.volume))?;
+                if self.bases.is_some() {
+                    tracing::info!(volume = %snap.volume, bytes_read = done.stats.bytes_read, bytes_skipped = done.stats.bytes_skipped, change_map = %done.stats.change_map, "volume copied");
+                }
                 copy.stats += &done.stats;
                 copy.volumes.push((snap.volume.clone(), done.id));
                 base += size;
@@ -238,6 +262,17 @@ impl Saveset {
             ))
         })
     }
+}
+
+/// The change-tracking part of a copy's log line: empty without a change map.
+pub fn changes(s: &BackupStats) -> String {
+    if s.change_map.is_empty() || (s.bytes_skipped == 0 && s.change_map == "none") {
+        return String::new();
+    }
+    format!(
+        "; {} bytes skipped, change map {}, {} sampled, {} differed",
+        s.bytes_skipped, s.change_map, s.sampled_chunks, s.sample_mismatches
+    )
 }
 
 /// The bytes a snapshot's copy will read: its file's length (a block device's reported size).

@@ -279,7 +279,8 @@ impl Runtime {
                     self.spawn_commit(id, server, (freeze_token, hold), feed)
                 }
                 Command::Copy { server, snapshots } => {
-                    self.copier.start(id, server, snapshots, feed.clone(), run.copies.clone())
+                    let ids = (id, record.group.as_str());
+                    self.copier.start(ids, server, snapshots, feed.clone(), run.copies.clone())
                 }
                 Command::Seal { stored, cut, artifacts } => {
                     let sealed = (cut, artifacts);

@@ -96,6 +96,8 @@ async fn retention_forgets_what_the_rules_drop_and_kept_backups_still_restore() 
             passphrase_file: Some(passphrase_file),
             key_file: None,
             verify: VerifyMode::Index,
+            base_dir: None,
+            sample: stillpoint_saveset::DEFAULT_SAMPLE_PERCENT,
         }),
         retention: vec![(
             "h".into(),

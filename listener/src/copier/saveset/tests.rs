@@ -30,6 +30,8 @@ fn fixture(verify: VerifyMode) -> Fixture {
         passphrase_file: Some(secret_file),
         key_file: None,
         verify,
+        base_dir: None,
+        sample: stillpoint_saveset::DEFAULT_SAMPLE_PERCENT,
     };
     Fixture { dir, config }
 }
@@ -68,7 +70,7 @@ fn check_copy(
 ) -> (ServerCopy, Vec<(u64, u64)>) {
     let mut reports = Vec::new();
     let copy = saveset
-        .copy_server(backup, server, snaps, &mut |d, t| reports.push((d, t)), &|| false)
+        .copy_server((backup, "g"), server, snaps, &mut |d, t| reports.push((d, t)), &|| false)
         .expect("copy");
     (copy, reports)
 }
@@ -171,7 +173,7 @@ fn a_snapshot_the_listener_cannot_read_is_named() {
         size_bytes: 1,
     };
     let err = saveset
-        .copy_server("b1", "srv-a", &[gone], &mut |_, _| {}, &|| false)
+        .copy_server(("b1", "g"), "srv-a", &[gone], &mut |_, _| {}, &|| false)
         .expect_err("unreadable");
     assert!(err.contains("volume data: cannot read snapshot /nonexistent/snap"), "{err}");
 }

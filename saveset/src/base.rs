@@ -1,0 +1,274 @@
+//! The copier's kept base per (group, server, volume): after a volume's backup succeeds, a
+//! reflink clone of the snapshot it read, with a sidecar naming the volume manifest it went into
+//! and the clone's identity. The next backup of that volume trusts the base only if its identity
+//! and the manifest are unchanged, and reads only what changed since. Kept by the copier, not the
+//! provider: the base must be exactly what the manifest holds and outlive the provider's cleanup.
+
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use serde::{Deserialize, Serialize};
+
+use crate::backup::{Parent, DEFAULT_SAMPLE_PERCENT};
+use crate::changes::changes_between_files;
+use crate::crypto::hex;
+use crate::error::{Error, IoContext, Result};
+use crate::manifest::{ManifestId, ManifestSummary, VolumeMeta};
+use crate::{Progress, Repository, VolumeBackup};
+
+/// Which volume a base belongs to.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BaseKey {
+    pub group: String,
+    pub server: String,
+    pub volume: String,
+}
+
+/// What a kept base file must still be: any difference means someone touched it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+struct Identity {
+    dev: u64,
+    ino: u64,
+    size: u64,
+    mtime_ns: i64,
+    ctime_ns: i64,
+    mode: u32,
+}
+
+impl Identity {
+    fn of(meta: &std::fs::Metadata) -> Identity {
+        let ns = |s: i64, n: i64| s.saturating_mul(1_000_000_000).saturating_add(n);
+        Identity {
+            dev: meta.dev(),
+            ino: meta.ino(),
+            size: meta.len(),
+            mtime_ns: ns(meta.mtime(), meta.mtime_nsec()),
+            ctime_ns: ns(meta.ctime(), meta.ctime_nsec()),
+            mode: meta.mode() & 0o7777,
+        }
+    }
+
+    /// The first field that differs, for the log.
+    fn differs(&self, now: &Identity) -> Option<String> {
+        let fields = [
+            ("device", self.dev.to_string(), now.dev.to_string()),
+            ("inode", self.ino.to_string(), now.ino.to_string()),
+            ("size", self.size.to_string(), now.size.to_string()),
+            ("mtime", self.mtime_ns.to_string(), now.mtime_ns.to_string()),
+            ("ctime", self.ctime_ns.to_string(), now.ctime_ns.to_string()),
+            ("mode", format!("{:o}", self.mode), format!("{:o}", now.mode)),
+        ];
+        fields.into_iter().find(|(_, a, b)| a != b).map(|(f, a, b)| format!("{f} {a}, now {b}"))
+    }
+}
+
+/// The sidecar record of a kept base (`<name>.json`, written temp+rename after the base).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct Sidecar {
+    #[serde(flatten)]
+    key: BaseKey,
+    /// The backup and the volume manifest the base's content went into.
+    backup: String,
+    manifest: ManifestId,
+    identity: Identity,
+}
+
+/// A directory of kept bases, on the same filesystem as the snapshots (a reflink clone cannot
+/// cross filesystems: then no base is kept, once logged, and every backup reads everything).
+#[derive(Debug)]
+pub struct BaseStore {
+    dir: PathBuf,
+    sample_percent: f64,
+    /// Set once a clone was refused, so the reason is logged once, not per volume.
+    refused_logged: AtomicBool,
+}
+
+impl BaseStore {
+    /// Opens (creating, mode 0700) the base directory; temp files a crash left are removed.
+    pub fn open(dir: &Path) -> Result<BaseStore> {
+        std::fs::create_dir_all(dir).ctx("create", dir)?;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).ctx("chmod", dir)?;
+        for entry in std::fs::read_dir(dir).ctx("list", dir)?.flatten() {
+            if entry.file_name().to_string_lossy().starts_with("tmp-") {
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
+        Ok(BaseStore {
+            dir: dir.to_path_buf(),
+            sample_percent: DEFAULT_SAMPLE_PERCENT,
+            refused_logged: AtomicBool::new(false),
+        })
+    }
+
+    /// The share of skipped chunks the sampling verify re-reads, in percent (0: none).
+    #[must_use]
+    pub fn with_sample(mut self, percent: f64) -> Self {
+        self.sample_percent = percent;
+        self
+    }
+
+    /// The directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    fn paths(&self, key: &BaseKey) -> (PathBuf, PathBuf) {
+        let mut h = blake3::Hasher::new();
+        for part in [&key.group, &key.server, &key.volume] {
+            h.update(&(part.len() as u64).to_le_bytes());
+            h.update(part.as_bytes());
+        }
+        let name = hex(&h.finalize().as_bytes()[..16]);
+        (self.dir.join(format!("{name}.base")), self.dir.join(format!("{name}.json")))
+    }
+
+    /// The parent to back `snapshot` up against: the kept base's manifest and the change map
+    /// between the base and `snapshot`; or why there is none (`none: why`), then everything is
+    /// read. A base is trusted only if its identity is the one recorded and its manifest is
+    /// still in `repo` with the snapshot's size and the repository's chunk size.
+    pub fn find(
+        &self,
+        repo: &Repository,
+        key: &BaseKey,
+        snapshot: &Path,
+    ) -> std::result::Result<Parent, String> {
+        let (base, sidecar) = self.paths(key);
+        let text = match std::fs::read(&sidecar) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err("none: no base kept yet".into())
+            }
+            Err(e) => return Err(format!("none: base record {}: {e}", sidecar.display())),
+        };
+        let record: Sidecar = serde_json::from_slice(&text)
+            .map_err(|e| format!("none: base record {}: {e}", sidecar.display()))?;
+        if record.key != *key {
+            return Err(format!("none: base record {} is another volume's", sidecar.display()));
+        }
+        let file = File::open(&base).map_err(|e| format!("none: base {}: {e}", base.display()))?;
+        let now = file.metadata().map_err(|e| format!("none: base {}: {e}", base.display()))?;
+        if let Some(what) = record.identity.differs(&Identity::of(&now)) {
+            return Err(format!(
+                "none: base {} changed since it was kept ({what})",
+                base.display()
+            ));
+        }
+        let snap =
+            File::open(snapshot).map_err(|e| format!("none: {}: {e}", snapshot.display()))?;
+        let size = snap.metadata().map_err(|e| format!("none: {}: {e}", snapshot.display()))?.len();
+        match repo.load_summary(record.manifest) {
+            Ok(ManifestSummary::Volume(v)) if v.size == size && v.chunk_size == repo.chunk_size() => {}
+            Ok(ManifestSummary::Volume(v)) => {
+                return Err(format!(
+                    "none: parent manifest {} has size {} and chunk size {}, the snapshot {size} and the repository {}",
+                    record.manifest, v.size, v.chunk_size, repo.chunk_size()
+                ))
+            }
+            Ok(ManifestSummary::Backup(_)) => {
+                return Err(format!("none: parent {} is not a volume manifest", record.manifest))
+            }
+            Err(Error::UnknownManifest { .. }) => {
+                return Err(format!(
+                    "none: parent manifest {} (backup {}) is no longer in the repository",
+                    record.manifest, record.backup
+                ))
+            }
+            Err(e) => return Err(format!("none: parent manifest {}: {e}", record.manifest)),
+        }
+        let changed = changes_between_files((&file, &base), (&snap, snapshot))
+            .map_err(|e| format!("none: change map: {e}"))?;
+        Ok(Parent { manifest: record.manifest, changed, sample_percent: self.sample_percent })
+    }
+
+    /// Keeps `snapshot` as the base of `key`, just backed up into `backup`: a clone to a temp
+    /// file, made read-only and renamed over the old base, then the sidecar (temp+rename). A
+    /// crash between leaves a sidecar whose identity no longer matches: a full read, never a
+    /// wrong base. Errors say why no base was kept (the backup itself succeeded).
+    pub fn keep(&self, key: &BaseKey, snapshot: &Path, backup: &VolumeBackup) -> Result<()> {
+        let (base, sidecar) = self.paths(key);
+        let src = File::open(snapshot).ctx("open", snapshot)?;
+        let tmp = self.dir.join(format!("tmp-{}.base", hex(&crate::crypto::random::<8>())));
+        let dst = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)
+            .ctx("create", &tmp)?;
+        let kept = (|| {
+            stillpoint_sys::clone_file(&src, &dst).ctx("clone (FICLONE) into", &tmp)?;
+            dst.set_permissions(std::fs::Permissions::from_mode(0o400)).ctx("chmod", &tmp)?;
+            dst.sync_all().ctx("fsync", &tmp)?;
+            std::fs::rename(&tmp, &base).ctx("rename", &base)
+        })();
+        if let Err(e) = kept {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(e);
+        }
+        // After the rename, which may change the ctime.
+        let identity = Identity::of(&dst.metadata().ctx("stat", &base)?);
+        let record = Sidecar {
+            key: key.clone(),
+            backup: backup.manifest.meta.backup.clone(),
+            manifest: backup.id,
+            identity,
+        };
+        let text = serde_json::to_vec_pretty(&record).expect("a sidecar serializes");
+        let tmp = self.dir.join(format!("tmp-{}.json", hex(&crate::crypto::random::<8>())));
+        let written = (|| {
+            let mut f = File::create(&tmp).ctx("create", &tmp)?;
+            f.write_all(&text).ctx("write", &tmp)?;
+            f.sync_all().ctx("fsync", &tmp)?;
+            std::fs::rename(&tmp, &sidecar).ctx("rename", &sidecar)?;
+            File::open(&self.dir).and_then(|d| d.sync_all()).ctx("fsync", &self.dir)
+        })();
+        if written.is_err() {
+            let _ = std::fs::remove_file(&tmp);
+        }
+        written
+    }
+
+    /// Backs `snapshot` up as `meta`'s volume against the kept base of `key` (if any can be
+    /// trusted), then keeps `snapshot` as the new base. Why no base was used is in the stats'
+    /// `change_map` and a log line; failing to keep the new base is logged and leaves the old
+    /// one, which still matches its own manifest.
+    pub fn backup(
+        &self,
+        repo: &mut Repository,
+        key: &BaseKey,
+        snapshot: &Path,
+        meta: VolumeMeta,
+        progress: &mut dyn FnMut(Progress),
+    ) -> Result<VolumeBackup> {
+        let parent = match self.find(repo, key, snapshot) {
+            Ok(p) => Some(p),
+            Err(why) => {
+                tracing::info!(group = %key.group, server = %key.server, volume = %key.volume, "no change map: {why}; reading the whole volume");
+                let mut done = repo.backup_volume_with(snapshot, meta, None, progress)?;
+                done.stats.change_map = why;
+                self.keep_logged(key, snapshot, &done);
+                return Ok(done);
+            }
+        };
+        let done = repo.backup_volume_with(snapshot, meta, parent.as_ref(), progress)?;
+        self.keep_logged(key, snapshot, &done);
+        Ok(done)
+    }
+
+    fn keep_logged(&self, key: &BaseKey, snapshot: &Path, done: &VolumeBackup) {
+        let Err(e) = self.keep(key, snapshot, done) else { return };
+        let refused = matches!(&e, Error::Io { source, .. }
+            if matches!(source.raw_os_error(), Some(libc::EXDEV | libc::EOPNOTSUPP | libc::EINVAL)));
+        if !refused {
+            tracing::warn!(volume = %key.volume, error = %e, "base not kept; the next backup of this volume reads it whole");
+        } else if !self.refused_logged.swap(true, Ordering::Relaxed) {
+            tracing::warn!(
+                dir = %self.dir.display(),
+                error = %e,
+                "base dir cannot reflink-clone these snapshots (another filesystem, or one without reflink): no change tracking, every backup reads everything"
+            );
+        }
+    }
+}
