@@ -416,8 +416,11 @@ impl Repository {
                 deferred.sort_unstable_by_key(|&(id, off, _)| (id, off));
                 deferred.dedup_by_key(|&mut (id, _, _)| id);
                 let ids: Vec<ChunkId> = deferred.iter().map(|&(id, _, _)| id).collect();
-                let missing: IdSet<ChunkId> =
-                    guard.claims.wait(&ids, Instant::now() + SIBLING_WAIT).into_iter().collect();
+                let missing: IdSet<ChunkId> = guard
+                    .claims
+                    .wait(&ids, Instant::now() + SIBLING_WAIT, |id| self.index.contains_key(id))
+                    .into_iter()
+                    .collect();
                 deferred.retain(|(id, _, _)| missing.contains(id));
                 self.store_again(&file, source, &deferred, &mut stats)?;
             }

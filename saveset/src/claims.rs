@@ -29,14 +29,14 @@ pub(crate) enum Claimed {
     Again,
     /// Another copy is storing it: reference it and [`Claims::wait`] before the manifest.
     Pending,
-    /// Another copy has stored it durably: just reference it.
+    /// Stored durably (the index has it): just reference it. Claims never answer this: a
+    /// stored chunk is the index's to know.
     Stored,
 }
 
 #[derive(Clone, Copy)]
 enum State {
     Pending(CopyToken),
-    Stored,
 }
 
 #[derive(Default)]
@@ -77,15 +77,16 @@ impl Claims {
             }
             Some(State::Pending(owner)) if *owner == copy => Claimed::Again,
             Some(State::Pending(_)) => Claimed::Pending,
-            Some(State::Stored) => Claimed::Stored,
         }
     }
 
-    /// These chunks are durable: their pack and its index are written.
+    /// These chunks are durable: their pack and its index are written, and the pool's shared
+    /// index has them, so the claims forget them (they hold only chunks in flight, not every
+    /// chunk the pool's copies stored).
     pub(crate) fn stored(&self, ids: impl IntoIterator<Item = ChunkId>) {
         let mut inner = self.lock();
         for id in ids {
-            inner.chunks.insert(id, State::Stored);
+            inner.chunks.remove(&id);
         }
         drop(inner);
         self.changed.notify_all();
@@ -107,19 +108,22 @@ impl Claims {
     }
 
     /// Waits until no chunk of `ids` is pending any more, or `deadline`; returns those not
-    /// stored (their claimant failed, or has not written them yet): the caller stores them.
-    pub(crate) fn wait(&self, ids: &[ChunkId], deadline: Instant) -> Vec<ChunkId> {
+    /// `durable` (their claimant failed, or has not written them yet): the caller stores them.
+    /// `durable` (the shared index) is asked after the claims' lock is let go.
+    pub(crate) fn wait(
+        &self,
+        ids: &[ChunkId],
+        deadline: Instant,
+        durable: impl Fn(&ChunkId) -> bool,
+    ) -> Vec<ChunkId> {
         let mut inner = self.lock();
         loop {
             let pending =
                 ids.iter().any(|id| matches!(inner.chunks.get(id), Some(State::Pending(_))));
             let now = Instant::now();
             if !pending || now >= deadline {
-                return ids
-                    .iter()
-                    .filter(|id| !matches!(inner.chunks.get(id), Some(State::Stored)))
-                    .copied()
-                    .collect();
+                drop(inner);
+                return ids.iter().filter(|id| !durable(id)).copied().collect();
             }
             inner = self
                 .changed
@@ -148,13 +152,18 @@ mod tests {
         assert_eq!(claims.claim(id(1), a), Claimed::Again);
         assert_eq!(claims.claim(id(1), b), Claimed::Pending);
         std::thread::scope(|s| {
-            let waiter =
-                s.spawn(|| claims.wait(&[id(1)], Instant::now() + Duration::from_secs(30)));
+            let durable = |c: &ChunkId| *c == id(1); // the index has it once stored
+            let claims = &claims;
+            let waiter = s.spawn(move || {
+                claims.wait(&[id(1)], Instant::now() + Duration::from_secs(30), durable)
+            });
             std::thread::sleep(Duration::from_millis(20));
             claims.stored([id(1)]);
             assert!(waiter.join().expect("no panic").is_empty(), "stored, so nothing missing");
         });
-        assert_eq!(claims.claim(id(1), b), Claimed::Stored);
+        assert_eq!(claims.claim(id(3), b), Claimed::Mine);
+        claims.stored([id(3)]);
+        assert!(claims.lock().chunks.is_empty(), "stored chunks are the index's, not held here");
     }
 
     #[test]
@@ -166,12 +175,14 @@ mod tests {
         assert_eq!(claims.claim(id(2), b), Claimed::Pending);
         // Still pending at the deadline: the waiter stores it itself.
         let start = Instant::now();
-        assert_eq!(claims.wait(&[id(2)], start + Duration::from_millis(50)), vec![id(2)]);
+        let none = |_: &ChunkId| false;
+        assert_eq!(claims.wait(&[id(2)], start + Duration::from_millis(50), none), vec![id(2)]);
         assert!(start.elapsed() >= Duration::from_millis(50));
         // `a` fails: the wait returns as soon as it does, long before its deadline.
         std::thread::scope(|s| {
-            let waiter =
-                s.spawn(|| claims.wait(&[id(1), id(2)], Instant::now() + Duration::from_secs(30)));
+            let waiter = s.spawn(|| {
+                claims.wait(&[id(1), id(2)], Instant::now() + Duration::from_secs(30), none)
+            });
             std::thread::sleep(Duration::from_millis(20));
             claims.end(a);
             assert_eq!(waiter.join().expect("no panic").len(), 2);
