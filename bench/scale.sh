@@ -210,7 +210,7 @@ PY
 }
 
 run_stillpoint() {
-  local tool=$1 repo=$RUN/repo-$1 base="" k step before mbefore img
+  local tool=$1 repo=$RUN/repo-$1 base="" k step before mbefore ibefore meta img
   declare -A man=()
   if [ "$tool" = stillpoint-cbt ]; then
     if ! "$BIN" repo backup --help 2>&1 | grep -q -- '--base-dir'; then
@@ -226,12 +226,20 @@ run_stillpoint() {
   "$BIN" repo init >> "$LOG" 2>&1
   for k in 0 1 2 3; do
     step=${STEP_OF[$k]}; img=$(snapimg "$k")
-    before=$(stored "$repo"); mbefore=$(sp_meta "$repo")
+    before=$(stored "$repo"); mbefore=$(sp_meta "$repo"); ibefore=$(du_b "$repo/index")
     warm "$img"
     measure "$tool" "$step" "'$BIN' repo backup $base --json --backup $step --server bench --volume disk '$img' > '$RUN/$tool-$step.json'"
     cat "$RUN/$tool-$step.json" >> "$LOG"
     man[$step]=$(python3 "$HELPER" json-field "$RUN/$tool-$step.json" manifest)
-    row "$tool" "$step" $(($(stored "$repo") - before)) $(($(sp_meta "$repo") - mbefore)) "$(sp_note "$RUN/$tool-$step.json")"
+    # Metadata: what the backup says it wrote (chunk list pages, stored in packs, and its
+    # manifest) plus the index files' growth; manifests/ + index/ growth with an older build.
+    meta=$(python3 "$HELPER" json-field "$RUN/$tool-$step.json" metadata_bytes 2>/dev/null || true)
+    if [[ "$meta" =~ ^[0-9]+$ ]]; then
+      meta=$((meta + $(du_b "$repo/index") - ibefore))
+    else
+      meta=$(($(sp_meta "$repo") - mbefore))
+    fi
+    row "$tool" "$step" $(($(stored "$repo") - before)) "$meta" "$(sp_note "$RUN/$tool-$step.json")"
   done
   # Forget the full and the 1% incremental (their volume manifests deleted, as forget does) and
   # prune; then verify and restore what is left, so the restore also shows the prune kept what S3
