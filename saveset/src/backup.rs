@@ -313,27 +313,32 @@ impl Repository {
             Some(p) => self.usable_parent(p, size, source),
             None => Err("none".to_string()),
         };
-        // The parent's pages, shared where nothing changed, whether or not its map is usable.
-        let page_parent: Option<VolumeManifest> = match &usable {
-            Ok((_, m, _)) => Some(m.clone()),
-            Err(_) => parent.and_then(|p| match self.load_manifest(p.manifest) {
-                Ok(Manifest::Volume(m))
-                    if m.size == size && m.chunk_size == manifest.chunk_size =>
-                {
-                    Some(m)
-                }
-                _ => None,
-            }),
+        // The parent's manifest, loaded once: its pages are shared where nothing changed,
+        // whether or not its change map is usable.
+        let (usable, page_parent) = match usable {
+            Ok((p, m, changed)) => (Ok((p, changed)), Some(m)),
+            Err(why) => {
+                let loaded = parent.and_then(|p| match self.load_manifest(p.manifest) {
+                    Ok(Manifest::Volume(m))
+                        if m.size == size && m.chunk_size == manifest.chunk_size =>
+                    {
+                        Some(m)
+                    }
+                    _ => None,
+                });
+                (Err(why), loaded)
+            }
         };
         let mut pages = PageBuilder::new(n, page_parent.as_ref());
         let mut whole = true;
         match usable {
             Err(why) => stats.change_map = why,
-            Ok((p, parent_manifest, changed)) => {
+            Ok((p, changed)) => {
+                let parent_manifest = page_parent.as_ref().expect("a usable parent was loaded");
                 stats.change_map = p.changed.describe();
                 let read: u64 = changed.iter().map(|r| r.end.min(n) - r.start.min(n)).sum();
                 let want = sample_size(n - read, p.sample_percent, manifest.chunk_size);
-                let entries = ParentEntries::new(self, &parent_manifest);
+                let entries = ParentEntries::new(self, parent_manifest);
                 let failed = entries.failed();
                 let mut skip = Skip {
                     changed: &changed,

@@ -4,9 +4,9 @@
 //! and the manifest are unchanged, and reads only what changed since. Kept by the copier, not the
 //! provider: the base must be exactly what the manifest holds and outlive the provider's cleanup.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::Write;
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -190,13 +190,8 @@ impl BaseStore {
     pub fn keep(&self, key: &BaseKey, snapshot: &Path, backup: &VolumeBackup) -> Result<()> {
         let (base, sidecar) = self.paths(key);
         let src = File::open(snapshot).ctx("open", snapshot)?;
-        let tmp = self.dir.join(format!("tmp-{}.base", hex(&crate::crypto::random::<8>())));
-        let dst = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&tmp)
-            .ctx("create", &tmp)?;
+        let (tmp, dst) = crate::index::private_file(&self.dir, "tmp-", ".base")
+            .ctx("create a base in", &self.dir)?;
         let kept = (|| {
             stillpoint_sys::clone_file(&src, &dst).ctx("clone (FICLONE) into", &tmp)?;
             dst.set_permissions(std::fs::Permissions::from_mode(0o400)).ctx("chmod", &tmp)?;

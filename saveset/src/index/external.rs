@@ -8,10 +8,8 @@ use std::cmp::Reverse;
 use std::collections::BinaryHeap;
 use std::fs::File;
 use std::io::{BufReader, BufWriter, Read, Write};
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
-use crate::crypto::{hex, random};
 use crate::error::{IoContext, Result};
 use crate::manifest::ChunkId;
 
@@ -55,13 +53,8 @@ impl<const N: usize> ExternalSort<N> {
     }
 
     fn spill(&mut self) -> Result<()> {
-        let path = self.dir.join(format!("sort-{}", hex(&random::<16>())));
-        let file = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&path)
-            .ctx("create", &path)?;
+        let (path, file) =
+            super::private_file(&self.dir, "sort-", "").ctx("create a sort run in", &self.dir)?;
         self.runs.push(path.clone());
         let mut out = BufWriter::with_capacity(1 << 20, file);
         for rec in self.buf.drain(..) {
@@ -102,13 +95,8 @@ impl<const N: usize> ExternalSort<N> {
 impl<const N: usize> ExternalSort<N> {
     /// Every distinct record, in order, in one file that can be read as often as needed.
     pub(crate) fn into_file(self) -> Result<SortedFile<N>> {
-        let path = self.dir.join(format!("sorted-{}", hex(&random::<16>())));
-        let file = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&path)
-            .ctx("create", &path)?;
+        let (path, file) = super::private_file(&self.dir, "sorted-", "")
+            .ctx("create a sorted file in", &self.dir)?;
         // Removed again if anything below fails.
         let mut sorted = SortedFile { path: path.clone(), len: 0 };
         let mut out = BufWriter::with_capacity(1 << 20, file);

@@ -121,6 +121,21 @@ pub(crate) fn private_dir(path: &Path) -> Result<()> {
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o700)).ctx("chmod", path)
 }
 
+/// Creates a new file `<prefix><32 random hex digits><suffix>` in `dir`, mode 0600, never an
+/// existing one: runs, sort spills and kept bases are private and named so that concurrent
+/// writers never meet.
+pub(crate) fn private_file(
+    dir: &Path,
+    prefix: &str,
+    suffix: &str,
+) -> std::io::Result<(PathBuf, std::fs::File)> {
+    let path =
+        dir.join(format!("{prefix}{}{suffix}", crate::crypto::hex(&crate::crypto::random::<16>())));
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&path)?;
+    Ok((path, file))
+}
+
 /// A run and where its pack numbers go in the index's numbering.
 struct Live {
     run: Run,

@@ -16,7 +16,7 @@
 
 use std::fs::File;
 use std::io::{BufWriter, Read, Seek, SeekFrom, Write};
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -100,9 +100,7 @@ impl RunWriter {
         fence_bytes: u64,
         filter_bits: u64,
     ) -> std::io::Result<RunWriter> {
-        let tmp = dir.join(format!("tmp-{}", hex(&random::<16>())));
-        let file =
-            std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp)?;
+        let (tmp, file) = super::private_file(dir, "tmp-", "")?;
         let mut out = BufWriter::with_capacity(1 << 20, file);
         out.write_all(&[0u8; HEADER])?;
         let block = block_for(expected, fence_bytes);
