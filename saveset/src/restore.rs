@@ -13,7 +13,7 @@ use crate::direct::{self, AlignedBuf};
 use crate::error::{Error, IoContext, Result};
 use crate::jobs;
 use crate::manifest::{ChunkId, Manifest, ManifestId, VolumeManifest};
-use crate::repo::{runs, Repository};
+use crate::repo::{runs, ChunkLoc, Repository};
 
 /// At most this many bytes of a pack are fetched by one read.
 const READ_RUN: u64 = 8 << 20;
@@ -23,10 +23,12 @@ const WINDOW: usize = 4 << 20;
 /// in the benchmark, 48 MiB serve 18% of the data chunks and cut restore CPU by 10%, for 55 MiB
 /// of peak memory (restore then peaks below a backup's 200 MiB).
 const REPEAT_CACHE: usize = 48 << 20;
-/// Chunks of the volume whose entries are held at once (4 GiB of volume in 4 KiB chunks, 33 MiB
-/// of entries): a restore walks the volume a segment at a time, so its memory does not grow
-/// with the volume. The repeat cache plans within a segment.
-const SEGMENT: u64 = 1 << 20;
+/// Chunks of the volume whose entries and locations are held at once (1 GiB of volume in 4 KiB
+/// chunks: 8 MiB of ids, 14 MiB of locations): a restore walks the volume a segment at a time,
+/// so its memory stops growing at 1 GiB volumes. The repeat cache plans within a segment; the
+/// segment's locations are looked up in id order in one pass, so an index block is read once
+/// per segment rather than once per chunk.
+const SEGMENT: u64 = 1 << 18;
 
 mod cache;
 #[cfg(test)]
@@ -96,7 +98,8 @@ impl Repository {
         progress: &(dyn Fn(RestoreProgress) + Sync),
     ) -> Result<RestoreStats> {
         let (file, sparse, created) = open_target(target, manifest.size, force)?;
-        let restored = self.write_volume(manifest, &file, sparse, target, REPEAT_CACHE, progress);
+        let sizes = (REPEAT_CACHE, SEGMENT);
+        let restored = self.write_volume(manifest, &file, sparse, target, sizes, progress);
         if restored.is_err() && created {
             drop(file);
             let _ = fs::remove_file(target);
@@ -104,14 +107,15 @@ impl Repository {
         restored
     }
 
-    /// Writes every chunk of `manifest` into the opened target, a segment at a time.
+    /// Writes every chunk of `manifest` into the opened target, a segment (of about `segment`
+    /// chunks) at a time, with a repeat cache of `cache_budget` bytes.
     fn write_volume(
         &self,
         manifest: &VolumeManifest,
         file: &File,
         sparse: bool,
         target: &Path,
-        cache_budget: usize,
+        (cache_budget, segment): (usize, u64),
         progress: &(dyn Fn(RestoreProgress) + Sync),
     ) -> Result<RestoreStats> {
         if sparse {
@@ -125,12 +129,13 @@ impl Repository {
         let count = manifest.chunk_count();
         let per_window = (WINDOW / manifest.chunk_size.max(1) as usize).max(1) as u64;
         // Whole windows per segment, so windows never straddle two.
-        let segment = (SEGMENT / per_window).max(1) * per_window;
+        let segment = (segment / per_window).max(1) * per_window;
         let mut first = 0;
         while first < count {
             let end = count.min(first + segment);
             let chunks = self.chunk_entries(manifest, first..end)?;
-            let seg = Segment { manifest, first, chunks: &chunks };
+            let locs = self.index.get_many_of(chunks.len(), |i| chunks[i]);
+            let seg = Segment { manifest, first, chunks: &chunks, locs: &locs };
             let (written, reused) = self.write_segment(seg, out, cache_budget, &done, progress)?;
             stats.bytes_written += written;
             stats.bytes_reused += reused;
@@ -257,14 +262,11 @@ impl Repository {
         let buf = window.as_mut_slice();
         let sparse = out.sparse;
         let base = seg.extent(range.start).0;
-        // The window's lookups in one batch, in id order: each index block read once.
-        let ids: Vec<ChunkId> = seg.chunks[range.clone()].iter().flatten().copied().collect();
-        let mut locs = self.index.get_many(&ids).into_iter();
         let mut data_chunks = Vec::with_capacity(range.len());
         for i in range.clone() {
             match &seg.chunks[i] {
                 Some(id) => {
-                    let loc = locs.next().flatten().ok_or_else(|| Error::Damaged {
+                    let loc = seg.locs[i].ok_or_else(|| Error::Damaged {
                         what: format!("chunk {id}"),
                         reason: "not in any index".into(),
                     })?;
@@ -425,12 +427,14 @@ impl Out<'_> {
 }
 
 /// Part of a volume being restored: chunks `first..first + chunks.len()` of `manifest`, with
-/// their entries; positions in a segment count from its first chunk.
+/// their entries and where each data chunk is stored; positions in a segment count from its
+/// first chunk.
 #[derive(Clone, Copy)]
 struct Segment<'a> {
     manifest: &'a VolumeManifest,
     first: u64,
     chunks: &'a [Option<ChunkId>],
+    locs: &'a [Option<ChunkLoc>],
 }
 
 impl Segment<'_> {

@@ -2,12 +2,13 @@
 //! that exists; with `read_data`, every such chunk decrypts and matches its id. Reports damage
 //! by name (manifest, chunk, pack file, offset); never repairs.
 
+use std::cell::RefCell;
 use std::fmt;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::error::IoContext;
-use crate::index::{ExternalSet, ExternalSort, IdSet, Index};
+use crate::index::{sort_budget, ExternalSet, ExternalSort, IdSet, Index};
 use crate::jobs;
 use crate::manifest::{ChunkId, Manifest, ManifestId, PackId};
 use crate::repo::{runs, ChunkLoc, Repository};
@@ -194,7 +195,7 @@ impl Repository {
         // memory bounded by the budget) for reading.
         let scratch_dir = self.index.scratch_dir()?;
         let budget = self.index.budget();
-        let mut referenced = ExternalSet::new(&scratch_dir, budget / 2);
+        let mut referenced = ExternalSet::new(&scratch_dir, sort_budget(budget));
         let mut missing: Vec<ChunkId> = Vec::new();
         let mut chunk_damage: Vec<(ChunkId, Damage)> = Vec::new();
         // The manifests to check: all, or the scope plus the volumes its backups name.
@@ -215,55 +216,81 @@ impl Repository {
             match self.load_manifest(mid) {
                 Ok(Manifest::Volume(m)) => {
                     max_blob = max_blob.max(self.max_blob_len(&m));
-                    let mut ids: Vec<ChunkId> = Vec::new();
                     // Pages that would not read: checked like chunks (not indexed, pack
                     // missing) and, when their blob is there, reported as corrupt.
-                    let mut unread: Vec<(ChunkId, String)> = Vec::new();
-                    let mut bad = |blob, e: crate::Error| unread.push((blob, e.to_string()));
-                    self.for_each_reference(index, &m, &mut pages, |c| ids.push(c), &mut bad);
-                    ids.extend(unread.iter().map(|(c, _)| *c));
-                    unread.sort_unstable();
-                    ids.sort_unstable();
-                    ids.dedup();
-                    let locs = index.get_many(&ids);
-                    for (chunk, loc) in ids.into_iter().zip(locs) {
-                        let Some(loc) = loc else {
-                            missing.push(chunk);
-                            chunk_damage
-                                .push((chunk, Damage::ChunkNotIndexed { manifest: mid, chunk }));
-                            continue;
+                    let unread: RefCell<Vec<(ChunkId, String)>> = RefCell::new(Vec::new());
+                    let mut bad = |blob, e: crate::Error| {
+                        unread.borrow_mut().push((blob, e.to_string()));
+                    };
+                    // The manifest's chunks a batch at a time (sorted, distinct, looked up
+                    // together), so a volume of any size costs a batch's memory.
+                    let mut batch: Vec<ChunkId> = Vec::with_capacity(LOOKUP_BATCH);
+                    let mut failed: Option<crate::Error> = None;
+                    let mut check = |batch: &mut Vec<ChunkId>| {
+                        batch.sort_unstable();
+                        batch.dedup();
+                        let unread = unread.borrow();
+                        let corrupt = |chunk: &ChunkId| {
+                            unread.iter().find(|(c, _)| c == chunk).map(|(_, why)| why.clone())
                         };
-                        let fits = packs
-                            .get(&loc.pack)
-                            .is_some_and(|&n| loc.offset + u64::from(loc.len) <= n);
-                        if !fits {
-                            missing.push(chunk);
-                            chunk_damage.push((
-                                chunk,
-                                Damage::PackMissing {
-                                    manifest: mid,
+                        let locs = index.get_many(batch);
+                        for (chunk, loc) in batch.drain(..).zip(locs) {
+                            let Some(loc) = loc else {
+                                missing.push(chunk);
+                                chunk_damage.push((
                                     chunk,
-                                    pack: self.pack_path(loc.pack),
-                                    offset: loc.offset,
-                                },
-                            ));
-                            continue;
-                        }
-                        if let Ok(k) = unread.binary_search_by_key(&chunk, |(c, _)| *c) {
-                            missing.push(chunk);
-                            chunk_damage.push((
-                                chunk,
-                                Damage::ChunkCorrupt {
-                                    manifest: mid,
+                                    Damage::ChunkNotIndexed { manifest: mid, chunk },
+                                ));
+                                continue;
+                            };
+                            let fits = packs
+                                .get(&loc.pack)
+                                .is_some_and(|&n| loc.offset + u64::from(loc.len) <= n);
+                            if !fits {
+                                missing.push(chunk);
+                                chunk_damage.push((
                                     chunk,
-                                    pack: self.pack_path(loc.pack),
-                                    offset: loc.offset,
-                                    reason: unread[k].1.clone(),
-                                },
-                            ));
-                            continue;
+                                    Damage::PackMissing {
+                                        manifest: mid,
+                                        chunk,
+                                        pack: self.pack_path(loc.pack),
+                                        offset: loc.offset,
+                                    },
+                                ));
+                                continue;
+                            }
+                            if let Some(reason) = corrupt(&chunk) {
+                                missing.push(chunk);
+                                chunk_damage.push((
+                                    chunk,
+                                    Damage::ChunkCorrupt {
+                                        manifest: mid,
+                                        chunk,
+                                        pack: self.pack_path(loc.pack),
+                                        offset: loc.offset,
+                                        reason,
+                                    },
+                                ));
+                                continue;
+                            }
+                            if failed.is_none() {
+                                if let Err(e) = referenced.insert_id(chunk) {
+                                    failed = Some(e);
+                                }
+                            }
                         }
-                        referenced.insert_id(chunk)?;
+                    };
+                    let add = |c: ChunkId| {
+                        batch.push(c);
+                        if batch.len() == LOOKUP_BATCH {
+                            check(&mut batch);
+                        }
+                    };
+                    self.for_each_reference(index, &m, &mut pages, add, &mut bad);
+                    batch.extend(unread.borrow().iter().map(|(c, _)| *c));
+                    check(&mut batch);
+                    if let Some(e) = failed {
+                        return Err(e);
                     }
                 }
                 Ok(Manifest::Backup(b)) => {
@@ -288,10 +315,13 @@ impl Repository {
         drop(missing);
         // By chunk, then manifest order (the pushes were in manifest order; the sort is stable).
         chunk_damage.sort_by_key(|(c, _)| *c);
+        // A chunk a manifest references in two batches was reported twice.
+        chunk_damage.dedup();
         report.damage.extend(chunk_damage.into_iter().map(|(_, d)| d));
         // The referenced chunks by location (pack, offset), through a second external sort:
         // looked up a batch at a time, in id order.
-        let mut by_loc: ExternalSort<LOC_REC> = ExternalSort::new(&scratch_dir, budget / 2);
+        let mut by_loc: ExternalSort<LOC_REC> =
+            ExternalSort::new(&scratch_dir, sort_budget(budget));
         let mut batch: Vec<ChunkId> = Vec::with_capacity(LOOKUP_BATCH);
         let mut total = 0u64;
         let mut flush = |batch: &mut Vec<ChunkId>, total: &mut u64| -> crate::Result<()> {

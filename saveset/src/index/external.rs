@@ -22,12 +22,25 @@ impl ExternalSet {
     }
 }
 
+/// Runs merged at once: when this many runs of one level exist they become one run of the next
+/// level, so a merge never holds more than this many read buffers (64 KiB each) and every
+/// record is rewritten once per level (log base 32 of the runs), whatever the input's size.
+const FAN_IN: usize = 32;
+
+/// The budget of one external sort, from the index's: small enough that a 1 GiB volume's
+/// chunks already fill it (8 MiB by default), so a step's memory does not grow beyond that
+/// size; larger inputs only spill more runs.
+pub(crate) fn sort_budget(index_budget: u64) -> u64 {
+    index_budget / 16
+}
+
 /// Records of `N` bytes, ordered bytewise.
 pub(crate) struct ExternalSort<const N: usize> {
     dir: PathBuf,
     buf: Vec<[u8; N]>,
     cap: usize,
-    runs: Vec<PathBuf>,
+    /// Spilled runs and their level (0: a spilled buffer; k + 1: FAN_IN runs of level k).
+    runs: Vec<(PathBuf, u32)>,
 }
 
 impl<const N: usize> ExternalSort<N> {
@@ -55,13 +68,40 @@ impl<const N: usize> ExternalSort<N> {
     fn spill(&mut self) -> Result<()> {
         let (path, file) =
             super::private_file(&self.dir, "sort-", "").ctx("create a sort run in", &self.dir)?;
-        self.runs.push(path.clone());
+        self.runs.push((path.clone(), 0));
         let mut out = BufWriter::with_capacity(1 << 20, file);
         for rec in self.buf.drain(..) {
             out.write_all(&rec).ctx("write", &path)?;
         }
         out.flush().ctx("write", &path)?;
-        Ok(())
+        self.compact()
+    }
+
+    /// Merges FAN_IN runs of one level into one of the next, as long as some level has that
+    /// many.
+    fn compact(&mut self) -> Result<()> {
+        loop {
+            let Some(level) = self
+                .runs
+                .iter()
+                .map(|&(_, l)| l)
+                .find(|&l| self.runs.iter().filter(|&&(_, k)| k == l).count() >= FAN_IN)
+            else {
+                return Ok(());
+            };
+            let (merging, kept): (Vec<_>, Vec<_>) =
+                std::mem::take(&mut self.runs).into_iter().partition(|&(_, l)| l == level);
+            self.runs = kept;
+            let (path, file) = super::private_file(&self.dir, "sort-", "")
+                .ctx("create a sort run in", &self.dir)?;
+            self.runs.push((path.clone(), level + 1));
+            let mut out = BufWriter::with_capacity(1 << 20, file);
+            let paths: Vec<PathBuf> = merging.into_iter().map(|(p, _)| p).collect();
+            for rec in SortedIter::<N>::over(files(paths)?)? {
+                out.write_all(&rec?).ctx("write", &path)?;
+            }
+            out.flush().ctx("write", &path)?;
+        }
     }
 
     /// Runs written so far (tests: that a budget forces spills).
@@ -74,21 +114,31 @@ impl<const N: usize> ExternalSort<N> {
     pub(crate) fn into_sorted_iter(mut self) -> Result<SortedIter<N>> {
         self.buf.sort_unstable();
         self.buf.dedup();
-        let mut sources = Vec::new();
-        for path in std::mem::take(&mut self.runs) {
-            let file = File::open(&path).ctx("open", &path)?;
-            // Unlinked now: the open file stays readable, and nothing is left if we die.
-            let _ = std::fs::remove_file(&path);
-            sources.push(Source::File(BufReader::with_capacity(64 << 10, file), path));
-        }
+        let paths = std::mem::take(&mut self.runs).into_iter().map(|(p, _)| p).collect();
+        let mut sources = files(paths)?;
         sources.push(Source::Mem(std::mem::take(&mut self.buf).into_iter()));
-        let mut it = SortedIter { sources, heap: BinaryHeap::new(), last: None };
-        for k in 0..it.sources.len() {
-            if let Some(rec) = it.sources[k].next()? {
-                it.heap.push(Reverse((rec, k)));
+        SortedIter::over(sources)
+    }
+}
+
+/// The runs at `paths`, opened to be read once and unlinked at once (all of them, also when
+/// one does not open): an open file stays readable, and nothing is left if the process dies.
+fn files<const N: usize>(paths: Vec<PathBuf>) -> Result<Vec<Source<N>>> {
+    let mut sources = Vec::with_capacity(paths.len());
+    let mut failed = None;
+    for path in paths {
+        match File::open(&path) {
+            Ok(file) if failed.is_none() => {
+                sources.push(Source::File(BufReader::with_capacity(64 << 10, file), path.clone()))
             }
+            Ok(_) => {}
+            Err(e) => failed = failed.or(Some((e, path.clone()))),
         }
-        Ok(it)
+        let _ = std::fs::remove_file(&path);
+    }
+    match failed {
+        Some((e, path)) => Err(e).ctx("open", path),
+        None => Ok(sources),
     }
 }
 
@@ -137,7 +187,7 @@ impl<const N: usize> Drop for SortedFile<N> {
 
 impl<const N: usize> Drop for ExternalSort<N> {
     fn drop(&mut self) {
-        for p in &self.runs {
+        for (p, _) in &self.runs {
             let _ = std::fs::remove_file(p);
         }
     }
@@ -169,6 +219,18 @@ pub(crate) struct SortedIter<const N: usize> {
     sources: Vec<Source<N>>,
     heap: BinaryHeap<Reverse<([u8; N], usize)>>,
     last: Option<[u8; N]>,
+}
+
+impl<const N: usize> SortedIter<N> {
+    fn over(sources: Vec<Source<N>>) -> Result<Self> {
+        let mut it = SortedIter { sources, heap: BinaryHeap::new(), last: None };
+        for k in 0..it.sources.len() {
+            if let Some(rec) = it.sources[k].next()? {
+                it.heap.push(Reverse((rec, k)));
+            }
+        }
+        Ok(it)
+    }
 }
 
 impl<const N: usize> Iterator for SortedIter<N> {

@@ -22,7 +22,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{Duration, SystemTime};
 
-pub(crate) use external::{ExternalSet, ExternalSort, SortedFile};
+pub(crate) use external::{sort_budget, ExternalSet, ExternalSort, SortedFile};
 use run::{Cached, RawEntry, Run, RunWriter};
 
 use crate::crypto::{hex, random};
@@ -58,6 +58,9 @@ pub(crate) type IdSet<K> = std::collections::HashSet<K, BuildHasherDefault<IdHas
 /// Runs beyond which the smallest are merged: a lookup that passes the filters costs one block
 /// read per run holding the id.
 pub(crate) const MAX_RUNS: usize = 8;
+/// Ids [`Index::get_many_of`] sorts at once (40 bytes each with their position): a block of a
+/// run holding many of them is read once per batch.
+const LOOKUP_BATCH: usize = 1 << 16;
 /// The default memory budget of the index (its in-memory table, filters, fence keys and runs
 /// kept in memory); the external sets of prune and verify take as much again.
 pub const DEFAULT_MEMORY_BUDGET: u64 = 128 << 20;
@@ -70,7 +73,9 @@ const STALE_TMP: Duration = Duration::from_secs(3600);
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Limits {
     pub(crate) budget: u64,
-    /// Entries in the in-memory table before it is spilled.
+    /// Entries in the in-memory table before it is spilled: a sixteenth of the budget (8 MiB,
+    /// about 100 000 entries by default), which a 1 GiB full backup already fills, so a
+    /// backup's memory does not grow beyond that size (larger ones spill more runs).
     mem_entries: usize,
     /// All runs' filters together.
     filter_bytes: u64,
@@ -85,7 +90,9 @@ impl Limits {
         let budget = budget.max(64 << 10);
         Limits {
             budget,
-            mem_entries: usize::try_from(budget / 4 / MEM_ENTRY_COST).unwrap_or(usize::MAX).max(64),
+            mem_entries: usize::try_from(budget / 16 / MEM_ENTRY_COST)
+                .unwrap_or(usize::MAX)
+                .max(64),
             filter_bytes: budget / 4,
             fence_bytes: budget / 64,
             resident_bytes: budget / 4,
@@ -218,23 +225,41 @@ impl Index {
     /// The locations of `ids` (any order, repeats allowed), looked up in id order so that each
     /// block of a run is read once however many of the ids it holds.
     pub(crate) fn get_many(&self, ids: &[ChunkId]) -> Vec<Option<ChunkLoc>> {
+        self.get_many_of(ids.len(), |i| Some(ids[i]))
+    }
+
+    /// [`Index::get_many`] of the ids `id_at(0..n)`, `None` where there is no id (a hole in a
+    /// chunk list: `None` out): a restore resolves a whole segment of its chunk list in one pass
+    /// without copying the ids.
+    pub(crate) fn get_many_of(
+        &self,
+        n: usize,
+        id_at: impl Fn(usize) -> Option<ChunkId>,
+    ) -> Vec<Option<ChunkLoc>> {
         let inner = self.read();
-        let mut order: Vec<usize> = (0..ids.len()).collect();
-        order.sort_unstable_by_key(|&i| ids[i]);
-        let mut caches: Vec<Cached> = inner.runs.iter().map(|_| Cached::default()).collect();
-        let mut out = vec![None; ids.len()];
-        let mut last: Option<(ChunkId, Option<ChunkLoc>)> = None;
-        for i in order {
-            let id = ids[i];
-            if let Some((prev, loc)) = last {
-                if prev == id {
-                    out[i] = loc;
-                    continue;
+        let mut order: Vec<(ChunkId, usize)> = Vec::new();
+        let mut out = vec![None; n];
+        let mut at = 0;
+        // In slices, so that the order being sorted stays small beside `out`.
+        while at < n {
+            let end = n.min(at + LOOKUP_BATCH);
+            order.clear();
+            order.extend((at..end).filter_map(|i| Some((id_at(i)?, i))));
+            order.sort_unstable();
+            let mut caches: Vec<Cached> = inner.runs.iter().map(|_| Cached::default()).collect();
+            let mut last: Option<(ChunkId, Option<ChunkLoc>)> = None;
+            for &(id, i) in &order {
+                if let Some((prev, loc)) = last {
+                    if prev == id {
+                        out[i] = loc;
+                        continue;
+                    }
                 }
+                let loc = inner.best_with(&id, &mut caches).map(|s| inner.loc(s));
+                out[i] = loc;
+                last = Some((id, loc));
             }
-            let loc = inner.best_with(&id, &mut caches).map(|s| inner.loc(s));
-            out[i] = loc;
-            last = Some((id, loc));
+            at = end;
         }
         out
     }

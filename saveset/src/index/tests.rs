@@ -198,6 +198,26 @@ fn the_external_set_spills_under_its_budget_and_yields_each_id_once_in_order() {
 }
 
 #[test]
+fn an_external_sort_of_many_runs_merges_them_a_few_dozen_at_a_time() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut set = ExternalSet::new(dir.path(), 32 * 1024);
+    // ~140 spills of 1024 distinct ids: several merges of 32 runs, one of the next level.
+    let mut want: Vec<ChunkId> = (0..140_000u64).map(|n| id(n * 7919 % 140_000)).collect();
+    for (k, i) in want.iter().enumerate() {
+        set.insert_id(*i).expect("insert");
+        assert!(set.spilled() < 64, "{} runs held after {k} ids", set.spilled());
+    }
+    let held = std::fs::read_dir(dir.path()).expect("list").count();
+    assert_eq!(held, set.spilled(), "merged runs are removed");
+    want.sort_unstable();
+    let got: Vec<ChunkId> =
+        set.into_sorted_iter().expect("merge").map(|r| ChunkId(r.expect("read"))).collect();
+    assert_eq!(got.len(), want.len());
+    assert!(got == want, "sorted, each once");
+    assert_eq!(std::fs::read_dir(dir.path()).expect("list").count(), 0);
+}
+
+#[test]
 fn runs_too_large_to_keep_in_memory_are_read_block_by_block_and_answer_the_same() {
     let dir = tempfile::tempdir().expect("tempdir");
     let index = Index::open(Some(dir.path()), TAG, TINY).expect("open");

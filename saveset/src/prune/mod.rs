@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::crypto::{self, hex};
 use crate::error::{Error, Result};
-use crate::index::{ExternalSet, ExternalSort, IdSet, SortedFile};
+use crate::index::{sort_budget, ExternalSet, ExternalSort, IdSet, SortedFile};
 use crate::lock::{self, WriterLock, LOCK_REFRESH, LOCK_STALE};
 
 /// `tmp/` files younger than this stay whatever the grace: a write in flight (a lock's, a
@@ -215,7 +215,7 @@ impl Repository {
         // Every referenced chunk and every index entry go through external sorts in the
         // cache directory: prune holds a budget's worth of them, not the repository's.
         let dir = self.index.scratch_dir()?;
-        let budget = self.index.budget() / 2;
+        let budget = sort_budget(self.index.budget());
         let mut seen_manifests: IdSet<ManifestId> = IdSet::default();
         let mut refs = ExternalSet::new(&dir, budget);
         let manifests = self.list_manifests()?;

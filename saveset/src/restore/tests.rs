@@ -51,15 +51,18 @@ fn a_restore_is_bit_for_bit_whatever_the_repeat_cache_holds() {
     let backup = repo.backup_volume(&source, meta, &mut |_| {}).expect("backup");
     let manifest = backup.manifest;
     // No cache, a cache of 3 chunks (always full: evictions and stale entries), 16 chunks,
-    // and one that holds every repeated chunk.
+    // and one that holds every repeated chunk; in segments of 2 and 4 windows (each looked up
+    // and planned on its own) and of the whole volume.
     let mut reused = Vec::new();
-    for budget in [0, 3 * 4096, 16 * 4096, 48 << 20] {
+    for (budget, segment) in
+        [(0, SEGMENT), (3 * 4096, 2048), (16 * 4096, 5000), (48 << 20, SEGMENT)]
+    {
         let target = dir.path().join(format!("restored-{budget}"));
         let (file, sparse, _) = open_target(&target, manifest.size, false).expect("target");
         let reports = std::sync::Mutex::new(Vec::new());
         let progress = |p: RestoreProgress| reports.lock().expect("not poisoned").push(p.done);
         let stats = repo
-            .write_volume(&manifest, &file, sparse, &target, budget, &progress)
+            .write_volume(&manifest, &file, sparse, &target, (budget, segment), &progress)
             .expect("restore");
         assert_eq!(stats.size, image.len() as u64);
         assert!(fs::read(&target).expect("read back") == image, "budget {budget}: differs");
