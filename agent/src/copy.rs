@@ -11,7 +11,9 @@ use std::time::{Duration, Instant};
 use stillpoint_proto::{
     copy_event, CopiedVolume, CopyDone, CopyEvent, CopyProgress, CopyStats, Snapshot,
 };
-use stillpoint_saveset::{BackupStats, BaseKey, BaseStore, Pool, Progress, Repository, VolumeMeta};
+use stillpoint_saveset::{
+    BackupStats, BaseKey, BaseStore, Parents, Pool, Progress, Repository, VolumeMeta,
+};
 use tokio::sync::{mpsc, watch};
 use tonic::Status;
 use tracing::{info, warn, Instrument};
@@ -35,9 +37,10 @@ pub struct Saveset {
     pool: Pool,
     /// `copy_delay_ms_per_mib`: zero but in tests.
     delay_per_mib: Duration,
-    /// Each volume's kept base, with `base_dir` (change tracking). The Copy RPC does not name
-    /// the group, so the agent keeps one base per volume whatever group backed it up.
+    /// Each volume's kept base per group, with `base_dir` (change tracking).
     bases: Option<BaseStore>,
+    /// Without `base_dir`: each volume's last backup, the parent of its chunk list.
+    parents: Parents,
 }
 
 impl std::fmt::Debug for Saveset {
@@ -63,6 +66,7 @@ impl Saveset {
             pool,
             delay_per_mib: Duration::from_millis(config.copy_delay_ms_per_mib),
             bases,
+            parents: Parents::default(),
         })
     }
 
@@ -77,11 +81,11 @@ impl Saveset {
     /// the whole server. `stop` is asked between volumes (one volume's read cannot be cut).
     fn copy_server(
         &self,
-        meta: &VolumeMeta,
-        snapshots: &[(Snapshot, u64)],
+        request: &Request,
         progress: &dyn Fn(u64),
         stop: &AtomicBool,
     ) -> Result<CopyDone, String> {
+        let Request { meta, group, snapshots } = request;
         let mut done = CopyDone::default();
         let mut stats = BackupStats::default();
         let mut base = 0;
@@ -101,16 +105,14 @@ impl Saveset {
                     progress(done);
                 };
                 let source = Path::new(&snap.locator);
+                let key = BaseKey {
+                    group: group.clone(),
+                    server: meta.server.clone(),
+                    volume: snap.volume.clone(),
+                };
                 let volume = match &self.bases {
-                    None => repo.backup_volume(source, meta, &mut report),
-                    Some(bases) => {
-                        let key = BaseKey {
-                            group: String::new(),
-                            server: meta.server.clone(),
-                            volume: snap.volume.clone(),
-                        };
-                        bases.backup(repo, &key, source, meta, &mut report)
-                    }
+                    None => self.parents.backup(repo, &key, source, meta, &mut report),
+                    Some(bases) => bases.backup(repo, &key, source, meta, &mut report),
                 }
                 .map_err(|e| format!("volume {}: {e}", snap.volume))?;
                 stats += &volume.stats;
@@ -132,6 +134,11 @@ impl Saveset {
             reused_chunks: stats.reused_chunks,
             hole_chunks: stats.hole_chunks,
             packs: stats.packs,
+            bytes_skipped: stats.bytes_skipped,
+            change_map: if self.bases.is_some() { stats.change_map } else { String::new() },
+            sampled_chunks: stats.sampled_chunks,
+            sample_mismatches: stats.sample_mismatches,
+            metadata_bytes: stats.metadata_bytes,
         });
         Ok(done)
     }
@@ -169,6 +176,15 @@ pub async fn exported(snapshots: Vec<Snapshot>) -> Result<(Vec<Snapshot>, Vec<Ex
         .map_err(|e| Error::FailedPrecondition(format!("{e:#}")))
 }
 
+/// What one Copy RPC copies: the backup and server (`meta`, its volume empty), the backup's
+/// group (which kept base each volume is compared with) and the snapshots with their sizes.
+#[derive(Debug)]
+pub struct Request {
+    pub meta: VolumeMeta,
+    pub group: String,
+    pub snapshots: Vec<(Snapshot, u64)>,
+}
+
 /// One Copy RPC's stream of events; the sender half is fed by [`spawn`].
 pub type Events = mpsc::Receiver<Result<CopyEvent, Status>>;
 
@@ -187,14 +203,13 @@ fn progress_event(done: u64, total: u64) -> Result<CopyEvent, Status> {
 /// even if the caller went away first (it is then asked to stop at its next volume).
 pub fn spawn(
     saveset: Arc<Saveset>,
-    meta: VolumeMeta,
-    snapshots: Vec<(Snapshot, u64)>,
+    request: Request,
     hold: CopyHold,
     exports: Vec<Export>,
 ) -> Events {
     let (tx, rx) = mpsc::channel(8);
-    let span = tracing::info_span!("copy", backup = %meta.backup, server = %meta.server);
-    let total: u64 = snapshots.iter().map(|(_, size)| size).sum();
+    let span = tracing::info_span!("copy", backup = %request.meta.backup, server = %request.meta.server, group = %request.group);
+    let total: u64 = request.snapshots.iter().map(|(_, size)| size).sum();
     let (progress_tx, mut progress_rx) = watch::channel(0u64);
     let stop = hold.stop_flag();
     let stopped = hold.stop_flag();
@@ -208,7 +223,7 @@ pub fn spawn(
         let progress = |done: u64| {
             progress_tx.send_replace(done);
         };
-        saveset.copy_server(&meta, &snapshots, &progress, &stop)
+        saveset.copy_server(&request, &progress, &stop)
     });
     tokio::spawn(
         async move {
@@ -244,8 +259,9 @@ pub fn spawn(
                 Ok(done) => {
                     let took_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
                     info!(took_ms, "copy done");
-                    let stats = done.stats.unwrap_or_default();
-                    metrics.copied(stats.bytes_read, stats.bytes_stored);
+                    let (read, stored) =
+                        done.stats.as_ref().map_or((0, 0), |s| (s.bytes_read, s.bytes_stored));
+                    metrics.copied(read, stored);
                     let _ = tx.send(progress_event(total, total)).await;
                     Ok(CopyEvent { event: Some(copy_event::Event::Done(done)) })
                 }

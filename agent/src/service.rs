@@ -103,7 +103,8 @@ impl Agent for AgentService {
             server: server.to_string(),
             volume: String::new(),
         };
-        let events = crate::copy::spawn(saveset.clone(), meta, snapshots, hold, exports);
+        let copy = crate::copy::Request { meta, group: req.group, snapshots };
+        let events = crate::copy::spawn(saveset.clone(), copy, hold, exports);
         Ok(Response::new(ReceiverStream::new(events)))
     }
 

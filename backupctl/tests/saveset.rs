@@ -732,3 +732,24 @@ fn repo_backup_with_a_base_dir_reads_only_what_changed_and_says_so_in_json() {
     ]);
     check_exit(&bad, 2, &["--sample 101"]);
 }
+
+#[test]
+fn a_backup_without_a_base_names_the_volumes_newest_backup_as_its_parent() {
+    let f = Fixture::new();
+    make_image(&f.path("disk.img"), 7);
+    let args = |backup: &'static str, volume: &'static str| {
+        let image = f.path("disk.img").to_str().unwrap().to_owned();
+        let base = ["repo", "backup", "--backup", backup, "--server", "srv-a", "--volume", volume];
+        let out = f.ok(&[&base[..], &["--json", &image]].concat());
+        serde_json::from_str::<serde_json::Value>(&out).unwrap()
+    };
+    let first = args("b-1", "disk");
+    assert!(first.get("parent").is_none(), "the first backup of a volume has none: {first}");
+    let second = args("b-2", "disk");
+    assert_eq!(second["parent"], first["manifest"], "{second}");
+    // Nothing changed: the chunk list is the parent's, only the manifest is new.
+    assert!(second["metadata_bytes"].as_u64().unwrap() < 1024, "{second}");
+    assert_eq!(second["change_map"], "none", "{second}");
+    let other = args("b-2", "other");
+    assert!(other.get("parent").is_none(), "another volume's backups are not its parent: {other}");
+}

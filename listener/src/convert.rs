@@ -252,8 +252,11 @@ pub fn copy_done(done: pb::CopyDone) -> Result<crate::copier::ServerCopy, String
         new_chunks: s.new_chunks,
         bytes_stored: s.bytes_stored,
         packs: s.packs,
-        // Not carried by the agent's copy report (yet).
-        ..Default::default()
+        bytes_skipped: s.bytes_skipped,
+        change_map: s.change_map,
+        sampled_chunks: s.sampled_chunks,
+        sample_mismatches: s.sample_mismatches,
+        metadata_bytes: s.metadata_bytes,
     };
     Ok(crate::copier::ServerCopy { volumes, stats })
 }

@@ -150,8 +150,10 @@ impl Copier {
                 }
                 Copier::SavesetOnAgents { agents, silence, .. } => {
                     let (agents, silence, server) = (Arc::clone(agents), *silence, server.clone());
+                    let group = group.to_string();
                     Box::pin(async move {
-                        agent::copy(&agents, &backup_id, &server, silence, progress)
+                        let ids = (backup_id.as_str(), group.as_str());
+                        agent::copy(&agents, ids, &server, silence, progress)
                             .await
                             .map(ServerCopy::done)
                     })

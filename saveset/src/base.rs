@@ -20,7 +20,7 @@ use crate::manifest::{ManifestId, ManifestSummary, VolumeMeta};
 use crate::{Progress, Repository, VolumeBackup};
 
 /// Which volume a base belongs to.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct BaseKey {
     pub group: String,
     pub server: String,
@@ -265,5 +265,56 @@ impl BaseStore {
                 "base dir cannot reflink-clone these snapshots (another filesystem, or one without reflink): no change tracking, every backup reads everything"
             );
         }
+    }
+}
+
+/// The parent of each volume's chunk list for copiers that keep no base (no `base_dir`): the
+/// volume's last backup by this process, else the newest in the repository, looked up once per
+/// volume ([`Repository::latest_volume`]). Unchanged chunk list pages are then shared and
+/// changed ones stored as deltas, so an incremental adds metadata in proportion to the change
+/// even when every chunk is read.
+#[derive(Debug, Default)]
+pub struct Parents {
+    last: std::sync::Mutex<std::collections::HashMap<BaseKey, Option<ManifestId>>>,
+}
+
+impl Parents {
+    /// The parent for `key`'s next backup (`None`: its first, or the repository cannot be
+    /// searched now; then the chunk list is written whole, which costs only metadata).
+    pub fn parent(&self, repo: &Repository, key: &BaseKey) -> Option<ManifestId> {
+        let mut last = self.last.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(found) = last.get(key) {
+            return *found;
+        }
+        let found = match repo.latest_volume(&key.server, &key.volume) {
+            Ok(found) => found,
+            Err(e) => {
+                tracing::warn!(server = %key.server, volume = %key.volume, "no parent for the chunk list: {e}");
+                return None;
+            }
+        };
+        last.insert(key.clone(), found);
+        found
+    }
+
+    /// Records `id` as `key`'s newest backup.
+    pub fn backed_up(&self, key: &BaseKey, id: ManifestId) {
+        let mut last = self.last.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        last.insert(key.clone(), Some(id));
+    }
+
+    /// Backs `source` up as the next backup of `key`, its chunk list against the parent.
+    pub fn backup(
+        &self,
+        repo: &mut Repository,
+        key: &BaseKey,
+        source: &Path,
+        meta: VolumeMeta,
+        progress: &mut dyn FnMut(Progress),
+    ) -> Result<VolumeBackup> {
+        let parent = self.parent(repo, key);
+        let done = repo.backup_volume_child(source, meta, parent, progress)?;
+        self.backed_up(key, done.id);
+        Ok(done)
     }
 }

@@ -34,7 +34,7 @@ mod storage;
 mod verify;
 
 pub use backup::{BackupStats, Parent, Progress, VolumeBackup, DEFAULT_SAMPLE_PERCENT};
-pub use base::{BaseKey, BaseStore};
+pub use base::{BaseKey, BaseStore, Parents};
 pub use catalog::CatalogHeader;
 pub use changes::{changes_between, ChangeMap, DROP_RANGE, FAILPOINT_ENV};
 pub use crypto::{KdfParams, Secret};

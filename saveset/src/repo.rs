@@ -439,6 +439,22 @@ impl Repository {
         Ok(ids)
     }
 
+    /// The newest volume manifest (by creation time) of `server`'s `volume`: the parent a backup
+    /// without a kept base shares chunk list pages with (as restic picks its parent snapshot by
+    /// host and path). Reads each manifest's summary, one small read each; manifests that do
+    /// not read are passed over (verify reports them).
+    pub fn latest_volume(&self, server: &str, volume: &str) -> Result<Option<ManifestId>> {
+        let mut newest: Option<(u64, ManifestId)> = None;
+        for id in self.list_manifests()? {
+            let Ok(ManifestSummary::Volume(v)) = self.load_summary(id) else { continue };
+            let ours = v.meta.server == server && v.meta.volume == volume;
+            if ours && newest.is_none_or(|(at, _)| v.created_unix_ms >= at) {
+                newest = Some((v.created_unix_ms, id));
+            }
+        }
+        Ok(newest.map(|(_, id)| id))
+    }
+
     /// Writes a manifest (sealed, compressed) under a fresh random id, durably.
     pub fn write_manifest(&self, manifest: &Manifest) -> Result<ManifestId> {
         self.write_manifest_sized(manifest).map(|(id, _)| id)
@@ -468,7 +484,7 @@ impl Repository {
     }
 
     /// Stores a pack (atomically, durably), then its index; returns the pack's id and entries
-    /// for [`Repository::remember`], and its buffer for [`Repository::new_pack`]. A crash before
+    /// (for the chunk index), and its buffer for [`Repository::new_pack`]. A crash before
     /// the index is written leaves an unreferenced pack, never a dangling index.
     pub(crate) fn store_pack(&self, pack: PackWriter) -> Result<(StoredPack, Vec<u8>)> {
         let PackWriter { id, buf, start, entries, .. } = pack;
@@ -483,11 +499,6 @@ impl Repository {
         let blob = self.key.seal(format!("index/{name}").as_bytes(), &plain);
         self.storage.put(&format!("index/{name}"), &blob)?;
         Ok((StoredPack { id, entries }, buf))
-    }
-
-    /// Adds a stored pack's chunks to the index (nothing if the pack storer did already).
-    pub(crate) fn remember(&self, pack: StoredPack) -> Result<()> {
-        self.index.add_pack(pack.id, pack.entries)
     }
 
     /// Compresses and seals one chunk's plaintext, appending the blob to `out`.

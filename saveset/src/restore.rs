@@ -11,8 +11,9 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use crate::crypto::ChunkOpener;
 use crate::direct::{self, AlignedBuf};
 use crate::error::{Error, IoContext, Result};
+use crate::index::IdMap;
 use crate::jobs;
-use crate::manifest::{ChunkId, Manifest, ManifestId, VolumeManifest};
+use crate::manifest::{ChunkId, Manifest, ManifestId, PackId, VolumeManifest};
 use crate::repo::{runs, ChunkLoc, Repository};
 
 /// At most this many bytes of a pack are fetched by one read.
@@ -24,7 +25,7 @@ const WINDOW: usize = 4 << 20;
 /// of peak memory (restore then peaks below a backup's 200 MiB).
 const REPEAT_CACHE: usize = 48 << 20;
 /// Chunks of the volume whose entries and locations are held at once (1 GiB of volume in 4 KiB
-/// chunks: 8 MiB of ids, 14 MiB of locations): a restore walks the volume a segment at a time,
+/// chunks: 8 MiB of ids, 3 MiB of locations): a restore walks the volume a segment at a time,
 /// so its memory stops growing at 1 GiB volumes. The repeat cache plans within a segment; the
 /// segment's locations are looked up in id order in one pass, so an index block is read once
 /// per segment rather than once per chunk.
@@ -134,7 +135,7 @@ impl Repository {
         while first < count {
             let end = count.min(first + segment);
             let chunks = self.chunk_entries(manifest, first..end)?;
-            let locs = self.index.get_many_of(chunks.len(), |i| chunks[i]);
+            let locs = Locations::of(self, &chunks);
             let seg = Segment { manifest, first, chunks: &chunks, locs: &locs };
             let (written, reused) = self.write_segment(seg, out, cache_budget, &done, progress)?;
             stats.bytes_written += written;
@@ -266,7 +267,7 @@ impl Repository {
         for i in range.clone() {
             match &seg.chunks[i] {
                 Some(id) => {
-                    let loc = seg.locs[i].ok_or_else(|| Error::Damaged {
+                    let loc = seg.locs.get(i).ok_or_else(|| Error::Damaged {
                         what: format!("chunk {id}"),
                         reason: "not in any index".into(),
                     })?;
@@ -434,7 +435,50 @@ struct Segment<'a> {
     manifest: &'a VolumeManifest,
     first: u64,
     chunks: &'a [Option<ChunkId>],
-    locs: &'a [Option<ChunkLoc>],
+    locs: &'a Locations,
+}
+
+/// Where a segment's data chunks are stored, 12 bytes per chunk (a location in full is 48): a
+/// pack number in the segment's own pack table, the offset and the sealed length.
+struct Locations {
+    packs: Vec<PackId>,
+    /// Per chunk: (pack number, offset, length); `NOWHERE` as the pack: a hole, or not indexed.
+    at: Vec<(u32, u32, u32)>,
+}
+
+const NOWHERE: u32 = u32::MAX;
+
+impl Locations {
+    /// Looks up every data chunk of `chunks` in one sorted pass over the index.
+    fn of(repo: &Repository, chunks: &[Option<ChunkId>]) -> Locations {
+        let mut packs: Vec<PackId> = Vec::new();
+        let mut numbers: IdMap<PackId, u32> = IdMap::default();
+        let mut at = vec![(NOWHERE, 0, 0); chunks.len()];
+        repo.index.get_many_of(
+            chunks.len(),
+            |i| chunks[i],
+            |i, loc| {
+                let Some(loc) = loc else { return };
+                let n = *numbers.entry(loc.pack).or_insert_with(|| {
+                    packs.push(loc.pack);
+                    u32::try_from(packs.len() - 1).expect("fewer than 4 G packs")
+                });
+                let offset = u32::try_from(loc.offset).expect("pack offsets fit in u32");
+                at[i] = (n, offset, loc.len);
+            },
+        );
+        Locations { packs, at }
+    }
+
+    /// Where chunk `i` of the segment is stored; `None` for a hole or a chunk no index has.
+    fn get(&self, i: usize) -> Option<ChunkLoc> {
+        let (n, offset, len) = self.at[i];
+        (n != NOWHERE).then(|| ChunkLoc {
+            pack: self.packs[n as usize],
+            offset: u64::from(offset),
+            len,
+        })
+    }
 }
 
 impl Segment<'_> {

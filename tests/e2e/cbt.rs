@@ -2,7 +2,9 @@
 //! the listener's saveset copy and `base_dir`; backups after the LUN was rewritten in place read
 //! only what changed (the copy's log line says so) and restore byte-identical; with the
 //! `change-map-drop-range` failpoint in the listener's environment the sampling verify catches
-//! the wrong map, the listener logs it, and the backup still restores byte-identical.
+//! the wrong map, the listener logs it, and the backup still restores byte-identical. The same
+//! on the agents (`[copy] on = "agent"`, `[saveset] base_dir`): the agent keeps a base per group
+//! and volume and its copy report carries the change map to the listener.
 
 use std::os::unix::fs::FileExt;
 use std::path::Path;
@@ -42,7 +44,11 @@ fn rewrite(lun: &Path, seed: u64, blocks: u64, run: u64) {
 
 /// A backup of group g; returns its id and srv-a's copy detail.
 fn backup(cluster: &Cluster) -> (String, String) {
-    let (code, backup) = cluster.backupctl_json(&["start", "--group", "g", "--wait", "complete"]);
+    backup_of(cluster, "g")
+}
+
+fn backup_of(cluster: &Cluster, group: &str) -> (String, String) {
+    let (code, backup) = cluster.backupctl_json(&["start", "--group", group, "--wait", "complete"]);
     let id = backup["backup_id"].as_str().expect("backup_id").to_string();
     assert_eq!(code, 0, "backup {id}: {backup:#}\n{}", cluster.listener_log());
     let detail = backup["servers"][0]["detail"].as_str().unwrap_or_default().to_string();
@@ -114,4 +120,37 @@ async fn a_dropped_range_is_caught_by_the_sampling_verify_and_the_backup_still_r
     let restored = tempfile::tempdir().expect("restore dir");
     let files = cluster.restore_from_saveset(&id, restored.path());
     assert!(same_bytes(&files[0], &lun), "the backup restores byte-identical");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agents_copier_reads_only_what_changed_keeping_a_base_per_group() {
+    let mut spec = spec(false);
+    spec.copy = Copy::SavesetOnAgent { verify: "index", agent: |_| Some(0) };
+    spec.listener_extra = "[[group]]\nname = \"h\"\nservers = [\"srv-a\"]\n".to_string();
+    let cluster = Cluster::start(spec).await;
+    let lun = cluster.array.lun_path("srv-a", "data").expect("lun");
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&lun)
+        .and_then(|f| f.write_all_at(&incompressible(3, LUN as usize), 0))
+        .expect("fill LUN");
+    let (_, first) = backup(&cluster);
+    assert!(first.contains("change map none: no base kept yet"), "{first}");
+    rewrite(&lun, 7, 40, 1);
+    let (_, second) = backup(&cluster);
+    assert!(second.contains("change map fiemap: "), "{second}");
+    assert!(second.contains(", 0 differed"), "{second}");
+    let read = bytes_read(&second);
+    assert!(read > 0 && read <= 40 * 4096 + 64 * 4096, "{second}");
+    // Group h has no base of its own yet: it reads the whole volume, then keeps one.
+    let (_, other) = backup_of(&cluster, "h");
+    assert!(other.contains("change map none: no base kept yet"), "{other}");
+    assert!(bytes_read(&other) >= LUN, "{other}");
+    rewrite(&lun, 8, 20, 1);
+    let (last, third) = backup(&cluster);
+    assert!(third.contains("change map fiemap: "), "{third}");
+    assert!(bytes_read(&third) <= 60 * 4096 + 64 * 4096, "{third}");
+    let restored = tempfile::tempdir().expect("restore dir");
+    let files = cluster.restore_from_saveset(&last, restored.path());
+    assert!(same_bytes(&files[0], &lun), "the last backup restores byte-identical");
 }

@@ -323,7 +323,15 @@ impl Cluster {
             let body = match &spec.copy {
                 Copy::SavesetOnAgent { agent, .. } => match agent(server) {
                     Some(delay) => {
-                        format!("{body}\n[saveset]\n{saveset}copy_delay_ms_per_mib = {delay}\n")
+                        let bases = if spec.saveset_base_dir {
+                            let dir = array.root().join(format!("bases-{server}"));
+                            format!("base_dir = {:?}\n", dir.display().to_string())
+                        } else {
+                            String::new()
+                        };
+                        format!(
+                            "{body}\n[saveset]\n{saveset}copy_delay_ms_per_mib = {delay}\n{bases}"
+                        )
                     }
                     None => body,
                 },

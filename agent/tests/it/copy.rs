@@ -73,7 +73,11 @@ async fn follow(
     client: &mut AgentClient<Channel>,
     id: &str,
 ) -> (Vec<(u64, u64)>, Result<CopyDone, tonic::Status>) {
-    let mut stream = client.copy(CopyRequest { backup_id: id.into() }).await.unwrap().into_inner();
+    let mut stream = client
+        .copy(CopyRequest { backup_id: id.into(), ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner();
     let mut progress = Vec::new();
     loop {
         match stream.message().await {
@@ -124,7 +128,10 @@ async fn copy_streams_progress_then_manifests_that_restore_the_luns() {
     }
     client.cleanup(CleanupRequest { backup_id: "b1".into() }).await.unwrap();
     // Once cleaned up there is nothing to copy.
-    let status = client.copy(CopyRequest { backup_id: "b1".into() }).await.unwrap_err();
+    let status = client
+        .copy(CopyRequest { backup_id: "b1".into(), ..Default::default() })
+        .await
+        .unwrap_err();
     assert_eq!(status.code(), tonic::Code::NotFound, "{status:?}");
     agent.stop().await;
 }
@@ -139,11 +146,17 @@ async fn abort_during_a_copy_waits_for_it_to_let_go_before_deleting() {
     let mut client = agent.client(&certs, "listener");
     snapshot(&mut client, "b1").await;
 
-    let mut stream =
-        client.copy(CopyRequest { backup_id: "b1".into() }).await.unwrap().into_inner();
+    let mut stream = client
+        .copy(CopyRequest { backup_id: "b1".into(), ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner();
     stream.message().await.unwrap().unwrap();
     // One copy of a backup at a time.
-    let second = client.copy(CopyRequest { backup_id: "b1".into() }).await.unwrap_err();
+    let second = client
+        .copy(CopyRequest { backup_id: "b1".into(), ..Default::default() })
+        .await
+        .unwrap_err();
     assert_eq!(second.code(), tonic::Code::FailedPrecondition, "{second:?}");
     assert!(second.message().contains("already running"), "{second:?}");
 
@@ -189,7 +202,10 @@ async fn copy_is_refused_clearly() {
     let agent = start(dir.path(), &certs, None).await;
     let mut client = agent.client(&certs, "listener");
     snapshot(&mut client, "b1").await;
-    let status = client.copy(CopyRequest { backup_id: "b1".into() }).await.unwrap_err();
+    let status = client
+        .copy(CopyRequest { backup_id: "b1".into(), ..Default::default() })
+        .await
+        .unwrap_err();
     assert_eq!(status.code(), tonic::Code::FailedPrecondition);
     assert!(
         status.message().contains("this agent has no [saveset] repository configured"),
@@ -200,18 +216,27 @@ async fn copy_is_refused_clearly() {
 
     let agent = start(dir.path(), &certs, Some(saveset)).await;
     let mut client = agent.client(&certs, "listener");
-    let status = client.copy(CopyRequest { backup_id: "nope".into() }).await.unwrap_err();
+    let status = client
+        .copy(CopyRequest { backup_id: "nope".into(), ..Default::default() })
+        .await
+        .unwrap_err();
     assert_eq!(status.code(), tonic::Code::NotFound, "{status:?}");
     let p = client
         .prepare(PrepareRequest { backup_id: "b2".into(), lease_ms: 10_000, ..Default::default() })
         .await;
     assert!(p.unwrap().into_inner().prepared);
-    let status = client.copy(CopyRequest { backup_id: "b2".into() }).await.unwrap_err();
+    let status = client
+        .copy(CopyRequest { backup_id: "b2".into(), ..Default::default() })
+        .await
+        .unwrap_err();
     assert_eq!(status.code(), tonic::Code::FailedPrecondition, "{status:?}");
     assert!(status.message().contains("frozen"), "{status:?}");
     for who in ["operator", "viewer"] {
         let mut other = agent.client(&certs, who);
-        let status = other.copy(CopyRequest { backup_id: "b2".into() }).await.unwrap_err();
+        let status = other
+            .copy(CopyRequest { backup_id: "b2".into(), ..Default::default() })
+            .await
+            .unwrap_err();
         assert_eq!(status.code(), tonic::Code::PermissionDenied, "{who}: {status:?}");
     }
     client.abort(AbortRequest { backup_id: "b2".into(), reason: "test".into() }).await.unwrap();

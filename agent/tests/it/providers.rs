@@ -640,8 +640,11 @@ async fn qcow2_backup_through_the_agent_restores_bit_identical_guest_data() {
     let now = guest_view(&disk, None, &dir.path().join("now.raw"));
     assert!(now != at_snapshot, "the guest's later writes changed the disk");
 
-    let mut stream =
-        client.copy(CopyRequest { backup_id: "b1".into() }).await.unwrap().into_inner();
+    let mut stream = client
+        .copy(CopyRequest { backup_id: "b1".into(), ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner();
     let done = loop {
         match stream.message().await.unwrap().expect("a result").event {
             Some(copy_event::Event::Done(done)) => break done,

@@ -131,6 +131,10 @@ struct InitView {
 #[derive(Debug, Serialize)]
 struct BackupView {
     manifest: String,
+    /// Without --base-dir: the volume's newest earlier manifest, whose chunk list pages this
+    /// one shares or is a delta of (none: the first backup of the volume).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    parent: Option<String>,
     backup: String,
     server: String,
     volume: String,
@@ -173,8 +177,14 @@ fn backup(args: BackupArgs, out: &mut dyn Write) -> Result<()> {
         return Err(Error::Usage(format!("--sample {}: a percentage from 0 to 100", args.sample)));
     }
     let started = std::time::Instant::now();
+    // Without a kept base, the volume's newest backup in the repository is still the parent of
+    // the chunk list: unchanged pages are shared and changed ones stored as deltas.
+    let mut parent = None;
     let done = match &args.base_dir {
-        None => repo.backup_volume(&args.path, meta, &mut |_: Progress| {})?,
+        None => {
+            parent = repo.latest_volume(&args.server, &args.volume)?;
+            repo.backup_volume_child(&args.path, meta, parent, &mut |_: Progress| {})?
+        }
         Some(dir) => {
             let bases = BaseStore::open(dir)?.with_sample(args.sample);
             let key = BaseKey {
@@ -187,6 +197,7 @@ fn backup(args: BackupArgs, out: &mut dyn Write) -> Result<()> {
     };
     let shown = BackupView {
         manifest: done.id.to_string(),
+        parent: parent.map(|p| p.to_string()),
         backup: args.backup,
         server: args.server,
         volume: args.volume,

@@ -10,16 +10,17 @@ use super::ServerCopy;
 use crate::agents::{self, Agents};
 use crate::convert;
 
-/// Runs `server`'s copy on its agent; `progress(done, total)` on every change the agent reports.
+/// Runs `server`'s copy of `group`'s backup on its agent; `progress(done, total)` on every
+/// change the agent reports.
 pub async fn copy(
     agents: &Agents,
-    backup_id: &str,
+    (backup_id, group): (&str, &str),
     server: &str,
     silence: Duration,
     mut progress: impl FnMut(u64, u64),
 ) -> Result<ServerCopy, String> {
     let mut client = agents.client(server)?;
-    let message = pb::CopyRequest { backup_id: backup_id.to_string() };
+    let message = pb::CopyRequest { backup_id: backup_id.to_string(), group: group.to_string() };
     let request = agents::untimed_request(backup_id, server, message);
     let mut stream = client
         .copy(request)

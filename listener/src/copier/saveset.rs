@@ -7,8 +7,8 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use stillpoint_saveset::{
-    BackupArtifact, BackupManifest, BackupStats, BaseKey, BaseStore, Manifest, ManifestId, Pool,
-    Progress, Repository, VolumeMeta,
+    BackupArtifact, BackupManifest, BackupStats, BaseKey, BaseStore, Manifest, ManifestId, Parents,
+    Pool, Progress, Repository, VolumeMeta,
 };
 
 use crate::config::{SavesetConfig, VerifyMode};
@@ -29,6 +29,8 @@ pub struct Saveset {
     catalog: std::sync::Mutex<()>,
     /// Each volume's kept base, with `base_dir` (change tracking).
     bases: Option<BaseStore>,
+    /// Without `base_dir`: each volume's last backup, the parent of its chunk list.
+    parents: Parents,
 }
 
 impl std::fmt::Debug for Saveset {
@@ -94,7 +96,13 @@ impl Saveset {
                     .with_sample(config.sample),
             ),
         };
-        Ok(Saveset { config: config.clone(), pool, catalog: std::sync::Mutex::default(), bases })
+        Ok(Saveset {
+            config: config.clone(),
+            pool,
+            catalog: std::sync::Mutex::default(),
+            bases,
+            parents: Parents::default(),
+        })
     }
 
     /// Runs `f` on one of the pool's unlocked handles.
@@ -161,16 +169,14 @@ impl Saveset {
                     }
                 };
                 let source = Path::new(&snap.locator);
+                let key = BaseKey {
+                    group: group.to_string(),
+                    server: server.to_string(),
+                    volume: snap.volume.clone(),
+                };
                 let done = match &self.bases {
-                    None => repo.backup_volume(source, meta, &mut report),
-                    Some(bases) => {
-                        let key = BaseKey {
-                            group: group.to_string(),
-                            server: server.to_string(),
-                            volume: snap.volume.clone(),
-                        };
-                        bases.backup(repo, &key, source, meta, &mut report)
-                    }
+                    None => self.parents.backup(repo, &key, source, meta, &mut report),
+                    Some(bases) => bases.backup(repo, &key, source, meta, &mut report),
                 }
                 .map_err(|e| format!("volume {}: {e}", snap.volume))?;
                 if self.bases.is_some() {

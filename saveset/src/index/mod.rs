@@ -81,7 +81,9 @@ pub(crate) struct Limits {
     filter_bytes: u64,
     /// Fence keys of one run being written.
     fence_bytes: u64,
-    /// Runs read whole into memory (smallest first).
+    /// Runs read whole into memory (smallest first): a sixteenth of the budget (8 MiB by
+    /// default), which the runs of a 1 GiB volume's backups already fill, so memory stops
+    /// growing with the repository there; larger runs are read a block per lookup.
     resident_bytes: u64,
 }
 
@@ -95,7 +97,7 @@ impl Limits {
                 .max(64),
             filter_bytes: budget / 4,
             fence_bytes: budget / 64,
-            resident_bytes: budget / 4,
+            resident_bytes: budget / 16,
         }
     }
 }
@@ -225,20 +227,22 @@ impl Index {
     /// The locations of `ids` (any order, repeats allowed), looked up in id order so that each
     /// block of a run is read once however many of the ids it holds.
     pub(crate) fn get_many(&self, ids: &[ChunkId]) -> Vec<Option<ChunkLoc>> {
-        self.get_many_of(ids.len(), |i| Some(ids[i]))
+        let mut out = vec![None; ids.len()];
+        self.get_many_of(ids.len(), |i| Some(ids[i]), |i, loc| out[i] = loc);
+        out
     }
 
-    /// [`Index::get_many`] of the ids `id_at(0..n)`, `None` where there is no id (a hole in a
-    /// chunk list: `None` out): a restore resolves a whole segment of its chunk list in one pass
-    /// without copying the ids.
+    /// [`Index::get_many`] of the ids `id_at(0..n)` (`None`: no id there, a hole in a chunk
+    /// list), each location handed to `put` with its position: a restore resolves a whole
+    /// segment of its chunk list in one pass without copying the ids, into a compact table.
     pub(crate) fn get_many_of(
         &self,
         n: usize,
         id_at: impl Fn(usize) -> Option<ChunkId>,
-    ) -> Vec<Option<ChunkLoc>> {
+        mut put: impl FnMut(usize, Option<ChunkLoc>),
+    ) {
         let inner = self.read();
         let mut order: Vec<(ChunkId, usize)> = Vec::new();
-        let mut out = vec![None; n];
         let mut at = 0;
         // In slices, so that the order being sorted stays small beside `out`.
         while at < n {
@@ -251,17 +255,16 @@ impl Index {
             for &(id, i) in &order {
                 if let Some((prev, loc)) = last {
                     if prev == id {
-                        out[i] = loc;
+                        put(i, loc);
                         continue;
                     }
                 }
                 let loc = inner.best_with(&id, &mut caches).map(|s| inner.loc(s));
-                out[i] = loc;
+                put(i, loc);
                 last = Some((id, loc));
             }
             at = end;
         }
-        out
     }
 
     /// The location of one id (a chunk list page, a chunk): [`Index::get_many`] of one.
@@ -647,7 +650,10 @@ impl Inner {
             let run = &mut self.runs[i].run;
             let bytes = run.block_bytes();
             if bytes > room {
-                break;
+                // This one and every larger one: on disk (a merge may have left one resident).
+                room = 0;
+                run.drop_resident();
+                continue;
             }
             if run.is_resident() {
                 room -= bytes;

@@ -328,6 +328,11 @@ impl Run {
         Ok(())
     }
 
+    /// Back to reading block by block (it no longer fits the budget beside smaller runs).
+    pub(crate) fn drop_resident(&mut self) {
+        self.resident = None;
+    }
+
     fn entries_in(&self, b: usize) -> usize {
         let before = b as u64 * u64::from(self.block);
         usize::try_from((self.entries - before).min(u64::from(self.block))).expect("a block")

@@ -8,7 +8,9 @@ use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::time::Duration;
 
-use stillpoint_saveset::{InitOptions, ManifestId, PruneOptions, Repository, VolumeBackup};
+use stillpoint_saveset::{
+    BaseKey, InitOptions, ManifestId, Parents, PruneOptions, Repository, VolumeBackup,
+};
 
 use super::{b3, image, meta, opts, secret, MIB};
 
@@ -123,4 +125,47 @@ fn prune_keeps_the_pages_and_bases_of_kept_backups_only() {
     let repo = Repository::open(&repo_dir, &secret()).unwrap();
     assert!(repo.verify(true).unwrap().is_ok());
     assert_eq!(restored(&repo, ids[5], tmp.path(), "out.img"), last);
+}
+
+#[test]
+fn a_copier_without_a_base_builds_each_chunk_list_against_the_volumes_newest_backup() {
+    let tmp = tempfile::tempdir().unwrap();
+    let img = image(tmp.path(), "disk.img", 16, 3);
+    let other = image(tmp.path(), "other.img", 16, 4);
+    let mut repo = Repository::init_with(&tmp.path().join("repo"), &secret(), opts()).unwrap();
+    assert_eq!(repo.latest_volume("srv-a", "/dev/vda").unwrap(), None, "an empty repository");
+    let parents = Parents::default();
+    let key = |server: &str| BaseKey {
+        group: "g".into(),
+        server: server.into(),
+        volume: "/dev/vda".into(),
+    };
+    let first = parents.backup(&mut repo, &key("srv-a"), &img, meta("b0", "srv-a"), &mut |_| {});
+    let first = first.unwrap();
+    // Another server's volume of the same name and size is not srv-a's parent.
+    let b = parents.backup(&mut repo, &key("srv-b"), &other, meta("b0", "srv-b"), &mut |_| {});
+    let b = b.unwrap();
+    assert!(b.stats.metadata_bytes > 4096 * 24, "a whole page: {:?}", b.stats);
+    assert_eq!(repo.latest_volume("srv-a", "/dev/vda").unwrap(), Some(first.id));
+    assert_eq!(repo.latest_volume("srv-b", "/dev/vda").unwrap(), Some(b.id));
+    assert_eq!(repo.latest_volume("srv-a", "/dev/vdb").unwrap(), None);
+
+    // Every chunk is read (no change map), but the one changed page is a small delta.
+    rewrite(&img, 9, 10, None);
+    let second = parents.backup(&mut repo, &key("srv-a"), &img, meta("b1", "srv-a"), &mut |_| {});
+    let second = second.unwrap();
+    let data_chunks = |s: &stillpoint_saveset::BackupStats| s.new_chunks + s.reused_chunks;
+    // (The ten blocks may land in holes: more data chunks, never fewer.)
+    assert!(data_chunks(&second.stats) >= data_chunks(&first.stats), "{:?}", second.stats);
+    assert_eq!(second.stats.bytes_skipped, 0, "{:?}", second.stats);
+    assert_eq!(second.stats.change_map, "none", "no map was asked for: {:?}", second.stats);
+    assert!(second.stats.metadata_bytes < 2048, "a delta of ten entries: {:?}", second.stats);
+    // A fresh process finds the parent in the repository.
+    rewrite(&img, 10, 10, None);
+    let third =
+        Parents::default().backup(&mut repo, &key("srv-a"), &img, meta("b2", "srv-a"), &mut |_| {});
+    let third = third.unwrap();
+    assert!(third.stats.metadata_bytes < 2048, "{:?}", third.stats);
+    assert_eq!(repo.latest_volume("srv-a", "/dev/vda").unwrap(), Some(third.id));
+    assert_eq!(restored(&repo, third.id, tmp.path(), "out.img"), b3(&img));
 }
