@@ -398,6 +398,14 @@ impl Repository {
             pages = PageBuilder::new(n, page_parent.as_ref());
             pages.stored_bytes = first_pages;
             let mut fresh = BackupStats { size, ..BackupStats::default() };
+            // Every chunk is read; each one the parent holds at the same place needs no lookup.
+            let all = 0..n;
+            let everything = std::slice::from_ref(&all);
+            let mut same = page_parent.as_ref().map(|m| Skip {
+                changed: everything,
+                entries: Box::new(ParentEntries::new(self, m)),
+                sample: Sampler::new(0),
+            });
             self.read_pass(
                 &file,
                 source,
@@ -405,7 +413,7 @@ impl Repository {
                 &mut pages,
                 &mut fresh,
                 (token, &mut deferred),
-                None,
+                same.as_mut(),
                 progress,
             )?;
             fresh.reused_chunks = fresh.reused_chunks.saturating_sub(first.new_chunks);
@@ -619,6 +627,12 @@ impl Repository {
         let mut taken: Vec<Option<Option<ChunkId>>> = vec![None; (READ_WINDOW / cs).max(1)];
         let n = manifest.size.div_ceil(cs as u64);
         let mut extents = Extents { file, size: manifest.size, seg: None, supported: true };
+        // A kept manifest's chunks are all stored (prune keeps them, verify checks it): while no
+        // pack is excluded from dedup, the parent's entries are referenced without an index
+        // lookup, which costs a block read once the index no longer fits in memory.
+        let trusted = !self.index.any_excluded();
+        // The parent's entry at each chunk of the window, when a parent is given.
+        let mut parent_at: Vec<Option<ChunkId>> = vec![None; (READ_WINDOW / cs).max(1)];
         let per_window = (READ_WINDOW / cs).max(1);
         let mut buf = vec![0u8; per_window * cs];
         let mut has_data = vec![false; per_window];
@@ -632,16 +646,20 @@ impl Repository {
             // Which chunks the parent gives unread, which hold data, then one read per run.
             for (j, h) in has_data[..count].iter_mut().enumerate() {
                 let off = base + (j * cs) as u64;
+                parent_at[j] = None;
                 taken[j] = skip.as_deref_mut().and_then(|skip| {
                     let i = first + j as u64;
                     let entry = skip.entries.next().flatten();
+                    parent_at[j] = entry;
                     while skip.changed.get(changed_at).is_some_and(|r| r.end <= i) {
                         changed_at += 1;
                     }
-                    let changed = skip.changed.get(changed_at).is_some_and(|r| r.start <= i);
+                    if skip.changed.get(changed_at).is_some_and(|r| r.start <= i) {
+                        return None;
+                    }
                     // A parent's chunk the index lacks (its pack marked by a prune) is read.
-                    let known = entry.is_none_or(|id| self.index.contains_key(&id));
-                    (!changed && known).then_some(entry)
+                    let known = entry.is_none_or(|id| trusted || self.index.contains_key(&id));
+                    known.then_some(entry)
                 });
                 *h = taken[j].is_none() && extents.has_data(off, end.min(off + cs as u64));
             }
@@ -680,7 +698,10 @@ impl Repository {
                 } else {
                     let id = ChunkId(self.key.chunk_id(data));
                     // With a pool, its claims also remember what this copy sent.
-                    let claimed = if self.index.contains_key(&id) {
+                    let claimed = if trusted && parent_at[j] == Some(id) {
+                        // What the parent holds at this place: stored, no lookup needed.
+                        Claimed::Stored
+                    } else if self.index.contains_key(&id) {
                         Claimed::Stored
                     } else if let Some((claims, token)) = claim {
                         claims.claim(id, token)

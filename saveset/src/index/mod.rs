@@ -279,6 +279,11 @@ impl Index {
         inner.best(id).is_some_and(|s| !inner.is_excluded(s.pack))
     }
 
+    /// True when some pack is excluded from dedup (marked by a prune, or its index file gone).
+    pub(crate) fn any_excluded(&self) -> bool {
+        self.read().excluded.iter().any(|&e| e)
+    }
+
     /// Marks exactly the packs for which `excluded` is true as excluded from dedup (the others
     /// are included again, as after a prune rescued them).
     pub(crate) fn set_excluded(&self, excluded: impl Fn(&PackId) -> bool) {
