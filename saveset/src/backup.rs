@@ -22,9 +22,7 @@ use crate::claims::{Claimed, Claims, CopyToken};
 use crate::error::{Error, IoContext, Result};
 use crate::index::IdSet;
 use crate::lock::{WriterLock, LOCK_REFRESH};
-use crate::manifest::{
-    ChunkId, ChunkList, Manifest, ManifestId, PackId, VolumeManifest, VolumeMeta,
-};
+use crate::manifest::{ChunkId, ChunkList, Manifest, ManifestId, VolumeManifest, VolumeMeta};
 use crate::repo::{now_ms, PackWriter, Repository};
 
 /// The share of skipped chunks the sampling verify re-reads by default, in percent.
@@ -536,7 +534,7 @@ impl Repository {
             )
         });
         let (packs, bytes_stored) = stored?;
-        stats.packs += packs.len() as u64;
+        stats.packs += packs;
         stats.bytes_stored += bytes_stored;
         // Stored packs are valid and reusable even when reading failed: the storer indexed each
         // as soon as it was durable.
@@ -546,7 +544,7 @@ impl Repository {
     /// Runs the pipeline behind a reader: `WORKERS` threads seal the chunks `feed` pushes (the
     /// last partial batch is sent when it returns), a packer stores packs. Returns what `feed`
     /// returned and the stored packs (with their bytes).
-    fn pipeline<R>(&self, feed: impl FnOnce(&mut Feed) -> R) -> (R, Result<(Vec<PackId>, u64)>) {
+    fn pipeline<R>(&self, feed: impl FnOnce(&mut Feed) -> R) -> (R, Result<(u64, u64)>) {
         std::thread::scope(|s| {
             let (job_tx, job_rx) = sync_channel::<Batch>(IN_FLIGHT);
             let (sealed_tx, sealed_rx) = sync_channel::<Batch>(IN_FLIGHT);
@@ -596,7 +594,7 @@ impl Repository {
         });
         let (packs, bytes) = stored?;
         fed?;
-        stats.packs += packs.len() as u64;
+        stats.packs += packs;
         stats.bytes_stored += bytes;
         stats.new_chunks += chunks.len() as u64;
         stats.reused_chunks -= chunks.len() as u64;
@@ -765,15 +763,15 @@ impl Repository {
     /// stores it (then its index) while the next one fills: fsync/PUT overlaps compression.
     /// Returns the stored packs and the bytes of chunks in them; on an error it stops, which
     /// stops the pipeline.
-    fn store_packs(&self, sealed: Receiver<Batch>) -> Result<(Vec<PackId>, u64)> {
+    fn store_packs(&self, sealed: Receiver<Batch>) -> Result<(u64, u64)> {
         std::thread::scope(|s| {
             // A full pack is handed over when the storer is free (a rendezvous): one pack being
             // stored while the next fills, two pack buffers in all (a queued third bought no
             // speed and cost 17 MiB of peak memory). Stored packs' buffers come back for reuse.
             let (full_tx, full_rx) = sync_channel::<PackWriter>(0);
             let (empty_tx, empty_rx) = sync_channel::<Vec<u8>>(1);
-            let storer = s.spawn(move || -> Result<Vec<PackId>> {
-                let mut stored = Vec::new();
+            let storer = s.spawn(move || -> Result<u64> {
+                let mut stored = 0u64;
                 for pack in full_rx {
                     let (pack, buf) = self.store_pack(pack)?;
                     // Durable now: later chunks (and sibling copies) dedup against it.
@@ -781,8 +779,8 @@ impl Repository {
                     if let Some(claims) = &self.claims {
                         claims.stored(pack.chunk_ids());
                     }
-                    // Only its id is kept: the entries (48 bytes a chunk) are in the index now.
-                    stored.push(pack.id);
+                    // Only counted: its entries (48 bytes a chunk) are in the index now.
+                    stored += 1;
                     let _ = empty_tx.try_send(buf);
                 }
                 Ok(stored)

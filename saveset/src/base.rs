@@ -275,32 +275,37 @@ impl BaseStore {
 /// even when every chunk is read.
 #[derive(Debug, Default)]
 pub struct Parents {
-    last: std::sync::Mutex<std::collections::HashMap<BaseKey, Option<ManifestId>>>,
+    /// The last backup this process wrote of each volume, per group.
+    last: std::sync::Mutex<std::collections::HashMap<BaseKey, ManifestId>>,
+    /// The repository's newest backup of each (server, volume), from one search, made at the
+    /// first backup of a volume this process has not backed up yet.
+    found: std::sync::OnceLock<std::collections::HashMap<(String, String), ManifestId>>,
 }
 
 impl Parents {
-    /// The parent for `key`'s next backup (`None`: its first, or the repository cannot be
-    /// searched now; then the chunk list is written whole, which costs only metadata).
+    /// The parent for `key`'s next backup (`None`: its first, or the repository could not be
+    /// searched; then the chunk list is written whole, which costs only metadata).
     pub fn parent(&self, repo: &Repository, key: &BaseKey) -> Option<ManifestId> {
-        let mut last = self.last.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        if let Some(found) = last.get(key) {
-            return *found;
+        let last = self.last.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(id) = last.get(key) {
+            return Some(*id);
         }
-        let found = match repo.latest_volume(&key.server, &key.volume) {
-            Ok(found) => found,
-            Err(e) => {
-                tracing::warn!(server = %key.server, volume = %key.volume, "no parent for the chunk list: {e}");
-                return None;
-            }
-        };
-        last.insert(key.clone(), found);
-        found
+        drop(last);
+        // Searched without the lock held (concurrent copies of other servers go on); two
+        // first copies may both search, and one result is kept.
+        let found = self.found.get_or_init(|| {
+            repo.latest_volumes().unwrap_or_else(|e| {
+                tracing::warn!("no parents for chunk lists: the repository's manifests could not be listed: {e}");
+                std::collections::HashMap::new()
+            })
+        });
+        found.get(&(key.server.clone(), key.volume.clone())).copied()
     }
 
     /// Records `id` as `key`'s newest backup.
     pub fn backed_up(&self, key: &BaseKey, id: ManifestId) {
         let mut last = self.last.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        last.insert(key.clone(), Some(id));
+        last.insert(key.clone(), id);
     }
 
     /// Backs `source` up as the next backup of `key`, its chunk list against the parent.

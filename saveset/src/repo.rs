@@ -444,15 +444,22 @@ impl Repository {
     /// host and path). Reads each manifest's summary, one small read each; manifests that do
     /// not read are passed over (verify reports them).
     pub fn latest_volume(&self, server: &str, volume: &str) -> Result<Option<ManifestId>> {
-        let mut newest: Option<(u64, ManifestId)> = None;
+        let key = (server.to_owned(), volume.to_owned());
+        Ok(self.latest_volumes()?.remove(&key))
+    }
+
+    /// [`Repository::latest_volume`] of every (server, volume) in one pass over the manifests.
+    pub fn latest_volumes(&self) -> Result<HashMap<(String, String), ManifestId>> {
+        let mut newest: HashMap<(String, String), (u64, ManifestId)> = HashMap::new();
         for id in self.list_manifests()? {
             let Ok(ManifestSummary::Volume(v)) = self.load_summary(id) else { continue };
-            let ours = v.meta.server == server && v.meta.volume == volume;
-            if ours && newest.is_none_or(|(at, _)| v.created_unix_ms >= at) {
-                newest = Some((v.created_unix_ms, id));
+            let at = v.created_unix_ms;
+            let slot = newest.entry((v.meta.server, v.meta.volume)).or_insert((at, id));
+            if at >= slot.0 {
+                *slot = (at, id);
             }
         }
-        Ok(newest.map(|(_, id)| id))
+        Ok(newest.into_iter().map(|(k, (_, id))| (k, id)).collect())
     }
 
     /// Writes a manifest (sealed, compressed) under a fresh random id, durably.

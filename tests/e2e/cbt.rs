@@ -61,6 +61,15 @@ fn bytes_read(detail: &str) -> u64 {
     before.rsplit(' ').next().and_then(|n| n.parse().ok()).expect("a number")
 }
 
+/// Fills the whole LUN with incompressible bytes drawn from `seed`.
+fn fill(lun: &Path, seed: u64) {
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(lun)
+        .and_then(|f| f.write_all_at(&incompressible(seed, LUN as usize), 0))
+        .expect("fill LUN");
+}
+
 fn same_bytes(a: &Path, b: &Path) -> bool {
     std::fs::read(a).expect("read") == std::fs::read(b).expect("read")
 }
@@ -69,11 +78,7 @@ fn same_bytes(a: &Path, b: &Path) -> bool {
 async fn backups_of_a_mock_san_lun_read_only_what_changed_and_restore_byte_identical() {
     let cluster = Cluster::start(spec(false)).await;
     let lun = cluster.array.lun_path("srv-a", "data").expect("lun");
-    std::fs::OpenOptions::new()
-        .write(true)
-        .open(&lun)
-        .and_then(|f| f.write_all_at(&incompressible(1, LUN as usize), 0))
-        .expect("fill LUN");
+    fill(&lun, 1);
     let (_, first) = backup(&cluster);
     assert!(first.contains("change map none: no base kept yet"), "{first}");
     assert!(bytes_read(&first) >= LUN, "{first}");
@@ -101,11 +106,7 @@ async fn backups_of_a_mock_san_lun_read_only_what_changed_and_restore_byte_ident
 async fn a_dropped_range_is_caught_by_the_sampling_verify_and_the_backup_still_restores() {
     let cluster = Cluster::start(spec(true)).await;
     let lun = cluster.array.lun_path("srv-a", "data").expect("lun");
-    std::fs::OpenOptions::new()
-        .write(true)
-        .open(&lun)
-        .and_then(|f| f.write_all_at(&incompressible(2, LUN as usize), 0))
-        .expect("fill LUN");
+    fill(&lun, 2);
     backup(&cluster);
     // One run of 8 MiB (a quarter of the LUN, the largest range: the one dropped), so the
     // default sample (at least 64 of the ~6000 skipped chunks) misses it with probability
@@ -129,11 +130,7 @@ async fn the_agents_copier_reads_only_what_changed_keeping_a_base_per_group() {
     spec.listener_extra = "[[group]]\nname = \"h\"\nservers = [\"srv-a\"]\n".to_string();
     let cluster = Cluster::start(spec).await;
     let lun = cluster.array.lun_path("srv-a", "data").expect("lun");
-    std::fs::OpenOptions::new()
-        .write(true)
-        .open(&lun)
-        .and_then(|f| f.write_all_at(&incompressible(3, LUN as usize), 0))
-        .expect("fill LUN");
+    fill(&lun, 3);
     let (_, first) = backup(&cluster);
     assert!(first.contains("change map none: no base kept yet"), "{first}");
     rewrite(&lun, 7, 40, 1);
