@@ -131,8 +131,9 @@ struct InitView {
 #[derive(Debug, Serialize)]
 struct BackupView {
     manifest: String,
-    /// Without --base-dir: the volume's newest earlier manifest, whose chunk list pages this
-    /// one shares or is a delta of (none: the first backup of the volume).
+    /// Without --base-dir: the volume's newest earlier manifest, offered as the parent of the
+    /// chunk list (its pages shared or the base of deltas when its size and chunk size match
+    /// the volume's; else the list is written whole); none: the volume's first backup.
     #[serde(skip_serializing_if = "Option::is_none")]
     parent: Option<String>,
     backup: String,
