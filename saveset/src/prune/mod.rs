@@ -241,11 +241,18 @@ impl Repository {
         let entries = sort.into_file()?;
         // 2. Classify the packs that are not pending already.
         let is_pending: Vec<bool> = numbers.iter().map(|id| pending.contains(id)).collect();
+        // When each pack was written (ns; 0 unknown): of two copies of a chunk, the newer counts.
+        let nanos = |at: SystemTime| {
+            at.duration_since(UNIX_EPOCH).map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(0))
+        };
+        let written: Vec<u64> =
+            numbers.iter().map(|id| packs.get(id).map_or(0, |&(_, at)| nanos(at))).collect();
         let mut used = vec![0u64; numbers.len()];
         plan::counting(
             entry_stream(&entries)?,
             chunk_stream(&referenced)?,
             &is_pending,
+            &written,
             &mut |e| used[e.pack as usize] += u64::from(e.len),
         )?;
         let mut mark: Vec<PackId> = Vec::new();
@@ -279,6 +286,7 @@ impl Repository {
                 entry_stream(&entries)?,
                 chunk_stream(&referenced)?,
                 &is_pending,
+                &written,
                 &mut |e| {
                     if chosen[e.pack as usize] {
                         let pack = numbers[e.pack as usize];

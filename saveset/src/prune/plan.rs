@@ -95,18 +95,28 @@ fn join<E>(
 }
 
 /// Calls `counts` with each entry of `entries` (sorted by chunk, then pack) that is the copy
-/// that counts: its chunk is in `referenced` (sorted, distinct) and this is its first entry in
-/// a pack that is not `pending` (by pack number). A chunk held only by pending packs counts
-/// nowhere here; the rescue at deletion time keeps one of them if it is still referenced.
+/// that counts: its chunk is in `referenced` (sorted, distinct) and this is its entry in the
+/// most recently written pack (`written`, by pack number; ties to the lowest number) that is
+/// not `pending`. A chunk held only by pending packs counts nowhere here; the rescue at
+/// deletion time keeps one of them if it is still referenced.
+///
+/// Why the newest: a second copy comes from a repack whose prune stopped before it marked the
+/// packs it copied from (or from two writers storing one new chunk). Counting the repack's
+/// copy leaves those old packs' copies unused, so the next prune deletes or repacks them and
+/// ends where the stopped one would have; counting an old copy instead could keep the new
+/// pack, dead copy included, and repack the old one again, leaving two copies for good.
 pub(crate) fn counting<E>(
     entries: impl Iterator<Item = Result<Entry, E>>,
     referenced: impl Iterator<Item = Result<ChunkId, E>>,
     pending: &[bool],
+    written: &[u64],
     counts: &mut dyn FnMut(&Entry),
 ) -> Result<(), E> {
+    let when = |pack: u32| written.get(pack as usize).copied().unwrap_or(0);
     join(entries, referenced, &mut |group, hit| {
         if hit {
-            if let Some(e) = group.iter().find(|e| !pending[e.pack as usize]) {
+            let live = group.iter().filter(|e| !pending[e.pack as usize]);
+            if let Some(e) = live.max_by_key(|e| (when(e.pack), std::cmp::Reverse(e.pack))) {
                 counts(e);
             }
         }
@@ -216,15 +226,24 @@ mod tests {
     }
 
     #[test]
-    fn a_referenced_chunk_counts_once_in_its_first_pack_that_is_not_pending() {
+    fn a_referenced_chunk_counts_once_in_its_newest_pack_that_is_not_pending() {
         // chunk 1 in packs 0 and 1; chunk 2 in pack 1 (pending) and 2; chunk 3 only pending;
-        // chunk 4 unreferenced.
-        let entries = [e(1, 0), e(1, 1), e(2, 1), e(2, 2), e(3, 1), e(4, 0)];
-        let pending = [false, true, false];
-        let mut live = Vec::new();
-        counting(ok(&entries), ok(&[c(1), c(2), c(3), c(9)]), &pending, &mut |e| live.push(*e))
-            .expect("no error");
-        assert_eq!(live, [e(1, 0), e(2, 2)]);
+        // chunk 4 unreferenced; chunk 5 in packs 0, 2 and 3, the last two written together.
+        let entries =
+            [e(1, 0), e(1, 1), e(2, 1), e(2, 2), e(3, 1), e(4, 0), e(5, 0), e(5, 2), e(5, 3)];
+        let pending = [false, true, false, false];
+        let count = |written: &[u64]| {
+            let mut live = Vec::new();
+            let refs = [c(1), c(2), c(3), c(5), c(9)];
+            counting(ok(&entries), ok(&refs), &pending, written, &mut |e| live.push(*e))
+                .expect("no error");
+            live
+        };
+        assert_eq!(count(&[10, 20, 30, 30]), [e(1, 0), e(2, 2), e(5, 2)]);
+        // A repack's output (pack 0 written last) holds the copy that counts.
+        assert_eq!(count(&[40, 20, 30, 30]), [e(1, 0), e(2, 2), e(5, 0)]);
+        // Write times unknown: the first pack.
+        assert_eq!(count(&[]), [e(1, 0), e(2, 2), e(5, 0)]);
     }
 
     #[test]
