@@ -182,8 +182,8 @@ fn a_prune_stopped_after_any_change_leaves_a_repository_that_verifies_and_restor
         let repo = Repository::open(&dir, &secret()).unwrap();
         assert_intact(&repo, &[(kept, base.clone())], tmp.path());
         // Reruns finish the job: the same end state as an uninterrupted run. (A stop between
-        // the repack and the mark leaves two copies of chunks; which one counts depends on
-        // the packs' random ids, so one rerun may repack again.)
+        // the repack and the mark leaves two copies of chunks; the repack's, the newer,
+        // count, so the rerun deletes the old packs rather than repack them again.)
         let mut repo = repo;
         let mut runs = 0;
         while prune(&mut repo, &now()).unwrap().steps > 0 {
