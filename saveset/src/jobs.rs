@@ -10,6 +10,15 @@ pub(crate) fn io_workers() -> usize {
     std::thread::available_parallelism().map_or(2, |n| 2 * n.get()).clamp(2, 8)
 }
 
+/// Restore workers: four per core, four to sixteen. A restore window waits on a read of its
+/// chunks (from disk when the repository is not cached, as days after a backup) and then on a
+/// direct write; more, smaller windows keep both the disk and the cores busy for the same
+/// memory (on 2 cores, cold cache: 8 workers with 2 MiB windows restored 1 GiB in 1.2-1.5 s
+/// where 4 with 4 MiB took 1.5-1.6 s).
+pub(crate) fn restore_workers() -> usize {
+    std::thread::available_parallelism().map_or(4, |n| 4 * n.get()).clamp(4, 16)
+}
+
 /// Runs jobs `0..jobs` on up to `workers` threads. Each thread makes its scratch with
 /// `scratch`, then takes the next job number until none is left and calls `job(worker,
 /// scratch, number)`. The first error stops every worker from taking another job and is

@@ -16,10 +16,12 @@ use crate::jobs;
 use crate::manifest::{ChunkId, Manifest, ManifestId, PackId, VolumeManifest};
 use crate::repo::{runs, ChunkLoc, Repository};
 
-/// At most this many bytes of a pack are fetched by one read.
-const READ_RUN: u64 = 8 << 20;
-/// Bytes of the volume one restore worker assembles and writes at a time.
-const WINDOW: usize = 4 << 20;
+/// At most this many bytes of a pack are fetched by one read (a window's chunks compress to
+/// less; a worker's read buffer grows to at most this).
+const READ_RUN: u64 = 4 << 20;
+/// Bytes of the volume one restore worker assembles and writes at a time: with
+/// `jobs::restore_workers` of them, 8 on 2 cores, 2 MiB windows hold what 4 workers' 4 MiB did.
+const WINDOW: usize = 2 << 20;
 /// Bytes of decoded chunks kept for their next use further on in the volume (`cache.rs`):
 /// in the benchmark, 48 MiB serve 18% of the data chunks and cut restore CPU by 10%, for 55 MiB
 /// of peak memory (restore then peaks below a backup's 200 MiB).
@@ -49,7 +51,7 @@ pub struct RestoreStats {
 }
 
 /// How far a restore has come, reported each time a window of the volume is on its way to the
-/// disk (every 4 MiB of the volume, from several threads: `done` only grows, but two reports
+/// disk (every 2 MiB of the volume, from several threads: `done` only grows, but two reports
 /// may arrive out of order).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct RestoreProgress {
@@ -162,7 +164,7 @@ impl Repository {
         let manifest = seg.manifest;
         let per_window = (WINDOW / manifest.chunk_size.max(1) as usize).max(1);
         let windows = seg.chunks.len().div_ceil(per_window);
-        let workers = jobs::io_workers().min(windows.max(1));
+        let workers = jobs::restore_workers().min(windows.max(1));
         let cache = RepeatCache::new(seg.chunks, manifest.chunk_size, cache_budget);
         // The first chunk of the window each worker is restoring (usize::MAX: none).
         let in_progress: Vec<AtomicUsize> =
