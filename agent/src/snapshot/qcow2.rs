@@ -16,6 +16,8 @@ use stillpoint_proto::Snapshot;
 
 use super::{basename, SnapshotProvider};
 
+pub mod map;
+
 const KIND: &str = "qcow2";
 const TAG_PREFIX: &str = "stillpoint-";
 
