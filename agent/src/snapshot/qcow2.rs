@@ -289,7 +289,7 @@ impl Drop for Export {
 fn stop(file: &Path, dir: &Path, pids: Vec<u32>) {
     let _ = Command::new("umount").arg(file).stderr(Stdio::null()).status();
     for pid in pids {
-        let alive = || Path::new(&format!("/proc/{pid}")).exists();
+        let alive = || running(pid);
         // Waits up to STOP_WITHIN for it to go: the disk's lock is free only once it is gone.
         let gone = || {
             let deadline = Instant::now() + STOP_WITHIN;
@@ -316,6 +316,16 @@ fn stop(file: &Path, dir: &Path, pids: Vec<u32>) {
     }
     let _ = Command::new("umount").arg("-l").arg(file).stderr(Stdio::null()).status();
     let _ = std::fs::remove_dir_all(dir);
+}
+
+/// Whether `pid` still runs. A zombie does not: it closed its files (so the disk's lock is
+/// free) and only waits to be reaped, which a daemon's parent (init, or a container's) may do
+/// late; waiting for it to vanish cost each copy over a second where init reaps slowly.
+fn running(pid: u32) -> bool {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { return false };
+    // `pid (comm) S ...`: the state follows the last `)` (a command may hold one).
+    let state = stat.rsplit_once(')').and_then(|(_, rest)| rest.trim_start().chars().next());
+    !matches!(state, Some('Z' | 'X'))
 }
 
 const EXPORT_DIR_PREFIX: &str = "stillpoint-qcow2-export-";
