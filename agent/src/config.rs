@@ -65,9 +65,12 @@ pub struct SavesetConfig {
     /// test can act while a copy runs.
     #[serde(default)]
     pub copy_delay_ms_per_mib: u64,
-    /// Where the copier keeps each volume's base (a reflink clone of the snapshot it last
-    /// backed up), so the next backup reads only what changed (FIEMAP); on the snapshots'
-    /// filesystem. Absent: no change tracking.
+    /// Change tracking: where the copier keeps each volume's base (a reflink clone of the
+    /// snapshot it last backed up, on the snapshots' filesystem), so the next backup reads only
+    /// what changed (FIEMAP). For qcow2 volumes the base is an internal snapshot
+    /// `stillpoint.base.<group>` in the disk itself and this directory holds only its record
+    /// (the manifest it went into, its identity); the map comes from the image's cluster
+    /// tables. Absent: no change tracking, every backup reads everything.
     pub base_dir: Option<PathBuf>,
     /// Percent of the chunks skipped thanks to a change map that are re-read and compared
     /// (the sampling verify; at least 64, at most 64 MiB); 0 disables.

@@ -1,7 +1,9 @@
 //! The saveset copier on the agent, behind the Copy RPC: this server's snapshots go into the
 //! repository of `[saveset]`, encrypted here, so snapshots only this host can read never leave
 //! it readable. Blocking work runs on blocking threads; which snapshots may be read, and for
-//! how long, is `backups`' business (the copy holds a `CopyHold`).
+//! how long, is `backups`' business (the copy holds a `CopyHold`). With `base_dir`, a qcow2
+//! volume is compared with its group's base snapshot inside the disk (the provider keeps it;
+//! `base_dir` holds its record), other volumes with a reflink clone kept in `base_dir`.
 
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -12,7 +14,8 @@ use stillpoint_proto::{
     copy_event, CopiedVolume, CopyDone, CopyEvent, CopyProgress, CopyStats, Snapshot,
 };
 use stillpoint_saveset::{
-    BackupStats, BaseKey, BaseStore, Parents, Pool, Progress, Repository, VolumeMeta,
+    BackupStats, BaseKey, BaseStore, ChangeMap, Parent, Parents, Pool, Progress, RecordedBase,
+    Repository, VolumeBackup, VolumeMeta,
 };
 use tokio::sync::{mpsc, watch};
 use tonic::Status;
@@ -20,7 +23,7 @@ use tracing::{info, warn, Instrument};
 
 use crate::backups::CopyHold;
 use crate::config::SavesetConfig;
-use crate::snapshot::qcow2::Export;
+use crate::snapshot::qcow2::{self, Export};
 use crate::{Error, Result};
 
 /// How often, at most, progress goes out (the listener writes each one to its catalog).
@@ -79,14 +82,17 @@ impl Saveset {
 
     /// Backs up every snapshot in turn; `progress(done, total)` after every chunk, in bytes of
     /// the whole server. `stop` is asked between volumes (one volume's read cannot be cut).
+    /// Returns, besides, the qcow2 bases to keep once `exports` let go of their disks.
     fn copy_server(
         &self,
         request: &Request,
+        exports: &[Export],
         progress: &dyn Fn(u64),
         stop: &AtomicBool,
-    ) -> Result<CopyDone, String> {
+    ) -> Result<(CopyDone, Vec<PendingBase>), String> {
         let Request { meta, group, snapshots } = request;
         let mut done = CopyDone::default();
+        let mut pending = Vec::new();
         let mut stats = BackupStats::default();
         let mut base = 0;
         let mut paused_at = 0;
@@ -110,11 +116,24 @@ impl Saveset {
                     server: meta.server.clone(),
                     volume: snap.volume.clone(),
                 };
-                let volume = match &self.bases {
-                    None => self.parents.backup(repo, &key, source, meta, &mut report),
-                    Some(bases) => bases.backup(repo, &key, source, meta, &mut report),
+                let export = exports.iter().find(|e| e.file == source);
+                let volume = match (&self.bases, export) {
+                    (None, _) => self.parents.backup(repo, &key, source, meta, &mut report),
+                    (Some(bases), Some(export)) => {
+                        self.backup_qcow2(bases, repo, &key, export, meta, &mut report)
+                    }
+                    (Some(bases), None) => bases.backup(repo, &key, source, meta, &mut report),
                 }
                 .map_err(|e| format!("volume {}: {e}", snap.volume))?;
+                if let (Some(_), Some(export)) = (&self.bases, export) {
+                    pending.push(PendingBase {
+                        key: key.clone(),
+                        disk: export.disk.clone(),
+                        tag: export.tag.clone(),
+                        backup: volume.manifest.meta.backup.clone(),
+                        manifest: volume.id,
+                    });
+                }
                 stats += &volume.stats;
                 done.volumes.push(CopiedVolume {
                     volume: snap.volume.clone(),
@@ -140,8 +159,86 @@ impl Saveset {
             sample_mismatches: stats.sample_mismatches,
             metadata_bytes: stats.metadata_bytes,
         });
+        Ok((done, pending))
+    }
+
+    /// Backs up a qcow2 snapshot (read through `export`) against its group's base snapshot in
+    /// the disk, if one is recorded and still the one kept: only the guest clusters the two map
+    /// differently are read. Otherwise everything is read and the stats say why (`none: why`);
+    /// the recorded (or last) manifest is still the chunk list's parent.
+    fn backup_qcow2(
+        &self,
+        bases: &BaseStore,
+        repo: &mut Repository,
+        key: &BaseKey,
+        export: &Export,
+        meta: VolumeMeta,
+        report: &mut dyn FnMut(Progress),
+    ) -> stillpoint_saveset::Result<VolumeBackup> {
+        // An empty reason: no map asked of this parent, its pages are shared all the same.
+        let pages_only = |m| Parent::new(m, ChangeMap::Unknown(String::new()));
+        let (parent, why) = match bases.recorded(key) {
+            Err(why) => {
+                // No base, and none can be kept for an image no map can be made of: say that.
+                let why = match qcow2::mappable(&export.disk) {
+                    Ok(()) => why,
+                    Err(cannot) => format!("unknown: {cannot}"),
+                };
+                (self.parents.parent(repo, key).map(pages_only), Some(why))
+            }
+            Ok(RecordedBase { manifest, identity, .. }) => {
+                match qcow2::changes_since_base(&export.disk, &key.group, &identity, &export.tag) {
+                    Ok(changed) => (
+                        Some(Parent { manifest, changed, sample_percent: bases.sample_percent() }),
+                        None,
+                    ),
+                    Err(why) => (Some(pages_only(manifest)), Some(why)),
+                }
+            }
+        };
+        if let Some(why) = &why {
+            info!(group = %key.group, volume = %key.volume, "no change map: {why}; reading the whole volume");
+        }
+        let mut done = repo.backup_volume_with(&export.file, meta, parent.as_ref(), report)?;
+        if let Some(why) = why {
+            done.stats.change_map = why;
+        }
         Ok(done)
     }
+
+    /// Keeps each copied qcow2 volume's new base (after the exports ended: a snapshot needs the
+    /// disk's write lock). The old record goes first, so a failure or a crash midway leaves no
+    /// record, never a wrong one; a base not kept is logged and the next backup reads it whole.
+    fn keep_qcow2_bases(&self, pending: Vec<PendingBase>) {
+        let Some(bases) = &self.bases else { return };
+        for p in pending {
+            let kept = bases
+                .forget(&p.key)
+                .map_err(anyhow::Error::from)
+                .and_then(|()| qcow2::keep_base(&p.disk, &p.key.group, &p.tag))
+                .and_then(|identity| {
+                    let base = RecordedBase { backup: p.backup, manifest: p.manifest, identity };
+                    Ok(bases.record(&p.key, &base)?)
+                });
+            match kept {
+                Ok(()) => {
+                    info!(volume = %p.key.volume, disk = %p.disk, "qcow2 base kept for the next backup's change map")
+                }
+                Err(e) => {
+                    warn!(volume = %p.key.volume, disk = %p.disk, error = %format!("{e:#}"), "qcow2 base not kept; the next backup of this volume reads it whole")
+                }
+            }
+        }
+    }
+}
+
+/// A copied qcow2 volume whose base is kept once the copy's exports end.
+struct PendingBase {
+    key: BaseKey,
+    disk: String,
+    tag: String,
+    backup: String,
+    manifest: stillpoint_saveset::ManifestId,
 }
 
 /// Each snapshot with the bytes its copy will read. A directory (a btrfs subvolume snapshot)
@@ -218,12 +315,17 @@ pub fn spawn(
     let mut blocking = tokio::task::spawn_blocking(move || {
         let _span = blocking_span.enter();
         let _hold = hold;
-        // Dropped before the hold: a qcow2 export holds the disk's lock, which a delete needs.
-        let _exports = exports;
         let progress = |done: u64| {
             progress_tx.send_replace(done);
         };
-        saveset.copy_server(&request, &progress, &stop)
+        let copied = saveset.copy_server(&request, &exports, &progress, &stop);
+        // Dropped before the hold and before the bases are kept: a qcow2 export holds the
+        // disk's lock, which a snapshot or a delete needs.
+        drop(exports);
+        copied.map(|(done, pending)| {
+            saveset.keep_qcow2_bases(pending);
+            done
+        })
     });
     tokio::spawn(
         async move {

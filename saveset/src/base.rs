@@ -3,6 +3,8 @@
 //! and the clone's identity. The next backup of that volume trusts the base only if its identity
 //! and the manifest are unchanged, and reads only what changed since. Kept by the copier, not the
 //! provider: the base must be exactly what the manifest holds and outlive the provider's cleanup.
+//! A base the provider keeps itself (a qcow2 internal snapshot) is only recorded here
+//! ([`RecordedBase`]): its identity is the caller's text, compared by the caller.
 
 use std::fs::File;
 use std::io::Write;
@@ -76,6 +78,25 @@ struct Sidecar {
     identity: Identity,
 }
 
+/// The record of a base kept outside this store (`<key>.kept.json`): a provider's own snapshot,
+/// e.g. a qcow2 internal snapshot. `identity` is the caller's text (what the base must still be);
+/// the caller compares it with the base it finds, and computes the change map itself.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RecordedBase {
+    /// The backup and the volume manifest the base's content went into.
+    pub backup: String,
+    pub manifest: ManifestId,
+    pub identity: String,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct KeptSidecar {
+    #[serde(flatten)]
+    key: BaseKey,
+    #[serde(flatten)]
+    base: RecordedBase,
+}
+
 /// A directory of kept bases, on the same filesystem as the snapshots (a reflink clone cannot
 /// cross filesystems: then no base is kept, once logged, and every backup reads everything).
 #[derive(Debug)]
@@ -113,6 +134,68 @@ impl BaseStore {
     /// The directory.
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// The share of skipped chunks the sampling verify re-reads, in percent.
+    pub fn sample_percent(&self) -> f64 {
+        self.sample_percent
+    }
+
+    fn kept_path(&self, key: &BaseKey) -> PathBuf {
+        self.paths(key).1.with_extension("kept.json")
+    }
+
+    /// The record of `key`'s base kept outside this store, or why there is none (`none: why`).
+    pub fn recorded(&self, key: &BaseKey) -> std::result::Result<RecordedBase, String> {
+        let path = self.kept_path(key);
+        let text = match std::fs::read(&path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err("none: no base kept yet".into())
+            }
+            Err(e) => return Err(format!("none: base record {}: {e}", path.display())),
+        };
+        let record: KeptSidecar = serde_json::from_slice(&text)
+            .map_err(|e| format!("none: base record {}: {e}", path.display()))?;
+        if record.key != *key {
+            return Err(format!("none: base record {} is another volume's", path.display()));
+        }
+        Ok(record.base)
+    }
+
+    /// Records `base` as `key`'s base kept outside this store (temp+fsync+rename). Record only
+    /// after the base exists, holds what `base.manifest` holds and was checked.
+    pub fn record(&self, key: &BaseKey, base: &RecordedBase) -> Result<()> {
+        let record = KeptSidecar { key: key.clone(), base: base.clone() };
+        let text = serde_json::to_vec_pretty(&record).expect("a record serializes");
+        self.write_sidecar(&self.kept_path(key), &text)
+    }
+
+    /// Forgets the record of `key`'s base kept outside this store (before that base is
+    /// replaced, so a crash midway leaves no record rather than a wrong one).
+    pub fn forget(&self, key: &BaseKey) -> Result<()> {
+        let path = self.kept_path(key);
+        match std::fs::remove_file(&path) {
+            Ok(()) => File::open(&self.dir).and_then(|d| d.sync_all()).ctx("fsync", &self.dir),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(e).ctx("remove", &path),
+        }
+    }
+
+    /// Writes `text` to `path` by temp+fsync+rename, then fsyncs the directory.
+    fn write_sidecar(&self, path: &Path, text: &[u8]) -> Result<()> {
+        let tmp = self.dir.join(format!("tmp-{}.json", hex(&crate::crypto::random::<8>())));
+        let written = (|| {
+            let mut f = File::create(&tmp).ctx("create", &tmp)?;
+            f.write_all(text).ctx("write", &tmp)?;
+            f.sync_all().ctx("fsync", &tmp)?;
+            std::fs::rename(&tmp, path).ctx("rename", path)?;
+            File::open(&self.dir).and_then(|d| d.sync_all()).ctx("fsync", &self.dir)
+        })();
+        if written.is_err() {
+            let _ = std::fs::remove_file(&tmp);
+        }
+        written
     }
 
     fn paths(&self, key: &BaseKey) -> (PathBuf, PathBuf) {
@@ -211,18 +294,7 @@ impl BaseStore {
             identity,
         };
         let text = serde_json::to_vec_pretty(&record).expect("a sidecar serializes");
-        let tmp = self.dir.join(format!("tmp-{}.json", hex(&crate::crypto::random::<8>())));
-        let written = (|| {
-            let mut f = File::create(&tmp).ctx("create", &tmp)?;
-            f.write_all(&text).ctx("write", &tmp)?;
-            f.sync_all().ctx("fsync", &tmp)?;
-            std::fs::rename(&tmp, &sidecar).ctx("rename", &sidecar)?;
-            File::open(&self.dir).and_then(|d| d.sync_all()).ctx("fsync", &self.dir)
-        })();
-        if written.is_err() {
-            let _ = std::fs::remove_file(&tmp);
-        }
-        written
+        self.write_sidecar(&sidecar, &text)
     }
 
     /// Backs `snapshot` up as `meta`'s volume against the kept base of `key` (if any can be

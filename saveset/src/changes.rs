@@ -1,7 +1,8 @@
-//! Change maps: which byte ranges of a snapshot may differ from the base it is compared with,
-//! from the two files' FIEMAP extent lists (reflink clones share an extent, at the same offset,
-//! exactly where the data was not rewritten between them). The comparison is pure and streams
-//! both lists; anything it cannot prove shared is changed, and anything surprising is Unknown.
+//! Change maps: which byte ranges of a snapshot may differ from the base it is compared with.
+//! Made here from the two files' FIEMAP extent lists (reflink clones share an extent, at the same
+//! offset, exactly where the data was not rewritten between them), or given by a provider that
+//! knows (the agent's qcow2 metadata reader). The comparison is pure and streams both lists;
+//! anything it cannot prove shared is changed, and anything surprising is Unknown.
 
 use std::fs::File;
 use std::io;
@@ -32,20 +33,42 @@ const UNTRUSTED: u32 = ff::UNKNOWN
     | ff::DATA_INLINE
     | ff::DATA_TAIL;
 
+/// Who said which bytes changed: the first word of [`ChangeMap::describe`], so stats and logs
+/// name the source they trust.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MapSource {
+    /// The base's and the snapshot's FIEMAP extents (reflink clones).
+    Fiemap,
+    /// Two internal snapshots' cluster mappings in a qcow2 image (the agent's reader).
+    Qcow2,
+}
+
+impl MapSource {
+    fn name(self) -> &'static str {
+        match self {
+            MapSource::Fiemap => "fiemap",
+            MapSource::Qcow2 => "qcow2",
+        }
+    }
+}
+
 /// Which bytes of a snapshot may differ from its base.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ChangeMap {
     /// Sorted, disjoint, non-empty byte ranges; every byte outside them is the base's.
-    Ranges(Vec<Range<u64>>),
+    Ranges { source: MapSource, ranges: Vec<Range<u64>> },
     /// Nothing is known (no FIEMAP, files of different sizes or filesystems...): read all.
     Unknown(String),
 }
 
 impl ChangeMap {
-    /// A short text for stats and logs: `fiemap: N ranges, X bytes` or `unknown: why`.
+    /// A short text for stats and logs: `fiemap: N ranges, X bytes` (or `qcow2: ...`, after
+    /// the map's source) or `unknown: why`.
     pub fn describe(&self) -> String {
         match self {
-            ChangeMap::Ranges(r) => format!("fiemap: {} ranges, {} bytes", r.len(), self.bytes()),
+            ChangeMap::Ranges { source, ranges } => {
+                format!("{}: {} ranges, {} bytes", source.name(), ranges.len(), self.bytes())
+            }
             ChangeMap::Unknown(why) => format!("unknown: {why}"),
         }
     }
@@ -53,7 +76,7 @@ impl ChangeMap {
     /// Bytes inside the changed ranges (0 when unknown).
     pub fn bytes(&self) -> u64 {
         match self {
-            ChangeMap::Ranges(r) => r.iter().map(|r| r.end - r.start).sum(),
+            ChangeMap::Ranges { ranges, .. } => ranges.iter().map(|r| r.end - r.start).sum(),
             ChangeMap::Unknown(_) => 0,
         }
     }
@@ -61,7 +84,7 @@ impl ChangeMap {
     /// The changed ranges widened to whole chunks, as sorted, disjoint ranges of chunk
     /// indices (a chunk with any changed byte is read whole); `None` when unknown.
     pub fn chunk_ranges(&self, chunk_size: u32) -> Option<Vec<Range<u64>>> {
-        let ChangeMap::Ranges(ranges) = self else { return None };
+        let ChangeMap::Ranges { ranges, .. } = self else { return None };
         let cs = u64::from(chunk_size.max(1));
         let mut out: Vec<Range<u64>> = Vec::with_capacity(ranges.len());
         for r in ranges.iter().filter(|r| r.end > r.start) {
@@ -258,7 +281,7 @@ pub fn changes_between_files(base: (&File, &Path), new: (&File, &Path)) -> Resul
     }
     let size = nm.len();
     let map = match compare_extents(size, Extents::new(base.0, size), Extents::new(new.0, size)) {
-        Ok(ranges) => ChangeMap::Ranges(ranges),
+        Ok(ranges) => ChangeMap::Ranges { source: MapSource::Fiemap, ranges },
         Err(why) => ChangeMap::Unknown(why),
     };
     Ok(failpoint(map))
@@ -273,11 +296,12 @@ fn same_btrfs(a: &File, b: &File) -> bool {
 }
 
 /// `STILLPOINT_FAILPOINT=change-map-drop-range`: the largest range is dropped (a wrong map).
-fn failpoint(map: ChangeMap) -> ChangeMap {
+/// Every maker of maps passes its maps through here, so one failpoint tests them all.
+pub fn failpoint(map: ChangeMap) -> ChangeMap {
     let armed =
         std::env::var(FAILPOINT_ENV).is_ok_and(|v| v.split(',').any(|f| f.trim() == DROP_RANGE));
     match map {
-        ChangeMap::Ranges(mut ranges) if armed && !ranges.is_empty() => {
+        ChangeMap::Ranges { source, mut ranges } if armed && !ranges.is_empty() => {
             let (i, _) =
                 ranges.iter().enumerate().max_by_key(|(_, r)| r.end - r.start).expect("not empty");
             let dropped = ranges.remove(i);
@@ -287,7 +311,7 @@ fn failpoint(map: ChangeMap) -> ChangeMap {
                 end = dropped.end,
                 "failpoint: dropped the largest changed range from the change map"
             );
-            ChangeMap::Ranges(ranges)
+            ChangeMap::Ranges { source, ranges }
         }
         map => map,
     }

@@ -7,7 +7,8 @@
 //! - `storage.rs`: the `Storage` seam (atomic put, ranged get, list) and its local and S3 sides.
 //! - `repo.rs`: config and keys, the in-memory index, packs.
 //! - `backup.rs`, `restore.rs`, `verify.rs`: the three operations on volumes.
-//! - `changes.rs`: change maps from FIEMAP; `base.rs`: the copier's kept base per volume.
+//! - `changes.rs`: change maps (from FIEMAP, or a provider's); `base.rs`: the copier's kept base
+//!   per volume, or the record of a base a provider keeps (qcow2).
 //! - `prune.rs` (`prune/`): freeing what no manifest references; `lock.rs`: writer locks.
 //! - `manifest.rs`: ids and manifests (plain data); `crypto.rs`: KDF, sealing, chunk ids.
 
@@ -34,9 +35,9 @@ mod storage;
 mod verify;
 
 pub use backup::{BackupStats, Parent, Progress, VolumeBackup, DEFAULT_SAMPLE_PERCENT};
-pub use base::{BaseKey, BaseStore, Parents};
+pub use base::{BaseKey, BaseStore, Parents, RecordedBase};
 pub use catalog::CatalogHeader;
-pub use changes::{changes_between, ChangeMap, DROP_RANGE, FAILPOINT_ENV};
+pub use changes::{changes_between, failpoint, ChangeMap, MapSource, DROP_RANGE, FAILPOINT_ENV};
 pub use crypto::{KdfParams, Secret};
 pub use error::{Error, Result};
 pub use forget::Forgotten;

@@ -3,6 +3,9 @@
 //! snapshot to the cleanup. qemu-img takes the image's lock, so a disk a running qemu holds is
 //! refused, never corrupted. The locator is `<disk path>@<tag>`: a copy on the agent reads it
 //! through [`Export`], the snapshot exported read-only as a raw file for the copy's duration.
+//! With change tracking the copy keeps a base per group inside each disk, a second internal
+//! snapshot `stillpoint.base.<group>` ([`keep_base`]), and asks [`changes_since_base`] which
+//! guest bytes differ between it and a new snapshot (`map.rs` reads the image's tables).
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -15,6 +18,8 @@ use stillpoint_core::validate_name;
 use stillpoint_proto::Snapshot;
 
 use super::{basename, SnapshotProvider};
+
+pub mod map;
 
 const KIND: &str = "qcow2";
 const TAG_PREFIX: &str = "stillpoint-";
@@ -53,6 +58,102 @@ impl Qcow2Config {
 
 fn tag(backup_id: &str) -> String {
     format!("{TAG_PREFIX}{backup_id}")
+}
+
+/// Bases are named `stillpoint.base.<group>`: not `stillpoint-`, so `list` never takes one for
+/// a backup's snapshot and `delete` never removes one.
+const BASE_PREFIX: &str = "stillpoint.base.";
+
+/// The tag of `group`'s base snapshot in each disk; the group must be a valid name (empty: a
+/// listener that names no group, one base per disk).
+pub fn base_tag(group: &str) -> anyhow::Result<String> {
+    if group.is_empty() {
+        return Ok(BASE_PREFIX.trim_end_matches('.').to_string());
+    }
+    validate_name("group", group)?;
+    Ok(format!("{BASE_PREFIX}{group}"))
+}
+
+/// Which guest bytes of snapshot `tag` of `disk` may differ from `group`'s base snapshot, which
+/// must still have the `identity` recorded when it was kept. `Err("none: why")` when the base
+/// cannot be trusted (gone, made again, unreadable): back up without it. `Ok(Unknown)` when the
+/// two snapshots cannot be compared soundly (`map.rs` says why). Read while the copy's export
+/// holds the disk's lock, so no writer changes the tables under it.
+pub fn changes_since_base(
+    disk: &str,
+    group: &str,
+    identity: &str,
+    tag: &str,
+) -> Result<stillpoint_saveset::ChangeMap, String> {
+    use stillpoint_saveset::{ChangeMap, MapSource};
+    let base = base_tag(group).map_err(|e| format!("none: {e:#}"))?;
+    let file = std::fs::File::open(disk).map_err(|e| format!("none: open {disk}: {e}"))?;
+    let image = match map::Image::open(&file) {
+        Ok(image) => image,
+        Err(why) => return Ok(ChangeMap::Unknown(format!("{disk}: {why}"))),
+    };
+    let kept =
+        image.snapshot(&base).map_err(|why| format!("none: base snapshot in {disk}: {why}"))?;
+    let now = kept.identity();
+    if now != identity {
+        return Err(format!(
+            "none: base snapshot {base} in {disk} is not the one kept (kept {identity}; now {now})"
+        ));
+    }
+    let new = match image.snapshot(tag) {
+        Ok(s) => s,
+        Err(why) => return Ok(ChangeMap::Unknown(format!("{disk}: {why}"))),
+    };
+    Ok(match image.changes(kept, new) {
+        Ok(ranges) => {
+            stillpoint_saveset::failpoint(ChangeMap::Ranges { source: MapSource::Qcow2, ranges })
+        }
+        Err(why) => ChangeMap::Unknown(format!("{disk}: {why}")),
+    })
+}
+
+/// Whether change maps can be made of `disk` at all: `Err(why)` for an image `map.rs` refuses
+/// (a backing file, encryption, an external data file, subclusters, a dirty or corrupt image).
+pub fn mappable(disk: &str) -> Result<(), String> {
+    let file = std::fs::File::open(disk).map_err(|e| format!("open {disk}: {e}"))?;
+    map::Image::open(&file).map(drop).map_err(|why| format!("{disk}: {why}"))
+}
+
+/// Makes `group`'s base in `disk` hold what snapshot `tag` holds, and returns its identity:
+/// deletes the old base, snapshots the disk's current state as the new base, and checks that it
+/// maps every guest cluster as `tag` does (nothing may write the disk between a backup's
+/// snapshot and its cleanup; if something did, the new base is deleted and the error says so).
+/// Run once the copy's export let go of the disk: a snapshot needs its write lock.
+pub fn keep_base(disk: &str, group: &str, tag: &str) -> anyhow::Result<String> {
+    let base = base_tag(group)?;
+    let info = info(disk)?;
+    for _ in info.snapshots.iter().filter(|s| s.name == base) {
+        qemu_img(&["snapshot", "--image-opts", "-d", &base, &image_opts(disk)])
+            .with_context(|| format!("delete the old base {base} of {disk}"))?;
+    }
+    // An image no map can be made of (a backing file, encryption...) gets no base at all.
+    mappable(disk).map_err(|why| anyhow!("no change map can be made: {why}"))?;
+    qemu_img(&["snapshot", "--image-opts", "-c", &base, &image_opts(disk)])
+        .with_context(|| format!("snapshot {disk} as the base {base}"))?;
+    let checked = (|| {
+        let file = std::fs::File::open(disk).with_context(|| format!("open {disk}"))?;
+        let image = map::Image::open(&file).map_err(|why| anyhow!("{disk}: {why}"))?;
+        let kept = image.snapshot(&base).map_err(|why| anyhow!("{disk}: {why}"))?;
+        let backed_up = image.snapshot(tag).map_err(|why| anyhow!("{disk}: {why}"))?;
+        let differ = image.changes(backed_up, kept).map_err(|why| anyhow!("{disk}: {why}"))?;
+        if !differ.is_empty() {
+            let bytes: u64 = differ.iter().map(|r| r.end - r.start).sum();
+            return Err(anyhow!(
+                "{disk} changed since snapshot {tag} ({} ranges, {bytes} bytes differ): something wrote the disk between the backup's snapshot and its cleanup",
+                differ.len()
+            ));
+        }
+        Ok(kept.identity())
+    })();
+    if checked.is_err() {
+        let _ = qemu_img(&["snapshot", "--image-opts", "-d", &base, &image_opts(disk)]);
+    }
+    checked
 }
 
 /// What `qemu-img info --output=json` says that we use.
@@ -195,6 +296,9 @@ impl SnapshotProvider for Qcow2 {
 pub struct Export {
     /// The raw file the copy reads.
     pub file: PathBuf,
+    /// The disk and the snapshot's tag it exports.
+    pub disk: String,
+    pub tag: String,
     dir: PathBuf,
     /// The daemons' pids, the FUSE export's first: stopped in this order.
     pids: Vec<u32>,
@@ -216,7 +320,8 @@ impl Export {
             std::env::temp_dir().join(format!("{EXPORT_DIR_PREFIX}{}-{n}", std::process::id()));
         std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
         let file = dir.join(format!("{}.raw", basename(disk)?));
-        let mut export = Export { file, dir, pids: Vec::new() };
+        let mut export =
+            Export { file, disk: disk.to_string(), tag: tag.to_string(), dir, pids: Vec::new() };
         std::fs::File::create(&export.file)
             .with_context(|| format!("create {}", export.file.display()))?;
         let (socket, nbd_pid, fuse_pid) =
@@ -287,7 +392,7 @@ impl Drop for Export {
 fn stop(file: &Path, dir: &Path, pids: Vec<u32>) {
     let _ = Command::new("umount").arg(file).stderr(Stdio::null()).status();
     for pid in pids {
-        let alive = || Path::new(&format!("/proc/{pid}")).exists();
+        let alive = || running(pid);
         // Waits up to STOP_WITHIN for it to go: the disk's lock is free only once it is gone.
         let gone = || {
             let deadline = Instant::now() + STOP_WITHIN;
@@ -314,6 +419,16 @@ fn stop(file: &Path, dir: &Path, pids: Vec<u32>) {
     }
     let _ = Command::new("umount").arg("-l").arg(file).stderr(Stdio::null()).status();
     let _ = std::fs::remove_dir_all(dir);
+}
+
+/// Whether `pid` still runs. A zombie does not: it closed its files (so the disk's lock is
+/// free) and only waits to be reaped, which a daemon's parent (init, or a container's) may do
+/// late; waiting for it to vanish cost each copy over a second where init reaps slowly.
+fn running(pid: u32) -> bool {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { return false };
+    // `pid (comm) S ...`: the state follows the last `)` (a command may hold one).
+    let state = stat.rsplit_once(')').and_then(|(_, rest)| rest.trim_start().chars().next());
+    !matches!(state, Some('Z' | 'X'))
 }
 
 const EXPORT_DIR_PREFIX: &str = "stillpoint-qcow2-export-";

@@ -11,6 +11,7 @@ mod mysql;
 mod postgres;
 mod process;
 mod providers;
+mod qcow2_cbt;
 mod redis;
 mod sqlite;
 mod support;

@@ -121,12 +121,21 @@ fn an_error_from_the_kernel_makes_the_map_unknown() {
 
 #[test]
 fn widening_to_chunks_rounds_out_and_merges() {
-    let map = ChangeMap::Ranges(vec![1..2, 4095..4097, 10000..12288, 12288..12289, 40960..40961]);
+    let map = ChangeMap::Ranges {
+        source: MapSource::Fiemap,
+        ranges: vec![1..2, 4095..4097, 10000..12288, 12288..12289, 40960..40961],
+    };
     // Bytes 1..2 and 4095..4097 touch chunks 0 and 1; 10000..12288 chunk 2; 12288..12289
     // chunk 3: adjacent, one range. 40960..40961 is chunk 10.
     assert_eq!(map.chunk_ranges(4096), Some(vec![0..4, 10..11]));
     assert_eq!(map.bytes(), 1 + 2 + 2288 + 1 + 1);
     assert_eq!(ChangeMap::Unknown("x".into()).chunk_ranges(4096), None);
-    assert_eq!(ChangeMap::Ranges(vec![]).chunk_ranges(4096), Some(vec![]));
+    assert_eq!(
+        ChangeMap::Ranges { source: MapSource::Fiemap, ranges: vec![] }.chunk_ranges(4096),
+        Some(vec![])
+    );
     assert_eq!(map.describe(), "fiemap: 5 ranges, 2293 bytes");
+    // The source is named: a qcow2 map never says fiemap.
+    let qcow2 = ChangeMap::Ranges { source: MapSource::Qcow2, ranges: vec![0..65536] };
+    assert_eq!(qcow2.describe(), "qcow2: 1 ranges, 65536 bytes");
 }

@@ -11,8 +11,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use stillpoint_saveset::{
-    changes_between, BaseKey, BaseStore, ChangeMap, Parent, Repository, VolumeBackup, VolumeMeta,
-    DROP_RANGE, FAILPOINT_ENV,
+    changes_between, BaseKey, BaseStore, ChangeMap, MapSource, Parent, Repository, VolumeBackup,
+    VolumeMeta, DROP_RANGE, FAILPOINT_ENV,
 };
 
 use super::{b3, image, opts, secret, MIB};
@@ -286,7 +286,7 @@ fn the_sampling_verify_catches_a_dropped_range() {
     rewrite(&lun, 31);
     let snap = root.join("snap");
     clone(&lun, &snap);
-    let ChangeMap::Ranges(mut ranges) = changes_between(&base, &snap).unwrap() else {
+    let ChangeMap::Ranges { mut ranges, .. } = changes_between(&base, &snap).unwrap() else {
         panic!("XFS clones give a map")
     };
     let largest = (0..ranges.len()).max_by_key(|&i| ranges[i].end - ranges[i].start).unwrap();
@@ -295,7 +295,7 @@ fn the_sampling_verify_catches_a_dropped_range() {
     for percent in [100.0, 1.0] {
         let parent = Parent {
             manifest: first.id,
-            changed: ChangeMap::Ranges(ranges.clone()),
+            changed: ChangeMap::Ranges { source: MapSource::Fiemap, ranges: ranges.clone() },
             sample_percent: percent,
         };
         let done = repo.backup_volume_with(&snap, vmeta("c"), Some(&parent), &mut |_| {}).unwrap();
@@ -307,8 +307,11 @@ fn the_sampling_verify_catches_a_dropped_range() {
         assert_eq!(b3(&out), b3(&snap), "{percent}%");
     }
     // 0 disables the sampling verify: the wrong map goes unnoticed (why it is on by default).
-    let parent =
-        Parent { manifest: first.id, changed: ChangeMap::Ranges(ranges), sample_percent: 0.0 };
+    let parent = Parent {
+        manifest: first.id,
+        changed: ChangeMap::Ranges { source: MapSource::Fiemap, ranges },
+        sample_percent: 0.0,
+    };
     let done = repo.backup_volume_with(&snap, vmeta("d"), Some(&parent), &mut |_| {}).unwrap();
     assert_eq!((done.stats.sampled_chunks, done.stats.sample_mismatches), (0, 0));
 }
