@@ -107,8 +107,9 @@ pub struct BackupStats {
     pub bytes_read: u64,
     /// Bytes not read because the change map said they had not changed since the parent.
     pub bytes_skipped: u64,
-    /// The change map used: `fiemap: N ranges, X bytes`, `unknown: why` or `none` (with why
-    /// when a base was expected); several volumes' joined by `; `.
+    /// The change map used: `fiemap: N ranges, X bytes` or `qcow2: ...` (the map's source),
+    /// `unknown: why` or `none` (with why when a base was expected); several volumes' joined
+    /// by `; `.
     pub change_map: String,
     /// Skipped chunks re-read by the sampling verify.
     pub sampled_chunks: u64,
