@@ -14,8 +14,8 @@ use stillpoint_proto::{
     copy_event, CopiedVolume, CopyDone, CopyEvent, CopyProgress, CopyStats, Snapshot,
 };
 use stillpoint_saveset::{
-    BackupStats, BaseKey, BaseStore, ChangeMap, Parent, Parents, Pool, Progress, RecordedBase,
-    Repository, VolumeBackup, VolumeMeta,
+    BackupStats, BaseKey, BaseStore, Parent, Parents, Pool, Progress, RecordedBase, Repository,
+    VolumeBackup, VolumeMeta,
 };
 use tokio::sync::{mpsc, watch};
 use tonic::Status;
@@ -175,8 +175,6 @@ impl Saveset {
         meta: VolumeMeta,
         report: &mut dyn FnMut(Progress),
     ) -> stillpoint_saveset::Result<VolumeBackup> {
-        // An empty reason: no map asked of this parent, its pages are shared all the same.
-        let pages_only = |m| Parent::new(m, ChangeMap::Unknown(String::new()));
         let (parent, why) = match bases.recorded(key) {
             Err(why) => {
                 // No base, and none can be kept for an image no map can be made of: say that.
@@ -184,7 +182,7 @@ impl Saveset {
                     Ok(()) => why,
                     Err(cannot) => format!("unknown: {cannot}"),
                 };
-                (self.parents.parent(repo, key).map(pages_only), Some(why))
+                (self.parents.parent(repo, key).map(Parent::pages_only), Some(why))
             }
             Ok(RecordedBase { manifest, identity, .. }) => {
                 match qcow2::changes_since_base(&export.disk, &key.group, &identity, &export.tag) {
@@ -192,7 +190,7 @@ impl Saveset {
                         Some(Parent { manifest, changed, sample_percent: bases.sample_percent() }),
                         None,
                     ),
-                    Err(why) => (Some(pages_only(manifest)), Some(why)),
+                    Err(why) => (Some(Parent::pages_only(manifest)), Some(why)),
                 }
             }
         };

@@ -171,6 +171,17 @@ impl Parent {
     pub fn new(manifest: ManifestId, changed: ChangeMap) -> Self {
         Parent { manifest, changed, sample_percent: DEFAULT_SAMPLE_PERCENT }
     }
+
+    /// A parent only for the chunk list: its pages are shared or diffed against, but no change
+    /// map was asked for, so everything is read and the stats say `none` (not `unknown`).
+    pub fn pages_only(manifest: ManifestId) -> Self {
+        Parent::new(manifest, ChangeMap::Unknown(String::new()))
+    }
+
+    /// Whether this is [`Parent::pages_only`]: an unknown map with no reason.
+    fn is_pages_only(&self) -> bool {
+        matches!(&self.changed, ChangeMap::Unknown(why) if why.is_empty())
+    }
 }
 
 /// Chunks a sibling copy is storing: (id, offset, length), made sure of before the manifest.
@@ -274,7 +285,7 @@ impl Repository {
         progress: &mut dyn FnMut(Progress),
     ) -> Result<VolumeBackup> {
         // No map asked for (an empty reason): the stats say `none`, as without a parent.
-        let parent = parent.map(|m| Parent::new(m, ChangeMap::Unknown(String::new())));
+        let parent = parent.map(Parent::pages_only);
         self.backup_volume_with(source, meta, parent.as_ref(), progress)
     }
 
@@ -466,10 +477,10 @@ impl Repository {
             why
         };
         let Some(changed) = parent.changed.chunk_ranges(self.chunk_size()) else {
-            return Err(match &parent.changed {
-                ChangeMap::Unknown(why) if why.is_empty() => "none".to_string(),
-                map => ignored(map.describe()),
-            });
+            if parent.is_pages_only() {
+                return Err("none".to_string());
+            }
+            return Err(ignored(parent.changed.describe()));
         };
         let manifest = match self.load_manifest(parent.manifest) {
             Ok(Manifest::Volume(m)) => m,
