@@ -97,6 +97,28 @@ struct KeptSidecar {
     base: RecordedBase,
 }
 
+/// Reads the base record at `path`, which must be `key`'s (`key_of` says whose it is); or why
+/// there is none (`none: why`), for the stats.
+fn read_record<T: serde::de::DeserializeOwned>(
+    path: &Path,
+    key: &BaseKey,
+    key_of: impl Fn(&T) -> &BaseKey,
+) -> std::result::Result<T, String> {
+    let text = match std::fs::read(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err("none: no base kept yet".into())
+        }
+        Err(e) => return Err(format!("none: base record {}: {e}", path.display())),
+    };
+    let record: T = serde_json::from_slice(&text)
+        .map_err(|e| format!("none: base record {}: {e}", path.display()))?;
+    if key_of(&record) != key {
+        return Err(format!("none: base record {} is another volume's", path.display()));
+    }
+    Ok(record)
+}
+
 /// A directory of kept bases, on the same filesystem as the snapshots (a reflink clone cannot
 /// cross filesystems: then no base is kept, once logged, and every backup reads everything).
 #[derive(Debug)]
@@ -147,19 +169,7 @@ impl BaseStore {
 
     /// The record of `key`'s base kept outside this store, or why there is none (`none: why`).
     pub fn recorded(&self, key: &BaseKey) -> std::result::Result<RecordedBase, String> {
-        let path = self.kept_path(key);
-        let text = match std::fs::read(&path) {
-            Ok(t) => t,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                return Err("none: no base kept yet".into())
-            }
-            Err(e) => return Err(format!("none: base record {}: {e}", path.display())),
-        };
-        let record: KeptSidecar = serde_json::from_slice(&text)
-            .map_err(|e| format!("none: base record {}: {e}", path.display()))?;
-        if record.key != *key {
-            return Err(format!("none: base record {} is another volume's", path.display()));
-        }
+        let record = read_record(&self.kept_path(key), key, |r: &KeptSidecar| &r.key)?;
         Ok(record.base)
     }
 
@@ -219,18 +229,7 @@ impl BaseStore {
         snapshot: &Path,
     ) -> std::result::Result<Parent, String> {
         let (base, sidecar) = self.paths(key);
-        let text = match std::fs::read(&sidecar) {
-            Ok(t) => t,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                return Err("none: no base kept yet".into())
-            }
-            Err(e) => return Err(format!("none: base record {}: {e}", sidecar.display())),
-        };
-        let record: Sidecar = serde_json::from_slice(&text)
-            .map_err(|e| format!("none: base record {}: {e}", sidecar.display()))?;
-        if record.key != *key {
-            return Err(format!("none: base record {} is another volume's", sidecar.display()));
-        }
+        let record = read_record(&sidecar, key, |r: &Sidecar| &r.key)?;
         let file = File::open(&base).map_err(|e| format!("none: base {}: {e}", base.display()))?;
         let now = file.metadata().map_err(|e| format!("none: base {}: {e}", base.display()))?;
         if let Some(what) = record.identity.differs(&Identity::of(&now)) {

@@ -142,11 +142,12 @@ impl Repository {
             let end = count.min(first + segment);
             let chunks = self.chunk_entries(manifest, first..end)?;
             let locs = Locations::of(self, &chunks);
-            Ok(Prepared { first, end, chunks, locs })
+            Ok(Prepared { first, chunks, locs })
         };
         std::thread::scope(|scope| -> Result<()> {
             let mut next = if count > 0 { Some(prepare(0)?) } else { None };
-            while let Some(Prepared { first, end, chunks, locs }) = next.take() {
+            while let Some(Prepared { first, chunks, locs }) = next.take() {
+                let end = first + chunks.len() as u64;
                 let ahead = (end < count).then(|| scope.spawn(move || prepare(end)));
                 let seg = Segment { manifest, first, chunks: &chunks, locs: &locs };
                 let (written, reused) =
@@ -457,10 +458,9 @@ struct Segment<'a> {
     locs: &'a Locations,
 }
 
-/// A segment ready to restore: chunks `first..end` of the volume, their ids and locations.
+/// A segment ready to restore: its chunks' ids and locations, from chunk `first` of the volume.
 struct Prepared {
     first: u64,
-    end: u64,
     chunks: Vec<Option<ChunkId>>,
     locs: Locations,
 }

@@ -12,7 +12,7 @@ use stillpoint_proto::agent_client::AgentClient;
 use stillpoint_proto::{
     copy_event, AbortRequest, CleanupRequest, CommitRequest, CopyDone, CopyRequest, PrepareRequest,
 };
-use stillpoint_saveset::{InitOptions, KdfParams, Manifest, ManifestId, Repository, Secret};
+use stillpoint_saveset::{Manifest, ManifestId, Repository, Secret};
 use tonic::transport::Channel;
 
 use crate::support::{config, Agent, Certs};
@@ -29,21 +29,9 @@ fn setup(dir: &Path, delay_ms_per_mib: u64) -> (Array, SavesetConfig) {
         let file = std::fs::OpenOptions::new().write(true).open(&created.path).unwrap();
         file.write_all_at(&bytes, 0).unwrap();
     }
-    let repo = dir.join("repo");
-    let opts = InitOptions {
-        kdf: KdfParams { m_cost_kib: 1024, t_cost: 1, p_cost: 1 },
-        ..InitOptions::default()
-    };
-    Repository::init_with(&repo, &Secret::passphrase(PASSPHRASE), opts).unwrap();
-    let pass = dir.join("pass");
-    std::fs::write(&pass, format!("{PASSPHRASE}\n")).unwrap();
     let saveset = SavesetConfig {
-        repository: repo.display().to_string(),
-        passphrase_file: Some(pass),
-        key_file: None,
         copy_delay_ms_per_mib: delay_ms_per_mib,
-        base_dir: None,
-        sample: stillpoint_saveset::DEFAULT_SAMPLE_PERCENT,
+        ..crate::support::saveset_repo(dir, PASSPHRASE)
     };
     (array, saveset)
 }

@@ -583,11 +583,10 @@ fn exports_mounted() -> Vec<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn qcow2_backup_through_the_agent_restores_bit_identical_guest_data() {
     let _one_at_a_time = QCOW2.lock().await;
-    use stillpoint_agent::config::SavesetConfig;
     use stillpoint_proto::{
         copy_event, CleanupRequest, CommitRequest, CopyRequest, PrepareRequest,
     };
-    use stillpoint_saveset::{InitOptions, KdfParams, Manifest, ManifestId, Repository, Secret};
+    use stillpoint_saveset::{Manifest, ManifestId, Repository, Secret};
 
     let dir = tempfile::tempdir().unwrap();
     let disk = qcow2_disk(&dir.path().join("web.qcow2"), "64M");
@@ -597,13 +596,6 @@ async fn qcow2_backup_through_the_agent_restores_bit_identical_guest_data() {
     let at_snapshot = guest_view(&disk, None, &dir.path().join("at-snapshot.raw"));
 
     let repo = dir.path().join("repo");
-    let opts = InitOptions {
-        kdf: KdfParams { m_cost_kib: 1024, t_cost: 1, p_cost: 1 },
-        ..InitOptions::default()
-    };
-    Repository::init_with(&repo, &Secret::passphrase("qcow2 words"), opts).unwrap();
-    let pass = dir.path().join("pass");
-    std::fs::write(&pass, "qcow2 words\n").unwrap();
     let certs = crate::support::Certs::new("srv-q");
     let mut c = crate::support::config(
         &certs,
@@ -611,14 +603,7 @@ async fn qcow2_backup_through_the_agent_restores_bit_identical_guest_data() {
         Vec::new(),
         SnapshotConfig::Qcow2(Default::default()),
     );
-    c.saveset = Some(SavesetConfig {
-        repository: repo.display().to_string(),
-        passphrase_file: Some(pass),
-        key_file: None,
-        copy_delay_ms_per_mib: 0,
-        base_dir: None,
-        sample: stillpoint_saveset::DEFAULT_SAMPLE_PERCENT,
-    });
+    c.saveset = Some(crate::support::saveset_repo(dir.path(), "qcow2 words"));
     let agent = crate::support::Agent::start(c).await;
     let mut client = agent.client(&certs, "listener");
     let p = client

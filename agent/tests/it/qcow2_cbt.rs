@@ -12,7 +12,7 @@ use stillpoint_proto::agent_client::AgentClient;
 use stillpoint_proto::{
     copy_event, CleanupRequest, CommitRequest, CopyRequest, CopyStats, PrepareRequest,
 };
-use stillpoint_saveset::{InitOptions, KdfParams, ManifestId, Repository, Secret};
+use stillpoint_saveset::{ManifestId, Repository, Secret};
 use tonic::transport::Channel;
 
 use crate::providers::{built, guest_view, qcow2_disk, qcow2_tags, QCOW2};
@@ -43,13 +43,6 @@ impl Rig {
     /// The rig on an existing disk.
     async fn start_on(dir: &Path, sample: f64, disk: String) -> Rig {
         let repo = dir.join("repo");
-        let opts = InitOptions {
-            kdf: KdfParams { m_cost_kib: 1024, t_cost: 1, p_cost: 1 },
-            ..InitOptions::default()
-        };
-        Repository::init_with(&repo, &Secret::passphrase(WORDS), opts).unwrap();
-        let pass = dir.join("pass");
-        std::fs::write(&pass, format!("{WORDS}\n")).unwrap();
         let certs = Certs::new("srv-q");
         let mut c = crate::support::config(
             &certs,
@@ -58,12 +51,9 @@ impl Rig {
             SnapshotConfig::Qcow2(Default::default()),
         );
         c.saveset = Some(SavesetConfig {
-            repository: repo.display().to_string(),
-            passphrase_file: Some(pass),
-            key_file: None,
-            copy_delay_ms_per_mib: 0,
             base_dir: Some(dir.join("bases")),
             sample,
+            ..crate::support::saveset_repo(dir, WORDS)
         });
         let agent = Agent::start(c).await;
         let client = agent.client(&certs, "listener");

@@ -6,14 +6,37 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use stillpoint_agent::config::{QuiescerConfig, SnapshotConfig};
+use stillpoint_agent::config::{QuiescerConfig, SavesetConfig, SnapshotConfig};
 use stillpoint_agent::Config;
 use stillpoint_core::certs;
 use stillpoint_core::identity::Role;
 use stillpoint_core::tls::TlsFiles;
 use stillpoint_proto::agent_client::AgentClient;
 use stillpoint_proto::{AgentBackup, StatusRequest};
+use stillpoint_saveset::{InitOptions, KdfParams, Repository, Secret};
 use tonic::transport::Channel;
+
+/// A saveset repository made in `dir/repo` (a cheap KDF: the tests open it often) with its
+/// passphrase `words` in `dir/pass`, as the agent's `[saveset]` table: no copy delay, no
+/// `base_dir`, the default sampling verify.
+pub fn saveset_repo(dir: &Path, words: &str) -> SavesetConfig {
+    let repo = dir.join("repo");
+    let opts = InitOptions {
+        kdf: KdfParams { m_cost_kib: 1024, t_cost: 1, p_cost: 1 },
+        ..InitOptions::default()
+    };
+    Repository::init_with(&repo, &Secret::passphrase(words), opts).unwrap();
+    let pass = dir.join("pass");
+    std::fs::write(&pass, format!("{words}\n")).unwrap();
+    SavesetConfig {
+        repository: repo.display().to_string(),
+        passphrase_file: Some(pass),
+        key_file: None,
+        copy_delay_ms_per_mib: 0,
+        base_dir: None,
+        sample: stillpoint_saveset::DEFAULT_SAMPLE_PERCENT,
+    }
+}
 
 /// A deployment CA in a temp dir with one certificate per role.
 pub struct Certs {
