@@ -7,11 +7,12 @@ use std::ops::Range;
 use std::os::unix::fs::{FileExt, FileTypeExt};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Mutex;
 
 use crate::crypto::ChunkOpener;
 use crate::direct::{self, AlignedBuf};
 use crate::error::{Error, IoContext, Result};
-use crate::index::IdMap;
+use crate::index::{sort_budget, ExternalSort, IdMap, SortedIter};
 use crate::jobs;
 use crate::manifest::{ChunkId, Manifest, ManifestId, PackId, VolumeManifest};
 use crate::repo::{runs, ChunkLoc, Repository};
@@ -29,11 +30,16 @@ const REPEAT_CACHE: usize = 48 << 20;
 /// Chunks of the volume in one segment (512 MiB of volume in 4 KiB chunks: 4 MiB of ids,
 /// 1.5 MiB of locations): a restore walks the volume a segment at a time, the next one
 /// prepared while the workers restore this one, so two are held and its memory stops growing
-/// at 512 MiB volumes. The repeat cache plans within a segment; a segment's locations are
-/// looked up in id order, so an index block is read once per batch of lookups rather than
-/// once per chunk. (Until 2026-12-04: 2^18 chunks, prepared while the workers waited; the
-/// overlap made a cold 4 GiB restore 7% faster, and half the size kept the memory.)
+/// at 512 MiB volumes. The repeat cache plans within a segment. (Until 2026-12-04: 2^18
+/// chunks, prepared while the workers waited; the overlap made a cold 4 GiB restore 7%
+/// faster, and half the size kept the memory.)
 const SEGMENT: u64 = 1 << 17;
+/// A chunk id and its position in the volume (big-endian, after the id): the volume's data
+/// chunks sorted by id, to be looked up in one pass over the index.
+const ID_REC: usize = 40;
+/// A position in the volume (big-endian, first, so records sort by it), then where the chunk
+/// there is stored: pack number in the restore's pack table, offset, sealed length.
+const LOC_REC: usize = 20;
 
 mod cache;
 #[cfg(test)]
@@ -123,9 +129,7 @@ impl Repository {
         (cache_budget, segment): (usize, u64),
         progress: &(dyn Fn(RestoreProgress) + Sync),
     ) -> Result<RestoreStats> {
-        if sparse {
-            self.preallocate_data(manifest, file, target)?;
-        }
+        let located = self.locate(manifest, sparse.then_some(file), target)?;
         // A second handle for direct writes of whole aligned runs (most of the volume).
         let direct = direct::open(target, false).ctx("open", target)?;
         let out = Out { file, direct: direct.as_ref(), target, sparse };
@@ -135,13 +139,13 @@ impl Repository {
         let per_window = (WINDOW / manifest.chunk_size.max(1) as usize).max(1) as u64;
         // Whole windows per segment, so windows never straddle two.
         let segment = (segment / per_window).max(1) * per_window;
-        // A segment's chunk entries and locations (pages read, the index searched), prepared
-        // on a thread of its own while the workers restore the one before: otherwise every
-        // worker waits for it at each segment boundary.
+        // A segment's chunk entries (pages read) and locations (taken from the sorted
+        // stream), prepared on a thread of its own while the workers restore the one before:
+        // otherwise every worker waits for it at each segment boundary.
         let prepare = |first: u64| -> Result<Prepared> {
             let end = count.min(first + segment);
             let chunks = self.chunk_entries(manifest, first..end)?;
-            let locs = Locations::of(self, &chunks);
+            let locs = located.take(first, chunks.len())?;
             Ok(Prepared { first, chunks, locs })
         };
         std::thread::scope(|scope| -> Result<()> {
@@ -149,7 +153,13 @@ impl Repository {
             while let Some(Prepared { first, chunks, locs }) = next.take() {
                 let end = first + chunks.len() as u64;
                 let ahead = (end < count).then(|| scope.spawn(move || prepare(end)));
-                let seg = Segment { manifest, first, chunks: &chunks, locs: &locs };
+                let seg = Segment {
+                    manifest,
+                    first,
+                    chunks: &chunks,
+                    locs: &locs,
+                    packs: &located.packs,
+                };
                 let (written, reused) =
                     self.write_segment(seg, out, cache_budget, &done, progress)?;
                 stats.bytes_written += written;
@@ -214,25 +224,34 @@ impl Repository {
         Ok((scratches.iter().map(|s| s.written).sum(), scratches.iter().map(|s| s.reused).sum()))
     }
 
-    /// Allocates every run of data chunks of `manifest` in `file` (a fresh sparse file) before
-    /// the workers write, leaving the holes unallocated, reading the chunk list a page at a time.
-    /// Why: ext4 (and others) serialize direct writes that allocate blocks under the inode's
-    /// exclusive lock, one write at a time, while writes into allocated (unwritten) extents run
-    /// in parallel. A full filesystem is reported here, before gigabytes are written; a
-    /// filesystem that cannot preallocate is written as it is.
-    fn preallocate_data(
+    /// Finds where every data chunk of `manifest` is stored, for the segments to take in
+    /// order, in passes whose cost grows with the volume, not with its square: the chunk list
+    /// is read once, its (id, position) pairs sorted by id (an external sort, so memory stays
+    /// within the index's sort budget), looked up in that order (each index block read at most
+    /// once, however large the volume), and the locations sorted back by position. Looking a
+    /// segment's ids up by themselves would read most blocks of the index once per segment:
+    /// at 1 TiB, thousands of passes over gigabytes of index.
+    ///
+    /// With `file` (a fresh sparse file), the same pass over the chunk list allocates every run
+    /// of data chunks before the workers write, leaving the holes unallocated. Why: ext4 (and
+    /// others) serialize direct writes that allocate blocks under the inode's exclusive lock,
+    /// one write at a time, while writes into allocated (unwritten) extents run in parallel.
+    /// A full filesystem is reported here, before gigabytes are written; a filesystem that
+    /// cannot preallocate is written as it is.
+    fn locate(
         &self,
         manifest: &VolumeManifest,
-        file: &File,
+        file: Option<&File>,
         target: &Path,
-    ) -> Result<()> {
+    ) -> Result<Located> {
+        let dir = self.index.scratch_dir()?;
+        let budget = sort_budget(self.index.budget());
+        let mut by_id: ExternalSort<ID_REC> = ExternalSort::new(&dir, budget);
         // The run of data chunks still open from the previous page: [start, end).
         let mut open: Option<(u64, u64)> = None;
-        let mut supported = true;
+        let mut supported = file.is_some();
         let mut allocate = |from: u64, to: u64| -> Result<()> {
-            if !supported {
-                return Ok(());
-            }
+            let Some(file) = file.filter(|_| supported) else { return Ok(()) };
             let (start, _) = manifest.extent(to_usize(from));
             let (last, last_len) = manifest.extent(to_usize(to - 1));
             match stillpoint_sys::preallocate(file, start, last + last_len as u64 - start) {
@@ -249,15 +268,19 @@ impl Repository {
         self.for_each_page(manifest, |first, entries, _| {
             for (k, e) in entries.iter().enumerate() {
                 let i = first + k as u64;
-                match (e, open) {
-                    (Some(_), Some((s, end))) if end == i => open = Some((s, i + 1)),
-                    (Some(_), _) => {
+                let Some(id) = e else { continue };
+                let mut rec = [0u8; ID_REC];
+                rec[..32].copy_from_slice(&id.0);
+                rec[32..].copy_from_slice(&i.to_be_bytes());
+                by_id.insert(rec)?;
+                match open {
+                    Some((s, end)) if end == i => open = Some((s, i + 1)),
+                    _ => {
                         if let Some((s, end)) = open.take() {
                             allocate(s, end)?;
                         }
                         open = Some((i, i + 1));
                     }
-                    (None, _) => {}
                 }
             }
             Ok(())
@@ -265,7 +288,31 @@ impl Repository {
         if let Some((s, end)) = open {
             allocate(s, end)?;
         }
-        Ok(())
+        // A quarter of the budget: its last buffer is held while the workers restore.
+        let mut by_pos: ExternalSort<LOC_REC> = ExternalSort::new(&dir, budget / 4);
+        let mut packs: Vec<PackId> = Vec::new();
+        let mut numbers: IdMap<PackId, u32> = IdMap::default();
+        let mut lookup = self.index.sorted();
+        for rec in by_id.into_sorted_iter()? {
+            let rec = rec?;
+            let id = ChunkId(rec[..32].try_into().expect("32 bytes"));
+            // A chunk no index has stays out: the worker that meets it says so.
+            let Some(loc) = lookup.get(&id) else { continue };
+            let n = *numbers.entry(loc.pack).or_insert_with(|| {
+                packs.push(loc.pack);
+                u32::try_from(packs.len() - 1).expect("fewer than 4 G packs")
+            });
+            let offset = u32::try_from(loc.offset).expect("pack offsets fit in u32");
+            let mut out = [0u8; LOC_REC];
+            out[..8].copy_from_slice(&rec[32..]);
+            out[8..12].copy_from_slice(&n.to_be_bytes());
+            out[12..16].copy_from_slice(&offset.to_be_bytes());
+            out[16..].copy_from_slice(&loc.len.to_be_bytes());
+            by_pos.insert(out)?;
+        }
+        drop(lookup);
+        let by_pos = Mutex::new(by_pos.into_sorted_iter()?.peekable());
+        Ok(Located { packs, by_pos })
     }
 
     /// Restores chunks `range` of `manifest` (one window) through a worker's scratch, adding
@@ -287,7 +334,7 @@ impl Repository {
         for i in range.clone() {
             match &seg.chunks[i] {
                 Some(id) => {
-                    let loc = seg.locs.get(i).ok_or_else(|| Error::Damaged {
+                    let loc = seg.loc(i).ok_or_else(|| Error::Damaged {
                         what: format!("chunk {id}"),
                         reason: "not in any index".into(),
                     })?;
@@ -456,6 +503,7 @@ struct Segment<'a> {
     first: u64,
     chunks: &'a [Option<ChunkId>],
     locs: &'a Locations,
+    packs: &'a [PackId],
 }
 
 /// A segment ready to restore: its chunks' ids and locations, from chunk `first` of the volume.
@@ -465,53 +513,62 @@ struct Prepared {
     locs: Locations,
 }
 
-/// Where a segment's data chunks are stored, 12 bytes per chunk (a location in full is 48): a
-/// pack number in the segment's own pack table, the offset and the sealed length.
-struct Locations {
+/// Where a volume's data chunks are stored ([`Repository::locate`]): the packs they are in, and
+/// the locations in position order, taken a segment at a time.
+struct Located {
     packs: Vec<PackId>,
+    by_pos: Mutex<std::iter::Peekable<SortedIter<LOC_REC>>>,
+}
+
+impl Located {
+    /// The locations of chunks `first..first + len`: segments must be taken in order.
+    fn take(&self, first: u64, len: usize) -> Result<Locations> {
+        let mut at = vec![(NOWHERE, 0, 0); len];
+        let end = first + len as u64;
+        let position = |rec: &[u8; LOC_REC]| u64::from_be_bytes(rec[..8].try_into().expect("8"));
+        let word = |rec: &[u8; LOC_REC], k: usize| {
+            u32::from_be_bytes(rec[k..k + 4].try_into().expect("4 bytes"))
+        };
+        let mut by_pos = self.by_pos.lock().unwrap_or_else(|p| p.into_inner());
+        loop {
+            match by_pos.peek() {
+                None => break,
+                Some(Ok(rec)) if position(rec) >= end => break,
+                Some(_) => {}
+            }
+            let rec = by_pos.next().expect("peeked")?;
+            // Positions come in order, each once: none lies before this segment.
+            if let Some(i) = position(&rec).checked_sub(first) {
+                at[to_usize(i)] = (word(&rec, 8), word(&rec, 12), word(&rec, 16));
+            }
+        }
+        Ok(Locations { at })
+    }
+}
+
+/// Where a segment's data chunks are stored, 12 bytes per chunk (a location in full is 48): a
+/// pack number in the restore's pack table, the offset and the sealed length.
+struct Locations {
     /// Per chunk: (pack number, offset, length); `NOWHERE` as the pack: a hole, or not indexed.
     at: Vec<(u32, u32, u32)>,
 }
 
 const NOWHERE: u32 = u32::MAX;
 
-impl Locations {
-    /// Looks up every data chunk of `chunks` in one sorted pass over the index.
-    fn of(repo: &Repository, chunks: &[Option<ChunkId>]) -> Locations {
-        let mut packs: Vec<PackId> = Vec::new();
-        let mut numbers: IdMap<PackId, u32> = IdMap::default();
-        let mut at = vec![(NOWHERE, 0, 0); chunks.len()];
-        repo.index.get_many_of(
-            chunks.len(),
-            |i| chunks[i],
-            |i, loc| {
-                let Some(loc) = loc else { return };
-                let n = *numbers.entry(loc.pack).or_insert_with(|| {
-                    packs.push(loc.pack);
-                    u32::try_from(packs.len() - 1).expect("fewer than 4 G packs")
-                });
-                let offset = u32::try_from(loc.offset).expect("pack offsets fit in u32");
-                at[i] = (n, offset, loc.len);
-            },
-        );
-        Locations { packs, at }
+impl Segment<'_> {
+    /// Byte offset in the volume and length of the segment's chunk `i`.
+    fn extent(&self, i: usize) -> (u64, usize) {
+        self.manifest.extent(to_usize(self.first) + i)
     }
 
     /// Where chunk `i` of the segment is stored; `None` for a hole or a chunk no index has.
-    fn get(&self, i: usize) -> Option<ChunkLoc> {
-        let (n, offset, len) = self.at[i];
+    fn loc(&self, i: usize) -> Option<ChunkLoc> {
+        let (n, offset, len) = self.locs.at[i];
         (n != NOWHERE).then(|| ChunkLoc {
             pack: self.packs[n as usize],
             offset: u64::from(offset),
             len,
         })
-    }
-}
-
-impl Segment<'_> {
-    /// Byte offset in the volume and length of the segment's chunk `i`.
-    fn extent(&self, i: usize) -> (u64, usize) {
-        self.manifest.extent(to_usize(self.first) + i)
     }
 }
 

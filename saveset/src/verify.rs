@@ -13,8 +13,6 @@ use crate::jobs;
 use crate::manifest::{ChunkId, Manifest, ManifestId, PackId};
 use crate::repo::{runs, ChunkLoc, Repository};
 
-/// Referenced chunks looked up in the index per batch.
-const LOOKUP_BATCH: usize = 1 << 16;
 /// Chunks read per segment of the sorted stream (a segment's runs are shared out at once).
 const SEGMENT: usize = 1 << 16;
 /// A chunk by location: pack (32), offset (8, BE), sealed length (4), id (32): ordered
@@ -222,75 +220,69 @@ impl Repository {
                     let mut bad = |blob, e: crate::Error| {
                         unread.borrow_mut().push((blob, e.to_string()));
                     };
-                    // The manifest's chunks a batch at a time (sorted, distinct, looked up
-                    // together), so a volume of any size costs a batch's memory.
-                    let mut batch: Vec<ChunkId> = Vec::with_capacity(LOOKUP_BATCH);
+                    // The manifest's chunks sorted and distinct (an external sort, so a
+                    // volume of any size costs its budget), then looked up in id order: each
+                    // index block is read once, whatever the volume's size.
+                    let mut refs = ExternalSet::new(&scratch_dir, sort_budget(budget) / 4);
                     let mut failed: Option<crate::Error> = None;
-                    let mut check = |batch: &mut Vec<ChunkId>| {
-                        batch.sort_unstable();
-                        batch.dedup();
-                        let unread = unread.borrow();
-                        let corrupt = |chunk: &ChunkId| {
-                            unread.iter().find(|(c, _)| c == chunk).map(|(_, why)| why.clone())
-                        };
-                        let locs = index.get_many(batch);
-                        for (chunk, loc) in batch.drain(..).zip(locs) {
-                            let Some(loc) = loc else {
-                                missing.push(chunk);
-                                chunk_damage.push((
-                                    chunk,
-                                    Damage::ChunkNotIndexed { manifest: mid, chunk },
-                                ));
-                                continue;
-                            };
-                            let fits = packs
-                                .get(&loc.pack)
-                                .is_some_and(|&n| loc.offset + u64::from(loc.len) <= n);
-                            if !fits {
-                                missing.push(chunk);
-                                chunk_damage.push((
-                                    chunk,
-                                    Damage::PackMissing {
-                                        manifest: mid,
-                                        chunk,
-                                        pack: self.pack_path(loc.pack),
-                                        offset: loc.offset,
-                                    },
-                                ));
-                                continue;
-                            }
-                            if let Some(reason) = corrupt(&chunk) {
-                                missing.push(chunk);
-                                chunk_damage.push((
-                                    chunk,
-                                    Damage::ChunkCorrupt {
-                                        manifest: mid,
-                                        chunk,
-                                        pack: self.pack_path(loc.pack),
-                                        offset: loc.offset,
-                                        reason,
-                                    },
-                                ));
-                                continue;
-                            }
-                            if failed.is_none() {
-                                if let Err(e) = referenced.insert_id(chunk) {
-                                    failed = Some(e);
-                                }
-                            }
-                        }
-                    };
                     let add = |c: ChunkId| {
-                        batch.push(c);
-                        if batch.len() == LOOKUP_BATCH {
-                            check(&mut batch);
+                        if failed.is_none() {
+                            failed = refs.insert_id(c).err();
                         }
                     };
                     self.for_each_reference(index, &m, &mut pages, add, &mut bad);
-                    batch.extend(unread.borrow().iter().map(|(c, _)| *c));
-                    check(&mut batch);
+                    let unread = unread.into_inner();
+                    for (c, _) in &unread {
+                        if failed.is_none() {
+                            failed = refs.insert_id(*c).err();
+                        }
+                    }
                     if let Some(e) = failed {
                         return Err(e);
+                    }
+                    let corrupt = |chunk: &ChunkId| {
+                        unread.iter().find(|(c, _)| c == chunk).map(|(_, why)| why.clone())
+                    };
+                    let mut lookup = index.sorted();
+                    for chunk in refs.into_sorted_iter()? {
+                        let chunk = ChunkId(chunk?);
+                        let Some(loc) = lookup.get(&chunk) else {
+                            missing.push(chunk);
+                            chunk_damage
+                                .push((chunk, Damage::ChunkNotIndexed { manifest: mid, chunk }));
+                            continue;
+                        };
+                        let fits = packs
+                            .get(&loc.pack)
+                            .is_some_and(|&n| loc.offset + u64::from(loc.len) <= n);
+                        if !fits {
+                            missing.push(chunk);
+                            chunk_damage.push((
+                                chunk,
+                                Damage::PackMissing {
+                                    manifest: mid,
+                                    chunk,
+                                    pack: self.pack_path(loc.pack),
+                                    offset: loc.offset,
+                                },
+                            ));
+                            continue;
+                        }
+                        if let Some(reason) = corrupt(&chunk) {
+                            missing.push(chunk);
+                            chunk_damage.push((
+                                chunk,
+                                Damage::ChunkCorrupt {
+                                    manifest: mid,
+                                    chunk,
+                                    pack: self.pack_path(loc.pack),
+                                    offset: loc.offset,
+                                    reason,
+                                },
+                            ));
+                            continue;
+                        }
+                        referenced.insert_id(chunk)?;
                     }
                 }
                 Ok(Manifest::Backup(b)) => {
@@ -315,38 +307,29 @@ impl Repository {
         drop(missing);
         // By chunk, then manifest order (the pushes were in manifest order; the sort is stable).
         chunk_damage.sort_by_key(|(c, _)| *c);
-        // A chunk a manifest references in two batches was reported twice.
-        chunk_damage.dedup();
         report.damage.extend(chunk_damage.into_iter().map(|(_, d)| d));
         // The referenced chunks by location (pack, offset), through a second external sort:
-        // looked up a batch at a time, in id order.
-        let mut by_loc: ExternalSort<LOC_REC> =
-            ExternalSort::new(&scratch_dir, sort_budget(budget));
-        let mut batch: Vec<ChunkId> = Vec::with_capacity(LOOKUP_BATCH);
-        let mut total = 0u64;
-        let mut flush = |batch: &mut Vec<ChunkId>, total: &mut u64| -> crate::Result<()> {
-            for (chunk, loc) in batch.iter().zip(index.get_many(batch)) {
-                if let Some(loc) = loc {
-                    *total += u64::from(loc.len);
-                    by_loc.insert(loc_rec(loc, *chunk))?;
-                }
-            }
-            batch.clear();
-            Ok(())
-        };
-        for chunk in referenced.into_sorted_iter()? {
-            report.chunks += 1;
-            if read_data {
-                batch.push(ChunkId(chunk?));
-                if batch.len() == LOOKUP_BATCH {
-                    flush(&mut batch, &mut total)?;
-                }
-            }
-        }
+        // looked up in id order, so each index block is read once whatever the volume's size.
         if !read_data {
+            for chunk in referenced.into_sorted_iter()? {
+                chunk?;
+                report.chunks += 1;
+            }
             return Ok(report);
         }
-        flush(&mut batch, &mut total)?;
+        let mut by_loc: ExternalSort<LOC_REC> =
+            ExternalSort::new(&scratch_dir, sort_budget(budget));
+        let mut total = 0u64;
+        let mut lookup = index.sorted();
+        for chunk in referenced.into_sorted_iter()? {
+            let chunk = ChunkId(chunk?);
+            report.chunks += 1;
+            if let Some(loc) = lookup.get(&chunk) {
+                total += u64::from(loc.len);
+                by_loc.insert(loc_rec(loc, chunk))?;
+            }
+        }
+        drop(lookup);
         // Pack by pack (in id order), each referenced chunk at the location the index chose,
         // in offset order, runs of neighbours with one read; runs are shared out to two workers
         // per core (one decodes while another waits on a read), a segment of the sorted stream

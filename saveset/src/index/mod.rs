@@ -22,7 +22,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{Duration, SystemTime};
 
-pub(crate) use external::{sort_budget, ExternalSet, ExternalSort, SortedFile};
+pub(crate) use external::{sort_budget, ExternalSet, ExternalSort, SortedFile, SortedIter};
 use run::{Cached, RawEntry, Run, RunWriter};
 
 use crate::crypto::{hex, random};
@@ -58,9 +58,6 @@ pub(crate) type IdSet<K> = std::collections::HashSet<K, BuildHasherDefault<IdHas
 /// Runs beyond which the smallest are merged: a lookup that passes the filters costs one block
 /// read per run holding the id.
 pub(crate) const MAX_RUNS: usize = 8;
-/// Ids [`Index::get_many_of`] sorts at once (40 bytes each with their position): a block of a
-/// run holding many of them is read once per batch.
-const LOOKUP_BATCH: usize = 1 << 16;
 /// The default memory budget of the index (its in-memory table, filters, fence keys and runs
 /// kept in memory); the external sets of prune and verify take as much again.
 pub const DEFAULT_MEMORY_BUDGET: u64 = 128 << 20;
@@ -225,51 +222,35 @@ impl Index {
     }
 
     /// The locations of `ids` (any order, repeats allowed), looked up in id order so that each
-    /// block of a run is read once however many of the ids it holds.
+    /// block of a run is read once however many of the ids it holds (tests: a step's ids go
+    /// through an external sort and [`Index::sorted`]).
+    #[cfg(test)]
     pub(crate) fn get_many(&self, ids: &[ChunkId]) -> Vec<Option<ChunkLoc>> {
+        let mut order: Vec<(ChunkId, usize)> = ids.iter().copied().zip(0..).collect();
+        order.sort_unstable();
         let mut out = vec![None; ids.len()];
-        self.get_many_of(ids.len(), |i| Some(ids[i]), |i, loc| out[i] = loc);
+        let mut lookup = self.sorted();
+        for (id, i) in order {
+            out[i] = lookup.get(&id);
+        }
         out
     }
 
-    /// [`Index::get_many`] of the ids `id_at(0..n)` (`None`: no id there, a hole in a chunk
-    /// list), each location handed to `put` with its position: a restore resolves a whole
-    /// segment of its chunk list in one pass without copying the ids, into a compact table.
-    pub(crate) fn get_many_of(
-        &self,
-        n: usize,
-        id_at: impl Fn(usize) -> Option<ChunkId>,
-        mut put: impl FnMut(usize, Option<ChunkLoc>),
-    ) {
+    /// A lookup for ids in ascending order: it keeps the last block read of each run, so a
+    /// sorted stream of any length reads each block at most once (any order still answers
+    /// right, only slower). It holds the index's read lock: nothing may be added meanwhile
+    /// (an `add_pack` on another thread waits for it to be dropped; on this one it would
+    /// deadlock).
+    pub(crate) fn sorted(&self) -> SortedLookup<'_> {
         let inner = self.read();
-        let mut order: Vec<(ChunkId, usize)> = Vec::new();
-        let mut at = 0;
-        // In slices, so that the order being sorted stays small beside `out`.
-        while at < n {
-            let end = n.min(at + LOOKUP_BATCH);
-            order.clear();
-            order.extend((at..end).filter_map(|i| Some((id_at(i)?, i))));
-            order.sort_unstable();
-            let mut caches: Vec<Cached> = inner.runs.iter().map(|_| Cached::default()).collect();
-            let mut last: Option<(ChunkId, Option<ChunkLoc>)> = None;
-            for &(id, i) in &order {
-                if let Some((prev, loc)) = last {
-                    if prev == id {
-                        put(i, loc);
-                        continue;
-                    }
-                }
-                let loc = inner.best_with(&id, &mut caches).map(|s| inner.loc(s));
-                put(i, loc);
-                last = Some((id, loc));
-            }
-            at = end;
-        }
+        let caches = inner.runs.iter().map(|_| Cached::default()).collect();
+        SortedLookup { inner, caches, last: None }
     }
 
-    /// The location of one id (a chunk list page, a chunk): [`Index::get_many`] of one.
+    /// The location of one id (a chunk list page, a chunk).
     pub(crate) fn get(&self, id: &ChunkId) -> Option<ChunkLoc> {
-        self.get_many(std::slice::from_ref(id)).pop().flatten()
+        let inner = self.read();
+        inner.best(id).map(|s| inner.loc(s))
     }
 
     /// True when a backup may reference `id` without storing it: it is indexed in a pack that
@@ -380,6 +361,28 @@ impl Index {
     #[cfg(test)]
     pub(crate) fn run_count(&self) -> usize {
         self.read().runs.len()
+    }
+}
+
+/// [`Index::sorted`]: lookups in id order, each block of a run read once.
+pub(crate) struct SortedLookup<'a> {
+    inner: RwLockReadGuard<'a, Inner>,
+    caches: Vec<Cached>,
+    /// The last id looked up and its answer (a volume repeats ids: zeros, copies).
+    last: Option<(ChunkId, Option<ChunkLoc>)>,
+}
+
+impl SortedLookup<'_> {
+    /// Where `id` is stored (as [`Index::get`] answers).
+    pub(crate) fn get(&mut self, id: &ChunkId) -> Option<ChunkLoc> {
+        if let Some((prev, loc)) = self.last {
+            if prev == *id {
+                return loc;
+            }
+        }
+        let loc = self.inner.best_with(id, &mut self.caches).map(|s| self.inner.loc(s));
+        self.last = Some((*id, loc));
+        loc
     }
 }
 

@@ -51,6 +51,36 @@ fn a_tiny_budget_spills_and_merges_and_every_lookup_still_answers() {
 }
 
 #[test]
+fn a_sorted_lookup_answers_as_lone_lookups_do_for_ids_in_any_order() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let index = Index::open(Some(dir.path()), TAG, TINY).expect("open");
+    for p in 0..30 {
+        index.add_pack(pack(p), entries(p)).expect("add");
+    }
+    // A chunk in two packs, one of them excluded: the rule of `get` holds for the cursor too.
+    index.add_pack(pack(99), vec![(id(5), 0, 10), (id(2_000_000), 0, 10)]).expect("add");
+    index.set_excluded(|p| *p == pack(0));
+    index.sync().expect("sync");
+    assert!(index.run_count() > 1, "several runs, so several block caches");
+    // Present, absent and repeated ids, in id order as a restore asks, then unsorted.
+    let mut ids: Vec<ChunkId> =
+        (0..3200).chain(0..50).chain([2_000_000, 3_000_000]).map(id).collect();
+    ids.sort_unstable();
+    let mut lookup = index.sorted();
+    let sorted: Vec<Option<ChunkLoc>> = ids.iter().map(|i| lookup.get(i)).collect();
+    drop(lookup);
+    for (i, got) in ids.iter().zip(&sorted) {
+        assert_eq!(*got, index.get(i), "{i}");
+    }
+    assert_eq!(sorted.iter().filter(|l| l.is_none()).count(), 200 + 1, "absent: 3000.. and one");
+    assert_eq!(index.get(&id(5)).map(|l| l.pack), Some(pack(99)), "not the excluded pack");
+    let mut lookup = index.sorted();
+    for i in ids.iter().rev() {
+        assert_eq!(lookup.get(i), index.get(i), "in reverse order too");
+    }
+}
+
+#[test]
 fn a_reopened_cache_holds_what_was_added_and_what_this_process_had_in_memory() {
     let dir = tempfile::tempdir().expect("tempdir");
     {

@@ -81,4 +81,18 @@ fn a_restore_is_bit_for_bit_whatever_the_repeat_cache_holds() {
     eprintln!("bytes reused per cache budget: {reused:?}");
     assert!(reused[1] >= reused[0] && reused[2] > reused[0], "{reused:?}");
     assert!(reused[3] >= reused[0] + 1000 * 4096, "{reused:?}");
+
+    // A memory budget so small that both sorts of the volume's locations (by id, then back by
+    // position) spill many runs and merge them, taken by segments of 2048 chunks.
+    drop(repo);
+    let options = crate::repo::OpenOptions {
+        cache_dir: Some(dir.path().join("tiny-cache")),
+        memory_budget: Some(64 << 10),
+    };
+    let location = crate::storage::Location::Local(dir.path().join("repo"));
+    let repo = Repository::open_with(&location, &secret, options).expect("open");
+    let target = dir.path().join("restored-tiny");
+    let (file, sparse, _) = open_target(&target, manifest.size, false).expect("target");
+    repo.write_volume(&manifest, &file, sparse, &target, (0, 2048), &|_| {}).expect("restore");
+    assert!(fs::read(&target).expect("read back") == image, "tiny budget: differs");
 }
