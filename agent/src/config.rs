@@ -76,6 +76,9 @@ pub struct SavesetConfig {
     /// (the sampling verify; at least 64, at most 64 MiB); 0 disables.
     #[serde(default = "default_sample")]
     pub sample: f64,
+    /// MiB the chunk index and each external sort may hold in memory (default 128); a copy's
+    /// own buffers come on top (saveset/FORMAT.md, the memory table).
+    pub memory_budget_mib: Option<u64>,
 }
 
 fn default_sample() -> f64 {
@@ -131,9 +134,14 @@ impl SavesetConfig {
     pub fn open_in(&self, cache_dir: Option<&std::path::Path>) -> Result<Pool, String> {
         let location = self.location()?;
         let secret = self.secret()?;
+        let memory_budget = self
+            .memory_budget_mib
+            .map(stillpoint_saveset::memory_budget_from_mib)
+            .transpose()
+            .map_err(|e| format!("saveset.memory_budget_mib: {e}"))?;
         let options = stillpoint_saveset::OpenOptions {
             cache_dir: cache_dir.map(std::path::Path::to_path_buf),
-            ..Default::default()
+            memory_budget,
         };
         Pool::open_with(location, secret, options).map_err(|e| format!("saveset.repository: {e}"))
     }
@@ -142,6 +150,10 @@ impl SavesetConfig {
     fn problems(&self, out: &mut Vec<String>) {
         if !(0.0..=100.0).contains(&self.sample) {
             out.push(format!("saveset.sample: {} is not a percentage from 0 to 100", self.sample));
+        }
+        if let Some(Err(e)) = self.memory_budget_mib.map(stillpoint_saveset::memory_budget_from_mib)
+        {
+            out.push(format!("saveset.memory_budget_mib: {e}"));
         }
         if let Err(e) = self.location() {
             out.push(e);

@@ -263,6 +263,27 @@ fn restore_writes_identical_bytes_and_keeps_holes() {
 }
 
 #[test]
+fn a_memory_budget_of_one_mib_restores_and_verifies_the_same_and_zero_is_refused() {
+    let f = Fixture::new();
+    make_image(&f.path("disk.img"), 6);
+    let id = f.backup("b-1", "srv-a", "disk", &f.path("disk.img"));
+    f.finish("b-1", &[&id]);
+    // The smallest budget: small index blocks, runs and sort buffers, the same bytes.
+    let target = f.path("restored.img");
+    let target = target.to_str().unwrap();
+    f.ok(&["restore", "b-1", "--server", "srv-a", "--to", target, "--memory-budget-mib", "1"]);
+    assert_restored(&f.path("restored.img"), &f.path("disk.img"));
+    f.ok(&["verify", "b-1", "--read-data", "--memory-budget-mib", "1"]);
+    for bad in ["0", "2000000", "lots"] {
+        let args = ["verify", "b-1", "--memory-budget-mib", bad];
+        let out = f.run(&args);
+        check_exit(&out, 2, &args);
+        assert!(stderr(&out).contains("--memory-budget-mib"), "{}", stderr(&out));
+        assert!(stderr(&out).contains("MiB"), "{}", stderr(&out));
+    }
+}
+
+#[test]
 fn restore_refuses_a_non_empty_target_without_force() {
     let f = Fixture::new();
     make_image(&f.path("disk.img"), 6);

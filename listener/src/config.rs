@@ -219,6 +219,9 @@ pub struct SavesetConfig {
     /// with the parent (the sampling verify; at least 64, at most 64 MiB); 0 disables.
     #[serde(default = "default_sample")]
     pub sample: f64,
+    /// MiB the chunk index and each external sort may hold in memory (default 128); a copy's
+    /// own buffers come on top (saveset/FORMAT.md, the memory table).
+    pub memory_budget_mib: Option<u64>,
 }
 
 fn default_sample() -> f64 {
@@ -275,9 +278,14 @@ impl SavesetConfig {
     /// `<data_dir>/cache`; `None`: the user's default cache directory).
     pub fn open_in(&self, cache_dir: Option<&Path>) -> std::result::Result<Pool, String> {
         let (location, secret) = self.location_and_secret()?;
+        let memory_budget = self
+            .memory_budget_mib
+            .map(stillpoint_saveset::memory_budget_from_mib)
+            .transpose()
+            .map_err(|e| format!("copy.memory_budget_mib: {e}"))?;
         let options = stillpoint_saveset::OpenOptions {
             cache_dir: cache_dir.map(Path::to_path_buf),
-            ..Default::default()
+            memory_budget,
         };
         Pool::open_with(location, secret, options).map_err(|e| format!("copy.repository: {e}"))
     }
@@ -287,6 +295,10 @@ impl SavesetConfig {
     pub fn check(&self) -> std::result::Result<(), String> {
         if !(0.0..=100.0).contains(&self.sample) {
             return Err(format!("copy.sample: {} is not a percentage from 0 to 100", self.sample));
+        }
+        if let Some(Err(e)) = self.memory_budget_mib.map(stillpoint_saveset::memory_budget_from_mib)
+        {
+            return Err(format!("copy.memory_budget_mib: {e}"));
         }
         let (location, secret) = self.location_and_secret()?;
         Repository::check_secret(&location, &secret).map_err(|e| format!("copy.repository: {e}"))

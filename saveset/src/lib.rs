@@ -48,7 +48,7 @@ pub use manifest::{
 };
 pub use pool::{secret_from_files, Pool, SecretFileError};
 pub use prune::{PruneOptions, PruneReport};
-pub use repo::{InitOptions, OpenOptions, Repository, FORMAT_VERSION};
+pub use repo::{memory_budget_from_mib, InitOptions, OpenOptions, Repository, FORMAT_VERSION};
 pub use restore::{RestoreProgress, RestoreStats};
 pub use storage::{Location, S3Location, Storage};
 pub use verify::{Damage, Report, VerifyProgress};

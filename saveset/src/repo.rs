@@ -84,6 +84,19 @@ pub struct OpenOptions {
     pub memory_budget: Option<u64>,
 }
 
+/// A memory budget configured in MiB (`memory_budget_mib`, `--memory-budget-mib`), in bytes:
+/// from 1 MiB to 1 TiB; the error says what was wrong, for the caller to name the field.
+pub fn memory_budget_from_mib(mib: u64) -> std::result::Result<u64, String> {
+    if (1..=1 << 20).contains(&mib) {
+        Ok(mib << 20)
+    } else {
+        Err(format!(
+            "{mib} is not a memory budget in MiB: give 1 to 1048576 (the default is {})",
+            crate::index::DEFAULT_MEMORY_BUDGET >> 20
+        ))
+    }
+}
+
 impl OpenOptions {
     /// Options with this cache directory.
     pub fn with_cache_dir(dir: impl Into<PathBuf>) -> Self {

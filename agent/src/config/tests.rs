@@ -196,8 +196,25 @@ fn saveset_unlocks_with_the_right_secret_only_and_never_shows_it() {
         copy_delay_ms_per_mib: 0,
         base_dir: None,
         sample: stillpoint_saveset::DEFAULT_SAMPLE_PERCENT,
+        memory_budget_mib: None,
     };
     assert!(section(&pass).open().is_ok());
+    // A memory budget within bounds is used; none at all is refused with the field named.
+    assert!(SavesetConfig { memory_budget_mib: Some(16), ..section(&pass) }.open().is_ok());
+    let zero = SavesetConfig { memory_budget_mib: Some(0), ..section(&pass) };
+    let err = zero.open().map(|_| ()).unwrap_err();
+    assert!(err.starts_with("saveset.memory_budget_mib: 0 is not a memory budget in MiB"), "{err}");
+    let config = Config::parse(&format!(
+        "{FULL}[saveset]\nrepository = {repo:?}\npassphrase_file = {pass:?}\nmemory_budget_mib = 0\n"
+    ))
+    .unwrap();
+    let problems = config.problems();
+    assert!(
+        problems
+            .iter()
+            .any(|p| p.starts_with("saveset.memory_budget_mib: 0 is not a memory budget")),
+        "{problems:?}"
+    );
     let err = section(&wrong).open().map(|_| ()).unwrap_err();
     assert!(err.starts_with("saveset.repository: wrong passphrase or key"), "{err}");
     assert!(!err.contains("other words"), "{err}");

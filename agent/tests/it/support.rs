@@ -35,6 +35,7 @@ pub fn saveset_repo(dir: &Path, words: &str) -> SavesetConfig {
         copy_delay_ms_per_mib: 0,
         base_dir: None,
         sample: stillpoint_saveset::DEFAULT_SAMPLE_PERCENT,
+        memory_budget_mib: None,
     }
 }
 

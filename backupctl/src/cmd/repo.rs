@@ -7,8 +7,8 @@ use std::path::PathBuf;
 
 use serde::Serialize;
 use stillpoint_saveset::{
-    BackupArtifact, BackupStats, BaseKey, BaseStore, ManifestId, ManifestSummary, Progress,
-    Repository, Secret, VolumeMeta, VolumeSummary,
+    BackupArtifact, BackupStats, BaseKey, BaseStore, Location, ManifestId, ManifestSummary,
+    OpenOptions, Progress, Repository, Secret, VolumeMeta, VolumeSummary,
 };
 
 use crate::error::{Error, Result};
@@ -27,6 +27,16 @@ pub struct RepoOptions {
     /// Key file: its whole contents are the secret
     #[arg(long, env = "STILLPOINT_REPO_KEY_FILE", value_name = "F")]
     pub key_file: Option<PathBuf>,
+    /// MiB the chunk index and each external sort may hold in memory [default: 128]; the
+    /// step's own buffers come on top (saveset/FORMAT.md, the memory table)
+    #[arg(long, env = "STILLPOINT_MEMORY_BUDGET_MIB", value_name = "MIB",
+          value_parser = parse_budget)]
+    pub memory_budget_mib: Option<u64>,
+}
+
+fn parse_budget(s: &str) -> std::result::Result<u64, String> {
+    let mib: u64 = s.parse().map_err(|_| format!("{s:?} is not a whole number of MiB"))?;
+    stillpoint_saveset::memory_budget_from_mib(mib)
 }
 
 impl RepoOptions {
@@ -57,7 +67,8 @@ impl RepoOptions {
     /// Opens and unlocks the repository.
     pub fn open(&self) -> Result<Repository> {
         let secret = self.secret()?;
-        Ok(Repository::open(&self.repo, &secret)?)
+        let options = OpenOptions { memory_budget: self.memory_budget_mib, ..Default::default() };
+        Ok(Repository::open_with(&Location::Local(self.repo.clone()), &secret, options)?)
     }
 }
 

@@ -98,6 +98,7 @@ async fn retention_forgets_what_the_rules_drop_and_kept_backups_still_restore() 
             verify: VerifyMode::Index,
             base_dir: None,
             sample: stillpoint_saveset::DEFAULT_SAMPLE_PERCENT,
+            memory_budget_mib: None,
         }),
         retention: vec![(
             "h".into(),

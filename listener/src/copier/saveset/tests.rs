@@ -32,6 +32,7 @@ fn fixture(verify: VerifyMode) -> Fixture {
         verify,
         base_dir: None,
         sample: stillpoint_saveset::DEFAULT_SAMPLE_PERCENT,
+        memory_budget_mib: Some(16),
     };
     Fixture { dir, config }
 }
