@@ -254,17 +254,32 @@ pub struct ServerCut {
 }
 
 impl ServerCut {
-    /// True only when stillpoint knows this server's writes stopped while it was frozen.
+    /// True only when stillpoint knows this server's writes stopped while it was frozen, and
+    /// no thaw failed: a failed thaw may mean the hold ended at a time not known (a database
+    /// connection holding a lock was lost), maybe before the snapshot.
     pub fn writes_held(&self) -> bool {
-        self.hold.is_some_and(Hold::holds_writes)
+        self.hold.is_some_and(Hold::holds_writes) && self.failed_thaw().is_none()
+    }
+
+    /// The first of this server's thaw steps that failed.
+    pub fn failed_thaw(&self) -> Option<&Step> {
+        self.steps.iter().find(|s| s.action == "thaw" && !s.ok)
     }
 
     /// The hold in words, for logs and details: `filesystem-freeze (the filesystem was
-    /// frozen by the kernel)`, or that it is unknown.
+    /// frozen by the kernel)`, or that it is unknown; and a failed thaw, which makes it not
+    /// known to have lasted.
     pub fn hold_text(&self) -> String {
-        match self.hold {
+        let hold = match self.hold {
             Some(h) => format!("{h}: {}", h.explain()),
             None => "hold unknown: the agent did not say what held its writes".into(),
+        };
+        match self.failed_thaw() {
+            Some(t) => format!(
+                "{hold}; but the thaw of {} failed ({}), so whether the hold lasted until the snapshot is not known",
+                t.name, t.detail
+            ),
+            None => hold,
         }
     }
 

@@ -521,12 +521,19 @@ impl Quiescer for Mysql {
                 "{statement}: {}; closed the connection instead, which ends the lock",
                 show(&e)
             ),
-            // No answer: the connection was lost, and the lock with it, at a time not known.
-            Err(e) => warn!(
-                quiescer = %self.config.name, backup = backup_id,
-                "{statement}: {}; the connection holding the lock was lost, so the lock ended then, maybe before the snapshot",
-                show(&e)
-            ),
+            // No answer: the connection was lost, and the lock with it, at a time not known
+            // (the server killed it, restarted, or timed it out). The snapshot may hold writes
+            // from after the lock: the thaw fails, so the backup says its writes are not known
+            // to have been held, and the position, read while the lock held, is not handed
+            // over as the snapshot's.
+            Err(e) => {
+                drop(session);
+                bail!(
+                    "{statement} for backup {backup_id}: {}; the connection holding the lock since {}ms ago was lost, so the lock ended then, maybe before the snapshot",
+                    show(&e),
+                    since.elapsed().as_millis()
+                );
+            }
         }
         drop(session);
         state.artifact = Some((backup_id.to_string(), position));

@@ -200,8 +200,9 @@ fn mariadb_hold_ends_with_the_guardians_hangup_and_the_binlog_position_is_an_art
     println!("commit waited {waited:?}, released by the hangup");
     assert_eq!(values(&server, "app.t"), vec![1, 2]);
 
-    // The thaw after a hangup is quiet, and the artifact says where the binlog stood.
-    q.thaw("b1").unwrap();
+    // The agent hears that the guardian thawed (its hangup is the thaw), and the artifact says
+    // where the binlog stood.
+    q.thawed_elsewhere("b1").unwrap();
     q.thaw("b1").unwrap();
     let artifacts = q.artifacts("b1");
     assert_eq!(artifacts.len(), 1, "{artifacts:?}");
@@ -258,6 +259,33 @@ fn mariadb_repeated_freeze_after_the_connection_died_says_the_lock_was_lost() {
     assert!(q.freeze("b1").unwrap().contains("already held"), "b1 still holds");
     q.thaw("b1").unwrap();
     assert_eq!(q.artifacts("b1").len(), 1);
+}
+
+/// A lock whose connection the server killed ended then, maybe before the snapshot: the thaw
+/// fails and says so (the backup then reports that server's writes as not known to be held),
+/// and hands over no binlog position as the snapshot's.
+#[test]
+fn mariadb_thaw_after_the_server_killed_the_connection_fails_and_says_the_lock_may_have_ended_early(
+) {
+    let dir = tempfile::tempdir().unwrap();
+    let datadir = dir.path().join("data");
+    install(&datadir);
+    let server = Mariadb::start(&datadir, &dir.path().join("run"));
+    server.setup();
+    let q = Mysql::new(server.quiescer(&password_file(dir.path(), STILLPOINT_PASSWORD), 5_000));
+    q.thaw_action("b1").unwrap().expect("a hangup");
+    q.freeze("b1").unwrap();
+    let id = server.sql("SELECT ID FROM information_schema.PROCESSLIST WHERE USER = 'stillpoint'");
+    server.sql(&format!("KILL {id}"));
+    let err = format!("{:#}", q.thaw("b1").unwrap_err());
+    assert!(err.contains("was lost, so the lock ended then, maybe before the snapshot"), "{err}");
+    assert!(q.artifacts("b1").is_empty(), "no position handed over");
+    q.thaw("b1").unwrap();
+    // The next backup arms and freezes on a new connection.
+    q.thaw_action("b2").unwrap().expect("a hangup");
+    assert!(q.freeze("b2").unwrap().contains("held after"), "a new lock");
+    q.thaw("b2").unwrap();
+    assert_eq!(q.artifacts("b2").len(), 1);
 }
 
 #[test]

@@ -735,6 +735,53 @@ fn writes_held_is_claimed_only_where_the_hold_holds_writes() {
     assert!(!lines.iter().any(|l| l.contains("c:") && l.contains("writes held")), "{lines:?}");
 }
 
+/// A thaw that failed (a database connection holding its lock was lost before the thaw) may
+/// mean the hold ended before the snapshot: that server's writes are not known to be held.
+#[test]
+fn a_failed_thaw_makes_that_servers_writes_not_known_to_be_held() {
+    let mut c = new_backup();
+    c.handle(0, Event::Start);
+    for server in ["a", "b", "c"] {
+        c.handle(
+            1,
+            Event::Prepared {
+                server: server.into(),
+                reply: prepare_holding(Some(Hold::Application)),
+            },
+        );
+    }
+    committed(&mut c, 2, "a");
+    committed(&mut c, 2, "c");
+    let mut reply = ok_commit("b").unwrap();
+    let lost = "UNLOCK TABLES for backup x: connection lost; the connection holding the lock since 40ms ago was lost, so the lock ended then, maybe before the snapshot";
+    reply.steps.push(Step {
+        name: "db".into(),
+        action: "thaw".into(),
+        ok: false,
+        duration_ms: 1,
+        detail: lost.into(),
+    });
+    let lines = logs(&c.handle(3, Event::Committed { server: "b".into(), reply: Ok(reply) }));
+    let srv_b = &c.record.servers[1];
+    assert!(!srv_b.cut.writes_held());
+    assert!(
+        srv_b.detail.contains("writes not known to be held")
+            && srv_b.detail.contains("the thaw of db failed")
+            && srv_b.detail.contains("maybe before the snapshot"),
+        "{}",
+        srv_b.detail
+    );
+    let verdict = c.record.verdict.clone().unwrap();
+    assert!(
+        verdict.text.contains("writes were held on a, c; on b they were not known to be held")
+            && verdict.text.contains("whether the hold lasted until the snapshot is not known"),
+        "{}",
+        verdict.text
+    );
+    assert!(!verdict.text.contains("frozen at one instant"), "{}", verdict.text);
+    assert!(!lines.iter().any(|l| l.contains("b:") && l.contains("writes held 20ms")), "{lines:?}");
+}
+
 #[test]
 fn a_hold_the_agent_did_not_report_is_unknown_not_assumed() {
     let mut c = snapshotted(); // replies without a hold
