@@ -53,6 +53,8 @@ enum Sub {
 }
 
 fn main() -> ExitCode {
+    // Large buffers freed go back to the system: peak memory stays flat with the volume.
+    stillpoint_core::sys::fix_mmap_threshold();
     let args = Args::parse();
     stillpoint_core::logs::init(args.log_format);
     match args.guardian {

@@ -6,6 +6,8 @@ use std::process::ExitCode;
 use clap::{CommandFactory, FromArgMatches};
 
 fn main() -> ExitCode {
+    // Large buffers freed go back to the system: peak memory stays flat with the volume.
+    stillpoint_core::sys::fix_mmap_threshold();
     let matches = backupctl::Cli::command().get_matches();
     let mut cli = match backupctl::Cli::from_arg_matches(&matches) {
         Ok(cli) => cli,

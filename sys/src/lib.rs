@@ -1,6 +1,6 @@
 //! The only unsafe code in stillpoint: thin wrappers over the Linux syscalls we need (the
 //! FIFREEZE, FITHAW, FICLONE, FIEMAP and btrfs FS_INFO ioctls, SEEK_DATA/SEEK_HOLE, fallocate,
-//! fstatfs, geteuid, kill, pidfds and shutdown). Each returns the raw `io::Error` so callers can tell EBUSY (someone
+//! fstatfs, geteuid, kill, pidfds, shutdown, and glibc's mallopt). Each returns the raw `io::Error` so callers can tell EBUSY (someone
 //! else's freeze), EINVAL (not frozen) and ESRCH (no such process) apart. Depends on `libc`
 //! alone, so any crate may use it.
 #![allow(unsafe_code)]
@@ -206,6 +206,28 @@ pub fn fs_stat(file: &File) -> io::Result<FsStat> {
     Ok(FsStat { magic, available_bytes: avail.saturating_mul(bsize) })
 }
 
+/// Allocations of at least this many bytes get pages of their own, returned to the system when
+/// freed (see [`fix_mmap_threshold`]).
+pub const MMAP_THRESHOLD: usize = 1 << 20;
+
+/// Fixes glibc's mmap threshold at [`MMAP_THRESHOLD`]; the binaries call it first thing.
+/// Why: by default glibc raises the threshold each time a large mmapped block is freed (up to
+/// 32 MiB), after which buffers of a few MiB (restore windows and read buffers, a segment's
+/// tables, sort buffers) come from the heap instead, whose freed space stays resident and
+/// fragments. Measured: a 16 GiB restore peaked at 154 MiB of RSS with the default and 118 MiB
+/// with this (1 GiB: 120 and 111), at the same speed. False when the C library refused it;
+/// true and nothing done on other C libraries.
+pub fn fix_mmap_threshold() -> bool {
+    #[cfg(target_env = "gnu")]
+    {
+        let bytes = libc::c_int::try_from(MMAP_THRESHOLD).unwrap_or(libc::c_int::MAX);
+        // SAFETY: mallopt only sets one of malloc's tuning parameters (thread-safe in glibc).
+        unsafe { libc::mallopt(libc::M_MMAP_THRESHOLD, bytes) == 1 }
+    }
+    #[cfg(not(target_env = "gnu"))]
+    true
+}
+
 /// Whether this process runs with effective user id 0 (what mounting a filesystem needs).
 pub fn is_root() -> bool {
     // SAFETY: geteuid has no arguments and cannot fail.
@@ -313,4 +335,12 @@ pub fn pidfd_getfd(pidfd: &OwnedFd, fd: i32) -> io::Result<OwnedFd> {
 pub fn shutdown(socket: &impl AsFd) -> io::Result<()> {
     // SAFETY: shutdown(2) on a valid fd with an integer flag; no memory is passed.
     check(unsafe { libc::shutdown(socket.as_fd().as_raw_fd(), libc::SHUT_RDWR) })
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn glibc_takes_the_fixed_mmap_threshold() {
+        assert!(super::fix_mmap_threshold());
+    }
 }
