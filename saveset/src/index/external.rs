@@ -1,13 +1,15 @@
 //! An external sort of fixed-size records: inserted in any order, read back sorted and
 //! distinct. Memory is bounded by a budget: a full buffer is sorted and spilled as a run file
-//! in the cache directory (0600, removed when the set is dropped), and the runs are merged as a
-//! stream. Prune's and verify's sets of referenced chunks use it, so they hold a budget's
-//! worth of ids, not every id a repository references.
+//! in the cache directory (0600, unlinked as soon as it is made and used through its open
+//! handle, so a process that dies leaves none behind: a restore's runs reach gigabytes), and
+//! the runs are merged as a stream. Prune's and verify's sets of referenced chunks and
+//! restore's locations use it, so they hold a budget's worth, not a record per chunk.
 
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
 use std::fs::File;
-use std::io::{BufReader, BufWriter, Read, Write};
+use std::io::{BufReader, BufWriter, Read, Seek, Write};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use crate::error::{IoContext, Result};
@@ -40,7 +42,7 @@ pub(crate) struct ExternalSort<const N: usize> {
     buf: Vec<[u8; N]>,
     cap: usize,
     /// Spilled runs and their level (0: a spilled buffer; k + 1: FAN_IN runs of level k).
-    runs: Vec<(PathBuf, u32)>,
+    runs: Vec<(Spilled, u32)>,
 }
 
 impl<const N: usize> ExternalSort<N> {
@@ -66,14 +68,14 @@ impl<const N: usize> ExternalSort<N> {
     }
 
     fn spill(&mut self) -> Result<()> {
-        let (path, file) =
-            super::private_file(&self.dir, "sort-", "").ctx("create a sort run in", &self.dir)?;
-        self.runs.push((path.clone(), 0));
-        let mut out = BufWriter::with_capacity(1 << 20, file);
+        let run = Spilled::create(&self.dir)?;
+        let mut out = BufWriter::with_capacity(1 << 20, &run.file);
         for rec in self.buf.drain(..) {
-            out.write_all(&rec).ctx("write", &path)?;
+            out.write_all(&rec).ctx("write", &run.path)?;
         }
-        out.flush().ctx("write", &path)?;
+        out.flush().ctx("write", &run.path)?;
+        drop(out);
+        self.runs.push((run, 0));
         self.compact()
     }
 
@@ -92,15 +94,15 @@ impl<const N: usize> ExternalSort<N> {
             let (merging, kept): (Vec<_>, Vec<_>) =
                 std::mem::take(&mut self.runs).into_iter().partition(|&(_, l)| l == level);
             self.runs = kept;
-            let (path, file) = super::private_file(&self.dir, "sort-", "")
-                .ctx("create a sort run in", &self.dir)?;
-            self.runs.push((path.clone(), level + 1));
-            let mut out = BufWriter::with_capacity(1 << 20, file);
-            let paths: Vec<PathBuf> = merging.into_iter().map(|(p, _)| p).collect();
-            for rec in SortedIter::<N>::over(files(paths)?)? {
-                out.write_all(&rec?).ctx("write", &path)?;
+            let run = Spilled::create(&self.dir)?;
+            let mut out = BufWriter::with_capacity(1 << 20, &run.file);
+            let merged: Vec<Spilled> = merging.into_iter().map(|(r, _)| r).collect();
+            for rec in SortedIter::<N>::over(files(merged)?)? {
+                out.write_all(&rec?).ctx("write", &run.path)?;
             }
-            out.flush().ctx("write", &path)?;
+            out.flush().ctx("write", &run.path)?;
+            drop(out);
+            self.runs.push((run, level + 1));
         }
     }
 
@@ -114,32 +116,43 @@ impl<const N: usize> ExternalSort<N> {
     pub(crate) fn into_sorted_iter(mut self) -> Result<SortedIter<N>> {
         self.buf.sort_unstable();
         self.buf.dedup();
-        let paths = std::mem::take(&mut self.runs).into_iter().map(|(p, _)| p).collect();
-        let mut sources = files(paths)?;
+        let runs = std::mem::take(&mut self.runs).into_iter().map(|(r, _)| r).collect();
+        let mut sources = files(runs)?;
         sources.push(Source::Mem(std::mem::take(&mut self.buf).into_iter()));
         SortedIter::over(sources)
     }
 }
 
-/// The runs at `paths`, opened to be read once and unlinked at once (all of them, also when
-/// one does not open): an open file stays readable, and nothing is left if the process dies.
-fn files<const N: usize>(paths: Vec<PathBuf>) -> Result<Vec<Source<N>>> {
-    let mut sources = Vec::with_capacity(paths.len());
-    let mut failed = None;
-    for path in paths {
-        match File::open(&path) {
-            Ok(file) if failed.is_none() => {
-                sources.push(Source::File(BufReader::with_capacity(64 << 10, file), path.clone()))
-            }
-            Ok(_) => {}
-            Err(e) => failed = failed.or(Some((e, path.clone()))),
-        }
-        let _ = std::fs::remove_file(&path);
+/// A spilled run: a file already unlinked, read and written through its handle; `path` only
+/// names it in errors.
+struct Spilled {
+    file: File,
+    path: PathBuf,
+}
+
+impl Spilled {
+    fn create(dir: &Path) -> Result<Spilled> {
+        let path = dir.join(format!("sort-{}", crate::crypto::hex(&crate::crypto::random::<16>())));
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)
+            .ctx("create a sort run in", dir)?;
+        std::fs::remove_file(&path).ctx("unlink", &path)?;
+        Ok(Spilled { file, path })
     }
-    match failed {
-        Some((e, path)) => Err(e).ctx("open", path),
-        None => Ok(sources),
+}
+
+/// The runs, each read from its start.
+fn files<const N: usize>(runs: Vec<Spilled>) -> Result<Vec<Source<N>>> {
+    let mut sources = Vec::with_capacity(runs.len());
+    for Spilled { mut file, path } in runs {
+        file.rewind().ctx("seek", &path)?;
+        sources.push(Source::File(BufReader::with_capacity(64 << 10, file), path));
     }
+    Ok(sources)
 }
 
 impl<const N: usize> ExternalSort<N> {
@@ -182,14 +195,6 @@ impl<const N: usize> SortedFile<N> {
 impl<const N: usize> Drop for SortedFile<N> {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.path);
-    }
-}
-
-impl<const N: usize> Drop for ExternalSort<N> {
-    fn drop(&mut self) {
-        for (p, _) in &self.runs {
-            let _ = std::fs::remove_file(p);
-        }
     }
 }
 
