@@ -17,6 +17,8 @@ use stillpoint_proto::Snapshot;
 
 use super::SnapshotProvider;
 
+pub mod delta;
+
 const KIND: &str = "lvm";
 
 /// The tag naming a snapshot's backup: `stillpoint-backup:<backup id>` (tags allow `:`).
