@@ -40,8 +40,8 @@ const SCENARIOS: [&str; 10] = [
 const MARK: &str = "STILLPOINT-VM";
 /// The whole boot, tests and power-off must fit in this. Software emulation is slow and slower
 /// still beside other tests on two cores: the provider's scenarios take about 50 s alone, the
-/// thin change maps about 6 minutes more (38 backups of about 15 LVM, dmsetup and thin_delta
-/// commands each, 1-2 s per command here, and 37 restores), so up to twice that under load.
+/// thin change maps about 5 minutes more (39 backups of about 15 LVM, dmsetup and thin_delta
+/// commands each, about a second per command here, and 37 restores), up to twice under load.
 const VM_DEADLINE: Duration = Duration::from_secs(1200);
 
 fn main() {
