@@ -68,9 +68,11 @@ pub struct SavesetConfig {
     /// Change tracking: where the copier keeps each volume's base (a reflink clone of the
     /// snapshot it last backed up, on the snapshots' filesystem), so the next backup reads only
     /// what changed (FIEMAP). For qcow2 volumes the base is an internal snapshot
-    /// `stillpoint.base.<group>` in the disk itself and this directory holds only its record
+    /// `stillpoint.base.<group>` in the disk itself, for LVM thin volumes a thin snapshot
+    /// `<lv>.stillpoint.base.<group>` in the pool, and this directory holds only its record
     /// (the manifest it went into, its identity); the map comes from the image's cluster
-    /// tables. Absent: no change tracking, every backup reads everything.
+    /// tables or the pool's mappings (`thin_delta`). Absent: no change tracking, every backup
+    /// reads everything.
     pub base_dir: Option<PathBuf>,
     /// Percent of the chunks skipped thanks to a change map that are re-read and compared
     /// (the sampling verify; at least 64, at most 64 MiB); 0 disables.

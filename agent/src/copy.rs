@@ -2,8 +2,9 @@
 //! repository of `[saveset]`, encrypted here, so snapshots only this host can read never leave
 //! it readable. Blocking work runs on blocking threads; which snapshots may be read, and for
 //! how long, is `backups`' business (the copy holds a `CopyHold`). With `base_dir`, a qcow2
-//! volume is compared with its group's base snapshot inside the disk (the provider keeps it;
-//! `base_dir` holds its record), other volumes with a reflink clone kept in `base_dir`.
+//! volume is compared with its group's base snapshot inside the disk, an LVM thin volume with
+//! its group's base thin snapshot in the pool (the agent keeps both; `base_dir` holds their
+//! records), other volumes with a reflink clone kept in `base_dir`.
 
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -23,6 +24,7 @@ use tracing::{info, warn, Instrument};
 
 use crate::backups::CopyHold;
 use crate::config::SavesetConfig;
+use crate::snapshot::lvm;
 use crate::snapshot::qcow2::{self, Export};
 use crate::{Error, Result};
 
@@ -80,9 +82,19 @@ impl Saveset {
         self.pool.with_repo(|e| format!("saveset.repository: {e}"), f)
     }
 
+    /// Copies `request` on this thread and keeps the new bases, as a Copy RPC does without
+    /// qcow2 exports, progress or a caller that can go away: for tests and tools that drive the
+    /// copier directly (the LVM VM test has no network to serve the RPC on).
+    pub fn copy_now(&self, request: &Request) -> Result<CopyDone, String> {
+        let (done, pending) = self.copy_server(request, &[], &|_| {}, &AtomicBool::new(false))?;
+        self.keep_bases(pending);
+        Ok(done)
+    }
+
     /// Backs up every snapshot in turn; `progress(done, total)` after every chunk, in bytes of
     /// the whole server. `stop` is asked between volumes (one volume's read cannot be cut).
-    /// Returns, besides, the qcow2 bases to keep once `exports` let go of their disks.
+    /// Returns, besides, the qcow2 and LVM thin bases to keep once `exports` let go of their
+    /// disks.
     fn copy_server(
         &self,
         request: &Request,
@@ -117,19 +129,32 @@ impl Saveset {
                     volume: snap.volume.clone(),
                 };
                 let export = exports.iter().find(|e| e.file == source);
+                // Where the next backup's base comes from, if one is to be kept.
+                let mut keep = None;
                 let volume = match (&self.bases, export) {
                     (None, _) => self.parents.backup(repo, &key, source, meta, &mut report),
                     (Some(bases), Some(export)) => {
+                        keep = Some(KeptBy::Qcow2 {
+                            disk: export.disk.clone(),
+                            tag: export.tag.clone(),
+                        });
                         self.backup_qcow2(bases, repo, &key, export, meta, &mut report)
+                    }
+                    (Some(bases), None) if snap.provider == lvm::KIND => {
+                        let (done, thin) =
+                            self.backup_lvm(bases, repo, &key, snap, meta, &mut report);
+                        if thin {
+                            keep = Some(KeptBy::LvmThin { snapshot: snap.clone() });
+                        }
+                        done
                     }
                     (Some(bases), None) => bases.backup(repo, &key, source, meta, &mut report),
                 }
                 .map_err(|e| format!("volume {}: {e}", snap.volume))?;
-                if let (Some(_), Some(export)) = (&self.bases, export) {
+                if let Some(by) = keep {
                     pending.push(PendingBase {
                         key: key.clone(),
-                        disk: export.disk.clone(),
-                        tag: export.tag.clone(),
+                        by,
                         backup: volume.manifest.meta.backup.clone(),
                         manifest: volume.id,
                     });
@@ -204,39 +229,95 @@ impl Saveset {
         Ok(done)
     }
 
-    /// Keeps each copied qcow2 volume's new base (after the exports ended: a snapshot needs the
-    /// disk's write lock). The old record goes first, so a failure or a crash midway leaves no
-    /// record, never a wrong one; a base not kept is logged and the next backup reads it whole.
-    fn keep_qcow2_bases(&self, pending: Vec<PendingBase>) {
+    /// Backs up an LVM snapshot: a thin one against its group's base thin snapshot, if one is
+    /// recorded and still the one kept (only the blocks `thin_delta` does not prove shared are
+    /// read); a thick one, or a thin one without a trusted base, whole, the stats saying why.
+    /// The recorded (or last) manifest is still the chunk list's parent. Also says whether the
+    /// snapshot is thin (a base is then kept after the copy).
+    fn backup_lvm(
+        &self,
+        bases: &BaseStore,
+        repo: &mut Repository,
+        key: &BaseKey,
+        snap: &Snapshot,
+        meta: VolumeMeta,
+        report: &mut dyn FnMut(Progress),
+    ) -> (stillpoint_saveset::Result<VolumeBackup>, bool) {
+        let thin = lvm::thin::mappable(snap);
+        let recorded = thin.clone().and_then(|()| bases.recorded(key));
+        let (parent, why) = match recorded {
+            Err(why) => (self.parents.parent(repo, key).map(Parent::pages_only), Some(why)),
+            Ok(RecordedBase { manifest, identity, .. }) => {
+                match lvm::thin::changes_since_base(snap, &key.group, &identity) {
+                    Ok(changed) => (
+                        Some(Parent { manifest, changed, sample_percent: bases.sample_percent() }),
+                        None,
+                    ),
+                    Err(why) => (Some(Parent::pages_only(manifest)), Some(why)),
+                }
+            }
+        };
+        if let Some(why) = &why {
+            info!(group = %key.group, volume = %key.volume, "no change map: {why}; reading the whole volume");
+        }
+        let source = Path::new(&snap.locator);
+        let done =
+            repo.backup_volume_with(source, meta, parent.as_ref(), report).map(|mut done| {
+                if let Some(why) = why {
+                    done.stats.change_map = why;
+                }
+                done
+            });
+        (done, thin.is_ok())
+    }
+
+    /// Keeps each copied volume's new base (after the exports ended: a qcow2 snapshot needs the
+    /// disk's write lock; an LVM one is taken before the cleanup deletes the backup's snapshot).
+    /// The old record goes first, so a failure or a crash midway leaves no record, never a
+    /// wrong one; a base not kept is logged and the next backup reads it whole.
+    fn keep_bases(&self, pending: Vec<PendingBase>) {
         let Some(bases) = &self.bases else { return };
         for p in pending {
             let kept = bases
                 .forget(&p.key)
                 .map_err(anyhow::Error::from)
-                .and_then(|()| qcow2::keep_base(&p.disk, &p.key.group, &p.tag))
+                .and_then(|()| match &p.by {
+                    KeptBy::Qcow2 { disk, tag } => qcow2::keep_base(disk, &p.key.group, tag),
+                    KeptBy::LvmThin { snapshot } => lvm::thin::keep_base(snapshot, &p.key.group),
+                })
                 .and_then(|identity| {
                     let base = RecordedBase { backup: p.backup, manifest: p.manifest, identity };
                     Ok(bases.record(&p.key, &base)?)
                 });
+            let (kind, of) = match &p.by {
+                KeptBy::Qcow2 { disk, .. } => ("qcow2", disk.as_str()),
+                KeptBy::LvmThin { snapshot } => ("lvm-thin", snapshot.locator.as_str()),
+            };
             match kept {
                 Ok(()) => {
-                    info!(volume = %p.key.volume, disk = %p.disk, "qcow2 base kept for the next backup's change map")
+                    info!(volume = %p.key.volume, kind, of, "base kept for the next backup's change map")
                 }
                 Err(e) => {
-                    warn!(volume = %p.key.volume, disk = %p.disk, error = %format!("{e:#}"), "qcow2 base not kept; the next backup of this volume reads it whole")
+                    warn!(volume = %p.key.volume, kind, of, error = %format!("{e:#}"), "base not kept; the next backup of this volume reads it whole")
                 }
             }
         }
     }
 }
 
-/// A copied qcow2 volume whose base is kept once the copy's exports end.
+/// A copied volume whose base is kept once the copy's reads end.
 struct PendingBase {
     key: BaseKey,
-    disk: String,
-    tag: String,
+    by: KeptBy,
     backup: String,
     manifest: stillpoint_saveset::ManifestId,
+}
+
+/// Where a base is kept: a qcow2 internal snapshot of the disk, or a thin snapshot of the LVM
+/// snapshot just copied.
+enum KeptBy {
+    Qcow2 { disk: String, tag: String },
+    LvmThin { snapshot: Snapshot },
 }
 
 /// Each snapshot with the bytes its copy will read. A directory (a btrfs subvolume snapshot)
@@ -321,7 +402,7 @@ pub fn spawn(
         // disk's lock, which a snapshot or a delete needs.
         drop(exports);
         copied.map(|(done, pending)| {
-            saveset.keep_qcow2_bases(pending);
+            saveset.keep_bases(pending);
             done
         })
     });

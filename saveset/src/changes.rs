@@ -1,8 +1,9 @@
 //! Change maps: which byte ranges of a snapshot may differ from the base it is compared with.
 //! Made here from the two files' FIEMAP extent lists (reflink clones share an extent, at the same
 //! offset, exactly where the data was not rewritten between them), or given by a provider that
-//! knows (the agent's qcow2 metadata reader). The comparison is pure and streams both lists;
-//! anything it cannot prove shared is changed, and anything surprising is Unknown.
+//! knows (the agent's qcow2 metadata reader, its reader of LVM thin's `thin_delta`). The
+//! comparison is pure and streams both lists; anything it cannot prove shared is changed, and
+//! anything surprising is Unknown.
 
 use std::fs::File;
 use std::io;
@@ -41,6 +42,8 @@ pub enum MapSource {
     Fiemap,
     /// Two internal snapshots' cluster mappings in a qcow2 image (the agent's reader).
     Qcow2,
+    /// Two thin LVs' block mappings in their pool (`thin_delta`, read by the agent).
+    LvmThin,
 }
 
 impl MapSource {
@@ -48,6 +51,7 @@ impl MapSource {
         match self {
             MapSource::Fiemap => "fiemap",
             MapSource::Qcow2 => "qcow2",
+            MapSource::LvmThin => "lvm-thin",
         }
     }
 }
@@ -62,8 +66,8 @@ pub enum ChangeMap {
 }
 
 impl ChangeMap {
-    /// A short text for stats and logs: `fiemap: N ranges, X bytes` (or `qcow2: ...`, after
-    /// the map's source) or `unknown: why`.
+    /// A short text for stats and logs: `fiemap: N ranges, X bytes` (or `qcow2: ...`,
+    /// `lvm-thin: ...`, after the map's source) or `unknown: why`.
     pub fn describe(&self) -> String {
         match self {
             ChangeMap::Ranges { source, ranges } => {

@@ -1,19 +1,19 @@
 #!/usr/bin/env bash
 # Builds the small VM the LVM provider's test boots (agent/tests/lvm_vm.rs): Debian's kernel and
-# the device-mapper modules it needs, and an initramfs with static busybox, lvm2 and thin_check
-# with their shared libraries. Everything comes from Debian packages: the kernel is fetched with
+# the device-mapper modules it needs, and an initramfs with static busybox, lvm2, dmsetup and
+# thin-provisioning-tools (thin_check, thin_delta, thin_dump, thin_ls) with their shared libraries. Everything comes from Debian packages: the kernel is fetched with
 # apt-get download here, so nothing downloads at test time. Cached: when the image exists and
 # its inputs (this script, the package versions) did not change, it does nothing.
 #
 # Usage: tests/vm/build-image.sh [OUT_DIR]   (default $STILLPOINT_VM_DIR or ~/.cache/stillpoint/vm)
-# Needs: busybox-static, lvm2, thin-provisioning-tools installed (for their binaries), apt-get.
+# Needs: busybox-static, lvm2, dmsetup, thin-provisioning-tools installed (for their binaries), apt-get.
 set -euo pipefail
 
 out=${1:-${STILLPOINT_VM_DIR:-$HOME/.cache/stillpoint/vm}}
 here=$(cd "$(dirname "$0")" && pwd)
 
-for tool in /bin/busybox /sbin/lvm /usr/sbin/pdata_tools; do
-  [ -x "$tool" ] || { echo "build-image: $tool is missing: apt-get install busybox-static lvm2 thin-provisioning-tools" >&2; exit 1; }
+for tool in /bin/busybox /sbin/lvm /sbin/dmsetup /usr/sbin/pdata_tools; do
+  [ -x "$tool" ] || { echo "build-image: $tool is missing: apt-get install busybox-static lvm2 dmsetup thin-provisioning-tools" >&2; exit 1; }
 done
 busybox=$(command -v busybox)
 file "$busybox" 2>/dev/null | grep -q 'statically linked' || ldd "$busybox" 2>&1 | grep -q 'not a dynamic' || {
@@ -22,7 +22,7 @@ file "$busybox" 2>/dev/null | grep -q 'statically linked' || ldd "$busybox" 2>&1
 kpkg=$(apt-cache depends linux-image-amd64 2>/dev/null | awk '/Depends: linux-image-[0-9]/ {print $2; exit}')
 [ -n "$kpkg" ] || { echo "build-image: apt-cache knows no linux-image-amd64 (run apt-get update)" >&2; exit 1; }
 kver=$(apt-cache policy "$kpkg" | awk '/Candidate:/ {print $2}')
-versions=$(dpkg-query -W -f '${Package}=${Version}\n' busybox-static lvm2 thin-provisioning-tools libc6)
+versions=$(dpkg-query -W -f '${Package}=${Version}\n' busybox-static lvm2 dmsetup thin-provisioning-tools libc6)
 stamp=$( (cat "$0" "$here/lvm.conf" "$here/init"; echo "$kpkg=$kver"; echo "$versions") | sha256sum | cut -d' ' -f1)
 
 if [ -f "$out/stamp" ] && [ "$(cat "$out/stamp")" = "$stamp" ] && [ -f "$out/vmlinuz" ] && [ -f "$out/initramfs.cpio.gz" ]; then
@@ -71,9 +71,12 @@ printf '%s\n' "${order[@]}" >"$root/lib/modules/order"
 cp "$busybox" "$root/bin/busybox"
 cp /sbin/lvm "$root/sbin/lvm"
 for cmd in pvcreate vgcreate vgs lvs lvcreate lvremove lvchange lvextend; do ln -s lvm "$root/sbin/$cmd"; done
+# dmsetup sends the pool its messages (reserve_metadata_snap); thin_delta compares two thin
+# devices' mappings (the LVM thin change map).
+cp /sbin/dmsetup "$root/sbin/dmsetup"
 cp /usr/sbin/pdata_tools "$root/usr/sbin/pdata_tools"
-ln -s pdata_tools "$root/usr/sbin/thin_check"
-for lib in $(ldd /sbin/lvm /usr/sbin/pdata_tools | awk '$2 == "=>" && $3 ~ /^\// {print $3} $1 ~ /^\// && $2 ~ /^\(/ {print $1}' | sort -u); do
+for t in thin_check thin_delta thin_dump thin_ls; do ln -s pdata_tools "$root/usr/sbin/$t"; done
+for lib in $(ldd /sbin/lvm /sbin/dmsetup /usr/sbin/pdata_tools | awk '$2 == "=>" && $3 ~ /^\// {print $3} $1 ~ /^\// && $2 ~ /^\(/ {print $1}' | sort -u); do
   mkdir -p "$root$(dirname "$lib")"
   cp -L "$lib" "$root$lib"
 done

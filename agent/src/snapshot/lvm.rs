@@ -3,7 +3,9 @@
 //! the kind read from `lvs`. Each snapshot carries the tag `stillpoint-backup:<id>`, so `list`
 //! and `delete` find them after a restart; the locator is its device, `/dev/<vg>/<name>`.
 //! Everything goes through the `lvm` binary (JSON reports, never column positions), each call
-//! under a timeout, never through a shell. It does not freeze anything: quiescers do.
+//! under a timeout, never through a shell. It does not freeze anything: quiescers do. Change
+//! maps of thin LVs for the agent's copy (a kept base, `thin_delta`) are in `thin.rs` and
+//! `delta.rs`.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Read;
@@ -17,7 +19,11 @@ use stillpoint_proto::Snapshot;
 
 use super::SnapshotProvider;
 
-const KIND: &str = "lvm";
+pub mod delta;
+pub mod thin;
+
+/// The provider's name in a snapshot's `provider`.
+pub const KIND: &str = "lvm";
 
 /// The tag naming a snapshot's backup: `stillpoint-backup:<backup id>` (tags allow `:`).
 pub const TAG_PREFIX: &str = "stillpoint-backup:";

@@ -138,4 +138,9 @@ fn widening_to_chunks_rounds_out_and_merges() {
     // The source is named: a qcow2 map never says fiemap.
     let qcow2 = ChangeMap::Ranges { source: MapSource::Qcow2, ranges: vec![0..65536] };
     assert_eq!(qcow2.describe(), "qcow2: 1 ranges, 65536 bytes");
+    let thin = ChangeMap::Ranges {
+        source: MapSource::LvmThin,
+        ranges: vec![0..65536, 1 << 20..(1 << 20) + 4096],
+    };
+    assert_eq!(thin.describe(), "lvm-thin: 2 ranges, 69632 bytes");
 }
