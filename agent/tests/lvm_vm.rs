@@ -770,6 +770,8 @@ impl Cbt {
             copy_delay_ms_per_mib: 0,
             base_dir: Some(dir.join("bases")),
             sample,
+            // Small, for the guest's memory (and so the setting is used on real LVM too).
+            memory_budget_mib: Some(32),
         };
         let saveset =
             Saveset::open(&config, Some(&dir.join("cache"))).map_err(|e| anyhow!("{e}"))?;
