@@ -54,15 +54,26 @@ fn a_restore_is_bit_for_bit_whatever_the_repeat_cache_holds() {
     // and one that holds every repeated chunk; in segments of 2 and 4 windows (each looked up
     // and planned on its own) and of the whole volume.
     let mut reused = Vec::new();
-    for (budget, segment) in
-        [(0, SEGMENT), (3 * 4096, 2048), (16 * 4096, 5000), (48 << 20, SEGMENT)]
-    {
+    // Locations found in one sorted pass (0) or a segment at a time (u64::MAX).
+    for (budget, segment, sorted_above) in [
+        (0, SEGMENT, 0),
+        (3 * 4096, 2048, u64::MAX),
+        (16 * 4096, 5000, 0),
+        (48 << 20, SEGMENT, u64::MAX),
+    ] {
         let target = dir.path().join(format!("restored-{budget}"));
         let (file, sparse, _) = open_target(&target, manifest.size, false).expect("target");
         let reports = std::sync::Mutex::new(Vec::new());
         let progress = |p: RestoreProgress| reports.lock().expect("not poisoned").push(p.done);
         let stats = repo
-            .write_volume(&manifest, &file, sparse, &target, (budget, segment), &progress)
+            .write_volume(
+                &manifest,
+                &file,
+                sparse,
+                &target,
+                (budget, segment, sorted_above),
+                &progress,
+            )
             .expect("restore");
         assert_eq!(stats.size, image.len() as u64);
         assert!(fs::read(&target).expect("read back") == image, "budget {budget}: differs");
@@ -83,7 +94,8 @@ fn a_restore_is_bit_for_bit_whatever_the_repeat_cache_holds() {
     assert!(reused[3] >= reused[0] + 1000 * 4096, "{reused:?}");
 
     // A memory budget so small that both sorts of the volume's locations (by id, then back by
-    // position) spill many runs and merge them, taken by segments of 2048 chunks.
+    // position) spill many runs and merge them, taken by segments of 2048 chunks; and the same
+    // budget looking each segment up by itself.
     drop(repo);
     let options = crate::repo::OpenOptions {
         cache_dir: Some(dir.path().join("tiny-cache")),
@@ -91,8 +103,11 @@ fn a_restore_is_bit_for_bit_whatever_the_repeat_cache_holds() {
     };
     let location = crate::storage::Location::Local(dir.path().join("repo"));
     let repo = Repository::open_with(&location, &secret, options).expect("open");
-    let target = dir.path().join("restored-tiny");
-    let (file, sparse, _) = open_target(&target, manifest.size, false).expect("target");
-    repo.write_volume(&manifest, &file, sparse, &target, (0, 2048), &|_| {}).expect("restore");
-    assert!(fs::read(&target).expect("read back") == image, "tiny budget: differs");
+    for sorted_above in [0, u64::MAX] {
+        let target = dir.path().join(format!("restored-tiny-{sorted_above}"));
+        let (file, sparse, _) = open_target(&target, manifest.size, false).expect("target");
+        let sizes = (0, 2048, sorted_above);
+        repo.write_volume(&manifest, &file, sparse, &target, sizes, &|_| {}).expect("restore");
+        assert!(fs::read(&target).expect("read back") == image, "tiny budget: differs");
+    }
 }
