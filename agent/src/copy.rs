@@ -15,8 +15,8 @@ use stillpoint_proto::{
     copy_event, CopiedVolume, CopyDone, CopyEvent, CopyProgress, CopyStats, Snapshot,
 };
 use stillpoint_saveset::{
-    BackupStats, BaseKey, BaseStore, Parent, Parents, Pool, Progress, RecordedBase, Repository,
-    VolumeBackup, VolumeMeta,
+    BackupStats, BaseKey, BaseStore, ChangeMap, Parent, Parents, Pool, Progress, RecordedBase,
+    Repository, VolumeBackup, VolumeMeta,
 };
 use tokio::sync::{mpsc, watch};
 use tonic::Status;
@@ -200,33 +200,15 @@ impl Saveset {
         meta: VolumeMeta,
         report: &mut dyn FnMut(Progress),
     ) -> stillpoint_saveset::Result<VolumeBackup> {
-        let (parent, why) = match bases.recorded(key) {
-            Err(why) => {
-                // No base, and none can be kept for an image no map can be made of: say that.
-                let why = match qcow2::mappable(&export.disk) {
-                    Ok(()) => why,
-                    Err(cannot) => format!("unknown: {cannot}"),
-                };
-                (self.parents.parent(repo, key).map(Parent::pages_only), Some(why))
-            }
-            Ok(RecordedBase { manifest, identity, .. }) => {
-                match qcow2::changes_since_base(&export.disk, &key.group, &identity, &export.tag) {
-                    Ok(changed) => (
-                        Some(Parent { manifest, changed, sample_percent: bases.sample_percent() }),
-                        None,
-                    ),
-                    Err(why) => (Some(Parent::pages_only(manifest)), Some(why)),
-                }
-            }
+        let recorded = bases.recorded(key).map_err(|why| match qcow2::mappable(&export.disk) {
+            // No base, and none can be kept for an image no map can be made of: say that.
+            Ok(()) => why,
+            Err(cannot) => format!("unknown: {cannot}"),
+        });
+        let changes = |identity: &str| {
+            qcow2::changes_since_base(&export.disk, &key.group, identity, &export.tag)
         };
-        if let Some(why) = &why {
-            info!(group = %key.group, volume = %key.volume, "no change map: {why}; reading the whole volume");
-        }
-        let mut done = repo.backup_volume_with(&export.file, meta, parent.as_ref(), report)?;
-        if let Some(why) = why {
-            done.stats.change_map = why;
-        }
-        Ok(done)
+        self.backup_against(bases, repo, key, recorded, changes, &export.file, meta, report)
     }
 
     /// Backs up an LVM snapshot: a thin one against its group's base thin snapshot, if one is
@@ -245,30 +227,46 @@ impl Saveset {
     ) -> (stillpoint_saveset::Result<VolumeBackup>, bool) {
         let thin = lvm::thin::mappable(snap);
         let recorded = thin.clone().and_then(|()| bases.recorded(key));
+        let changes = |identity: &str| lvm::thin::changes_since_base(snap, &key.group, identity);
+        let source = Path::new(&snap.locator);
+        let done = self.backup_against(bases, repo, key, recorded, changes, source, meta, report);
+        (done, thin.is_ok())
+    }
+
+    /// Backs up `source` against its group's base `recorded`: with one (still the one kept,
+    /// which `changes` checks), only what `changes` says may differ is read; without, or when
+    /// `changes` cannot tell, everything, and the stats say why (`none: why` / `unknown: why`).
+    /// The recorded (or last) manifest is still the chunk list's parent.
+    #[allow(clippy::too_many_arguments)]
+    fn backup_against(
+        &self,
+        bases: &BaseStore,
+        repo: &mut Repository,
+        key: &BaseKey,
+        recorded: std::result::Result<RecordedBase, String>,
+        changes: impl FnOnce(&str) -> std::result::Result<ChangeMap, String>,
+        source: &Path,
+        meta: VolumeMeta,
+        report: &mut dyn FnMut(Progress),
+    ) -> stillpoint_saveset::Result<VolumeBackup> {
         let (parent, why) = match recorded {
             Err(why) => (self.parents.parent(repo, key).map(Parent::pages_only), Some(why)),
-            Ok(RecordedBase { manifest, identity, .. }) => {
-                match lvm::thin::changes_since_base(snap, &key.group, &identity) {
-                    Ok(changed) => (
-                        Some(Parent { manifest, changed, sample_percent: bases.sample_percent() }),
-                        None,
-                    ),
-                    Err(why) => (Some(Parent::pages_only(manifest)), Some(why)),
-                }
-            }
+            Ok(RecordedBase { manifest, identity, .. }) => match changes(&identity) {
+                Ok(changed) => (
+                    Some(Parent { manifest, changed, sample_percent: bases.sample_percent() }),
+                    None,
+                ),
+                Err(why) => (Some(Parent::pages_only(manifest)), Some(why)),
+            },
         };
         if let Some(why) = &why {
             info!(group = %key.group, volume = %key.volume, "no change map: {why}; reading the whole volume");
         }
-        let source = Path::new(&snap.locator);
-        let done =
-            repo.backup_volume_with(source, meta, parent.as_ref(), report).map(|mut done| {
-                if let Some(why) = why {
-                    done.stats.change_map = why;
-                }
-                done
-            });
-        (done, thin.is_ok())
+        let mut done = repo.backup_volume_with(source, meta, parent.as_ref(), report)?;
+        if let Some(why) = why {
+            done.stats.change_map = why;
+        }
+        Ok(done)
     }
 
     /// Keeps each copied volume's new base (after the exports ended: a qcow2 snapshot needs the
