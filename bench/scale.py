@@ -1,7 +1,9 @@
 #!/usr/bin/env python3
 """Helpers of bench/scale.sh (stdlib only, Python >= 3.9).
 
-  scale.py need SIZE...               bytes of disk each size needs, one line per size
+  scale.py need [--tools "T..."] [--drop] SIZE...
+                                      bytes of disk each size needs, one line per size (TOOLS
+                                      run; --drop: the volume is dropped before the restore)
   scale.py restic-tree-bytes REPO     bytes of tree blobs listed in a restic repository's index
   scale.py borg-new-items DIR SEEN    bytes of the item-stream chunks in DIR (borg debug
                                       dump-archive-items) whose ids SEEN lacks; adds them to SEEN
@@ -47,17 +49,25 @@ def parse_size(s):
     return int(s)
 
 
-def need(size):
+def need(size, tools=None, drop=False):
     """Disk a size needs at its peak, bytes; see "Disk" in bench/README.md.
 
     The btrfs loop file's allocation (the image, at most its logical size, the 6% the two
     mutations rewrite, btrfs metadata: 1.1x plus 1 GiB; the file itself is sparse), then the
-    larger of one repository before its prune (restic's and borg's ~1-2 MiB chunks almost all
-    change under 1% scattered writes, so their four backups store 1.3-1.6x the image: measured
-    1.59x at 256M, 1.33x at 1G; 1.6x) and a pruned one (what S3 references, 0.5x measured;
-    0.6x) beside a restore (restic writes holes as data: 1x), and 1 GiB of slack for logs and
-    caches. btrfs send's streams (at most 1.1x) are kept only while no repository exists."""
-    return int(1.1 * size) + GIB + max(int(1.6 * size), int(0.6 * size) + size) + GIB
+    larger of one repository before its prune and a pruned one beside a restore (restic writes
+    holes as data: 1x), and 1 GiB of slack for logs and caches. With restic or borg among
+    `tools` (or no tools named), a repository is 1.6x and a pruned one 0.6x: their ~1-2 MiB
+    chunks almost all change under 1% scattered writes, so their four backups store 1.3-1.6x
+    the image (measured 1.59x at 256M, 1.33x at 1G; pruned 0.5x). stillpoint's alone: 0.5x and
+    0.45x (its 4 KiB chunks: 0.43x and 0.40x measured at 16G). With `drop` (DROP_BEFORE_RESTORE)
+    the volume is gone before the restore, so the two phases do not add up. btrfs send's
+    streams (at most 1.1x) are kept only while no repository exists."""
+    peers = tools is None or any(t in ("restic", "borg") for t in tools)
+    repo, pruned = (1.6, 0.6) if peers else (0.5, 0.45)
+    loop = int(1.1 * size) + GIB
+    if drop:
+        return max(loop + int(repo * size), int(pruned * size) + size) + GIB
+    return loop + max(int(repo * size), int(pruned * size) + size) + GIB
 
 
 def loop_bytes(size):
@@ -348,8 +358,16 @@ def main():
         sys.exit(__doc__)
     cmd, args = sys.argv[1], sys.argv[2:]
     if cmd == "need":
+        tools, drop = None, False
+        while args and args[0].startswith("--"):
+            if args[0] == "--tools" and len(args) > 1:
+                tools, args = args[1].split(), args[2:]
+            elif args[0] == "--drop":
+                drop, args = True, args[1:]
+            else:
+                sys.exit(__doc__)
         for s in args:
-            print(parse_size(s), loop_bytes(parse_size(s)), need(parse_size(s)))
+            print(parse_size(s), loop_bytes(parse_size(s)), need(parse_size(s), tools, drop))
     elif cmd == "restic-tree-bytes":
         print(restic_tree_bytes(args[0]))
     elif cmd == "borg-new-items":

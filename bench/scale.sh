@@ -10,6 +10,7 @@
 #   SIZES="256M 1G" WORK=/scratch bench/scale.sh
 #   DRY_RUN=1 SIZES="1G 4G 16G 32G 64G" bench/scale.sh   # only the disk check: what would run
 #   BUILD=0 TOOLS="stillpoint btrfs-send" bench/scale.sh
+#   SIZES=32G TOOLS="stillpoint-cbt stillpoint" DROP_BEFORE_RESTORE=1 bench/scale.sh   # less disk
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -19,6 +20,10 @@ SIZES=${SIZES:-1G 4G 16G}
 WORK=${WORK:-/tmp/stillpoint-scale}
 RESERVE=${RESERVE:-5G}
 TOOLS=${TOOLS:-btrfs-send stillpoint stillpoint-cbt restic borg}
+# DROP_BEFORE_RESTORE=1: only the last tool (stillpoint or stillpoint-cbt) restores, after the
+# volume is deleted, checked against S3's hash taken before; the others' restores are skipped.
+# The volume and the restore then never share the disk: a larger size fits.
+DROP=${DROP_BEFORE_RESTORE:-0}
 TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
 BIN=${BIN:-$TARGET_DIR/release/backupctl}
 HELPER=$ROOT/bench/scale.py
@@ -34,13 +39,25 @@ gib() { awk -v b="$1" 'BEGIN { printf "%.1f GiB", b / 1073741824 }'; }
 bytes_of() { python3 -c 'import sys; sys.path.insert(0, sys.argv[1]); import scale; print(scale.parse_size(sys.argv[2]))' "$ROOT/bench" "$1"; }
 avail() { df -B1 --output=avail "$WORK" | tail -1 | tr -d ' '; }
 RESERVE_B=$(bytes_of "$RESERVE")
+NEED_ARGS=(--tools "$TOOLS")
+LAST_TOOL=${TOOLS##* }
+if [ "$DROP" = 1 ]; then
+  case " $TOOLS " in
+    *" restic "*|*" borg "*) die "DROP_BEFORE_RESTORE=1 is for stillpoint's tools (and btrfs-send): restic and borg restore too" ;;
+  esac
+  case $LAST_TOOL in
+    stillpoint|stillpoint-cbt) ;;
+    *) die "DROP_BEFORE_RESTORE=1: the last of TOOLS must be stillpoint or stillpoint-cbt (it restores)" ;;
+  esac
+  NEED_ARGS+=(--drop)
+fi
 
 # fits SIZE -- whether SIZE's peak disk use (scale.py need) plus RESERVE fits what df says is free
 # where WORK lives now; says why not. Sizes run one after the other, each cleaned up before the
 # next, so each is checked on its own, and again just before it runs (others use the disk too).
 fits() {
   local need free
-  need=$(python3 "$HELPER" need "$1" | awk '{ print $3 }')
+  need=$(python3 "$HELPER" need "${NEED_ARGS[@]}" "$1" | awk '{ print $3 }')
   free=$(avail)
   if [ $((need + RESERVE_B)) -le "$free" ]; then
     FIT_MSG="$1: needs $(gib "$need") + $(gib "$RESERVE_B") kept free; $(gib "$free") free in $WORK: runs"
@@ -50,7 +67,7 @@ fits() {
   return 1
 }
 
-echo "== disk check (btrfs loop file 1.1x + 1 GiB, one repository 1.6x (or a pruned one 0.6x and a restore 1x), 1 GiB slack; RESERVE=$RESERVE kept free)" >&2
+echo "== disk check (btrfs loop file 1.1x + 1 GiB, one repository 1.6x with restic or borg, 0.5x with stillpoint's alone (or a pruned one 0.6x / 0.45x and a restore 1x$([ "$DROP" = 1 ] && echo ', after the volume is dropped')), 1 GiB slack; RESERVE=$RESERVE kept free)" >&2
 RUNNABLE=()
 REFUSED_MSGS=()
 for S in $SIZES; do
@@ -151,6 +168,13 @@ stored() { sync; du_b "$1"; }
 same() { # same FILE REFERENCE -- the restored file equals the snapshot's image, bit for bit
   if cmp -s "$1" "$2"; then echo "identical, $(du -B1 "$1" | cut -f1) B allocated"; else echo "DIFFERENT from $2"; fi
 }
+same_hash() { # same_hash FILE SHA256 -- the restored file has the snapshot's hash (taken before the drop)
+  if [ "$(sha256sum < "$1" | cut -d' ' -f1)" = "$2" ]; then
+    echo "identical (sha256 of S3 taken before the volume was dropped), $(du -B1 "$1" | cut -f1) B allocated"
+  else
+    echo "DIFFERENT from S3 (sha256 $2)"
+  fi
+}
 snapimg() { echo "$MNT/snap/S$1/disk.img"; }
 STEP_OF=(full incr1 incr5 unchanged)
 
@@ -181,6 +205,7 @@ make_volume() {
 }
 
 drop_volume() {
+  [ -n "$LOOPDEV" ] || return 0
   mountpoint -q "$SRC" && umount "$SRC"
   umount "$MNT"
   losetup -d "$LOOPDEV"; LOOPDEV=""
@@ -271,10 +296,24 @@ run_stillpoint() {
   cold
   measure "$tool" verify "'$BIN' verify unchanged --incomplete --read-data"
   row "$tool" verify - - "the chunks of S3 (what its restore reads)"
-  measure_restore "$tool" "'$BIN' restore unchanged --incomplete --server bench --to '$OUTD/disk.img' && sync"
-  row "$tool" restore - - "$(same "$OUTD/disk.img" "$(snapimg 3)")"
+  if [ "$DROP" = 1 ] && [ "$tool" != "$LAST_TOOL" ]; then
+    echo "$LABEL $tool restore: not run (DROP_BEFORE_RESTORE=1: only $LAST_TOOL restores, after the volume is dropped)" | tee -a "$SKIPPED" >&2
+  elif [ "$DROP" = 1 ]; then
+    local sum
+    echo "== $LABEL: sha256 of S3, then the volume is dropped before $tool's restore" >&2
+    sum=$(sha256sum < "$(snapimg 3)" | cut -d' ' -f1)
+    echo "$LABEL: S3 sha256 $sum" >> "$LOG"
+    rm -rf "$MNT/bases-$LABEL"
+    drop_volume
+    measure_restore "$tool" "'$BIN' restore unchanged --incomplete --server bench --to '$OUTD/disk.img' && sync"
+    row "$tool" restore - - "$(same_hash "$OUTD/disk.img" "$sum")"
+  else
+    measure_restore "$tool" "'$BIN' restore unchanged --incomplete --server bench --to '$OUTD/disk.img' && sync"
+    row "$tool" restore - - "$(same "$OUTD/disk.img" "$(snapimg 3)")"
+  fi
   rm -rf "$OUTD"
-  rm -rf "$repo" "$RUN/cache/$tool" "$MNT/bases-$LABEL"
+  rm -rf "$repo" "$RUN/cache/$tool"
+  [ -n "$LOOPDEV" ] && rm -rf "$MNT/bases-$LABEL"
   unset STILLPOINT_REPO STILLPOINT_REPO_PASSPHRASE_FILE STILLPOINT_CACHE_DIR
 }
 
