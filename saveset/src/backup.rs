@@ -798,23 +798,25 @@ impl Repository {
                 Ok(stored)
             });
             let mut bytes = 0u64;
-            let mut pack = self.new_pack(None);
-            let mut sending = true;
+            // The next pack's buffer is taken only once the full one is handed over: by then
+            // the storer has given back the buffer of the pack before (taking one earlier
+            // allocated a third while the full pack waited for the storer).
+            let mut pack = Some(self.new_pack(None));
             'batches: for batch in sealed {
                 for (id, blob) in batch.iter() {
-                    pack.append(id, blob);
+                    let filling =
+                        pack.get_or_insert_with(|| self.new_pack(empty_rx.try_recv().ok()));
+                    filling.append(id, blob);
                     bytes += blob.len() as u64;
-                    if pack.len >= self.pack_size() {
-                        let next = self.new_pack(empty_rx.try_recv().ok());
-                        let full = std::mem::replace(&mut pack, next);
+                    if filling.len >= self.pack_size() {
+                        let full = pack.take().expect("just filled");
                         if full_tx.send(full).is_err() {
-                            sending = false;
                             break 'batches;
                         }
                     }
                 }
             }
-            if sending && !pack.is_empty() {
+            if let Some(pack) = pack.filter(|p| !p.is_empty()) {
                 let _ = full_tx.send(pack);
             }
             drop(full_tx);

@@ -14,6 +14,7 @@
 mod external;
 mod filter;
 mod run;
+mod table;
 
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
@@ -24,6 +25,7 @@ use std::time::{Duration, SystemTime};
 
 pub(crate) use external::{sort_budget, ExternalSet, ExternalSort, SortedFile, SortedIter};
 use run::{Cached, RawEntry, Run, RunWriter};
+use table::MemTable;
 
 use crate::crypto::{hex, random};
 use crate::error::{Error, IoContext, Result};
@@ -63,8 +65,9 @@ const LOOKUP_BATCH: usize = 1 << 16;
 /// The default memory budget of the index (its in-memory table, filters, fence keys and runs
 /// kept in memory); the external sets of prune and verify take as much again.
 pub const DEFAULT_MEMORY_BUDGET: u64 = 128 << 20;
-/// Bytes one in-memory entry costs, hash table slack included.
-const MEM_ENTRY_COST: u64 = 80;
+/// Bytes one in-memory entry costs: 44 in the table's vector, at most 12 in its positions (4
+/// bytes a bucket, at least 3/8 of them used; `table.rs`).
+const MEM_ENTRY_COST: u64 = 56;
 /// Temp files of a run being written by a process that died are removed after this.
 const STALE_TMP: Duration = Duration::from_secs(3600);
 
@@ -72,8 +75,8 @@ const STALE_TMP: Duration = Duration::from_secs(3600);
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Limits {
     pub(crate) budget: u64,
-    /// Entries in the in-memory table before it is spilled: a sixteenth of the budget (8 MiB,
-    /// about 100 000 entries by default), which a 1 GiB full backup already fills, so a
+    /// Entries in the in-memory table before it is spilled: a twenty-fourth of the budget (5.3
+    /// MiB, about 100 000 entries by default), which a 1 GiB full backup already fills, so a
     /// backup's memory does not grow beyond that size (larger ones spill more runs).
     mem_entries: usize,
     /// All runs' filters together.
@@ -91,7 +94,7 @@ impl Limits {
         let budget = budget.max(64 << 10);
         Limits {
             budget,
-            mem_entries: usize::try_from(budget / 16 / MEM_ENTRY_COST)
+            mem_entries: usize::try_from(budget / 24 / MEM_ENTRY_COST)
                 .unwrap_or(usize::MAX)
                 .max(64),
             filter_bytes: budget / 4,
@@ -171,7 +174,7 @@ struct Inner {
     /// By pack number: packs whose whole index is in a run or the in-memory table.
     covered: Vec<bool>,
     runs: Vec<Live>,
-    mem: IdMap<ChunkId, Slot>,
+    mem: MemTable,
     /// Further locations of ids `mem` has (rare: a chunk two writers stored, a repack).
     dups: IdMap<ChunkId, Vec<Slot>>,
     /// Pack numbers with entries in `mem`.
@@ -334,14 +337,9 @@ impl Index {
         }
         for (chunk, offset, len) in entries {
             let offset = u32::try_from(offset).expect("pack offsets fit in u32");
-            let slot = Slot { pack: number, offset, len };
-            match inner.mem.entry(chunk) {
-                std::collections::hash_map::Entry::Vacant(v) => {
-                    v.insert(slot);
-                }
-                std::collections::hash_map::Entry::Occupied(_) => {
-                    inner.dups.entry(chunk).or_default().push(slot);
-                }
+            let expected = inner.limits.mem_entries;
+            if !inner.mem.insert(RawEntry { id: chunk, pack: number, offset, len }, expected) {
+                inner.dups.entry(chunk).or_default().push(Slot { pack: number, offset, len });
             }
             inner.mem_len += 1;
         }
@@ -441,7 +439,7 @@ impl Inner {
             gone: Vec::new(),
             covered: Vec::new(),
             runs: Vec::new(),
-            mem: IdMap::default(),
+            mem: MemTable::default(),
             dups: IdMap::default(),
             mem_packs: Vec::new(),
             mem_len: 0,
@@ -504,8 +502,8 @@ impl Inner {
     }
 
     fn mem_slots(&self, id: &ChunkId, f: &mut dyn FnMut(Slot)) {
-        if let Some(&s) = self.mem.get(id) {
-            f(s);
+        if let Some(e) = self.mem.get(id) {
+            f(Slot { pack: e.pack, offset: e.offset, len: e.len });
             if let Some(more) = self.dups.get(id) {
                 more.iter().for_each(|&s| f(s));
             }
@@ -538,20 +536,24 @@ impl Inner {
         packs.dedup();
         let local =
             |n: u32| u32::try_from(packs.binary_search(&n).expect("a pack in mem")).expect("u32");
-        let mut entries: Vec<RawEntry> = Vec::with_capacity(self.mem_len);
-        for (id, s) in self.mem.drain() {
-            entries.push(RawEntry { id, pack: s.pack, offset: s.offset, len: s.len });
-        }
-        for (id, more) in self.dups.drain() {
-            entries.extend(more.into_iter().map(|s| RawEntry {
+        // The table sorts in place; the rare repeats are merged in as the run is written.
+        let mut more: Vec<RawEntry> = Vec::new();
+        for (id, slots) in self.dups.drain() {
+            more.extend(slots.into_iter().map(|s| RawEntry {
                 id,
                 pack: s.pack,
                 offset: s.offset,
                 len: s.len,
             }));
         }
+        more.sort_unstable();
+        let total = self.mem_len;
+        debug_assert_eq!(
+            self.mem.len() + more.len(),
+            total,
+            "every entry in the table or a repeat"
+        );
         self.mem_len = 0;
-        entries.sort_unstable();
         let table: Vec<PackId> = packs.iter().map(|&n| self.packs[n as usize]).collect();
         let (tag, limits) = (self.tag, self.limits);
         let dir = self.dir()?.path.clone();
@@ -564,16 +566,20 @@ impl Inner {
             &dir,
             tag,
             table,
-            entries.len() as u64,
+            total as u64,
             limits.fence_bytes,
             limits.filter_bytes * 8 / 2,
         )
         .map_err(io)?;
-        for mut e in entries {
-            e.pack = local(e.pack);
-            w.push(&e).map_err(io)?;
+        let (mut a, mut b) = (self.mem.sorted().iter().peekable(), more.iter().peekable());
+        while let Some(&e) = match (a.peek(), b.peek()) {
+            (Some(x), Some(y)) if y < x => b.next(),
+            (Some(_), _) => a.next(),
+            (None, _) => b.next(),
+        } {
+            w.push(&RawEntry { pack: local(e.pack), ..e }).map_err(io)?;
         }
-        drop(std::mem::take(&mut self.mem));
+        self.mem.clear();
         if let Some(path) = w.finish(&dir).map_err(io)? {
             match Run::open(&path, tag) {
                 Ok(run) => self.runs.push(Live { run, remap: packs }),
