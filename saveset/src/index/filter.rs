@@ -27,10 +27,10 @@ impl Filter {
         Filter { words: vec![0; usize::try_from(bits / 64).expect("a filter fits in memory")] }
     }
 
-    /// The bits to give `entries` ids: the power of two nearest to 12 per id (8.5 to 17 per id:
-    /// rounding up alone gave 12 to 24, 18 on average, for a false positive rate of 0.1-1.7%
-    /// instead of 0.01-0.6%; each costs a block read, most of them in memory), at most
-    /// `max_bits` (rounded down to a power of two), at least 64.
+    /// The bits to give `entries` ids: the power of two nearest to 12 per id (8.5 to 17 per id,
+    /// 12.2 on average, where rounding up gave 12 to 24, 17.3 on average; a false positive rate
+    /// of 0.05-1.7% instead of 0.007-0.3%, each a block read, most of them from memory), at
+    /// most `max_bits` (rounded down to a power of two), at least 64.
     pub(crate) fn bits_for(entries: u64, max_bits: u64) -> u64 {
         let want = entries.saturating_mul(12).max(64);
         let up = want.next_power_of_two();
