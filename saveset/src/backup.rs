@@ -47,7 +47,9 @@ const SIBLING_WAIT: Duration = Duration::from_secs(10);
 /// Chunks this backup sent for storing are remembered until the index has them (their pack is
 /// stored); the set is trimmed to those still in flight when it reaches this size (or twice
 /// what the last trim left), so it holds a few packs' worth, not the whole volume's new chunks.
-const SENT_TRIM: usize = 1 << 16;
+/// It is rebuilt at each trim, sized for the next: a set trimmed in place keeps its
+/// tombstones, and with as many entries as a 16 GiB backup's trims leave it doubled to 8.7 MB.
+const SENT_TRIM: usize = 1 << 15;
 
 /// Chunks between the stages, back to back in one buffer: from the reader their plaintexts,
 /// from the workers the same chunks compressed and sealed. One allocation per batch, not three
@@ -646,7 +648,8 @@ impl Repository {
         let per_window = (READ_WINDOW / cs).max(1);
         let mut buf = vec![0u8; per_window * cs];
         let mut has_data = vec![false; per_window];
-        let mut sent: IdSet<ChunkId> = IdSet::default();
+        let mut sent: IdSet<ChunkId> =
+            IdSet::with_capacity_and_hasher(SENT_TRIM, Default::default());
         let mut sent_trim = SENT_TRIM;
         let mut first = 0u64;
         while first < n {
@@ -717,8 +720,14 @@ impl Repository {
                         claims.claim(id, token)
                     } else if sent.insert(id) {
                         if sent.len() >= sent_trim {
-                            sent.retain(|id| !self.index.contains_key(id));
-                            sent_trim = (sent.len() * 2).max(SENT_TRIM);
+                            // The old table is freed before the new one is made.
+                            let keep: Vec<ChunkId> = std::mem::take(&mut sent)
+                                .into_iter()
+                                .filter(|id| !self.index.contains_key(id))
+                                .collect();
+                            sent_trim = (keep.len() * 2).max(SENT_TRIM);
+                            sent = IdSet::with_capacity_and_hasher(sent_trim, Default::default());
+                            sent.extend(keep);
                         }
                         Claimed::Mine
                     } else {

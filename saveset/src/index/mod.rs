@@ -179,7 +179,6 @@ struct Inner {
     dups: IdMap<ChunkId, Vec<Slot>>,
     /// Pack numbers with entries in `mem`.
     mem_packs: Vec<u32>,
-    mem_len: usize,
 }
 
 impl Default for Index {
@@ -335,17 +334,27 @@ impl Index {
         if inner.covered[number as usize] {
             return Ok(());
         }
+        // A pack's entries go in whole (a run covers whole packs): spilled first when they would
+        // not fit, so the table stays within its share, where spilling after the pack that
+        // crossed it grew the table's vector to twice the share (8.8 MB at 16 GiB).
+        let entries = entries.into_iter();
+        let mem_len = inner.mem_len();
+        if mem_len > 0 && mem_len + entries.size_hint().0 > inner.limits.mem_entries {
+            inner.spill()?;
+            inner.merge_if_needed()?;
+            inner.fit();
+        }
         for (chunk, offset, len) in entries {
             let offset = u32::try_from(offset).expect("pack offsets fit in u32");
             let expected = inner.limits.mem_entries;
             if !inner.mem.insert(RawEntry { id: chunk, pack: number, offset, len }, expected) {
                 inner.dups.entry(chunk).or_default().push(Slot { pack: number, offset, len });
             }
-            inner.mem_len += 1;
         }
         inner.covered[number as usize] = true;
         inner.mem_packs.push(number);
-        if inner.mem_len >= inner.limits.mem_entries {
+        // A pack larger than the whole share (size hints are exact here) goes out at once.
+        if inner.mem_len() >= inner.limits.mem_entries {
             inner.spill()?;
             inner.merge_if_needed()?;
             inner.fit();
@@ -378,7 +387,7 @@ impl Index {
     #[cfg(test)]
     pub(crate) fn memory(&self) -> u64 {
         let inner = self.read();
-        inner.mem_len as u64 * MEM_ENTRY_COST
+        inner.mem_len() as u64 * MEM_ENTRY_COST
             + inner.runs.iter().map(|r| r.run.memory()).sum::<u64>()
     }
 
@@ -413,7 +422,7 @@ impl SortedLookup<'_> {
 impl Drop for Index {
     fn drop(&mut self) {
         let inner = self.inner.get_mut().unwrap_or_else(|p| p.into_inner());
-        if inner.mem_len > 0 && inner.dir.as_ref().is_some_and(|d| !d.temporary) {
+        if inner.mem_len() > 0 && inner.dir.as_ref().is_some_and(|d| !d.temporary) {
             if let Err(e) = inner.spill() {
                 tracing::warn!(error = %e, "index cache: could not save this process's entries");
             }
@@ -442,8 +451,12 @@ impl Inner {
             mem: MemTable::default(),
             dups: IdMap::default(),
             mem_packs: Vec::new(),
-            mem_len: 0,
         }
+    }
+
+    /// Entries added since the last spill: the table's and the repeats beside it.
+    fn mem_len(&self) -> usize {
+        self.mem.len() + self.dups.values().map(Vec::len).sum::<usize>()
     }
 
     fn dir(&mut self) -> Result<&CacheDir> {
@@ -528,7 +541,8 @@ impl Inner {
     /// Writes the in-memory table as a new run (not read back into memory: at drop nobody
     /// will look it up).
     fn spill(&mut self) -> Result<()> {
-        if self.mem_len == 0 {
+        let total = self.mem_len();
+        if total == 0 {
             return Ok(());
         }
         let mut packs = std::mem::take(&mut self.mem_packs);
@@ -547,13 +561,6 @@ impl Inner {
             }));
         }
         more.sort_unstable();
-        let total = self.mem_len;
-        debug_assert_eq!(
-            self.mem.len() + more.len(),
-            total,
-            "every entry in the table or a repeat"
-        );
-        self.mem_len = 0;
         let table: Vec<PackId> = packs.iter().map(|&n| self.packs[n as usize]).collect();
         let (tag, limits) = (self.tag, self.limits);
         let dir = self.dir()?.path.clone();
@@ -729,7 +736,13 @@ impl Inner {
         }
         self.runs.sort_by_key(|l| l.run.entries);
         let take = self.runs.len() - MAX_RUNS / 2 + 1;
-        let inputs: Vec<Live> = self.runs.drain(..take).collect();
+        let mut inputs: Vec<Live> = self.runs.drain(..take).collect();
+        // Nothing looks the inputs up now (they are out of `runs`, under the write lock): their
+        // filters and resident blocks go before the output's filter is built, so a merge does
+        // not hold the inputs' and the output's filters at once.
+        for l in &mut inputs {
+            l.run.release_memory();
+        }
         match self.merge(&dir, &inputs) {
             Ok(Some(live)) => {
                 for l in &inputs {
@@ -743,9 +756,27 @@ impl Inner {
                 }
             }
             Err(why) => {
-                // A damaged input: it is dropped at the next scan, the others stay.
+                // A damaged input (marked dead by the read that failed) is removed now, and its
+                // packs' index files are read from the repository again; the others stay,
+                // opened again for their filters.
                 tracing::warn!(dir = %dir.display(), "index cache merge failed: {why}");
-                self.runs.extend(inputs);
+                for l in inputs {
+                    let reopened = if l.run.is_dead() {
+                        Err("damaged".to_owned())
+                    } else {
+                        Run::open(&l.run.path, self.tag)
+                    };
+                    match reopened {
+                        Ok(run) => self.runs.push(Live { run, remap: l.remap }),
+                        Err(why) => {
+                            tracing::debug!(
+                                run = %l.run.path.display(),
+                                "index cache run not used ({why}): removed"
+                            );
+                            let _ = std::fs::remove_file(&l.run.path);
+                        }
+                    }
+                }
             }
         }
         drop(lock);

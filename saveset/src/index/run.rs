@@ -333,6 +333,13 @@ impl Run {
         self.resident = None;
     }
 
+    /// Frees the filter and the resident blocks of a run being merged away: it is only read
+    /// through [`Run::iter`] from then on, and must not be looked up (its filter is empty).
+    pub(crate) fn release_memory(&mut self) {
+        self.filter = Filter::with_bits(64);
+        self.resident = None;
+    }
+
     fn entries_in(&self, b: usize) -> usize {
         let before = b as u64 * u64::from(self.block);
         usize::try_from((self.entries - before).min(u64::from(self.block))).expect("a block")

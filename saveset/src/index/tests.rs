@@ -154,6 +154,55 @@ fn a_damaged_run_is_dropped_and_its_packs_are_no_longer_held() {
 }
 
 #[test]
+fn the_in_memory_table_spills_before_a_pack_that_would_not_fit_so_it_stays_within_its_share() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    // A budget whose table holds 200 entries; packs of 70: the third does not fit beside two.
+    let budget = 200 * 24 * MEM_ENTRY_COST;
+    let index = Index::open(Some(dir.path()), TAG, budget).expect("open");
+    let share = index.read().limits.mem_entries;
+    assert_eq!(share, 200);
+    for p in 0..20 {
+        index.add_pack(pack(p), entries(p).into_iter().take(70)).expect("add");
+        let inner = index.read();
+        assert!(inner.mem_len() <= share, "pack {p}: {} entries held", inner.mem_len());
+        assert!(inner.mem.capacity() <= share, "pack {p}: room for {}", inner.mem.capacity());
+    }
+    assert!(index.run_count() > 1, "spilled every two or three packs");
+    let ids: Vec<ChunkId> = (0..20).flat_map(|p| (0..70).map(move |k| id(p * 100 + k))).collect();
+    assert!(index.get_many(&ids).iter().all(Option::is_some), "every entry still found");
+}
+
+#[test]
+fn a_merge_that_fails_on_a_damaged_input_leaves_the_other_inputs_answering() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let index = Index::open(Some(dir.path()), TAG, TINY).expect("open");
+    index.add_pack(pack(0), entries(0)).expect("add");
+    let first = run_files(dir.path());
+    assert_eq!(first.len(), 1, "every pack spills at this budget");
+    // A block of the first run damaged where its header checksum cannot see it (the run is too
+    // large to be kept in memory at this budget, so nothing has read it yet).
+    let mut bytes = std::fs::read(&first[0]).expect("read");
+    bytes[200] ^= 1;
+    std::fs::write(&first[0], &bytes).expect("write");
+    // The ninth run starts a merge of the six smallest, the damaged one among them: it fails.
+    for p in 1..9 {
+        index.add_pack(pack(p), entries(p)).expect("add");
+    }
+    assert_eq!(index.run_count(), 8, "the merge failed: the damaged run dropped, the rest kept");
+    assert!(!index.has_pack(&pack(0)), "its pack's index file is read from the repository again");
+    assert!(!first[0].exists(), "and its file removed");
+    // The other inputs gave up their filters for the merge; they answer again all the same.
+    let all: Vec<ChunkId> = (100..900).map(id).collect();
+    for (n, loc) in (100..900u64).zip(index.get_many(&all)) {
+        let want = ChunkLoc { pack: pack(n / 100), offset: (n % 100) * 10, len: 10 };
+        assert_eq!(loc, Some(want), "chunk {n}");
+    }
+    for n in 100..900 {
+        assert!(index.contains_key(&id(n)), "chunk {n}");
+    }
+}
+
+#[test]
 fn a_run_of_another_repository_is_never_used() {
     let dir = tempfile::tempdir().expect("tempdir");
     {

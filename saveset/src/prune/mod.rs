@@ -33,6 +33,31 @@ fn entry_stream(f: &SortedFile<ENTRY_REC>) -> Result<impl Iterator<Item = Result
     Ok(f.iter()?.map(|r| r.map(|r| Entry::from_rec(&r))))
 }
 
+/// A chunk to repack by location: pack number (BE), offset (BE), sealed length, id; ordered
+/// bytewise as (pack, offset).
+const LOC_REC: usize = 44;
+
+fn loc_rec(e: &Entry) -> [u8; LOC_REC] {
+    let mut r = [0u8; LOC_REC];
+    r[..4].copy_from_slice(&e.pack.to_be_bytes());
+    r[4..8].copy_from_slice(&e.offset.to_be_bytes());
+    r[8..12].copy_from_slice(&e.len.to_be_bytes());
+    r[12..].copy_from_slice(&e.chunk.0);
+    r
+}
+
+fn from_loc_rec(r: &[u8; LOC_REC]) -> (u32, u64, u32, ChunkId) {
+    let u32_at = |at: usize| u32::from_be_bytes(r[at..at + 4].try_into().expect("4"));
+    (u32_at(0), u64::from(u32_at(4)), u32_at(8), ChunkId(r[12..].try_into().expect("32")))
+}
+
+/// Chunks repacked per segment: what an external sort of the same budget holds (a chunk costs
+/// its record, its location and its entry in the pack being filled, about 170 bytes), at
+/// least 256.
+fn repack_segment(sort_budget: u64) -> usize {
+    usize::try_from(sort_budget / 170).unwrap_or(usize::MAX).max(256)
+}
+
 /// How a prune runs.
 #[derive(Clone, Debug)]
 pub struct PruneOptions {
@@ -275,42 +300,39 @@ impl Repository {
                 }
             }
         }
-        // 3. Repack: the counting chunks of partly used packs into new packs. Their entries
-        // (as many as the chunks copied) join the sorted ones for the rescue below.
-        let mut extra: Vec<Entry> = Vec::new();
+        // 3. Repack: the counting chunks of partly used packs into new packs, taken in location
+        // order from an external sort, a segment at a time (a prune holds a budget's worth of
+        // them, however much it repacks). The new packs' entries go to a second sort, joined to
+        // the sorted ones for the rescue below.
+        let mut extra: ExternalSort<ENTRY_REC> = ExternalSort::new(&dir, budget);
         if !repack.is_empty() {
             let mut chosen = vec![false; numbers.len()];
             repack.iter().for_each(|&n| chosen[n as usize] = true);
-            let mut todo: Vec<(ChunkLoc, ChunkId)> = Vec::new();
+            let mut todo: ExternalSort<LOC_REC> = ExternalSort::new(&dir, budget);
+            let (mut chunks, mut bytes, mut spilled) = (0u64, 0u64, Ok(()));
             plan::counting(
                 entry_stream(&entries)?,
                 chunk_stream(&referenced)?,
                 &is_pending,
                 &written,
                 &mut |e| {
-                    if chosen[e.pack as usize] {
-                        let pack = numbers[e.pack as usize];
-                        todo.push((
-                            ChunkLoc { pack, offset: u64::from(e.offset), len: e.len },
-                            e.chunk,
-                        ));
+                    if chosen[e.pack as usize] && spilled.is_ok() {
+                        chunks += 1;
+                        bytes += u64::from(e.len);
+                        spilled = todo.insert(loc_rec(e));
                     }
                 },
             )?;
-            let new = self.repack(&mut run, todo, repack.len())?;
-            for (pack, list) in new {
-                let n = u32::try_from(numbers.len()).expect("fewer than 4 G packs");
-                numbers.push(pack);
-                extra.extend(list.into_iter().map(|(chunk, offset, len)| Entry {
-                    chunk,
-                    pack: n,
-                    offset: u32::try_from(offset).unwrap_or(u32::MAX),
-                    len,
-                }));
-            }
-            extra.sort_unstable();
+            spilled?;
+            (run.note)(&format!(
+                "repacking {chunks} chunks ({bytes} bytes) of {} packs",
+                repack.len()
+            ));
+            let segment = repack_segment(budget);
+            self.repack(&mut run, todo, segment, &mut numbers, &mut extra)?;
             mark.extend(repack.iter().map(|&n| numbers[n as usize]));
         }
+        let extra = extra.into_file()?;
         // 4. Mark: the record, then the locks live once it is durable, then the record again.
         if !mark.is_empty() {
             mark.sort();
@@ -363,8 +385,7 @@ impl Repository {
             self.read_referenced(&manifests, &mut seen_manifests, &mut more)?;
             let more = more.into_file()?;
             let all_refs = plan::merge_sorted(chunk_stream(&referenced)?, chunk_stream(&more)?);
-            let all_entries =
-                plan::merge_sorted(entry_stream(&entries)?, extra.iter().map(|&e| Ok(e)));
+            let all_entries = plan::merge_sorted(entry_stream(&entries)?, entry_stream(&extra)?);
             for n in plan::rescue(all_entries, all_refs, &doomed)? {
                 doomed[n as usize] = false;
                 run.report.packs_rescued += 1;
@@ -400,6 +421,11 @@ impl Repository {
         }
         // 7. Packs without an index, and temp files, older than the grace.
         self.orphans(&mut run, &packs, &indexed, now, grace)?;
+        // This handle's own index: the deleted packs gone, the repacked ones in, so that a
+        // restore or backup through it next does not look for chunks where they were.
+        if !opts.dry_run && (run.report.packs_deleted > 0 || run.report.packs_written > 0) {
+            self.refresh_index()?;
+        }
         drop(lock);
         Ok(run.report)
     }
@@ -518,73 +544,94 @@ impl Repository {
         self.storage.put(&key, &self.key.seal(key.as_bytes(), &json))
     }
 
-    /// Copies the chunks `todo` (the counting chunks of `packs` partly used packs) into new
-    /// packs, sealed blobs as they are; returns each new pack with its entries.
-    #[allow(clippy::type_complexity)]
+    /// Copies the chunks `todo` (the counting chunks of partly used packs, by location) into
+    /// new packs, sealed blobs as they are, `segment` chunks at a time; each new pack takes the
+    /// next number in `numbers` and its entries go to `extra`.
     fn repack(
         &self,
         run: &mut Run<'_>,
-        mut todo: Vec<(ChunkLoc, ChunkId)>,
-        packs: usize,
-    ) -> Result<Vec<(PackId, Vec<(ChunkId, u64, u32)>)>> {
-        todo.sort_unstable_by_key(|&(l, c)| (l.pack, l.offset, c));
-        let locs: Vec<ChunkLoc> = todo.iter().map(|&(l, _)| l).collect();
-        let bytes: u64 = locs.iter().map(|l| u64::from(l.len)).sum();
-        let what = format!("repacking {} chunks ({bytes} bytes) of {packs} packs", locs.len());
-        (run.note)(&what);
-        let mut out = Vec::new();
+        todo: ExternalSort<LOC_REC>,
+        segment: usize,
+        numbers: &mut Vec<PackId>,
+        extra: &mut ExternalSort<ENTRY_REC>,
+    ) -> Result<()> {
+        let mut sorted = todo.into_sorted_iter()?;
         let mut buf = Vec::new();
         let mut pack = self.new_pack(None);
         // The chunks of the pack being filled (a dry run fills none, but counts the same).
         let mut filled: Vec<(ChunkId, u64, u32)> = Vec::new();
         let mut filled_len = 0u64;
-        for r in runs(&locs, 64 << 10, 8 << 20) {
-            let (first, last) = (locs[r.start], locs[r.end - 1]);
-            let range = first.offset..last.offset + u64::from(last.len);
-            let got = if run.opts.dry_run {
-                None
-            } else {
-                Some(self.read_pack_into(first.pack, range, &mut buf)?)
-            };
-            for &(loc, chunk) in &todo[r] {
-                if let Some(got) = &got {
-                    let at =
-                        got.start + usize::try_from(loc.offset - first.offset).expect("in the run");
-                    pack.append(chunk, &buf[at..at + loc.len as usize]);
+        let mut chunks: Vec<(ChunkLoc, ChunkId)> = Vec::with_capacity(segment);
+        loop {
+            chunks.clear();
+            for rec in sorted.by_ref() {
+                let (n, offset, len, chunk) = from_loc_rec(&rec?);
+                chunks.push((ChunkLoc { pack: numbers[n as usize], offset, len }, chunk));
+                if chunks.len() >= segment {
+                    break;
                 }
-                filled.push((chunk, filled_len, loc.len));
-                filled_len += u64::from(loc.len);
-                run.report.bytes_rewritten += u64::from(loc.len);
             }
-            if filled_len >= self.pack_size() {
-                let full = std::mem::replace(&mut pack, self.new_pack(None));
-                self.store_repacked(run, full, std::mem::take(&mut filled), filled_len, &mut out)?;
-                filled_len = 0;
+            if chunks.is_empty() {
+                break;
+            }
+            let locs: Vec<ChunkLoc> = chunks.iter().map(|&(l, _)| l).collect();
+            for r in runs(&locs, 64 << 10, 8 << 20) {
+                let (first, last) = (locs[r.start], locs[r.end - 1]);
+                let range = first.offset..last.offset + u64::from(last.len);
+                let got = if run.opts.dry_run {
+                    None
+                } else {
+                    Some(self.read_pack_into(first.pack, range, &mut buf)?)
+                };
+                for &(loc, chunk) in &chunks[r] {
+                    if let Some(got) = &got {
+                        let at = got.start
+                            + usize::try_from(loc.offset - first.offset).expect("in the run");
+                        pack.append(chunk, &buf[at..at + loc.len as usize]);
+                    }
+                    filled.push((chunk, filled_len, loc.len));
+                    filled_len += u64::from(loc.len);
+                    run.report.bytes_rewritten += u64::from(loc.len);
+                }
+                if filled_len >= self.pack_size() {
+                    let full = std::mem::replace(&mut pack, self.new_pack(None));
+                    let list = std::mem::take(&mut filled);
+                    self.store_repacked(run, full, list, filled_len, numbers, extra)?;
+                    filled_len = 0;
+                }
             }
         }
         if !filled.is_empty() {
-            self.store_repacked(run, pack, filled, filled_len, &mut out)?;
+            self.store_repacked(run, pack, filled, filled_len, numbers, extra)?;
         }
-        Ok(out)
+        Ok(())
     }
 
-    /// Stores one repacked pack (in a dry run, counts it under a made-up id).
-    #[allow(clippy::type_complexity)]
+    /// Stores one repacked pack (in a dry run, counts it under a made-up id), numbered next in
+    /// `numbers`, its entries into `extra`.
     fn store_repacked(
         &self,
         run: &mut Run<'_>,
         pack: crate::repo::PackWriter,
         chunks: Vec<(ChunkId, u64, u32)>,
         len: u64,
-        out: &mut Vec<(PackId, Vec<(ChunkId, u64, u32)>)>,
+        numbers: &mut Vec<PackId>,
+        extra: &mut ExternalSort<ENTRY_REC>,
     ) -> Result<()> {
         run.report.packs_written += 1;
-        if !run.act(&format!("write a repacked pack ({len} bytes) and its index"))? {
-            out.push((PackId(crypto::random()), chunks));
-            return Ok(());
+        let (id, list) =
+            if run.act(&format!("write a repacked pack ({len} bytes) and its index"))? {
+                let (stored, _) = self.store_pack(pack)?;
+                (stored.id, stored.entries_vec())
+            } else {
+                (PackId(crypto::random()), chunks)
+            };
+        let n = u32::try_from(numbers.len()).expect("fewer than 4 G packs");
+        numbers.push(id);
+        for (chunk, offset, len) in list {
+            let offset = u32::try_from(offset).unwrap_or(u32::MAX);
+            extra.insert(Entry { chunk, pack: n, offset, len }.to_rec())?;
         }
-        let (stored, _) = self.store_pack(pack)?;
-        out.push((stored.id, stored.entries_vec()));
         Ok(())
     }
 

@@ -165,6 +165,28 @@ fn prune_frees_exactly_the_unreferenced_data_and_a_dry_run_changes_nothing() {
 }
 
 #[test]
+fn a_prune_with_a_tiny_memory_budget_repacks_in_segments_and_frees_exactly_the_same() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (repo_dir, kept, base, fresh_bytes) = forgotten_twin(tmp.path());
+    // 1 MiB: its sorts hold 64 KiB, so the repack takes a few hundred chunks at a time.
+    let options =
+        OpenOptions { cache_dir: Some(tmp.path().join("tiny-cache")), memory_budget: Some(MIB) };
+    let location = Location::Local(repo_dir.clone());
+    let mut repo = Repository::open_with(&location, &secret(), options).unwrap();
+    let mut notes = Vec::new();
+    let done = repo.prune(&now(), &mut |n| notes.push(n.to_owned())).unwrap();
+    let repacked: u64 = notes
+        .iter()
+        .find_map(|n| n.strip_prefix("repacking ")?.split(' ').next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no repack in {notes:?}"));
+    assert!(repacked > 1000, "{repacked} chunks: several segments of a few hundred");
+    assert!(done.packs_repacked > 0 && done.packs_written > 0, "{done:?}");
+    assert_eq!(bytes(&repo, "packs/"), fresh_bytes, "{done:?}");
+    // Through the same handle: its index follows what the prune deleted and wrote.
+    assert_intact(&repo, &[(kept, base)], tmp.path());
+}
+
+#[test]
 fn a_prune_stopped_after_any_change_leaves_a_repository_that_verifies_and_restores() {
     let tmp = tempfile::tempdir().unwrap();
     let (template, kept, base, fresh_bytes) = forgotten_twin(tmp.path());
