@@ -153,19 +153,9 @@ impl RunWriter {
             return Ok(None);
         }
         self.end_block()?;
-        let mut tables = Vec::new();
-        for p in &self.packs {
-            tables.extend_from_slice(&p.0);
-        }
-        for f in &self.fences {
-            tables.extend_from_slice(&f.to_be_bytes());
-        }
-        for w in self.filter.words() {
-            tables.extend_from_slice(&w.to_le_bytes());
-        }
-        self.out.write_all(&tables)?;
-        let mut file = self.out.into_inner().map_err(|e| e.into_error())?;
-        let blocks_end = file.stream_position()? - tables.len() as u64;
+        // The header is known before the tables, so they are written and hashed as they go:
+        // gathered into one buffer first, the filter was held twice (its words and its bytes).
+        let blocks_end = self.out.stream_position()?;
         let mut header = [0u8; HEADER];
         header[..8].copy_from_slice(MAGIC);
         header[8..24].copy_from_slice(&self.tag);
@@ -175,8 +165,23 @@ impl RunWriter {
         header[36..40].copy_from_slice(&packs.to_le_bytes());
         header[40..48].copy_from_slice(&self.filter.bytes().to_le_bytes());
         header[48..56].copy_from_slice(&blocks_end.to_le_bytes());
-        let sum = header_sum(&header, &tables);
-        header[56..88].copy_from_slice(&sum);
+        let mut h = blake3::Hasher::new();
+        h.update(&header[..56]);
+        let mut put = |bytes: &[u8]| -> std::io::Result<()> {
+            h.update(bytes);
+            self.out.write_all(bytes)
+        };
+        for p in &self.packs {
+            put(&p.0)?;
+        }
+        for f in &self.fences {
+            put(&f.to_be_bytes())?;
+        }
+        for w in self.filter.words() {
+            put(&w.to_le_bytes())?;
+        }
+        let mut file = self.out.into_inner().map_err(|e| e.into_error())?;
+        header[56..88].copy_from_slice(h.finalize().as_bytes());
         file.seek(SeekFrom::Start(0))?;
         file.write_all(&header)?;
         let path = dir.join(format!("run-{}", hex(&random::<16>())));
@@ -196,11 +201,28 @@ impl Drop for TmpFile {
     }
 }
 
-fn header_sum(header: &[u8; HEADER], tables: &[u8]) -> [u8; 32] {
-    let mut h = blake3::Hasher::new();
-    h.update(&header[..56]);
-    h.update(tables);
-    *h.finalize().as_bytes()
+/// `n` records of `N` bytes at `at`, parsed by `parse`, read in pieces of 64 KiB that also go
+/// to `h` (the header checksum covers the tables): a table is never held as bytes and parsed
+/// at once. `n` is bounded by the file's length, checked by the caller.
+fn read_table<T, const N: usize>(
+    file: &File,
+    at: u64,
+    n: u64,
+    h: &mut blake3::Hasher,
+    parse: impl Fn(&[u8; N]) -> T,
+) -> Result<Vec<T>, String> {
+    let mut out = Vec::with_capacity(usize::try_from(n).map_err(|_| "too large")?);
+    let mut buf = vec![0u8; (1 << 16) / N * N];
+    let mut done = 0u64;
+    while done < n {
+        let k = usize::try_from((n - done).min((buf.len() / N) as u64)).expect("a piece");
+        let piece = &mut buf[..k * N];
+        file.read_exact_at(piece, at + done * N as u64).map_err(|e| e.to_string())?;
+        h.update(piece);
+        out.extend(piece.chunks_exact(N).map(|r| parse(r.try_into().expect("N bytes"))));
+        done += k as u64;
+    }
+    Ok(out)
 }
 
 /// An open run: its tables in memory, its blocks on disk (or, when they fit the budget, in
@@ -252,24 +274,22 @@ impl Run {
         if blocks_end != expect_blocks_end || blocks_end.checked_add(tables_len) != Some(len) {
             return Err(format!("bad length {len}"));
         }
-        let mut tables = vec![0u8; usize::try_from(tables_len).map_err(|_| "too large")?];
-        file.read_exact_at(&mut tables, blocks_end).map_err(|e| e.to_string())?;
-        if header_sum(&header, &tables) != header[56..88] {
+        // The tables are parsed as they are read and checked, a piece at a time: read whole
+        // first, a run's filter was held twice while it opened (its bytes and its words).
+        let mut h = blake3::Hasher::new();
+        h.update(&header[..56]);
+        let fences_at = blocks_end + u64::from(packs) * 32;
+        let filter_at = fences_at + nblocks * 8;
+        let packs =
+            read_table(&file, blocks_end, u64::from(packs), &mut h, |p: &[u8; 32]| PackId(*p))?;
+        let fences =
+            read_table(&file, fences_at, nblocks, &mut h, |f: &[u8; 8]| u64::from_be_bytes(*f))?;
+        let words = read_table(&file, filter_at, filter_bytes / 8, &mut h, |w: &[u8; 8]| {
+            u64::from_le_bytes(*w)
+        })?;
+        if h.finalize().as_bytes()[..] != header[56..88] {
             return Err("checksum mismatch".into());
         }
-        let (pack_bytes, rest) = tables.split_at(packs as usize * 32);
-        let (fence_bytes, filter_bytes) =
-            rest.split_at(usize::try_from(nblocks * 8).expect("fits"));
-        let packs =
-            pack_bytes.chunks_exact(32).map(|p| PackId(p.try_into().expect("32"))).collect();
-        let fences = fence_bytes
-            .chunks_exact(8)
-            .map(|f| u64::from_be_bytes(f.try_into().expect("8")))
-            .collect();
-        let words = filter_bytes
-            .chunks_exact(8)
-            .map(|w| u64::from_le_bytes(w.try_into().expect("8")))
-            .collect();
         let filter = Filter::from_words(words).ok_or("bad filter")?;
         Ok(Run {
             path: path.to_owned(),
