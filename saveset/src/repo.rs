@@ -330,8 +330,9 @@ impl Repository {
     /// before it (FORMAT.md, "Prune").
     ///
     /// The index is a local cache (FORMAT.md, "The index cache"): only index files it does not
-    /// hold yet are read; what was read is written to the cache before this returns.
-    pub fn refresh_index(&mut self) -> Result<()> {
+    /// hold yet are read; what was read is written to the cache before this returns. Takes
+    /// `&self`: the index is shared behind a lock, so a restore refreshes it too.
+    pub fn refresh_index(&self) -> Result<()> {
         let pending = crate::prune::pending_packs(self)?;
         let mut new = Vec::new();
         let mut listed = crate::index::IdSet::default();

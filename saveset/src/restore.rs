@@ -116,6 +116,10 @@ impl Repository {
         force: bool,
         progress: &(dyn Fn(RestoreProgress) + Sync),
     ) -> Result<RestoreStats> {
+        // A long-lived handle (a pool's) may hold locations in packs a prune has since
+        // repacked and deleted, in this process or another: the index is brought up to date
+        // first (the deleted packs gone, the repacked ones in).
+        self.refresh_index()?;
         let (file, sparse, created) = open_target(target, manifest.size, force)?;
         let sizes = (REPEAT_CACHE, SEGMENT, SORTED_ABOVE);
         let restored = self.write_volume(manifest, &file, sparse, target, sizes, progress);

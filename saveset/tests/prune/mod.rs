@@ -187,6 +187,27 @@ fn a_prune_with_a_tiny_memory_budget_repacks_in_segments_and_frees_exactly_the_s
 }
 
 #[test]
+fn a_handle_loaded_before_another_handles_prune_restores_from_the_repacked_packs() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (repo_dir, kept, base, _) = forgotten_twin(tmp.path());
+    let location = Location::Local(repo_dir);
+    let open = |cache: &str| {
+        let options = OpenOptions::with_cache_dir(tmp.path().join(cache));
+        Repository::open_with(&location, &secret(), options).unwrap()
+    };
+    // A long-lived handle (as a pool's), its index loaded before the prune; the prune through
+    // another (as another process's, with its own cache) repacks and deletes at once.
+    let long_lived = open("cache-a");
+    let mut other = open("cache-b");
+    let done = prune(&mut other, &now()).unwrap();
+    assert!(done.packs_repacked > 0 && done.packs_deleted > 0, "{done:?}");
+    // The kept backup's chunks it shared with the forgotten twin were in packs now deleted.
+    let out = tmp.path().join("restored");
+    long_lived.restore_volume(kept, &out, false).unwrap();
+    assert_eq!(b3(&out), b3(&base));
+}
+
+#[test]
 fn a_prune_stopped_after_any_change_leaves_a_repository_that_verifies_and_restores() {
     let tmp = tempfile::tempdir().unwrap();
     let (template, kept, base, fresh_bytes) = forgotten_twin(tmp.path());
