@@ -340,9 +340,7 @@ impl Index {
         let entries = entries.into_iter();
         let mem_len = inner.mem_len();
         if mem_len > 0 && mem_len + entries.size_hint().0 > inner.limits.mem_entries {
-            inner.spill()?;
-            inner.merge_if_needed()?;
-            inner.fit();
+            inner.make_room()?;
         }
         for (chunk, offset, len) in entries {
             let offset = u32::try_from(offset).expect("pack offsets fit in u32");
@@ -355,9 +353,7 @@ impl Index {
         inner.mem_packs.push(number);
         // A pack larger than the whole share (size hints are exact here) goes out at once.
         if inner.mem_len() >= inner.limits.mem_entries {
-            inner.spill()?;
-            inner.merge_if_needed()?;
-            inner.fit();
+            inner.make_room()?;
         }
         Ok(())
     }
@@ -452,6 +448,14 @@ impl Inner {
             dups: IdMap::default(),
             mem_packs: Vec::new(),
         }
+    }
+
+    /// Spills the in-memory table, merges past [`MAX_RUNS`] and fits the runs to the budget.
+    fn make_room(&mut self) -> Result<()> {
+        self.spill()?;
+        self.merge_if_needed()?;
+        self.fit();
+        Ok(())
     }
 
     /// Entries added since the last spill: the table's and the repeats beside it.
