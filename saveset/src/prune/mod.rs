@@ -421,11 +421,6 @@ impl Repository {
         }
         // 7. Packs without an index, and temp files, older than the grace.
         self.orphans(&mut run, &packs, &indexed, now, grace)?;
-        // This handle's own index: the deleted packs gone, the repacked ones in, so that a
-        // restore or backup through it next does not look for chunks where they were.
-        if !opts.dry_run && (run.report.packs_deleted > 0 || run.report.packs_written > 0) {
-            self.refresh_index()?;
-        }
         drop(lock);
         Ok(run.report)
     }
