@@ -1,98 +1,170 @@
-//! A Bloom filter over chunk ids, in a power of two of bits so that it can be halved (folded)
-//! when the filters of all runs together outgrow the memory budget: a larger repository then
-//! costs more false positives (a block read that finds nothing), never more memory. Chunk ids
+//! A blocked Bloom filter over chunk ids: every probe of an id falls in one 64-byte block (a
+//! cache line), so a lookup reads one block, from memory or, for a run whose filter does not fit
+//! the budget's share, from the run's file (the page cache). Blocks follow the ids' order (an
+//! id's block is its prefix scaled to the block count), so a run writes its filter as a stream
+//! beside its sorted entries and never holds it whole, and ids looked up in sorted order read
+//! each block once. Each block is stored with a checksum, checked whenever it is read. Chunk ids
 //! are keyed hashes, uniform and unknown to an attacker, so their own bytes are the hashes.
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
 
 use crate::manifest::ChunkId;
 
-/// Probes per id: near the optimum for 8-16 bits per entry.
-pub(crate) const PROBES: u32 = 7;
+/// Bits per id: about 0.5% false positives in 512-bit blocks.
+const BITS_PER_ID: u64 = 12;
+/// Probes per id: near the optimum for 12 bits per id in 512-bit blocks.
+const PROBES: u32 = 8;
+/// Bytes of one block's bits.
+const BLOCK: usize = 64;
+const SUM: usize = 8;
+/// Bytes of one block on disk: its bits, then the first 8 bytes of their blake3.
+pub(crate) const RECORD: usize = BLOCK + SUM;
+/// Bytes written at once while a filter is streamed out.
+const WRITE_PIECE: usize = (64 << 10) / RECORD * RECORD;
 
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub(crate) struct Filter {
-    /// `words.len() * 64` bits, a power of two.
-    words: Vec<u64>,
+pub(crate) type Block = [u64; BLOCK / 8];
+
+/// Blocks for a run of `entries` ids (at least one).
+pub(crate) fn blocks_for(entries: u64) -> u64 {
+    entries.saturating_mul(BITS_PER_ID).div_ceil(BLOCK as u64 * 8).max(1)
 }
 
-fn probes(id: &ChunkId) -> (u64, u64) {
-    let h1 = u64::from_le_bytes(id.0[8..16].try_into().expect("8 bytes"));
-    let h2 = u64::from_le_bytes(id.0[16..24].try_into().expect("8 bytes")) | 1;
-    (h1, h2)
+/// The block of `id` among `blocks`: the id's first 8 bytes scaled to the count, so that ids in
+/// ascending order go to blocks in ascending order.
+pub(crate) fn block_of(id: &ChunkId, blocks: u64) -> u64 {
+    let prefix = u64::from_be_bytes(id.0[..8].try_into().expect("8 bytes"));
+    u64::try_from((u128::from(prefix) * u128::from(blocks)) >> 64).expect("below blocks")
 }
 
-impl Filter {
-    /// A filter of `bits` bits (rounded up to a power of two, at least 64).
-    pub(crate) fn with_bits(bits: u64) -> Self {
-        let bits = bits.max(64).next_power_of_two();
-        Filter { words: vec![0; usize::try_from(bits / 64).expect("a filter fits in memory")] }
-    }
+/// The bits of `id` in its block: 9-bit fields of its bytes 8..24.
+fn bits(id: &ChunkId) -> impl Iterator<Item = usize> {
+    let h = u128::from_le_bytes(id.0[8..24].try_into().expect("16 bytes"));
+    (0..PROBES).map(move |i| ((h >> (9 * i)) & 511) as usize)
+}
 
-    /// The bits to give `entries` ids: the power of two nearest to 12 per id (8.5 to 17 per id,
-    /// 12.2 on average, where rounding up gave 12 to 24, 17.3 on average; a false positive rate
-    /// of 0.05-1.7% instead of 0.007-0.3%, each a block read, most of them from memory), at
-    /// most `max_bits` (rounded down to a power of two), at least 64.
-    pub(crate) fn bits_for(entries: u64, max_bits: u64) -> u64 {
-        let want = entries.saturating_mul(12).max(64);
-        let up = want.next_power_of_two();
-        // Down when `want` is below the geometric middle of the two powers (want^2 < up^2 / 2).
-        let nearest = if up > want && u128::from(want).pow(2) * 2 < u128::from(up).pow(2) {
-            up / 2
-        } else {
-            up
-        };
-        let cap = if max_bits < 64 { 64 } else { 1 << (63 - max_bits.leading_zeros()) };
-        nearest.max(64).min(cap)
+fn set(block: &mut Block, id: &ChunkId) {
+    for b in bits(id) {
+        block[b / 64] |= 1 << (b % 64);
     }
+}
 
-    pub(crate) fn from_words(words: Vec<u64>) -> Option<Self> {
-        (!words.is_empty() && words.len().is_power_of_two()).then_some(Filter { words })
+pub(crate) fn may_contain(block: &Block, id: &ChunkId) -> bool {
+    bits(id).all(|b| block[b / 64] & (1 << (b % 64)) != 0)
+}
+
+fn encode(block: &Block, out: &mut Vec<u8>) {
+    let at = out.len();
+    for w in block {
+        out.extend_from_slice(&w.to_le_bytes());
     }
+    let sum = blake3::hash(&out[at..]);
+    out.extend_from_slice(&sum.as_bytes()[..SUM]);
+}
 
-    pub(crate) fn words(&self) -> &[u64] {
-        &self.words
+/// A block from its record, if its checksum holds.
+fn decode(record: &[u8]) -> Option<Block> {
+    let (bits, sum) = record.split_at(BLOCK);
+    if blake3::hash(bits).as_bytes()[..SUM] != *sum {
+        return None;
     }
-
-    pub(crate) fn bytes(&self) -> u64 {
-        self.words.len() as u64 * 8
+    let mut block = [0u64; BLOCK / 8];
+    for (w, b) in block.iter_mut().zip(bits.chunks_exact(8)) {
+        *w = u64::from_le_bytes(b.try_into().expect("8 bytes"));
     }
+    Some(block)
+}
 
-    fn mask(&self) -> u64 {
-        self.words.len() as u64 * 64 - 1
-    }
+/// Builds a filter of ids pushed in ascending order and writes it at `at` in a file, a piece at
+/// a time: it holds one block and one piece, however many ids it covers.
+pub(crate) struct FilterWriter {
+    blocks: u64,
+    at: u64,
+    /// Block `current` is being filled; blocks before it are in `out` or written.
+    current: u64,
+    block: Block,
+    out: Vec<u8>,
+}
 
-    pub(crate) fn insert(&mut self, id: &ChunkId) {
-        let (h1, h2) = probes(id);
-        let mask = self.mask();
-        for i in 0..u64::from(PROBES) {
-            let bit = h1.wrapping_add(i.wrapping_mul(h2)) & mask;
-            self.words[(bit / 64) as usize] |= 1 << (bit % 64);
+impl FilterWriter {
+    pub(crate) fn new(blocks: u64, at: u64) -> FilterWriter {
+        FilterWriter {
+            blocks,
+            at,
+            current: 0,
+            block: [0; BLOCK / 8],
+            out: Vec::with_capacity(WRITE_PIECE),
         }
     }
 
-    /// False only if `id` was never inserted.
-    pub(crate) fn may_contain(&self, id: &ChunkId) -> bool {
-        let (h1, h2) = probes(id);
-        let mask = self.mask();
-        (0..u64::from(PROBES)).all(|i| {
-            let bit = h1.wrapping_add(i.wrapping_mul(h2)) & mask;
-            self.words[(bit / 64) as usize] & (1 << (bit % 64)) != 0
-        })
+    pub(crate) fn blocks(&self) -> u64 {
+        self.blocks
     }
 
-    /// Halves the filter: bit `b` of the result is set when bit `b` or `b + half` was, which is
-    /// exactly the filter the same ids would have built at half the size.
-    pub(crate) fn fold(&mut self) -> bool {
-        if self.words.len() < 2 {
-            return false;
+    /// Adds `id`, no smaller than the ids before it.
+    pub(crate) fn insert(&mut self, file: &File, id: &ChunkId) -> std::io::Result<()> {
+        let b = block_of(id, self.blocks);
+        debug_assert!(b >= self.current, "ids in ascending order");
+        while self.current < b {
+            self.next_block(file)?;
         }
-        let half = self.words.len() / 2;
-        for i in 0..half {
-            self.words[i] |= self.words[i + half];
-        }
-        self.words.truncate(half);
-        self.words.shrink_to_fit();
-        true
+        set(&mut self.block, id);
+        Ok(())
     }
+
+    fn next_block(&mut self, file: &File) -> std::io::Result<()> {
+        encode(&self.block, &mut self.out);
+        self.block = [0; BLOCK / 8];
+        self.current += 1;
+        if self.out.len() >= WRITE_PIECE {
+            self.flush(file)?;
+        }
+        Ok(())
+    }
+
+    fn flush(&mut self, file: &File) -> std::io::Result<()> {
+        file.write_all_at(&self.out, self.at)?;
+        self.at += self.out.len() as u64;
+        self.out.clear();
+        Ok(())
+    }
+
+    /// Writes the last blocks.
+    pub(crate) fn finish(mut self, file: &File) -> std::io::Result<()> {
+        while self.current < self.blocks {
+            self.next_block(file)?;
+        }
+        self.flush(file)
+    }
+}
+
+/// Reads the `blocks` blocks of a filter at `at`, checking each; the error names the first
+/// that does not check out.
+pub(crate) fn read_all(file: &File, at: u64, blocks: u64) -> Result<Vec<Block>, String> {
+    let mut out = Vec::with_capacity(usize::try_from(blocks).map_err(|_| "too large")?);
+    let mut buf = vec![0u8; WRITE_PIECE];
+    let mut done = 0u64;
+    while done < blocks {
+        let k = usize::try_from((blocks - done).min((WRITE_PIECE / RECORD) as u64)).expect("k");
+        let piece = &mut buf[..k * RECORD];
+        file.read_exact_at(piece, at + done * RECORD as u64).map_err(|e| e.to_string())?;
+        for (i, r) in piece.chunks_exact(RECORD).enumerate() {
+            out.push(
+                decode(r).ok_or_else(|| {
+                    format!("filter block {}: checksum mismatch", done + i as u64)
+                })?,
+            );
+        }
+        done += k as u64;
+    }
+    Ok(out)
+}
+
+/// Reads block `b` of a filter at `at` and checks it.
+pub(crate) fn read_block(file: &File, at: u64, b: u64) -> Result<Block, String> {
+    let mut r = [0u8; RECORD];
+    file.read_exact_at(&mut r, at + b * RECORD as u64).map_err(|e| e.to_string())?;
+    decode(&r).ok_or_else(|| format!("filter block {b}: checksum mismatch"))
 }
 
 #[cfg(test)]
@@ -103,39 +175,61 @@ mod tests {
         ChunkId(*blake3::hash(&n.to_le_bytes()).as_bytes())
     }
 
+    /// A filter of `ids` written to a temp file, and the file.
+    fn written(ids: &mut [ChunkId], at: u64) -> (File, u64) {
+        ids.sort_unstable();
+        let file = tempfile::tempfile().expect("tempfile");
+        let mut w = FilterWriter::new(blocks_for(ids.len() as u64), at);
+        for id in ids.iter() {
+            w.insert(&file, id).expect("insert");
+        }
+        let blocks = w.blocks();
+        w.finish(&file).expect("finish");
+        (file, blocks)
+    }
+
     #[test]
     fn inserted_ids_are_always_found_and_others_rarely() {
-        let mut f = Filter::with_bits(Filter::bits_for(10_000, u64::MAX));
-        for n in 0..10_000 {
-            f.insert(&id(n));
+        let mut ids: Vec<ChunkId> = (0..20_000).map(id).collect();
+        let (file, blocks) = written(&mut ids, 100);
+        let all = read_all(&file, 100, blocks).expect("read");
+        assert_eq!(all.len() as u64, blocks);
+        assert_eq!(blocks, 20_000 * 12 / 512 + 1, "12 bits per id, rounded up to a block");
+        for id in &ids {
+            let b = block_of(id, blocks);
+            assert!(may_contain(&all[b as usize], id));
+            assert_eq!(read_block(&file, 100, b).expect("block"), all[b as usize]);
         }
-        assert!((0..10_000).all(|n| f.may_contain(&id(n))));
-        let false_pos = (10_000..110_000).filter(|&n| f.may_contain(&id(n))).count();
-        assert!(false_pos < 2_000, "{false_pos} false positives in 100k at 8.5+ bits per id");
+        let false_pos = (20_000..220_000)
+            .map(id)
+            .filter(|id| may_contain(&all[block_of(id, blocks) as usize], id))
+            .count();
+        assert!(false_pos < 2_000, "{false_pos} false positives in 200k at 12 bits per id");
     }
 
     #[test]
-    fn a_folded_filter_is_the_filter_built_at_half_the_size_and_keeps_every_id() {
-        let mut big = Filter::with_bits(1 << 16);
-        let mut small = Filter::with_bits(1 << 15);
-        for n in 0..5_000 {
-            big.insert(&id(n));
-            small.insert(&id(n));
+    fn blocks_follow_the_order_of_the_ids_and_cover_them_all() {
+        let mut ids: Vec<ChunkId> = (0..5_000).map(id).collect();
+        ids.sort_unstable();
+        for blocks in [1, 7, 117, 1 << 20] {
+            let at: Vec<u64> = ids.iter().map(|id| block_of(id, blocks)).collect();
+            assert!(at.windows(2).all(|w| w[0] <= w[1]), "{blocks} blocks: in order");
+            assert!(at.iter().all(|&b| b < blocks));
         }
-        assert!(big.fold());
-        assert_eq!(big, small);
-        assert!((0..5_000).all(|n| big.may_contain(&id(n))));
+        assert_eq!(block_of(&ChunkId([0xff; 32]), 117), 116);
+        assert_eq!(block_of(&ChunkId([0; 32]), 117), 0);
     }
 
     #[test]
-    fn the_size_follows_the_entries_up_to_the_budget() {
-        assert_eq!(Filter::bits_for(0, u64::MAX), 64);
-        assert_eq!(Filter::bits_for(1000, u64::MAX), 16384, "12000 bits: nearer 16384 than 8192");
-        assert_eq!(Filter::bits_for(1 << 20, u64::MAX), 1 << 24, "12.6 M bits: nearer 16 M");
-        assert_eq!(Filter::bits_for(600_000, u64::MAX), 1 << 23, "7.2 M bits: nearer 8 M");
-        assert_eq!(Filter::bits_for(700_000, u64::MAX), 1 << 23, "8.4 M bits: nearer 8 M");
-        assert_eq!(Filter::bits_for(1_000_000, u64::MAX), 1 << 24, "12 M bits: nearer 16 M");
-        assert_eq!(Filter::bits_for(1 << 30, 1 << 20), 1 << 20, "capped: more false positives");
-        assert_eq!(Filter::bits_for(1 << 30, (1 << 20) + 5), 1 << 20);
+    fn a_damaged_block_is_found_when_read() {
+        let mut ids: Vec<ChunkId> = (0..2_000).map(id).collect();
+        let (file, blocks) = written(&mut ids, 0);
+        let mut r = [0u8; 1];
+        file.read_exact_at(&mut r, RECORD as u64 * 3 + 5).expect("read");
+        file.write_all_at(&[r[0] ^ 1], RECORD as u64 * 3 + 5).expect("flip");
+        assert!(read_block(&file, 0, 3).is_err());
+        assert!(read_block(&file, 0, 4).is_ok());
+        let err = read_all(&file, 0, blocks).expect_err("damaged");
+        assert!(err.contains("filter block 3"), "{err}");
     }
 }

@@ -79,13 +79,19 @@ pub(crate) struct Limits {
     /// MiB, about 100 000 entries by default), which a 1 GiB full backup already fills, so a
     /// backup's memory does not grow beyond that size (larger ones spill more runs).
     mem_entries: usize,
-    /// All runs' filters together.
+    /// Filters kept in memory (smallest first): a thirty-second of the budget (4 MiB by
+    /// default, the filters of about 2.8 M chunks). A larger run's filter is read a 64-byte
+    /// block per lookup from its file (the page cache), so memory stops growing with the
+    /// repository there and the filters never lose precision.
     filter_bytes: u64,
     /// Fence keys of one run being written.
     fence_bytes: u64,
-    /// Runs read whole into memory (smallest first): a sixteenth of the budget (8 MiB by
-    /// default), which the runs of a 1 GiB volume's backups already fill, so memory stops
-    /// growing with the repository there; larger runs are read a block per lookup.
+    /// Runs read whole into memory (smallest first): a thirty-second of the budget (4 MiB by
+    /// default, a run of about 90 k entries), so memory stops growing with the repository
+    /// there; larger runs are read a block per lookup that passes their filter. A block in
+    /// memory saves a read only for a chunk found (a repeat), and most of a large
+    /// repository's blocks are on disk whatever the share, so the budget goes to filters,
+    /// which save a read for every new chunk.
     resident_bytes: u64,
 }
 
@@ -97,9 +103,9 @@ impl Limits {
             mem_entries: usize::try_from(budget / 24 / MEM_ENTRY_COST)
                 .unwrap_or(usize::MAX)
                 .max(64),
-            filter_bytes: budget / 4,
+            filter_bytes: budget / 32,
             fence_bytes: budget / 64,
-            resident_bytes: budget / 16,
+            resident_bytes: budget / 32,
         }
     }
 }
@@ -573,15 +579,8 @@ impl Inner {
             path: dir.clone(),
             source: e,
         };
-        let mut w = RunWriter::create(
-            &dir,
-            tag,
-            table,
-            total as u64,
-            limits.fence_bytes,
-            limits.filter_bytes * 8 / 2,
-        )
-        .map_err(io)?;
+        let mut w =
+            RunWriter::create(&dir, tag, table, total as u64, limits.fence_bytes).map_err(io)?;
         let (mut a, mut b) = (self.mem.sorted().iter().peekable(), more.iter().peekable());
         while let Some(&e) = match (a.peek(), b.peek()) {
             (Some(x), Some(y)) if y < x => b.next(),
@@ -682,16 +681,31 @@ impl Inner {
         }
     }
 
-    /// Keeps the runs' memory within the budget: filters folded (largest first) until they
-    /// fit, then runs kept whole in memory, smallest first, while they fit.
+    /// Keeps the runs' memory within the budget: filters kept in memory, smallest first, while
+    /// they fit their share (the others are read a block per lookup, never made less precise),
+    /// then runs kept whole in memory, smallest first, while they fit.
     fn fit(&mut self) {
-        let total = |runs: &[Live]| runs.iter().map(|l| l.run.filter.bytes()).sum::<u64>();
-        while total(&self.runs) > self.limits.filter_bytes {
-            let Some(big) = self.runs.iter_mut().max_by_key(|l| l.run.filter.bytes()) else {
-                break;
-            };
-            if !big.run.filter.fold() {
-                break;
+        let mut order: Vec<usize> = (0..self.runs.len()).collect();
+        order.sort_by_key(|&i| self.runs[i].run.filter_bytes());
+        let mut room = self.limits.filter_bytes;
+        for &i in &order {
+            let run = &mut self.runs[i].run;
+            let bytes = run.filter_bytes();
+            if run.is_dead() {
+                continue;
+            }
+            if bytes > room {
+                // This one and every larger one: read a block per lookup.
+                room = 0;
+                run.drop_filter();
+                continue;
+            }
+            room -= bytes;
+            if !run.filter_in_memory() {
+                if let Err(why) = run.load_filter() {
+                    tracing::warn!(run = %run.path.display(), "index cache run damaged ({why})");
+                    run.mark_dead();
+                }
             }
         }
         let mut order: Vec<usize> = (0..self.runs.len()).collect();
@@ -798,15 +812,8 @@ impl Inner {
         let table: Vec<PackId> = packs.iter().map(|&n| self.packs[n as usize]).collect();
         let expected: u64 = inputs.iter().map(|l| l.run.entries).sum();
         let io = |e: std::io::Error| e.to_string();
-        let mut w = RunWriter::create(
-            dir,
-            self.tag,
-            table,
-            expected,
-            self.limits.fence_bytes,
-            self.limits.filter_bytes * 8 / 2,
-        )
-        .map_err(io)?;
+        let mut w = RunWriter::create(dir, self.tag, table, expected, self.limits.fence_bytes)
+            .map_err(io)?;
         let mut iters: Vec<_> = inputs.iter().map(|l| l.run.iter()).collect();
         let mut heap = std::collections::BinaryHeap::new();
         let global =

@@ -1,17 +1,18 @@
 //! One index run: an immutable file of index entries sorted by chunk id, cut into blocks that
-//! each carry a checksum, followed by what a reader keeps in memory: the run's pack table, the
-//! first id prefix of each block (fence keys) and a Bloom filter. A header checksum covers the
-//! header and those tables; a block's checksum is checked when it is read. Anything that does
-//! not check out makes the run damaged: it is dropped and its packs' index files are read
-//! again from the repository. Runs are written as `tmp-*` and renamed, so a reader never sees
-//! half a run.
+//! each carry a checksum, with a blocked Bloom filter before them (each of its blocks checked
+//! too) and, after them, what a reader keeps in memory: the run's pack table and the first id
+//! prefix of each block (fence keys). A header checksum covers the header and those tables; a
+//! block's checksum is checked when it is read. Anything that does not check out makes the run
+//! damaged: it is dropped and its packs' index files are read again from the repository. Runs
+//! are written as `tmp-*` and renamed, so a reader never sees half a run.
 //!
 //! ```text
-//! header (128 bytes): magic "SPIXRUN1", repository tag (16), entries u64, entries per block
-//!     u32, packs u32, filter bytes u64, blocks end u64, checksum (32) of header+tables
+//! header (128 bytes): magic "SPIXRUN2", repository tag (16), entries u64, entries per block
+//!     u32, packs u32, filter blocks u64, blocks end u64, checksum (32) of header+tables
+//! filter: per filter block 64 bytes of bits (u64 LE words), then blake3 of them (first 8)
 //! blocks: per block up to `block` entries of 44 bytes (chunk id 32, pack u32 (in this run's
 //!     table), offset u32, sealed length u32, all LE), then blake3 of them (first 8 bytes)
-//! pack table: 32 bytes per pack; fences: u64 BE per block; filter: its words, u64 LE
+//! pack table: 32 bytes per pack; fences: u64 BE per block
 //! ```
 
 use std::fs::File;
@@ -20,11 +21,11 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use super::filter::Filter;
+use super::filter::{self, Block, FilterWriter};
 use crate::crypto::{hex, random};
 use crate::manifest::{ChunkId, PackId};
 
-const MAGIC: &[u8; 8] = b"SPIXRUN1";
+const MAGIC: &[u8; 8] = b"SPIXRUN2";
 const HEADER: usize = 128;
 pub(crate) const ENTRY: usize = 44;
 const BLOCK_SUM: usize = 8;
@@ -85,24 +86,27 @@ pub(crate) struct RunWriter {
     in_block: u32,
     entries: u64,
     fences: Vec<u64>,
-    filter: Filter,
+    filter: FilterWriter,
     last: Option<ChunkId>,
 }
 
 impl RunWriter {
     /// A run in `dir` over the packs `packs` (entries name them by position), sized for about
-    /// `expected` entries.
+    /// `expected` entries (at most: the filter has room for that many).
     pub(crate) fn create(
         dir: &Path,
         tag: [u8; 16],
         packs: Vec<PackId>,
         expected: u64,
         fence_bytes: u64,
-        filter_bits: u64,
     ) -> std::io::Result<RunWriter> {
-        let (tmp, file) = super::private_file(dir, "tmp-", "")?;
-        let mut out = BufWriter::with_capacity(1 << 20, file);
-        out.write_all(&[0u8; HEADER])?;
+        let (tmp, mut file) = super::private_file(dir, "tmp-", "")?;
+        let filter_blocks = filter::blocks_for(expected);
+        let blocks_at = HEADER as u64 + filter_blocks * filter::RECORD as u64;
+        // The blocks are appended from `blocks_at`; the filter is written before them as it is
+        // built, the header last.
+        file.seek(SeekFrom::Start(blocks_at))?;
+        let out = BufWriter::with_capacity(1 << 20, file);
         let block = block_for(expected, fence_bytes);
         Ok(RunWriter {
             tmp: TmpFile(tmp),
@@ -114,7 +118,7 @@ impl RunWriter {
             in_block: 0,
             entries: 0,
             fences: Vec::new(),
-            filter: Filter::with_bits(Filter::bits_for(expected, filter_bits)),
+            filter: FilterWriter::new(filter_blocks, HEADER as u64),
             last: None,
         })
     }
@@ -127,7 +131,7 @@ impl RunWriter {
             self.fences.push(prefix(&e.id));
         }
         e.encode(&mut self.cur);
-        self.filter.insert(&e.id);
+        self.filter.insert(self.out.get_ref(), &e.id)?;
         self.in_block += 1;
         self.entries += 1;
         if self.in_block == self.block {
@@ -153,8 +157,7 @@ impl RunWriter {
             return Ok(None);
         }
         self.end_block()?;
-        // The header is known before the tables, so they are written and hashed as they go:
-        // gathered into one buffer first, the filter was held twice (its words and its bytes).
+        // The header is known before the tables, so they are written and hashed as they go.
         let blocks_end = self.out.stream_position()?;
         let mut header = [0u8; HEADER];
         header[..8].copy_from_slice(MAGIC);
@@ -163,7 +166,7 @@ impl RunWriter {
         header[32..36].copy_from_slice(&self.block.to_le_bytes());
         let packs = u32::try_from(self.packs.len()).expect("fewer than 4 G packs");
         header[36..40].copy_from_slice(&packs.to_le_bytes());
-        header[40..48].copy_from_slice(&self.filter.bytes().to_le_bytes());
+        header[40..48].copy_from_slice(&self.filter.blocks().to_le_bytes());
         header[48..56].copy_from_slice(&blocks_end.to_le_bytes());
         let mut h = blake3::Hasher::new();
         h.update(&header[..56]);
@@ -177,13 +180,10 @@ impl RunWriter {
         for f in &self.fences {
             put(&f.to_be_bytes())?;
         }
-        for w in self.filter.words() {
-            put(&w.to_le_bytes())?;
-        }
-        let mut file = self.out.into_inner().map_err(|e| e.into_error())?;
+        let file = self.out.into_inner().map_err(|e| e.into_error())?;
+        self.filter.finish(&file)?;
         header[56..88].copy_from_slice(h.finalize().as_bytes());
-        file.seek(SeekFrom::Start(0))?;
-        file.write_all(&header)?;
+        file.write_all_at(&header, 0)?;
         let path = dir.join(format!("run-{}", hex(&random::<16>())));
         std::fs::rename(&self.tmp.0, &path)?;
         std::mem::forget(self.tmp);
@@ -225,17 +225,22 @@ fn read_table<T, const N: usize>(
     Ok(out)
 }
 
-/// An open run: its tables in memory, its blocks on disk (or, when they fit the budget, in
-/// memory too).
+/// An open run: its tables in memory, its filter and blocks on disk (or, when they fit the
+/// budget's shares, in memory too).
 pub(crate) struct Run {
     pub(crate) path: PathBuf,
     file: File,
     pub(crate) entries: u64,
     block: u32,
+    filter_blocks: u64,
+    /// Where the blocks start (after the filter).
+    blocks_at: u64,
     blocks_end: u64,
     pub(crate) packs: Vec<PackId>,
     fences: Vec<u64>,
-    pub(crate) filter: Filter,
+    /// Every filter block, checked once, when the filter fits its share; else each lookup reads
+    /// the one block it needs.
+    filter: Option<Vec<Block>>,
     /// Every block, checked once, when the run is small enough to keep.
     resident: Option<Vec<u8>>,
     /// Set when a block read fails or does not check out: lookups skip the run from then on.
@@ -263,43 +268,41 @@ impl Run {
         }
         let u64_at = |at: usize| u64::from_le_bytes(header[at..at + 8].try_into().expect("8"));
         let u32_at = |at: usize| u32::from_le_bytes(header[at..at + 4].try_into().expect("4"));
-        let (entries, block, packs, filter_bytes, blocks_end) =
+        let (entries, block, packs, filter_blocks, blocks_end) =
             (u64_at(24), u32_at(32), u32_at(36), u64_at(40), u64_at(48));
-        if block == 0 || entries == 0 || filter_bytes % 8 != 0 {
+        if block == 0 || entries == 0 || filter_blocks == 0 || filter_blocks > len {
             return Err("bad header".into());
         }
         let nblocks = entries.div_ceil(u64::from(block));
-        let tables_len = u64::from(packs) * 32 + nblocks * 8 + filter_bytes;
-        let expect_blocks_end = HEADER as u64 + entries * ENTRY as u64 + nblocks * BLOCK_SUM as u64;
+        let tables_len = u64::from(packs) * 32 + nblocks * 8;
+        let blocks_at = HEADER as u64 + filter_blocks * filter::RECORD as u64;
+        let expect_blocks_end = blocks_at + entries * ENTRY as u64 + nblocks * BLOCK_SUM as u64;
         if blocks_end != expect_blocks_end || blocks_end.checked_add(tables_len) != Some(len) {
             return Err(format!("bad length {len}"));
         }
-        // The tables are parsed as they are read and checked, a piece at a time: read whole
-        // first, a run's filter was held twice while it opened (its bytes and its words).
+        // The tables are parsed as they are read and checked, a piece at a time. The filter
+        // is not read here: `fit` loads it if it fits, its blocks checked one by one.
         let mut h = blake3::Hasher::new();
         h.update(&header[..56]);
         let fences_at = blocks_end + u64::from(packs) * 32;
-        let filter_at = fences_at + nblocks * 8;
         let packs =
             read_table(&file, blocks_end, u64::from(packs), &mut h, |p: &[u8; 32]| PackId(*p))?;
         let fences =
             read_table(&file, fences_at, nblocks, &mut h, |f: &[u8; 8]| u64::from_be_bytes(*f))?;
-        let words = read_table(&file, filter_at, filter_bytes / 8, &mut h, |w: &[u8; 8]| {
-            u64::from_le_bytes(*w)
-        })?;
         if h.finalize().as_bytes()[..] != header[56..88] {
             return Err("checksum mismatch".into());
         }
-        let filter = Filter::from_words(words).ok_or("bad filter")?;
         Ok(Run {
             path: path.to_owned(),
             file,
             entries,
             block,
+            filter_blocks,
+            blocks_at,
             blocks_end,
             packs,
             fences,
-            filter,
+            filter: None,
             resident: None,
             dead: AtomicBool::new(false),
         })
@@ -307,14 +310,34 @@ impl Run {
 
     /// Bytes of the blocks (what keeping the run in memory costs).
     pub(crate) fn block_bytes(&self) -> u64 {
-        self.blocks_end - HEADER as u64
+        self.blocks_end - self.blocks_at
+    }
+
+    /// Bytes of the filter's bits (what keeping the filter in memory costs).
+    pub(crate) fn filter_bytes(&self) -> u64 {
+        self.filter_blocks * std::mem::size_of::<Block>() as u64
+    }
+
+    pub(crate) fn filter_in_memory(&self) -> bool {
+        self.filter.is_some()
+    }
+
+    /// Reads the filter into memory, checking each block; a run whose filter fails is damaged.
+    pub(crate) fn load_filter(&mut self) -> Result<(), String> {
+        self.filter = Some(filter::read_all(&self.file, HEADER as u64, self.filter_blocks)?);
+        Ok(())
+    }
+
+    /// Back to reading a filter block per lookup (it no longer fits beside smaller runs').
+    pub(crate) fn drop_filter(&mut self) {
+        self.filter = None;
     }
 
     /// Bytes this run holds in memory.
     #[cfg(test)]
     pub(crate) fn memory(&self) -> u64 {
         self.fences.len() as u64 * 8
-            + self.filter.bytes()
+            + self.filter.as_ref().map_or(0, |f| f.len() as u64 * 64)
             + self.packs.len() as u64 * 36
             + self.resident.as_ref().map_or(0, |r| r.len() as u64)
     }
@@ -334,7 +357,7 @@ impl Run {
     /// Reads every block into memory, checking each; a run that fails is damaged.
     pub(crate) fn make_resident(&mut self) -> Result<(), String> {
         let mut all = vec![0u8; usize::try_from(self.block_bytes()).map_err(|_| "too large")?];
-        self.file.read_exact_at(&mut all, HEADER as u64).map_err(|e| e.to_string())?;
+        self.file.read_exact_at(&mut all, self.blocks_at).map_err(|e| e.to_string())?;
         let rec = self.block as usize * ENTRY + BLOCK_SUM;
         for b in 0..self.fences.len() {
             let start = b * rec;
@@ -354,9 +377,9 @@ impl Run {
     }
 
     /// Frees the filter and the resident blocks of a run being merged away: it is only read
-    /// through [`Run::iter`] from then on, and must not be looked up (its filter is empty).
+    /// through [`Run::iter`] from then on.
     pub(crate) fn release_memory(&mut self) {
-        self.filter = Filter::with_bits(64);
+        self.filter = None;
         self.resident = None;
     }
 
@@ -377,7 +400,7 @@ impl Run {
             cache.block = None;
             let buf = &mut cache.buf;
             buf.resize(n + BLOCK_SUM, 0);
-            let at = HEADER as u64 + (b * rec) as u64;
+            let at = self.blocks_at + (b * rec) as u64;
             let read = self.file.read_exact_at(buf, at);
             let ok = read.is_ok() && block_sum(&buf[..n]) == buf[n..n + BLOCK_SUM];
             if !ok {
@@ -399,16 +422,35 @@ impl Run {
         self.fences.partition_point(|&f| f < p).saturating_sub(1)
     }
 
+    /// False only if `id` is not in this run: from the filter in memory, from `cache` when it
+    /// holds the filter block, or read into it and checked.
+    fn may_contain(&self, id: &ChunkId, cache: &mut Cached) -> Result<bool, String> {
+        let b = filter::block_of(id, self.filter_blocks);
+        if let Some(blocks) = &self.filter {
+            return Ok(filter::may_contain(&blocks[b as usize], id));
+        }
+        match cache.filter {
+            Some((at, block)) if at == b => Ok(filter::may_contain(&block, id)),
+            _ => {
+                let block = filter::read_block(&self.file, HEADER as u64, b).inspect_err(|_| {
+                    self.dead.store(true, Ordering::Relaxed);
+                })?;
+                cache.filter = Some((b, block));
+                Ok(filter::may_contain(&block, id))
+            }
+        }
+    }
+
     /// Calls `found` with every entry of `id` (pack numbers of this run's table). The filter
-    /// answers most misses without a read. `cache` keeps the last block read: ids looked up in
-    /// sorted order read each block once.
+    /// answers most misses without a block read. `cache` keeps the last block and filter block
+    /// read: ids looked up in sorted order read each once.
     pub(crate) fn lookup(
         &self,
         id: &ChunkId,
         cache: &mut Cached,
         found: &mut dyn FnMut(RawEntry),
     ) -> Result<(), String> {
-        if self.is_dead() || !self.filter.may_contain(id) {
+        if self.is_dead() || !self.may_contain(id, cache)? {
             return Ok(());
         }
         let p = prefix(id);
@@ -461,11 +503,12 @@ pub(crate) struct RunIter<'a> {
     len: usize,
 }
 
-/// The last block a reader read, for the next lookup in it.
+/// The last block and filter block a reader read, for the next lookup in them.
 #[derive(Default)]
 pub(crate) struct Cached {
     block: Option<usize>,
     buf: Vec<u8>,
+    filter: Option<(u64, Block)>,
 }
 
 impl Iterator for RunIter<'_> {

@@ -115,6 +115,20 @@ fn run_files(dir: &Path) -> Vec<PathBuf> {
     files
 }
 
+/// Where the first block of entries of the run at `path` starts: after its header and filter.
+fn blocks_at(path: &Path) -> usize {
+    let bytes = std::fs::read(path).expect("read");
+    let filter_blocks = u64::from_le_bytes(bytes[40..48].try_into().expect("8 bytes"));
+    128 + usize::try_from(filter_blocks).expect("small") * filter::RECORD
+}
+
+/// Flips one bit of the file at `path`, at `at`.
+fn flip(path: &Path, at: usize) {
+    let mut bytes = std::fs::read(path).expect("read");
+    bytes[at] ^= 1;
+    std::fs::write(path, &bytes).expect("write");
+}
+
 #[test]
 fn a_damaged_run_is_dropped_and_its_packs_are_no_longer_held() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -140,9 +154,7 @@ fn a_damaged_run_is_dropped_and_its_packs_are_no_longer_held() {
     }
     drop(index);
     let run = &run_files(dir.path())[0];
-    let mut bytes = std::fs::read(run).expect("read");
-    bytes[200] ^= 1;
-    std::fs::write(run, &bytes).expect("write");
+    flip(run, blocks_at(run) + 100);
     // A budget too small to keep the run in memory, so blocks are checked as they are read.
     let index = Index::open(Some(dir.path()), TAG, 64 << 10).expect("reopen");
     let all: Vec<ChunkId> = (0..300).map(id).collect();
@@ -181,9 +193,7 @@ fn a_merge_that_fails_on_a_damaged_input_leaves_the_other_inputs_answering() {
     assert_eq!(first.len(), 1, "every pack spills at this budget");
     // A block of the first run damaged where its header checksum cannot see it (the run is too
     // large to be kept in memory at this budget, so nothing has read it yet).
-    let mut bytes = std::fs::read(&first[0]).expect("read");
-    bytes[200] ^= 1;
-    std::fs::write(&first[0], &bytes).expect("write");
+    flip(&first[0], blocks_at(&first[0]) + 100);
     // The ninth run starts a merge of the six smallest, the damaged one among them: it fails.
     for p in 1..9 {
         index.add_pack(pack(p), entries(p)).expect("add");
@@ -315,4 +325,79 @@ fn runs_too_large_to_keep_in_memory_are_read_block_by_block_and_answer_the_same(
     for n in (0..4000).step_by(37) {
         assert!(index.contains_key(&id(n)), "chunk {n}");
     }
+}
+
+#[test]
+fn filters_beyond_their_share_are_read_from_the_run_file_and_answer_the_same() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let index = Index::open(Some(dir.path()), TAG, TINY).expect("open");
+    for p in 0..60 {
+        index.add_pack(pack(p), entries(p)).expect("add");
+    }
+    index.sync().expect("sync");
+    let (in_memory, on_disk): (Vec<_>, Vec<_>) = {
+        let inner = index.read();
+        let share = inner.limits.filter_bytes;
+        let held: u64 = inner
+            .runs
+            .iter()
+            .filter(|l| l.run.filter_in_memory())
+            .map(|l| l.run.filter_bytes())
+            .sum();
+        assert!(held <= share, "{held} bytes of filters held for a share of {share}");
+        inner.runs.iter().map(|l| l.run.filter_in_memory()).partition(|&m| m)
+    };
+    assert!(!on_disk.is_empty(), "the largest runs' filters do not fit the share");
+    assert!(!in_memory.is_empty(), "the smallest do");
+    check_all(&index, 60);
+    for n in (0..6000).step_by(13) {
+        assert!(index.contains_key(&id(n)), "chunk {n}");
+    }
+    for n in 6000..8000 {
+        assert!(!index.contains_key(&id(n)), "chunk {n} was never added");
+    }
+    assert!(index.memory() <= TINY, "{} bytes in memory", index.memory());
+}
+
+#[test]
+fn a_damaged_filter_block_read_from_disk_drops_its_run_and_no_lookup_answers_wrong() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    {
+        let index = Index::open(Some(dir.path()), TAG, DEFAULT_MEMORY_BUDGET).expect("open");
+        for p in 0..30 {
+            index.add_pack(pack(p), entries(p)).expect("add");
+        }
+    }
+    let runs = run_files(dir.path());
+    assert_eq!(runs.len(), 1, "one spill at drop");
+    // Every filter block of the run flipped where the header checksum cannot see it.
+    let filter_blocks = (blocks_at(&runs[0]) - 128) / filter::RECORD;
+    for b in 0..filter_blocks {
+        flip(&runs[0], 128 + b * filter::RECORD + 3);
+    }
+    // A budget too small to keep the filter, so each lookup reads and checks its block.
+    let index = Index::open(Some(dir.path()), TAG, 32 << 10).expect("reopen");
+    assert_eq!(index.run_count(), 1, "the header and tables check out");
+    assert!(!index.read().runs[0].run.filter_in_memory());
+    assert!(!index.contains_key(&id(5)), "a damaged filter block answers nothing");
+    let found = index.get_many(&(0..3000).map(id).collect::<Vec<_>>());
+    assert!(found.iter().all(Option::is_none), "the run is no longer used");
+    index.sync().expect("sync");
+    assert_eq!(index.run_count(), 0);
+    assert!(!index.has_pack(&pack(0)), "its packs' index files are read again");
+    // Kept in memory instead, the filter is checked when it is read: the run is not used.
+    drop(index);
+    {
+        let index = Index::open(Some(dir.path()), TAG, DEFAULT_MEMORY_BUDGET).expect("open");
+        for p in 0..30 {
+            index.add_pack(pack(p), entries(p)).expect("add");
+        }
+    }
+    let runs = run_files(dir.path());
+    flip(&runs[0], 128 + 7);
+    let index = Index::open(Some(dir.path()), TAG, DEFAULT_MEMORY_BUDGET).expect("reopen");
+    assert!(!index.contains_key(&id(5)));
+    index.sync().expect("sync");
+    assert_eq!(index.run_count(), 0);
+    assert!(!index.has_pack(&pack(0)));
 }
