@@ -720,11 +720,16 @@ impl Repository {
                         claims.claim(id, token)
                     } else if sent.insert(id) {
                         if sent.len() >= sent_trim {
-                            // The old table is freed before the new one is made.
-                            let keep: Vec<ChunkId> = std::mem::take(&mut sent)
-                                .into_iter()
-                                .filter(|id| !self.index.contains_key(id))
-                                .collect();
+                            // The old table is freed before the new one is made. Looked up
+                            // in id order, each index block holding them is read once (one
+                            // lookup each read a block of a run on disk per id).
+                            let mut ids: Vec<ChunkId> =
+                                std::mem::take(&mut sent).into_iter().collect();
+                            ids.sort_unstable();
+                            let mut lookup = self.index.sorted();
+                            let keep: Vec<ChunkId> =
+                                ids.into_iter().filter(|id| !lookup.contains_key(id)).collect();
+                            drop(lookup);
                             sent_trim = (keep.len() * 2).max(SENT_TRIM);
                             sent = IdSet::with_capacity_and_hasher(sent_trim, Default::default());
                             sent.extend(keep);

@@ -138,22 +138,29 @@ impl FilterWriter {
     }
 }
 
-/// Reads the `blocks` blocks of a filter at `at`, checking each; the error names the first
-/// that does not check out.
-pub(crate) fn read_all(file: &File, at: u64, blocks: u64) -> Result<Vec<Block>, String> {
-    let mut out = Vec::with_capacity(usize::try_from(blocks).map_err(|_| "too large")?);
-    let mut buf = vec![0u8; WRITE_PIECE];
+/// Reads `count` blocks from block `first` of a filter at `at`, checking each; the error names
+/// the first that does not check out.
+pub(crate) fn read_range(
+    file: &File,
+    at: u64,
+    first: u64,
+    count: u64,
+) -> Result<Vec<Block>, String> {
+    let mut out = Vec::with_capacity(usize::try_from(count).map_err(|_| "too large")?);
+    let mut buf = vec![
+        0u8;
+        WRITE_PIECE
+            .min(usize::try_from(count).unwrap_or(usize::MAX).saturating_mul(RECORD))
+    ];
     let mut done = 0u64;
-    while done < blocks {
-        let k = usize::try_from((blocks - done).min((WRITE_PIECE / RECORD) as u64)).expect("k");
+    while done < count {
+        let k = usize::try_from((count - done).min((buf.len() / RECORD) as u64)).expect("k");
         let piece = &mut buf[..k * RECORD];
-        file.read_exact_at(piece, at + done * RECORD as u64).map_err(|e| e.to_string())?;
+        let b = first + done;
+        file.read_exact_at(piece, at + b * RECORD as u64).map_err(|e| e.to_string())?;
         for (i, r) in piece.chunks_exact(RECORD).enumerate() {
-            out.push(
-                decode(r).ok_or_else(|| {
-                    format!("filter block {}: checksum mismatch", done + i as u64)
-                })?,
-            );
+            let bad = || format!("filter block {}: checksum mismatch", b + i as u64);
+            out.push(decode(r).ok_or_else(bad)?);
         }
         done += k as u64;
     }
@@ -192,7 +199,7 @@ mod tests {
     fn inserted_ids_are_always_found_and_others_rarely() {
         let mut ids: Vec<ChunkId> = (0..20_000).map(id).collect();
         let (file, blocks) = written(&mut ids, 100);
-        let all = read_all(&file, 100, blocks).expect("read");
+        let all = read_range(&file, 100, 0, blocks).expect("read");
         assert_eq!(all.len() as u64, blocks);
         assert_eq!(blocks, 20_000 * 12 / 512 + 1, "12 bits per id, rounded up to a block");
         for id in &ids {
@@ -229,7 +236,7 @@ mod tests {
         file.write_all_at(&[r[0] ^ 1], RECORD as u64 * 3 + 5).expect("flip");
         assert!(read_block(&file, 0, 3).is_err());
         assert!(read_block(&file, 0, 4).is_ok());
-        let err = read_all(&file, 0, blocks).expect_err("damaged");
+        let err = read_range(&file, 0, 0, blocks).expect_err("damaged");
         assert!(err.contains("filter block 3"), "{err}");
     }
 }

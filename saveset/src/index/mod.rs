@@ -79,10 +79,10 @@ pub(crate) struct Limits {
     /// MiB, about 100 000 entries by default), which a 1 GiB full backup already fills, so a
     /// backup's memory does not grow beyond that size (larger ones spill more runs).
     mem_entries: usize,
-    /// Filters kept in memory (smallest first): a thirty-second of the budget (4 MiB by
-    /// default, the filters of about 2.8 M chunks). A larger run's filter is read a 64-byte
-    /// block per lookup from its file (the page cache), so memory stops growing with the
-    /// repository there and the filters never lose precision.
+    /// Filters kept in memory (smallest first, the first that does not fit in part): a
+    /// thirty-second of the budget (4 MiB by default, the filters of about 2.8 M chunks).
+    /// Beyond, a lookup reads the 64-byte block it needs from the run's file (the page cache),
+    /// so memory stops growing with the repository there and the filters never lose precision.
     filter_bytes: u64,
     /// Fence keys of one run being written.
     fence_bytes: u64,
@@ -408,6 +408,12 @@ pub(crate) struct SortedLookup<'a> {
 }
 
 impl SortedLookup<'_> {
+    /// True when a backup may reference `id` without storing it (as [`Index::contains_key`]
+    /// answers).
+    pub(crate) fn contains_key(&mut self, id: &ChunkId) -> bool {
+        self.inner.best_with(id, &mut self.caches).is_some_and(|s| !self.inner.is_excluded(s.pack))
+    }
+
     /// Where `id` is stored (as [`Index::get`] answers).
     pub(crate) fn get(&mut self, id: &ChunkId) -> Option<ChunkLoc> {
         if let Some((prev, loc)) = self.last {
@@ -682,30 +688,23 @@ impl Inner {
     }
 
     /// Keeps the runs' memory within the budget: filters kept in memory, smallest first, while
-    /// they fit their share (the others are read a block per lookup, never made less precise),
-    /// then runs kept whole in memory, smallest first, while they fit.
+    /// they fit their share, the first that does not fit in part (the rest are read a block per
+    /// lookup, never made less precise: a lookup of a new chunk reads one block per run whose
+    /// block is not held), then runs kept whole in memory, smallest first, while they fit.
     fn fit(&mut self) {
         let mut order: Vec<usize> = (0..self.runs.len()).collect();
         order.sort_by_key(|&i| self.runs[i].run.filter_bytes());
         let mut room = self.limits.filter_bytes;
         for &i in &order {
             let run = &mut self.runs[i].run;
-            let bytes = run.filter_bytes();
             if run.is_dead() {
                 continue;
             }
-            if bytes > room {
-                // This one and every larger one: read a block per lookup.
-                room = 0;
-                run.drop_filter();
-                continue;
-            }
-            room -= bytes;
-            if !run.filter_in_memory() {
-                if let Err(why) = run.load_filter() {
-                    tracing::warn!(run = %run.path.display(), "index cache run damaged ({why})");
-                    run.mark_dead();
-                }
+            let held = run.filter_bytes().min(room);
+            room -= held;
+            if let Err(why) = run.hold_filter(held) {
+                tracing::warn!(run = %run.path.display(), "index cache run damaged ({why})");
+                run.mark_dead();
             }
         }
         let mut order: Vec<usize> = (0..self.runs.len()).collect();

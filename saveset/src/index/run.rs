@@ -238,9 +238,9 @@ pub(crate) struct Run {
     blocks_end: u64,
     pub(crate) packs: Vec<PackId>,
     fences: Vec<u64>,
-    /// Every filter block, checked once, when the filter fits its share; else each lookup reads
-    /// the one block it needs.
-    filter: Option<Vec<Block>>,
+    /// The filter's first blocks, checked once, as many as fit the share left to this run (all
+    /// of them for the smaller runs); a lookup whose block is not here reads it from the file.
+    filter: Vec<Block>,
     /// Every block, checked once, when the run is small enough to keep.
     resident: Option<Vec<u8>>,
     /// Set when a block read fails or does not check out: lookups skip the run from then on.
@@ -302,7 +302,7 @@ impl Run {
             blocks_end,
             packs,
             fences,
-            filter: None,
+            filter: Vec::new(),
             resident: None,
             dead: AtomicBool::new(false),
         })
@@ -318,26 +318,37 @@ impl Run {
         self.filter_blocks * std::mem::size_of::<Block>() as u64
     }
 
-    pub(crate) fn filter_in_memory(&self) -> bool {
-        self.filter.is_some()
+    /// Bytes of the filter held in memory.
+    #[cfg(test)]
+    pub(crate) fn filter_held(&self) -> u64 {
+        self.filter.len() as u64 * std::mem::size_of::<Block>() as u64
     }
 
-    /// Reads the filter into memory, checking each block; a run whose filter fails is damaged.
-    pub(crate) fn load_filter(&mut self) -> Result<(), String> {
-        self.filter = Some(filter::read_all(&self.file, HEADER as u64, self.filter_blocks)?);
+    /// Holds the filter's first blocks that fit in `bytes` (reading the missing ones, each
+    /// checked, or freeing the ones beyond); a run whose filter fails is damaged.
+    pub(crate) fn hold_filter(&mut self, bytes: u64) -> Result<(), String> {
+        let want =
+            usize::try_from((bytes / std::mem::size_of::<Block>() as u64).min(self.filter_blocks))
+                .map_err(|_| "too large")?;
+        let have = self.filter.len();
+        if want < have {
+            self.filter.truncate(want);
+            self.filter.shrink_to_fit();
+        } else if want > have {
+            let more =
+                filter::read_range(&self.file, HEADER as u64, have as u64, (want - have) as u64)?;
+            // Exactly the share: grown by doubling, the vector would hold up to twice it.
+            self.filter.reserve_exact(more.len());
+            self.filter.extend(more);
+        }
         Ok(())
-    }
-
-    /// Back to reading a filter block per lookup (it no longer fits beside smaller runs').
-    pub(crate) fn drop_filter(&mut self) {
-        self.filter = None;
     }
 
     /// Bytes this run holds in memory.
     #[cfg(test)]
     pub(crate) fn memory(&self) -> u64 {
         self.fences.len() as u64 * 8
-            + self.filter.as_ref().map_or(0, |f| f.len() as u64 * 64)
+            + self.filter_held()
             + self.packs.len() as u64 * 36
             + self.resident.as_ref().map_or(0, |r| r.len() as u64)
     }
@@ -379,7 +390,7 @@ impl Run {
     /// Frees the filter and the resident blocks of a run being merged away: it is only read
     /// through [`Run::iter`] from then on.
     pub(crate) fn release_memory(&mut self) {
-        self.filter = None;
+        self.filter = Vec::new();
         self.resident = None;
     }
 
@@ -426,8 +437,8 @@ impl Run {
     /// holds the filter block, or read into it and checked.
     fn may_contain(&self, id: &ChunkId, cache: &mut Cached) -> Result<bool, String> {
         let b = filter::block_of(id, self.filter_blocks);
-        if let Some(blocks) = &self.filter {
-            return Ok(filter::may_contain(&blocks[b as usize], id));
+        if let Some(block) = usize::try_from(b).ok().and_then(|b| self.filter.get(b)) {
+            return Ok(filter::may_contain(block, id));
         }
         match cache.filter {
             Some((at, block)) if at == b => Ok(filter::may_contain(&block, id)),

@@ -78,6 +78,16 @@ fn a_sorted_lookup_answers_as_lone_lookups_do_for_ids_in_any_order() {
     for i in ids.iter().rev() {
         assert_eq!(lookup.get(i), index.get(i), "in reverse order too");
     }
+    drop(lookup);
+    // The dedup answer too: a chunk only in the excluded pack is not there to reference.
+    let mut lookup = index.sorted();
+    let sorted: Vec<bool> = ids.iter().map(|i| lookup.contains_key(i)).collect();
+    drop(lookup);
+    for (i, got) in ids.iter().zip(&sorted) {
+        assert_eq!(*got, index.contains_key(i), "{i}");
+    }
+    assert!(!index.contains_key(&id(7)), "only in the excluded pack");
+    assert!(index.contains_key(&id(5)), "in a pack that stays too");
 }
 
 #[test]
@@ -338,14 +348,10 @@ fn filters_beyond_their_share_are_read_from_the_run_file_and_answer_the_same() {
     let (in_memory, on_disk): (Vec<_>, Vec<_>) = {
         let inner = index.read();
         let share = inner.limits.filter_bytes;
-        let held: u64 = inner
-            .runs
-            .iter()
-            .filter(|l| l.run.filter_in_memory())
-            .map(|l| l.run.filter_bytes())
-            .sum();
+        let held: u64 = inner.runs.iter().map(|l| l.run.filter_held()).sum();
         assert!(held <= share, "{held} bytes of filters held for a share of {share}");
-        inner.runs.iter().map(|l| l.run.filter_in_memory()).partition(|&m| m)
+        assert!(held + 64 > share, "{held} bytes of filters held: the share is used");
+        inner.runs.iter().map(|l| l.run.filter_held() == l.run.filter_bytes()).partition(|&m| m)
     };
     assert!(!on_disk.is_empty(), "the largest runs' filters do not fit the share");
     assert!(!in_memory.is_empty(), "the smallest do");
@@ -362,37 +368,34 @@ fn filters_beyond_their_share_are_read_from_the_run_file_and_answer_the_same() {
 #[test]
 fn a_damaged_filter_block_read_from_disk_drops_its_run_and_no_lookup_answers_wrong() {
     let dir = tempfile::tempdir().expect("tempdir");
-    {
+    let fill = || {
         let index = Index::open(Some(dir.path()), TAG, DEFAULT_MEMORY_BUDGET).expect("open");
         for p in 0..30 {
             index.add_pack(pack(p), entries(p)).expect("add");
         }
-    }
+    };
+    fill();
     let runs = run_files(dir.path());
     assert_eq!(runs.len(), 1, "one spill at drop");
-    // Every filter block of the run flipped where the header checksum cannot see it.
-    let filter_blocks = (blocks_at(&runs[0]) - 128) / filter::RECORD;
-    for b in 0..filter_blocks {
-        flip(&runs[0], 128 + b * filter::RECORD + 3);
-    }
-    // A budget too small to keep the filter, so each lookup reads and checks its block.
-    let index = Index::open(Some(dir.path()), TAG, 32 << 10).expect("reopen");
+    let blocks = ((blocks_at(&runs[0]) - 128) / filter::RECORD) as u64;
+    // The last filter block flipped where the header checksum cannot see it. At this budget
+    // the run holds only its filter's first blocks, so that one is read when a lookup needs it.
+    flip(&runs[0], 128 + (blocks as usize - 1) * filter::RECORD + 3);
+    let index = Index::open(Some(dir.path()), TAG, TINY).expect("reopen");
     assert_eq!(index.run_count(), 1, "the header and tables check out");
-    assert!(!index.read().runs[0].run.filter_in_memory());
-    assert!(!index.contains_key(&id(5)), "a damaged filter block answers nothing");
-    let found = index.get_many(&(0..3000).map(id).collect::<Vec<_>>());
-    assert!(found.iter().all(Option::is_none), "the run is no longer used");
+    let held = index.read().runs[0].run.filter_held();
+    assert!(held > 0 && held < blocks * 64, "{held} bytes of {} held", blocks * 64);
+    assert!(index.contains_key(&id(0)), "id 0's block is held");
+    let victim = (0..3000).find(|&n| filter::block_of(&id(n), blocks) == blocks - 1);
+    let victim = victim.expect("an id in the last block");
+    assert!(!index.contains_key(&id(victim)), "a damaged filter block answers nothing");
+    assert!(!index.contains_key(&id(0)), "and its run is no longer used");
     index.sync().expect("sync");
     assert_eq!(index.run_count(), 0);
     assert!(!index.has_pack(&pack(0)), "its packs' index files are read again");
-    // Kept in memory instead, the filter is checked when it is read: the run is not used.
+    // Held in memory instead, the filter is checked when it is read: the run is not used.
     drop(index);
-    {
-        let index = Index::open(Some(dir.path()), TAG, DEFAULT_MEMORY_BUDGET).expect("open");
-        for p in 0..30 {
-            index.add_pack(pack(p), entries(p)).expect("add");
-        }
-    }
+    fill();
     let runs = run_files(dir.path());
     flip(&runs[0], 128 + 7);
     let index = Index::open(Some(dir.path()), TAG, DEFAULT_MEMORY_BUDGET).expect("reopen");
