@@ -335,11 +335,16 @@ impl Run {
             self.filter.truncate(want);
             self.filter.shrink_to_fit();
         } else if want > have {
-            let more =
-                filter::read_range(&self.file, HEADER as u64, have as u64, (want - have) as u64)?;
-            // Exactly the share: grown by doubling, the vector would hold up to twice it.
-            self.filter.reserve_exact(more.len());
-            self.filter.extend(more);
+            // Exactly the share, and read straight into it: grown by doubling, or read aside
+            // and copied in, it would hold up to twice it.
+            self.filter.reserve_exact(want - have);
+            let more = (want - have) as u64;
+            let read =
+                filter::read_range(&self.file, HEADER as u64, have as u64, more, &mut self.filter);
+            if let Err(why) = read {
+                self.filter = Vec::new();
+                return Err(why);
+            }
         }
         Ok(())
     }
