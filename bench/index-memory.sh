@@ -86,7 +86,8 @@ for size in $SIZES; do
     # Each backup starts from the same page cache: the image read once just before (at sizes
     # above the memory, its end is what stays cached), not whatever the last step left.
     cat "$img" > /dev/null
-    read -r secs kib chunks < <(backup "$which" "$exe" "$img")
+    out=$(backup "$which" "$exe" "$img") || die "$size: the full backup with $exe failed (its error is above)"
+    read -r secs kib chunks <<< "$out"
     [ -n "${FIRST[$which]:-}" ] || FIRST[$which]=$kib
     ratio=$(awk -v a="$kib" -v b="${FIRST[$which]}" 'BEGIN { printf "%.2fx", a / b }')
     mib=$(awk -v k="$kib" 'BEGIN { printf "%.1f MiB", k / 1024 }')

@@ -26,7 +26,7 @@ use crate::crypto::{hex, random};
 use crate::manifest::{ChunkId, PackId};
 
 const MAGIC: &[u8; 8] = b"SPIXRUN2";
-const HEADER: usize = 128;
+pub(crate) const HEADER: usize = 128;
 pub(crate) const ENTRY: usize = 44;
 const BLOCK_SUM: usize = 8;
 /// Entries per block at least: one block is about one 4 KiB page.
@@ -92,7 +92,7 @@ pub(crate) struct RunWriter {
 
 impl RunWriter {
     /// A run in `dir` over the packs `packs` (entries name them by position), sized for about
-    /// `expected` entries (at most: the filter has room for that many).
+    /// `expected` entries (the filter's size is fixed from it: more entries cost precision).
     pub(crate) fn create(
         dir: &Path,
         tag: [u8; 16],

@@ -20,6 +20,16 @@ const TAG: [u8; 16] = [7; 16];
 /// A budget whose in-memory table holds 64 entries: every pack spills.
 const TINY: u64 = 64 << 10;
 
+/// An index in `dir` at `budget` holding packs `0..packs` (some spilled, merged, as the budget
+/// makes them).
+fn filled(dir: &Path, budget: u64, packs: u64) -> Index {
+    let index = Index::open(Some(dir), TAG, budget).expect("open");
+    for p in 0..packs {
+        index.add_pack(pack(p), entries(p)).expect("add");
+    }
+    index
+}
+
 fn check_all(index: &Index, packs: u64) {
     let ids: Vec<ChunkId> = (0..packs * 100).map(id).collect();
     let got = index.get_many(&ids);
@@ -53,10 +63,7 @@ fn a_tiny_budget_spills_and_merges_and_every_lookup_still_answers() {
 #[test]
 fn a_sorted_lookup_answers_as_lone_lookups_do_for_ids_in_any_order() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let index = Index::open(Some(dir.path()), TAG, TINY).expect("open");
-    for p in 0..30 {
-        index.add_pack(pack(p), entries(p)).expect("add");
-    }
+    let index = filled(dir.path(), TINY, 30);
     // A chunk in two packs, one of them excluded: the rule of `get` holds for the cursor too.
     index.add_pack(pack(99), vec![(id(5), 0, 10), (id(2_000_000), 0, 10)]).expect("add");
     index.set_excluded(|p| *p == pack(0));
@@ -129,7 +136,7 @@ fn run_files(dir: &Path) -> Vec<PathBuf> {
 fn blocks_at(path: &Path) -> usize {
     let bytes = std::fs::read(path).expect("read");
     let filter_blocks = u64::from_le_bytes(bytes[40..48].try_into().expect("8 bytes"));
-    128 + usize::try_from(filter_blocks).expect("small") * filter::RECORD
+    run::HEADER + usize::try_from(filter_blocks).expect("small") * filter::RECORD
 }
 
 /// Flips one bit of the file at `path`, at `at`.
@@ -321,11 +328,8 @@ fn an_external_sort_of_many_runs_merges_them_a_few_dozen_at_a_time() {
 #[test]
 fn runs_too_large_to_keep_in_memory_are_read_block_by_block_and_answer_the_same() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let index = Index::open(Some(dir.path()), TAG, TINY).expect("open");
     // Runs of ~300 entries each, 40 packs: merged runs are far above the 16 KiB kept whole.
-    for p in 0..40 {
-        index.add_pack(pack(p), entries(p)).expect("add");
-    }
+    let index = filled(dir.path(), TINY, 40);
     index.sync().expect("sync");
     drop(index);
     let index = Index::open(Some(dir.path()), TAG, TINY).expect("reopen");
@@ -340,10 +344,7 @@ fn runs_too_large_to_keep_in_memory_are_read_block_by_block_and_answer_the_same(
 #[test]
 fn filters_beyond_their_share_are_read_from_the_run_file_and_answer_the_same() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let index = Index::open(Some(dir.path()), TAG, TINY).expect("open");
-    for p in 0..60 {
-        index.add_pack(pack(p), entries(p)).expect("add");
-    }
+    let index = filled(dir.path(), TINY, 60);
     index.sync().expect("sync");
     let (in_memory, on_disk): (Vec<_>, Vec<_>) = {
         let inner = index.read();
@@ -368,19 +369,15 @@ fn filters_beyond_their_share_are_read_from_the_run_file_and_answer_the_same() {
 #[test]
 fn a_damaged_filter_block_read_from_disk_drops_its_run_and_no_lookup_answers_wrong() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let fill = || {
-        let index = Index::open(Some(dir.path()), TAG, DEFAULT_MEMORY_BUDGET).expect("open");
-        for p in 0..30 {
-            index.add_pack(pack(p), entries(p)).expect("add");
-        }
-    };
+    // Dropped at once: its in-memory table goes to one run.
+    let fill = || drop(filled(dir.path(), DEFAULT_MEMORY_BUDGET, 30));
     fill();
     let runs = run_files(dir.path());
     assert_eq!(runs.len(), 1, "one spill at drop");
-    let blocks = ((blocks_at(&runs[0]) - 128) / filter::RECORD) as u64;
+    let blocks = ((blocks_at(&runs[0]) - run::HEADER) / filter::RECORD) as u64;
     // The last filter block flipped where the header checksum cannot see it. At this budget
     // the run holds only its filter's first blocks, so that one is read when a lookup needs it.
-    flip(&runs[0], 128 + (blocks as usize - 1) * filter::RECORD + 3);
+    flip(&runs[0], run::HEADER + (blocks as usize - 1) * filter::RECORD + 3);
     let index = Index::open(Some(dir.path()), TAG, TINY).expect("reopen");
     assert_eq!(index.run_count(), 1, "the header and tables check out");
     let held = index.read().runs[0].run.filter_held();
@@ -397,7 +394,7 @@ fn a_damaged_filter_block_read_from_disk_drops_its_run_and_no_lookup_answers_wro
     drop(index);
     fill();
     let runs = run_files(dir.path());
-    flip(&runs[0], 128 + 7);
+    flip(&runs[0], run::HEADER + 7);
     let index = Index::open(Some(dir.path()), TAG, DEFAULT_MEMORY_BUDGET).expect("reopen");
     assert!(!index.contains_key(&id(5)));
     index.sync().expect("sync");
