@@ -14,7 +14,7 @@ use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use stillpoint_sys::{next_data, next_hole};
+use stillpoint_sys::{advise, next_data, next_hole, Advice};
 
 use crate::changes::ChangeMap;
 use crate::chunklist::{PageBuilder, ParentEntries};
@@ -50,6 +50,12 @@ const SIBLING_WAIT: Duration = Duration::from_secs(10);
 /// It is rebuilt at each trim, sized for the next: a set trimmed in place keeps its
 /// tombstones, and with as many entries as a 16 GiB backup's trims leave it doubled to 8.7 MB.
 const SENT_TRIM: usize = 1 << 15;
+/// With a change map, bytes of changed ranges the kernel is asked to read ahead of the reader
+/// (`POSIX_FADV_WILLNEED`), so scattered small ranges are read with many requests in flight
+/// rather than one at a time; and the sampled chunks the sampling verify reads next.
+const PREFETCH_BYTES: u64 = 8 << 20;
+/// The largest piece asked for at once: a large changed range is asked for as it comes near.
+const PREFETCH_PIECE: u64 = 1 << 20;
 
 /// Chunks between the stages, back to back in one buffer: from the reader their plaintexts,
 /// from the workers the same chunks compressed and sealed. One allocation per batch, not three
@@ -195,6 +201,113 @@ struct Skip<'a> {
     changed: &'a [Range<u64>],
     entries: Box<dyn Iterator<Item = Option<ChunkId>> + 'a>,
     sample: Sampler,
+    /// Reads the changed ranges ahead of the reader (`None` when every chunk is read).
+    prefetch: Option<Prefetch<'a>>,
+}
+
+/// Asks the kernel to read a change map's ranges ahead of the reader, at most
+/// [`PREFETCH_BYTES`] beyond it, and turns the file's readahead off: a map of scattered 4 KiB
+/// changes read one `pread` at a time waits for each on the device, and readahead would read
+/// around each what the map says did not change. Hints only: their errors are ignored.
+struct Prefetch<'a> {
+    file: &'a File,
+    ahead: Ahead<'a>,
+    chunk_size: u64,
+    pieces: Vec<Range<u64>>,
+}
+
+impl<'a> Prefetch<'a> {
+    fn new(file: &'a File, ranges: &'a [Range<u64>], chunks: u64, chunk_size: u32) -> Self {
+        let _ = advise(file, 0, 0, Advice::Random);
+        let chunk_size = u64::from(chunk_size.max(1));
+        let ahead =
+            Ahead::new(ranges, chunks, PREFETCH_BYTES / chunk_size, PREFETCH_PIECE / chunk_size);
+        Prefetch { file, ahead, chunk_size, pieces: Vec::new() }
+    }
+
+    /// The reader is at chunk `reader`: asks for what follows, up to the limit.
+    fn advance(&mut self, reader: u64) {
+        self.ahead.next(reader, &mut self.pieces);
+        for p in self.pieces.drain(..) {
+            let (off, len) = (p.start * self.chunk_size, (p.end - p.start) * self.chunk_size);
+            let _ = advise(self.file, off, len, Advice::WillNeed);
+        }
+    }
+
+    /// Back to the kernel's usual readahead (for a pass that reads every chunk).
+    fn finish(self) {
+        let _ = advise(self.file, 0, 0, Advice::Normal);
+    }
+}
+
+/// Which changed chunks to ask for next (pure, for [`Prefetch`]): pieces of the map's ranges,
+/// in order, each asked for once, none behind the reader, at most `limit` chunks ahead of it.
+struct Ahead<'a> {
+    /// Sorted, disjoint ranges of chunk indices (the map's).
+    ranges: &'a [Range<u64>],
+    chunks: u64,
+    limit: u64,
+    piece: u64,
+    /// The next range to ask for, and the first chunk of it not asked for yet.
+    at: usize,
+    from: u64,
+    /// Changed chunks asked for (or passed by the reader first) so far.
+    asked: u64,
+    /// The first range the reader has not passed, and the changed chunks before it.
+    passed: usize,
+    passed_chunks: u64,
+}
+
+impl<'a> Ahead<'a> {
+    fn new(ranges: &'a [Range<u64>], chunks: u64, limit: u64, piece: u64) -> Self {
+        Ahead {
+            ranges,
+            chunks,
+            limit: limit.max(1),
+            piece: piece.max(1),
+            at: 0,
+            from: 0,
+            asked: 0,
+            passed: 0,
+            passed_chunks: 0,
+        }
+    }
+
+    fn len(&self, r: &Range<u64>) -> u64 {
+        r.end.min(self.chunks).saturating_sub(r.start)
+    }
+
+    /// The reader is at chunk `reader`: adds the pieces to ask for now to `out`.
+    fn next(&mut self, reader: u64, out: &mut Vec<Range<u64>>) {
+        while let Some(r) = self.ranges.get(self.passed).filter(|r| r.end <= reader) {
+            self.passed_chunks += self.len(r);
+            self.passed += 1;
+        }
+        let inside = self
+            .ranges
+            .get(self.passed)
+            .map_or(0, |r| reader.saturating_sub(r.start).min(self.len(r)));
+        let read = self.passed_chunks + inside;
+        while self.asked.saturating_sub(read) < self.limit {
+            let Some(r) = self.ranges.get(self.at) else { return };
+            let end = r.end.min(self.chunks);
+            let lo = r.start.max(self.from);
+            let room = self.limit - self.asked.saturating_sub(read);
+            let hi = end.min(lo + self.piece.min(room));
+            // Chunks the reader already passed are not asked for, but count as asked.
+            let ask = lo.max(reader);
+            if ask < hi {
+                out.push(ask..hi);
+            }
+            self.asked += hi.saturating_sub(lo);
+            if hi >= end {
+                self.at += 1;
+                self.from = 0;
+            } else {
+                self.from = hi;
+            }
+        }
+    }
 }
 
 /// A uniform random sample of the skipped chunks (reservoir sampling, algorithm R), so the
@@ -359,6 +472,7 @@ impl Repository {
                     changed: &changed,
                     entries: Box::new(entries),
                     sample: Sampler::new(usize::try_from(want).unwrap_or(usize::MAX)),
+                    prefetch: Some(Prefetch::new(&file, &changed, n, manifest.chunk_size)),
                 };
                 self.read_pass(
                     &file,
@@ -373,6 +487,9 @@ impl Repository {
                 let mut picked = std::mem::take(&mut skip.sample.picked);
                 picked.sort_unstable_by_key(|&(off, _, _)| off);
                 let wrong = self.sample_differs(&file, source, &picked)?;
+                if let Some(prefetch) = skip.prefetch.take() {
+                    prefetch.finish();
+                }
                 stats.sampled_chunks = picked.len() as u64;
                 stats.sample_mismatches = wrong;
                 let unread = failed.take();
@@ -417,6 +534,7 @@ impl Repository {
                 changed: everything,
                 entries: Box::new(ParentEntries::new(self, m)),
                 sample: Sampler::new(0),
+                prefetch: None,
             });
             self.read_pass(
                 &file,
@@ -517,7 +635,20 @@ impl Repository {
     ) -> Result<u64> {
         let mut data = vec![0u8; self.chunk_size() as usize];
         let mut wrong = 0;
-        for &(off, len, entry) in picked {
+        // Each `PREFETCH_BYTES` of the sample is asked for while the one before is read.
+        let batch = usize::try_from(PREFETCH_BYTES / u64::from(self.chunk_size().max(1)))
+            .unwrap_or(usize::MAX)
+            .max(1);
+        let ask = |from: usize| {
+            for &(off, len, _) in picked.iter().skip(from).take(batch) {
+                let _ = advise(file, off, len as u64, Advice::WillNeed);
+            }
+        };
+        ask(0);
+        for (i, &(off, len, entry)) in picked.iter().enumerate() {
+            if i % batch == 0 {
+                ask(i + batch);
+            }
             let data = &mut data[..len];
             file.read_exact_at(data, off).ctx("read", source)?;
             let now = if is_zero(data) { None } else { Some(ChunkId(self.key.chunk_id(data))) };
@@ -654,6 +785,9 @@ impl Repository {
         let mut first = 0u64;
         while first < n {
             let count = per_window.min(usize::try_from(n - first).expect("a window is small"));
+            if let Some(prefetch) = skip.as_deref_mut().and_then(|s| s.prefetch.as_mut()) {
+                prefetch.advance(first);
+            }
             let base = first * cs as u64;
             let end = manifest.size.min(base + (count * cs) as u64);
             // Which chunks the parent gives unread, which hold data, then one read per run.

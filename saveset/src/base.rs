@@ -129,6 +129,23 @@ pub struct BaseStore {
     refused_logged: AtomicBool,
 }
 
+/// A clone of a snapshot in a temp file of the base store ([`BaseStore::clone_snapshot`]),
+/// removed when dropped unless it was renamed into place.
+#[derive(Debug)]
+struct ClonedBase {
+    tmp: PathBuf,
+    file: File,
+    kept: bool,
+}
+
+impl Drop for ClonedBase {
+    fn drop(&mut self) {
+        if !self.kept {
+            let _ = std::fs::remove_file(&self.tmp);
+        }
+    }
+}
+
 impl BaseStore {
     /// Opens (creating, mode 0700) the base directory; temp files a crash left are removed.
     pub fn open(dir: &Path) -> Result<BaseStore> {
@@ -270,22 +287,37 @@ impl BaseStore {
     /// crash between leaves a sidecar whose identity no longer matches: a full read, never a
     /// wrong base. Errors say why no base was kept (the backup itself succeeded).
     pub fn keep(&self, key: &BaseKey, snapshot: &Path, backup: &VolumeBackup) -> Result<()> {
-        let (base, sidecar) = self.paths(key);
+        self.keep_clone(key, self.clone_snapshot(snapshot)?, backup)
+    }
+
+    /// A read-only clone of `snapshot` in a temp file of the store, removed when dropped unless
+    /// kept. A snapshot does not change, so the clone can be made while it is being read.
+    fn clone_snapshot(&self, snapshot: &Path) -> Result<ClonedBase> {
         let src = File::open(snapshot).ctx("open", snapshot)?;
-        let (tmp, dst) = crate::index::private_file(&self.dir, "tmp-", ".base")
+        let (tmp, file) = crate::index::private_file(&self.dir, "tmp-", ".base")
             .ctx("create a base in", &self.dir)?;
-        let kept = (|| {
-            stillpoint_sys::clone_file(&src, &dst).ctx("clone (FICLONE) into", &tmp)?;
-            dst.set_permissions(std::fs::Permissions::from_mode(0o400)).ctx("chmod", &tmp)?;
-            dst.sync_all().ctx("fsync", &tmp)?;
-            std::fs::rename(&tmp, &base).ctx("rename", &base)
-        })();
-        if let Err(e) = kept {
-            let _ = std::fs::remove_file(&tmp);
-            return Err(e);
-        }
+        let clone = ClonedBase { tmp, file, kept: false };
+        stillpoint_sys::clone_file(&src, &clone.file).ctx("clone (FICLONE) into", &clone.tmp)?;
+        clone
+            .file
+            .set_permissions(std::fs::Permissions::from_mode(0o400))
+            .ctx("chmod", &clone.tmp)?;
+        Ok(clone)
+    }
+
+    /// Makes `clone` the base of `key`: fsync, renamed over the old base, then the sidecar.
+    fn keep_clone(
+        &self,
+        key: &BaseKey,
+        mut clone: ClonedBase,
+        backup: &VolumeBackup,
+    ) -> Result<()> {
+        let (base, sidecar) = self.paths(key);
+        clone.file.sync_all().ctx("fsync", &clone.tmp)?;
+        std::fs::rename(&clone.tmp, &base).ctx("rename", &base)?;
+        clone.kept = true;
         // After the rename, which may change the ctime.
-        let identity = Identity::of(&dst.metadata().ctx("stat", &base)?);
+        let identity = Identity::of(&clone.file.metadata().ctx("stat", &base)?);
         let record = Sidecar {
             key: key.clone(),
             backup: backup.manifest.meta.backup.clone(),
@@ -299,7 +331,8 @@ impl BaseStore {
     /// Backs `snapshot` up as `meta`'s volume against the kept base of `key` (if any can be
     /// trusted), then keeps `snapshot` as the new base. Why no base was used is in the stats'
     /// `change_map` and a log line; failing to keep the new base is logged and leaves the old
-    /// one, which still matches its own manifest.
+    /// one, which still matches its own manifest. The new base is cloned while the snapshot is
+    /// read (a clone of a large file with many extents takes a while on btrfs).
     pub fn backup(
         &self,
         repo: &mut Repository,
@@ -312,19 +345,37 @@ impl BaseStore {
             Ok(p) => Some(p),
             Err(why) => {
                 tracing::info!(group = %key.group, server = %key.server, volume = %key.volume, "no change map: {why}; reading the whole volume");
-                let mut done = repo.backup_volume_with(snapshot, meta, None, progress)?;
+                let mut done = self.backup_and_keep(repo, key, snapshot, meta, None, progress)?;
                 done.stats.change_map = why;
-                self.keep_logged(key, snapshot, &done);
                 return Ok(done);
             }
         };
-        let done = repo.backup_volume_with(snapshot, meta, parent.as_ref(), progress)?;
-        self.keep_logged(key, snapshot, &done);
-        Ok(done)
+        self.backup_and_keep(repo, key, snapshot, meta, parent.as_ref(), progress)
     }
 
-    fn keep_logged(&self, key: &BaseKey, snapshot: &Path, done: &VolumeBackup) {
-        let Err(e) = self.keep(key, snapshot, done) else { return };
+    fn backup_and_keep(
+        &self,
+        repo: &mut Repository,
+        key: &BaseKey,
+        snapshot: &Path,
+        meta: VolumeMeta,
+        parent: Option<&Parent>,
+        progress: &mut dyn FnMut(Progress),
+    ) -> Result<VolumeBackup> {
+        std::thread::scope(|s| {
+            let cloning = s.spawn(|| self.clone_snapshot(snapshot));
+            let done = repo.backup_volume_with(snapshot, meta, parent, progress);
+            // A failed backup drops the clone (its temp file is removed).
+            let cloned = cloning.join().expect("cloning does not panic");
+            let done = done?;
+            let kept = cloned.and_then(|clone| self.keep_clone(key, clone, &done));
+            self.log_not_kept(key, kept);
+            Ok(done)
+        })
+    }
+
+    fn log_not_kept(&self, key: &BaseKey, kept: Result<()>) {
+        let Err(e) = kept else { return };
         let refused = matches!(&e, Error::Io { source, .. }
             if matches!(source.raw_os_error(), Some(libc::EXDEV | libc::EOPNOTSUPP | libc::EINVAL)));
         if !refused {

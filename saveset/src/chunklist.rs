@@ -4,6 +4,7 @@
 //! the volume.
 
 use std::ops::Range;
+use std::sync::Arc;
 
 use crate::error::{Error, Result};
 use crate::index::{IdSet, Index};
@@ -17,33 +18,90 @@ pub(crate) struct PageEntries {
     pub blobs: Vec<ChunkId>,
 }
 
+/// How many decoded page blobs [`PageCache`] keeps: a backup's walk reads its parent's page
+/// (and, for a delta, that page's base) once for its entries and again to compare the page it
+/// built, and reads the next page only after both. At most [`pages::MAX_PAGES`] pages cut any
+/// volume, so a page is 4096 entries (135 KB decoded) up to 16 GiB and grows with the volume
+/// past that (2 MiB at 1 TiB).
+const RECENT_PAGES: usize = 2;
+
+/// The page blobs decoded last, and what decoding takes (buffers and a zstd context, made once
+/// rather than per page). Blobs are named by the keyed hash of their plaintext and checked when
+/// decoded, so a kept page is the page its id names.
+#[derive(Default)]
+pub(crate) struct PageCache {
+    inner: std::sync::Mutex<CacheInner>,
+}
+
+#[derive(Default)]
+struct CacheInner {
+    /// Most recently used last.
+    recent: std::collections::VecDeque<(ChunkId, Arc<Page>)>,
+    read: Vec<u8>,
+    out: Vec<u8>,
+    dc: Option<zstd::bulk::Decompressor<'static>>,
+}
+
+impl PageCache {
+    fn lock(&self) -> std::sync::MutexGuard<'_, CacheInner> {
+        self.inner.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
 impl Repository {
     /// Reads and decodes the page blob `id` of `count` entries.
-    pub(crate) fn load_page(&self, id: ChunkId, count: usize) -> Result<Page> {
+    pub(crate) fn load_page(&self, id: ChunkId, count: usize) -> Result<Arc<Page>> {
         self.load_page_in(&self.index, id, count)
     }
 
     /// [`Repository::load_page`], locating the blob through `index`.
-    fn load_page_in(&self, index: &Index, id: ChunkId, count: usize) -> Result<Page> {
+    fn load_page_in(&self, index: &Index, id: ChunkId, count: usize) -> Result<Arc<Page>> {
         let damaged =
             |reason: String| Error::Damaged { what: format!("chunk list page {id}"), reason };
-        let loc = index.get(&id).ok_or_else(|| damaged("not in any index".into()))?;
-        let mut read = Vec::new();
-        let at =
-            self.read_pack_into(loc.pack, loc.offset..loc.offset + u64::from(loc.len), &mut read)?;
-        let mut out = vec![0u8; pages::max_page_len(count_u32(count))];
-        let mut dc = zstd::bulk::Decompressor::new().map_err(|e| damaged(e.to_string()))?;
-        let mut opener = self.key.chunk_opener();
-        let n = self.decode_chunk_into(&mut opener, id, &mut read[at], &mut out, &mut dc).map_err(
-            |r| {
-                damaged(format!(
-                    "in pack {} at offset {}: {r}",
-                    self.pack_path(loc.pack).display(),
-                    loc.offset
-                ))
-            },
-        )?;
-        pages::decode(&out[..n], count).map_err(damaged)
+        // Buffers are taken out of the cache while decoding, so another thread reading a page
+        // meanwhile is not held up (it makes buffers of its own).
+        let (mut read, mut out, dc) = {
+            let mut cache = self.pages.lock();
+            if let Some(at) = cache.recent.iter().position(|(k, _)| *k == id) {
+                let hit = cache.recent.remove(at).expect("found just now");
+                let page = Arc::clone(&hit.1);
+                cache.recent.push_back(hit);
+                return Ok(page);
+            }
+            (std::mem::take(&mut cache.read), std::mem::take(&mut cache.out), cache.dc.take())
+        };
+        let mut dc = match dc {
+            Some(dc) => dc,
+            None => zstd::bulk::Decompressor::new().map_err(|e| damaged(e.to_string()))?,
+        };
+        let decoded = (|| {
+            let loc = index.get(&id).ok_or_else(|| damaged("not in any index".into()))?;
+            let at = self.read_pack_into(
+                loc.pack,
+                loc.offset..loc.offset + u64::from(loc.len),
+                &mut read,
+            )?;
+            out.resize(pages::max_page_len(count_u32(count)), 0);
+            let mut opener = self.key.chunk_opener();
+            let n = self
+                .decode_chunk_into(&mut opener, id, &mut read[at], &mut out, &mut dc)
+                .map_err(|r| {
+                    damaged(format!(
+                        "in pack {} at offset {}: {r}",
+                        self.pack_path(loc.pack).display(),
+                        loc.offset
+                    ))
+                })?;
+            pages::decode(&out[..n], count).map_err(damaged)
+        })();
+        let mut cache = self.pages.lock();
+        (cache.read, cache.out, cache.dc) = (read, out, Some(dc));
+        let page = Arc::new(decoded?);
+        if cache.recent.len() >= RECENT_PAGES {
+            cache.recent.pop_front();
+        }
+        cache.recent.push_back((id, Arc::clone(&page)));
+        Ok(page)
     }
 
     /// The entries of page `p` of a paged list (`page_chunks` per page, `count` chunks in all),
@@ -72,12 +130,12 @@ impl Repository {
         let Some(id) = pages[p] else {
             return Ok(PageEntries { entries: vec![None; len], blobs: Vec::new() });
         };
-        match self.load_page_in(index, id, len).map_err(|e| (id, e))? {
-            Page::Full(entries) => Ok(PageEntries { entries, blobs: vec![id] }),
+        match &*self.load_page_in(index, id, len).map_err(|e| (id, e))? {
+            Page::Full(entries) => Ok(PageEntries { entries: entries.clone(), blobs: vec![id] }),
             Page::Delta { base, count, changes } => {
-                let Page::Full(base_entries) =
-                    self.load_page_in(index, base, len).map_err(|e| (base, e))?
-                else {
+                let (base, count) = (*base, *count);
+                let base_page = self.load_page_in(index, base, len).map_err(|e| (base, e))?;
+                let Page::Full(base_entries) = &*base_page else {
                     return Err((
                         id,
                         Error::Damaged {
@@ -86,7 +144,7 @@ impl Repository {
                         },
                     ));
                 };
-                let entries = pages::apply(&base_entries, count, &changes).map_err(|reason| {
+                let entries = pages::apply(base_entries, count, changes).map_err(|reason| {
                     (id, Error::Damaged { what: format!("chunk list page {id}"), reason })
                 })?;
                 Ok(PageEntries { entries, blobs: vec![id, base] })
@@ -379,8 +437,8 @@ impl<'p> PageBuilder<'p> {
                     let base_entries = if parent.blobs.len() == 1 {
                         parent.entries
                     } else {
-                        match repo.load_page(base_id, entries.len())? {
-                            Page::Full(e) => e,
+                        match &*repo.load_page(base_id, entries.len())? {
+                            Page::Full(e) => e.clone(),
                             Page::Delta { .. } => {
                                 return Err(Error::Damaged {
                                     what: format!("chunk list page {base_id}"),
@@ -412,5 +470,59 @@ impl<'p> PageBuilder<'p> {
     /// The chunk list, once every chunk was pushed.
     pub(crate) fn finish(self) -> ChunkList {
         ChunkList::Paged { page_chunks: self.page_chunks, pages: self.pages }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::fs::File;
+    use std::os::unix::fs::FileExt;
+
+    use super::*;
+    use crate::crypto::{KdfParams, Secret};
+    use crate::manifest::VolumeMeta;
+    use crate::repo::InitOptions;
+
+    #[test]
+    fn the_pages_read_last_are_decoded_once_and_older_ones_read_again_and_the_same() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let source = dir.path().join("image");
+        // Four pages of 4096 chunks, one data chunk in each (the rest holes).
+        let page = u64::from(pages::MIN_PAGE_CHUNKS) * 4096;
+        let image = File::create(&source).expect("create image");
+        image.set_len(4 * page).expect("size image");
+        for p in 0..4u64 {
+            image.write_all_at(&[p as u8 + 1; 4096], p * page + 8192).expect("write");
+        }
+        let opts = InitOptions {
+            kdf: KdfParams { m_cost_kib: 8 * 1024, t_cost: 1, p_cost: 1 },
+            ..InitOptions::default()
+        };
+        let secret = Secret::passphrase("pages");
+        let mut repo =
+            Repository::init_with(&dir.path().join("repo"), &secret, opts).expect("init");
+        let meta = VolumeMeta { backup: "b".into(), server: "s".into(), volume: "v".into() };
+        let done = repo.backup_volume(&source, meta, &mut |_| {}).expect("backup");
+        let ChunkList::Paged { page_chunks, pages: ids } = &done.manifest.chunks else {
+            panic!("a new backup's list is paged")
+        };
+        assert_eq!(ids.len(), 4);
+        let ids: Vec<ChunkId> = ids.iter().map(|id| id.expect("every page holds data")).collect();
+        let n = *page_chunks as usize;
+        let first = repo.load_page(ids[0], n).expect("page 0");
+        assert!(Arc::ptr_eq(&first, &repo.load_page(ids[0], n).expect("page 0 again")));
+        let second = repo.load_page(ids[1], n).expect("page 1");
+        assert!(Arc::ptr_eq(&first, &repo.load_page(ids[0], n).expect("page 0, kept")));
+        // Two more pages push the first two out: read again, decoded anew, the same entries.
+        for id in &ids[2..] {
+            repo.load_page(*id, n).expect("pages 2 and 3");
+        }
+        let again = repo.load_page(ids[0], n).expect("page 0, read again");
+        assert!(!Arc::ptr_eq(&first, &again));
+        assert_eq!(*first, *again);
+        assert_ne!(*first, *second);
+        let Page::Full(entries) = &*again else { panic!("a first backup's pages are full") };
+        assert_eq!(entries.iter().flatten().count(), 1);
+        assert!(entries[2].is_some(), "the data chunk at 8 KiB");
     }
 }

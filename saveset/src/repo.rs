@@ -158,6 +158,8 @@ pub struct Repository {
     /// Shared with the other handles of the same [`crate::Pool`]: chunks their copies are
     /// storing right now (`claims.rs`). `None` for a handle of its own.
     pub(crate) claims: Option<Arc<Claims>>,
+    /// The chunk list pages read last, decoded (`chunklist.rs`).
+    pub(crate) pages: crate::chunklist::PageCache,
 }
 
 impl std::fmt::Debug for Repository {
@@ -207,6 +209,7 @@ impl Repository {
             key,
             options,
             claims: None,
+            pages: crate::chunklist::PageCache::default(),
         };
         let text = serde_json::to_vec_pretty(&repo.config).expect("config serializes");
         // The config goes last: a location without it is not yet a repository.
@@ -289,6 +292,7 @@ impl Repository {
             index: Arc::new(Index::default()),
             options: OpenOptions::default(),
             claims: None,
+            pages: crate::chunklist::PageCache::default(),
         })
     }
 

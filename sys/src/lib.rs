@@ -1,8 +1,8 @@
 //! The only unsafe code in stillpoint: thin wrappers over the Linux syscalls we need (the
 //! FIFREEZE, FITHAW, FICLONE, FIEMAP and btrfs FS_INFO ioctls, SEEK_DATA/SEEK_HOLE, fallocate,
-//! fstatfs, geteuid, kill, pidfds, shutdown, and glibc's mallopt). Each returns the raw `io::Error` so callers can tell EBUSY (someone
-//! else's freeze), EINVAL (not frozen) and ESRCH (no such process) apart. Depends on `libc`
-//! alone, so any crate may use it.
+//! posix_fadvise, fstatfs, geteuid, kill, pidfds, shutdown, and glibc's mallopt). Each returns
+//! the raw `io::Error` so callers can tell EBUSY (someone else's freeze), EINVAL (not frozen)
+//! and ESRCH (no such process) apart. Depends on `libc` alone, so any crate may use it.
 #![allow(unsafe_code)]
 
 use std::fs::File;
@@ -183,6 +183,39 @@ pub fn preallocate(file: &File, offset: u64, len: u64) -> io::Result<()> {
         libc::off_t::try_from(len).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
     // SAFETY: plain syscall on a valid fd with integer arguments.
     check(unsafe { libc::fallocate(file.as_raw_fd(), 0, offset, len) })
+}
+
+/// How a file will be read, for the kernel's page cache (`posix_fadvise(2)`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Advice {
+    /// The kernel's usual readahead.
+    Normal,
+    /// Reads jump about: no readahead beyond what each read asks.
+    Random,
+    /// These bytes will be read soon: start reading them now, without waiting.
+    WillNeed,
+}
+
+/// Tells the kernel how `len` bytes of `file` at `offset` will be read (`len` 0: to the end).
+/// Only a hint: callers that only want speed ignore errors.
+pub fn advise(file: &File, offset: u64, len: u64, advice: Advice) -> io::Result<()> {
+    let offset =
+        libc::off_t::try_from(offset).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    let len =
+        libc::off_t::try_from(len).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    let advice = match advice {
+        Advice::Normal => libc::POSIX_FADV_NORMAL,
+        Advice::Random => libc::POSIX_FADV_RANDOM,
+        Advice::WillNeed => libc::POSIX_FADV_WILLNEED,
+    };
+    // SAFETY: plain syscall on a valid fd with integer arguments.
+    let rc = unsafe { libc::posix_fadvise(file.as_raw_fd(), offset, len, advice) };
+    // posix_fadvise returns the error number instead of setting errno.
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::from_raw_os_error(rc))
+    }
 }
 
 /// What `fstatfs(2)` says of the filesystem a file or directory is on.

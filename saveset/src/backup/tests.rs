@@ -1,5 +1,6 @@
 //! Claims between sibling copies: a chunk a sibling claimed and never stored is stored by the
-//! copy that waited for it, so its manifest never references a chunk that is not durable.
+//! copy that waited for it, so its manifest never references a chunk that is not durable. What
+//! a change map's reader asks the kernel to read ahead.
 
 use std::os::unix::fs::FileExt;
 use std::sync::Arc;
@@ -45,4 +46,71 @@ fn chunks_a_failed_sibling_claimed_are_stored_by_the_copy_that_waited() {
     let target = dir.path().join("restored");
     fresh.restore_volume(backup.id, &target, false).expect("restore");
     assert!(std::fs::read(&target).expect("read back") == image);
+}
+
+/// Walks a reader over `chunks` in windows of `window`, as `read_chunks` does, and returns what
+/// `Ahead` asked for; checks at each step that nothing asked for is behind the reader or more
+/// than `limit` changed chunks ahead of it.
+fn walk(
+    ranges: &[Range<u64>],
+    chunks: u64,
+    window: u64,
+    limit: u64,
+    piece: u64,
+) -> Vec<Range<u64>> {
+    let mut ahead = Ahead::new(ranges, chunks, limit, piece);
+    let mut all: Vec<Range<u64>> = Vec::new();
+    let mut reader = 0;
+    while reader < chunks {
+        let mut out = Vec::new();
+        ahead.next(reader, &mut out);
+        for p in &out {
+            assert!(p.start >= reader && p.start < p.end && p.end <= chunks, "{p:?} at {reader}");
+            assert!(p.end - p.start <= piece, "{p:?} larger than a piece");
+        }
+        all.extend(out);
+        // Changed chunks asked for at or after the reader: within the limit.
+        let pending: u64 = all.iter().map(|p| p.end.saturating_sub(p.start.max(reader))).sum();
+        assert!(pending <= limit, "{pending} chunks asked ahead of {reader}, limit {limit}");
+        reader += window;
+    }
+    all
+}
+
+/// The chunks inside `ranges` (below `chunks`), one by one.
+fn chunks_in(ranges: &[Range<u64>], chunks: u64) -> Vec<u64> {
+    ranges.iter().flat_map(|r| r.start.min(chunks)..r.end.min(chunks)).collect()
+}
+
+#[test]
+fn every_changed_chunk_is_asked_for_once_in_order_and_never_far_ahead_of_the_reader() {
+    // Scattered single chunks, a cluster, a range larger than the limit, one past the end.
+    let mut ranges: Vec<Range<u64>> = (0..200).map(|i| i * 37 + 5..i * 37 + 6).collect();
+    ranges.push(8000..8016);
+    ranges.push(9000..12000);
+    ranges.push(12500..20000);
+    let chunks = 13000;
+    for (window, limit, piece) in [(256, 2048, 256), (1, 3, 2), (7, 1, 1), (256, 100_000, 64)] {
+        let asked = walk(&ranges, chunks, window, limit, piece);
+        let mut got = chunks_in(&asked, chunks);
+        let want = chunks_in(&ranges, chunks);
+        // In order and once each; a chunk is only left out when the reader had passed it
+        // before it could be asked for (the limit was full).
+        assert!(got.windows(2).all(|w| w[0] < w[1]), "out of order or twice: {window} {limit}");
+        got.retain(|c| want.binary_search(c).is_ok());
+        assert_eq!(got.len(), chunks_in(&asked, chunks).len(), "asked outside the map");
+        if limit >= window * 2 {
+            assert_eq!(got, want, "window {window}, limit {limit}: some changed chunk never asked");
+        }
+    }
+}
+
+#[test]
+fn nothing_is_asked_for_without_changes_and_all_of_a_small_map_at_once() {
+    let mut out = Vec::new();
+    Ahead::new(&[], 1000, 64, 16).next(0, &mut out);
+    assert!(out.is_empty());
+    let ranges = [3..4, 10..12, 500..501];
+    Ahead::new(&ranges, 1000, 64, 16).next(0, &mut out);
+    assert_eq!(out, vec![3..4, 10..12, 500..501]);
 }

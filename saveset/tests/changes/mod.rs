@@ -6,7 +6,7 @@
 
 use std::fs;
 use std::io::{BufRead, BufReader};
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
@@ -265,6 +265,60 @@ fn untrusted_bases_mean_a_full_read() {
         assert_eq!(b3(&out), b3(state));
         fs::remove_file(&out).unwrap();
     }
+}
+
+/// The new base is cloned while the snapshot is read: a backup that fails leaves the old base
+/// and its record as they were and no clone behind, and the next backup still reads only what
+/// changed since the old base.
+#[test]
+fn a_failed_backup_keeps_the_old_base_and_leaves_no_clone() {
+    let fs = LoopFs::new("xfs");
+    let root = fs.path();
+    let lun = image(&root, "lun.img", 32, 23);
+    let size = fs::metadata(&lun).unwrap().len();
+    let mut repo = Repository::init_with(&root.join("repo"), &secret(), opts()).unwrap();
+    let bases = BaseStore::open(&root.join("bases")).unwrap();
+    backup(&mut repo, &bases, &lun, "b1");
+    let listing = || {
+        let mut files: Vec<(String, Vec<u8>, u64)> = fs::read_dir(root.join("bases"))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .map(|p| {
+                let meta = fs::metadata(&p).unwrap();
+                let json = if p.extension().is_some_and(|e| e == "json") {
+                    fs::read(&p).unwrap()
+                } else {
+                    Vec::new()
+                };
+                (p.file_name().unwrap().to_string_lossy().into_owned(), json, meta.ino())
+            })
+            .collect();
+        files.sort();
+        files
+    };
+    let kept = listing();
+    assert_eq!(kept.len(), 2, "a base and its record: {kept:?}");
+
+    // Packs cannot be written (their directory is a file now): the backup fails.
+    rewrite(&lun, 11);
+    let packs = root.join("repo").join("packs");
+    fs::rename(&packs, root.join("packs-away")).unwrap();
+    fs::write(&packs, b"not a directory").unwrap();
+    let snap = lun.with_file_name("snap-b2");
+    clone(&lun, &snap);
+    let failed = bases.backup(&mut repo, &key(), &snap, vmeta("b2"), &mut |_| {});
+    let err = failed.map(|d| d.stats).expect_err("packs cannot be written").to_string();
+    assert!(err.contains("packs"), "{err}");
+    assert_eq!(listing(), kept, "the old base and record, unchanged, and no clone left");
+
+    fs::remove_file(&packs).unwrap();
+    fs::rename(root.join("packs-away"), &packs).unwrap();
+    let (again, state) = backup(&mut repo, &bases, &lun, "b3");
+    assert!(again.stats.change_map.starts_with("fiemap: "), "{:?}", again.stats);
+    assert!(again.stats.bytes_read * 10 < size, "{:?}", again.stats);
+    let out = root.join("out");
+    repo.restore_volume(again.id, &out, false).unwrap();
+    assert_eq!(b3(&out), b3(&state));
 }
 
 /// The same wrong map the failpoint makes, given directly: the sampling verify finds it (the
