@@ -245,6 +245,16 @@ impl BaseStore {
         key: &BaseKey,
         snapshot: &Path,
     ) -> std::result::Result<Parent, String> {
+        self.find_record(repo, key, snapshot).map(|(parent, _)| parent)
+    }
+
+    /// [`BaseStore::find`], with the record the base was trusted by.
+    fn find_record(
+        &self,
+        repo: &Repository,
+        key: &BaseKey,
+        snapshot: &Path,
+    ) -> std::result::Result<(Parent, Sidecar), String> {
         let (base, sidecar) = self.paths(key);
         let record = read_record(&sidecar, key, |r: &Sidecar| &r.key)?;
         let file = File::open(&base).map_err(|e| format!("none: base {}: {e}", base.display()))?;
@@ -279,15 +289,9 @@ impl BaseStore {
         }
         let changed = changes_between_files((&file, &base), (&snap, snapshot))
             .map_err(|e| format!("none: change map: {e}"))?;
-        Ok(Parent { manifest: record.manifest, changed, sample_percent: self.sample_percent })
-    }
-
-    /// Keeps `snapshot` as the base of `key`, just backed up into `backup`: a clone to a temp
-    /// file, made read-only and renamed over the old base, then the sidecar (temp+rename). A
-    /// crash between leaves a sidecar whose identity no longer matches: a full read, never a
-    /// wrong base. Errors say why no base was kept (the backup itself succeeded).
-    pub fn keep(&self, key: &BaseKey, snapshot: &Path, backup: &VolumeBackup) -> Result<()> {
-        self.keep_clone(key, self.clone_snapshot(snapshot)?, backup)
+        let parent =
+            Parent { manifest: record.manifest, changed, sample_percent: self.sample_percent };
+        Ok((parent, record))
     }
 
     /// A read-only clone of `snapshot` in a temp file of the store, removed when dropped unless
@@ -305,19 +309,43 @@ impl BaseStore {
         Ok(clone)
     }
 
-    /// Makes `clone` the base of `key`: fsync, renamed over the old base, then the sidecar.
+    /// Makes `clone` the base of `key`: fsync, renamed over the old base, then the sidecar
+    /// (temp+rename). A crash between leaves a sidecar whose identity no longer matches: a full
+    /// read, never a wrong base. Errors say why no base was kept (the backup itself succeeded).
     fn keep_clone(
         &self,
         key: &BaseKey,
         mut clone: ClonedBase,
         backup: &VolumeBackup,
     ) -> Result<()> {
-        let (base, sidecar) = self.paths(key);
+        let (base, _) = self.paths(key);
         clone.file.sync_all().ctx("fsync", &clone.tmp)?;
         std::fs::rename(&clone.tmp, &base).ctx("rename", &base)?;
         clone.kept = true;
         // After the rename, which may change the ctime.
         let identity = Identity::of(&clone.file.metadata().ctx("stat", &base)?);
+        self.write_record(key, identity, backup)
+    }
+
+    /// Records `backup` as what the unchanged base of `key` holds, where the backup read
+    /// nothing: an empty change map, every chunk taken from the parent, the sample matching.
+    /// The base then holds exactly what the new manifest holds, and stays as it is (no clone,
+    /// no fsync of a new base, no eviction of the old one: a third of an unchanged volume's
+    /// backup at 16 GiB). It must still be what `old` recorded (nothing touched it meanwhile).
+    fn keep_unchanged(&self, key: &BaseKey, old: &Sidecar, backup: &VolumeBackup) -> Result<()> {
+        let (base, _) = self.paths(key);
+        let now = Identity::of(&std::fs::metadata(&base).ctx("stat", &base)?);
+        if let Some(what) = old.identity.differs(&now) {
+            return Err(Error::Damaged {
+                what: format!("base {}", base.display()),
+                reason: format!("changed during the backup ({what})"),
+            });
+        }
+        self.write_record(key, old.identity, backup)
+    }
+
+    /// Writes the sidecar of `key`'s base: `identity`, holding what `backup` holds.
+    fn write_record(&self, key: &BaseKey, identity: Identity, backup: &VolumeBackup) -> Result<()> {
         let record = Sidecar {
             key: key.clone(),
             backup: backup.manifest.meta.backup.clone(),
@@ -325,7 +353,7 @@ impl BaseStore {
             identity,
         };
         let text = serde_json::to_vec_pretty(&record).expect("a sidecar serializes");
-        self.write_sidecar(&sidecar, &text)
+        self.write_sidecar(&self.paths(key).1, &text)
     }
 
     /// Backs `snapshot` up as `meta`'s volume against the kept base of `key` (if any can be
@@ -341,8 +369,8 @@ impl BaseStore {
         meta: VolumeMeta,
         progress: &mut dyn FnMut(Progress),
     ) -> Result<VolumeBackup> {
-        let parent = match self.find(repo, key, snapshot) {
-            Ok(p) => Some(p),
+        let found = match self.find_record(repo, key, snapshot) {
+            Ok(found) => found,
             Err(why) => {
                 tracing::info!(group = %key.group, server = %key.server, volume = %key.volume, "no change map: {why}; reading the whole volume");
                 let mut done = self.backup_and_keep(repo, key, snapshot, meta, None, progress)?;
@@ -350,7 +378,7 @@ impl BaseStore {
                 return Ok(done);
             }
         };
-        self.backup_and_keep(repo, key, snapshot, meta, parent.as_ref(), progress)
+        self.backup_and_keep(repo, key, snapshot, meta, Some(&found), progress)
     }
 
     fn backup_and_keep(
@@ -359,16 +387,26 @@ impl BaseStore {
         key: &BaseKey,
         snapshot: &Path,
         meta: VolumeMeta,
-        parent: Option<&Parent>,
+        found: Option<&(Parent, Sidecar)>,
         progress: &mut dyn FnMut(Progress),
     ) -> Result<VolumeBackup> {
+        // With an empty map the base may stay as it is: no clone unless the backup read something.
+        let unchanged = found.filter(|(parent, _)| parent.changed.is_empty());
         std::thread::scope(|s| {
-            let cloning = s.spawn(|| self.clone_snapshot(snapshot));
-            let done = repo.backup_volume_with(snapshot, meta, parent, progress);
+            let cloning = unchanged.is_none().then(|| s.spawn(|| self.clone_snapshot(snapshot)));
+            let done = repo.backup_volume_with(snapshot, meta, found.map(|(p, _)| p), progress);
             // A failed backup drops the clone (its temp file is removed).
-            let cloned = cloning.join().expect("cloning does not panic");
+            let cloned = cloning.map(|c| c.join().expect("cloning does not panic"));
             let done = done?;
-            let kept = cloned.and_then(|clone| self.keep_clone(key, clone, &done));
+            let kept = match (cloned, unchanged) {
+                (Some(cloned), _) => cloned.and_then(|clone| self.keep_clone(key, clone, &done)),
+                (None, Some((_, old))) if done.stats.read_nothing() => {
+                    self.keep_unchanged(key, old, &done)
+                }
+                (None, _) => self
+                    .clone_snapshot(snapshot)
+                    .and_then(|clone| self.keep_clone(key, clone, &done)),
+            };
             self.log_not_kept(key, kept);
             Ok(done)
         })

@@ -77,6 +77,11 @@ impl ChangeMap {
         }
     }
 
+    /// Whether the map says nothing changed (an unknown map is not empty).
+    pub fn is_empty(&self) -> bool {
+        matches!(self, ChangeMap::Ranges { ranges, .. } if ranges.iter().all(|r| r.end <= r.start))
+    }
+
     /// Bytes inside the changed ranges (0 when unknown).
     pub fn bytes(&self) -> u64 {
         match self {

@@ -114,3 +114,48 @@ fn nothing_is_asked_for_without_changes_and_all_of_a_small_map_at_once() {
     Ahead::new(&ranges, 1000, 64, 16).next(0, &mut out);
     assert_eq!(out, vec![3..4, 10..12, 500..501]);
 }
+
+/// The sampling verify's sample: exactly `want` distinct skipped chunks (all of them when
+/// fewer), each as likely as any other, whether offered one at a time or in runs (a window
+/// taken whole offers 256 at once). Seeded, so the counts are the same every run.
+#[test]
+fn the_sample_is_uniform_and_as_large_as_asked_one_by_one_or_in_runs() {
+    let item = |i: usize| (i as u64 * 4096, 4096, None);
+    let (n, want, trials) = (10_000usize, 100usize, 1_000u64);
+    for runs in [false, true] {
+        // Picks per tenth of the items, over all trials.
+        let mut tenths = [0u64; 10];
+        for t in 0..trials {
+            let mut s = Sampler::seeded(want, t * 7919 + u64::from(runs));
+            let mut at = 0;
+            while at < n {
+                // Runs of 1 to 600 items, the length drawn from the trial.
+                let len = if runs { (1 + (at * 31 + t as usize) % 600).min(n - at) } else { 1 };
+                s.offer_run(len, |k| item(at + k));
+                at += len;
+            }
+            assert_eq!(s.seen, n as u64);
+            let mut offs: Vec<u64> = s.picked.iter().map(|&(off, _, _)| off).collect();
+            offs.sort_unstable();
+            offs.dedup();
+            assert_eq!(offs.len(), want, "distinct and as many as asked");
+            for off in offs {
+                tenths[(off / 4096) as usize * 10 / n] += 1;
+            }
+        }
+        // Expected 10 000 per tenth; a binomial's standard deviation is about 95.
+        for (k, &c) in tenths.iter().enumerate() {
+            assert!(
+                (9_600..=10_400).contains(&c),
+                "runs {runs}: tenth {k} picked {c} times: {tenths:?}"
+            );
+        }
+    }
+    let mut few = Sampler::seeded(50, 1);
+    few.offer_run(20, item);
+    few.offer(item(20));
+    assert_eq!(few.picked.len(), 21, "fewer than asked: all of them");
+    let mut none = Sampler::seeded(0, 1);
+    none.offer_run(1000, item);
+    assert!(none.picked.is_empty());
+}

@@ -371,6 +371,8 @@ fn the_sampling_verify_catches_a_dropped_range() {
 }
 
 const FAILPOINT_CHILD: &str = "SAVESET_FAILPOINT_CHILD";
+/// The child's sample, in percent (the default when unset).
+const FAILPOINT_SAMPLE: &str = "SAVESET_FAILPOINT_SAMPLE";
 
 /// Not a test on its own: the child of `the_failpoint_is_caught_by_the_default_sample`, run with
 /// the failpoint set (the environment is the process's, so not in the parent's threads).
@@ -379,7 +381,10 @@ fn failpoint_child() {
     let Some(root) = std::env::var_os(FAILPOINT_CHILD) else { return };
     let root = PathBuf::from(root);
     let mut repo = Repository::open(&root.join("repo"), &secret()).unwrap();
-    let bases = BaseStore::open(&root.join("bases")).unwrap();
+    let mut bases = BaseStore::open(&root.join("bases")).unwrap();
+    if let Some(percent) = std::env::var(FAILPOINT_SAMPLE).ok().and_then(|p| p.parse().ok()) {
+        bases = bases.with_sample(percent);
+    }
     let snap = root.join("snap-c");
     let done = bases.backup(&mut repo, &key(), &snap, vmeta("c"), &mut |_| {}).unwrap();
     println!(
@@ -404,20 +409,7 @@ fn the_failpoint_is_caught_by_the_default_sample() {
     drop(f);
     rewrite(&lun, 41);
     clone(&lun, &root.join("snap-c"));
-    let mut child = Command::new(std::env::current_exe().unwrap())
-        .args(["changes::failpoint_child", "--exact", "--nocapture", "--test-threads=1"])
-        .env(FAILPOINT_CHILD, &root)
-        .env(FAILPOINT_ENV, DROP_RANGE)
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let said: Vec<String> =
-        BufReader::new(child.stdout.take().unwrap()).lines().map(Result::unwrap).collect();
-    let line = said
-        .iter()
-        .find_map(|l| l.split_once("CHILD-RESULT ").map(|(_, r)| r.to_string()))
-        .unwrap_or_else(|| panic!("the child reports: {said:?}"));
-    assert!(child.wait().unwrap().success());
+    let line = backup_with_failpoint(&root, None);
     let parts: Vec<&str> = line.splitn(4, ' ').collect();
     let (sampled, wrong): (u64, u64) = (parts[1].parse().unwrap(), parts[2].parse().unwrap());
     assert!(sampled >= 64 && wrong > 0, "{line}");
@@ -426,4 +418,125 @@ fn the_failpoint_is_caught_by_the_default_sample() {
     let fresh = Repository::open(&root.join("repo"), &secret()).unwrap();
     fresh.restore_volume(parts[0].parse().unwrap(), &out, false).unwrap();
     assert_eq!(b3(&out), b3(&root.join("snap-c")));
+}
+
+/// Backs `root/snap-c` up in a child process with the failpoint armed (and `sample` percent
+/// sampled, else the default); what the child reports: manifest, sampled, mismatches, map.
+fn backup_with_failpoint(root: &Path, sample: Option<f64>) -> String {
+    let mut child = Command::new(std::env::current_exe().unwrap());
+    child
+        .args(["changes::failpoint_child", "--exact", "--nocapture", "--test-threads=1"])
+        .env(FAILPOINT_CHILD, root)
+        .env(FAILPOINT_ENV, DROP_RANGE)
+        .stdout(Stdio::piped());
+    if let Some(percent) = sample {
+        child.env(FAILPOINT_SAMPLE, percent.to_string());
+    }
+    let mut child = child.spawn().unwrap();
+    let said: Vec<String> =
+        BufReader::new(child.stdout.take().unwrap()).lines().map(Result::unwrap).collect();
+    let line = said
+        .iter()
+        .find_map(|l| l.split_once("CHILD-RESULT ").map(|(_, r)| r.to_string()))
+        .unwrap_or_else(|| panic!("the child reports: {said:?}"));
+    assert!(child.wait().unwrap().success());
+    line
+}
+
+/// The kept base file and its record's text.
+fn kept_base(bases: &Path) -> (fs::Metadata, String) {
+    let mut base = None;
+    let mut record = None;
+    for path in fs::read_dir(bases).unwrap().map(|e| e.unwrap().path()) {
+        match path.extension().and_then(|e| e.to_str()) {
+            Some("base") => base = Some(fs::metadata(&path).unwrap()),
+            Some("json") => record = Some(fs::read_to_string(&path).unwrap()),
+            _ => panic!("only a base and its record in {}: {}", bases.display(), path.display()),
+        }
+    }
+    (base.expect("a base"), record.expect("a record"))
+}
+
+/// An unchanged volume (an empty map, nothing read, the sample matching) keeps its base as it
+/// is: the same file, not cloned again (at 16 GiB the clone's fsync and the old base's eviction
+/// were a third of the backup), its record naming the new backup. The next backup after a change
+/// reads only that change, and every backup restores byte-identical.
+#[test]
+fn an_unchanged_volume_keeps_its_base_as_it_is() {
+    let fs = LoopFs::new("xfs");
+    let root = fs.path();
+    let lun = image(&root, "lun.img", 32, 25);
+    let size = fs::metadata(&lun).unwrap().len();
+    let mut repo = Repository::init_with(&root.join("repo"), &secret(), opts()).unwrap();
+    let bases = BaseStore::open(&root.join("bases")).unwrap();
+    backup(&mut repo, &bases, &lun, "b1");
+    let (first, _) = kept_base(&root.join("bases"));
+
+    let (same, same_snap) = backup(&mut repo, &bases, &lun, "b2");
+    let s = &same.stats;
+    assert_eq!(s.change_map, "fiemap: 0 ranges, 0 bytes", "{s:?}");
+    assert!(s.read_nothing() && s.sampled_chunks >= 64, "{s:?}");
+    let (base, record) = kept_base(&root.join("bases"));
+    assert_eq!(
+        (base.ino(), base.ctime(), base.ctime_nsec()),
+        (first.ino(), first.ctime(), first.ctime_nsec())
+    );
+    assert!(record.contains(&same.id.to_string()) && record.contains("\"b2\""), "{record}");
+
+    rewrite(&lun, 12);
+    let (next, next_snap) = backup(&mut repo, &bases, &lun, "b3");
+    assert!(next.stats.change_map.starts_with("fiemap: "), "{:?}", next.stats);
+    assert!(next.stats.bytes_read * 10 < size, "{:?}", next.stats);
+    assert_ne!(
+        kept_base(&root.join("bases")).0.ino(),
+        first.ino(),
+        "a changed volume's clone kept"
+    );
+    for (id, state) in [(same.id, &same_snap), (next.id, &next_snap)] {
+        let out = root.join("out");
+        repo.restore_volume(id, &out, false).unwrap();
+        assert_eq!(b3(&out), b3(state));
+        fs::remove_file(&out).unwrap();
+    }
+}
+
+/// An empty map that is wrong (the failpoint drops the only changed range) is caught by the
+/// sample; the volume is read whole and a new base is cloned and kept: the old base does not
+/// hold what the new backup holds.
+#[test]
+fn a_wrong_empty_map_is_caught_and_a_new_base_kept() {
+    let fs = LoopFs::new("xfs");
+    let root = fs.path();
+    let lun = image(&root, "lun.img", 64, 26);
+    let mut repo = Repository::init_with(&root.join("repo"), &secret(), opts()).unwrap();
+    let bases = BaseStore::open(&root.join("bases")).unwrap();
+    let (_, b_snap) = backup(&mut repo, &bases, &lun, "b");
+    let (old, _) = kept_base(&root.join("bases"));
+    // One contiguous rewrite: one changed range, which the failpoint drops.
+    let f = fs::OpenOptions::new().write(true).open(&lun).unwrap();
+    f.write_all_at(&vec![0x3C; 2 * MIB as usize], 40 * MIB).unwrap();
+    f.sync_all().unwrap();
+    drop(f);
+    clone(&lun, &root.join("snap-c"));
+    let ChangeMap::Ranges { ranges, .. } = changes_between(&b_snap, &root.join("snap-c")).unwrap()
+    else {
+        panic!("XFS clones give a map")
+    };
+    assert_eq!(ranges.len(), 1, "one changed range: {ranges:?}");
+    drop(repo);
+    let line = backup_with_failpoint(&root, Some(100.0));
+    let parts: Vec<&str> = line.splitn(4, ' ').collect();
+    assert!(parts[2].parse::<u64>().unwrap() > 0, "{line}");
+    assert!(parts[3].starts_with("fiemap: 0 ranges, 0 bytes (wrong: "), "{line}");
+    let (base, record) = kept_base(&root.join("bases"));
+    assert_ne!(base.ino(), old.ino(), "a new base, not the old one: {record}");
+    assert!(record.contains(parts[0]), "the record names the new backup: {record}");
+    let mut repo = Repository::open(&root.join("repo"), &secret()).unwrap();
+    let out = root.join("out");
+    repo.restore_volume(parts[0].parse().unwrap(), &out, false).unwrap();
+    assert_eq!(b3(&out), b3(&root.join("snap-c")));
+    // The new base is what was backed up: the same volume again is unchanged against it.
+    let (again, _) = backup(&mut repo, &bases, &lun, "d");
+    assert_eq!(again.stats.change_map, "fiemap: 0 ranges, 0 bytes", "{:?}", again.stats);
+    assert!(again.stats.read_nothing(), "{:?}", again.stats);
 }
