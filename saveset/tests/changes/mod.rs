@@ -56,6 +56,26 @@ impl Drop for LoopFs {
     }
 }
 
+/// What each test starts from: a filesystem of `kind` on a loop device (kept mounted while the
+/// `Site` lives), a LUN image of `mib` MiB from mkimage `seed` on it, a repository and a base
+/// store beside it.
+struct Site {
+    _fs: LoopFs,
+    root: PathBuf,
+    lun: PathBuf,
+    repo: Repository,
+    bases: BaseStore,
+}
+
+fn site(kind: &str, mib: u64, seed: u32) -> Site {
+    let fs = LoopFs::new(kind);
+    let root = fs.path();
+    let lun = image(&root, "lun.img", mib, seed);
+    let repo = Repository::init_with(&root.join("repo"), &secret(), opts()).unwrap();
+    let bases = BaseStore::open(&root.join("bases")).unwrap();
+    Site { _fs: fs, root, lun, repo, bases }
+}
+
 /// A reflink clone of `src` at `dst` (what the mock SAN's snapshot is).
 fn clone(src: &Path, dst: &Path) {
     let ok = Command::new("cp").arg("--reflink=always").arg(src).arg(dst).status().unwrap();
@@ -138,13 +158,9 @@ fn backup(
 /// The chain: a full, then 30 incrementals after 1% scattered and 0.2% clustered rewrites,
 /// each reading only what changed; the first, a middle and the last restore byte-identical.
 fn chain_of_30_incrementals(kind: &str) {
-    let fs = LoopFs::new(kind);
-    let root = fs.path();
-    let lun = image(&root, "lun.img", 64, 21);
+    let Site { _fs, root, lun, mut repo, bases } = site(kind, 64, 21);
     let size = fs::metadata(&lun).unwrap().len();
     let repo_dir = root.join("repo");
-    let mut repo = Repository::init_with(&repo_dir, &secret(), opts()).unwrap();
-    let bases = BaseStore::open(&root.join("bases")).unwrap();
 
     let (full, snap) = backup(&mut repo, &bases, &lun, "b00");
     assert_eq!(full.stats.change_map, "none: no base kept yet");
@@ -206,12 +222,8 @@ fn btrfs_chain_of_30_incrementals_reads_only_changes_and_restores_byte_identical
 /// another filesystem each mean a full read, said in the stats; the backups still restore.
 #[test]
 fn untrusted_bases_mean_a_full_read() {
-    let fs = LoopFs::new("xfs");
-    let root = fs.path();
-    let lun = image(&root, "lun.img", 32, 22);
+    let Site { _fs, root, lun, mut repo, bases } = site("xfs", 32, 22);
     let size = fs::metadata(&lun).unwrap().len();
-    let mut repo = Repository::init_with(&root.join("repo"), &secret(), opts()).unwrap();
-    let bases = BaseStore::open(&root.join("bases")).unwrap();
     let (first, _) = backup(&mut repo, &bases, &lun, "b1");
     let full_read = first.stats.bytes_read;
 
@@ -272,12 +284,8 @@ fn untrusted_bases_mean_a_full_read() {
 /// changed since the old base.
 #[test]
 fn a_failed_backup_keeps_the_old_base_and_leaves_no_clone() {
-    let fs = LoopFs::new("xfs");
-    let root = fs.path();
-    let lun = image(&root, "lun.img", 32, 23);
+    let Site { _fs, root, lun, mut repo, bases } = site("xfs", 32, 23);
     let size = fs::metadata(&lun).unwrap().len();
-    let mut repo = Repository::init_with(&root.join("repo"), &secret(), opts()).unwrap();
-    let bases = BaseStore::open(&root.join("bases")).unwrap();
     backup(&mut repo, &bases, &lun, "b1");
     let listing = || {
         let mut files: Vec<(String, Vec<u8>, u64)> = fs::read_dir(root.join("bases"))
@@ -326,10 +334,7 @@ fn a_failed_backup_keeps_the_old_base_and_leaves_no_clone() {
 /// found for sure), the volume is read whole and restores byte-identical.
 #[test]
 fn the_sampling_verify_catches_a_dropped_range() {
-    let fs = LoopFs::new("xfs");
-    let root = fs.path();
-    let lun = image(&root, "lun.img", 64, 23);
-    let mut repo = Repository::init_with(&root.join("repo"), &secret(), opts()).unwrap();
+    let Site { _fs, root, lun, mut repo, .. } = site("xfs", 64, 23);
     let base = root.join("base");
     clone(&lun, &base);
     let first = repo.backup_volume(&base, vmeta("p"), &mut |_| {}).unwrap();
@@ -398,11 +403,7 @@ fn failpoint_child() {
 /// below (7/8)^150 ≈ 2e-9): caught, read whole, restores byte-identical.
 #[test]
 fn the_failpoint_is_caught_by_the_default_sample() {
-    let fs = LoopFs::new("xfs");
-    let root = fs.path();
-    let lun = image(&root, "lun.img", 64, 24);
-    let mut repo = Repository::init_with(&root.join("repo"), &secret(), opts()).unwrap();
-    let bases = BaseStore::open(&root.join("bases")).unwrap();
+    let Site { _fs, root, lun, mut repo, bases } = site("xfs", 64, 24);
     backup(&mut repo, &bases, &lun, "b");
     let f = fs::OpenOptions::new().write(true).open(&lun).unwrap();
     f.write_all_at(&vec![0x5A; 8 * MIB as usize], 30 * MIB).unwrap();
@@ -463,12 +464,8 @@ fn kept_base(bases: &Path) -> (fs::Metadata, String) {
 /// reads only that change, and every backup restores byte-identical.
 #[test]
 fn an_unchanged_volume_keeps_its_base_as_it_is() {
-    let fs = LoopFs::new("xfs");
-    let root = fs.path();
-    let lun = image(&root, "lun.img", 32, 25);
+    let Site { _fs, root, lun, mut repo, bases } = site("xfs", 32, 25);
     let size = fs::metadata(&lun).unwrap().len();
-    let mut repo = Repository::init_with(&root.join("repo"), &secret(), opts()).unwrap();
-    let bases = BaseStore::open(&root.join("bases")).unwrap();
     backup(&mut repo, &bases, &lun, "b1");
     let (first, _) = kept_base(&root.join("bases"));
 
@@ -505,11 +502,7 @@ fn an_unchanged_volume_keeps_its_base_as_it_is() {
 /// hold what the new backup holds.
 #[test]
 fn a_wrong_empty_map_is_caught_and_a_new_base_kept() {
-    let fs = LoopFs::new("xfs");
-    let root = fs.path();
-    let lun = image(&root, "lun.img", 64, 26);
-    let mut repo = Repository::init_with(&root.join("repo"), &secret(), opts()).unwrap();
-    let bases = BaseStore::open(&root.join("bases")).unwrap();
+    let Site { _fs, root, lun, mut repo, bases } = site("xfs", 64, 26);
     let (_, b_snap) = backup(&mut repo, &bases, &lun, "b");
     let (old, _) = kept_base(&root.join("bases"));
     // One contiguous rewrite: one changed range, which the failpoint drops.
