@@ -336,10 +336,8 @@ impl BaseStore {
         let (base, _) = self.paths(key);
         let now = Identity::of(&std::fs::metadata(&base).ctx("stat", &base)?);
         if let Some(what) = old.identity.differs(&now) {
-            return Err(Error::Damaged {
-                what: format!("base {}", base.display()),
-                reason: format!("changed during the backup ({what})"),
-            });
+            let changed = std::io::Error::other(format!("changed during the backup ({what})"));
+            return Err(changed).ctx("keep the unchanged base", &base);
         }
         self.write_record(key, old.identity, backup)
     }
@@ -481,5 +479,55 @@ impl Parents {
         let done = repo.backup_volume_child(source, meta, parent, progress)?;
         self.backed_up(key, done.id);
         Ok(done)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::manifest::{ChunkList, VolumeManifest};
+
+    /// An unchanged volume's base is recorded as holding the new backup only if it is still
+    /// what its record says: touched meanwhile, it is not recorded (the old record stays, and
+    /// names an identity the base no longer has, so the next backup reads everything).
+    #[test]
+    fn a_base_touched_during_an_unchanged_backup_is_not_recorded_again() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = BaseStore::open(dir.path()).expect("open store");
+        let key = BaseKey { group: "g".into(), server: "s".into(), volume: "v".into() };
+        let (base, sidecar) = store.paths(&key);
+        std::fs::write(&base, b"the base").expect("write base");
+        let old = Sidecar {
+            key: key.clone(),
+            backup: "b1".into(),
+            manifest: ManifestId([1; 32]),
+            identity: Identity::of(&std::fs::metadata(&base).expect("stat")),
+        };
+        let text = serde_json::to_vec_pretty(&old).expect("serializes");
+        store.write_sidecar(&sidecar, &text).expect("record");
+        let meta = VolumeMeta { backup: "b2".into(), server: "s".into(), volume: "v".into() };
+        let manifest = VolumeManifest {
+            meta,
+            size: 8,
+            chunk_size: 4096,
+            chunks: ChunkList::Flat(Vec::new()),
+            created_unix_ms: 0,
+        };
+        let backup = VolumeBackup { id: ManifestId([2; 32]), manifest, stats: Default::default() };
+
+        // Untouched: recorded as holding b2, with the identity it had.
+        store.keep_unchanged(&key, &old, &backup).expect("kept");
+        let now: Sidecar =
+            serde_json::from_slice(&std::fs::read(&sidecar).expect("read")).expect("a record");
+        assert_eq!((now.backup.as_str(), now.manifest), ("b2", ManifestId([2; 32])));
+        assert_eq!(now.identity, old.identity);
+
+        // Touched (its mode changed): refused, and the record is left as it was.
+        let before = std::fs::read(&sidecar).expect("read");
+        std::fs::set_permissions(&base, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+        let backup3 = VolumeBackup { id: ManifestId([3; 32]), ..backup };
+        let err = store.keep_unchanged(&key, &old, &backup3).expect_err("touched").to_string();
+        assert!(err.contains("changed during the backup (") && err.contains(".base"), "{err}");
+        assert_eq!(std::fs::read(&sidecar).expect("read"), before);
     }
 }
