@@ -415,7 +415,7 @@ impl BaseStore {
         let refused = matches!(&e, Error::Io { source, .. }
             if matches!(source.raw_os_error(), Some(libc::EXDEV | libc::EOPNOTSUPP | libc::EINVAL)));
         if !refused {
-            tracing::warn!(volume = %key.volume, error = %e, "base not kept; the next backup of this volume reads it whole");
+            tracing::warn!(volume = %key.volume, error = %e, "new base not kept; the next backup of this volume uses the last base kept if its record still matches it, else reads the volume whole");
         } else if !self.refused_logged.swap(true, Ordering::Relaxed) {
             tracing::warn!(
                 dir = %self.dir.display(),

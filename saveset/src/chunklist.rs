@@ -351,13 +351,8 @@ impl Iterator for ParentEntries<'_> {
     type Item = Option<ChunkId>;
 
     fn next(&mut self) -> Option<Option<ChunkId>> {
-        while self.at == self.page.len() {
-            if !self.next_page() {
-                return None;
-            }
-        }
-        self.at += 1;
-        Some(self.page[self.at - 1])
+        let mut one = [None];
+        (self.fill(&mut one) == 1).then_some(one[0])
     }
 }
 
@@ -424,11 +419,7 @@ impl<'p> PageBuilder<'p> {
         entry: Option<ChunkId>,
         store: &mut dyn FnMut(ChunkId, &[u8]) -> bool,
     ) -> Result<bool> {
-        self.current.push(entry);
-        if self.current.len() < page_len(self.page_chunks, self.count, self.pages.len()) {
-            return Ok(true);
-        }
-        self.finish_page(repo, store)
+        self.extend(repo, std::slice::from_ref(&entry), store)
     }
 
     /// [`PageBuilder::push`] for each of `entries`, in order (a run of chunks taken whole).
@@ -528,27 +519,35 @@ mod tests {
     use crate::crypto::{KdfParams, Secret};
     use crate::manifest::VolumeMeta;
     use crate::repo::InitOptions;
+    use crate::VolumeBackup;
 
-    #[test]
-    fn the_pages_read_last_are_decoded_once_and_older_ones_read_again_and_the_same() {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let source = dir.path().join("image");
-        // Four pages of 4096 chunks, one data chunk in each (the rest holes).
-        let page = u64::from(pages::MIN_PAGE_CHUNKS) * 4096;
+    /// A repository in `dir` and the backup of a volume of `size` bytes, holes but for a 4 KiB
+    /// chunk at each of `offsets` (the k-th all bytes k + 1).
+    fn backed_up(dir: &std::path::Path, size: u64, offsets: &[u64]) -> (Repository, VolumeBackup) {
+        let source = dir.join("image");
         let image = File::create(&source).expect("create image");
-        image.set_len(4 * page).expect("size image");
-        for p in 0..4u64 {
-            image.write_all_at(&[p as u8 + 1; 4096], p * page + 8192).expect("write");
+        image.set_len(size).expect("size image");
+        for (k, off) in offsets.iter().enumerate() {
+            image.write_all_at(&[k as u8 + 1; 4096], *off).expect("write");
         }
         let opts = InitOptions {
             kdf: KdfParams { m_cost_kib: 8 * 1024, t_cost: 1, p_cost: 1 },
             ..InitOptions::default()
         };
         let secret = Secret::passphrase("pages");
-        let mut repo =
-            Repository::init_with(&dir.path().join("repo"), &secret, opts).expect("init");
+        let mut repo = Repository::init_with(&dir.join("repo"), &secret, opts).expect("init");
         let meta = VolumeMeta { backup: "b".into(), server: "s".into(), volume: "v".into() };
         let done = repo.backup_volume(&source, meta, &mut |_| {}).expect("backup");
+        (repo, done)
+    }
+
+    #[test]
+    fn the_pages_read_last_are_decoded_once_and_older_ones_read_again_and_the_same() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        // Four pages of 4096 chunks, one data chunk in each (the rest holes).
+        let page = u64::from(pages::MIN_PAGE_CHUNKS) * 4096;
+        let offsets: Vec<u64> = (0..4).map(|p| p * page + 8192).collect();
+        let (repo, done) = backed_up(dir.path(), 4 * page, &offsets);
         let ChunkList::Paged { page_chunks, pages: ids } = &done.manifest.chunks else {
             panic!("a new backup's list is paged")
         };
@@ -578,24 +577,9 @@ mod tests {
     #[test]
     fn entries_taken_in_runs_are_the_ones_taken_one_at_a_time() {
         let dir = tempfile::tempdir().expect("temp dir");
-        let source = dir.path().join("image");
         let page = u64::from(pages::MIN_PAGE_CHUNKS) * 4096;
-        let image = File::create(&source).expect("create image");
-        image.set_len(3 * page + 5 * 4096).expect("size image");
-        for (k, off) in
-            [0, 4096 * 4095, page, 2 * page + 4096, 3 * page + 4 * 4096].iter().enumerate()
-        {
-            image.write_all_at(&[k as u8 + 1; 4096], *off).expect("write");
-        }
-        let opts = InitOptions {
-            kdf: KdfParams { m_cost_kib: 8 * 1024, t_cost: 1, p_cost: 1 },
-            ..InitOptions::default()
-        };
-        let secret = Secret::passphrase("runs");
-        let mut repo =
-            Repository::init_with(&dir.path().join("repo"), &secret, opts).expect("init");
-        let meta = VolumeMeta { backup: "b".into(), server: "s".into(), volume: "v".into() };
-        let done = repo.backup_volume(&source, meta, &mut |_| {}).expect("backup");
+        let offsets = [0, 4096 * 4095, page, 2 * page + 4096, 3 * page + 4 * 4096];
+        let (repo, done) = backed_up(dir.path(), 3 * page + 5 * 4096, &offsets);
         let m = &done.manifest;
         let one_by_one: Vec<Option<ChunkId>> = ParentEntries::new(&repo, m).collect();
         assert_eq!(one_by_one.len() as u64, m.chunk_count());

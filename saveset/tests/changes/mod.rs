@@ -11,8 +11,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use stillpoint_saveset::{
-    changes_between, BaseKey, BaseStore, ChangeMap, MapSource, Parent, Repository, VolumeBackup,
-    VolumeMeta, DROP_RANGE, FAILPOINT_ENV,
+    changes_between, BaseKey, BaseStore, ChangeMap, ManifestId, MapSource, Parent, Repository,
+    VolumeBackup, VolumeMeta, DROP_RANGE, FAILPOINT_ENV,
 };
 
 use super::{b3, image, opts, secret, MIB};
@@ -74,6 +74,14 @@ fn site(kind: &str, mib: u64, seed: u32) -> Site {
     let repo = Repository::init_with(&root.join("repo"), &secret(), opts()).unwrap();
     let bases = BaseStore::open(&root.join("bases")).unwrap();
     Site { _fs: fs, root, lun, repo, bases }
+}
+
+/// Restores backup `id` from `repo` beside `state` and checks it is `state`, bit for bit.
+fn restores_as(repo: &Repository, id: ManifestId, state: &Path) {
+    let out = state.with_file_name("restored");
+    repo.restore_volume(id, &out, false).unwrap();
+    assert_eq!(b3(&out), b3(state), "restore of {id} differs from {}", state.display());
+    fs::remove_file(&out).unwrap();
 }
 
 /// A reflink clone of `src` at `dst` (what the mock SAN's snapshot is).
@@ -198,11 +206,8 @@ fn chain_of_30_incrementals(kind: &str) {
         previous = snap;
     }
     let fresh = Repository::open(&repo_dir, &secret()).unwrap();
-    for (n, (id, state)) in kept.iter().enumerate() {
-        let out = root.join(format!("restored-{n}"));
-        fresh.restore_volume(*id, &out, false).unwrap();
-        assert_eq!(b3(&out), b3(state), "{kind}: restore of {id} differs from its snapshot");
-        fs::remove_file(&out).unwrap();
+    for (id, state) in &kept {
+        restores_as(&fresh, *id, state);
     }
     let report = fresh.verify(false).unwrap();
     assert!(report.is_ok(), "{:?}", report.damage);
@@ -271,12 +276,8 @@ fn untrusted_bases_mean_a_full_read() {
     assert!(x2.stats.bytes_read * 10 > full_read * 9, "{:?}", x2.stats);
     assert_eq!(fs::read_dir(elsewhere.path()).unwrap().count(), 0, "nothing left in the base dir");
 
-    for (id, state) in [(touched.id, &snap), (x2.id, &x2_snap)] {
-        let out = root.join("out");
-        repo.restore_volume(id, &out, false).unwrap();
-        assert_eq!(b3(&out), b3(state));
-        fs::remove_file(&out).unwrap();
-    }
+    restores_as(&repo, touched.id, &snap);
+    restores_as(&repo, x2.id, &x2_snap);
 }
 
 /// The new base is cloned while the snapshot is read: a backup that fails leaves the old base
@@ -324,9 +325,7 @@ fn a_failed_backup_keeps_the_old_base_and_leaves_no_clone() {
     let (again, state) = backup(&mut repo, &bases, &lun, "b3");
     assert!(again.stats.change_map.starts_with("fiemap: "), "{:?}", again.stats);
     assert!(again.stats.bytes_read * 10 < size, "{:?}", again.stats);
-    let out = root.join("out");
-    repo.restore_volume(again.id, &out, false).unwrap();
-    assert_eq!(b3(&out), b3(&state));
+    restores_as(&repo, again.id, &state);
 }
 
 /// The same wrong map the failpoint makes, given directly: the sampling verify finds it (the
@@ -361,9 +360,7 @@ fn the_sampling_verify_catches_a_dropped_range() {
         let s = &done.stats;
         assert!(s.sample_mismatches > 0, "{percent}%: {s:?}");
         assert!(s.change_map.contains("sampled chunks differ; whole volume read"), "{s:?}");
-        let out = root.join("out");
-        repo.restore_volume(done.id, &out, true).unwrap();
-        assert_eq!(b3(&out), b3(&snap), "{percent}%");
+        restores_as(&repo, done.id, &snap);
     }
     // 0 disables the sampling verify: the wrong map goes unnoticed (why it is on by default).
     let parent = Parent {
@@ -415,10 +412,8 @@ fn the_failpoint_is_caught_by_the_default_sample() {
     let (sampled, wrong): (u64, u64) = (parts[1].parse().unwrap(), parts[2].parse().unwrap());
     assert!(sampled >= 64 && wrong > 0, "{line}");
     assert!(parts[3].contains("whole volume read"), "{line}");
-    let out = root.join("out");
     let fresh = Repository::open(&root.join("repo"), &secret()).unwrap();
-    fresh.restore_volume(parts[0].parse().unwrap(), &out, false).unwrap();
-    assert_eq!(b3(&out), b3(&root.join("snap-c")));
+    restores_as(&fresh, parts[0].parse().unwrap(), &root.join("snap-c"));
 }
 
 /// Backs `root/snap-c` up in a child process with the failpoint armed (and `sample` percent
@@ -489,12 +484,8 @@ fn an_unchanged_volume_keeps_its_base_as_it_is() {
         first.ino(),
         "a changed volume's clone kept"
     );
-    for (id, state) in [(same.id, &same_snap), (next.id, &next_snap)] {
-        let out = root.join("out");
-        repo.restore_volume(id, &out, false).unwrap();
-        assert_eq!(b3(&out), b3(state));
-        fs::remove_file(&out).unwrap();
-    }
+    restores_as(&repo, same.id, &same_snap);
+    restores_as(&repo, next.id, &next_snap);
 }
 
 /// An empty map that is wrong (the failpoint drops the only changed range) is caught by the
@@ -525,9 +516,7 @@ fn a_wrong_empty_map_is_caught_and_a_new_base_kept() {
     assert_ne!(base.ino(), old.ino(), "a new base, not the old one: {record}");
     assert!(record.contains(parts[0]), "the record names the new backup: {record}");
     let mut repo = Repository::open(&root.join("repo"), &secret()).unwrap();
-    let out = root.join("out");
-    repo.restore_volume(parts[0].parse().unwrap(), &out, false).unwrap();
-    assert_eq!(b3(&out), b3(&root.join("snap-c")));
+    restores_as(&repo, parts[0].parse().unwrap(), &root.join("snap-c"));
     // The new base is what was backed up: the same volume again is unchanged against it.
     let (again, _) = backup(&mut repo, &bases, &lun, "d");
     assert_eq!(again.stats.change_map, "fiemap: 0 ranges, 0 bytes", "{:?}", again.stats);
