@@ -272,13 +272,15 @@ impl Saveset {
     /// Keeps each copied volume's new base (after the exports ended: a qcow2 snapshot needs the
     /// disk's write lock; an LVM one is taken before the cleanup deletes the backup's snapshot).
     /// The old record goes first, so a failure or a crash midway leaves no record, never a
-    /// wrong one; a base not kept is logged and the next backup reads it whole.
+    /// wrong one; a base not kept is logged with what the next backup will do: read the volume
+    /// whole, or (when the old record could not be removed) use the last base kept if it still
+    /// matches its record.
     fn keep_bases(&self, pending: Vec<PendingBase>) {
         let Some(bases) = &self.bases else { return };
         for p in pending {
-            let kept = bases
-                .forget(&p.key)
-                .map_err(anyhow::Error::from)
+            let forgot = bases.forget(&p.key).map_err(anyhow::Error::from);
+            let old_record_left = forgot.is_err();
+            let kept = forgot
                 .and_then(|()| match &p.by {
                     KeptBy::Qcow2 { disk, tag } => qcow2::keep_base(disk, &p.key.group, tag),
                     KeptBy::LvmThin { snapshot } => lvm::thin::keep_base(snapshot, &p.key.group),
@@ -294,6 +296,9 @@ impl Saveset {
             match kept {
                 Ok(()) => {
                     info!(volume = %p.key.volume, kind, of, "base kept for the next backup's change map")
+                }
+                Err(e) if old_record_left => {
+                    warn!(volume = %p.key.volume, kind, of, error = %format!("{e:#}"), "new base not kept (the old record could not be removed); the next backup of this volume uses the last base kept if it still matches its record, else reads the volume whole")
                 }
                 Err(e) => {
                     warn!(volume = %p.key.volume, kind, of, error = %format!("{e:#}"), "base not kept; the next backup of this volume reads it whole")
