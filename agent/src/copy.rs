@@ -273,32 +273,30 @@ impl Saveset {
     /// disk's write lock; an LVM one is taken before the cleanup deletes the backup's snapshot).
     /// The old record goes first, so a failure or a crash midway leaves no record, never a
     /// wrong one; a base not kept is logged with what the next backup will do: read the volume
-    /// whole, or (when the old record could not be removed) use the last base kept if it still
+    /// whole, or (when forgetting the old record failed) use the last base kept if it still
     /// matches its record.
     fn keep_bases(&self, pending: Vec<PendingBase>) {
         let Some(bases) = &self.bases else { return };
         for p in pending {
-            let forgot = bases.forget(&p.key).map_err(anyhow::Error::from);
-            let old_record_left = forgot.is_err();
-            let kept = forgot
-                .and_then(|()| match &p.by {
-                    KeptBy::Qcow2 { disk, tag } => qcow2::keep_base(disk, &p.key.group, tag),
-                    KeptBy::LvmThin { snapshot } => lvm::thin::keep_base(snapshot, &p.key.group),
-                })
-                .and_then(|identity| {
-                    let base = RecordedBase { backup: p.backup, manifest: p.manifest, identity };
-                    Ok(bases.record(&p.key, &base)?)
-                });
             let (kind, of) = match &p.by {
                 KeptBy::Qcow2 { disk, .. } => ("qcow2", disk.as_str()),
                 KeptBy::LvmThin { snapshot } => ("lvm-thin", snapshot.locator.as_str()),
             };
+            if let Err(e) = bases.forget(&p.key) {
+                warn!(volume = %p.key.volume, kind, of, error = %e, "new base not kept (forgetting the old record failed); the next backup of this volume uses the last base kept if it still matches its record, else reads the volume whole");
+                continue;
+            }
+            let kept = match &p.by {
+                KeptBy::Qcow2 { disk, tag } => qcow2::keep_base(disk, &p.key.group, tag),
+                KeptBy::LvmThin { snapshot } => lvm::thin::keep_base(snapshot, &p.key.group),
+            }
+            .and_then(|identity| {
+                let base = RecordedBase { backup: p.backup, manifest: p.manifest, identity };
+                Ok(bases.record(&p.key, &base)?)
+            });
             match kept {
                 Ok(()) => {
                     info!(volume = %p.key.volume, kind, of, "base kept for the next backup's change map")
-                }
-                Err(e) if old_record_left => {
-                    warn!(volume = %p.key.volume, kind, of, error = %format!("{e:#}"), "new base not kept (the old record could not be removed); the next backup of this volume uses the last base kept if it still matches its record, else reads the volume whole")
                 }
                 Err(e) => {
                     warn!(volume = %p.key.volume, kind, of, error = %format!("{e:#}"), "base not kept; the next backup of this volume reads it whole")
